@@ -1,0 +1,320 @@
+//! The backend trait: the kernels of one Partial FC step, implemented once per device family.
+//!
+//! Each method is one kernel (or one GEMM). The CPU backend's implementation of each method is a
+//! small reference function in `src/cpu/`, and the CUDA backend's kernel in `cuda/` carries the
+//! same name, so the pair can be read side by side and tested against each other. The training
+//! step itself (`crate::step`) is written once, generic over this trait.
+
+use crate::config::MarginParams;
+use crate::error::Result;
+
+/// Element types that buffers hold.
+#[cfg(not(feature = "cuda"))]
+pub trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
+/// Element types that buffers hold (device-representable when the `cuda` feature is on).
+#[cfg(feature = "cuda")]
+pub trait Elem:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+{
+}
+impl Elem for f32 {}
+impl Elem for i32 {}
+impl Elem for i64 {}
+impl Elem for u64 {}
+impl Elem for u32 {}
+
+/// Arguments of the sampler kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleArgs {
+    /// Classes in this rank's shard.
+    pub shard_len: usize,
+    /// Global id of the shard's first class (the generator is keyed by global class id).
+    pub shard_start: u64,
+    /// Target sample size before positives, `floor(r · shard)`.
+    pub num_sample: usize,
+    /// Rows of the gathered batch.
+    pub rows: usize,
+    /// Generator seed.
+    pub seed: u64,
+    /// Step counter (the generator's second key).
+    pub step: u64,
+    /// Of the negative slots, how many are filled by the highest `scores` (hard negatives).
+    pub hard_fraction: f32,
+}
+
+/// Reduction of an all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise maximum.
+    Max,
+}
+
+/// Kernels of the Partial FC step on one device.
+///
+/// Shapes are row-major; `rows × cols` buffers may be longer than needed (they are allocated for
+/// the worst case), only the prefix is read or written.
+pub trait Backend: Send + Sync + 'static {
+    /// A buffer of `T` on the device.
+    type Buf<T: Elem>: Send + Sync;
+
+    /// Short name for reports ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    /// A zeroed buffer of `len` elements.
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    /// Number of elements of a buffer.
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Copies `host` into the start of `dst`.
+    fn upload<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Copies the first `len` elements of `src` to the host.
+    fn download<T: Elem>(&self, src: &Self::Buf<T>, len: usize) -> Result<Vec<T>>;
+    /// Copies the first `len` elements of `src` into `dst`.
+    fn copy<T: Elem>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>, len: usize) -> Result<()>;
+    /// Sets the first `len` elements to zero.
+    fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>, len: usize) -> Result<()>;
+    /// Waits for all queued work (a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Global labels → shard-local ids (`label − start`), or −1 where the class lives elsewhere.
+    fn localize_labels(
+        &self,
+        global: &Self::Buf<i64>,
+        rows: usize,
+        shard_start: u64,
+        shard_len: usize,
+        local: &mut Self::Buf<i32>,
+    ) -> Result<()>;
+
+    /// Samples classes of the shard: every positive of `labels` (shard-local, −1 = elsewhere),
+    /// filled up to `num_sample` with negatives (hard ones by `scores`, then random), written
+    /// sorted to `sampled`; `labels` are remapped in place to positions in `sampled`. Returns
+    /// the number of sampled classes.
+    fn sample_classes(
+        &self,
+        args: &SampleArgs,
+        labels: &mut Self::Buf<i32>,
+        scores: Option<&Self::Buf<f32>>,
+        keys: &mut Self::Buf<u64>,
+        sampled: &mut Self::Buf<i32>,
+    ) -> Result<usize>;
+
+    /// Per class of the shard, its best cosine against any of the `rows` normalized embeddings
+    /// (the hard-negative score), computed `chunk` classes at a time in the given scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn class_max_cosine(
+        &self,
+        weight: &Self::Buf<f32>,
+        shard_len: usize,
+        dim: usize,
+        x_hat: &Self::Buf<f32>,
+        rows: usize,
+        chunk_weights: &mut Self::Buf<f32>,
+        chunk_cosines: &mut Self::Buf<f32>,
+        scores: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `out[i] = weight[index[i]] / ‖weight[index[i]]‖`, norms kept for the backward pass.
+    fn gather_normalize_rows(
+        &self,
+        weight: &Self::Buf<f32>,
+        dim: usize,
+        index: &Self::Buf<i32>,
+        count: usize,
+        out: &mut Self::Buf<f32>,
+        norms: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `out[i] = x[i] / ‖x[i]‖` for `rows` rows, norms kept.
+    fn normalize_rows(
+        &self,
+        x: &Self::Buf<f32>,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Buf<f32>,
+        norms: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `c[m × n] = a[m × k] · b[n × k]ᵀ` (logits from embeddings and class centers).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
+        c: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `c[m × n] = a[m × k] · b[k × n]` (embedding gradient from logit gradient and centers).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
+        c: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `c[m × n] = a[k × m]ᵀ · b[k × n]` (center gradient from logit gradient and embeddings).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_tn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
+        c: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Pass 1 of the margin softmax: clamp cosines to [−1, 1], filter, apply the margin to each
+    /// row's target (labels: position in the sample, −1 = not here), scale, and write each row's
+    /// local max to `row_max` and its raw target cosine to `target_cos`.
+    #[allow(clippy::too_many_arguments)]
+    fn margin_rowmax(
+        &self,
+        logits: &mut Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &mut Self::Buf<f32>,
+        target_cos: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Pass 2: `row_sum[i] = Σ_j exp(logit[i, j] − row_max[i])` over this rank's columns.
+    fn exp_rowsum(
+        &self,
+        logits: &Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+        row_max: &Self::Buf<f32>,
+        row_sum: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Pass 3: per-row loss `−log p(target)` (0 where the target lives elsewhere) into
+    /// `row_loss`, and the gradient with respect to the clamped cosine written over the logits:
+    /// `(p − onehot) · (d logit / d cos) · grad_scale`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_loss_grad(
+        &self,
+        logits: &mut Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &Self::Buf<f32>,
+        row_sum: &Self::Buf<f32>,
+        target_cos: &Self::Buf<f32>,
+        grad_scale: f32,
+        row_loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
+    fn normalize_backward(
+        &self,
+        grad: &mut Self::Buf<f32>,
+        x_hat: &Self::Buf<f32>,
+        norms: &Self::Buf<f32>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// `dense[index[i]] = rows[i]` for the sampled rows, after zeroing `dense` (`shard × dim`).
+    fn scatter_rows(
+        &self,
+        rows: &Self::Buf<f32>,
+        index: &Self::Buf<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut Self::Buf<f32>,
+        shard_len: usize,
+    ) -> Result<()>;
+
+    /// Sparse SGD with momentum on the sampled rows only:
+    /// `v ← μ v + (g + λ w); w ← w − lr v` for `w = weight[index[i]]`, `g = grad[i]`.
+    #[allow(clippy::too_many_arguments)]
+    fn sgd_momentum_sparse(
+        &self,
+        weight: &mut Self::Buf<f32>,
+        momentum: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        index: &Self::Buf<i32>,
+        count: usize,
+        dim: usize,
+        lr: f32,
+        mu: f32,
+        weight_decay: f32,
+    ) -> Result<()>;
+
+    /// Dense SGD with momentum over the first `len` elements of the shard.
+    #[allow(clippy::too_many_arguments)]
+    fn sgd_momentum_dense(
+        &self,
+        weight: &mut Self::Buf<f32>,
+        momentum: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        len: usize,
+        lr: f32,
+        mu: f32,
+        weight_decay: f32,
+    ) -> Result<()>;
+}
+
+/// Communication between the ranks of a group, on a backend's buffers.
+///
+/// Every rank of the group calls the same operations in the same order (as with NCCL or MPI).
+pub trait Collective<B: Backend>: Send {
+    /// This rank's index in `[0, world_size)`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// Concatenates every rank's first `count` elements of `send`, in rank order, into `recv`.
+    fn all_gather_f32(
+        &self,
+        backend: &B,
+        send: &B::Buf<f32>,
+        count: usize,
+        recv: &mut B::Buf<f32>,
+    ) -> Result<()>;
+    /// Same as [`Collective::all_gather_f32`] for labels.
+    fn all_gather_i64(
+        &self,
+        backend: &B,
+        send: &B::Buf<i64>,
+        count: usize,
+        recv: &mut B::Buf<i64>,
+    ) -> Result<()>;
+    /// Reduces the first `count` elements over all ranks, result on every rank.
+    fn all_reduce_f32(
+        &self,
+        backend: &B,
+        buf: &mut B::Buf<f32>,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// Sums `send` (`world_size · count` elements) over ranks; rank i receives block i.
+    fn reduce_scatter_f32(
+        &self,
+        backend: &B,
+        send: &B::Buf<f32>,
+        count: usize,
+        recv: &mut B::Buf<f32>,
+    ) -> Result<()>;
+    /// Waits until every rank reaches this point.
+    fn barrier(&self) -> Result<()>;
+}

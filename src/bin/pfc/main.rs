@@ -1,0 +1,48 @@
+//! `pfc`: the command-line face of partial-fc.
+//!
+//! - `pfc plan`: what fits on a cluster (the memory planner).
+//! - `pfc step`: one forward/backward pass from a safetensors file (parity with other
+//!   implementations).
+//!
+//! Every error is one line on stderr and a non-zero exit status (2 for bad usage or input).
+
+mod plan;
+mod step;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "pfc",
+    version,
+    about = "Partial FC: sharded, sampled margin softmax for millions of classes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-GPU memory of a Partial FC configuration, the largest class count that fits, and the
+    /// model-parallel upper bound.
+    Plan(plan::PlanArgs),
+    /// One forward/backward pass from a safetensors file of inputs, outputs to another.
+    Step(step::StepArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args),
+        Command::Step(args) => step::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("pfc: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Safetensors checkpoints of a shard.

@@ -1,0 +1,362 @@
+//! k ranks as threads of one process: the CPU's embedded stand-in for NCCL.
+//!
+//! Ranks exchange pointers to their own buffers under a barrier and read each other's data
+//! directly, so no staging copy is made. Every reduction sums in rank order, so all ranks get
+//! bit-identical results. A rank that leaves (drops its handle) or a barrier that waits longer
+//! than the group's timeout breaks the group: every waiting peer gets an error instead of hanging.
+
+use crate::backend::{Collective, ReduceOp};
+use crate::cpu::CpuBackend;
+use crate::error::{PfcError, Result};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+struct State {
+    arrived: usize,
+    generation: u64,
+    broken: Option<String>,
+    /// Per rank: address and length of the buffer it published for the current operation.
+    slots: Vec<(usize, usize)>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    turn: Condvar,
+}
+
+/// Builds the handles of a group of ranks that run as threads.
+///
+/// ```
+/// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, ReduceOp};
+/// let results = ThreadGroup::run(3, |c| {
+///     let mut v = vec![c.rank() as f32 + 1.0];
+///     c.all_reduce_f32(&CpuBackend, &mut v, 1, ReduceOp::Sum).unwrap();
+///     v[0]
+/// });
+/// assert_eq!(results, vec![6.0, 6.0, 6.0]);
+/// ```
+pub struct ThreadGroup;
+
+impl ThreadGroup {
+    /// Default time a rank waits for its peers before the group is declared broken.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+    /// One handle per rank; move each into its own thread.
+    pub fn new(world_size: usize) -> Vec<ThreadCollective> {
+        Self::with_timeout(world_size, Self::DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`ThreadGroup::new`], with a barrier timeout.
+    pub fn with_timeout(world_size: usize, timeout: Duration) -> Vec<ThreadCollective> {
+        let world = world_size.max(1);
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            state: Mutex::new(State {
+                arrived: 0,
+                generation: 0,
+                broken: None,
+                slots: vec![(0, 0); world],
+            }),
+            turn: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| ThreadCollective {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Runs `f` once per rank, each on its own scoped thread, and returns the results in rank
+    /// order. A panic in a rank is resumed on the caller's thread.
+    pub fn run<R: Send>(world_size: usize, f: impl Fn(ThreadCollective) -> R + Sync) -> Vec<R> {
+        let handles = Self::new(world_size);
+        std::thread::scope(|scope| {
+            let joins: Vec<_> = handles
+                .into_iter()
+                .map(|c| {
+                    let f = &f;
+                    scope.spawn(move || f(c))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+}
+
+/// One rank's handle on a [`ThreadGroup`].
+pub struct ThreadCollective {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ThreadCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ThreadCollective(rank {} of {})",
+            self.rank, self.shared.world
+        )
+    }
+}
+
+impl Drop for ThreadCollective {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            if st.arrived > 0 && st.broken.is_none() {
+                st.broken = Some(format!("rank {} left the group", self.rank));
+                self.shared.turn.notify_all();
+            }
+        }
+    }
+}
+
+impl ThreadCollective {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.shared
+            .state
+            .lock()
+            .map_err(|_| PfcError::Collective("a rank panicked inside a collective".into()))
+    }
+
+    fn wait_all(&self, publish: Option<(usize, usize)>) -> Result<()> {
+        let mut st = self.lock()?;
+        if let Some(msg) = &st.broken {
+            return Err(PfcError::Collective(msg.clone()));
+        }
+        if let Some(slot) = publish {
+            st.slots[self.rank] = slot;
+        }
+        let generation = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.shared.world {
+            st.arrived = 0;
+            st.generation += 1;
+            self.shared.turn.notify_all();
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.shared.timeout;
+        loop {
+            if st.generation != generation {
+                return Ok(());
+            }
+            if let Some(msg) = &st.broken {
+                return Err(PfcError::Collective(msg.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let msg = format!(
+                    "rank {} waited {:?} for its peers; the group is broken",
+                    self.rank, self.shared.timeout
+                );
+                st.broken = Some(msg.clone());
+                self.shared.turn.notify_all();
+                return Err(PfcError::Collective(msg));
+            }
+            st = self
+                .shared
+                .turn
+                .wait_timeout(st, deadline - now)
+                .map_err(|_| PfcError::Collective("a rank panicked inside a collective".into()))?
+                .0;
+        }
+    }
+
+    /// The buffers every rank published at the last barrier.
+    fn peers<T>(&self) -> Result<Vec<(*const T, usize)>> {
+        Ok(self
+            .lock()?
+            .slots
+            .iter()
+            .map(|&(p, n)| (p as *const T, n))
+            .collect())
+    }
+
+    fn all_gather<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
+        let world = self.shared.world;
+        if send.len() < count || recv.len() < count * world {
+            return Err(PfcError::Shape(format!(
+                "all_gather of {count} per rank needs send >= {count} and recv >= {}",
+                count * world
+            )));
+        }
+        self.wait_all(Some((send.as_ptr() as usize, count)))?;
+        let peers = self.peers::<T>()?;
+        for (r, &(ptr, n)) in peers.iter().enumerate() {
+            if n != count {
+                self.wait_all(None)?;
+                return Err(PfcError::Collective(format!(
+                    "all_gather: rank {r} sent {n} elements, rank {} expected {count}",
+                    self.rank
+                )));
+            }
+            // SAFETY: rank r published `count` readable elements and does not touch them until
+            // the barrier below, which every rank passes only after reading.
+            let src = unsafe { std::slice::from_raw_parts(ptr, n) };
+            recv[r * count..(r + 1) * count].copy_from_slice(src);
+        }
+        self.wait_all(None)
+    }
+}
+
+impl Collective<CpuBackend> for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_gather_f32(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<f32>,
+        count: usize,
+        recv: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.all_gather(send, count, recv)
+    }
+
+    fn all_gather_i64(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<i64>,
+        count: usize,
+        recv: &mut Vec<i64>,
+    ) -> Result<()> {
+        self.all_gather(send, count, recv)
+    }
+
+    fn all_reduce_f32(
+        &self,
+        _: &CpuBackend,
+        buf: &mut Vec<f32>,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if buf.len() < count {
+            return Err(PfcError::Shape(format!(
+                "all_reduce of {count} on a buffer of {}",
+                buf.len()
+            )));
+        }
+        self.wait_all(Some((buf.as_ptr() as usize, count)))?;
+        let peers = self.peers::<f32>()?;
+        if let Some(r) = peers.iter().position(|&(_, n)| n != count) {
+            self.wait_all(None)?;
+            return Err(PfcError::Collective(format!(
+                "all_reduce: rank {r} reduces {} elements, rank {} {count}",
+                peers[r].1, self.rank
+            )));
+        }
+        // SAFETY: as in all_gather; every rank only reads until the next barrier.
+        let sources: Vec<&[f32]> = peers
+            .iter()
+            .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
+            .collect();
+        let reduced: Vec<f32> = (0..count)
+            .map(|i| {
+                let values = sources.iter().map(|s| s[i]);
+                match op {
+                    ReduceOp::Sum => values.fold(0.0, |a, v| a + v),
+                    ReduceOp::Max => values.fold(f32::NEG_INFINITY, f32::max),
+                }
+            })
+            .collect();
+        drop(sources);
+        self.wait_all(None)?;
+        buf[..count].copy_from_slice(&reduced);
+        Ok(())
+    }
+
+    fn reduce_scatter_f32(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<f32>,
+        count: usize,
+        recv: &mut Vec<f32>,
+    ) -> Result<()> {
+        let world = self.shared.world;
+        if send.len() < count * world || recv.len() < count {
+            return Err(PfcError::Shape(format!(
+                "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
+                count * world
+            )));
+        }
+        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
+        let peers = self.peers::<f32>()?;
+        if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
+            self.wait_all(None)?;
+            return Err(PfcError::Collective(format!(
+                "reduce_scatter: rank {r} sent {} elements, rank {} {}",
+                peers[r].1,
+                self.rank,
+                count * world
+            )));
+        }
+        let block = self.rank * count..(self.rank + 1) * count;
+        let out = &mut recv[..count];
+        out.fill(0.0);
+        for &(p, n) in &peers {
+            // SAFETY: as in all_gather.
+            let src = unsafe { std::slice::from_raw_parts(p, n) };
+            for (o, v) in out.iter_mut().zip(&src[block.clone()]) {
+                *o += v;
+            }
+        }
+        self.wait_all(None)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.wait_all(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_reduce_scatter_agree_with_sequential() {
+        let k = 4;
+        let out = ThreadGroup::run(k, |c| {
+            let b = CpuBackend;
+            let r = c.rank();
+            let send: Vec<f32> = (0..3).map(|i| (r * 10 + i) as f32).collect();
+            let mut recv = vec![0.0; 3 * k];
+            c.all_gather_f32(&b, &send, 3, &mut recv).unwrap();
+            let big: Vec<f32> = (0..2 * k).map(|i| (i + r) as f32).collect();
+            let mut part = vec![0.0; 2];
+            c.reduce_scatter_f32(&b, &big, 2, &mut part).unwrap();
+            let mut mx = vec![r as f32];
+            c.all_reduce_f32(&b, &mut mx, 1, ReduceOp::Max).unwrap();
+            (recv, part, mx[0])
+        });
+        for (r, (recv, part, mx)) in out.iter().enumerate() {
+            assert_eq!(recv[4..7], [10.0, 11.0, 12.0]);
+            let want: Vec<f32> = (0..2)
+                .map(|i| (0..k).map(|q| (r * 2 + i + q) as f32).sum())
+                .collect();
+            assert_eq!(*part, want);
+            assert_eq!(*mx, 3.0);
+        }
+    }
+
+    #[test]
+    fn a_departed_rank_breaks_the_group_instead_of_hanging() {
+        let mut handles = ThreadGroup::with_timeout(2, Duration::from_secs(30));
+        let second = handles.pop().unwrap();
+        let first = handles.pop().unwrap();
+        let waiter = std::thread::spawn(move || first.barrier());
+        std::thread::sleep(Duration::from_millis(50));
+        drop(second);
+        assert!(waiter.join().unwrap().is_err());
+    }
+}

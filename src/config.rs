@@ -1,0 +1,310 @@
+//! Configuration of the Partial FC layer: margin, sampler, optimizer, and the layer's shape.
+//!
+//! Every type here validates itself (`validate`) so that a bad value is a typed error at
+//! construction, never a NaN ten thousand steps later.
+
+use crate::error::{PfcError, Result};
+use std::f64::consts::PI;
+
+/// How the gradient flows through the margin on the target logit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradMode {
+    /// Differentiate through `cos(m1·θ + m2) − m3` (the original ArcFace paper).
+    Exact,
+    /// The margin changes the forward value only; d logit / d cos θ = s everywhere. This is what
+    /// the published PyTorch implementation (PartialFC_V2 + CombinedMarginLoss) does.
+    #[default]
+    StraightThrough,
+}
+
+/// What happens to the target logit where `m1·θ + m2` would pass π.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetFallback {
+    /// No fallback: the logit is `cos(m1·θ + m2) − m3` everywhere (published PyTorch behaviour).
+    #[default]
+    None,
+    /// The original ArcFace trick: where `cos θ <= cos((π − m2) / m1)`, use
+    /// `cos θ − m2·sin(π − m2) − m3`, which keeps the target logit monotonic in θ.
+    Monotonic,
+}
+
+/// The combined margin `s · (cos(m1·θ + m2) − m3)` on the target logit, and its options.
+///
+/// ```
+/// use partial_fc::Margin;
+/// let arc = Margin::arcface();
+/// assert_eq!((arc.m1, arc.m2, arc.m3), (1.0, 0.5, 0.0));
+/// arc.validate().unwrap();
+/// assert!(Margin { scale: 0.0, ..arc }.validate().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Margin {
+    /// Scale `s` applied to every logit (> 0).
+    pub scale: f64,
+    /// Multiplicative angular margin (SphereFace), `m1 >= 1`.
+    pub m1: f64,
+    /// Additive angular margin (ArcFace), `0 <= m2 < π/2`.
+    pub m2: f64,
+    /// Additive cosine margin (CosFace), `0 <= m3 < 1`.
+    pub m3: f64,
+    /// Gradient through the margin.
+    pub grad_mode: GradMode,
+    /// Behaviour where `m1·θ + m2 > π`.
+    pub fallback: TargetFallback,
+    /// Inter-class filtering: non-target cosines above this threshold are set to 0 and pass no
+    /// gradient (the published `interclass_filtering_threshold`); `None` or a value <= 0 disables it.
+    pub interclass_filter: Option<f64>,
+}
+
+impl Margin {
+    /// ArcFace: s = 64, (m1, m2, m3) = (1, 0.5, 0).
+    pub fn arcface() -> Margin {
+        Margin::combined(64.0, 1.0, 0.5, 0.0)
+    }
+
+    /// CosFace: s = 64, (m1, m2, m3) = (1, 0, 0.4).
+    pub fn cosface() -> Margin {
+        Margin::combined(64.0, 1.0, 0.0, 0.4)
+    }
+
+    /// Any combined margin, with the published implementation's gradient mode and no filtering.
+    pub fn combined(scale: f64, m1: f64, m2: f64, m3: f64) -> Margin {
+        Margin {
+            scale,
+            m1,
+            m2,
+            m3,
+            grad_mode: GradMode::StraightThrough,
+            fallback: TargetFallback::None,
+            interclass_filter: None,
+        }
+    }
+
+    /// Checks every parameter against its domain.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(PfcError::param(
+                "scale",
+                self.scale,
+                "must be finite and > 0",
+            ));
+        }
+        if !(self.m1.is_finite() && self.m1 >= 1.0) {
+            return Err(PfcError::param("m1", self.m1, "must be finite and >= 1"));
+        }
+        if !(self.m2 >= 0.0 && self.m2 < PI / 2.0) {
+            return Err(PfcError::param("m2", self.m2, "must lie in [0, π/2)"));
+        }
+        if !(self.m3 >= 0.0 && self.m3 < 1.0) {
+            return Err(PfcError::param("m3", self.m3, "must lie in [0, 1)"));
+        }
+        if let Some(t) = self.interclass_filter {
+            if !t.is_finite() || t > 1.0 {
+                return Err(PfcError::param(
+                    "interclass_filter",
+                    t,
+                    "must be finite and <= 1 (<= 0 disables it)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scalar parameters a kernel needs, in f32.
+    pub fn params(&self) -> MarginParams {
+        let threshold_theta = (PI - self.m2) / self.m1;
+        MarginParams {
+            scale: self.scale as f32,
+            m1: self.m1 as f32,
+            m2: self.m2 as f32,
+            m3: self.m3 as f32,
+            exact_grad: self.grad_mode == GradMode::Exact,
+            fallback: self.fallback == TargetFallback::Monotonic,
+            fallback_cos: if threshold_theta >= PI {
+                -1.0
+            } else {
+                threshold_theta.cos() as f32
+            },
+            fallback_mm: (self.m2 * (PI - self.m2).sin()) as f32,
+            filter: self
+                .interclass_filter
+                .filter(|t| *t > 0.0)
+                .map(|t| t as f32),
+        }
+    }
+}
+
+impl Default for Margin {
+    fn default() -> Self {
+        Margin::arcface()
+    }
+}
+
+/// Margin parameters in the form kernels consume them (f32, precomputed constants).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MarginParams {
+    /// Scale s.
+    pub scale: f32,
+    /// m1.
+    pub m1: f32,
+    /// m2.
+    pub m2: f32,
+    /// m3.
+    pub m3: f32,
+    /// Differentiate through the margin ([`GradMode::Exact`]).
+    pub exact_grad: bool,
+    /// Use the monotonic fallback ([`TargetFallback::Monotonic`]).
+    pub fallback: bool,
+    /// cos((π − m2) / m1): at or below it the fallback applies.
+    pub fallback_cos: f32,
+    /// m2 · sin(π − m2): the fallback's offset.
+    pub fallback_mm: f32,
+    /// Inter-class filtering threshold, when enabled.
+    pub filter: Option<f32>,
+}
+
+/// How negative classes are chosen when the sample rate is below 1.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum NegativeSampler {
+    /// Uniform without replacement, from the counter-based generator (the paper's sampler).
+    #[default]
+    Random,
+    /// A fraction (0..=1) of the negatives are the hardest ones: the classes whose best cosine
+    /// against any embedding of the gathered batch is highest; the rest are random.
+    Hard {
+        /// Fraction of the negative slots filled by hard negatives.
+        fraction: f64,
+    },
+}
+
+/// Which rows of the shard the optimizer touches each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdateMode {
+    /// Only sampled rows and their momentum are updated (the paper's algorithm); no full-shard
+    /// gradient buffer exists.
+    #[default]
+    Sparse,
+    /// Every row is updated from a full-shard gradient that is zero outside the sample (the
+    /// published PyTorch v2 semantics: weight decay and momentum act on every row).
+    Dense,
+}
+
+/// SGD with momentum and weight decay on the class centers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sgd {
+    /// Momentum (0 disables the momentum buffer's effect, it is still allocated).
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f32,
+}
+
+impl Default for Sgd {
+    fn default() -> Self {
+        Sgd {
+            momentum: 0.9,
+            weight_decay: 5e-4,
+        }
+    }
+}
+
+/// Everything that fixes the shape of one rank's layer and its allocations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerConfig {
+    /// Total number of classes C over all ranks.
+    pub num_classes: u64,
+    /// Embedding dimension d.
+    pub dim: usize,
+    /// Largest batch a rank passes to one step (N); buffers are sized for it.
+    pub batch_per_rank: usize,
+    /// Fraction r of each shard's classes sampled per step; 1 = the whole shard (model parallel),
+    /// 0 = positives only.
+    pub sample_rate: f64,
+    /// Margin.
+    pub margin: Margin,
+    /// Negative sampler.
+    pub sampler: NegativeSampler,
+    /// Optimizer update mode.
+    pub update: UpdateMode,
+    /// Optimizer; `None` allocates no optimizer state (inference or forward/backward only).
+    pub optimizer: Option<Sgd>,
+    /// Seed of the counter-based sampling generator.
+    pub seed: u64,
+}
+
+impl LayerConfig {
+    /// A configuration with the published defaults: ArcFace, r = 0.1, random negatives, sparse
+    /// SGD with momentum 0.9 and weight decay 5e-4.
+    pub fn new(num_classes: u64, dim: usize, batch_per_rank: usize) -> LayerConfig {
+        LayerConfig {
+            num_classes,
+            dim,
+            batch_per_rank,
+            sample_rate: 0.1,
+            margin: Margin::arcface(),
+            sampler: NegativeSampler::Random,
+            update: UpdateMode::Sparse,
+            optimizer: Some(Sgd::default()),
+            seed: 0x5eed,
+        }
+    }
+
+    /// Checks every field.
+    pub fn validate(&self, world_size: usize) -> Result<()> {
+        if world_size == 0 {
+            return Err(PfcError::param("world_size", 0, "must be >= 1"));
+        }
+        if self.num_classes < world_size as u64 {
+            return Err(PfcError::param(
+                "num_classes",
+                self.num_classes,
+                format!("must be >= world size {world_size} so that no shard is empty"),
+            ));
+        }
+        if self.num_classes > i32::MAX as u64 * world_size as u64 {
+            return Err(PfcError::param(
+                "num_classes",
+                self.num_classes,
+                "a shard may hold at most 2^31 - 1 classes",
+            ));
+        }
+        if self.dim == 0 {
+            return Err(PfcError::param("dim", 0, "must be >= 1"));
+        }
+        if self.batch_per_rank == 0 {
+            return Err(PfcError::param("batch_per_rank", 0, "must be >= 1"));
+        }
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(PfcError::param(
+                "sample_rate",
+                self.sample_rate,
+                "must lie in [0, 1]",
+            ));
+        }
+        if let NegativeSampler::Hard { fraction } = self.sampler {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(PfcError::param(
+                    "hard_fraction",
+                    fraction,
+                    "must lie in [0, 1]",
+                ));
+            }
+        }
+        if let Some(sgd) = self.optimizer {
+            if !(sgd.momentum.is_finite() && (0.0..1.0).contains(&sgd.momentum)) {
+                return Err(PfcError::param(
+                    "momentum",
+                    sgd.momentum,
+                    "must lie in [0, 1)",
+                ));
+            }
+            if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
+                return Err(PfcError::param(
+                    "weight_decay",
+                    sgd.weight_decay,
+                    "must be >= 0",
+                ));
+            }
+        }
+        self.margin.validate()
+    }
+}

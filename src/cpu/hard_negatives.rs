@@ -1,0 +1,34 @@
+//! Hard-negative scores (CPU reference of `cuda/sampling.cu`'s `class_max_cosine`).
+
+use super::gemm::gemm_nt;
+use super::normalize::normalize_rows;
+use rayon::prelude::*;
+
+/// Per class of the shard, its best cosine against any of the `rows` normalized embeddings,
+/// computed `chunk_weights.len() / dim` classes at a time so the full `rows × shard` matrix is
+/// never held.
+#[allow(clippy::too_many_arguments)]
+pub fn class_max_cosine(
+    weight: &[f32],
+    shard_len: usize,
+    dim: usize,
+    x_hat: &[f32],
+    rows: usize,
+    chunk_weights: &mut [f32],
+    chunk_cosines: &mut [f32],
+    scores: &mut [f32],
+) {
+    let chunk = (chunk_weights.len() / dim)
+        .min(chunk_cosines.len() / rows.max(1))
+        .max(1);
+    let mut norms = vec![0.0f32; chunk];
+    for start in (0..shard_len).step_by(chunk) {
+        let len = chunk.min(shard_len - start);
+        normalize_rows(&weight[start * dim..], len, dim, chunk_weights, &mut norms);
+        gemm_nt(len, rows, dim, chunk_weights, x_hat, chunk_cosines);
+        scores[start..start + len]
+            .par_iter_mut()
+            .zip(chunk_cosines[..len * rows].par_chunks(rows.max(1)))
+            .for_each(|(s, cos)| *s = cos.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    }
+}

@@ -1,0 +1,181 @@
+//! The fused margin softmax in three passes (CPU references of `cuda/margin_softmax.cu`).
+//!
+//! Between the passes the step all-reduces the row maxima (max) and the row sums (sum), so the
+//! softmax is normalized over every rank's columns while each rank only holds its own.
+//!
+//! Two encodings carry information from pass 1 to pass 3 without extra memory:
+//! - a filtered non-target logit is stored as −0.0 (a kept zero is stored as +0.0);
+//! - a non-target cosine clipped to ±1 is stored as exactly ±s, and passes no gradient (as the
+//!   published implementation's clamp); an unclipped cosine of exactly ±1.0 is treated the same,
+//!   which can only differ from it on a measure-zero set.
+
+use crate::config::MarginParams;
+use rayon::prelude::*;
+
+/// The target logit before scaling, `cos(m1·θ + m2) − m3` (with the optional monotonic fallback),
+/// of a clamped cosine `c`.
+pub fn target_logit(c: f32, p: &MarginParams) -> f32 {
+    if p.fallback && c <= p.fallback_cos {
+        return c - p.fallback_mm - p.m3;
+    }
+    if p.m1 == 1.0 && p.m2 == 0.0 {
+        return c - p.m3;
+    }
+    (p.m1 * c.acos() + p.m2).cos() - p.m3
+}
+
+/// d target_logit / d c for [`crate::GradMode::Exact`].
+pub fn target_logit_slope(c: f32, p: &MarginParams) -> f32 {
+    if (p.fallback && c <= p.fallback_cos) || (p.m1 == 1.0 && p.m2 == 0.0) {
+        return 1.0;
+    }
+    let theta = c.acos();
+    let sin_theta = (1.0 - c * c).max(0.0).sqrt().max(1e-6);
+    p.m1 * (p.m1 * theta + p.m2).sin() / sin_theta
+}
+
+fn is_filtered(z: f32) -> bool {
+    z == 0.0 && z.is_sign_negative()
+}
+
+/// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
+pub fn margin_rowmax(
+    logits: &mut [f32],
+    rows: usize,
+    cols: usize,
+    labels: &[i32],
+    p: &MarginParams,
+    row_max: &mut [f32],
+    target_cos: &mut [f32],
+) {
+    if cols == 0 {
+        row_max[..rows].fill(f32::NEG_INFINITY);
+        target_cos[..rows].fill(0.0);
+        return;
+    }
+    logits[..rows * cols]
+        .par_chunks_mut(cols)
+        .zip(row_max[..rows].par_iter_mut())
+        .zip(target_cos[..rows].par_iter_mut())
+        .zip(labels[..rows].par_iter())
+        .for_each(|(((row, max), tcos), &label)| {
+            let target = usize::try_from(label).ok();
+            let mut m = f32::NEG_INFINITY;
+            for (j, v) in row.iter_mut().enumerate() {
+                if Some(j) == target {
+                    continue;
+                }
+                let c = v.clamp(-1.0, 1.0);
+                *v = match p.filter {
+                    Some(t) if c > t => -0.0,
+                    // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
+                    Some(_) => p.scale * c + 0.0,
+                    None => p.scale * c,
+                };
+                m = m.max(*v);
+            }
+            *tcos = 0.0;
+            if let Some(t) = target {
+                let raw = row[t];
+                let z = p.scale * target_logit(raw.clamp(-1.0, 1.0), p);
+                row[t] = z;
+                m = m.max(z);
+                *tcos = raw;
+            }
+            *max = m;
+        });
+}
+
+/// Pass 2: local sum of `exp(z − max)` per row (max already all-reduced).
+pub fn exp_rowsum(logits: &[f32], rows: usize, cols: usize, row_max: &[f32], row_sum: &mut [f32]) {
+    if cols == 0 {
+        row_sum[..rows].fill(0.0);
+        return;
+    }
+    logits[..rows * cols]
+        .par_chunks(cols)
+        .zip(row_sum[..rows].par_iter_mut())
+        .zip(row_max[..rows].par_iter())
+        .for_each(|((row, sum), &max)| {
+            *sum = row.iter().map(|&z| (z - max).exp()).sum();
+        });
+}
+
+/// Per-row loss floor of the published implementation: `p` is clamped to 1e-30 before the log.
+pub const MIN_PROBABILITY: f32 = 1e-30;
+
+/// Pass 3: loss per row and the gradient with respect to the clamped cosine, in place.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_loss_grad(
+    logits: &mut [f32],
+    rows: usize,
+    cols: usize,
+    labels: &[i32],
+    p: &MarginParams,
+    row_max: &[f32],
+    row_sum: &[f32],
+    target_cos: &[f32],
+    grad_scale: f32,
+    row_loss: &mut [f32],
+) {
+    row_loss[..rows].fill(0.0);
+    if cols == 0 {
+        return;
+    }
+    let filter = p.filter.is_some();
+    logits[..rows * cols]
+        .par_chunks_mut(cols)
+        .zip(row_loss[..rows].par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (row, loss))| {
+            let max = row_max[i];
+            let inv_sum = 1.0 / row_sum[i];
+            let target = usize::try_from(labels[i]).ok();
+            let nontarget_slope = p.scale * grad_scale;
+            for (j, v) in row.iter_mut().enumerate() {
+                let z = *v;
+                let prob = (z - max).exp() * inv_sum;
+                if Some(j) == target {
+                    *loss = -prob.max(MIN_PROBABILITY).ln();
+                    let raw = target_cos[i];
+                    let slope = if !(-1.0..=1.0).contains(&raw) {
+                        0.0
+                    } else if p.exact_grad {
+                        p.scale * target_logit_slope(raw, p)
+                    } else {
+                        p.scale
+                    };
+                    *v = (prob - 1.0) * slope * grad_scale;
+                } else if (filter && is_filtered(z)) || z.abs() == p.scale {
+                    *v = 0.0;
+                } else {
+                    *v = prob * nontarget_slope;
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Margin;
+
+    #[test]
+    fn arcface_target_logit_is_cos_theta_plus_m() {
+        let p = Margin::arcface().params();
+        let c = 0.3f32;
+        let want = (c.acos() + 0.5).cos();
+        assert!((target_logit(c, &p) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn monotonic_fallback_applies_past_pi() {
+        let mut m = Margin::arcface();
+        m.fallback = crate::config::TargetFallback::Monotonic;
+        let p = m.params();
+        let c = -0.95f32; // θ ≈ 2.82 > π − 0.5
+        let want = c - 0.5 * (std::f32::consts::PI - 0.5).sin();
+        assert!((target_logit(c, &p) - want).abs() < 1e-6);
+        assert_eq!(target_logit_slope(c, &p), 1.0);
+    }
+}

@@ -1,0 +1,286 @@
+//! The CPU backend: reference kernels, parallel over rows with rayon, GEMMs through `gemm`.
+//!
+//! Each file holds the CPU twin of one CUDA kernel family in `cuda/`, function for function.
+
+pub mod gemm;
+pub mod hard_negatives;
+pub mod margin_softmax;
+pub mod normalize;
+pub mod optimizer;
+pub mod sampling;
+
+use crate::backend::{Backend, Elem, SampleArgs};
+use crate::config::MarginParams;
+use crate::error::Result;
+
+/// The CPU backend. Stateless: buffers are `Vec`s, every kernel runs to completion on return.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Buf<T: Elem> = Vec<T>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+
+    fn upload<T: Elem>(&self, host: &[T], dst: &mut Vec<T>) -> Result<()> {
+        dst[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download<T: Elem>(&self, src: &Vec<T>, len: usize) -> Result<Vec<T>> {
+        Ok(src[..len].to_vec())
+    }
+
+    fn copy<T: Elem>(&self, src: &Vec<T>, dst: &mut Vec<T>, len: usize) -> Result<()> {
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+
+    fn zero<T: Elem>(&self, buf: &mut Vec<T>, len: usize) -> Result<()> {
+        buf[..len].fill(T::default());
+        Ok(())
+    }
+
+    fn localize_labels(
+        &self,
+        global: &Vec<i64>,
+        rows: usize,
+        shard_start: u64,
+        shard_len: usize,
+        local: &mut Vec<i32>,
+    ) -> Result<()> {
+        sampling::localize_labels(&global[..rows], shard_start, shard_len, &mut local[..rows]);
+        Ok(())
+    }
+
+    fn sample_classes(
+        &self,
+        args: &SampleArgs,
+        labels: &mut Vec<i32>,
+        scores: Option<&Vec<f32>>,
+        keys: &mut Vec<u64>,
+        sampled: &mut Vec<i32>,
+    ) -> Result<usize> {
+        Ok(sampling::sample_classes(
+            args,
+            labels,
+            scores.map(|s| s.as_slice()),
+            keys,
+            sampled,
+        ))
+    }
+
+    fn class_max_cosine(
+        &self,
+        weight: &Vec<f32>,
+        shard_len: usize,
+        dim: usize,
+        x_hat: &Vec<f32>,
+        rows: usize,
+        chunk_weights: &mut Vec<f32>,
+        chunk_cosines: &mut Vec<f32>,
+        scores: &mut Vec<f32>,
+    ) -> Result<()> {
+        hard_negatives::class_max_cosine(
+            weight,
+            shard_len,
+            dim,
+            x_hat,
+            rows,
+            chunk_weights,
+            chunk_cosines,
+            scores,
+        );
+        Ok(())
+    }
+
+    fn gather_normalize_rows(
+        &self,
+        weight: &Vec<f32>,
+        dim: usize,
+        index: &Vec<i32>,
+        count: usize,
+        out: &mut Vec<f32>,
+        norms: &mut Vec<f32>,
+    ) -> Result<()> {
+        normalize::gather_normalize_rows(weight, dim, &index[..count], out, norms);
+        Ok(())
+    }
+
+    fn normalize_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        out: &mut Vec<f32>,
+        norms: &mut Vec<f32>,
+    ) -> Result<()> {
+        normalize::normalize_rows(x, rows, dim, out, norms);
+        Ok(())
+    }
+
+    fn gemm_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        gemm::gemm_nt(m, n, k, a, b, c);
+        Ok(())
+    }
+
+    fn gemm_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        gemm::gemm_nn(m, n, k, a, b, c);
+        Ok(())
+    }
+
+    fn gemm_tn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        gemm::gemm_tn(m, n, k, a, b, c);
+        Ok(())
+    }
+
+    fn margin_rowmax(
+        &self,
+        logits: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        row_max: &mut Vec<f32>,
+        target_cos: &mut Vec<f32>,
+    ) -> Result<()> {
+        margin_softmax::margin_rowmax(logits, rows, cols, labels, margin, row_max, target_cos);
+        Ok(())
+    }
+
+    fn exp_rowsum(
+        &self,
+        logits: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        row_max: &Vec<f32>,
+        row_sum: &mut Vec<f32>,
+    ) -> Result<()> {
+        margin_softmax::exp_rowsum(logits, rows, cols, row_max, row_sum);
+        Ok(())
+    }
+
+    fn softmax_loss_grad(
+        &self,
+        logits: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        row_max: &Vec<f32>,
+        row_sum: &Vec<f32>,
+        target_cos: &Vec<f32>,
+        grad_scale: f32,
+        row_loss: &mut Vec<f32>,
+    ) -> Result<()> {
+        margin_softmax::softmax_loss_grad(
+            logits, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+        );
+        Ok(())
+    }
+
+    fn normalize_backward(
+        &self,
+        grad: &mut Vec<f32>,
+        x_hat: &Vec<f32>,
+        norms: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        normalize::normalize_backward(grad, x_hat, norms, rows, dim);
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        rows: &Vec<f32>,
+        index: &Vec<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut Vec<f32>,
+        shard_len: usize,
+    ) -> Result<()> {
+        optimizer::scatter_rows(rows, &index[..count], dim, &mut dense[..shard_len * dim]);
+        Ok(())
+    }
+
+    fn sgd_momentum_sparse(
+        &self,
+        weight: &mut Vec<f32>,
+        momentum: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        index: &Vec<i32>,
+        count: usize,
+        dim: usize,
+        lr: f32,
+        mu: f32,
+        weight_decay: f32,
+    ) -> Result<()> {
+        optimizer::sgd_momentum_sparse(
+            weight,
+            momentum,
+            grad,
+            &index[..count],
+            dim,
+            lr,
+            mu,
+            weight_decay,
+        );
+        Ok(())
+    }
+
+    fn sgd_momentum_dense(
+        &self,
+        weight: &mut Vec<f32>,
+        momentum: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        len: usize,
+        lr: f32,
+        mu: f32,
+        weight_decay: f32,
+    ) -> Result<()> {
+        optimizer::sgd_momentum_dense(
+            &mut weight[..len],
+            &mut momentum[..len],
+            &grad[..len],
+            lr,
+            mu,
+            weight_decay,
+        );
+        Ok(())
+    }
+}

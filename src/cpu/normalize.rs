@@ -1,0 +1,58 @@
+//! Row L2 normalization and its backward pass (CPU references of `cuda/normalize.cu`).
+
+use rayon::prelude::*;
+
+/// Smallest norm divided by, as in `torch.nn.functional.normalize` (eps = 1e-12).
+pub const NORM_EPS: f32 = 1e-12;
+
+fn normalize_into(src: &[f32], dst: &mut [f32]) -> f32 {
+    let norm = src.iter().map(|v| v * v).sum::<f32>().sqrt().max(NORM_EPS);
+    let inv = 1.0 / norm;
+    for (o, v) in dst.iter_mut().zip(src) {
+        *o = v * inv;
+    }
+    norm
+}
+
+/// `out[i] = x[i] / ‖x[i]‖` for `rows` rows of `dim`; norms kept for the backward pass.
+pub fn normalize_rows(x: &[f32], rows: usize, dim: usize, out: &mut [f32], norms: &mut [f32]) {
+    out[..rows * dim]
+        .par_chunks_mut(dim)
+        .zip(norms[..rows].par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (o, n))| *n = normalize_into(&x[i * dim..(i + 1) * dim], o));
+}
+
+/// Gathers the sampled rows of the shard and normalizes them in one pass.
+pub fn gather_normalize_rows(
+    weight: &[f32],
+    dim: usize,
+    index: &[i32],
+    out: &mut [f32],
+    norms: &mut [f32],
+) {
+    let count = index.len();
+    out[..count * dim]
+        .par_chunks_mut(dim)
+        .zip(norms[..count].par_iter_mut())
+        .zip(index.par_iter())
+        .for_each(|((o, n), &row)| {
+            let row = row as usize;
+            *n = normalize_into(&weight[row * dim..(row + 1) * dim], o);
+        });
+}
+
+/// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
+pub fn normalize_backward(grad: &mut [f32], x_hat: &[f32], norms: &[f32], rows: usize, dim: usize) {
+    grad[..rows * dim]
+        .par_chunks_mut(dim)
+        .enumerate()
+        .for_each(|(i, g)| {
+            let xh = &x_hat[i * dim..(i + 1) * dim];
+            let dot: f32 = g.iter().zip(xh).map(|(a, b)| a * b).sum();
+            let inv = 1.0 / norms[i];
+            for (gv, xv) in g.iter_mut().zip(xh) {
+                *gv = (*gv - xv * dot) * inv;
+            }
+        });
+}

@@ -1,0 +1,70 @@
+//! SGD with momentum on the shard (CPU references of `cuda/optimizer.cu`).
+
+use rayon::prelude::*;
+
+/// `dense = 0; dense[index[i]] = rows[i]`.
+pub fn scatter_rows(rows: &[f32], index: &[i32], dim: usize, dense: &mut [f32]) {
+    dense.par_iter_mut().for_each(|v| *v = 0.0);
+    for (i, &r) in index.iter().enumerate() {
+        let r = r as usize;
+        dense[r * dim..(r + 1) * dim].copy_from_slice(&rows[i * dim..(i + 1) * dim]);
+    }
+}
+
+fn sgd_row(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
+    for ((w, v), g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+        *v = mu * *v + (g + wd * *w);
+        *w -= lr * *v;
+    }
+}
+
+/// Sparse update: only the sampled rows and their momentum move.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_momentum_sparse(
+    weight: &mut [f32],
+    momentum: &mut [f32],
+    grad: &[f32],
+    index: &[i32],
+    dim: usize,
+    lr: f32,
+    mu: f32,
+    weight_decay: f32,
+) {
+    // The sample is sorted and unique, so one walk splits the shard into the disjoint rows to
+    // update, which then run in parallel.
+    let mut picked = Vec::with_capacity(index.len());
+    let (mut w_rest, mut v_rest) = (weight, momentum);
+    let mut consumed = 0usize;
+    for (i, &r) in index.iter().enumerate() {
+        let r = r as usize;
+        assert!(r >= consumed, "sampled index must be sorted and unique");
+        let skip = (r - consumed) * dim;
+        let (_, w_tail) = std::mem::take(&mut w_rest).split_at_mut(skip);
+        let (_, v_tail) = std::mem::take(&mut v_rest).split_at_mut(skip);
+        let (w_row, w_next) = w_tail.split_at_mut(dim);
+        let (v_row, v_next) = v_tail.split_at_mut(dim);
+        picked.push((i, w_row, v_row));
+        w_rest = w_next;
+        v_rest = v_next;
+        consumed = r + 1;
+    }
+    picked
+        .into_par_iter()
+        .for_each(|(i, w, v)| sgd_row(w, v, &grad[i * dim..(i + 1) * dim], lr, mu, weight_decay));
+}
+
+/// Dense update of every element.
+pub fn sgd_momentum_dense(
+    weight: &mut [f32],
+    momentum: &mut [f32],
+    grad: &[f32],
+    lr: f32,
+    mu: f32,
+    weight_decay: f32,
+) {
+    weight
+        .par_chunks_mut(4096)
+        .zip(momentum.par_chunks_mut(4096))
+        .zip(grad.par_chunks(4096))
+        .for_each(|((w, v), g)| sgd_row(w, v, g, lr, mu, weight_decay));
+}

@@ -1,0 +1,93 @@
+//! One error type for the whole crate: every way user input or the environment can be wrong.
+
+use std::path::PathBuf;
+
+/// The result type of every fallible function in this crate.
+pub type Result<T, E = PfcError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, with enough context to fix it without a debugger.
+#[derive(Debug, thiserror::Error)]
+pub enum PfcError {
+    /// A shape or size argument does not agree with the layer's configuration or another argument.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A class label outside `[0, num_classes)` (negative labels included).
+    #[error("label {label} at row {row} is outside [0, {num_classes})")]
+    Label {
+        /// Row of the batch that holds the label.
+        row: usize,
+        /// The offending label.
+        label: i64,
+        /// Number of classes of the layer.
+        num_classes: u64,
+    },
+    /// An embedding value is NaN or infinite.
+    #[error("embedding row {row} holds a non-finite value ({value})")]
+    NonFinite {
+        /// Row of the batch.
+        row: usize,
+        /// The first non-finite value found.
+        value: f32,
+    },
+    /// An embedding row is all zeros and cannot be L2-normalized.
+    #[error("embedding row {row} is all zeros and has no direction to normalize")]
+    ZeroRow {
+        /// Row of the batch.
+        row: usize,
+    },
+    /// A configuration parameter is outside its domain.
+    #[error("invalid parameter {name} = {value}: {reason}")]
+    Param {
+        /// Parameter name as the user spells it.
+        name: &'static str,
+        /// Its value, printed.
+        value: String,
+        /// The domain it must lie in.
+        reason: String,
+    },
+    /// A checkpoint that does not belong to this layer (other shard, world size, dims).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// File that was read.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// A safetensors file that cannot be parsed (truncated, corrupt, wrong dtype).
+    #[error("{path}: {reason}")]
+    Format {
+        /// File that was read.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file system error, with the path it happened on.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or folder involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A collective operation failed (a peer rank hung up, timed out, or NCCL reported an error).
+    #[error("collective: {0}")]
+    Collective(String),
+    /// The requested backend is not available on this machine (no driver, no library, no device).
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+    /// A device-side error (CUDA driver, NVRTC, cuBLAS, NCCL).
+    #[error("device: {0}")]
+    Device(String),
+}
+
+impl PfcError {
+    /// Shorthand for [`PfcError::Param`].
+    pub fn param(name: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
+        PfcError::Param {
+            name,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

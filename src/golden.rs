@@ -1,0 +1,1 @@
+//! Reading and writing the step files of `pfc step` (inputs, parameters and outputs).

@@ -1,0 +1,653 @@
+//! `PartialFc`: one rank's sharded, sampled margin-softmax classifier, and the training step,
+//! written once for every backend and collective.
+
+use crate::backend::{Backend, Collective, ReduceOp, SampleArgs};
+use crate::config::{LayerConfig, NegativeSampler, UpdateMode};
+use crate::error::{PfcError, Result};
+use crate::plan::buffers::{
+    sampled_count, step_buffers, Component, StepShape, HARD_NEGATIVE_CHUNK,
+};
+use crate::plan::{Dtype, LogitsMode};
+use crate::shard::Shard;
+
+/// What one forward/backward pass returns to the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// Mean margin-softmax cross-entropy over the gathered batch (identical on every rank).
+    pub loss: f32,
+    /// d loss / d embeddings for this rank's `N × d` embeddings. The loss is the mean over the
+    /// whole gathered batch (`N·k` rows), so this is the gradient of the global mean; a
+    /// data-parallel trainer whose backbone gradients are averaged over ranks should multiply by
+    /// [`PartialFc::data_parallel_grad_factor`] (= k).
+    pub grad_embeddings: Vec<f32>,
+    /// Number of classes this rank sampled.
+    pub sampled: usize,
+}
+
+struct Buffers<B: Backend> {
+    weight: B::Buf<f32>,
+    weight_grad: Option<B::Buf<f32>>,
+    momentum: Option<B::Buf<f32>>,
+    sampled_weights: B::Buf<f32>,
+    sampled_weights_grad: B::Buf<f32>,
+    weight_norms: B::Buf<f32>,
+    gathered: B::Buf<f32>,
+    x_hat: B::Buf<f32>,
+    x_norms: B::Buf<f32>,
+    x_grad: B::Buf<f32>,
+    logits: B::Buf<f32>,
+    gathered_labels: B::Buf<i64>,
+    local_labels: B::Buf<i32>,
+    send_labels: B::Buf<i64>,
+    sampled_index: B::Buf<i32>,
+    keys: B::Buf<u64>,
+    scores: Option<B::Buf<f32>>,
+    chunk_weights: Option<B::Buf<f32>>,
+    chunk_cosines: Option<B::Buf<f32>>,
+    row_max: B::Buf<f32>,
+    row_sum: B::Buf<f32>,
+    target_cos: B::Buf<f32>,
+    row_loss: B::Buf<f32>,
+    staging: B::Buf<f32>,
+}
+
+/// The state a backward pass leaves for the optimizer.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sampled: usize,
+}
+
+/// One rank's Partial FC layer: its shard of class centers, optimizer state and sampler.
+///
+/// Generic over the backend (CPU, CUDA) and the collective (single rank, threads, NCCL).
+///
+/// ```
+/// use partial_fc::{CpuBackend, LayerConfig, PartialFc, collective::SingleRank};
+/// let mut cfg = LayerConfig::new(1000, 16, 8);
+/// cfg.sample_rate = 0.2;
+/// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+/// let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+/// let labels: Vec<i64> = (0..8).map(|i| i * 100).collect();
+/// let out = layer.forward_backward(&x, &labels).unwrap();
+/// assert!(out.loss.is_finite() && out.sampled == 200);
+/// layer.step(0.1).unwrap();
+/// ```
+pub struct PartialFc<B: Backend, C: Collective<B>> {
+    backend: B,
+    comm: C,
+    config: LayerConfig,
+    shard: Shard,
+    capacity: usize,
+    step: u64,
+    pending: Option<Pending>,
+    bufs: Buffers<B>,
+}
+
+fn alloc_opt<B: Backend>(b: &B, len: usize, want: bool) -> Result<Option<B::Buf<f32>>> {
+    if want {
+        Ok(Some(b.alloc(len)?))
+    } else {
+        Ok(None)
+    }
+}
+
+impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
+    /// A layer whose shard is initialized from N(0, 0.01), as the published implementation does,
+    /// from a generator keyed by `config.seed` and the global class id (so the full weight matrix
+    /// does not depend on the world size).
+    pub fn new(config: LayerConfig, backend: B, comm: C) -> Result<Self> {
+        let mut layer = Self::zeroed(config, backend, comm)?;
+        let init = crate::init::normal_rows(
+            layer.config.seed,
+            layer.shard.start,
+            layer.shard.len as usize,
+            layer.config.dim,
+            0.01,
+        );
+        layer.backend.upload(&init, &mut layer.bufs.weight)?;
+        Ok(layer)
+    }
+
+    /// A layer with an all-zero shard (to be filled by [`PartialFc::set_weight`] or a checkpoint).
+    pub fn zeroed(config: LayerConfig, backend: B, comm: C) -> Result<Self> {
+        let world = comm.world_size();
+        config.validate(world)?;
+        let shard = Shard::of(config.num_classes, world, comm.rank());
+        let shape = Self::shape_of(&config, shard, world);
+        let capacity = shape.sampled_capacity() as usize;
+        let (d, n, m) = (
+            config.dim,
+            config.batch_per_rank,
+            config.batch_per_rank * world,
+        );
+        let shard_len = shard.len as usize;
+        let hard = matches!(config.sampler, NegativeSampler::Hard { .. });
+        let chunk = (HARD_NEGATIVE_CHUNK as usize).min(shard_len);
+        let b = &backend;
+        let bufs = Buffers {
+            weight: b.alloc(shard_len * d)?,
+            weight_grad: alloc_opt(b, shard_len * d, config.update == UpdateMode::Dense)?,
+            momentum: alloc_opt(b, shard_len * d, config.optimizer.is_some())?,
+            sampled_weights: b.alloc(capacity * d)?,
+            sampled_weights_grad: b.alloc(capacity * d)?,
+            weight_norms: b.alloc(capacity)?,
+            gathered: b.alloc(m * d)?,
+            x_hat: b.alloc(m * d)?,
+            x_norms: b.alloc(m)?,
+            x_grad: b.alloc(m * d)?,
+            logits: b.alloc(m * capacity)?,
+            gathered_labels: b.alloc(m)?,
+            local_labels: b.alloc(m)?,
+            send_labels: b.alloc(n)?,
+            sampled_index: b.alloc(capacity)?,
+            keys: b.alloc(shard_len)?,
+            scores: alloc_opt(b, shard_len, hard)?,
+            chunk_weights: alloc_opt(b, chunk * d, hard)?,
+            chunk_cosines: alloc_opt(b, chunk * m, hard)?,
+            row_max: b.alloc(m)?,
+            row_sum: b.alloc(m)?,
+            target_cos: b.alloc(m)?,
+            row_loss: b.alloc(m)?,
+            staging: b.alloc(n * d)?,
+        };
+        Ok(PartialFc {
+            backend,
+            comm,
+            config,
+            shard,
+            capacity,
+            step: 0,
+            pending: None,
+            bufs,
+        })
+    }
+
+    fn shape_of(config: &LayerConfig, shard: Shard, world: usize) -> StepShape {
+        StepShape {
+            shard_classes: shard.len,
+            world_size: world as u64,
+            batch_per_rank: config.batch_per_rank as u64,
+            dim: config.dim as u64,
+            sample_rate: config.sample_rate,
+            weight_dtype: Dtype::F32,
+            optimizer_states: u64::from(config.optimizer.is_some()),
+            update: config.update,
+            logits: LogitsMode::Materialized,
+            wire_dtype: Dtype::F32,
+            hard_negatives: matches!(config.sampler, NegativeSampler::Hard { .. }),
+        }
+    }
+
+    /// The planner's view of this layer (for comparing prediction and allocation).
+    pub fn step_shape(&self) -> StepShape {
+        Self::shape_of(&self.config, self.shard, self.comm.world_size())
+    }
+
+    /// Bytes this layer really allocated, by component (the planner's names), in report order.
+    pub fn memory_report(&self) -> Vec<(Component, u64)> {
+        let b = &self.backend;
+        let f = |buf: &B::Buf<f32>| b.len(buf) as u64 * 4;
+        let fo = |buf: &Option<B::Buf<f32>>| buf.as_ref().map_or(0, f);
+        let x = &self.bufs;
+        vec![
+            (Component::WeightShard, f(&x.weight)),
+            (Component::WeightGrad, fo(&x.weight_grad)),
+            (Component::OptimizerState, fo(&x.momentum)),
+            (Component::SampledWeights, f(&x.sampled_weights)),
+            (Component::SampledWeightsGrad, f(&x.sampled_weights_grad)),
+            (Component::WeightNorms, f(&x.weight_norms)),
+            (Component::GatheredEmbeddings, f(&x.gathered)),
+            (Component::NormalizedEmbeddings, f(&x.x_hat)),
+            (Component::EmbeddingNorms, f(&x.x_norms)),
+            (Component::EmbeddingsGrad, f(&x.x_grad)),
+            (Component::Logits, f(&x.logits)),
+            (
+                Component::Labels,
+                b.len(&x.gathered_labels) as u64 * 8
+                    + b.len(&x.local_labels) as u64 * 4
+                    + b.len(&x.send_labels) as u64 * 8,
+            ),
+            (Component::SampledIndex, b.len(&x.sampled_index) as u64 * 4),
+            (Component::SamplerKeys, b.len(&x.keys) as u64 * 8),
+            (
+                Component::HardNegativeScratch,
+                fo(&x.scores) + fo(&x.chunk_weights) + fo(&x.chunk_cosines),
+            ),
+            (
+                Component::RowStats,
+                f(&x.row_max) + f(&x.row_sum) + f(&x.target_cos) + f(&x.row_loss),
+            ),
+            (Component::CollectiveStaging, f(&x.staging)),
+        ]
+    }
+
+    /// The planner's prediction for this layer, by component.
+    pub fn planned_memory(&self) -> Vec<(Component, u64)> {
+        step_buffers(&self.step_shape())
+    }
+
+    /// This rank's shard of classes.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The collective.
+    pub fn collective(&self) -> &C {
+        &self.comm
+    }
+
+    /// Steps taken so far (the sampler's counter).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step counter (after loading a checkpoint, say).
+    pub fn set_steps(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Factor to multiply `grad_embeddings` by when the backbone's gradients are averaged over
+    /// the k data-parallel ranks (as DDP does): the world size.
+    pub fn data_parallel_grad_factor(&self) -> f32 {
+        self.comm.world_size() as f32
+    }
+
+    /// The shard's weights, `shard × d`, row-major.
+    pub fn weight(&self) -> Result<Vec<f32>> {
+        self.backend
+            .download(&self.bufs.weight, self.shard.len as usize * self.config.dim)
+    }
+
+    /// Replaces the shard's weights.
+    pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
+        let want = self.shard.len as usize * self.config.dim;
+        if weight.len() != want {
+            return Err(PfcError::Shape(format!(
+                "weight of {} values for a shard of {} × {} = {want}",
+                weight.len(),
+                self.shard.len,
+                self.config.dim
+            )));
+        }
+        self.backend.upload(weight, &mut self.bufs.weight)
+    }
+
+    /// The optimizer's momentum, if the layer has one.
+    pub fn momentum(&self) -> Result<Option<Vec<f32>>> {
+        let len = self.shard.len as usize * self.config.dim;
+        self.bufs
+            .momentum
+            .as_ref()
+            .map(|m| self.backend.download(m, len))
+            .transpose()
+    }
+
+    /// Replaces the optimizer's momentum.
+    pub fn set_momentum(&mut self, momentum: &[f32]) -> Result<()> {
+        let want = self.shard.len as usize * self.config.dim;
+        match self.bufs.momentum.as_mut() {
+            Some(_) if momentum.len() != want => Err(PfcError::Shape(format!(
+                "momentum of {} values for a shard of {want}",
+                momentum.len()
+            ))),
+            Some(buf) => self.backend.upload(momentum, buf),
+            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
+        }
+    }
+
+    /// Checks this rank's input; `None` when it is fine.
+    fn check_input(&self, embeddings: &[f32], labels: &[i64]) -> Option<PfcError> {
+        let d = self.config.dim;
+        let n = labels.len();
+        if n == 0 || n > self.config.batch_per_rank {
+            return Some(PfcError::Shape(format!(
+                "batch of {n} labels; this layer takes 1 to {} per rank",
+                self.config.batch_per_rank
+            )));
+        }
+        if embeddings.len() != n * d {
+            return Some(PfcError::Shape(format!(
+                "embeddings hold {} values, {n} labels × dim {d} = {} expected",
+                embeddings.len(),
+                n * d
+            )));
+        }
+        if let Some((row, &label)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l < 0 || l as u64 >= self.config.num_classes)
+        {
+            return Some(PfcError::Label {
+                row,
+                label,
+                num_classes: self.config.num_classes,
+            });
+        }
+        for (row, x) in embeddings.chunks(d).enumerate() {
+            if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
+                return Some(PfcError::NonFinite { row, value });
+            }
+            if x.iter().all(|&v| v == 0.0) {
+                return Some(PfcError::ZeroRow { row });
+            }
+        }
+        None
+    }
+
+    /// Every rank learns whether any rank's input was bad, so that all of them stop together
+    /// instead of leaving the good ranks waiting in a collective. Nothing has been modified yet.
+    fn agree_on_input(&mut self, own: Option<PfcError>) -> Result<()> {
+        let world = self.comm.world_size();
+        let mut flags = vec![0.0f32; world];
+        if own.is_some() {
+            flags[self.comm.rank()] = 1.0;
+        }
+        // row_loss holds N·k >= k floats and is rewritten by every step.
+        self.backend.upload(&flags, &mut self.bufs.row_loss)?;
+        self.comm
+            .all_reduce_f32(&self.backend, &mut self.bufs.row_loss, world, ReduceOp::Sum)?;
+        let flags = self.backend.download(&self.bufs.row_loss, world)?;
+        if let Some(err) = own {
+            return Err(err);
+        }
+        match flags.iter().position(|&f| f != 0.0) {
+            Some(r) => Err(PfcError::Collective(format!(
+                "rank {r} rejected its input; no rank took the step"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// One forward and backward pass on this rank's batch; the sample is drawn by the layer.
+    pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
+        self.forward_backward_inner(embeddings, labels, None)
+    }
+
+    /// Like [`PartialFc::forward_backward`], with the sample given instead of drawn: `sampled`
+    /// holds sorted global class ids (any rank's; each rank keeps those in its shard) and must
+    /// hold every positive of the gathered batch. Used for parity with other implementations.
+    pub fn forward_backward_with_sample(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        sampled: &[i64],
+    ) -> Result<StepOutput> {
+        self.forward_backward_inner(embeddings, labels, Some(sampled))
+    }
+
+    fn forward_backward_inner(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        given: Option<&[i64]>,
+    ) -> Result<StepOutput> {
+        let mut own = self.check_input(embeddings, labels);
+        let local_sample: Vec<i32> = match given {
+            Some(ids) => {
+                if own.is_none() && ids.windows(2).any(|w| w[0] >= w[1]) {
+                    own = Some(PfcError::Shape(
+                        "a given sample must be sorted and unique".into(),
+                    ));
+                }
+                let ids: Vec<i32> = ids
+                    .iter()
+                    .filter(|&&c| self.shard.contains(c))
+                    .map(|&c| (c as u64 - self.shard.start) as i32)
+                    .collect();
+                if own.is_none() && ids.len() > self.capacity {
+                    own = Some(PfcError::Shape(format!(
+                        "a given sample of {} classes exceeds this shard's capacity {}",
+                        ids.len(),
+                        self.capacity
+                    )));
+                }
+                ids
+            }
+            None => Vec::new(),
+        };
+        self.agree_on_input(own)?;
+        self.pending = None;
+
+        let b = &self.backend;
+        let x = &mut self.bufs;
+        let (d, n) = (self.config.dim, labels.len());
+        let world = self.comm.world_size();
+        let m = n * world;
+        let shard_len = self.shard.len as usize;
+
+        // 1. All-gather embeddings and labels.
+        b.upload(embeddings, &mut x.staging)?;
+        b.upload(labels, &mut x.send_labels)?;
+        self.comm
+            .all_gather_f32(b, &x.staging, n * d, &mut x.gathered)?;
+        self.comm
+            .all_gather_i64(b, &x.send_labels, n, &mut x.gathered_labels)?;
+        // 2. Labels of this shard become shard-local ids.
+        b.localize_labels(
+            &x.gathered_labels,
+            m,
+            self.shard.start,
+            shard_len,
+            &mut x.local_labels,
+        )?;
+        b.normalize_rows(&x.gathered, m, d, &mut x.x_hat, &mut x.x_norms)?;
+
+        // 3. Sample.
+        let s = match given {
+            Some(_) => {
+                let mut local = b.download(&x.local_labels, m)?;
+                for (row, l) in local.iter_mut().enumerate().filter(|(_, l)| **l >= 0) {
+                    *l = local_sample
+                        .binary_search(l)
+                        .map(|p| p as i32)
+                        .map_err(|_| {
+                            PfcError::Shape(format!(
+                                "the given sample misses class {} (label of gathered row {row})",
+                                *l as u64 + self.shard.start
+                            ))
+                        })?;
+                }
+                b.upload(&local, &mut x.local_labels)?;
+                b.upload(&local_sample, &mut x.sampled_index)?;
+                local_sample.len()
+            }
+            None => {
+                let hard_fraction = match self.config.sampler {
+                    NegativeSampler::Hard { fraction } => fraction as f32,
+                    NegativeSampler::Random => 0.0,
+                };
+                let scores = match (&mut x.scores, &mut x.chunk_weights, &mut x.chunk_cosines) {
+                    (Some(scores), Some(cw), Some(cc)) if self.config.sample_rate < 1.0 => {
+                        b.class_max_cosine(&x.weight, shard_len, d, &x.x_hat, m, cw, cc, scores)?;
+                        Some(&*scores)
+                    }
+                    _ => None,
+                };
+                let args = SampleArgs {
+                    shard_len,
+                    shard_start: self.shard.start,
+                    num_sample: sampled_count(self.shard.len, self.config.sample_rate) as usize,
+                    rows: m,
+                    seed: self.config.seed,
+                    step: self.step,
+                    hard_fraction,
+                };
+                b.sample_classes(
+                    &args,
+                    &mut x.local_labels,
+                    scores,
+                    &mut x.keys,
+                    &mut x.sampled_index,
+                )?
+            }
+        };
+        self.step += 1;
+
+        // 4. Sampled, normalized centers and the cosine logits.
+        b.gather_normalize_rows(
+            &x.weight,
+            d,
+            &x.sampled_index,
+            s,
+            &mut x.sampled_weights,
+            &mut x.weight_norms,
+        )?;
+        b.gemm_nt(m, s, d, &x.x_hat, &x.sampled_weights, &mut x.logits)?;
+
+        // 5–6. Margin, distributed softmax, loss and the logits' gradient in place.
+        let margin = self.config.margin.params();
+        b.margin_rowmax(
+            &mut x.logits,
+            m,
+            s,
+            &x.local_labels,
+            &margin,
+            &mut x.row_max,
+            &mut x.target_cos,
+        )?;
+        self.comm
+            .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
+        b.exp_rowsum(&x.logits, m, s, &x.row_max, &mut x.row_sum)?;
+        self.comm
+            .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
+        let grad_scale = 1.0 / m as f32;
+        b.softmax_loss_grad(
+            &mut x.logits,
+            m,
+            s,
+            &x.local_labels,
+            &margin,
+            &x.row_max,
+            &x.row_sum,
+            &x.target_cos,
+            grad_scale,
+            &mut x.row_loss,
+        )?;
+        self.comm
+            .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
+        let loss = b
+            .download(&x.row_loss, m)?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>()
+            / m as f64;
+
+        // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
+        //    over ranks and each rank keeps its own rows.
+        b.gemm_nn(m, d, s, &x.logits, &x.sampled_weights, &mut x.x_grad)?;
+        b.gemm_tn(s, d, m, &x.logits, &x.x_hat, &mut x.sampled_weights_grad)?;
+        b.normalize_backward(&mut x.x_grad, &x.x_hat, &x.x_norms, m, d)?;
+        b.normalize_backward(
+            &mut x.sampled_weights_grad,
+            &x.sampled_weights,
+            &x.weight_norms,
+            s,
+            d,
+        )?;
+        self.comm
+            .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?;
+        let grad_embeddings = b.download(&x.staging, n * d)?;
+        self.pending = Some(Pending { sampled: s });
+        Ok(StepOutput {
+            loss: loss as f32,
+            grad_embeddings,
+            sampled: s,
+        })
+    }
+
+    /// The sorted global class ids this rank sampled in the last forward pass.
+    pub fn sampled_classes(&self) -> Result<Vec<i64>> {
+        let s = self.pending.map_or(0, |p| p.sampled);
+        Ok(self
+            .backend
+            .download(&self.bufs.sampled_index, s)?
+            .into_iter()
+            .map(|c| c as i64 + self.shard.start as i64)
+            .collect())
+    }
+
+    /// d loss / d shard weights from the last backward pass, dense (`shard × d`, zero outside the
+    /// sample).
+    pub fn weight_grad_dense(&self) -> Result<Vec<f32>> {
+        let d = self.config.dim;
+        let mut dense = vec![0.0f32; self.shard.len as usize * d];
+        if let Some(p) = self.pending {
+            let rows = self
+                .backend
+                .download(&self.bufs.sampled_weights_grad, p.sampled * d)?;
+            let index = self.backend.download(&self.bufs.sampled_index, p.sampled)?;
+            for (i, &c) in index.iter().enumerate() {
+                let c = c as usize;
+                dense[c * d..(c + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+            }
+        }
+        Ok(dense)
+    }
+
+    /// Applies SGD with momentum to the shard with learning rate `lr`, from the gradient of the
+    /// last [`PartialFc::forward_backward`].
+    pub fn step(&mut self, lr: f32) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
+        }
+        let Some(sgd) = self.config.optimizer else {
+            return Err(PfcError::param(
+                "optimizer",
+                "none",
+                "this layer was built without an optimizer",
+            ));
+        };
+        let Some(p) = self.pending.take() else {
+            return Err(PfcError::Shape(
+                "step() needs a forward_backward() first".into(),
+            ));
+        };
+        let b = &self.backend;
+        let x = &mut self.bufs;
+        let d = self.config.dim;
+        let len = self.shard.len as usize * d;
+        let momentum = x.momentum.as_mut().expect("allocated with the optimizer");
+        match (self.config.update, x.weight_grad.as_mut()) {
+            (UpdateMode::Dense, Some(grad)) => {
+                b.scatter_rows(
+                    &x.sampled_weights_grad,
+                    &x.sampled_index,
+                    p.sampled,
+                    d,
+                    grad,
+                    self.shard.len as usize,
+                )?;
+                b.sgd_momentum_dense(
+                    &mut x.weight,
+                    momentum,
+                    grad,
+                    len,
+                    lr,
+                    sgd.momentum,
+                    sgd.weight_decay,
+                )
+            }
+            _ => b.sgd_momentum_sparse(
+                &mut x.weight,
+                momentum,
+                &x.sampled_weights_grad,
+                &x.sampled_index,
+                p.sampled,
+                d,
+                lr,
+                sgd.momentum,
+                sgd.weight_decay,
+            ),
+        }
+    }
+}

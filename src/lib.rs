@@ -1,0 +1,36 @@
+//! # partial-fc
+//!
+//! Partial FC (An et al., ICCVW 2021) for Rust: a margin-softmax classifier over millions to
+//! hundreds of millions of classes, its weights sharded over k ranks, each step using every
+//! positive class center plus a sampled fraction r of the negatives.
+//!
+//! - [`PartialFc`]: one rank's layer, generic over a [`Backend`] (CPU, CUDA) and a
+//!   [`Collective`] (single rank, threads, NCCL).
+//! - [`plan`]: the per-GPU memory model and the model-parallel upper bound.
+//! - [`cpu`]: the CPU backend, whose small kernels are the reference for the CUDA ones.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod checkpoint;
+pub mod collective;
+pub mod config;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod error;
+pub mod golden;
+pub mod init;
+pub mod layer;
+pub mod plan;
+pub mod rng;
+pub mod shard;
+pub mod synthetic;
+
+pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs};
+pub use config::{
+    GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd, TargetFallback, UpdateMode,
+};
+pub use cpu::CpuBackend;
+pub use error::{PfcError, Result};
+pub use layer::{PartialFc, StepOutput};
+pub use shard::Shard;

@@ -1,0 +1,248 @@
+//! The buffers one rank's training step allocates, by name and size: the single source of truth
+//! shared by the memory planner (which predicts) and the layers (which allocate and report).
+//!
+//! A layer allocates every buffer once, at construction, at the sizes computed here for the
+//! worst case of its configuration, so that its report is exactly the planner's prediction and
+//! no step ever allocates on the hot path.
+
+use crate::config::UpdateMode;
+
+/// Element type of stored weights or of the embeddings on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Whether the N·k × S logits matrix exists in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsMode {
+    /// The logits buffer exists (and holds its gradient in place after the backward pass).
+    #[default]
+    Materialized,
+    /// Logits are produced and consumed tile by tile, never stored (roadmap).
+    Fused,
+}
+
+/// Classes per chunk when hard negatives are scored; bounds the scoring scratch.
+pub const HARD_NEGATIVE_CHUNK: u64 = 4096;
+
+/// The shape of one rank's step: everything that decides how many bytes it allocates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepShape {
+    /// Classes in this rank's shard.
+    pub shard_classes: u64,
+    /// Ranks in the group (k).
+    pub world_size: u64,
+    /// Embeddings per rank per step (N).
+    pub batch_per_rank: u64,
+    /// Embedding dimension (d).
+    pub dim: u64,
+    /// Sample rate r in [0, 1].
+    pub sample_rate: f64,
+    /// Storage dtype of the weight shard.
+    pub weight_dtype: Dtype,
+    /// Optimizer state tensors per weight (0 none, 1 SGD momentum, 2 AdamW).
+    pub optimizer_states: u64,
+    /// Sparse or dense weight gradient.
+    pub update: UpdateMode,
+    /// Materialized or fused logits.
+    pub logits: LogitsMode,
+    /// Dtype of the gathered embeddings on the wire.
+    pub wire_dtype: Dtype,
+    /// Whether hard negatives are scored (adds the scoring scratch).
+    pub hard_negatives: bool,
+}
+
+impl StepShape {
+    /// Rows of the gathered batch, N·k.
+    pub fn gathered_rows(&self) -> u64 {
+        self.batch_per_rank * self.world_size
+    }
+
+    /// The most classes a step can sample from this shard: `floor(r · shard)`, but never fewer
+    /// than the worst-case number of positives, `min(shard, N·k)`.
+    pub fn sampled_capacity(&self) -> u64 {
+        sampled_capacity(self.shard_classes, self.sample_rate, self.gathered_rows())
+    }
+}
+
+/// `floor(r · shard)` as the published code computes it (`int(r * shard)` in f64), raised to the
+/// worst-case positive count `min(shard, gathered_rows)`.
+pub fn sampled_capacity(shard_classes: u64, sample_rate: f64, gathered_rows: u64) -> u64 {
+    let drawn = sampled_count(shard_classes, sample_rate);
+    drawn.max(shard_classes.min(gathered_rows))
+}
+
+/// `floor(r · shard)`: the sample size before positives are accounted for.
+pub fn sampled_count(shard_classes: u64, sample_rate: f64) -> u64 {
+    if sample_rate >= 1.0 {
+        shard_classes
+    } else {
+        ((sample_rate * shard_classes as f64) as u64).min(shard_classes)
+    }
+}
+
+/// Names of the buffers of one step, in the order reports list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    /// The shard of class centers, `shard × d` in the weight dtype.
+    WeightShard,
+    /// Full-shard gradient (dense update only), f32.
+    WeightGrad,
+    /// Optimizer state (momentum, Adam moments), f32, one `shard × d` per state.
+    OptimizerState,
+    /// Gathered and L2-normalized sampled rows, `S × d`.
+    SampledWeights,
+    /// Gradient of the sampled rows, `S × d` (normalized, then raw in place).
+    SampledWeightsGrad,
+    /// Norms of the sampled rows, kept for the backward pass, `S`.
+    WeightNorms,
+    /// The all-gathered embeddings, `N·k × d`.
+    GatheredEmbeddings,
+    /// Their L2-normalized copy, `N·k × d`.
+    NormalizedEmbeddings,
+    /// Norms of the gathered embeddings, `N·k`.
+    EmbeddingNorms,
+    /// Gradient of the gathered embeddings, `N·k × d` (normalized, then raw in place).
+    EmbeddingsGrad,
+    /// The logits, `N·k × S`, overwritten in place by their gradient.
+    Logits,
+    /// Gathered global labels (i64) and their shard-local remap (i32), `N·k` each, and the
+    /// rank's own labels before the gather (i64, `N`).
+    Labels,
+    /// The sorted sampled class ids of the shard (i32), `S`.
+    SampledIndex,
+    /// One 64-bit selection key per class of the shard.
+    SamplerKeys,
+    /// Hard-negative scoring: per-class score and one chunk of normalized weights and cosines.
+    HardNegativeScratch,
+    /// Per-row softmax statistics: max, sum, target cosine, loss (f32 each), `N·k × 4`.
+    RowStats,
+    /// The local embeddings before the all-gather, whose buffer then receives the
+    /// reduce-scattered embedding gradient (`N × d`, f32), and, when the wire dtype is not
+    /// f32, the packed send and receive buffers of the all-gather.
+    CollectiveStaging,
+    /// Memory the user reserves for everything outside the FC layer.
+    Reserved,
+}
+
+impl Component {
+    /// Every component, in report order.
+    pub const ALL: [Component; 18] = [
+        Component::WeightShard,
+        Component::WeightGrad,
+        Component::OptimizerState,
+        Component::SampledWeights,
+        Component::SampledWeightsGrad,
+        Component::WeightNorms,
+        Component::GatheredEmbeddings,
+        Component::NormalizedEmbeddings,
+        Component::EmbeddingNorms,
+        Component::EmbeddingsGrad,
+        Component::Logits,
+        Component::Labels,
+        Component::SampledIndex,
+        Component::SamplerKeys,
+        Component::HardNegativeScratch,
+        Component::RowStats,
+        Component::CollectiveStaging,
+        Component::Reserved,
+    ];
+
+    /// The snake_case name used in reports and in `pfc plan --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::WeightShard => "weight_shard",
+            Component::WeightGrad => "weight_grad",
+            Component::OptimizerState => "optimizer_state",
+            Component::SampledWeights => "sampled_weights",
+            Component::SampledWeightsGrad => "sampled_weights_grad",
+            Component::WeightNorms => "weight_norms",
+            Component::GatheredEmbeddings => "gathered_embeddings",
+            Component::NormalizedEmbeddings => "normalized_embeddings",
+            Component::EmbeddingNorms => "embedding_norms",
+            Component::EmbeddingsGrad => "embeddings_grad",
+            Component::Logits => "logits",
+            Component::Labels => "labels",
+            Component::SampledIndex => "sampled_index",
+            Component::SamplerKeys => "sampler_keys",
+            Component::HardNegativeScratch => "hard_negative_scratch",
+            Component::RowStats => "row_stats",
+            Component::CollectiveStaging => "collective_staging",
+            Component::Reserved => "reserved",
+        }
+    }
+}
+
+/// Bytes of every component of one step (reserved excluded: it is the caller's), in report order.
+pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
+    let f32b = 4u64;
+    let shard = shape.shard_classes;
+    let d = shape.dim;
+    let n = shape.batch_per_rank;
+    let m = shape.gathered_rows();
+    let s = shape.sampled_capacity();
+    let dense = shape.update == UpdateMode::Dense;
+    let wire = shape.wire_dtype.bytes();
+    let staging_wire = if shape.wire_dtype == Dtype::F32 {
+        0
+    } else {
+        (n + m) * d * wire
+    };
+    let hard = if shape.hard_negatives {
+        let chunk = HARD_NEGATIVE_CHUNK.min(shard);
+        shard * f32b + chunk * d * f32b + chunk * m * f32b
+    } else {
+        0
+    };
+    vec![
+        (
+            Component::WeightShard,
+            shard * d * shape.weight_dtype.bytes(),
+        ),
+        (
+            Component::WeightGrad,
+            if dense { shard * d * f32b } else { 0 },
+        ),
+        (
+            Component::OptimizerState,
+            shape.optimizer_states * shard * d * f32b,
+        ),
+        (Component::SampledWeights, s * d * f32b),
+        (Component::SampledWeightsGrad, s * d * f32b),
+        (Component::WeightNorms, s * f32b),
+        (Component::GatheredEmbeddings, m * d * f32b),
+        (Component::NormalizedEmbeddings, m * d * f32b),
+        (Component::EmbeddingNorms, m * f32b),
+        (Component::EmbeddingsGrad, m * d * f32b),
+        (
+            Component::Logits,
+            match shape.logits {
+                LogitsMode::Materialized => m * s * f32b,
+                LogitsMode::Fused => 0,
+            },
+        ),
+        (Component::Labels, m * 8 + m * 4 + n * 8),
+        (Component::SampledIndex, s * 4),
+        (Component::SamplerKeys, shard * 8),
+        (Component::HardNegativeScratch, hard),
+        (Component::RowStats, m * 4 * f32b),
+        (Component::CollectiveStaging, n * d * f32b + staging_wire),
+    ]
+}

@@ -1,0 +1,1 @@
+//! Synthetic identities, a small backbone and verification metrics for the training demo.
