@@ -309,9 +309,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     fn check_input(&self, embeddings: &[f32], labels: &[i64]) -> Option<PfcError> {
         let d = self.config.dim;
         let n = labels.len();
-        if n == 0 || n > self.config.batch_per_rank {
+        if n > self.config.batch_per_rank {
             return Some(PfcError::Shape(format!(
-                "batch of {n} labels; this layer takes 1 to {} per rank",
+                "batch of {n} labels; this layer takes at most {} per rank",
                 self.config.batch_per_rank
             )));
         }
@@ -345,26 +345,33 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// Every rank learns whether any rank's input was bad, so that all of them stop together
-    /// instead of leaving the good ranks waiting in a collective. Nothing has been modified yet.
-    fn agree_on_input(&mut self, own: Option<PfcError>) -> Result<()> {
+    /// instead of leaving the good ranks waiting in a collective (nothing has been modified yet),
+    /// and how many real rows the gathered batch holds. Returns that count.
+    fn agree_on_input(&mut self, own: Option<PfcError>, rows: usize) -> Result<usize> {
         let world = self.comm.world_size();
-        let mut flags = vec![0.0f32; world];
-        if own.is_some() {
-            flags[self.comm.rank()] = 1.0;
-        }
-        // row_loss holds N·k >= k floats and is rewritten by every step.
-        self.backend.upload(&flags, &mut self.bufs.row_loss)?;
+        let rank = self.comm.rank();
+        // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
+        // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
+        let mut flags = vec![0.0f32; 2 * world];
+        flags[rank] = if own.is_some() { 1.0 } else { 0.0 };
+        flags[world + rank] = rows as f32;
+        let (first, second) = flags.split_at(world);
+        self.backend.upload(first, &mut self.bufs.row_loss)?;
+        self.backend.upload(second, &mut self.bufs.row_max)?;
         self.comm
             .all_reduce_f32(&self.backend, &mut self.bufs.row_loss, world, ReduceOp::Sum)?;
-        let flags = self.backend.download(&self.bufs.row_loss, world)?;
+        self.comm
+            .all_reduce_f32(&self.backend, &mut self.bufs.row_max, world, ReduceOp::Sum)?;
+        let rejected = self.backend.download(&self.bufs.row_loss, world)?;
+        let counts = self.backend.download(&self.bufs.row_max, world)?;
         if let Some(err) = own {
             return Err(err);
         }
-        match flags.iter().position(|&f| f != 0.0) {
+        match rejected.iter().position(|&f| f != 0.0) {
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
             ))),
-            None => Ok(()),
+            None => Ok(counts.iter().map(|&c| c as usize).sum()),
         }
     }
 
@@ -415,19 +422,27 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
             None => Vec::new(),
         };
-        self.agree_on_input(own)?;
+        let real_rows = self.agree_on_input(own, labels.len())?;
         self.pending = None;
 
         let b = &self.backend;
         let x = &mut self.bufs;
-        let (d, n) = (self.config.dim, labels.len());
+        // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
+        // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
+        // label −1, which normalize to zero, own no target and so add nothing to the loss or the
+        // class centers' gradient; their embedding gradient is computed and discarded.
+        let d = self.config.dim;
+        let n = self.config.batch_per_rank;
         let world = self.comm.world_size();
         let m = n * world;
         let shard_len = self.shard.len as usize;
 
         // 1. All-gather embeddings and labels.
+        b.zero(&mut x.staging, n * d)?;
         b.upload(embeddings, &mut x.staging)?;
-        b.upload(labels, &mut x.send_labels)?;
+        let mut padded_labels = vec![-1i64; n];
+        padded_labels[..labels.len()].copy_from_slice(labels);
+        b.upload(&padded_labels, &mut x.send_labels)?;
         self.comm
             .all_gather_f32(b, &x.staging, n * d, &mut x.gathered)?;
         self.comm
@@ -520,7 +535,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         b.exp_rowsum(&x.logits, m, s, &x.row_max, &mut x.row_sum)?;
         self.comm
             .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
-        let grad_scale = 1.0 / m as f32;
+        let grad_scale = 1.0 / real_rows as f32;
         b.softmax_loss_grad(
             &mut x.logits,
             m,
@@ -540,7 +555,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .iter()
             .map(|&l| f64::from(l))
             .sum::<f64>()
-            / m as f64;
+            / real_rows as f64;
 
         // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
         //    over ranks and each rank keeps its own rows.
@@ -556,7 +571,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         )?;
         self.comm
             .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?;
-        let grad_embeddings = b.download(&x.staging, n * d)?;
+        let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
         self.pending = Some(Pending { sampled: s });
         Ok(StepOutput {
             loss: loss as f32,

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod rng;
 pub mod shard;
 pub mod synthetic;
+pub mod tensor_file;
 
 pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs};
 pub use config::{

@@ -340,7 +340,7 @@ mod tests {
             (recv, part, mx[0])
         });
         for (r, (recv, part, mx)) in out.iter().enumerate() {
-            assert_eq!(recv[4..7], [10.0, 11.0, 12.0]);
+            assert_eq!(recv[3..6], [10.0, 11.0, 12.0]);
             let want: Vec<f32> = (0..2)
                 .map(|i| (0..k).map(|q| (r * 2 + i + q) as f32).sum())
                 .collect();
