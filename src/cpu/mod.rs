@@ -8,6 +8,7 @@ pub mod margin_softmax;
 pub mod normalize;
 pub mod optimizer;
 pub mod sampling;
+pub mod simd;
 
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
@@ -25,7 +26,17 @@ impl Backend for CpuBackend {
     }
 
     fn alloc<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); len])
+        // Written, not `calloc`ed: the pages are touched now, so the first steps do not pay for
+        // page faults and the process's resident memory matches the memory report at once.
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| {
+            crate::error::PfcError::Device(format!(
+                "cannot allocate {} bytes of host memory",
+                len * std::mem::size_of::<T>()
+            ))
+        })?;
+        buf.resize(len, T::default());
+        Ok(buf)
     }
 
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
