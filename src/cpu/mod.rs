@@ -43,8 +43,16 @@ impl Backend for CpuBackend {
         buf.len()
     }
 
-    fn upload<T: Elem>(&self, host: &[T], dst: &mut Vec<T>) -> Result<()> {
-        dst[..host.len()].copy_from_slice(host);
+    fn upload_at<T: Elem>(&self, host: &[T], dst: &mut Vec<T>, offset: usize) -> Result<()> {
+        let end = offset + host.len();
+        if end > dst.len() {
+            return Err(crate::error::PfcError::Shape(format!(
+                "upload of {} elements at {offset} into a buffer of {}",
+                host.len(),
+                dst.len()
+            )));
+        }
+        dst[offset..end].copy_from_slice(host);
         Ok(())
     }
 
