@@ -6,7 +6,9 @@
 //! path, though the kernels are self-contained today.
 #![cfg(feature = "cuda")]
 
-use partial_fc::cuda::compile::{compile, nvrtc_available, nvrtc_version, program_source, FAMILIES};
+use partial_fc::cuda::compile::{
+    compile, nvrtc_available, nvrtc_version, program_source, FAMILIES,
+};
 
 const ARCHS: [&str; 6] = [
     "compute_70",
@@ -19,10 +21,17 @@ const ARCHS: [&str; 6] = [
 
 fn include_paths() -> Vec<String> {
     let from_env = std::env::var("PFC_NVRTC_INCLUDE").ok();
-    let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/.nvrtc/nvidia/cuda_runtime/include");
+    let cache = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.nvrtc/nvidia/cuda_runtime/include"
+    );
     from_env
         .into_iter()
-        .chain(std::path::Path::new(cache).is_dir().then(|| cache.to_string()))
+        .chain(
+            std::path::Path::new(cache)
+                .is_dir()
+                .then(|| cache.to_string()),
+        )
         .collect()
 }
 
@@ -41,14 +50,19 @@ fn every_kernel_compiles_for_every_arch() {
     let mut compiled = 0;
     for arch in ARCHS {
         if major >= 13 && arch == "compute_70" {
-            println!("NVRTC {major}.{minor} cannot target {arch} (CUDA 13 dropped sm_70); not counted");
+            println!(
+                "NVRTC {major}.{minor} cannot target {arch} (CUDA 13 dropped sm_70); not counted"
+            );
             continue;
         }
         for (name, src) in FAMILIES {
             let ptx = compile(name, &program_source(src), arch, &includes)
                 .unwrap_or_else(|e| panic!("{name}.cu for {arch}: {e}"));
             let text = String::from_utf8_lossy(&ptx);
-            assert!(text.contains(".entry"), "{name}.cu for {arch}: no kernel in the PTX");
+            assert!(
+                text.contains(".entry"),
+                "{name}.cu for {arch}: no kernel in the PTX"
+            );
             compiled += 1;
         }
     }

@@ -23,7 +23,10 @@ pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 pub const FAMILIES: [(&str, &str); 4] = [
     ("sampling", include_str!("../../cuda/sampling.cu")),
     ("normalize", include_str!("../../cuda/normalize.cu")),
-    ("margin_softmax", include_str!("../../cuda/margin_softmax.cu")),
+    (
+        "margin_softmax",
+        include_str!("../../cuda/margin_softmax.cu"),
+    ),
     ("optimizer", include_str!("../../cuda/optimizer.cu")),
 ];
 

@@ -7,9 +7,7 @@ use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Threads per block of the row kernels (one block per row).
 const ROW_THREADS: u32 = 256;
@@ -152,7 +150,14 @@ impl CudaBackend {
     ) -> Result<()> {
         let n_i = i32_of(n, "shard_len")?;
         let k_u = k as u64;
-        launch!(self, "radix_select_init", single_block(256), &mut *state, &mut *hist, &k_u);
+        launch!(
+            self,
+            "radix_select_init",
+            single_block(256),
+            &mut *state,
+            &mut *hist,
+            &k_u
+        );
         let blocks = n.div_ceil(ELEM_THREADS as usize).clamp(1, 1024);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -161,8 +166,24 @@ impl CudaBackend {
         };
         for digit in (0..8).rev() {
             let shift: i32 = digit * 8;
-            launch!(self, "radix_histogram", cfg, keys, &n_i, &*state, &shift, &mut *hist);
-            launch!(self, "radix_select_digit", single_block(256), &mut *state, &shift, &mut *hist);
+            launch!(
+                self,
+                "radix_histogram",
+                cfg,
+                keys,
+                &n_i,
+                &*state,
+                &shift,
+                &mut *hist
+            );
+            launch!(
+                self,
+                "radix_select_digit",
+                single_block(256),
+                &mut *state,
+                &shift,
+                &mut *hist
+            );
         }
         Ok(())
     }
@@ -250,7 +271,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (rows_i, len_u) = (i32_of(rows, "rows")?, shard_len as u64);
-        launch!(self, "localize_labels", per_elem(rows), global, &rows_i, &shard_start, &len_u, local);
+        launch!(
+            self,
+            "localize_labels",
+            per_elem(rows),
+            global,
+            &rows_i,
+            &shard_start,
+            &len_u,
+            local
+        );
         Ok(())
     }
 
@@ -275,7 +305,16 @@ impl Backend for CudaBackend {
         }
         need(keys, shard, "sample_classes keys")?;
         need(sampled, args.num_sample, "sample_classes sampled")?;
-        launch!(self, "random_keys", per_elem(shard), &mut *keys, &shard_i, &args.shard_start, &args.seed, &args.step);
+        launch!(
+            self,
+            "random_keys",
+            per_elem(shard),
+            &mut *keys,
+            &shard_i,
+            &args.shard_start,
+            &args.seed,
+            &args.step
+        );
         // The number of distinct positives decides the sample size: count them on the host
         // (the gathered batch is small next to the shard).
         let mut positives: Vec<i32> = self
@@ -288,7 +327,14 @@ impl Backend for CudaBackend {
         let positives = positives.len();
         need(sampled, positives, "sample_classes sampled")?;
         if args.rows > 0 {
-            launch!(self, "force_positives", per_elem(args.rows), &*labels, &rows_i, &mut *keys);
+            launch!(
+                self,
+                "force_positives",
+                per_elem(args.rows),
+                &*labels,
+                &rows_i,
+                &mut *keys
+            );
         }
         let mut state = self.alloc::<u64>(2)?;
         let mut hist = self.alloc::<u32>(256)?;
@@ -302,9 +348,26 @@ impl Backend for CudaBackend {
             };
             if let (Some(scores), true) = (scores, hard > 0) {
                 need(scores, shard, "sample_classes scores")?;
-                launch!(self, "score_keys", per_elem(shard), &mut *keys, scores, &shard_i);
+                launch!(
+                    self,
+                    "score_keys",
+                    per_elem(shard),
+                    &mut *keys,
+                    scores,
+                    &shard_i
+                );
                 self.radix_select(keys, shard, positives + hard, &mut state, &mut hist)?;
-                launch!(self, "promote_chosen", per_elem(shard), &mut *keys, &shard_i, &state, &args.shard_start, &args.seed, &args.step);
+                launch!(
+                    self,
+                    "promote_chosen",
+                    per_elem(shard),
+                    &mut *keys,
+                    &shard_i,
+                    &state,
+                    &args.shard_start,
+                    &args.seed,
+                    &args.step
+                );
             }
             args.num_sample
         };
@@ -317,10 +380,36 @@ impl Backend for CudaBackend {
             block_dim: (SCAN_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "count_selected", scan_cfg, &*keys, &shard_i, &state, &mut counts);
-        launch!(self, "scan_block_counts", single_block(1024), &mut counts, &blocks_i);
-        launch!(self, "compact_selected", scan_cfg, &*keys, &shard_i, &state, &counts, &mut *sampled);
-        let n = self.stream.clone_dtoh(&counts.slice(blocks..blocks + 1)).map_err(dev("download"))?[0] as usize;
+        launch!(
+            self,
+            "count_selected",
+            scan_cfg,
+            &*keys,
+            &shard_i,
+            &state,
+            &mut counts
+        );
+        launch!(
+            self,
+            "scan_block_counts",
+            single_block(1024),
+            &mut counts,
+            &blocks_i
+        );
+        launch!(
+            self,
+            "compact_selected",
+            scan_cfg,
+            &*keys,
+            &shard_i,
+            &state,
+            &counts,
+            &mut *sampled
+        );
+        let n = self
+            .stream
+            .clone_dtoh(&counts.slice(blocks..blocks + 1))
+            .map_err(dev("download"))?[0] as usize;
         if n != total {
             return Err(PfcError::Device(format!(
                 "sampler selected {n} classes, {total} expected (radix select invariant broken)"
@@ -328,7 +417,15 @@ impl Backend for CudaBackend {
         }
         if args.rows > 0 {
             let n_i = n as i32;
-            launch!(self, "remap_labels", per_elem(args.rows), labels, &rows_i, &*sampled, &n_i);
+            launch!(
+                self,
+                "remap_labels",
+                per_elem(args.rows),
+                labels,
+                &rows_i,
+                &*sampled,
+                &n_i
+            );
         }
         Ok(n)
     }
@@ -353,19 +450,55 @@ impl Backend for CudaBackend {
         let chunk = (chunk_weights.len() / dim)
             .min(chunk_cosines.len() / rows)
             .max(1);
-        need(chunk_weights, chunk.min(shard_len) * dim, "class_max_cosine chunk_weights")?;
-        need(chunk_cosines, chunk.min(shard_len) * rows, "class_max_cosine chunk_cosines")?;
+        need(
+            chunk_weights,
+            chunk.min(shard_len) * dim,
+            "class_max_cosine chunk_weights",
+        )?;
+        need(
+            chunk_cosines,
+            chunk.min(shard_len) * rows,
+            "class_max_cosine chunk_cosines",
+        )?;
         let mut norms = self.alloc::<f32>(chunk)?;
         let (dim_i, rows_i) = (i32_of(dim, "dim")?, i32_of(rows, "rows")?);
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let len_i = len as i32;
             let w = weight.slice(start * dim..(start + len) * dim);
-            launch!(self, "normalize_rows", per_row(len), &w, &len_i, &dim_i, &mut *chunk_weights, &mut norms);
+            launch!(
+                self,
+                "normalize_rows",
+                per_row(len),
+                &w,
+                &len_i,
+                &dim_i,
+                &mut *chunk_weights,
+                &mut norms
+            );
             // cosines[len × rows] = chunk_weights[len × dim] · x_hatᵀ
-            self.sgemm_rowmajor(CUBLAS_OP_T, CUBLAS_OP_N, len, rows, dim, x_hat, dim, &*chunk_weights, dim, &mut *chunk_cosines)?;
+            self.sgemm_rowmajor(
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                len,
+                rows,
+                dim,
+                x_hat,
+                dim,
+                &*chunk_weights,
+                dim,
+                &mut *chunk_cosines,
+            )?;
             let mut out = scores.slice_mut(start..start + len);
-            launch!(self, "row_max_into", per_row(len), &*chunk_cosines, &len_i, &rows_i, &mut out);
+            launch!(
+                self,
+                "row_max_into",
+                per_row(len),
+                &*chunk_cosines,
+                &len_i,
+                &rows_i,
+                &mut out
+            );
         }
         Ok(())
     }
@@ -386,7 +519,17 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (dim_i, count_i) = (i32_of(dim, "dim")?, i32_of(count, "count")?);
-        launch!(self, "gather_normalize_rows", per_row(count), weight, &dim_i, index, &count_i, out, norms);
+        launch!(
+            self,
+            "gather_normalize_rows",
+            per_row(count),
+            weight,
+            &dim_i,
+            index,
+            &count_i,
+            out,
+            norms
+        );
         Ok(())
     }
 
@@ -405,7 +548,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (rows_i, dim_i) = (i32_of(rows, "rows")?, i32_of(dim, "dim")?);
-        launch!(self, "normalize_rows", per_row(rows), x, &rows_i, &dim_i, out, norms);
+        launch!(
+            self,
+            "normalize_rows",
+            per_row(rows),
+            x,
+            &rows_i,
+            &dim_i,
+            out,
+            norms
+        );
         Ok(())
     }
 
@@ -474,8 +626,23 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?, MarginArgs::from(margin));
-        launch!(self, "margin_rowmax", per_row(rows), logits, &rows_i, &cols_i, labels, &p, row_max, target_cos);
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "margin_rowmax",
+            per_row(rows),
+            logits,
+            &rows_i,
+            &cols_i,
+            labels,
+            &p,
+            row_max,
+            target_cos
+        );
         Ok(())
     }
 
@@ -494,7 +661,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
-        launch!(self, "exp_rowsum", per_row(rows), logits, &rows_i, &cols_i, row_max, row_sum);
+        launch!(
+            self,
+            "exp_rowsum",
+            per_row(rows),
+            logits,
+            &rows_i,
+            &cols_i,
+            row_max,
+            row_sum
+        );
         Ok(())
     }
 
@@ -517,8 +693,26 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?, MarginArgs::from(margin));
-        launch!(self, "softmax_loss_grad", per_row(rows), logits, &rows_i, &cols_i, labels, &p, row_max, row_sum, target_cos, &grad_scale, row_loss);
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "softmax_loss_grad",
+            per_row(rows),
+            logits,
+            &rows_i,
+            &cols_i,
+            labels,
+            &p,
+            row_max,
+            row_sum,
+            target_cos,
+            &grad_scale,
+            row_loss
+        );
         Ok(())
     }
 
@@ -537,7 +731,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (rows_i, dim_i) = (i32_of(rows, "rows")?, i32_of(dim, "dim")?);
-        launch!(self, "normalize_backward", per_row(rows), grad, x_hat, norms, &rows_i, &dim_i);
+        launch!(
+            self,
+            "normalize_backward",
+            per_row(rows),
+            grad,
+            x_hat,
+            norms,
+            &rows_i,
+            &dim_i
+        );
         Ok(())
     }
 
@@ -557,7 +760,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
-        launch!(self, "scatter_rows", per_row(count), rows, index, &count_i, &dim_i, dense);
+        launch!(
+            self,
+            "scatter_rows",
+            per_row(count),
+            rows,
+            index,
+            &count_i,
+            &dim_i,
+            dense
+        );
         Ok(())
     }
 
@@ -579,7 +791,20 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
-        launch!(self, "sgd_momentum_sparse", per_row(count), weight, momentum, grad, index, &count_i, &dim_i, &lr, &mu, &weight_decay);
+        launch!(
+            self,
+            "sgd_momentum_sparse",
+            per_row(count),
+            weight,
+            momentum,
+            grad,
+            index,
+            &count_i,
+            &dim_i,
+            &lr,
+            &mu,
+            &weight_decay
+        );
         Ok(())
     }
 
@@ -605,7 +830,18 @@ impl Backend for CudaBackend {
             block_dim: (ELEM_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "sgd_momentum_dense", cfg, weight, momentum, grad, &len_u, &lr, &mu, &weight_decay);
+        launch!(
+            self,
+            "sgd_momentum_dense",
+            cfg,
+            weight,
+            momentum,
+            grad,
+            &len_u,
+            &lr,
+            &mu,
+            &weight_decay
+        );
         Ok(())
     }
 }

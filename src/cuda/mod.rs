@@ -82,7 +82,8 @@ pub fn check_available() -> Result<()> {
     // SAFETY: each call only tries to open a shared library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(PfcError::BackendUnavailable(
-            "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver".into(),
+            "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver"
+                .into(),
         ));
     }
     compile::nvrtc_available()?;
@@ -112,7 +113,9 @@ impl CudaBackend {
         // One stream per backend: cudarc's cross-stream event tracking is not needed.
         // SAFETY: every buffer of this backend is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
-        let compute_capability = ctx.compute_capability().map_err(dev("compute capability"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(dev("compute capability"))?;
         let device_name = ctx.name().map_err(dev("device name"))?;
         let stream = ctx.default_stream();
         let arch = format!("sm_{}{}", compute_capability.0, compute_capability.1);
