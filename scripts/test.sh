@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # NVRTC and the CUDA headers, so every kernel is compiled for every architecture even without a GPU.
-if [ -f scripts/install-nvrtc.sh ]; then
-    eval "$(bash scripts/install-nvrtc.sh --print-env)"
-fi
+nvrtc_env="$(bash scripts/install-nvrtc.sh)"
+PFC_NVRTC_LIB="$(echo "$nvrtc_env" | sed -n 's/^PFC_NVRTC_LIB=//p')"
+PFC_NVRTC_INCLUDE="$(echo "$nvrtc_env" | sed -n 's/^PFC_NVRTC_INCLUDE=//p')"
+export PFC_NVRTC_INCLUDE
+export LD_LIBRARY_PATH="$PFC_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 cargo fmt --check
 cargo clippy --all-targets --all-features -- -D warnings
