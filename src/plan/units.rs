@@ -22,9 +22,7 @@ use crate::error::{PfcError, Result};
 /// ```
 pub fn parse_size(name: &'static str, text: &str) -> Result<u64> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (number, suffix) = (t[..split].trim(), t[split..].trim());
     let multiplier: u64 = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -84,7 +82,9 @@ fn scaled_decimal(
         None => (digits.as_str(), ""),
     };
     let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
-    if (int_part.is_empty() && frac_part.is_empty()) || !all_digits(int_part) || !all_digits(frac_part)
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !all_digits(int_part)
+        || !all_digits(frac_part)
     {
         return Err(bad("not a number (expected e.g. 32GiB, 29M, 100000)"));
     }
@@ -191,7 +191,15 @@ mod tests {
     #[test]
     fn bad_sizes_are_typed_errors_naming_the_parameter() {
         for bad in [
-            "", "GiB", "1.2.3G", "-1G", "12XB", "1.0000001K", "0.3B", "99999999999T", "1e9",
+            "",
+            "GiB",
+            "1.2.3G",
+            "-1G",
+            "12XB",
+            "1.0000001K",
+            "0.3B",
+            "99999999999T",
+            "1e9",
         ] {
             match parse_size("gpu_memory", bad) {
                 Err(PfcError::Param { name, .. }) => assert_eq!(name, "gpu_memory", "{bad}"),
@@ -215,9 +223,24 @@ mod tests {
 
     #[test]
     fn bad_counts() {
-        for bad in ["", "M", "1.5", "0.0000001M", "12G", "-5", "x", "99999999999999B"] {
+        for bad in [
+            "",
+            "M",
+            "1.5",
+            "0.0000001M",
+            "12G",
+            "-5",
+            "x",
+            "99999999999999B",
+        ] {
             assert!(
-                matches!(parse_count("classes", bad), Err(PfcError::Param { name: "classes", .. })),
+                matches!(
+                    parse_count("classes", bad),
+                    Err(PfcError::Param {
+                        name: "classes",
+                        ..
+                    })
+                ),
                 "{bad:?}"
             );
         }
@@ -225,7 +248,15 @@ mod tests {
 
     #[test]
     fn formatting_round_trips_counts() {
-        for c in [1u64, 999, 125_000, 29_000_000, 1_500_000_000, 100_001, 2_500_000] {
+        for c in [
+            1u64,
+            999,
+            125_000,
+            29_000_000,
+            1_500_000_000,
+            100_001,
+            2_500_000,
+        ] {
             assert_eq!(parse_count("classes", &format_count(c)).unwrap(), c);
         }
         assert_eq!(format_bytes(1023), "1023 B");
