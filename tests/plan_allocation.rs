@@ -6,6 +6,9 @@ use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::plan::{Component, Optimizer, PlanConfig};
 use partial_fc::{CpuBackend, LayerConfig, PartialFc, UpdateMode};
 
+/// Bytes by component, as the layer and the planner report them.
+type Report = Vec<(Component, u64)>;
+
 struct Case {
     classes: u64,
     gpus: usize,
@@ -41,7 +44,7 @@ fn plan_config(c: &Case) -> PlanConfig {
 }
 
 /// Rank 0's report from the layer, with the planner API's reserve entry (0) appended.
-fn check(case: &Case, reports: Vec<(Vec<(Component, u64)>, Vec<(Component, u64)>)>) {
+fn check(case: &Case, reports: Vec<(Report, Report)>) {
     for (rank, (report, planned)) in reports.iter().enumerate() {
         assert_eq!(report, planned, "rank {rank}: allocation != planner");
     }

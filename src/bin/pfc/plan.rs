@@ -12,6 +12,8 @@ use partial_fc::{PfcError, UpdateMode};
 use std::path::PathBuf;
 
 /// Points of a sweep, log-spaced.
+///
+/// (Text arguments are `Box<str>` rather than `String` to keep `PlanArgs` small.)
 const SWEEP_POINTS: usize = 48;
 
 /// Arguments of `pfc plan`.
@@ -19,25 +21,25 @@ const SWEEP_POINTS: usize = 48;
 pub struct PlanArgs {
     /// Total number of classes C (e.g. 29M, 1.5B, 100000).
     #[arg(long, value_name = "COUNT")]
-    classes: String,
+    classes: Box<str>,
     /// Number of GPUs k.
     #[arg(long, value_name = "K")]
-    gpus: String,
+    gpus: Box<str>,
     /// Memory of one GPU (e.g. 32GiB, 11G, 80GB).
     #[arg(long, value_name = "SIZE")]
-    gpu_memory: String,
+    gpu_memory: Box<str>,
     /// Images per GPU per step, N.
     #[arg(long, value_name = "N", default_value = "128")]
-    batch: String,
+    batch: Box<str>,
     /// Embedding dimension d.
     #[arg(long, value_name = "D", default_value = "512")]
-    dim: String,
+    dim: Box<str>,
     /// Sample rate r in [0, 1] (1 = model parallel, 0 = positives only).
     #[arg(long, value_name = "R", default_value = "0.1")]
-    sample_rate: String,
+    sample_rate: Box<str>,
     /// Memory reserved for everything outside the FC layer (backbone, activations, framework).
     #[arg(long, value_name = "SIZE", default_value = "0")]
-    reserved: String,
+    reserved: Box<str>,
     /// Storage dtype of the weight shard.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     weight_dtype: DtypeArg,
@@ -59,7 +61,7 @@ pub struct PlanArgs {
     /// Sweep class counts FROM..TO (e.g. 100K..100M): per-GPU memory for model parallel,
     /// Partial FC at r, and fused logits.
     #[arg(long, value_name = "FROM..TO")]
-    sweep: Option<String>,
+    sweep: Option<Box<str>>,
     /// Draw the sweep as an SVG (without --sweep: a range around the upper bound).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
