@@ -22,6 +22,7 @@ pub mod golden;
 pub mod init;
 pub mod layer;
 pub mod plan;
+pub mod rendezvous;
 pub mod rng;
 pub mod shard;
 pub mod synthetic;

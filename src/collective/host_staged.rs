@@ -1,0 +1,105 @@
+//! Any backend's ranks talking through a host collective: each operation downloads the operand,
+//! runs the CPU collective on it, and uploads the result.
+//!
+//! This is the "virtual ranks" mode: k shards on one device (or k devices without NCCL), each rank
+//! a thread with its own backend, exchanging through a [`super::ThreadGroup`]. It is slow by
+//! design (every collective crosses PCIe), and exact: the distributed softmax, the all-gather and
+//! the reduce-scatter paths run on the real device kernels and can be compared with the CPU.
+
+use crate::backend::{Backend, Collective, ReduceOp};
+use crate::cpu::CpuBackend;
+use crate::error::Result;
+
+/// Wraps a host collective for any backend.
+///
+/// ```
+/// use partial_fc::collective::{HostStaged, ThreadGroup};
+/// use partial_fc::{Collective, CpuBackend, ReduceOp};
+/// let sums = ThreadGroup::run(2, |c| {
+///     let staged = HostStaged::new(c);
+///     let mut v = vec![1.0f32, 2.0];
+///     staged.all_reduce_f32(&CpuBackend, &mut v, 2, ReduceOp::Sum).unwrap();
+///     v
+/// });
+/// assert_eq!(sums[1], vec![2.0, 4.0]);
+/// ```
+#[derive(Debug)]
+pub struct HostStaged<C> {
+    inner: C,
+}
+
+impl<C> HostStaged<C> {
+    /// Wraps `inner`.
+    pub fn new(inner: C) -> Self {
+        HostStaged { inner }
+    }
+}
+
+impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_gather_f32(
+        &self,
+        b: &B,
+        send: &B::Buf<f32>,
+        count: usize,
+        recv: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        let host = b.download(send, count)?;
+        let mut out = vec![0.0; count * self.inner.world_size()];
+        self.inner
+            .all_gather_f32(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
+    fn all_gather_i64(
+        &self,
+        b: &B,
+        send: &B::Buf<i64>,
+        count: usize,
+        recv: &mut B::Buf<i64>,
+    ) -> Result<()> {
+        let host = b.download(send, count)?;
+        let mut out = vec![0; count * self.inner.world_size()];
+        self.inner
+            .all_gather_i64(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
+    fn all_reduce_f32(
+        &self,
+        b: &B,
+        buf: &mut B::Buf<f32>,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let mut host = b.download(buf, count)?;
+        self.inner
+            .all_reduce_f32(&CpuBackend, &mut host, count, op)?;
+        b.upload(&host, buf)
+    }
+
+    fn reduce_scatter_f32(
+        &self,
+        b: &B,
+        send: &B::Buf<f32>,
+        count: usize,
+        recv: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        let host = b.download(send, count * self.inner.world_size())?;
+        let mut out = vec![0.0; count];
+        self.inner
+            .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+}

@@ -1,0 +1,77 @@
+//! The generic step with k ranks gives the same result whichever collective runs it: the thread
+//! group directly, or the thread group staged through host copies (the adapter the "virtual
+//! ranks" GPU mode uses), and both equal one rank.
+
+use partial_fc::collective::{HostStaged, SingleRank, ThreadGroup};
+use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc};
+
+const CLASSES: u64 = 1003;
+const DIM: usize = 24;
+const BATCH: usize = 30;
+
+fn config(world: usize) -> LayerConfig {
+    let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH.div_ceil(world));
+    cfg.sample_rate = 1.0;
+    cfg
+}
+
+fn data() -> (Vec<f32>, Vec<i64>) {
+    let x = partial_fc::init::normal_rows(11, 0, BATCH, DIM, 1.0);
+    let labels = (0..BATCH as i64)
+        .map(|i| (i * 97 + 5) % CLASSES as i64)
+        .collect();
+    (x, labels)
+}
+
+/// Loss, concatenated embedding gradient and concatenated weights after one SGD step.
+fn run<C: partial_fc::Collective<CpuBackend>>(
+    world: usize,
+    make: impl Fn(partial_fc::collective::ThreadCollective) -> C + Sync,
+) -> (f32, Vec<f32>, Vec<f32>) {
+    let (x, labels) = data();
+    let parts = ThreadGroup::run(world, |comm| {
+        let rows = partial_fc::Shard::of(BATCH as u64, world, comm.rank());
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        let mut layer = PartialFc::new(config(world), CpuBackend, make(comm)).unwrap();
+        let out = layer
+            .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
+            .unwrap();
+        layer.step(0.5).unwrap();
+        (out.loss, out.grad_embeddings, layer.weight().unwrap())
+    });
+    let loss = parts[0].0;
+    let gx = parts.iter().flat_map(|p| p.1.clone()).collect();
+    let w = parts.iter().flat_map(|p| p.2.clone()).collect();
+    (loss, gx, w)
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-6 + 1e-5 * y.abs(),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn thread_group_and_host_staged_agree_with_one_rank() {
+    let (x, labels) = data();
+    let mut single = PartialFc::new(config(1), CpuBackend, SingleRank).unwrap();
+    let out = single.forward_backward(&x, &labels).unwrap();
+    single.step(0.5).unwrap();
+    let w1 = single.weight().unwrap();
+    for world in [2, 3, 4] {
+        let direct = run(world, |c| c);
+        let staged = run(world, HostStaged::new);
+        // Same reductions in the same order: the two collectives agree bit for bit.
+        assert_eq!(direct, staged, "world {world}");
+        assert!(
+            (direct.0 - out.loss).abs() <= 1e-5 * out.loss.abs(),
+            "loss, world {world}"
+        );
+        assert_close("grad_embeddings", &direct.1, &out.grad_embeddings);
+        assert_close("weights after step", &direct.2, &w1);
+    }
+}
