@@ -16,6 +16,7 @@
 
 pub mod compile;
 mod launch;
+pub mod nccl;
 
 use crate::error::{PfcError, Result};
 use cudarc::cublas::CudaBlas;

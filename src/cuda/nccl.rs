@@ -1,0 +1,410 @@
+//! NCCL behind [`Collective`]: all-gather, all-reduce (sum, max), reduce-scatter and barrier on
+//! the backend's stream, with errors and timeouts that come back as errors.
+//!
+//! A thin wrapper over cudarc's raw NCCL bindings (not its `Comm`, which panics when an abort
+//! fails and does not expose the communicator for `ncclCommGetAsyncError`).
+//!
+//! **Timeouts.** NCCL calls only enqueue work; a peer that never arrives leaves the stream waiting
+//! forever. With a timeout set, every collective waits for its stream by polling `cuStreamQuery`
+//! and `ncclCommGetAsyncError`; past the timeout the communicator is aborted (which unblocks the
+//! stream) and the call returns [`PfcError::Collective`]. The communicator is unusable after that.
+//!
+//! **Finding libnccl.** cudarc opens `libnccl.so` (or `.so.12`/`.so.13`), but runtime installs
+//! (Debian's `libnccl2`, the `nvidia-nccl-cu12`/`cu13` wheels) ship only `libnccl.so.2`. A process
+//! cannot change its own library search path, so [`nccl_available`] says how to fix it, and
+//! [`link_nccl`] creates the `libnccl.so` link in a folder the launcher puts on `LD_LIBRARY_PATH`
+//! of the processes it starts (examples/multi_gpu.rs does this).
+
+use super::CudaBackend;
+use crate::backend::{Collective, ReduceOp};
+use crate::error::{PfcError, Result};
+use crate::rendezvous::{UniqueId, UNIQUE_ID_BYTES};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::{result as nccl, sys};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Checks that NCCL can be loaded, with instructions when it cannot.
+pub fn nccl_available() -> Result<()> {
+    // SAFETY: only tries to open the library.
+    if unsafe { sys::is_culib_present() } {
+        return Ok(());
+    }
+    let hint = find_nccl_so2()
+        .map(|p| format!(" Found {}: run `partial_fc::cuda::nccl::link_nccl(dir)` or `ln -s {} DIR/libnccl.so`, then start the process with DIR on LD_LIBRARY_PATH.", p.display(), p.display()))
+        .unwrap_or_else(|| " Install NCCL (apt install libnccl2, or pip install nvidia-nccl-cu12) and put its lib folder on LD_LIBRARY_PATH.".into());
+    Err(PfcError::BackendUnavailable(format!(
+        "NCCL was not found: cudarc opens libnccl.so, libnccl.so.13 or libnccl.so.12, and runtime packages ship only libnccl.so.2.{hint}"
+    )))
+}
+
+/// Looks for `libnccl.so.2` on `LD_LIBRARY_PATH`, in the usual system folders and in Python's
+/// `nvidia/nccl/lib` wheels under the given site-packages roots of `PFC_NCCL_SEARCH` (colon-separated).
+pub fn find_nccl_so2() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(
+            std::env::var("PFC_NCCL_SEARCH")
+                .unwrap_or_default()
+                .split(':'),
+        )
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    dirs.extend(
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/local/cuda/lib64",
+            "/usr/lib64",
+            "/usr/lib",
+        ]
+        .map(PathBuf::from),
+    );
+    for d in dirs {
+        for candidate in [
+            d.join("libnccl.so.2"),
+            d.join("nvidia/nccl/lib/libnccl.so.2"),
+        ] {
+            if candidate.exists() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+/// Creates `dir/libnccl.so` pointing at `so2` (a `libnccl.so.2`), so that a process started with
+/// `dir` on `LD_LIBRARY_PATH` finds NCCL through cudarc. Returns the link's path.
+pub fn link_nccl(so2: &Path, dir: &Path) -> Result<PathBuf> {
+    let io = |source| PfcError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let link = dir.join("libnccl.so");
+    if link.exists() {
+        return Ok(link);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(so2, &link).map_err(io)?;
+    Ok(link)
+}
+
+/// A new NCCL unique id (rank 0 calls this and shares it through [`crate::rendezvous`]).
+pub fn new_unique_id() -> Result<UniqueId> {
+    nccl_available()?;
+    let id = nccl::get_uniqueid()
+        .map_err(|e| PfcError::Collective(format!("ncclGetUniqueId: {e:?}")))?;
+    let mut bytes = [0u8; UNIQUE_ID_BYTES];
+    for (b, c) in bytes.iter_mut().zip(id.internal.iter()) {
+        *b = *c as u8;
+    }
+    Ok(UniqueId(bytes))
+}
+
+/// NCCL's version as an integer (e.g. 22703 for 2.27.3).
+pub fn nccl_version() -> Result<i32> {
+    nccl_available()?;
+    nccl::get_nccl_version().map_err(|e| PfcError::Collective(format!("ncclGetVersion: {e:?}")))
+}
+
+/// One rank's NCCL communicator on a [`CudaBackend`]'s stream.
+pub struct NcclCollective {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world_size: usize,
+    timeout: Option<Duration>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; `&self` methods
+// only enqueue on the communicator and the trait's callers serialize them per rank.
+unsafe impl Send for NcclCollective {}
+
+impl std::fmt::Debug for NcclCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NcclCollective(rank {} of {})",
+            self.rank, self.world_size
+        )
+    }
+}
+
+fn nccl_err(what: &str) -> impl FnOnce(nccl::NcclError) -> PfcError + '_ {
+    move |e| PfcError::Collective(format!("{what}: {e:?}"))
+}
+
+impl NcclCollective {
+    /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream.
+    /// Blocks until every rank has joined (NCCL's own bootstrap timeouts apply).
+    pub fn new(
+        backend: &CudaBackend,
+        rank: usize,
+        world_size: usize,
+        id: UniqueId,
+        timeout: Option<Duration>,
+    ) -> Result<Self> {
+        nccl_available()?;
+        if world_size == 0 || rank >= world_size {
+            return Err(PfcError::param(
+                "rank",
+                rank,
+                format!("must lie in [0, world size {world_size})"),
+            ));
+        }
+        backend
+            .context()
+            .bind_to_thread()
+            .map_err(|e| PfcError::Device(format!("binding the context: {e:?}")))?;
+        let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
+        for (c, b) in internal.iter_mut().zip(id.0.iter()) {
+            *c = *b as std::ffi::c_char;
+        }
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL on success; the id is 128 valid bytes.
+        let comm = unsafe {
+            nccl::comm_init_rank(
+                comm.as_mut_ptr(),
+                world_size as i32,
+                sys::ncclUniqueId { internal },
+                rank as i32,
+            )
+            .map_err(nccl_err("ncclCommInitRank"))?;
+            comm.assume_init()
+        };
+        Ok(NcclCollective {
+            comm,
+            stream: backend.stream().clone(),
+            rank,
+            world_size,
+            timeout,
+            broken: false.into(),
+        })
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(PfcError::Collective(
+                "the NCCL communicator was aborted after an earlier error".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits for the stream with the timeout, checking NCCL's asynchronous errors; aborts the
+    /// communicator on timeout or error.
+    fn wait(&self, what: &str) -> Result<()> {
+        let Some(timeout) = self.timeout else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: the stream and communicator are alive for the duration of `self`.
+            let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            if status == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                return Ok(());
+            }
+            if status != cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY {
+                return Err(self.abort(format!("{what}: the stream failed ({status:?})")));
+            }
+            let mut async_err = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: as above.
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            if async_err != sys::ncclResult_t::ncclSuccess
+                && async_err != sys::ncclResult_t::ncclInProgress
+            {
+                return Err(self.abort(format!("{what}: NCCL reported {async_err:?}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.abort(format!(
+                    "{what}: no progress within {timeout:?} (a peer rank is missing or stuck)"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn abort(&self, msg: String) -> PfcError {
+        if !self.broken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: aborting a live communicator; it is not used again (see `check_usable`).
+            let _ = unsafe { nccl::comm_abort(self.comm) };
+        }
+        PfcError::Collective(format!("rank {}: {msg}; communicator aborted", self.rank))
+    }
+
+    fn enqueue(
+        &self,
+        what: &str,
+        call: impl FnOnce(sys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        call(self.stream.cu_stream() as sys::cudaStream_t)
+            .map_err(|e| self.abort(format!("{what}: {e:?}")))?;
+        self.wait(what)
+    }
+}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        if !*self.broken.get_mut() {
+            // SAFETY: the communicator is live and dropped once.
+            unsafe {
+                let _ = nccl::comm_destroy(self.comm);
+            }
+        }
+    }
+}
+
+fn need<T>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
+    if buf.len() < len {
+        return Err(PfcError::Shape(format!(
+            "{what}: buffer of {} elements, {len} needed",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+fn op_of(op: ReduceOp) -> sys::ncclRedOp_t {
+    match op {
+        ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
+    }
+}
+
+impl Collective<CudaBackend> for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_gather_f32(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<f32>,
+        count: usize,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(send, count, "all_gather send")?;
+        need(recv, count * self.world_size, "all_gather recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: both pointers cover the counts checked above and live until the wait.
+        self.enqueue("ncclAllGather", |s| unsafe {
+            nccl::all_gather(
+                src as _,
+                dst as _,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                self.comm,
+                s,
+            )
+        })
+    }
+
+    fn all_gather_i64(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<i64>,
+        count: usize,
+        recv: &mut CudaSlice<i64>,
+    ) -> Result<()> {
+        need(send, count, "all_gather send")?;
+        need(recv, count * self.world_size, "all_gather recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: as above.
+        self.enqueue("ncclAllGather", |s| unsafe {
+            nccl::all_gather(
+                src as _,
+                dst as _,
+                count,
+                sys::ncclDataType_t::ncclInt64,
+                self.comm,
+                s,
+            )
+        })
+    }
+
+    fn all_reduce_f32(
+        &self,
+        _: &CudaBackend,
+        buf: &mut CudaSlice<f32>,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        need(buf, count, "all_reduce")?;
+        let (ptr, _d) = buf.device_ptr_mut(&self.stream);
+        // SAFETY: in place over `count` checked elements.
+        self.enqueue("ncclAllReduce", |s| unsafe {
+            nccl::all_reduce(
+                ptr as _,
+                ptr as _,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                op_of(op),
+                self.comm,
+                s,
+            )
+        })
+    }
+
+    fn reduce_scatter_f32(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<f32>,
+        count: usize,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(send, count * self.world_size, "reduce_scatter send")?;
+        need(recv, count, "reduce_scatter recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: as above.
+        self.enqueue("ncclReduceScatter", |s| unsafe {
+            nccl::reduce_scatter(
+                src as _,
+                dst as _,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                s,
+            )
+        })
+    }
+
+    fn barrier(&self) -> Result<()> {
+        // NCCL has no barrier: an all-reduce of nothing orders the ranks, then wait for it.
+        self.check_usable()?;
+        let dummy = self
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))?;
+        let mut dummy = dummy;
+        let (ptr, _d) = dummy.device_ptr_mut(&self.stream);
+        // SAFETY: one valid element.
+        unsafe {
+            nccl::all_reduce(
+                ptr as _,
+                ptr as _,
+                1,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| self.abort(format!("barrier: {e:?}")))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))
+    }
+}
