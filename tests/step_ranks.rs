@@ -83,6 +83,9 @@ fn config(s: &Setup, batch_per_rank: usize) -> LayerConfig {
     cfg
 }
 
+/// One rank's results: loss, its rows' grad_x, its shard's grad_w, its shard's weight.
+type RankPart = (f32, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// One rank's part: forward/backward (and `steps` optimizer steps, repeating the pass before
 /// each later one), returning (loss, own grad_x, shard grad_w, shard weight after the steps).
 fn one_rank<C: Collective<CpuBackend>>(
@@ -92,7 +95,7 @@ fn one_rank<C: Collective<CpuBackend>>(
     rows: std::ops::Range<usize>,
     batch_per_rank: usize,
     comm: C,
-) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> RankPart {
     let mut layer = PartialFc::zeroed(config(s, batch_per_rank), CpuBackend, comm).unwrap();
     let shard = layer.shard();
     let (a, b) = (shard.start as usize * DIM, shard.end() as usize * DIM);
@@ -139,7 +142,7 @@ fn run_world(s: &Setup, d: &Data, sample: Option<&[i64]>, world: usize, per: usi
     for p in &parts {
         assert_eq!(p.0, parts[0].0, "every rank reports the same loss");
     }
-    let cat = |f: &dyn Fn(&(f32, Vec<f32>, Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
+    let cat = |f: &dyn Fn(&RankPart) -> &Vec<f32>| {
         parts
             .iter()
             .flat_map(|p| to_f64(f(p)))
