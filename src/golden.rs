@@ -144,7 +144,7 @@ impl StepCase {
         &self,
         backend: B,
         comm: C,
-    ) -> Result<(f32, Vec<f32>, Vec<f32>, Vec<i64>)> {
+    ) -> Result<RankResult> {
         let world = comm.world_size();
         let rank = comm.rank();
         let mut cfg = self.layer_config(world)?;
@@ -168,12 +168,12 @@ impl StepCase {
             Some(index) => layer.forward_backward_with_sample(x, labels, index)?,
             None => layer.forward_backward(x, labels)?,
         };
-        Ok((
-            out.loss,
-            out.grad_embeddings,
-            layer.weight_grad_dense()?,
-            layer.sampled_classes()?,
-        ))
+        Ok(RankResult {
+            loss: out.loss,
+            grad_embeddings: out.grad_embeddings,
+            grad_weight: layer.weight_grad_dense()?,
+            sampled_index: layer.sampled_classes()?,
+        })
     }
 
     /// Runs the step on the CPU with `world_size` ranks as threads and gathers the outputs.
@@ -199,16 +199,29 @@ impl StepCase {
                 .expect("an error"));
         }
         for (rank, part) in parts.into_iter().enumerate() {
-            let (loss, gx, gw, sampled) = part?;
+            let part = part?;
             if rank == 0 {
-                result.loss = loss;
+                result.loss = part.loss;
             }
-            result.grad_embeddings.extend(gx);
-            result.grad_weight.extend(gw);
-            result.sampled_index.extend(sampled);
+            result.grad_embeddings.extend(part.grad_embeddings);
+            result.grad_weight.extend(part.grad_weight);
+            result.sampled_index.extend(part.sampled_index);
         }
         Ok(result)
     }
+}
+
+/// One rank's part of a step's outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankResult {
+    /// Mean loss over the whole batch.
+    pub loss: f32,
+    /// Gradient of the rank's own embedding rows.
+    pub grad_embeddings: Vec<f32>,
+    /// Dense gradient of the rank's shard, zero outside its sample.
+    pub grad_weight: Vec<f32>,
+    /// The rank's sorted sampled global class ids.
+    pub sampled_index: Vec<i64>,
 }
 
 /// Expected outputs stored in a step file (golden files hold them).

@@ -97,14 +97,24 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// does not depend on the world size).
     pub fn new(config: LayerConfig, backend: B, comm: C) -> Result<Self> {
         let mut layer = Self::zeroed(config, backend, comm)?;
-        let init = crate::init::normal_rows(
-            layer.config.seed,
-            layer.shard.start,
-            layer.shard.len as usize,
-            layer.config.dim,
-            0.01,
-        );
-        layer.backend.upload(&init, &mut layer.bufs.weight)?;
+        // In blocks of rows, so that no second copy of the shard ever exists on the host.
+        let d = layer.config.dim;
+        let block = (1 << 22) / d.max(1) + 1;
+        let mut row = 0;
+        while row < layer.shard.len as usize {
+            let rows = block.min(layer.shard.len as usize - row);
+            let init = crate::init::normal_rows(
+                layer.config.seed,
+                layer.shard.start + row as u64,
+                rows,
+                d,
+                0.01,
+            );
+            layer
+                .backend
+                .upload_at(&init, &mut layer.bufs.weight, row * d)?;
+            row += rows;
+        }
         Ok(layer)
     }
 

@@ -73,8 +73,12 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
     /// Number of elements of a buffer.
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Copies `host` into `dst` starting at element `offset`.
+    fn upload_at<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>, offset: usize) -> Result<()>;
     /// Copies `host` into the start of `dst`.
-    fn upload<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
+    fn upload<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>) -> Result<()> {
+        self.upload_at(host, dst, 0)
+    }
     /// Copies the first `len` elements of `src` to the host.
     fn download<T: Elem>(&self, src: &Self::Buf<T>, len: usize) -> Result<Vec<T>>;
     /// Copies the first `len` elements of `src` into `dst`.

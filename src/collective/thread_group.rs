@@ -44,11 +44,11 @@ impl ThreadGroup {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// One handle per rank; move each into its own thread.
-    pub fn new(world_size: usize) -> Vec<ThreadCollective> {
+    pub fn handles(world_size: usize) -> Vec<ThreadCollective> {
         Self::with_timeout(world_size, Self::DEFAULT_TIMEOUT)
     }
 
-    /// Like [`ThreadGroup::new`], with a barrier timeout.
+    /// Like [`ThreadGroup::handles`], with a barrier timeout.
     pub fn with_timeout(world_size: usize, timeout: Duration) -> Vec<ThreadCollective> {
         let world = world_size.max(1);
         let shared = Arc::new(Shared {
@@ -73,7 +73,7 @@ impl ThreadGroup {
     /// Runs `f` once per rank, each on its own scoped thread, and returns the results in rank
     /// order. A panic in a rank is resumed on the caller's thread.
     pub fn run<R: Send>(world_size: usize, f: impl Fn(ThreadCollective) -> R + Sync) -> Vec<R> {
-        let handles = Self::new(world_size);
+        let handles = Self::handles(world_size);
         std::thread::scope(|scope| {
             let joins: Vec<_> = handles
                 .into_iter()

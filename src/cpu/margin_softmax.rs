@@ -9,6 +9,7 @@
 //!   published implementation's clamp); an unclipped cosine of exactly ±1.0 is treated the same,
 //!   which can only differ from it on a measure-zero set.
 
+use super::simd::{self, with_avx2, LANES};
 use crate::config::MarginParams;
 use rayon::prelude::*;
 
@@ -34,9 +35,58 @@ pub fn target_logit_slope(c: f32, p: &MarginParams) -> f32 {
     p.m1 * (p.m1 * theta + p.m2).sin() / sin_theta
 }
 
-fn is_filtered(z: f32) -> bool {
-    z == 0.0 && z.is_sign_negative()
+/// Whether pass 1 marked this logit as filtered (stored as −0.0).
+pub fn is_filtered(z: f32) -> bool {
+    z.to_bits() == 0x8000_0000
 }
+
+/// Pass 1 on the non-target entries of a row segment: clamp, filter, scale; returns their max.
+#[inline(always)]
+fn scale_segment(seg: &mut [f32], scale: f32, filter: Option<f32>) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = seg.chunks_exact_mut(LANES);
+    let one = |v: &mut f32, m: &mut f32| {
+        let c = v.clamp(-1.0, 1.0);
+        *v = match filter {
+            Some(t) if c > t => -0.0,
+            // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
+            Some(_) => scale * c + 0.0,
+            None => scale * c,
+        };
+        *m = if *v > *m { *v } else { *m };
+    };
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            one(&mut chunk[l], &mut lanes[l]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for v in chunks.into_remainder() {
+        one(v, &mut m);
+    }
+    lanes.iter().fold(m, |a, &b| if b > a { b } else { a })
+}
+
+#[inline(always)]
+fn margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32) {
+    match target {
+        None => (scale_segment(row, p.scale, p.filter), 0.0),
+        Some(t) => {
+            let raw = row[t];
+            let (before, rest) = row.split_at_mut(t);
+            let m = scale_segment(before, p.scale, p.filter).max(scale_segment(
+                &mut rest[1..],
+                p.scale,
+                p.filter,
+            ));
+            let z = p.scale * target_logit(raw.clamp(-1.0, 1.0), p);
+            rest[0] = z;
+            (m.max(z), raw)
+        }
+    }
+}
+
+with_avx2!(fn margin_row_fast = margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32));
 
 /// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
 pub fn margin_rowmax(
@@ -59,32 +109,24 @@ pub fn margin_rowmax(
         .zip(target_cos[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each(|(((row, max), tcos), &label)| {
-            let target = usize::try_from(label).ok();
-            let mut m = f32::NEG_INFINITY;
-            for (j, v) in row.iter_mut().enumerate() {
-                if Some(j) == target {
-                    continue;
-                }
-                let c = v.clamp(-1.0, 1.0);
-                *v = match p.filter {
-                    Some(t) if c > t => -0.0,
-                    // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
-                    Some(_) => p.scale * c + 0.0,
-                    None => p.scale * c,
-                };
-                m = m.max(*v);
-            }
-            *tcos = 0.0;
-            if let Some(t) = target {
-                let raw = row[t];
-                let z = p.scale * target_logit(raw.clamp(-1.0, 1.0), p);
-                row[t] = z;
-                m = m.max(z);
-                *tcos = raw;
-            }
-            *max = m;
+            (*max, *tcos) = margin_row_fast(row, usize::try_from(label).ok(), p);
         });
 }
+
+#[inline(always)]
+fn exp_sum_row(row: &[f32], max: f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] += simd::exp(chunk[l] - max);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&z| simd::exp(z - max)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+with_avx2!(fn exp_sum_row_fast = exp_sum_row(row: &[f32], max: f32) -> f32);
 
 /// Pass 2: local sum of `exp(z − max)` per row (max already all-reduced).
 pub fn exp_rowsum(logits: &[f32], rows: usize, cols: usize, row_max: &[f32], row_sum: &mut [f32]) {
@@ -96,13 +138,39 @@ pub fn exp_rowsum(logits: &[f32], rows: usize, cols: usize, row_max: &[f32], row
         .par_chunks(cols)
         .zip(row_sum[..rows].par_iter_mut())
         .zip(row_max[..rows].par_iter())
-        .for_each(|((row, sum), &max)| {
-            *sum = row.iter().map(|&z| (z - max).exp()).sum();
-        });
+        .for_each(|((row, sum), &max)| *sum = exp_sum_row_fast(row, max));
 }
 
 /// Per-row loss floor of the published implementation: `p` is clamped to 1e-30 before the log.
 pub const MIN_PROBABILITY: f32 = 1e-30;
+
+/// Pass 3 on every entry as if it were a non-target: `p · s · grad_scale`, or 0 where pass 1
+/// filtered or clipped it.
+#[inline(always)]
+fn nontarget_grad_row(
+    row: &mut [f32],
+    max: f32,
+    inv_sum: f32,
+    slope: f32,
+    scale: f32,
+    filter: bool,
+) {
+    let one = |v: &mut f32| {
+        let z = *v;
+        let g = simd::exp(z - max) * inv_sum * slope;
+        let dead = (filter && is_filtered(z)) || z.abs() == scale;
+        *v = if dead { 0.0 } else { g };
+    };
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for v in chunk.iter_mut() {
+            one(v);
+        }
+    }
+    chunks.into_remainder().iter_mut().for_each(one);
+}
+
+with_avx2!(fn nontarget_grad_row_fast = nontarget_grad_row(row: &mut [f32], max: f32, inv_sum: f32, slope: f32, scale: f32, filter: bool) -> ());
 
 /// Pass 3: loss per row and the gradient with respect to the clamped cosine, in place.
 #[allow(clippy::too_many_arguments)]
@@ -122,7 +190,6 @@ pub fn softmax_loss_grad(
     if cols == 0 {
         return;
     }
-    let filter = p.filter.is_some();
     logits[..rows * cols]
         .par_chunks_mut(cols)
         .zip(row_loss[..rows].par_iter_mut())
@@ -131,26 +198,27 @@ pub fn softmax_loss_grad(
             let max = row_max[i];
             let inv_sum = 1.0 / row_sum[i];
             let target = usize::try_from(labels[i]).ok();
-            let nontarget_slope = p.scale * grad_scale;
-            for (j, v) in row.iter_mut().enumerate() {
-                let z = *v;
-                let prob = (z - max).exp() * inv_sum;
-                if Some(j) == target {
-                    *loss = -prob.max(MIN_PROBABILITY).ln();
-                    let raw = target_cos[i];
-                    let slope = if !(-1.0..=1.0).contains(&raw) {
-                        0.0
-                    } else if p.exact_grad {
-                        p.scale * target_logit_slope(raw, p)
-                    } else {
-                        p.scale
-                    };
-                    *v = (prob - 1.0) * slope * grad_scale;
-                } else if (filter && is_filtered(z)) || z.abs() == p.scale {
-                    *v = 0.0;
+            let z_target = target.map(|t| row[t]);
+            nontarget_grad_row_fast(
+                row,
+                max,
+                inv_sum,
+                p.scale * grad_scale,
+                p.scale,
+                p.filter.is_some(),
+            );
+            if let (Some(t), Some(z)) = (target, z_target) {
+                let prob = simd::exp(z - max) * inv_sum;
+                *loss = -prob.max(MIN_PROBABILITY).ln();
+                let raw = target_cos[i];
+                let slope = if !(-1.0..=1.0).contains(&raw) {
+                    0.0
+                } else if p.exact_grad {
+                    p.scale * target_logit_slope(raw, p)
                 } else {
-                    *v = prob * nontarget_slope;
-                }
+                    p.scale
+                };
+                row[t] = (prob - 1.0) * slope * grad_scale;
             }
         });
 }

@@ -8,6 +8,7 @@ pub mod margin_softmax;
 pub mod normalize;
 pub mod optimizer;
 pub mod sampling;
+pub mod simd;
 
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
@@ -25,15 +26,33 @@ impl Backend for CpuBackend {
     }
 
     fn alloc<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); len])
+        // Written, not `calloc`ed: the pages are touched now, so the first steps do not pay for
+        // page faults and the process's resident memory matches the memory report at once.
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| {
+            crate::error::PfcError::Device(format!(
+                "cannot allocate {} bytes of host memory",
+                len * std::mem::size_of::<T>()
+            ))
+        })?;
+        buf.resize(len, T::default());
+        Ok(buf)
     }
 
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
 
-    fn upload<T: Elem>(&self, host: &[T], dst: &mut Vec<T>) -> Result<()> {
-        dst[..host.len()].copy_from_slice(host);
+    fn upload_at<T: Elem>(&self, host: &[T], dst: &mut Vec<T>, offset: usize) -> Result<()> {
+        let end = offset + host.len();
+        if end > dst.len() {
+            return Err(crate::error::PfcError::Shape(format!(
+                "upload of {} elements at {offset} into a buffer of {}",
+                host.len(),
+                dst.len()
+            )));
+        }
+        dst[offset..end].copy_from_slice(host);
         Ok(())
     }
 

@@ -1,12 +1,13 @@
 //! Row L2 normalization and its backward pass (CPU references of `cuda/normalize.cu`).
 
+use super::simd::dot;
 use rayon::prelude::*;
 
 /// Smallest norm divided by, as in `torch.nn.functional.normalize` (eps = 1e-12).
 pub const NORM_EPS: f32 = 1e-12;
 
 fn normalize_into(src: &[f32], dst: &mut [f32]) -> f32 {
-    let norm = src.iter().map(|v| v * v).sum::<f32>().sqrt().max(NORM_EPS);
+    let norm = dot(src, src).sqrt().max(NORM_EPS);
     let inv = 1.0 / norm;
     for (o, v) in dst.iter_mut().zip(src) {
         *o = v * inv;
@@ -49,7 +50,7 @@ pub fn normalize_backward(grad: &mut [f32], x_hat: &[f32], norms: &[f32], rows: 
         .enumerate()
         .for_each(|(i, g)| {
             let xh = &x_hat[i * dim..(i + 1) * dim];
-            let dot: f32 = g.iter().zip(xh).map(|(a, b)| a * b).sum();
+            let dot = dot(g, xh);
             let inv = 1.0 / norms[i];
             for (gv, xv) in g.iter_mut().zip(xh) {
                 *gv = (*gv - xv * dot) * inv;

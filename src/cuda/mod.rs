@@ -1,1 +1,175 @@
-//! The CUDA backend (feature `cuda`).
+//! The CUDA backend (feature `cuda`): the kernels of `cuda/*.cu`, compiled at run time with NVRTC
+//! for the device's exact architecture, and cuBLAS SGEMMs, on one stream.
+//!
+//! Every method mirrors the CPU reference of the same name in `src/cpu/`. Libraries are loaded
+//! dynamically (cudarc), so the crate builds anywhere; [`CudaBackend::new`] checks the driver,
+//! NVRTC and cuBLAS first and returns [`PfcError::BackendUnavailable`] naming the missing piece
+//! instead of letting a missing library panic.
+//!
+//! ```no_run
+//! use partial_fc::cuda::CudaBackend;
+//! match CudaBackend::new(0) {
+//!     Ok(gpu) => println!("running on {}", gpu.device_name()),
+//!     Err(e) => println!("no CUDA: {e}"),
+//! }
+//! ```
+
+pub mod compile;
+mod launch;
+
+use crate::error::{PfcError, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The CUDA backend on one device: context, stream, kernels and cuBLAS handle.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+    device_name: String,
+    compute_capability: (i32, i32),
+}
+
+/// Every kernel name of `cuda/*.cu`, by family.
+const KERNELS: [(&str, &[&str]); 4] = [
+    (
+        "sampling",
+        &[
+            "localize_labels",
+            "iota",
+            "random_keys",
+            "force_positives",
+            "score_keys",
+            "promote_chosen",
+            "radix_select_init",
+            "radix_histogram",
+            "radix_select_digit",
+            "count_selected",
+            "scan_block_counts",
+            "compact_selected",
+            "remap_labels",
+        ],
+    ),
+    (
+        "normalize",
+        &[
+            "normalize_rows",
+            "gather_normalize_rows",
+            "normalize_backward",
+            "row_max_into",
+        ],
+    ),
+    (
+        "margin_softmax",
+        &["margin_rowmax", "exp_rowsum", "softmax_loss_grad"],
+    ),
+    (
+        "optimizer",
+        &["scatter_rows", "sgd_momentum_sparse", "sgd_momentum_dense"],
+    ),
+];
+
+pub(crate) fn dev<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> PfcError {
+    move |e| PfcError::Device(format!("{what}: {e:?}"))
+}
+
+/// Checks that the driver, NVRTC and cuBLAS libraries can be loaded and that a device exists;
+/// the error names what is missing and how to get it.
+pub fn check_available() -> Result<()> {
+    // SAFETY: each call only tries to open a shared library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(PfcError::BackendUnavailable(
+            "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver"
+                .into(),
+        ));
+    }
+    compile::nvrtc_available()?;
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(PfcError::BackendUnavailable(
+            "cuBLAS (libcublas.so.12 or .13) was not found: install the CUDA toolkit or \
+             `pip install nvidia-cublas-cu12` and add its lib directory to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| PfcError::BackendUnavailable(format!("no usable CUDA driver: {e:?}")))?;
+    if count < 1 {
+        return Err(PfcError::BackendUnavailable("no CUDA device".into()));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles the kernels for its architecture (once per process) and
+    /// creates the cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        check_available()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            PfcError::BackendUnavailable(format!("cannot open CUDA device {ordinal}: {e:?}"))
+        })?;
+        // One stream per backend: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(dev("compute capability"))?;
+        let device_name = ctx.name().map_err(dev("device name"))?;
+        let stream = ctx.default_stream();
+        let arch = format!("sm_{}{}", compute_capability.0, compute_capability.1);
+        let mut kernels = HashMap::new();
+        for (family, image) in compile::compiled_families(&arch)? {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+                .map_err(dev("loading a kernel module"))?;
+            let names = KERNELS
+                .iter()
+                .find(|(f, _)| *f == family)
+                .map(|(_, n)| *n)
+                .unwrap_or(&[]);
+            for &name in names {
+                let f = module.load_function(name).map_err(|e| {
+                    PfcError::Device(format!("kernel {name} missing from {family}.cu: {e:?}"))
+                })?;
+                kernels.insert(name, f);
+            }
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(dev("cublasCreate"))?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            device_name,
+            compute_capability,
+        })
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The stream every kernel of this backend runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context of the device.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn func(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.kernels
+            .get(name)
+            .ok_or_else(|| PfcError::Device(format!("kernel {name} was not loaded")))
+    }
+}

@@ -1,10 +1,328 @@
-//! `pfc plan` (to be written).
+//! `pfc plan`: the per-GPU memory of a Partial FC configuration, what fits, and the
+//! model-parallel upper bound; optionally a sweep over class counts and its SVG plot.
+//!
+//! Numbers and sizes are read as text and parsed by the library (`29M`, `32GiB`), so that a bad
+//! value is one line naming its flag, exit status 2.
+
+use clap::ValueEnum;
+use partial_fc::plan::sweep::{plot_svg, sweep, Regime, SweepPoint};
+use partial_fc::plan::units::{format_bytes, format_count, parse_count, parse_size};
+use partial_fc::plan::{Dtype, LogitsMode, Optimizer, Plan, PlanConfig};
+use partial_fc::{PfcError, UpdateMode};
+use std::path::PathBuf;
+
+/// Points of a sweep, log-spaced.
+///
+/// (Text arguments are `Box<str>` rather than `String` to keep `PlanArgs` small.)
+const SWEEP_POINTS: usize = 48;
 
 /// Arguments of `pfc plan`.
 #[derive(clap::Args)]
-pub struct PlanArgs {}
+pub struct PlanArgs {
+    /// Total number of classes C (e.g. 29M, 1.5B, 100000).
+    #[arg(long, value_name = "COUNT")]
+    classes: Box<str>,
+    /// Number of GPUs k.
+    #[arg(long, value_name = "K")]
+    gpus: Box<str>,
+    /// Memory of one GPU (e.g. 32GiB, 11G, 80GB).
+    #[arg(long, value_name = "SIZE")]
+    gpu_memory: Box<str>,
+    /// Images per GPU per step, N.
+    #[arg(long, value_name = "N", default_value = "128")]
+    batch: Box<str>,
+    /// Embedding dimension d.
+    #[arg(long, value_name = "D", default_value = "512")]
+    dim: Box<str>,
+    /// Sample rate r in [0, 1] (1 = model parallel, 0 = positives only).
+    #[arg(long, value_name = "R", default_value = "0.1")]
+    sample_rate: Box<str>,
+    /// Memory reserved for everything outside the FC layer (backbone, activations, framework).
+    #[arg(long, value_name = "SIZE", default_value = "0")]
+    reserved: Box<str>,
+    /// Storage dtype of the weight shard.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    weight_dtype: DtypeArg,
+    /// Optimizer state kept per weight.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::SgdMomentum)]
+    optimizer: OptimizerArg,
+    /// Sparse: only sampled rows get a gradient; dense: a full-shard gradient (published PyTorch).
+    #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
+    update: UpdateArg,
+    /// Whether the N·k × S logits are materialized or fused away.
+    #[arg(long, value_enum, default_value_t = LogitsArg::Materialized)]
+    logits: LogitsArg,
+    /// Dtype of the all-gathered embeddings on the wire.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    wire_dtype: DtypeArg,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Sweep class counts FROM..TO (e.g. 100K..100M): per-GPU memory for model parallel,
+    /// Partial FC at r, and fused logits.
+    #[arg(long, value_name = "FROM..TO")]
+    sweep: Option<Box<str>>,
+    /// Draw the sweep as an SVG (without --sweep: a range around the upper bound).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerArg {
+    None,
+    SgdMomentum,
+    Adamw,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UpdateArg {
+    Sparse,
+    Dense,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogitsArg {
+    Materialized,
+    Fused,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> Dtype {
+        match self {
+            DtypeArg::F32 => Dtype::F32,
+            DtypeArg::F16 => Dtype::F16,
+            DtypeArg::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
+/// The flag a library parameter name comes from.
+fn flag_of(name: &str) -> String {
+    match name {
+        "batch" | "batch_per_gpu" => "--batch".into(),
+        "sweep points" => "--sweep".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
+/// One line naming the flag for a typed error of the library.
+fn message(err: PfcError) -> String {
+    match err {
+        PfcError::Param {
+            name,
+            value,
+            reason,
+        } => format!("{}: invalid value '{value}': {reason}", flag_of(name)),
+        other => other.to_string(),
+    }
+}
+
+fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
+    let sample_rate: f64 = args.sample_rate.trim().parse().map_err(|_| {
+        PfcError::param(
+            "sample_rate",
+            &args.sample_rate,
+            "not a number (expected e.g. 0.1)",
+        )
+    })?;
+    let config = PlanConfig {
+        classes: parse_count("classes", &args.classes)?,
+        gpus: parse_count("gpus", &args.gpus)?,
+        batch_per_gpu: parse_count("batch", &args.batch)?,
+        dim: parse_count("dim", &args.dim)?,
+        sample_rate,
+        gpu_memory: parse_size("gpu_memory", &args.gpu_memory)?,
+        reserved: parse_size("reserved", &args.reserved)?,
+        weight_dtype: args.weight_dtype.dtype(),
+        optimizer: match args.optimizer {
+            OptimizerArg::None => Optimizer::None,
+            OptimizerArg::SgdMomentum => Optimizer::SgdMomentum,
+            OptimizerArg::Adamw => Optimizer::AdamW,
+        },
+        update: match args.update {
+            UpdateArg::Sparse => UpdateMode::Sparse,
+            UpdateArg::Dense => UpdateMode::Dense,
+        },
+        logits: match args.logits {
+            LogitsArg::Materialized => LogitsMode::Materialized,
+            LogitsArg::Fused => LogitsMode::Fused,
+        },
+        wire_dtype: args.wire_dtype.dtype(),
+        hard_negatives: false,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// The class range of the sweep: the user's, or from the GPU count up to twice the largest of
+/// the target and the upper bound.
+fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcError> {
+    if let Some(text) = &args.sweep {
+        let (from, to) = text.split_once("..").ok_or_else(|| {
+            PfcError::param("sweep", text, "expected a range FROM..TO, e.g. 100K..100M")
+        })?;
+        return Ok(Some((
+            parse_count("sweep", from)?,
+            parse_count("sweep", to)?,
+        )));
+    }
+    if args.plot.is_none() {
+        return Ok(None);
+    }
+    let top = plan
+        .upper_bound
+        .map_or(plan.max_classes, |u| u.classes)
+        .max(plan.config.classes)
+        .saturating_mul(2);
+    let from = (top / 1000).max(plan.config.gpus).max(1);
+    Ok(Some((from, top.max(from + 1))))
+}
 
 /// Runs `pfc plan`.
-pub fn run(_args: PlanArgs) -> Result<(), String> {
-    Err("pfc plan is not implemented yet".into())
+pub fn run(args: PlanArgs) -> Result<(), String> {
+    let config = config_of(&args).map_err(message)?;
+    let plan = Plan::new(config).map_err(message)?;
+    let points = match sweep_range(&args, &plan).map_err(message)? {
+        Some((from, to)) => Some(sweep(&config, from, to, SWEEP_POINTS).map_err(message)?),
+        None => None,
+    };
+    if let (Some(path), Some(points)) = (&args.plot, &points) {
+        plot_svg(path, &config, points).map_err(message)?;
+    }
+    if args.json {
+        let mut json = plan.to_json();
+        if let Some(points) = &points {
+            json["sweep"] = sweep_json(points);
+        }
+        println!("{json}");
+    } else {
+        print_table(&plan);
+        if let Some(points) = &points {
+            print_sweep(&config, points);
+        }
+        println!("{}", verdict(&plan));
+    }
+    if let Some(path) = &args.plot {
+        if !args.json {
+            println!("plot written to {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn print_table(plan: &Plan) {
+    let c = &plan.config;
+    println!(
+        "{} classes on {} GPUs of {}, {} images/GPU, d = {}, r = {}",
+        format_count(c.classes),
+        c.gpus,
+        format_bytes(c.gpu_memory),
+        c.batch_per_gpu,
+        c.dim,
+        c.sample_rate
+    );
+    println!(
+        "rank 0 holds {} classes and samples up to {} per step",
+        plan.shard_classes, plan.sampled_classes
+    );
+    println!();
+    println!("{:<24} {:>12} {:>8}", "component", "bytes", "device");
+    let share = |b: u64| 100.0 * b as f64 / c.gpu_memory as f64;
+    for (component, bytes) in &plan.components {
+        if *bytes > 0 {
+            println!(
+                "{:<24} {:>12} {:>7.2}%",
+                component.name(),
+                format_bytes(*bytes),
+                share(*bytes)
+            );
+        }
+    }
+    println!(
+        "{:<24} {:>12} {:>7.2}%",
+        "total",
+        format_bytes(plan.total_bytes),
+        share(plan.total_bytes)
+    );
+    println!();
+    println!(
+        "largest class count on {} GPUs: {}",
+        c.gpus,
+        format_count(plan.max_classes)
+    );
+    match plan.upper_bound {
+        Some(u) => println!(
+            "upper bound over cluster sizes: {} classes, first reached at {} GPUs",
+            format_count(u.classes),
+            u.gpus
+        ),
+        None => println!("upper bound over cluster sizes: none below 2^32 GPUs"),
+    }
+    match plan.min_gpus {
+        Some(k) => println!("fewest GPUs for {} classes: {k}", format_count(c.classes)),
+        None => println!(
+            "fewest GPUs for {} classes: none (above the upper bound)",
+            format_count(c.classes)
+        ),
+    }
+    match plan.max_sample_rate {
+        Some(r) => println!("largest sample rate that fits: {r:.4}"),
+        None => println!("largest sample rate that fits: none (not even positives only)"),
+    }
+}
+
+fn verdict(plan: &Plan) -> String {
+    let c = &plan.config;
+    let used = format!(
+        "{} of {} per GPU ({:.1}%)",
+        format_bytes(plan.total_bytes),
+        format_bytes(c.gpu_memory),
+        100.0 * plan.total_bytes as f64 / c.gpu_memory as f64
+    );
+    if plan.fits {
+        format!("verdict: FITS, {used}")
+    } else {
+        format!("verdict: DOES NOT FIT, {used}")
+    }
+}
+
+fn print_sweep(config: &PlanConfig, points: &[SweepPoint]) {
+    println!();
+    let labels = Regime::ALL.map(|r| r.label(config.sample_rate));
+    println!(
+        "{:>12} {:>28} {:>28} {:>36}",
+        "classes", labels[0], labels[1], labels[2]
+    );
+    let cell = |b: Option<u64>| b.map_or_else(|| "-".to_string(), format_bytes);
+    for p in points {
+        println!(
+            "{:>12} {:>28} {:>28} {:>36}",
+            format_count(p.classes),
+            cell(p.bytes[0]),
+            cell(p.bytes[1]),
+            cell(p.bytes[2])
+        );
+    }
+    println!();
+}
+
+fn sweep_json(points: &[SweepPoint]) -> serde_json::Value {
+    points
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "classes": p.classes,
+                "model_parallel_bytes": p.bytes[0],
+                "partial_fc_bytes": p.bytes[1],
+                "fused_bytes": p.bytes[2],
+            })
+        })
+        .collect()
 }

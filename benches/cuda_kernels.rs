@@ -1,0 +1,139 @@
+//! CUDA benchmarks, each with its baseline in the same run:
+//! - the three margin-softmax passes vs a device-to-device copy (GB/s of the bytes each moves);
+//! - sampling 1M classes vs one read and write of the keys;
+//! - the whole step (shard 1M, gathered batch 1024, d 512, r 0.1, sparse update).
+//!
+//! Without a CUDA device it prints "skipped: no CUDA device" and measures nothing.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use partial_fc::collective::SingleRank;
+use partial_fc::cuda::CudaBackend;
+use partial_fc::{Backend, LayerConfig, Margin, PartialFc, SampleArgs};
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn margin_softmax(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let (rows, cols) = (1024usize, 100_000usize);
+    let host: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 1000.0)
+        .collect();
+    let labels: Vec<i32> = (0..rows).map(|i| ((i * 97) % cols) as i32).collect();
+    let mut logits = g.alloc::<f32>(rows * cols).unwrap();
+    let mut scratch = g.alloc::<f32>(rows * cols).unwrap();
+    let mut dl = g.alloc::<i32>(rows).unwrap();
+    g.upload(&labels, &mut dl).unwrap();
+    g.upload(&host, &mut logits).unwrap();
+    drop(host);
+    let (mut mx, mut tc, mut sum, mut loss) = (
+        g.alloc(rows).unwrap(),
+        g.alloc(rows).unwrap(),
+        g.alloc(rows).unwrap(),
+        g.alloc(rows).unwrap(),
+    );
+    let p = Margin::arcface().params();
+    let bytes = (rows * cols * 4) as u64;
+    let mut group = c.benchmark_group("margin_softmax_1024x100k");
+    // Pass 1 reads and writes, pass 2 reads, pass 3 reads and writes. Later iterations run on
+    // the previous gradients: the same traffic.
+    group.throughput(Throughput::Bytes(5 * bytes));
+    group.bench_function("three_passes", |b| {
+        b.iter(|| {
+            g.margin_rowmax(&mut logits, rows, cols, &dl, &p, &mut mx, &mut tc)
+                .unwrap();
+            g.exp_rowsum(&logits, rows, cols, &mx, &mut sum).unwrap();
+            g.softmax_loss_grad(
+                &mut logits,
+                rows,
+                cols,
+                &dl,
+                &p,
+                &mx,
+                &sum,
+                &tc,
+                1.0 / rows as f32,
+                &mut loss,
+            )
+            .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.throughput(Throughput::Bytes(2 * bytes));
+    group.bench_function("dtod_copy_same_bytes", |b| {
+        b.iter(|| {
+            g.copy(&logits, &mut scratch, rows * cols).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn sampling(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let (shard, rows) = (1usize << 20, 1024usize);
+    let labels: Vec<i32> = (0..rows).map(|i| ((i * 7919) % shard) as i32).collect();
+    let mut dl = g.alloc::<i32>(rows).unwrap();
+    let mut keys = g.alloc::<u64>(shard).unwrap();
+    let mut keys2 = g.alloc::<u64>(shard).unwrap();
+    let mut sampled = g.alloc::<i32>(shard).unwrap();
+    let args = SampleArgs {
+        shard_len: shard,
+        shard_start: 0,
+        num_sample: shard / 10,
+        rows,
+        seed: 1,
+        step: 0,
+        hard_fraction: 0.0,
+    };
+    let mut group = c.benchmark_group("sampling_1M");
+    group.throughput(Throughput::Bytes((shard * 8 * 2) as u64));
+    group.bench_function("sample_classes", |b| {
+        b.iter(|| {
+            g.upload(&labels, &mut dl).unwrap();
+            g.sample_classes(&args, &mut dl, None, &mut keys, &mut sampled)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.bench_function("keys_read_write", |b| {
+        b.iter(|| {
+            g.copy(&keys, &mut keys2, shard).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn whole_step(c: &mut Criterion) {
+    if gpu().is_none() {
+        return;
+    }
+    let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
+    cfg.sample_rate = 0.1;
+    let mut layer = PartialFc::zeroed(cfg, CudaBackend::new(0).unwrap(), SingleRank).unwrap();
+    let x: Vec<f32> = (0..1024 * 512)
+        .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)
+        .collect();
+    let labels: Vec<i64> = (0..1024).map(|i| (i * 1021) as i64).collect();
+    let mut group = c.benchmark_group("step_1M_b1024_d512_r0.1");
+    group.sample_size(10);
+    group.bench_function("cuda_f32_sparse", |b| {
+        b.iter(|| {
+            layer.forward_backward(&x, &labels).unwrap();
+            layer.step(0.1).unwrap();
+            layer.backend().synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, margin_softmax, sampling, whole_step);
+criterion_main!(benches);

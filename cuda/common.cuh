@@ -1,0 +1,70 @@
+// Shared device helpers: integer types, block reductions, and the counter-based generator.
+// Embedded in every kernel family by src/cuda/compile.rs (NVRTC sees one translation unit),
+// so no CUDA headers are needed at all.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define WARP 32
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// Philox4x32-10 (Salmon et al., SC'11): the same rounds, constants and word order as
+// src/rng.rs `philox4x32_10`, so a class draws identical bits on the CPU and the GPU.
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+    const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+    for (int round = 0; round < 10; round++) {
+        if (round > 0) { k.x += W0; k.y += W1; }
+        u32 hi0 = __umulhi(M0, c.x), lo0 = M0 * c.x;
+        u32 hi1 = __umulhi(M1, c.z), lo1 = M1 * c.z;
+        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    }
+    return c;
+}
+
+// src/rng.rs `class_random_bits`: counter (class lo, class hi, step lo, step hi), key (seed lo, hi).
+__device__ __forceinline__ u32 class_random_bits(u64 seed, u64 step, u64 cls) {
+    uint4 c = make_uint4((u32)cls, (u32)(cls >> 32), (u32)step, (u32)(step >> 32));
+    uint2 k = make_uint2((u32)seed, (u32)(seed >> 32));
+    return philox4x32_10(c, k).x;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum, result on every thread. blockDim.x must be a multiple of 32 (<= 1024).
+// The trailing barrier lets a caller reduce twice in a row with the same scratch.
+__device__ float block_sum(float v) {
+    __shared__ float partial[WARP];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}
+
+// Block-wide max (NaN ignored as fmaxf does), result on every thread.
+__device__ float block_max(float v) {
+    __shared__ float partial[WARP];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    v = warp_max(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : -INFINITY;
+    v = warp_max(v);
+    __syncthreads();
+    return v;
+}

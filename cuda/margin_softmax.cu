@@ -1,0 +1,168 @@
+// The fused margin softmax in three passes; between them the host all-reduces the row maxima
+// (max) and row sums (sum) over ranks. CPU references: src/cpu/margin_softmax.rs, same names.
+// One block per row; each pass reads (and, for passes 1 and 3, writes) each logit once, with
+// float4 loads where the row length allows it.
+//
+// Encodings shared with the CPU: a filtered non-target logit is stored as -0.0 (a kept zero as
+// +0.0); a non-target cosine clipped to +-1 is stored as exactly +-s and passes no gradient.
+#include "common.cuh"
+
+#define MIN_PROBABILITY 1e-30f
+
+// MarginParams, flattened (the kernels get them by value).
+struct Margin {
+    float scale, m1, m2, m3;
+    int exact_grad, fallback;
+    float fallback_cos, fallback_mm;
+    int has_filter;
+    float filter;
+};
+
+// clamp that keeps NaN (as Rust's f32::clamp).
+__device__ __forceinline__ float clamp1(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+
+__device__ __forceinline__ bool is_filtered(float z) { return __float_as_uint(z) == 0x80000000u; }
+
+// cos(m1 theta + m2) - m3 of a clamped cosine c, with the optional monotonic fallback.
+__device__ float target_logit(float c, const Margin& p) {
+    if (p.fallback && c <= p.fallback_cos) return c - p.fallback_mm - p.m3;
+    if (p.m1 == 1.0f && p.m2 == 0.0f) return c - p.m3;
+    return cosf(p.m1 * acosf(c) + p.m2) - p.m3;
+}
+
+// d target_logit / d c (GradMode::Exact).
+__device__ float target_logit_slope(float c, const Margin& p) {
+    if ((p.fallback && c <= p.fallback_cos) || (p.m1 == 1.0f && p.m2 == 0.0f)) return 1.0f;
+    float theta = acosf(c);
+    float sin_theta = fmaxf(sqrtf(fmaxf(1.0f - c * c, 0.0f)), 1e-6f);
+    return p.m1 * sinf(p.m1 * theta + p.m2) / sin_theta;
+}
+
+// Pass 1 on one non-target logit.
+__device__ __forceinline__ float margin_nontarget(float v, const Margin& p) {
+    float c = clamp1(v);
+    if (p.has_filter) return c > p.filter ? -0.0f : p.scale * c + 0.0f;  // +0.0 turns -0 into +0
+    return p.scale * c;
+}
+
+extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, const int* labels,
+                                         Margin p, float* row_max, float* target_cos) {
+    size_t i = blockIdx.x;
+    float* row = logits + i * cols;
+    int t = labels[i];
+    float m = -INFINITY;
+    if ((cols & 3) == 0) {
+        float4* row4 = (float4*)row;
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            int j = 4 * q;
+            if (j + 0 != t) { v.x = margin_nontarget(v.x, p); m = fmaxf(m, v.x); }
+            if (j + 1 != t) { v.y = margin_nontarget(v.y, p); m = fmaxf(m, v.y); }
+            if (j + 2 != t) { v.z = margin_nontarget(v.z, p); m = fmaxf(m, v.z); }
+            if (j + 3 != t) { v.w = margin_nontarget(v.w, p); m = fmaxf(m, v.w); }
+            if (t >= j && t < j + 4) {
+                // Leave the target untouched in memory: thread 0 rewrites it below, after the barrier.
+                float keep[4] = {v.x, v.y, v.z, v.w};
+                keep[t - j] = row[t];
+                v = make_float4(keep[0], keep[1], keep[2], keep[3]);
+            }
+            row4[q] = v;
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            if (j == t) continue;
+            float z = margin_nontarget(row[j], p);
+            row[j] = z;
+            m = fmaxf(m, z);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tc = 0.0f;
+        if (t >= 0) {
+            float raw = row[t];
+            float z = p.scale * target_logit(clamp1(raw), p);
+            row[t] = z;
+            m = fmaxf(m, z);
+            tc = raw;
+        }
+        target_cos[i] = tc;
+    }
+    m = block_max(m);
+    if (threadIdx.x == 0) row_max[i] = m;
+}
+
+extern "C" __global__ void exp_rowsum(const float* logits, int rows, int cols, const float* row_max,
+                                      float* row_sum) {
+    size_t i = blockIdx.x;
+    const float* row = logits + i * cols;
+    float max = row_max[i];
+    float s = 0.0f;
+    if ((cols & 3) == 0) {
+        const float4* row4 = (const float4*)row;
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            s += expf(v.x - max) + expf(v.y - max) + expf(v.z - max) + expf(v.w - max);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(row[j] - max);
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) row_sum[i] = s;
+}
+
+// Pass 3 on one non-target logit: the gradient with respect to its clamped cosine.
+__device__ __forceinline__ float grad_nontarget(float z, float max, float inv_sum, float slope,
+                                                const Margin& p) {
+    if ((p.has_filter && is_filtered(z)) || fabsf(z) == p.scale) return 0.0f;
+    return expf(z - max) * inv_sum * slope;
+}
+
+extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, const int* labels,
+                                             Margin p, const float* row_max, const float* row_sum,
+                                             const float* target_cos, float grad_scale,
+                                             float* row_loss) {
+    size_t i = blockIdx.x;
+    float* row = logits + i * cols;
+    int t = labels[i];
+    float max = row_max[i];
+    float inv_sum = 1.0f / row_sum[i];
+    float slope = p.scale * grad_scale;
+    if ((cols & 3) == 0) {
+        float4* row4 = (float4*)row;
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            int j = 4 * q;
+            float4 g = make_float4(grad_nontarget(v.x, max, inv_sum, slope, p),
+                                   grad_nontarget(v.y, max, inv_sum, slope, p),
+                                   grad_nontarget(v.z, max, inv_sum, slope, p),
+                                   grad_nontarget(v.w, max, inv_sum, slope, p));
+            if (t >= j && t < j + 4) {
+                float keep[4] = {g.x, g.y, g.z, g.w};
+                keep[t - j] = row[t];  // the target is finished by thread 0 below
+                g = make_float4(keep[0], keep[1], keep[2], keep[3]);
+            }
+            row4[q] = g;
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            if (j == t) continue;
+            row[j] = grad_nontarget(row[j], max, inv_sum, slope, p);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float loss = 0.0f;
+        if (t >= 0) {
+            float prob = expf(row[t] - max) * inv_sum;
+            loss = -logf(fmaxf(prob, MIN_PROBABILITY));
+            float raw = target_cos[i];
+            float s;
+            if (!(raw >= -1.0f && raw <= 1.0f)) s = 0.0f;
+            else if (p.exact_grad) s = p.scale * target_logit_slope(raw, p);
+            else s = p.scale;
+            row[t] = (prob - 1.0f) * s * grad_scale;
+        }
+        row_loss[i] = loss;
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (NVRTC from PyPI for the CUDA compile test;
+# Rust crates come from cargo), then checks formatting, lints, and runs every test.
+# Usage: bash scripts/test.sh      (CI runs exactly this through .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# NVRTC and the CUDA headers, so every kernel is compiled for every architecture even without a GPU.
+nvrtc_env="$(bash scripts/install-nvrtc.sh)"
+PFC_NVRTC_LIB="$(echo "$nvrtc_env" | sed -n 's/^PFC_NVRTC_LIB=//p')"
+PFC_NVRTC_INCLUDE="$(echo "$nvrtc_env" | sed -n 's/^PFC_NVRTC_INCLUDE=//p')"
+export PFC_NVRTC_INCLUDE
+export LD_LIBRARY_PATH="$PFC_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+cargo fmt --check
+cargo clippy --all-targets --all-features -- -D warnings
+cargo test --all-features

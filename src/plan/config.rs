@@ -1,0 +1,334 @@
+//! The planner's inputs: one cluster configuration, validated, and the step shape of its ranks.
+
+use super::buffers::{step_buffers, Component, Dtype, LogitsMode, StepShape};
+use crate::config::UpdateMode;
+use crate::error::{PfcError, Result};
+use crate::shard::Shard;
+
+/// The most classes one shard may hold: the layer indexes a shard with `i32`.
+pub const MAX_SHARD_CLASSES: u64 = i32::MAX as u64;
+/// The most GPUs the planner considers, in a configuration and in its searches over k.
+pub const MAX_GPUS: u64 = 1 << 32;
+/// The largest batch per GPU accepted.
+pub const MAX_BATCH: u64 = 1 << 24;
+/// The largest embedding dimension accepted.
+pub const MAX_DIM: u64 = 1 << 20;
+/// The largest device memory or reserve accepted (1 EiB): keeps every sum within 64 bits.
+pub const MAX_MEMORY: u64 = 1 << 60;
+
+/// Optimizer state kept per weight of the shard, in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Optimizer {
+    /// No state (plain SGD, or forward/backward only).
+    None,
+    /// SGD with momentum: one state tensor (the published default).
+    #[default]
+    SgdMomentum,
+    /// AdamW: two state tensors (first and second moments).
+    AdamW,
+}
+
+impl Optimizer {
+    /// Number of `shard × d` f32 state tensors.
+    pub fn states(self) -> u64 {
+        match self {
+            Optimizer::None => 0,
+            Optimizer::SgdMomentum => 1,
+            Optimizer::AdamW => 2,
+        }
+    }
+}
+
+/// One cluster configuration: everything that decides the per-GPU memory of the FC layer.
+///
+/// [`PlanConfig::new`] fills the published defaults: 128 images per GPU, d = 512, r = 0.1,
+/// f32 weights, SGD momentum, sparse update, materialized logits, f32 on the wire, no hard
+/// negatives, nothing reserved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanConfig {
+    /// Total number of classes C.
+    pub classes: u64,
+    /// Number of GPUs k (one rank each).
+    pub gpus: u64,
+    /// Images per GPU per step, N.
+    pub batch_per_gpu: u64,
+    /// Embedding dimension d.
+    pub dim: u64,
+    /// Sample rate r in [0, 1]; 1 is model parallel, 0 positives only.
+    pub sample_rate: f64,
+    /// Memory of one device, bytes.
+    pub gpu_memory: u64,
+    /// Bytes reserved for everything outside the FC layer (backbone, activations, framework).
+    pub reserved: u64,
+    /// Storage dtype of the weight shard.
+    pub weight_dtype: Dtype,
+    /// Optimizer state.
+    pub optimizer: Optimizer,
+    /// Sparse (sampled rows only) or dense (full-shard gradient) update.
+    pub update: UpdateMode,
+    /// Materialized or fused logits.
+    pub logits: LogitsMode,
+    /// Dtype of the all-gathered embeddings on the wire.
+    pub wire_dtype: Dtype,
+    /// Whether hard negatives are scored (adds their scratch buffers).
+    pub hard_negatives: bool,
+}
+
+impl PlanConfig {
+    /// `classes` over `gpus` devices of `gpu_memory` bytes each, every other input at its default.
+    pub fn new(classes: u64, gpus: u64, gpu_memory: u64) -> PlanConfig {
+        PlanConfig {
+            classes,
+            gpus,
+            batch_per_gpu: 128,
+            dim: 512,
+            sample_rate: 0.1,
+            gpu_memory,
+            reserved: 0,
+            weight_dtype: Dtype::F32,
+            optimizer: Optimizer::SgdMomentum,
+            update: UpdateMode::Sparse,
+            logits: LogitsMode::Materialized,
+            wire_dtype: Dtype::F32,
+            hard_negatives: false,
+        }
+    }
+
+    /// Checks every input against its domain; the error names the offending parameter.
+    pub fn validate(&self) -> Result<()> {
+        if self.gpus == 0 || self.gpus > MAX_GPUS {
+            return Err(PfcError::param(
+                "gpus",
+                self.gpus,
+                format!("must lie in [1, {MAX_GPUS}]"),
+            ));
+        }
+        if self.batch_per_gpu == 0 || self.batch_per_gpu > MAX_BATCH {
+            return Err(PfcError::param(
+                "batch",
+                self.batch_per_gpu,
+                format!("must lie in [1, {MAX_BATCH}]"),
+            ));
+        }
+        if self.dim == 0 || self.dim > MAX_DIM {
+            return Err(PfcError::param(
+                "dim",
+                self.dim,
+                format!("must lie in [1, {MAX_DIM}]"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(PfcError::param(
+                "sample_rate",
+                self.sample_rate,
+                "must lie in [0, 1]",
+            ));
+        }
+        if self.gpu_memory == 0 || self.gpu_memory > MAX_MEMORY {
+            return Err(PfcError::param(
+                "gpu_memory",
+                self.gpu_memory,
+                "must lie in [1 byte, 1 EiB]",
+            ));
+        }
+        if self.reserved > MAX_MEMORY {
+            return Err(PfcError::param(
+                "reserved",
+                self.reserved,
+                "must be at most 1 EiB",
+            ));
+        }
+        if self.classes < self.gpus {
+            return Err(PfcError::param(
+                "classes",
+                self.classes,
+                format!(
+                    "must be >= the number of GPUs ({}) so that no shard is empty",
+                    self.gpus
+                ),
+            ));
+        }
+        if self.classes.div_ceil(self.gpus) > MAX_SHARD_CLASSES {
+            return Err(PfcError::param(
+                "classes",
+                self.classes,
+                format!("a shard may hold at most {MAX_SHARD_CLASSES} classes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The shard of `rank` (rank 0 holds the largest).
+    pub fn shard(&self, rank: u64) -> Shard {
+        Shard::of(self.classes, self.gpus as usize, rank as usize)
+    }
+
+    /// The step shape of a rank holding `shard_classes` classes in a group of `gpus`, at
+    /// sample rate `sample_rate`, everything else from this configuration.
+    pub fn shape(&self, shard_classes: u64, gpus: u64, sample_rate: f64) -> StepShape {
+        StepShape {
+            shard_classes,
+            world_size: gpus,
+            batch_per_rank: self.batch_per_gpu,
+            dim: self.dim,
+            sample_rate,
+            weight_dtype: self.weight_dtype,
+            optimizer_states: self.optimizer.states(),
+            update: self.update,
+            logits: self.logits,
+            wire_dtype: self.wire_dtype,
+            hard_negatives: self.hard_negatives,
+        }
+    }
+
+    /// Rank 0's step shape (the largest shard: the one that sizes the device).
+    pub fn rank0_shape(&self) -> StepShape {
+        self.shape(
+            self.classes.div_ceil(self.gpus.max(1)),
+            self.gpus,
+            self.sample_rate,
+        )
+    }
+
+    /// Bytes of the FC layer's buffers for a rank of the given shape, or `None` when they do not
+    /// fit in 63 bits (a configuration no device can hold). Checked before [`step_buffers`]
+    /// multiplies in `u64`, so that no input can overflow it.
+    pub fn fc_bytes(shape: &StepShape) -> Option<u64> {
+        if !fits_in_63_bits(shape) {
+            return None;
+        }
+        Some(step_buffers(shape).iter().map(|(_, b)| b).sum())
+    }
+
+    /// Bytes rank 0 needs in all (FC buffers plus the reserve), `None` beyond 63 bits.
+    pub fn rank0_total(&self) -> Option<u64> {
+        Self::fc_bytes(&self.rank0_shape()).map(|b| b + self.reserved)
+    }
+
+    /// Rank 0's buffers by component, the reserve last (empty when they exceed 63 bits).
+    pub fn rank0_components(&self) -> Vec<(Component, u64)> {
+        let shape = self.rank0_shape();
+        if !fits_in_63_bits(&shape) {
+            return Vec::new();
+        }
+        let mut parts = step_buffers(&shape);
+        parts.push((Component::Reserved, self.reserved));
+        parts
+    }
+}
+
+/// A generous upper bound on the sum [`step_buffers`] computes, in `u128`: when it is below
+/// 2^63 no product or sum inside `step_buffers` can overflow `u64`.
+fn fits_in_63_bits(shape: &StepShape) -> bool {
+    let w = |x: u64| u128::from(x);
+    let shard = w(shape.shard_classes);
+    let d = w(shape.dim);
+    let n = w(shape.batch_per_rank);
+    let m = n.saturating_mul(w(shape.world_size));
+    let s = shard; // the sampled capacity never exceeds the shard
+    let terms = [
+        shard.saturating_mul(d),
+        s.saturating_mul(d),
+        m.saturating_mul(d),
+        m.saturating_mul(s),
+        shard,
+        m,
+        n.saturating_mul(d),
+        // hard-negative chunk (<= 4096 rows) against d and m
+        4096u128.saturating_mul(d.saturating_add(m)),
+    ];
+    let bound = terms
+        .iter()
+        .fold(0u128, |acc, t| acc.saturating_add(*t))
+        .saturating_mul(64);
+    bound < (1u128 << 63)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_published_ones_and_valid() {
+        let c = PlanConfig::new(29_000_000, 8, 32 << 30);
+        c.validate().unwrap();
+        assert_eq!((c.batch_per_gpu, c.dim, c.sample_rate), (128, 512, 0.1));
+        assert_eq!(c.optimizer.states(), 1);
+        assert_eq!(c.rank0_shape().shard_classes, 3_625_000);
+    }
+
+    #[test]
+    fn every_bad_input_is_a_typed_error_naming_it() {
+        let ok = PlanConfig::new(1000, 4, 1 << 30);
+        let cases: Vec<(PlanConfig, &str)> = vec![
+            (PlanConfig { gpus: 0, ..ok }, "gpus"),
+            (
+                PlanConfig {
+                    batch_per_gpu: 0,
+                    ..ok
+                },
+                "batch",
+            ),
+            (PlanConfig { dim: 0, ..ok }, "dim"),
+            (
+                PlanConfig {
+                    sample_rate: 1.5,
+                    ..ok
+                },
+                "sample_rate",
+            ),
+            (
+                PlanConfig {
+                    sample_rate: -0.1,
+                    ..ok
+                },
+                "sample_rate",
+            ),
+            (
+                PlanConfig {
+                    sample_rate: f64::NAN,
+                    ..ok
+                },
+                "sample_rate",
+            ),
+            (
+                PlanConfig {
+                    gpu_memory: 0,
+                    ..ok
+                },
+                "gpu_memory",
+            ),
+            (
+                PlanConfig {
+                    reserved: u64::MAX,
+                    ..ok
+                },
+                "reserved",
+            ),
+            (PlanConfig { classes: 3, ..ok }, "classes"),
+            (
+                PlanConfig {
+                    classes: u64::MAX,
+                    ..ok
+                },
+                "classes",
+            ),
+        ];
+        for (cfg, want) in cases {
+            match cfg.validate() {
+                Err(PfcError::Param { name, .. }) => assert_eq!(name, want),
+                other => panic!("{cfg:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn huge_shapes_are_refused_before_they_overflow() {
+        let mut c = PlanConfig::new(MAX_SHARD_CLASSES * 4, 4, 1 << 30);
+        c.batch_per_gpu = MAX_BATCH;
+        c.dim = MAX_DIM;
+        c.validate().unwrap();
+        assert_eq!(c.rank0_total(), None);
+        assert!(c.rank0_components().is_empty());
+    }
+}

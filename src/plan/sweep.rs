@@ -1,0 +1,223 @@
+//! Per-GPU memory against the number of classes, for model parallel (r = 1), Partial FC at the
+//! configured r, and fused logits: the picture the paper argues from, as numbers and as an SVG.
+
+use super::buffers::LogitsMode;
+use super::config::{PlanConfig, MAX_SHARD_CLASSES};
+use crate::error::{PfcError, Result};
+use std::path::Path;
+
+/// The three regimes a sweep compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regime {
+    /// Model parallel: every class of the shard, logits materialized (r = 1).
+    ModelParallel,
+    /// Partial FC at the configuration's sample rate, logits materialized.
+    PartialFc,
+    /// Partial FC at the configuration's sample rate, logits never materialized.
+    Fused,
+}
+
+impl Regime {
+    /// All regimes, in plot order.
+    pub const ALL: [Regime; 3] = [Regime::ModelParallel, Regime::PartialFc, Regime::Fused];
+
+    /// The configuration this regime turns `base` into.
+    pub fn apply(self, base: &PlanConfig) -> PlanConfig {
+        match self {
+            Regime::ModelParallel => PlanConfig {
+                sample_rate: 1.0,
+                logits: LogitsMode::Materialized,
+                ..*base
+            },
+            Regime::PartialFc => PlanConfig {
+                logits: LogitsMode::Materialized,
+                ..*base
+            },
+            Regime::Fused => PlanConfig {
+                logits: LogitsMode::Fused,
+                ..*base
+            },
+        }
+    }
+
+    /// A legend label, with the sample rate where it matters.
+    pub fn label(self, sample_rate: f64) -> String {
+        match self {
+            Regime::ModelParallel => "model parallel (r = 1)".to_string(),
+            Regime::PartialFc => format!("Partial FC (r = {sample_rate})"),
+            Regime::Fused => format!("Partial FC, fused logits (r = {sample_rate})"),
+        }
+    }
+}
+
+/// One class count of a sweep: rank 0's total bytes (reserve included) in each regime, `None`
+/// where the class count is not a valid configuration (fewer classes than GPUs, a shard over
+/// 2^31 − 1 classes, or bytes beyond 2^63).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPoint {
+    /// Number of classes C.
+    pub classes: u64,
+    /// Bytes per GPU in the order of [`Regime::ALL`].
+    pub bytes: [Option<u64>; 3],
+}
+
+/// `points` class counts spaced evenly on a log scale from `from` to `to` (both included,
+/// duplicates removed), and the memory of each regime at each.
+///
+/// ```
+/// use partial_fc::plan::{PlanConfig, sweep::sweep};
+/// let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);
+/// let points = sweep(&cfg, 100_000, 10_000_000, 5).unwrap();
+/// assert_eq!(points.len(), 5);
+/// // model parallel needs more than Partial FC, which needs more than fused logits
+/// let b = points[4].bytes.map(Option::unwrap);
+/// assert!(b[0] > b[1] && b[1] > b[2]);
+/// ```
+pub fn sweep(base: &PlanConfig, from: u64, to: u64, points: usize) -> Result<Vec<SweepPoint>> {
+    if from == 0 || from >= to {
+        return Err(PfcError::param(
+            "sweep",
+            format!("{from}..{to}"),
+            "must be a range FROM..TO with 0 < FROM < TO",
+        ));
+    }
+    if points < 2 {
+        return Err(PfcError::param("sweep points", points, "must be >= 2"));
+    }
+    let (lf, lt) = ((from as f64).ln(), (to as f64).ln());
+    let mut classes: Vec<u64> = (0..points)
+        .map(|i| {
+            let t = i as f64 / (points - 1) as f64;
+            ((lf + t * (lt - lf)).exp().round() as u64).clamp(from, to)
+        })
+        .collect();
+    classes[0] = from;
+    classes[points - 1] = to;
+    classes.dedup();
+    Ok(classes
+        .into_iter()
+        .map(|c| SweepPoint {
+            classes: c,
+            bytes: Regime::ALL.map(|regime| {
+                let cfg = PlanConfig {
+                    classes: c,
+                    ..regime.apply(base)
+                };
+                let valid = c >= cfg.gpus && c.div_ceil(cfg.gpus) <= MAX_SHARD_CLASSES;
+                if valid {
+                    cfg.rank0_total()
+                } else {
+                    None
+                }
+            }),
+        })
+        .collect())
+}
+
+/// Draws a sweep as an SVG: GiB per GPU against classes (log scale), one line per regime, the
+/// device capacity as a horizontal line. Lines stop where they leave the chart (at 4× the
+/// capacity) so that model parallel does not flatten the others.
+pub fn plot_svg(path: &Path, base: &PlanConfig, points: &[SweepPoint]) -> Result<()> {
+    use plotters::prelude::*;
+    let io = |msg: String| PfcError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(msg),
+    };
+    let (first, last) = match (points.first(), points.last()) {
+        (Some(f), Some(l)) if l.classes > f.classes => (f.classes, l.classes),
+        _ => {
+            return Err(io(
+                "a plot needs a sweep of at least two class counts".into()
+            ))
+        }
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let capacity = gib(base.gpu_memory);
+    let highest = points
+        .iter()
+        .flat_map(|p| p.bytes.iter().flatten().map(|&b| gib(b)))
+        .fold(0.0, f64::max);
+    let y_max = highest.clamp(capacity * 1.25, capacity * 4.0);
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
+    let title = format!(
+        "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
+        base.gpus, base.batch_per_gpu, base.dim
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
+        .map_err(|e| io(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("classes")
+        .y_desc("GiB per GPU")
+        .x_label_formatter(&|x| super::units::format_count(x.round() as u64))
+        .draw()
+        .map_err(|e| io(e.to_string()))?;
+    let colors = [RED, BLUE, GREEN];
+    for (i, regime) in Regime::ALL.into_iter().enumerate() {
+        let line: Vec<(f64, f64)> = points
+            .iter()
+            .filter_map(|p| p.bytes[i].map(|b| (p.classes as f64, gib(b))))
+            .take_while(|&(_, y)| y <= y_max)
+            .collect();
+        let color = colors[i];
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))
+            .map_err(|e| io(e.to_string()))?
+            .label(regime.label(base.sample_rate))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(first as f64, capacity), (last as f64, capacity)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(|e| io(e.to_string()))?
+        .label(format!("device capacity ({capacity:.1} GiB)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| io(e.to_string()))?;
+    root.present().map_err(|e| io(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_endpoints_and_order() {
+        let cfg = PlanConfig::new(1000, 8, 32 << 30);
+        let pts = sweep(&cfg, 4, 1000, 10).unwrap();
+        assert_eq!(pts.first().unwrap().classes, 4);
+        assert_eq!(pts.last().unwrap().classes, 1000);
+        assert!(pts.windows(2).all(|w| w[0].classes < w[1].classes));
+        // 4 classes on 8 GPUs is not a configuration
+        assert_eq!(pts[0].bytes, [None, None, None]);
+        assert!(sweep(&cfg, 10, 10, 5).is_err());
+        assert!(sweep(&cfg, 0, 10, 5).is_err());
+    }
+
+    #[test]
+    fn plot_writes_an_svg() {
+        let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);
+        let pts = sweep(&cfg, 100_000, 100_000_000, 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.svg");
+        plot_svg(&path, &cfg, &pts).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("model parallel"));
+    }
+}

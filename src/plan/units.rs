@@ -1,0 +1,268 @@
+//! Human units for the planner: byte sizes (`32GiB`, `11G`) and class counts (`29M`, `1.5B`).
+//!
+//! Parsing is exact decimal arithmetic on integers, never `f64`, so that `1.1M` is 1,100,000 and
+//! not 1,099,999. A value that does not parse, is not a whole number of bytes or classes, or
+//! does not fit in 64 bits is a [`PfcError::Param`] naming the parameter.
+
+use crate::error::{PfcError, Result};
+
+/// Parses a byte size: a plain number of bytes, or a number with a decimal suffix
+/// (`K`, `M`, `G`, `T`, optionally followed by `B`: powers of 1000) or a binary one
+/// (`KiB`, `MiB`, `GiB`, `TiB`: powers of 1024). Suffixes are case-insensitive; a fraction is
+/// allowed when the result is a whole number of bytes (`1.5KiB` = 1536).
+///
+/// `name` is the parameter the value belongs to; errors carry it.
+///
+/// ```
+/// use partial_fc::plan::units::parse_size;
+/// assert_eq!(parse_size("gpu_memory", "32GiB").unwrap(), 32 << 30);
+/// assert_eq!(parse_size("gpu_memory", "11G").unwrap(), 11_000_000_000);
+/// assert_eq!(parse_size("gpu_memory", "1.5KiB").unwrap(), 1536);
+/// assert!(parse_size("gpu_memory", "lots").is_err());
+/// ```
+pub fn parse_size(name: &'static str, text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, suffix) = (t[..split].trim(), t[split..].trim());
+    let multiplier: u64 = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(PfcError::param(
+                name,
+                text,
+                "unknown size unit (use K, M, G, T, KiB, MiB, GiB or TiB)",
+            ))
+        }
+    };
+    scaled_decimal(name, text, number, multiplier, "bytes")
+}
+
+/// Parses a class count: a plain integer (`100000`, `100_000`) or a number with a decimal
+/// suffix `K` (thousand), `M` (million) or `B` (billion), case-insensitive, e.g. `29M`, `1.5B`.
+///
+/// ```
+/// use partial_fc::plan::units::parse_count;
+/// assert_eq!(parse_count("classes", "29M").unwrap(), 29_000_000);
+/// assert_eq!(parse_count("classes", "1.5B").unwrap(), 1_500_000_000);
+/// assert_eq!(parse_count("classes", "100000").unwrap(), 100_000);
+/// assert!(parse_count("classes", "1.5").is_err());
+/// ```
+pub fn parse_count(name: &'static str, text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (number, multiplier) = match t.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&t[..t.len() - 1], 1_000),
+        Some('m') => (&t[..t.len() - 1], 1_000_000),
+        Some('b') => (&t[..t.len() - 1], 1_000_000_000),
+        _ => (t, 1),
+    };
+    scaled_decimal(name, text, number.trim(), multiplier, "classes")
+}
+
+/// `number × multiplier` for a decimal `number` (digits, `_` separators, at most one `.`),
+/// exactly, as long as the product is a whole number that fits in a `u64`.
+fn scaled_decimal(
+    name: &'static str,
+    text: &str,
+    number: &str,
+    multiplier: u64,
+    what: &str,
+) -> Result<u64> {
+    let bad = |reason: &str| PfcError::param(name, text, reason.to_string());
+    let digits: String = number.chars().filter(|&c| c != '_').collect();
+    let (int_part, frac_part) = match digits.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (digits.as_str(), ""),
+    };
+    let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !all_digits(int_part)
+        || !all_digits(frac_part)
+    {
+        return Err(bad("not a number (expected e.g. 32GiB, 29M, 100000)"));
+    }
+    if frac_part.len() > 18 {
+        return Err(bad("too many decimal places"));
+    }
+    let overflow = || bad("too large");
+    let int: u128 = if int_part.is_empty() {
+        0
+    } else {
+        int_part.parse().map_err(|_| overflow())?
+    };
+    let frac: u128 = if frac_part.is_empty() {
+        0
+    } else {
+        frac_part.parse().map_err(|_| overflow())?
+    };
+    let scale = 10u128.pow(frac_part.len() as u32);
+    let m = u128::from(multiplier);
+    let frac_scaled = frac * m;
+    if frac_scaled % scale != 0 {
+        return Err(bad(&format!("not a whole number of {what}")));
+    }
+    let value = int
+        .checked_mul(m)
+        .and_then(|v| v.checked_add(frac_scaled / scale))
+        .ok_or_else(overflow)?;
+    u64::try_from(value).map_err(|_| overflow())
+}
+
+/// A byte count in binary units with three significant decimals: `7.42 GiB`, `512 B`.
+///
+/// ```
+/// use partial_fc::plan::units::format_bytes;
+/// assert_eq!(format_bytes(512), "512 B");
+/// assert_eq!(format_bytes(3 << 29), "1.50 GiB");
+/// ```
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let decimals = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{value:.decimals$} {}", UNITS[unit])
+}
+
+/// A class count with a decimal suffix when that is exact: `29M`, `1.5B`, `100001`.
+///
+/// ```
+/// use partial_fc::plan::units::format_count;
+/// assert_eq!(format_count(29_000_000), "29M");
+/// assert_eq!(format_count(1_500_000_000), "1.5B");
+/// assert_eq!(format_count(100_001), "100001");
+/// ```
+pub fn format_count(count: u64) -> String {
+    for (suffix, unit) in [("B", 1_000_000_000u64), ("M", 1_000_000), ("K", 1_000)] {
+        if count >= unit {
+            if count % unit == 0 {
+                return format!("{}{suffix}", count / unit);
+            }
+            if count < u64::MAX / 10 && (count * 10) % unit == 0 {
+                return format!("{}.{}{suffix}", count / unit, (count % unit) * 10 / unit);
+            }
+        }
+    }
+    count.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_decimal_and_binary_units() {
+        let p = |s| parse_size("gpu_memory", s).unwrap();
+        assert_eq!(p("0"), 0);
+        assert_eq!(p("4096"), 4096);
+        assert_eq!(p("4096B"), 4096);
+        assert_eq!(p("32K"), 32_000);
+        assert_eq!(p("32KB"), 32_000);
+        assert_eq!(p("11G"), 11_000_000_000);
+        assert_eq!(p("2T"), 2_000_000_000_000);
+        assert_eq!(p("32GiB"), 34_359_738_368);
+        assert_eq!(p("32gib"), 34_359_738_368);
+        assert_eq!(p(" 5 GiB "), 5 << 30);
+        assert_eq!(p("1TiB"), 1 << 40);
+        assert_eq!(p("1.5MiB"), 3 << 19);
+        assert_eq!(p("0.5K"), 500);
+        assert_eq!(p("1_000M"), 1_000_000_000);
+    }
+
+    #[test]
+    fn bad_sizes_are_typed_errors_naming_the_parameter() {
+        for bad in [
+            "",
+            "GiB",
+            "1.2.3G",
+            "-1G",
+            "12XB",
+            "1.0000001K",
+            "0.3B",
+            "99999999999T",
+            "1e9",
+        ] {
+            match parse_size("gpu_memory", bad) {
+                Err(PfcError::Param { name, .. }) => assert_eq!(name, "gpu_memory", "{bad}"),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn class_counts() {
+        let p = |s| parse_count("classes", s).unwrap();
+        assert_eq!(p("29M"), 29_000_000);
+        assert_eq!(p("29m"), 29_000_000);
+        assert_eq!(p("1.5B"), 1_500_000_000);
+        assert_eq!(p("1.1M"), 1_100_000);
+        assert_eq!(p("125K"), 125_000);
+        assert_eq!(p("100000"), 100_000);
+        assert_eq!(p("100_000"), 100_000);
+        assert_eq!(p("0.000001M"), 1);
+    }
+
+    #[test]
+    fn bad_counts() {
+        for bad in [
+            "",
+            "M",
+            "1.5",
+            "0.0000001M",
+            "12G",
+            "-5",
+            "x",
+            "99999999999999B",
+        ] {
+            assert!(
+                matches!(
+                    parse_count("classes", bad),
+                    Err(PfcError::Param {
+                        name: "classes",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn formatting_round_trips_counts() {
+        for c in [
+            1u64,
+            999,
+            125_000,
+            29_000_000,
+            1_500_000_000,
+            100_001,
+            2_500_000,
+        ] {
+            assert_eq!(parse_count("classes", &format_count(c)).unwrap(), c);
+        }
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1024), "1.00 KiB");
+        assert_eq!(format_bytes(32 << 30), "32.0 GiB");
+        assert_eq!(format_bytes(300 << 20), "300 MiB");
+        assert_eq!(format_bytes(u64::MAX), "16.0 EiB");
+    }
+}

@@ -1,0 +1,658 @@
+//! Every CUDA kernel against its CPU reference on the same random inputs, the whole generic step
+//! on both backends, and the golden files on the GPU. Without a device every test prints
+//! "skipped: no CUDA device (...)" and returns.
+#![cfg(feature = "cuda")]
+
+use partial_fc::collective::SingleRank;
+use partial_fc::cuda::CudaBackend;
+use partial_fc::{
+    Backend, CpuBackend, GradMode, LayerConfig, Margin, NegativeSampler, PartialFc, SampleArgs,
+    TargetFallback, UpdateMode,
+};
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// xorshift64*: test inputs only.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.uniform()).collect()
+    }
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= abs + rel * w.abs() || (g.is_nan() && w.is_nan());
+        assert!(ok, "{what}[{i}]: gpu {g} cpu {w}");
+    }
+}
+
+fn up<T: partial_fc::Elem>(g: &CudaBackend, host: &[T]) -> cudarc::driver::CudaSlice<T> {
+    let mut b = g.alloc(host.len()).unwrap();
+    g.upload(host, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn sampled_index_is_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    for &(shard, rate, rows, seed, hard) in &[
+        (1000usize, 0.1f64, 64usize, 1u64, 0.0f32),
+        (1000, 0.0, 64, 2, 0.0),
+        (4097, 0.3, 128, 3, 0.0),
+        (50_000, 0.05, 512, 4, 0.0),
+        (1 << 20, 0.1, 1024, 5, 0.0),
+        (1_000_003, 0.1, 2048, 6, 0.0),
+        (20_000, 0.1, 256, 7, 0.5),
+        (20_000, 0.2, 256, 8, 1.0),
+        (300, 0.01, 1024, 9, 0.0), // positives exceed S
+    ] {
+        let mut rng = Rng(seed * 7919 + 1);
+        let labels: Vec<i32> = (0..rows)
+            .map(|_| {
+                if rng.uniform() < 0.2 {
+                    -1
+                } else {
+                    (rng.next() % shard as u64) as i32
+                }
+            })
+            .collect();
+        let scores: Vec<f32> = rng.vec(shard, -1.0, 1.0);
+        let args = SampleArgs {
+            shard_len: shard,
+            shard_start: 12_345,
+            num_sample: (rate * shard as f64) as usize,
+            rows,
+            seed,
+            step: seed * 3,
+            hard_fraction: hard,
+        };
+        let (mut cl, mut ck, mut cs) = (labels.clone(), vec![0u64; shard], vec![0i32; shard]);
+        let hard_scores = (hard > 0.0).then_some(&scores);
+        let n_cpu = cpu
+            .sample_classes(&args, &mut cl, hard_scores, &mut ck, &mut cs)
+            .unwrap();
+        let (mut gl, mut gk, mut gs) = (
+            up(&g, &labels),
+            g.alloc(shard).unwrap(),
+            g.alloc(shard).unwrap(),
+        );
+        let gscores = up(&g, &scores);
+        let n_gpu = g
+            .sample_classes(
+                &args,
+                &mut gl,
+                (hard > 0.0).then_some(&gscores),
+                &mut gk,
+                &mut gs,
+            )
+            .unwrap();
+        assert_eq!(n_gpu, n_cpu, "sample size, shard {shard} r {rate}");
+        assert_eq!(
+            g.download(&gs, n_gpu).unwrap(),
+            cs[..n_cpu],
+            "sampled index, shard {shard} r {rate} hard {hard}"
+        );
+        assert_eq!(
+            g.download(&gl, rows).unwrap(),
+            cl,
+            "remapped labels, shard {shard}"
+        );
+    }
+}
+
+#[test]
+fn localize_labels_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let global: Vec<i64> = vec![-5, 0, 99, 100, 150, 199, 200, 1 << 40, i64::MIN, 120];
+    let mut want = vec![0i32; global.len()];
+    CpuBackend
+        .localize_labels(&global, global.len(), 100, 100, &mut want)
+        .unwrap();
+    let mut local = g.alloc(global.len()).unwrap();
+    g.localize_labels(&up(&g, &global), global.len(), 100, 100, &mut local)
+        .unwrap();
+    assert_eq!(g.download(&local, global.len()).unwrap(), want);
+}
+
+#[test]
+fn normalize_gather_and_backward_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(11);
+    for &(rows, dim) in &[(37usize, 512usize), (5, 3), (300, 129)] {
+        let x = rng.vec(rows * dim, -2.0, 2.0);
+        let (mut out, mut norms) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        cpu.normalize_rows(&x, rows, dim, &mut out, &mut norms)
+            .unwrap();
+        let (mut gout, mut gnorms) = (g.alloc(rows * dim).unwrap(), g.alloc(rows).unwrap());
+        g.normalize_rows(&up(&g, &x), rows, dim, &mut gout, &mut gnorms)
+            .unwrap();
+        assert_close(
+            "normalize out",
+            &g.download(&gout, rows * dim).unwrap(),
+            &out,
+            1e-4,
+            1e-6,
+        );
+        assert_close(
+            "normalize norms",
+            &g.download(&gnorms, rows).unwrap(),
+            &norms,
+            1e-4,
+            1e-6,
+        );
+
+        let index: Vec<i32> = (0..rows as i32).filter(|i| i % 3 != 1).collect();
+        let count = index.len();
+        let (mut gw, mut gn) = (vec![0f32; count * dim], vec![0f32; count]);
+        cpu.gather_normalize_rows(&x, dim, &index, count, &mut gw, &mut gn)
+            .unwrap();
+        let (mut dgw, mut dgn) = (g.alloc(count * dim).unwrap(), g.alloc(count).unwrap());
+        g.gather_normalize_rows(&up(&g, &x), dim, &up(&g, &index), count, &mut dgw, &mut dgn)
+            .unwrap();
+        assert_close(
+            "gather out",
+            &g.download(&dgw, count * dim).unwrap(),
+            &gw,
+            1e-4,
+            1e-6,
+        );
+        assert_close(
+            "gather norms",
+            &g.download(&dgn, count).unwrap(),
+            &gn,
+            1e-4,
+            1e-6,
+        );
+
+        let grad = rng.vec(rows * dim, -1.0, 1.0);
+        let mut want = grad.clone();
+        cpu.normalize_backward(&mut want, &out, &norms, rows, dim)
+            .unwrap();
+        let mut dgrad = up(&g, &grad);
+        g.normalize_backward(&mut dgrad, &up(&g, &out), &up(&g, &norms), rows, dim)
+            .unwrap();
+        assert_close(
+            "normalize_backward",
+            &g.download(&dgrad, rows * dim).unwrap(),
+            &want,
+            1e-4,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn gemms_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(13);
+    for &(m, n, k) in &[
+        (7usize, 5usize, 3usize),
+        (64, 300, 129),
+        (1, 1, 1),
+        (33, 17, 512),
+    ] {
+        let a = rng.vec(m * k, -1.0, 1.0);
+        let b = rng.vec(n * k, -1.0, 1.0);
+        let mut want = vec![0f32; m * n];
+        let mut c = g.alloc(m * n).unwrap();
+        cpu.gemm_nt(m, n, k, &a, &b, &mut want).unwrap();
+        g.gemm_nt(m, n, k, &up(&g, &a), &up(&g, &b), &mut c)
+            .unwrap();
+        assert_close(
+            "gemm_nt",
+            &g.download(&c, m * n).unwrap(),
+            &want,
+            1e-4,
+            1e-5,
+        );
+        cpu.gemm_nn(m, n, k, &a, &b, &mut want).unwrap();
+        g.gemm_nn(m, n, k, &up(&g, &a), &up(&g, &b), &mut c)
+            .unwrap();
+        assert_close(
+            "gemm_nn",
+            &g.download(&c, m * n).unwrap(),
+            &want,
+            1e-4,
+            1e-5,
+        );
+        cpu.gemm_tn(m, n, k, &a, &b, &mut want).unwrap();
+        g.gemm_tn(m, n, k, &up(&g, &a), &up(&g, &b), &mut c)
+            .unwrap();
+        assert_close(
+            "gemm_tn",
+            &g.download(&c, m * n).unwrap(),
+            &want,
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+fn margins() -> Vec<Margin> {
+    let mut v = vec![
+        Margin::arcface(),
+        Margin::cosface(),
+        Margin::combined(30.0, 1.2, 0.3, 0.1),
+    ];
+    let mut f = Margin::arcface();
+    f.interclass_filter = Some(0.3);
+    v.push(f);
+    let mut e = Margin::arcface();
+    e.grad_mode = GradMode::Exact;
+    e.fallback = TargetFallback::Monotonic;
+    v.push(e);
+    v
+}
+
+#[test]
+fn margin_softmax_passes_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(17);
+    for margin in margins() {
+        let p = margin.params();
+        for &(rows, cols) in &[(64usize, 1000usize), (33, 1001), (8, 3), (16, 4096)] {
+            // Cosines slightly outside [-1, 1] exercise the clip; exact 0s the filter's sign rule.
+            let mut logits = rng.vec(rows * cols, -1.02, 1.02);
+            logits[1] = 0.0;
+            let labels: Vec<i32> = (0..rows)
+                .map(|i| {
+                    if i % 5 == 4 {
+                        -1
+                    } else {
+                        (rng.next() % cols as u64) as i32
+                    }
+                })
+                .collect();
+            let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
+            cpu.margin_rowmax(&mut lc, rows, cols, &labels, &p, &mut mx, &mut tc)
+                .unwrap();
+            let (mut lg, dl) = (up(&g, &logits), up(&g, &labels));
+            let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
+            g.margin_rowmax(&mut lg, rows, cols, &dl, &p, &mut gmx, &mut gtc)
+                .unwrap();
+            let glc = g.download(&lg, rows * cols).unwrap();
+            assert_close("pass1 logits", &glc, &lc, 1e-4, 1e-5);
+            let signs = |v: &[f32]| {
+                v.iter()
+                    .map(|z| z.to_bits() == 0x8000_0000)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                signs(&glc),
+                signs(&lc),
+                "filtered (-0.0) encoding, {margin:?}"
+            );
+            assert_close(
+                "pass1 row_max",
+                &g.download(&gmx, rows).unwrap(),
+                &mx,
+                1e-4,
+                1e-6,
+            );
+            assert_close(
+                "pass1 target_cos",
+                &g.download(&gtc, rows).unwrap(),
+                &tc,
+                0.0,
+                0.0,
+            );
+
+            let mut sum = vec![0f32; rows];
+            cpu.exp_rowsum(&lc, rows, cols, &mx, &mut sum).unwrap();
+            let mut gsum = g.alloc(rows).unwrap();
+            g.exp_rowsum(&lg, rows, cols, &gmx, &mut gsum).unwrap();
+            assert_close(
+                "pass2 row_sum",
+                &g.download(&gsum, rows).unwrap(),
+                &sum,
+                1e-4,
+                1e-6,
+            );
+
+            let mut loss = vec![0f32; rows];
+            let gs = 1.0 / rows as f32;
+            cpu.softmax_loss_grad(
+                &mut lc, rows, cols, &labels, &p, &mx, &sum, &tc, gs, &mut loss,
+            )
+            .unwrap();
+            let mut gloss = g.alloc(rows).unwrap();
+            g.softmax_loss_grad(
+                &mut lg, rows, cols, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss,
+            )
+            .unwrap();
+            assert_close(
+                "pass3 loss",
+                &g.download(&gloss, rows).unwrap(),
+                &loss,
+                1e-4,
+                1e-6,
+            );
+            assert_close(
+                "pass3 grad",
+                &g.download(&lg, rows * cols).unwrap(),
+                &lc,
+                1e-4,
+                1e-6,
+            );
+        }
+    }
+}
+
+#[test]
+fn optimizer_and_scatter_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(19);
+    let (shard, dim) = (500usize, 65usize);
+    let index: Vec<i32> = (0..shard as i32).filter(|i| i % 7 == 2).collect();
+    let count = index.len();
+    let w = rng.vec(shard * dim, -0.1, 0.1);
+    let v = rng.vec(shard * dim, -0.01, 0.01);
+    let rows = rng.vec(count * dim, -1.0, 1.0);
+    let (lr, mu, wd) = (0.1f32, 0.9f32, 5e-4f32);
+
+    let mut dense = vec![1f32; shard * dim];
+    cpu.scatter_rows(&rows, &index, count, dim, &mut dense, shard)
+        .unwrap();
+    let mut gdense = up(&g, &vec![1f32; shard * dim]);
+    g.scatter_rows(
+        &up(&g, &rows),
+        &up(&g, &index),
+        count,
+        dim,
+        &mut gdense,
+        shard,
+    )
+    .unwrap();
+    assert_eq!(g.download(&gdense, shard * dim).unwrap(), dense);
+
+    let (mut cw, mut cv) = (w.clone(), v.clone());
+    cpu.sgd_momentum_sparse(&mut cw, &mut cv, &rows, &index, count, dim, lr, mu, wd)
+        .unwrap();
+    let (mut gw, mut gv) = (up(&g, &w), up(&g, &v));
+    g.sgd_momentum_sparse(
+        &mut gw,
+        &mut gv,
+        &up(&g, &rows),
+        &up(&g, &index),
+        count,
+        dim,
+        lr,
+        mu,
+        wd,
+    )
+    .unwrap();
+    assert_close(
+        "sparse weight",
+        &g.download(&gw, shard * dim).unwrap(),
+        &cw,
+        1e-4,
+        1e-6,
+    );
+    assert_close(
+        "sparse momentum",
+        &g.download(&gv, shard * dim).unwrap(),
+        &cv,
+        1e-4,
+        1e-6,
+    );
+
+    let (mut cw, mut cv) = (w.clone(), v.clone());
+    cpu.sgd_momentum_dense(&mut cw, &mut cv, &dense, shard * dim, lr, mu, wd)
+        .unwrap();
+    let (mut gw, mut gv) = (up(&g, &w), up(&g, &v));
+    g.sgd_momentum_dense(&mut gw, &mut gv, &gdense, shard * dim, lr, mu, wd)
+        .unwrap();
+    assert_close(
+        "dense weight",
+        &g.download(&gw, shard * dim).unwrap(),
+        &cw,
+        1e-4,
+        1e-6,
+    );
+    assert_close(
+        "dense momentum",
+        &g.download(&gv, shard * dim).unwrap(),
+        &cv,
+        1e-4,
+        1e-6,
+    );
+}
+
+#[test]
+fn class_max_cosine_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(23);
+    let (shard, dim, rows, chunk) = (1000usize, 64usize, 40usize, 96usize);
+    let w = rng.vec(shard * dim, -1.0, 1.0);
+    let x = rng.vec(rows * dim, -1.0, 1.0);
+    let (mut xh, mut xn) = (vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .normalize_rows(&x, rows, dim, &mut xh, &mut xn)
+        .unwrap();
+    let (mut cw, mut cc, mut scores) = (
+        vec![0f32; chunk * dim],
+        vec![0f32; chunk * rows],
+        vec![0f32; shard],
+    );
+    CpuBackend
+        .class_max_cosine(&w, shard, dim, &xh, rows, &mut cw, &mut cc, &mut scores)
+        .unwrap();
+    let (mut gcw, mut gcc, mut gscores) = (
+        g.alloc(chunk * dim).unwrap(),
+        g.alloc(chunk * rows).unwrap(),
+        g.alloc(shard).unwrap(),
+    );
+    g.class_max_cosine(
+        &up(&g, &w),
+        shard,
+        dim,
+        &up(&g, &xh),
+        rows,
+        &mut gcw,
+        &mut gcc,
+        &mut gscores,
+    )
+    .unwrap();
+    assert_close(
+        "class_max_cosine",
+        &g.download(&gscores, shard).unwrap(),
+        &scores,
+        1e-4,
+        1e-5,
+    );
+}
+
+fn step_config(update: UpdateMode, sampler: NegativeSampler, margin: Margin) -> LayerConfig {
+    let mut cfg = LayerConfig::new(20_000, 64, 96);
+    cfg.sample_rate = 0.1;
+    cfg.update = update;
+    cfg.sampler = sampler;
+    cfg.margin = margin;
+    cfg
+}
+
+#[test]
+fn whole_step_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for (update, sampler, margin) in [
+        (
+            UpdateMode::Sparse,
+            NegativeSampler::Random,
+            Margin::arcface(),
+        ),
+        (
+            UpdateMode::Dense,
+            NegativeSampler::Random,
+            Margin::cosface(),
+        ),
+        (
+            UpdateMode::Sparse,
+            NegativeSampler::Hard { fraction: 0.5 },
+            Margin::arcface(),
+        ),
+    ] {
+        let cfg = step_config(update, sampler, margin);
+        let mut on_cpu = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+        let mut on_gpu =
+            PartialFc::new(cfg.clone(), CudaBackend::new(0).unwrap(), SingleRank).unwrap();
+        let mut rng = Rng(29);
+        for step in 0..3 {
+            let x = rng.vec(96 * 64, -1.0, 1.0);
+            let labels: Vec<i64> = (0..96).map(|_| (rng.next() % 20_000) as i64).collect();
+            let a = on_cpu.forward_backward(&x, &labels).unwrap();
+            let b = on_gpu.forward_backward(&x, &labels).unwrap();
+            let what = format!("{update:?} {sampler:?} step {step}");
+            assert_eq!(
+                on_gpu.sampled_classes().unwrap(),
+                on_cpu.sampled_classes().unwrap(),
+                "{what}: sample"
+            );
+            assert_close(&format!("{what}: loss"), &[b.loss], &[a.loss], 1e-4, 1e-6);
+            assert_close(
+                &format!("{what}: grad_embeddings"),
+                &b.grad_embeddings,
+                &a.grad_embeddings,
+                1e-4,
+                1e-6,
+            );
+            assert_close(
+                &format!("{what}: weight grad"),
+                &on_gpu.weight_grad_dense().unwrap(),
+                &on_cpu.weight_grad_dense().unwrap(),
+                1e-4,
+                1e-6,
+            );
+            on_cpu.step(0.1).unwrap();
+            on_gpu.step(0.1).unwrap();
+            assert_close(
+                &format!("{what}: weight"),
+                &on_gpu.weight().unwrap(),
+                &on_cpu.weight().unwrap(),
+                1e-4,
+                1e-6,
+            );
+        }
+    }
+}
+
+fn golden_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var("PFC_GOLDEN_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden"))
+        });
+    dir.is_dir().then_some(dir)
+}
+
+fn f32s(t: &safetensors::tensor::TensorView) -> Vec<f32> {
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+fn i64s(t: &safetensors::tensor::TensorView) -> Vec<i64> {
+    t.data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn golden_files_on_the_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let Some(dir) = golden_dir() else {
+        println!("skipped: no golden folder (set PFC_GOLDEN_DIR or provide ../shared/golden)");
+        return;
+    };
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no golden files in {}", dir.display());
+    for path in files {
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        let num = |k: &str| -> f64 {
+            meta[k]
+                .parse()
+                .unwrap_or_else(|_| panic!("{k} = {}", meta[k]))
+        };
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let x = f32s(&st.tensor("embeddings").unwrap());
+        let labels = i64s(&st.tensor("labels").unwrap());
+        let weight = f32s(&st.tensor("weight").unwrap());
+        let classes = num("classes") as u64;
+        let dim = weight.len() / classes as usize;
+        let mut margin = Margin::combined(num("scale"), num("m1"), num("m2"), num("m3"));
+        margin.grad_mode = GradMode::StraightThrough;
+        let filter = num("interclass_filter");
+        margin.interclass_filter = (filter > 0.0).then_some(filter);
+        let mut cfg = LayerConfig::new(classes, dim, labels.len());
+        cfg.sample_rate = num("sample_rate");
+        cfg.margin = margin;
+        let mut layer = PartialFc::zeroed(cfg, CudaBackend::new(0).unwrap(), SingleRank).unwrap();
+        layer.set_weight(&weight).unwrap();
+        let out = match st.tensor("sampled_index") {
+            Ok(s) => layer
+                .forward_backward_with_sample(&x, &labels, &i64s(&s))
+                .unwrap(),
+            Err(_) => layer.forward_backward(&x, &labels).unwrap(),
+        };
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert_close(
+            &format!("{name}: loss"),
+            &[out.loss],
+            &f32s(&st.tensor("loss").unwrap()),
+            1e-4,
+            1e-6,
+        );
+        assert_close(
+            &format!("{name}: grad_embeddings"),
+            &out.grad_embeddings,
+            &f32s(&st.tensor("grad_embeddings").unwrap()),
+            1e-4,
+            1e-6,
+        );
+        assert_close(
+            &format!("{name}: grad_weight"),
+            &layer.weight_grad_dense().unwrap(),
+            &f32s(&st.tensor("grad_weight").unwrap()),
+            1e-4,
+            1e-6,
+        );
+        println!("{name}: loss {} matches on the GPU", out.loss);
+    }
+}

@@ -1,0 +1,126 @@
+//! The planner is the truth about this crate: the layer's real allocations equal the planner's
+//! prediction, component by component, and equal what the public planner API (driven from a
+//! `PlanConfig`) says for rank 0.
+
+use partial_fc::collective::{SingleRank, ThreadGroup};
+use partial_fc::plan::{Component, Optimizer, PlanConfig};
+use partial_fc::{CpuBackend, LayerConfig, PartialFc, UpdateMode};
+
+/// Bytes by component, as the layer and the planner report them.
+type Report = Vec<(Component, u64)>;
+
+struct Case {
+    classes: u64,
+    gpus: usize,
+    batch: usize,
+    dim: usize,
+    rate: f64,
+    update: UpdateMode,
+    momentum: bool,
+}
+
+fn layer_config(c: &Case) -> LayerConfig {
+    let mut cfg = LayerConfig::new(c.classes, c.dim, c.batch);
+    cfg.sample_rate = c.rate;
+    cfg.update = c.update;
+    if !c.momentum {
+        cfg.optimizer = None;
+    }
+    cfg
+}
+
+fn plan_config(c: &Case) -> PlanConfig {
+    let mut p = PlanConfig::new(c.classes, c.gpus as u64, 1 << 40);
+    p.batch_per_gpu = c.batch as u64;
+    p.dim = c.dim as u64;
+    p.sample_rate = c.rate;
+    p.update = c.update;
+    p.optimizer = if c.momentum {
+        Optimizer::SgdMomentum
+    } else {
+        Optimizer::None
+    };
+    p
+}
+
+/// Rank 0's report from the layer, with the planner API's reserve entry (0) appended.
+fn check(case: &Case, reports: Vec<(Report, Report)>) {
+    for (rank, (report, planned)) in reports.iter().enumerate() {
+        assert_eq!(report, planned, "rank {rank}: allocation != planner");
+    }
+    let mut rank0 = reports[0].0.clone();
+    rank0.push((Component::Reserved, 0));
+    let api = plan_config(case).rank0_components();
+    assert_eq!(rank0, api, "layer rank 0 != PlanConfig::rank0_components");
+    let total: u64 = rank0.iter().map(|(_, b)| b).sum();
+    assert_eq!(Some(total), plan_config(case).rank0_total());
+}
+
+fn run(case: Case) {
+    let cfg = layer_config(&case);
+    let reports = if case.gpus == 1 {
+        let layer = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
+        vec![(layer.memory_report(), layer.planned_memory())]
+    } else {
+        ThreadGroup::new(case.gpus)
+            .into_iter()
+            .map(|comm| {
+                let layer = PartialFc::zeroed(cfg.clone(), CpuBackend, comm).unwrap();
+                (layer.memory_report(), layer.planned_memory())
+            })
+            .collect()
+    };
+    check(&case, reports);
+}
+
+fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool) -> Case {
+    Case {
+        classes,
+        gpus,
+        batch: 16,
+        dim: 32,
+        rate,
+        update,
+        momentum,
+    }
+}
+
+#[test]
+fn world_of_one_sparse_small_r_with_momentum() {
+    run(case(4000, 1, 0.1, UpdateMode::Sparse, true));
+}
+
+#[test]
+fn world_of_one_dense_model_parallel_without_optimizer() {
+    run(case(3001, 1, 1.0, UpdateMode::Dense, false));
+}
+
+#[test]
+fn world_of_three_uneven_shards_sparse_small_r() {
+    // 3001 = 1001 + 1000 + 1000: rank 0 holds the extra class
+    run(case(3001, 3, 0.05, UpdateMode::Sparse, true));
+}
+
+#[test]
+fn world_of_three_dense_model_parallel() {
+    run(case(2999, 3, 1.0, UpdateMode::Dense, true));
+}
+
+#[test]
+fn world_of_three_positives_floor_and_no_optimizer() {
+    // r so small that the worst-case positives (min(shard, N·k) = 48) set the sample size
+    run(Case {
+        batch: 16,
+        dim: 8,
+        ..case(5000, 3, 0.001, UpdateMode::Sparse, false)
+    });
+}
+
+#[test]
+fn world_of_three_dense_small_r_wide_dim() {
+    run(Case {
+        dim: 64,
+        batch: 8,
+        ..case(2000, 3, 0.25, UpdateMode::Dense, true)
+    });
+}

@@ -1,0 +1,146 @@
+//! `pfc plan` as a user runs it: the JSON contract scripts read, and bad input.
+
+use std::process::Command;
+
+fn pfc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(args)
+        .output()
+        .expect("run pfc")
+}
+
+const PAPER: [&str; 9] = [
+    "plan",
+    "--classes",
+    "29M",
+    "--gpus",
+    "8",
+    "--gpu-memory",
+    "32GiB",
+    "--sample-rate",
+    "0.1",
+];
+
+#[test]
+fn json_is_one_object_with_the_documented_keys() {
+    let mut args = PAPER.to_vec();
+    args.push("--json");
+    let out = pfc(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(json["total_bytes"].is_u64());
+    assert_eq!(json["fits"], true);
+    assert!(json["max_classes"].as_u64().unwrap() > 29_000_000);
+    let bound = json["upper_bound_classes"].as_u64().unwrap();
+    assert!(bound >= json["max_classes"].as_u64().unwrap());
+    assert!(json["upper_bound_gpus"].as_u64().unwrap() >= 1);
+    let components = json["components"].as_object().unwrap();
+    assert_eq!(components["logits"], 1024 * 362_500 * 4);
+    assert_eq!(components["weight_shard"], 3_625_000u64 * 512 * 4);
+    assert_eq!(components["reserved"], 0);
+    let sum: u64 = components.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(sum, json["total_bytes"].as_u64().unwrap());
+}
+
+#[test]
+fn table_ends_with_one_verdict_line() {
+    let out = pfc(&PAPER);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("weight_shard") && text.contains("logits"));
+    let verdicts: Vec<_> = text.lines().filter(|l| l.starts_with("verdict:")).collect();
+    assert_eq!(verdicts.len(), 1);
+    assert!(verdicts[0].contains("FITS"));
+    let tight = pfc(&[
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "8GiB",
+    ]);
+    assert!(String::from_utf8(tight.stdout)
+        .unwrap()
+        .contains("verdict: DOES NOT FIT"));
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_flag_and_exit_2() {
+    let cases: [(&str, &str, &str); 6] = [
+        ("--gpus", "0", "--gpus"),
+        ("--sample-rate", "1.5", "--sample-rate"),
+        ("--sample-rate", "x", "--sample-rate"),
+        ("--gpu-memory", "32XB", "--gpu-memory"),
+        ("--batch", "0", "--batch"),
+        ("--classes", "1.5", "--classes"),
+    ];
+    for (flag, value, named) in cases {
+        let mut args: Vec<&str> = vec![
+            "plan",
+            "--classes",
+            "29M",
+            "--gpus",
+            "8",
+            "--gpu-memory",
+            "32GiB",
+        ];
+        if let Some(i) = args.iter().position(|a| *a == flag) {
+            args[i + 1] = value;
+        } else {
+            args.extend([flag, value]);
+        }
+        let out = pfc(&args);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(named), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    // clap's own errors exit 2 as well
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "32GiB",
+        "--optimizer",
+        "lion",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn sweep_and_plot_write_an_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("memory.svg");
+    let mut args = PAPER.to_vec();
+    let svg_arg = svg.to_str().unwrap().to_string();
+    args.extend(["--sweep", "1M..100M", "--plot", &svg_arg, "--json"]);
+    let out = pfc(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sweep = json["sweep"].as_array().unwrap();
+    assert_eq!(sweep.first().unwrap()["classes"], 1_000_000);
+    assert_eq!(sweep.last().unwrap()["classes"], 100_000_000);
+    for p in sweep {
+        let mp = p["model_parallel_bytes"].as_u64().unwrap();
+        let pfc = p["partial_fc_bytes"].as_u64().unwrap();
+        let fused = p["fused_bytes"].as_u64().unwrap();
+        assert!(mp > pfc && pfc > fused);
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("device capacity"));
+}
