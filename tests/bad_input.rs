@@ -549,3 +549,119 @@ fn a_given_sample_missing_a_positive_on_one_of_three_ranks() {
         matches!(e, PfcError::Shape(_))
     });
 }
+
+/// A checkpoint that does not belong to the layer, or a damaged file, is a typed error and the
+/// layer keeps its weights, momentum and step counter; a matching checkpoint loads (control).
+#[test]
+fn checkpoints_of_another_layer_or_damaged_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    trained_layer().save(&good).unwrap();
+
+    let load_into_trained =
+        |what: &str, path: &std::path::Path, is_expected: fn(&PfcError) -> bool| {
+            let path = path.to_path_buf();
+            rejected(what, move |l| l.load(&path), is_expected);
+        };
+
+    // Another number of classes, hence another shard size.
+    let other = dir.path().join("other-classes.safetensors");
+    let cfg = LayerConfig {
+        num_classes: CLASSES + 7,
+        ..config()
+    };
+    PartialFc::new(cfg, CpuBackend, SingleRank)
+        .unwrap()
+        .save(&other)
+        .unwrap();
+    load_into_trained("another shard size", &other, |e| {
+        matches!(e, PfcError::Checkpoint { .. })
+    });
+
+    // Another dimension.
+    let other_dim = dir.path().join("other-dim.safetensors");
+    let cfg = LayerConfig {
+        dim: DIM + 1,
+        ..config()
+    };
+    PartialFc::new(cfg, CpuBackend, SingleRank)
+        .unwrap()
+        .save(&other_dim)
+        .unwrap();
+    load_into_trained("another dim", &other_dim, |e| {
+        matches!(e, PfcError::Checkpoint { .. })
+    });
+
+    // Rank 0 of a world of 2 (shard of 25) into a world of 1, and the reverse.
+    let ranks: Vec<_> = (0..2)
+        .map(|r| dir.path().join(format!("rank{r}.safetensors")))
+        .collect();
+    ThreadGroup::run(2, |comm| {
+        let rank = Collective::<CpuBackend>::rank(&comm);
+        let layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+        layer.save(&ranks[rank]).unwrap();
+    });
+    load_into_trained("another world size", &ranks[0], |e| {
+        matches!(e, PfcError::Checkpoint { .. })
+    });
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = Collective::<CpuBackend>::rank(&comm);
+        let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+        let before = snapshot(&layer);
+        let err = layer.load(&good).err();
+        let unchanged = snapshot(&layer).changed(&before).is_empty();
+        // Control: its own file loads.
+        (err, unchanged, layer.load(&ranks[rank]).is_ok())
+    });
+    for (rank, (err, unchanged, own_ok)) in results.into_iter().enumerate() {
+        assert!(
+            matches!(err, Some(PfcError::Checkpoint { .. })),
+            "rank {rank}: {err:?}"
+        );
+        assert!(unchanged && own_ok, "rank {rank}");
+    }
+
+    // Truncated files: cut in the payload, in the header, and to nothing.
+    let bytes = std::fs::read(&good).unwrap();
+    for (name, len) in [("payload", bytes.len() - 5), ("header", 20), ("empty", 0)] {
+        let path = dir.path().join(format!("truncated-{name}.safetensors"));
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        load_into_trained(&format!("truncated {name}"), &path, |e| {
+            matches!(e, PfcError::Format { .. } | PfcError::Checkpoint { .. })
+        });
+    }
+
+    // Corrupt files: garbage header, a header length past the end, random bytes.
+    let mut garbage_header = bytes.clone();
+    garbage_header[8..40].fill(b'#');
+    let mut huge_len = bytes.clone();
+    huge_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut rng = Rng::new(77);
+    let noise: Vec<u8> = (0..bytes.len()).map(|_| rng.next_u64() as u8).collect();
+    for (name, content) in [
+        ("header", garbage_header),
+        ("length", huge_len),
+        ("noise", noise),
+    ] {
+        let path = dir.path().join(format!("corrupt-{name}.safetensors"));
+        std::fs::write(&path, content).unwrap();
+        load_into_trained(&format!("corrupt {name}"), &path, |e| {
+            matches!(e, PfcError::Format { .. } | PfcError::Checkpoint { .. })
+        });
+    }
+
+    // A missing file is an I/O error with its path.
+    load_into_trained("missing file", &dir.path().join("nope.safetensors"), |e| {
+        matches!(e, PfcError::Io { .. })
+    });
+
+    // Control: the good checkpoint loads into a fresh layer and restores everything.
+    let saved = snapshot(&trained_layer());
+    let mut fresh = PartialFc::zeroed(config(), CpuBackend, SingleRank).unwrap();
+    fresh.load(&good).unwrap();
+    let restored = snapshot(&fresh);
+    assert_eq!(
+        (restored.weight, restored.momentum, restored.steps),
+        (saved.weight, saved.momentum, saved.steps)
+    );
+}
