@@ -479,7 +479,8 @@ fn assert_one_bad_rank(
 fn one_bad_rank_of_three() {
     let timeout = Duration::from_secs(20);
     type Spoil = fn(&mut Vec<f32>, &mut Vec<i64>);
-    let cases: [(&str, Spoil, fn(&PfcError) -> bool); 4] = [
+    type Case = (&'static str, Spoil, fn(&PfcError) -> bool);
+    let cases: [Case; 4] = [
         (
             "label",
             |_, l| l[0] = CLASSES as i64,

@@ -327,3 +327,15 @@ fn hard_negatives_through_the_layer_are_the_top_scores() {
 fn hard_negatives_ignore_the_padding_of_a_ragged_batch() {
     hard_negatives_through_the_layer(1, 16, 0.8);
 }
+
+/// A shard with no positive in the gathered batch and floor(r · shard) = 0 samples nothing; it
+/// must say so, not trip over an empty selection (proptest found this case: `radix select` of the
+/// 0-th largest key).
+#[test]
+fn a_shard_without_positives_at_r_zero_samples_nothing() {
+    let labels = vec![-1i32; 6];
+    let a = args(40, 0.0, labels.len(), 5, 0);
+    let (sampled, remapped) = draw(&a, &labels, None);
+    assert!(sampled.is_empty());
+    assert_eq!(remapped, labels);
+}
