@@ -41,12 +41,15 @@ extern "C" __global__ void normalize_backward(float* grad, const float* x_hat, c
     for (int k = threadIdx.x; k < dim; k += blockDim.x) g[k] = (g[k] - xh[k] * dot) * inv;
 }
 
-// scores[c] = max_j cosines[c, j]: the hard-negative score of each class of a chunk
-// (src/cpu/hard_negatives.rs, after its GEMM).
-extern "C" __global__ void row_max_into(const float* cosines, int len, int cols, float* scores) {
+// scores[c] = max_j cosines[c, j] over the real rows j (label >= 0; −1 marks the padding of a
+// ragged batch): the hard-negative score of each class of a chunk (src/cpu/hard_negatives.rs,
+// after its GEMM).
+extern "C" __global__ void row_max_into(const float* cosines, const long long* row_labels, int len,
+                                        int cols, float* scores) {
     size_t row = blockIdx.x;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, cosines[row * cols + j]);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        if (row_labels[j] >= 0) m = fmaxf(m, cosines[row * cols + j]);
     m = block_max(m);
     if (threadIdx.x == 0) scores[row] = m;
 }

@@ -433,7 +433,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             None => Vec::new(),
         };
         let real_rows = self.agree_on_input(own, labels.len())?;
-        self.pending = None;
 
         let b = &self.backend;
         let x = &mut self.bufs;
@@ -471,17 +470,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let s = match given {
             Some(_) => {
                 let mut local = b.download(&x.local_labels, m)?;
+                let mut missing = None;
                 for (row, l) in local.iter_mut().enumerate().filter(|(_, l)| **l >= 0) {
-                    *l = local_sample
-                        .binary_search(l)
-                        .map(|p| p as i32)
-                        .map_err(|_| {
-                            PfcError::Shape(format!(
+                    match local_sample.binary_search(l) {
+                        Ok(p) => *l = p as i32,
+                        Err(_) => {
+                            missing.get_or_insert(PfcError::Shape(format!(
                                 "the given sample misses class {} (label of gathered row {row})",
                                 *l as u64 + self.shard.start
-                            ))
-                        })?;
+                            )));
+                        }
+                    }
                 }
+                // Only the rank that holds the class can tell; every rank must learn it before
+                // any returns, or the others wait in the next collective (or pair it with the
+                // wrong call). Nothing observable has changed yet.
+                self.agree_on_input(missing, 0)?;
+                let (b, x) = (&self.backend, &mut self.bufs);
                 b.upload(&local, &mut x.local_labels)?;
                 b.upload(&local_sample, &mut x.sampled_index)?;
                 local_sample.len()
@@ -493,7 +498,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 };
                 let scores = match (&mut x.scores, &mut x.chunk_weights, &mut x.chunk_cosines) {
                     (Some(scores), Some(cw), Some(cc)) if self.config.sample_rate < 1.0 => {
-                        b.class_max_cosine(&x.weight, shard_len, d, &x.x_hat, m, cw, cc, scores)?;
+                        b.class_max_cosine(
+                            &x.weight,
+                            shard_len,
+                            d,
+                            &x.x_hat,
+                            &x.gathered_labels,
+                            m,
+                            cw,
+                            cc,
+                            scores,
+                        )?;
                         Some(&*scores)
                     }
                     _ => None,
@@ -517,6 +532,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         };
         self.step += 1;
+        self.pending = None;
+        let (b, x) = (&self.backend, &mut self.bufs);
 
         // 4. Sampled, normalized centers and the cosine logits.
         b.gather_normalize_rows(

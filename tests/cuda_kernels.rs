@@ -454,13 +454,27 @@ fn class_max_cosine_matches_cpu() {
     CpuBackend
         .normalize_rows(&x, rows, dim, &mut xh, &mut xn)
         .unwrap();
+    // The last rows are the padding of a ragged batch (label −1): they must not count.
+    let labels: Vec<i64> = (0..rows as i64)
+        .map(|i| if i < 33 { i * 7 } else { -1 })
+        .collect();
     let (mut cw, mut cc, mut scores) = (
         vec![0f32; chunk * dim],
         vec![0f32; chunk * rows],
         vec![0f32; shard],
     );
     CpuBackend
-        .class_max_cosine(&w, shard, dim, &xh, rows, &mut cw, &mut cc, &mut scores)
+        .class_max_cosine(
+            &w,
+            shard,
+            dim,
+            &xh,
+            &labels,
+            rows,
+            &mut cw,
+            &mut cc,
+            &mut scores,
+        )
         .unwrap();
     let (mut gcw, mut gcc, mut gscores) = (
         g.alloc(chunk * dim).unwrap(),
@@ -472,6 +486,7 @@ fn class_max_cosine_matches_cpu() {
         shard,
         dim,
         &up(&g, &xh),
+        &up(&g, &labels),
         rows,
         &mut gcw,
         &mut gcc,

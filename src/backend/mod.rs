@@ -114,7 +114,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<usize>;
 
     /// Per class of the shard, its best cosine against any of the `rows` normalized embeddings
-    /// (the hard-negative score), computed `chunk` classes at a time in the given scratch.
+    /// (the hard-negative score), computed `chunk` classes at a time in the given scratch. Rows
+    /// whose gathered label is −1 are padding of a ragged batch and are skipped.
     #[allow(clippy::too_many_arguments)]
     fn class_max_cosine(
         &self,
@@ -122,6 +123,7 @@ pub trait Backend: Send + Sync + 'static {
         shard_len: usize,
         dim: usize,
         x_hat: &Self::Buf<f32>,
+        row_labels: &Self::Buf<i64>,
         rows: usize,
         chunk_weights: &mut Self::Buf<f32>,
         chunk_cosines: &mut Self::Buf<f32>,

@@ -6,13 +6,15 @@ use rayon::prelude::*;
 
 /// Per class of the shard, its best cosine against any of the `rows` normalized embeddings,
 /// computed `chunk_weights.len() / dim` classes at a time so the full `rows × shard` matrix is
-/// never held.
+/// never held. Rows labelled −1 are the padding of a ragged batch (zero embeddings, cosine 0)
+/// and do not count: with them a class whose real best cosine is negative would score 0.
 #[allow(clippy::too_many_arguments)]
 pub fn class_max_cosine(
     weight: &[f32],
     shard_len: usize,
     dim: usize,
     x_hat: &[f32],
+    row_labels: &[i64],
     rows: usize,
     chunk_weights: &mut [f32],
     chunk_cosines: &mut [f32],
@@ -29,6 +31,12 @@ pub fn class_max_cosine(
         scores[start..start + len]
             .par_iter_mut()
             .zip(chunk_cosines[..len * rows].par_chunks(rows.max(1)))
-            .for_each(|(s, cos)| *s = cos.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            .for_each(|(s, cos)| {
+                *s = cos
+                    .iter()
+                    .zip(&row_labels[..rows])
+                    .filter(|(_, &label)| label >= 0)
+                    .fold(f32::NEG_INFINITY, |m, (&c, _)| m.max(c))
+            });
     }
 }

@@ -180,6 +180,10 @@ pub fn sample_classes(
         }
         args.num_sample
     };
+    if total == 0 {
+        // No positive here and floor(r · shard) = 0: nothing to select (every label is −1).
+        return 0;
+    }
     let threshold = radix_select_kth_largest(keys, total);
     let n = compact_selected(keys, threshold, sampled);
     debug_assert_eq!(n, total);

@@ -436,12 +436,14 @@ impl Backend for CudaBackend {
         shard_len: usize,
         dim: usize,
         x_hat: &CudaSlice<f32>,
+        row_labels: &CudaSlice<i64>,
         rows: usize,
         chunk_weights: &mut CudaSlice<f32>,
         chunk_cosines: &mut CudaSlice<f32>,
         scores: &mut CudaSlice<f32>,
     ) -> Result<()> {
         need(weight, shard_len * dim, "class_max_cosine weight")?;
+        need(row_labels, rows, "class_max_cosine row_labels")?;
         need(x_hat, rows * dim, "class_max_cosine x_hat")?;
         need(scores, shard_len, "class_max_cosine scores")?;
         if shard_len == 0 || rows == 0 || dim == 0 {
@@ -495,6 +497,7 @@ impl Backend for CudaBackend {
                 "row_max_into",
                 per_row(len),
                 &*chunk_cosines,
+                row_labels,
                 &len_i,
                 &rows_i,
                 &mut out
