@@ -118,7 +118,9 @@ impl CudaBackend {
             .compute_capability()
             .map_err(dev("compute capability"))?;
         let device_name = ctx.name().map_err(dev("device name"))?;
-        let stream = ctx.default_stream();
+        // A stream of its own, not the legacy default stream: several backends on one device
+        // (virtual ranks, several NCCL ranks per GPU) must not serialize behind each other.
+        let stream = ctx.new_stream().map_err(dev("creating a stream"))?;
         let arch = format!("sm_{}{}", compute_capability.0, compute_capability.1);
         let mut kernels = HashMap::new();
         for (family, image) in compile::compiled_families(&arch)? {
