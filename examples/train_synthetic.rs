@@ -276,11 +276,20 @@ fn run(args: Args) -> Result<(), PfcError> {
         .validate()?;
     }
     if let Some(path) = &args.plot {
-        // Fail now, not after minutes of training.
-        std::fs::write(path, b"").map_err(|source| PfcError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // Fail now, not after minutes of training (and write nothing until the end).
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(PfcError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the folder of the plot does not exist",
+                ),
+            });
+        }
     }
     println!(
         "{} training identities × {} samples, {} held out; MLP {} → {} → {}; Partial FC over {} \

@@ -125,6 +125,14 @@ impl TrainConfig {
         if self.samples_per_identity == 0 {
             return Err(PfcError::param("samples_per_identity", 0, "must be >= 1"));
         }
+        let dataset = self.identities * u64::from(self.samples_per_identity);
+        if dataset > u64::from(u32::MAX) {
+            return Err(PfcError::param(
+                "samples_per_identity",
+                self.samples_per_identity,
+                format!("identities × samples = {dataset} exceeds 2^32 - 1"),
+            ));
+        }
         if self.eval_identities < 2 || self.eval_samples_per_identity < 2 {
             return Err(PfcError::param(
                 "eval",
