@@ -4,7 +4,7 @@
 //! - [`data`]: deterministic synthetic identities, held-out identities for evaluation.
 //! - [`backbone`]: a two-layer MLP trained with plain SGD.
 //! - [`metrics`]: TAR at FAR over genuine/impostor pairs, 1:N identification top-1.
-//! - [`train`]: the driver, a shared backbone and a Partial FC head sharded over thread ranks.
+//! - [`mod@train`]: the driver, a shared backbone and a Partial FC head sharded over thread ranks.
 //! - [`plot`]: loss curves as SVG.
 
 pub mod backbone;
