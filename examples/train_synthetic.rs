@@ -131,7 +131,7 @@ struct Args {
 }
 
 impl Args {
-    fn config(&self) -> TrainConfig {
+    fn config(&self) -> Result<TrainConfig, PfcError> {
         let margin = match self.margin {
             MarginArg::Arcface => {
                 Margin::combined(self.scale, 1.0, self.margin_value.unwrap_or(0.5), 0.0)
@@ -167,9 +167,9 @@ impl Args {
             seed: self.seed,
         };
         if let Some(epochs) = self.epochs {
-            cfg.steps = cfg.steps_for_epochs(epochs);
+            cfg.steps = cfg.steps_for_epochs(epochs)?;
         }
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -261,7 +261,7 @@ fn summary(cfg: &TrainConfig, r: &TrainReport) {
 
 fn run(args: Args) -> Result<(), PfcError> {
     check_backend(args.backend)?;
-    let base = args.config();
+    let base = args.config()?;
     base.validate()?;
     let rates = if args.compare_rates.is_empty() {
         vec![base.sample_rate]

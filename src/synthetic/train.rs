@@ -28,6 +28,11 @@ use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
 use std::time::{Duration, Instant};
 
+/// Most steps a run may ask for (the loss history is kept in memory).
+pub const MAX_STEPS: usize = 100_000_000;
+/// Largest batch per rank, hidden width or embedding dimension accepted.
+pub const MAX_WIDTH: usize = 1 << 16;
+
 /// Everything a training run depends on; the same config and seed give the same run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -90,9 +95,22 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Steps that make `epochs` passes over the training set.
-    pub fn steps_for_epochs(&self, epochs: f64) -> usize {
+    /// Steps that make `epochs` passes over the training set; an error unless `epochs` is
+    /// finite and > 0.
+    pub fn steps_for_epochs(&self, epochs: f64) -> Result<usize> {
+        if !(epochs.is_finite() && epochs > 0.0) {
+            return Err(PfcError::param("epochs", epochs, "must be finite and > 0"));
+        }
         let per_epoch = self.identities as f64 * f64::from(self.samples_per_identity);
-        (epochs * per_epoch / (self.ranks * self.batch_per_rank) as f64).ceil() as usize
+        let steps = (epochs * per_epoch / self.global_batch().max(1) as f64).ceil();
+        if steps > MAX_STEPS as f64 {
+            return Err(PfcError::param(
+                "epochs",
+                epochs,
+                format!("{steps} steps exceed {MAX_STEPS}"),
+            ));
+        }
+        Ok(steps as usize)
     }
 
     /// Global batch size.
@@ -151,8 +169,25 @@ impl TrainConfig {
                 "at most 20000 evaluation samples (all pairs are scored)",
             ));
         }
-        if self.steps == 0 {
-            return Err(PfcError::param("steps", 0, "must be >= 1"));
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(PfcError::param(
+                "steps",
+                self.steps,
+                format!("must lie in [1, {MAX_STEPS}]"),
+            ));
+        }
+        for (name, v) in [
+            ("batch_per_rank", self.batch_per_rank),
+            ("hidden_dim", self.hidden_dim),
+            ("embedding_dim", self.embedding_dim),
+        ] {
+            if v == 0 || v > MAX_WIDTH {
+                return Err(PfcError::param(
+                    name,
+                    v,
+                    format!("must lie in [1, {MAX_WIDTH}]"),
+                ));
+            }
         }
         for (name, lr) in [("lr", self.lr), ("fc_lr", self.fc_lr)] {
             if !(lr.is_finite() && lr >= 0.0) {
@@ -407,7 +442,10 @@ mod tests {
         assert_eq!(cfg.lr_factor(1), 1.0);
         assert_eq!(cfg.lr_factor(2), 1.0);
         assert!((cfg.lr_factor(9) - 0.125).abs() < 1e-6);
-        assert_eq!(cfg.steps_for_epochs(1.0), 20_000 * 8 / 512 + 1);
+        assert_eq!(cfg.steps_for_epochs(1.0).unwrap(), 20_000 * 8 / 512 + 1);
+        assert!(cfg.steps_for_epochs(f64::NAN).is_err());
+        assert!(cfg.steps_for_epochs(-1.0).is_err());
+        assert!(cfg.steps_for_epochs(1e30).is_err());
     }
 
     #[test]
@@ -428,6 +466,20 @@ mod tests {
             },
             TrainConfig {
                 steps: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                steps: usize::MAX,
+                ..ok.clone()
+            },
+            TrainConfig {
+                batch_per_rank: 1 << 20,
+                ..ok.clone()
+            },
+            TrainConfig {
+                identities: u64::from(u32::MAX),
+                samples_per_identity: 2,
+                ranks: 1,
                 ..ok.clone()
             },
             TrainConfig {
