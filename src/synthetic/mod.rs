@@ -1,1 +1,16 @@
-//! Synthetic identities, a small backbone and verification metrics for the training demo.
+//! Synthetic identities, a small backbone and verification metrics for the training demo
+//! (`cargo run --release --example train_synthetic`).
+//!
+//! - [`data`]: deterministic synthetic identities, held-out identities for evaluation.
+//! - [`backbone`]: a two-layer MLP trained with plain SGD.
+//! - [`metrics`]: TAR at FAR over genuine/impostor pairs, 1:N identification top-1.
+//! - [`mod@train`]: the driver, a shared backbone and a Partial FC head sharded over thread ranks.
+//! - [`plot`]: loss curves as SVG.
+
+pub mod backbone;
+pub mod data;
+pub mod metrics;
+pub mod plot;
+pub mod train;
+
+pub use train::{train, StepEvent, TrainConfig, TrainReport};

@@ -1,0 +1,241 @@
+//! A two-layer MLP backbone, `x → ReLU(x·W1 + b1) → ·W2 + b2`, trained with plain SGD.
+//!
+//! Batched forward and backward through the crate's CPU GEMMs (the `gemm` crate, multi-threaded
+//! over rayon); the element-wise parts run in parallel over rows.
+
+use crate::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
+use crate::error::{PfcError, Result};
+use crate::rng::philox4x32_10;
+use rayon::prelude::*;
+
+/// The MLP's parameters.
+///
+/// ```
+/// use partial_fc::synthetic::backbone::Mlp;
+/// let mut mlp = Mlp::new(4, 8, 3, 0).unwrap();
+/// let x = vec![0.5f32; 2 * 4];
+/// let fwd = mlp.forward(&x, 2).unwrap();
+/// assert_eq!(fwd.output.len(), 2 * 3);
+/// mlp.backward_sgd(&x, &fwd, &[0.1; 6], 0.01).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    input: usize,
+    hidden: usize,
+    output: usize,
+    /// `input × hidden`, row-major.
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    /// `hidden × output`, row-major.
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+/// What the backward pass needs from a forward pass.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Rows of the batch.
+    pub rows: usize,
+    /// Hidden activations after ReLU, `rows × hidden`.
+    pub hidden: Vec<f32>,
+    /// Embeddings, `rows × output`.
+    pub output: Vec<f32>,
+}
+
+/// Uniform values in [-bound, bound) keyed by (seed, layer).
+fn uniform(seed: u64, layer: u32, len: usize, bound: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    out.par_chunks_mut(4).enumerate().for_each(|(i, quad)| {
+        let bits = philox4x32_10(
+            [i as u32, (i >> 32) as u32, layer, 0x0b1a_5000],
+            [seed as u32, (seed >> 32) as u32],
+        );
+        for (o, b) in quad.iter_mut().zip(bits) {
+            *o = (b as f32 / 4_294_967_296.0 * 2.0 - 1.0) * bound;
+        }
+    });
+    out
+}
+
+impl Mlp {
+    /// He-uniform initialization of both layers (variance 2/fan_in), zero biases.
+    pub fn new(input: usize, hidden: usize, output: usize, seed: u64) -> Result<Mlp> {
+        for (name, v) in [
+            ("input", input),
+            ("hidden", hidden),
+            ("embedding_dim", output),
+        ] {
+            if v == 0 {
+                return Err(PfcError::param(name, v, "must be >= 1"));
+            }
+        }
+        let he = |fan_in: usize| (6.0 / fan_in as f32).sqrt();
+        Ok(Mlp {
+            input,
+            hidden,
+            output,
+            w1: uniform(seed, 1, input * hidden, he(input)),
+            b1: vec![0.0; hidden],
+            w2: uniform(seed, 2, hidden * output, he(hidden)),
+            b2: vec![0.0; output],
+        })
+    }
+
+    /// Input dimension.
+    pub fn input_dim(&self) -> usize {
+        self.input
+    }
+
+    /// Embedding (output) dimension.
+    pub fn output_dim(&self) -> usize {
+        self.output
+    }
+
+    /// Embeddings of `rows` inputs (`rows × input`).
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Forward> {
+        if x.len() != rows * self.input {
+            return Err(PfcError::Shape(format!(
+                "MLP input of {} values for {rows} rows of {}",
+                x.len(),
+                self.input
+            )));
+        }
+        let (h, o) = (self.hidden, self.output);
+        let mut hidden = vec![0.0f32; rows * h];
+        gemm_nn(rows, h, self.input, x, &self.w1, &mut hidden);
+        hidden.par_chunks_mut(h).for_each(|row| {
+            for (v, b) in row.iter_mut().zip(&self.b1) {
+                *v = (*v + b).max(0.0);
+            }
+        });
+        let mut output = vec![0.0f32; rows * o];
+        gemm_nn(rows, o, h, &hidden, &self.w2, &mut output);
+        output.par_chunks_mut(o).for_each(|row| {
+            row.iter_mut().zip(&self.b2).for_each(|(v, b)| *v += b);
+        });
+        Ok(Forward {
+            rows,
+            hidden,
+            output,
+        })
+    }
+
+    /// Backpropagates `grad_output` (d loss / d embeddings, `rows × output`) and takes one plain
+    /// SGD step `θ ← θ − lr·∇θ`.
+    pub fn backward_sgd(
+        &mut self,
+        x: &[f32],
+        fwd: &Forward,
+        grad_output: &[f32],
+        lr: f32,
+    ) -> Result<()> {
+        let (n, d, h, o) = (fwd.rows, self.input, self.hidden, self.output);
+        if x.len() != n * d || grad_output.len() != n * o || fwd.hidden.len() != n * h {
+            return Err(PfcError::Shape(format!(
+                "MLP backward: {} inputs, {} output grads for {n} rows of {d} → {o}",
+                x.len(),
+                grad_output.len()
+            )));
+        }
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
+        }
+        // Layer 2: dW2 = Hᵀ·dY, db2 = Σ dY, dH = dY·W2ᵀ masked by ReLU.
+        let mut grad_w2 = vec![0.0f32; h * o];
+        gemm_tn(h, o, n, &fwd.hidden, grad_output, &mut grad_w2);
+        let grad_b2 = column_sums(grad_output, o);
+        let mut grad_hidden = vec![0.0f32; n * h];
+        gemm_nt(n, h, o, grad_output, &self.w2, &mut grad_hidden);
+        grad_hidden
+            .par_iter_mut()
+            .zip(fwd.hidden.par_iter())
+            .for_each(|(g, &a)| {
+                if a <= 0.0 {
+                    *g = 0.0;
+                }
+            });
+        // Layer 1: dW1 = Xᵀ·dH, db1 = Σ dH.
+        let mut grad_w1 = vec![0.0f32; d * h];
+        gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1);
+        let grad_b1 = column_sums(&grad_hidden, h);
+
+        let sgd = |w: &mut [f32], g: &[f32]| {
+            w.par_iter_mut().zip(g.par_iter()).for_each(|(w, g)| {
+                *w -= lr * g;
+            })
+        };
+        sgd(&mut self.w1, &grad_w1);
+        sgd(&mut self.b1, &grad_b1);
+        sgd(&mut self.w2, &grad_w2);
+        sgd(&mut self.b2, &grad_b2);
+        Ok(())
+    }
+}
+
+fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f32; cols];
+    for row in m.chunks(cols) {
+        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loss = Σ y·c for a fixed c, so d loss / d y = c: compare the SGD step's parameter change
+    /// with a central finite difference of the loss.
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (n, d, h, o) = (3, 5, 7, 4);
+        let mlp = Mlp::new(d, h, o, 9).unwrap();
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let c: Vec<f32> = (0..n * o)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let loss = |m: &Mlp| -> f64 {
+            let y = m.forward(&x, n).unwrap().output;
+            y.iter().zip(&c).map(|(a, b)| f64::from(a * b)).sum()
+        };
+        let fwd = mlp.forward(&x, n).unwrap();
+        let mut stepped = mlp.clone();
+        stepped.backward_sgd(&x, &fwd, &c, 1.0).unwrap();
+        let eps = 1e-2f32;
+        for (which, idx) in [(1, 0), (1, 17), (2, 3), (2, 20), (3, 2), (4, 1)] {
+            let (mut plus, mut minus) = (mlp.clone(), mlp.clone());
+            *param(&mut plus, which, idx) += eps;
+            *param(&mut minus, which, idx) -= eps;
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * f64::from(eps));
+            let analytic =
+                f64::from(*param(&mut mlp.clone(), which, idx) - *param(&mut stepped, which, idx));
+            assert!(
+                (numeric - analytic).abs() < 1e-2 * (1.0 + numeric.abs()),
+                "param {which}[{idx}]: numeric {numeric}, analytic {analytic}"
+            );
+        }
+    }
+
+    fn param(m: &mut Mlp, which: u8, idx: usize) -> &mut f32 {
+        match which {
+            1 => &mut m.w1[idx],
+            2 => &mut m.w2[idx],
+            3 => &mut m.b1[idx],
+            _ => &mut m.b2[idx],
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let mut mlp = Mlp::new(2, 3, 2, 0).unwrap();
+        assert!(mlp.forward(&[1.0; 3], 2).is_err());
+        let fwd = mlp.forward(&[1.0; 4], 2).unwrap();
+        assert!(mlp.backward_sgd(&[1.0; 4], &fwd, &[0.0; 3], 0.1).is_err());
+        assert!(mlp
+            .backward_sgd(&[1.0; 4], &fwd, &[0.0; 4], f32::NAN)
+            .is_err());
+        assert!(Mlp::new(0, 3, 2, 0).is_err());
+    }
+}

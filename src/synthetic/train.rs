@@ -1,0 +1,534 @@
+//! The training driver: a shared MLP backbone, a Partial FC head sharded over k thread ranks.
+//!
+//! # Data-parallel structure
+//!
+//! Real Partial FC training runs one backbone replica per GPU, each on its own slice of the
+//! global batch, and averages the backbone gradients (DDP). Here the k ranks are threads of one
+//! process, so the backbone replicas are collapsed into one, which computes exactly the same thing:
+//!
+//! 1. the main thread draws the global batch (`k · batch_per_rank` samples) and runs the backbone
+//!    forward on all of it;
+//! 2. rows `r·n .. (r+1)·n` go to rank r; the k ranks run [`PartialFc::forward_backward`] and
+//!    [`PartialFc::step`] on their own threads, talking through the [`ThreadGroup`] collective
+//!    (all-gather of embeddings, all-reduce of the softmax normalizers, reduce-scatter of the
+//!    embedding gradient);
+//! 3. each rank's `grad_embeddings` is the gradient of the *global* mean loss w.r.t. its own rows,
+//!    so concatenating them in rank order gives the full gradient w.r.t. the global batch's
+//!    embeddings: no factor k (that factor, [`PartialFc::data_parallel_grad_factor`], only
+//!    compensates DDP's averaging, which a single shared backbone does not do);
+//! 4. the main thread backpropagates once through the backbone and takes a plain SGD step.
+
+use super::backbone::Mlp;
+use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticIdentities};
+use super::metrics::{evaluate, EvalMetrics};
+use crate::collective::{ThreadCollective, ThreadGroup};
+use crate::config::{LayerConfig, Margin};
+use crate::cpu::CpuBackend;
+use crate::error::{PfcError, Result};
+use crate::layer::{PartialFc, StepOutput};
+use std::time::{Duration, Instant};
+
+/// Most steps a run may ask for (the loss history is kept in memory).
+pub const MAX_STEPS: usize = 100_000_000;
+/// Largest batch per rank, hidden width or embedding dimension accepted.
+pub const MAX_WIDTH: usize = 1 << 16;
+
+/// Everything a training run depends on; the same config and seed give the same run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Training identities (= classes of the Partial FC layer).
+    pub identities: u64,
+    /// Views of each training identity (the dataset has `identities × samples_per_identity`).
+    pub samples_per_identity: u32,
+    /// Held-out identities for evaluation (never seen in training).
+    pub eval_identities: u64,
+    /// Views of each held-out identity.
+    pub eval_samples_per_identity: u32,
+    /// The synthetic task.
+    pub generator: GeneratorConfig,
+    /// Hidden width of the MLP.
+    pub hidden_dim: usize,
+    /// Embedding dimension.
+    pub embedding_dim: usize,
+    /// Ranks the classifier is sharded over (threads).
+    pub ranks: usize,
+    /// Samples per rank per step (the global batch is `ranks × batch_per_rank`).
+    pub batch_per_rank: usize,
+    /// Partial FC sample rate r.
+    pub sample_rate: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate of the backbone (plain SGD).
+    pub lr: f32,
+    /// Peak learning rate of the classifier (SGD, momentum 0.9, weight decay 5e-4).
+    pub fc_lr: f32,
+    /// Steps of linear warm-up; afterwards both rates decay linearly to 0.
+    pub warmup_steps: usize,
+    /// Margin of the softmax.
+    pub margin: Margin,
+    /// Seed of the data, the backbone initialization and the class sampler.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            identities: 20_000,
+            samples_per_identity: 8,
+            eval_identities: 1_000,
+            eval_samples_per_identity: 5,
+            generator: GeneratorConfig::default(),
+            hidden_dim: 512,
+            embedding_dim: 128,
+            ranks: 4,
+            batch_per_rank: 128,
+            sample_rate: 0.1,
+            steps: 1200,
+            lr: 0.1,
+            fc_lr: 0.2,
+            warmup_steps: 20,
+            margin: Margin::arcface(),
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Steps that make `epochs` passes over the training set.
+    /// Steps that make `epochs` passes over the training set; an error unless `epochs` is
+    /// finite and > 0.
+    pub fn steps_for_epochs(&self, epochs: f64) -> Result<usize> {
+        if !(epochs.is_finite() && epochs > 0.0) {
+            return Err(PfcError::param("epochs", epochs, "must be finite and > 0"));
+        }
+        let per_epoch = self.identities as f64 * f64::from(self.samples_per_identity);
+        let steps = (epochs * per_epoch / self.global_batch().max(1) as f64).ceil();
+        if steps > MAX_STEPS as f64 {
+            return Err(PfcError::param(
+                "epochs",
+                epochs,
+                format!("{steps} steps exceed {MAX_STEPS}"),
+            ));
+        }
+        Ok(steps as usize)
+    }
+
+    /// Global batch size.
+    pub fn global_batch(&self) -> usize {
+        self.ranks * self.batch_per_rank
+    }
+
+    /// The learning-rate multiplier at `step`: linear warm-up, then linear decay to 0.
+    pub fn lr_factor(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            (step + 1) as f32 / self.warmup_steps as f32
+        } else {
+            let rest = self.steps.saturating_sub(self.warmup_steps).max(1);
+            1.0 - (step - self.warmup_steps) as f32 / rest as f32
+        }
+    }
+
+    /// Checks every field (the layer and generator check their own).
+    pub fn validate(&self) -> Result<()> {
+        if self.ranks == 0 || self.ranks > 256 {
+            return Err(PfcError::param("ranks", self.ranks, "must lie in [1, 256]"));
+        }
+        if self.identities < self.ranks as u64 || self.identities > i32::MAX as u64 {
+            return Err(PfcError::param(
+                "identities",
+                self.identities,
+                format!("must lie in [ranks = {}, 2^31 - 1]", self.ranks),
+            ));
+        }
+        if self.samples_per_identity == 0 {
+            return Err(PfcError::param("samples_per_identity", 0, "must be >= 1"));
+        }
+        let dataset = self.identities * u64::from(self.samples_per_identity);
+        if dataset > u64::from(u32::MAX) {
+            return Err(PfcError::param(
+                "samples_per_identity",
+                self.samples_per_identity,
+                format!("identities × samples = {dataset} exceeds 2^32 - 1"),
+            ));
+        }
+        if self.eval_identities < 2 || self.eval_samples_per_identity < 2 {
+            return Err(PfcError::param(
+                "eval",
+                format!(
+                    "{} identities × {} samples",
+                    self.eval_identities, self.eval_samples_per_identity
+                ),
+                "evaluation needs >= 2 held-out identities with >= 2 samples each",
+            ));
+        }
+        let eval_rows = self.eval_identities * u64::from(self.eval_samples_per_identity);
+        if eval_rows > 20_000 {
+            return Err(PfcError::param(
+                "eval",
+                eval_rows,
+                "at most 20000 evaluation samples (all pairs are scored)",
+            ));
+        }
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(PfcError::param(
+                "steps",
+                self.steps,
+                format!("must lie in [1, {MAX_STEPS}]"),
+            ));
+        }
+        for (name, v) in [
+            ("batch_per_rank", self.batch_per_rank),
+            ("hidden_dim", self.hidden_dim),
+            ("embedding_dim", self.embedding_dim),
+        ] {
+            if v == 0 || v > MAX_WIDTH {
+                return Err(PfcError::param(
+                    name,
+                    v,
+                    format!("must lie in [1, {MAX_WIDTH}]"),
+                ));
+            }
+        }
+        for (name, lr) in [("lr", self.lr), ("fc_lr", self.fc_lr)] {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(PfcError::param(name, lr, "must be finite and >= 0"));
+            }
+        }
+        self.generator.validate()?;
+        self.layer_config().validate(self.ranks)
+    }
+
+    fn layer_config(&self) -> LayerConfig {
+        let mut cfg = LayerConfig::new(self.identities, self.embedding_dim, self.batch_per_rank);
+        cfg.sample_rate = self.sample_rate;
+        cfg.margin = self.margin;
+        cfg.seed = self.seed;
+        cfg
+    }
+}
+
+/// Progress of one step, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepEvent {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps in the run.
+    pub total: usize,
+    /// This step's loss.
+    pub loss: f32,
+    /// Samples trained on so far.
+    pub samples: usize,
+    /// Time since training began (evaluation excluded).
+    pub elapsed: Duration,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The sample rate it ran with.
+    pub sample_rate: f64,
+    /// Loss of every step.
+    pub losses: Vec<f32>,
+    /// Held-out metrics of cosine similarity on the raw inputs (how hard the task is).
+    pub raw_input: EvalMetrics,
+    /// Held-out metrics of the untrained backbone.
+    pub before: EvalMetrics,
+    /// Held-out metrics after training.
+    pub after: EvalMetrics,
+    /// Classes sampled per step, summed over ranks (last step).
+    pub sampled_classes: usize,
+    /// Wall time of the training steps.
+    pub train_time: Duration,
+    /// Of which: data generation and backbone forward/backward.
+    pub backbone_time: Duration,
+    /// Of which: the k ranks' Partial FC forward/backward and optimizer step.
+    pub layer_time: Duration,
+}
+
+impl TrainReport {
+    /// Mean wall time of one training step.
+    pub fn step_time(&self) -> Duration {
+        self.train_time / self.losses.len().max(1) as u32
+    }
+
+    /// Mean loss of the first and the last `window` steps.
+    pub fn loss_drop(&self, window: usize) -> (f32, f32) {
+        let w = window.clamp(1, self.losses.len().max(1));
+        let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
+        (
+            mean(&self.losses[..w.min(self.losses.len())]),
+            mean(&self.losses[self.losses.len().saturating_sub(w)..]),
+        )
+    }
+}
+
+fn embed_and_evaluate(mlp: &Mlp, x: &[f32], labels: &[u64]) -> Result<EvalMetrics> {
+    let fwd = mlp.forward(x, labels.len())?;
+    evaluate(&fwd.output, labels, mlp.output_dim())
+}
+
+/// Trains the backbone and the sharded classifier, evaluating on held-out identities before and
+/// after; `on_step` is called after every step.
+///
+/// ```
+/// use partial_fc::synthetic::train::{train, TrainConfig};
+/// let cfg = TrainConfig {
+///     identities: 64,
+///     samples_per_identity: 2,
+///     eval_identities: 8,
+///     eval_samples_per_identity: 2,
+///     hidden_dim: 16,
+///     embedding_dim: 8,
+///     ranks: 2,
+///     batch_per_rank: 8,
+///     steps: 3,
+///     warmup_steps: 1,
+///     ..TrainConfig::default()
+/// };
+/// let report = train(&cfg, &mut |_| {}).unwrap();
+/// assert_eq!(report.losses.len(), 3);
+/// ```
+pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepEvent)) -> Result<TrainReport> {
+    cfg.validate()?;
+    let gen = SyntheticIdentities::new(cfg.generator.clone(), cfg.seed)?;
+    let mut mlp = Mlp::new(
+        cfg.generator.input_dim,
+        cfg.hidden_dim,
+        cfg.embedding_dim,
+        cfg.seed,
+    )?;
+
+    // Held-out identities come after the training ones: ids never used as labels.
+    let eval_ids = all_views(
+        cfg.identities,
+        cfg.eval_identities,
+        cfg.eval_samples_per_identity,
+    );
+    let eval_x = gen.generate(&eval_ids);
+    let eval_labels: Vec<u64> = eval_ids.iter().map(|s| s.identity).collect();
+    let raw_input = evaluate(&eval_x, &eval_labels, cfg.generator.input_dim)?;
+    let before = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
+
+    let layer_cfg = cfg.layer_config();
+    let mut layers = ThreadGroup::new(cfg.ranks)
+        .into_iter()
+        .map(|comm| PartialFc::new(layer_cfg.clone(), CpuBackend, comm))
+        .collect::<Result<Vec<_>>>()?;
+
+    let (n, e) = (cfg.batch_per_rank, cfg.embedding_dim);
+    let batch = cfg.global_batch();
+    let dataset = cfg.identities as usize * cfg.samples_per_identity as usize;
+    let spi = cfg.samples_per_identity as usize;
+    let (mut epoch, mut cursor) = (0u64, 0usize);
+    let mut order = permutation(dataset, cfg.seed, epoch);
+
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let (mut backbone_time, mut layer_time) = (Duration::ZERO, Duration::ZERO);
+    let mut sampled_classes = 0;
+    let start = Instant::now();
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let mut ids = Vec::with_capacity(batch);
+        while ids.len() < batch {
+            if cursor == dataset {
+                epoch += 1;
+                cursor = 0;
+                order = permutation(dataset, cfg.seed, epoch);
+            }
+            let i = order[cursor] as usize;
+            cursor += 1;
+            ids.push(SampleId {
+                identity: (i / spi) as u64,
+                view: (i % spi) as u32,
+            });
+        }
+        let labels: Vec<i64> = ids.iter().map(|s| s.identity as i64).collect();
+        let x = gen.generate(&ids);
+        let fwd = mlp.forward(&x, batch)?;
+        let t1 = Instant::now();
+
+        let factor = cfg.lr_factor(step);
+        let outputs = rank_steps(&mut layers, &fwd.output, &labels, n, e, cfg.fc_lr * factor)?;
+        let t2 = Instant::now();
+
+        let grad: Vec<f32> = outputs
+            .iter()
+            .flat_map(|o| o.grad_embeddings.iter().copied())
+            .collect();
+        mlp.backward_sgd(&x, &fwd, &grad, cfg.lr * factor)?;
+        let t3 = Instant::now();
+
+        backbone_time += (t1 - t0) + (t3 - t2);
+        layer_time += t2 - t1;
+        sampled_classes = outputs.iter().map(|o| o.sampled).sum();
+        let loss = outputs[0].loss;
+        if !loss.is_finite() {
+            return Err(PfcError::param(
+                "lr",
+                cfg.lr,
+                format!(
+                    "the loss diverged ({loss}) at step {}; lower the rates",
+                    step + 1
+                ),
+            ));
+        }
+        losses.push(loss);
+        on_step(&StepEvent {
+            step: step + 1,
+            total: cfg.steps,
+            loss,
+            samples: (step + 1) * batch,
+            elapsed: start.elapsed(),
+        });
+    }
+    let train_time = start.elapsed();
+    let after = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
+    Ok(TrainReport {
+        sample_rate: cfg.sample_rate,
+        losses,
+        raw_input,
+        before,
+        after,
+        sampled_classes,
+        train_time,
+        backbone_time,
+        layer_time,
+    })
+}
+
+/// Every rank's forward/backward and optimizer step on its own thread; outputs in rank order.
+fn rank_steps(
+    layers: &mut [PartialFc<CpuBackend, ThreadCollective>],
+    embeddings: &[f32],
+    labels: &[i64],
+    n: usize,
+    e: usize,
+    fc_lr: f32,
+) -> Result<Vec<StepOutput>> {
+    let results: Vec<Result<StepOutput>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = layers
+            .iter_mut()
+            .enumerate()
+            .map(|(r, layer)| {
+                let x = &embeddings[r * n * e..(r + 1) * n * e];
+                let y = &labels[r * n..(r + 1) * n];
+                scope.spawn(move || {
+                    let out = layer.forward_backward(x, y)?;
+                    layer.step(fc_lr)?;
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_schedule_warms_up_and_decays() {
+        let cfg = TrainConfig {
+            steps: 10,
+            warmup_steps: 2,
+            ..TrainConfig::default()
+        };
+        assert_eq!(cfg.lr_factor(0), 0.5);
+        assert_eq!(cfg.lr_factor(1), 1.0);
+        assert_eq!(cfg.lr_factor(2), 1.0);
+        assert!((cfg.lr_factor(9) - 0.125).abs() < 1e-6);
+        assert_eq!(cfg.steps_for_epochs(1.0).unwrap(), 20_000 * 8 / 512 + 1);
+        assert!(cfg.steps_for_epochs(f64::NAN).is_err());
+        assert!(cfg.steps_for_epochs(-1.0).is_err());
+        assert!(cfg.steps_for_epochs(1e30).is_err());
+    }
+
+    #[test]
+    fn bad_configs_are_errors_not_panics() {
+        let ok = TrainConfig::default();
+        for bad in [
+            TrainConfig {
+                ranks: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                identities: 3,
+                ..ok.clone()
+            },
+            TrainConfig {
+                sample_rate: 1.5,
+                ..ok.clone()
+            },
+            TrainConfig {
+                steps: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                steps: usize::MAX,
+                ..ok.clone()
+            },
+            TrainConfig {
+                batch_per_rank: 1 << 20,
+                ..ok.clone()
+            },
+            TrainConfig {
+                identities: u64::from(u32::MAX),
+                samples_per_identity: 2,
+                ranks: 1,
+                ..ok.clone()
+            },
+            TrainConfig {
+                lr: -1.0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                eval_samples_per_identity: 1,
+                ..ok.clone()
+            },
+            TrainConfig {
+                embedding_dim: 0,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        ok.validate().unwrap();
+    }
+
+    /// The concatenated per-rank gradients equal the single-rank gradient of the same global
+    /// batch at r = 1 (where the sample is the whole class set, so it is deterministic).
+    #[test]
+    fn sharded_gradient_equals_single_rank_gradient() {
+        let (classes, d, n, k) = (40u64, 6usize, 3usize, 4usize);
+        let x: Vec<f32> = (0..n * k * d)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let labels: Vec<i64> = (0..n * k).map(|i| (i * 7 % 40) as i64).collect();
+        let mut cfg = LayerConfig::new(classes, d, n);
+        cfg.sample_rate = 1.0;
+        let mut layers = ThreadGroup::new(k)
+            .into_iter()
+            .map(|c| PartialFc::new(cfg.clone(), CpuBackend, c))
+            .collect::<Result<Vec<_>>>()
+            .unwrap();
+        let outs = rank_steps(&mut layers, &x, &labels, n, d, 0.0).unwrap();
+        let sharded: Vec<f32> = outs
+            .iter()
+            .flat_map(|o| o.grad_embeddings.clone())
+            .collect();
+
+        let mut one_cfg = cfg.clone();
+        one_cfg.batch_per_rank = n * k;
+        let mut one = PartialFc::new(one_cfg, CpuBackend, crate::collective::SingleRank).unwrap();
+        let full = one.forward_backward(&x, &labels).unwrap();
+        assert!((full.loss - outs[0].loss).abs() < 1e-5);
+        for (a, b) in sharded.iter().zip(&full.grad_embeddings) {
+            assert!((a - b).abs() < 1e-6 + 1e-4 * b.abs(), "{a} vs {b}");
+        }
+    }
+}
