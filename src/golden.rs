@@ -9,7 +9,7 @@
 //! ("straight-through" or "exact"), classes.
 
 use crate::backend::{Backend, Collective};
-use crate::collective::ThreadGroup;
+use crate::collective::{HostStaged, ThreadGroup};
 use crate::config::{GradMode, LayerConfig, Margin};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
@@ -179,36 +179,56 @@ impl StepCase {
     /// Runs the step on the CPU with `world_size` ranks as threads and gathers the outputs.
     pub fn run_threads(&self, world_size: usize) -> Result<StepResult> {
         self.layer_config(world_size)?;
-        let parts = ThreadGroup::run(world_size, |comm| self.run_rank(CpuBackend, comm));
-        let mut result = StepResult {
-            loss: 0.0,
-            grad_embeddings: Vec::with_capacity(self.embeddings.len()),
-            grad_weight: Vec::with_capacity(self.weight.len()),
-            sampled_index: Vec::new(),
-        };
-        // Report the rank whose input was at fault rather than its peers' "rank r rejected".
-        if let Some(i) = parts
-            .iter()
-            .position(|p| matches!(p, Err(e) if !matches!(e, PfcError::Collective(_))))
-            .or_else(|| parts.iter().position(|p| p.is_err()))
-        {
-            return Err(parts
-                .into_iter()
-                .nth(i)
-                .and_then(|p| p.err())
-                .expect("an error"));
-        }
-        for (rank, part) in parts.into_iter().enumerate() {
-            let part = part?;
-            if rank == 0 {
-                result.loss = part.loss;
-            }
-            result.grad_embeddings.extend(part.grad_embeddings);
-            result.grad_weight.extend(part.grad_weight);
-            result.sampled_index.extend(part.sampled_index);
-        }
-        Ok(result)
+        gather(ThreadGroup::run(world_size, |comm| {
+            self.run_rank(CpuBackend, comm)
+        }))
     }
+
+    /// Runs the step on any backend with `world_size` virtual ranks: each rank a thread with its
+    /// own backend from `make` (say, `CudaBackend::new(0)`: k shards on one device), talking
+    /// through a host-staged thread group.
+    pub fn run_virtual_ranks<B: Backend>(
+        &self,
+        world_size: usize,
+        make: impl Fn() -> Result<B> + Sync,
+    ) -> Result<StepResult> {
+        self.layer_config(world_size)?;
+        gather(ThreadGroup::run(world_size, |comm| {
+            self.run_rank(make()?, HostStaged::new(comm))
+        }))
+    }
+}
+
+/// Concatenates the ranks' parts in rank order; reports the rank whose input was at fault rather
+/// than its peers' "rank r rejected".
+fn gather(parts: Vec<Result<RankResult>>) -> Result<StepResult> {
+    if let Some(i) = parts
+        .iter()
+        .position(|p| matches!(p, Err(e) if !matches!(e, PfcError::Collective(_))))
+        .or_else(|| parts.iter().position(|p| p.is_err()))
+    {
+        return Err(parts
+            .into_iter()
+            .nth(i)
+            .and_then(|p| p.err())
+            .expect("an error"));
+    }
+    let mut result = StepResult {
+        loss: 0.0,
+        grad_embeddings: Vec::new(),
+        grad_weight: Vec::new(),
+        sampled_index: Vec::new(),
+    };
+    for (rank, part) in parts.into_iter().enumerate() {
+        let part = part?;
+        if rank == 0 {
+            result.loss = part.loss;
+        }
+        result.grad_embeddings.extend(part.grad_embeddings);
+        result.grad_weight.extend(part.grad_weight);
+        result.sampled_index.extend(part.sampled_index);
+    }
+    Ok(result)
 }
 
 /// One rank's part of a step's outputs.

@@ -310,7 +310,7 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepEvent)) -> Result<T
     let before = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
 
     let layer_cfg = cfg.layer_config();
-    let mut layers = ThreadGroup::new(cfg.ranks)
+    let mut layers = ThreadGroup::handles(cfg.ranks)
         .into_iter()
         .map(|comm| PartialFc::new(layer_cfg.clone(), CpuBackend, comm))
         .collect::<Result<Vec<_>>>()?;
@@ -511,7 +511,7 @@ mod tests {
         let labels: Vec<i64> = (0..n * k).map(|i| (i * 7 % 40) as i64).collect();
         let mut cfg = LayerConfig::new(classes, d, n);
         cfg.sample_rate = 1.0;
-        let mut layers = ThreadGroup::new(k)
+        let mut layers = ThreadGroup::handles(k)
             .into_iter()
             .map(|c| PartialFc::new(cfg.clone(), CpuBackend, c))
             .collect::<Result<Vec<_>>>()

@@ -79,7 +79,7 @@ pub fn run(args: StepArgs) -> Result<(), String> {
     case.seed = args.seed.unwrap_or(case.seed);
     let result = match args.backend {
         BackendArg::Cpu => case.run_threads(args.world_size).map_err(fail)?,
-        BackendArg::Cuda => return Err(cuda_unavailable()),
+        BackendArg::Cuda => run_cuda(&case, args.world_size)?,
     };
     write_result(&args.output, &case, &result, args.world_size).map_err(fail)?;
     println!(
@@ -92,7 +92,14 @@ pub fn run(args: StepArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn cuda_unavailable() -> String {
-    "--backend cuda: this pfc was built without the `cuda` feature (cargo build --features cuda)"
-        .into()
+/// On CUDA device 0; more than one rank runs as virtual ranks on that device.
+#[cfg(feature = "cuda")]
+fn run_cuda(case: &StepCase, world_size: usize) -> Result<partial_fc::golden::StepResult, String> {
+    case.run_virtual_ranks(world_size, || partial_fc::cuda::CudaBackend::new(0))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &StepCase, _: usize) -> Result<partial_fc::golden::StepResult, String> {
+    Err("--backend cuda: this pfc was built without the `cuda` feature (cargo build --features cuda)".into())
 }
