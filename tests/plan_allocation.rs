@@ -62,7 +62,7 @@ fn run(case: Case) {
         let layer = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
         vec![(layer.memory_report(), layer.planned_memory())]
     } else {
-        ThreadGroup::new(case.gpus)
+        ThreadGroup::handles(case.gpus)
             .into_iter()
             .map(|comm| {
                 let layer = PartialFc::zeroed(cfg.clone(), CpuBackend, comm).unwrap();

@@ -31,6 +31,8 @@ pub struct CudaBackend {
     kernels: HashMap<&'static str, CudaFunction>,
     device_name: String,
     compute_capability: (i32, i32),
+    /// Scratch of `sample_classes`, kept between calls (taken while in use).
+    sample_scratch: std::sync::Mutex<Option<launch::SampleScratch>>,
 }
 
 /// Every kernel name of `cuda/*.cu`, by family.
@@ -41,12 +43,12 @@ const KERNELS: [(&str, &[&str]); 4] = [
             "localize_labels",
             "iota",
             "random_keys",
+            "sampling_init",
             "force_positives",
             "score_keys",
             "promote_chosen",
-            "radix_select_init",
-            "radix_histogram",
-            "radix_select_digit",
+            "radix_select_first",
+            "radix_pass",
             "count_selected",
             "scan_block_counts",
             "compact_selected",
@@ -144,6 +146,7 @@ impl CudaBackend {
             kernels,
             device_name,
             compute_capability,
+            sample_scratch: std::sync::Mutex::new(None),
         })
     }
 
