@@ -5,21 +5,24 @@
 // the S largest keys, S = max(num_sample, distinct positives), written in class order.
 //
 // Design (one stream, no host round trip until the single 4-byte download of the count):
-//  1. sampling_init zeroes the 2048-bin histogram and the select state.
+//  1. The scratch (2048-bin histogram, select state) is zero between calls: zeroed when
+//     allocated, and every call leaves it so (each digit pick clears the histogram and the
+//     blocks-done counter, the scan clears the positive count); after a failed call the host
+//     drops it. The hard-negative path re-initializes it with sampling_init.
 //  2. random_keys writes the keys and, fused, histograms their top 11 bits (shared-memory bins,
 //     flushed with one global atomic per non-empty bin and block).
 //  3. force_positives swaps positive keys in with atomicExch: the row that replaces a
 //     non-positive key counts one distinct positive and moves the key's histogram count to the
-//     positive bin, so duplicate labels count once and no label goes to the host.
-//  4. radix_select_first picks the first digit (S = max(num_sample, positives) on the device).
-//  5. Only the high words are selected: two more radix passes (11 + 10 bits) over the keys of the
+//     positive bin, so duplicate labels count once and no label goes to the host. Its last block
+//     picks the first digit (S = max(num_sample, positives), on the device).
+//  4. Only the high words are selected: two more radix passes (11 + 10 bits) over the keys of the
 //     chosen prefix, each picking its digit in the last block to finish (threadfence + counter),
 //     give H, the S-th largest high word, and r, how many keys with high word H are wanted.
 //     The low words order ties by class, so the wanted ties are the first r in class order.
-//  6. The compaction counts (above H, equal to H) per block of 1024 classes, scans the counts
+//  5. The compaction counts (above H, equal to H) per block of 1024 classes, scans the counts
 //     in one block, and writes class c at (above before c) + min(ties before c, r): order
 //     preserving, and exactly the CPU's top S by full key.
-//  7. remap_labels reads the count from the device, so the host syncs once, at the end.
+//  6. remap_labels reads the count from the device, so the host syncs once, at the end.
 // The hard-negative variant needs the positive count on the host (one extra 4-byte download)
 // and selects the exact 64-bit threshold of phase 1 with six passes.
 #include "common.cuh"
@@ -82,25 +85,6 @@ extern "C" __global__ void random_keys(u64* keys, int shard_len, u64 shard_start
     flush_hist(local, hist);
 }
 
-// Positives to the top. The first row to swap a non-positive key in counts the positive (and,
-// when `hist` is given, moves the key's count to the positive bin); rows with the same label
-// write the same value.
-extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows) return;
-    int l = labels[i];
-    if (l < 0) return;
-    u64 positive = make_key(POSITIVE_KEY, l);
-    u64 old = atomicExch(&keys[l], positive);
-    if (old != positive) {
-        atomicAdd(&state[ST_POSITIVES], 1ull);
-        if (hist) {
-            atomicSub(&hist[old >> 53], 1u);
-            atomicAdd(&hist[positive >> 53], 1u);
-        }
-    }
-}
-
 // One block of SELECT_THREADS: the digit holding the rank left, walking down from the top bin,
 // found with a block suffix-scan of the bins; extends the prefix, clears the histogram.
 __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
@@ -152,10 +136,34 @@ __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
     }
 }
 
-// First digit after random_keys + force_positives: S = max(k, distinct positives).
-extern "C" __global__ void radix_select_first(u64* state, u32* hist) {
-    u64 k = max(state[ST_RANK], state[ST_POSITIVES]);
-    select_digit(state, hist, 53, k);
+// Positives to the top. The first row to swap a non-positive key in counts the positive and
+// moves the key's histogram count to the positive bin; rows with the same label write the same
+// value. With `select`, blocks of SELECT_THREADS, and the last block to finish picks the first
+// digit for S = max(k, distinct positives).
+extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
+                                           u64 k, int select) {
+    __shared__ bool last;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int l = i < rows ? labels[i] : -1;
+    if (l >= 0) {
+        u64 positive = make_key(POSITIVE_KEY, l);
+        u64 old = atomicExch(&keys[l], positive);
+        if (old != positive) {
+            atomicAdd(&state[ST_POSITIVES], 1ull);
+            atomicSub(&hist[old >> 53], 1u);
+            atomicAdd(&hist[positive >> 53], 1u);
+        }
+    }
+    if (!select) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    u64 positives = __ldcg(&state[ST_POSITIVES]);
+    if (threadIdx.x == 0) state[ST_PREFIX] = 0;
+    select_digit(state, hist, 53, max(k, positives));
 }
 
 // Histogram of the digit at `shift` (`bits` wide) over the keys that agree with the prefix on
@@ -258,6 +266,7 @@ extern "C" __global__ void scan_block_counts(u64* counts, int blocks, u64* state
     if (threadIdx.x == 0) {
         u64 r = state[ST_RANK], ties = carry >> 32;
         state[ST_SELECTED] = (carry & 0xFFFFFFFFull) + (ties < r ? ties : r);
+        state[ST_POSITIVES] = 0;  // ready for the next call (see the header)
     }
 }
 

@@ -181,7 +181,7 @@ impl CudaBackend {
             );
             Ok(())
         };
-        init(scratch, args.num_sample as u64, 1)?;
+        let num_sample = args.num_sample as u64;
         launch!(
             self,
             "random_keys",
@@ -193,20 +193,27 @@ impl CudaBackend {
             &args.step,
             &mut scratch.hist
         );
-        if args.rows > 0 {
-            launch!(
-                self,
-                "force_positives",
-                per_elem(args.rows),
-                &*labels,
-                &rows_i,
-                &mut *keys,
-                &mut scratch.state,
-                &mut scratch.hist
-            );
-        }
+        // With hard negatives the first digit is picked later, over the final keys.
+        let select_first = i32::from(!hard_possible);
+        let force_cfg = LaunchConfig {
+            grid_dim: (args.rows.div_ceil(SELECT_THREADS).max(1) as u32, 1, 1),
+            block_dim: (SELECT_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "force_positives",
+            force_cfg,
+            &*labels,
+            &rows_i,
+            &mut *keys,
+            &mut scratch.state,
+            &mut scratch.hist,
+            &num_sample,
+            &select_first
+        );
         if hard_possible {
-            // The hard share depends on the positives: one 4-byte download.
+            // The hard share depends on the positives: one 8-byte download.
             let positives = self
                 .stream
                 .clone_dtoh(&scratch.state.slice(STATE_POSITIVES..STATE_POSITIVES + 1))
@@ -240,13 +247,6 @@ impl CudaBackend {
             init(scratch, args.num_sample.max(positives) as u64, 0)?;
             self.radix_passes(keys, shard, &HIGH_DIGITS, scratch)?;
         } else {
-            launch!(
-                self,
-                "radix_select_first",
-                single_block(SELECT_THREADS as u32),
-                &mut scratch.state,
-                &mut scratch.hist
-            );
             self.radix_passes(keys, shard, &HIGH_DIGITS[1..], scratch)?;
         }
         let blocks = shard.div_ceil(SCAN_BLOCK);
@@ -493,8 +493,11 @@ impl Backend for CudaBackend {
         need(sampled, args.num_sample, "sample_classes sampled")?;
         let mut scratch = self.take_scratch()?;
         let result = self.sample_on_device(args, labels, scores, keys, sampled, &mut scratch);
-        if let Ok(mut slot) = self.sample_scratch.lock() {
-            *slot = Some(scratch);
+        // The kernels leave the scratch zeroed for the next call, unless the call failed midway.
+        if result.is_ok() {
+            if let Ok(mut slot) = self.sample_scratch.lock() {
+                *slot = Some(scratch);
+            }
         }
         result
     }

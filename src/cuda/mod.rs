@@ -47,7 +47,6 @@ const KERNELS: [(&str, &[&str]); 4] = [
             "force_positives",
             "score_keys",
             "promote_chosen",
-            "radix_select_first",
             "radix_pass",
             "count_selected",
             "scan_block_counts",
