@@ -589,6 +589,72 @@ fn assert_close_in_row(what: &str, got: &[f32], want: &[f32], row: usize) {
     println!("  {what}: worst error relative to its row {worst:.2e}");
 }
 
+/// bf16/f16 operands with f32 accumulation against the f32 CPU GEMM. Rounding both operands
+/// to 16 bits changes each product by at most 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16) of its magnitude, and
+/// f32 accumulation adds at most about k·2⁻²⁴ of the same, so the bound is
+/// `rel · Σ|a||b| + 1e-5 + k·6e-8` (the last term for f16 subnormals) with rel 4.5e-3 (bf16) and
+/// 6e-4 (f16). The bf16 results must also differ from f32 somewhere (the cast path really ran).
+#[test]
+fn half_precision_gemms_match_f32() {
+    use partial_fc::cuda::Precision;
+    if gpu().is_none() {
+        return;
+    }
+    let cpu = CpuBackend;
+    for (precision, rel) in [(Precision::Bf16, 4.5e-3f32), (Precision::F16, 6e-4)] {
+        let g = CudaBackend::new(0).unwrap().with_precision(precision);
+        let mut rng = Rng(17);
+        let mut differs = false;
+        for &(m, n, k) in &[(7usize, 5usize, 3usize), (64, 300, 129), (33, 17, 512)] {
+            let a = rng.vec(m * k, -1.0, 1.0);
+            let b = rng.vec(n * k, -1.0, 1.0);
+            let (abs_a, abs_b): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|v| v.abs()).collect(),
+                b.iter().map(|v| v.abs()).collect(),
+            );
+            let (mut want, mut mag) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let mut c = g.alloc(m * n).unwrap();
+            let (da, db) = (up(&g, &a), up(&g, &b));
+            for op in ["nt", "nn", "tn"] {
+                match op {
+                    "nt" => {
+                        cpu.gemm_nt(m, n, k, &a, &b, &mut want).unwrap();
+                        cpu.gemm_nt(m, n, k, &abs_a, &abs_b, &mut mag).unwrap();
+                        g.gemm_nt(m, n, k, &da, &db, &mut c).unwrap();
+                    }
+                    "nn" => {
+                        cpu.gemm_nn(m, n, k, &a, &b, &mut want).unwrap();
+                        cpu.gemm_nn(m, n, k, &abs_a, &abs_b, &mut mag).unwrap();
+                        g.gemm_nn(m, n, k, &da, &db, &mut c).unwrap();
+                    }
+                    _ => {
+                        cpu.gemm_tn(m, n, k, &a, &b, &mut want).unwrap();
+                        cpu.gemm_tn(m, n, k, &abs_a, &abs_b, &mut mag).unwrap();
+                        g.gemm_tn(m, n, k, &da, &db, &mut c).unwrap();
+                    }
+                }
+                let got = g.download(&c, m * n).unwrap();
+                for i in 0..m * n {
+                    let tol = rel * mag[i] + 1e-5 + k as f32 * 6e-8;
+                    let err = (got[i] - want[i]).abs();
+                    assert!(
+                        err <= tol,
+                        "{precision:?} gemm_{op} {m}x{n}x{k} [{i}]: gpu {} cpu {} (err {err:e} > {tol:e})",
+                        got[i],
+                        want[i]
+                    );
+                    differs |= got[i] != want[i];
+                }
+            }
+        }
+        assert!(
+            differs,
+            "{precision:?}: results identical to f32, the cast path did not run"
+        );
+        println!("{precision:?} GEMMs within the stated bound");
+    }
+}
+
 fn golden_dir() -> Option<std::path::PathBuf> {
     let dir = std::env::var("PFC_GOLDEN_DIR")
         .map(Into::into)

@@ -1,11 +1,12 @@
 //! `impl Backend for CudaBackend`: argument checks, launch shapes and cuBLAS calls. The kernels
 //! themselves live in `cuda/*.cu` under the same names as their CPU references.
 
-use super::{dev, CudaBackend};
+use super::{dev, CudaBackend, Precision};
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -317,6 +318,78 @@ impl CudaBackend {
             )));
         }
         Ok(n)
+    }
+
+    /// The step's GEMMs: [`CudaBackend::sgemm_rowmajor`] in f32, or with both operands rounded
+    /// to bf16/f16 (`a_len`, `b_len` elements) and `cublasGemmEx` with f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rowmajor(
+        &self,
+        tb: cublasOperation_t,
+        ta: cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        (b, ldb, b_len): (&CudaSlice<f32>, usize, usize),
+        (a, lda, a_len): (&CudaSlice<f32>, usize, usize),
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (kernel, dtype) = match self.precision {
+            Precision::F32 => return self.sgemm_rowmajor(tb, ta, m, n, k, b, ldb, a, lda, c),
+            Precision::Bf16 => ("cast_f32_to_bf16", cudaDataType::CUDA_R_16BF),
+            Precision::F16 => ("cast_f32_to_f16", cudaDataType::CUDA_R_16F),
+        };
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return self.zero(c, m * n);
+        }
+        let cast = |src: &CudaSlice<f32>, len: usize| -> Result<CudaSlice<u16>> {
+            // SAFETY: every element is written by the cast below before cuBLAS reads it.
+            let mut dst = unsafe { self.stream.alloc::<u16>(len.max(1)) }
+                .map_err(dev("allocating a 16-bit GEMM operand"))?;
+            let len_i = i32_of(len, "gemm operand length")?;
+            if len > 0 {
+                let mut builder = self.stream.launch_builder(self.func(kernel)?);
+                builder.arg(src).arg(&mut dst).arg(&len_i);
+                // SAFETY: (const float*, u16*, int) as in cuda/precision.cu; dst holds len.
+                unsafe { builder.launch(per_elem(len)) }.map_err(dev("launch cast"))?;
+            }
+            Ok(dst)
+        };
+        let (b16, a16) = (cast(b, b_len)?, cast(a, a_len)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = &self.stream;
+        let (bp, _gb) = b16.device_ptr(stream);
+        let (ap, _ga) = a16.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        // SAFETY: the callers checked a, b, c against m, n, k; the 16-bit copies have the same
+        // lengths; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                tb,
+                ta,
+                i32_of(n, "gemm n")?,
+                i32_of(m, "gemm m")?,
+                i32_of(k, "gemm k")?,
+                &alpha as *const f32 as *const _,
+                bp as *const _,
+                dtype,
+                i32_of(ldb.max(1), "gemm ldb")?,
+                ap as *const _,
+                dtype,
+                i32_of(lda.max(1), "gemm lda")?,
+                &beta as *const f32 as *const _,
+                cp as *mut _,
+                cudaDataType::CUDA_R_32F,
+                i32_of(n, "gemm ldc")?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev("cublasGemmEx"))
     }
 
     /// Grid of the histogram passes: enough blocks of 1024 threads to fill the device, each
@@ -646,7 +719,16 @@ impl Backend for CudaBackend {
         need(b, n * k, "gemm_nt b")?;
         need(c, m * n, "gemm_nt c")?;
         // cᵀ[n×m] = b[n×k] · aᵀ: b is col-major k×n (op T), a is col-major k×m (op N).
-        self.sgemm_rowmajor(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, b, k, a, k, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            (b, k, n * k),
+            (a, k, m * k),
+            c,
+        )
     }
 
     fn gemm_nn(
@@ -662,7 +744,16 @@ impl Backend for CudaBackend {
         need(b, k * n, "gemm_nn b")?;
         need(c, m * n, "gemm_nn c")?;
         // cᵀ = bᵀ · aᵀ: b is col-major n×k (op N, ld n), a is col-major k×m (op N, ld k).
-        self.sgemm_rowmajor(CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, b, n, a, k, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            (b, n, k * n),
+            (a, k, m * k),
+            c,
+        )
     }
 
     fn gemm_tn(
@@ -678,7 +769,16 @@ impl Backend for CudaBackend {
         need(b, k * n, "gemm_tn b")?;
         need(c, m * n, "gemm_tn c")?;
         // cᵀ = bᵀ · a: b is col-major n×k (op N, ld n), a is col-major m×k (op T, ld m).
-        self.sgemm_rowmajor(CUBLAS_OP_N, CUBLAS_OP_T, m, n, k, b, n, a, m, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_T,
+            m,
+            n,
+            k,
+            (b, n, k * n),
+            (a, m, k * m),
+            c,
+        )
     }
 
     fn margin_rowmax(
