@@ -1,13 +1,14 @@
 //! CUDA benchmarks, each with its baseline in the same run:
 //! - the three margin-softmax passes vs a device-to-device copy (GB/s of the bytes each moves);
 //! - sampling 1M classes vs one read and write of the keys;
-//! - the whole step (shard 1M, gathered batch 1024, d 512, r 0.1, sparse update).
+//! - the whole step (shard 1M, gathered batch 1024, d 512, r 0.1, sparse update), with f32 and
+//!   bf16 GEMM operands (baseline: benches/torch_partial_fc.py, run by scripts/device-check.sh).
 //!
 //! Without a CUDA device it prints "skipped: no CUDA device" and measures nothing.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use partial_fc::collective::SingleRank;
-use partial_fc::cuda::CudaBackend;
+use partial_fc::cuda::{CudaBackend, Precision};
 use partial_fc::{Backend, LayerConfig, Margin, PartialFc, SampleArgs};
 
 fn gpu() -> Option<CudaBackend> {
@@ -116,22 +117,28 @@ fn whole_step(c: &mut Criterion) {
     if gpu().is_none() {
         return;
     }
-    let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
-    cfg.sample_rate = 0.1;
-    let mut layer = PartialFc::zeroed(cfg, CudaBackend::new(0).unwrap(), SingleRank).unwrap();
     let x: Vec<f32> = (0..1024 * 512)
         .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)
         .collect();
     let labels: Vec<i64> = (0..1024).map(|i| (i * 1021) as i64).collect();
     let mut group = c.benchmark_group("step_1M_b1024_d512_r0.1");
     group.sample_size(10);
-    group.bench_function("cuda_f32_sparse", |b| {
-        b.iter(|| {
-            layer.forward_backward(&x, &labels).unwrap();
-            layer.step(0.1).unwrap();
-            layer.backend().synchronize().unwrap();
-        })
-    });
+    for (name, precision) in [
+        ("cuda_f32_sparse", Precision::F32),
+        ("cuda_bf16_sparse", Precision::Bf16),
+    ] {
+        let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
+        cfg.sample_rate = 0.1;
+        let gpu = CudaBackend::new(0).unwrap().with_precision(precision);
+        let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                layer.forward_backward(&x, &labels).unwrap();
+                layer.step(0.1).unwrap();
+                layer.backend().synchronize().unwrap();
+            })
+        });
+    }
     group.finish();
 }
 

@@ -1,11 +1,30 @@
 // Label localization and class sampling. CPU references: src/cpu/sampling.rs, same names.
 //
 // Every class gets a 64-bit key (high word: random bits >> 1, a hard-negative score, or
-// 0xFFFFFFFF for a positive; low word: 0xFFFFFFFF - class, so keys are distinct). The S largest
-// keys are found by an MSB-first radix select over 8-bit digits whose state (prefix found so far,
-// rank still to find) lives in device memory, so the eight passes queue without a host round trip.
-// The survivors (key >= threshold) are compacted in class order with a block-scan, and the labels
-// are remapped by a binary search in the sorted sample.
+// 0xFFFFFFFF for a positive; low word: 0xFFFFFFFF - class, so keys are distinct). The sample is
+// the S largest keys, S = max(num_sample, distinct positives), written in class order.
+//
+// Design (one stream, no host round trip until the single 4-byte download of the count):
+//  1. The scratch (2048-bin histogram, select state) is zero between calls: zeroed when
+//     allocated, and every call leaves it so (each digit pick clears the histogram and the
+//     blocks-done counter, the scan clears the positive count); after a failed call the host
+//     drops it. The hard-negative path re-initializes it with sampling_init.
+//  2. random_keys writes the keys and, fused, histograms their top 11 bits (shared-memory bins,
+//     flushed with one global atomic per non-empty bin and block).
+//  3. force_positives swaps positive keys in with atomicExch: the row that replaces a
+//     non-positive key counts one distinct positive and moves the key's histogram count to the
+//     positive bin, so duplicate labels count once and no label goes to the host. Its last block
+//     picks the first digit (S = max(num_sample, positives), on the device).
+//  4. Only the high words are selected: two more radix passes (11 + 10 bits) over the keys of the
+//     chosen prefix, each picking its digit in the last block to finish (threadfence + counter),
+//     give H, the S-th largest high word, and r, how many keys with high word H are wanted.
+//     The low words order ties by class, so the wanted ties are the first r in class order.
+//  5. The compaction counts (above H, equal to H) per block of 1024 classes, scans the counts
+//     in one block, and writes class c at (above before c) + min(ties before c, r): order
+//     preserving, and exactly the CPU's top S by full key.
+//  6. remap_labels reads the count from the device, so the host syncs once, at the end.
+// The hard-negative variant needs the positive count on the host (one extra 4-byte download)
+// and selects the exact 64-bit threshold of phase 1 with six passes.
 #include "common.cuh"
 
 #define POSITIVE_KEY 0xFFFFFFFFu
@@ -26,19 +45,149 @@ extern "C" __global__ void iota(int* out, int n) {
     if (i < n) out[i] = i;
 }
 
-extern "C" __global__ void random_keys(u64* keys, int shard_len, u64 shard_start, u64 seed, u64 step) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= shard_len) return;
-    u32 high = class_random_bits(seed, step, shard_start + (u64)c) >> 1;
-    keys[c] = make_key(high, c);
+#define BINS 2048          // histogram bins (11-bit digits)
+#define SELECT_THREADS 1024 // threads of the histogram/select blocks
+// Select state, u64 words: [0] prefix of the S-th largest key found so far, [1] rank still to
+// find (after the last pass: the number of ties wanted), [2] blocks done in this pass,
+// [3] distinct positives, [4] classes selected.
+#define ST_PREFIX 0
+#define ST_RANK 1
+#define ST_DONE 2
+#define ST_POSITIVES 3
+#define ST_SELECTED 4
+
+extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset_positives) {
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[b] = 0;
+    if (threadIdx.x == 0) {
+        state[ST_PREFIX] = 0; state[ST_RANK] = k; state[ST_DONE] = 0; state[ST_SELECTED] = 0;
+        if (reset_positives) state[ST_POSITIVES] = 0;
+    }
 }
 
-// Positives to the top. Rows with the same label write the same value.
-extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys) {
+__device__ __forceinline__ void flush_hist(u32* local, u32* hist) {
+    __syncthreads();
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x)
+        if (local[b]) atomicAdd(&hist[b], local[b]);
+}
+
+// Keys and, fused, the histogram of their top 11 bits. Grid-stride; BINS shared bins per block.
+extern "C" __global__ void random_keys(u64* keys, int shard_len, u64 shard_start, u64 seed, u64 step,
+                                       u32* hist) {
+    __shared__ u32 local[BINS];
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
+    __syncthreads();
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < shard_len; c += gridDim.x * blockDim.x) {
+        u32 high = class_random_bits(seed, step, shard_start + (u64)c) >> 1;
+        u64 key = make_key(high, c);
+        keys[c] = key;
+        atomicAdd(&local[key >> 53], 1u);
+    }
+    flush_hist(local, hist);
+}
+
+// One block of SELECT_THREADS: the digit holding the rank left, walking down from the top bin,
+// found with a block suffix-scan of the bins; extends the prefix, clears the histogram.
+__device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
+    __shared__ u32 warp_sums[SELECT_THREADS / WARP];
+    __shared__ u32 chosen_bin;
+    __shared__ u64 chosen_remaining;
+    const int per = BINS / SELECT_THREADS;  // bins per thread, thread 0 holding the top bins
+    int t = threadIdx.x, lane = t % WARP, warp = t / WARP;
+    u32 mine[BINS / SELECT_THREADS];
+    u32 sum = 0;
+    for (int j = 0; j < per; j++) {
+        mine[j] = __ldcg(&hist[BINS - 1 - (t * per + j)]);
+        sum += mine[j];
+    }
+    if (t == 0) { chosen_bin = 0; chosen_remaining = remaining; }
+    u32 incl = sum;
+    for (int o = 1; o < WARP; o <<= 1) {
+        u32 n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    if (lane == WARP - 1) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = lane < SELECT_THREADS / WARP ? warp_sums[lane] : 0;
+        for (int o = 1; o < WARP; o <<= 1) {
+            u32 n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        if (lane < SELECT_THREADS / WARP) warp_sums[lane] = w;
+    }
+    __syncthreads();
+    u64 above = (u64)(incl - sum) + (warp > 0 ? warp_sums[warp - 1] : 0);  // keys in higher bins
+    for (int j = 0; j < per; j++) {
+        int bin = BINS - 1 - (t * per + j);
+        // The digit: above < remaining <= above + count; bin 0 takes whatever is left.
+        if (above < remaining && (remaining <= above + mine[j] || bin == 0)) {
+            chosen_bin = bin;
+            chosen_remaining = remaining - above;
+        }
+        above += mine[j];
+    }
+    if (remaining == 0 && t == 0) { chosen_bin = BINS - 1; chosen_remaining = 0; }
+    __syncthreads();
+    for (int b = t; b < BINS; b += blockDim.x) hist[b] = 0;
+    if (t == 0) {
+        state[ST_PREFIX] |= (u64)chosen_bin << shift;
+        state[ST_RANK] = chosen_remaining;
+        state[ST_DONE] = 0;
+    }
+}
+
+// Positives to the top. The first row to swap a non-positive key in counts the positive and
+// moves the key's histogram count to the positive bin; rows with the same label write the same
+// value. With `select`, blocks of SELECT_THREADS, and the last block to finish picks the first
+// digit for S = max(k, distinct positives).
+extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
+                                           u64 k, int select) {
+    __shared__ bool last;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows) return;
-    int l = labels[i];
-    if (l >= 0) keys[l] = make_key(POSITIVE_KEY, l);
+    int l = i < rows ? labels[i] : -1;
+    if (l >= 0) {
+        u64 positive = make_key(POSITIVE_KEY, l);
+        u64 old = atomicExch(&keys[l], positive);
+        if (old != positive) {
+            atomicAdd(&state[ST_POSITIVES], 1ull);
+            atomicSub(&hist[old >> 53], 1u);
+            atomicAdd(&hist[positive >> 53], 1u);
+        }
+    }
+    if (!select) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    u64 positives = __ldcg(&state[ST_POSITIVES]);
+    if (threadIdx.x == 0) state[ST_PREFIX] = 0;
+    select_digit(state, hist, 53, max(k, positives));
+}
+
+// Histogram of the digit at `shift` (`bits` wide) over the keys that agree with the prefix on
+// the higher bits; the last block to finish picks the digit.
+extern "C" __global__ void radix_pass(const u64* keys, int n, u64* state, int shift, int bits, u32* hist) {
+    __shared__ u32 local[BINS];
+    __shared__ bool last;
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
+    __syncthreads();
+    u64 prefix = state[ST_PREFIX];
+    u64 high_mask = shift + bits >= 64 ? 0ull : (~0ull << (shift + bits));
+    u32 digit_mask = (1u << bits) - 1u;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < n; c += gridDim.x * blockDim.x) {
+        u64 key = keys[c];
+        if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
+    }
+    flush_hist(local, hist);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    select_digit(state, hist, shift, __ldcg(&state[ST_RANK]));
 }
 
 // src/cpu/sampling.rs score_key_high: orders like the score, NaN as -inf, below POSITIVE_KEY.
@@ -67,111 +216,89 @@ extern "C" __global__ void promote_chosen(u64* keys, int shard_len, const u64* s
     keys[c] = make_key(high, c);
 }
 
-// --- radix select: state[0] = prefix of the k-th largest key found so far, state[1] = rank left.
+// --- compaction in class order. After the high-word passes, H = state[0] >> 32 and
+// r = state[1]: class c is selected if its high word is above H, or equal to H and fewer than r
+// such ties come before it. Per block: (ties << 32) | above.
 
-extern "C" __global__ void radix_select_init(u64* state, u32* hist, u64 k) {
-    if (threadIdx.x == 0) { state[0] = 0; state[1] = k; }
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-}
-
-// Histogram of digit `shift/8` over the keys that agree with the prefix on the higher digits.
-extern "C" __global__ void radix_histogram(const u64* keys, int n, const u64* state, int shift, u32* hist) {
-    __shared__ u32 local[256];
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
-    __syncthreads();
-    u64 prefix = state[0];
-    u64 high_mask = shift == 56 ? 0ull : (~0ull << (shift + 8));
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < n; c += gridDim.x * blockDim.x) {
-        u64 key = keys[c];
-        if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & 0xff], 1u);
-    }
-    __syncthreads();
-    for (int b = threadIdx.x; b < 256; b += blockDim.x)
-        if (local[b]) atomicAdd(&hist[b], local[b]);
-}
-
-// Picks the digit holding the rank left (walking down from 255), extends the prefix, and clears
-// the histogram for the next digit. One block of 256 threads.
-extern "C" __global__ void radix_select_digit(u64* state, int shift, u32* hist) {
-    if (threadIdx.x == 0) {
-        u64 remaining = state[1];
-        int bin = 255;
-        while (bin > 0 && hist[bin] < remaining) { remaining -= hist[bin]; bin--; }
-        state[0] |= (u64)bin << shift;
-        state[1] = remaining;
-    }
-    __syncthreads();
-    hist[threadIdx.x] = 0;
-}
-
-// --- compaction in class order: count per block, scan the counts, write.
-
-__device__ __forceinline__ bool selected(const u64* keys, int n, int c, u64 threshold) {
-    return c < n && keys[c] >= threshold;
-}
-
-extern "C" __global__ void count_selected(const u64* keys, int n, const u64* select_state, u32* block_counts) {
+extern "C" __global__ void count_selected(const u64* keys, int n, const u64* state, u64* block_counts) {
     int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
-    bool s = selected(keys, n, c, select_state[0]);
-    int total = __syncthreads_count(s);
-    if (threadIdx.x == 0) block_counts[blockIdx.x] = total;
+    u32 h = (u32)(state[ST_PREFIX] >> 32);
+    u32 kh = c < n ? (u32)(keys[c] >> 32) : 0;
+    bool live = c < n;
+    int above = __syncthreads_count(live && kh > h);
+    int ties = __syncthreads_count(live && kh == h);
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = ((u64)ties << 32) | (u64)above;
 }
 
-// Exclusive scan of the block counts in place, total in counts[blocks]. One block of 1024 threads,
-// tiles of 1024 counts with a running offset.
-extern "C" __global__ void scan_block_counts(u32* counts, int blocks) {
-    __shared__ u32 warp_totals[WARP];
-    __shared__ u32 carry;
+// Exclusive scan of the packed block counts in place; the number selected to state[4]. One
+// block of 1024 threads, tiles of 1024 counts with a running offset.
+extern "C" __global__ void scan_block_counts(u64* counts, int blocks, u64* state) {
+    __shared__ u64 warp_totals[WARP];
+    __shared__ u64 carry;
     if (threadIdx.x == 0) carry = 0;
     __syncthreads();
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     for (int base = 0; base < blocks; base += blockDim.x) {
         int b = base + threadIdx.x;
-        u32 v = b < blocks ? counts[b] : 0;
-        u32 incl = v;  // inclusive scan within the warp
+        u64 v = b < blocks ? counts[b] : 0;
+        u64 incl = v;  // inclusive scan within the warp
         for (int o = 1; o < WARP; o <<= 1) {
-            u32 n = __shfl_up_sync(0xffffffffu, incl, o);
+            u64 n = __shfl_up_sync(0xffffffffu, incl, o);
             if (lane >= o) incl += n;
         }
         if (lane == WARP - 1) warp_totals[warp] = incl;
         __syncthreads();
         if (warp == 0) {
-            u32 w = warp_totals[lane];
+            u64 w = warp_totals[lane];
             for (int o = 1; o < WARP; o <<= 1) {
-                u32 n = __shfl_up_sync(0xffffffffu, w, o);
+                u64 n = __shfl_up_sync(0xffffffffu, w, o);
                 if (lane >= o) w += n;
             }
             warp_totals[lane] = w;  // inclusive over warps
         }
         __syncthreads();
-        u32 before = carry + (warp > 0 ? warp_totals[warp - 1] : 0) + incl - v;
+        u64 before = carry + (warp > 0 ? warp_totals[warp - 1] : 0) + incl - v;
         if (b < blocks) counts[b] = before;
         __syncthreads();
         if (threadIdx.x == 0) carry += warp_totals[WARP - 1];
         __syncthreads();
     }
-    if (threadIdx.x == 0) counts[blocks] = carry;
+    if (threadIdx.x == 0) {
+        u64 r = state[ST_RANK], ties = carry >> 32;
+        state[ST_SELECTED] = (carry & 0xFFFFFFFFull) + (ties < r ? ties : r);
+        state[ST_POSITIVES] = 0;  // ready for the next call (see the header)
+    }
 }
 
-extern "C" __global__ void compact_selected(const u64* keys, int n, const u64* select_state,
-                                            const u32* block_offsets, int* sampled) {
-    __shared__ u32 warp_counts[WARP];
+extern "C" __global__ void compact_selected(const u64* keys, int n, const u64* state,
+                                            const u64* block_offsets, int* sampled, int capacity) {
+    __shared__ u32 warp_above[WARP], warp_ties[WARP];
     int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
-    bool s = selected(keys, n, c, select_state[0]);
+    u32 h = (u32)(state[ST_PREFIX] >> 32);
+    u64 r = state[ST_RANK];
+    u32 kh = c < n ? (u32)(keys[c] >> 32) : 0;
+    bool above = c < n && kh > h, tie = c < n && kh == h;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    u32 ballot = __ballot_sync(0xffffffffu, s);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    u32 ba = __ballot_sync(0xffffffffu, above), bt = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) { warp_above[warp] = __popc(ba); warp_ties[warp] = __popc(bt); }
     __syncthreads();
-    u32 before = block_offsets[blockIdx.x];
-    for (int w = 0; w < warp; w++) before += warp_counts[w];
-    before += __popc(ballot & ((1u << lane) - 1u));
-    if (s) sampled[before] = c;
+    u64 off = block_offsets[blockIdx.x];
+    u64 a = off & 0xFFFFFFFFull, t = off >> 32;
+    for (int w = 0; w < warp; w++) { a += warp_above[w]; t += warp_ties[w]; }
+    u32 below = (1u << lane) - 1u;
+    a += __popc(ba & below);
+    t += __popc(bt & below);
+    bool take = above || (tie && t < r);
+    u64 at = a + (t < r ? t : r);
+    if (take && at < (u64)capacity) sampled[at] = c;
 }
 
 // Label -> position in the sorted sample (every positive is in it).
-extern "C" __global__ void remap_labels(int* labels, int rows, const int* sampled, int count) {
+// The count comes from state[4]; on an overflow of `sampled` the host reports an error.
+extern "C" __global__ void remap_labels(int* labels, int rows, const int* sampled, const u64* state, int capacity) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows) return;
+    if (i >= rows || state[ST_SELECTED] > (u64)capacity) return;  // overflow: labels untouched
+    int count = (int)state[ST_SELECTED];
     int l = labels[i];
     if (l < 0) return;
     int lo = 0, hi = count;

@@ -6,7 +6,8 @@
 #
 # `run` prints the device, driver and CUDA versions, runs every GPU test binary, compute-sanitizer
 # memcheck and racecheck over the kernel tests (filtered to stay short), and the CUDA benches with
-# short criterion settings; everything is teed into $OUT/device-log.txt. Expected: 3-5 minutes.
+# short criterion settings, the peak GPU memory of our step (examples/cuda_step_memory) and the
+# PyTorch PartialFC_V2 baseline (benches/torch_partial_fc.py); everything is teed into $OUT/device-log.txt. Expected: 3-5 minutes.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 carry="$root/device-carry"
@@ -21,6 +22,7 @@ build() {
     json="$(mktemp)"
     cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile > "$json"
     cargo bench --features cuda --no-run --message-format=json --bench cuda_kernels >> "$json"
+    cargo build --release --features cuda --message-format=json --example cuda_step_memory >> "$json"
     python3 - "$json" "$carry/bin" <<'PY'
 import json, shutil, sys
 seen = {}
@@ -31,7 +33,7 @@ for line in open(sys.argv[1]):
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         t = m["target"]
-        kind = "bench" if "bench" in t["kind"] else "test"
+        kind = "bench" if "bench" in t["kind"] else "example" if "example" in t["kind"] else "test"
         if t["name"].startswith("cuda_"):
             seen[f"{kind}-{t['name']}"] = m["executable"]
 for name, exe in seen.items():
@@ -40,6 +42,7 @@ for name, exe in seen.items():
 PY
     rm -f "$json"
     strip "$carry"/bin/* || true
+    cp "$root/benches/torch_partial_fc.py" "$carry/"
     cp "$root"/../shared/golden/*.safetensors "$carry/golden/" 2>/dev/null || echo "warning: no ../shared/golden"
     du -sh "$carry"
     ls -la "$carry/bin"
@@ -51,6 +54,7 @@ run() {
     log="$out/device-log.txt"
     exec > >(tee "$log") 2>&1
     echo "== device check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    orig_ld="${LD_LIBRARY_PATH:-}"  # torch runs with its own libraries, not ours
     libs="/usr/local/cuda/lib64"
     for d in $(python3 -c 'import site,glob,os; print(" ".join(sorted({os.path.dirname(p) for s in site.getsitepackages()+[site.getusersitepackages()] for p in glob.glob(s+"/nvidia/*/lib/*.so*")})))' 2>/dev/null); do
         libs="$libs:$d"
@@ -80,10 +84,19 @@ run() {
         echo "== compute-sanitizer --tool $tool"
         timeout 150 "$san" --tool "$tool" --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 $filter || { echo "SANITIZER $tool FAILED ($?)"; status=1; }
     done
+    echo "== compute-sanitizer --tool memcheck (sampling)"
+    timeout 150 "$san" --tool memcheck --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 sampled_index || { echo "SANITIZER memcheck sampling FAILED ($?)"; status=1; }
     echo "== benches"
     for b in "$bin"/bench-*; do
         timeout 200 "$b" --bench --warm-up-time 1 --measurement-time 2 --sample-size 10 || status=1
     done
+    echo "== peak GPU memory of our step"
+    timeout 120 "$bin/example-cuda_step_memory" || status=1
+    echo "== PyTorch baseline (benches/torch_partial_fc.py)"
+    py=python3
+    LD_LIBRARY_PATH="$orig_ld" python3 -c 'import torch' 2>/dev/null || py=/opt/torch/.venv/bin/python
+    LD_LIBRARY_PATH="$orig_ld" "$py" -c 'import torch; print("torch", torch.__version__, "at", torch.__file__)' || echo "no torch found"
+    LD_LIBRARY_PATH="$orig_ld" timeout 240 "$py" "$carry/torch_partial_fc.py" || { echo "TORCH BASELINE FAILED ($?)"; status=1; }
     echo "== done, status $status"
     return $status
 }

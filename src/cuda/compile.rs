@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 
 /// Every kernel family: (name, source before the include is expanded).
-pub const FAMILIES: [(&str, &str); 4] = [
+pub const FAMILIES: [(&str, &str); 5] = [
     ("sampling", include_str!("../../cuda/sampling.cu")),
     ("normalize", include_str!("../../cuda/normalize.cu")),
     (
@@ -28,6 +28,7 @@ pub const FAMILIES: [(&str, &str); 4] = [
         include_str!("../../cuda/margin_softmax.cu"),
     ),
     ("optimizer", include_str!("../../cuda/optimizer.cu")),
+    ("precision", include_str!("../../cuda/precision.cu")),
 ];
 
 /// The full source of a family, with `common.cuh` expanded in place.

@@ -1,11 +1,12 @@
 //! `impl Backend for CudaBackend`: argument checks, launch shapes and cuBLAS calls. The kernels
 //! themselves live in `cuda/*.cu` under the same names as their CPU references.
 
-use super::{dev, CudaBackend};
+use super::{dev, CudaBackend, Precision};
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -15,6 +16,20 @@ const ROW_THREADS: u32 = 256;
 const ELEM_THREADS: u32 = 256;
 /// Classes per block of the compaction (SCAN_BLOCK in sampling.cu).
 const SCAN_BLOCK: usize = 1024;
+/// Threads per block of the radix passes (SELECT_THREADS in sampling.cu).
+const SELECT_THREADS: usize = 1024;
+/// Histogram bins of one radix digit (BINS in sampling.cu).
+const SELECT_BINS: usize = 2048;
+/// u64 words of the select state (sampling.cu).
+const SELECT_STATE: usize = 5;
+/// Word of the select state holding the distinct positives.
+const STATE_POSITIVES: usize = 3;
+/// Word of the select state holding the number of classes selected.
+const STATE_SELECTED: usize = 4;
+/// The digits of the high key word: the S-th largest high word, ties resolved by class order.
+const HIGH_DIGITS: [(i32, i32); 3] = [(53, 11), (42, 11), (32, 10)];
+/// All digits of the key: the exact S-th largest key.
+const ALL_DIGITS: [(i32, i32); 6] = [(53, 11), (42, 11), (32, 10), (21, 11), (10, 11), (0, 10)];
 
 /// `MarginParams` as the kernels take it (struct Margin in margin_softmax.cu).
 #[repr(C)]
@@ -139,54 +154,299 @@ impl CudaBackend {
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(dev("cublasSgemm"))
     }
 
-    /// The k-th largest key (device-side state: threshold in `state[0]`).
-    fn radix_select(
+    /// `sample_classes` below the trivial case: the design is in cuda/sampling.cu's header.
+    fn sample_on_device(
+        &self,
+        args: &SampleArgs,
+        labels: &mut CudaSlice<i32>,
+        scores: Option<&CudaSlice<f32>>,
+        keys: &mut CudaSlice<u64>,
+        sampled: &mut CudaSlice<i32>,
+        scratch: &mut SampleScratch,
+    ) -> Result<usize> {
+        let shard = args.shard_len;
+        let shard_i = i32_of(shard, "shard_len")?;
+        let rows_i = i32_of(args.rows, "rows")?;
+        let capacity = sampled.len().min(shard);
+        let capacity_i = i32_of(capacity, "sampled capacity")?;
+        let hard_possible = scores.is_some() && args.hard_fraction > 0.0;
+        let init = |s: &mut SampleScratch, k: u64, reset: i32| -> Result<()> {
+            launch!(
+                self,
+                "sampling_init",
+                single_block(1024),
+                &mut s.state,
+                &mut s.hist,
+                &k,
+                &reset
+            );
+            Ok(())
+        };
+        let num_sample = args.num_sample as u64;
+        launch!(
+            self,
+            "random_keys",
+            Self::select_grid(shard),
+            &mut *keys,
+            &shard_i,
+            &args.shard_start,
+            &args.seed,
+            &args.step,
+            &mut scratch.hist
+        );
+        // With hard negatives the first digit is picked later, over the final keys.
+        let select_first = i32::from(!hard_possible);
+        let force_cfg = LaunchConfig {
+            grid_dim: (args.rows.div_ceil(SELECT_THREADS).max(1) as u32, 1, 1),
+            block_dim: (SELECT_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "force_positives",
+            force_cfg,
+            &*labels,
+            &rows_i,
+            &mut *keys,
+            &mut scratch.state,
+            &mut scratch.hist,
+            &num_sample,
+            &select_first
+        );
+        if hard_possible {
+            // The hard share depends on the positives: one 8-byte download.
+            let positives = self
+                .stream
+                .clone_dtoh(&scratch.state.slice(STATE_POSITIVES..STATE_POSITIVES + 1))
+                .map_err(dev("download"))?[0] as usize;
+            let fill = args.num_sample.saturating_sub(positives);
+            let hard = ((args.hard_fraction as f64 * fill as f64).round() as usize).min(fill);
+            if let (Some(scores), true) = (scores, hard > 0) {
+                need(scores, shard, "sample_classes scores")?;
+                launch!(
+                    self,
+                    "score_keys",
+                    per_elem(shard),
+                    &mut *keys,
+                    scores,
+                    &shard_i
+                );
+                init(scratch, (positives + hard) as u64, 0)?;
+                self.radix_passes(keys, shard, &ALL_DIGITS, scratch)?;
+                launch!(
+                    self,
+                    "promote_chosen",
+                    per_elem(shard),
+                    &mut *keys,
+                    &shard_i,
+                    &scratch.state,
+                    &args.shard_start,
+                    &args.seed,
+                    &args.step
+                );
+            }
+            init(scratch, args.num_sample.max(positives) as u64, 0)?;
+            self.radix_passes(keys, shard, &HIGH_DIGITS, scratch)?;
+        } else {
+            self.radix_passes(keys, shard, &HIGH_DIGITS[1..], scratch)?;
+        }
+        let blocks = shard.div_ceil(SCAN_BLOCK);
+        let blocks_i = i32_of(blocks, "blocks")?;
+        if scratch.counts.len() < blocks {
+            scratch.counts = self.alloc::<u64>(blocks)?;
+        }
+        let scan_cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SCAN_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "count_selected",
+            scan_cfg,
+            &*keys,
+            &shard_i,
+            &scratch.state,
+            &mut scratch.counts
+        );
+        launch!(
+            self,
+            "scan_block_counts",
+            single_block(1024),
+            &mut scratch.counts,
+            &blocks_i,
+            &mut scratch.state
+        );
+        launch!(
+            self,
+            "compact_selected",
+            scan_cfg,
+            &*keys,
+            &shard_i,
+            &scratch.state,
+            &scratch.counts,
+            &mut *sampled,
+            &capacity_i
+        );
+        if args.rows > 0 {
+            launch!(
+                self,
+                "remap_labels",
+                per_elem(args.rows),
+                labels,
+                &rows_i,
+                &*sampled,
+                &scratch.state,
+                &capacity_i
+            );
+        }
+        // The one host sync of the plain sampler.
+        let n = self
+            .stream
+            .clone_dtoh(&scratch.state.slice(STATE_SELECTED..STATE_SELECTED + 1))
+            .map_err(dev("download"))?[0] as usize;
+        if n > capacity {
+            return Err(PfcError::Shape(format!(
+                "sample_classes: {n} classes selected (the distinct positives exceed the sample), \
+                 but the sampled buffer holds {capacity}"
+            )));
+        }
+        if n < args.num_sample {
+            return Err(PfcError::Device(format!(
+                "sampler selected {n} classes, at least {} expected (radix select invariant broken)",
+                args.num_sample
+            )));
+        }
+        Ok(n)
+    }
+
+    /// The step's GEMMs: [`CudaBackend::sgemm_rowmajor`] in f32, or with both operands rounded
+    /// to bf16/f16 (`a_len`, `b_len` elements) and `cublasGemmEx` with f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rowmajor(
+        &self,
+        tb: cublasOperation_t,
+        ta: cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        (b, ldb, b_len): (&CudaSlice<f32>, usize, usize),
+        (a, lda, a_len): (&CudaSlice<f32>, usize, usize),
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (kernel, dtype) = match self.precision {
+            Precision::F32 => return self.sgemm_rowmajor(tb, ta, m, n, k, b, ldb, a, lda, c),
+            Precision::Bf16 => ("cast_f32_to_bf16", cudaDataType::CUDA_R_16BF),
+            Precision::F16 => ("cast_f32_to_f16", cudaDataType::CUDA_R_16F),
+        };
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return self.zero(c, m * n);
+        }
+        let cast = |src: &CudaSlice<f32>, len: usize| -> Result<CudaSlice<u16>> {
+            // SAFETY: every element is written by the cast below before cuBLAS reads it.
+            let mut dst = unsafe { self.stream.alloc::<u16>(len.max(1)) }
+                .map_err(dev("allocating a 16-bit GEMM operand"))?;
+            let len_i = i32_of(len, "gemm operand length")?;
+            if len > 0 {
+                let mut builder = self.stream.launch_builder(self.func(kernel)?);
+                builder.arg(src).arg(&mut dst).arg(&len_i);
+                // SAFETY: (const float*, u16*, int) as in cuda/precision.cu; dst holds len.
+                unsafe { builder.launch(per_elem(len)) }.map_err(dev("launch cast"))?;
+            }
+            Ok(dst)
+        };
+        let (b16, a16) = (cast(b, b_len)?, cast(a, a_len)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = &self.stream;
+        let (bp, _gb) = b16.device_ptr(stream);
+        let (ap, _ga) = a16.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        // SAFETY: the callers checked a, b, c against m, n, k; the 16-bit copies have the same
+        // lengths; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                tb,
+                ta,
+                i32_of(n, "gemm n")?,
+                i32_of(m, "gemm m")?,
+                i32_of(k, "gemm k")?,
+                &alpha as *const f32 as *const _,
+                bp as *const _,
+                dtype,
+                i32_of(ldb.max(1), "gemm ldb")?,
+                ap as *const _,
+                dtype,
+                i32_of(lda.max(1), "gemm lda")?,
+                &beta as *const f32 as *const _,
+                cp as *mut _,
+                cudaDataType::CUDA_R_32F,
+                i32_of(n, "gemm ldc")?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev("cublasGemmEx"))
+    }
+
+    /// Grid of the histogram passes: enough blocks of 1024 threads to fill the device, each
+    /// walking several keys.
+    fn select_grid(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(SELECT_THREADS * 8).clamp(1, 264) as u32, 1, 1),
+            block_dim: (SELECT_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Radix passes over the digits `(shift, bits)` (MSB first) of the keys that agree with the
+    /// prefix in `state[0]`; each pass's last block extends the prefix (sampling.cu).
+    fn radix_passes(
         &self,
         keys: &CudaSlice<u64>,
         n: usize,
-        k: usize,
-        state: &mut CudaSlice<u64>,
-        hist: &mut CudaSlice<u32>,
+        digits: &[(i32, i32)],
+        scratch: &mut SampleScratch,
     ) -> Result<()> {
         let n_i = i32_of(n, "shard_len")?;
-        let k_u = k as u64;
-        launch!(
-            self,
-            "radix_select_init",
-            single_block(256),
-            &mut *state,
-            &mut *hist,
-            &k_u
-        );
-        let blocks = n.div_ceil(ELEM_THREADS as usize).clamp(1, 1024);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (ELEM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        for digit in (0..8).rev() {
-            let shift: i32 = digit * 8;
+        for &(shift, bits) in digits {
             launch!(
                 self,
-                "radix_histogram",
-                cfg,
+                "radix_pass",
+                Self::select_grid(n),
                 keys,
                 &n_i,
-                &*state,
+                &mut scratch.state,
                 &shift,
-                &mut *hist
-            );
-            launch!(
-                self,
-                "radix_select_digit",
-                single_block(256),
-                &mut *state,
-                &shift,
-                &mut *hist
+                &bits,
+                &mut scratch.hist
             );
         }
         Ok(())
     }
+
+    /// The select state and histogram of `sample_classes`, allocated once per backend.
+    fn take_scratch(&self) -> Result<SampleScratch> {
+        let cached = self.sample_scratch.lock().ok().and_then(|mut s| s.take());
+        match cached {
+            Some(s) => Ok(s),
+            None => Ok(SampleScratch {
+                state: self.alloc::<u64>(SELECT_STATE)?,
+                hist: self.alloc::<u32>(SELECT_BINS)?,
+                counts: self.alloc::<u64>(1)?,
+            }),
+        }
+    }
+}
+
+/// Device scratch of the sampler (sampling.cu): select state words, digit histogram, block counts.
+pub(crate) struct SampleScratch {
+    state: CudaSlice<u64>,
+    hist: CudaSlice<u32>,
+    counts: CudaSlice<u64>,
 }
 
 impl Backend for CudaBackend {
@@ -294,7 +554,6 @@ impl Backend for CudaBackend {
     ) -> Result<usize> {
         let shard = args.shard_len;
         let shard_i = i32_of(shard, "shard_len")?;
-        let rows_i = i32_of(args.rows, "rows")?;
         need(labels, args.rows, "sample_classes labels")?;
         if args.num_sample >= shard {
             need(sampled, shard, "sample_classes sampled")?;
@@ -305,129 +564,15 @@ impl Backend for CudaBackend {
         }
         need(keys, shard, "sample_classes keys")?;
         need(sampled, args.num_sample, "sample_classes sampled")?;
-        launch!(
-            self,
-            "random_keys",
-            per_elem(shard),
-            &mut *keys,
-            &shard_i,
-            &args.shard_start,
-            &args.seed,
-            &args.step
-        );
-        // The number of distinct positives decides the sample size: count them on the host
-        // (the gathered batch is small next to the shard).
-        let mut positives: Vec<i32> = self
-            .download(labels, args.rows)?
-            .into_iter()
-            .filter(|&l| l >= 0)
-            .collect();
-        positives.sort_unstable();
-        positives.dedup();
-        let positives = positives.len();
-        need(sampled, positives, "sample_classes sampled")?;
-        if args.rows > 0 {
-            launch!(
-                self,
-                "force_positives",
-                per_elem(args.rows),
-                &*labels,
-                &rows_i,
-                &mut *keys
-            );
-        }
-        let mut state = self.alloc::<u64>(2)?;
-        let mut hist = self.alloc::<u32>(256)?;
-        let total = if positives >= args.num_sample {
-            positives
-        } else {
-            let fill = args.num_sample - positives;
-            let hard = match scores {
-                Some(_) => ((args.hard_fraction as f64 * fill as f64).round() as usize).min(fill),
-                None => 0,
-            };
-            if let (Some(scores), true) = (scores, hard > 0) {
-                need(scores, shard, "sample_classes scores")?;
-                launch!(
-                    self,
-                    "score_keys",
-                    per_elem(shard),
-                    &mut *keys,
-                    scores,
-                    &shard_i
-                );
-                self.radix_select(keys, shard, positives + hard, &mut state, &mut hist)?;
-                launch!(
-                    self,
-                    "promote_chosen",
-                    per_elem(shard),
-                    &mut *keys,
-                    &shard_i,
-                    &state,
-                    &args.shard_start,
-                    &args.seed,
-                    &args.step
-                );
+        let mut scratch = self.take_scratch()?;
+        let result = self.sample_on_device(args, labels, scores, keys, sampled, &mut scratch);
+        // The kernels leave the scratch zeroed for the next call, unless the call failed midway.
+        if result.is_ok() {
+            if let Ok(mut slot) = self.sample_scratch.lock() {
+                *slot = Some(scratch);
             }
-            args.num_sample
-        };
-        self.radix_select(keys, shard, total, &mut state, &mut hist)?;
-        let blocks = shard.div_ceil(SCAN_BLOCK);
-        let blocks_i = i32_of(blocks, "blocks")?;
-        let mut counts = self.alloc::<u32>(blocks + 1)?;
-        let scan_cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (SCAN_BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self,
-            "count_selected",
-            scan_cfg,
-            &*keys,
-            &shard_i,
-            &state,
-            &mut counts
-        );
-        launch!(
-            self,
-            "scan_block_counts",
-            single_block(1024),
-            &mut counts,
-            &blocks_i
-        );
-        launch!(
-            self,
-            "compact_selected",
-            scan_cfg,
-            &*keys,
-            &shard_i,
-            &state,
-            &counts,
-            &mut *sampled
-        );
-        let n = self
-            .stream
-            .clone_dtoh(&counts.slice(blocks..blocks + 1))
-            .map_err(dev("download"))?[0] as usize;
-        if n != total {
-            return Err(PfcError::Device(format!(
-                "sampler selected {n} classes, {total} expected (radix select invariant broken)"
-            )));
         }
-        if args.rows > 0 {
-            let n_i = n as i32;
-            launch!(
-                self,
-                "remap_labels",
-                per_elem(args.rows),
-                labels,
-                &rows_i,
-                &*sampled,
-                &n_i
-            );
-        }
-        Ok(n)
+        result
     }
 
     fn class_max_cosine(
@@ -577,7 +722,16 @@ impl Backend for CudaBackend {
         need(b, n * k, "gemm_nt b")?;
         need(c, m * n, "gemm_nt c")?;
         // cᵀ[n×m] = b[n×k] · aᵀ: b is col-major k×n (op T), a is col-major k×m (op N).
-        self.sgemm_rowmajor(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, b, k, a, k, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            (b, k, n * k),
+            (a, k, m * k),
+            c,
+        )
     }
 
     fn gemm_nn(
@@ -593,7 +747,16 @@ impl Backend for CudaBackend {
         need(b, k * n, "gemm_nn b")?;
         need(c, m * n, "gemm_nn c")?;
         // cᵀ = bᵀ · aᵀ: b is col-major n×k (op N, ld n), a is col-major k×m (op N, ld k).
-        self.sgemm_rowmajor(CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, b, n, a, k, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            (b, n, k * n),
+            (a, k, m * k),
+            c,
+        )
     }
 
     fn gemm_tn(
@@ -609,7 +772,16 @@ impl Backend for CudaBackend {
         need(b, k * n, "gemm_tn b")?;
         need(c, m * n, "gemm_tn c")?;
         // cᵀ = bᵀ · a: b is col-major n×k (op N, ld n), a is col-major m×k (op T, ld m).
-        self.sgemm_rowmajor(CUBLAS_OP_N, CUBLAS_OP_T, m, n, k, b, n, a, m, c)
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_T,
+            m,
+            n,
+            k,
+            (b, n, k * n),
+            (a, m, k * m),
+            c,
+        )
     }
 
     fn margin_rowmax(

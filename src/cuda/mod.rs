@@ -32,22 +32,24 @@ pub struct CudaBackend {
     kernels: HashMap<&'static str, CudaFunction>,
     device_name: String,
     compute_capability: (i32, i32),
+    /// Scratch of `sample_classes`, kept between calls (taken while in use).
+    sample_scratch: std::sync::Mutex<Option<launch::SampleScratch>>,
+    precision: Precision,
 }
 
 /// Every kernel name of `cuda/*.cu`, by family.
-const KERNELS: [(&str, &[&str]); 4] = [
+const KERNELS: [(&str, &[&str]); 5] = [
     (
         "sampling",
         &[
             "localize_labels",
             "iota",
             "random_keys",
+            "sampling_init",
             "force_positives",
             "score_keys",
             "promote_chosen",
-            "radix_select_init",
-            "radix_histogram",
-            "radix_select_digit",
+            "radix_pass",
             "count_selected",
             "scan_block_counts",
             "compact_selected",
@@ -71,7 +73,33 @@ const KERNELS: [(&str, &[&str]); 4] = [
         "optimizer",
         &["scatter_rows", "sgd_momentum_sparse", "sgd_momentum_dense"],
     ),
+    ("precision", &["cast_f32_to_bf16", "cast_f32_to_f16"]),
 ];
+
+/// Operand precision of the step's three GEMMs (logits, embedding gradient, sampled-weight
+/// gradient). The master weights, the outputs and the accumulation stay f32: with `Bf16` or `F16`
+/// both operands are rounded to 16 bits (into temporary buffers) and multiplied by
+/// `cublasGemmEx` with f32 accumulation. Each product then carries a relative error of at most
+/// about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16), so a dot product is off by at most that times the sum of
+/// its terms' magnitudes (tests/cuda_kernels.rs `half_precision_gemms_match_f32`). The
+/// hard-negative scoring GEMM stays f32.
+///
+/// ```no_run
+/// use partial_fc::cuda::{CudaBackend, Precision};
+/// let gpu = CudaBackend::new(0)?.with_precision(Precision::Bf16);
+/// assert_eq!(gpu.precision(), Precision::Bf16);
+/// # Ok::<(), partial_fc::PfcError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 operands, cuBLAS SGEMM (default math mode: no TF32).
+    #[default]
+    F32,
+    /// bf16 operands, f32 accumulation and output.
+    Bf16,
+    /// f16 operands, f32 accumulation and output.
+    F16,
+}
 
 pub(crate) fn dev<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> PfcError {
     move |e| PfcError::Device(format!("{what}: {e:?}"))
@@ -147,7 +175,20 @@ impl CudaBackend {
             kernels,
             device_name,
             compute_capability,
+            sample_scratch: std::sync::Mutex::new(None),
+            precision: Precision::F32,
         })
+    }
+
+    /// The same backend with the step's GEMMs in `precision` (see [`Precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> CudaBackend {
+        self.precision = precision;
+        self
+    }
+
+    /// Operand precision of the step's GEMMs.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device's name as the driver reports it.

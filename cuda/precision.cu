@@ -1,0 +1,25 @@
+// Operand casts for the bf16/f16 GEMMs (src/cuda/mod.rs `Precision`): f32 -> 16-bit with round to
+// nearest even, written as bit patterns (u16) so no CUDA headers are needed. CPU references:
+// half::bf16::from_f32 and half::f16::from_f32 (same rounding).
+#include "common.cuh"
+
+typedef unsigned short u16;
+
+// bf16 is the high half of an f32: round the low 16 bits to nearest even; NaN stays a quiet NaN.
+extern "C" __global__ void cast_f32_to_bf16(const float* x, u16* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 bits = __float_as_uint(x[i]);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { y[i] = (u16)((bits >> 16) | 0x0040u); return; }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    y[i] = (u16)(bits >> 16);
+}
+
+// f16 through the hardware conversion (round to nearest even, overflow to inf, subnormals kept).
+extern "C" __global__ void cast_f32_to_f16(const float* x, u16* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
+    y[i] = h;
+}

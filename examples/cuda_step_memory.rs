@@ -1,0 +1,113 @@
+//! Peak GPU memory of the CUDA step at the whole-step benchmark configuration (shard 1M classes,
+//! gathered batch 1024, d 512, r 0.1, f32, sparse update, one rank), for comparison with
+//! `benches/torch_partial_fc.py`'s `torch.cuda.max_memory_allocated()`.
+//!
+//! Three numbers, from the narrowest to the widest:
+//! - the layer's own buffers (`PartialFc::memory_report`, the planner's components);
+//! - the high-water mark of the stream-ordered memory pool that every buffer of the backend
+//!   comes from (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`): persistent buffers plus the step's transient
+//!   ones (sampler scratch, block counts) at their peak;
+//! - free device memory before the layer minus free after two steps, with the pool told to keep
+//!   what it reserved (release threshold = max), so the pool's peak, the cuBLAS workspace and
+//!   handle are all in it. Module code and the context were loaded before the first reading.
+//!
+//! `cargo run --release --features cuda --example cuda_step_memory`
+
+use cudarc::driver::sys;
+use partial_fc::collective::SingleRank;
+use partial_fc::cuda::CudaBackend;
+use partial_fc::{Backend, LayerConfig, PartialFc};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The device's default memory pool (the one cudarc's stream-ordered allocations use).
+fn default_pool(gpu: &CudaBackend) -> Option<sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: plain driver query on the backend's (current) context's device.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, gpu.context().cu_device()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+}
+
+fn pool_attr(
+    pool: sys::CUmemoryPool,
+    attr: sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Option<u64> {
+    let mut v: u64 = set.unwrap_or(0);
+    // SAFETY: these attributes are 64-bit values (cuuint64_t), passed by pointer.
+    let r = unsafe {
+        match set {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
+            None => sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
+        }
+    };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+fn main() -> Result<(), partial_fc::PfcError> {
+    let gpu = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return Ok(());
+        }
+    };
+    gpu.context()
+        .bind_to_thread()
+        .map_err(|e| partial_fc::PfcError::Device(format!("{e:?}")))?;
+    use sys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    };
+    let pool = default_pool(&gpu);
+    if let Some(p) = pool {
+        pool_attr(p, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX));
+        pool_attr(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)); // resets the high-water mark
+    }
+    let free_before = gpu
+        .context()
+        .mem_get_info()
+        .map_err(|e| partial_fc::PfcError::Device(format!("{e:?}")))?
+        .0;
+
+    let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
+    cfg.sample_rate = 0.1;
+    let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank)?;
+    let x: Vec<f32> = (0..1024 * 512)
+        .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)
+        .collect();
+    let labels: Vec<i64> = (0..1024).map(|i| (i * 1021) as i64).collect();
+    for _ in 0..2 {
+        layer.forward_backward(&x, &labels)?;
+        layer.step(0.1)?;
+    }
+    layer.backend().synchronize()?;
+    let free_after = layer
+        .backend()
+        .context()
+        .mem_get_info()
+        .map_err(|e| partial_fc::PfcError::Device(format!("{e:?}")))?
+        .0;
+
+    let report = layer.memory_report();
+    let buffers: u64 = report.iter().map(|(_, b)| b).sum();
+    println!("== CUDA step peak memory (shard 1M, batch 1024, d 512, r 0.1, f32, sparse update)");
+    for (component, bytes) in &report {
+        println!("  {component:?}: {:.1} MiB", *bytes as f64 / MIB);
+    }
+    println!(
+        "layer buffers (memory_report total): {:.1} MiB",
+        buffers as f64 / MIB
+    );
+    match pool.and_then(|p| pool_attr(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)) {
+        Some(high) => println!(
+            "memory pool high-water mark (all buffers, transient included): {:.1} MiB",
+            high as f64 / MIB
+        ),
+        None => println!("memory pool high-water mark: not available"),
+    }
+    println!(
+        "device free before - after (pool peak kept + cuBLAS workspace): {:.1} MiB",
+        free_before.saturating_sub(free_after) as f64 / MIB
+    );
+    Ok(())
+}
