@@ -1,0 +1,106 @@
+//! Where the time of one CUDA step goes: every kernel of the step run alone at the whole-step
+//! bench's shapes (shard 1M, gathered batch 1024, d 512, r 0.1), synchronized and timed, for f32
+//! and bf16 GEMM operands. `cargo run --release --features cuda --example cuda_profile_step`
+
+use partial_fc::cuda::{CudaBackend, Precision};
+use partial_fc::{Backend, Margin, SampleArgs};
+use std::time::Instant;
+
+fn time(g: &CudaBackend, name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    g.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    g.synchronize().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    println!("{name:>28}: {ms:8.3} ms");
+    ms
+}
+
+fn main() {
+    let g0 = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    println!("device: {}", g0.device_name());
+    let (shard, m, d) = (1usize << 20, 1024usize, 512usize);
+    let s = (0.1 * shard as f64) as usize;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let g = CudaBackend::new(0).unwrap().with_precision(precision);
+        println!("== {precision:?}");
+        let w_host = partial_fc::init::normal_rows(1, 0, shard, d, 0.01);
+        let mut w = g.alloc::<f32>(shard * d).unwrap();
+        g.upload(&w_host, &mut w).unwrap();
+        drop(w_host);
+        let x_host = partial_fc::init::normal_rows(2, 0, m, d, 1.0);
+        let mut x = g.alloc::<f32>(m * d).unwrap();
+        g.upload(&x_host, &mut x).unwrap();
+        let labels_host: Vec<i64> = (0..m as i64).map(|i| i * 1021 % shard as i64).collect();
+        let mut glabels = g.alloc::<i64>(m).unwrap();
+        g.upload(&labels_host, &mut glabels).unwrap();
+        let mut local = g.alloc::<i32>(m).unwrap();
+        let (mut xh, mut xn) = (g.alloc::<f32>(m * d).unwrap(), g.alloc::<f32>(m).unwrap());
+        let mut keys = g.alloc::<u64>(shard).unwrap();
+        let mut sampled = g.alloc::<i32>(s.max(m)).unwrap();
+        let (mut wh, mut wn) = (g.alloc::<f32>(s * d).unwrap(), g.alloc::<f32>(s).unwrap());
+        let mut logits = g.alloc::<f32>(m * s).unwrap();
+        let (mut mx, mut tc, mut sum, mut loss) = (
+            g.alloc::<f32>(m).unwrap(),
+            g.alloc::<f32>(m).unwrap(),
+            g.alloc::<f32>(m).unwrap(),
+            g.alloc::<f32>(m).unwrap(),
+        );
+        let mut gx = g.alloc::<f32>(m * d).unwrap();
+        let mut gw = g.alloc::<f32>(s * d).unwrap();
+        let mut mom = g.alloc::<f32>(shard * d).unwrap();
+        let p = Margin::arcface().params();
+        let args = SampleArgs {
+            shard_len: shard,
+            shard_start: 0,
+            num_sample: s,
+            rows: m,
+            seed: 1,
+            step: 0,
+            hard_fraction: 0.0,
+        };
+        let mut total = 0.0;
+        total += time(&g, "localize_labels", 20, || g.localize_labels(&glabels, m, 0, shard, &mut local).unwrap());
+        total += time(&g, "normalize_rows", 20, || g.normalize_rows(&x, m, d, &mut xh, &mut xn).unwrap());
+        total += time(&g, "sample_classes", 20, || {
+            g.localize_labels(&glabels, m, 0, shard, &mut local).unwrap();
+            g.sample_classes(&args, &mut local, None, &mut keys, &mut sampled).unwrap();
+        });
+        total += time(&g, "gather_normalize_rows", 20, || g.gather_normalize_rows(&w, d, &sampled, s, &mut wh, &mut wn).unwrap());
+        total += time(&g, "gemm_nt (logits)", 10, || g.gemm_nt(m, s, d, &xh, &wh, &mut logits).unwrap());
+        total += time(&g, "margin_rowmax", 10, || g.margin_rowmax(&mut logits, m, s, &local, &p, &mut mx, &mut tc).unwrap());
+        total += time(&g, "exp_rowsum", 10, || g.exp_rowsum(&logits, m, s, &mx, &mut sum).unwrap());
+        total += time(&g, "softmax_loss_grad", 10, || {
+            g.softmax_loss_grad(&mut logits, m, s, &local, &p, &mx, &sum, &tc, 1.0 / m as f32, &mut loss).unwrap()
+        });
+        total += time(&g, "gemm_nn (grad x)", 10, || g.gemm_nn(m, d, s, &logits, &wh, &mut gx).unwrap());
+        total += time(&g, "gemm_tn (grad w)", 10, || g.gemm_tn(s, d, m, &logits, &xh, &mut gw).unwrap());
+        total += time(&g, "normalize_backward x", 20, || g.normalize_backward(&mut gx, &xh, &xn, m, d).unwrap());
+        total += time(&g, "normalize_backward w", 20, || g.normalize_backward(&mut gw, &wh, &wn, s, d).unwrap());
+        total += time(&g, "sgd_momentum_sparse", 20, || {
+            g.sgd_momentum_sparse(&mut w, &mut mom, &gw, &sampled, s, d, 0.0, 0.9, 0.0).unwrap()
+        });
+        total += time(&g, "download loss (sync)", 20, || drop(g.download(&loss, m).unwrap()));
+        println!("{:>28}: {total:8.3} ms", "sum of kernels");
+        drop((w, mom, logits, keys, wh, gw));
+        let mut cfg = partial_fc::LayerConfig::new(shard as u64, d, m);
+        cfg.sample_rate = 0.1;
+        let gl = CudaBackend::new(0).unwrap().with_precision(precision);
+        let mut layer = partial_fc::PartialFc::new(cfg, gl, partial_fc::collective::SingleRank).unwrap();
+        time(&g, "layer forward_backward", 10, || drop(layer.forward_backward(&x_host, &labels_host).unwrap()));
+        time(&g, "layer fwd_bwd + step", 10, || {
+            layer.forward_backward(&x_host, &labels_host).unwrap();
+            layer.step(0.1).unwrap();
+            layer.backend().synchronize().unwrap();
+        });
+    }
+}
