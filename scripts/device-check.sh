@@ -22,7 +22,8 @@ build() {
     json="$(mktemp)"
     cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl > "$json"
     cargo bench --features cuda --no-run --message-format=json --bench cuda_kernels >> "$json"
-    cargo build --release --features cuda --message-format=json --example cuda_step_memory >> "$json"
+    cargo build --release --features cuda --message-format=json --example cuda_step_memory \
+        --example cuda_profile_step --example multi_gpu >> "$json"
     python3 - "$json" "$carry/bin" <<'PY'
 import json, shutil, sys
 seen = {}
@@ -34,7 +35,7 @@ for line in open(sys.argv[1]):
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         t = m["target"]
         kind = "bench" if "bench" in t["kind"] else "example" if "example" in t["kind"] else "test"
-        if t["name"].startswith("cuda_"):
+        if t["name"].startswith("cuda_") or t["name"] == "multi_gpu":
             seen[f"{kind}-{t['name']}"] = m["executable"]
 for name, exe in seen.items():
     shutil.copy(exe, f"{sys.argv[2]}/{name}")
@@ -92,6 +93,11 @@ run() {
     done
     echo "== peak GPU memory of our step"
     timeout 120 "$bin/example-cuda_step_memory" || status=1
+    echo "== per-kernel profile of one step"
+    timeout 120 "$bin/example-cuda_profile_step" || status=1
+    echo "== multi_gpu example: launcher, TCP rendezvous, NCCL (one process per GPU)"
+    ngpu="$(nvidia-smi -L 2>/dev/null | wc -l)"
+    MASTER_PORT=29517 timeout 120 "$bin/example-multi_gpu" --launch "${ngpu:-1}" --steps 3 --classes 200000 || status=1
     echo "== PyTorch baseline (benches/torch_partial_fc.py)"
     py=python3
     LD_LIBRARY_PATH="$orig_ld" python3 -c 'import torch' 2>/dev/null || py=/opt/torch/.venv/bin/python

@@ -1,3 +1,6 @@
+//! Where the time of one CPU step goes: each reference kernel alone at the benchmark shapes
+//! (C = 200,000, batch 512, d 512, r 0.1). `cargo run --release --example cpu_profile_step`
+
 use partial_fc::cpu::*;
 use std::time::Instant;
 fn t<R>(name: &str, f: impl FnOnce() -> R) -> R {

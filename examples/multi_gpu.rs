@@ -1,0 +1,169 @@
+//! Partial FC over several GPUs and nodes: one process per GPU, NCCL between them.
+//!
+//! Launched by torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+//! MASTER_PORT), set by your own launcher or by this example's:
+//!
+//! ```text
+//! cargo run --release --features cuda --example multi_gpu -- --launch 8          # 8 GPUs, this node
+//! RANK=3 WORLD_SIZE=16 LOCAL_RANK=3 MASTER_ADDR=node0 MASTER_PORT=29500 \
+//!     target/release/examples/multi_gpu                                           # one rank of 16
+//! ```
+//!
+//! Rank 0 creates the NCCL id and serves it over TCP on MASTER_ADDR:MASTER_PORT; each rank opens
+//! GPU LOCAL_RANK, builds its shard of the classifier, and trains a few steps on synthetic
+//! embeddings, printing the (identical) loss on rank 0. The launcher also makes NCCL findable when
+//! only `libnccl.so.2` is installed (see `partial_fc::cuda::nccl::link_nccl`).
+
+#[cfg(feature = "cuda")]
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("multi_gpu: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!(
+        "multi_gpu needs the CUDA backend: cargo run --release --features cuda --example multi_gpu"
+    );
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn run() -> Result<(), String> {
+    use partial_fc::rendezvous::{LaunchEnv, Rendezvous};
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(k) = flag("--launch") {
+        let k: usize = k
+            .parse()
+            .map_err(|_| format!("--launch: {k:?} is not a number of processes"))?;
+        return launch(k);
+    }
+    let env = LaunchEnv::from_env().map_err(|e| e.to_string())?;
+    let classes: u64 = flag("--classes")
+        .map_or(Ok(1_000_000), |v| v.parse())
+        .map_err(|_| "--classes: not a number")?;
+    let steps: usize = flag("--steps")
+        .map_or(Ok(5), |v| v.parse())
+        .map_err(|_| "--steps: not a number")?;
+    let (batch, dim) = (128usize, 512usize);
+
+    let gpu = partial_fc::cuda::CudaBackend::new(env.local_rank).map_err(|e| e.to_string())?;
+    let rendezvous = Rendezvous::Tcp {
+        addr: format!("{}:{}", env.master_addr, env.master_port),
+        timeout: std::time::Duration::from_secs(120),
+    };
+    let id = rendezvous
+        .exchange(
+            env.rank,
+            env.world_size,
+            partial_fc::cuda::nccl::new_unique_id,
+        )
+        .map_err(|e| e.to_string())?;
+    let comm = partial_fc::cuda::nccl::NcclCollective::new(
+        &gpu,
+        env.rank,
+        env.world_size,
+        id,
+        Some(std::time::Duration::from_secs(300)),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut cfg = partial_fc::LayerConfig::new(classes, dim, batch);
+    cfg.sample_rate = 0.1;
+    let mut layer = partial_fc::PartialFc::new(cfg, gpu, comm).map_err(|e| e.to_string())?;
+    let shard = layer.shard();
+    println!(
+        "rank {} of {} on GPU {} ({}): classes [{}, {})",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        layer.backend().device_name(),
+        shard.start,
+        shard.end()
+    );
+    for step in 0..steps {
+        // Synthetic embeddings and labels, different per rank and step.
+        let seed = (step * env.world_size + env.rank) as u64;
+        let x = partial_fc::init::normal_rows(seed, 0, batch, dim, 1.0);
+        let labels: Vec<i64> = (0..batch as u64)
+            .map(|i| ((seed * 7919 + i * 104_729) % classes) as i64)
+            .collect();
+        let t = std::time::Instant::now();
+        let out = layer
+            .forward_backward(&x, &labels)
+            .map_err(|e| e.to_string())?;
+        layer.step(0.1).map_err(|e| e.to_string())?;
+        if env.rank == 0 {
+            println!(
+                "step {step}: loss {:.4}  {:.2} ms",
+                out.loss,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts `k` copies of this program on this node with the torchrun variables set, and waits.
+#[cfg(feature = "cuda")]
+fn launch(k: usize) -> Result<(), String> {
+    use partial_fc::cuda::nccl::{find_nccl_so2, link_nccl, nccl_available};
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let rest: Vec<String> = {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let i = args.iter().position(|a| a == "--launch").unwrap_or(0);
+        args.iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i && *j != i + 1)
+            .map(|(_, a)| a.clone())
+            .collect()
+    };
+    let mut ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    if nccl_available().is_err() {
+        // cudarc opens libnccl.so; a runtime install ships libnccl.so.2. Link it where the
+        // children will look (a process cannot change its own search path, its children can).
+        if let Some(so2) = find_nccl_so2() {
+            let dir = std::env::temp_dir().join("partial-fc-nccl");
+            link_nccl(&so2, &dir).map_err(|e| e.to_string())?;
+            ld = format!("{}:{ld}", dir.display());
+        }
+    }
+    let port = std::env::var("MASTER_PORT").unwrap_or_else(|_| "29500".into());
+    let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    let children: Vec<_> = (0..k)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args(&rest)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", k.to_string())
+                .env("MASTER_ADDR", &addr)
+                .env("MASTER_PORT", &port)
+                .env("LD_LIBRARY_PATH", &ld)
+                .spawn()
+                .map_err(|e| format!("starting rank {rank}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            failed.push(rank);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("ranks {failed:?} failed"))
+    }
+}
