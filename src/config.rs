@@ -229,6 +229,9 @@ pub struct LayerConfig {
     pub optimizer: Option<Sgd>,
     /// Seed of the counter-based sampling generator.
     pub seed: u64,
+    /// Dtype of the embeddings on the all-gather's wire: `F32`, or `F16`/`Bf16` to halve the
+    /// bytes (each rank then normalizes the rounded embeddings; labels travel in the same buffer).
+    pub wire: crate::plan::Dtype,
 }
 
 impl LayerConfig {
@@ -245,6 +248,7 @@ impl LayerConfig {
             update: UpdateMode::Sparse,
             optimizer: Some(Sgd::default()),
             seed: 0x5eed,
+            wire: crate::plan::Dtype::F32,
         }
     }
 

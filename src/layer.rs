@@ -49,6 +49,8 @@ struct Buffers<B: Backend> {
     target_cos: B::Buf<f32>,
     row_loss: B::Buf<f32>,
     staging: B::Buf<f32>,
+    /// Packed send and receive buffers of a 16-bit wire (`None` with an f32 wire).
+    packed: Option<(B::Buf<u16>, B::Buf<u16>)>,
 }
 
 /// The state a backward pass leaves for the optimizer.
@@ -133,6 +135,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let shard_len = shard.len as usize;
         let hard = matches!(config.sampler, NegativeSampler::Hard { .. });
         let chunk = (HARD_NEGATIVE_CHUNK as usize).min(shard_len);
+        let packed_wire = config.wire != Dtype::F32;
         let b = &backend;
         let bufs = Buffers {
             weight: b.alloc(shard_len * d)?,
@@ -141,7 +144,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             sampled_weights: b.alloc(capacity * d)?,
             sampled_weights_grad: b.alloc(capacity * d)?,
             weight_norms: b.alloc(capacity)?,
-            gathered: b.alloc(m * d)?,
+            gathered: b.alloc(if packed_wire { 0 } else { m * d })?,
             x_hat: b.alloc(m * d)?,
             x_norms: b.alloc(m)?,
             x_grad: b.alloc(m * d)?,
@@ -159,6 +162,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             target_cos: b.alloc(m)?,
             row_loss: b.alloc(m)?,
             staging: b.alloc(n * d)?,
+            packed: if packed_wire {
+                let row = crate::cpu::wire::packed_row_len(d);
+                Some((b.alloc(n * row)?, b.alloc(m * row)?))
+            } else {
+                None
+            },
         };
         Ok(PartialFc {
             backend,
@@ -183,7 +192,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             optimizer_states: u64::from(config.optimizer.is_some()),
             update: config.update,
             logits: LogitsMode::Materialized,
-            wire_dtype: Dtype::F32,
+            wire_dtype: config.wire,
             hard_negatives: matches!(config.sampler, NegativeSampler::Hard { .. }),
         }
     }
@@ -227,7 +236,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 Component::RowStats,
                 f(&x.row_max) + f(&x.row_sum) + f(&x.target_cos) + f(&x.row_loss),
             ),
-            (Component::CollectiveStaging, f(&x.staging)),
+            (
+                Component::CollectiveStaging,
+                f(&x.staging)
+                    + x.packed
+                        .as_ref()
+                        .map_or(0, |(send, recv)| (b.len(send) + b.len(recv)) as u64 * 2),
+            ),
         ]
     }
 
@@ -452,10 +467,32 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let mut padded_labels = vec![-1i64; n];
         padded_labels[..labels.len()].copy_from_slice(labels);
         b.upload(&padded_labels, &mut x.send_labels)?;
-        self.comm
-            .all_gather_f32(b, &x.staging, n * d, &mut x.gathered)?;
-        self.comm
-            .all_gather_i64(b, &x.send_labels, n, &mut x.gathered_labels)?;
+        match &mut x.packed {
+            None => {
+                self.comm
+                    .all_gather_f32(b, &x.staging, n * d, &mut x.gathered)?;
+                self.comm
+                    .all_gather_i64(b, &x.send_labels, n, &mut x.gathered_labels)?;
+                b.normalize_rows(&x.gathered, m, d, &mut x.x_hat, &mut x.x_norms)?;
+            }
+            Some((send, recv)) => {
+                // One all-gather of rounded embeddings with their labels, unpacked straight
+                // into the normalized copy.
+                let wire = self.config.wire;
+                b.pack_embeddings(&x.staging, &x.send_labels, n, d, wire, send)?;
+                let row = crate::cpu::wire::packed_row_len(d);
+                self.comm.all_gather_u16(b, send, n * row, recv)?;
+                b.unpack_normalize(
+                    recv,
+                    m,
+                    d,
+                    wire,
+                    &mut x.gathered_labels,
+                    &mut x.x_hat,
+                    &mut x.x_norms,
+                )?;
+            }
+        }
         // 2. Labels of this shard become shard-local ids.
         b.localize_labels(
             &x.gathered_labels,
@@ -464,7 +501,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             shard_len,
             &mut x.local_labels,
         )?;
-        b.normalize_rows(&x.gathered, m, d, &mut x.x_hat, &mut x.x_norms)?;
 
         // 3. Sample.
         let s = match given {

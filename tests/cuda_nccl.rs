@@ -15,7 +15,8 @@ macro_rules! skip {
 use partial_fc::collective::{HostStaged, SingleRank, ThreadGroup};
 use partial_fc::cuda::nccl::{nccl_available, nccl_version, new_unique_id, NcclCollective};
 use partial_fc::cuda::CudaBackend;
-use partial_fc::{Collective, CpuBackend, LayerConfig, Margin, PartialFc};
+use partial_fc::plan::Dtype;
+use partial_fc::{Backend, Collective, CpuBackend, LayerConfig, Margin, PartialFc};
 use std::time::Duration;
 
 const CLASSES: u64 = 5003;
@@ -33,9 +34,14 @@ fn gpu() -> Option<CudaBackend> {
 }
 
 fn config(world: usize, rate: f64) -> LayerConfig {
+    config_wire(world, rate, Dtype::F32)
+}
+
+fn config_wire(world: usize, rate: f64, wire: Dtype) -> LayerConfig {
     let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH.div_ceil(world));
     cfg.sample_rate = rate;
     cfg.margin = Margin::arcface();
+    cfg.wire = wire;
     cfg
 }
 
@@ -79,9 +85,13 @@ fn concat(parts: Vec<RankRun>) -> RankRun {
 }
 
 fn cpu_run(world: usize, rate: f64) -> RankRun {
+    cpu_run_wire(world, rate, Dtype::F32)
+}
+
+fn cpu_run_wire(world: usize, rate: f64, wire: Dtype) -> RankRun {
     concat(ThreadGroup::run(world, |comm| {
         let rank = comm.rank();
-        let mut layer = PartialFc::new(config(world, rate), CpuBackend, comm).unwrap();
+        let mut layer = PartialFc::new(config_wire(world, rate, wire), CpuBackend, comm).unwrap();
         two_steps(&mut layer, world, rank)
     }))
 }
@@ -212,5 +222,91 @@ fn two_nccl_ranks_on_one_gpu() {
             &cpu_run(world, 0.1),
         ),
         Err(e) => skip!("skipped: NCCL {version} refused two ranks on one GPU: {e}"),
+    }
+}
+
+#[test]
+fn wire_kernels_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let (rows, dim) = (37usize, 100usize);
+    let x = partial_fc::init::normal_rows(3, 0, rows, dim, 2.0);
+    let labels: Vec<i64> = (0..rows as i64)
+        .map(|i| if i % 5 == 0 { -1 } else { i * 1_000_000_007 })
+        .collect();
+    let len = rows * (dim + 4);
+    for wire in [Dtype::F16, Dtype::Bf16] {
+        let mut want = vec![0u16; len];
+        CpuBackend
+            .pack_embeddings(&x, &labels, rows, dim, wire, &mut want)
+            .unwrap();
+        let (mut gx, mut gl, mut gp) = (
+            g.alloc(rows * dim).unwrap(),
+            g.alloc(rows).unwrap(),
+            g.alloc(len).unwrap(),
+        );
+        g.upload(&x, &mut gx).unwrap();
+        g.upload(&labels, &mut gl).unwrap();
+        g.pack_embeddings(&gx, &gl, rows, dim, wire, &mut gp)
+            .unwrap();
+        assert_eq!(g.download(&gp, len).unwrap(), want, "{wire:?}: packed bits");
+
+        let (mut l, mut xh, mut n) = (vec![0i64; rows], vec![0f32; rows * dim], vec![0f32; rows]);
+        CpuBackend
+            .unpack_normalize(&want, rows, dim, wire, &mut l, &mut xh, &mut n)
+            .unwrap();
+        let (mut gl2, mut gxh, mut gn) = (
+            g.alloc(rows).unwrap(),
+            g.alloc(rows * dim).unwrap(),
+            g.alloc(rows).unwrap(),
+        );
+        g.unpack_normalize(&gp, rows, dim, wire, &mut gl2, &mut gxh, &mut gn)
+            .unwrap();
+        assert_eq!(g.download(&gl2, rows).unwrap(), labels, "{wire:?}: labels");
+        for (a, b) in g.download(&gxh, rows * dim).unwrap().iter().zip(&xh) {
+            assert!((a - b).abs() <= 1e-6, "{wire:?}: x_hat {a} vs {b}");
+        }
+        for (a, b) in g.download(&gn, rows).unwrap().iter().zip(&n) {
+            assert!((a - b).abs() <= 1e-5 * b, "{wire:?}: norm {a} vs {b}");
+        }
+        println!("{wire:?} wire: pack bit-identical, unpack+normalize within 1e-6");
+    }
+}
+
+#[test]
+fn wire_formats_on_gpu_ranks_match_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for wire in [Dtype::F16, Dtype::Bf16] {
+        let world = 3;
+        let got = concat(ThreadGroup::run(world, |comm| {
+            let rank = comm.rank();
+            let g = CudaBackend::new(0).unwrap();
+            let mut layer =
+                PartialFc::new(config_wire(world, 0.1, wire), g, HostStaged::new(comm)).unwrap();
+            two_steps(&mut layer, world, rank)
+        }));
+        assert_close(
+            &format!("{world} virtual ranks, {wire:?} wire"),
+            &got,
+            &cpu_run_wire(world, 0.1, wire),
+        );
+    }
+    if nccl_available().is_ok() {
+        let g = gpu().unwrap();
+        let comm = NcclCollective::new(
+            &g,
+            0,
+            1,
+            new_unique_id().unwrap(),
+            Some(Duration::from_secs(60)),
+        )
+        .unwrap();
+        let mut layer = PartialFc::new(config_wire(1, 0.1, Dtype::Bf16), g, comm).unwrap();
+        assert_close(
+            "NCCL, 1 rank, Bf16 wire",
+            &two_steps(&mut layer, 1, 0),
+            &cpu_run_wire(1, 0.1, Dtype::Bf16),
+        );
     }
 }

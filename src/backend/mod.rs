@@ -7,6 +7,7 @@
 
 use crate::config::MarginParams;
 use crate::error::Result;
+use crate::plan::Dtype;
 
 /// Element types that buffers hold.
 #[cfg(not(feature = "cuda"))]
@@ -29,6 +30,7 @@ impl Elem for i32 {}
 impl Elem for i64 {}
 impl Elem for u64 {}
 impl Elem for u32 {}
+impl Elem for u16 {}
 
 /// Arguments of the sampler kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -128,6 +130,34 @@ pub trait Backend: Send + Sync + 'static {
         chunk_weights: &mut Self::Buf<f32>,
         chunk_cosines: &mut Self::Buf<f32>,
         scores: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Packs `rows` embeddings (f32, `rows × dim`) and their labels for the wire: each row becomes
+    /// `dim` 16-bit values in `wire` (f16 or bf16, round to nearest even) followed by its i64
+    /// label as four 16-bit words, so one all-gather moves both.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_embeddings(
+        &self,
+        x: &Self::Buf<f32>,
+        labels: &Self::Buf<i64>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        packed: &mut Self::Buf<u16>,
+    ) -> Result<()>;
+
+    /// Unpacks `rows` gathered rows of [`Backend::pack_embeddings`] fused with their L2
+    /// normalization: normalized embeddings, norms and labels.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_normalize(
+        &self,
+        packed: &Self::Buf<u16>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        labels: &mut Self::Buf<i64>,
+        x_hat: &mut Self::Buf<f32>,
+        norms: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
     /// `out[i] = weight[index[i]] / ‖weight[index[i]]‖`, norms kept for the backward pass.
@@ -296,6 +326,14 @@ pub trait Collective<B: Backend>: Send {
         send: &B::Buf<f32>,
         count: usize,
         recv: &mut B::Buf<f32>,
+    ) -> Result<()>;
+    /// Same as [`Collective::all_gather_f32`] for 16-bit words (the packed wire format).
+    fn all_gather_u16(
+        &self,
+        backend: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
     ) -> Result<()>;
     /// Same as [`Collective::all_gather_f32`] for labels.
     fn all_gather_i64(

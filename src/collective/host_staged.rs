@@ -58,6 +58,20 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         b.upload(&out, recv)
     }
 
+    fn all_gather_u16(
+        &self,
+        b: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+    ) -> Result<()> {
+        let host = b.download(send, count)?;
+        let mut out = vec![0; count * self.inner.world_size()];
+        self.inner
+            .all_gather_u16(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
     fn all_gather_i64(
         &self,
         b: &B,

@@ -23,6 +23,15 @@ impl<B: Backend> Collective<B> for SingleRank {
     ) -> Result<()> {
         b.copy(send, recv, count)
     }
+    fn all_gather_u16(
+        &self,
+        b: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+    ) -> Result<()> {
+        b.copy(send, recv, count)
+    }
     fn all_gather_i64(
         &self,
         b: &B,

@@ -224,6 +224,16 @@ impl Collective<CpuBackend> for ThreadCollective {
         self.all_gather(send, count, recv)
     }
 
+    fn all_gather_u16(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<u16>,
+        count: usize,
+        recv: &mut Vec<u16>,
+    ) -> Result<()> {
+        self.all_gather(send, count, recv)
+    }
+
     fn all_gather_i64(
         &self,
         _: &CpuBackend,

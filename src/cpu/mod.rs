@@ -9,10 +9,12 @@ pub mod normalize;
 pub mod optimizer;
 pub mod sampling;
 pub mod simd;
+pub mod wire;
 
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
 use crate::error::Result;
+use crate::plan::Dtype;
 
 /// The CPU backend. Stateless: buffers are `Vec`s, every kernel runs to completion on return.
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,6 +124,40 @@ impl Backend for CpuBackend {
             chunk_cosines,
             scores,
         );
+        Ok(())
+    }
+
+    fn pack_embeddings(
+        &self,
+        x: &Vec<f32>,
+        labels: &Vec<i64>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        packed: &mut Vec<u16>,
+    ) -> Result<()> {
+        if wire == Dtype::F32 {
+            return Err(crate::error::PfcError::param(
+                "wire",
+                "f32",
+                "the packed wire format is f16 or bf16; f32 embeddings are gathered unpacked",
+            ));
+        }
+        wire::pack_embeddings(x, labels, rows, dim, wire, packed);
+        Ok(())
+    }
+
+    fn unpack_normalize(
+        &self,
+        packed: &Vec<u16>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        labels: &mut Vec<i64>,
+        x_hat: &mut Vec<f32>,
+        norms: &mut Vec<f32>,
+    ) -> Result<()> {
+        wire::unpack_normalize(packed, rows, dim, wire, labels, x_hat, norms);
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 
 /// Every kernel family: (name, source before the include is expanded).
-pub const FAMILIES: [(&str, &str); 5] = [
+pub const FAMILIES: [(&str, &str); 6] = [
     ("sampling", include_str!("../../cuda/sampling.cu")),
     ("normalize", include_str!("../../cuda/normalize.cu")),
     (
@@ -29,6 +29,7 @@ pub const FAMILIES: [(&str, &str); 5] = [
     ),
     ("optimizer", include_str!("../../cuda/optimizer.cu")),
     ("precision", include_str!("../../cuda/precision.cu")),
+    ("wire", include_str!("../../cuda/wire.cu")),
 ];
 
 /// The full source of a family, with `common.cuh` expanded in place.

@@ -5,6 +5,7 @@ use super::{dev, CudaBackend, Precision};
 use crate::backend::{Backend, Elem, SampleArgs};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
+use crate::plan::Dtype;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
@@ -85,6 +86,19 @@ fn per_row(rows: usize) -> LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// The `wire` argument of cuda/wire.cu (1 = f16, 2 = bf16); f32 is not a packed format.
+fn wire_code(wire: Dtype) -> Result<i32> {
+    match wire {
+        Dtype::F16 => Ok(1),
+        Dtype::Bf16 => Ok(2),
+        Dtype::F32 => Err(PfcError::param(
+            "wire",
+            "f32",
+            "the packed wire format is f16 or bf16; f32 embeddings are gathered unpacked",
+        )),
     }
 }
 
@@ -676,6 +690,71 @@ impl Backend for CudaBackend {
             index,
             &count_i,
             out,
+            norms
+        );
+        Ok(())
+    }
+
+    fn pack_embeddings(
+        &self,
+        x: &CudaSlice<f32>,
+        labels: &CudaSlice<i64>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        packed: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        need(x, rows * dim, "pack_embeddings x")?;
+        need(labels, rows, "pack_embeddings labels")?;
+        need(packed, rows * (dim + 4), "pack_embeddings packed")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, dim_i, wire_i) =
+            (i32_of(rows, "rows")?, i32_of(dim, "dim")?, wire_code(wire)?);
+        launch!(
+            self,
+            "pack_embeddings",
+            per_row(rows),
+            x,
+            labels,
+            &rows_i,
+            &dim_i,
+            &wire_i,
+            packed
+        );
+        Ok(())
+    }
+
+    fn unpack_normalize(
+        &self,
+        packed: &CudaSlice<u16>,
+        rows: usize,
+        dim: usize,
+        wire: Dtype,
+        labels: &mut CudaSlice<i64>,
+        x_hat: &mut CudaSlice<f32>,
+        norms: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(packed, rows * (dim + 4), "unpack_normalize packed")?;
+        need(labels, rows, "unpack_normalize labels")?;
+        need(x_hat, rows * dim, "unpack_normalize x_hat")?;
+        need(norms, rows, "unpack_normalize norms")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, dim_i, wire_i) =
+            (i32_of(rows, "rows")?, i32_of(dim, "dim")?, wire_code(wire)?);
+        launch!(
+            self,
+            "unpack_normalize",
+            per_row(rows),
+            packed,
+            &rows_i,
+            &dim_i,
+            &wire_i,
+            labels,
+            x_hat,
             norms
         );
         Ok(())

@@ -38,7 +38,7 @@ pub struct CudaBackend {
 }
 
 /// Every kernel name of `cuda/*.cu`, by family.
-const KERNELS: [(&str, &[&str]); 5] = [
+const KERNELS: [(&str, &[&str]); 6] = [
     (
         "sampling",
         &[
@@ -74,6 +74,7 @@ const KERNELS: [(&str, &[&str]); 5] = [
         &["scatter_rows", "sgd_momentum_sparse", "sgd_momentum_dense"],
     ),
     ("precision", &["cast_f32_to_bf16", "cast_f32_to_f16"]),
+    ("wire", &["pack_embeddings", "unpack_normalize"]),
 ];
 
 /// Operand precision of the step's three GEMMs (logits, embedding gradient, sampled-weight

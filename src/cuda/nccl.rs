@@ -309,6 +309,30 @@ impl Collective<CudaBackend> for NcclCollective {
         })
     }
 
+    fn all_gather_u16(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<u16>,
+        count: usize,
+        recv: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        need(send, count, "all_gather send")?;
+        need(recv, count * self.world_size, "all_gather recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: as above; 16-bit words move as byte pairs (an all-gather does no arithmetic).
+        self.enqueue("ncclAllGather", |s| unsafe {
+            nccl::all_gather(
+                src as _,
+                dst as _,
+                2 * count,
+                sys::ncclDataType_t::ncclUint8,
+                self.comm,
+                s,
+            )
+        })
+    }
+
     fn all_gather_i64(
         &self,
         _: &CudaBackend,

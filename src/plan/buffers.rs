@@ -113,7 +113,8 @@ pub enum Component {
     SampledWeightsGrad,
     /// Norms of the sampled rows, kept for the backward pass, `S`.
     WeightNorms,
-    /// The all-gathered embeddings, `N·k × d`.
+    /// The all-gathered embeddings, `N·k × d` f32 (none with a 16-bit wire: the packed receive
+    /// buffer is unpacked straight into the normalized copy).
     GatheredEmbeddings,
     /// Their L2-normalized copy, `N·k × d`.
     NormalizedEmbeddings,
@@ -136,7 +137,7 @@ pub enum Component {
     RowStats,
     /// The local embeddings before the all-gather, whose buffer then receives the
     /// reduce-scattered embedding gradient (`N × d`, f32), and, when the wire dtype is not
-    /// f32, the packed send and receive buffers of the all-gather.
+    /// f32, the packed send and receive buffers of the all-gather (`(N + N·k) × (2d + 8)` bytes).
     CollectiveStaging,
     /// Memory the user reserves for everything outside the FC layer.
     Reserved,
@@ -200,11 +201,15 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
     let s = shape.sampled_capacity();
     let dense = shape.update == UpdateMode::Dense;
     let wire = shape.wire_dtype.bytes();
-    let staging_wire = if shape.wire_dtype == Dtype::F32 {
-        0
+    // A 16-bit wire packs each row as d values and its label as four 16-bit words, in a send
+    // buffer (N rows) and a receive buffer (N·k rows); the f32 gathered copy is then not needed.
+    let packed_wire = shape.wire_dtype != Dtype::F32;
+    let staging_wire = if packed_wire {
+        (n + m) * (d * wire + 8)
     } else {
-        (n + m) * d * wire
+        0
     };
+    let gathered = if packed_wire { 0 } else { m * d * f32b };
     let hard = if shape.hard_negatives {
         let chunk = HARD_NEGATIVE_CHUNK.min(shard);
         shard * f32b + chunk * d * f32b + chunk * m * f32b
@@ -227,7 +232,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         (Component::SampledWeights, s * d * f32b),
         (Component::SampledWeightsGrad, s * d * f32b),
         (Component::WeightNorms, s * f32b),
-        (Component::GatheredEmbeddings, m * d * f32b),
+        (Component::GatheredEmbeddings, gathered),
         (Component::NormalizedEmbeddings, m * d * f32b),
         (Component::EmbeddingNorms, m * f32b),
         (Component::EmbeddingsGrad, m * d * f32b),

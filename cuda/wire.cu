@@ -1,0 +1,63 @@
+// The wire format of the embedding all-gather: per row, `dim` 16-bit values (f16 or bf16, round to
+// nearest even) then the row's i64 label as four 16-bit words, little end first.
+// CPU references: src/cpu/wire.rs. One block per row.
+#include "common.cuh"
+
+typedef unsigned short u16;
+
+#define NORM_EPS 1e-12f   // torch.nn.functional.normalize's eps
+#define WIRE_F16 1
+#define WIRE_BF16 2
+
+__device__ __forceinline__ u16 to_wire(float v, int wire) {
+    if (wire == WIRE_BF16) {
+        u32 bits = __float_as_uint(v);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x0040u);  // quiet NaN
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+        return (u16)(bits >> 16);
+    }
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+__device__ __forceinline__ float from_wire(u16 b, int wire) {
+    if (wire == WIRE_BF16) return __uint_as_float(((u32)b) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+}
+
+extern "C" __global__ void pack_embeddings(const float* x, const long long* labels, int rows,
+                                           int dim, int wire, u16* packed) {
+    size_t row = blockIdx.x;
+    const float* src = x + row * dim;
+    u16* out = packed + row * (size_t)(dim + 4);
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) out[k] = to_wire(src[k], wire);
+    if (threadIdx.x < 4) {
+        unsigned long long l = (unsigned long long)labels[row];
+        out[dim + threadIdx.x] = (u16)(l >> (16 * threadIdx.x));
+    }
+}
+
+extern "C" __global__ void unpack_normalize(const u16* packed, int rows, int dim, int wire,
+                                            long long* labels, float* x_hat, float* norms) {
+    size_t row = blockIdx.x;
+    const u16* in = packed + row * (size_t)(dim + 4);
+    float* out = x_hat + row * dim;
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
+        float v = from_wire(in[k], wire);
+        out[k] = v;
+        ss += v * v;
+    }
+    float norm = fmaxf(sqrtf(block_sum(ss)), NORM_EPS);
+    float inv = 1.0f / norm;
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) out[k] *= inv;
+    if (threadIdx.x == 0) {
+        norms[row] = norm;
+        unsigned long long l = 0;
+        for (int w = 0; w < 4; ++w) l |= ((unsigned long long)in[dim + w]) << (16 * w);
+        labels[row] = (long long)l;
+    }
+}
