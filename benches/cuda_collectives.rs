@@ -1,0 +1,111 @@
+//! The embedding all-gather through NCCL with one rank on the device (issue: all-gather + unpack
+//! and normalize of 1024 × 512 embeddings no slower than NCCL's own all-gather of the same bytes
+//! plus one read and write of them), for the f32 path and the bf16 wire, and the reduce-scatter
+//! of the embedding gradient likewise.
+//!
+//! Without a CUDA device or NCCL it prints why and measures nothing.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use partial_fc::cuda::nccl::{nccl_available, new_unique_id, NcclCollective};
+use partial_fc::cuda::CudaBackend;
+use partial_fc::plan::Dtype;
+use partial_fc::{Backend, Collective};
+use std::io::Write;
+
+fn setup() -> Option<(CudaBackend, NcclCollective)> {
+    let g = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+            return None;
+        }
+    };
+    if let Err(e) = nccl_available() {
+        let _ = writeln!(std::io::stderr(), "skipped: {e}");
+        return None;
+    }
+    let comm = NcclCollective::new(&g, 0, 1, new_unique_id().ok()?, None).ok()?;
+    Some((g, comm))
+}
+
+fn all_gather(c: &mut Criterion) {
+    let Some((g, comm)) = setup() else { return };
+    let (rows, dim) = (1024usize, 512usize);
+    let x = partial_fc::init::normal_rows(1, 0, rows, dim, 1.0);
+    let labels: Vec<i64> = (0..rows as i64).collect();
+    let mut gx = g.alloc::<f32>(rows * dim).unwrap();
+    g.upload(&x, &mut gx).unwrap();
+    let mut gl = g.alloc::<i64>(rows).unwrap();
+    g.upload(&labels, &mut gl).unwrap();
+    let mut gathered = g.alloc::<f32>(rows * dim).unwrap();
+    let mut copy = g.alloc::<f32>(rows * dim).unwrap();
+    let mut gathered_labels = g.alloc::<i64>(rows).unwrap();
+    let (mut xh, mut norms) = (
+        g.alloc::<f32>(rows * dim).unwrap(),
+        g.alloc::<f32>(rows).unwrap(),
+    );
+    let row = dim + 4;
+    let (mut send, mut recv) = (
+        g.alloc::<u16>(rows * row).unwrap(),
+        g.alloc::<u16>(rows * row).unwrap(),
+    );
+
+    let mut group = c.benchmark_group("all_gather_1024x512");
+    group.bench_function("baseline_nccl_all_gather_f32_plus_read_write", |b| {
+        b.iter(|| {
+            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
+                .unwrap();
+            g.copy(&gathered, &mut copy, rows * dim).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.bench_function("f32_all_gather_labels_normalize", |b| {
+        b.iter(|| {
+            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
+                .unwrap();
+            comm.all_gather_i64(&g, &gl, rows, &mut gathered_labels)
+                .unwrap();
+            g.normalize_rows(&gathered, rows, dim, &mut xh, &mut norms)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.bench_function("bf16_wire_pack_all_gather_unpack_normalize", |b| {
+        b.iter(|| {
+            g.pack_embeddings(&gx, &gl, rows, dim, Dtype::Bf16, &mut send)
+                .unwrap();
+            comm.all_gather_u16(&g, &send, rows * row, &mut recv)
+                .unwrap();
+            g.unpack_normalize(
+                &recv,
+                rows,
+                dim,
+                Dtype::Bf16,
+                &mut gathered_labels,
+                &mut xh,
+                &mut norms,
+            )
+            .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.bench_function("baseline_nccl_reduce_scatter_f32_plus_read_write", |b| {
+        b.iter(|| {
+            comm.reduce_scatter_f32(&g, &gx, rows * dim, &mut gathered)
+                .unwrap();
+            g.copy(&gathered, &mut copy, rows * dim).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.bench_function("reduce_scatter_f32", |b| {
+        b.iter(|| {
+            comm.reduce_scatter_f32(&g, &gx, rows * dim, &mut gathered)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, all_gather);
+criterion_main!(benches);
