@@ -69,34 +69,78 @@ fn main() {
             hard_fraction: 0.0,
         };
         let mut total = 0.0;
-        total += time(&g, "localize_labels", 20, || g.localize_labels(&glabels, m, 0, shard, &mut local).unwrap());
-        total += time(&g, "normalize_rows", 20, || g.normalize_rows(&x, m, d, &mut xh, &mut xn).unwrap());
+        total += time(&g, "localize_labels", 20, || {
+            g.localize_labels(&glabels, m, 0, shard, &mut local)
+                .unwrap()
+        });
+        total += time(&g, "normalize_rows", 20, || {
+            g.normalize_rows(&x, m, d, &mut xh, &mut xn).unwrap()
+        });
         total += time(&g, "sample_classes", 20, || {
-            g.localize_labels(&glabels, m, 0, shard, &mut local).unwrap();
-            g.sample_classes(&args, &mut local, None, &mut keys, &mut sampled).unwrap();
+            g.localize_labels(&glabels, m, 0, shard, &mut local)
+                .unwrap();
+            g.sample_classes(&args, &mut local, None, &mut keys, &mut sampled)
+                .unwrap();
         });
-        total += time(&g, "gather_normalize_rows", 20, || g.gather_normalize_rows(&w, d, &sampled, s, &mut wh, &mut wn).unwrap());
-        total += time(&g, "gemm_nt (logits)", 10, || g.gemm_nt(m, s, d, &xh, &wh, &mut logits).unwrap());
-        total += time(&g, "margin_rowmax", 10, || g.margin_rowmax(&mut logits, m, s, &local, &p, &mut mx, &mut tc).unwrap());
-        total += time(&g, "exp_rowsum", 10, || g.exp_rowsum(&logits, m, s, &mx, &mut sum).unwrap());
+        total += time(&g, "gather_normalize_rows", 20, || {
+            g.gather_normalize_rows(&w, d, &sampled, s, &mut wh, &mut wn)
+                .unwrap()
+        });
+        total += time(&g, "gemm_nt (logits)", 10, || {
+            g.gemm_nt(m, s, d, &xh, &wh, &mut logits).unwrap()
+        });
+        total += time(&g, "margin_rowmax", 10, || {
+            g.margin_rowmax(&mut logits, m, s, &local, &p, &mut mx, &mut tc)
+                .unwrap()
+        });
+        total += time(&g, "exp_rowsum", 10, || {
+            g.exp_rowsum(&logits, m, s, &mx, &mut sum).unwrap()
+        });
         total += time(&g, "softmax_loss_grad", 10, || {
-            g.softmax_loss_grad(&mut logits, m, s, &local, &p, &mx, &sum, &tc, 1.0 / m as f32, &mut loss).unwrap()
+            g.softmax_loss_grad(
+                &mut logits,
+                m,
+                s,
+                &local,
+                &p,
+                &mx,
+                &sum,
+                &tc,
+                1.0 / m as f32,
+                &mut loss,
+            )
+            .unwrap()
         });
-        total += time(&g, "gemm_nn (grad x)", 10, || g.gemm_nn(m, d, s, &logits, &wh, &mut gx).unwrap());
-        total += time(&g, "gemm_tn (grad w)", 10, || g.gemm_tn(s, d, m, &logits, &xh, &mut gw).unwrap());
-        total += time(&g, "normalize_backward x", 20, || g.normalize_backward(&mut gx, &xh, &xn, m, d).unwrap());
-        total += time(&g, "normalize_backward w", 20, || g.normalize_backward(&mut gw, &wh, &wn, s, d).unwrap());
+        total += time(&g, "gemm_nn (grad x)", 10, || {
+            g.gemm_nn(m, d, s, &logits, &wh, &mut gx).unwrap()
+        });
+        total += time(&g, "gemm_tn (grad w)", 10, || {
+            g.gemm_tn(s, d, m, &logits, &xh, &mut gw).unwrap()
+        });
+        total += time(&g, "normalize_backward x", 20, || {
+            g.normalize_backward(&mut gx, &xh, &xn, m, d).unwrap()
+        });
+        total += time(&g, "normalize_backward w", 20, || {
+            g.normalize_backward(&mut gw, &wh, &wn, s, d).unwrap()
+        });
         total += time(&g, "sgd_momentum_sparse", 20, || {
-            g.sgd_momentum_sparse(&mut w, &mut mom, &gw, &sampled, s, d, 0.0, 0.9, 0.0).unwrap()
+            g.sgd_momentum_sparse(&mut w, &mut mom, &gw, &sampled, s, d, 0.0, 0.9, 0.0)
+                .unwrap()
         });
-        total += time(&g, "download loss (sync)", 20, || drop(g.download(&loss, m).unwrap()));
+        total += time(&g, "download loss (sync)", 20, || {
+            drop(g.download(&loss, m).unwrap())
+        });
         println!("{:>28}: {total:8.3} ms", "sum of kernels");
         drop((w, mom, logits, keys, wh, gw));
         let mut cfg = partial_fc::LayerConfig::new(shard as u64, d, m);
         cfg.sample_rate = 0.1;
-        let gl = CudaBackend::new(0).unwrap().with_precision(precision);
-        let mut layer = partial_fc::PartialFc::new(cfg, gl, partial_fc::collective::SingleRank).unwrap();
-        time(&g, "layer forward_backward", 10, || drop(layer.forward_backward(&x_host, &labels_host).unwrap()));
+        cfg.precision = precision;
+        let gl = CudaBackend::new(0).unwrap();
+        let mut layer =
+            partial_fc::PartialFc::new(cfg, gl, partial_fc::collective::SingleRank).unwrap();
+        time(&g, "layer forward_backward", 10, || {
+            drop(layer.forward_backward(&x_host, &labels_host).unwrap())
+        });
         time(&g, "layer fwd_bwd + step", 10, || {
             layer.forward_backward(&x_host, &labels_host).unwrap();
             layer.step(0.1).unwrap();
