@@ -405,7 +405,11 @@ impl CudaBackend {
         slot: &'s mut Option<CudaSlice<u16>>,
         len: usize,
     ) -> Result<&'s mut CudaSlice<u16>> {
-        if slot.as_ref().is_none_or(|buf| buf.len() < len) {
+        let short = match slot.as_ref() {
+            Some(buf) => buf.len() < len,
+            None => true,
+        };
+        if short {
             // Drop the old buffer first: its stream-ordered free runs after the GEMMs that read it.
             *slot = None;
             *slot = Some(self.alloc_operand(len)?);
