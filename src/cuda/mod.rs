@@ -36,7 +36,7 @@ pub struct CudaBackend {
     sample_scratch: std::sync::Mutex<Option<launch::SampleScratch>>,
     precision: Precision,
     /// The 16-bit copies of the GEMM operands, kept between GEMMs (see
-    /// [`CudaBackend::reserve_gemm_operands`]); locked while a GEMM uses them.
+    /// [`crate::Backend::reserve_gemm_operands`]); locked while a GEMM uses them.
     gemm_operands: std::sync::Mutex<launch::GemmOperands>,
 }
 
@@ -81,7 +81,7 @@ const KERNELS: [(&str, &[&str]); 5] = [
 
 /// Operand precision of the step's GEMMs: the layer option [`crate::GemmPrecision`], under the
 /// name this module has always used. With `Bf16` or `F16` both operands are rounded to 16 bits
-/// into buffers the backend keeps (see [`CudaBackend::reserve_gemm_operands`]) and multiplied by
+/// into buffers the backend keeps (see [`crate::Backend::reserve_gemm_operands`]) and multiplied by
 /// `cublasGemmEx` with f32 accumulation. Each product then carries a relative error of at most
 /// about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16), so a dot product is off by at most that times the sum of
 /// its terms' magnitudes (tests/cuda_kernels.rs `half_precision_gemms_match_f32`).
