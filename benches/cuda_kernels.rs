@@ -129,7 +129,8 @@ fn whole_step(c: &mut Criterion) {
     ] {
         let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
         cfg.sample_rate = 0.1;
-        let gpu = CudaBackend::new(0).unwrap().with_precision(precision);
+        cfg.precision = precision;
+        let gpu = CudaBackend::new(0).unwrap();
         let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank).unwrap();
         group.bench_function(name, |b| {
             b.iter(|| {

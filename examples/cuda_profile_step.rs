@@ -134,7 +134,8 @@ fn main() {
         drop((w, mom, logits, keys, wh, gw));
         let mut cfg = partial_fc::LayerConfig::new(shard as u64, d, m);
         cfg.sample_rate = 0.1;
-        let gl = CudaBackend::new(0).unwrap().with_precision(precision);
+        cfg.precision = precision;
+        let gl = CudaBackend::new(0).unwrap();
         let mut layer =
             partial_fc::PartialFc::new(cfg, gl, partial_fc::collective::SingleRank).unwrap();
         time(&g, "layer forward_backward", 10, || {

@@ -189,6 +189,58 @@ pub enum UpdateMode {
     Dense,
 }
 
+/// Operand precision of the step's three GEMMs (logits, embedding gradient, sampled-weight
+/// gradient). The master weights, the GEMM outputs and the accumulation stay f32: with `Bf16` or
+/// `F16` both operands are rounded to 16 bits (into buffers the backend keeps for the layer's
+/// life, `gemm_operands` in the memory plan) and multiplied with f32 accumulation. Each product
+/// then carries a relative error of at most about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16). Only the CUDA
+/// backend implements the 16-bit variants; the CPU backend rejects them with
+/// [`PfcError::Param`]. The hard-negative scoring GEMM stays f32.
+///
+/// ```
+/// use partial_fc::{CpuBackend, GemmPrecision, LayerConfig, PartialFc, collective::SingleRank};
+/// let mut cfg = LayerConfig::new(1000, 16, 8);
+/// assert_eq!(cfg.precision, GemmPrecision::F32);
+/// cfg.precision = GemmPrecision::Bf16;
+/// // The CPU backend multiplies in f32 only.
+/// assert!(PartialFc::new(cfg, CpuBackend, SingleRank).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmPrecision {
+    /// f32 operands (cuBLAS SGEMM in its default math mode: no TF32).
+    #[default]
+    F32,
+    /// bf16 operands, f32 accumulation and output.
+    Bf16,
+    /// f16 operands, f32 accumulation and output.
+    F16,
+}
+
+impl GemmPrecision {
+    /// Bytes per operand element.
+    pub fn operand_bytes(self) -> u64 {
+        match self {
+            GemmPrecision::F32 => 4,
+            GemmPrecision::Bf16 | GemmPrecision::F16 => 2,
+        }
+    }
+
+    /// The lower-case name used by the CLI and in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPrecision::F32 => "f32",
+            GemmPrecision::Bf16 => "bf16",
+            GemmPrecision::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for GemmPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// SGD with momentum and weight decay on the class centers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sgd {
@@ -232,6 +284,9 @@ pub struct LayerConfig {
     /// Dtype of the embeddings on the all-gather's wire: `F32`, or `F16`/`Bf16` to halve the
     /// bytes (each rank then normalizes the rounded embeddings; labels travel in the same buffer).
     pub wire: crate::plan::Dtype,
+    /// Operand precision of the step's GEMMs; the master weights stay f32 (see
+    /// [`GemmPrecision`]). The backend must support it: the layer asks it at construction.
+    pub precision: GemmPrecision,
 }
 
 impl LayerConfig {
@@ -249,6 +304,7 @@ impl LayerConfig {
             optimizer: Some(Sgd::default()),
             seed: 0x5eed,
             wire: crate::plan::Dtype::F32,
+            precision: GemmPrecision::F32,
         }
     }
 

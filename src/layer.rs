@@ -121,11 +121,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// A layer with an all-zero shard (to be filled by [`PartialFc::set_weight`] or a checkpoint).
-    pub fn zeroed(config: LayerConfig, backend: B, comm: C) -> Result<Self> {
+    pub fn zeroed(config: LayerConfig, mut backend: B, comm: C) -> Result<Self> {
         let world = comm.world_size();
         config.validate(world)?;
         let shard = Shard::of(config.num_classes, world, comm.rank());
         let shape = Self::shape_of(&config, shard, world);
+        // The backend rejects a precision it cannot multiply in (the CPU: anything but f32),
+        // then holds the 16-bit operand buffers the planner sized, for the layer's life.
+        backend.set_gemm_precision(config.precision)?;
+        let (a16, b16) = shape.gemm_operand_lens();
+        backend.reserve_gemm_operands(a16 as usize, b16 as usize)?;
         let capacity = shape.sampled_capacity() as usize;
         let (d, n, m) = (
             config.dim,
@@ -194,6 +199,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             logits: LogitsMode::Materialized,
             wire_dtype: config.wire,
             hard_negatives: matches!(config.sampler, NegativeSampler::Hard { .. }),
+            gemm_precision: config.precision,
         }
     }
 
@@ -236,6 +242,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 Component::RowStats,
                 f(&x.row_max) + f(&x.row_sum) + f(&x.target_cos) + f(&x.row_loss),
             ),
+            (Component::GemmOperands, b.gemm_operand_bytes()),
             (
                 Component::CollectiveStaging,
                 f(&x.staging)

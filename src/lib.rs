@@ -30,7 +30,8 @@ pub mod tensor_file;
 
 pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs};
 pub use config::{
-    GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd, TargetFallback, UpdateMode,
+    GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd,
+    TargetFallback, UpdateMode,
 };
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};

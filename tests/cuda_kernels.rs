@@ -586,6 +586,68 @@ fn whole_step_matches_cpu() {
     }
 }
 
+/// A layer with 16-bit GEMMs holds exactly the operand buffers the planner predicts
+/// (`gemm_operands` = 2·(max(M·d, M·S) + max(S·d, M·d)) bytes), allocated at construction: after
+/// three steps the report is unchanged (no GEMM grew them), and it equals the planner's component
+/// by component. The loss stays within 5e-2 relative of the f32 CPU layer's on the same inputs
+/// (the sample is identical; 16-bit operands move each cosine by at most ~2·2⁻⁹, loose on
+/// purpose: this test is about memory, `half_precision_gemms_match_f32` about accuracy).
+#[test]
+fn half_precision_layer_allocates_what_the_planner_says() {
+    use partial_fc::plan::Component;
+    use partial_fc::GemmPrecision;
+    if gpu().is_none() {
+        return;
+    }
+    for precision in [GemmPrecision::Bf16, GemmPrecision::F16] {
+        let mut cfg = step_config(
+            UpdateMode::Sparse,
+            NegativeSampler::Random,
+            Margin::arcface(),
+        );
+        cfg.precision = precision;
+        let mut on_gpu =
+            PartialFc::new(cfg.clone(), CudaBackend::new(0).unwrap(), SingleRank).unwrap();
+        assert_eq!(on_gpu.backend().precision(), precision);
+        cfg.precision = GemmPrecision::F32;
+        let mut on_cpu = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+        let planned = on_gpu.planned_memory();
+        assert_eq!(
+            on_gpu.memory_report(),
+            planned,
+            "{precision}: allocation != planner"
+        );
+        let (m, s, d) = (96u64, on_gpu.step_shape().sampled_capacity(), 64u64);
+        let want = 2 * ((m * d).max(m * s) + (s * d).max(m * d));
+        let held = planned
+            .iter()
+            .find(|(c, _)| *c == Component::GemmOperands)
+            .map(|(_, b)| *b);
+        assert_eq!(held, Some(want), "{precision}: gemm_operands");
+        let mut rng = Rng(31);
+        for step in 0..3 {
+            let x = rng.vec(96 * 64, -1.0, 1.0);
+            let labels: Vec<i64> = (0..96).map(|_| (rng.next() % 20_000) as i64).collect();
+            let a = on_cpu.forward_backward(&x, &labels).unwrap();
+            let b = on_gpu.forward_backward(&x, &labels).unwrap();
+            assert!(
+                (b.loss - a.loss).abs() <= 5e-2 * a.loss.abs(),
+                "{precision} step {step}: loss gpu {} cpu {}",
+                b.loss,
+                a.loss
+            );
+            on_cpu.step(0.1).unwrap();
+            on_gpu.step(0.1).unwrap();
+        }
+        assert_eq!(
+            on_gpu.memory_report(),
+            planned,
+            "{precision}: the GEMMs grew the operand buffers"
+        );
+        println!("{precision}: gemm_operands {want} bytes, as planned");
+    }
+}
+
 /// The criterion of tests/golden_parity.rs: element-wise
 /// `|got − want| <= 1e-6 + 1e-4 · max(|want|, largest |want| of the element's row)`.
 /// f32 cancellation leaves the small entries of a row noisy at the 1e-3 relative level in any f32

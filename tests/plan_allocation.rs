@@ -4,7 +4,7 @@
 
 use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::plan::{Component, Optimizer, PlanConfig};
-use partial_fc::{CpuBackend, LayerConfig, PartialFc, UpdateMode};
+use partial_fc::{CpuBackend, GemmPrecision, LayerConfig, PartialFc, PfcError, UpdateMode};
 
 /// Bytes by component, as the layer and the planner report them.
 type Report = Vec<(Component, u64)>;
@@ -123,4 +123,51 @@ fn world_of_three_dense_small_r_wide_dim() {
         batch: 8,
         ..case(2000, 3, 0.25, UpdateMode::Dense, true)
     });
+}
+
+/// The CPU backend multiplies in f32 only: a 16-bit layer is a typed error naming `precision`,
+/// never a layer whose report would disagree with the planner. (The CUDA layer's equality in
+/// bf16/f16 is asserted in tests/cuda_kernels.rs.)
+#[test]
+fn cpu_rejects_16_bit_gemms_with_a_typed_error() {
+    for precision in [GemmPrecision::Bf16, GemmPrecision::F16] {
+        let mut cfg = layer_config(&case(4000, 1, 0.1, UpdateMode::Sparse, true));
+        cfg.precision = precision;
+        match PartialFc::zeroed(cfg, CpuBackend, SingleRank) {
+            Err(PfcError::Param { name, .. }) => assert_eq!(name, "precision"),
+            Err(other) => panic!("{precision}: wrong error {other}"),
+            Ok(_) => panic!("{precision}: the CPU layer accepted 16-bit GEMMs"),
+        }
+    }
+}
+
+/// f32 GEMMs hold no operand copies; 16-bit ones hold two buffers of 2-byte elements sized for
+/// the largest `a` and `b` operand of the step's three GEMMs, and the planner API agrees.
+#[test]
+fn gemm_operands_are_zero_in_f32_and_sized_by_the_largest_operands_in_16_bit() {
+    let gemm = |c: &PlanConfig| {
+        c.rank0_components()
+            .into_iter()
+            .find(|(comp, _)| *comp == Component::GemmOperands)
+            .map(|(_, b)| b)
+    };
+    // 3 ranks, 3001 classes: rank 0 holds 1001, S = floor(0.05 · 1001) = 50 raised to
+    // min(1001, M = 48) → 50; d = 32.
+    let base = plan_config(&case(3001, 3, 0.05, UpdateMode::Sparse, true));
+    assert_eq!(gemm(&base), Some(0));
+    let (m, s, d) = (48u64, 50u64, 32u64);
+    let want = 2 * ((m * d).max(m * s) + (s * d).max(m * d));
+    for precision in [GemmPrecision::Bf16, GemmPrecision::F16] {
+        let c = PlanConfig {
+            gemm_precision: precision,
+            ..base
+        };
+        assert_eq!(c.rank0_shape().sampled_capacity(), s);
+        assert_eq!(gemm(&c), Some(want), "{precision}");
+        assert_eq!(
+            c.rank0_total(),
+            base.rank0_total().map(|t| t + want),
+            "{precision}: total"
+        );
+    }
 }

@@ -144,3 +144,40 @@ fn sweep_and_plot_write_an_svg() {
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
+
+/// `--gemm-precision bf16` adds the 16-bit operand copies: M = 1024, S = 362 500, d = 512, so
+/// 2·(max(M·d, M·S) + max(S·d, M·d)) bytes; f32 (the default) adds none.
+#[test]
+fn gemm_precision_flag_adds_the_operand_copies() {
+    let components = |extra: &[&str]| {
+        let mut args = PAPER.to_vec();
+        args.push("--json");
+        args.extend_from_slice(extra);
+        let out = pfc(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["components"]["gemm_operands"].as_u64().unwrap()
+    };
+    let (m, s, d) = (1024u64, 362_500u64, 512u64);
+    assert_eq!(components(&[]), 0);
+    let want = 2 * ((m * d).max(m * s) + (s * d).max(m * d));
+    assert_eq!(components(&["--gemm-precision", "bf16"]), want);
+    assert_eq!(components(&["--gemm-precision", "f16"]), want);
+    assert!(!pfc(&[
+        "plan",
+        "--classes",
+        "1M",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "8GiB",
+        "--gemm-precision",
+        "tf32"
+    ])
+    .status
+    .success());
+}

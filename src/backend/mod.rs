@@ -5,8 +5,8 @@
 //! same name, so the pair can be read side by side and tested against each other. The training
 //! step itself (`crate::step`) is written once, generic over this trait.
 
-use crate::config::MarginParams;
-use crate::error::Result;
+use crate::config::{GemmPrecision, MarginParams};
+use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 
 /// Element types that buffers hold.
@@ -90,6 +90,45 @@ pub trait Backend: Send + Sync + 'static {
     /// Waits for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Sets the operand precision of `gemm_nt`, `gemm_nn` and `gemm_tn` (outputs and
+    /// accumulation stay f32). The default accepts only [`GemmPrecision::F32`] and answers
+    /// anything else with [`PfcError::Param`]: a backend that can multiply 16-bit operands
+    /// overrides it. The layer calls it once, at construction.
+    fn set_gemm_precision(&mut self, precision: GemmPrecision) -> Result<()> {
+        match precision {
+            GemmPrecision::F32 => Ok(()),
+            other => Err(PfcError::param(
+                "precision",
+                other,
+                format!("the {} backend multiplies in f32 only", self.name()),
+            )),
+        }
+    }
+
+    /// Allocates, once, the buffers that hold the 16-bit copies of the GEMM operands: `a_len`
+    /// elements for each GEMM's `a`, `b_len` for its `b` (the sizes the planner computes,
+    /// `StepShape::gemm_operand_lens`), so that no GEMM allocates. `(0, 0)` in f32. The default
+    /// holds nothing and accepts only `(0, 0)`.
+    fn reserve_gemm_operands(&mut self, a_len: usize, b_len: usize) -> Result<()> {
+        if a_len == 0 && b_len == 0 {
+            Ok(())
+        } else {
+            Err(PfcError::param(
+                "precision",
+                "16-bit",
+                format!(
+                    "the {} backend keeps no 16-bit GEMM operands ({a_len} + {b_len} requested)",
+                    self.name()
+                ),
+            ))
+        }
+    }
+
+    /// Bytes the backend holds for 16-bit GEMM operands (the planner's `gemm_operands`).
+    fn gemm_operand_bytes(&self) -> u64 {
+        0
     }
 
     /// Global labels → shard-local ids (`label − start`), or −1 where the class lives elsewhere.

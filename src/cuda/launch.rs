@@ -359,27 +359,33 @@ impl CudaBackend {
         if k == 0 {
             return self.zero(c, m * n);
         }
-        let cast = |src: &CudaSlice<f32>, len: usize| -> Result<CudaSlice<u16>> {
-            // SAFETY: every element is written by the cast below before cuBLAS reads it.
-            let mut dst = unsafe { self.stream.alloc::<u16>(len.max(1)) }
-                .map_err(dev("allocating a 16-bit GEMM operand"))?;
-            let len_i = i32_of(len, "gemm operand length")?;
-            if len > 0 {
-                let mut builder = self.stream.launch_builder(self.func(kernel)?);
-                builder.arg(src).arg(&mut dst).arg(&len_i);
-                // SAFETY: (const float*, u16*, int) as in cuda/precision.cu; dst holds len.
-                unsafe { builder.launch(per_elem(len)) }.map_err(dev("launch cast"))?;
-            }
-            Ok(dst)
-        };
-        let (b16, a16) = (cast(b, b_len)?, cast(a, a_len)?);
+        // The operand buffers stay locked until cuBLAS is queued; stream order then keeps the
+        // next GEMM's casts behind this one's reads.
+        let mut held = self
+            .gemm_operands
+            .lock()
+            .map_err(|_| PfcError::Device("the GEMM operand buffers' lock is poisoned".into()))?;
+        let GemmOperands {
+            a: a_slot,
+            b: b_slot,
+        } = &mut *held;
+        let b16 = self.operand_buffer(b_slot, b_len)?;
+        self.cast_into(kernel, b, b16, b_len)?;
+        let a16 = self.operand_buffer(a_slot, a_len)?;
+        self.cast_into(kernel, a, a16, a_len)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let stream = &self.stream;
-        let (bp, _gb) = b16.device_ptr(stream);
-        let (ap, _ga) = a16.device_ptr(stream);
+        let (bp, _gb) = b_slot
+            .as_ref()
+            .map(|b16| b16.device_ptr(stream))
+            .ok_or_else(|| PfcError::Device("16-bit GEMM operand b missing".into()))?;
+        let (ap, _ga) = a_slot
+            .as_ref()
+            .map(|a16| a16.device_ptr(stream))
+            .ok_or_else(|| PfcError::Device("16-bit GEMM operand a missing".into()))?;
         let (cp, _gc) = c.device_ptr_mut(stream);
-        // SAFETY: the callers checked a, b, c against m, n, k; the 16-bit copies have the same
-        // lengths; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+        // SAFETY: the callers checked a, b, c against m, n, k; the 16-bit copies hold at least
+        // as many elements; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -404,6 +410,55 @@ impl CudaBackend {
             )
         }
         .map_err(dev("cublasGemmEx"))
+    }
+
+    /// The 16-bit operand buffer in `slot`, grown to `len` elements if it is shorter (only
+    /// outside a layer, which reserves the planner's sizes up front: then this never allocates).
+    fn operand_buffer<'s>(
+        &self,
+        slot: &'s mut Option<CudaSlice<u16>>,
+        len: usize,
+    ) -> Result<&'s mut CudaSlice<u16>> {
+        let short = match slot.as_ref() {
+            Some(buf) => buf.len() < len,
+            None => true,
+        };
+        if short {
+            // Drop the old buffer first: its stream-ordered free runs after the GEMMs that read it.
+            *slot = None;
+            *slot = Some(self.alloc_operand(len)?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| PfcError::Device("16-bit GEMM operand missing".into()))
+    }
+
+    fn alloc_operand(&self, len: usize) -> Result<CudaSlice<u16>> {
+        self.stream.alloc_zeros::<u16>(len.max(1)).map_err(|e| {
+            PfcError::Device(format!(
+                "allocating {} bytes for a 16-bit GEMM operand: {e:?}",
+                2 * len.max(1)
+            ))
+        })
+    }
+
+    /// Rounds the first `len` elements of `src` into `dst` with `kernel` (cuda/precision.cu).
+    fn cast_into(
+        &self,
+        kernel: &'static str,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<u16>,
+        len: usize,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        need(src, len, "gemm operand")?;
+        let len_i = i32_of(len, "gemm operand length")?;
+        let mut builder = self.stream.launch_builder(self.func(kernel)?);
+        builder.arg(src).arg(dst).arg(&len_i);
+        // SAFETY: (const float*, u16*, int) as in cuda/precision.cu; src and dst hold len.
+        unsafe { builder.launch(per_elem(len)) }.map_err(dev("launch cast"))?;
+        Ok(())
     }
 
     /// Grid of the histogram passes: enough blocks of 1024 threads to fill the device, each
@@ -453,6 +508,22 @@ impl CudaBackend {
                 counts: self.alloc::<u64>(1)?,
             }),
         }
+    }
+}
+
+/// The 16-bit copies of the step's GEMM operands, kept for the backend's life: `a` receives each
+/// GEMM's `a` argument, `b` its `b` (the sizes of `StepShape::gemm_operand_lens`).
+#[derive(Default)]
+pub(crate) struct GemmOperands {
+    a: Option<CudaSlice<u16>>,
+    b: Option<CudaSlice<u16>>,
+}
+
+impl GemmOperands {
+    /// Bytes held.
+    fn bytes(&self) -> u64 {
+        let len = |s: &Option<CudaSlice<u16>>| s.as_ref().map_or(0, |b| b.len() as u64);
+        2 * (len(&self.a) + len(&self.b))
     }
 }
 
@@ -529,6 +600,30 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev("synchronize"))
+    }
+
+    fn set_gemm_precision(&mut self, precision: Precision) -> Result<()> {
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// Exactly `a_len` and `b_len` elements (the planner's sizes), replacing what was held.
+    fn reserve_gemm_operands(&mut self, a_len: usize, b_len: usize) -> Result<()> {
+        let a = (a_len > 0).then(|| self.alloc_operand(a_len)).transpose()?;
+        let b = (b_len > 0).then(|| self.alloc_operand(b_len)).transpose()?;
+        let held = self
+            .gemm_operands
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *held = GemmOperands { a, b };
+        Ok(())
+    }
+
+    fn gemm_operand_bytes(&self) -> u64 {
+        match self.gemm_operands.lock() {
+            Ok(held) => held.bytes(),
+            Err(poisoned) => poisoned.into_inner().bytes(),
+        }
     }
 
     fn localize_labels(

@@ -35,6 +35,9 @@ pub struct CudaBackend {
     /// Scratch of `sample_classes`, kept between calls (taken while in use).
     sample_scratch: std::sync::Mutex<Option<launch::SampleScratch>>,
     precision: Precision,
+    /// The 16-bit copies of the GEMM operands, kept between GEMMs (see
+    /// [`crate::Backend::reserve_gemm_operands`]); locked while a GEMM uses them.
+    gemm_operands: std::sync::Mutex<launch::GemmOperands>,
 }
 
 /// Every kernel name of `cuda/*.cu`, by family.
@@ -77,13 +80,12 @@ const KERNELS: [(&str, &[&str]); 6] = [
     ("wire", &["pack_embeddings", "unpack_normalize"]),
 ];
 
-/// Operand precision of the step's three GEMMs (logits, embedding gradient, sampled-weight
-/// gradient). The master weights, the outputs and the accumulation stay f32: with `Bf16` or `F16`
-/// both operands are rounded to 16 bits (into temporary buffers) and multiplied by
+/// Operand precision of the step's GEMMs: the layer option [`crate::GemmPrecision`], under the
+/// name this module has always used. With `Bf16` or `F16` both operands are rounded to 16 bits
+/// into buffers the backend keeps (see [`crate::Backend::reserve_gemm_operands`]) and multiplied by
 /// `cublasGemmEx` with f32 accumulation. Each product then carries a relative error of at most
 /// about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16), so a dot product is off by at most that times the sum of
-/// its terms' magnitudes (tests/cuda_kernels.rs `half_precision_gemms_match_f32`). The
-/// hard-negative scoring GEMM stays f32.
+/// its terms' magnitudes (tests/cuda_kernels.rs `half_precision_gemms_match_f32`).
 ///
 /// ```no_run
 /// use partial_fc::cuda::{CudaBackend, Precision};
@@ -91,16 +93,7 @@ const KERNELS: [(&str, &[&str]); 6] = [
 /// assert_eq!(gpu.precision(), Precision::Bf16);
 /// # Ok::<(), partial_fc::PfcError>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 operands, cuBLAS SGEMM (default math mode: no TF32).
-    #[default]
-    F32,
-    /// bf16 operands, f32 accumulation and output.
-    Bf16,
-    /// f16 operands, f32 accumulation and output.
-    F16,
-}
+pub use crate::config::GemmPrecision as Precision;
 
 pub(crate) fn dev<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> PfcError {
     move |e| PfcError::Device(format!("{what}: {e:?}"))
@@ -178,10 +171,13 @@ impl CudaBackend {
             compute_capability,
             sample_scratch: std::sync::Mutex::new(None),
             precision: Precision::F32,
+            gemm_operands: std::sync::Mutex::new(launch::GemmOperands::default()),
         })
     }
 
-    /// The same backend with the step's GEMMs in `precision` (see [`Precision`]).
+    /// The same backend with the step's GEMMs in `precision` (see [`Precision`]). The 16-bit
+    /// operand buffers then grow to the largest GEMM seen; a layer sizes them up front instead
+    /// (`LayerConfig::precision`), so that no GEMM allocates.
     pub fn with_precision(mut self, precision: Precision) -> CudaBackend {
         self.precision = precision;
         self

@@ -5,7 +5,7 @@
 //! worst case of its configuration, so that its report is exactly the planner's prediction and
 //! no step ever allocates on the hot path.
 
-use crate::config::UpdateMode;
+use crate::config::{GemmPrecision, UpdateMode};
 
 /// Element type of stored weights or of the embeddings on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +67,8 @@ pub struct StepShape {
     pub wire_dtype: Dtype,
     /// Whether hard negatives are scored (adds the scoring scratch).
     pub hard_negatives: bool,
+    /// Operand precision of the step's GEMMs (16-bit operands add `gemm_operands`).
+    pub gemm_precision: GemmPrecision,
 }
 
 impl StepShape {
@@ -79,6 +81,21 @@ impl StepShape {
     /// than the worst-case number of positives, `min(shard, N·k)`.
     pub fn sampled_capacity(&self) -> u64 {
         sampled_capacity(self.shard_classes, self.sample_rate, self.gathered_rows())
+    }
+
+    /// Elements of the two 16-bit GEMM operand buffers `(a, b)`, `(0, 0)` in f32.
+    ///
+    /// The step's GEMMs, `backend.gemm_xx(m, n, k, a, b, c)` with M = N·k rows and S sampled
+    /// classes: logits `gemm_nt(M, S, d)` with a = x̂ `[M×d]`, b = ŵ `[S×d]`; embedding gradient
+    /// `gemm_nn(M, d, S)` with a = logits grad `[M×S]`, b = ŵ; sampled-weight gradient
+    /// `gemm_tn(S, d, M)` with a = logits grad, b = x̂. One buffer holds the 16-bit copy of
+    /// each GEMM's `a`, the other of its `b`: `max(M·d, M·S)` and `max(S·d, M·d)` elements.
+    pub fn gemm_operand_lens(&self) -> (u64, u64) {
+        if self.gemm_precision == GemmPrecision::F32 {
+            return (0, 0);
+        }
+        let (m, s, d) = (self.gathered_rows(), self.sampled_capacity(), self.dim);
+        ((m * d).max(m * s), (s * d).max(m * d))
     }
 }
 
@@ -135,6 +152,9 @@ pub enum Component {
     HardNegativeScratch,
     /// Per-row softmax statistics: max, sum, target cosine, loss (f32 each), `N·k × 4`.
     RowStats,
+    /// The 16-bit copies of the GEMM operands (bf16/f16 precision only, 0 in f32), kept for the
+    /// layer's life: `max(N·k·d, N·k·S)` and `max(S·d, N·k·d)` elements of 2 bytes.
+    GemmOperands,
     /// The local embeddings before the all-gather, whose buffer then receives the
     /// reduce-scattered embedding gradient (`N × d`, f32), and, when the wire dtype is not
     /// f32, the packed send and receive buffers of the all-gather (`(N + N·k) × (2d + 8)` bytes).
@@ -145,7 +165,7 @@ pub enum Component {
 
 impl Component {
     /// Every component, in report order.
-    pub const ALL: [Component; 18] = [
+    pub const ALL: [Component; 19] = [
         Component::WeightShard,
         Component::WeightGrad,
         Component::OptimizerState,
@@ -162,6 +182,7 @@ impl Component {
         Component::SamplerKeys,
         Component::HardNegativeScratch,
         Component::RowStats,
+        Component::GemmOperands,
         Component::CollectiveStaging,
         Component::Reserved,
     ];
@@ -185,6 +206,7 @@ impl Component {
             Component::SamplerKeys => "sampler_keys",
             Component::HardNegativeScratch => "hard_negative_scratch",
             Component::RowStats => "row_stats",
+            Component::GemmOperands => "gemm_operands",
             Component::CollectiveStaging => "collective_staging",
             Component::Reserved => "reserved",
         }
@@ -248,6 +270,10 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         (Component::SamplerKeys, shard * 8),
         (Component::HardNegativeScratch, hard),
         (Component::RowStats, m * 4 * f32b),
+        (Component::GemmOperands, {
+            let (a, b) = shape.gemm_operand_lens();
+            (a + b) * shape.gemm_precision.operand_bytes()
+        }),
         (Component::CollectiveStaging, n * d * f32b + staging_wire),
     ]
 }

@@ -1,7 +1,7 @@
 //! The planner's inputs: one cluster configuration, validated, and the step shape of its ranks.
 
 use super::buffers::{step_buffers, Component, Dtype, LogitsMode, StepShape};
-use crate::config::UpdateMode;
+use crate::config::{GemmPrecision, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::shard::Shard;
 
@@ -43,7 +43,7 @@ impl Optimizer {
 ///
 /// [`PlanConfig::new`] fills the published defaults: 128 images per GPU, d = 512, r = 0.1,
 /// f32 weights, SGD momentum, sparse update, materialized logits, f32 on the wire, no hard
-/// negatives, nothing reserved.
+/// negatives, f32 GEMMs, nothing reserved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
     /// Total number of classes C.
@@ -72,6 +72,8 @@ pub struct PlanConfig {
     pub wire_dtype: Dtype,
     /// Whether hard negatives are scored (adds their scratch buffers).
     pub hard_negatives: bool,
+    /// Operand precision of the step's GEMMs (16-bit adds the operand copies).
+    pub gemm_precision: GemmPrecision,
 }
 
 impl PlanConfig {
@@ -91,6 +93,7 @@ impl PlanConfig {
             logits: LogitsMode::Materialized,
             wire_dtype: Dtype::F32,
             hard_negatives: false,
+            gemm_precision: GemmPrecision::F32,
         }
     }
 
@@ -178,6 +181,7 @@ impl PlanConfig {
             logits: self.logits,
             wire_dtype: self.wire_dtype,
             hard_negatives: self.hard_negatives,
+            gemm_precision: self.gemm_precision,
         }
     }
 

@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use partial_fc::plan::sweep::{plot_svg, sweep, Regime, SweepPoint};
 use partial_fc::plan::units::{format_bytes, format_count, parse_count, parse_size};
 use partial_fc::plan::{Dtype, LogitsMode, Optimizer, Plan, PlanConfig};
-use partial_fc::{PfcError, UpdateMode};
+use partial_fc::{GemmPrecision, PfcError, UpdateMode};
 use std::path::PathBuf;
 
 /// Points of a sweep, log-spaced.
@@ -55,6 +55,9 @@ pub struct PlanArgs {
     /// Dtype of the all-gathered embeddings on the wire.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     wire_dtype: DtypeArg,
+    /// Operand precision of the step's GEMMs (bf16/f16 add the 16-bit operand copies).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    gemm_precision: DtypeArg,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -99,6 +102,14 @@ impl DtypeArg {
             DtypeArg::F32 => Dtype::F32,
             DtypeArg::F16 => Dtype::F16,
             DtypeArg::Bf16 => Dtype::Bf16,
+        }
+    }
+
+    fn gemm_precision(self) -> GemmPrecision {
+        match self {
+            DtypeArg::F32 => GemmPrecision::F32,
+            DtypeArg::F16 => GemmPrecision::F16,
+            DtypeArg::Bf16 => GemmPrecision::Bf16,
         }
     }
 }
@@ -156,6 +167,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         },
         wire_dtype: args.wire_dtype.dtype(),
         hard_negatives: false,
+        gemm_precision: args.gemm_precision.gemm_precision(),
     };
     config.validate()?;
     Ok(config)
