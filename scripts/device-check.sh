@@ -87,6 +87,10 @@ run() {
     done
     echo "== compute-sanitizer --tool memcheck (sampling)"
     timeout 150 "$san" --tool memcheck --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 sampled_index || { echo "SANITIZER memcheck sampling FAILED ($?)"; status=1; }
+    for tool in memcheck racecheck; do
+        echo "== compute-sanitizer --tool $tool (wire kernels)"
+        timeout 120 "$san" --tool "$tool" --error-exitcode 9 "$bin/test-cuda_nccl" --test-threads=1 wire_kernels || { echo "SANITIZER $tool wire FAILED ($?)"; status=1; }
+    done
     echo "== benches"
     for b in "$bin"/bench-*; do
         timeout 200 "$b" --bench --warm-up-time 1 --measurement-time 2 --sample-size 10 || status=1
