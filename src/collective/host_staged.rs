@@ -6,7 +6,7 @@
 //! design (every collective crosses PCIe), and exact: the distributed softmax, the all-gather and
 //! the reduce-scatter paths run on the real device kernels and can be compared with the CPU.
 
-use crate::backend::{Backend, Collective, ReduceOp};
+use crate::backend::{Backend, Collective, Elem, ReduceOp};
 use crate::cpu::CpuBackend;
 use crate::error::Result;
 
@@ -35,6 +35,25 @@ impl<C> HostStaged<C> {
     }
 }
 
+/// A host all-gather of `T`, as the inner collective spells it.
+type HostGather<C, T> = fn(&C, &CpuBackend, &Vec<T>, usize, &mut Vec<T>) -> Result<()>;
+
+impl<C: Collective<CpuBackend>> HostStaged<C> {
+    fn gather<B: Backend, T: Elem>(
+        &self,
+        b: &B,
+        send: &B::Buf<T>,
+        count: usize,
+        recv: &mut B::Buf<T>,
+        host_gather: HostGather<C, T>,
+    ) -> Result<()> {
+        let host = b.download(send, count)?;
+        let mut out = vec![T::default(); count * self.inner.world_size()];
+        host_gather(&self.inner, &CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+}
+
 impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -51,11 +70,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
-        let host = b.download(send, count)?;
-        let mut out = vec![0.0; count * self.inner.world_size()];
-        self.inner
-            .all_gather_f32(&CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
+        self.gather(b, send, count, recv, C::all_gather_f32)
     }
 
     fn all_gather_u16(
@@ -65,11 +80,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<u16>,
     ) -> Result<()> {
-        let host = b.download(send, count)?;
-        let mut out = vec![0; count * self.inner.world_size()];
-        self.inner
-            .all_gather_u16(&CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
+        self.gather(b, send, count, recv, C::all_gather_u16)
     }
 
     fn all_gather_i64(
@@ -79,11 +90,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<i64>,
     ) -> Result<()> {
-        let host = b.download(send, count)?;
-        let mut out = vec![0; count * self.inner.world_size()];
-        self.inner
-            .all_gather_i64(&CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
+        self.gather(b, send, count, recv, C::all_gather_i64)
     }
 
     fn all_reduce_f32(

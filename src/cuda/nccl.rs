@@ -259,6 +259,34 @@ impl Drop for NcclCollective {
     }
 }
 
+impl NcclCollective {
+    /// All-gather of any element type as bytes: an all-gather does no arithmetic, so the bytes of
+    /// `count` elements per rank are all NCCL needs to move.
+    fn all_gather_bytes<T>(
+        &self,
+        send: &CudaSlice<T>,
+        count: usize,
+        recv: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        need(send, count, "all_gather send")?;
+        need(recv, count * self.world_size, "all_gather recv")?;
+        let bytes = count * std::mem::size_of::<T>();
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: both pointers cover the counts checked above and live until the wait.
+        self.enqueue("ncclAllGather", |s| unsafe {
+            nccl::all_gather(
+                src as _,
+                dst as _,
+                bytes,
+                sys::ncclDataType_t::ncclUint8,
+                self.comm,
+                s,
+            )
+        })
+    }
+}
+
 fn need<T>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
     if buf.len() < len {
         return Err(PfcError::Shape(format!(
@@ -292,21 +320,7 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         recv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(send, count, "all_gather send")?;
-        need(recv, count * self.world_size, "all_gather recv")?;
-        let (src, _s) = send.device_ptr(&self.stream);
-        let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: both pointers cover the counts checked above and live until the wait.
-        self.enqueue("ncclAllGather", |s| unsafe {
-            nccl::all_gather(
-                src as _,
-                dst as _,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                self.comm,
-                s,
-            )
-        })
+        self.all_gather_bytes(send, count, recv)
     }
 
     fn all_gather_u16(
@@ -316,21 +330,7 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         recv: &mut CudaSlice<u16>,
     ) -> Result<()> {
-        need(send, count, "all_gather send")?;
-        need(recv, count * self.world_size, "all_gather recv")?;
-        let (src, _s) = send.device_ptr(&self.stream);
-        let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: as above; 16-bit words move as byte pairs (an all-gather does no arithmetic).
-        self.enqueue("ncclAllGather", |s| unsafe {
-            nccl::all_gather(
-                src as _,
-                dst as _,
-                2 * count,
-                sys::ncclDataType_t::ncclUint8,
-                self.comm,
-                s,
-            )
-        })
+        self.all_gather_bytes(send, count, recv)
     }
 
     fn all_gather_i64(
@@ -340,21 +340,7 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         recv: &mut CudaSlice<i64>,
     ) -> Result<()> {
-        need(send, count, "all_gather send")?;
-        need(recv, count * self.world_size, "all_gather recv")?;
-        let (src, _s) = send.device_ptr(&self.stream);
-        let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: as above.
-        self.enqueue("ncclAllGather", |s| unsafe {
-            nccl::all_gather(
-                src as _,
-                dst as _,
-                count,
-                sys::ncclDataType_t::ncclInt64,
-                self.comm,
-                s,
-            )
-        })
+        self.all_gather_bytes(send, count, recv)
     }
 
     fn all_reduce_f32(
