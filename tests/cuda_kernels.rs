@@ -12,8 +12,12 @@ macro_rules! skip {
     }};
 }
 
+mod golden_support;
+
+use golden_support::{assert_close_in_row, golden_files};
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
+use partial_fc::golden::{read_expected, StepCase};
 use partial_fc::{
     Backend, CpuBackend, GradMode, LayerConfig, Margin, NegativeSampler, PartialFc, SampleArgs,
     TargetFallback, UpdateMode,
@@ -648,33 +652,6 @@ fn half_precision_layer_allocates_what_the_planner_says() {
     }
 }
 
-/// The criterion of tests/golden_parity.rs: element-wise
-/// `|got − want| <= 1e-6 + 1e-4 · max(|want|, largest |want| of the element's row)`.
-/// f32 cancellation leaves the small entries of a row noisy at the 1e-3 relative level in any f32
-/// implementation (the published implementation's own grad_weight is off by up to 8e-3 relative on
-/// such entries against an f64 evaluation, arcface_full element 32236), and the GPU sums in a
-/// different order than the CPU, so a bound on the bare element would test rounding luck: the
-/// first H200 run failed arcface_r0.1 grad_weight[131542] (gpu -0.0009583748, cpu -0.0009598434,
-/// a row whose largest entry is far larger) under the bare-element bound.
-#[track_caller]
-fn assert_close_in_row(what: &str, got: &[f32], want: &[f32], row: usize) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let mut worst = 0.0f64;
-    for (r, (g_row, w_row)) in got.chunks(row).zip(want.chunks(row)).enumerate() {
-        let scale = w_row.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
-        for (j, (&g, &w)) in g_row.iter().zip(w_row).enumerate() {
-            let err = (g as f64 - w as f64).abs();
-            let tol = 1e-6 + 1e-4 * (w as f64).abs().max(scale);
-            assert!(
-                err <= tol,
-                "{what}[{r}, {j}]: gpu {g}, want {w} (err {err:e} > {tol:e})"
-            );
-            worst = worst.max(err / (1e-6 + (w as f64).abs().max(scale)));
-        }
-    }
-    println!("  {what}: worst error relative to its row {worst:.2e}");
-}
-
 /// bf16/f16 operands with f32 accumulation against the f32 CPU GEMM. Rounding both operands
 /// to 16 bits changes each product by at most 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16) of its magnitude, and
 /// f32 accumulation adds at most about k·2⁻²⁴ of the same, so the bound is
@@ -741,117 +718,49 @@ fn half_precision_gemms_match_f32() {
     }
 }
 
-fn golden_dir() -> Option<std::path::PathBuf> {
-    let dir = std::env::var("PFC_GOLDEN_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden"))
-        });
-    dir.is_dir().then_some(dir)
-}
-
-fn f32s(t: &safetensors::tensor::TensorView) -> Vec<f32> {
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-fn i64s(t: &safetensors::tensor::TensorView) -> Vec<i64> {
-    t.data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
 #[test]
 fn golden_files_on_the_gpu() {
     if gpu().is_none() {
         return;
     }
-    let Some(dir) = golden_dir() else {
+    let Some(files) = golden_files() else {
         skip!("skipped: no golden folder (set PFC_GOLDEN_DIR or provide ../shared/golden)");
         return;
     };
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no golden files in {}", dir.display());
+    assert!(!files.is_empty(), "no golden files");
     for path in files {
-        let bytes = std::fs::read(&path).unwrap();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let meta = meta.metadata().clone().unwrap();
-        let num = |k: &str| -> f64 {
-            meta[k]
-                .parse()
-                .unwrap_or_else(|_| panic!("{k} = {}", meta[k]))
-        };
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let x = f32s(&st.tensor("embeddings").unwrap());
-        let labels = i64s(&st.tensor("labels").unwrap());
-        let weight = f32s(&st.tensor("weight").unwrap());
-        let classes = num("classes") as u64;
-        let dim = weight.len() / classes as usize;
-        let mut margin = Margin::combined(num("scale"), num("m1"), num("m2"), num("m3"));
-        margin.grad_mode = GradMode::StraightThrough;
-        let filter = num("interclass_filter");
-        margin.interclass_filter = (filter > 0.0).then_some(filter);
-        let mut cfg = LayerConfig::new(classes, dim, labels.len());
-        cfg.sample_rate = num("sample_rate");
-        cfg.margin = margin;
-        let mut layer =
-            PartialFc::zeroed(cfg.clone(), CudaBackend::new(0).unwrap(), SingleRank).unwrap();
-        let mut on_cpu = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
-        layer.set_weight(&weight).unwrap();
-        on_cpu.set_weight(&weight).unwrap();
-        let (out, cpu_out) = match st.tensor("sampled_index") {
-            Ok(s) => (
-                layer
-                    .forward_backward_with_sample(&x, &labels, &i64s(&s))
-                    .unwrap(),
-                on_cpu
-                    .forward_backward_with_sample(&x, &labels, &i64s(&s))
-                    .unwrap(),
-            ),
-            Err(_) => (
-                layer.forward_backward(&x, &labels).unwrap(),
-                on_cpu.forward_backward(&x, &labels).unwrap(),
-            ),
-        };
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let gpu_grad_weight = layer.weight_grad_dense().unwrap();
-        let expected = [
-            (
-                "golden",
-                f32s(&st.tensor("loss").unwrap()),
-                f32s(&st.tensor("grad_embeddings").unwrap()),
-                f32s(&st.tensor("grad_weight").unwrap()),
-            ),
-            (
-                "cpu",
-                vec![cpu_out.loss],
-                cpu_out.grad_embeddings.clone(),
-                on_cpu.weight_grad_dense().unwrap(),
-            ),
-        ];
-        for (against, loss, grad_embeddings, grad_weight) in &expected {
-            assert_close_in_row(&format!("{name} vs {against}: loss"), &[out.loss], loss, 1);
-            assert_close_in_row(
-                &format!("{name} vs {against}: grad_embeddings"),
-                &out.grad_embeddings,
-                grad_embeddings,
-                dim,
-            );
-            assert_close_in_row(
-                &format!("{name} vs {against}: grad_weight"),
-                &gpu_grad_weight,
-                grad_weight,
-                dim,
-            );
+        let case = StepCase::read(&path).unwrap();
+        let golden = read_expected(&path).unwrap();
+        let on_cpu = case.run_threads(1).unwrap();
+        for k in [1, 2, 3] {
+            // k shards on the one GPU (virtual ranks), against the published outputs and the CPU.
+            let gpu = case.run_virtual_ranks(k, || CudaBackend::new(0)).unwrap();
+            for (against, want) in [("golden", &golden), ("cpu", &on_cpu)] {
+                let what = format!("{name}, {k} GPU ranks vs {against}");
+                assert_close_in_row(&format!("{what}: loss"), &[gpu.loss], &[want.loss], 1);
+                assert_close_in_row(
+                    &format!("{what}: grad_embeddings"),
+                    &gpu.grad_embeddings,
+                    &want.grad_embeddings,
+                    case.dim,
+                );
+                assert_close_in_row(
+                    &format!("{what}: grad_weight"),
+                    &gpu.grad_weight,
+                    &want.grad_weight,
+                    case.dim,
+                );
+            }
+            if let Some(index) = &case.sampled_index {
+                assert_eq!(
+                    &gpu.sampled_index, index,
+                    "{name}, {k} GPU ranks: sampled index"
+                );
+            }
         }
-        println!("{name}: loss {} matches on the GPU", out.loss);
+        println!(
+            "{name}: matches the published outputs and the CPU on the GPU with 1, 2 and 3 ranks"
+        );
     }
 }
