@@ -180,11 +180,7 @@ fn check_backend(backend: BackendArg) -> Result<(), PfcError> {
             "this build has no CUDA backend; rebuild with `--features cuda` or use --backend cpu"
                 .into(),
         )),
-        BackendArg::Cuda => Err(PfcError::BackendUnavailable(
-            "the training demo's ranks are CPU threads; a CUDA run needs the NCCL collective, \
-             which this demo does not drive yet: use --backend cpu"
-                .into(),
-        )),
+        BackendArg::Cuda => Ok(()),
     }
 }
 
@@ -201,7 +197,7 @@ fn metrics_row(name: &str, m: &EvalMetrics) -> String {
     )
 }
 
-fn run_one(cfg: &TrainConfig, quiet: bool) -> Result<TrainReport, PfcError> {
+fn run_one(cfg: &TrainConfig, backend: BackendArg, quiet: bool) -> Result<TrainReport, PfcError> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -214,16 +210,39 @@ fn run_one(cfg: &TrainConfig, quiet: bool) -> Result<TrainReport, PfcError> {
     );
     bar.set_prefix(format!("{}", cfg.sample_rate));
     bar.set_message("evaluating untrained model");
-    let report = train(cfg, &mut |ev| {
+    let mut on_step = |ev: &partial_fc::synthetic::StepEvent| {
         let speed = ev.samples as f64 / ev.elapsed.as_secs_f64().max(1e-9);
         bar.set_position(ev.step as u64);
         bar.set_message(format!("loss {:7.3}  {speed:7.0} samples/s", ev.loss));
         if ev.step == ev.total {
             bar.set_message("evaluating trained model");
         }
-    });
+    };
+    let report = match backend {
+        BackendArg::Cpu => train(cfg, &mut on_step),
+        BackendArg::Cuda => train_cuda(cfg, &mut on_step),
+    };
     bar.finish_and_clear();
     report
+}
+
+/// The classifier's ranks as virtual ranks on CUDA device 0 (the backbone stays on the CPU).
+#[cfg(feature = "cuda")]
+fn train_cuda(
+    cfg: &TrainConfig,
+    on_step: &mut dyn FnMut(&partial_fc::synthetic::StepEvent),
+) -> Result<TrainReport, PfcError> {
+    partial_fc::synthetic::train_on(cfg, || partial_fc::cuda::CudaBackend::new(0), on_step)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(
+    _: &TrainConfig,
+    _: &mut dyn FnMut(&partial_fc::synthetic::StepEvent),
+) -> Result<TrainReport, PfcError> {
+    Err(PfcError::BackendUnavailable(
+        "this build has no CUDA backend; rebuild with `--features cuda`".into(),
+    ))
 }
 
 fn summary(cfg: &TrainConfig, r: &TrainReport) {
@@ -317,7 +336,7 @@ fn run(args: Args) -> Result<(), PfcError> {
             sample_rate: r,
             ..base.clone()
         };
-        let report = run_one(&cfg, args.quiet)?;
+        let report = run_one(&cfg, args.backend, args.quiet)?;
         summary(&cfg, &report);
         reports.push(report);
     }

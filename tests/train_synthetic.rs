@@ -82,3 +82,15 @@ fn bad_configuration_is_an_error() {
     let err = train(&cfg, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("sample_rate"), "{err}");
 }
+
+#[test]
+fn any_backend_through_virtual_ranks_trains_the_same() {
+    // The generic path (each rank its own backend, host-staged collective) that `--backend cuda`
+    // takes, run with the CPU backend: the same run as the thread-group path, step for step.
+    let cfg = TrainConfig { steps: 5, ..tiny() };
+    let direct = train(&cfg, &mut |_| {}).unwrap();
+    let staged =
+        partial_fc::synthetic::train_on(&cfg, || Ok(partial_fc::CpuBackend), &mut |_| {}).unwrap();
+    assert_eq!(direct.losses, staged.losses);
+    assert_eq!(direct.after, staged.after);
+}

@@ -21,7 +21,8 @@
 use super::backbone::Mlp;
 use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticIdentities};
 use super::metrics::{evaluate, EvalMetrics};
-use crate::collective::{ThreadCollective, ThreadGroup};
+use crate::backend::{Backend, Collective};
+use crate::collective::{HostStaged, ThreadGroup};
 use crate::config::{LayerConfig, Margin};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
@@ -290,6 +291,34 @@ fn embed_and_evaluate(mlp: &Mlp, x: &[f32], labels: &[u64]) -> Result<EvalMetric
 /// ```
 pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepEvent)) -> Result<TrainReport> {
     cfg.validate()?;
+    let layers = ThreadGroup::handles(cfg.ranks)
+        .into_iter()
+        .map(|comm| PartialFc::new(cfg.layer_config(), CpuBackend, comm))
+        .collect::<Result<Vec<_>>>()?;
+    train_layers(cfg, layers, on_step)
+}
+
+/// The same training with the classifier on any backend: `cfg.ranks` virtual ranks, each a
+/// thread with its own backend from `make` (for example `CudaBackend::new(0)`: every shard on one
+/// GPU), exchanging through a host-staged [`ThreadGroup`].
+pub fn train_on<B: Backend>(
+    cfg: &TrainConfig,
+    make: impl Fn() -> Result<B>,
+    on_step: &mut dyn FnMut(&StepEvent),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    let layers = ThreadGroup::handles(cfg.ranks)
+        .into_iter()
+        .map(|comm| PartialFc::new(cfg.layer_config(), make()?, HostStaged::new(comm)))
+        .collect::<Result<Vec<_>>>()?;
+    train_layers(cfg, layers, on_step)
+}
+
+fn train_layers<B: Backend, C: Collective<B>>(
+    cfg: &TrainConfig,
+    mut layers: Vec<PartialFc<B, C>>,
+    on_step: &mut dyn FnMut(&StepEvent),
+) -> Result<TrainReport> {
     let gen = SyntheticIdentities::new(cfg.generator.clone(), cfg.seed)?;
     let mut mlp = Mlp::new(
         cfg.generator.input_dim,
@@ -308,12 +337,6 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepEvent)) -> Result<T
     let eval_labels: Vec<u64> = eval_ids.iter().map(|s| s.identity).collect();
     let raw_input = evaluate(&eval_x, &eval_labels, cfg.generator.input_dim)?;
     let before = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
-
-    let layer_cfg = cfg.layer_config();
-    let mut layers = ThreadGroup::handles(cfg.ranks)
-        .into_iter()
-        .map(|comm| PartialFc::new(layer_cfg.clone(), CpuBackend, comm))
-        .collect::<Result<Vec<_>>>()?;
 
     let (n, e) = (cfg.batch_per_rank, cfg.embedding_dim);
     let batch = cfg.global_batch();
@@ -397,8 +420,8 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepEvent)) -> Result<T
 }
 
 /// Every rank's forward/backward and optimizer step on its own thread; outputs in rank order.
-fn rank_steps(
-    layers: &mut [PartialFc<CpuBackend, ThreadCollective>],
+fn rank_steps<B: Backend, C: Collective<B>>(
+    layers: &mut [PartialFc<B, C>],
     embeddings: &[f32],
     labels: &[i64],
     n: usize,
