@@ -23,7 +23,7 @@ build() {
     cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl > "$json"
     cargo bench --features cuda --no-run --message-format=json --bench cuda_kernels --bench cuda_collectives >> "$json"
     cargo build --release --features cuda --message-format=json --example cuda_step_memory \
-        --example cuda_profile_step --example multi_gpu >> "$json"
+        --example cuda_profile_step --example multi_gpu --example train_synthetic >> "$json"
     python3 - "$json" "$carry/bin" <<'PY'
 import json, shutil, sys
 seen = {}
@@ -35,7 +35,7 @@ for line in open(sys.argv[1]):
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         t = m["target"]
         kind = "bench" if "bench" in t["kind"] else "example" if "example" in t["kind"] else "test"
-        if t["name"].startswith("cuda_") or t["name"] == "multi_gpu":
+        if t["name"].startswith("cuda_") or t["name"] in ("multi_gpu", "train_synthetic"):
             seen[f"{kind}-{t['name']}"] = m["executable"]
 for name, exe in seen.items():
     shutil.copy(exe, f"{sys.argv[2]}/{name}")
@@ -102,6 +102,8 @@ run() {
     echo "== multi_gpu example: launcher, TCP rendezvous, NCCL (one process per GPU)"
     ngpu="$(nvidia-smi -L 2>/dev/null | wc -l)"
     MASTER_PORT=29517 timeout 120 "$bin/example-multi_gpu" --launch "${ngpu:-1}" --steps 3 --classes 200000 || status=1
+    echo "== training demo with the classifier on the GPU (4 virtual ranks)"
+    timeout 150 "$bin/example-train_synthetic" --backend cuda --steps 400 || status=1
     echo "== PyTorch baseline (benches/torch_partial_fc.py)"
     py=python3
     LD_LIBRARY_PATH="$orig_ld" python3 -c 'import torch' 2>/dev/null || py=/opt/torch/.venv/bin/python
