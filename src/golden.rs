@@ -2,10 +2,10 @@
 //! the metadata, and optionally the expected outputs), as produced by the published PyTorch
 //! implementation for parity tests, and as read and written by `pfc step`.
 //!
-//! Tensors: `embeddings` [B, d] f32, `labels` [B] i64, `weight` [C, d] f32, optionally
-//! `sampled_index` [S] i64 (sorted global ids; used instead of drawing a sample). Outputs:
-//! `loss` [1], `grad_embeddings` [B, d], `grad_weight` [C, d] (dense, zero outside the sample),
-//! `sampled_index` [S]. Metadata: scale, m1, m2, m3, sample_rate, interclass_filter, grad_mode
+//! Tensors: `embeddings` `[B, d]` f32, `labels` `[B]` i64, `weight` `[C, d]` f32, optionally
+//! `sampled_index` `[S]` i64 (sorted global ids; used instead of drawing a sample). Outputs:
+//! `loss` `[1]`, `grad_embeddings` `[B, d]`, `grad_weight` `[C, d]` (dense, zero outside the sample),
+//! `sampled_index` `[S]`. Metadata: scale, m1, m2, m3, sample_rate, interclass_filter, grad_mode
 //! ("straight-through" or "exact"), classes.
 
 use crate::backend::{Backend, Collective};
@@ -22,11 +22,11 @@ use std::path::Path;
 /// The inputs and parameters of one step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepCase {
-    /// [B, d] embeddings, row-major.
+    /// `[B, d]` embeddings, row-major.
     pub embeddings: Vec<f32>,
-    /// [B] global labels.
+    /// `[B]` global labels.
     pub labels: Vec<i64>,
-    /// [C, d] class centers.
+    /// `[C, d]` class centers.
     pub weight: Vec<f32>,
     /// Embedding dimension d.
     pub dim: usize,
@@ -47,9 +47,9 @@ pub struct StepCase {
 pub struct StepResult {
     /// Mean loss over the batch.
     pub loss: f32,
-    /// [B, d] gradient of the loss with respect to the embeddings.
+    /// `[B, d]` gradient of the loss with respect to the embeddings.
     pub grad_embeddings: Vec<f32>,
-    /// [C, d] gradient with respect to the class centers, zero outside the sample.
+    /// `[C, d]` gradient with respect to the class centers, zero outside the sample.
     pub grad_weight: Vec<f32>,
     /// Sorted global ids of the sampled classes.
     pub sampled_index: Vec<i64>,

@@ -6,7 +6,7 @@
 //! is a call per element; [`exp`] is a branch-free version (Cody–Waite range reduction and a
 //! degree-6 polynomial, within 2 ulp of the exact result on the range the softmax uses) that
 //! vectorizes. Hot row kernels are compiled twice, generic and with AVX2+FMA enabled, and picked
-//! at run time ([`with_avx2`]); without explicit `mul_add` both give bit-identical results.
+//! at run time (the `with_avx2!` macro); without explicit `mul_add` both give bit-identical results.
 
 /// Independent accumulators per reduction.
 pub const LANES: usize = 16;
