@@ -37,3 +37,8 @@ pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
 pub use layer::{PartialFc, StepOutput};
 pub use shard::Shard;
+
+/// The README's Rust example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
