@@ -476,10 +476,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         b.upload(&padded_labels, &mut x.send_labels)?;
         match &mut x.packed {
             None => {
-                self.comm
-                    .all_gather_f32(b, &x.staging, n * d, &mut x.gathered)?;
-                self.comm
-                    .all_gather_i64(b, &x.send_labels, n, &mut x.gathered_labels)?;
+                self.comm.all_gather_batch(
+                    b,
+                    &x.staging,
+                    n * d,
+                    &mut x.gathered,
+                    &x.send_labels,
+                    n,
+                    &mut x.gathered_labels,
+                )?;
                 b.normalize_rows(&x.gathered, m, d, &mut x.x_hat, &mut x.x_norms)?;
             }
             Some((send, recv)) => {

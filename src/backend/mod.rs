@@ -382,6 +382,22 @@ pub trait Collective<B: Backend>: Send {
         count: usize,
         recv: &mut B::Buf<i64>,
     ) -> Result<()>;
+    /// All-gathers embeddings (`x_count` per rank) and their labels (`label_count` per rank).
+    /// NCCL issues both as one group; the default makes the two calls.
+    #[allow(clippy::too_many_arguments)]
+    fn all_gather_batch(
+        &self,
+        backend: &B,
+        x: &B::Buf<f32>,
+        x_count: usize,
+        recv_x: &mut B::Buf<f32>,
+        labels: &B::Buf<i64>,
+        label_count: usize,
+        recv_labels: &mut B::Buf<i64>,
+    ) -> Result<()> {
+        self.all_gather_f32(backend, x, x_count, recv_x)?;
+        self.all_gather_i64(backend, labels, label_count, recv_labels)
+    }
     /// Reduces the first `count` elements over all ranks, result on every rank.
     fn all_reduce_f32(
         &self,

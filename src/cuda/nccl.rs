@@ -268,22 +268,36 @@ impl NcclCollective {
         count: usize,
         recv: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.check_usable()?;
+        self.enqueue_all_gather(send, count, recv)?;
+        self.wait("ncclAllGather")
+    }
+
+    /// Enqueues the all-gather of `count` elements per rank as bytes, without waiting.
+    fn enqueue_all_gather<T>(
+        &self,
+        send: &CudaSlice<T>,
+        count: usize,
+        recv: &mut CudaSlice<T>,
+    ) -> Result<()> {
         need(send, count, "all_gather send")?;
         need(recv, count * self.world_size, "all_gather recv")?;
         let bytes = count * std::mem::size_of::<T>();
         let (src, _s) = send.device_ptr(&self.stream);
         let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: both pointers cover the counts checked above and live until the wait.
-        self.enqueue("ncclAllGather", |s| unsafe {
+        // SAFETY: both pointers cover the counts checked above; the stream orders their use.
+        unsafe {
             nccl::all_gather(
                 src as _,
                 dst as _,
                 bytes,
                 sys::ncclDataType_t::ncclUint8,
                 self.comm,
-                s,
+                self.stream.cu_stream() as sys::cudaStream_t,
             )
-        })
+        }
+        .map(|_| ())
+        .map_err(|e| self.abort(format!("ncclAllGather: {e:?}")))
     }
 }
 
@@ -341,6 +355,28 @@ impl Collective<CudaBackend> for NcclCollective {
         recv: &mut CudaSlice<i64>,
     ) -> Result<()> {
         self.all_gather_bytes(send, count, recv)
+    }
+
+    fn all_gather_batch(
+        &self,
+        _: &CudaBackend,
+        x: &CudaSlice<f32>,
+        x_count: usize,
+        recv_x: &mut CudaSlice<f32>,
+        labels: &CudaSlice<i64>,
+        label_count: usize,
+        recv_labels: &mut CudaSlice<i64>,
+    ) -> Result<()> {
+        // One NCCL group: both all-gathers are launched as one operation.
+        self.check_usable()?;
+        nccl::group_start().map_err(|e| self.abort(format!("ncclGroupStart: {e:?}")))?;
+        let queued = self
+            .enqueue_all_gather(x, x_count, recv_x)
+            .and_then(|()| self.enqueue_all_gather(labels, label_count, recv_labels));
+        let ended = nccl::group_end().map_err(|e| self.abort(format!("ncclGroupEnd: {e:?}")));
+        queued?;
+        ended?;
+        self.wait("grouped all-gather")
     }
 
     fn all_reduce_f32(
