@@ -634,8 +634,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
         // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
         //    over ranks and each rank keeps its own rows.
-        b.gemm_nn(m, d, s, &x.logits, &x.sampled_weights, &mut x.x_grad)?;
-        b.gemm_tn(s, d, m, &x.logits, &x.x_hat, &mut x.sampled_weights_grad)?;
+        b.gemm_backward(
+            m,
+            s,
+            d,
+            &x.logits,
+            &x.sampled_weights,
+            &x.x_hat,
+            &mut x.x_grad,
+            &mut x.sampled_weights_grad,
+        )?;
         b.normalize_backward(&mut x.x_grad, &x.x_hat, &x.x_norms, m, d)?;
         b.normalize_backward(
             &mut x.sampled_weights_grad,

@@ -256,6 +256,25 @@ pub trait Backend: Send + Sync + 'static {
         c: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// The two GEMMs of the backward pass, which share the logits' gradient `g` (`rows × cols`):
+    /// `grad_x[rows × dim] = g · ŵ` and `grad_w[cols × dim] = gᵀ · x̂`. A backend with 16-bit GEMM
+    /// operands converts `g` once for both; the default makes the two calls.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        dim: usize,
+        grad_logits: &Self::Buf<f32>,
+        w_hat: &Self::Buf<f32>,
+        x_hat: &Self::Buf<f32>,
+        grad_x: &mut Self::Buf<f32>,
+        grad_w: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        self.gemm_nn(rows, dim, cols, grad_logits, w_hat, grad_x)?;
+        self.gemm_tn(cols, dim, rows, grad_logits, x_hat, grad_w)
+    }
+
     /// Pass 1 of the margin softmax: clamp cosines to [−1, 1], filter, apply the margin to each
     /// row's target (labels: position in the sample, −1 = not here), scale, and write each row's
     /// local max to `row_max` and its raw target cosine to `target_cos`.

@@ -347,6 +347,7 @@ impl CudaBackend {
         (b, ldb, b_len): (&CudaSlice<f32>, usize, usize),
         (a, lda, a_len): (&CudaSlice<f32>, usize, usize),
         c: &mut CudaSlice<f32>,
+        a_already_cast: bool,
     ) -> Result<()> {
         let (kernel, dtype) = match self.precision {
             Precision::F32 => return self.sgemm_rowmajor(tb, ta, m, n, k, b, ldb, a, lda, c),
@@ -371,8 +372,13 @@ impl CudaBackend {
         } = &mut *held;
         let b16 = self.operand_buffer(b_slot, b_len)?;
         self.cast_into(kernel, b, b16, b_len)?;
-        let a16 = self.operand_buffer(a_slot, a_len)?;
-        self.cast_into(kernel, a, a16, a_len)?;
+        // `a_already_cast`: the previous GEMM of this backend cast this same `a` into the slot
+        // (the backward pair sharing the logits' gradient), and stream order keeps it there.
+        let a_ready = a_already_cast && a_slot.as_ref().is_some_and(|s| s.len() >= a_len);
+        if !a_ready {
+            let a16 = self.operand_buffer(a_slot, a_len)?;
+            self.cast_into(kernel, a, a16, a_len)?;
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let stream = &self.stream;
         let (bp, _gb) = b_slot
@@ -905,6 +911,7 @@ impl Backend for CudaBackend {
             (b, k, n * k),
             (a, k, m * k),
             c,
+            false,
         )
     }
 
@@ -930,6 +937,7 @@ impl Backend for CudaBackend {
             (b, n, k * n),
             (a, k, m * k),
             c,
+            false,
         )
     }
 
@@ -955,6 +963,49 @@ impl Backend for CudaBackend {
             (b, n, k * n),
             (a, m, k * m),
             c,
+            false,
+        )
+    }
+
+    fn gemm_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        dim: usize,
+        grad_logits: &CudaSlice<f32>,
+        w_hat: &CudaSlice<f32>,
+        x_hat: &CudaSlice<f32>,
+        grad_x: &mut CudaSlice<f32>,
+        grad_w: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(grad_logits, rows * cols, "gemm_backward grad_logits")?;
+        need(w_hat, cols * dim, "gemm_backward w_hat")?;
+        need(x_hat, rows * dim, "gemm_backward x_hat")?;
+        need(grad_x, rows * dim, "gemm_backward grad_x")?;
+        need(grad_w, cols * dim, "gemm_backward grad_w")?;
+        // As gemm_nn(rows, dim, cols) then gemm_tn(cols, dim, rows); the second reuses the
+        // 16-bit copy of the logits' gradient the first made.
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_N,
+            rows,
+            dim,
+            cols,
+            (w_hat, dim, cols * dim),
+            (grad_logits, cols, rows * cols),
+            grad_x,
+            false,
+        )?;
+        self.gemm_rowmajor(
+            CUBLAS_OP_N,
+            CUBLAS_OP_T,
+            cols,
+            dim,
+            rows,
+            (x_hat, dim, rows * dim),
+            (grad_logits, cols, rows * cols),
+            grad_w,
+            true,
         )
     }
 
