@@ -70,7 +70,12 @@ const KERNELS: [(&str, &[&str]); 6] = [
     ),
     (
         "margin_softmax",
-        &["margin_rowmax", "exp_rowsum", "softmax_loss_grad"],
+        &[
+            "margin_rowmax",
+            "exp_rowsum",
+            "softmax_loss_grad",
+            "margin_softmax_fused",
+        ],
     ),
     (
         "optimizer",
