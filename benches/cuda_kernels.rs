@@ -1,5 +1,6 @@
 //! CUDA benchmarks, each with its baseline in the same run:
-//! - the three margin-softmax passes vs a device-to-device copy (GB/s of the bytes each moves);
+//! - the three margin-softmax passes and the world-of-one fused kernel vs a device-to-device copy
+//!   (GB/s of the bytes each moves);
 //! - sampling 1M classes vs one read and write of the keys;
 //! - the whole step (shard 1M, gathered batch 1024, d 512, r 0.1, sparse update), with f32 and
 //!   bf16 GEMM operands (baseline: benches/torch_partial_fc.py, run by scripts/device-check.sh).
@@ -60,6 +61,25 @@ fn margin_softmax(c: &mut Criterion) {
                 &mx,
                 &sum,
                 &tc,
+                1.0 / rows as f32,
+                &mut loss,
+            )
+            .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    // The world-of-one kernel: sweep 1 reads the logits, sweep 2 reads and writes them, plus
+    // the labels read and the per-row losses written (4 bytes each per row). Rows are 400 KB
+    // and about a thousand are in flight, far past L2, so sweep 2 rereads from DRAM.
+    group.throughput(Throughput::Bytes(3 * bytes + 8 * rows as u64));
+    group.bench_function("fused_one_kernel", |b| {
+        b.iter(|| {
+            g.margin_softmax_fused(
+                &mut logits,
+                rows,
+                cols,
+                &dl,
+                &p,
                 1.0 / rows as f32,
                 &mut loss,
             )

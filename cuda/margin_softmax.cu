@@ -3,6 +3,10 @@
 // One block per row; each pass reads (and, for passes 1 and 3, writes) each logit once, with
 // float4 loads where the row length allows it.
 //
+// With world size 1 the step runs margin_softmax_fused (at the end of this file) instead: the
+// same softmax in one kernel with an online max and sum, the logits read twice and written once
+// instead of read three times and written twice.
+//
 // Encodings shared with the CPU: a filtered non-target logit is stored as -0.0 (a kept zero as
 // +0.0); a non-target cosine clipped to +-1 is stored as exactly +-s and passes no gradient.
 #include "common.cuh"
@@ -118,6 +122,19 @@ __device__ __forceinline__ float grad_nontarget(float z, float max, float inv_su
     return expf(z - max) * inv_sum * slope;
 }
 
+// Pass 3 on the target: its gradient (returned) and loss -log p (into *loss), from its logit z,
+// its raw cosine and the row's max and 1 / sum.
+__device__ float target_loss_grad(float z, float raw, float max, float inv_sum, const Margin& p,
+                                  float grad_scale, float* loss) {
+    float prob = expf(z - max) * inv_sum;
+    *loss = -logf(fmaxf(prob, MIN_PROBABILITY));
+    float s;
+    if (!(raw >= -1.0f && raw <= 1.0f)) s = 0.0f;
+    else if (p.exact_grad) s = p.scale * target_logit_slope(raw, p);
+    else s = p.scale;
+    return (prob - 1.0f) * s * grad_scale;
+}
+
 extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, const int* labels,
                                              Margin p, const float* row_max, const float* row_sum,
                                              const float* target_cos, float grad_scale,
@@ -153,16 +170,132 @@ extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, 
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;
-        if (t >= 0) {
-            float prob = expf(row[t] - max) * inv_sum;
-            loss = -logf(fmaxf(prob, MIN_PROBABILITY));
-            float raw = target_cos[i];
-            float s;
-            if (!(raw >= -1.0f && raw <= 1.0f)) s = 0.0f;
-            else if (p.exact_grad) s = p.scale * target_logit_slope(raw, p);
-            else s = p.scale;
-            row[t] = (prob - 1.0f) * s * grad_scale;
+        if (t >= 0) row[t] = target_loss_grad(row[t], target_cos[i], max, inv_sum, p, grad_scale, &loss);
+        row_loss[i] = loss;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// margin_softmax_fused: the three passes in one kernel, for a world of one (nothing to
+// all-reduce between them). Why: one launch instead of three, and the logits are read twice and
+// written once (3 x 4 bytes per logit) where the passes read them three times and write them
+// twice (5 x 4 bytes), so the softmax moves 3/5 of the bytes.
+//
+// Sweep 1 reads the raw cosines, applies pass 1 (clamp, filter, margin on the target, scale) in
+// registers without storing it, and keeps an online softmax per thread: the running max and
+// sum of exp(z - max), the sum rescaled by exp(old max - new max) when the max moves; the
+// per-thread states are merged over the block. Sweep 2 rereads the raw cosines, recomputes the
+// same logits (so the filtered -0.0 / clipped +-s rules are applied to exactly the values the
+// passes would have stored) and writes pass 3's gradient over them. Thread 0 reads the raw target
+// cosine in sweep 1, before any write, and finishes the target (loss and gradient) after a
+// barrier, as pass 3 does. CPU reference: margin_softmax_fused in src/cpu/margin_softmax.rs.
+
+// Adds logit z to the online state (m, s).
+__device__ __forceinline__ void online_push(float& m, float& s, float z) {
+    if (z > m) {
+        s = s * expf(m - z) + 1.0f;
+        m = z;
+    } else {
+        s += expf(z - m);  // a NaN z poisons the sum, as in exp_rowsum
+    }
+}
+
+// Merges state (m2, s2) into (m, s); an empty state (s == 0) is skipped, since rescaling it would
+// compute exp(-inf + inf). Symmetric, so every lane of a butterfly ends with the same bits.
+__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
+    if (s2 == 0.0f) return;
+    if (s == 0.0f) {
+        m = m2;
+        s = s2;
+        return;
+    }
+    float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+// Block-wide online merge, result on every thread; ends with a barrier (as block_sum).
+__device__ void block_online(float& m, float& s) {
+    __shared__ float part_m[WARP], part_s[WARP];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        online_merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_s[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? part_m[lane] : -INFINITY;
+    s = lane < warps ? part_s[lane] : 0.0f;
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        online_merge(m, s, m2, s2);
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int cols, const int* labels,
+                                                Margin p, float grad_scale, float* row_loss) {
+    size_t i = blockIdx.x;
+    float* row = logits + i * cols;
+    int t = labels[i];
+    float m = -INFINITY, s = 0.0f;
+    bool vec4 = (cols & 3) == 0;
+
+    // Sweep 1: read only.
+    if (vec4) {
+        const float4* row4 = (const float4*)row;
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            int j = 4 * q;
+            if (j + 0 != t) online_push(m, s, margin_nontarget(v.x, p));
+            if (j + 1 != t) online_push(m, s, margin_nontarget(v.y, p));
+            if (j + 2 != t) online_push(m, s, margin_nontarget(v.z, p));
+            if (j + 3 != t) online_push(m, s, margin_nontarget(v.w, p));
         }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            if (j != t) online_push(m, s, margin_nontarget(row[j], p));
+    }
+    float raw = 0.0f, zt = 0.0f;
+    if (threadIdx.x == 0 && t >= 0) {
+        raw = row[t];
+        zt = p.scale * target_logit(clamp1(raw), p);
+        online_push(m, s, zt);
+    }
+    block_online(m, s);  // its barriers also order every sweep-1 read before any sweep-2 write
+    float inv_sum = 1.0f / s;
+    float slope = p.scale * grad_scale;
+
+    // Sweep 2: recompute each logit from its cosine, write the gradient over it.
+    if (vec4) {
+        float4* row4 = (float4*)row;
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            int j = 4 * q;
+            float4 g = make_float4(grad_nontarget(margin_nontarget(v.x, p), m, inv_sum, slope, p),
+                                   grad_nontarget(margin_nontarget(v.y, p), m, inv_sum, slope, p),
+                                   grad_nontarget(margin_nontarget(v.z, p), m, inv_sum, slope, p),
+                                   grad_nontarget(margin_nontarget(v.w, p), m, inv_sum, slope, p));
+            // Keep the target's cosine in memory: thread 0 writes its gradient below.
+            if (j + 0 == t) g.x = v.x;
+            if (j + 1 == t) g.y = v.y;
+            if (j + 2 == t) g.z = v.z;
+            if (j + 3 == t) g.w = v.w;
+            row4[q] = g;
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            if (j == t) continue;
+            row[j] = grad_nontarget(margin_nontarget(row[j], p), m, inv_sum, slope, p);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float loss = 0.0f;
+        if (t >= 0) row[t] = target_loss_grad(zt, raw, m, inv_sum, p, grad_scale, &loss);
         row_loss[i] = loss;
     }
 }

@@ -594,37 +594,50 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         )?;
         b.gemm_nt(m, s, d, &x.x_hat, &x.sampled_weights, &mut x.logits)?;
 
-        // 5–6. Margin, distributed softmax, loss and the logits' gradient in place.
+        // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
+        //      one has nothing to all-reduce, so it runs the three passes as one kernel.
         let margin = self.config.margin.params();
-        b.margin_rowmax(
-            &mut x.logits,
-            m,
-            s,
-            &x.local_labels,
-            &margin,
-            &mut x.row_max,
-            &mut x.target_cos,
-        )?;
-        self.comm
-            .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
-        b.exp_rowsum(&x.logits, m, s, &x.row_max, &mut x.row_sum)?;
-        self.comm
-            .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
         let grad_scale = 1.0 / real_rows as f32;
-        b.softmax_loss_grad(
-            &mut x.logits,
-            m,
-            s,
-            &x.local_labels,
-            &margin,
-            &x.row_max,
-            &x.row_sum,
-            &x.target_cos,
-            grad_scale,
-            &mut x.row_loss,
-        )?;
-        self.comm
-            .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
+        if self.comm.world_size() == 1 {
+            b.margin_softmax_fused(
+                &mut x.logits,
+                m,
+                s,
+                &x.local_labels,
+                &margin,
+                grad_scale,
+                &mut x.row_loss,
+            )?;
+        } else {
+            b.margin_rowmax(
+                &mut x.logits,
+                m,
+                s,
+                &x.local_labels,
+                &margin,
+                &mut x.row_max,
+                &mut x.target_cos,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
+            b.exp_rowsum(&x.logits, m, s, &x.row_max, &mut x.row_sum)?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
+            b.softmax_loss_grad(
+                &mut x.logits,
+                m,
+                s,
+                &x.local_labels,
+                &margin,
+                &x.row_max,
+                &x.row_sum,
+                &x.target_cos,
+                grad_scale,
+                &mut x.row_loss,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
+        }
         let loss = b
             .download(&x.row_loss, m)?
             .iter()

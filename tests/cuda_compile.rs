@@ -18,6 +18,7 @@ macro_rules! skip {
 use partial_fc::cuda::compile::{
     compile, nvrtc_available, nvrtc_version, program_source, FAMILIES,
 };
+use partial_fc::cuda::KERNELS;
 
 const ARCHS: [&str; 6] = [
     "compute_70",
@@ -72,6 +73,14 @@ fn every_kernel_compiles_for_every_arch() {
                 text.contains(".entry"),
                 "{name}.cu for {arch}: no kernel in the PTX"
             );
+            let registered = KERNELS.iter().find(|(f, _)| *f == name);
+            let (_, kernels) = registered.unwrap_or_else(|| panic!("{name}: not in KERNELS"));
+            for kernel in kernels.iter() {
+                assert!(
+                    text.contains(&format!(".entry {kernel}(")),
+                    "{name}.cu for {arch}: no entry {kernel} in the PTX"
+                );
+            }
             compiled += 1;
         }
     }

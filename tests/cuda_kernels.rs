@@ -375,6 +375,66 @@ fn margin_softmax_passes_match_cpu() {
     }
 }
 
+/// The world-of-one kernel (`margin_softmax_fused`, online softmax) against its CPU twin: loss
+/// and gradient within 1e-4 relative, and exactly zero gradient on filtered and clipped entries.
+#[test]
+fn margin_softmax_fused_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(23);
+    let mut dead_seen = 0usize;
+    for margin in margins() {
+        let p = margin.params();
+        for &(rows, cols) in &[(64usize, 1000usize), (33, 1001), (8, 3), (16, 4096), (5, 1)] {
+            let mut logits = rng.vec(rows * cols, -1.02, 1.02);
+            logits[0] = 1.0;
+            if rows > 1 {
+                // Ascending: the running max moves at every entry of this row.
+                logits[cols..2 * cols].sort_by(f32::total_cmp);
+            }
+            let labels: Vec<i32> = (0..rows)
+                .map(|i| {
+                    if i % 5 == 4 {
+                        -1
+                    } else {
+                        (rng.next() % cols as u64) as i32
+                    }
+                })
+                .collect();
+            let gs = 1.0 / rows as f32;
+            let (mut lc, mut loss) = (logits.clone(), vec![0f32; rows]);
+            cpu.margin_softmax_fused(&mut lc, rows, cols, &labels, &p, gs, &mut loss)
+                .unwrap();
+            let (mut lg, dl) = (up(&g, &logits), up(&g, &labels));
+            let mut gloss = up(&g, &vec![f32::NAN; rows]);
+            g.margin_softmax_fused(&mut lg, rows, cols, &dl, &p, gs, &mut gloss)
+                .unwrap();
+            let glc = g.download(&lg, rows * cols).unwrap();
+            assert_close(
+                "fused loss",
+                &g.download(&gloss, rows).unwrap(),
+                &loss,
+                1e-4,
+                1e-6,
+            );
+            assert_close("fused grad", &glc, &lc, 1e-4, 1e-6);
+            for (k, &raw) in logits.iter().enumerate() {
+                let c = raw.clamp(-1.0, 1.0);
+                let dead = p.filter.is_some_and(|t| c > t) || c.abs() == 1.0;
+                if dead && labels[k / cols] != (k % cols) as i32 {
+                    dead_seen += 1;
+                    assert_eq!(
+                        glc[k].to_bits(),
+                        0,
+                        "{margin:?}: filtered/clipped grad at {k}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(dead_seen > 100, "only {dead_seen} filtered/clipped entries");
+}
+
 #[test]
 fn optimizer_and_scatter_match_cpu() {
     let Some(g) = gpu() else { return };

@@ -318,6 +318,23 @@ pub trait Backend: Send + Sync + 'static {
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// The whole margin softmax for a world of one, in one kernel: what [`Self::margin_rowmax`],
+    /// [`Self::exp_rowsum`] and [`Self::softmax_loss_grad`] compute with nothing all-reduced
+    /// between them (same encodings, loss and gradient; only the sum's rounding differs), but
+    /// reading the logits twice and writing them once. Used when the world size is 1; the
+    /// three passes stay for k > 1 ranks, whose softmax needs the all-reduces.
+    #[allow(clippy::too_many_arguments)]
+    fn margin_softmax_fused(
+        &self,
+        logits: &mut Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
     /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
     fn normalize_backward(
         &self,

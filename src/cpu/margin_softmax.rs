@@ -1,7 +1,9 @@
 //! The fused margin softmax in three passes (CPU references of `cuda/margin_softmax.cu`).
 //!
 //! Between the passes the step all-reduces the row maxima (max) and the row sums (sum), so the
-//! softmax is normalized over every rank's columns while each rank only holds its own.
+//! softmax is normalized over every rank's columns while each rank only holds its own. A world
+//! of one needs no all-reduce and runs [`margin_softmax_fused`] instead: two sweeps per row with
+//! an online softmax, same results.
 //!
 //! Two encodings carry information from pass 1 to pass 3 without extra memory:
 //! - a filtered non-target logit is stored as −0.0 (a kept zero is stored as +0.0);
@@ -40,19 +42,31 @@ pub fn is_filtered(z: f32) -> bool {
     z.to_bits() == 0x8000_0000
 }
 
+/// Pass 1 on one non-target cosine: clamp, filter (−0.0), scale.
+#[inline(always)]
+fn nontarget_logit(raw: f32, scale: f32, filter: Option<f32>) -> f32 {
+    let c = raw.clamp(-1.0, 1.0);
+    match filter {
+        Some(t) if c > t => -0.0,
+        // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
+        Some(_) => scale * c + 0.0,
+        None => scale * c,
+    }
+}
+
+/// Whether a non-target logit (as pass 1 stores it) passes no gradient: filtered, or clipped.
+#[inline(always)]
+fn passes_no_gradient(z: f32, scale: f32, filter: bool) -> bool {
+    (filter && is_filtered(z)) || z.abs() == scale
+}
+
 /// Pass 1 on the non-target entries of a row segment: clamp, filter, scale; returns their max.
 #[inline(always)]
 fn scale_segment(seg: &mut [f32], scale: f32, filter: Option<f32>) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = seg.chunks_exact_mut(LANES);
     let one = |v: &mut f32, m: &mut f32| {
-        let c = v.clamp(-1.0, 1.0);
-        *v = match filter {
-            Some(t) if c > t => -0.0,
-            // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
-            Some(_) => scale * c + 0.0,
-            None => scale * c,
-        };
+        *v = nontarget_logit(*v, scale, filter);
         *m = if *v > *m { *v } else { *m };
     };
     for chunk in &mut chunks {
@@ -158,8 +172,11 @@ fn nontarget_grad_row(
     let one = |v: &mut f32| {
         let z = *v;
         let g = simd::exp(z - max) * inv_sum * slope;
-        let dead = (filter && is_filtered(z)) || z.abs() == scale;
-        *v = if dead { 0.0 } else { g };
+        *v = if passes_no_gradient(z, scale, filter) {
+            0.0
+        } else {
+            g
+        };
     };
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -208,18 +225,166 @@ pub fn softmax_loss_grad(
                 p.filter.is_some(),
             );
             if let (Some(t), Some(z)) = (target, z_target) {
-                let prob = simd::exp(z - max) * inv_sum;
-                *loss = -prob.max(MIN_PROBABILITY).ln();
-                let raw = target_cos[i];
-                let slope = if !(-1.0..=1.0).contains(&raw) {
-                    0.0
-                } else if p.exact_grad {
-                    p.scale * target_logit_slope(raw, p)
-                } else {
-                    p.scale
-                };
-                row[t] = (prob - 1.0) * slope * grad_scale;
+                (*loss, row[t]) = target_loss_grad(z, target_cos[i], max, inv_sum, p, grad_scale);
             }
+        });
+}
+
+/// The target's loss `−log p` and gradient `(p − 1) · (d logit / d c) · grad_scale`, from its
+/// logit `z`, its raw cosine and the row's (all-reduced) max and `1 / sum`.
+#[inline(always)]
+fn target_loss_grad(
+    z: f32,
+    raw: f32,
+    max: f32,
+    inv_sum: f32,
+    p: &MarginParams,
+    grad_scale: f32,
+) -> (f32, f32) {
+    let prob = simd::exp(z - max) * inv_sum;
+    let loss = -prob.max(MIN_PROBABILITY).ln();
+    let slope = if !(-1.0..=1.0).contains(&raw) {
+        0.0
+    } else if p.exact_grad {
+        p.scale * target_logit_slope(raw, p)
+    } else {
+        p.scale
+    };
+    (loss, (prob - 1.0) * slope * grad_scale)
+}
+
+/// Online-softmax state of a run of logits: their max and `Σ exp(z − max)`.
+#[derive(Clone, Copy)]
+struct Online {
+    max: f32,
+    sum: f32,
+}
+
+impl Online {
+    const EMPTY: Online = Online {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    /// Adds one logit, rescaling the sum when the max moves (branch-free, one `exp`).
+    #[inline(always)]
+    fn push(&mut self, z: f32) {
+        let up = z > self.max;
+        let e = simd::exp(-(z - self.max).abs());
+        self.sum = if up { self.sum * e + 1.0 } else { self.sum + e };
+        self.max = if up { z } else { self.max };
+    }
+
+    /// The state of both runs together. An empty run (sum 0) is skipped: rescaling it would
+    /// compute `exp(−∞ + ∞)`; a run of NaN (max −∞, sum NaN) still poisons the sum, as in pass 2.
+    #[inline(always)]
+    fn merge(self, other: Online) -> Online {
+        if other.sum == 0.0 {
+            return self;
+        }
+        if self.sum == 0.0 {
+            return other;
+        }
+        let max = self.max.max(other.max);
+        Online {
+            max,
+            sum: self.sum * simd::exp(self.max - max) + other.sum * simd::exp(other.max - max),
+        }
+    }
+}
+
+/// Sweep 1 of the fused kernel on non-target raw cosines: pass 1's logits, never stored, folded
+/// into an online max and sum with [`LANES`] independent states.
+#[inline(always)]
+fn online_segment(seg: &[f32], scale: f32, filter: Option<f32>) -> Online {
+    let mut lanes = [Online::EMPTY; LANES];
+    let mut chunks = seg.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            lanes[l].push(nontarget_logit(chunk[l], scale, filter));
+        }
+    }
+    let mut acc = Online::EMPTY;
+    for &v in chunks.remainder() {
+        acc.push(nontarget_logit(v, scale, filter));
+    }
+    lanes.iter().fold(acc, |a, &b| a.merge(b))
+}
+
+/// Sweep 2 of the fused kernel on every raw cosine as if it were a non-target: pass 1's logit
+/// recomputed, then pass 3's gradient written over the cosine.
+#[inline(always)]
+fn fused_grad_row(row: &mut [f32], max: f32, inv_sum: f32, slope: f32, p: &MarginParams) {
+    let (scale, filter) = (p.scale, p.filter);
+    let one = |v: &mut f32| {
+        let z = nontarget_logit(*v, scale, filter);
+        let g = simd::exp(z - max) * inv_sum * slope;
+        *v = if passes_no_gradient(z, scale, filter.is_some()) {
+            0.0
+        } else {
+            g
+        };
+    };
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for v in chunk.iter_mut() {
+            one(v);
+        }
+    }
+    chunks.into_remainder().iter_mut().for_each(one);
+}
+
+#[inline(always)]
+fn fused_row(row: &mut [f32], target: Option<usize>, p: &MarginParams, grad_scale: f32) -> f32 {
+    let (state, target) = match target {
+        None => (online_segment(row, p.scale, p.filter), None),
+        Some(t) => {
+            let raw = row[t];
+            let z = p.scale * target_logit(raw.clamp(-1.0, 1.0), p);
+            let state = online_segment(&row[..t], p.scale, p.filter)
+                .merge(online_segment(&row[t + 1..], p.scale, p.filter))
+                .merge(Online { max: z, sum: 1.0 });
+            (state, Some((t, raw, z)))
+        }
+    };
+    let inv_sum = 1.0 / state.sum;
+    fused_grad_row(row, state.max, inv_sum, p.scale * grad_scale, p);
+    match target {
+        None => 0.0,
+        Some((t, raw, z)) => {
+            let (loss, grad) = target_loss_grad(z, raw, state.max, inv_sum, p, grad_scale);
+            row[t] = grad;
+            loss
+        }
+    }
+}
+
+with_avx2!(fn fused_row_fast = fused_row(row: &mut [f32], target: Option<usize>, p: &MarginParams, grad_scale: f32) -> f32);
+
+/// The whole margin softmax for a world of one (CPU reference of the `margin_softmax_fused`
+/// kernel): per row, one sweep over the raw cosines keeps an online max and rescaled sum of
+/// `exp`, a second recomputes each logit from its cosine and writes the gradient over it. Same
+/// encodings, loss and gradient as [`margin_rowmax`], [`exp_rowsum`] and [`softmax_loss_grad`]
+/// with nothing all-reduced between them; only the sum's rounding differs.
+pub fn margin_softmax_fused(
+    logits: &mut [f32],
+    rows: usize,
+    cols: usize,
+    labels: &[i32],
+    p: &MarginParams,
+    grad_scale: f32,
+    row_loss: &mut [f32],
+) {
+    row_loss[..rows].fill(0.0);
+    if cols == 0 {
+        return;
+    }
+    logits[..rows * cols]
+        .par_chunks_mut(cols)
+        .zip(row_loss[..rows].par_iter_mut())
+        .zip(labels[..rows].par_iter())
+        .for_each(|((row, loss), &label)| {
+            *loss = fused_row_fast(row, usize::try_from(label).ok(), p, grad_scale);
         });
 }
 

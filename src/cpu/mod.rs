@@ -270,6 +270,22 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn margin_softmax_fused(
+        &self,
+        logits: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut Vec<f32>,
+    ) -> Result<()> {
+        margin_softmax::margin_softmax_fused(
+            logits, rows, cols, labels, margin, grad_scale, row_loss,
+        );
+        Ok(())
+    }
+
     fn normalize_backward(
         &self,
         grad: &mut Vec<f32>,

@@ -1116,6 +1116,42 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn margin_softmax_fused(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        labels: &CudaSlice<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(logits, rows * cols, "margin_softmax_fused logits")?;
+        need(labels, rows, "margin_softmax_fused labels")?;
+        need(row_loss, rows, "margin_softmax_fused row_loss")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "margin_softmax_fused",
+            per_row(rows),
+            logits,
+            &rows_i,
+            &cols_i,
+            labels,
+            &p,
+            &grad_scale,
+            row_loss
+        );
+        Ok(())
+    }
+
     fn normalize_backward(
         &self,
         grad: &mut CudaSlice<f32>,

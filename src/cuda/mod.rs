@@ -40,8 +40,9 @@ pub struct CudaBackend {
     gemm_operands: std::sync::Mutex<launch::GemmOperands>,
 }
 
-/// Every kernel name of `cuda/*.cu`, by family.
-const KERNELS: [(&str, &[&str]); 6] = [
+/// Every kernel name of `cuda/*.cu`, by family: the backend loads each of them at start-up, and
+/// the compile test checks that each is an entry of its family's PTX for every architecture.
+pub const KERNELS: [(&str, &[&str]); 6] = [
     (
         "sampling",
         &[
@@ -70,7 +71,12 @@ const KERNELS: [(&str, &[&str]); 6] = [
     ),
     (
         "margin_softmax",
-        &["margin_rowmax", "exp_rowsum", "softmax_loss_grad"],
+        &[
+            "margin_rowmax",
+            "exp_rowsum",
+            "softmax_loss_grad",
+            "margin_softmax_fused",
+        ],
     ),
     (
         "optimizer",
