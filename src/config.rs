@@ -333,6 +333,27 @@ impl LayerConfig {
         if self.batch_per_rank == 0 {
             return Err(PfcError::param("batch_per_rank", 0, "must be >= 1"));
         }
+        // Every buffer's element count must fit in memory arithmetic (and in the address
+        // space): the largest are shard × d, (N·k) × d and the worst-case logits (N·k) × shard.
+        let shard = self.num_classes.div_ceil(world_size as u64);
+        let rows = (self.batch_per_rank as u64).checked_mul(world_size as u64);
+        let largest = [
+            shard.checked_mul(self.dim as u64),
+            rows.and_then(|m| m.checked_mul(self.dim as u64)),
+            rows.and_then(|m| m.checked_mul(shard)),
+        ];
+        let limit = isize::MAX as u64 / 8;
+        if largest.iter().any(|n| n.map_or(true, |n| n > limit)) {
+            return Err(PfcError::param(
+                "dim",
+                self.dim,
+                format!(
+                    "with {} classes over {world_size} ranks and {} rows per rank, a buffer \
+                     would not fit in memory arithmetic",
+                    self.num_classes, self.batch_per_rank
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.sample_rate) {
             return Err(PfcError::param(
                 "sample_rate",

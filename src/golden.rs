@@ -113,6 +113,28 @@ impl StepCase {
         })
     }
 
+    /// Checks that the fields agree (they are public and may be built by hand).
+    pub fn validate(&self) -> Result<()> {
+        let (b, d, c) = (self.batch(), self.dim, self.num_classes as usize);
+        if d == 0 || b == 0 || c == 0 {
+            return Err(PfcError::Shape(format!(
+                "a step needs a batch, a dimension and classes (batch {b}, dim {d}, classes {c})"
+            )));
+        }
+        if self.embeddings.len() != b.saturating_mul(d) || self.weight.len() != c.saturating_mul(d)
+        {
+            return Err(PfcError::Shape(format!(
+                "embeddings hold {} values and weight {}, but batch {b}, classes {c} and dim {d} \
+                 need {} and {}",
+                self.embeddings.len(),
+                self.weight.len(),
+                b.saturating_mul(d),
+                c.saturating_mul(d)
+            )));
+        }
+        Ok(())
+    }
+
     /// Batch size B.
     pub fn batch(&self) -> usize {
         self.labels.len()
@@ -120,6 +142,7 @@ impl StepCase {
 
     /// The layer configuration of one rank of `world_size`.
     pub fn layer_config(&self, world_size: usize) -> Result<LayerConfig> {
+        self.validate()?;
         let b = self.batch();
         if world_size == 0 || world_size > b {
             return Err(PfcError::param(

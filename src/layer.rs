@@ -82,6 +82,9 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     capacity: usize,
     step: u64,
     pending: Option<Pending>,
+    /// Classes sampled by the last forward pass, whose gradient the buffers still hold (kept
+    /// after `step`, cleared when the weights are replaced).
+    last_sampled: Option<usize>,
     bufs: Buffers<B>,
 }
 
@@ -182,6 +185,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             capacity,
             step: 0,
             pending: None,
+            last_sampled: None,
             bufs,
         })
     }
@@ -311,7 +315,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 self.config.dim
             )));
         }
-        self.backend.upload(weight, &mut self.bufs.weight)
+        self.backend.upload(weight, &mut self.bufs.weight)?;
+        // A gradient of the old weights must not be applied to (or reported for) the new ones.
+        self.pending = None;
+        self.last_sampled = None;
+        Ok(())
     }
 
     /// The optimizer's momentum, if the layer has one.
@@ -433,6 +441,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let mut own = self.check_input(embeddings, labels);
         let local_sample: Vec<i32> = match given {
             Some(ids) => {
+                if own.is_none() {
+                    if let Some(&bad) = ids
+                        .iter()
+                        .find(|&&c| c < 0 || c as u64 >= self.config.num_classes)
+                    {
+                        own = Some(PfcError::Shape(format!(
+                            "a given sample holds class {bad}, outside [0, {})",
+                            self.config.num_classes
+                        )));
+                    }
+                }
                 if own.is_none() && ids.windows(2).any(|w| w[0] >= w[1]) {
                     own = Some(PfcError::Shape(
                         "a given sample must be sorted and unique".into(),
@@ -455,6 +474,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             None => Vec::new(),
         };
         let real_rows = self.agree_on_input(own, labels.len())?;
+        if real_rows == 0 {
+            // Every rank sees the same count, so all of them stop here together.
+            return Err(PfcError::Shape(
+                "every rank passed an empty batch: there is no loss to take".into(),
+            ));
+        }
 
         let b = &self.backend;
         let x = &mut self.bufs;
@@ -581,6 +606,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         self.step += 1;
         self.pending = None;
+        self.last_sampled = None;
         let (b, x) = (&self.backend, &mut self.bufs);
 
         // 4. Sampled, normalized centers and the cosine logits.
@@ -669,6 +695,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?;
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
         self.pending = Some(Pending { sampled: s });
+        self.last_sampled = Some(s);
         Ok(StepOutput {
             loss: loss as f32,
             grad_embeddings,
@@ -676,9 +703,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         })
     }
 
-    /// The sorted global class ids this rank sampled in the last forward pass.
+    /// The sorted global class ids this rank sampled in the last forward pass (also after
+    /// [`PartialFc::step`]; empty before the first pass and after the weights were replaced).
     pub fn sampled_classes(&self) -> Result<Vec<i64>> {
-        let s = self.pending.map_or(0, |p| p.sampled);
+        let s = self.last_sampled.unwrap_or(0);
         Ok(self
             .backend
             .download(&self.bufs.sampled_index, s)?
@@ -688,15 +716,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// d loss / d shard weights from the last backward pass, dense (`shard × d`, zero outside the
-    /// sample).
+    /// sample; also after [`PartialFc::step`]; all zero before the first pass and after the
+    /// weights were replaced).
     pub fn weight_grad_dense(&self) -> Result<Vec<f32>> {
         let d = self.config.dim;
         let mut dense = vec![0.0f32; self.shard.len as usize * d];
-        if let Some(p) = self.pending {
+        if let Some(sampled) = self.last_sampled {
             let rows = self
                 .backend
-                .download(&self.bufs.sampled_weights_grad, p.sampled * d)?;
-            let index = self.backend.download(&self.bufs.sampled_index, p.sampled)?;
+                .download(&self.bufs.sampled_weights_grad, sampled * d)?;
+            let index = self.backend.download(&self.bufs.sampled_index, sampled)?;
             for (i, &c) in index.iter().enumerate() {
                 let c = c as usize;
                 dense[c * d..(c + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);

@@ -17,6 +17,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod deadline;
 pub mod error;
 pub mod golden;
 pub mod init;

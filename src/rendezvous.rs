@@ -50,6 +50,9 @@ impl UniqueId {
     pub fn from_hex(text: &str) -> Result<UniqueId> {
         let text = text.trim();
         let bad = |why: &str| PfcError::param("nccl_id", abbreviate(text), why.to_string());
+        if !text.is_ascii() {
+            return Err(bad("holds a character that is not a hex digit"));
+        }
         if text.len() != 2 * UNIQUE_ID_BYTES {
             return Err(bad(&format!(
                 "must be {} hex digits, found {}",
@@ -135,7 +138,8 @@ impl LaunchEnv {
 pub enum Rendezvous {
     /// Every rank reads the id from this environment variable (hex).
     Env(String),
-    /// Rank 0 writes the id to this file; the others wait for it.
+    /// Rank 0 writes the id to this file; the others wait for it. The path must be new for each
+    /// job: a file left by an earlier run would be read as this run's id.
     File {
         /// The shared path.
         path: PathBuf,
@@ -162,6 +166,13 @@ impl Rendezvous {
         world_size: usize,
         create: impl FnOnce() -> Result<UniqueId>,
     ) -> Result<UniqueId> {
+        if world_size == 0 || rank >= world_size {
+            return Err(PfcError::param(
+                "rank",
+                rank,
+                format!("must lie in [0, world size {world_size})"),
+            ));
+        }
         match self {
             Rendezvous::Env(var) => {
                 let text = std::env::var(var).map_err(|_| {
@@ -200,18 +211,18 @@ impl Rendezvous {
 
 /// Writes the id to `path` atomically (temporary file, then rename).
 pub fn write_id_file(path: &Path, id: &UniqueId) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = crate::tensor_file::temp_path_beside(path);
     let io = |source| PfcError::Io {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::write(&tmp, id.to_hex()).map_err(io)?;
+    crate::tensor_file::write_synced(&tmp, id.to_hex().as_bytes()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Waits up to `timeout` for `path` to hold an id.
 pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::deadline_after(timeout);
     loop {
         match std::fs::read_to_string(path) {
             Ok(text) => return UniqueId::from_hex(&text),
@@ -241,7 +252,7 @@ pub fn serve_id(
     peers: usize,
     timeout: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::deadline_after(timeout);
     listener
         .set_nonblocking(true)
         .map_err(|e| PfcError::Collective(format!("rendezvous: {e}")))?;
@@ -274,7 +285,7 @@ pub fn serve_id(
 
 /// Another rank's side of the TCP exchange: connects (retrying until `timeout`) and reads the id.
 pub fn fetch_id(addr: &str, timeout: Duration) -> Result<UniqueId> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::deadline_after(timeout);
     let target: SocketAddr = addr
         .to_socket_addrs()
         .map_err(|e| PfcError::Collective(format!("rendezvous: cannot resolve {addr}: {e}")))?

@@ -150,14 +150,38 @@ pub fn write_atomic(
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| format_err(path, e.to_string()))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = temp_path_beside(path);
     let io = |source| PfcError::Io {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::write(&tmp, &bytes).map_err(io)?;
+    write_synced(&tmp, &bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)
     })
+}
+
+/// A temporary path beside `path`, unique per process and call: ranks of one process writing
+/// `ckpt.rank0` and `ckpt.rank1` at once must not share a temporary file.
+pub(crate) fn temp_path_beside(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}.{n}", std::process::id()))
+}
+
+/// Writes and flushes to the disk, so the rename that follows never exposes unwritten data.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }

@@ -43,7 +43,7 @@ impl ThreadGroup {
     /// Default time a rank waits for its peers before the group is declared broken.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-    /// One handle per rank; move each into its own thread.
+    /// One handle per rank; move each into its own thread. A world size of 0 is taken as 1.
     pub fn handles(world_size: usize) -> Vec<ThreadCollective> {
         Self::with_timeout(world_size, Self::DEFAULT_TIMEOUT)
     }
@@ -109,7 +109,9 @@ impl std::fmt::Debug for ThreadCollective {
 impl Drop for ThreadCollective {
     fn drop(&mut self) {
         if let Ok(mut st) = self.shared.state.lock() {
-            if st.arrived > 0 && st.broken.is_none() {
+            // Peers that already passed the last barrier see the generation move first and
+            // return normally; any later wait by a peer fails at once instead of timing out.
+            if st.broken.is_none() {
                 st.broken = Some(format!("rank {} left the group", self.rank));
                 self.shared.turn.notify_all();
             }
@@ -141,7 +143,7 @@ impl ThreadCollective {
             self.shared.turn.notify_all();
             return Ok(());
         }
-        let deadline = Instant::now() + self.shared.timeout;
+        let deadline = crate::deadline::deadline_after(self.shared.timeout);
         loop {
             if st.generation != generation {
                 return Ok(());

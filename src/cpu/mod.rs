@@ -16,6 +16,19 @@ use crate::config::MarginParams;
 use crate::error::Result;
 use crate::plan::Dtype;
 
+/// The buffer-length check of the buffer-moving methods, as the CUDA backend makes it: a typed
+/// error, not a slice panic, when a caller asks for more elements than a buffer holds. (The
+/// kernels proper trust the lengths the generic step allocated for them.)
+fn need<T>(buf: &[T], len: usize, what: &str) -> Result<()> {
+    if buf.len() < len {
+        return Err(crate::error::PfcError::Shape(format!(
+            "{what}: buffer of {} elements, {len} needed",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The CPU backend. Stateless: buffers are `Vec`s, every kernel runs to completion on return.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -59,15 +72,19 @@ impl Backend for CpuBackend {
     }
 
     fn download<T: Elem>(&self, src: &Vec<T>, len: usize) -> Result<Vec<T>> {
+        need(src, len, "download")?;
         Ok(src[..len].to_vec())
     }
 
     fn copy<T: Elem>(&self, src: &Vec<T>, dst: &mut Vec<T>, len: usize) -> Result<()> {
+        need(src, len, "copy source")?;
+        need(dst, len, "copy destination")?;
         dst[..len].copy_from_slice(&src[..len]);
         Ok(())
     }
 
     fn zero<T: Elem>(&self, buf: &mut Vec<T>, len: usize) -> Result<()> {
+        need(buf, len, "zero")?;
         buf[..len].fill(T::default());
         Ok(())
     }
@@ -80,6 +97,8 @@ impl Backend for CpuBackend {
         shard_len: usize,
         local: &mut Vec<i32>,
     ) -> Result<()> {
+        need(global, rows, "localize_labels global")?;
+        need(local, rows, "localize_labels local")?;
         sampling::localize_labels(&global[..rows], shard_start, shard_len, &mut local[..rows]);
         Ok(())
     }

@@ -73,9 +73,10 @@ impl PlanConfig {
         self.max_classes_on(self.gpus)
     }
 
-    /// [`PlanConfig::max_classes`] on `gpus` GPUs instead of this configuration's.
+    /// [`PlanConfig::max_classes`] on `gpus` GPUs instead of this configuration's (saturating at
+    /// `u64::MAX` for absurd cluster sizes).
     pub fn max_classes_on(&self, gpus: u64) -> u64 {
-        gpus * self.max_shard(gpus)
+        gpus.saturating_mul(self.max_shard(gpus))
     }
 
     /// The smallest k at which not even a one-class shard fits (bytes grow with k at a fixed

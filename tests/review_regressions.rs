@@ -1,0 +1,207 @@
+//! Regression tests for the problems a code review found: each asserts the typed error (or the
+//! behaviour) that replaced a panic, a hang or silently wrong state.
+
+use partial_fc::collective::{SingleRank, ThreadGroup};
+use partial_fc::golden::StepCase;
+use partial_fc::rendezvous::UniqueId;
+use partial_fc::{Backend, Collective, CpuBackend, LayerConfig, PartialFc, PfcError};
+use std::time::{Duration, Instant};
+
+fn layer(classes: u64, dim: usize, batch: usize) -> PartialFc<CpuBackend, SingleRank> {
+    let mut cfg = LayerConfig::new(classes, dim, batch);
+    cfg.sample_rate = 1.0;
+    PartialFc::new(cfg, CpuBackend, SingleRank).unwrap()
+}
+
+fn batch(dim: usize, rows: usize) -> (Vec<f32>, Vec<i64>) {
+    let x = partial_fc::init::normal_rows(3, 0, rows, dim, 1.0);
+    (x, (0..rows as i64).collect())
+}
+
+#[test]
+fn an_empty_batch_everywhere_is_an_error_not_nan_weights() {
+    let mut l = layer(100, 8, 4);
+    let before = l.weight().unwrap();
+    let err = l.forward_backward(&[], &[]).unwrap_err();
+    assert!(matches!(err, PfcError::Shape(_)), "{err}");
+    assert!(
+        l.step(0.1).is_err(),
+        "no gradient may be pending after the refusal"
+    );
+    assert_eq!(l.weight().unwrap(), before);
+    let (x, y) = batch(8, 4);
+    assert!(l.forward_backward(&x, &y).unwrap().loss.is_finite());
+}
+
+#[test]
+fn a_rank_that_leaves_early_fails_its_peers_at_once() {
+    let mut handles = ThreadGroup::with_timeout(2, Duration::from_secs(30));
+    let second = handles.pop().unwrap();
+    let first = handles.pop().unwrap();
+    drop(second); // before anybody waits
+    let t = Instant::now();
+    let err = first.barrier().unwrap_err();
+    assert!(matches!(err, PfcError::Collective(_)));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn an_unbounded_timeout_does_not_overflow() {
+    let handles = ThreadGroup::with_timeout(1, Duration::MAX);
+    handles[0].barrier().unwrap();
+}
+
+#[test]
+fn a_non_ascii_nccl_id_is_an_error() {
+    let text = format!("a\u{e9}{}", "a".repeat(253));
+    assert_eq!(text.len(), 256);
+    assert!(matches!(
+        UniqueId::from_hex(&text),
+        Err(PfcError::Param { .. })
+    ));
+}
+
+#[test]
+fn a_step_case_whose_fields_disagree_is_an_error() {
+    let (x, y) = batch(8, 4);
+    let mut case = StepCase {
+        embeddings: x,
+        labels: y,
+        weight: vec![0.5; 5],
+        dim: 8,
+        num_classes: 10,
+        sampled_index: None,
+        sample_rate: 1.0,
+        margin: partial_fc::Margin::arcface(),
+        seed: 1,
+    };
+    assert!(matches!(case.run_threads(2), Err(PfcError::Shape(_))));
+    case.weight = vec![0.5; 80];
+    case.embeddings.truncate(7);
+    assert!(matches!(case.run_threads(1), Err(PfcError::Shape(_))));
+}
+
+#[test]
+fn buffers_too_large_for_memory_arithmetic_are_refused() {
+    let cfg = LayerConfig::new((1 << 31) - 1, 1 << 34, 1);
+    assert!(matches!(
+        PartialFc::zeroed(cfg, CpuBackend, SingleRank),
+        Err(PfcError::Param { .. })
+    ));
+}
+
+#[test]
+fn loading_a_checkpoint_drops_the_pending_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shard.safetensors");
+    let mut l = layer(100, 8, 4);
+    l.save(&path).unwrap();
+    let (x, y) = batch(8, 4);
+    l.forward_backward(&x, &y).unwrap();
+    l.load(&path).unwrap();
+    assert!(
+        l.step(0.1).is_err(),
+        "the old batch's gradient must not move the loaded weights"
+    );
+}
+
+#[test]
+fn concurrent_saves_beside_each_other_do_not_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let layers: Vec<_> = (0..4).map(|i| layer(100 + i, 8, 4)).collect();
+    std::thread::scope(|s| {
+        for (i, l) in layers.iter().enumerate() {
+            let path = dir.path().join(format!("ckpt.rank{i}"));
+            s.spawn(move || {
+                for _ in 0..20 {
+                    l.save(&path).unwrap();
+                }
+            });
+        }
+    });
+    for (i, l) in layers.iter().enumerate() {
+        let mut fresh = PartialFc::zeroed(l.config().clone(), CpuBackend, SingleRank).unwrap();
+        fresh
+            .load(&dir.path().join(format!("ckpt.rank{i}")))
+            .unwrap();
+        assert_eq!(fresh.weight().unwrap(), l.weight().unwrap());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn the_cpu_backend_refuses_oversized_requests() {
+    let b = CpuBackend;
+    assert!(matches!(
+        b.download(&vec![1.0f32; 2], 5),
+        Err(PfcError::Shape(_))
+    ));
+    assert!(matches!(
+        b.zero(&mut vec![1.0f32; 2], 5),
+        Err(PfcError::Shape(_))
+    ));
+    assert!(matches!(
+        b.copy(&vec![1.0f32; 2], &mut vec![0.0f32; 9], 5),
+        Err(PfcError::Shape(_))
+    ));
+}
+
+#[test]
+fn the_last_sample_and_gradient_stay_readable_after_step() {
+    let mut l = layer(100, 8, 4);
+    let (x, y) = batch(8, 4);
+    l.forward_backward(&x, &y).unwrap();
+    let sample = l.sampled_classes().unwrap();
+    let grad = l.weight_grad_dense().unwrap();
+    l.step(0.1).unwrap();
+    assert_eq!(l.sampled_classes().unwrap(), sample);
+    assert_eq!(l.weight_grad_dense().unwrap(), grad);
+    assert!(grad.iter().any(|&g| g != 0.0));
+    l.set_weight(&vec![0.1; 800]).unwrap();
+    assert!(
+        l.sampled_classes().unwrap().is_empty(),
+        "a gradient of replaced weights is gone"
+    );
+}
+
+#[test]
+fn a_given_sample_with_classes_out_of_range_is_an_error() {
+    let mut cfg = LayerConfig::new(100, 8, 4);
+    cfg.sample_rate = 0.1;
+    let mut l = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    let (x, y) = batch(8, 4);
+    let err = l
+        .forward_backward_with_sample(&x, &y, &[-7, 0, 1, 2, 3, 500])
+        .unwrap_err();
+    assert!(matches!(err, PfcError::Shape(_)), "{err}");
+    assert!(l
+        .forward_backward_with_sample(&x, &y, &[0, 1, 2, 3])
+        .is_ok());
+}
+
+#[test]
+fn rendezvous_refuses_an_impossible_rank() {
+    use partial_fc::rendezvous::Rendezvous;
+    let dir = tempfile::tempdir().unwrap();
+    let rv = Rendezvous::File {
+        path: dir.path().join("id"),
+        timeout: Duration::from_millis(10),
+    };
+    assert!(matches!(
+        rv.exchange(0, 0, || Ok(UniqueId([0; 128]))),
+        Err(PfcError::Param { .. })
+    ));
+    assert!(matches!(
+        rv.exchange(3, 2, || Ok(UniqueId([0; 128]))),
+        Err(PfcError::Param { .. })
+    ));
+}
