@@ -53,12 +53,6 @@ struct Buffers<B: Backend> {
     packed: Option<(B::Buf<u16>, B::Buf<u16>)>,
 }
 
-/// The state a backward pass leaves for the optimizer.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    sampled: usize,
-}
-
 /// One rank's Partial FC layer: its shard of class centers, optimizer state and sampler.
 ///
 /// Generic over the backend (CPU, CUDA) and the collective (single rank, threads, NCCL).
@@ -81,7 +75,8 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     shard: Shard,
     capacity: usize,
     step: u64,
-    pending: Option<Pending>,
+    /// Whether the last backward pass's gradient still waits for `step`.
+    grad_pending: bool,
     /// Classes sampled by the last forward pass, whose gradient the buffers still hold (kept
     /// after `step`, cleared when the weights are replaced).
     last_sampled: Option<usize>,
@@ -184,7 +179,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             shard,
             capacity,
             step: 0,
-            pending: None,
+            grad_pending: false,
             last_sampled: None,
             bufs,
         })
@@ -317,7 +312,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
-        self.pending = None;
+        self.grad_pending = false;
         self.last_sampled = None;
         Ok(())
     }
@@ -605,7 +600,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         };
         self.step += 1;
-        self.pending = None;
+        self.grad_pending = false;
         self.last_sampled = None;
         let (b, x) = (&self.backend, &mut self.bufs);
 
@@ -694,7 +689,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.comm
             .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?;
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
-        self.pending = Some(Pending { sampled: s });
+        self.grad_pending = true;
         self.last_sampled = Some(s);
         Ok(StepOutput {
             loss: loss as f32,
@@ -747,11 +742,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "this layer was built without an optimizer",
             ));
         };
-        let Some(p) = self.pending.take() else {
-            return Err(PfcError::Shape(
-                "step() needs a forward_backward() first".into(),
-            ));
+        let sampled = match (self.grad_pending, self.last_sampled) {
+            (true, Some(sampled)) => sampled,
+            _ => {
+                return Err(PfcError::Shape(
+                    "step() needs a forward_backward() first".into(),
+                ))
+            }
         };
+        self.grad_pending = false;
         let b = &self.backend;
         let x = &mut self.bufs;
         let d = self.config.dim;
@@ -762,7 +761,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 b.scatter_rows(
                     &x.sampled_weights_grad,
                     &x.sampled_index,
-                    p.sampled,
+                    sampled,
                     d,
                     grad,
                     self.shard.len as usize,
@@ -782,7 +781,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 momentum,
                 &x.sampled_weights_grad,
                 &x.sampled_index,
-                p.sampled,
+                sampled,
                 d,
                 lr,
                 sgd.momentum,
