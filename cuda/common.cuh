@@ -12,6 +12,19 @@ typedef long long i64;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// bfloat16 as a bit pattern (no CUDA headers): the high half of an f32, rounded to nearest even;
+// a NaN stays a quiet NaN. The same rounding as the `half` crate's bf16::from_f32.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
+    u32 bits = __float_as_uint(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (unsigned short)(bits >> 16);
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
 // Philox4x32-10 (Salmon et al., SC'11): the same rounds, constants and word order as
 // src/rng.rs `philox4x32_10`, so a class draws identical bits on the CPU and the GPU.
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {

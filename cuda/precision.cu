@@ -5,14 +5,11 @@
 
 typedef unsigned short u16;
 
-// bf16 is the high half of an f32: round the low 16 bits to nearest even; NaN stays a quiet NaN.
+// bf16 is the high half of an f32 (common.cuh `f32_to_bf16_bits`).
 extern "C" __global__ void cast_f32_to_bf16(const float* x, u16* y, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    u32 bits = __float_as_uint(x[i]);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) { y[i] = (u16)((bits >> 16) | 0x0040u); return; }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    y[i] = (u16)(bits >> 16);
+    y[i] = f32_to_bf16_bits(x[i]);
 }
 
 // f16 through the hardware conversion (round to nearest even, overflow to inf, subnormals kept).

@@ -57,7 +57,7 @@ fn main() {
         );
         let mut gx = g.alloc::<f32>(m * d).unwrap();
         let mut gw = g.alloc::<f32>(s * d).unwrap();
-        let mut mom = g.alloc::<f32>(shard * d).unwrap();
+        let mut mom = partial_fc::StateBuf::F32(g.alloc::<f32>(shard * d).unwrap());
         let p = Margin::arcface().params();
         let args = SampleArgs {
             shard_len: shard,

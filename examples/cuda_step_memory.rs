@@ -1,6 +1,9 @@
 //! Peak GPU memory of the CUDA step at the whole-step benchmark configuration (shard 1M classes,
-//! gathered batch 1024, d 512, r 0.1, f32, sparse update, one rank), for comparison with
+//! gathered batch 1024, d 512, r 0.1, sparse update, one rank), for comparison with
 //! `benches/torch_partial_fc.py`'s `torch.cuda.max_memory_allocated()`.
+//!
+//! Options: `--precision f32|bf16|f16` (GEMM operands, default f32) and
+//! `--momentum-dtype f32|bf16` (optimizer state, default f32).
 //!
 //! Three numbers, from the narrowest to the widest:
 //! - the layer's own buffers (`PartialFc::memory_report`, the planner's components);
@@ -11,12 +14,36 @@
 //!   what it reserved (release threshold = max), so the pool's peak, the cuBLAS workspace and
 //!   handle are all in it. Module code and the context were loaded before the first reading.
 //!
-//! `cargo run --release --features cuda --example cuda_step_memory`
+//! `cargo run --release --features cuda --example cuda_step_memory -- --precision bf16 --momentum-dtype bf16`
 
 use cudarc::driver::sys;
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
-use partial_fc::{Backend, LayerConfig, PartialFc};
+use partial_fc::{Backend, GemmPrecision, LayerConfig, PartialFc, PfcError, StateDtype};
+
+/// `--precision` and `--momentum-dtype`, each at most once.
+fn options() -> Result<(GemmPrecision, StateDtype), PfcError> {
+    let (mut precision, mut state) = (GemmPrecision::F32, StateDtype::F32);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_default();
+        match (flag.as_str(), value.as_str()) {
+            ("--precision", "f32") => precision = GemmPrecision::F32,
+            ("--precision", "bf16") => precision = GemmPrecision::Bf16,
+            ("--precision", "f16") => precision = GemmPrecision::F16,
+            ("--momentum-dtype", "f32") => state = StateDtype::F32,
+            ("--momentum-dtype", "bf16") => state = StateDtype::Bf16,
+            _ => {
+                return Err(PfcError::param(
+                    "arguments",
+                    format!("{flag} {value}"),
+                    "expected --precision f32|bf16|f16 and/or --momentum-dtype f32|bf16",
+                ))
+            }
+        }
+    }
+    Ok((precision, state))
+}
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -45,6 +72,7 @@ fn pool_attr(
 }
 
 fn main() -> Result<(), partial_fc::PfcError> {
+    let (precision, state) = options()?;
     let gpu = match CudaBackend::new(0) {
         Ok(g) => g,
         Err(e) => {
@@ -71,6 +99,8 @@ fn main() -> Result<(), partial_fc::PfcError> {
 
     let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
     cfg.sample_rate = 0.1;
+    cfg.precision = precision;
+    cfg.optimizer.as_mut().unwrap().state_dtype = state;
     let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank)?;
     let x: Vec<f32> = (0..1024 * 512)
         .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)
@@ -90,7 +120,10 @@ fn main() -> Result<(), partial_fc::PfcError> {
 
     let report = layer.memory_report();
     let buffers: u64 = report.iter().map(|(_, b)| b).sum();
-    println!("== CUDA step peak memory (shard 1M, batch 1024, d 512, r 0.1, f32, sparse update)");
+    println!(
+        "== CUDA step peak memory (shard 1M, batch 1024, d 512, r 0.1, {precision} GEMMs, \
+         {state} momentum, sparse update)"
+    );
     for (component, bytes) in &report {
         println!("  {component:?}: {:.1} MiB", *bytes as f64 / MIB);
     }

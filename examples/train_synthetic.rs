@@ -14,10 +14,16 @@ use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
 use partial_fc::synthetic::{train, TrainConfig, TrainReport};
-use partial_fc::{Margin, PfcError};
+use partial_fc::{Margin, PfcError, StateDtype};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MomentumArg {
+    F32,
+    Bf16,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendArg {
@@ -122,6 +128,9 @@ struct Args {
     /// Write the loss curves to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Storage dtype of the classifier's momentum (bf16 halves it; arithmetic stays f32).
+    #[arg(long, value_enum, default_value_t = MomentumArg::F32)]
+    momentum_dtype: MomentumArg,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     backend: BackendArg,
@@ -165,6 +174,10 @@ impl Args {
             warmup_steps: self.warmup_steps,
             margin,
             seed: self.seed,
+            momentum_dtype: match self.momentum_dtype {
+                MomentumArg::F32 => StateDtype::F32,
+                MomentumArg::Bf16 => StateDtype::Bf16,
+            },
         };
         if let Some(epochs) = self.epochs {
             cfg.steps = cfg.steps_for_epochs(epochs)?;

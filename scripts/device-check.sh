@@ -96,7 +96,10 @@ run() {
         timeout 200 "$b" --bench --warm-up-time 1 --measurement-time 2 --sample-size 10 || status=1
     done
     echo "== peak GPU memory of our step"
-    timeout 120 "$bin/example-cuda_step_memory" || status=1
+    for opts in "--precision f32 --momentum-dtype f32" "--precision bf16 --momentum-dtype f32" \
+                "--precision bf16 --momentum-dtype bf16"; do
+        timeout 120 "$bin/example-cuda_step_memory" $opts || status=1
+    done
     echo "== per-kernel profile of one step"
     timeout 120 "$bin/example-cuda_profile_step" || status=1
     echo "== multi_gpu example: launcher, TCP rendezvous, NCCL (one process per GPU)"

@@ -1,8 +1,8 @@
 //! `PartialFc`: one rank's sharded, sampled margin-softmax classifier, and the training step,
 //! written once for every backend and collective.
 
-use crate::backend::{Backend, Collective, ReduceOp, SampleArgs};
-use crate::config::{LayerConfig, NegativeSampler, UpdateMode};
+use crate::backend::{Backend, Collective, ReduceOp, SampleArgs, StateBuf};
+use crate::config::{LayerConfig, NegativeSampler, StateDtype, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::{
     sampled_count, step_buffers, Component, StepShape, HARD_NEGATIVE_CHUNK,
@@ -27,7 +27,7 @@ pub struct StepOutput {
 struct Buffers<B: Backend> {
     weight: B::Buf<f32>,
     weight_grad: Option<B::Buf<f32>>,
-    momentum: Option<B::Buf<f32>>,
+    momentum: Option<StateBuf<B>>,
     sampled_weights: B::Buf<f32>,
     sampled_weights_grad: B::Buf<f32>,
     weight_norms: B::Buf<f32>,
@@ -143,7 +143,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let bufs = Buffers {
             weight: b.alloc(shard_len * d)?,
             weight_grad: alloc_opt(b, shard_len * d, config.update == UpdateMode::Dense)?,
-            momentum: alloc_opt(b, shard_len * d, config.optimizer.is_some())?,
+            momentum: config
+                .optimizer
+                .map(|sgd| StateBuf::alloc(b, sgd.state_dtype, shard_len * d))
+                .transpose()?,
             sampled_weights: b.alloc(capacity * d)?,
             sampled_weights_grad: b.alloc(capacity * d)?,
             weight_norms: b.alloc(capacity)?,
@@ -194,6 +197,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             sample_rate: config.sample_rate,
             weight_dtype: Dtype::F32,
             optimizer_states: u64::from(config.optimizer.is_some()),
+            state_dtype: config
+                .optimizer
+                .map_or(Dtype::F32, |sgd| match sgd.state_dtype {
+                    StateDtype::F32 => Dtype::F32,
+                    StateDtype::Bf16 => Dtype::Bf16,
+                }),
             update: config.update,
             logits: LogitsMode::Materialized,
             wire_dtype: config.wire,
@@ -216,7 +225,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         vec![
             (Component::WeightShard, f(&x.weight)),
             (Component::WeightGrad, fo(&x.weight_grad)),
-            (Component::OptimizerState, fo(&x.momentum)),
+            (
+                Component::OptimizerState,
+                x.momentum.as_ref().map_or(0, |m| m.bytes(b)),
+            ),
             (Component::SampledWeights, f(&x.sampled_weights)),
             (Component::SampledWeightsGrad, f(&x.sampled_weights_grad)),
             (Component::WeightNorms, f(&x.weight_norms)),
@@ -323,7 +335,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.bufs
             .momentum
             .as_ref()
-            .map(|m| self.backend.download(m, len))
+            .map(|m| m.download(&self.backend, len))
             .transpose()
     }
 
@@ -335,7 +347,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "momentum of {} values for a shard of {want}",
                 momentum.len()
             ))),
-            Some(buf) => self.backend.upload(momentum, buf),
+            Some(buf) => buf.upload(&self.backend, momentum),
             None => Err(PfcError::Shape("this layer has no optimizer state".into())),
         }
     }

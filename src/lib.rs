@@ -29,9 +29,9 @@ pub mod shard;
 pub mod synthetic;
 pub mod tensor_file;
 
-pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs};
+pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs, StateBuf};
 pub use config::{
-    GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd,
+    GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd, StateDtype,
     TargetFallback, UpdateMode,
 };
 pub use cpu::CpuBackend;

@@ -3,8 +3,10 @@
 //! `PlanConfig`) says for rank 0.
 
 use partial_fc::collective::{SingleRank, ThreadGroup};
-use partial_fc::plan::{Component, Optimizer, PlanConfig};
-use partial_fc::{CpuBackend, GemmPrecision, LayerConfig, PartialFc, PfcError, UpdateMode};
+use partial_fc::plan::{Component, Dtype, Optimizer, PlanConfig};
+use partial_fc::{
+    CpuBackend, GemmPrecision, LayerConfig, PartialFc, PfcError, StateDtype, UpdateMode,
+};
 
 /// Bytes by component, as the layer and the planner report them.
 type Report = Vec<(Component, u64)>;
@@ -17,6 +19,7 @@ struct Case {
     rate: f64,
     update: UpdateMode,
     momentum: bool,
+    state: StateDtype,
 }
 
 fn layer_config(c: &Case) -> LayerConfig {
@@ -25,6 +28,9 @@ fn layer_config(c: &Case) -> LayerConfig {
     cfg.update = c.update;
     if !c.momentum {
         cfg.optimizer = None;
+    }
+    if let Some(sgd) = cfg.optimizer.as_mut() {
+        sgd.state_dtype = c.state;
     }
     cfg
 }
@@ -39,6 +45,10 @@ fn plan_config(c: &Case) -> PlanConfig {
         Optimizer::SgdMomentum
     } else {
         Optimizer::None
+    };
+    p.state_dtype = match c.state {
+        StateDtype::F32 => Dtype::F32,
+        StateDtype::Bf16 => Dtype::Bf16,
     };
     p
 }
@@ -82,6 +92,7 @@ fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool
         rate,
         update,
         momentum,
+        state: StateDtype::F32,
     }
 }
 
@@ -123,6 +134,46 @@ fn world_of_three_dense_small_r_wide_dim() {
         batch: 8,
         ..case(2000, 3, 0.25, UpdateMode::Dense, true)
     });
+}
+
+#[test]
+fn world_of_three_bf16_momentum_sparse_and_dense() {
+    for update in [UpdateMode::Sparse, UpdateMode::Dense] {
+        run(Case {
+            state: StateDtype::Bf16,
+            ..case(3001, 3, 0.05, update, true)
+        });
+    }
+}
+
+/// A bf16 momentum takes 2 bytes per weight of the shard, half of f32's, and nothing else moves.
+#[test]
+fn bf16_momentum_halves_the_optimizer_state_and_nothing_else() {
+    let f32_case = case(3001, 3, 0.05, UpdateMode::Sparse, true);
+    let bf16_case = Case {
+        state: StateDtype::Bf16,
+        ..case(3001, 3, 0.05, UpdateMode::Sparse, true)
+    };
+    let (full, half) = (
+        plan_config(&f32_case).rank0_components(),
+        plan_config(&bf16_case).rank0_components(),
+    );
+    for ((c, a), (c2, b)) in full.iter().zip(&half) {
+        assert_eq!(c, c2);
+        if *c == Component::OptimizerState {
+            assert_eq!(*a, 1001 * 32 * 4, "f32 state of rank 0's 1001 × 32 shard");
+            assert_eq!(*b, 1001 * 32 * 2, "bf16 state");
+        } else {
+            assert_eq!(a, b, "{c:?} must not change");
+        }
+    }
+    let layer = PartialFc::zeroed(layer_config(&bf16_case), CpuBackend, SingleRank).unwrap();
+    let state = layer
+        .memory_report()
+        .into_iter()
+        .find(|(c, _)| *c == Component::OptimizerState)
+        .unwrap();
+    assert_eq!(state.1, 3001 * 32 * 2, "one rank holds all 3001 classes");
 }
 
 /// The CPU backend multiplies in f32 only: a 16-bit layer is a typed error naming `precision`,

@@ -79,6 +79,7 @@ fn config(s: &Setup, batch_per_rank: usize) -> LayerConfig {
     cfg.optimizer = Some(Sgd {
         momentum: 0.9,
         weight_decay: 5e-4,
+        ..Sgd::default()
     });
     cfg
 }

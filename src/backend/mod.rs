@@ -51,6 +51,77 @@ pub struct SampleArgs {
     pub hard_fraction: f32,
 }
 
+/// An optimizer-state buffer in its storage dtype ([`crate::StateDtype`]): f32 values, or
+/// bfloat16 bit patterns.
+pub enum StateBuf<B: Backend + ?Sized> {
+    /// f32 values.
+    F32(B::Buf<f32>),
+    /// bfloat16 bit patterns (the upper half of the f32 they round).
+    Bf16(B::Buf<u16>),
+}
+
+impl<B: Backend> StateBuf<B> {
+    /// A zeroed buffer of `len` values of `dtype`.
+    pub fn alloc(backend: &B, dtype: crate::StateDtype, len: usize) -> Result<Self> {
+        Ok(match dtype {
+            crate::StateDtype::F32 => StateBuf::F32(backend.alloc(len)?),
+            crate::StateDtype::Bf16 => StateBuf::Bf16(backend.alloc(len)?),
+        })
+    }
+
+    /// Its storage dtype.
+    pub fn dtype(&self) -> crate::StateDtype {
+        match self {
+            StateBuf::F32(_) => crate::StateDtype::F32,
+            StateBuf::Bf16(_) => crate::StateDtype::Bf16,
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self, backend: &B) -> usize {
+        match self {
+            StateBuf::F32(b) => backend.len(b),
+            StateBuf::Bf16(b) => backend.len(b),
+        }
+    }
+
+    /// Bytes it occupies.
+    pub fn bytes(&self, backend: &B) -> u64 {
+        self.len(backend) as u64 * self.dtype().bytes()
+    }
+
+    /// The first `len` values, widened to f32 (exact for bf16).
+    pub fn download(&self, backend: &B, len: usize) -> Result<Vec<f32>> {
+        match self {
+            StateBuf::F32(b) => backend.download(b, len),
+            StateBuf::Bf16(b) => Ok(backend
+                .download(b, len)?
+                .into_iter()
+                .map(|v| half::bf16::from_bits(v).to_f32())
+                .collect()),
+        }
+    }
+
+    /// Uploads `values` from offset 0, rounded to the storage dtype (to nearest even).
+    pub fn upload(&mut self, backend: &B, values: &[f32]) -> Result<()> {
+        match self {
+            StateBuf::F32(b) => backend.upload(values, b),
+            StateBuf::Bf16(b) => {
+                // In blocks, so that a shard-sized second copy never exists on the host.
+                const BLOCK: usize = 1 << 22;
+                for (i, block) in values.chunks(BLOCK).enumerate() {
+                    let bits: Vec<u16> = block
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect();
+                    backend.upload_at(&bits, b, i * BLOCK)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Reduction of an all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -357,12 +428,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
 
     /// Sparse SGD with momentum on the sampled rows only:
-    /// `v ← μ v + (g + λ w); w ← w − lr v` for `w = weight[index[i]]`, `g = grad[i]`.
+    /// `v ← μ v + (g + λ w); w ← w − lr v` for `w = weight[index[i]]`, `g = grad[i]`, in f32;
+    /// a bf16 momentum is widened on load and rounded (to nearest even) on store, and `w` moves
+    /// by the unrounded `v`.
     #[allow(clippy::too_many_arguments)]
     fn sgd_momentum_sparse(
         &self,
         weight: &mut Self::Buf<f32>,
-        momentum: &mut Self::Buf<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &Self::Buf<f32>,
         index: &Self::Buf<i32>,
         count: usize,
@@ -372,12 +445,13 @@ pub trait Backend: Send + Sync + 'static {
         weight_decay: f32,
     ) -> Result<()>;
 
-    /// Dense SGD with momentum over the first `len` elements of the shard.
+    /// Dense SGD with momentum over the first `len` elements of the shard (same arithmetic as
+    /// [`Backend::sgd_momentum_sparse`]).
     #[allow(clippy::too_many_arguments)]
     fn sgd_momentum_dense(
         &self,
         weight: &mut Self::Buf<f32>,
-        momentum: &mut Self::Buf<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &Self::Buf<f32>,
         len: usize,
         lr: f32,

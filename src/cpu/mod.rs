@@ -11,7 +11,7 @@ pub mod sampling;
 pub mod simd;
 pub mod wire;
 
-use crate::backend::{Backend, Elem, SampleArgs};
+use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::Result;
 use crate::plan::Dtype;
@@ -333,7 +333,7 @@ impl Backend for CpuBackend {
     fn sgd_momentum_sparse(
         &self,
         weight: &mut Vec<f32>,
-        momentum: &mut Vec<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &Vec<f32>,
         index: &Vec<i32>,
         count: usize,
@@ -342,37 +342,37 @@ impl Backend for CpuBackend {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
-        optimizer::sgd_momentum_sparse(
-            weight,
-            momentum,
-            grad,
-            &index[..count],
-            dim,
-            lr,
-            mu,
-            weight_decay,
-        );
+        let index = &index[..count];
+        match momentum {
+            StateBuf::F32(v) => {
+                optimizer::sgd_momentum_sparse(weight, v, grad, index, dim, lr, mu, weight_decay)
+            }
+            StateBuf::Bf16(v) => {
+                optimizer::sgd_momentum_sparse(weight, v, grad, index, dim, lr, mu, weight_decay)
+            }
+        }
         Ok(())
     }
 
     fn sgd_momentum_dense(
         &self,
         weight: &mut Vec<f32>,
-        momentum: &mut Vec<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &Vec<f32>,
         len: usize,
         lr: f32,
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
-        optimizer::sgd_momentum_dense(
-            &mut weight[..len],
-            &mut momentum[..len],
-            &grad[..len],
-            lr,
-            mu,
-            weight_decay,
-        );
+        let (w, g) = (&mut weight[..len], &grad[..len]);
+        match momentum {
+            StateBuf::F32(v) => {
+                optimizer::sgd_momentum_dense(w, &mut v[..len], g, lr, mu, weight_decay)
+            }
+            StateBuf::Bf16(v) => {
+                optimizer::sgd_momentum_dense(w, &mut v[..len], g, lr, mu, weight_decay)
+            }
+        }
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! SGD with momentum on the shard (CPU references of `cuda/optimizer.cu`).
+//! SGD with momentum on the shard, with an f32 or bfloat16 momentum (CPU references of
+//! `cuda/optimizer.cu`).
 
 use rayon::prelude::*;
 
@@ -11,18 +12,46 @@ pub fn scatter_rows(rows: &[f32], index: &[i32], dim: usize, dense: &mut [f32]) 
     }
 }
 
-fn sgd_row(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
+/// A stored momentum value: f32, or a bfloat16 bit pattern (`u16`). The update's arithmetic is
+/// f32 either way; only the store rounds.
+pub trait MomentumValue: Copy + Send + Sync {
+    /// The stored value as f32 (exact).
+    fn load(self) -> f32;
+    /// `v` in the storage dtype (round to nearest even).
+    fn store(v: f32) -> Self;
+}
+
+impl MomentumValue for f32 {
+    fn load(self) -> f32 {
+        self
+    }
+    fn store(v: f32) -> Self {
+        v
+    }
+}
+
+impl MomentumValue for u16 {
+    fn load(self) -> f32 {
+        half::bf16::from_bits(self).to_f32()
+    }
+    fn store(v: f32) -> Self {
+        half::bf16::from_f32(v).to_bits()
+    }
+}
+
+fn sgd_row<V: MomentumValue>(w: &mut [f32], v: &mut [V], g: &[f32], lr: f32, mu: f32, wd: f32) {
     for ((w, v), g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
-        *v = mu * *v + (g + wd * *w);
-        *w -= lr * *v;
+        let next = mu * v.load() + (g + wd * *w);
+        *v = V::store(next);
+        *w -= lr * next;
     }
 }
 
 /// Sparse update: only the sampled rows and their momentum move.
 #[allow(clippy::too_many_arguments)]
-pub fn sgd_momentum_sparse(
+pub fn sgd_momentum_sparse<V: MomentumValue>(
     weight: &mut [f32],
-    momentum: &mut [f32],
+    momentum: &mut [V],
     grad: &[f32],
     index: &[i32],
     dim: usize,
@@ -54,9 +83,9 @@ pub fn sgd_momentum_sparse(
 }
 
 /// Dense update of every element.
-pub fn sgd_momentum_dense(
+pub fn sgd_momentum_dense<V: MomentumValue>(
     weight: &mut [f32],
-    momentum: &mut [f32],
+    momentum: &mut [V],
     grad: &[f32],
     lr: f32,
     mu: f32,

@@ -2,7 +2,7 @@
 //! themselves live in `cuda/*.cu` under the same names as their CPU references.
 
 use super::{dev, CudaBackend, Precision};
-use crate::backend::{Backend, Elem, SampleArgs};
+use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
@@ -1212,7 +1212,7 @@ impl Backend for CudaBackend {
     fn sgd_momentum_sparse(
         &self,
         weight: &mut CudaSlice<f32>,
-        momentum: &mut CudaSlice<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &CudaSlice<f32>,
         index: &CudaSlice<i32>,
         count: usize,
@@ -1223,31 +1223,47 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         need(grad, count * dim, "sgd_momentum_sparse grad")?;
         need(index, count, "sgd_momentum_sparse index")?;
+        if momentum.len(self) != self.len(weight) {
+            return Err(PfcError::Shape(format!(
+                "sgd_momentum_sparse: momentum of {} values for {} weights",
+                momentum.len(self),
+                self.len(weight)
+            )));
+        }
         if count == 0 {
             return Ok(());
         }
         let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
-        launch!(
-            self,
-            "sgd_momentum_sparse",
-            per_row(count),
-            weight,
-            momentum,
-            grad,
-            index,
-            &count_i,
-            &dim_i,
-            &lr,
-            &mu,
-            &weight_decay
-        );
+        let cfg = per_row(count);
+        macro_rules! sparse {
+            ($name:literal, $v:expr) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    weight,
+                    $v,
+                    grad,
+                    index,
+                    &count_i,
+                    &dim_i,
+                    &lr,
+                    &mu,
+                    &weight_decay
+                )
+            };
+        }
+        match momentum {
+            StateBuf::F32(v) => sparse!("sgd_momentum_sparse", v),
+            StateBuf::Bf16(v) => sparse!("sgd_momentum_sparse_bf16", v),
+        }
         Ok(())
     }
 
     fn sgd_momentum_dense(
         &self,
         weight: &mut CudaSlice<f32>,
-        momentum: &mut CudaSlice<f32>,
+        momentum: &mut StateBuf<Self>,
         grad: &CudaSlice<f32>,
         len: usize,
         lr: f32,
@@ -1255,7 +1271,12 @@ impl Backend for CudaBackend {
         weight_decay: f32,
     ) -> Result<()> {
         need(weight, len, "sgd_momentum_dense weight")?;
-        need(momentum, len, "sgd_momentum_dense momentum")?;
+        if momentum.len(self) < len {
+            return Err(PfcError::Shape(format!(
+                "sgd_momentum_dense momentum: {} values, {len} needed",
+                momentum.len(self)
+            )));
+        }
         need(grad, len, "sgd_momentum_dense grad")?;
         if len == 0 {
             return Ok(());
@@ -1266,18 +1287,26 @@ impl Backend for CudaBackend {
             block_dim: (ELEM_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(
-            self,
-            "sgd_momentum_dense",
-            cfg,
-            weight,
-            momentum,
-            grad,
-            &len_u,
-            &lr,
-            &mu,
-            &weight_decay
-        );
+        macro_rules! dense {
+            ($name:literal, $v:expr) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    weight,
+                    $v,
+                    grad,
+                    &len_u,
+                    &lr,
+                    &mu,
+                    &weight_decay
+                )
+            };
+        }
+        match momentum {
+            StateBuf::F32(v) => dense!("sgd_momentum_dense", v),
+            StateBuf::Bf16(v) => dense!("sgd_momentum_dense_bf16", v),
+        }
         Ok(())
     }
 }

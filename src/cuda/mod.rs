@@ -80,7 +80,13 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
     ),
     (
         "optimizer",
-        &["scatter_rows", "sgd_momentum_sparse", "sgd_momentum_dense"],
+        &[
+            "scatter_rows",
+            "sgd_momentum_sparse",
+            "sgd_momentum_sparse_bf16",
+            "sgd_momentum_dense",
+            "sgd_momentum_dense_bf16",
+        ],
     ),
     ("precision", &["cast_f32_to_bf16", "cast_f32_to_f16"]),
     ("wire", &["pack_embeddings", "unpack_normalize"]),

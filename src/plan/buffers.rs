@@ -59,6 +59,8 @@ pub struct StepShape {
     pub weight_dtype: Dtype,
     /// Optimizer state tensors per weight (0 none, 1 SGD momentum, 2 AdamW).
     pub optimizer_states: u64,
+    /// Storage dtype of each optimizer state tensor.
+    pub state_dtype: Dtype,
     /// Sparse or dense weight gradient.
     pub update: UpdateMode,
     /// Materialized or fused logits.
@@ -122,7 +124,7 @@ pub enum Component {
     WeightShard,
     /// Full-shard gradient (dense update only), f32.
     WeightGrad,
-    /// Optimizer state (momentum, Adam moments), f32, one `shard × d` per state.
+    /// Optimizer state (momentum, Adam moments), one `shard × d` per state in the state dtype.
     OptimizerState,
     /// Gathered and L2-normalized sampled rows, `S × d`.
     SampledWeights,
@@ -249,7 +251,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         ),
         (
             Component::OptimizerState,
-            shape.optimizer_states * shard * d * f32b,
+            shape.optimizer_states * shard * d * shape.state_dtype.bytes(),
         ),
         (Component::SampledWeights, s * d * f32b),
         (Component::SampledWeightsGrad, s * d * f32b),

@@ -16,7 +16,7 @@ pub const MAX_DIM: u64 = 1 << 20;
 /// The largest device memory or reserve accepted (1 EiB): keeps every sum within 64 bits.
 pub const MAX_MEMORY: u64 = 1 << 60;
 
-/// Optimizer state kept per weight of the shard, in f32.
+/// Optimizer state kept per weight of the shard (stored in [`PlanConfig::state_dtype`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Optimizer {
     /// No state (plain SGD, or forward/backward only).
@@ -29,7 +29,7 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// Number of `shard × d` f32 state tensors.
+    /// Number of `shard × d` state tensors.
     pub fn states(self) -> u64 {
         match self {
             Optimizer::None => 0,
@@ -42,7 +42,7 @@ impl Optimizer {
 /// One cluster configuration: everything that decides the per-GPU memory of the FC layer.
 ///
 /// [`PlanConfig::new`] fills the published defaults: 128 images per GPU, d = 512, r = 0.1,
-/// f32 weights, SGD momentum, sparse update, materialized logits, f32 on the wire, no hard
+/// f32 weights, SGD momentum in f32, sparse update, materialized logits, f32 on the wire, no hard
 /// negatives, f32 GEMMs, nothing reserved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
@@ -64,6 +64,9 @@ pub struct PlanConfig {
     pub weight_dtype: Dtype,
     /// Optimizer state.
     pub optimizer: Optimizer,
+    /// Storage dtype of the optimizer state (the layer offers f32 and bf16, see
+    /// [`crate::StateDtype`]).
+    pub state_dtype: Dtype,
     /// Sparse (sampled rows only) or dense (full-shard gradient) update.
     pub update: UpdateMode,
     /// Materialized or fused logits.
@@ -89,6 +92,7 @@ impl PlanConfig {
             reserved: 0,
             weight_dtype: Dtype::F32,
             optimizer: Optimizer::SgdMomentum,
+            state_dtype: Dtype::F32,
             update: UpdateMode::Sparse,
             logits: LogitsMode::Materialized,
             wire_dtype: Dtype::F32,
@@ -177,6 +181,7 @@ impl PlanConfig {
             sample_rate,
             weight_dtype: self.weight_dtype,
             optimizer_states: self.optimizer.states(),
+            state_dtype: self.state_dtype,
             update: self.update,
             logits: self.logits,
             wire_dtype: self.wire_dtype,

@@ -23,7 +23,7 @@ use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticId
 use super::metrics::{evaluate, EvalMetrics};
 use crate::backend::{Backend, Collective};
 use crate::collective::{HostStaged, ThreadGroup};
-use crate::config::{LayerConfig, Margin};
+use crate::config::{LayerConfig, Margin, StateDtype};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
@@ -69,6 +69,8 @@ pub struct TrainConfig {
     pub margin: Margin,
     /// Seed of the data, the backbone initialization and the class sampler.
     pub seed: u64,
+    /// Storage dtype of the classifier's momentum.
+    pub momentum_dtype: StateDtype,
 }
 
 impl Default for TrainConfig {
@@ -90,12 +92,12 @@ impl Default for TrainConfig {
             warmup_steps: 20,
             margin: Margin::arcface(),
             seed: 42,
+            momentum_dtype: StateDtype::F32,
         }
     }
 }
 
 impl TrainConfig {
-    /// Steps that make `epochs` passes over the training set.
     /// Steps that make `epochs` passes over the training set; an error unless `epochs` is
     /// finite and > 0.
     pub fn steps_for_epochs(&self, epochs: f64) -> Result<usize> {
@@ -204,6 +206,9 @@ impl TrainConfig {
         cfg.sample_rate = self.sample_rate;
         cfg.margin = self.margin;
         cfg.seed = self.seed;
+        if let Some(sgd) = cfg.optimizer.as_mut() {
+            sgd.state_dtype = self.momentum_dtype;
+        }
         cfg
     }
 }

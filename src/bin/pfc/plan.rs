@@ -46,6 +46,9 @@ pub struct PlanArgs {
     /// Optimizer state kept per weight.
     #[arg(long, value_enum, default_value_t = OptimizerArg::SgdMomentum)]
     optimizer: OptimizerArg,
+    /// Storage dtype of the optimizer state (the layer's `StateDtype`: f32 or bf16).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    state_dtype: DtypeArg,
     /// Sparse: only sampled rows get a gradient; dense: a full-shard gradient (published PyTorch).
     #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
     update: UpdateArg,
@@ -157,6 +160,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
             OptimizerArg::SgdMomentum => Optimizer::SgdMomentum,
             OptimizerArg::Adamw => Optimizer::AdamW,
         },
+        state_dtype: args.state_dtype.dtype(),
         update: match args.update {
             UpdateArg::Sparse => UpdateMode::Sparse,
             UpdateArg::Dense => UpdateMode::Dense,
