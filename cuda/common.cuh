@@ -25,6 +25,27 @@ __device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
     return __uint_as_float(((u32)b) << 16);
 }
 
+// 16-bit storage of the logits (src/cpu/margin_softmax16.rs): kind 1 = f16, 2 = bf16 (the codes
+// of the wire format too). f16 goes through the hardware conversion (round to nearest even) and
+// saturates at +-65504 instead of overflowing to inf; a NaN passes through.
+#define HALF_F16 1
+#define HALF_BF16 2
+
+__device__ __forceinline__ float half_to_f32(unsigned short b, int kind) {
+    if (kind == HALF_BF16) return bf16_bits_to_f32(b);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+}
+
+__device__ __forceinline__ unsigned short f32_to_half(float v, int kind) {
+    if (kind == HALF_BF16) return f32_to_bf16_bits(v);
+    v = v < -65504.0f ? -65504.0f : (v > 65504.0f ? 65504.0f : v);
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
 // Philox4x32-10 (Salmon et al., SC'11): the same rounds, constants and word order as
 // src/rng.rs `philox4x32_10`, so a class draws identical bits on the CPU and the GPU.
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {

@@ -299,3 +299,171 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
         row_loss[i] = loss;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same softmax on 16-bit cosines (bf16 or f16, `kind` as in common.cuh), used with 16-bit
+// GEMMs: the logits GEMM writes the cosines in 16 bits and the backward GEMMs read the gradient
+// in 16 bits, so the logits take half the bytes and need no cast. All arithmetic is f32. Pass 1
+// only reads (s * cos rounded to 16 bits would lose up to 0.125 of a logit at s = 64), and passes
+// 2 and 3 recompute each logit from its cosine, as the one-kernel sweep 2 does. The target's
+// logit comes from its cosine wherever it is needed, so no thread waits for another's write.
+// CPU references: src/cpu/margin_softmax16.rs, same names. Loads and stores of 4 values (8 bytes)
+// where the row length allows it.
+
+typedef unsigned short u16;
+
+__device__ __forceinline__ void load4_half(const u16* src, int kind, float v[4]) {
+    uint2 w = *(const uint2*)src;
+    v[0] = half_to_f32((u16)(w.x & 0xffffu), kind);
+    v[1] = half_to_f32((u16)(w.x >> 16), kind);
+    v[2] = half_to_f32((u16)(w.y & 0xffffu), kind);
+    v[3] = half_to_f32((u16)(w.y >> 16), kind);
+}
+
+__device__ __forceinline__ void store4_half(u16* dst, int kind, const float v[4]) {
+    uint2 w;
+    w.x = (u32)f32_to_half(v[0], kind) | ((u32)f32_to_half(v[1], kind) << 16);
+    w.y = (u32)f32_to_half(v[2], kind) | ((u32)f32_to_half(v[3], kind) << 16);
+    *(uint2*)dst = w;
+}
+
+// The target's logit, gradient and loss are computed by thread 0 alone, as in the f32 passes:
+// the loops below treat every column as a non-target (so the margin's acos/cos stay out of the
+// vectorized loops), and thread 0 overwrites the target's entry after a barrier.
+
+__device__ __forceinline__ float target_z16(const u16* row, int t, int kind, const Margin& p,
+                                            float* raw) {
+    *raw = half_to_f32(row[t], kind);
+    return p.scale * target_logit(clamp1(*raw), p);
+}
+
+extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, int kind,
+                                           const int* labels, Margin p, float* row_max,
+                                           float* target_cos) {
+    size_t i = blockIdx.x;
+    const u16* row = cos + i * cols;
+    int t = labels[i];
+    float m = -INFINITY;
+    if ((cols & 3) == 0) {
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float v[4];
+            load4_half(row + 4 * q, kind, v);
+            for (int e = 0; e < 4; ++e)
+                if (4 * q + e != t) m = fmaxf(m, margin_nontarget(v[e], p));
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            if (j != t) m = fmaxf(m, margin_nontarget(half_to_f32(row[j], kind), p));
+    }
+    if (threadIdx.x == 0) {
+        float raw = 0.0f;
+        if (t >= 0) m = fmaxf(m, target_z16(row, t, kind, p, &raw));
+        target_cos[i] = raw;
+    }
+    m = block_max(m);
+    if (threadIdx.x == 0) row_max[i] = m;
+}
+
+extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int kind,
+                                        const int* labels, Margin p, const float* row_max,
+                                        float* row_sum) {
+    size_t i = blockIdx.x;
+    const u16* row = cos + i * cols;
+    int t = labels[i];
+    float max = row_max[i];
+    float s = 0.0f;
+    if ((cols & 3) == 0) {
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float v[4];
+            load4_half(row + 4 * q, kind, v);
+            for (int e = 0; e < 4; ++e)
+                if (4 * q + e != t) s += expf(margin_nontarget(v[e], p) - max);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            if (j != t) s += expf(margin_nontarget(half_to_f32(row[j], kind), p) - max);
+    }
+    if (threadIdx.x == 0 && t >= 0) {
+        float raw;
+        s += expf(target_z16(row, t, kind, p, &raw) - max);
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) row_sum[i] = s;
+}
+
+// Sweep of pass 3 (and of the one kernel's sweep 2): every entry's non-target gradient from its
+// cosine, rounded to 16 bits over it. The target's entry gets a value thread 0 replaces.
+__device__ __forceinline__ void grad_sweep16(u16* row, int cols, int kind, float max, float inv_sum,
+                                             float slope, const Margin& p) {
+    if ((cols & 3) == 0) {
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float v[4];
+            load4_half(row + 4 * q, kind, v);
+            for (int e = 0; e < 4; ++e)
+                v[e] = grad_nontarget(margin_nontarget(v[e], p), max, inv_sum, slope, p);
+            store4_half(row + 4 * q, kind, v);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            float z = margin_nontarget(half_to_f32(row[j], kind), p);
+            row[j] = f32_to_half(grad_nontarget(z, max, inv_sum, slope, p), kind);
+        }
+    }
+}
+
+extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int kind,
+                                               const int* labels, Margin p, const float* row_max,
+                                               const float* row_sum, const float* target_cos,
+                                               float grad_scale, float* row_loss) {
+    size_t i = blockIdx.x;
+    u16* row = cos + i * cols;
+    int t = labels[i];
+    float max = row_max[i];
+    float inv_sum = 1.0f / row_sum[i];
+    grad_sweep16(row, cols, kind, max, inv_sum, p.scale * grad_scale, p);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float loss = 0.0f;
+        if (t >= 0) {
+            float raw = target_cos[i];  // pass 1 read it from this entry, before any write
+            float z = p.scale * target_logit(clamp1(raw), p);
+            row[t] = f32_to_half(target_loss_grad(z, raw, max, inv_sum, p, grad_scale, &loss), kind);
+        }
+        row_loss[i] = loss;
+    }
+}
+
+extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, int kind,
+                                                  const int* labels, Margin p, float grad_scale,
+                                                  float* row_loss) {
+    size_t i = blockIdx.x;
+    u16* row = cos + i * cols;
+    int t = labels[i];
+    float m = -INFINITY, s = 0.0f;
+    // Sweep 1: read only.
+    if ((cols & 3) == 0) {
+        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+            float v[4];
+            load4_half(row + 4 * q, kind, v);
+            for (int e = 0; e < 4; ++e)
+                if (4 * q + e != t) online_push(m, s, margin_nontarget(v[e], p));
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            if (j != t) online_push(m, s, margin_nontarget(half_to_f32(row[j], kind), p));
+    }
+    float raw = 0.0f, zt = 0.0f;
+    if (threadIdx.x == 0 && t >= 0) {
+        zt = target_z16(row, t, kind, p, &raw);
+        online_push(m, s, zt);
+    }
+    block_online(m, s);  // its barriers also order every sweep-1 read before any sweep-2 write
+    float inv_sum = 1.0f / s;
+    grad_sweep16(row, cols, kind, m, inv_sum, p.scale * grad_scale, p);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float loss = 0.0f;
+        if (t >= 0) row[t] = f32_to_half(target_loss_grad(zt, raw, m, inv_sum, p, grad_scale, &loss), kind);
+        row_loss[i] = loss;
+    }
+}

@@ -2,7 +2,7 @@
 //! written once for every backend and collective.
 
 use crate::backend::{Backend, Collective, ReduceOp, SampleArgs, StateBuf};
-use crate::config::{LayerConfig, NegativeSampler, StateDtype, UpdateMode};
+use crate::config::{LayerConfig, MarginParams, NegativeSampler, StateDtype, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::{
     sampled_count, step_buffers, Component, StepShape, HARD_NEGATIVE_CHUNK,
@@ -35,7 +35,7 @@ struct Buffers<B: Backend> {
     x_hat: B::Buf<f32>,
     x_norms: B::Buf<f32>,
     x_grad: B::Buf<f32>,
-    logits: B::Buf<f32>,
+    logits: Logits<B>,
     gathered_labels: B::Buf<i64>,
     local_labels: B::Buf<i32>,
     send_labels: B::Buf<i64>,
@@ -51,6 +51,117 @@ struct Buffers<B: Backend> {
     staging: B::Buf<f32>,
     /// Packed send and receive buffers of a 16-bit wire (`None` with an f32 wire).
     packed: Option<(B::Buf<u16>, B::Buf<u16>)>,
+}
+
+/// The logits, in the dtype the backend keeps them in ([`Backend::logits_dtype`]): f32, or with
+/// 16-bit GEMMs the GEMMs' 16-bit type. Its methods pick the softmax passes of that dtype, so the
+/// step is written once for both.
+enum Logits<B: Backend> {
+    F32(B::Buf<f32>),
+    Half(B::Buf<u16>, Dtype),
+}
+
+/// The all-reduced row max and row sum and the raw target cosines, for pass 3.
+type RowStatBufs<'a, B> = (
+    &'a <B as Backend>::Buf<f32>,
+    &'a <B as Backend>::Buf<f32>,
+    &'a <B as Backend>::Buf<f32>,
+);
+
+impl<B: Backend> Logits<B> {
+    /// The scale the softmax folds into the logits' gradient for a loss averaged with `mean`
+    /// (= 1/rows). 16-bit logits keep it out, as the backward GEMMs' alpha: `p · s / rows` of a
+    /// non-target is ~1e-9 at 100k classes and 1024 rows, below f16's smallest normal (6e-5),
+    /// while `p · s` stays in range (the same reason mixed-precision training scales its loss).
+    fn softmax_grad_scale(&self, mean: f32) -> f32 {
+        match self {
+            Logits::F32(_) => mean,
+            Logits::Half(..) => 1.0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fused(
+        &mut self,
+        b: &B,
+        rows: usize,
+        cols: usize,
+        labels: &B::Buf<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        match self {
+            Logits::F32(l) => {
+                b.margin_softmax_fused(l, rows, cols, labels, margin, grad_scale, row_loss)
+            }
+            Logits::Half(l, dt) => {
+                b.margin_softmax_fused16(l, rows, cols, *dt, labels, margin, grad_scale, row_loss)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rowmax(
+        &mut self,
+        b: &B,
+        rows: usize,
+        cols: usize,
+        labels: &B::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &mut B::Buf<f32>,
+        target_cos: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        match self {
+            Logits::F32(l) => b.margin_rowmax(l, rows, cols, labels, margin, row_max, target_cos),
+            Logits::Half(l, dt) => {
+                b.margin_rowmax16(l, rows, cols, *dt, labels, margin, row_max, target_cos)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exp_rowsum(
+        &self,
+        b: &B,
+        rows: usize,
+        cols: usize,
+        labels: &B::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &B::Buf<f32>,
+        row_sum: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        match self {
+            Logits::F32(l) => b.exp_rowsum(l, rows, cols, row_max, row_sum),
+            Logits::Half(l, dt) => {
+                b.exp_rowsum16(l, rows, cols, *dt, labels, margin, row_max, row_sum)
+            }
+        }
+    }
+
+    /// Pass 3; `stats` are the all-reduced row max and sum and the raw target cosines.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_grad(
+        &mut self,
+        b: &B,
+        rows: usize,
+        cols: usize,
+        labels: &B::Buf<i32>,
+        margin: &MarginParams,
+        (row_max, row_sum, target_cos): RowStatBufs<'_, B>,
+        grad_scale: f32,
+        row_loss: &mut B::Buf<f32>,
+    ) -> Result<()> {
+        match self {
+            Logits::F32(l) => b.softmax_loss_grad(
+                l, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            ),
+            Logits::Half(l, dt) => b.softmax_loss_grad16(
+                l, rows, cols, *dt, labels, margin, row_max, row_sum, target_cos, grad_scale,
+                row_loss,
+            ),
+        }
+    }
 }
 
 /// One rank's Partial FC layer: its shard of class centers, optimizer state and sampler.
@@ -154,7 +265,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             x_hat: b.alloc(m * d)?,
             x_norms: b.alloc(m)?,
             x_grad: b.alloc(m * d)?,
-            logits: b.alloc(m * capacity)?,
+            logits: match b.logits_dtype() {
+                Dtype::F32 => Logits::F32(b.alloc(m * capacity)?),
+                half => Logits::Half(b.alloc(m * capacity)?, half),
+            },
             gathered_labels: b.alloc(m)?,
             local_labels: b.alloc(m)?,
             send_labels: b.alloc(n)?,
@@ -236,7 +350,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (Component::NormalizedEmbeddings, f(&x.x_hat)),
             (Component::EmbeddingNorms, f(&x.x_norms)),
             (Component::EmbeddingsGrad, f(&x.x_grad)),
-            (Component::Logits, f(&x.logits)),
+            (
+                Component::Logits,
+                match &x.logits {
+                    Logits::F32(l) => f(l),
+                    Logits::Half(l, _) => b.len(l) as u64 * 2,
+                },
+            ),
             (
                 Component::Labels,
                 b.len(&x.gathered_labels) as u64 * 8
@@ -625,15 +745,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             &mut x.sampled_weights,
             &mut x.weight_norms,
         )?;
-        b.gemm_nt(m, s, d, &x.x_hat, &x.sampled_weights, &mut x.logits)?;
+        let logits = &mut x.logits;
+        match logits {
+            Logits::F32(l) => b.gemm_nt(m, s, d, &x.x_hat, &x.sampled_weights, l)?,
+            Logits::Half(l, _) => b.gemm_nt16(m, s, d, &x.x_hat, &x.sampled_weights, l)?,
+        }
 
         // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
         //      one has nothing to all-reduce, so it runs the three passes as one kernel.
         let margin = self.config.margin.params();
-        let grad_scale = 1.0 / real_rows as f32;
+        let mean = 1.0 / real_rows as f32;
+        let grad_scale = logits.softmax_grad_scale(mean);
         if self.comm.world_size() == 1 {
-            b.margin_softmax_fused(
-                &mut x.logits,
+            logits.fused(
+                b,
                 m,
                 s,
                 &x.local_labels,
@@ -642,8 +767,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 &mut x.row_loss,
             )?;
         } else {
-            b.margin_rowmax(
-                &mut x.logits,
+            logits.rowmax(
+                b,
                 m,
                 s,
                 &x.local_labels,
@@ -653,18 +778,25 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )?;
             self.comm
                 .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
-            b.exp_rowsum(&x.logits, m, s, &x.row_max, &mut x.row_sum)?;
-            self.comm
-                .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
-            b.softmax_loss_grad(
-                &mut x.logits,
+            logits.exp_rowsum(
+                b,
                 m,
                 s,
                 &x.local_labels,
                 &margin,
                 &x.row_max,
-                &x.row_sum,
-                &x.target_cos,
+                &mut x.row_sum,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
+            let stats = (&x.row_max, &x.row_sum, &x.target_cos);
+            logits.loss_grad(
+                b,
+                m,
+                s,
+                &x.local_labels,
+                &margin,
+                stats,
                 grad_scale,
                 &mut x.row_loss,
             )?;
@@ -680,16 +812,32 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
         // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
         //    over ranks and each rank keeps its own rows.
-        b.gemm_backward(
-            m,
-            s,
-            d,
-            &x.logits,
-            &x.sampled_weights,
-            &x.x_hat,
-            &mut x.x_grad,
-            &mut x.sampled_weights_grad,
-        )?;
+        match &x.logits {
+            Logits::F32(g) => b.gemm_backward(
+                m,
+                s,
+                d,
+                g,
+                &x.sampled_weights,
+                &x.x_hat,
+                &mut x.x_grad,
+                &mut x.sampled_weights_grad,
+            )?,
+            // The mean's 1/rows rides in the GEMMs' alpha (see `Logits::softmax_grad_scale`);
+            // the 16-bit copies of x̂ and ŵ made by gemm_nt16 above are still in place.
+            Logits::Half(g, _) => b.gemm_backward16(
+                m,
+                s,
+                d,
+                g,
+                mean,
+                &x.sampled_weights,
+                &x.x_hat,
+                &mut x.x_grad,
+                &mut x.sampled_weights_grad,
+                true,
+            )?,
+        }
         b.normalize_backward(&mut x.x_grad, &x.x_hat, &x.x_norms, m, d)?;
         b.normalize_backward(
             &mut x.sampled_weights_grad,

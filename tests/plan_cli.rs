@@ -145,11 +145,12 @@ fn sweep_and_plot_write_an_svg() {
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
 
-/// `--gemm-precision bf16` adds the 16-bit operand copies: M = 1024, S = 362 500, d = 512, so
-/// 2·(max(M·d, M·S) + max(S·d, M·d)) bytes; f32 (the default) adds none.
+/// `--gemm-precision bf16` adds the 16-bit operand copies of x̂ and ŵ: M = 1024, S = 362 500,
+/// d = 512, so 2·(M·d + S·d) bytes, and halves the logits (2·M·S instead of 4·M·S); f32 (the
+/// default) adds no copies.
 #[test]
-fn gemm_precision_flag_adds_the_operand_copies() {
-    let components = |extra: &[&str]| {
+fn gemm_precision_flag_adds_the_operand_copies_and_halves_the_logits() {
+    let component = |extra: &[&str], name: &str| {
         let mut args = PAPER.to_vec();
         args.push("--json");
         args.extend_from_slice(extra);
@@ -160,13 +161,16 @@ fn gemm_precision_flag_adds_the_operand_copies() {
             String::from_utf8_lossy(&out.stderr)
         );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        json["components"]["gemm_operands"].as_u64().unwrap()
+        json["components"][name].as_u64().unwrap()
     };
     let (m, s, d) = (1024u64, 362_500u64, 512u64);
-    assert_eq!(components(&[]), 0);
-    let want = 2 * ((m * d).max(m * s) + (s * d).max(m * d));
-    assert_eq!(components(&["--gemm-precision", "bf16"]), want);
-    assert_eq!(components(&["--gemm-precision", "f16"]), want);
+    assert_eq!(component(&[], "gemm_operands"), 0);
+    assert_eq!(component(&[], "logits"), 4 * m * s);
+    for precision in ["bf16", "f16"] {
+        let flag = ["--gemm-precision", precision];
+        assert_eq!(component(&flag, "gemm_operands"), 2 * (m * d + s * d));
+        assert_eq!(component(&flag, "logits"), 2 * m * s);
+    }
     assert!(!pfc(&[
         "plan",
         "--classes",

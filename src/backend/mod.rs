@@ -406,6 +406,128 @@ pub trait Backend: Send + Sync + 'static {
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// The dtype the step keeps its logits in: `F32`, or with 16-bit GEMM operands that 16-bit
+    /// type, as PyTorch's autocast does: [`Self::gemm_nt16`] writes the cosines in it, the `*16`
+    /// softmax passes read them and write the gradient over them in it, and
+    /// [`Self::gemm_backward16`] reads that gradient directly. Half the bytes of the largest
+    /// buffer of the step, and no cast of it on either side. The default (a backend that
+    /// multiplies in f32 only) is `F32`.
+    fn logits_dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    /// The logits GEMM with 16-bit output: `c[m×n] = a[m×k] · b[n×k]ᵀ` with both operands
+    /// rounded to [`Self::logits_dtype`], f32 accumulation, and `c` rounded to it. The 16-bit
+    /// copies of `a` and `b` stay in the backend's operand buffers for
+    /// [`Self::gemm_backward16`]. Only backends with 16-bit GEMMs implement it.
+    fn gemm_nt16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
+        c: &mut Self::Buf<u16>,
+    ) -> Result<()> {
+        let _ = (m, n, k, a, b, c);
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no 16-bit GEMMs",
+            self.name()
+        )))
+    }
+
+    /// The backward GEMMs on a 16-bit logits gradient `g` (`rows × cols`):
+    /// `grad_x = alpha · g · ŵ` and `grad_w = alpha · gᵀ · x̂`, f32 results. With
+    /// `reuse_operands`, the 16-bit copies of `ŵ` and `x̂` that the last [`Self::gemm_nt16`] of
+    /// this backend made are used as they are (the step passes `true`: nothing writes `x̂`, `ŵ`
+    /// or the copies in between); otherwise they are made again. `alpha` carries the softmax's
+    /// `1/rows` here rather than in `g`, so that f16's range holds `g` (see the `*16` passes).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_backward16(
+        &self,
+        rows: usize,
+        cols: usize,
+        dim: usize,
+        grad_logits: &Self::Buf<u16>,
+        alpha: f32,
+        w_hat: &Self::Buf<f32>,
+        x_hat: &Self::Buf<f32>,
+        grad_x: &mut Self::Buf<f32>,
+        grad_w: &mut Self::Buf<f32>,
+        reuse_operands: bool,
+    ) -> Result<()> {
+        let _ = (rows, cols, dim, grad_logits, alpha, w_hat, x_hat);
+        let _ = (grad_x, grad_w, reuse_operands);
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no 16-bit GEMMs",
+            self.name()
+        )))
+    }
+
+    /// Pass 1 on 16-bit cosines (`dtype` bf16 or f16): the row max of the margin logits and the
+    /// raw target cosine, as [`Self::margin_rowmax`] computes them on the widened cosines, but
+    /// reading only: `s·cos` rounded to 16 bits would lose too much, so passes 2 and 3
+    /// recompute it (see `src/cpu/margin_softmax16.rs`).
+    #[allow(clippy::too_many_arguments)]
+    fn margin_rowmax16(
+        &self,
+        cos: &Self::Buf<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &mut Self::Buf<f32>,
+        target_cos: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Pass 2 on 16-bit cosines: `row_sum[i] = Σ_j exp(z[i, j] − row_max[i])` with the margin
+    /// logits `z` recomputed from the cosines.
+    #[allow(clippy::too_many_arguments)]
+    fn exp_rowsum16(
+        &self,
+        cos: &Self::Buf<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &Self::Buf<f32>,
+        row_sum: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Pass 3 on 16-bit cosines: [`Self::softmax_loss_grad`]'s loss and gradient, the gradient
+    /// rounded to `dtype` over the cosines (f16 saturating at ±65504).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_loss_grad16(
+        &self,
+        cos: &mut Self::Buf<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        row_max: &Self::Buf<f32>,
+        row_sum: &Self::Buf<f32>,
+        target_cos: &Self::Buf<f32>,
+        grad_scale: f32,
+        row_loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// [`Self::margin_softmax_fused`] on 16-bit cosines, the gradient rounded to `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    fn margin_softmax_fused16(
+        &self,
+        cos: &mut Self::Buf<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Self::Buf<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
     /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
     fn normalize_backward(
         &self,

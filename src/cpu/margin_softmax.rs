@@ -100,7 +100,7 @@ fn margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32,
     }
 }
 
-with_avx2!(fn margin_row_fast = margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32));
+with_avx2!(pub(super) fn margin_row_fast = margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32));
 
 /// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
 pub fn margin_rowmax(
@@ -140,7 +140,7 @@ fn exp_sum_row(row: &[f32], max: f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-with_avx2!(fn exp_sum_row_fast = exp_sum_row(row: &[f32], max: f32) -> f32);
+with_avx2!(pub(super) fn exp_sum_row_fast = exp_sum_row(row: &[f32], max: f32) -> f32);
 
 /// Pass 2: local sum of `exp(z − max)` per row (max already all-reduced).
 pub fn exp_rowsum(logits: &[f32], rows: usize, cols: usize, row_max: &[f32], row_sum: &mut [f32]) {
@@ -212,22 +212,52 @@ pub fn softmax_loss_grad(
         .zip(row_loss[..rows].par_iter_mut())
         .enumerate()
         .for_each(|(i, (row, loss))| {
-            let max = row_max[i];
-            let inv_sum = 1.0 / row_sum[i];
             let target = usize::try_from(labels[i]).ok();
-            let z_target = target.map(|t| row[t]);
-            nontarget_grad_row_fast(
-                row,
-                max,
-                inv_sum,
-                p.scale * grad_scale,
-                p.scale,
-                p.filter.is_some(),
-            );
-            if let (Some(t), Some(z)) = (target, z_target) {
-                (*loss, row[t]) = target_loss_grad(z, target_cos[i], max, inv_sum, p, grad_scale);
-            }
+            let stats = RowStats {
+                max: row_max[i],
+                sum: row_sum[i],
+                target_cos: target_cos[i],
+            };
+            *loss = loss_grad_row(row, target, stats, p, grad_scale);
         });
+}
+
+/// A row's all-reduced softmax statistics and its raw target cosine (pass 1's output).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowStats {
+    pub max: f32,
+    pub sum: f32,
+    pub target_cos: f32,
+}
+
+/// Pass 3 on one row of pass-1 logits: the gradient in place; returns the row's loss.
+#[inline(always)]
+pub(super) fn loss_grad_row(
+    row: &mut [f32],
+    target: Option<usize>,
+    stats: RowStats,
+    p: &MarginParams,
+    grad_scale: f32,
+) -> f32 {
+    let inv_sum = 1.0 / stats.sum;
+    let z_target = target.map(|t| row[t]);
+    nontarget_grad_row_fast(
+        row,
+        stats.max,
+        inv_sum,
+        p.scale * grad_scale,
+        p.scale,
+        p.filter.is_some(),
+    );
+    match (target, z_target) {
+        (Some(t), Some(z)) => {
+            let (loss, grad) =
+                target_loss_grad(z, stats.target_cos, stats.max, inv_sum, p, grad_scale);
+            row[t] = grad;
+            loss
+        }
+        _ => 0.0,
+    }
 }
 
 /// The target's loss `−log p` and gradient `(p − 1) · (d logit / d c) · grad_scale`, from its
@@ -359,7 +389,7 @@ fn fused_row(row: &mut [f32], target: Option<usize>, p: &MarginParams, grad_scal
     }
 }
 
-with_avx2!(fn fused_row_fast = fused_row(row: &mut [f32], target: Option<usize>, p: &MarginParams, grad_scale: f32) -> f32);
+with_avx2!(pub(super) fn fused_row_fast = fused_row(row: &mut [f32], target: Option<usize>, p: &MarginParams, grad_scale: f32) -> f32);
 
 /// The whole margin softmax for a world of one (CPU reference of the `margin_softmax_fused`
 /// kernel): per row, one sweep over the raw cosines keeps an online max and rescaled sum of

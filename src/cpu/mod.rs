@@ -5,6 +5,7 @@
 pub mod gemm;
 pub mod hard_negatives;
 pub mod margin_softmax;
+pub mod margin_softmax16;
 pub mod normalize;
 pub mod optimizer;
 pub mod sampling;
@@ -27,6 +28,27 @@ fn need<T>(buf: &[T], len: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The checks every 16-bit softmax pass makes: a 16-bit dtype and buffers that hold the rows.
+fn check16(
+    cos: &[u16],
+    rows: usize,
+    cols: usize,
+    dtype: Dtype,
+    labels: &[i32],
+    what: &str,
+) -> Result<()> {
+    if dtype == Dtype::F32 {
+        return Err(crate::error::PfcError::Shape(format!(
+            "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
+        )));
+    }
+    let len = rows.checked_mul(cols).ok_or_else(|| {
+        crate::error::PfcError::Shape(format!("{what}: {rows} × {cols} overflows"))
+    })?;
+    need(cos, len, what)?;
+    need(labels, rows, what)
 }
 
 /// The CPU backend. Stateless: buffers are `Vec`s, every kernel runs to completion on return.
@@ -301,6 +323,93 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         margin_softmax::margin_softmax_fused(
             logits, rows, cols, labels, margin, grad_scale, row_loss,
+        );
+        Ok(())
+    }
+
+    fn margin_rowmax16(
+        &self,
+        cos: &Vec<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        row_max: &mut Vec<f32>,
+        target_cos: &mut Vec<f32>,
+    ) -> Result<()> {
+        check16(cos, rows, cols, dtype, labels, "margin_rowmax16")?;
+        need(row_max, rows, "margin_rowmax16 row_max")?;
+        need(target_cos, rows, "margin_rowmax16 target_cos")?;
+        margin_softmax16::margin_rowmax16(
+            cos, rows, cols, dtype, labels, margin, row_max, target_cos,
+        );
+        Ok(())
+    }
+
+    fn exp_rowsum16(
+        &self,
+        cos: &Vec<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        row_max: &Vec<f32>,
+        row_sum: &mut Vec<f32>,
+    ) -> Result<()> {
+        check16(cos, rows, cols, dtype, labels, "exp_rowsum16")?;
+        need(row_max, rows, "exp_rowsum16 row_max")?;
+        need(row_sum, rows, "exp_rowsum16 row_sum")?;
+        margin_softmax16::exp_rowsum16(cos, rows, cols, dtype, labels, margin, row_max, row_sum);
+        Ok(())
+    }
+
+    fn softmax_loss_grad16(
+        &self,
+        cos: &mut Vec<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        row_max: &Vec<f32>,
+        row_sum: &Vec<f32>,
+        target_cos: &Vec<f32>,
+        grad_scale: f32,
+        row_loss: &mut Vec<f32>,
+    ) -> Result<()> {
+        check16(cos, rows, cols, dtype, labels, "softmax_loss_grad16")?;
+        for (buf, what) in [
+            (row_max, "row_max"),
+            (row_sum, "row_sum"),
+            (target_cos, "target_cos"),
+        ] {
+            need(buf, rows, what)?;
+        }
+        need(row_loss, rows, "softmax_loss_grad16 row_loss")?;
+        margin_softmax16::softmax_loss_grad16(
+            cos, rows, cols, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale,
+            row_loss,
+        );
+        Ok(())
+    }
+
+    fn margin_softmax_fused16(
+        &self,
+        cos: &mut Vec<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &Vec<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut Vec<f32>,
+    ) -> Result<()> {
+        check16(cos, rows, cols, dtype, labels, "margin_softmax_fused16")?;
+        need(row_loss, rows, "margin_softmax_fused16 row_loss")?;
+        margin_softmax16::margin_softmax_fused16(
+            cos, rows, cols, dtype, labels, margin, grad_scale, row_loss,
         );
         Ok(())
     }

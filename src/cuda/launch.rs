@@ -71,6 +71,27 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| PfcError::Shape(format!("{what} = {v} exceeds i32::MAX")))
 }
 
+/// The kernels' code of a 16-bit dtype (common.cuh: 1 = f16, 2 = bf16).
+fn half_kind(dtype: Dtype, what: &str) -> Result<i32> {
+    match dtype {
+        Dtype::F16 => Ok(1),
+        Dtype::Bf16 => Ok(2),
+        Dtype::F32 => Err(PfcError::Shape(format!(
+            "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
+        ))),
+    }
+}
+
+/// The device pointer of a held 16-bit operand (with its stream-sync guard).
+fn a16_ptr<'a>(
+    slot: &'a Option<CudaSlice<u16>>,
+    stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>)> {
+    slot.as_ref()
+        .map(|buf| buf.device_ptr(stream))
+        .ok_or_else(|| PfcError::Device("16-bit GEMM operand missing".into()))
+}
+
 fn need<T: Elem>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
     if buf.len() < len {
         return Err(PfcError::Shape(format!(
@@ -379,7 +400,6 @@ impl CudaBackend {
             let a16 = self.operand_buffer(a_slot, a_len)?;
             self.cast_into(kernel, a, a16, a_len)?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let stream = &self.stream;
         let (bp, _gb) = b_slot
             .as_ref()
@@ -391,31 +411,74 @@ impl CudaBackend {
             .ok_or_else(|| PfcError::Device("16-bit GEMM operand a missing".into()))?;
         let (cp, _gc) = c.device_ptr_mut(stream);
         // SAFETY: the callers checked a, b, c against m, n, k; the 16-bit copies hold at least
-        // as many elements; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+        // as many elements.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                tb,
-                ta,
-                i32_of(n, "gemm n")?,
-                i32_of(m, "gemm m")?,
-                i32_of(k, "gemm k")?,
-                &alpha as *const f32 as *const _,
-                bp as *const _,
+            self.gemm_ex(
+                (tb, ta),
+                (m, n, k),
+                (bp, ldb),
+                (ap, lda),
                 dtype,
-                i32_of(ldb.max(1), "gemm ldb")?,
-                ap as *const _,
-                dtype,
-                i32_of(lda.max(1), "gemm lda")?,
-                &beta as *const f32 as *const _,
-                cp as *mut _,
-                cudaDataType::CUDA_R_32F,
-                i32_of(n, "gemm ldc")?,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                (cp, cudaDataType::CUDA_R_32F),
+                1.0,
             )
         }
+    }
+
+    /// `cublasGemmEx` on raw device pointers, row-major as [`CudaBackend::sgemm_rowmajor`]:
+    /// `c[m×n] = alpha · op(a) · op(b)` with 16-bit `a`/`b` of type `ab`, `c` of type `c_type`,
+    /// f32 accumulation (`CUBLAS_COMPUTE_32F`, whose alpha and beta are f32).
+    ///
+    /// # Safety
+    /// The pointers must be live device allocations of this context holding the elements the
+    /// shapes and leading dimensions address.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_ex(
+        &self,
+        (tb, ta): (cublasOperation_t, cublasOperation_t),
+        (m, n, k): (usize, usize, usize),
+        (bp, ldb): (u64, usize),
+        (ap, lda): (u64, usize),
+        ab: cudaDataType,
+        (cp, c_type): (u64, cudaDataType),
+        alpha: f32,
+    ) -> Result<()> {
+        let beta = 0.0f32;
+        cudarc::cublas::result::gemm_ex(
+            *self.blas.handle(),
+            tb,
+            ta,
+            i32_of(n, "gemm n")?,
+            i32_of(m, "gemm m")?,
+            i32_of(k, "gemm k")?,
+            &alpha as *const f32 as *const _,
+            bp as *const _,
+            ab,
+            i32_of(ldb.max(1), "gemm ldb")?,
+            ap as *const _,
+            ab,
+            i32_of(lda.max(1), "gemm lda")?,
+            &beta as *const f32 as *const _,
+            cp as *mut _,
+            c_type,
+            i32_of(n, "gemm ldc")?,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
         .map_err(dev("cublasGemmEx"))
+    }
+
+    /// The cast kernel and cuBLAS type of this backend's 16-bit precision; an error in f32.
+    fn half_types(&self) -> Result<(&'static str, cudaDataType, i32)> {
+        match self.precision {
+            Precision::Bf16 => Ok(("cast_f32_to_bf16", cudaDataType::CUDA_R_16BF, 2)),
+            Precision::F16 => Ok(("cast_f32_to_f16", cudaDataType::CUDA_R_16F, 1)),
+            Precision::F32 => Err(PfcError::param(
+                "precision",
+                "f32",
+                "16-bit logits need bf16 or f16 GEMM precision",
+            )),
+        }
     }
 
     /// The 16-bit operand buffer in `slot`, grown to `len` elements if it is shorter (only
@@ -722,12 +785,14 @@ impl Backend for CudaBackend {
             chunk.min(shard_len) * rows,
             "class_max_cosine chunk_cosines",
         )?;
-        let mut norms = self.alloc::<f32>(chunk)?;
         let (dim_i, rows_i) = (i32_of(dim, "dim")?, i32_of(rows, "rows")?);
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let len_i = len as i32;
             let w = weight.slice(start * dim..(start + len) * dim);
+            // The chunk's norms are not needed: they go to this chunk's slots of `scores`, which
+            // row_max_into overwrites below (same stream), so no scratch is allocated per call.
+            let mut out = scores.slice_mut(start..start + len);
             launch!(
                 self,
                 "normalize_rows",
@@ -736,7 +801,7 @@ impl Backend for CudaBackend {
                 &len_i,
                 &dim_i,
                 &mut *chunk_weights,
-                &mut norms
+                &mut out
             );
             // cosines[len × rows] = chunk_weights[len × dim] · x_hatᵀ
             self.sgemm_rowmajor(
@@ -751,7 +816,6 @@ impl Backend for CudaBackend {
                 dim,
                 &mut *chunk_cosines,
             )?;
-            let mut out = scores.slice_mut(start..start + len);
             launch!(
                 self,
                 "row_max_into",
@@ -1144,6 +1208,312 @@ impl Backend for CudaBackend {
             logits,
             &rows_i,
             &cols_i,
+            labels,
+            &p,
+            &grad_scale,
+            row_loss
+        );
+        Ok(())
+    }
+
+    fn logits_dtype(&self) -> Dtype {
+        match self.precision {
+            Precision::F32 => Dtype::F32,
+            Precision::Bf16 => Dtype::Bf16,
+            Precision::F16 => Dtype::F16,
+        }
+    }
+
+    fn gemm_nt16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        let (cast, dtype, _) = self.half_types()?;
+        need(a, m * k, "gemm_nt16 a")?;
+        need(b, n * k, "gemm_nt16 b")?;
+        need(c, m * n, "gemm_nt16 c")?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return self.zero(c, m * n);
+        }
+        let mut held = self
+            .gemm_operands
+            .lock()
+            .map_err(|_| PfcError::Device("the GEMM operand buffers' lock is poisoned".into()))?;
+        let GemmOperands {
+            a: a_slot,
+            b: b_slot,
+        } = &mut *held;
+        let a16 = self.operand_buffer(a_slot, m * k)?;
+        self.cast_into(cast, a, a16, m * k)?;
+        let b16 = self.operand_buffer(b_slot, n * k)?;
+        self.cast_into(cast, b, b16, n * k)?;
+        let stream = &self.stream;
+        let (ap, _ga) = a16_ptr(a_slot, stream)?;
+        let (bp, _gb) = a16_ptr(b_slot, stream)?;
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        // cᵀ[n×m] = b[n×k] · aᵀ, as gemm_nt. SAFETY: a, b, c checked above; the copies hold
+        // m·k and n·k elements.
+        unsafe {
+            self.gemm_ex(
+                (CUBLAS_OP_T, CUBLAS_OP_N),
+                (m, n, k),
+                (bp, k),
+                (ap, k),
+                dtype,
+                (cp, dtype),
+                1.0,
+            )
+        }
+    }
+
+    fn gemm_backward16(
+        &self,
+        rows: usize,
+        cols: usize,
+        dim: usize,
+        grad_logits: &CudaSlice<u16>,
+        alpha: f32,
+        w_hat: &CudaSlice<f32>,
+        x_hat: &CudaSlice<f32>,
+        grad_x: &mut CudaSlice<f32>,
+        grad_w: &mut CudaSlice<f32>,
+        reuse_operands: bool,
+    ) -> Result<()> {
+        let (cast, dtype, _) = self.half_types()?;
+        need(grad_logits, rows * cols, "gemm_backward16 grad_logits")?;
+        need(w_hat, cols * dim, "gemm_backward16 w_hat")?;
+        need(x_hat, rows * dim, "gemm_backward16 x_hat")?;
+        need(grad_x, rows * dim, "gemm_backward16 grad_x")?;
+        need(grad_w, cols * dim, "gemm_backward16 grad_w")?;
+        if dim == 0 {
+            return Ok(());
+        }
+        if rows == 0 || cols == 0 {
+            self.zero(grad_x, rows * dim)?;
+            return self.zero(grad_w, cols * dim);
+        }
+        let mut held = self
+            .gemm_operands
+            .lock()
+            .map_err(|_| PfcError::Device("the GEMM operand buffers' lock is poisoned".into()))?;
+        let GemmOperands {
+            a: a_slot,
+            b: b_slot,
+        } = &mut *held;
+        let reusable = |slot: &Option<CudaSlice<u16>>, len: usize| {
+            reuse_operands && slot.as_ref().is_some_and(|s| s.len() >= len)
+        };
+        if !reusable(a_slot, rows * dim) {
+            let x16 = self.operand_buffer(a_slot, rows * dim)?;
+            self.cast_into(cast, x_hat, x16, rows * dim)?;
+        }
+        if !reusable(b_slot, cols * dim) {
+            let w16 = self.operand_buffer(b_slot, cols * dim)?;
+            self.cast_into(cast, w_hat, w16, cols * dim)?;
+        }
+        let stream = &self.stream;
+        let (xp, _gx) = a16_ptr(a_slot, stream)?;
+        let (wp, _gw) = a16_ptr(b_slot, stream)?;
+        let (gp, _gg) = grad_logits.device_ptr(stream);
+        {
+            let (cp, _gc) = grad_x.device_ptr_mut(stream);
+            // grad_x[rows×dim] = g[rows×cols] · ŵ[cols×dim], as gemm_nn(rows, dim, cols).
+            // SAFETY: every buffer checked above against these shapes.
+            unsafe {
+                self.gemm_ex(
+                    (CUBLAS_OP_N, CUBLAS_OP_N),
+                    (rows, dim, cols),
+                    (wp, dim),
+                    (gp, cols),
+                    dtype,
+                    (cp, cudaDataType::CUDA_R_32F),
+                    alpha,
+                )?;
+            }
+        }
+        let (cp, _gc) = grad_w.device_ptr_mut(stream);
+        // grad_w[cols×dim] = gᵀ · x̂[rows×dim], as gemm_tn(cols, dim, rows).
+        // SAFETY: as above.
+        unsafe {
+            self.gemm_ex(
+                (CUBLAS_OP_N, CUBLAS_OP_T),
+                (cols, dim, rows),
+                (xp, dim),
+                (gp, cols),
+                dtype,
+                (cp, cudaDataType::CUDA_R_32F),
+                alpha,
+            )
+        }
+    }
+
+    fn margin_rowmax16(
+        &self,
+        cos: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &CudaSlice<i32>,
+        margin: &MarginParams,
+        row_max: &mut CudaSlice<f32>,
+        target_cos: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let kind = half_kind(dtype, "margin_rowmax16")?;
+        need(cos, rows * cols, "margin_rowmax16 cos")?;
+        need(labels, rows, "margin_rowmax16 labels")?;
+        need(row_max, rows, "margin_rowmax16 row_max")?;
+        need(target_cos, rows, "margin_rowmax16 target_cos")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "margin_rowmax16",
+            per_row(rows),
+            cos,
+            &rows_i,
+            &cols_i,
+            &kind,
+            labels,
+            &p,
+            row_max,
+            target_cos
+        );
+        Ok(())
+    }
+
+    fn exp_rowsum16(
+        &self,
+        cos: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &CudaSlice<i32>,
+        margin: &MarginParams,
+        row_max: &CudaSlice<f32>,
+        row_sum: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let kind = half_kind(dtype, "exp_rowsum16")?;
+        need(cos, rows * cols, "exp_rowsum16 cos")?;
+        need(labels, rows, "exp_rowsum16 labels")?;
+        need(row_max, rows, "exp_rowsum16 row_max")?;
+        need(row_sum, rows, "exp_rowsum16 row_sum")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "exp_rowsum16",
+            per_row(rows),
+            cos,
+            &rows_i,
+            &cols_i,
+            &kind,
+            labels,
+            &p,
+            row_max,
+            row_sum
+        );
+        Ok(())
+    }
+
+    fn softmax_loss_grad16(
+        &self,
+        cos: &mut CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &CudaSlice<i32>,
+        margin: &MarginParams,
+        row_max: &CudaSlice<f32>,
+        row_sum: &CudaSlice<f32>,
+        target_cos: &CudaSlice<f32>,
+        grad_scale: f32,
+        row_loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let kind = half_kind(dtype, "softmax_loss_grad16")?;
+        need(cos, rows * cols, "softmax_loss_grad16 cos")?;
+        need(labels, rows, "softmax_loss_grad16 labels")?;
+        need(row_max, rows, "softmax_loss_grad16 row_max")?;
+        need(row_sum, rows, "softmax_loss_grad16 row_sum")?;
+        need(target_cos, rows, "softmax_loss_grad16 target_cos")?;
+        need(row_loss, rows, "softmax_loss_grad16 row_loss")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "softmax_loss_grad16",
+            per_row(rows),
+            cos,
+            &rows_i,
+            &cols_i,
+            &kind,
+            labels,
+            &p,
+            row_max,
+            row_sum,
+            target_cos,
+            &grad_scale,
+            row_loss
+        );
+        Ok(())
+    }
+
+    fn margin_softmax_fused16(
+        &self,
+        cos: &mut CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        dtype: Dtype,
+        labels: &CudaSlice<i32>,
+        margin: &MarginParams,
+        grad_scale: f32,
+        row_loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let kind = half_kind(dtype, "margin_softmax_fused16")?;
+        need(cos, rows * cols, "margin_softmax_fused16 cos")?;
+        need(labels, rows, "margin_softmax_fused16 labels")?;
+        need(row_loss, rows, "margin_softmax_fused16 row_loss")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, cols_i, p) = (
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+            MarginArgs::from(margin),
+        );
+        launch!(
+            self,
+            "margin_softmax_fused16",
+            per_row(rows),
+            cos,
+            &rows_i,
+            &cols_i,
+            &kind,
             labels,
             &p,
             &grad_scale,

@@ -76,6 +76,10 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "exp_rowsum",
             "softmax_loss_grad",
             "margin_softmax_fused",
+            "margin_rowmax16",
+            "exp_rowsum16",
+            "softmax_loss_grad16",
+            "margin_softmax_fused16",
         ],
     ),
     (

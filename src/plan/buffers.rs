@@ -87,17 +87,23 @@ impl StepShape {
 
     /// Elements of the two 16-bit GEMM operand buffers `(a, b)`, `(0, 0)` in f32.
     ///
-    /// The step's GEMMs, `backend.gemm_xx(m, n, k, a, b, c)` with M = N·k rows and S sampled
-    /// classes: logits `gemm_nt(M, S, d)` with a = x̂ `[M×d]`, b = ŵ `[S×d]`; embedding gradient
-    /// `gemm_nn(M, d, S)` with a = logits grad `[M×S]`, b = ŵ; sampled-weight gradient
-    /// `gemm_tn(S, d, M)` with a = logits grad, b = x̂. One buffer holds the 16-bit copy of
-    /// each GEMM's `a`, the other of its `b`: `max(M·d, M·S)` and `max(S·d, M·d)` elements.
+    /// With 16-bit GEMMs the logits themselves are 16-bit ([`StepShape::logits_bytes`]): the
+    /// logits GEMM `gemm_nt16(M, S, d)` writes them from the 16-bit copies of x̂ `[M×d]` (buffer
+    /// `a`) and ŵ `[S×d]` (buffer `b`), and the backward GEMMs read the 16-bit gradient in place
+    /// with the same two copies, which stay in the buffers from the forward to the backward pass.
+    /// So `a` holds `M·d` and `b` holds `S·d` elements, and nothing logits-sized is copied.
     pub fn gemm_operand_lens(&self) -> (u64, u64) {
         if self.gemm_precision == GemmPrecision::F32 {
             return (0, 0);
         }
         let (m, s, d) = (self.gathered_rows(), self.sampled_capacity(), self.dim);
-        ((m * d).max(m * s), (s * d).max(m * d))
+        (m * d, s * d)
+    }
+
+    /// Bytes per logit: 4, or 2 with 16-bit GEMMs (the logits GEMM writes the cosines in the
+    /// operands' 16-bit type, as PyTorch's autocast does).
+    pub fn logits_bytes(&self) -> u64 {
+        self.gemm_precision.operand_bytes()
     }
 }
 
@@ -141,7 +147,8 @@ pub enum Component {
     EmbeddingNorms,
     /// Gradient of the gathered embeddings, `N·k × d` (normalized, then raw in place).
     EmbeddingsGrad,
-    /// The logits, `N·k × S`, overwritten in place by their gradient.
+    /// The logits, `N·k × S` (f32, or 16-bit with 16-bit GEMMs), overwritten in place by their
+    /// gradient.
     Logits,
     /// Gathered global labels (i64) and their shard-local remap (i32), `N·k` each, and the
     /// rank's own labels before the gather (i64, `N`).
@@ -155,7 +162,7 @@ pub enum Component {
     /// Per-row softmax statistics: max, sum, target cosine, loss (f32 each), `N·k × 4`.
     RowStats,
     /// The 16-bit copies of the GEMM operands (bf16/f16 precision only, 0 in f32), kept for the
-    /// layer's life: `max(N·k·d, N·k·S)` and `max(S·d, N·k·d)` elements of 2 bytes.
+    /// layer's life: `N·k·d` (x̂) and `S·d` (ŵ) elements of 2 bytes.
     GemmOperands,
     /// The local embeddings before the all-gather, whose buffer then receives the
     /// reduce-scattered embedding gradient (`N × d`, f32), and, when the wire dtype is not
@@ -263,7 +270,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         (
             Component::Logits,
             match shape.logits {
-                LogitsMode::Materialized => m * s * f32b,
+                LogitsMode::Materialized => m * s * shape.logits_bytes(),
                 LogitsMode::Fused => 0,
             },
         ),
