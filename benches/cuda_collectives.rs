@@ -53,17 +53,15 @@ fn all_gather(c: &mut Criterion) {
     let mut group = c.benchmark_group("all_gather_1024x512");
     group.bench_function("baseline_nccl_all_gather_f32_plus_read_write", |b| {
         b.iter(|| {
-            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
-                .unwrap();
+            comm.all_gather(&g, &gx, rows * dim, &mut gathered).unwrap();
             g.copy(&gathered, &mut copy, rows * dim).unwrap();
             g.synchronize().unwrap();
         })
     });
     group.bench_function("f32_all_gather_labels_normalize", |b| {
         b.iter(|| {
-            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
-                .unwrap();
-            comm.all_gather_i64(&g, &gl, rows, &mut gathered_labels)
+            comm.all_gather(&g, &gx, rows * dim, &mut gathered).unwrap();
+            comm.all_gather(&g, &gl, rows, &mut gathered_labels)
                 .unwrap();
             g.normalize_rows(&gathered, rows, dim, &mut xh, &mut norms)
                 .unwrap();
@@ -74,8 +72,7 @@ fn all_gather(c: &mut Criterion) {
         b.iter(|| {
             g.pack_embeddings(&gx, &gl, rows, dim, Dtype::Bf16, &mut send)
                 .unwrap();
-            comm.all_gather_u16(&g, &send, rows * row, &mut recv)
-                .unwrap();
+            comm.all_gather(&g, &send, rows * row, &mut recv).unwrap();
             g.unpack_normalize(
                 &recv,
                 rows,

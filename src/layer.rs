@@ -513,7 +513,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 let wire = self.config.wire;
                 b.pack_embeddings(&x.staging, &x.send_labels, n, d, wire, send)?;
                 let row = crate::cpu::wire::packed_row_len(d);
-                self.comm.all_gather_u16(b, send, n * row, recv)?;
+                self.comm.all_gather(b, send, n * row, recv)?;
                 b.unpack_normalize(
                     recv,
                     m,

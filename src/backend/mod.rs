@@ -395,28 +395,16 @@ pub trait Collective<B: Backend>: Send {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// Concatenates every rank's first `count` elements of `send`, in rank order, into `recv`.
-    fn all_gather_f32(
+    ///
+    /// One generic method rather than one per element type: an all-gather does no arithmetic,
+    /// so every implementation moves any [`Elem`] the same way (NCCL as bytes), and the layer
+    /// gathers f32 embeddings, i64 labels and the packed 16-bit wire format through it.
+    fn all_gather<T: Elem>(
         &self,
         backend: &B,
-        send: &B::Buf<f32>,
+        send: &B::Buf<T>,
         count: usize,
-        recv: &mut B::Buf<f32>,
-    ) -> Result<()>;
-    /// Same as [`Collective::all_gather_f32`] for 16-bit words (the packed wire format).
-    fn all_gather_u16(
-        &self,
-        backend: &B,
-        send: &B::Buf<u16>,
-        count: usize,
-        recv: &mut B::Buf<u16>,
-    ) -> Result<()>;
-    /// Same as [`Collective::all_gather_f32`] for labels.
-    fn all_gather_i64(
-        &self,
-        backend: &B,
-        send: &B::Buf<i64>,
-        count: usize,
-        recv: &mut B::Buf<i64>,
+        recv: &mut B::Buf<T>,
     ) -> Result<()>;
     /// All-gathers embeddings (`x_count` per rank) and their labels (`label_count` per rank).
     /// NCCL issues both as one group; the default makes the two calls.
@@ -431,8 +419,8 @@ pub trait Collective<B: Backend>: Send {
         label_count: usize,
         recv_labels: &mut B::Buf<i64>,
     ) -> Result<()> {
-        self.all_gather_f32(backend, x, x_count, recv_x)?;
-        self.all_gather_i64(backend, labels, label_count, recv_labels)
+        self.all_gather(backend, x, x_count, recv_x)?;
+        self.all_gather(backend, labels, label_count, recv_labels)
     }
     /// Reduces the first `count` elements over all ranks, result on every rank.
     fn all_reduce_f32(

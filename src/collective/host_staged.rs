@@ -35,25 +35,6 @@ impl<C> HostStaged<C> {
     }
 }
 
-/// A host all-gather of `T`, as the inner collective spells it.
-type HostGather<C, T> = fn(&C, &CpuBackend, &Vec<T>, usize, &mut Vec<T>) -> Result<()>;
-
-impl<C: Collective<CpuBackend>> HostStaged<C> {
-    fn gather<B: Backend, T: Elem>(
-        &self,
-        b: &B,
-        send: &B::Buf<T>,
-        count: usize,
-        recv: &mut B::Buf<T>,
-        host_gather: HostGather<C, T>,
-    ) -> Result<()> {
-        let host = b.download(send, count)?;
-        let mut out = vec![T::default(); count * self.inner.world_size()];
-        host_gather(&self.inner, &CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
-    }
-}
-
 impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -63,34 +44,17 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         self.inner.world_size()
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         b: &B,
-        send: &B::Buf<f32>,
+        send: &B::Buf<T>,
         count: usize,
-        recv: &mut B::Buf<f32>,
+        recv: &mut B::Buf<T>,
     ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_f32)
-    }
-
-    fn all_gather_u16(
-        &self,
-        b: &B,
-        send: &B::Buf<u16>,
-        count: usize,
-        recv: &mut B::Buf<u16>,
-    ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_u16)
-    }
-
-    fn all_gather_i64(
-        &self,
-        b: &B,
-        send: &B::Buf<i64>,
-        count: usize,
-        recv: &mut B::Buf<i64>,
-    ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_i64)
+        let host = b.download(send, count)?;
+        let mut out = vec![T::default(); count * self.inner.world_size()];
+        self.inner.all_gather(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
     }
 
     fn all_reduce_f32(

@@ -5,7 +5,7 @@
 //! bit-identical results. A rank that leaves (drops its handle) or a barrier that waits longer
 //! than the group's timeout breaks the group: every waiting peer gets an error instead of hanging.
 
-use crate::backend::{Collective, ReduceOp};
+use crate::backend::{Collective, Elem, ReduceOp};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use std::sync::{Arc, Condvar, Mutex};
@@ -180,7 +180,9 @@ impl ThreadCollective {
             .collect())
     }
 
-    fn all_gather<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
+    /// The all-gather on host slices (the trait method's body, under a name of its own so that
+    /// it is not confused with [`Collective::all_gather`]).
+    fn gather_slices<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
         let world = self.shared.world;
         if send.len() < count || recv.len() < count * world {
             return Err(PfcError::Shape(format!(
@@ -216,34 +218,14 @@ impl Collective<CpuBackend> for ThreadCollective {
         self.shared.world
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         _: &CpuBackend,
-        send: &Vec<f32>,
+        send: &Vec<T>,
         count: usize,
-        recv: &mut Vec<f32>,
+        recv: &mut Vec<T>,
     ) -> Result<()> {
-        self.all_gather(send, count, recv)
-    }
-
-    fn all_gather_u16(
-        &self,
-        _: &CpuBackend,
-        send: &Vec<u16>,
-        count: usize,
-        recv: &mut Vec<u16>,
-    ) -> Result<()> {
-        self.all_gather(send, count, recv)
-    }
-
-    fn all_gather_i64(
-        &self,
-        _: &CpuBackend,
-        send: &Vec<i64>,
-        count: usize,
-        recv: &mut Vec<i64>,
-    ) -> Result<()> {
-        self.all_gather(send, count, recv)
+        self.gather_slices(send, count, recv)
     }
 
     fn all_reduce_f32(
@@ -343,7 +325,7 @@ mod tests {
             let r = c.rank();
             let send: Vec<f32> = (0..3).map(|i| (r * 10 + i) as f32).collect();
             let mut recv = vec![0.0; 3 * k];
-            c.all_gather_f32(&b, &send, 3, &mut recv).unwrap();
+            c.all_gather(&b, &send, 3, &mut recv).unwrap();
             let big: Vec<f32> = (0..2 * k).map(|i| (i + r) as f32).collect();
             let mut part = vec![0.0; 2];
             c.reduce_scatter_f32(&b, &big, 2, &mut part).unwrap();

@@ -16,7 +16,7 @@
 //! of the processes it starts (examples/multi_gpu.rs does this).
 
 use super::CudaBackend;
-use crate::backend::{Collective, ReduceOp};
+use crate::backend::{Collective, Elem, ReduceOp};
 use crate::error::{PfcError, Result};
 use crate::rendezvous::{UniqueId, UNIQUE_ID_BYTES};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -260,8 +260,11 @@ impl Drop for NcclCollective {
 }
 
 impl NcclCollective {
-    /// All-gather of any element type as bytes: an all-gather does no arithmetic, so the bytes of
-    /// `count` elements per rank are all NCCL needs to move.
+    /// All-gather of any element type as bytes (`count · size_of::<T>()` per rank, `ncclUint8`):
+    /// an all-gather does no arithmetic, so the bytes are all NCCL needs to move, and every
+    /// [`Elem`] (u16 wire words, i64 labels, u64, i32) goes through the same call without a table
+    /// from Rust types to NCCL types that would have to grow with `Elem`. A ring moves the same
+    /// bytes either way.
     fn all_gather_bytes<T>(
         &self,
         send: &CudaSlice<T>,
@@ -327,32 +330,12 @@ impl Collective<CudaBackend> for NcclCollective {
         self.world_size
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         _: &CudaBackend,
-        send: &CudaSlice<f32>,
+        send: &CudaSlice<T>,
         count: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        self.all_gather_bytes(send, count, recv)
-    }
-
-    fn all_gather_u16(
-        &self,
-        _: &CudaBackend,
-        send: &CudaSlice<u16>,
-        count: usize,
-        recv: &mut CudaSlice<u16>,
-    ) -> Result<()> {
-        self.all_gather_bytes(send, count, recv)
-    }
-
-    fn all_gather_i64(
-        &self,
-        _: &CudaBackend,
-        send: &CudaSlice<i64>,
-        count: usize,
-        recv: &mut CudaSlice<i64>,
+        recv: &mut CudaSlice<T>,
     ) -> Result<()> {
         self.all_gather_bytes(send, count, recv)
     }
