@@ -9,6 +9,7 @@
 use crate::backend::{Backend, Collective, Elem, ReduceOp};
 use crate::cpu::CpuBackend;
 use crate::error::Result;
+use crate::plan::Dtype;
 
 /// Wraps a host collective for any backend.
 ///
@@ -81,6 +82,22 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         let mut out = vec![0.0; count];
         self.inner
             .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        b: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        super::check_16_bit(dtype)?;
+        let host = b.download(send, count * self.inner.world_size())?;
+        let mut out = vec![0u16; count];
+        self.inner
+            .reduce_scatter_16(&CpuBackend, &host, count, &mut out, dtype)?;
         b.upload(&out, recv)
     }
 

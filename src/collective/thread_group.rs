@@ -6,8 +6,10 @@
 //! than the group's timeout breaks the group: every waiting peer gets an error instead of hanging.
 
 use crate::backend::{Collective, Elem, ReduceOp};
+use crate::cpu::wire::{from_wire, to_wire};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
+use crate::plan::Dtype;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -209,6 +211,48 @@ impl ThreadCollective {
     }
 }
 
+impl ThreadCollective {
+    /// The reduce-scatter on host slices: every rank publishes its `world · count` values, then
+    /// `reduce` gets, in rank order, every rank's block of this rank (`count` values each) and
+    /// writes their reduction into `recv`; the second barrier keeps the peers' buffers alive
+    /// until every rank has read.
+    fn reduce_scatter_slices<T: Copy>(
+        &self,
+        send: &[T],
+        count: usize,
+        recv: &mut [T],
+        reduce: impl FnOnce(&[&[T]], &mut [T]),
+    ) -> Result<()> {
+        let world = self.shared.world;
+        if send.len() < count * world || recv.len() < count {
+            return Err(PfcError::Shape(format!(
+                "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
+                count * world
+            )));
+        }
+        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
+        let peers = self.peers::<T>()?;
+        if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
+            self.wait_all(None)?;
+            return Err(PfcError::Collective(format!(
+                "reduce_scatter: rank {r} sent {} elements, rank {} {}",
+                peers[r].1,
+                self.rank,
+                count * world
+            )));
+        }
+        let block = self.rank * count..(self.rank + 1) * count;
+        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
+        let blocks: Vec<&[T]> = peers
+            .iter()
+            .map(|&(p, n)| unsafe { &std::slice::from_raw_parts(p, n)[block.clone()] })
+            .collect();
+        reduce(&blocks, &mut recv[..count]);
+        drop(blocks);
+        self.wait_all(None)
+    }
+}
+
 impl Collective<CpuBackend> for ThreadCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -250,7 +294,7 @@ impl Collective<CpuBackend> for ThreadCollective {
                 peers[r].1, self.rank
             )));
         }
-        // SAFETY: as in all_gather; every rank only reads until the next barrier.
+        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
         let sources: Vec<&[f32]> = peers
             .iter()
             .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
@@ -277,35 +321,36 @@ impl Collective<CpuBackend> for ThreadCollective {
         count: usize,
         recv: &mut Vec<f32>,
     ) -> Result<()> {
-        let world = self.shared.world;
-        if send.len() < count * world || recv.len() < count {
-            return Err(PfcError::Shape(format!(
-                "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
-                count * world
-            )));
-        }
-        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
-        let peers = self.peers::<f32>()?;
-        if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
-            self.wait_all(None)?;
-            return Err(PfcError::Collective(format!(
-                "reduce_scatter: rank {r} sent {} elements, rank {} {}",
-                peers[r].1,
-                self.rank,
-                count * world
-            )));
-        }
-        let block = self.rank * count..(self.rank + 1) * count;
-        let out = &mut recv[..count];
-        out.fill(0.0);
-        for &(p, n) in &peers {
-            // SAFETY: as in all_gather.
-            let src = unsafe { std::slice::from_raw_parts(p, n) };
-            for (o, v) in out.iter_mut().zip(&src[block.clone()]) {
-                *o += v;
+        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+            out.fill(0.0);
+            for block in blocks {
+                for (o, v) in out.iter_mut().zip(*block) {
+                    *o += v;
+                }
             }
-        }
-        self.wait_all(None)
+        })
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<u16>,
+        count: usize,
+        recv: &mut Vec<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        super::check_16_bit(dtype)?;
+        // In f32, in rank order, starting from rank 0's value (so that one rank is a copy), then
+        // rounded once: every rank computes the same bits for its block, whatever the threads.
+        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let mut sum = from_wire(blocks[0][j], dtype);
+                for block in &blocks[1..] {
+                    sum += from_wire(block[j], dtype);
+                }
+                *o = to_wire(sum, dtype);
+            }
+        })
     }
 
     fn barrier(&self) -> Result<()> {

@@ -18,6 +18,7 @@
 use super::CudaBackend;
 use crate::backend::{Collective, Elem, ReduceOp};
 use crate::error::{PfcError, Result};
+use crate::plan::Dtype;
 use crate::rendezvous::{UniqueId, UNIQUE_ID_BYTES};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
@@ -304,6 +305,36 @@ impl NcclCollective {
     }
 }
 
+impl NcclCollective {
+    /// `ncclReduceScatter` with `ncclSum` of `count` elements per rank of `dtype` (whose size
+    /// must be `T`'s), on the layer's stream, waited for like every other collective.
+    fn reduce_scatter_sum<T>(
+        &self,
+        send: &CudaSlice<T>,
+        count: usize,
+        recv: &mut CudaSlice<T>,
+        dtype: sys::ncclDataType_t,
+    ) -> Result<()> {
+        need(send, count * self.world_size, "reduce_scatter send")?;
+        need(recv, count, "reduce_scatter recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: both pointers cover the counts checked above, in elements of `dtype`'s size
+        // (the callers pair f32 with ncclFloat32 and u16 with the 16-bit types).
+        self.enqueue("ncclReduceScatter", |s| unsafe {
+            nccl::reduce_scatter(
+                src as _,
+                dst as _,
+                count,
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                s,
+            )
+        })
+    }
+}
+
 fn need<T>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
     if buf.len() < len {
         return Err(PfcError::Shape(format!(
@@ -392,22 +423,26 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         recv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(send, count * self.world_size, "reduce_scatter send")?;
-        need(recv, count, "reduce_scatter recv")?;
-        let (src, _s) = send.device_ptr(&self.stream);
-        let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: as above.
-        self.enqueue("ncclReduceScatter", |s| unsafe {
-            nccl::reduce_scatter(
-                src as _,
-                dst as _,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                s,
-            )
-        })
+        self.reduce_scatter_sum(send, count, recv, sys::ncclDataType_t::ncclFloat32)
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<u16>,
+        count: usize,
+        recv: &mut CudaSlice<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        // NCCL sums these types itself (in the type, hop by hop along its ring), so the u16
+        // buffers are handed over under the dtype they hold.
+        crate::collective::check_16_bit(dtype)?;
+        let nccl_type = if dtype == Dtype::F16 {
+            sys::ncclDataType_t::ncclFloat16
+        } else {
+            sys::ncclDataType_t::ncclBfloat16
+        };
+        self.reduce_scatter_sum(send, count, recv, nccl_type)
     }
 
     fn barrier(&self) -> Result<()> {
