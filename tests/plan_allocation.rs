@@ -3,7 +3,7 @@
 //! `PlanConfig`) says for rank 0.
 
 use partial_fc::collective::{SingleRank, ThreadGroup};
-use partial_fc::plan::{Component, Optimizer, PlanConfig};
+use partial_fc::plan::{Component, Dtype, Optimizer, PlanConfig};
 use partial_fc::{CpuBackend, GemmPrecision, LayerConfig, PartialFc, PfcError, UpdateMode};
 
 /// Bytes by component, as the layer and the planner report them.
@@ -17,12 +17,14 @@ struct Case {
     rate: f64,
     update: UpdateMode,
     momentum: bool,
+    grad_wire: Dtype,
 }
 
 fn layer_config(c: &Case) -> LayerConfig {
     let mut cfg = LayerConfig::new(c.classes, c.dim, c.batch);
     cfg.sample_rate = c.rate;
     cfg.update = c.update;
+    cfg.grad_wire = c.grad_wire;
     if !c.momentum {
         cfg.optimizer = None;
     }
@@ -35,6 +37,7 @@ fn plan_config(c: &Case) -> PlanConfig {
     p.dim = c.dim as u64;
     p.sample_rate = c.rate;
     p.update = c.update;
+    p.grad_wire_dtype = c.grad_wire;
     p.optimizer = if c.momentum {
         Optimizer::SgdMomentum
     } else {
@@ -82,6 +85,7 @@ fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool
         rate,
         update,
         momentum,
+        grad_wire: Dtype::F32,
     }
 }
 
@@ -122,6 +126,20 @@ fn world_of_three_dense_small_r_wide_dim() {
         dim: 64,
         batch: 8,
         ..case(2000, 3, 0.25, UpdateMode::Dense, true)
+    });
+}
+
+#[test]
+fn bf16_gradient_wire_world_of_one_and_three() {
+    // The 16-bit send and receive buffers of the gradient's reduce-scatter, in the layer, the
+    // planner and the PlanConfig API alike.
+    run(Case {
+        grad_wire: Dtype::Bf16,
+        ..case(4000, 1, 0.1, UpdateMode::Sparse, true)
+    });
+    run(Case {
+        grad_wire: Dtype::Bf16,
+        ..case(3001, 3, 0.05, UpdateMode::Dense, true)
     });
 }
 
