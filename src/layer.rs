@@ -24,6 +24,9 @@ pub struct StepOutput {
     pub sampled: usize,
 }
 
+/// A send and a receive buffer of 16-bit words, present only when a wire dtype is 16-bit.
+type U16Pair<B> = Option<(<B as Backend>::Buf<u16>, <B as Backend>::Buf<u16>)>;
+
 struct Buffers<B: Backend> {
     weight: B::Buf<f32>,
     weight_grad: Option<B::Buf<f32>>,
@@ -50,10 +53,10 @@ struct Buffers<B: Backend> {
     row_loss: B::Buf<f32>,
     staging: B::Buf<f32>,
     /// Packed send and receive buffers of a 16-bit wire (`None` with an f32 wire).
-    packed: Option<(B::Buf<u16>, B::Buf<u16>)>,
+    packed: U16Pair<B>,
     /// Send (N·k × d) and receive (N × d) buffers of the gradient's 16-bit reduce-scatter
     /// (`None` when `grad_wire` is f32).
-    grad_wire: Option<(B::Buf<u16>, B::Buf<u16>)>,
+    grad_wire: U16Pair<B>,
 }
 
 /// One rank's Partial FC layer: its shard of class centers, optimizer state and sampler.
@@ -221,7 +224,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let b = &self.backend;
         let f = |buf: &B::Buf<f32>| b.len(buf) as u64 * 4;
         let fo = |buf: &Option<B::Buf<f32>>| buf.as_ref().map_or(0, f);
-        let u16_pair = |pair: &Option<(B::Buf<u16>, B::Buf<u16>)>| {
+        let u16_pair = |pair: &U16Pair<B>| {
             pair.as_ref()
                 .map_or(0, |(send, recv)| (b.len(send) + b.len(recv)) as u64 * 2)
         };
