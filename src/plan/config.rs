@@ -43,8 +43,7 @@ impl Optimizer {
 ///
 /// [`PlanConfig::new`] fills the published defaults: 128 images per GPU, d = 512, r = 0.1,
 /// f32 weights, SGD momentum, sparse update, materialized logits, f32 on the wire (embeddings
-/// and gradient), no hard
-/// negatives, f32 GEMMs, nothing reserved.
+/// and gradient), no hard negatives, f32 GEMMs, nothing reserved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
     /// Total number of classes C.
