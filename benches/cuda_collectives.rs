@@ -1,7 +1,8 @@
 //! The embedding all-gather through NCCL with one rank on the device (issue: all-gather + unpack
 //! and normalize of 1024 × 512 embeddings no slower than NCCL's own all-gather of the same bytes
 //! plus one read and write of them), for the f32 path and the bf16 wire, and the reduce-scatter
-//! of the embedding gradient likewise.
+//! of the embedding gradient likewise, in f32 and in bf16 (cast, 16-bit reduce-scatter, cast
+//! back: `LayerConfig::grad_wire`).
 //!
 //! Without a CUDA device or NCCL it prints why and measures nothing.
 
@@ -50,20 +51,23 @@ fn all_gather(c: &mut Criterion) {
         g.alloc::<u16>(rows * row).unwrap(),
     );
 
+    let (mut grad_send, mut grad_recv) = (
+        g.alloc::<u16>(rows * dim).unwrap(),
+        g.alloc::<u16>(rows * dim).unwrap(),
+    );
+
     let mut group = c.benchmark_group("all_gather_1024x512");
     group.bench_function("baseline_nccl_all_gather_f32_plus_read_write", |b| {
         b.iter(|| {
-            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
-                .unwrap();
+            comm.all_gather(&g, &gx, rows * dim, &mut gathered).unwrap();
             g.copy(&gathered, &mut copy, rows * dim).unwrap();
             g.synchronize().unwrap();
         })
     });
     group.bench_function("f32_all_gather_labels_normalize", |b| {
         b.iter(|| {
-            comm.all_gather_f32(&g, &gx, rows * dim, &mut gathered)
-                .unwrap();
-            comm.all_gather_i64(&g, &gl, rows, &mut gathered_labels)
+            comm.all_gather(&g, &gx, rows * dim, &mut gathered).unwrap();
+            comm.all_gather(&g, &gl, rows, &mut gathered_labels)
                 .unwrap();
             g.normalize_rows(&gathered, rows, dim, &mut xh, &mut norms)
                 .unwrap();
@@ -74,8 +78,7 @@ fn all_gather(c: &mut Criterion) {
         b.iter(|| {
             g.pack_embeddings(&gx, &gl, rows, dim, Dtype::Bf16, &mut send)
                 .unwrap();
-            comm.all_gather_u16(&g, &send, rows * row, &mut recv)
-                .unwrap();
+            comm.all_gather(&g, &send, rows * row, &mut recv).unwrap();
             g.unpack_normalize(
                 &recv,
                 rows,
@@ -100,6 +103,19 @@ fn all_gather(c: &mut Criterion) {
     group.bench_function("reduce_scatter_f32", |b| {
         b.iter(|| {
             comm.reduce_scatter_f32(&g, &gx, rows * dim, &mut gathered)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    // The embedding gradient in bf16 (`LayerConfig::grad_wire`): what the layer runs instead of
+    // the f32 reduce-scatter above, casts included, at half its bytes on the wire.
+    group.bench_function("bf16_grad_wire_cast_reduce_scatter_cast_back", |b| {
+        b.iter(|| {
+            g.cast_to_wire(&gx, rows * dim, Dtype::Bf16, &mut grad_send)
+                .unwrap();
+            comm.reduce_scatter_16(&g, &grad_send, rows * dim, &mut grad_recv, Dtype::Bf16)
+                .unwrap();
+            g.cast_from_wire(&grad_recv, rows * dim, Dtype::Bf16, &mut gathered)
                 .unwrap();
             g.synchronize().unwrap();
         })

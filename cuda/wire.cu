@@ -1,6 +1,8 @@
 // The wire format of the embedding all-gather: per row, `dim` 16-bit values (f16 or bf16, round to
 // nearest even) then the row's i64 label as four 16-bit words, little end first.
 // CPU references: src/cpu/wire.rs. One block per row.
+// Also the element-wise casts around the 16-bit reduce-scatter of the embedding gradient
+// (LayerConfig::grad_wire): cast_to_wire before it, cast_from_wire after it, same rounding.
 #include "common.cuh"
 
 typedef unsigned short u16;
@@ -60,4 +62,18 @@ extern "C" __global__ void unpack_normalize(const u16* packed, int rows, int dim
         for (int w = 0; w < 4; ++w) l |= ((unsigned long long)in[dim + w]) << (16 * w);
         labels[row] = (long long)l;
     }
+}
+
+// Grid-stride loops: the gradient holds N*k*d values, which may outgrow one grid, and the count
+// is 64-bit so that no size the layer accepts is refused here.
+extern "C" __global__ void cast_to_wire(const float* x, unsigned long long n, int wire, u16* y) {
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = to_wire(x[i], wire);
+}
+
+extern "C" __global__ void cast_from_wire(const u16* x, unsigned long long n, int wire, float* y) {
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = from_wire(x[i], wire);
 }

@@ -335,6 +335,18 @@ pub struct LayerConfig {
     /// Dtype of the embeddings on the all-gather's wire: `F32`, or `F16`/`Bf16` to halve the
     /// bytes (each rank then normalizes the rounded embeddings; labels travel in the same buffer).
     pub wire: crate::plan::Dtype,
+    /// Dtype of the embedding gradient on the backward's reduce-scatter: `F32`, or `F16`/`Bf16`
+    /// to halve its bytes (the point for multi-node jobs, where that reduce-scatter crosses the
+    /// network). Every value is valid; 16-bit costs two buffers of N·k·d and N·d 16-bit values
+    /// (`collective_staging`) and this accuracy: each rank's contribution (its N·k × d gradient)
+    /// is rounded once to the 16-bit type (nearest even: relative error at most 2⁻¹¹ in f16,
+    /// 2⁻⁸ in bf16; f16 also has only 2⁻¹⁴..65504 as normal range, and gradients are small, so
+    /// bf16 is the safer choice) before the sum. The sum's own rounding depends on the
+    /// collective: `ThreadGroup` and `HostStaged` add the rounded values in f32 in rank order and
+    /// round the total once (deterministic); NCCL reduces 16-bit types in that type along its
+    /// ring (a rounding per hop). Only `grad_embeddings` changes: the loss and the class
+    /// centers' gradient and update are those of the f32 path, bit for bit.
+    pub grad_wire: crate::plan::Dtype,
     /// Operand precision of the step's GEMMs; the master weights stay f32 (see
     /// [`GemmPrecision`]). The backend must support it: the layer asks it at construction.
     pub precision: GemmPrecision,
@@ -355,6 +367,7 @@ impl LayerConfig {
             optimizer: Some(Sgd::default()),
             seed: 0x5eed,
             wire: crate::plan::Dtype::F32,
+            grad_wire: crate::plan::Dtype::F32,
             precision: GemmPrecision::F32,
         }
     }

@@ -24,6 +24,9 @@ pub struct StepOutput {
     pub sampled: usize,
 }
 
+/// A send and a receive buffer of 16-bit words, present only when a wire dtype is 16-bit.
+type U16Pair<B> = Option<(<B as Backend>::Buf<u16>, <B as Backend>::Buf<u16>)>;
+
 struct Buffers<B: Backend> {
     weight: B::Buf<f32>,
     weight_grad: Option<B::Buf<f32>>,
@@ -50,7 +53,10 @@ struct Buffers<B: Backend> {
     row_loss: B::Buf<f32>,
     staging: B::Buf<f32>,
     /// Packed send and receive buffers of a 16-bit wire (`None` with an f32 wire).
-    packed: Option<(B::Buf<u16>, B::Buf<u16>)>,
+    packed: U16Pair<B>,
+    /// Send (N·k × d) and receive (N × d) buffers of the gradient's 16-bit reduce-scatter
+    /// (`None` when `grad_wire` is f32).
+    grad_wire: U16Pair<B>,
 }
 
 /// The logits, in the dtype the backend keeps them in ([`Backend::logits_dtype`]): f32, or with
@@ -288,6 +294,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             } else {
                 None
             },
+            grad_wire: if config.grad_wire != Dtype::F32 {
+                Some((b.alloc(m * d)?, b.alloc(n * d)?))
+            } else {
+                None
+            },
         };
         Ok(PartialFc {
             backend,
@@ -320,6 +331,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             update: config.update,
             logits: LogitsMode::Materialized,
             wire_dtype: config.wire,
+            grad_wire_dtype: config.grad_wire,
             hard_negatives: matches!(config.sampler, NegativeSampler::Hard { .. }),
             gemm_precision: config.precision,
         }
@@ -335,6 +347,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let b = &self.backend;
         let f = |buf: &B::Buf<f32>| b.len(buf) as u64 * 4;
         let fo = |buf: &Option<B::Buf<f32>>| buf.as_ref().map_or(0, f);
+        let u16_pair = |pair: &U16Pair<B>| {
+            pair.as_ref()
+                .map_or(0, |(send, recv)| (b.len(send) + b.len(recv)) as u64 * 2)
+        };
         let x = &self.bufs;
         vec![
             (Component::WeightShard, f(&x.weight)),
@@ -376,10 +392,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (Component::GemmOperands, b.gemm_operand_bytes()),
             (
                 Component::CollectiveStaging,
-                f(&x.staging)
-                    + x.packed
-                        .as_ref()
-                        .map_or(0, |(send, recv)| (b.len(send) + b.len(recv)) as u64 * 2),
+                f(&x.staging) + u16_pair(&x.packed) + u16_pair(&x.grad_wire),
             ),
         ]
     }
@@ -645,7 +658,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 let wire = self.config.wire;
                 b.pack_embeddings(&x.staging, &x.send_labels, n, d, wire, send)?;
                 let row = crate::cpu::wire::packed_row_len(d);
-                self.comm.all_gather_u16(b, send, n * row, recv)?;
+                self.comm.all_gather(b, send, n * row, recv)?;
                 b.unpack_normalize(
                     recv,
                     m,
@@ -846,8 +859,19 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             s,
             d,
         )?;
-        self.comm
-            .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?;
+        match &mut x.grad_wire {
+            None => self
+                .comm
+                .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?,
+            Some((send, recv)) => {
+                // Half the bytes on the wire: each rank's gradient rounded once, summed in the
+                // 16-bit dtype by the collective, widened back (see `LayerConfig::grad_wire`).
+                let dtype = self.config.grad_wire;
+                b.cast_to_wire(&x.x_grad, m * d, dtype, send)?;
+                self.comm.reduce_scatter_16(b, send, n * d, recv, dtype)?;
+                b.cast_from_wire(recv, n * d, dtype, &mut x.staging)?;
+            }
+        }
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
         self.grad_pending = true;
         self.last_sampled = Some(s);

@@ -18,6 +18,7 @@ use golden_support::{assert_close_in_row, golden_files};
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
 use partial_fc::golden::{read_expected, StepCase};
+use partial_fc::plan::Dtype;
 use partial_fc::{
     Backend, CpuBackend, GradMode, LayerConfig, Margin, NegativeSampler, PartialFc, SampleArgs,
     StateBuf, StateDtype, TargetFallback, UpdateMode,
@@ -630,6 +631,98 @@ fn optimizer_and_scatter_match_cpu() {
             1e-6,
         );
     }
+}
+
+/// The casts around the gradient's 16-bit reduce-scatter (`LayerConfig::grad_wire`) against
+/// their CPU twins, bit for bit: f32 → f16/bf16 on random values and on the rounding edges (ties,
+/// overflow to inf, f16 subnormals and underflow, signed zero, infinities), and 16-bit → f32 on
+/// every one of the 65536 patterns. NaN must stay NaN; its payload bits are not compared (the
+/// hardware f16 conversion need not keep the payload the CPU's `half` keeps). A second launch
+/// over 2^24 + 3 elements (more than the 2^16 blocks × 256 threads of the grid) checks the
+/// grid-stride loop.
+#[test]
+fn wire_casts_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let p = |e: i32| 2f32.powi(e);
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0 + p(-11),
+        1.0 + 3.0 * p(-11),
+        1.0 + p(-8),
+        1.0 + 3.0 * p(-8),
+        65504.0,
+        65519.0,
+        65520.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        p(-14),
+        p(-24),
+        p(-25),
+        3.0 * p(-25),
+        p(-26),
+        f32::from_bits(0x0001_0000),
+        f32::from_bits(0x0000_8000),
+        f32::from_bits(0x0001_8000),
+        f32::from_bits(1),
+        f32::NAN,
+        f32::from_bits(0x7f80_0001),
+    ];
+    let mut rng = Rng(77);
+    x.extend(rng.vec(300_000, -3.0, 3.0).iter().map(|v| v * 1e-3));
+    x.extend((0..4096).map(|_| f32::from_bits(rng.next() as u32)));
+    let n = x.len();
+    let gx = up(&g, &x);
+    for wire in [Dtype::F16, Dtype::Bf16] {
+        let mut want = vec![0u16; n];
+        cpu.cast_to_wire(&x, n, wire, &mut want).unwrap();
+        let mut gy = g.alloc::<u16>(n).unwrap();
+        g.cast_to_wire(&gx, n, wire, &mut gy).unwrap();
+        let got = g.download(&gy, n).unwrap();
+        let nan = |b: u16| partial_fc::cpu::wire::from_wire(b, wire).is_nan();
+        for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                a == b || (nan(a) && nan(b)),
+                "{wire:?}: cast_to_wire({:e}) gpu {a:#06x} cpu {b:#06x}",
+                x[i]
+            );
+        }
+
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut want = vec![0f32; all.len()];
+        cpu.cast_from_wire(&all, all.len(), wire, &mut want)
+            .unwrap();
+        let mut gw = g.alloc::<f32>(all.len()).unwrap();
+        g.cast_from_wire(&up(&g, &all), all.len(), wire, &mut gw)
+            .unwrap();
+        for (b, (a, w)) in all
+            .iter()
+            .zip(g.download(&gw, all.len()).unwrap().iter().zip(&want))
+        {
+            assert!(
+                a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan()),
+                "{wire:?}: cast_from_wire({b:#06x}) gpu {a:e} cpu {w:e}"
+            );
+        }
+        println!("{wire:?}: cast_to_wire and cast_from_wire bit-identical to the CPU");
+    }
+    // More elements than one grid's threads (2^16 blocks of 256): each thread loops.
+    let big = (1usize << 24) + 3;
+    let xs: Vec<f32> = (0..big).map(|i| (i % 1000) as f32 * 0.37 - 150.0).collect();
+    let mut want = vec![0u16; big];
+    cpu.cast_to_wire(&xs, big, Dtype::Bf16, &mut want).unwrap();
+    let mut gy = g.alloc::<u16>(big).unwrap();
+    g.cast_to_wire(&up(&g, &xs), big, Dtype::Bf16, &mut gy)
+        .unwrap();
+    assert!(g.download(&gy, big).unwrap() == want, "grid-stride cast");
+    // f32 is not a 16-bit format.
+    assert!(matches!(
+        g.cast_to_wire(&gx, n, Dtype::F32, &mut gy),
+        Err(partial_fc::PfcError::Param { .. })
+    ));
 }
 
 #[test]

@@ -45,6 +45,13 @@ fn config_wire(world: usize, rate: f64, wire: Dtype) -> LayerConfig {
     cfg
 }
 
+/// An f32 all-gather wire and the embedding gradient reduce-scattered in `grad_wire`.
+fn config_grad_wire(world: usize, rate: f64, grad_wire: Dtype) -> LayerConfig {
+    let mut cfg = config(world, rate);
+    cfg.grad_wire = grad_wire;
+    cfg
+}
+
 fn data() -> (Vec<f32>, Vec<i64>) {
     let x = partial_fc::init::normal_rows(21, 0, BATCH, DIM, 1.0);
     let labels = (0..BATCH as i64)
@@ -309,4 +316,91 @@ fn wire_formats_on_gpu_ranks_match_cpu() {
             &cpu_run_wire(1, 0.1, Dtype::Bf16),
         );
     }
+}
+
+/// The embedding gradient reduce-scattered in bf16 (`LayerConfig::grad_wire`) on the GPU: NCCL
+/// with world size 1 (ncclBfloat16) and 3 virtual ranks through the host-staged collective,
+/// against the CPU with the same option. The loss and weights are held to the f32 tolerance of
+/// `assert_close`. The gradient is rounded to bf16 after the GPU's and the CPU's f32 arithmetic
+/// have differed by ~1e-6, so an element near a rounding boundary may land one bf16 step
+/// (≤ 2⁻⁷ of its magnitude) apart: with one rank the bound is that step; with three, each
+/// rank's contribution may be a step apart before the sum, so the bound is three steps of the
+/// gradient's largest magnitude (loose, but a wrong block, dtype or missing cast is far outside).
+#[test]
+fn bf16_gradient_wire_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let check = |what: &str, got: &RankRun, want: &RankRun, ranks: usize| {
+        let strip = |r: &RankRun| (r.0.clone(), Vec::new(), r.2.clone());
+        assert_close(what, &strip(got), &strip(want));
+        let scale = want.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let step = 2f32.powi(-7);
+        assert_eq!(got.1.len(), want.1.len(), "{what}: gradient length");
+        for (i, (x, y)) in got.1.iter().zip(&want.1).enumerate() {
+            let bound = if ranks == 1 {
+                step * x.abs().max(y.abs())
+            } else {
+                3.0 * step * scale
+            };
+            assert!(
+                (x - y).abs() <= 1e-6 + 1e-6 * scale + bound,
+                "{what} grad_embeddings[{i}]: gpu {x} cpu {y}"
+            );
+        }
+        assert_ne!(
+            want.1,
+            cpu_run_grad_wire(ranks, Dtype::F32).1,
+            "{what}: bf16 rounding must change the CPU's gradient for the test to mean anything"
+        );
+        println!("{what}: matches the CPU");
+    };
+
+    let world = 3;
+    let got = concat(ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let g = CudaBackend::new(0).unwrap();
+        let mut layer = PartialFc::new(
+            config_grad_wire(world, 0.1, Dtype::Bf16),
+            g,
+            HostStaged::new(comm),
+        )
+        .unwrap();
+        assert_eq!(layer.memory_report(), layer.planned_memory());
+        two_steps(&mut layer, world, rank)
+    }));
+    check(
+        "3 virtual ranks, bf16 gradient wire",
+        &got,
+        &cpu_run_grad_wire(world, Dtype::Bf16),
+        world,
+    );
+
+    if let Err(e) = nccl_available() {
+        skip!("skipped (NCCL part): {e}");
+        return;
+    }
+    let comm = NcclCollective::new(
+        &g,
+        0,
+        1,
+        new_unique_id().unwrap(),
+        Some(Duration::from_secs(60)),
+    )
+    .unwrap();
+    let mut layer = PartialFc::new(config_grad_wire(1, 0.1, Dtype::Bf16), g, comm).unwrap();
+    assert_eq!(layer.memory_report(), layer.planned_memory());
+    check(
+        "NCCL, 1 rank, bf16 gradient wire",
+        &two_steps(&mut layer, 1, 0),
+        &cpu_run_grad_wire(1, Dtype::Bf16),
+        1,
+    );
+}
+
+fn cpu_run_grad_wire(world: usize, grad_wire: Dtype) -> RankRun {
+    concat(ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let mut layer =
+            PartialFc::new(config_grad_wire(world, 0.1, grad_wire), CpuBackend, comm).unwrap();
+        two_steps(&mut layer, world, rank)
+    }))
 }

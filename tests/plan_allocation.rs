@@ -20,12 +20,14 @@ struct Case {
     update: UpdateMode,
     momentum: bool,
     state: StateDtype,
+    grad_wire: Dtype,
 }
 
 fn layer_config(c: &Case) -> LayerConfig {
     let mut cfg = LayerConfig::new(c.classes, c.dim, c.batch);
     cfg.sample_rate = c.rate;
     cfg.update = c.update;
+    cfg.grad_wire = c.grad_wire;
     if !c.momentum {
         cfg.optimizer = None;
     }
@@ -41,6 +43,7 @@ fn plan_config(c: &Case) -> PlanConfig {
     p.dim = c.dim as u64;
     p.sample_rate = c.rate;
     p.update = c.update;
+    p.grad_wire_dtype = c.grad_wire;
     p.optimizer = if c.momentum {
         Optimizer::SgdMomentum
     } else {
@@ -93,6 +96,7 @@ fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool
         update,
         momentum,
         state: StateDtype::F32,
+        grad_wire: Dtype::F32,
     }
 }
 
@@ -174,6 +178,20 @@ fn bf16_momentum_halves_the_optimizer_state_and_nothing_else() {
         .find(|(c, _)| *c == Component::OptimizerState)
         .unwrap();
     assert_eq!(state.1, 3001 * 32 * 2, "one rank holds all 3001 classes");
+}
+
+#[test]
+fn bf16_gradient_wire_world_of_one_and_three() {
+    // The 16-bit send and receive buffers of the gradient's reduce-scatter, in the layer, the
+    // planner and the PlanConfig API alike.
+    run(Case {
+        grad_wire: Dtype::Bf16,
+        ..case(4000, 1, 0.1, UpdateMode::Sparse, true)
+    });
+    run(Case {
+        grad_wire: Dtype::Bf16,
+        ..case(3001, 3, 0.05, UpdateMode::Dense, true)
+    });
 }
 
 /// The CPU backend multiplies in f32 only: a 16-bit layer is a typed error naming `precision`,

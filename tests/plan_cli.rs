@@ -238,3 +238,44 @@ fn state_dtype_bf16_halves_the_momentum() {
         "bf16 momentum: it should fit"
     );
 }
+
+#[test]
+fn grad_wire_dtype_adds_the_16_bit_reduce_scatter_buffers() {
+    let staging = |extra: &[&str]| {
+        let mut args = PAPER.to_vec();
+        args.push("--json");
+        args.extend_from_slice(extra);
+        let out = pfc(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["components"]["collective_staging"].as_u64().unwrap()
+    };
+    // N = 128, k = 8, d = 512: a send buffer of N·k·d and a receive buffer of N·d, 2 bytes each.
+    let (n, m, d) = (128u64, 1024u64, 512u64);
+    let f32_wire = staging(&[]);
+    assert_eq!(f32_wire, n * d * 4);
+    for dtype in ["bf16", "f16"] {
+        assert_eq!(
+            staging(&["--grad-wire-dtype", dtype]),
+            f32_wire + (m * d + n * d) * 2,
+            "{dtype}"
+        );
+    }
+    let bad = pfc(&[
+        "plan",
+        "--classes",
+        "1M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "32GiB",
+        "--grad-wire-dtype",
+        "f8",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--grad-wire-dtype"));
+}

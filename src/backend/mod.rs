@@ -270,6 +270,29 @@ pub trait Backend: Send + Sync + 'static {
         norms: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// Rounds the first `len` values of `x` to the 16-bit `wire` dtype (f16 or bf16, round to
+    /// nearest even, as [`Backend::pack_embeddings`]) into `out`: the embedding gradient before
+    /// its reduce-scatter in the wire dtype (`LayerConfig::grad_wire`), which halves its bytes.
+    /// `Dtype::F32` is not a 16-bit format: [`PfcError::Param`].
+    fn cast_to_wire(
+        &self,
+        x: &Self::Buf<f32>,
+        len: usize,
+        wire: Dtype,
+        out: &mut Self::Buf<u16>,
+    ) -> Result<()>;
+
+    /// Widens the first `len` 16-bit `wire` values of `x` to f32 into `out` (exact): the
+    /// reduce-scattered gradient back in f32. `Dtype::F32` is refused as in
+    /// [`Backend::cast_to_wire`].
+    fn cast_from_wire(
+        &self,
+        x: &Self::Buf<u16>,
+        len: usize,
+        wire: Dtype,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
     /// `out[i] = weight[index[i]] / ‖weight[index[i]]‖`, norms kept for the backward pass.
     fn gather_normalize_rows(
         &self,
@@ -591,28 +614,16 @@ pub trait Collective<B: Backend>: Send {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// Concatenates every rank's first `count` elements of `send`, in rank order, into `recv`.
-    fn all_gather_f32(
+    ///
+    /// One generic method rather than one per element type: an all-gather does no arithmetic,
+    /// so every implementation moves any [`Elem`] the same way (NCCL as bytes), and the layer
+    /// gathers f32 embeddings, i64 labels and the packed 16-bit wire format through it.
+    fn all_gather<T: Elem>(
         &self,
         backend: &B,
-        send: &B::Buf<f32>,
+        send: &B::Buf<T>,
         count: usize,
-        recv: &mut B::Buf<f32>,
-    ) -> Result<()>;
-    /// Same as [`Collective::all_gather_f32`] for 16-bit words (the packed wire format).
-    fn all_gather_u16(
-        &self,
-        backend: &B,
-        send: &B::Buf<u16>,
-        count: usize,
-        recv: &mut B::Buf<u16>,
-    ) -> Result<()>;
-    /// Same as [`Collective::all_gather_f32`] for labels.
-    fn all_gather_i64(
-        &self,
-        backend: &B,
-        send: &B::Buf<i64>,
-        count: usize,
-        recv: &mut B::Buf<i64>,
+        recv: &mut B::Buf<T>,
     ) -> Result<()>;
     /// All-gathers embeddings (`x_count` per rank) and their labels (`label_count` per rank).
     /// NCCL issues both as one group; the default makes the two calls.
@@ -627,8 +638,8 @@ pub trait Collective<B: Backend>: Send {
         label_count: usize,
         recv_labels: &mut B::Buf<i64>,
     ) -> Result<()> {
-        self.all_gather_f32(backend, x, x_count, recv_x)?;
-        self.all_gather_i64(backend, labels, label_count, recv_labels)
+        self.all_gather(backend, x, x_count, recv_x)?;
+        self.all_gather(backend, labels, label_count, recv_labels)
     }
     /// Reduces the first `count` elements over all ranks, result on every rank.
     fn all_reduce_f32(
@@ -645,6 +656,24 @@ pub trait Collective<B: Backend>: Send {
         send: &B::Buf<f32>,
         count: usize,
         recv: &mut B::Buf<f32>,
+    ) -> Result<()>;
+    /// [`Collective::reduce_scatter_f32`] in a 16-bit dtype (`Dtype::F16` or `Dtype::Bf16`):
+    /// `send` holds `world_size · count` values as bit patterns of `dtype`, rank i receives the
+    /// sum of block i in `dtype`. Half the bytes on the wire of the f32 call; used for the
+    /// embedding gradient when `LayerConfig::grad_wire` is 16-bit.
+    ///
+    /// The inputs are already rounded (each rank's contribution once, by
+    /// [`Backend::cast_to_wire`]); how the sum rounds is the collective's: the host collectives
+    /// add the ranks' values in f32 in rank order and round the total once (deterministic, the
+    /// same on every rank), NCCL adds in the 16-bit type along its ring (a rounding per hop).
+    /// `Dtype::F32` is refused with [`PfcError::Param`]: use `reduce_scatter_f32`.
+    fn reduce_scatter_16(
+        &self,
+        backend: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+        dtype: Dtype,
     ) -> Result<()>;
     /// Waits until every rank reaches this point.
     fn barrier(&self) -> Result<()>;

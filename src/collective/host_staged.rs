@@ -9,6 +9,7 @@
 use crate::backend::{Backend, Collective, Elem, ReduceOp};
 use crate::cpu::CpuBackend;
 use crate::error::Result;
+use crate::plan::Dtype;
 
 /// Wraps a host collective for any backend.
 ///
@@ -35,25 +36,6 @@ impl<C> HostStaged<C> {
     }
 }
 
-/// A host all-gather of `T`, as the inner collective spells it.
-type HostGather<C, T> = fn(&C, &CpuBackend, &Vec<T>, usize, &mut Vec<T>) -> Result<()>;
-
-impl<C: Collective<CpuBackend>> HostStaged<C> {
-    fn gather<B: Backend, T: Elem>(
-        &self,
-        b: &B,
-        send: &B::Buf<T>,
-        count: usize,
-        recv: &mut B::Buf<T>,
-        host_gather: HostGather<C, T>,
-    ) -> Result<()> {
-        let host = b.download(send, count)?;
-        let mut out = vec![T::default(); count * self.inner.world_size()];
-        host_gather(&self.inner, &CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
-    }
-}
-
 impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -63,34 +45,17 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         self.inner.world_size()
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         b: &B,
-        send: &B::Buf<f32>,
+        send: &B::Buf<T>,
         count: usize,
-        recv: &mut B::Buf<f32>,
+        recv: &mut B::Buf<T>,
     ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_f32)
-    }
-
-    fn all_gather_u16(
-        &self,
-        b: &B,
-        send: &B::Buf<u16>,
-        count: usize,
-        recv: &mut B::Buf<u16>,
-    ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_u16)
-    }
-
-    fn all_gather_i64(
-        &self,
-        b: &B,
-        send: &B::Buf<i64>,
-        count: usize,
-        recv: &mut B::Buf<i64>,
-    ) -> Result<()> {
-        self.gather(b, send, count, recv, C::all_gather_i64)
+        let host = b.download(send, count)?;
+        let mut out = vec![T::default(); count * self.inner.world_size()];
+        self.inner.all_gather(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
     }
 
     fn all_reduce_f32(
@@ -117,6 +82,22 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         let mut out = vec![0.0; count];
         self.inner
             .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
+        b.upload(&out, recv)
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        b: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        super::check_16_bit(dtype)?;
+        let host = b.download(send, count * self.inner.world_size())?;
+        let mut out = vec![0u16; count];
+        self.inner
+            .reduce_scatter_16(&CpuBackend, &host, count, &mut out, dtype)?;
         b.upload(&out, recv)
     }
 

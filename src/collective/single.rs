@@ -1,7 +1,8 @@
 //! The collective of a group of one: every operation is a copy or nothing.
 
-use crate::backend::{Backend, Collective, ReduceOp};
+use crate::backend::{Backend, Collective, Elem, ReduceOp};
 use crate::error::Result;
+use crate::plan::Dtype;
 
 /// A world of one rank, for any backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -14,30 +15,12 @@ impl<B: Backend> Collective<B> for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         b: &B,
-        send: &B::Buf<f32>,
+        send: &B::Buf<T>,
         count: usize,
-        recv: &mut B::Buf<f32>,
-    ) -> Result<()> {
-        b.copy(send, recv, count)
-    }
-    fn all_gather_u16(
-        &self,
-        b: &B,
-        send: &B::Buf<u16>,
-        count: usize,
-        recv: &mut B::Buf<u16>,
-    ) -> Result<()> {
-        b.copy(send, recv, count)
-    }
-    fn all_gather_i64(
-        &self,
-        b: &B,
-        send: &B::Buf<i64>,
-        count: usize,
-        recv: &mut B::Buf<i64>,
+        recv: &mut B::Buf<T>,
     ) -> Result<()> {
         b.copy(send, recv, count)
     }
@@ -51,6 +34,18 @@ impl<B: Backend> Collective<B> for SingleRank {
         count: usize,
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
+        b.copy(send, recv, count)
+    }
+    fn reduce_scatter_16(
+        &self,
+        b: &B,
+        send: &B::Buf<u16>,
+        count: usize,
+        recv: &mut B::Buf<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        // The sum over one rank is its own values, already in the dtype: nothing to round.
+        super::check_16_bit(dtype)?;
         b.copy(send, recv, count)
     }
     fn barrier(&self) -> Result<()> {

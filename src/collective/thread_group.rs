@@ -5,9 +5,11 @@
 //! bit-identical results. A rank that leaves (drops its handle) or a barrier that waits longer
 //! than the group's timeout breaks the group: every waiting peer gets an error instead of hanging.
 
-use crate::backend::{Collective, ReduceOp};
+use crate::backend::{Collective, Elem, ReduceOp};
+use crate::cpu::wire::{from_wire, to_wire};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
+use crate::plan::Dtype;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,7 +182,9 @@ impl ThreadCollective {
             .collect())
     }
 
-    fn all_gather<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
+    /// The all-gather on host slices (the trait method's body, under a name of its own so that
+    /// it is not confused with [`Collective::all_gather`]).
+    fn gather_slices<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
         let world = self.shared.world;
         if send.len() < count || recv.len() < count * world {
             return Err(PfcError::Shape(format!(
@@ -207,6 +211,48 @@ impl ThreadCollective {
     }
 }
 
+impl ThreadCollective {
+    /// The reduce-scatter on host slices: every rank publishes its `world · count` values, then
+    /// `reduce` gets, in rank order, every rank's block of this rank (`count` values each) and
+    /// writes their reduction into `recv`; the second barrier keeps the peers' buffers alive
+    /// until every rank has read.
+    fn reduce_scatter_slices<T: Copy>(
+        &self,
+        send: &[T],
+        count: usize,
+        recv: &mut [T],
+        reduce: impl FnOnce(&[&[T]], &mut [T]),
+    ) -> Result<()> {
+        let world = self.shared.world;
+        if send.len() < count * world || recv.len() < count {
+            return Err(PfcError::Shape(format!(
+                "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
+                count * world
+            )));
+        }
+        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
+        let peers = self.peers::<T>()?;
+        if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
+            self.wait_all(None)?;
+            return Err(PfcError::Collective(format!(
+                "reduce_scatter: rank {r} sent {} elements, rank {} {}",
+                peers[r].1,
+                self.rank,
+                count * world
+            )));
+        }
+        let block = self.rank * count..(self.rank + 1) * count;
+        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
+        let blocks: Vec<&[T]> = peers
+            .iter()
+            .map(|&(p, n)| unsafe { &std::slice::from_raw_parts(p, n)[block.clone()] })
+            .collect();
+        reduce(&blocks, &mut recv[..count]);
+        drop(blocks);
+        self.wait_all(None)
+    }
+}
+
 impl Collective<CpuBackend> for ThreadCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -216,34 +262,14 @@ impl Collective<CpuBackend> for ThreadCollective {
         self.shared.world
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         _: &CpuBackend,
-        send: &Vec<f32>,
+        send: &Vec<T>,
         count: usize,
-        recv: &mut Vec<f32>,
+        recv: &mut Vec<T>,
     ) -> Result<()> {
-        self.all_gather(send, count, recv)
-    }
-
-    fn all_gather_u16(
-        &self,
-        _: &CpuBackend,
-        send: &Vec<u16>,
-        count: usize,
-        recv: &mut Vec<u16>,
-    ) -> Result<()> {
-        self.all_gather(send, count, recv)
-    }
-
-    fn all_gather_i64(
-        &self,
-        _: &CpuBackend,
-        send: &Vec<i64>,
-        count: usize,
-        recv: &mut Vec<i64>,
-    ) -> Result<()> {
-        self.all_gather(send, count, recv)
+        self.gather_slices(send, count, recv)
     }
 
     fn all_reduce_f32(
@@ -268,7 +294,7 @@ impl Collective<CpuBackend> for ThreadCollective {
                 peers[r].1, self.rank
             )));
         }
-        // SAFETY: as in all_gather; every rank only reads until the next barrier.
+        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
         let sources: Vec<&[f32]> = peers
             .iter()
             .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
@@ -295,35 +321,36 @@ impl Collective<CpuBackend> for ThreadCollective {
         count: usize,
         recv: &mut Vec<f32>,
     ) -> Result<()> {
-        let world = self.shared.world;
-        if send.len() < count * world || recv.len() < count {
-            return Err(PfcError::Shape(format!(
-                "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
-                count * world
-            )));
-        }
-        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
-        let peers = self.peers::<f32>()?;
-        if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
-            self.wait_all(None)?;
-            return Err(PfcError::Collective(format!(
-                "reduce_scatter: rank {r} sent {} elements, rank {} {}",
-                peers[r].1,
-                self.rank,
-                count * world
-            )));
-        }
-        let block = self.rank * count..(self.rank + 1) * count;
-        let out = &mut recv[..count];
-        out.fill(0.0);
-        for &(p, n) in &peers {
-            // SAFETY: as in all_gather.
-            let src = unsafe { std::slice::from_raw_parts(p, n) };
-            for (o, v) in out.iter_mut().zip(&src[block.clone()]) {
-                *o += v;
+        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+            out.fill(0.0);
+            for block in blocks {
+                for (o, v) in out.iter_mut().zip(*block) {
+                    *o += v;
+                }
             }
-        }
-        self.wait_all(None)
+        })
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        _: &CpuBackend,
+        send: &Vec<u16>,
+        count: usize,
+        recv: &mut Vec<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        super::check_16_bit(dtype)?;
+        // In f32, in rank order, starting from rank 0's value (so that one rank is a copy), then
+        // rounded once: every rank computes the same bits for its block, whatever the threads.
+        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let mut sum = from_wire(blocks[0][j], dtype);
+                for block in &blocks[1..] {
+                    sum += from_wire(block[j], dtype);
+                }
+                *o = to_wire(sum, dtype);
+            }
+        })
     }
 
     fn barrier(&self) -> Result<()> {
@@ -343,7 +370,7 @@ mod tests {
             let r = c.rank();
             let send: Vec<f32> = (0..3).map(|i| (r * 10 + i) as f32).collect();
             let mut recv = vec![0.0; 3 * k];
-            c.all_gather_f32(&b, &send, 3, &mut recv).unwrap();
+            c.all_gather(&b, &send, 3, &mut recv).unwrap();
             let big: Vec<f32> = (0..2 * k).map(|i| (i + r) as f32).collect();
             let mut part = vec![0.0; 2];
             c.reduce_scatter_f32(&b, &big, 2, &mut part).unwrap();

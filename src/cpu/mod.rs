@@ -51,6 +51,19 @@ fn check16(
     need(labels, rows, what)
 }
 
+/// The 16-bit casts take f16 or bf16; f32 is no wire format to cast to (a typed error, where
+/// `to_wire` would otherwise treat it as f16).
+fn need_16_bit(wire: Dtype) -> Result<()> {
+    if wire == Dtype::F32 {
+        return Err(crate::error::PfcError::param(
+            "wire",
+            "f32",
+            "the 16-bit casts take f16 or bf16",
+        ));
+    }
+    Ok(())
+}
+
 /// The CPU backend. Stateless: buffers are `Vec`s, every kernel runs to completion on return.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -199,6 +212,34 @@ impl Backend for CpuBackend {
         norms: &mut Vec<f32>,
     ) -> Result<()> {
         wire::unpack_normalize(packed, rows, dim, wire, labels, x_hat, norms);
+        Ok(())
+    }
+
+    fn cast_to_wire(
+        &self,
+        x: &Vec<f32>,
+        len: usize,
+        wire: Dtype,
+        out: &mut Vec<u16>,
+    ) -> Result<()> {
+        need_16_bit(wire)?;
+        need(x, len, "cast_to_wire x")?;
+        need(out, len, "cast_to_wire out")?;
+        wire::cast_to_wire(&x[..len], wire, &mut out[..len]);
+        Ok(())
+    }
+
+    fn cast_from_wire(
+        &self,
+        x: &Vec<u16>,
+        len: usize,
+        wire: Dtype,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        need_16_bit(wire)?;
+        need(x, len, "cast_from_wire x")?;
+        need(out, len, "cast_from_wire out")?;
+        wire::cast_from_wire(&x[..len], wire, &mut out[..len]);
         Ok(())
     }
 

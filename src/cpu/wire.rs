@@ -1,9 +1,11 @@
 //! The wire format of the embedding all-gather (CPU references of `cuda/wire.cu`).
 //!
-//! A packed row is `dim` 16-bit values (f16 or bf16, round to nearest even, as the `half` crate
+//! Two formats live here. The embedding all-gather's packed rows: a packed row is `dim` 16-bit values (f16 or bf16, round to nearest even, as the `half` crate
 //! and the GPU's `cvt.rn` both do) followed by the row's i64 label as four 16-bit words, little
 //! end first. Rows of all ranks concatenate, so one all-gather moves embeddings and labels
-//! together, at half the bytes of f32.
+//! together, at half the bytes of f32. And the embedding gradient's 16-bit reduce-scatter
+//! (`LayerConfig::grad_wire`): plain element-wise casts, [`cast_to_wire`] before it and
+//! [`cast_from_wire`] after it, with the same rounding as the packed rows.
 
 use super::normalize::NORM_EPS;
 use super::simd::dot;
@@ -31,6 +33,35 @@ pub fn from_wire(bits: u16, wire: Dtype) -> f32 {
         _ => f16::from_bits(bits).to_f32(),
     }
 }
+
+/// Rounds each f32 of `x` to the wire dtype into `out` (round to nearest even; NaN stays NaN,
+/// overflow becomes ±inf, f16 keeps subnormals): the embedding gradient before its 16-bit
+/// reduce-scatter. Twin of `cast_to_wire` in cuda/wire.cu.
+pub fn cast_to_wire(x: &[f32], wire: Dtype, out: &mut [u16]) {
+    out.par_chunks_mut(CAST_CHUNK)
+        .zip(x.par_chunks(CAST_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = to_wire(v, wire);
+            }
+        });
+}
+
+/// Widens each 16-bit wire value of `x` to f32 into `out` (exact): the reduce-scattered
+/// gradient back in the layer's dtype. Twin of `cast_from_wire` in cuda/wire.cu.
+pub fn cast_from_wire(x: &[u16], wire: Dtype, out: &mut [f32]) {
+    out.par_chunks_mut(CAST_CHUNK)
+        .zip(x.par_chunks(CAST_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &b) in o.iter_mut().zip(x) {
+                *o = from_wire(b, wire);
+            }
+        });
+}
+
+/// Elements per rayon task of the casts: large enough that scheduling costs nothing next to
+/// the conversions.
+const CAST_CHUNK: usize = 1 << 14;
 
 /// Packs `rows` embeddings and labels (see the module docs).
 pub fn pack_embeddings(
@@ -130,5 +161,110 @@ mod tests {
             to_wire(1.0 + 2f32.powi(-8), Dtype::Bf16),
             bf16::ONE.to_bits()
         );
+    }
+
+    /// The casts around the 16-bit reduce-scatter against hand-derived bit patterns at the edges
+    /// (ties, overflow, subnormals, signed zero, infinities, NaN) and against the `half` crate's
+    /// conversions on a spread of f32 bit patterns; widening is exact on every 16-bit pattern.
+    #[test]
+    fn casts_round_to_nearest_even_at_every_edge() {
+        let p = |e: i32| 2f32.powi(e);
+        let f16_cases: &[(f32, u16)] = &[
+            (1.0, 0x3c00),
+            (-0.0, 0x8000),
+            (1.0 + p(-11), 0x3c00),          // tie, to even (down)
+            (1.0 + 3.0 * p(-11), 0x3c02),    // tie, to even (up)
+            (1.0 + p(-11) + p(-20), 0x3c01), // just above the tie
+            (65504.0, 0x7bff),               // largest finite
+            (65519.0, 0x7bff),               // below the overflow tie
+            (65520.0, 0x7c00),               // the tie overflows to inf (even)
+            (f32::INFINITY, 0x7c00),
+            (f32::NEG_INFINITY, 0xfc00),
+            (f32::MAX, 0x7c00),
+            (p(-14), 0x0400),       // smallest normal
+            (p(-24), 0x0001),       // smallest subnormal
+            (p(-25), 0x0000),       // tie between 0 and 2^-24: to even 0
+            (3.0 * p(-25), 0x0002), // tie between 1 and 2 units: to even 2
+            (-p(-24), 0x8001),
+            (p(-26), 0x0000), // underflows to zero
+        ];
+        let bf16_cases: &[(f32, u16)] = &[
+            (1.0, 0x3f80),
+            (-0.0, 0x8000),
+            (1.0 + p(-8), 0x3f80),       // tie, to even (down)
+            (1.0 + 3.0 * p(-8), 0x3f82), // tie, to even (up)
+            (f32::MAX, 0x7f80),          // rounds up to inf
+            (f32::INFINITY, 0x7f80),
+            (f32::NEG_INFINITY, 0xff80),
+            (f32::from_bits(0x0001_0000), 0x0001), // f32 subnormal kept as a bf16 subnormal
+            (f32::from_bits(0x0000_8000), 0x0000), // tie below it: to even 0
+            (f32::from_bits(0x0001_8000), 0x0002), // tie: to even 2
+            (f32::from_bits(0x0000_0001), 0x0000),
+        ];
+        for (wire, cases) in [(Dtype::F16, f16_cases), (Dtype::Bf16, bf16_cases)] {
+            let x: Vec<f32> = cases.iter().map(|c| c.0).collect();
+            let mut out = vec![0u16; x.len()];
+            cast_to_wire(&x, wire, &mut out);
+            for ((v, want), got) in cases.iter().zip(&out) {
+                assert_eq!(
+                    *got, *want,
+                    "{wire:?}: {v:e} -> {got:#06x}, want {want:#06x}"
+                );
+            }
+        }
+        // NaN (quiet and signalling, either sign) stays NaN in both formats.
+        for bits in [0x7fc0_0000u32, 0x7f80_0001, 0xffc0_1234, 0x7fff_ffff] {
+            for wire in [Dtype::F16, Dtype::Bf16] {
+                let mut out = [0u16];
+                cast_to_wire(&[f32::from_bits(bits)], wire, &mut out);
+                assert!(from_wire(out[0], wire).is_nan(), "{wire:?}: {bits:#x}");
+            }
+        }
+
+        // A spread of f32 bit patterns (every exponent, random mantissas) against `half`.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let x: Vec<f32> = (0..1 << 16)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                f32::from_bits(state as u32)
+            })
+            .collect();
+        let mut out = vec![0u16; x.len()];
+        cast_to_wire(&x, Dtype::F16, &mut out);
+        assert!(x
+            .iter()
+            .zip(&out)
+            .all(|(&v, &o)| o == f16::from_f32(v).to_bits()));
+        cast_to_wire(&x, Dtype::Bf16, &mut out);
+        assert!(x
+            .iter()
+            .zip(&out)
+            .all(|(&v, &o)| o == bf16::from_f32(v).to_bits()));
+
+        // Widening: every 16-bit pattern, exact, and narrowing it again gives it back.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut wide = vec![0f32; all.len()];
+        let mut back = vec![0u16; all.len()];
+        for wire in [Dtype::F16, Dtype::Bf16] {
+            cast_from_wire(&all, wire, &mut wide);
+            cast_to_wire(&wide, wire, &mut back);
+            for ((&b, &w), &r) in all.iter().zip(&wide).zip(&back) {
+                let want = match wire {
+                    Dtype::Bf16 => bf16::from_bits(b).to_f32(),
+                    _ => f16::from_bits(b).to_f32(),
+                };
+                if want.is_nan() {
+                    assert!(
+                        w.is_nan() && from_wire(r, wire).is_nan(),
+                        "{wire:?} {b:#06x}"
+                    );
+                } else {
+                    assert_eq!(w.to_bits(), want.to_bits(), "{wire:?} {b:#06x}");
+                    assert_eq!(r, b, "{wire:?}: {b:#06x} does not round-trip");
+                }
+            }
+        }
     }
 }

@@ -110,7 +110,8 @@ fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
-/// The `wire` argument of cuda/wire.cu (1 = f16, 2 = bf16); f32 is not a packed format.
+/// The `wire` argument of cuda/wire.cu (1 = f16, 2 = bf16); f32 is not a 16-bit format (the
+/// packed rows and the casts are refused for it: f32 values travel as they are).
 fn wire_code(wire: Dtype) -> Result<i32> {
     match wire {
         Dtype::F16 => Ok(1),
@@ -118,7 +119,7 @@ fn wire_code(wire: Dtype) -> Result<i32> {
         Dtype::F32 => Err(PfcError::param(
             "wire",
             "f32",
-            "the packed wire format is f16 or bf16; f32 embeddings are gathered unpacked",
+            "the 16-bit wire formats are f16 and bf16; f32 values are sent unpacked",
         )),
     }
 }
@@ -126,6 +127,21 @@ fn wire_code(wire: Dtype) -> Result<i32> {
 fn per_elem(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(ELEM_THREADS as usize).max(1) as u32, 1, 1),
+        block_dim: (ELEM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid of the grid-stride casts of cuda/wire.cu: one thread per element up to 2^16 blocks,
+/// beyond that each thread loops (the grid's x dimension could hold more, but more blocks than
+/// the device runs at once only add scheduling).
+fn cast_grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(ELEM_THREADS as usize).clamp(1, 1 << 16) as u32,
+            1,
+            1,
+        ),
         block_dim: (ELEM_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -922,6 +938,42 @@ impl Backend for CudaBackend {
             x_hat,
             norms
         );
+        Ok(())
+    }
+
+    fn cast_to_wire(
+        &self,
+        x: &CudaSlice<f32>,
+        len: usize,
+        wire: Dtype,
+        out: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        let wire_i = wire_code(wire)?;
+        need(x, len, "cast_to_wire x")?;
+        need(out, len, "cast_to_wire out")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as u64;
+        launch!(self, "cast_to_wire", cast_grid(len), x, &n, &wire_i, out);
+        Ok(())
+    }
+
+    fn cast_from_wire(
+        &self,
+        x: &CudaSlice<u16>,
+        len: usize,
+        wire: Dtype,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let wire_i = wire_code(wire)?;
+        need(x, len, "cast_from_wire x")?;
+        need(out, len, "cast_from_wire out")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as u64;
+        launch!(self, "cast_from_wire", cast_grid(len), x, &n, &wire_i, out);
         Ok(())
     }
 

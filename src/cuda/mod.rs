@@ -93,7 +93,15 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
         ],
     ),
     ("precision", &["cast_f32_to_bf16", "cast_f32_to_f16"]),
-    ("wire", &["pack_embeddings", "unpack_normalize"]),
+    (
+        "wire",
+        &[
+            "pack_embeddings",
+            "unpack_normalize",
+            "cast_to_wire",
+            "cast_from_wire",
+        ],
+    ),
 ];
 
 /// Operand precision of the step's GEMMs: the layer option [`crate::GemmPrecision`], under the

@@ -16,8 +16,9 @@
 //! of the processes it starts (examples/multi_gpu.rs does this).
 
 use super::CudaBackend;
-use crate::backend::{Collective, ReduceOp};
+use crate::backend::{Collective, Elem, ReduceOp};
 use crate::error::{PfcError, Result};
+use crate::plan::Dtype;
 use crate::rendezvous::{UniqueId, UNIQUE_ID_BYTES};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
@@ -260,8 +261,11 @@ impl Drop for NcclCollective {
 }
 
 impl NcclCollective {
-    /// All-gather of any element type as bytes: an all-gather does no arithmetic, so the bytes of
-    /// `count` elements per rank are all NCCL needs to move.
+    /// All-gather of any element type as bytes (`count · size_of::<T>()` per rank, `ncclUint8`):
+    /// an all-gather does no arithmetic, so the bytes are all NCCL needs to move, and every
+    /// [`Elem`] (u16 wire words, i64 labels, u64, i32) goes through the same call without a table
+    /// from Rust types to NCCL types that would have to grow with `Elem`. A ring moves the same
+    /// bytes either way.
     fn all_gather_bytes<T>(
         &self,
         send: &CudaSlice<T>,
@@ -301,6 +305,36 @@ impl NcclCollective {
     }
 }
 
+impl NcclCollective {
+    /// `ncclReduceScatter` with `ncclSum` of `count` elements per rank of `dtype` (whose size
+    /// must be `T`'s), on the layer's stream, waited for like every other collective.
+    fn reduce_scatter_sum<T>(
+        &self,
+        send: &CudaSlice<T>,
+        count: usize,
+        recv: &mut CudaSlice<T>,
+        dtype: sys::ncclDataType_t,
+    ) -> Result<()> {
+        need(send, count * self.world_size, "reduce_scatter send")?;
+        need(recv, count, "reduce_scatter recv")?;
+        let (src, _s) = send.device_ptr(&self.stream);
+        let (dst, _d) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: both pointers cover the counts checked above, in elements of `dtype`'s size
+        // (the callers pair f32 with ncclFloat32 and u16 with the 16-bit types).
+        self.enqueue("ncclReduceScatter", |s| unsafe {
+            nccl::reduce_scatter(
+                src as _,
+                dst as _,
+                count,
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                s,
+            )
+        })
+    }
+}
+
 fn need<T>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
     if buf.len() < len {
         return Err(PfcError::Shape(format!(
@@ -327,32 +361,12 @@ impl Collective<CudaBackend> for NcclCollective {
         self.world_size
     }
 
-    fn all_gather_f32(
+    fn all_gather<T: Elem>(
         &self,
         _: &CudaBackend,
-        send: &CudaSlice<f32>,
+        send: &CudaSlice<T>,
         count: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        self.all_gather_bytes(send, count, recv)
-    }
-
-    fn all_gather_u16(
-        &self,
-        _: &CudaBackend,
-        send: &CudaSlice<u16>,
-        count: usize,
-        recv: &mut CudaSlice<u16>,
-    ) -> Result<()> {
-        self.all_gather_bytes(send, count, recv)
-    }
-
-    fn all_gather_i64(
-        &self,
-        _: &CudaBackend,
-        send: &CudaSlice<i64>,
-        count: usize,
-        recv: &mut CudaSlice<i64>,
+        recv: &mut CudaSlice<T>,
     ) -> Result<()> {
         self.all_gather_bytes(send, count, recv)
     }
@@ -409,22 +423,26 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         recv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(send, count * self.world_size, "reduce_scatter send")?;
-        need(recv, count, "reduce_scatter recv")?;
-        let (src, _s) = send.device_ptr(&self.stream);
-        let (dst, _d) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: as above.
-        self.enqueue("ncclReduceScatter", |s| unsafe {
-            nccl::reduce_scatter(
-                src as _,
-                dst as _,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                s,
-            )
-        })
+        self.reduce_scatter_sum(send, count, recv, sys::ncclDataType_t::ncclFloat32)
+    }
+
+    fn reduce_scatter_16(
+        &self,
+        _: &CudaBackend,
+        send: &CudaSlice<u16>,
+        count: usize,
+        recv: &mut CudaSlice<u16>,
+        dtype: Dtype,
+    ) -> Result<()> {
+        // NCCL sums these types itself (in the type, hop by hop along its ring), so the u16
+        // buffers are handed over under the dtype they hold.
+        crate::collective::check_16_bit(dtype)?;
+        let nccl_type = if dtype == Dtype::F16 {
+            sys::ncclDataType_t::ncclFloat16
+        } else {
+            sys::ncclDataType_t::ncclBfloat16
+        };
+        self.reduce_scatter_sum(send, count, recv, nccl_type)
     }
 
     fn barrier(&self) -> Result<()> {

@@ -67,6 +67,9 @@ pub struct StepShape {
     pub logits: LogitsMode,
     /// Dtype of the gathered embeddings on the wire.
     pub wire_dtype: Dtype,
+    /// Dtype of the embedding gradient on the backward's reduce-scatter (16-bit adds its send
+    /// and receive buffers).
+    pub grad_wire_dtype: Dtype,
     /// Whether hard negatives are scored (adds the scoring scratch).
     pub hard_negatives: bool,
     /// Operand precision of the step's GEMMs (16-bit operands add `gemm_operands`).
@@ -165,8 +168,10 @@ pub enum Component {
     /// layer's life: `N·k·d` (x̂) and `S·d` (ŵ) elements of 2 bytes.
     GemmOperands,
     /// The local embeddings before the all-gather, whose buffer then receives the
-    /// reduce-scattered embedding gradient (`N × d`, f32), and, when the wire dtype is not
-    /// f32, the packed send and receive buffers of the all-gather (`(N + N·k) × (2d + 8)` bytes).
+    /// reduce-scattered embedding gradient (`N × d`, f32); when the wire dtype is not f32, the
+    /// packed send and receive buffers of the all-gather (`(N + N·k) × (2d + 8)` bytes); when the
+    /// gradient's wire dtype is not f32, the 16-bit send (`N·k × d`) and receive (`N × d`)
+    /// buffers of its reduce-scatter.
     CollectiveStaging,
     /// Memory the user reserves for everything outside the FC layer.
     Reserved,
@@ -241,6 +246,13 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         0
     };
     let gathered = if packed_wire { 0 } else { m * d * f32b };
+    // A 16-bit gradient wire rounds the N·k × d gradient into a send buffer and receives this
+    // rank's N × d sum in a second one, before widening it into the f32 staging buffer.
+    let staging_grad = if shape.grad_wire_dtype != Dtype::F32 {
+        (m * d + n * d) * shape.grad_wire_dtype.bytes()
+    } else {
+        0
+    };
     let hard = if shape.hard_negatives {
         let chunk = HARD_NEGATIVE_CHUNK.min(shard);
         shard * f32b + chunk * d * f32b + chunk * m * f32b
@@ -283,6 +295,9 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
             let (a, b) = shape.gemm_operand_lens();
             (a + b) * shape.gemm_precision.operand_bytes()
         }),
-        (Component::CollectiveStaging, n * d * f32b + staging_wire),
+        (
+            Component::CollectiveStaging,
+            n * d * f32b + staging_wire + staging_grad,
+        ),
     ]
 }

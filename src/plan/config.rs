@@ -42,8 +42,8 @@ impl Optimizer {
 /// One cluster configuration: everything that decides the per-GPU memory of the FC layer.
 ///
 /// [`PlanConfig::new`] fills the published defaults: 128 images per GPU, d = 512, r = 0.1,
-/// f32 weights, SGD momentum in f32, sparse update, materialized logits, f32 on the wire, no hard
-/// negatives, f32 GEMMs, nothing reserved.
+/// f32 weights, SGD momentum in f32, sparse update, materialized logits, f32 on the wire
+/// (embeddings and gradient), no hard negatives, f32 GEMMs, nothing reserved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
     /// Total number of classes C.
@@ -73,6 +73,8 @@ pub struct PlanConfig {
     pub logits: LogitsMode,
     /// Dtype of the all-gathered embeddings on the wire.
     pub wire_dtype: Dtype,
+    /// Dtype of the embedding gradient on the backward's reduce-scatter.
+    pub grad_wire_dtype: Dtype,
     /// Whether hard negatives are scored (adds their scratch buffers).
     pub hard_negatives: bool,
     /// Operand precision of the step's GEMMs (16-bit adds the operand copies).
@@ -96,6 +98,7 @@ impl PlanConfig {
             update: UpdateMode::Sparse,
             logits: LogitsMode::Materialized,
             wire_dtype: Dtype::F32,
+            grad_wire_dtype: Dtype::F32,
             hard_negatives: false,
             gemm_precision: GemmPrecision::F32,
         }
@@ -185,6 +188,7 @@ impl PlanConfig {
             update: self.update,
             logits: self.logits,
             wire_dtype: self.wire_dtype,
+            grad_wire_dtype: self.grad_wire_dtype,
             hard_negatives: self.hard_negatives,
             gemm_precision: self.gemm_precision,
         }

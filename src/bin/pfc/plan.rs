@@ -58,6 +58,10 @@ pub struct PlanArgs {
     /// Dtype of the all-gathered embeddings on the wire.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     wire_dtype: DtypeArg,
+    /// Dtype of the embedding gradient on the backward's reduce-scatter (f16/bf16 halve its
+    /// bytes and add its 16-bit send and receive buffers).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    grad_wire_dtype: DtypeArg,
     /// Operand precision of the step's GEMMs (bf16/f16 add the 16-bit operand copies).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     gemm_precision: DtypeArg,
@@ -170,6 +174,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
             LogitsArg::Fused => LogitsMode::Fused,
         },
         wire_dtype: args.wire_dtype.dtype(),
+        grad_wire_dtype: args.grad_wire_dtype.dtype(),
         hard_negatives: false,
         gemm_precision: args.gemm_precision.gemm_precision(),
     };
