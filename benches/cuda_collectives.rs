@@ -36,8 +36,6 @@ fn all_gather(c: &mut Criterion) {
     let labels: Vec<i64> = (0..rows as i64).collect();
     let mut gx = g.alloc::<f32>(rows * dim).unwrap();
     g.upload(&x, &mut gx).unwrap();
-    let mut gl = g.alloc::<i64>(rows).unwrap();
-    g.upload(&labels, &mut gl).unwrap();
     let mut gathered = g.alloc::<f32>(rows * dim).unwrap();
     let mut copy = g.alloc::<f32>(rows * dim).unwrap();
     let mut gathered_labels = g.alloc::<i64>(rows).unwrap();
@@ -45,11 +43,23 @@ fn all_gather(c: &mut Criterion) {
         g.alloc::<f32>(rows * dim).unwrap(),
         g.alloc::<f32>(rows).unwrap(),
     );
-    let row = dim + 4;
+    // The packed rows as the layer builds them on the host (src/cpu/wire.rs).
+    let row = partial_fc::cpu::wire::packed_row_len(dim);
+    let mut host16 = vec![0u16; rows * row];
+    partial_fc::cpu::wire::pack_embeddings(&x, &labels, rows, dim, Dtype::Bf16, &mut host16);
     let (mut send, mut recv) = (
         g.alloc::<u16>(rows * row).unwrap(),
         g.alloc::<u16>(rows * row).unwrap(),
     );
+    g.upload(&host16, &mut send).unwrap();
+    let row_f32 = partial_fc::cpu::wire::packed_row_len_f32(dim);
+    let mut host32 = vec![0f32; rows * row_f32];
+    partial_fc::cpu::wire::pack_embeddings_f32(&x, &labels, rows, dim, &mut host32);
+    let (mut send_f32, mut recv_f32) = (
+        g.alloc::<f32>(rows * row_f32).unwrap(),
+        g.alloc::<f32>(rows * row_f32).unwrap(),
+    );
+    g.upload(&host32, &mut send_f32).unwrap();
 
     let (mut grad_send, mut grad_recv) = (
         g.alloc::<u16>(rows * dim).unwrap(),
@@ -64,20 +74,26 @@ fn all_gather(c: &mut Criterion) {
             g.synchronize().unwrap();
         })
     });
-    group.bench_function("f32_all_gather_labels_normalize", |b| {
+    // What the layer runs on the device: rows packed with their labels on the host (uploaded
+    // before, as the embeddings always are), one all-gather, one unpack + normalize kernel.
+    group.bench_function("f32_packed_all_gather_unpack_normalize", |b| {
         b.iter(|| {
-            comm.all_gather(&g, &gx, rows * dim, &mut gathered).unwrap();
-            comm.all_gather(&g, &gl, rows, &mut gathered_labels)
+            comm.all_gather(&g, &send_f32, rows * row_f32, &mut recv_f32)
                 .unwrap();
-            g.normalize_rows(&gathered, rows, dim, &mut xh, &mut norms)
-                .unwrap();
+            g.unpack_normalize_f32(
+                &recv_f32,
+                rows,
+                dim,
+                &mut gathered_labels,
+                &mut xh,
+                &mut norms,
+            )
+            .unwrap();
             g.synchronize().unwrap();
         })
     });
-    group.bench_function("bf16_wire_pack_all_gather_unpack_normalize", |b| {
+    group.bench_function("bf16_wire_all_gather_unpack_normalize", |b| {
         b.iter(|| {
-            g.pack_embeddings(&gx, &gl, rows, dim, Dtype::Bf16, &mut send)
-                .unwrap();
             comm.all_gather(&g, &send, rows * row, &mut recv).unwrap();
             g.unpack_normalize(
                 &recv,

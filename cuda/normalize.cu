@@ -28,6 +28,21 @@ extern "C" __global__ void gather_normalize_rows(const float* weight, int dim, c
     if (threadIdx.x == 0) norms[i] = n;
 }
 
+// The f32 wire format of the embedding all-gather (src/cpu/wire.rs pack_embeddings_f32): per row
+// `dim` values, then the i64 label's bits as two f32 words, low first. Unpacked with the same
+// normalize_row as normalize_rows (same bits), the label by thread 0.
+extern "C" __global__ void unpack_normalize_f32(const float* packed, int rows, int dim,
+                                                long long* labels, float* x_hat, float* norms) {
+    size_t row = blockIdx.x;
+    const float* in = packed + row * (size_t)(dim + 2);
+    float n = normalize_row(in, x_hat + row * dim, dim);
+    if (threadIdx.x == 0) {
+        norms[row] = n;
+        unsigned long long lo = __float_as_uint(in[dim]), hi = __float_as_uint(in[dim + 1]);
+        labels[row] = (long long)(lo | (hi << 32));
+    }
+}
+
 // g <- (g - x_hat (g . x_hat)) / |x|
 extern "C" __global__ void normalize_backward(float* grad, const float* x_hat, const float* norms,
                                               int rows, int dim) {

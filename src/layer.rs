@@ -34,14 +34,12 @@ struct Buffers<B: Backend> {
     sampled_weights: B::Buf<f32>,
     sampled_weights_grad: B::Buf<f32>,
     weight_norms: B::Buf<f32>,
-    gathered: B::Buf<f32>,
     x_hat: B::Buf<f32>,
     x_norms: B::Buf<f32>,
     x_grad: B::Buf<f32>,
     logits: Logits<B>,
     gathered_labels: B::Buf<i64>,
     local_labels: B::Buf<i32>,
-    send_labels: B::Buf<i64>,
     sampled_index: B::Buf<i32>,
     keys: B::Buf<u64>,
     scores: Option<B::Buf<f32>>,
@@ -52,11 +50,19 @@ struct Buffers<B: Backend> {
     target_cos: B::Buf<f32>,
     row_loss: B::Buf<f32>,
     staging: B::Buf<f32>,
-    /// Packed send and receive buffers of a 16-bit wire (`None` with an f32 wire).
-    packed: U16Pair<B>,
+    /// The all-gather's send (N rows) and receive (N·k rows) buffers in the wire format.
+    packed: Packed<B>,
     /// Send (N·k × d) and receive (N × d) buffers of the gradient's 16-bit reduce-scatter
     /// (`None` when `grad_wire` is f32).
     grad_wire: U16Pair<B>,
+}
+
+/// Send and receive buffers of the embedding all-gather in the wire format: each row's values
+/// then its i64 label (two f32 words, or four 16-bit words; src/cpu/wire.rs), packed on the host
+/// where the embeddings arrive, so a step makes one upload and one all-gather for both.
+enum Packed<B: Backend> {
+    F32(B::Buf<f32>, B::Buf<f32>),
+    Half(B::Buf<u16>, B::Buf<u16>),
 }
 
 /// The logits, in the dtype the backend keeps them in ([`Backend::logits_dtype`]): f32, or with
@@ -255,7 +261,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let shard_len = shard.len as usize;
         let hard = matches!(config.sampler, NegativeSampler::Hard { .. });
         let chunk = (HARD_NEGATIVE_CHUNK as usize).min(shard_len);
-        let packed_wire = config.wire != Dtype::F32;
         let b = &backend;
         let bufs = Buffers {
             weight: b.alloc(shard_len * d)?,
@@ -267,7 +272,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             sampled_weights: b.alloc(capacity * d)?,
             sampled_weights_grad: b.alloc(capacity * d)?,
             weight_norms: b.alloc(capacity)?,
-            gathered: b.alloc(if packed_wire { 0 } else { m * d })?,
             x_hat: b.alloc(m * d)?,
             x_norms: b.alloc(m)?,
             x_grad: b.alloc(m * d)?,
@@ -277,7 +281,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             },
             gathered_labels: b.alloc(m)?,
             local_labels: b.alloc(m)?,
-            send_labels: b.alloc(n)?,
             sampled_index: b.alloc(capacity)?,
             keys: b.alloc(shard_len)?,
             scores: alloc_opt(b, shard_len, hard)?,
@@ -288,11 +291,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             target_cos: b.alloc(m)?,
             row_loss: b.alloc(m)?,
             staging: b.alloc(n * d)?,
-            packed: if packed_wire {
-                let row = crate::cpu::wire::packed_row_len(d);
-                Some((b.alloc(n * row)?, b.alloc(m * row)?))
-            } else {
-                None
+            packed: match config.wire {
+                Dtype::F32 => {
+                    let row = crate::cpu::wire::packed_row_len_f32(d);
+                    Packed::F32(b.alloc(n * row)?, b.alloc(m * row)?)
+                }
+                _ => {
+                    let row = crate::cpu::wire::packed_row_len(d);
+                    Packed::Half(b.alloc(n * row)?, b.alloc(m * row)?)
+                }
             },
             grad_wire: if config.grad_wire != Dtype::F32 {
                 Some((b.alloc(m * d)?, b.alloc(n * d)?))
@@ -362,7 +369,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (Component::SampledWeights, f(&x.sampled_weights)),
             (Component::SampledWeightsGrad, f(&x.sampled_weights_grad)),
             (Component::WeightNorms, f(&x.weight_norms)),
-            (Component::GatheredEmbeddings, f(&x.gathered)),
+            (
+                Component::GatheredEmbeddings,
+                match &x.packed {
+                    Packed::F32(_, recv) => f(recv),
+                    Packed::Half(_, recv) => b.len(recv) as u64 * 2,
+                },
+            ),
             (Component::NormalizedEmbeddings, f(&x.x_hat)),
             (Component::EmbeddingNorms, f(&x.x_norms)),
             (Component::EmbeddingsGrad, f(&x.x_grad)),
@@ -375,9 +388,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ),
             (
                 Component::Labels,
-                b.len(&x.gathered_labels) as u64 * 8
-                    + b.len(&x.local_labels) as u64 * 4
-                    + b.len(&x.send_labels) as u64 * 8,
+                b.len(&x.gathered_labels) as u64 * 8 + b.len(&x.local_labels) as u64 * 4,
             ),
             (Component::SampledIndex, b.len(&x.sampled_index) as u64 * 4),
             (Component::SamplerKeys, b.len(&x.keys) as u64 * 8),
@@ -392,7 +403,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (Component::GemmOperands, b.gemm_operand_bytes()),
             (
                 Component::CollectiveStaging,
-                f(&x.staging) + u16_pair(&x.packed) + u16_pair(&x.grad_wire),
+                f(&x.staging)
+                    + match &x.packed {
+                        Packed::F32(send, _) => f(send),
+                        Packed::Half(send, _) => b.len(send) as u64 * 2,
+                    }
+                    + u16_pair(&x.grad_wire),
             ),
         ]
     }
@@ -633,31 +649,51 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let m = n * world;
         let shard_len = self.shard.len as usize;
 
-        // 1. All-gather embeddings and labels.
-        b.zero(&mut x.staging, n * d)?;
-        b.upload(embeddings, &mut x.staging)?;
-        let mut padded_labels = vec![-1i64; n];
-        padded_labels[..labels.len()].copy_from_slice(labels);
-        b.upload(&padded_labels, &mut x.send_labels)?;
+        // 1. All-gather embeddings and labels: packed on the host (padding rows are zeros with
+        //    label −1), one upload, one all-gather, and one kernel that unpacks the gathered rows
+        //    straight into their normalized copy.
+        let wire = self.config.wire;
         match &mut x.packed {
-            None => {
-                self.comm.all_gather_batch(
-                    b,
-                    &x.staging,
-                    n * d,
-                    &mut x.gathered,
-                    &x.send_labels,
-                    n,
+            Packed::F32(send, recv) => {
+                let row = crate::cpu::wire::packed_row_len_f32(d);
+                let mut host = vec![0f32; n * row];
+                crate::cpu::wire::pack_embeddings_f32(
+                    embeddings,
+                    labels,
+                    labels.len(),
+                    d,
+                    &mut host,
+                );
+                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
+                    pad[d] = f32::from_bits(u32::MAX);
+                    pad[d + 1] = f32::from_bits(u32::MAX);
+                }
+                b.upload(&host, send)?;
+                self.comm.all_gather(b, send, n * row, recv)?;
+                b.unpack_normalize_f32(
+                    recv,
+                    m,
+                    d,
                     &mut x.gathered_labels,
+                    &mut x.x_hat,
+                    &mut x.x_norms,
                 )?;
-                b.normalize_rows(&x.gathered, m, d, &mut x.x_hat, &mut x.x_norms)?;
             }
-            Some((send, recv)) => {
-                // One all-gather of rounded embeddings with their labels, unpacked straight
-                // into the normalized copy.
-                let wire = self.config.wire;
-                b.pack_embeddings(&x.staging, &x.send_labels, n, d, wire, send)?;
+            Packed::Half(send, recv) => {
                 let row = crate::cpu::wire::packed_row_len(d);
+                let mut host = vec![0u16; n * row];
+                crate::cpu::wire::pack_embeddings(
+                    embeddings,
+                    labels,
+                    labels.len(),
+                    d,
+                    wire,
+                    &mut host,
+                );
+                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
+                    pad[d..].fill(u16::MAX);
+                }
+                b.upload(&host, send)?;
                 self.comm.all_gather(b, send, n * row, recv)?;
                 b.unpack_normalize(
                     recv,

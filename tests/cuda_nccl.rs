@@ -277,6 +277,39 @@ fn wire_kernels_match_cpu() {
         }
         println!("{wire:?} wire: pack bit-identical, unpack+normalize within 1e-6");
     }
+
+    // The f32 wire (rows packed on the host): the GPU unpack gives the labels back exactly and
+    // the same normalized rows and norms as normalize_rows on the device, bit for bit (the same
+    // device function computes both).
+    let row = partial_fc::cpu::wire::packed_row_len_f32(dim);
+    let mut host = vec![0f32; rows * row];
+    partial_fc::cpu::wire::pack_embeddings_f32(&x, &labels, rows, dim, &mut host);
+    let mut gp = g.alloc(rows * row).unwrap();
+    g.upload(&host, &mut gp).unwrap();
+    let (mut gl, mut gxh, mut gn) = (
+        g.alloc(rows).unwrap(),
+        g.alloc(rows * dim).unwrap(),
+        g.alloc(rows).unwrap(),
+    );
+    g.unpack_normalize_f32(&gp, rows, dim, &mut gl, &mut gxh, &mut gn)
+        .unwrap();
+    let mut gx = g.alloc(rows * dim).unwrap();
+    g.upload(&x, &mut gx).unwrap();
+    let (mut wxh, mut wn) = (g.alloc(rows * dim).unwrap(), g.alloc(rows).unwrap());
+    g.normalize_rows(&gx, rows, dim, &mut wxh, &mut wn).unwrap();
+    assert_eq!(g.download(&gl, rows).unwrap(), labels, "f32 wire: labels");
+    let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(g.download(&gxh, rows * dim).unwrap()),
+        bits(g.download(&wxh, rows * dim).unwrap()),
+        "f32 wire: x_hat"
+    );
+    assert_eq!(
+        bits(g.download(&gn, rows).unwrap()),
+        bits(g.download(&wn, rows).unwrap()),
+        "f32 wire: norms"
+    );
+    println!("f32 wire: unpack+normalize bit-identical to normalize_rows");
 }
 
 #[test]

@@ -235,8 +235,9 @@ fn a_16_bit_gradient_wire_allocates_what_the_planner_predicts() {
                     .find(|(c, _)| *c == Component::CollectiveStaging)
                     .unwrap()
                     .1;
-                // f32 local rows, plus the 16-bit send (N·k × d) and receive (N × d) buffers.
-                assert_eq!(staging, n * d * 4 + (m * d + n * d) * 2);
+                // f32 gradient rows, the all-gather's send buffer (N packed f32 rows of d + 2
+                // words), plus the 16-bit send (N·k × d) and receive (N × d) buffers.
+                assert_eq!(staging, n * d * 4 + n * (d + 2) * 4 + (m * d + n * d) * 2);
             }
         }
     }

@@ -257,7 +257,8 @@ fn grad_wire_dtype_adds_the_16_bit_reduce_scatter_buffers() {
     // N = 128, k = 8, d = 512: a send buffer of N·k·d and a receive buffer of N·d, 2 bytes each.
     let (n, m, d) = (128u64, 1024u64, 512u64);
     let f32_wire = staging(&[]);
-    assert_eq!(f32_wire, n * d * 4);
+    // The f32 gradient rows and the all-gather's send buffer (N packed rows of d + 2 words).
+    assert_eq!(f32_wire, n * d * 4 + n * (d + 2) * 4);
     for dtype in ["bf16", "f16"] {
         assert_eq!(
             staging(&["--grad-wire-dtype", dtype]),

@@ -73,15 +73,28 @@ fn the_packed_wire_allocates_what_the_planner_predicts() {
     for wire in [Dtype::F16, Dtype::Bf16] {
         let layer = PartialFc::zeroed(config(1, wire), CpuBackend, SingleRank).unwrap();
         assert_eq!(layer.memory_report(), layer.planned_memory());
-        let staging = layer
+        let part = |name: &str| {
+            layer
+                .memory_report()
+                .into_iter()
+                .find(|(c, _)| c.name() == name)
+                .unwrap()
+                .1
+        };
+        let (n, d) = (BATCH as u64, DIM as u64);
+        // f32 gradient rows plus the packed send buffer (N rows of d + 4 words); the packed
+        // receive buffer (N·k = N rows at one rank) is the gathered embeddings.
+        assert_eq!(part("collective_staging"), n * d * 4 + n * (d + 4) * 2);
+        assert_eq!(part("gathered_embeddings"), n * (d + 4) * 2);
+        let f32_layer = PartialFc::zeroed(config(1, Dtype::F32), CpuBackend, SingleRank).unwrap();
+        let f32_gathered = f32_layer
             .memory_report()
             .into_iter()
-            .find(|(c, _)| c.name() == "collective_staging")
+            .find(|(c, _)| c.name() == "gathered_embeddings")
             .unwrap()
             .1;
-        let n = BATCH as u64;
-        // f32 local rows, plus packed send (N rows) and receive (N·k rows) of d + 4 words each.
-        assert_eq!(staging, n * DIM as u64 * 4 + 2 * n * (DIM as u64 + 4) * 2);
+        // The f32 wire: d values and the label's two words per row.
+        assert_eq!(f32_gathered, n * (d + 2) * 4);
         for comm in ThreadGroup::handles(3) {
             let layer = PartialFc::zeroed(config(3, wire), CpuBackend, comm).unwrap();
             assert_eq!(layer.memory_report(), layer.planned_memory());
@@ -104,4 +117,48 @@ fn packing_with_an_f32_wire_is_a_typed_error() {
         )
         .unwrap_err();
     assert!(matches!(err, partial_fc::PfcError::Param { .. }));
+}
+
+/// The f32 wire: rows packed with their labels' bits unpack to exactly the labels (negative,
+/// padding and extreme ones included) and to the same bits as `normalize_rows`.
+#[test]
+fn the_f32_wire_round_trips_labels_and_normalizes_like_normalize_rows() {
+    use partial_fc::cpu::wire::{pack_embeddings_f32, packed_row_len_f32};
+    use partial_fc::Backend;
+    let (rows, dim) = (7usize, 33usize);
+    let x = partial_fc::init::normal_rows(5, 0, rows, dim, 3.0);
+    let labels = [
+        0i64,
+        -1,
+        1,
+        i64::MAX,
+        i64::MIN,
+        0x7fc0_0000_ffff_ffff,
+        12_345_678_901,
+    ];
+    let mut packed = vec![0f32; rows * packed_row_len_f32(dim)];
+    pack_embeddings_f32(&x, &labels, rows, dim, &mut packed);
+    let (mut got_labels, mut xh, mut norms) =
+        (vec![0i64; rows], vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .unpack_normalize_f32(&packed, rows, dim, &mut got_labels, &mut xh, &mut norms)
+        .unwrap();
+    assert_eq!(got_labels, labels);
+    let (mut want_xh, mut want_norms) = (vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .normalize_rows(&x, rows, dim, &mut want_xh, &mut want_norms)
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&xh), bits(&want_xh));
+    assert_eq!(bits(&norms), bits(&want_norms));
+    assert!(CpuBackend
+        .unpack_normalize_f32(
+            &packed[1..].to_vec(),
+            rows,
+            dim,
+            &mut got_labels,
+            &mut xh,
+            &mut norms
+        )
+        .is_err());
 }

@@ -293,6 +293,20 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// Unpacks `rows` gathered rows of the f32 wire format (`dim` values, then the i64 label's
+    /// bits as two f32 words, low first; `cpu::wire::pack_embeddings_f32`) fused with their L2
+    /// normalization: normalized embeddings, norms (the same bits as
+    /// [`Backend::normalize_rows`]) and labels.
+    fn unpack_normalize_f32(
+        &self,
+        packed: &Self::Buf<f32>,
+        rows: usize,
+        dim: usize,
+        labels: &mut Self::Buf<i64>,
+        x_hat: &mut Self::Buf<f32>,
+        norms: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
     /// `out[i] = weight[index[i]] / ‖weight[index[i]]‖`, norms kept for the backward pass.
     fn gather_normalize_rows(
         &self,
@@ -625,22 +639,6 @@ pub trait Collective<B: Backend>: Send {
         count: usize,
         recv: &mut B::Buf<T>,
     ) -> Result<()>;
-    /// All-gathers embeddings (`x_count` per rank) and their labels (`label_count` per rank).
-    /// NCCL issues both as one group; the default makes the two calls.
-    #[allow(clippy::too_many_arguments)]
-    fn all_gather_batch(
-        &self,
-        backend: &B,
-        x: &B::Buf<f32>,
-        x_count: usize,
-        recv_x: &mut B::Buf<f32>,
-        labels: &B::Buf<i64>,
-        label_count: usize,
-        recv_labels: &mut B::Buf<i64>,
-    ) -> Result<()> {
-        self.all_gather(backend, x, x_count, recv_x)?;
-        self.all_gather(backend, labels, label_count, recv_labels)
-    }
     /// Reduces the first `count` elements over all ranks, result on every rank.
     fn all_reduce_f32(
         &self,

@@ -243,6 +243,23 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn unpack_normalize_f32(
+        &self,
+        packed: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        labels: &mut Vec<i64>,
+        x_hat: &mut Vec<f32>,
+        norms: &mut Vec<f32>,
+    ) -> Result<()> {
+        need(packed, rows * (dim + 2), "unpack_normalize_f32 packed")?;
+        need(labels, rows, "unpack_normalize_f32 labels")?;
+        need(x_hat, rows * dim, "unpack_normalize_f32 x_hat")?;
+        need(norms, rows, "unpack_normalize_f32 norms")?;
+        normalize::unpack_normalize_f32(packed, rows, dim, labels, x_hat, norms);
+        Ok(())
+    }
+
     fn gather_normalize_rows(
         &self,
         weight: &Vec<f32>,

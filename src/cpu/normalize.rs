@@ -24,6 +24,34 @@ pub fn normalize_rows(x: &[f32], rows: usize, dim: usize, out: &mut [f32], norms
         .for_each(|(i, (o, n))| *n = normalize_into(&x[i * dim..(i + 1) * dim], o));
 }
 
+/// Unpacks `rows` rows of the f32 wire format (`dim` values, then the i64 label's bits in two
+/// f32 words, low first: [`super::wire::pack_embeddings_f32`]) fused with their L2
+/// normalization. The same arithmetic as [`normalize_rows`], so an f32 all-gather normalizes to
+/// the same bits whichever way it travelled.
+pub fn unpack_normalize_f32(
+    packed: &[f32],
+    rows: usize,
+    dim: usize,
+    labels: &mut [i64],
+    x_hat: &mut [f32],
+    norms: &mut [f32],
+) {
+    let len = dim + 2;
+    packed[..rows * len]
+        .par_chunks(len)
+        .zip(x_hat[..rows * dim].par_chunks_mut(dim))
+        .zip(
+            labels[..rows]
+                .par_iter_mut()
+                .zip(norms[..rows].par_iter_mut()),
+        )
+        .for_each(|((row, out), (label, norm))| {
+            *norm = normalize_into(&row[..dim], out);
+            let (lo, hi) = (row[dim].to_bits(), row[dim + 1].to_bits());
+            *label = (u64::from(lo) | (u64::from(hi) << 32)) as i64;
+        });
+}
+
 /// Gathers the sampled rows of the shard and normalizes them in one pass.
 pub fn gather_normalize_rows(
     weight: &[f32],

@@ -88,6 +88,29 @@ pub fn pack_embeddings(
         });
 }
 
+/// f32 words per row of the f32 wire format: the row's `dim` values, then its i64 label's bits
+/// as two words (low first), so that one all-gather moves embeddings and labels together.
+pub fn packed_row_len_f32(dim: usize) -> usize {
+    dim + 2
+}
+
+/// Packs `rows` embeddings and labels in the f32 wire format (see [`packed_row_len_f32`]); the
+/// layer does this on the host, where the embeddings arrive, so the device sees one upload and
+/// one all-gather. Unpacked by `unpack_normalize_f32` (src/cpu/normalize.rs).
+pub fn pack_embeddings_f32(x: &[f32], labels: &[i64], rows: usize, dim: usize, packed: &mut [f32]) {
+    let len = packed_row_len_f32(dim);
+    packed[..rows * len]
+        .par_chunks_mut(len)
+        .zip(x[..rows * dim].par_chunks(dim))
+        .zip(labels[..rows].par_iter())
+        .for_each(|((out, row), &label)| {
+            out[..dim].copy_from_slice(row);
+            let l = label as u64;
+            out[dim] = f32::from_bits(l as u32);
+            out[dim + 1] = f32::from_bits((l >> 32) as u32);
+        });
+}
+
 /// Unpacks `rows` packed rows fused with their L2 normalization.
 #[allow(clippy::too_many_arguments)]
 pub fn unpack_normalize(

@@ -846,6 +846,37 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn unpack_normalize_f32(
+        &self,
+        packed: &CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+        labels: &mut CudaSlice<i64>,
+        x_hat: &mut CudaSlice<f32>,
+        norms: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        need(packed, rows * (dim + 2), "unpack_normalize_f32 packed")?;
+        need(labels, rows, "unpack_normalize_f32 labels")?;
+        need(x_hat, rows * dim, "unpack_normalize_f32 x_hat")?;
+        need(norms, rows, "unpack_normalize_f32 norms")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, dim_i) = (i32_of(rows, "rows")?, i32_of(dim, "dim")?);
+        launch!(
+            self,
+            "unpack_normalize_f32",
+            per_row(rows),
+            packed,
+            &rows_i,
+            &dim_i,
+            labels,
+            x_hat,
+            norms
+        );
+        Ok(())
+    }
+
     fn gather_normalize_rows(
         &self,
         weight: &CudaSlice<f32>,

@@ -65,6 +65,7 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
         &[
             "normalize_rows",
             "gather_normalize_rows",
+            "unpack_normalize_f32",
             "normalize_backward",
             "row_max_into",
         ],

@@ -371,28 +371,6 @@ impl Collective<CudaBackend> for NcclCollective {
         self.all_gather_bytes(send, count, recv)
     }
 
-    fn all_gather_batch(
-        &self,
-        _: &CudaBackend,
-        x: &CudaSlice<f32>,
-        x_count: usize,
-        recv_x: &mut CudaSlice<f32>,
-        labels: &CudaSlice<i64>,
-        label_count: usize,
-        recv_labels: &mut CudaSlice<i64>,
-    ) -> Result<()> {
-        // One NCCL group: both all-gathers are launched as one operation.
-        self.check_usable()?;
-        nccl::group_start().map_err(|e| self.abort(format!("ncclGroupStart: {e:?}")))?;
-        let queued = self
-            .enqueue_all_gather(x, x_count, recv_x)
-            .and_then(|()| self.enqueue_all_gather(labels, label_count, recv_labels));
-        let ended = nccl::group_end().map_err(|e| self.abort(format!("ncclGroupEnd: {e:?}")));
-        queued?;
-        ended?;
-        self.wait("grouped all-gather")
-    }
-
     fn all_reduce_f32(
         &self,
         _: &CudaBackend,

@@ -141,8 +141,9 @@ pub enum Component {
     SampledWeightsGrad,
     /// Norms of the sampled rows, kept for the backward pass, `S`.
     WeightNorms,
-    /// The all-gathered embeddings, `N·k × d` f32 (none with a 16-bit wire: the packed receive
-    /// buffer is unpacked straight into the normalized copy).
+    /// The all-gathered embeddings in the wire format, `N·k` packed rows of `d` wire values and
+    /// the row's i64 label (`N·k × (d·b_x + 8)` bytes), unpacked straight into the normalized
+    /// copy.
     GatheredEmbeddings,
     /// Their L2-normalized copy, `N·k × d`.
     NormalizedEmbeddings,
@@ -153,8 +154,7 @@ pub enum Component {
     /// The logits, `N·k × S` (f32, or 16-bit with 16-bit GEMMs), overwritten in place by their
     /// gradient.
     Logits,
-    /// Gathered global labels (i64) and their shard-local remap (i32), `N·k` each, and the
-    /// rank's own labels before the gather (i64, `N`).
+    /// Gathered global labels (i64) and their shard-local remap (i32), `N·k` each.
     Labels,
     /// The sorted sampled class ids of the shard (i32), `S`.
     SampledIndex,
@@ -167,11 +167,9 @@ pub enum Component {
     /// The 16-bit copies of the GEMM operands (bf16/f16 precision only, 0 in f32), kept for the
     /// layer's life: `N·k·d` (x̂) and `S·d` (ŵ) elements of 2 bytes.
     GemmOperands,
-    /// The local embeddings before the all-gather, whose buffer then receives the
-    /// reduce-scattered embedding gradient (`N × d`, f32); when the wire dtype is not f32, the
-    /// packed send and receive buffers of the all-gather (`(N + N·k) × (2d + 8)` bytes); when the
-    /// gradient's wire dtype is not f32, the 16-bit send (`N·k × d`) and receive (`N × d`)
-    /// buffers of its reduce-scatter.
+    /// The reduce-scattered embedding gradient (`N × d`, f32); the all-gather's send buffer, this
+    /// rank's `N` packed rows (`N × (d·b_x + 8)` bytes); when the gradient's wire dtype is not
+    /// f32, the 16-bit send (`N·k × d`) and receive (`N × d`) buffers of its reduce-scatter.
     CollectiveStaging,
     /// Memory the user reserves for everything outside the FC layer.
     Reserved,
@@ -227,6 +225,12 @@ impl Component {
     }
 }
 
+/// Bytes of one packed row of the embedding all-gather: `d` values of the wire dtype and the
+/// row's i64 label (src/cpu/wire.rs).
+pub fn packed_row_bytes(wire: Dtype, dim: u64) -> u64 {
+    dim * wire.bytes() + 8
+}
+
 /// Bytes of every component of one step (reserved excluded: it is the caller's), in report order.
 pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
     let f32b = 4u64;
@@ -236,16 +240,11 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
     let m = shape.gathered_rows();
     let s = shape.sampled_capacity();
     let dense = shape.update == UpdateMode::Dense;
-    let wire = shape.wire_dtype.bytes();
-    // A 16-bit wire packs each row as d values and its label as four 16-bit words, in a send
-    // buffer (N rows) and a receive buffer (N·k rows); the f32 gathered copy is then not needed.
-    let packed_wire = shape.wire_dtype != Dtype::F32;
-    let staging_wire = if packed_wire {
-        (n + m) * (d * wire + 8)
-    } else {
-        0
-    };
-    let gathered = if packed_wire { 0 } else { m * d * f32b };
+    // Every rank packs its N rows as the wire's values followed by the row's i64 label (8 bytes:
+    // two f32 words, or four 16-bit words), so one all-gather moves both, from a send buffer of
+    // N rows into a receive buffer of N·k rows, which is unpacked straight into the normalized
+    // copy.
+    let row_bytes = packed_row_bytes(shape.wire_dtype, d);
     // A 16-bit gradient wire rounds the N·k × d gradient into a send buffer and receives this
     // rank's N × d sum in a second one, before widening it into the f32 staging buffer.
     let staging_grad = if shape.grad_wire_dtype != Dtype::F32 {
@@ -275,7 +274,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         (Component::SampledWeights, s * d * f32b),
         (Component::SampledWeightsGrad, s * d * f32b),
         (Component::WeightNorms, s * f32b),
-        (Component::GatheredEmbeddings, gathered),
+        (Component::GatheredEmbeddings, m * row_bytes),
         (Component::NormalizedEmbeddings, m * d * f32b),
         (Component::EmbeddingNorms, m * f32b),
         (Component::EmbeddingsGrad, m * d * f32b),
@@ -286,7 +285,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
                 LogitsMode::Fused => 0,
             },
         ),
-        (Component::Labels, m * 8 + m * 4 + n * 8),
+        (Component::Labels, m * 8 + m * 4),
         (Component::SampledIndex, s * 4),
         (Component::SamplerKeys, shard * 8),
         (Component::HardNegativeScratch, hard),
@@ -297,7 +296,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         }),
         (
             Component::CollectiveStaging,
-            n * d * f32b + staging_wire + staging_grad,
+            n * d * f32b + n * row_bytes + staging_grad,
         ),
     ]
 }
