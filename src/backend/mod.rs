@@ -244,7 +244,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Packs `rows` embeddings (f32, `rows × dim`) and their labels for the wire: each row becomes
     /// `dim` 16-bit values in `wire` (f16 or bf16, round to nearest even) followed by its i64
-    /// label as four 16-bit words, so one all-gather moves both.
+    /// label as four 16-bit words, so one all-gather moves both. The layer packs on the host
+    /// (`cpu::wire::pack_embeddings`, where its embeddings arrive); this is the device version,
+    /// for embeddings that already live on the device.
     #[allow(clippy::too_many_arguments)]
     fn pack_embeddings(
         &self,
