@@ -7,19 +7,9 @@ use partial_fc::cpu::margin_softmax16::{narrow, widen, F16_MAX};
 use partial_fc::plan::Dtype;
 use partial_fc::{Backend, CpuBackend, GradMode, Margin, TargetFallback};
 
-/// xorshift64*: test inputs only.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
+mod common;
+
+use common::Rng;
 
 fn margins() -> Vec<Margin> {
     let mut filtered = Margin::arcface();
@@ -41,7 +31,7 @@ fn inputs(rng: &mut Rng, rows: usize, cols: usize, dtype: Dtype) -> (Vec<u16>, V
                 5 => -1.0,
                 7 => 0.0,
                 11 => -0.0,
-                _ => -1.02 + 2.04 * rng.uniform(),
+                _ => -1.02 + 2.04 * rng.uniform() as f32,
             };
             narrow(v, dtype)
         })
@@ -51,7 +41,7 @@ fn inputs(rng: &mut Rng, rows: usize, cols: usize, dtype: Dtype) -> (Vec<u16>, V
             if i % 5 == 4 {
                 -1
             } else {
-                (rng.next() % cols as u64) as i32
+                rng.below(cols as u64) as i32
             }
         })
         .collect();
@@ -71,7 +61,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
     let cpu = CpuBackend;
-    let mut rng = Rng(0x16b1);
+    let mut rng = Rng::new(0x16b1);
     for dtype in [Dtype::Bf16, Dtype::F16] {
         for cols in [64usize, 61] {
             for margin in margins() {
@@ -149,7 +139,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
 #[test]
 fn fused_on_16_bit_cosines_equals_the_f32_fused() {
     let cpu = CpuBackend;
-    let mut rng = Rng(0xf05e);
+    let mut rng = Rng::new(0xf05e);
     for dtype in [Dtype::Bf16, Dtype::F16] {
         for cols in [128usize, 37] {
             for margin in margins() {
@@ -192,9 +182,9 @@ fn f16_gradients_stay_in_range() {
     let (rows, cols) = (2usize, 4096usize);
     let p = Margin::arcface().params();
     let dtype = Dtype::F16;
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut cos: Vec<u16> = (0..rows * cols)
-        .map(|_| narrow(-0.05 + 0.1 * rng.uniform(), dtype))
+        .map(|_| narrow(-0.05 + 0.1 * rng.uniform() as f32, dtype))
         .collect();
     let labels = vec![5i32, 9];
     let mut loss = vec![0f32; rows];
