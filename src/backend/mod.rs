@@ -163,10 +163,12 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Sets the operand precision of `gemm_nt`, `gemm_nn` and `gemm_tn` (outputs and
-    /// accumulation stay f32). The default accepts only [`GemmPrecision::F32`] and answers
-    /// anything else with [`PfcError::Param`]: a backend that can multiply 16-bit operands
-    /// overrides it. The layer calls it once, at construction.
+    /// Sets the operand precision of `gemm_nt`, `gemm_nn` and `gemm_tn` (their outputs and
+    /// accumulation stay f32). A 16-bit precision also makes [`Self::logits_dtype`] that type, so
+    /// the layer keeps its logits in it ([`Self::gemm_nt16`] rounds its output to it). The
+    /// default accepts only [`GemmPrecision::F32`] and answers anything else with
+    /// [`PfcError::Param`]: a backend that can multiply 16-bit operands overrides it. The layer
+    /// calls it once, at construction.
     fn set_gemm_precision(&mut self, precision: GemmPrecision) -> Result<()> {
         match precision {
             GemmPrecision::F32 => Ok(()),
@@ -477,9 +479,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The backward GEMMs on a 16-bit logits gradient `g` (`rows × cols`):
     /// `grad_x = alpha · g · ŵ` and `grad_w = alpha · gᵀ · x̂`, f32 results. With
-    /// `reuse_operands`, the 16-bit copies of `ŵ` and `x̂` that the last [`Self::gemm_nt16`] of
-    /// this backend made are used as they are (the step passes `true`: nothing writes `x̂`, `ŵ`
-    /// or the copies in between); otherwise they are made again. `alpha` carries the softmax's
+    /// `reuse_operands`, the caller promises that `x̂` and `ŵ` are unchanged since this backend's
+    /// last GEMM, [`Self::gemm_nt16`] on these same buffers, and the 16-bit copies it made are
+    /// used as they are (the step passes `true`); a backend still casts again if its last GEMM was
+    /// anything else. Without it the copies are made again. `alpha` carries the softmax's
     /// `1/rows` here rather than in `g`, so that f16's range holds `g` (see the `*16` passes).
     #[allow(clippy::too_many_arguments)]
     fn gemm_backward16(

@@ -406,7 +406,9 @@ impl CudaBackend {
         let GemmOperands {
             a: a_slot,
             b: b_slot,
+            forward,
         } = &mut *held;
+        *forward = None;
         let b16 = self.operand_buffer(b_slot, b_len)?;
         self.cast_into(kernel, b, b16, b_len)?;
         // `a_already_cast`: the previous GEMM of this backend cast this same `a` into the slot
@@ -602,6 +604,10 @@ impl CudaBackend {
 pub(crate) struct GemmOperands {
     a: Option<CudaSlice<u16>>,
     b: Option<CudaSlice<u16>>,
+    /// What `a` and `b` hold when the last GEMM was `gemm_nt16`: the device address and length
+    /// of the f32 `x̂` and `ŵ` it cast. `gemm_backward16` reuses the copies only if they are of
+    /// the very buffers it is given; every other GEMM clears it.
+    forward: Option<(u64, usize, u64, usize)>,
 }
 
 impl GemmOperands {
@@ -700,7 +706,11 @@ impl Backend for CudaBackend {
             .gemm_operands
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *held = GemmOperands { a, b };
+        *held = GemmOperands {
+            a,
+            b,
+            forward: None,
+        };
         Ok(())
     }
 
@@ -1333,12 +1343,14 @@ impl Backend for CudaBackend {
         let GemmOperands {
             a: a_slot,
             b: b_slot,
+            forward,
         } = &mut *held;
         let a16 = self.operand_buffer(a_slot, m * k)?;
         self.cast_into(cast, a, a16, m * k)?;
         let b16 = self.operand_buffer(b_slot, n * k)?;
         self.cast_into(cast, b, b16, n * k)?;
         let stream = &self.stream;
+        *forward = Some((a.device_ptr(stream).0, m * k, b.device_ptr(stream).0, n * k));
         let (ap, _ga) = a16_ptr(a_slot, stream)?;
         let (bp, _gb) = a16_ptr(b_slot, stream)?;
         let (cp, _gc) = c.device_ptr_mut(stream);
@@ -1390,19 +1402,24 @@ impl Backend for CudaBackend {
         let GemmOperands {
             a: a_slot,
             b: b_slot,
+            forward,
         } = &mut *held;
-        let reusable = |slot: &Option<CudaSlice<u16>>, len: usize| {
-            reuse_operands && slot.as_ref().is_some_and(|s| s.len() >= len)
-        };
-        if !reusable(a_slot, rows * dim) {
+        let stream = &self.stream;
+        // Reuse only the copies gemm_nt16 made of these very buffers (nothing else has used the
+        // slots since); otherwise cast again.
+        let these = (
+            x_hat.device_ptr(stream).0,
+            rows * dim,
+            w_hat.device_ptr(stream).0,
+            cols * dim,
+        );
+        if !(reuse_operands && *forward == Some(these)) {
             let x16 = self.operand_buffer(a_slot, rows * dim)?;
             self.cast_into(cast, x_hat, x16, rows * dim)?;
-        }
-        if !reusable(b_slot, cols * dim) {
             let w16 = self.operand_buffer(b_slot, cols * dim)?;
             self.cast_into(cast, w_hat, w16, cols * dim)?;
+            *forward = Some(these);
         }
-        let stream = &self.stream;
         let (xp, _gx) = a16_ptr(a_slot, stream)?;
         let (wp, _gw) = a16_ptr(b_slot, stream)?;
         let (gp, _gg) = grad_logits.device_ptr(stream);

@@ -187,6 +187,16 @@ impl CudaBackend {
             }
         }
         let blas = CudaBlas::new(stream.clone()).map_err(dev("cublasCreate"))?;
+        // cuBLAS may otherwise add split-k partial sums in a 16-bit output type (gemm_nt16's
+        // logits); keep every reduction in f32, as the accuracy bounds of the tests assume.
+        // Default math otherwise: no TF32 for the f32 GEMMs.
+        let mode =
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+        // SAFETY: a live handle, created just above.
+        let status = unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(PfcError::Device(format!("cublasSetMathMode: {status:?}")));
+        }
         Ok(CudaBackend {
             ctx,
             stream,
