@@ -358,6 +358,20 @@ impl Backend for Emulated16 {
             .unpack_normalize(packed, rows, dim, wire, labels, x_hat, norms)
     }
 
+    fn unpack_normalize_f32(
+        &self,
+        packed: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        labels: &mut Vec<i64>,
+        x_hat: &mut Vec<f32>,
+        norms: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.kernel("unpack_normalize_f32");
+        self.cpu
+            .unpack_normalize_f32(packed, rows, dim, labels, x_hat, norms)
+    }
+
     fn cast_to_wire(
         &self,
         x: &Vec<f32>,
