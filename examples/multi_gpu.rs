@@ -9,6 +9,10 @@
 //!     target/release/examples/multi_gpu                                           # one rank of 16
 //! ```
 //!
+//! Options: `--classes C` (1M), `--steps` (5), `--batch N` per rank (128), `--sample-rate r` (0.1),
+//! and the memory/bandwidth options `--precision f32|bf16|f16`, `--momentum-dtype f32|bf16`,
+//! `--wire-dtype f32|bf16|f16`, `--grad-wire-dtype f32|bf16|f16` (all f32 by default).
+//!
 //! Rank 0 creates the NCCL id and serves it over TCP on MASTER_ADDR:MASTER_PORT; each rank opens
 //! GPU LOCAL_RANK, builds its shard of the classifier, and trains a few steps on synthetic
 //! embeddings, printing the (identical) loss on rank 0. The launcher also makes NCCL findable when
@@ -56,7 +60,22 @@ fn run() -> Result<(), String> {
     let steps: usize = flag("--steps")
         .map_or(Ok(5), |v| v.parse())
         .map_err(|_| "--steps: not a number")?;
-    let (batch, dim) = (128usize, 512usize);
+    let batch: usize = flag("--batch")
+        .map_or(Ok(128), |v| v.parse())
+        .map_err(|_| "--batch: not a number")?;
+    let sample_rate: f64 = flag("--sample-rate")
+        .map_or(Ok(0.1), |v| v.parse())
+        .map_err(|_| "--sample-rate: not a number")?;
+    let dtype = |name: &str| -> Result<partial_fc::plan::Dtype, String> {
+        use partial_fc::plan::Dtype;
+        match flag(name).as_deref() {
+            None | Some("f32") => Ok(Dtype::F32),
+            Some("bf16") => Ok(Dtype::Bf16),
+            Some("f16") => Ok(Dtype::F16),
+            Some(other) => Err(format!("{name}: {other:?} is not f32, bf16 or f16")),
+        }
+    };
+    let dim = 512usize;
 
     let gpu = partial_fc::cuda::CudaBackend::new(env.local_rank).map_err(|e| e.to_string())?;
     let rendezvous = Rendezvous::Tcp {
@@ -79,17 +98,36 @@ fn run() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let mut cfg = partial_fc::LayerConfig::new(classes, dim, batch);
-    cfg.sample_rate = 0.1;
+    cfg.sample_rate = sample_rate;
+    // The memory and bandwidth options (docs/cuda.md, docs/distributed.md).
+    cfg.wire = dtype("--wire-dtype")?;
+    cfg.grad_wire = dtype("--grad-wire-dtype")?;
+    cfg.precision = match dtype("--precision")? {
+        partial_fc::plan::Dtype::F32 => partial_fc::GemmPrecision::F32,
+        partial_fc::plan::Dtype::Bf16 => partial_fc::GemmPrecision::Bf16,
+        partial_fc::plan::Dtype::F16 => partial_fc::GemmPrecision::F16,
+    };
+    if let Some(sgd) = cfg.optimizer.as_mut() {
+        sgd.state_dtype = match dtype("--momentum-dtype")? {
+            partial_fc::plan::Dtype::F32 => partial_fc::StateDtype::F32,
+            partial_fc::plan::Dtype::Bf16 => partial_fc::StateDtype::Bf16,
+            partial_fc::plan::Dtype::F16 => {
+                return Err("--momentum-dtype: f32 or bf16 (f16 would flush small momenta)".into())
+            }
+        };
+    }
     let mut layer = partial_fc::PartialFc::new(cfg, gpu, comm).map_err(|e| e.to_string())?;
+    let bytes: u64 = layer.memory_report().iter().map(|(_, b)| b).sum();
     let shard = layer.shard();
     println!(
-        "rank {} of {} on GPU {} ({}): classes [{}, {})",
+        "rank {} of {} on GPU {} ({}): classes [{}, {}), layer buffers {:.1} MiB",
         env.rank,
         env.world_size,
         env.local_rank,
         layer.backend().device_name(),
         shard.start,
-        shard.end()
+        shard.end(),
+        bytes as f64 / (1024.0 * 1024.0)
     );
     for step in 0..steps {
         // Synthetic embeddings and labels, different per rank and step.

@@ -105,6 +105,9 @@ run() {
     echo "== multi_gpu example: launcher, TCP rendezvous, NCCL (one process per GPU)"
     ngpu="$(nvidia-smi -L 2>/dev/null | wc -l)"
     MASTER_PORT=29517 timeout 120 "$bin/example-multi_gpu" --launch "${ngpu:-1}" --steps 3 --classes 200000 || status=1
+    echo "== multi_gpu example with every 16-bit option (GEMMs and logits, momentum, both wires)"
+    MASTER_PORT=29518 timeout 120 "$bin/example-multi_gpu" --launch "${ngpu:-1}" --steps 3 --classes 200000 \
+        --precision bf16 --momentum-dtype bf16 --wire-dtype bf16 --grad-wire-dtype bf16 || status=1
     echo "== training demo with the classifier on the GPU (4 virtual ranks)"
     timeout 150 "$bin/example-train_synthetic" --backend cuda --steps 400 || status=1
     echo "== PyTorch baseline (benches/torch_partial_fc.py)"
