@@ -249,6 +249,32 @@ fn print_table(plan: &Plan) {
         c.dim,
         c.sample_rate
     );
+    let name = |d: Dtype| match d {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+    };
+    let state = match c.optimizer {
+        Optimizer::None => "no optimizer state".to_string(),
+        Optimizer::SgdMomentum => format!("SGD momentum in {}", name(c.state_dtype)),
+        Optimizer::AdamW => format!("AdamW moments in {}", name(c.state_dtype)),
+    };
+    let logits = if c.gemm_precision == GemmPrecision::F32 {
+        ""
+    } else {
+        " (16-bit logits)"
+    };
+    let update = match c.update {
+        UpdateMode::Sparse => "sparse",
+        UpdateMode::Dense => "dense",
+    };
+    println!(
+        "weights {}, {state}, {} GEMMs{logits}, {} wire, {} gradient wire, {update} update",
+        name(c.weight_dtype),
+        c.gemm_precision,
+        name(c.wire_dtype),
+        name(c.grad_wire_dtype),
+    );
     println!(
         "rank 0 holds {} classes and samples up to {} per step",
         plan.shard_classes, plan.sampled_classes
