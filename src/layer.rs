@@ -250,6 +250,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // The backend rejects a precision it cannot multiply in (the CPU: anything but f32),
         // then holds the 16-bit operand buffers the planner sized, for the layer's life.
         backend.set_gemm_precision(config.precision)?;
+        // The planner sizes the logits by the precision; the backend must keep them in it.
+        let wanted = match config.precision {
+            crate::GemmPrecision::F32 => Dtype::F32,
+            crate::GemmPrecision::Bf16 => Dtype::Bf16,
+            crate::GemmPrecision::F16 => Dtype::F16,
+        };
+        if backend.logits_dtype() != wanted {
+            return Err(PfcError::param(
+                "precision",
+                config.precision,
+                format!(
+                    "the {} backend accepted it but keeps its logits in {:?}",
+                    backend.name(),
+                    backend.logits_dtype()
+                ),
+            ));
+        }
         let (a16, b16) = shape.gemm_operand_lens();
         backend.reserve_gemm_operands(a16 as usize, b16 as usize)?;
         let capacity = shape.sampled_capacity() as usize;

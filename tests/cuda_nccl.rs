@@ -358,7 +358,9 @@ fn wire_formats_on_gpu_ranks_match_cpu() {
 /// have differed by ~1e-6, so an element near a rounding boundary may land one bf16 step
 /// (≤ 2⁻⁷ of its magnitude) apart: with one rank the bound is that step; with three, each
 /// rank's contribution may be a step apart before the sum, so the bound is three steps of the
-/// gradient's largest magnitude (loose, but a wrong block, dtype or missing cast is far outside).
+/// gradient's largest magnitude (loose, but a wrong block or dtype is far outside). That the
+/// gradient really went through bf16 is checked exactly: every value is a widened bf16 (its low
+/// 16 bits zero), which a missing cast would not give.
 #[test]
 fn bf16_gradient_wire_matches_cpu() {
     let Some(g) = gpu() else { return };
@@ -368,6 +370,10 @@ fn bf16_gradient_wire_matches_cpu() {
         let scale = want.1.iter().fold(0f32, |m, v| m.max(v.abs()));
         let step = 2f32.powi(-7);
         assert_eq!(got.1.len(), want.1.len(), "{what}: gradient length");
+        assert!(
+            got.1.iter().all(|v| v.to_bits() & 0xffff == 0),
+            "{what}: a gradient value is not a bf16 (the cast was skipped)"
+        );
         for (i, (x, y)) in got.1.iter().zip(&want.1).enumerate() {
             let bound = if ranks == 1 {
                 step * x.abs().max(y.abs())

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 const CLASSES: u64 = 2003;
 const DIM: usize = 40;
-/// Does not split evenly over 2 or 3 ranks: the last rank's batch is padded.
+/// Does not split evenly over 3 ranks (9 + 9 + 8): the last rank's batch is padded.
 const BATCH: usize = 26;
 
 fn config(world: usize, grad_wire: Dtype) -> LayerConfig {

@@ -58,10 +58,12 @@ fn the_stored_momentum_is_bf16() {
     assert!(moved > 10 * DIM, "only {moved} momentum values moved");
 }
 
-/// Each store rounds v by at most 2⁻⁹ of |v|; through the momentum recursion the error of v
-/// stays below 2⁻⁹ / (1 − μ) ≈ 2% of |v| (μ = 0.9), so the weights' displacement from their
-/// start differs from f32's by at most ~2% of that displacement (plus the small feedback of
-/// slightly different weights on later gradients). Checked for sparse and dense updates.
+/// Each store rounds v to nearest bf16, an error of at most u = 2⁻⁸ of |v|; through the momentum
+/// recursion the accumulated error of v stays below u / (1 − μ) ≈ 3.9% of the size of the
+/// updates (μ = 0.9), so each step's displacement of the weights, and hence their total
+/// displacement from the start, differs from f32's by at most that fraction of it (to first
+/// order: slightly different weights feed slightly different gradients back). Checked for sparse
+/// and dense updates; measured ~0.4%.
 #[test]
 fn bf16_momentum_tracks_the_f32_optimizer_within_the_derived_bound() {
     for update in [UpdateMode::Sparse, UpdateMode::Dense] {
@@ -78,16 +80,17 @@ fn bf16_momentum_tracks_the_f32_optimizer_within_the_derived_bound() {
         let apart = l2(wf.iter().zip(&wb).map(|(a, b)| a - b));
         assert!(moved > 0.1, "{update:?}: weights barely moved ({moved})");
         assert!(apart > 0.0, "{update:?}: bf16 storage changed nothing");
+        let bound = 2f64.powi(-8) / (1.0 - 0.9);
         assert!(
-            apart <= 0.025 * moved,
+            apart <= bound * moved,
             "{update:?}: bf16 weights {apart} from f32 after moving {moved}"
         );
     }
 }
 
-/// The reference kernel against the formula in f64: the stored momentum is the exact update
-/// rounded to bf16 (within one bf16 step, as the f32 arithmetic may land on either side of a
-/// tie), and the weight moves by the unrounded f32 value.
+/// The reference kernel against its formula: the stored momentum is the f32 update rounded to
+/// nearest (even) bf16 — exactly, so truncation or another rounding would fail — and within half
+/// a bf16 step of the f64 value; the weight moves by the unrounded value.
 #[test]
 fn the_reference_update_is_the_f32_formula_with_a_rounded_store() {
     let mut rng = Rng::new(7);
@@ -105,10 +108,17 @@ fn the_reference_update_is_the_f32_formula_with_a_rounded_store() {
     for i in 0..n {
         let old = f64::from(half::bf16::from_bits(v0[i]).to_f32());
         let exact = f64::from(mu) * old + f64::from(g[i]) + f64::from(wd) * f64::from(w0[i]);
+        // The kernel's own f32 arithmetic, in its order, then round to nearest even.
+        let next = mu * half::bf16::from_bits(v0[i]).to_f32() + (g[i] + wd * w0[i]);
+        assert_eq!(
+            v[i],
+            half::bf16::from_f32(next).to_bits(),
+            "v[{i}] not rounded to nearest"
+        );
         let stored = f64::from(half::bf16::from_bits(v[i]).to_f32());
-        let step = exact.abs() * 2f64.powi(-7);
+        let half_step = exact.abs() * 2f64.powi(-8) * (1.0 + 2f64.powi(-20));
         assert!(
-            (stored - exact).abs() <= step,
+            (stored - exact).abs() <= half_step,
             "v[{i}]: {stored} vs {exact}"
         );
         let want_w = f64::from(w0[i]) - f64::from(lr) * exact;

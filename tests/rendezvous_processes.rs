@@ -1,8 +1,9 @@
 //! The rendezvous across real processes, as a launcher runs them: this test binary starts itself
 //! again as k child processes with the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK,
-//! MASTER_ADDR, MASTER_PORT); each child agrees on rank 0's id over TCP on loopback and through a
-//! shared file, and prints what it got. The parent checks that every rank printed the one id that
-//! rank 0 made (from its own process id and clock, so no other process could have guessed it).
+//! MASTER_ADDR, MASTER_PORT); each child agrees on one id of rank 0's over TCP on loopback and on
+//! another through a shared file, and prints what it got. The parent checks that every rank
+//! printed rank 0's two ids (made from its process id, clock and a counter, so no other process
+//! could have produced them), and that they differ.
 //! The thread-based tests in src/rendezvous.rs cover the same protocol inside one process.
 
 use partial_fc::rendezvous::{LaunchEnv, Rendezvous, UniqueId, UNIQUE_ID_BYTES};
@@ -13,12 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const CHILD: &str = "PFC_RENDEZVOUS_TEST_FILE";
 const TEST: &str = "tcp_and_file_rendezvous_across_processes";
 
-/// Rank 0's id: bytes that depend on this process and this instant.
+/// A new id each call: bytes that depend on this process, this instant and a call counter.
 fn fresh_id() -> partial_fc::Result<UniqueId> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let mut state = nanos ^ (u64::from(std::process::id()) << 32);
+    let mut state = nanos ^ (u64::from(std::process::id()) << 32) ^ call.rotate_left(17);
     let mut bytes = [0u8; UNIQUE_ID_BYTES];
     for b in bytes.iter_mut() {
         // SplitMix64 steps: enough to spread the seed over all 128 bytes.
@@ -45,7 +48,8 @@ fn child(file: &str) {
         path: file.into(),
         timeout,
     }
-    .exchange(env.rank, env.world_size, || Ok(tcp))
+    // Its own fresh id: the file exchange must carry rank 0's, not reuse the TCP one.
+    .exchange(env.rank, env.world_size, fresh_id)
     .expect("file rendezvous");
     println!("RANK {} TCP {}", env.rank, tcp.to_hex());
     println!("RANK {} FILE {}", env.rank, shared.to_hex());
@@ -83,7 +87,7 @@ fn tcp_and_file_rendezvous_across_processes() {
                 .unwrap()
         })
         .collect();
-    let mut ids = Vec::new();
+    let (mut tcp_ids, mut file_ids) = (Vec::new(), Vec::new());
     for (rank, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -99,10 +103,30 @@ fn tcp_and_file_rendezvous_across_processes() {
                 // The harness may print "test … " before the first line of output.
                 .find_map(|l| l.find(&prefix).map(|at| &l[at + prefix.len()..]))
                 .unwrap_or_else(|| panic!("rank {rank}: no {kind} line in\n{stdout}"));
-            ids.push(UniqueId::from_hex(hex.trim()).unwrap());
+            let id = UniqueId::from_hex(hex.trim()).unwrap();
+            if kind == "TCP" {
+                tcp_ids.push(id)
+            } else {
+                file_ids.push(id)
+            }
         }
     }
-    assert_eq!(ids.len(), 2 * world);
-    assert!(ids.iter().all(|id| *id == ids[0]), "the ranks disagree");
-    assert_ne!(ids[0].0, [0u8; UNIQUE_ID_BYTES], "rank 0's id is all zeros");
+    assert_eq!((tcp_ids.len(), file_ids.len()), (world, world));
+    assert!(
+        tcp_ids.iter().all(|id| *id == tcp_ids[0]),
+        "TCP: the ranks disagree"
+    );
+    assert!(
+        file_ids.iter().all(|id| *id == file_ids[0]),
+        "file: the ranks disagree"
+    );
+    // Two separate exchanges of two ids rank 0 made: nobody can have taken one for the other.
+    assert!(
+        tcp_ids[0] != file_ids[0],
+        "the file exchange returned the TCP id"
+    );
+    assert_ne!(
+        tcp_ids[0].0, [0u8; UNIQUE_ID_BYTES],
+        "rank 0's id is all zeros"
+    );
 }

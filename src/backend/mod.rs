@@ -250,6 +250,7 @@ pub trait Backend: Send + Sync + 'static {
     /// (`cpu::wire::pack_embeddings`, where its embeddings arrive); this is the device version,
     /// for embeddings that already live on the device.
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn pack_embeddings(
         &self,
         x: &Self::Buf<f32>,
@@ -258,7 +259,13 @@ pub trait Backend: Send + Sync + 'static {
         dim: usize,
         wire: Dtype,
         packed: &mut Self::Buf<u16>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no {}",
+            self.name(),
+            "pack_embeddings"
+        )))
+    }
 
     /// Unpacks `rows` gathered rows of [`Backend::pack_embeddings`] fused with their L2
     /// normalization: normalized embeddings, norms and labels.
@@ -511,6 +518,7 @@ pub trait Backend: Send + Sync + 'static {
     /// reading only: `s·cos` rounded to 16 bits would lose too much, so passes 2 and 3
     /// recompute it (see `src/cpu/margin_softmax16.rs`).
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn margin_rowmax16(
         &self,
         cos: &Self::Buf<u16>,
@@ -521,11 +529,18 @@ pub trait Backend: Send + Sync + 'static {
         margin: &MarginParams,
         row_max: &mut Self::Buf<f32>,
         target_cos: &mut Self::Buf<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no {}",
+            self.name(),
+            "margin_rowmax16"
+        )))
+    }
 
     /// Pass 2 on 16-bit cosines: `row_sum[i] = Σ_j exp(z[i, j] − row_max[i])` with the margin
     /// logits `z` recomputed from the cosines.
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn exp_rowsum16(
         &self,
         cos: &Self::Buf<u16>,
@@ -536,11 +551,18 @@ pub trait Backend: Send + Sync + 'static {
         margin: &MarginParams,
         row_max: &Self::Buf<f32>,
         row_sum: &mut Self::Buf<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no {}",
+            self.name(),
+            "exp_rowsum16"
+        )))
+    }
 
     /// Pass 3 on 16-bit cosines: [`Self::softmax_loss_grad`]'s loss and gradient, the gradient
     /// rounded to `dtype` over the cosines (f16 saturating at ±65504).
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn softmax_loss_grad16(
         &self,
         cos: &mut Self::Buf<u16>,
@@ -554,10 +576,17 @@ pub trait Backend: Send + Sync + 'static {
         target_cos: &Self::Buf<f32>,
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no {}",
+            self.name(),
+            "softmax_loss_grad16"
+        )))
+    }
 
     /// [`Self::margin_softmax_fused`] on 16-bit cosines, the gradient rounded to `dtype`.
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn margin_softmax_fused16(
         &self,
         cos: &mut Self::Buf<u16>,
@@ -568,7 +597,13 @@ pub trait Backend: Send + Sync + 'static {
         margin: &MarginParams,
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(PfcError::BackendUnavailable(format!(
+            "the {} backend has no {}",
+            self.name(),
+            "margin_softmax_fused16"
+        )))
+    }
 
     /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
     fn normalize_backward(

@@ -509,7 +509,27 @@ impl Backend for CpuBackend {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
+        need(grad, count * dim, "sgd_momentum_sparse grad")?;
+        need(index, count, "sgd_momentum_sparse index")?;
+        if momentum.len(self) != weight.len() {
+            return Err(crate::error::PfcError::Shape(format!(
+                "sgd_momentum_sparse: momentum of {} values for {} weights",
+                momentum.len(self),
+                weight.len()
+            )));
+        }
         let index = &index[..count];
+        // The reference walks the shard once, so the rows must be sorted, unique and inside it.
+        let rows = weight.len() / dim.max(1);
+        let mut next = 0i64;
+        for &r in index {
+            if i64::from(r) < next || r as usize >= rows {
+                return Err(crate::error::PfcError::Shape(format!(
+                    "sgd_momentum_sparse: sampled row {r} is not sorted, unique and below {rows}"
+                )));
+            }
+            next = i64::from(r) + 1;
+        }
         match momentum {
             StateBuf::F32(v) => {
                 optimizer::sgd_momentum_sparse(weight, v, grad, index, dim, lr, mu, weight_decay)
@@ -531,6 +551,14 @@ impl Backend for CpuBackend {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
+        need(weight, len, "sgd_momentum_dense weight")?;
+        need(grad, len, "sgd_momentum_dense grad")?;
+        if momentum.len(self) < len {
+            return Err(crate::error::PfcError::Shape(format!(
+                "sgd_momentum_dense momentum: {} values, {len} needed",
+                momentum.len(self)
+            )));
+        }
         let (w, g) = (&mut weight[..len], &grad[..len]);
         match momentum {
             StateBuf::F32(v) => {

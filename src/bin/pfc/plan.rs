@@ -46,9 +46,9 @@ pub struct PlanArgs {
     /// Optimizer state kept per weight.
     #[arg(long, value_enum, default_value_t = OptimizerArg::SgdMomentum)]
     optimizer: OptimizerArg,
-    /// Storage dtype of the optimizer state (the layer's `StateDtype`: f32 or bf16).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    state_dtype: DtypeArg,
+    /// Storage dtype of the optimizer state (the layer's `StateDtype`).
+    #[arg(long, value_enum, default_value_t = StateArg::F32)]
+    state_dtype: StateArg,
     /// Sparse: only sampled rows get a gradient; dense: a full-shard gradient (published PyTorch).
     #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
     update: UpdateArg,
@@ -81,6 +81,13 @@ pub struct PlanArgs {
 enum DtypeArg {
     F32,
     F16,
+    Bf16,
+}
+
+/// The layer stores its optimizer state in f32 or bf16 (f16 would flush small momenta to zero).
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    F32,
     Bf16,
 }
 
@@ -164,7 +171,10 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
             OptimizerArg::SgdMomentum => Optimizer::SgdMomentum,
             OptimizerArg::Adamw => Optimizer::AdamW,
         },
-        state_dtype: args.state_dtype.dtype(),
+        state_dtype: match args.state_dtype {
+            StateArg::F32 => Dtype::F32,
+            StateArg::Bf16 => Dtype::Bf16,
+        },
         update: match args.update {
             UpdateArg::Sparse => UpdateMode::Sparse,
             UpdateArg::Dense => UpdateMode::Dense,
