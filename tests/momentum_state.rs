@@ -185,3 +185,39 @@ fn checkpoints_move_between_state_dtypes() {
         .collect();
     assert_eq!(narrow.momentum().unwrap().unwrap(), rounded);
 }
+
+/// The CPU optimizer methods answer bad buffers and an unsorted or out-of-range sample with a
+/// typed error (as the CUDA ones do), not a panic.
+#[test]
+fn bad_optimizer_input_is_a_typed_error() {
+    use partial_fc::{Backend, StateBuf};
+    let cpu = CpuBackend;
+    let (rows, dim) = (6usize, 4usize);
+    let mut w = vec![0.5f32; rows * dim];
+    let grad = vec![0.1f32; 3 * dim];
+    let mut v: StateBuf<CpuBackend> = StateBuf::alloc(&cpu, StateDtype::Bf16, rows * dim).unwrap();
+    let sparse = |w: &mut Vec<f32>, v: &mut StateBuf<CpuBackend>, index: Vec<i32>, count| {
+        cpu.sgd_momentum_sparse(w, v, &grad, &index, count, dim, 0.1, 0.9, 0.0)
+    };
+    assert!(sparse(&mut w, &mut v, vec![0, 2, 5], 3).is_ok());
+    for (index, count, what) in [
+        (vec![2, 0, 5], 3, "unsorted"),
+        (vec![0, 2, 2], 3, "repeated"),
+        (vec![0, 2, 6], 3, "out of the shard"),
+        (vec![0, 2], 3, "count beyond the index"),
+    ] {
+        let before = w.clone();
+        assert!(sparse(&mut w, &mut v, index, count).is_err(), "{what}");
+        assert_eq!(w, before, "{what}: the weights changed");
+    }
+    let mut short: StateBuf<CpuBackend> =
+        StateBuf::alloc(&cpu, StateDtype::F32, rows * dim - 1).unwrap();
+    assert!(
+        sparse(&mut w, &mut short, vec![0], 1).is_err(),
+        "short momentum"
+    );
+    let dense_grad = vec![0.1f32; rows * dim];
+    assert!(cpu
+        .sgd_momentum_dense(&mut w, &mut short, &dense_grad, rows * dim, 0.1, 0.9, 0.0)
+        .is_err());
+}
