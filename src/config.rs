@@ -190,12 +190,14 @@ pub enum UpdateMode {
 }
 
 /// Operand precision of the step's three GEMMs (logits, embedding gradient, sampled-weight
-/// gradient). The master weights, the GEMM outputs and the accumulation stay f32: with `Bf16` or
-/// `F16` both operands are rounded to 16 bits (into buffers the backend keeps for the layer's
-/// life, `gemm_operands` in the memory plan) and multiplied with f32 accumulation. Each product
-/// then carries a relative error of at most about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16). Only the CUDA
-/// backend implements the 16-bit variants; the CPU backend rejects them with
-/// [`PfcError::Param`]. The hard-negative scoring GEMM stays f32.
+/// gradient). The master weights and the accumulation stay f32. With `Bf16` or `F16` both
+/// operands are rounded to 16 bits (into buffers the backend keeps for the layer's life,
+/// `gemm_operands` in the memory plan) and multiplied with f32 accumulation, and the logits and
+/// their gradient are stored in the 16-bit type, as PyTorch's autocast does
+/// ([`crate::Backend::logits_dtype`]); the softmax between them computes in f32. Each product
+/// carries a relative error of at most about 2·2⁻⁸ (bf16) or 2·2⁻¹¹ (f16), the unit roundoffs of
+/// their 8 and 11 significant bits. Only the CUDA backend implements the 16-bit variants; the
+/// CPU backend rejects them with [`PfcError::Param`]. The hard-negative scoring GEMM stays f32.
 ///
 /// ```
 /// use partial_fc::{CpuBackend, GemmPrecision, LayerConfig, PartialFc, collective::SingleRank};
@@ -210,9 +212,9 @@ pub enum GemmPrecision {
     /// f32 operands (cuBLAS SGEMM in its default math mode: no TF32).
     #[default]
     F32,
-    /// bf16 operands, f32 accumulation and output.
+    /// bf16 operands and logits, f32 accumulation.
     Bf16,
-    /// f16 operands, f32 accumulation and output.
+    /// f16 operands and logits, f32 accumulation.
     F16,
 }
 
@@ -268,7 +270,7 @@ impl Default for Sgd {
 /// classifier; stored as bfloat16 it adds half instead (1M classes × d 512: 2 GiB → 1 GiB per
 /// GPU). The arithmetic stays f32: each update reads the stored momentum, computes
 /// `v = μ·v + g + λ·w` and `w −= lr·v` in f32, and only the stored `v` is rounded (to nearest
-/// even), a relative error of at most 2⁻⁹ per step that the decay μ < 1 keeps from accumulating.
+/// even), a relative error of at most 2⁻⁸ per step that the decay μ < 1 keeps from accumulating.
 /// bfloat16 rather than f16 because gradients of class centers are small (1e-6 and below are
 /// common) and f16 would flush them to zero; bfloat16 has f32's range.
 ///

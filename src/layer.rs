@@ -495,7 +495,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(())
     }
 
-    /// The optimizer's momentum, if the layer has one.
+    /// The optimizer's momentum, if the layer has one (a bf16 momentum widened to f32, exactly).
     pub fn momentum(&self) -> Result<Option<Vec<f32>>> {
         let len = self.shard.len as usize * self.config.dim;
         self.bufs
@@ -505,7 +505,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .transpose()
     }
 
-    /// Replaces the optimizer's momentum.
+    /// Replaces the optimizer's momentum (rounded to nearest even for a bf16 momentum).
     pub fn set_momentum(&mut self, momentum: &[f32]) -> Result<()> {
         let want = self.shard.len as usize * self.config.dim;
         match self.bufs.momentum.as_mut() {

@@ -457,8 +457,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The dtype the step keeps its logits in: `F32`, or with 16-bit GEMM operands that 16-bit
     /// type, as PyTorch's autocast does: [`Self::gemm_nt16`] writes the cosines in it, the `*16`
     /// softmax passes read them and write the gradient over them in it, and
-    /// [`Self::gemm_backward16`] reads that gradient directly. Half the bytes of the largest
-    /// buffer of the step, and no cast of it on either side. The default (a backend that
+    /// [`Self::gemm_backward16`] reads that gradient directly: half the bytes of the logits
+    /// buffer, and no cast of it on either side. The default (a backend that
     /// multiplies in f32 only) is `F32`.
     fn logits_dtype(&self) -> Dtype {
         Dtype::F32

@@ -1,11 +1,18 @@
 //! The wire format of the embedding all-gather (CPU references of `cuda/wire.cu`).
 //!
-//! Two formats live here. The embedding all-gather's packed rows: a packed row is `dim` 16-bit values (f16 or bf16, round to nearest even, as the `half` crate
-//! and the GPU's `cvt.rn` both do) followed by the row's i64 label as four 16-bit words, little
-//! end first. Rows of all ranks concatenate, so one all-gather moves embeddings and labels
-//! together, at half the bytes of f32. And the embedding gradient's 16-bit reduce-scatter
-//! (`LayerConfig::grad_wire`): plain element-wise casts, [`cast_to_wire`] before it and
-//! [`cast_from_wire`] after it, with the same rounding as the packed rows.
+//! Three formats live here.
+//! - The embedding all-gather's 16-bit packed rows: `dim` 16-bit values (f16 or bf16, round to
+//!   nearest even, as the `half` crate and the GPU's `cvt.rn` both do) followed by the row's i64
+//!   label as four 16-bit words, little end first ([`pack_embeddings`]).
+//! - Its f32 packed rows: `dim` f32 values followed by the label's bits as two f32 words, low
+//!   first ([`pack_embeddings_f32`]; unpacked by `unpack_normalize_f32` in
+//!   src/cpu/normalize.rs, with the same arithmetic as `normalize_rows`).
+//!
+//!   Rows of all ranks concatenate, so one all-gather moves embeddings and labels together; the
+//!   layer packs on the host, where the embeddings arrive, and the 16-bit rows halve the bytes.
+//! - The embedding gradient's 16-bit reduce-scatter (`LayerConfig::grad_wire`): plain
+//!   element-wise casts, [`cast_to_wire`] before it and [`cast_from_wire`] after it, with the
+//!   same rounding as the packed rows.
 
 use super::normalize::NORM_EPS;
 use super::simd::dot;

@@ -109,7 +109,7 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
 /// name this module has always used. With `Bf16` or `F16` both operands are rounded to 16 bits
 /// into buffers the backend keeps (see [`crate::Backend::reserve_gemm_operands`]) and multiplied by
 /// `cublasGemmEx` with f32 accumulation. Each product then carries a relative error of at most
-/// about 2·2⁻⁹ (bf16) or 2·2⁻¹² (f16), so a dot product is off by at most that times the sum of
+/// about 2·2⁻⁸ (bf16) or 2·2⁻¹¹ (f16), so a dot product is off by at most that times the sum of
 /// its terms' magnitudes (tests/cuda_kernels.rs `half_precision_gemms_match_f32`).
 ///
 /// ```no_run
