@@ -12,8 +12,9 @@ pub fn scatter_rows(rows: &[f32], index: &[i32], dim: usize, dense: &mut [f32]) 
     }
 }
 
-/// A stored momentum value: f32, or a bfloat16 bit pattern (`u16`). The update's arithmetic is
-/// f32 either way; only the store rounds.
+/// A stored momentum value: f32, or a bfloat16 bit pattern. The update's arithmetic is f32
+/// either way; only the store rounds. `u16` here always means bfloat16 bits (the storage of
+/// [`crate::StateBuf::Bf16`]), never f16: the optimizer has no f16 state.
 pub trait MomentumValue: Copy + Send + Sync {
     /// The stored value as f32 (exact).
     fn load(self) -> f32;
