@@ -9,6 +9,11 @@ use crate::config::{GemmPrecision, MarginParams};
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 
+/// The error of a default method that a backend does not implement.
+fn unsupported(backend: &str, what: &str) -> PfcError {
+    PfcError::BackendUnavailable(format!("the {backend} backend has no {what}"))
+}
+
 /// Element types that buffers hold.
 #[cfg(not(feature = "cuda"))]
 pub trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
@@ -83,6 +88,17 @@ impl<B: Backend> StateBuf<B> {
             StateBuf::F32(b) => backend.len(b),
             StateBuf::Bf16(b) => backend.len(b),
         }
+    }
+
+    /// A typed error unless it holds at least `len` values (`what` names the caller).
+    pub fn need(&self, backend: &B, len: usize, what: &str) -> Result<()> {
+        if self.len(backend) < len {
+            return Err(PfcError::Shape(format!(
+                "{what}: momentum of {} values, {len} needed",
+                self.len(backend)
+            )));
+        }
+        Ok(())
     }
 
     /// Bytes it occupies.
@@ -260,11 +276,7 @@ pub trait Backend: Send + Sync + 'static {
         wire: Dtype,
         packed: &mut Self::Buf<u16>,
     ) -> Result<()> {
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no {}",
-            self.name(),
-            "pack_embeddings"
-        )))
+        Err(unsupported(self.name(), "pack_embeddings"))
     }
 
     /// Unpacks `rows` gathered rows of [`Backend::pack_embeddings`] fused with their L2
@@ -468,6 +480,7 @@ pub trait Backend: Send + Sync + 'static {
     /// rounded to [`Self::logits_dtype`], f32 accumulation, and `c` rounded to it. The 16-bit
     /// copies of `a` and `b` stay in the backend's operand buffers for
     /// [`Self::gemm_backward16`]. Only backends with 16-bit GEMMs implement it.
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn gemm_nt16(
         &self,
         m: usize,
@@ -477,11 +490,7 @@ pub trait Backend: Send + Sync + 'static {
         b: &Self::Buf<f32>,
         c: &mut Self::Buf<u16>,
     ) -> Result<()> {
-        let _ = (m, n, k, a, b, c);
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no 16-bit GEMMs",
-            self.name()
-        )))
+        Err(unsupported(self.name(), "16-bit GEMMs"))
     }
 
     /// The backward GEMMs on a 16-bit logits gradient `g` (`rows × cols`):
@@ -492,6 +501,7 @@ pub trait Backend: Send + Sync + 'static {
     /// anything else. Without it the copies are made again. `alpha` carries the softmax's
     /// `1/rows` here rather than in `g`, so that f16's range holds `g` (see the `*16` passes).
     #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default answers without looking at the arguments
     fn gemm_backward16(
         &self,
         rows: usize,
@@ -505,12 +515,7 @@ pub trait Backend: Send + Sync + 'static {
         grad_w: &mut Self::Buf<f32>,
         reuse_operands: bool,
     ) -> Result<()> {
-        let _ = (rows, cols, dim, grad_logits, alpha, w_hat, x_hat);
-        let _ = (grad_x, grad_w, reuse_operands);
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no 16-bit GEMMs",
-            self.name()
-        )))
+        Err(unsupported(self.name(), "16-bit GEMMs"))
     }
 
     /// Pass 1 on 16-bit cosines (`dtype` bf16 or f16): the row max of the margin logits and the
@@ -530,11 +535,7 @@ pub trait Backend: Send + Sync + 'static {
         row_max: &mut Self::Buf<f32>,
         target_cos: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no {}",
-            self.name(),
-            "margin_rowmax16"
-        )))
+        Err(unsupported(self.name(), "margin_rowmax16"))
     }
 
     /// Pass 2 on 16-bit cosines: `row_sum[i] = Σ_j exp(z[i, j] − row_max[i])` with the margin
@@ -552,11 +553,7 @@ pub trait Backend: Send + Sync + 'static {
         row_max: &Self::Buf<f32>,
         row_sum: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no {}",
-            self.name(),
-            "exp_rowsum16"
-        )))
+        Err(unsupported(self.name(), "exp_rowsum16"))
     }
 
     /// Pass 3 on 16-bit cosines: [`Self::softmax_loss_grad`]'s loss and gradient, the gradient
@@ -577,11 +574,7 @@ pub trait Backend: Send + Sync + 'static {
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no {}",
-            self.name(),
-            "softmax_loss_grad16"
-        )))
+        Err(unsupported(self.name(), "softmax_loss_grad16"))
     }
 
     /// [`Self::margin_softmax_fused`] on 16-bit cosines, the gradient rounded to `dtype`.
@@ -598,11 +591,7 @@ pub trait Backend: Send + Sync + 'static {
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        Err(PfcError::BackendUnavailable(format!(
-            "the {} backend has no {}",
-            self.name(),
-            "margin_softmax_fused16"
-        )))
+        Err(unsupported(self.name(), "margin_softmax_fused16"))
     }
 
     /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.

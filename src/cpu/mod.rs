@@ -511,13 +511,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         need(grad, count * dim, "sgd_momentum_sparse grad")?;
         need(index, count, "sgd_momentum_sparse index")?;
-        if momentum.len(self) != weight.len() {
-            return Err(crate::error::PfcError::Shape(format!(
-                "sgd_momentum_sparse: momentum of {} values for {} weights",
-                momentum.len(self),
-                weight.len()
-            )));
-        }
+        momentum.need(self, weight.len(), "sgd_momentum_sparse")?;
         let index = &index[..count];
         // The reference walks the shard once, so the rows must be sorted, unique and inside it.
         let rows = weight.len() / dim.max(1);
@@ -553,12 +547,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         need(weight, len, "sgd_momentum_dense weight")?;
         need(grad, len, "sgd_momentum_dense grad")?;
-        if momentum.len(self) < len {
-            return Err(crate::error::PfcError::Shape(format!(
-                "sgd_momentum_dense momentum: {} values, {len} needed",
-                momentum.len(self)
-            )));
-        }
+        momentum.need(self, len, "sgd_momentum_dense")?;
         let (w, g) = (&mut weight[..len], &grad[..len]);
         match momentum {
             StateBuf::F32(v) => {

@@ -71,6 +71,15 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| PfcError::Shape(format!("{what} = {v} exceeds i32::MAX")))
 }
 
+/// The row count, row length and margin of the margin-softmax kernels, as they take them.
+fn softmax_args(rows: usize, cols: usize, margin: &MarginParams) -> Result<(i32, i32, MarginArgs)> {
+    Ok((
+        i32_of(rows, "rows")?,
+        i32_of(cols, "cols")?,
+        MarginArgs::from(margin),
+    ))
+}
+
 /// The kernels' code of a 16-bit dtype (common.cuh: 1 = f16, 2 = bf16).
 fn half_kind(dtype: Dtype, what: &str) -> Result<i32> {
     match dtype {
@@ -1183,11 +1192,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "margin_rowmax",
@@ -1250,11 +1255,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "softmax_loss_grad",
@@ -1289,11 +1290,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "margin_softmax_fused",
@@ -1474,11 +1471,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "margin_rowmax16",
@@ -1514,11 +1507,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "exp_rowsum16",
@@ -1559,11 +1548,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "softmax_loss_grad16",
@@ -1601,11 +1586,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = (
-            i32_of(rows, "rows")?,
-            i32_of(cols, "cols")?,
-            MarginArgs::from(margin),
-        );
+        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
         launch!(
             self,
             "margin_softmax_fused16",
@@ -1693,13 +1674,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         need(grad, count * dim, "sgd_momentum_sparse grad")?;
         need(index, count, "sgd_momentum_sparse index")?;
-        if momentum.len(self) != self.len(weight) {
-            return Err(PfcError::Shape(format!(
-                "sgd_momentum_sparse: momentum of {} values for {} weights",
-                momentum.len(self),
-                self.len(weight)
-            )));
-        }
+        momentum.need(self, self.len(weight), "sgd_momentum_sparse")?;
         if count == 0 {
             return Ok(());
         }
@@ -1741,12 +1716,7 @@ impl Backend for CudaBackend {
         weight_decay: f32,
     ) -> Result<()> {
         need(weight, len, "sgd_momentum_dense weight")?;
-        if momentum.len(self) < len {
-            return Err(PfcError::Shape(format!(
-                "sgd_momentum_dense momentum: {} values, {len} needed",
-                momentum.len(self)
-            )));
-        }
+        momentum.need(self, len, "sgd_momentum_dense")?;
         need(grad, len, "sgd_momentum_dense grad")?;
         if len == 0 {
             return Ok(());
