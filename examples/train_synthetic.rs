@@ -10,6 +10,7 @@
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use partial_fc::plan::Dtype;
 use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
@@ -18,6 +19,23 @@ use partial_fc::{Margin, PfcError, StateDtype};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WireArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WireArg {
+    fn dtype(self) -> Dtype {
+        match self {
+            WireArg::F32 => Dtype::F32,
+            WireArg::F16 => Dtype::F16,
+            WireArg::Bf16 => Dtype::Bf16,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum MomentumArg {
@@ -131,6 +149,12 @@ struct Args {
     /// Storage dtype of the classifier's momentum (bf16 halves it; arithmetic stays f32).
     #[arg(long, value_enum, default_value_t = MomentumArg::F32)]
     momentum_dtype: MomentumArg,
+    /// Dtype of the embeddings on the all-gather's wire.
+    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    wire_dtype: WireArg,
+    /// Dtype of the embedding gradient's reduce-scatter.
+    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    grad_wire_dtype: WireArg,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     backend: BackendArg,
@@ -178,6 +202,8 @@ impl Args {
                 MomentumArg::F32 => StateDtype::F32,
                 MomentumArg::Bf16 => StateDtype::Bf16,
             },
+            wire: self.wire_dtype.dtype(),
+            grad_wire: self.grad_wire_dtype.dtype(),
         };
         if let Some(epochs) = self.epochs {
             cfg.steps = cfg.steps_for_epochs(epochs)?;

@@ -27,6 +27,7 @@ use crate::config::{LayerConfig, Margin, StateDtype};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
+use crate::plan::Dtype;
 use std::time::{Duration, Instant};
 
 /// Most steps a run may ask for (the loss history is kept in memory).
@@ -71,6 +72,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Storage dtype of the classifier's momentum.
     pub momentum_dtype: StateDtype,
+    /// Dtype of the embeddings on the all-gather's wire (`LayerConfig::wire`).
+    pub wire: Dtype,
+    /// Dtype of the embedding gradient's reduce-scatter (`LayerConfig::grad_wire`).
+    pub grad_wire: Dtype,
 }
 
 impl Default for TrainConfig {
@@ -93,6 +98,8 @@ impl Default for TrainConfig {
             margin: Margin::arcface(),
             seed: 42,
             momentum_dtype: StateDtype::F32,
+            wire: Dtype::F32,
+            grad_wire: Dtype::F32,
         }
     }
 }
@@ -209,6 +216,8 @@ impl TrainConfig {
         if let Some(sgd) = cfg.optimizer.as_mut() {
             sgd.state_dtype = self.momentum_dtype;
         }
+        cfg.wire = self.wire;
+        cfg.grad_wire = self.grad_wire;
         cfg
     }
 }
