@@ -40,10 +40,11 @@ pub struct PlanArgs {
     /// Memory reserved for everything outside the FC layer (backbone, activations, framework).
     #[arg(long, value_name = "SIZE", default_value = "0")]
     reserved: Box<str>,
-    /// Storage dtype of the weight shard.
+    /// Storage dtype of the weight shard (f16/bf16 are what-ifs: the layer keeps f32 master
+    /// weights).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     weight_dtype: DtypeArg,
-    /// Optimizer state kept per weight.
+    /// Optimizer state kept per weight (adamw is a what-if: the layer implements SGD momentum).
     #[arg(long, value_enum, default_value_t = OptimizerArg::SgdMomentum)]
     optimizer: OptimizerArg,
     /// Storage dtype of the optimizer state (the layer's `StateDtype`).
@@ -52,7 +53,8 @@ pub struct PlanArgs {
     /// Sparse: only sampled rows get a gradient; dense: a full-shard gradient (published PyTorch).
     #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
     update: UpdateArg,
-    /// Whether the N·k × S logits are materialized or fused away.
+    /// Whether the N·k × S logits are materialized or fused away (fused is a what-if: the layer
+    /// does not implement it yet).
     #[arg(long, value_enum, default_value_t = LogitsArg::Materialized)]
     logits: LogitsArg,
     /// Dtype of the all-gathered embeddings on the wire.
