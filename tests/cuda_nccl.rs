@@ -309,7 +309,19 @@ fn wire_kernels_match_cpu() {
         bits(g.download(&wn, rows).unwrap()),
         "f32 wire: norms"
     );
-    println!("f32 wire: unpack+normalize bit-identical to normalize_rows");
+    // And against its CPU twin (src/cpu/normalize.rs), within the reductions' rounding.
+    let (mut cl, mut cxh, mut cn) = (vec![0i64; rows], vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .unpack_normalize_f32(&host, rows, dim, &mut cl, &mut cxh, &mut cn)
+        .unwrap();
+    assert_eq!(cl, labels, "f32 wire: CPU labels");
+    for (a, b) in g.download(&gxh, rows * dim).unwrap().iter().zip(&cxh) {
+        assert!((a - b).abs() <= 1e-6, "f32 wire: x_hat gpu {a} cpu {b}");
+    }
+    for (a, b) in g.download(&gn, rows).unwrap().iter().zip(&cn) {
+        assert!((a - b).abs() <= 1e-5 * b, "f32 wire: norm gpu {a} cpu {b}");
+    }
+    println!("f32 wire: unpack+normalize bit-identical to normalize_rows, within 1e-6 of the CPU");
 }
 
 #[test]
