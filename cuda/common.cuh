@@ -38,12 +38,18 @@ __device__ __forceinline__ float half_to_f32(unsigned short b, int kind) {
     return f;
 }
 
-__device__ __forceinline__ unsigned short f32_to_half(float v, int kind) {
+// Round to nearest even; an f16 beyond its range becomes +-inf (the wire format's rounding).
+__device__ __forceinline__ unsigned short f32_to_half_rn(float v, int kind) {
     if (kind == HALF_BF16) return f32_to_bf16_bits(v);
-    v = v < -65504.0f ? -65504.0f : (v > 65504.0f ? 65504.0f : v);
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+}
+
+// The same, saturating f16 at +-65504 (the logits' gradient).
+__device__ __forceinline__ unsigned short f32_to_half(float v, int kind) {
+    if (kind != HALF_BF16) v = v < -65504.0f ? -65504.0f : (v > 65504.0f ? 65504.0f : v);
+    return f32_to_half_rn(v, kind);
 }
 
 // Philox4x32-10 (Salmon et al., SC'11): the same rounds, constants and word order as

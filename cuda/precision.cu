@@ -16,7 +16,5 @@ extern "C" __global__ void cast_f32_to_bf16(const float* x, u16* y, int n) {
 extern "C" __global__ void cast_f32_to_f16(const float* x, u16* y, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
-    y[i] = h;
+    y[i] = f32_to_half_rn(x[i], HALF_F16);
 }

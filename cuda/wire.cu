@@ -8,27 +8,10 @@
 typedef unsigned short u16;
 
 #define NORM_EPS 1e-12f   // torch.nn.functional.normalize's eps
-#define WIRE_F16 1
-#define WIRE_BF16 2
-
-__device__ __forceinline__ u16 to_wire(float v, int wire) {
-    if (wire == WIRE_BF16) {
-        u32 bits = __float_as_uint(v);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x0040u);  // quiet NaN
-        bits += 0x7fffu + ((bits >> 16) & 1u);
-        return (u16)(bits >> 16);
-    }
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-}
-
-__device__ __forceinline__ float from_wire(u16 b, int wire) {
-    if (wire == WIRE_BF16) return __uint_as_float(((u32)b) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
-    return f;
-}
+// The wire codes are common.cuh's HALF_F16 / HALF_BF16, and its conversions: to_wire rounds to
+// nearest even (an f16 overflow becomes +-inf, as the half crate's), from_wire is exact.
+__device__ __forceinline__ u16 to_wire(float v, int wire) { return f32_to_half_rn(v, wire); }
+__device__ __forceinline__ float from_wire(u16 b, int wire) { return half_to_f32(b, wire); }
 
 extern "C" __global__ void pack_embeddings(const float* x, const long long* labels, int rows,
                                            int dim, int wire, u16* packed) {

@@ -80,15 +80,23 @@ fn softmax_args(rows: usize, cols: usize, margin: &MarginParams) -> Result<(i32,
     ))
 }
 
-/// The kernels' code of a 16-bit dtype (common.cuh: 1 = f16, 2 = bf16).
-fn half_kind(dtype: Dtype, what: &str) -> Result<i32> {
+/// The kernels' code of a 16-bit dtype (common.cuh `HALF_F16` = 1, `HALF_BF16` = 2); `None`
+/// for f32.
+fn half_code(dtype: Dtype) -> Option<i32> {
     match dtype {
-        Dtype::F16 => Ok(1),
-        Dtype::Bf16 => Ok(2),
-        Dtype::F32 => Err(PfcError::Shape(format!(
-            "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
-        ))),
+        Dtype::F16 => Some(1),
+        Dtype::Bf16 => Some(2),
+        Dtype::F32 => None,
     }
+}
+
+/// The 16-bit code of the logits for the `*16` softmax kernels.
+fn half_kind(dtype: Dtype, what: &str) -> Result<i32> {
+    half_code(dtype).ok_or_else(|| {
+        PfcError::Shape(format!(
+            "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
+        ))
+    })
 }
 
 /// The device pointer of a held 16-bit operand (with its stream-sync guard).
@@ -119,18 +127,16 @@ fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
-/// The `wire` argument of cuda/wire.cu (1 = f16, 2 = bf16); f32 is not a 16-bit format (the
+/// The `wire` argument of cuda/wire.cu ([`half_code`]); f32 is not a 16-bit format (the
 /// packed rows and the casts are refused for it: f32 values travel as they are).
 fn wire_code(wire: Dtype) -> Result<i32> {
-    match wire {
-        Dtype::F16 => Ok(1),
-        Dtype::Bf16 => Ok(2),
-        Dtype::F32 => Err(PfcError::param(
+    half_code(wire).ok_or_else(|| {
+        PfcError::param(
             "wire",
             "f32",
             "the 16-bit wire formats are f16 and bf16; f32 values are sent unpacked",
-        )),
-    }
+        )
+    })
 }
 
 fn per_elem(n: usize) -> LaunchConfig {
