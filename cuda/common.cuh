@@ -33,17 +33,25 @@ __device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
 
 __device__ __forceinline__ float half_to_f32(unsigned short b, int kind) {
     if (kind == HALF_BF16) return bf16_bits_to_f32(b);
+#ifdef PFC_EMULATOR  // the host emulator (crates/cuda-emulator) has no PTX
+    return emu_f16_bits_to_f32(b);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
     return f;
+#endif
 }
 
 // Round to nearest even; an f16 beyond its range becomes +-inf (the wire format's rounding).
 __device__ __forceinline__ unsigned short f32_to_half_rn(float v, int kind) {
     if (kind == HALF_BF16) return f32_to_bf16_bits(v);
+#ifdef PFC_EMULATOR
+    return emu_f32_to_f16_bits_rn(v);
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#endif
 }
 
 // The same, saturating f16 at +-65504 (the logits' gradient).

@@ -23,15 +23,8 @@ const CLASSES: u64 = 5003;
 const DIM: usize = 64;
 const BATCH: usize = 48;
 
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            skip!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
+mod cuda_device;
+use cuda_device::gpu;
 
 fn config(world: usize, rate: f64) -> LayerConfig {
     config_wire(world, rate, Dtype::F32)

@@ -1,0 +1,339 @@
+// The CUDA driver API calls cudarc makes, as a host library named libcuda.so: "device" memory is
+// host memory, every stream is synchronous, modules are ignored (NVRTC's CUBIN cannot run here)
+// and functions are found by name among the kernels compiled for the host (fiber.cpp). Only what
+// partial-fc's CUDA backend and its tests use is implemented; any other call is absent, and
+// cudarc then names the missing symbol.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "scheduler.h"
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUmodule;
+typedef void* CUstream;
+typedef void* CUmemoryPool;
+typedef const emu::KernelEntry* CUfunction;
+struct Event {
+    std::chrono::steady_clock::time_point at;
+};
+typedef Event* CUevent;
+
+enum : CUresult {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
+};
+
+namespace {
+
+// The emulated device: an sm_90 part with 16 GiB, so NVRTC compiles for a current target.
+constexpr size_t TOTAL_BYTES = 16ull << 30;
+const char* const NAME = "partial-fc CPU emulator (not a GPU)";
+
+int primary_context_tag;
+int stream_tag;
+int module_tag;
+int pool_tag;
+
+struct Memory {
+    std::mutex lock;
+    std::map<CUdeviceptr, size_t> sizes;
+    size_t used = 0, high = 0, reserved_high = 0;
+};
+Memory& memory() {
+    static Memory m;
+    return m;
+}
+
+CUresult alloc(CUdeviceptr* out, size_t bytes) {
+    if (!out) return INVALID_VALUE;
+    size_t rounded = (bytes + 255) / 256 * 256;
+    void* p = std::aligned_alloc(256, rounded ? rounded : 256);
+    if (!p) return OUT_OF_MEMORY;
+    // Fresh device memory is garbage on a GPU: all-ones bytes (NaN floats, -1 integers) make a
+    // kernel that reads what nobody wrote fail its comparison instead of passing on zeros.
+    std::memset(p, 0xff, rounded ? rounded : 256);
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    *out = (CUdeviceptr)p;
+    m.sizes[*out] = rounded;
+    m.used += rounded;
+    if (m.used > m.high) m.high = m.used;
+    if (m.used > m.reserved_high) m.reserved_high = m.used;
+    return SUCCESS;
+}
+
+CUresult release(CUdeviceptr p) {
+    if (!p) return SUCCESS;
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    auto it = m.sizes.find(p);
+    if (it == m.sizes.end()) return INVALID_VALUE;
+    m.used -= it->second;
+    m.sizes.erase(it);
+    std::free((void*)p);
+    return SUCCESS;
+}
+
+}  // namespace
+
+#define API extern "C" __attribute__((visibility("default")))
+
+API CUresult cuInit(unsigned) { return SUCCESS; }
+API CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return SUCCESS;
+}
+API CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return SUCCESS;
+}
+API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *d = 0;
+    return SUCCESS;
+}
+API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    if (len <= 0) return INVALID_VALUE;
+    std::snprintf(name, (size_t)len, "%s", NAME);
+    return SUCCESS;
+}
+API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = TOTAL_BYTES;
+    return SUCCESS;
+}
+API CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
+    switch (attribute) {
+        case 1: *v = 1024; break;            // max threads per block
+        case 2: *v = 1024; break;            // max block dim x
+        case 5: *v = 2147483647; break;      // max grid dim x
+        case 8: *v = 48 * 1024; break;       // shared memory per block
+        case 10: *v = 32; break;             // warp size
+        case 16: *v = 1; break;              // multiprocessors: blocks run one at a time
+        case 75: *v = 9; break;              // compute capability major
+        case 76: *v = 0; break;              // compute capability minor
+        case 115: *v = 1; break;             // memory pools supported
+        default: *v = 0;
+    }
+    return SUCCESS;
+}
+API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice) {
+    *ctx = &primary_context_tag;
+    return SUCCESS;
+}
+API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
+
+thread_local CUcontext current_context = nullptr;
+API CUresult cuCtxSetCurrent(CUcontext ctx) {
+    current_context = ctx;
+    return SUCCESS;
+}
+API CUresult cuCtxGetCurrent(CUcontext* ctx) {
+    *ctx = current_context;
+    return SUCCESS;
+}
+API CUresult cuCtxPushCurrent_v2(CUcontext ctx) { return cuCtxSetCurrent(ctx); }
+API CUresult cuCtxPopCurrent_v2(CUcontext* ctx) {
+    if (ctx) *ctx = current_context;
+    return SUCCESS;
+}
+API CUresult cuCtxSynchronize() { return SUCCESS; }
+API CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return SUCCESS;
+}
+
+API CUresult cuStreamCreate(CUstream* s, unsigned) {
+    *s = &stream_tag;
+    return SUCCESS;
+}
+API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
+    *s = &stream_tag;
+    return SUCCESS;
+}
+API CUresult cuStreamDestroy_v2(CUstream) { return SUCCESS; }
+API CUresult cuStreamSynchronize(CUstream) { return SUCCESS; }
+API CUresult cuStreamQuery(CUstream) { return SUCCESS; }
+API CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return SUCCESS; }
+API CUresult cuStreamIsCapturing(CUstream, int* status) {
+    *status = 0;
+    return SUCCESS;
+}
+API CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+    fn(data);
+    return SUCCESS;
+}
+
+API CUresult cuEventCreate(CUevent* e, unsigned) {
+    *e = new Event{std::chrono::steady_clock::now()};
+    return SUCCESS;
+}
+API CUresult cuEventRecord(CUevent e, CUstream) {
+    if (!e) return INVALID_HANDLE;
+    e->at = std::chrono::steady_clock::now();
+    return SUCCESS;
+}
+API CUresult cuEventSynchronize(CUevent) { return SUCCESS; }
+API CUresult cuEventQuery(CUevent) { return SUCCESS; }
+API CUresult cuEventDestroy_v2(CUevent e) {
+    delete e;
+    return SUCCESS;
+}
+API CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+    *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
+    return SUCCESS;
+}
+API CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
+    return cuEventElapsedTime(ms, start, end);
+}
+
+API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return alloc(p, bytes); }
+API CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    *total = TOTAL_BYTES;
+    *free_bytes = TOTAL_BYTES - std::min(m.used, TOTAL_BYTES);
+    return SUCCESS;
+}
+API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) {
+    *pool = &pool_tag;
+    return SUCCESS;
+}
+API CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice d) { return cuDeviceGetDefaultMemPool(pool, d); }
+// Pool attributes: release threshold (4) is accepted and ignored; used (7) and reserved (5)
+// memory now, and their high-water marks (8, 6), which a write of 0 resets.
+API CUresult cuMemPoolGetAttribute(CUmemoryPool, int attribute, void* value) {
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    unsigned long long* v = static_cast<unsigned long long*>(value);
+    switch (attribute) {
+        case 4: *v = ~0ull; break;
+        case 5: case 7: *v = m.used; break;
+        case 6: *v = m.reserved_high; break;
+        case 8: *v = m.high; break;
+        default: return NOT_SUPPORTED;
+    }
+    return SUCCESS;
+}
+API CUresult cuMemPoolSetAttribute(CUmemoryPool, int attribute, void*) {
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    switch (attribute) {
+        case 4: break;
+        case 6: m.reserved_high = m.used; break;
+        case 8: m.high = m.used; break;
+        default: return NOT_SUPPORTED;
+    }
+    return SUCCESS;
+}
+
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (n) std::memcpy((void*)dst, src, n);
+    return SUCCESS;
+}
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+    return cuMemcpyHtoD_v2(dst, src, n);
+}
+API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (n) std::memcpy(dst, (const void*)src, n);
+    return SUCCESS;
+}
+API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    return cuMemcpyDtoH_v2(dst, src, n);
+}
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (n) std::memmove((void*)dst, (const void*)src, n);
+    return SUCCESS;
+}
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+    return cuMemcpyDtoD_v2(dst, src, n);
+}
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (n) std::memset((void*)dst, v, n);
+    return SUCCESS;
+}
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
+    return cuMemsetD8_v2(dst, v, n);
+}
+API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    unsigned* p = (unsigned*)dst;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return SUCCESS;
+}
+API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) {
+    return cuMemsetD32_v2(dst, v, n);
+}
+
+API CUresult cuModuleLoadData(CUmodule* m, const void*) {
+    *m = &module_tag;
+    return SUCCESS;
+}
+API CUresult cuModuleUnload(CUmodule) { return SUCCESS; }
+API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    const emu::KernelEntry* k = emu::find_kernel(name);
+    if (!k) return NOT_FOUND;
+    *f = k;
+    return SUCCESS;
+}
+API CUresult cuFuncGetAttribute(int* v, int attribute, CUfunction) {
+    *v = attribute == 0 ? 1024 : 0;  // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+    return SUCCESS;
+}
+API CUresult cuFuncSetAttribute(CUfunction, int, int) { return SUCCESS; }
+API CUresult cuFuncSetCacheConfig(CUfunction, int) { return SUCCESS; }
+
+API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                            unsigned by, unsigned bz, unsigned shared_bytes, CUstream, void** params,
+                            void** extra) {
+    if (!f) return INVALID_HANDLE;
+    if (!params || extra || shared_bytes) return NOT_SUPPORTED;
+    std::string error = emu::launch(*f, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
+    if (error.empty()) return SUCCESS;
+    std::fprintf(stderr, "partial-fc CUDA emulator: kernel %s failed: %s\n", f->name, error.c_str());
+    return LAUNCH_FAILED;
+}
+
+API CUresult cuGetErrorString(CUresult r, const char** s) {
+    switch (r) {
+        case SUCCESS: *s = "no error"; break;
+        case INVALID_VALUE: *s = "invalid argument"; break;
+        case OUT_OF_MEMORY: *s = "out of memory"; break;
+        case INVALID_DEVICE: *s = "invalid device ordinal"; break;
+        case INVALID_HANDLE: *s = "invalid resource handle"; break;
+        case NOT_FOUND: *s = "named symbol not found"; break;
+        case LAUNCH_FAILED: *s = "unspecified launch failure (see the emulator's message on stderr)"; break;
+        case NOT_SUPPORTED: *s = "operation not supported by the emulator"; break;
+        default: *s = "unknown error";
+    }
+    return SUCCESS;
+}
+API CUresult cuGetErrorName(CUresult r, const char** s) {
+    switch (r) {
+        case SUCCESS: *s = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN";
+    }
+    return SUCCESS;
+}

@@ -1,0 +1,320 @@
+// The block scheduler: every thread of a block is a fiber on the launching OS thread.
+// A fiber runs until it reaches a barrier or a warp collective, then yields; when no fiber can
+// run, the scheduler completes the collectives whose lanes have all arrived (a warp's shuffle,
+// the block's __syncthreads). Blocks run one after another, so the "last block" pattern
+// (threadfence + counter) works, and a barrier nobody can reach is reported, not hung on.
+#include "emu.h"
+#include "scheduler.h"
+
+#include <sys/mman.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+// Fiber switch on x86-64: save the callee-saved registers, MXCSR and the x87 control word on
+// the current stack, store its pointer in *from, and resume the stack `to`. No system call
+// (ucontext's swapcontext saves the signal mask with one, which made an emulated launch of a
+// million threads take seconds).
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+namespace emu {
+
+thread_local const ThreadView* current = nullptr;
+
+namespace {
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr size_t GUARD_BYTES = 4096;
+
+enum class State { Runnable, AtBlock, AtWarp, Done };
+
+struct Fiber {
+    void* sp = nullptr;  // saved stack pointer while suspended
+    ThreadView view;
+    State state = State::Runnable;
+    int pred = 0;
+    int block_result = 0;
+    WarpOp op = SYNC;
+    unsigned mask = 0;
+    uint64_t value = 0;
+    int param = 0;
+    int width = 32;
+    uint64_t result = 0;
+};
+
+// One OS thread's running block.
+struct BlockRun {
+    std::vector<Fiber> fibers;
+    void* scheduler = nullptr;
+    size_t cur = 0;
+    void* fn = nullptr;
+    Thunk thunk = nullptr;
+    void** args = nullptr;
+};
+
+thread_local BlockRun* running = nullptr;
+
+// Fiber stacks with a guard page below each, kept per OS thread and reused by every launch.
+struct StackPool {
+    std::vector<char*> stacks;
+    ~StackPool() {
+        for (char* s : stacks) munmap(s, STACK_BYTES + GUARD_BYTES);
+    }
+    char* get(size_t i) {
+        while (stacks.size() <= i) {
+            void* p = mmap(nullptr, STACK_BYTES + GUARD_BYTES, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED) return nullptr;
+            mprotect(p, GUARD_BYTES, PROT_NONE);
+            stacks.push_back(static_cast<char*>(p));
+        }
+        return stacks[i] + GUARD_BYTES;
+    }
+};
+thread_local StackPool stack_pool;
+
+// First frame of every fiber; never returns (a finished fiber is never resumed).
+[[noreturn]] void fiber_main() {
+    BlockRun* r = running;
+    r->thunk(r->fn, r->args);
+    Fiber& f = r->fibers[r->cur];
+    f.state = State::Done;
+    emu_switch(&f.sp, r->scheduler);
+    __builtin_unreachable();
+}
+
+// A fresh stack that emu_switch resumes into fiber_main: the saved MXCSR/x87 word and six
+// zeroed registers, then fiber_main as the return address, with the stack aligned as at a call.
+void* fresh_stack(char* base, size_t bytes) {
+    uintptr_t top = ((uintptr_t)(base + bytes)) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 16);
+    sp[1] = nullptr;
+    sp[0] = (void*)&fiber_main;
+    sp -= 6;
+    for (int i = 0; i < 6; i++) sp[i] = nullptr;
+    sp -= 1;
+    uint32_t csr[2];
+    __asm__ volatile("stmxcsr %0" : "=m"(csr[0]));
+    __asm__ volatile("fnstcw %0" : "=m"(csr[1]));
+    std::memcpy(sp, csr, 8);
+    return sp;
+}
+
+Fiber& self() { return running->fibers[running->cur]; }
+
+void yield_to_scheduler() {
+    Fiber& f = self();
+    emu_switch(&f.sp, running->scheduler);
+}
+
+std::map<std::string, KernelEntry>& registry() {
+    static std::map<std::string, KernelEntry> r;
+    return r;
+}
+
+const char* op_name(WarpOp op) {
+    switch (op) {
+        case SHFL_IDX: return "__shfl_sync";
+        case SHFL_UP: return "__shfl_up_sync";
+        case SHFL_DOWN: return "__shfl_down_sync";
+        case SHFL_XOR: return "__shfl_xor_sync";
+        case BALLOT: return "__ballot_sync";
+        default: return "__syncwarp";
+    }
+}
+
+// Completes the collective of the first waiting lane of warp `w` if all of its lanes arrived.
+// Returns true if lanes were released; sets `error` if the collective can never complete.
+bool release_warp(BlockRun& r, size_t w, std::string& error) {
+    size_t first = w * 32, end = std::min(first + 32, r.fibers.size());
+    bool released = false;
+    for (size_t lead = first; lead < end; lead++) {
+        Fiber& head = r.fibers[lead];
+        if (head.state != State::AtWarp) continue;
+        unsigned mask = head.mask;
+        if (!(mask >> (lead - first) & 1u)) {
+            error = std::string(op_name(head.op)) + " called by a lane outside its own mask";
+            return false;
+        }
+        bool ready = true;
+        for (size_t l = first; l < end; l++) {
+            if (!(mask >> (l - first) & 1u)) continue;
+            Fiber& f = r.fibers[l];
+            if (f.state == State::Done) {
+                error = "lane " + std::to_string(l - first) + " of warp " + std::to_string(w) +
+                        " exited while named in the mask of " + op_name(head.op);
+                return false;
+            }
+            if (f.state != State::AtWarp) {
+                ready = false;
+                break;
+            }
+            if (f.op != head.op || f.mask != head.mask) {
+                error = std::string("lanes of warp ") + std::to_string(w) + " disagree: " +
+                        op_name(head.op) + " and " + op_name(f.op) + " with the same lanes";
+                return false;
+            }
+        }
+        if (!ready) continue;
+        uint64_t ballot = 0;
+        for (size_t l = first; l < end; l++)
+            if ((mask >> (l - first) & 1u) && r.fibers[l].value) ballot |= 1ull << (l - first);
+        for (size_t l = first; l < end; l++) {
+            if (!(mask >> (l - first) & 1u)) continue;
+            Fiber& f = r.fibers[l];
+            int lane = (int)(l - first), width = f.width, seg = lane & ~(width - 1);
+            int src = lane;
+            switch (f.op) {
+                case SHFL_IDX: src = seg + (f.param & (width - 1)); break;
+                case SHFL_UP: src = (lane - seg) >= f.param ? lane - f.param : lane; break;
+                case SHFL_DOWN: src = (lane - seg) + f.param < width ? lane + f.param : lane; break;
+                case SHFL_XOR: src = ((lane ^ f.param) & ~(width - 1)) == seg ? lane ^ f.param : lane; break;
+                default: break;
+            }
+            size_t s = first + (size_t)src;
+            bool src_here = s < end && (mask >> src & 1u);
+            f.result = f.op == BALLOT ? ballot : (src_here ? r.fibers[s].value : f.value);
+        }
+        for (size_t l = first; l < end; l++)
+            if (mask >> (l - first) & 1u) r.fibers[l].state = State::Runnable;
+        released = true;
+    }
+    return released;
+}
+
+// Runs one block to completion; empty on success, else what went wrong.
+std::string run_block(BlockRun& r) {
+    size_t n = r.fibers.size();
+    for (size_t i = 0; i < n; i++) {
+        Fiber& f = r.fibers[i];
+        char* stack = stack_pool.get(i);
+        if (!stack) return "cannot map a fiber stack";
+        f.sp = fresh_stack(stack, STACK_BYTES);
+        f.state = State::Runnable;
+    }
+    for (;;) {
+        for (size_t i = 0; i < n; i++) {
+            if (r.fibers[i].state != State::Runnable) continue;
+            r.cur = i;
+            current = &r.fibers[i].view;
+            emu_switch(&r.scheduler, r.fibers[i].sp);
+        }
+        size_t live = 0, at_block = 0;
+        for (auto& f : r.fibers) {
+            live += f.state != State::Done;
+            at_block += f.state == State::AtBlock;
+        }
+        if (live == 0) return {};
+        std::string error;
+        bool released = false;
+        for (size_t w = 0; w * 32 < n; w++) released |= release_warp(r, w, error);
+        if (!error.empty()) return error;
+        if (released) continue;
+        if (at_block == live) {
+            int count = 0;
+            for (auto& f : r.fibers) count += f.state == State::AtBlock && f.pred;
+            for (auto& f : r.fibers) {
+                if (f.state != State::AtBlock) continue;
+                f.block_result = count;
+                f.state = State::Runnable;
+            }
+            continue;
+        }
+        return "deadlock: " + std::to_string(at_block) + " of " + std::to_string(live) +
+               " live threads wait at __syncthreads, the others at a warp collective that "
+               "cannot complete";
+    }
+}
+
+}  // namespace
+
+int block_barrier(int pred) {
+    Fiber& f = self();
+    f.state = State::AtBlock;
+    f.pred = pred;
+    yield_to_scheduler();
+    return self().block_result;
+}
+
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int param, int width) {
+    Fiber& f = self();
+    f.state = State::AtWarp;
+    f.op = op;
+    f.mask = mask;
+    f.value = op == BALLOT ? (value != 0) : value;
+    f.param = param;
+    f.width = width;
+    yield_to_scheduler();
+    return self().result;
+}
+
+void register_kernel(const char* name, void* fn, Thunk thunk) {
+    registry()[name] = KernelEntry{name, fn, thunk};
+}
+
+const KernelEntry* find_kernel(const char* name) {
+    auto it = registry().find(name);
+    return it == registry().end() ? nullptr : &it->second;
+}
+
+std::string launch(const KernelEntry& k, dim3 grid, dim3 block, void** args) {
+    size_t threads = (size_t)block.x * block.y * block.z;
+    if (threads == 0 || threads > 1024) return "block of " + std::to_string(threads) + " threads";
+    if ((size_t)grid.x * grid.y * grid.z == 0) return "empty grid";
+    if (running) return "a kernel launched from inside a kernel";
+    BlockRun r;
+    r.fn = k.fn;
+    r.thunk = k.thunk;
+    r.args = args;
+    r.fibers.resize(threads);
+    running = &r;
+    std::string error;
+    for (unsigned bz = 0; bz < grid.z && error.empty(); bz++)
+        for (unsigned by = 0; by < grid.y && error.empty(); by++)
+            for (unsigned bx = 0; bx < grid.x && error.empty(); bx++) {
+                size_t t = 0;
+                for (unsigned z = 0; z < block.z; z++)
+                    for (unsigned y = 0; y < block.y; y++)
+                        for (unsigned x = 0; x < block.x; x++, t++)
+                            r.fibers[t].view = ThreadView{{x, y, z}, {bx, by, bz}, block, grid};
+                error = run_block(r);
+                if (!error.empty())
+                    error = "block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
+                            std::to_string(bz) + "): " + error;
+            }
+    running = nullptr;
+    current = nullptr;
+    return error;
+}
+
+}  // namespace emu

@@ -1,0 +1,46 @@
+// Kernels of the emulator's own tests (tests/scheduler.rs): the semantics of the warp
+// collectives and barriers, and the failures the scheduler must report instead of hanging.
+// Compiled into the emulated libcuda.so only.
+
+// Each thread's results of every collective, on a block of 64 threads (two warps).
+extern "C" __global__ void emu_test_collectives(const int* in, int* out_xor, int* out_up,
+                                                int* out_down, int* out_idx, unsigned* out_ballot,
+                                                int* out_count) {
+    int t = threadIdx.x;
+    int v = in[t];
+    out_xor[t] = __shfl_xor_sync(0xffffffffu, v, 5);
+    out_up[t] = __shfl_up_sync(0xffffffffu, v, 3);
+    out_down[t] = __shfl_down_sync(0xffffffffu, v, 3);
+    out_idx[t] = __shfl_sync(0xffffffffu, v, 7, 16);
+    out_ballot[t] = __ballot_sync(0xffffffffu, v & 1);
+    out_count[t] = __syncthreads_count(v & 1);
+}
+
+// A shared-memory tree sum per block: shared memory is per block and barriers order it.
+extern "C" __global__ void emu_test_block_sums(const float* in, float* out) {
+    __shared__ float partial[256];
+    int t = threadIdx.x;
+    partial[t] = in[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half) partial[t] += partial[t + half];
+        __syncthreads();
+    }
+    if (t == 0) out[blockIdx.x] = partial[0];
+}
+
+// Lane 31 exits while the others shuffle with it in the mask: undefined on a GPU, an error here.
+extern "C" __global__ void emu_test_lane_exits(int* out) {
+    if (threadIdx.x % 32 == 31) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+}
+
+// Warp 0 waits at __syncthreads, lane 0 of warp 1 at a shuffle with lane 1, which waits at a
+// second __syncthreads: nothing can proceed.
+extern "C" __global__ void emu_test_deadlock(int* out) {
+    if (threadIdx.x < 32 || threadIdx.x == 33) {
+        __syncthreads();
+    } else if (threadIdx.x == 32) {
+        out[0] = __shfl_sync(0x3u, 1, 0);
+    }
+}

@@ -1,0 +1,189 @@
+//! A CPU emulator of the CUDA driver and cuBLAS calls partial-fc makes, so that its CUDA
+//! backend — the kernels of `cuda/*.cu`, their launch glue, the sampler's multi-kernel pipeline,
+//! the 16-bit GEMM paths and the whole step — runs, and is tested against the CPU backend, on a
+//! machine without a GPU. For tests only (`publish = false`).
+//!
+//! The build compiles every kernel family as C++ (with `PFC_EMULATOR` defined) into a host
+//! library named `libcuda.so`, beside the driver calls cudarc makes, and a `libcublas.so` with
+//! the GEMMs. [`install`] loads both; cudarc's own `dlopen("libcuda.so")` then finds them, as
+//! the dynamic loader matches a library already loaded by its soname. NVRTC is the real one: the
+//! kernels are still compiled by it (the CUBIN is then ignored).
+//!
+//! What the emulator checks: the kernels' arithmetic, indexing and launch shapes; their
+//! barriers and warp collectives (a lane that exits while named in a shuffle's mask, or a
+//! barrier nobody can reach, fails the launch instead of hanging); and fresh allocations are
+//! filled with all-ones bytes, so a read of memory nobody wrote shows up as NaN or -1. What it
+//! does not: timing, the GPU memory model (blocks run one after another, so inter-block races
+//! cannot show), out-of-bounds accesses (compute-sanitizer's job on a device), and the
+//! accuracy of the GPU's fast-math intrinsics (the host's accurate functions stand in).
+
+use std::sync::OnceLock;
+
+/// Where the build put the emulated driver.
+pub const LIBCUDA: &str = env!("PFC_EMULATOR_LIBCUDA");
+/// Where the build put the emulated cuBLAS.
+pub const LIBCUBLAS: &str = env!("PFC_EMULATOR_LIBCUBLAS");
+
+/// The device name the emulated driver reports.
+pub const DEVICE_NAME: &str = "partial-fc CPU emulator (not a GPU)";
+
+/// Loads the emulated `libcuda.so` and `libcublas.so` for the rest of the process. Call it only
+/// where no real driver was found: a process that already loaded the real `libcuda.so` keeps it.
+pub fn install() -> Result<(), String> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            for path in [LIBCUDA, LIBCUBLAS] {
+                // SAFETY: the libraries' initializers only register the kernels in a map.
+                let lib = unsafe {
+                    libloading::os::unix::Library::open(
+                        Some(path),
+                        libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                    )
+                }
+                .map_err(|e| format!("loading the CUDA emulator {path}: {e}"))?;
+                // Kept for the life of the process: cudarc holds its symbols.
+                std::mem::forget(lib);
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// Direct calls into the emulated libraries, for the emulator's own tests: launching a kernel
+/// by name on host buffers (the emulated device memory is host memory) and the GEMM entry.
+pub mod raw {
+    use std::ffi::{c_void, CString};
+
+    type GetFunction = unsafe extern "C" fn(*mut *const c_void, *mut c_void, *const i8) -> i32;
+    type Launch = unsafe extern "C" fn(
+        *const c_void,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        *mut c_void,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> i32;
+
+    fn library(path: &str) -> Result<libloading::Library, String> {
+        super::install()?;
+        // SAFETY: already loaded by `install`; this only takes another reference.
+        unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())
+    }
+
+    /// Launches the kernel `name` over `grid` × `block`; `args` point to the argument values
+    /// (as for `cuLaunchKernel`). The error is the driver's result code.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters, and every pointer among them must be valid
+    /// for what the kernel touches.
+    pub unsafe fn launch(
+        name: &str,
+        grid: u32,
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), i32> {
+        let lib = library(super::LIBCUDA).map_err(|_| -1)?;
+        let get: libloading::Symbol<GetFunction> =
+            lib.get(b"cuModuleGetFunction").map_err(|_| -1)?;
+        let launch: libloading::Symbol<Launch> = lib.get(b"cuLaunchKernel").map_err(|_| -1)?;
+        let cname = CString::new(name).map_err(|_| -1)?;
+        let mut f = std::ptr::null();
+        match get(&mut f, std::ptr::null_mut(), cname.as_ptr()) {
+            0 => {}
+            e => return Err(e),
+        }
+        let args_ptr = args.as_mut_ptr();
+        match launch(
+            f,
+            grid,
+            1,
+            1,
+            block,
+            1,
+            1,
+            0,
+            std::ptr::null_mut(),
+            args_ptr,
+            std::ptr::null_mut(),
+        ) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// `cublasGemmEx` of the emulated cuBLAS with f32 compute (column-major, as cuBLAS).
+    ///
+    /// # Safety
+    /// The buffers must hold the matrices their types, shapes and leading dimensions describe.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_ex(
+        trans: (i32, i32),
+        (m, n, k): (i32, i32, i32),
+        alpha: f32,
+        (a, a_type, lda): (*const c_void, i32, i32),
+        (b, b_type, ldb): (*const c_void, i32, i32),
+        beta: f32,
+        (c, c_type, ldc): (*mut c_void, i32, i32),
+    ) -> i32 {
+        type Create = unsafe extern "C" fn(*mut *mut c_void) -> i32;
+        type GemmEx = unsafe extern "C" fn(
+            *mut c_void,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            *const c_void,
+            *const c_void,
+            i32,
+            i32,
+            *const c_void,
+            i32,
+            i32,
+            *const c_void,
+            *mut c_void,
+            i32,
+            i32,
+            i32,
+            i32,
+        ) -> i32;
+        let Ok(lib) = library(super::LIBCUBLAS) else {
+            return -1;
+        };
+        let (Ok(create), Ok(gemm)) = (
+            lib.get::<Create>(b"cublasCreate_v2"),
+            lib.get::<GemmEx>(b"cublasGemmEx"),
+        ) else {
+            return -1;
+        };
+        let mut handle = std::ptr::null_mut();
+        create(&mut handle);
+        gemm(
+            handle,
+            trans.0,
+            trans.1,
+            m,
+            n,
+            k,
+            &alpha as *const f32 as *const c_void,
+            a,
+            a_type,
+            lda,
+            b,
+            b_type,
+            ldb,
+            &beta as *const f32 as *const c_void,
+            c,
+            c_type,
+            ldc,
+            68, // CUBLAS_COMPUTE_32F
+            -1, // CUBLAS_GEMM_DEFAULT
+        )
+    }
+}

@@ -1,0 +1,186 @@
+//! The emulator's own semantics: warp collectives and barriers as CUDA defines them, per-block
+//! shared memory, and the failures it must report (a lane that exits while named in a shuffle's
+//! mask, a barrier nobody can reach) instead of hanging.
+
+use pfc_cuda_emulator::raw;
+use std::ffi::c_void;
+
+fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+#[test]
+fn warp_collectives_follow_cuda_semantics() {
+    let input: Vec<i32> = (0..64).map(|t| t * 7 + 3).collect();
+    let (mut xor, mut up, mut down, mut idx) =
+        (vec![0i32; 64], vec![0; 64], vec![0; 64], vec![0; 64]);
+    let (mut ballot, mut count) = (vec![0u32; 64], vec![0i32; 64]);
+    let mut ptrs: Vec<*mut c_void> = vec![
+        input.as_ptr() as *mut c_void,
+        xor.as_mut_ptr() as *mut c_void,
+        up.as_mut_ptr() as *mut c_void,
+        down.as_mut_ptr() as *mut c_void,
+        idx.as_mut_ptr() as *mut c_void,
+        ballot.as_mut_ptr() as *mut c_void,
+        count.as_mut_ptr() as *mut c_void,
+    ];
+    let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+    unsafe { raw::launch("emu_test_collectives", 1, 64, &mut args) }.unwrap();
+    let odd = input.iter().filter(|v| *v & 1 == 1).count() as i32;
+    for t in 0..64usize {
+        let (warp, lane) = (t / 32 * 32, t % 32);
+        assert_eq!(xor[t], input[warp + (lane ^ 5)], "xor {t}");
+        let up_src = if lane >= 3 { t - 3 } else { t };
+        assert_eq!(up[t], input[up_src], "up {t}");
+        let down_src = if lane + 3 < 32 { t + 3 } else { t };
+        assert_eq!(down[t], input[down_src], "down {t}");
+        // Width 16: lane 7 of each half-warp segment.
+        assert_eq!(idx[t], input[warp + (lane & !15) + 7], "idx {t}");
+        let want: u32 = (0..32)
+            .filter(|l| input[warp + l] & 1 == 1)
+            .map(|l| 1u32 << l)
+            .sum();
+        assert_eq!(ballot[t], want, "ballot {t}");
+        assert_eq!(count[t], odd, "syncthreads_count {t}");
+    }
+}
+
+#[test]
+fn shared_memory_is_per_block() {
+    let blocks = 5;
+    let input: Vec<f32> = (0..256 * blocks).map(|i| (i % 97) as f32).collect();
+    let mut out = vec![0f32; blocks];
+    let mut ptrs = [
+        input.as_ptr() as *mut c_void,
+        out.as_mut_ptr() as *mut c_void,
+    ];
+    let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+    unsafe { raw::launch("emu_test_block_sums", blocks as u32, 256, &mut args) }.unwrap();
+    for b in 0..blocks {
+        let want: f32 = input[b * 256..(b + 1) * 256].iter().sum();
+        assert_eq!(out[b], want, "block {b}");
+    }
+}
+
+#[test]
+fn an_exited_lane_in_a_shuffle_mask_fails_the_launch() {
+    let mut out = vec![0i32; 64];
+    let mut p = out.as_mut_ptr() as *mut c_void;
+    let mut args = [arg(&mut p)];
+    let r = unsafe { raw::launch("emu_test_lane_exits", 1, 64, &mut args) };
+    assert_eq!(r, Err(719), "CUDA_ERROR_LAUNCH_FAILED expected");
+}
+
+#[test]
+fn a_barrier_nobody_can_reach_fails_instead_of_hanging() {
+    let mut out = vec![0i32; 1];
+    let mut p = out.as_mut_ptr() as *mut c_void;
+    let mut args = [arg(&mut p)];
+    let r = unsafe { raw::launch("emu_test_deadlock", 1, 64, &mut args) };
+    assert_eq!(r, Err(719));
+}
+
+#[test]
+fn unknown_kernels_and_oversized_blocks_are_errors() {
+    let mut args: [*mut c_void; 0] = [];
+    assert_eq!(
+        unsafe { raw::launch("no_such_kernel", 1, 32, &mut args) },
+        Err(500)
+    );
+    let mut out = vec![0i32; 1];
+    let mut p = out.as_mut_ptr() as *mut c_void;
+    let mut args = [arg(&mut p)];
+    assert_eq!(
+        unsafe { raw::launch("emu_test_lane_exits", 1, 2048, &mut args) },
+        Err(719)
+    );
+}
+
+/// The emulated cublasGemmEx against an f64 product, for every transpose pair and operand type.
+#[test]
+fn gemm_ex_matches_a_double_precision_product() {
+    const R_32F: i32 = 0;
+    const R_16F: i32 = 2;
+    const R_16BF: i32 = 14;
+    let (m, n, k) = (7usize, 5usize, 19usize);
+    let values = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((((i as u32).wrapping_mul(2654435761) ^ seed) >> 7) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect()
+    };
+    let bits = |v: &[f32], t: i32| -> Vec<u16> {
+        v.iter()
+            .map(|&x| match t {
+                R_16BF => half::bf16::from_f32(x).to_bits(),
+                _ => half::f16::from_f32(x).to_bits(),
+            })
+            .collect()
+    };
+    let widen = |b: &[u16], t: i32| -> Vec<f32> {
+        b.iter()
+            .map(|&x| match t {
+                R_16BF => half::bf16::from_bits(x).to_f32(),
+                _ => half::f16::from_bits(x).to_f32(),
+            })
+            .collect()
+    };
+    for ty in [R_32F, R_16F, R_16BF] {
+        for (ta, tb) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            // Column-major storage: op(A) is m × k, so A is m × k (N) or k × m (T).
+            let (a_rows, b_rows) = (if ta == 0 { m } else { k }, if tb == 0 { k } else { n });
+            let a32 = values(m * k, 1);
+            let b32 = values(k * n, 2);
+            let (a16, b16) = (bits(&a32, ty), bits(&b32, ty));
+            let (a, b) = if ty == R_32F {
+                (a32.clone(), b32.clone())
+            } else {
+                (widen(&a16, ty), widen(&b16, ty))
+            };
+            let at = |i: usize, p: usize| {
+                if ta == 0 {
+                    a[i + p * a_rows]
+                } else {
+                    a[p + i * a_rows]
+                }
+            };
+            let bt = |p: usize, j: usize| {
+                if tb == 0 {
+                    b[p + j * b_rows]
+                } else {
+                    b[j + p * b_rows]
+                }
+            };
+            let mut c = vec![0.5f32; m * n];
+            let (pa, pb) = if ty == R_32F {
+                (a32.as_ptr() as *const c_void, b32.as_ptr() as *const c_void)
+            } else {
+                (a16.as_ptr() as *const c_void, b16.as_ptr() as *const c_void)
+            };
+            let status = unsafe {
+                raw::gemm_ex(
+                    (ta, tb),
+                    (m as i32, n as i32, k as i32),
+                    2.0,
+                    (pa, ty, a_rows as i32),
+                    (pb, ty, b_rows as i32),
+                    0.25,
+                    (c.as_mut_ptr() as *mut c_void, R_32F, m as i32),
+                )
+            };
+            assert_eq!(status, 0);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| at(i, p) as f64 * bt(p, j) as f64).sum();
+                    let want = 2.0 * dot + 0.25 * 0.5;
+                    let got = c[i + j * m] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "type {ty} ({ta},{tb}) [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The device of the CUDA tests: the real GPU where there is one, else the CPU emulator of the
+//! CUDA driver (crates/cuda-emulator), so that every kernel, its launch glue and the whole step
+//! still run against the CPU reference in CI. `PFC_CUDA_EMULATOR=0` turns the emulator off
+//! (the tests then print that they were skipped); `PFC_CUDA_EMULATOR=only` refuses a real GPU.
+
+use partial_fc::cuda::CudaBackend;
+
+/// Prints past the test harness's output capture.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Where the tests run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Device {
+    Gpu,
+    Emulator,
+}
+
+/// Makes the CUDA backend loadable: the real driver if present, else the emulator. `None`
+/// (with the reason printed) where neither can run.
+pub fn device() -> Option<Device> {
+    static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    let found = DEVICE.get_or_init(|| {
+        let mode = std::env::var("PFC_CUDA_EMULATOR").unwrap_or_default();
+        if mode != "only" {
+            match partial_fc::cuda::check_available() {
+                Ok(()) => return Ok(Device::Gpu),
+                Err(e) if mode == "0" => return Err(format!("no CUDA device ({e})")),
+                Err(_) => {}
+            }
+        }
+        pfc_cuda_emulator::install()?;
+        partial_fc::cuda::check_available()
+            .map(|()| Device::Emulator)
+            .map_err(|e| format!("neither a CUDA device nor the emulator ({e})"))
+    });
+    match found {
+        Ok(d) => Some(*d),
+        Err(e) => {
+            say!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// The backend on device 0, or `None` after printing why the test is skipped.
+pub fn gpu() -> Option<CudaBackend> {
+    let device = device()?;
+    match CudaBackend::new(0) {
+        Ok(g) => {
+            if device == Device::Emulator {
+                say!("note: running on the CPU emulator of the CUDA driver, not a GPU");
+            }
+            Some(g)
+        }
+        Err(e) => {
+            say!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
