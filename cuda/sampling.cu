@@ -15,16 +15,23 @@
 //     non-positive key counts one distinct positive and moves the key's histogram count to the
 //     positive bin, so duplicate labels count once and no label goes to the host. Its last block
 //     picks the first digit (S = max(num_sample, positives), on the device).
-//  4. Only the high words are selected: two more radix passes (11 + 10 bits) over the keys of the
-//     chosen prefix, each picking its digit in the last block to finish (threadfence + counter),
-//     give H, the S-th largest high word, and r, how many keys with high word H are wanted.
-//     The low words order ties by class, so the wanted ties are the first r in class order.
-//  5. The compaction counts (above H, equal to H) per block of 1024 classes, scans the counts
-//     in one block, and writes class c at (above before c) + min(ties before c, r): order
-//     preserving, and exactly the CPU's top S by full key.
+//  4. Only the high words are selected, to H, the S-th largest high word, and r, how many keys
+//     with high word H are wanted. The low words order ties by class, so the wanted ties are the
+//     first r in class order. After the first digit the chosen bin holds few keys (random high
+//     words fill 1024 bins evenly: ~n/1024; positives have a bin of their own), so
+//     collect_candidates reads the keys once, appends those of the chosen bin to a short list
+//     (one atomic per warp) and, per block of 1024 classes, counts the keys of higher bins (all
+//     selected); select_candidates, one block, picks the last two digits (11 + 10 bits) from
+//     histograms of the list and adds each candidate above H or tied with it to its block's
+//     count. A list that overflows its buffer (not seen with random keys; possible in principle)
+//     makes that block walk all keys instead: slower, same result.
+//  5. The compaction scans the per-block counts (above H, equal to H) in one block and writes
+//     class c at (above before c) + min(ties before c, r): order preserving, and exactly the
+//     CPU's top S by full key.
 //  6. remap_labels reads the count from the device, so the host syncs once, at the end.
-// The hard-negative variant needs the positive count on the host (one extra 4-byte download)
-// and selects the exact 64-bit threshold of phase 1 with six passes.
+// The hard-negative variant needs the positive count on the host (one extra 4-byte download),
+// selects the exact 64-bit threshold of phase 1 with six radix passes over all keys, the high
+// word with three more, and counts per block with count_selected.
 #include "common.cuh"
 
 #define POSITIVE_KEY 0xFFFFFFFFu
@@ -49,17 +56,19 @@ extern "C" __global__ void iota(int* out, int n) {
 #define SELECT_THREADS 1024 // threads of the histogram/select blocks
 // Select state, u64 words: [0] prefix of the S-th largest key found so far, [1] rank still to
 // find (after the last pass: the number of ties wanted), [2] blocks done in this pass,
-// [3] distinct positives, [4] classes selected.
+// [3] distinct positives, [4] classes selected, [5] candidates collected.
 #define ST_PREFIX 0
 #define ST_RANK 1
 #define ST_DONE 2
 #define ST_POSITIVES 3
 #define ST_SELECTED 4
+#define ST_CANDIDATES 5
 
 extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset_positives) {
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[b] = 0;
     if (threadIdx.x == 0) {
         state[ST_PREFIX] = 0; state[ST_RANK] = k; state[ST_DONE] = 0; state[ST_SELECTED] = 0;
+        state[ST_CANDIDATES] = 0;
         if (reset_positives) state[ST_POSITIVES] = 0;
     }
 }
@@ -214,6 +223,69 @@ extern "C" __global__ void promote_chosen(u64* keys, int shard_len, const u64* s
     bool chosen = keys[c] >= select_state[0];
     u32 high = chosen ? POSITIVE_KEY : class_random_bits(seed, step, shard_start + (u64)c) >> 1;
     keys[c] = make_key(high, c);
+}
+
+// --- the plain sampler's last two digits, from the keys of the first digit's bin (header, 4).
+
+// One block per SCAN_BLOCK classes: the keys of the chosen first-digit bin appended to
+// `candidates` (up to `capacity`; state[5] counts them all), and per block the number of keys
+// in higher bins, which are all selected, as the block's count (ties 0 so far).
+extern "C" __global__ void collect_candidates(const u64* keys, int n, u64* state, u64* block_counts,
+                                             u64* candidates, int capacity) {
+    int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
+    u32 digit = (u32)(state[ST_PREFIX] >> 53);
+    bool live = c < n;
+    u64 key = live ? keys[c] : 0;
+    u32 top = (u32)(key >> 53);
+    int above = __syncthreads_count(live && top > digit);
+    bool candidate = live && top == digit;
+    int lane = threadIdx.x % WARP;
+    u32 ballot = __ballot_sync(0xffffffffu, candidate);
+    u64 base = 0;
+    if (lane == 0 && ballot) base = atomicAdd(&state[ST_CANDIDATES], (u64)__popc(ballot));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (candidate) {
+        u64 at = base + (u64)__popc(ballot & ((1u << lane) - 1u));
+        if (at < (u64)capacity) candidates[at] = key;
+    }
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = (u64)above;
+}
+
+// One block of SELECT_THREADS: the second and third digits of the high word, each from a
+// histogram of the candidates that agree with the prefix (what radix_pass would count over all
+// keys), picked by select_digit; then each candidate above H or tied with it is added to its
+// block's count. On an overflowed list, the same over all keys (those of the first bin).
+extern "C" __global__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
+                                            const u64* candidates, int capacity, u64* block_counts) {
+    u64 count = __ldcg(&state[ST_CANDIDATES]);
+    bool overflow = count > (u64)capacity;
+    const u64* src = overflow ? keys : candidates;
+    u64 len = overflow ? (u64)n : count;
+    for (int d = 0; d < 2; d++) {
+        int shift = d == 0 ? 42 : 32, bits = d == 0 ? 11 : 10;
+        u64 prefix = __ldcg(&state[ST_PREFIX]);
+        u64 rank = __ldcg(&state[ST_RANK]);
+        u64 high_mask = ~0ull << (shift + bits);
+        u32 digit_mask = (1u << bits) - 1u;
+        for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
+            u64 key = src[j];
+            if ((key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
+        }
+        __syncthreads();
+        select_digit(state, hist, shift, rank);
+        __syncthreads();  // thread 0's new prefix and rank, and the cleared histogram
+    }
+    u64 prefix = __ldcg(&state[ST_PREFIX]);
+    u32 h = (u32)(prefix >> 32), digit = (u32)(prefix >> 53);
+    for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
+        u64 key = src[j];
+        u32 kh = (u32)(key >> 32);
+        if ((kh >> 21) != digit || kh < h) continue;
+        u32 cls = 0xFFFFFFFFu - (u32)key;
+        atomicAdd(&block_counts[cls / SCAN_BLOCK], kh > h ? 1ull : (1ull << 32));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) state[ST_CANDIDATES] = 0;  // ready for the next call
 }
 
 // --- compaction in class order. After the high-word passes, H = state[0] >> 32 and

@@ -62,18 +62,45 @@ fn up<T: partial_fc::Elem>(g: &CudaBackend, host: &[T]) -> cudarc::driver::CudaS
 #[test]
 fn sampled_index_is_bit_identical() {
     let Some(g) = gpu() else { return };
+    check_sampler(
+        &g,
+        &[
+            (1000usize, 0.1f64, 64usize, 1u64, 0.0f32),
+            (1000, 0.0, 64, 2, 0.0),
+            (4097, 0.3, 128, 3, 0.0),
+            (50_000, 0.05, 512, 4, 0.0),
+            (1 << 20, 0.1, 1024, 5, 0.0),
+            (1_000_003, 0.1, 2048, 6, 0.0),
+            (20_000, 0.1, 256, 7, 0.5),
+            (20_000, 0.2, 256, 8, 1.0),
+            (300, 0.01, 1024, 9, 0.0), // positives exceed S
+        ],
+    );
+}
+
+/// The plain sampler's candidate list overflowing (none kept, or fewer than the first digit's
+/// bin holds): `select_candidates` then walks all keys, with the same result.
+#[test]
+fn sampler_candidate_overflow_gives_the_same_index() {
+    for len in [0, 7] {
+        let Some(g) = gpu() else { return };
+        check_sampler(
+            &g.with_sampler_candidates(len),
+            &[
+                (1000usize, 0.1f64, 64usize, 1u64, 0.0f32),
+                (4097, 0.3, 128, 3, 0.0),
+                (50_000, 0.05, 512, 4, 0.0),
+                (300, 0.01, 1024, 9, 0.0),
+            ],
+        );
+    }
+}
+
+/// The GPU sampler against the CPU's on each `(shard, rate, rows, seed, hard fraction)`: the
+/// same count, sampled index and remapped labels, bit for bit.
+fn check_sampler(g: &CudaBackend, cases: &[(usize, f64, usize, u64, f32)]) {
     let cpu = CpuBackend;
-    for &(shard, rate, rows, seed, hard) in &[
-        (1000usize, 0.1f64, 64usize, 1u64, 0.0f32),
-        (1000, 0.0, 64, 2, 0.0),
-        (4097, 0.3, 128, 3, 0.0),
-        (50_000, 0.05, 512, 4, 0.0),
-        (1 << 20, 0.1, 1024, 5, 0.0),
-        (1_000_003, 0.1, 2048, 6, 0.0),
-        (20_000, 0.1, 256, 7, 0.5),
-        (20_000, 0.2, 256, 8, 1.0),
-        (300, 0.01, 1024, 9, 0.0), // positives exceed S
-    ] {
+    for &(shard, rate, rows, seed, hard) in cases {
         let mut rng = Rng(seed * 7919 + 1);
         let labels: Vec<i32> = (0..rows)
             .map(|_| {

@@ -22,11 +22,20 @@ const SELECT_THREADS: usize = 1024;
 /// Histogram bins of one radix digit (BINS in sampling.cu).
 const SELECT_BINS: usize = 2048;
 /// u64 words of the select state (sampling.cu).
-const SELECT_STATE: usize = 5;
+const SELECT_STATE: usize = 6;
 /// Word of the select state holding the distinct positives.
 const STATE_POSITIVES: usize = 3;
 /// Word of the select state holding the number of classes selected.
 const STATE_SELECTED: usize = 4;
+/// Length of the plain sampler's candidate list (the keys of the first digit's bin): random high
+/// words spread over 1024 first-digit bins, so a bin holds about `shard / 1024` keys (standard
+/// deviation about the square root of that); positives have a bin of their own, at most one per
+/// row. Four times the mean plus the rows and a margin never overflows in practice; an overflow
+/// would only make `select_candidates` walk all keys.
+fn candidate_capacity(shard: usize, rows: usize) -> usize {
+    (4 * shard.div_ceil(1024) + rows + 4096).min(shard)
+}
+
 /// The digits of the high key word: the S-th largest high word, ties resolved by class order.
 const HIGH_DIGITS: [(i32, i32); 3] = [(53, 11), (42, 11), (32, 10)];
 /// All digits of the key: the exact S-th largest key.
@@ -279,7 +288,8 @@ impl CudaBackend {
             &num_sample,
             &select_first
         );
-        if hard_possible {
+        // With hard negatives: the distinct positives (the hard share depends on them).
+        let hard_positives = if hard_possible {
             // The hard share depends on the positives: one 8-byte download.
             let positives = self
                 .stream
@@ -311,11 +321,10 @@ impl CudaBackend {
                     &args.step
                 );
             }
-            init(scratch, args.num_sample.max(positives) as u64, 0)?;
-            self.radix_passes(keys, shard, &HIGH_DIGITS, scratch)?;
+            Some(positives)
         } else {
-            self.radix_passes(keys, shard, &HIGH_DIGITS[1..], scratch)?;
-        }
+            None
+        };
         let blocks = shard.div_ceil(SCAN_BLOCK);
         let blocks_i = i32_of(blocks, "blocks")?;
         if scratch.counts.len() < blocks {
@@ -326,15 +335,52 @@ impl CudaBackend {
             block_dim: (SCAN_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(
-            self,
-            "count_selected",
-            scan_cfg,
-            &*keys,
-            &shard_i,
-            &scratch.state,
-            &mut scratch.counts
-        );
+        if let Some(positives) = hard_positives {
+            init(scratch, args.num_sample.max(positives) as u64, 0)?;
+            self.radix_passes(keys, shard, &HIGH_DIGITS, scratch)?;
+            launch!(
+                self,
+                "count_selected",
+                scan_cfg,
+                &*keys,
+                &shard_i,
+                &scratch.state,
+                &mut scratch.counts
+            );
+        } else {
+            // The first digit was picked by force_positives; the other two from the keys of its
+            // bin (sampling.cu, header step 4).
+            let capacity = self
+                .sampler_candidates
+                .unwrap_or_else(|| candidate_capacity(shard, args.rows));
+            if scratch.candidates.len() < capacity.max(1) {
+                scratch.candidates = self.alloc::<u64>(capacity.max(1))?;
+            }
+            let capacity_i = i32_of(capacity, "sampler candidates")?;
+            launch!(
+                self,
+                "collect_candidates",
+                scan_cfg,
+                &*keys,
+                &shard_i,
+                &mut scratch.state,
+                &mut scratch.counts,
+                &mut scratch.candidates,
+                &capacity_i
+            );
+            launch!(
+                self,
+                "select_candidates",
+                single_block(SELECT_THREADS as u32),
+                &*keys,
+                &shard_i,
+                &mut scratch.state,
+                &mut scratch.hist,
+                &scratch.candidates,
+                &capacity_i,
+                &mut scratch.counts
+            );
+        }
         launch!(
             self,
             "scan_block_counts",
@@ -608,6 +654,7 @@ impl CudaBackend {
                 state: self.alloc::<u64>(SELECT_STATE)?,
                 hist: self.alloc::<u32>(SELECT_BINS)?,
                 counts: self.alloc::<u64>(1)?,
+                candidates: self.alloc::<u64>(1)?,
             }),
         }
     }
@@ -633,11 +680,13 @@ impl GemmOperands {
     }
 }
 
-/// Device scratch of the sampler (sampling.cu): select state words, digit histogram, block counts.
+/// Device scratch of the sampler (sampling.cu): select state words, digit histogram, block
+/// counts, and the candidate list of the plain sampler.
 pub(crate) struct SampleScratch {
     state: CudaSlice<u64>,
     hist: CudaSlice<u32>,
     counts: CudaSlice<u64>,
+    candidates: CudaSlice<u64>,
 }
 
 impl Backend for CudaBackend {

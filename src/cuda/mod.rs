@@ -38,6 +38,8 @@ pub struct CudaBackend {
     /// The 16-bit copies of the GEMM operands, kept between GEMMs (see
     /// [`crate::Backend::reserve_gemm_operands`]); locked while a GEMM uses them.
     gemm_operands: std::sync::Mutex<launch::GemmOperands>,
+    /// Test hook: the plain sampler's candidate list length instead of its default.
+    sampler_candidates: Option<usize>,
 }
 
 /// Every kernel name of `cuda/*.cu`, by family: the backend loads each of them at start-up, and
@@ -54,6 +56,8 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "score_keys",
             "promote_chosen",
             "radix_pass",
+            "collect_candidates",
+            "select_candidates",
             "count_selected",
             "scan_block_counts",
             "compact_selected",
@@ -207,6 +211,7 @@ impl CudaBackend {
             sample_scratch: std::sync::Mutex::new(None),
             precision: Precision::F32,
             gemm_operands: std::sync::Mutex::new(launch::GemmOperands::default()),
+            sampler_candidates: None,
         })
     }
 
@@ -215,6 +220,14 @@ impl CudaBackend {
     /// (`LayerConfig::precision`), so that no GEMM allocates.
     pub fn with_precision(mut self, precision: Precision) -> CudaBackend {
         self.precision = precision;
+        self
+    }
+
+    /// The same backend with the plain sampler's candidate list limited to `len` keys, so that
+    /// tests can drive its overflow path (all keys walked by one block; same result, slower).
+    #[doc(hidden)]
+    pub fn with_sampler_candidates(mut self, len: usize) -> CudaBackend {
+        self.sampler_candidates = Some(len);
         self
     }
 
