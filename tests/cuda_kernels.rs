@@ -127,11 +127,11 @@ fn check_sampler(g: &CudaBackend, cases: &[(usize, f64, usize, u64, f32)]) {
             .sample_classes(&args, &mut cl, hard_scores, &mut ck, &mut cs)
             .unwrap();
         let (mut gl, mut gk, mut gs) = (
-            up(&g, &labels),
+            up(g, &labels),
             g.alloc(shard).unwrap(),
             g.alloc(shard).unwrap(),
         );
-        let gscores = up(&g, &scores);
+        let gscores = up(g, &scores);
         let n_gpu = g
             .sample_classes(
                 &args,
