@@ -147,21 +147,28 @@ __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
 
 // Positives to the top. The first row to swap a non-positive key in counts the positive and
 // moves the key's histogram count to the positive bin; rows with the same label write the same
-// value. With `select`, blocks of SELECT_THREADS, and the last block to finish picks the first
-// digit for S = max(k, distinct positives).
+// value. The counts are added once per block (every positive has the same bin, the top one: a
+// thousand rows adding to one address one by one would serialize). With `select`, blocks of
+// SELECT_THREADS, and the last block to finish picks the first digit for
+// S = max(k, distinct positives).
 extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
                                            u64 k, int select) {
     __shared__ bool last;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int l = i < rows ? labels[i] : -1;
+    bool counted = false;
     if (l >= 0) {
         u64 positive = make_key(POSITIVE_KEY, l);
         u64 old = atomicExch(&keys[l], positive);
         if (old != positive) {
-            atomicAdd(&state[ST_POSITIVES], 1ull);
+            counted = true;
             atomicSub(&hist[old >> 53], 1u);
-            atomicAdd(&hist[positive >> 53], 1u);
         }
+    }
+    int added = __syncthreads_count(counted);
+    if (threadIdx.x == 0 && added > 0) {
+        atomicAdd(&state[ST_POSITIVES], (u64)added);
+        atomicAdd(&hist[BINS - 1], (u32)added);  // make_key(POSITIVE_KEY, .) >> 53
     }
     if (!select) return;
     __threadfence();
