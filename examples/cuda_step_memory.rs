@@ -15,17 +15,26 @@
 //!   handle are all in it. Module code and the context were loaded before the first reading.
 //!
 //! `cargo run --release --features cuda --example cuda_step_memory -- --precision bf16 --momentum-dtype bf16`
+//!
+//! `--emulator` runs it on the CPU emulator of the CUDA driver (crates/cuda-emulator) where there
+//! is no GPU: its memory pool counts every allocation of the backend (rounded to 256 bytes), so
+//! the pool's high-water mark is the code's own allocation peak; it knows nothing of a real
+//! allocator's granularity, the context or cuBLAS's workspace.
 
 use cudarc::driver::sys;
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
 use partial_fc::{Backend, GemmPrecision, LayerConfig, PartialFc, PfcError, StateDtype};
 
-/// `--precision` and `--momentum-dtype`, each at most once.
-fn options() -> Result<(GemmPrecision, StateDtype), PfcError> {
-    let (mut precision, mut state) = (GemmPrecision::F32, StateDtype::F32);
+/// `--precision`, `--momentum-dtype` and `--emulator`.
+fn options() -> Result<(GemmPrecision, StateDtype, bool), PfcError> {
+    let (mut precision, mut state, mut emulator) = (GemmPrecision::F32, StateDtype::F32, false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--emulator" {
+            emulator = true;
+            continue;
+        }
         let value = args.next().unwrap_or_default();
         match (flag.as_str(), value.as_str()) {
             ("--precision", "f32") => precision = GemmPrecision::F32,
@@ -37,12 +46,12 @@ fn options() -> Result<(GemmPrecision, StateDtype), PfcError> {
                 return Err(PfcError::param(
                     "arguments",
                     format!("{flag} {value}"),
-                    "expected --precision f32|bf16|f16 and/or --momentum-dtype f32|bf16",
+                    "expected --precision f32|bf16|f16, --momentum-dtype f32|bf16, --emulator",
                 ))
             }
         }
     }
-    Ok((precision, state))
+    Ok((precision, state, emulator))
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -72,7 +81,11 @@ fn pool_attr(
 }
 
 fn main() -> Result<(), partial_fc::PfcError> {
-    let (precision, state) = options()?;
+    let (precision, state, emulator) = options()?;
+    if emulator && partial_fc::cuda::check_available().is_err() {
+        pfc_cuda_emulator::install().map_err(PfcError::BackendUnavailable)?;
+        println!("(on the CPU emulator of the CUDA driver: allocations only, not a GPU)");
+    }
     let gpu = match CudaBackend::new(0) {
         Ok(g) => g,
         Err(e) => {

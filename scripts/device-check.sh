@@ -86,7 +86,9 @@ run() {
         timeout 150 "$san" --tool "$tool" --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 $filter || { echo "SANITIZER $tool FAILED ($?)"; status=1; }
     done
     echo "== compute-sanitizer --tool memcheck (sampling)"
-    timeout 150 "$san" --tool memcheck --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 sampled_index || { echo "SANITIZER memcheck sampling FAILED ($?)"; status=1; }
+    timeout 150 "$san" --tool memcheck --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 sampled_index sampler_candidate || { echo "SANITIZER memcheck sampling FAILED ($?)"; status=1; }
+    echo "== compute-sanitizer --tool racecheck (sampler, small shards)"
+    timeout 120 "$san" --tool racecheck --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 sampler_candidate || { echo "SANITIZER racecheck sampling FAILED ($?)"; status=1; }
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer --tool $tool (wire kernels)"
         timeout 120 "$san" --tool "$tool" --error-exitcode 9 "$bin/test-cuda_nccl" --test-threads=1 wire_kernels || { echo "SANITIZER $tool wire FAILED ($?)"; status=1; }

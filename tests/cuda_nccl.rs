@@ -180,24 +180,22 @@ fn virtual_ranks_on_one_gpu_match_cpu() {
     }
 }
 
-#[test]
-fn two_nccl_ranks_on_one_gpu() {
-    if gpu().is_none() {
-        return;
-    }
+/// Runs `world` NCCL ranks as threads on device 0, each with the layer `config(world)`; `None`
+/// (with the reason printed) where the installed NCCL cannot put several ranks on one GPU.
+fn nccl_ranks(world: usize, config: impl Fn(usize) -> LayerConfig + Sync) -> Option<RankRun> {
     if let Err(e) = nccl_available() {
         skip!("skipped: {e}");
-        return;
+        return None;
     }
     let version = nccl_version().unwrap();
     if version < 23000 {
         skip!("skipped: NCCL {version} cannot run several ranks on one GPU (2.30+ with NCCL_MULTI_RANK_GPU_ENABLE=1)");
-        return;
+        return None;
     }
-    // SAFETY (edition 2021: safe): set before any NCCL communicator exists in this test.
+    // SAFETY (edition 2021: safe): set before any NCCL communicator of these ranks exists.
     std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
     let id = new_unique_id().unwrap();
-    let world = 2;
+    let config = &config;
     let got = std::thread::scope(|s| {
         let joins: Vec<_> = (0..world)
             .map(|rank| {
@@ -205,7 +203,7 @@ fn two_nccl_ranks_on_one_gpu() {
                     let g = CudaBackend::new(0).unwrap();
                     let comm =
                         NcclCollective::new(&g, rank, world, id, Some(Duration::from_secs(60)))?;
-                    let mut layer = PartialFc::new(config(world, 0.1), g, comm)?;
+                    let mut layer = PartialFc::new(config(world), g, comm)?;
                     Ok::<_, partial_fc::PfcError>(two_steps(&mut layer, world, rank))
                 })
             })
@@ -216,12 +214,38 @@ fn two_nccl_ranks_on_one_gpu() {
             .collect::<Result<Vec<_>, _>>()
     });
     match got {
-        Ok(parts) => assert_close(
-            "2 NCCL ranks on one GPU",
-            &concat(parts),
+        Ok(parts) => Some(concat(parts)),
+        Err(e) => {
+            skip!("skipped: NCCL {version} refused {world} ranks on one GPU: {e}");
+            None
+        }
+    }
+}
+
+/// Several NCCL ranks on one GPU (NCCL 2.30+, or the emulator's NCCL), f32 and bf16 embedding
+/// wires, against the same number of CPU ranks.
+#[test]
+fn two_nccl_ranks_on_one_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for world in [2, 3] {
+        let Some(got) = nccl_ranks(world, |w| config(w, 0.1)) else {
+            return;
+        };
+        assert_close(
+            &format!("{world} NCCL ranks on one GPU"),
+            &got,
             &cpu_run(world, 0.1),
-        ),
-        Err(e) => skip!("skipped: NCCL {version} refused two ranks on one GPU: {e}"),
+        );
+        let Some(got) = nccl_ranks(world, |w| config_wire(w, 0.1, Dtype::Bf16)) else {
+            return;
+        };
+        assert_close(
+            &format!("{world} NCCL ranks on one GPU, bf16 wire"),
+            &got,
+            &cpu_run_wire(world, 0.1, Dtype::Bf16),
+        );
     }
 }
 
@@ -438,6 +462,15 @@ fn bf16_gradient_wire_matches_cpu() {
         &cpu_run_grad_wire(1, Dtype::Bf16),
         1,
     );
+    // The 16-bit reduce-scatter through NCCL itself, with several ranks.
+    if let Some(got) = nccl_ranks(world, |w| config_grad_wire(w, 0.1, Dtype::Bf16)) {
+        check(
+            "3 NCCL ranks on one GPU, bf16 gradient wire",
+            &got,
+            &cpu_run_grad_wire(world, Dtype::Bf16),
+            world,
+        );
+    }
 }
 
 fn cpu_run_grad_wire(world: usize, grad_wire: Dtype) -> RankRun {

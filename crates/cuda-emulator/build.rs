@@ -1,6 +1,6 @@
-//! Builds the emulator's two host libraries into OUT_DIR: `libcuda.so` (the driver calls, the
-//! block scheduler and every kernel of `cuda/*.cu` compiled as C++ with `PFC_EMULATOR` defined)
-//! and `libcublas.so` (the GEMMs). `cc` finds the C++ compiler and its flags; the objects are
+//! Builds the emulator's three host libraries into OUT_DIR: `libcuda.so` (the driver calls, the
+//! block scheduler and every kernel of `cuda/*.cu` compiled as C++ with `PFC_EMULATOR` defined),
+//! `libcublas.so` (the GEMMs) and `libnccl.so` (collectives between ranks that are threads). `cc` finds the C++ compiler and its flags; the objects are
 //! then linked as shared libraries with the sonames the CUDA libraries have, which is what lets
 //! cudarc's `dlopen("libcuda.so")` find them once `install` has loaded them.
 
@@ -50,7 +50,9 @@ fn main() {
     }
     let cuda = link(&out, "cuda", &units, &[&cpp, &kernels_dir]);
     let cublas = link(&out, "cublas", &[cpp.join("cublas.cpp")], &[&cpp]);
+    let nccl = link(&out, "nccl", &[cpp.join("nccl.cpp")], &[&cpp]);
     println!("cargo:rustc-env=PFC_EMULATOR_LIBCUDA={}", cuda.display());
+    println!("cargo:rustc-env=PFC_EMULATOR_LIBNCCL={}", nccl.display());
     println!(
         "cargo:rustc-env=PFC_EMULATOR_LIBCUBLAS={}",
         cublas.display()

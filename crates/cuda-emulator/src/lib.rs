@@ -4,8 +4,8 @@
 //! machine without a GPU. For tests only (`publish = false`).
 //!
 //! The build compiles every kernel family as C++ (with `PFC_EMULATOR` defined) into a host
-//! library named `libcuda.so`, beside the driver calls cudarc makes, and a `libcublas.so` with
-//! the GEMMs. [`install`] loads both; cudarc's own `dlopen("libcuda.so")` then finds them, as
+//! library named `libcuda.so`, beside the driver calls cudarc makes, a `libcublas.so` with the
+//! GEMMs, and a `libnccl.so` whose ranks are threads of the process. [`install`] loads them; cudarc's own `dlopen("libcuda.so")` then finds them, as
 //! the dynamic loader matches a library already loaded by its soname. NVRTC is the real one: the
 //! kernels are still compiled by it (the CUBIN is then ignored).
 //!
@@ -23,17 +23,19 @@ use std::sync::OnceLock;
 pub const LIBCUDA: &str = env!("PFC_EMULATOR_LIBCUDA");
 /// Where the build put the emulated cuBLAS.
 pub const LIBCUBLAS: &str = env!("PFC_EMULATOR_LIBCUBLAS");
+/// Where the build put the emulated NCCL.
+pub const LIBNCCL: &str = env!("PFC_EMULATOR_LIBNCCL");
 
 /// The device name the emulated driver reports.
 pub const DEVICE_NAME: &str = "partial-fc CPU emulator (not a GPU)";
 
-/// Loads the emulated `libcuda.so` and `libcublas.so` for the rest of the process. Call it only
+/// Loads the emulated `libcuda.so`, `libcublas.so` and `libnccl.so` for the rest of the process. Call it only
 /// where no real driver was found: a process that already loaded the real `libcuda.so` keeps it.
 pub fn install() -> Result<(), String> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            for path in [LIBCUDA, LIBCUBLAS] {
+            for path in [LIBCUDA, LIBCUBLAS, LIBNCCL] {
                 // SAFETY: the libraries' initializers only register the kernels in a map.
                 let lib = unsafe {
                     libloading::os::unix::Library::open(

@@ -1,0 +1,297 @@
+// The NCCL calls partial-fc makes, as a host library named libnccl.so: ranks are threads of one
+// process (each with its own communicator handle), buffers are host memory (the emulated
+// driver's), and every collective completes inside the call once all ranks have called it.
+// Sums run in rank order from rank 0 in f32 and are rounded once, like the crate's ThreadGroup,
+// so k emulated NCCL ranks give the CPU collectives' bits. What it checks: the crate's NCCL
+// wrapper (ids, counts per rank, offsets, dtypes, reduce ops, async-error polling, abort); not
+// NCCL itself, its transports or its ring order.
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+typedef int ncclResult_t;
+enum : ncclResult_t { SUCCESS = 0, UNHANDLED_CUDA = 1, SYSTEM = 2, INTERNAL = 3, INVALID_ARGUMENT = 4,
+                      INVALID_USAGE = 5 };
+enum { INT8 = 0, UINT8 = 1, INT32 = 2, UINT32 = 3, INT64 = 4, UINT64 = 5, FLOAT16 = 6, FLOAT32 = 7,
+       FLOAT64 = 8, BFLOAT16 = 9 };
+enum { SUM = 0, PROD = 1, MAX = 2, MIN = 3, AVG = 4 };
+enum Kind { ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER };
+
+struct ncclUniqueId {
+    char internal[128];
+};
+
+namespace {
+
+// How long a rank waits for the others before the call fails (a real NCCL would hang; the
+// crate's own timeout polls an asynchronous stream, which the emulator does not have).
+constexpr auto PEER_WAIT = std::chrono::seconds(120);
+
+struct Call {
+    Kind kind;
+    const void* send;
+    void* recv;
+    size_t count;
+    int dtype, op;
+};
+
+struct Pending {
+    std::vector<Call> calls;
+    std::vector<bool> arrived;
+    int count = 0;
+    bool done = false;
+    ncclResult_t result = SUCCESS;
+};
+
+struct Clique {
+    int nranks;
+    int joined = 0;
+    std::mutex lock;
+    std::condition_variable changed;
+    std::map<uint64_t, Pending> pending;  // by sequence number
+    bool aborted = false;
+};
+
+struct Comm {
+    std::shared_ptr<Clique> clique;
+    int rank;
+    uint64_t seq = 0;
+};
+
+std::mutex registry_lock;
+std::map<std::string, std::weak_ptr<Clique>>& registry() {
+    static std::map<std::string, std::weak_ptr<Clique>> r;
+    return r;
+}
+
+size_t dtype_bytes(int t) {
+    switch (t) {
+        case INT8: case UINT8: return 1;
+        case FLOAT16: case BFLOAT16: return 2;
+        case INT32: case UINT32: case FLOAT32: return 4;
+        case INT64: case UINT64: case FLOAT64: return 8;
+        default: return 0;
+    }
+}
+
+float load(const void* p, int t, size_t i) {
+    if (t == FLOAT32) return static_cast<const float*>(p)[i];
+    uint16_t b = static_cast<const uint16_t*>(p)[i];
+    if (t == FLOAT16) {
+        _Float16 h;
+        std::memcpy(&h, &b, 2);
+        return (float)h;
+    }
+    uint32_t w = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+}
+
+void store(void* p, int t, size_t i, float v) {
+    if (t == FLOAT32) {
+        static_cast<float*>(p)[i] = v;
+        return;
+    }
+    uint16_t b;
+    if (t == FLOAT16) {
+        _Float16 h = (_Float16)v;
+        std::memcpy(&b, &h, 2);
+    } else {
+        uint32_t w;
+        std::memcpy(&w, &v, 4);
+        if ((w & 0x7fffffffu) > 0x7f800000u) w |= 0x00400000u;
+        else w += 0x7fffu + ((w >> 16) & 1u);
+        b = (uint16_t)(w >> 16);
+    }
+    static_cast<uint16_t*>(p)[i] = b;
+}
+
+// Element j of the reduction over ranks of `calls[r].send` at offset `at`.
+float reduce(const std::vector<Call>& calls, size_t at, int t, int op) {
+    float acc = load(calls[0].send, t, at);
+    for (size_t r = 1; r < calls.size(); r++) {
+        float v = load(calls[r].send, t, at);
+        if (op == MAX) acc = v > acc || acc != acc ? v : acc;
+        else if (op == MIN) acc = v < acc || acc != acc ? v : acc;
+        else if (op == PROD) acc *= v;
+        else acc += v;
+    }
+    if (op == AVG) acc /= (float)calls.size();
+    return acc;
+}
+
+// Runs a collective whose calls have all arrived. Results go to a scratch copy first, as a
+// rank's recv may alias another rank's send (in-place collectives).
+ncclResult_t execute(std::vector<Call>& calls) {
+    const Call& c0 = calls[0];
+    int k = (int)calls.size();
+    for (auto& c : calls)
+        if (c.kind != c0.kind || c.count != c0.count || c.dtype != c0.dtype || c.op != c0.op)
+            return INVALID_USAGE;
+    size_t bytes = dtype_bytes(c0.dtype);
+    if (bytes == 0) return INVALID_ARGUMENT;
+    bool reducing = c0.kind != ALL_GATHER;
+    if (reducing && c0.dtype != FLOAT32 && c0.dtype != FLOAT16 && c0.dtype != BFLOAT16)
+        return INVALID_ARGUMENT;  // what the crate sends; other types are not emulated
+    std::vector<std::vector<char>> out(k);
+    for (int r = 0; r < k; r++) {
+        switch (c0.kind) {
+            case ALL_GATHER:
+                out[r].resize(bytes * c0.count * k);
+                for (int s = 0; s < k; s++)
+                    std::memcpy(out[r].data() + bytes * c0.count * s, calls[s].send, bytes * c0.count);
+                break;
+            case ALL_REDUCE:
+                out[r].resize(bytes * c0.count);
+                for (size_t j = 0; j < c0.count; j++)
+                    store(out[r].data(), c0.dtype, j, reduce(calls, j, c0.dtype, c0.op));
+                break;
+            case REDUCE_SCATTER:
+                out[r].resize(bytes * c0.count);
+                for (size_t j = 0; j < c0.count; j++)
+                    store(out[r].data(), c0.dtype, j,
+                          reduce(calls, (size_t)r * c0.count + j, c0.dtype, c0.op));
+                break;
+        }
+    }
+    for (int r = 0; r < k; r++) std::memcpy(calls[r].recv, out[r].data(), out[r].size());
+    return SUCCESS;
+}
+
+ncclResult_t collective(void* handle, Call call) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (!comm) return INVALID_ARGUMENT;
+    Clique& q = *comm->clique;
+    std::unique_lock<std::mutex> g(q.lock);
+    if (q.aborted) return INVALID_USAGE;
+    uint64_t seq = comm->seq++;
+    Pending& p = q.pending[seq];
+    if (p.calls.empty()) {
+        p.calls.resize(q.nranks);
+        p.arrived.assign(q.nranks, false);
+    }
+    p.calls[comm->rank] = call;
+    p.arrived[comm->rank] = true;
+    if (++p.count == q.nranks) {
+        p.result = execute(p.calls);
+        p.done = true;
+        q.changed.notify_all();
+    } else if (!q.changed.wait_for(g, PEER_WAIT, [&] { return p.done || q.aborted; })) {
+        return SYSTEM;  // a peer never called
+    }
+    if (q.aborted && !p.done) return INVALID_USAGE;
+    ncclResult_t r = p.result;
+    if (--p.count == 0) q.pending.erase(seq);
+    return r;
+}
+
+}  // namespace
+
+#define API extern "C" __attribute__((visibility("default")))
+
+API ncclResult_t ncclGetVersion(int* version) {
+    *version = 23000;  // multi-rank per device, as NCCL 2.30's NCCL_MULTI_RANK_GPU_ENABLE
+    return SUCCESS;
+}
+
+API ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
+    static std::mutex lock;
+    static std::mt19937_64 rng(std::random_device{}());
+    std::lock_guard<std::mutex> g(lock);
+    std::memset(id->internal, 0, sizeof id->internal);
+    std::string tag = "pfc-emulated-nccl-" + std::to_string(rng()) + "-" + std::to_string(rng());
+    std::memcpy(id->internal, tag.data(), tag.size());
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int rank) {
+    if (!out || nranks < 1 || rank < 0 || rank >= nranks) return INVALID_ARGUMENT;
+    std::string key(id.internal, sizeof id.internal);
+    std::shared_ptr<Clique> clique;
+    {
+        std::lock_guard<std::mutex> g(registry_lock);
+        clique = registry()[key].lock();
+        if (!clique) {
+            clique = std::make_shared<Clique>();
+            clique->nranks = nranks;
+            registry()[key] = clique;
+        }
+    }
+    std::unique_lock<std::mutex> g(clique->lock);
+    if (clique->nranks != nranks) return INVALID_USAGE;
+    clique->joined++;
+    clique->changed.notify_all();
+    if (!clique->changed.wait_for(g, PEER_WAIT, [&] { return clique->joined >= nranks; }))
+        return SYSTEM;
+    *out = new Comm{clique, rank};
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommDestroy(void* comm) {
+    delete static_cast<Comm*>(comm);
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommAbort(void* handle) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (comm) {
+        std::lock_guard<std::mutex> g(comm->clique->lock);
+        comm->clique->aborted = true;
+        comm->clique->changed.notify_all();
+    }
+    delete comm;
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommGetAsyncError(void*, ncclResult_t* error) {
+    *error = SUCCESS;  // every call completed (or failed) synchronously
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommCount(void* comm, int* count) {
+    *count = static_cast<Comm*>(comm)->clique->nranks;
+    return SUCCESS;
+}
+
+API ncclResult_t ncclCommUserRank(void* comm, int* rank) {
+    *rank = static_cast<Comm*>(comm)->rank;
+    return SUCCESS;
+}
+
+API ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int dtype, void* comm,
+                               void*) {
+    return collective(comm, Call{ALL_GATHER, send, recv, count, dtype, SUM});
+}
+
+API ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op,
+                               void* comm, void*) {
+    return collective(comm, Call{ALL_REDUCE, send, recv, count, dtype, op});
+}
+
+API ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, int dtype, int op,
+                                   void* comm, void*) {
+    return collective(comm, Call{REDUCE_SCATTER, send, recv, count, dtype, op});
+}
+
+API ncclResult_t ncclGroupStart() { return SUCCESS; }
+API ncclResult_t ncclGroupEnd() { return SUCCESS; }
+
+API const char* ncclGetErrorString(ncclResult_t r) {
+    switch (r) {
+        case SUCCESS: return "no error";
+        case SYSTEM: return "emulated NCCL: a peer rank never made the same call";
+        case INVALID_ARGUMENT: return "invalid argument";
+        case INVALID_USAGE: return "invalid usage (ranks disagree, or the communicator was aborted)";
+        default: return "emulated NCCL error";
+    }
+}
+
+API const char* ncclGetLastError(void*) { return ""; }
