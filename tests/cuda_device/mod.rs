@@ -27,17 +27,18 @@ pub fn device() -> Option<Device> {
     static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
     let found = DEVICE.get_or_init(|| {
         let mode = std::env::var("PFC_CUDA_EMULATOR").unwrap_or_default();
+        let mut no_gpu = String::from("PFC_CUDA_EMULATOR=only");
         if mode != "only" {
             match partial_fc::cuda::check_available() {
                 Ok(()) => return Ok(Device::Gpu),
                 Err(e) if mode == "0" => return Err(format!("no CUDA device ({e})")),
-                Err(_) => {}
+                Err(e) => no_gpu = e.to_string(),
             }
         }
-        pfc_cuda_emulator::install()?;
-        partial_fc::cuda::check_available()
+        pfc_cuda_emulator::install()
+            .and_then(|()| partial_fc::cuda::check_available().map_err(|e| e.to_string()))
             .map(|()| Device::Emulator)
-            .map_err(|e| format!("neither a CUDA device nor the emulator ({e})"))
+            .map_err(|e| format!("no CUDA device ({no_gpu}), and no emulator ({e})"))
     });
     match found {
         Ok(d) => Some(*d),
