@@ -2,6 +2,7 @@
 //! CUDA driver (crates/cuda-emulator), so that every kernel, its launch glue and the whole step
 //! still run against the CPU reference in CI. `PFC_CUDA_EMULATOR=0` turns the emulator off
 //! (the tests then print that they were skipped); `PFC_CUDA_EMULATOR=only` refuses a real GPU.
+//! With `CI=true` a test that can use neither fails instead of skipping.
 
 use partial_fc::cuda::CudaBackend;
 
@@ -43,6 +44,14 @@ pub fn device() -> Option<Device> {
     match found {
         Ok(d) => Some(*d),
         Err(e) => {
+            // In CI the emulator is installed by scripts/test.sh: a skip there would hide every
+            // CUDA test, so it fails instead (unless turned off on purpose).
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            let off = std::env::var("PFC_CUDA_EMULATOR").is_ok_and(|v| v == "0");
+            assert!(
+                !ci || off,
+                "CI=true: the CUDA tests must run, on a GPU or the emulator: {e}"
+            );
             say!("skipped: {e}");
             None
         }
