@@ -73,6 +73,19 @@ extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset
     }
 }
 
+// The "last block" pattern: each block's writes made visible, then a counter in state[2]; true
+// in the one block that finishes last (which may then read every block's results). The caller
+// resets the counter when done.
+__device__ bool last_block_done(u64* state) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 __device__ __forceinline__ void flush_hist(u32* local, u32* hist) {
     __syncthreads();
     for (int b = threadIdx.x; b < BINS; b += blockDim.x)
@@ -153,7 +166,6 @@ __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
 // S = max(k, distinct positives).
 extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
                                            u64 k, int select) {
-    __shared__ bool last;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int l = i < rows ? labels[i] : -1;
     bool counted = false;
@@ -170,13 +182,7 @@ extern "C" __global__ void force_positives(const int* labels, int rows, u64* key
         atomicAdd(&state[ST_POSITIVES], (u64)added);
         atomicAdd(&hist[BINS - 1], (u32)added);  // make_key(POSITIVE_KEY, .) >> 53
     }
-    if (!select) return;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!select || !last_block_done(state)) return;
     u64 positives = __ldcg(&state[ST_POSITIVES]);
     if (threadIdx.x == 0) state[ST_PREFIX] = 0;
     select_digit(state, hist, 53, max(k, positives));
@@ -186,7 +192,6 @@ extern "C" __global__ void force_positives(const int* labels, int rows, u64* key
 // the higher bits; the last block to finish picks the digit.
 extern "C" __global__ void radix_pass(const u64* keys, int n, u64* state, int shift, int bits, u32* hist) {
     __shared__ u32 local[BINS];
-    __shared__ bool last;
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
     __syncthreads();
     u64 prefix = state[ST_PREFIX];
@@ -197,12 +202,7 @@ extern "C" __global__ void radix_pass(const u64* keys, int n, u64* state, int sh
         if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
     }
     flush_hist(local, hist);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block_done(state)) return;
     select_digit(state, hist, shift, __ldcg(&state[ST_RANK]));
 }
 
@@ -232,86 +232,15 @@ extern "C" __global__ void promote_chosen(u64* keys, int shard_len, const u64* s
     keys[c] = make_key(high, c);
 }
 
-// --- the plain sampler's last two digits, from the keys of the first digit's bin (header, 4).
-
-// One block per SCAN_BLOCK classes: the keys of the chosen first-digit bin appended to
-// `candidates` (up to `capacity`; state[5] counts them all), and per block the number of keys
-// in higher bins, which are all selected, as the block's count (ties 0 so far).
-extern "C" __global__ void collect_candidates(const u64* keys, int n, u64* state, u64* block_counts,
-                                             u64* candidates, int capacity) {
-    int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
-    u32 digit = (u32)(state[ST_PREFIX] >> 53);
-    bool live = c < n;
-    u64 key = live ? keys[c] : 0;
-    u32 top = (u32)(key >> 53);
-    int above = __syncthreads_count(live && top > digit);
-    bool candidate = live && top == digit;
-    int lane = threadIdx.x % WARP;
-    u32 ballot = __ballot_sync(0xffffffffu, candidate);
-    u64 base = 0;
-    if (lane == 0 && ballot) base = atomicAdd(&state[ST_CANDIDATES], (u64)__popc(ballot));
-    base = __shfl_sync(0xffffffffu, base, 0);
-    if (candidate) {
-        u64 at = base + (u64)__popc(ballot & ((1u << lane) - 1u));
-        if (at < (u64)capacity) candidates[at] = key;
-    }
-    if (threadIdx.x == 0) block_counts[blockIdx.x] = (u64)above;
-}
-
-// One block of SELECT_THREADS: the second and third digits of the high word, each from a
-// histogram of the candidates that agree with the prefix (what radix_pass would count over all
-// keys), picked by select_digit; then each candidate above H or tied with it is added to its
-// block's count. On an overflowed list, the same over all keys (those of the first bin).
-extern "C" __global__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
-                                            const u64* candidates, int capacity, u64* block_counts) {
-    u64 count = __ldcg(&state[ST_CANDIDATES]);
-    bool overflow = count > (u64)capacity;
-    const u64* src = overflow ? keys : candidates;
-    u64 len = overflow ? (u64)n : count;
-    for (int d = 0; d < 2; d++) {
-        int shift = d == 0 ? 42 : 32, bits = d == 0 ? 11 : 10;
-        u64 prefix = __ldcg(&state[ST_PREFIX]);
-        u64 rank = __ldcg(&state[ST_RANK]);
-        u64 high_mask = ~0ull << (shift + bits);
-        u32 digit_mask = (1u << bits) - 1u;
-        for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
-            u64 key = src[j];
-            if ((key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
-        }
-        __syncthreads();
-        select_digit(state, hist, shift, rank);
-        __syncthreads();  // thread 0's new prefix and rank, and the cleared histogram
-    }
-    u64 prefix = __ldcg(&state[ST_PREFIX]);
-    u32 h = (u32)(prefix >> 32), digit = (u32)(prefix >> 53);
-    for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
-        u64 key = src[j];
-        u32 kh = (u32)(key >> 32);
-        if ((kh >> 21) != digit || kh < h) continue;
-        u32 cls = 0xFFFFFFFFu - (u32)key;
-        atomicAdd(&block_counts[cls / SCAN_BLOCK], kh > h ? 1ull : (1ull << 32));
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) state[ST_CANDIDATES] = 0;  // ready for the next call
-}
-
 // --- compaction in class order. After the high-word passes, H = state[0] >> 32 and
 // r = state[1]: class c is selected if its high word is above H, or equal to H and fewer than r
 // such ties come before it. Per block: (ties << 32) | above.
 
-extern "C" __global__ void count_selected(const u64* keys, int n, const u64* state, u64* block_counts) {
-    int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
-    u32 h = (u32)(state[ST_PREFIX] >> 32);
-    u32 kh = c < n ? (u32)(keys[c] >> 32) : 0;
-    bool live = c < n;
-    int above = __syncthreads_count(live && kh > h);
-    int ties = __syncthreads_count(live && kh == h);
-    if (threadIdx.x == 0) block_counts[blockIdx.x] = ((u64)ties << 32) | (u64)above;
-}
 
-// Exclusive scan of the packed block counts in place; the number selected to state[4]. One
-// block of 1024 threads, tiles of 1024 counts with a running offset.
-extern "C" __global__ void scan_block_counts(u64* counts, int blocks, u64* state) {
+// Exclusive scan of the packed block counts in place; the number selected to state[4]. Run by
+// the last block of the kernel that made the counts (1024 threads), tiles of 1024 counts with a
+// running offset.
+__device__ void scan_block_counts(u64* counts, int blocks, u64* state) {
     __shared__ u64 warp_totals[WARP];
     __shared__ u64 carry;
     if (threadIdx.x == 0) carry = 0;
@@ -346,11 +275,115 @@ extern "C" __global__ void scan_block_counts(u64* counts, int blocks, u64* state
         u64 r = state[ST_RANK], ties = carry >> 32;
         state[ST_SELECTED] = (carry & 0xFFFFFFFFull) + (ties < r ? ties : r);
         state[ST_POSITIVES] = 0;  // ready for the next call (see the header)
+        state[ST_DONE] = 0;
     }
 }
 
-extern "C" __global__ void compact_selected(const u64* keys, int n, const u64* state,
-                                            const u64* block_offsets, int* sampled, int capacity) {
+// --- the plain sampler's last two digits, from the keys of the first digit's bin (header, 4).
+
+// By the last block of collect_candidates (SELECT_THREADS threads): the second and third digits
+// of the high word, each from a histogram of the candidates that agree with the prefix (what
+// radix_pass would count over all keys), picked by select_digit; then each candidate above H or
+// tied with it is added to its block's count. On an overflowed list, the same over all keys
+// (those of the first bin).
+__device__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
+                                  const u64* candidates, int capacity, u64* block_counts) {
+    u64 count = __ldcg(&state[ST_CANDIDATES]);
+    bool overflow = count > (u64)capacity;
+    const u64* src = overflow ? keys : candidates;
+    u64 len = overflow ? (u64)n : count;
+    for (int d = 0; d < 2; d++) {
+        int shift = d == 0 ? 42 : 32, bits = d == 0 ? 11 : 10;
+        u64 prefix = __ldcg(&state[ST_PREFIX]);
+        u64 rank = __ldcg(&state[ST_RANK]);
+        u64 high_mask = ~0ull << (shift + bits);
+        u32 digit_mask = (1u << bits) - 1u;
+        for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
+            u64 key = src[j];
+            if ((key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
+        }
+        __syncthreads();
+        select_digit(state, hist, shift, rank);
+        __syncthreads();  // thread 0's new prefix and rank, and the cleared histogram
+    }
+    u64 prefix = __ldcg(&state[ST_PREFIX]);
+    u32 h = (u32)(prefix >> 32), digit = (u32)(prefix >> 53);
+    for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
+        u64 key = src[j];
+        u32 kh = (u32)(key >> 32);
+        if ((kh >> 21) != digit || kh < h) continue;
+        u32 cls = 0xFFFFFFFFu - (u32)key;
+        atomicAdd(&block_counts[cls / SCAN_BLOCK], kh > h ? 1ull : (1ull << 32));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) state[ST_CANDIDATES] = 0;  // ready for the next call
+}
+
+// One block per SCAN_BLOCK classes: the keys of the chosen first-digit bin appended to
+// `candidates` (up to `capacity`; state[5] counts them all), and per block the number of keys
+// in higher bins, which are all selected, as the block's count (ties 0 so far).
+extern "C" __global__ void collect_candidates(const u64* keys, int n, u64* state, u64* block_counts,
+                                             u64* candidates, int capacity, u32* hist) {
+    int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
+    u32 digit = (u32)(state[ST_PREFIX] >> 53);
+    bool live = c < n;
+    u64 key = live ? keys[c] : 0;
+    u32 top = (u32)(key >> 53);
+    int above = __syncthreads_count(live && top > digit);
+    bool candidate = live && top == digit;
+    int lane = threadIdx.x % WARP;
+    u32 ballot = __ballot_sync(0xffffffffu, candidate);
+    u64 base = 0;
+    if (lane == 0 && ballot) base = atomicAdd(&state[ST_CANDIDATES], (u64)__popc(ballot));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (candidate) {
+        u64 at = base + (u64)__popc(ballot & ((1u << lane) - 1u));
+        if (at < (u64)capacity) candidates[at] = key;
+    }
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = (u64)above;
+    if (!last_block_done(state)) return;
+    select_candidates(keys, n, state, hist, candidates, capacity, block_counts);
+    __syncthreads();
+    scan_block_counts(block_counts, gridDim.x, state);
+}
+
+// The hard-negative path's per-block counts over all keys; its last block scans them.
+extern "C" __global__ void count_selected(const u64* keys, int n, u64* state, u64* block_counts) {
+    int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
+    u32 h = (u32)(state[ST_PREFIX] >> 32);
+    u32 kh = c < n ? (u32)(keys[c] >> 32) : 0;
+    bool live = c < n;
+    int above = __syncthreads_count(live && kh > h);
+    int ties = __syncthreads_count(live && kh == h);
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = ((u64)ties << 32) | (u64)above;
+    if (!last_block_done(state)) return;
+    scan_block_counts(block_counts, gridDim.x, state);
+}
+
+
+// Label -> position in the sorted sample (every positive is in it), by the last block of
+// compact_selected. The count comes from state[4]; on an overflow of `sampled` the labels are
+// left untouched and the host reports an error.
+__device__ void remap_labels(int* labels, int rows, const int* sampled, const u64* state, int capacity) {
+    u64 selected = __ldcg(&state[ST_SELECTED]);
+    if (selected > (u64)capacity) return;
+    int count = (int)selected;
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        int l = labels[i];
+        if (l < 0) continue;
+        int lo = 0, hi = count;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (__ldcg(&sampled[mid]) < l) lo = mid + 1; else hi = mid;
+        }
+        labels[i] = (lo < count && __ldcg(&sampled[lo]) == l) ? lo : -1;
+    }
+}
+
+// Writes each selected class at its place in class order; the last block remaps the labels.
+extern "C" __global__ void compact_selected(const u64* keys, int n, u64* state,
+                                            const u64* block_offsets, int* sampled, int capacity,
+                                            int* labels, int rows) {
     __shared__ u32 warp_above[WARP], warp_ties[WARP];
     int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
     u32 h = (u32)(state[ST_PREFIX] >> 32);
@@ -370,20 +403,9 @@ extern "C" __global__ void compact_selected(const u64* keys, int n, const u64* s
     bool take = above || (tie && t < r);
     u64 at = a + (t < r ? t : r);
     if (take && at < (u64)capacity) sampled[at] = c;
+    if (!last_block_done(state)) return;
+    remap_labels(labels, rows, sampled, state, capacity);
+    if (threadIdx.x == 0) state[ST_DONE] = 0;
 }
 
-// Label -> position in the sorted sample (every positive is in it).
-// The count comes from state[4]; on an overflow of `sampled` the host reports an error.
-extern "C" __global__ void remap_labels(int* labels, int rows, const int* sampled, const u64* state, int capacity) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows || state[ST_SELECTED] > (u64)capacity) return;  // overflow: labels untouched
-    int count = (int)state[ST_SELECTED];
-    int l = labels[i];
-    if (l < 0) return;
-    int lo = 0, hi = count;
-    while (lo < hi) {
-        int mid = (lo + hi) / 2;
-        if (sampled[mid] < l) lo = mid + 1; else hi = mid;
-    }
-    labels[i] = (lo < count && sampled[lo] == l) ? lo : -1;
-}
+

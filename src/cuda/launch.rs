@@ -31,7 +31,7 @@ const STATE_SELECTED: usize = 4;
 /// words spread over 1024 first-digit bins, so a bin holds about `shard / 1024` keys (standard
 /// deviation about the square root of that); positives have a bin of their own, at most one per
 /// row. Four times the mean plus the rows and a margin never overflows in practice; an overflow
-/// would only make `select_candidates` walk all keys.
+/// would only make the last block of `collect_candidates` walk all keys.
 fn candidate_capacity(shard: usize, rows: usize) -> usize {
     (4 * shard.div_ceil(1024) + rows + 4096).min(shard)
 }
@@ -326,7 +326,6 @@ impl CudaBackend {
             None
         };
         let blocks = shard.div_ceil(SCAN_BLOCK);
-        let blocks_i = i32_of(blocks, "blocks")?;
         if scratch.counts.len() < blocks {
             scratch.counts = self.alloc::<u64>(blocks)?;
         }
@@ -338,13 +337,14 @@ impl CudaBackend {
         if let Some(positives) = hard_positives {
             init(scratch, args.num_sample.max(positives) as u64, 0)?;
             self.radix_passes(keys, shard, &HIGH_DIGITS, scratch)?;
+            // Its last block scans the block counts.
             launch!(
                 self,
                 "count_selected",
                 scan_cfg,
                 &*keys,
                 &shard_i,
-                &scratch.state,
+                &mut scratch.state,
                 &mut scratch.counts
             );
         } else {
@@ -357,6 +357,7 @@ impl CudaBackend {
                 scratch.candidates = self.alloc::<u64>(capacity.max(1))?;
             }
             let capacity_i = i32_of(capacity, "sampler candidates")?;
+            // Its last block picks the two digits from the list and scans the block counts.
             launch!(
                 self,
                 "collect_candidates",
@@ -366,52 +367,24 @@ impl CudaBackend {
                 &mut scratch.state,
                 &mut scratch.counts,
                 &mut scratch.candidates,
-                &capacity_i
-            );
-            launch!(
-                self,
-                "select_candidates",
-                single_block(SELECT_THREADS as u32),
-                &*keys,
-                &shard_i,
-                &mut scratch.state,
-                &mut scratch.hist,
-                &scratch.candidates,
                 &capacity_i,
-                &mut scratch.counts
+                &mut scratch.hist
             );
         }
-        launch!(
-            self,
-            "scan_block_counts",
-            single_block(1024),
-            &mut scratch.counts,
-            &blocks_i,
-            &mut scratch.state
-        );
+        // Its last block remaps the labels.
         launch!(
             self,
             "compact_selected",
             scan_cfg,
             &*keys,
             &shard_i,
-            &scratch.state,
+            &mut scratch.state,
             &scratch.counts,
             &mut *sampled,
-            &capacity_i
+            &capacity_i,
+            labels,
+            &rows_i
         );
-        if args.rows > 0 {
-            launch!(
-                self,
-                "remap_labels",
-                per_elem(args.rows),
-                labels,
-                &rows_i,
-                &*sampled,
-                &scratch.state,
-                &capacity_i
-            );
-        }
         // The one host sync of the plain sampler.
         let n = self
             .stream

@@ -57,11 +57,8 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "promote_chosen",
             "radix_pass",
             "collect_candidates",
-            "select_candidates",
             "count_selected",
-            "scan_block_counts",
             "compact_selected",
-            "remap_labels",
         ],
     ),
     (

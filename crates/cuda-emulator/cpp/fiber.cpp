@@ -1,13 +1,16 @@
 // The block scheduler: every thread of a block is a fiber on the launching OS thread.
 // A fiber runs until it reaches a barrier or a warp collective, then yields; when no fiber can
 // run, the scheduler completes the collectives whose lanes have all arrived (a warp's shuffle,
-// the block's __syncthreads). Blocks run one after another, so the "last block" pattern
-// (threadfence + counter) works, and a barrier nobody can reach is reported, not hung on.
+// the block's __syncthreads). Blocks run one after another, in a different order at each launch
+// (block_order), so the "last block" pattern (threadfence + counter) works but cannot rely on
+// which block is last, and a barrier nobody can reach is reported, not hung on.
 #include "emu.h"
 #include "scheduler.h"
 
 #include <sys/mman.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -256,6 +259,29 @@ std::string run_block(BlockRun& r) {
     }
 }
 
+// The order blocks run in. A GPU promises none, so each launch takes another permutation (a
+// kernel whose result depends on it fails some launches); PFC_EMULATOR_BLOCK_ORDER=sequential
+// runs them in index order.
+std::vector<size_t> block_order(size_t blocks) {
+    std::vector<size_t> order(blocks);
+    for (size_t i = 0; i < blocks; i++) order[i] = i;
+    static const bool sequential = [] {
+        const char* v = std::getenv("PFC_EMULATOR_BLOCK_ORDER");
+        return v && std::string(v) == "sequential";
+    }();
+    if (sequential) return order;
+    static std::atomic<uint64_t> launches{0};
+    uint64_t x = 0x9E3779B97F4A7C15ull * (launches.fetch_add(1) + 1);
+    for (size_t i = blocks; i > 1; i--) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        size_t j = (size_t)((x * 0x2545F4914F6CDD1Dull) % i);
+        std::swap(order[i - 1], order[j]);
+    }
+    return order;
+}
+
 }  // namespace
 
 int block_barrier(int pred) {
@@ -299,19 +325,21 @@ std::string launch(const KernelEntry& k, dim3 grid, dim3 block, void** args) {
     r.fibers.resize(threads);
     running = &r;
     std::string error;
-    for (unsigned bz = 0; bz < grid.z && error.empty(); bz++)
-        for (unsigned by = 0; by < grid.y && error.empty(); by++)
-            for (unsigned bx = 0; bx < grid.x && error.empty(); bx++) {
-                size_t t = 0;
-                for (unsigned z = 0; z < block.z; z++)
-                    for (unsigned y = 0; y < block.y; y++)
-                        for (unsigned x = 0; x < block.x; x++, t++)
-                            r.fibers[t].view = ThreadView{{x, y, z}, {bx, by, bz}, block, grid};
-                error = run_block(r);
-                if (!error.empty())
-                    error = "block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
-                            std::to_string(bz) + "): " + error;
-            }
+    std::vector<size_t> order = block_order((size_t)grid.x * grid.y * grid.z);
+    for (size_t i = 0; i < order.size() && error.empty(); i++) {
+        unsigned bx = (unsigned)(order[i] % grid.x);
+        unsigned by = (unsigned)(order[i] / grid.x % grid.y);
+        unsigned bz = (unsigned)(order[i] / ((size_t)grid.x * grid.y));
+        size_t t = 0;
+        for (unsigned z = 0; z < block.z; z++)
+            for (unsigned y = 0; y < block.y; y++)
+                for (unsigned x = 0; x < block.x; x++, t++)
+                    r.fibers[t].view = ThreadView{{x, y, z}, {bx, by, bz}, block, grid};
+        error = run_block(r);
+        if (!error.empty())
+            error = "block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
+                    std::to_string(bz) + "): " + error;
+    }
     running = nullptr;
     current = nullptr;
     return error;

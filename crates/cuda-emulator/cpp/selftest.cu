@@ -44,3 +44,8 @@ extern "C" __global__ void emu_test_deadlock(int* out) {
         out[0] = __shfl_sync(0x3u, 1, 0);
     }
 }
+
+// The position at which each block ran (blocks of one thread).
+extern "C" __global__ void emu_test_block_order(unsigned* counter, unsigned* position) {
+    position[blockIdx.x] = atomicAdd(counter, 1u);
+}

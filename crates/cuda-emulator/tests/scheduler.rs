@@ -184,3 +184,34 @@ fn gemm_ex_matches_a_double_precision_product() {
         }
     }
 }
+
+/// Blocks run in a different order at each launch, as a GPU promises no order: every block runs
+/// once, and not always in index order.
+#[test]
+fn blocks_run_once_each_in_varying_order() {
+    let blocks = 16usize;
+    let mut in_order = 0;
+    for _ in 0..4 {
+        let mut counter = 0u32;
+        let mut position = vec![u32::MAX; blocks];
+        let mut ptrs = [
+            &mut counter as *mut u32 as *mut c_void,
+            position.as_mut_ptr() as *mut c_void,
+        ];
+        let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+        unsafe { raw::launch("emu_test_block_order", blocks as u32, 1, &mut args) }.unwrap();
+        assert_eq!(counter, blocks as u32);
+        let mut sorted = position.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..blocks as u32).collect::<Vec<_>>(),
+            "a permutation"
+        );
+        in_order += usize::from(position.iter().enumerate().all(|(i, &p)| p == i as u32));
+    }
+    assert!(
+        in_order < 4,
+        "four launches all ran their blocks in index order"
+    );
+}
