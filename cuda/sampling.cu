@@ -4,7 +4,7 @@
 // 0xFFFFFFFF for a positive; low word: 0xFFFFFFFF - class, so keys are distinct). The sample is
 // the S largest keys, S = max(num_sample, distinct positives), written in class order.
 //
-// Design (one stream, no host round trip until the single 4-byte download of the count):
+// Design (one stream, no host round trip until the single 8-byte download of the count):
 //  1. The scratch (2048-bin histogram, select state) is zero between calls: zeroed when
 //     allocated, and every call leaves it so (each digit pick clears the histogram and the
 //     blocks-done counter, the scan clears the positive count); after a failed call the host
@@ -28,8 +28,9 @@
 //  5. The compaction scans the per-block counts (above H, equal to H) in one block and writes
 //     class c at (above before c) + min(ties before c, r): order preserving, and exactly the
 //     CPU's top S by full key.
-//  6. remap_labels reads the count from the device, so the host syncs once, at the end.
-// The hard-negative variant needs the positive count on the host (one extra 4-byte download),
+//  6. remap_labels (in compact_selected's last block, or its own kernel for many rows) reads the
+//     count from the device, so the host syncs once, at the end.
+// The hard-negative variant needs the positive count on the host (one extra 8-byte download),
 // selects the exact 64-bit threshold of phase 1 with six radix passes over all keys, the high
 // word with three more, and counts per block with count_selected.
 #include "common.cuh"
@@ -54,6 +55,8 @@ extern "C" __global__ void iota(int* out, int n) {
 
 #define BINS 2048          // histogram bins (11-bit digits)
 #define SELECT_THREADS 1024 // threads of the histogram/select blocks
+// The compaction's last blocks run select_digit and the scan, written for SELECT_THREADS.
+static_assert(SCAN_BLOCK == SELECT_THREADS, "one block shape for the last-block work");
 // Select state, u64 words: [0] prefix of the S-th largest key found so far, [1] rank still to
 // find (after the last pass: the number of ties wanted), [2] blocks done in this pass,
 // [3] distinct positives, [4] classes selected, [5] candidates collected.
@@ -74,13 +77,16 @@ extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset
 }
 
 // The "last block" pattern: each block's writes made visible, then a counter in state[2]; true
-// in the one block that finishes last (which may then read every block's results). The caller
-// resets the counter when done.
+// in the one block that finishes last (which may then read every block's results). That block
+// also resets the counter (every block has counted by then), for the next kernel.
 __device__ bool last_block_done(u64* state) {
     __shared__ bool last;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&state[ST_DONE], 1ull) == gridDim.x - 1;
+        if (last) state[ST_DONE] = 0;
+    }
     __syncthreads();
     if (last) __threadfence();
     return last;
@@ -154,7 +160,6 @@ __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
     if (t == 0) {
         state[ST_PREFIX] |= (u64)chosen_bin << shift;
         state[ST_RANK] = chosen_remaining;
-        state[ST_DONE] = 0;
     }
 }
 
@@ -248,7 +253,7 @@ __device__ void scan_block_counts(u64* counts, int blocks, u64* state) {
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     for (int base = 0; base < blocks; base += blockDim.x) {
         int b = base + threadIdx.x;
-        u64 v = b < blocks ? counts[b] : 0;
+        u64 v = b < blocks ? __ldcg(&counts[b]) : 0;  // other blocks' counts
         u64 incl = v;  // inclusive scan within the warp
         for (int o = 1; o < WARP; o <<= 1) {
             u64 n = __shfl_up_sync(0xffffffffu, incl, o);
@@ -275,7 +280,6 @@ __device__ void scan_block_counts(u64* counts, int blocks, u64* state) {
         u64 r = state[ST_RANK], ties = carry >> 32;
         state[ST_SELECTED] = (carry & 0xFFFFFFFFull) + (ties < r ? ties : r);
         state[ST_POSITIVES] = 0;  // ready for the next call (see the header)
-        state[ST_DONE] = 0;
     }
 }
 
@@ -299,7 +303,7 @@ __device__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
         u64 high_mask = ~0ull << (shift + bits);
         u32 digit_mask = (1u << bits) - 1u;
         for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
-            u64 key = src[j];
+            u64 key = __ldcg(&src[j]);  // other blocks' appends
             if ((key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
         }
         __syncthreads();
@@ -309,7 +313,7 @@ __device__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
     u64 prefix = __ldcg(&state[ST_PREFIX]);
     u32 h = (u32)(prefix >> 32), digit = (u32)(prefix >> 53);
     for (u64 j = threadIdx.x; j < len; j += blockDim.x) {
-        u64 key = src[j];
+        u64 key = __ldcg(&src[j]);
         u32 kh = (u32)(key >> 32);
         if ((kh >> 21) != digit || kh < h) continue;
         u32 cls = 0xFFFFFFFFu - (u32)key;
@@ -361,26 +365,36 @@ extern "C" __global__ void count_selected(const u64* keys, int n, u64* state, u6
 }
 
 
-// Label -> position in the sorted sample (every positive is in it), by the last block of
-// compact_selected. The count comes from state[4]; on an overflow of `sampled` the labels are
-// left untouched and the host reports an error.
-__device__ void remap_labels(int* labels, int rows, const int* sampled, const u64* state, int capacity) {
-    u64 selected = __ldcg(&state[ST_SELECTED]);
-    if (selected > (u64)capacity) return;
-    int count = (int)selected;
-    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
-        int l = labels[i];
-        if (l < 0) continue;
-        int lo = 0, hi = count;
-        while (lo < hi) {
-            int mid = (lo + hi) / 2;
-            if (__ldcg(&sampled[mid]) < l) lo = mid + 1; else hi = mid;
-        }
-        labels[i] = (lo < count && __ldcg(&sampled[lo]) == l) ? lo : -1;
+// Label -> position in the sorted sample (every positive is in it). The count comes from
+// state[4]; on an overflow of `sampled` the labels are left untouched and the host reports an
+// error. Plain loads of `sampled`: it is read only after it was written (a kernel boundary, or
+// the last-block fence in a block that never read it before), and L1 keeps the search's top.
+__device__ __forceinline__ void remap_label(int* labels, int i, const int* sampled, int count) {
+    int l = labels[i];
+    if (l < 0) return;
+    int lo = 0, hi = count;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (sampled[mid] < l) lo = mid + 1; else hi = mid;
     }
+    labels[i] = (lo < count && sampled[lo] == l) ? lo : -1;
 }
 
-// Writes each selected class at its place in class order; the last block remaps the labels.
+// Rows that compact_selected's last block remaps itself: up to two searches per thread; more
+// rows go to remap_labels over a grid (one block doing 64k latency-bound searches would idle the
+// device for hundreds of microseconds).
+#define REMAP_IN_LAST_BLOCK 2048
+
+extern "C" __global__ void remap_labels(int* labels, int rows, const int* sampled, const u64* state,
+                                        int capacity) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    u64 selected = state[ST_SELECTED];
+    if (i >= rows || selected > (u64)capacity) return;
+    remap_label(labels, i, sampled, (int)selected);
+}
+
+// Writes each selected class at its place in class order; with up to REMAP_IN_LAST_BLOCK rows the
+// last block remaps the labels.
 extern "C" __global__ void compact_selected(const u64* keys, int n, u64* state,
                                             const u64* block_offsets, int* sampled, int capacity,
                                             int* labels, int rows) {
@@ -403,9 +417,10 @@ extern "C" __global__ void compact_selected(const u64* keys, int n, u64* state,
     bool take = above || (tie && t < r);
     u64 at = a + (t < r ? t : r);
     if (take && at < (u64)capacity) sampled[at] = c;
-    if (!last_block_done(state)) return;
-    remap_labels(labels, rows, sampled, state, capacity);
-    if (threadIdx.x == 0) state[ST_DONE] = 0;
+    if (rows > REMAP_IN_LAST_BLOCK || !last_block_done(state)) return;
+    u64 selected = __ldcg(&state[ST_SELECTED]);
+    if (selected > (u64)capacity) return;
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) remap_label(labels, i, sampled, (int)selected);
 }
 
 

@@ -73,7 +73,10 @@ fn sampled_index_is_bit_identical() {
             (1_000_003, 0.1, 2048, 6, 0.0),
             (20_000, 0.1, 256, 7, 0.5),
             (20_000, 0.2, 256, 8, 1.0),
-            (300, 0.01, 1024, 9, 0.0), // positives exceed S
+            (300, 0.01, 1024, 9, 0.0),  // positives exceed S
+            (1000, 0.0, 0, 10, 0.0),    // S = 0: nothing selected
+            (5000, 0.2, 4096, 11, 0.0), // more rows than compact_selected remaps itself
+            (5000, 0.2, 4096, 12, 0.5),
         ],
     );
 }
@@ -91,6 +94,7 @@ fn sampler_candidate_overflow_gives_the_same_index() {
                 (4097, 0.3, 128, 3, 0.0),
                 (50_000, 0.05, 512, 4, 0.0),
                 (300, 0.01, 1024, 9, 0.0),
+                (1000, 0.0, 0, 10, 0.0),
             ],
         );
     }

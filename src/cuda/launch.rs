@@ -27,6 +27,9 @@ const SELECT_STATE: usize = 6;
 const STATE_POSITIVES: usize = 3;
 /// Word of the select state holding the number of classes selected.
 const STATE_SELECTED: usize = 4;
+/// Rows whose labels `compact_selected`'s last block remaps itself (REMAP_IN_LAST_BLOCK in
+/// sampling.cu); more get the `remap_labels` kernel.
+const REMAP_IN_LAST_BLOCK: usize = 2048;
 /// Length of the plain sampler's candidate list (the keys of the first digit's bin): random high
 /// words spread over 1024 first-digit bins, so a bin holds about `shard / 1024` keys (standard
 /// deviation about the square root of that); positives have a bin of their own, at most one per
@@ -350,13 +353,13 @@ impl CudaBackend {
         } else {
             // The first digit was picked by force_positives; the other two from the keys of its
             // bin (sampling.cu, header step 4).
-            let capacity = self
+            let list_len = self
                 .sampler_candidates
                 .unwrap_or_else(|| candidate_capacity(shard, args.rows));
-            if scratch.candidates.len() < capacity.max(1) {
-                scratch.candidates = self.alloc::<u64>(capacity.max(1))?;
+            if scratch.candidates.len() < list_len.max(1) {
+                scratch.candidates = self.alloc::<u64>(list_len.max(1))?;
             }
-            let capacity_i = i32_of(capacity, "sampler candidates")?;
+            let list_len_i = i32_of(list_len, "sampler candidates")?;
             // Its last block picks the two digits from the list and scans the block counts.
             launch!(
                 self,
@@ -367,11 +370,11 @@ impl CudaBackend {
                 &mut scratch.state,
                 &mut scratch.counts,
                 &mut scratch.candidates,
-                &capacity_i,
+                &list_len_i,
                 &mut scratch.hist
             );
         }
-        // Its last block remaps the labels.
+        // Its last block remaps the labels, unless there are many.
         launch!(
             self,
             "compact_selected",
@@ -382,9 +385,21 @@ impl CudaBackend {
             &scratch.counts,
             &mut *sampled,
             &capacity_i,
-            labels,
+            &mut *labels,
             &rows_i
         );
+        if args.rows > REMAP_IN_LAST_BLOCK {
+            launch!(
+                self,
+                "remap_labels",
+                per_elem(args.rows),
+                labels,
+                &rows_i,
+                &*sampled,
+                &scratch.state,
+                &capacity_i
+            );
+        }
         // The one host sync of the plain sampler.
         let n = self
             .stream

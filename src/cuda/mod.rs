@@ -59,6 +59,7 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "collect_candidates",
             "count_selected",
             "compact_selected",
+            "remap_labels",
         ],
     ),
     (
