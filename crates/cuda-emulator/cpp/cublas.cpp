@@ -85,7 +85,11 @@ float dot(const float* a, const float* b, int k) {
 
 cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, const void* a, int atype,
                     int lda, const void* b, int btype, int ldb, float beta, void* c, int ctype, int ldc) {
-    if (m < 0 || n < 0 || k < 0 || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
+    // cuBLAS's own argument checks: leading dimensions at least the stored rows.
+    auto at_least = [](int ld, int rows) { return ld >= (rows > 1 ? rows : 1); };
+    if (m < 0 || n < 0 || k < 0 || !at_least(ldc, m)) return INVALID_VALUE;
+    if (!at_least(lda, transa == OP_N ? m : k) || !at_least(ldb, transb == OP_N ? k : n))
+        return INVALID_VALUE;
     if (m == 0 || n == 0) return OK;
     std::vector<float> pa = k ? pack(a, atype, transa, lda, m, k, false) : std::vector<float>();
     std::vector<float> pb = k ? pack(b, btype, transb, ldb, n, k, true) : std::vector<float>();
@@ -164,7 +168,8 @@ API cublasStatus_t cublasGemmEx(cublasHandle_t h, int transa, int transb, int m,
                                 int btype, int ldb, const void* beta, void* c, int ctype, int ldc,
                                 int compute, int /*algo*/) {
     if (!h) return NOT_INITIALIZED;
-    if (!type_ok(atype) || !type_ok(btype) || !type_ok(ctype)) return NOT_SUPPORTED;
+    // The COMPUTE_32F combinations: A and B of one type, C f32 or that type.
+    if (!type_ok(atype) || atype != btype || (ctype != R_32F && ctype != atype)) return NOT_SUPPORTED;
     if (compute != COMPUTE_32F && compute != COMPUTE_32F_PEDANTIC) return NOT_SUPPORTED;
     return gemm(transa, transb, m, n, k, *static_cast<const float*>(alpha), a, atype, lda, b, btype,
                 ldb, *static_cast<const float*>(beta), c, ctype, ldc);

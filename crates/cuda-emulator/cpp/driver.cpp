@@ -63,9 +63,13 @@ CUresult alloc(CUdeviceptr* out, size_t bytes) {
     size_t rounded = (bytes + 255) / 256 * 256;
     void* p = std::aligned_alloc(256, rounded ? rounded : 256);
     if (!p) return OUT_OF_MEMORY;
-    // Fresh device memory is garbage on a GPU: all-ones bytes (NaN floats, -1 integers) make a
-    // kernel that reads what nobody wrote fail its comparison instead of passing on zeros.
-    std::memset(p, 0xff, rounded ? rounded : 256);
+    // Fresh device memory is garbage on a GPU. Alternately all-ones bytes (NaN floats, -1
+    // integers) and 0x5a bytes (1.5e16 floats, integers near 1.5e9): a kernel that reads what
+    // nobody wrote fails its comparison instead of passing on zeros, and a never-written label
+    // is not always the -1 ("no row") that the kernels skip. Counted per OS thread, so a test
+    // gets the same patterns at every run.
+    thread_local unsigned allocations = 0;
+    std::memset(p, (allocations++ & 1) ? 0x5a : 0xff, rounded ? rounded : 256);
     Memory& m = memory();
     std::lock_guard<std::mutex> g(m.lock);
     *out = (CUdeviceptr)p;

@@ -112,12 +112,17 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
-// CUDA's min/max accept mixed integer and float arguments.
+// CUDA's min/max accept mixed integer and float arguments; on floats they are fmaxf/fminf
+// (a NaN operand loses).
 template <class A, class B> inline std::common_type_t<A, B> max(A a, B b) {
-    return a > b ? a : b;
+    using R = std::common_type_t<A, B>;
+    if constexpr (std::is_floating_point_v<R>) return std::fmax((R)a, (R)b);
+    else return a > b ? a : b;
 }
 template <class A, class B> inline std::common_type_t<A, B> min(A a, B b) {
-    return a < b ? a : b;
+    using R = std::common_type_t<A, B>;
+    if constexpr (std::is_floating_point_v<R>) return std::fmin((R)a, (R)b);
+    else return a < b ? a : b;
 }
 
 // Atomics: the threads of a launch run on one OS thread, so a read-modify-write is atomic.

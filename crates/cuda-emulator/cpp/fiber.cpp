@@ -9,7 +9,6 @@
 
 #include <sys/mman.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -169,15 +168,13 @@ bool release_warp(BlockRun& r, size_t w, std::string& error) {
             error = std::string(op_name(head.op)) + " called by a lane outside its own mask";
             return false;
         }
+        // As shfl.sync and friends: wait for the non-exited lanes of the mask (an exited lane
+        // takes no part; a value read from it is undefined, here all ones).
         bool ready = true;
         for (size_t l = first; l < end; l++) {
             if (!(mask >> (l - first) & 1u)) continue;
             Fiber& f = r.fibers[l];
-            if (f.state == State::Done) {
-                error = "lane " + std::to_string(l - first) + " of warp " + std::to_string(w) +
-                        " exited while named in the mask of " + op_name(head.op);
-                return false;
-            }
+            if (f.state == State::Done) continue;
             if (f.state != State::AtWarp) {
                 ready = false;
                 break;
@@ -189,11 +186,14 @@ bool release_warp(BlockRun& r, size_t w, std::string& error) {
             }
         }
         if (!ready) continue;
+        auto waiting = [&](size_t l) {
+            return l < end && (mask >> (l - first) & 1u) && r.fibers[l].state == State::AtWarp;
+        };
         uint64_t ballot = 0;
         for (size_t l = first; l < end; l++)
-            if ((mask >> (l - first) & 1u) && r.fibers[l].value) ballot |= 1ull << (l - first);
+            if (waiting(l) && r.fibers[l].value) ballot |= 1ull << (l - first);
         for (size_t l = first; l < end; l++) {
-            if (!(mask >> (l - first) & 1u)) continue;
+            if (!waiting(l)) continue;
             Fiber& f = r.fibers[l];
             int lane = (int)(l - first), width = f.width, seg = lane & ~(width - 1);
             int src = lane;
@@ -201,15 +201,16 @@ bool release_warp(BlockRun& r, size_t w, std::string& error) {
                 case SHFL_IDX: src = seg + (f.param & (width - 1)); break;
                 case SHFL_UP: src = (lane - seg) >= f.param ? lane - f.param : lane; break;
                 case SHFL_DOWN: src = (lane - seg) + f.param < width ? lane + f.param : lane; break;
-                case SHFL_XOR: src = ((lane ^ f.param) & ~(width - 1)) == seg ? lane ^ f.param : lane; break;
+                // PTX shfl.bfly: any lane up to the end of the caller's segment.
+                case SHFL_XOR: src = (lane ^ f.param) <= seg + width - 1 ? lane ^ f.param : lane; break;
                 default: break;
             }
             size_t s = first + (size_t)src;
-            bool src_here = s < end && (mask >> src & 1u);
-            f.result = f.op == BALLOT ? ballot : (src_here ? r.fibers[s].value : f.value);
+            uint64_t from_src = waiting(s) ? r.fibers[s].value : ~0ull;  // exited or outside
+            f.result = f.op == BALLOT ? ballot : (src == lane ? f.value : from_src);
         }
         for (size_t l = first; l < end; l++)
-            if (mask >> (l - first) & 1u) r.fibers[l].state = State::Runnable;
+            if (waiting(l)) r.fibers[l].state = State::Runnable;
         released = true;
     }
     return released;
@@ -260,18 +261,20 @@ std::string run_block(BlockRun& r) {
 }
 
 // The order blocks run in. A GPU promises none, so each launch takes another permutation (a
-// kernel whose result depends on it fails some launches); PFC_EMULATOR_BLOCK_ORDER=sequential
-// runs them in index order.
+// kernel whose result depends on it fails some launches, the same ones at every run of a test);
+// PFC_EMULATOR_BLOCK_ORDER=sequential or =reverse runs them in index order or its reverse.
 std::vector<size_t> block_order(size_t blocks) {
     std::vector<size_t> order(blocks);
     for (size_t i = 0; i < blocks; i++) order[i] = i;
-    static const bool sequential = [] {
+    static const std::string mode = [] {
         const char* v = std::getenv("PFC_EMULATOR_BLOCK_ORDER");
-        return v && std::string(v) == "sequential";
+        return std::string(v ? v : "");
     }();
-    if (sequential) return order;
-    static std::atomic<uint64_t> launches{0};
-    uint64_t x = 0x9E3779B97F4A7C15ull * (launches.fetch_add(1) + 1);
+    if (mode == "sequential") return order;
+    if (mode == "reverse") return std::vector<size_t>(order.rbegin(), order.rend());
+    // Seeded by this OS thread's launch count: a test's launches get the same orders every run.
+    thread_local uint64_t launches = 0;
+    uint64_t x = 0x9E3779B97F4A7C15ull * (++launches);
     for (size_t i = blocks; i > 1; i--) {
         x ^= x >> 12;
         x ^= x << 25;

@@ -178,6 +178,7 @@ ncclResult_t collective(void* handle, Call call) {
         p.calls.resize(q.nranks);
         p.arrived.assign(q.nranks, false);
     }
+    if (p.arrived[comm->rank]) return INVALID_USAGE;  // two communicators with one rank
     p.calls[comm->rank] = call;
     p.arrived[comm->rank] = true;
     if (++p.count == q.nranks) {
@@ -185,7 +186,13 @@ ncclResult_t collective(void* handle, Call call) {
         p.done = true;
         q.changed.notify_all();
     } else if (!q.changed.wait_for(g, PEER_WAIT, [&] { return p.done || q.aborted; })) {
-        return SYSTEM;  // a peer never called
+        // A peer never called: withdraw this call (its buffers may be freed once we return)
+        // and abort the clique, as the crate aborts a communicator after a timeout.
+        p.arrived[comm->rank] = false;
+        if (--p.count == 0) q.pending.erase(seq);
+        q.aborted = true;
+        q.changed.notify_all();
+        return SYSTEM;
     }
     if (q.aborted && !p.done) return INVALID_USAGE;
     ncclResult_t r = p.result;

@@ -29,10 +29,25 @@ extern "C" __global__ void emu_test_block_sums(const float* in, float* out) {
     if (t == 0) out[blockIdx.x] = partial[0];
 }
 
-// Lane 31 exits while the others shuffle with it in the mask: undefined on a GPU, an error here.
+// Lane 31 of each warp exits; the others shuffle with the full mask, which shfl.sync allows (it
+// waits for the non-exited lanes of the mask). Lane 30 reads from the exited lane: undefined on a
+// GPU, all ones here.
 extern "C" __global__ void emu_test_lane_exits(int* out) {
     if (threadIdx.x % 32 == 31) return;
     out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+}
+
+// Butterfly with width 16 and lane mask 16: PTX lets a lane read any lane up to the end of its
+// own segment, so lanes 16-31 read lanes 0-15 and lanes 0-15 keep their own values; and max/min
+// on floats are fmaxf/fminf.
+extern "C" __global__ void emu_test_xor_width_and_nan(int* out, float* nan_max) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 16, 16);
+    if (threadIdx.x == 0) {
+        float nan = __int_as_float(0x7fc00000);
+        nan_max[0] = max(nan, 1.0f);
+        nan_max[1] = max(1.0f, nan);
+        nan_max[2] = min(nan, -1.0f);
+    }
 }
 
 // Warp 0 waits at __syncthreads, lane 0 of warp 1 at a shuffle with lane 1, which waits at a
