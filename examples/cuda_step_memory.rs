@@ -83,7 +83,13 @@ fn pool_attr(
 fn main() -> Result<(), partial_fc::PfcError> {
     let (precision, state, emulator) = options()?;
     if emulator && partial_fc::cuda::check_available().is_err() {
+        #[cfg(unix)]
         pfc_cuda_emulator::install().map_err(PfcError::BackendUnavailable)?;
+        #[cfg(not(unix))]
+        return Err(PfcError::BackendUnavailable(
+            "the CUDA emulator runs on x86-64 Linux only".into(),
+        ));
+        #[cfg(unix)]
         println!("(on the CPU emulator of the CUDA driver: allocations only, not a GPU)");
     }
     let gpu = match CudaBackend::new(0) {

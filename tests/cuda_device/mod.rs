@@ -36,7 +36,7 @@ pub fn device() -> Option<Device> {
                 Err(e) => no_gpu = e.to_string(),
             }
         }
-        pfc_cuda_emulator::install()
+        install_emulator()
             .and_then(|()| partial_fc::cuda::check_available().map_err(|e| e.to_string()))
             .map(|()| Device::Emulator)
             .map_err(|e| format!("no CUDA device ({no_gpu}), and no emulator ({e})"))
@@ -56,6 +56,16 @@ pub fn device() -> Option<Device> {
             None
         }
     }
+}
+
+#[cfg(unix)]
+fn install_emulator() -> Result<(), String> {
+    pfc_cuda_emulator::install()
+}
+
+#[cfg(not(unix))]
+fn install_emulator() -> Result<(), String> {
+    Err("the CUDA emulator runs on x86-64 Linux only".into())
 }
 
 /// The backend on device 0, or `None` after printing why the test is skipped.

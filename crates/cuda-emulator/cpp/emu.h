@@ -68,6 +68,13 @@ template <class T> inline T from_bits(uint64_t b) {
 #define __launch_bounds__(...)
 #define __constant__ static const
 
+// Shared memory starts as garbage on a GPU: build.rs follows every __shared__ declaration with
+// this, which fills the variable with all-ones bytes the first time a thread of a block gets there.
+namespace emu {
+void poison_shared(void* p, size_t bytes);
+}
+#define EMU_POISON_SHARED(v) emu::poison_shared(&(v), sizeof(v))
+
 inline void __syncthreads() { emu::block_barrier(0); }
 inline int __syncthreads_count(int pred) { return emu::block_barrier(pred != 0); }
 inline int __syncthreads_or(int pred) { return emu::block_barrier(pred != 0) != 0; }

@@ -287,6 +287,17 @@ std::vector<size_t> block_order(size_t blocks) {
 
 }  // namespace
 
+// Blocks started on this OS thread: the shared variables poisoned in the current one.
+thread_local uint64_t block_serial = 0;
+thread_local std::map<void*, uint64_t> poisoned;
+
+void poison_shared(void* p, size_t bytes) {
+    uint64_t& at = poisoned[p];
+    if (at == block_serial) return;
+    at = block_serial;
+    std::memset(p, 0xff, bytes);
+}
+
 int block_barrier(int pred) {
     Fiber& f = self();
     f.state = State::AtBlock;
@@ -338,6 +349,7 @@ std::string launch(const KernelEntry& k, dim3 grid, dim3 block, void** args) {
             for (unsigned y = 0; y < block.y; y++)
                 for (unsigned x = 0; x < block.x; x++, t++)
                     r.fibers[t].view = ThreadView{{x, y, z}, {bx, by, bz}, block, grid};
+        block_serial++;
         error = run_block(r);
         if (!error.empty())
             error = "block (" + std::to_string(bx) + "," + std::to_string(by) + "," +

@@ -64,3 +64,12 @@ extern "C" __global__ void emu_test_deadlock(int* out) {
 extern "C" __global__ void emu_test_block_order(unsigned* counter, unsigned* position) {
     position[blockIdx.x] = atomicAdd(counter, 1u);
 }
+
+// Reads shared memory before anyone wrote it, then writes it: every block must read garbage
+// (all ones here), never the previous block's values.
+extern "C" __global__ void emu_test_shared_garbage(unsigned* out) {
+    __shared__ unsigned s[4];
+    out[blockIdx.x * 4 + threadIdx.x] = s[threadIdx.x];
+    __syncthreads();
+    s[threadIdx.x] = 100 + threadIdx.x;
+}

@@ -19,7 +19,8 @@
 
 use std::sync::OnceLock;
 
-/// Where the build put the emulated driver.
+/// Where the build put the emulated driver (or "not built: <why>" where it could not be built:
+/// it needs x86-64 Linux and g++ 12 or later).
 pub const LIBCUDA: &str = env!("PFC_EMULATOR_LIBCUDA");
 /// Where the build put the emulated cuBLAS.
 pub const LIBCUBLAS: &str = env!("PFC_EMULATOR_LIBCUBLAS");
@@ -36,6 +37,9 @@ pub fn install() -> Result<(), String> {
     INSTALLED
         .get_or_init(|| {
             for path in [LIBCUDA, LIBCUBLAS, LIBNCCL] {
+                if let Some(why) = path.strip_prefix("not built: ") {
+                    return Err(format!("the CUDA emulator was not built: {why}"));
+                }
                 // SAFETY: the libraries' initializers only register the kernels in a map.
                 let lib = unsafe {
                     libloading::os::unix::Library::open(

@@ -9,8 +9,27 @@ fn arg<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
 }
 
+/// Whether the emulator was built here (x86-64 Linux, g++ 12+); elsewhere each test prints
+/// that it was skipped, and fails under CI=true, where it must run.
+fn built() -> bool {
+    match pfc_cuda_emulator::install() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true: {e}"
+            );
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
 #[test]
 fn warp_collectives_follow_cuda_semantics() {
+    if !built() {
+        return;
+    }
     let input: Vec<i32> = (0..64).map(|t| t * 7 + 3).collect();
     let (mut xor, mut up, mut down, mut idx) =
         (vec![0i32; 64], vec![0; 64], vec![0; 64], vec![0; 64]);
@@ -47,6 +66,9 @@ fn warp_collectives_follow_cuda_semantics() {
 
 #[test]
 fn shared_memory_is_per_block() {
+    if !built() {
+        return;
+    }
     let blocks = 5;
     let input: Vec<f32> = (0..256 * blocks).map(|i| (i % 97) as f32).collect();
     let mut out = vec![0f32; blocks];
@@ -64,6 +86,9 @@ fn shared_memory_is_per_block() {
 
 #[test]
 fn exited_lanes_take_no_part_in_a_shuffle() {
+    if !built() {
+        return;
+    }
     let mut out = vec![7i32; 64];
     let mut p = out.as_mut_ptr() as *mut c_void;
     let mut args = [arg(&mut p)];
@@ -80,6 +105,9 @@ fn exited_lanes_take_no_part_in_a_shuffle() {
 
 #[test]
 fn butterfly_width_and_float_max_follow_ptx() {
+    if !built() {
+        return;
+    }
     let mut out = vec![0i32; 32];
     let mut nan_max = vec![0f32; 3];
     let mut ptrs = [
@@ -97,6 +125,9 @@ fn butterfly_width_and_float_max_follow_ptx() {
 
 #[test]
 fn a_barrier_nobody_can_reach_fails_instead_of_hanging() {
+    if !built() {
+        return;
+    }
     let mut out = vec![0i32; 1];
     let mut p = out.as_mut_ptr() as *mut c_void;
     let mut args = [arg(&mut p)];
@@ -106,6 +137,9 @@ fn a_barrier_nobody_can_reach_fails_instead_of_hanging() {
 
 #[test]
 fn unknown_kernels_and_oversized_blocks_are_errors() {
+    if !built() {
+        return;
+    }
     let mut args: [*mut c_void; 0] = [];
     assert_eq!(
         unsafe { raw::launch("no_such_kernel", 1, 32, &mut args) },
@@ -123,6 +157,9 @@ fn unknown_kernels_and_oversized_blocks_are_errors() {
 /// The emulated cublasGemmEx against an f64 product, for every transpose pair and operand type.
 #[test]
 fn gemm_ex_matches_a_double_precision_product() {
+    if !built() {
+        return;
+    }
     const R_32F: i32 = 0;
     const R_16F: i32 = 2;
     const R_16BF: i32 = 14;
@@ -213,6 +250,9 @@ fn gemm_ex_matches_a_double_precision_product() {
 /// once, and not always in index order.
 #[test]
 fn blocks_run_once_each_in_varying_order() {
+    if !built() {
+        return;
+    }
     let blocks = 16usize;
     let mut in_order = 0;
     for _ in 0..4 {
@@ -238,4 +278,20 @@ fn blocks_run_once_each_in_varying_order() {
         in_order < 4,
         "four launches all ran their blocks in index order"
     );
+}
+
+/// Shared memory starts as garbage in every block (all ones), not zeros and not the previous
+/// block's values: a kernel that forgets to clear it fails.
+#[test]
+fn shared_memory_starts_as_garbage_in_every_block() {
+    if !built() {
+        return;
+    }
+    for _ in 0..2 {
+        let mut out = vec![0u32; 12];
+        let mut p = out.as_mut_ptr() as *mut c_void;
+        let mut args = [arg(&mut p)];
+        unsafe { raw::launch("emu_test_shared_garbage", 3, 4, &mut args) }.unwrap();
+        assert!(out.iter().all(|&v| v == u32::MAX), "{out:?}");
+    }
 }
