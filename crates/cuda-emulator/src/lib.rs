@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-/// Where the build put the emulated driver (or "not built: <why>" where it could not be built:
+/// Where the build put the emulated driver (or `"not built: <why>"` where it could not be built:
 /// it needs x86-64 Linux and g++ 12 or later).
 pub const LIBCUDA: &str = env!("PFC_EMULATOR_LIBCUDA");
 /// Where the build put the emulated cuBLAS.
