@@ -7,13 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # A C++ compiler for the CUDA emulator (crates/cuda-emulator builds the kernels for the host, so
-# the CUDA tests run on machines without a GPU).
-if ! command -v c++ >/dev/null 2>&1; then
-    sudo_if_needed=""
-    [ "$(id -u)" -ne 0 ] && sudo_if_needed="sudo"
-    $sudo_if_needed apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq g++ >&2
+# the CUDA tests run on machines without a GPU): g++ 12 or later (for _Float16), from apt if absent.
+cxx="${CXX:-c++}"
+cxx_major="$("$cxx" -dumpversion 2>/dev/null | cut -d. -f1 || true)"
+if ! [ "${cxx_major:-0}" -ge 12 ] 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ]; then
+        as_root=""
+    elif command -v sudo >/dev/null 2>&1; then
+        as_root="sudo -n"
+    else
+        echo "scripts/test.sh: needs g++ 12 or later (found '${cxx_major:-none}'); install it (apt-get install g++) or run as root" >&2
+        exit 1
+    fi
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >&2
+    export CXX=g++
 fi
+# Every CUDA test must run here (on the emulator where there is no GPU), never skip.
+export PFC_REQUIRE_CUDA_TESTS=1
 
 # NVRTC and the CUDA headers, so every kernel is compiled for every architecture even without a GPU,
 # and ptxas, so every kernel's registers and spills are checked (tests/cuda_ptxas.rs).

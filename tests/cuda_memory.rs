@@ -44,6 +44,8 @@ fn step_allocates_what_the_planner_says() {
         let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, g.context().cu_device()) };
         assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
         pool_attr(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX));
+        // The previous configuration's buffers are freed in stream order: wait for them.
+        g.context().synchronize().unwrap();
         let before = pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None);
         pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)); // resets it to the current use
 

@@ -2,7 +2,8 @@
 //! CUDA driver (crates/cuda-emulator), so that every kernel, its launch glue and the whole step
 //! still run against the CPU reference in CI. `PFC_CUDA_EMULATOR=0` turns the emulator off
 //! (the tests then print that they were skipped); `PFC_CUDA_EMULATOR=only` refuses a real GPU.
-//! With `CI=true` a test that can use neither fails instead of skipping.
+//! With `CI=true` or `PFC_REQUIRE_CUDA_TESTS=1` a test that can use neither fails instead of
+//! skipping.
 
 use partial_fc::cuda::CudaBackend;
 
@@ -44,18 +45,30 @@ pub fn device() -> Option<Device> {
     match found {
         Ok(d) => Some(*d),
         Err(e) => {
-            // In CI the emulator is installed by scripts/test.sh: a skip there would hide every
-            // CUDA test, so it fails instead (unless turned off on purpose).
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            let off = std::env::var("PFC_CUDA_EMULATOR").is_ok_and(|v| v == "0");
-            assert!(
-                !ci || off,
-                "CI=true: the CUDA tests must run, on a GPU or the emulator: {e}"
-            );
+            must_run(e);
             say!("skipped: {e}");
             None
         }
     }
+}
+
+/// In CI (and under scripts/test.sh) the emulator is installed: a skip there would hide every
+/// CUDA test, so it fails instead, unless the emulator was turned off on purpose.
+#[track_caller]
+pub fn must_run(why: &str) {
+    let required = std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("PFC_REQUIRE_CUDA_TESTS").is_ok_and(|v| v == "1");
+    let off = std::env::var("PFC_CUDA_EMULATOR").is_ok_and(|v| v == "0");
+    assert!(
+        !required || off,
+        "the CUDA tests must run here (CI=true or PFC_REQUIRE_CUDA_TESTS=1), on a GPU or the emulator: {why}"
+    );
+}
+
+/// True where the tests run on the emulator, which must not refuse what a GPU's NCCL might.
+#[allow(dead_code)] // used by some of the test binaries that share this module
+pub fn on_emulator() -> bool {
+    device() == Some(Device::Emulator)
 }
 
 #[cfg(unix)]
@@ -79,6 +92,7 @@ pub fn gpu() -> Option<CudaBackend> {
             Some(g)
         }
         Err(e) => {
+            must_run(&e.to_string());
             say!("skipped: no CUDA device ({e})");
             None
         }

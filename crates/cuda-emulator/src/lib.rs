@@ -10,13 +10,16 @@
 //! kernels are still compiled by it (the CUBIN is then ignored).
 //!
 //! What the emulator checks: the kernels' arithmetic, indexing and launch shapes; their
-//! barriers and warp collectives (a lane that exits while named in a shuffle's mask, or a
-//! barrier nobody can reach, fails the launch instead of hanging); and fresh allocations are
-//! filled with all-ones bytes, so a read of memory nobody wrote shows up as NaN or -1. What it
-//! does not: timing, the GPU memory model (blocks run one after another, so inter-block races
-//! cannot show), out-of-bounds accesses (compute-sanitizer's job on a device), and the
-//! accuracy of the GPU's fast-math intrinsics (the host's accurate functions stand in).
+//! barriers and warp collectives as PTX defines them (a barrier nobody can reach fails the
+//! launch instead of hanging); results that depend on the order of blocks (each launch runs
+//! them in another permutation); reads of shared memory nobody wrote (it starts as all-ones
+//! bytes in every block) and of fresh allocations (two garbage patterns, where they are not
+//! zeroed). What it does not: timing, the GPU memory model (blocks run one after another, so
+//! inter-block races cannot show), out-of-bounds accesses (compute-sanitizer's job on a
+//! device), and the accuracy of the GPU's fast-math intrinsics (the host's accurate functions
+//! stand in). docs/cuda.md in the repository says more.
 
+#[cfg(unix)]
 use std::sync::OnceLock;
 
 /// Where the build put the emulated driver (or `"not built: <why>"` where it could not be built:
@@ -30,8 +33,16 @@ pub const LIBNCCL: &str = env!("PFC_EMULATOR_LIBNCCL");
 /// The device name the emulated driver reports.
 pub const DEVICE_NAME: &str = "partial-fc CPU emulator (not a GPU)";
 
-/// Loads the emulated `libcuda.so`, `libcublas.so` and `libnccl.so` for the rest of the process. Call it only
-/// where no real driver was found: a process that already loaded the real `libcuda.so` keeps it.
+/// The emulator is not built off Unix: this says so.
+#[cfg(not(unix))]
+pub fn install() -> Result<(), String> {
+    Err("the CUDA emulator runs on x86-64 Linux only".into())
+}
+
+/// Loads the emulated `libcuda.so`, `libcublas.so` and `libnccl.so` for the rest of the process.
+/// Call it only where no real driver was found: a process that already loaded the real
+/// `libcuda.so` keeps it.
+#[cfg(unix)]
 pub fn install() -> Result<(), String> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
@@ -58,6 +69,7 @@ pub fn install() -> Result<(), String> {
 
 /// Direct calls into the emulated libraries, for the emulator's own tests: launching a kernel
 /// by name on host buffers (the emulated device memory is host memory) and the GEMM entry.
+#[cfg(unix)]
 pub mod raw {
     use std::ffi::{c_void, CString};
 

@@ -1,6 +1,7 @@
-//! The emulator's own semantics: warp collectives and barriers as CUDA defines them, per-block
-//! shared memory, and the failures it must report (a lane that exits while named in a shuffle's
-//! mask, a barrier nobody can reach) instead of hanging.
+//! The emulator's own semantics: warp collectives and barriers as PTX defines them (exited lanes
+//! take no part), per-block shared memory that starts as garbage, blocks in varying order, the
+//! failures it must report (a barrier nobody can reach) instead of hanging, and its GEMM.
+#![cfg(unix)]
 
 use pfc_cuda_emulator::raw;
 use std::ffi::c_void;
@@ -10,15 +11,14 @@ fn arg<T>(v: &mut T) -> *mut c_void {
 }
 
 /// Whether the emulator was built here (x86-64 Linux, g++ 12+); elsewhere each test prints
-/// that it was skipped, and fails under CI=true, where it must run.
+/// that it was skipped, and fails under CI=true or PFC_REQUIRE_CUDA_TESTS=1, where it must run.
 fn built() -> bool {
     match pfc_cuda_emulator::install() {
         Ok(()) => true,
         Err(e) => {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true: {e}"
-            );
+            let required = std::env::var("CI").is_ok_and(|v| v == "true")
+                || std::env::var("PFC_REQUIRE_CUDA_TESTS").is_ok_and(|v| v == "1");
+            assert!(!required, "the emulator must run here: {e}");
             eprintln!("skipped: {e}");
             false
         }
