@@ -4,35 +4,38 @@
 // 0xFFFFFFFF for a positive; low word: 0xFFFFFFFF - class, so keys are distinct). The sample is
 // the S largest keys, S = max(num_sample, distinct positives), written in class order.
 //
-// Design (one stream, no host round trip until the single 8-byte download of the count):
+// Design (one stream, no host round trip until the single 8-byte download of the count; four
+// launches for the plain sampler):
 //  1. The scratch (2048-bin histogram, select state) is zero between calls: zeroed when
-//     allocated, and every call leaves it so (each digit pick clears the histogram and the
-//     blocks-done counter, the scan clears the positive count); after a failed call the host
-//     drops it. The hard-negative path re-initializes it with sampling_init.
+//     allocated, and every call leaves it so (each digit pick clears the histogram, every
+//     last block resets the blocks-done counter, the scan clears the positive count,
+//     select_candidates the candidate count); after a failed call the host drops it. The
+//     hard-negative path re-initializes it with sampling_init.
 //  2. random_keys writes the keys and, fused, histograms their top 11 bits (shared-memory bins,
 //     flushed with one global atomic per non-empty bin and block).
 //  3. force_positives swaps positive keys in with atomicExch: the row that replaces a
 //     non-positive key counts one distinct positive and moves the key's histogram count to the
-//     positive bin, so duplicate labels count once and no label goes to the host. Its last block
-//     picks the first digit (S = max(num_sample, positives), on the device).
+//     positive bin (both added once per block), so duplicate labels count once and no label
+//     goes to the host. Its last block picks the first digit (S = max(num_sample, positives)).
 //  4. Only the high words are selected, to H, the S-th largest high word, and r, how many keys
 //     with high word H are wanted. The low words order ties by class, so the wanted ties are the
 //     first r in class order. After the first digit the chosen bin holds few keys (random high
 //     words fill 1024 bins evenly: ~n/1024; positives have a bin of their own), so
 //     collect_candidates reads the keys once, appends those of the chosen bin to a short list
 //     (one atomic per warp) and, per block of 1024 classes, counts the keys of higher bins (all
-//     selected); select_candidates, one block, picks the last two digits (11 + 10 bits) from
-//     histograms of the list and adds each candidate above H or tied with it to its block's
-//     count. A list that overflows its buffer (not seen with random keys; possible in principle)
-//     makes that block walk all keys instead: slower, same result.
-//  5. The compaction scans the per-block counts (above H, equal to H) in one block and writes
-//     class c at (above before c) + min(ties before c, r): order preserving, and exactly the
-//     CPU's top S by full key.
-//  6. remap_labels (in compact_selected's last block, or its own kernel for many rows) reads the
-//     count from the device, so the host syncs once, at the end.
+//     selected). Its last block (select_candidates) picks the last two digits (11 + 10 bits)
+//     from histograms of the list, adds each candidate above H or tied with it to its block's
+//     count, and scans the per-block counts (above H, equal to H). A list that overflows its
+//     buffer (not seen with random keys; possible in principle) makes that block walk all keys
+//     instead: slower, same result.
+//  5. compact_selected writes class c at (above before c) + min(ties before c, r): order
+//     preserving, and exactly the CPU's top S by full key.
+//  6. remap_labels (in compact_selected's last block, or its own kernel for more than
+//     REMAP_IN_LAST_BLOCK rows) reads the count from the device, so the host syncs once, at the
+//     end.
 // The hard-negative variant needs the positive count on the host (one extra 8-byte download),
 // selects the exact 64-bit threshold of phase 1 with six radix passes over all keys, the high
-// word with three more, and counts per block with count_selected.
+// word with three more, and counts per block with count_selected, whose last block scans.
 #include "common.cuh"
 
 #define POSITIVE_KEY 0xFFFFFFFFu
