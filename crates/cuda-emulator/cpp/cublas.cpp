@@ -3,9 +3,10 @@
 // results rounded to nearest even, as cuBLAS stores them). Pointers are host pointers, as the
 // emulated driver's "device" memory is host memory.
 #include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
+
+#include "half.h"
 
 typedef int cublasStatus_t;
 typedef void* cublasHandle_t;
@@ -25,35 +26,16 @@ struct Handle {
 float load(const void* p, int type, size_t i) {
     switch (type) {
         case R_32F: return static_cast<const float*>(p)[i];
-        case R_16F: {
-            _Float16 h;
-            std::memcpy(&h, static_cast<const uint16_t*>(p) + i, 2);
-            return (float)h;
-        }
-        default: {
-            uint32_t b = (uint32_t) static_cast<const uint16_t*>(p)[i] << 16;
-            float f;
-            std::memcpy(&f, &b, 4);
-            return f;
-        }
+        case R_16F: return emu_half::f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+        default: return emu_half::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
     }
 }
 
 void store(void* p, int type, size_t i, float v) {
     switch (type) {
         case R_32F: static_cast<float*>(p)[i] = v; break;
-        case R_16F: {
-            _Float16 h = (_Float16)v;
-            std::memcpy(static_cast<uint16_t*>(p) + i, &h, 2);
-            break;
-        }
-        default: {
-            uint32_t b;
-            std::memcpy(&b, &v, 4);
-            if ((b & 0x7fffffffu) > 0x7f800000u) b |= 0x00400000u;  // quiet NaN stays NaN
-            else b += 0x7fffu + ((b >> 16) & 1u);
-            static_cast<uint16_t*>(p)[i] = (uint16_t)(b >> 16);
-        }
+        case R_16F: static_cast<uint16_t*>(p)[i] = emu_half::f32_to_f16(v); break;
+        default: static_cast<uint16_t*>(p)[i] = emu_half::f32_to_bf16(v);
     }
 }
 

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "half.h"
+
 typedef int ncclResult_t;
 enum : ncclResult_t { SUCCESS = 0, UNHANDLED_CUDA = 1, SYSTEM = 2, INTERNAL = 3, INVALID_ARGUMENT = 4,
                       INVALID_USAGE = 5 };
@@ -84,15 +86,7 @@ size_t dtype_bytes(int t) {
 float load(const void* p, int t, size_t i) {
     if (t == FLOAT32) return static_cast<const float*>(p)[i];
     uint16_t b = static_cast<const uint16_t*>(p)[i];
-    if (t == FLOAT16) {
-        _Float16 h;
-        std::memcpy(&h, &b, 2);
-        return (float)h;
-    }
-    uint32_t w = (uint32_t)b << 16;
-    float f;
-    std::memcpy(&f, &w, 4);
-    return f;
+    return t == FLOAT16 ? emu_half::f16_to_f32(b) : emu_half::bf16_to_f32(b);
 }
 
 void store(void* p, int t, size_t i, float v) {
@@ -100,18 +94,7 @@ void store(void* p, int t, size_t i, float v) {
         static_cast<float*>(p)[i] = v;
         return;
     }
-    uint16_t b;
-    if (t == FLOAT16) {
-        _Float16 h = (_Float16)v;
-        std::memcpy(&b, &h, 2);
-    } else {
-        uint32_t w;
-        std::memcpy(&w, &v, 4);
-        if ((w & 0x7fffffffu) > 0x7f800000u) w |= 0x00400000u;
-        else w += 0x7fffu + ((w >> 16) & 1u);
-        b = (uint16_t)(w >> 16);
-    }
-    static_cast<uint16_t*>(p)[i] = b;
+    static_cast<uint16_t*>(p)[i] = t == FLOAT16 ? emu_half::f32_to_f16(v) : emu_half::f32_to_bf16(v);
 }
 
 // Element j of the reduction over ranks of `calls[r].send` at offset `at`.
