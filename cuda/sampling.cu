@@ -62,13 +62,15 @@ extern "C" __global__ void iota(int* out, int n) {
 static_assert(SCAN_BLOCK == SELECT_THREADS, "one block shape for the last-block work");
 // Select state, u64 words: [0] prefix of the S-th largest key found so far, [1] rank still to
 // find (after the last pass: the number of ties wanted), [2] blocks done in this pass,
-// [3] distinct positives, [4] classes selected, [5] candidates collected.
+// [3] distinct positives, [4] classes selected, [5] candidates collected, [6] candidates
+// collected by the last plain call (kept, for tests: the list must not overflow in practice).
 #define ST_PREFIX 0
 #define ST_RANK 1
 #define ST_DONE 2
 #define ST_POSITIVES 3
 #define ST_SELECTED 4
 #define ST_CANDIDATES 5
+#define ST_LAST_CANDIDATES 6
 
 extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset_positives) {
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[b] = 0;
@@ -323,7 +325,10 @@ __device__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
         atomicAdd(&block_counts[cls / SCAN_BLOCK], kh > h ? 1ull : (1ull << 32));
     }
     __syncthreads();
-    if (threadIdx.x == 0) state[ST_CANDIDATES] = 0;  // ready for the next call
+    if (threadIdx.x == 0) {
+        state[ST_LAST_CANDIDATES] = count;
+        state[ST_CANDIDATES] = 0;  // ready for the next call
+    }
 }
 
 // One block per SCAN_BLOCK classes: the keys of the chosen first-digit bin appended to

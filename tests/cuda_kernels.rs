@@ -78,6 +78,7 @@ fn sampled_index_is_bit_identical() {
             (5000, 0.2, 4096, 11, 0.0), // more rows than compact_selected remaps itself
             (5000, 0.2, 4096, 12, 0.5),
         ],
+        |_| Some(false),
     );
 }
 
@@ -87,6 +88,8 @@ fn sampled_index_is_bit_identical() {
 fn sampler_candidate_overflow_gives_the_same_index() {
     for len in [0, 7] {
         let Some(g) = gpu() else { return };
+        // With no room every call with a candidate overflows; with 7, the 50,000-class shard
+        // (about 49 keys per first-digit bin) does.
         check_sampler(
             &g.with_sampler_candidates(len),
             &[
@@ -96,15 +99,22 @@ fn sampler_candidate_overflow_gives_the_same_index() {
                 (300, 0.01, 1024, 9, 0.0),
                 (1000, 0.0, 0, 10, 0.0),
             ],
+            |shard| (shard == 50_000).then_some(true),
         );
     }
 }
 
 /// The GPU sampler against the CPU's on each `(shard, rate, rows, seed, hard fraction)`: the
 /// same count, sampled index and remapped labels, bit for bit.
-fn check_sampler(g: &CudaBackend, cases: &[(usize, f64, usize, u64, f32)]) {
+/// `overflows`: whether the candidate list must overflow (checked where given).
+fn check_sampler(
+    g: &CudaBackend,
+    cases: &[(usize, f64, usize, u64, f32)],
+    overflows: impl Fn(usize) -> Option<bool>,
+) {
     let cpu = CpuBackend;
     for &(shard, rate, rows, seed, hard) in cases {
+        let g_overflows = overflows(shard);
         let mut rng = Rng(seed * 7919 + 1);
         let labels: Vec<i32> = (0..rows)
             .map(|_| {
@@ -156,6 +166,22 @@ fn check_sampler(g: &CudaBackend, cases: &[(usize, f64, usize, u64, f32)]) {
             cl,
             "remapped labels, shard {shard}"
         );
+        // Which path the plain sampler took: the candidate list fits (the fast path, which a
+        // change of the first digit or of the list's length could silently lose) or not.
+        if hard == 0.0 && n_cpu < shard {
+            let (seen, len) = g
+                .sampler_candidates_seen()
+                .unwrap()
+                .expect("a plain call ran");
+            let overflowed = seen > len as u64;
+            match g_overflows {
+                Some(want) => assert_eq!(
+                    overflowed, want,
+                    "shard {shard}: {seen} candidates, list of {len}"
+                ),
+                None => {}
+            }
+        }
     }
 }
 

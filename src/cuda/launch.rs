@@ -22,7 +22,9 @@ const SELECT_THREADS: usize = 1024;
 /// Histogram bins of one radix digit (BINS in sampling.cu).
 const SELECT_BINS: usize = 2048;
 /// u64 words of the select state (sampling.cu).
-const SELECT_STATE: usize = 6;
+const SELECT_STATE: usize = 7;
+/// Word of the select state holding the candidates of the last plain call.
+const STATE_LAST_CANDIDATES: usize = 6;
 /// Word of the select state holding the distinct positives.
 const STATE_POSITIVES: usize = 3;
 /// Word of the select state holding the number of classes selected.
@@ -360,6 +362,7 @@ impl CudaBackend {
                 scratch.candidates = self.alloc::<u64>(list_len.max(1))?;
             }
             let list_len_i = i32_of(list_len, "sampler candidates")?;
+            scratch.list_len = Some(list_len);
             // Its last block picks the two digits from the list and scans the block counts.
             launch!(
                 self,
@@ -633,6 +636,24 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// For tests: the keys the last plain `sample_classes` put on its candidate list, and the
+    /// list's length (more keys than that took the slow path); `None` before any such call.
+    pub(crate) fn candidates_seen(&self) -> Result<Option<(u64, usize)>> {
+        let guard = self
+            .sample_scratch
+            .lock()
+            .map_err(|_| PfcError::Device("sampler scratch lock poisoned".into()))?;
+        let Some((scratch, list_len)) = guard.as_ref().and_then(|s| Some((s, s.list_len?))) else {
+            return Ok(None);
+        };
+        let word = STATE_LAST_CANDIDATES;
+        let seen = self
+            .stream
+            .clone_dtoh(&scratch.state.slice(word..word + 1))
+            .map_err(dev("download"))?[0];
+        Ok(Some((seen, list_len)))
+    }
+
     /// The select state and histogram of `sample_classes`, allocated once per backend.
     fn take_scratch(&self) -> Result<SampleScratch> {
         let cached = self.sample_scratch.lock().ok().and_then(|mut s| s.take());
@@ -643,6 +664,7 @@ impl CudaBackend {
                 hist: self.alloc::<u32>(SELECT_BINS)?,
                 counts: self.alloc::<u64>(1)?,
                 candidates: self.alloc::<u64>(1)?,
+                list_len: None,
             }),
         }
     }
@@ -675,6 +697,8 @@ pub(crate) struct SampleScratch {
     hist: CudaSlice<u32>,
     counts: CudaSlice<u64>,
     candidates: CudaSlice<u64>,
+    /// The candidate list's length in the last plain call (`None` before one).
+    list_len: Option<usize>,
 }
 
 impl Backend for CudaBackend {

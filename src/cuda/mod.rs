@@ -229,6 +229,13 @@ impl CudaBackend {
         self
     }
 
+    /// For tests: how many keys the last plain sampling call put on its candidate list, and
+    /// the list's length; a count above the length means it took the slow path.
+    #[doc(hidden)]
+    pub fn sampler_candidates_seen(&self) -> Result<Option<(u64, usize)>> {
+        self.candidates_seen()
+    }
+
     /// Operand precision of the step's GEMMs.
     pub fn precision(&self) -> Precision {
         self.precision
