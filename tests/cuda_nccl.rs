@@ -254,6 +254,66 @@ fn nccl_ranks_on_one_gpu() {
     }
 }
 
+/// A rank whose peer never makes the collective gets an error after its timeout, with the
+/// communicator aborted, instead of hanging (NCCL 2.30+ with two ranks on one GPU, or the
+/// emulator's NCCL, whose collectives stay pending on the stream until every rank has called).
+#[test]
+fn a_missing_peer_times_out_and_aborts() {
+    if gpu().is_none() {
+        return;
+    }
+    if let Err(e) = nccl_available() {
+        skip!("skipped: {e}");
+        return;
+    }
+    let version = nccl_version().unwrap();
+    if version < 23000 {
+        skip!("skipped: NCCL {version} cannot run two ranks on one GPU");
+        return;
+    }
+    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    let id = new_unique_id().unwrap();
+    // Rank 0 tells rank 1 how many of its calls went through (none, if the timeout works);
+    // rank 1 then makes as many, so that a broken timeout fails this test instead of hanging it.
+    let (gave_up, wait) = std::sync::mpsc::channel::<usize>();
+    std::thread::scope(|s| {
+        // Rank 1 joins, then stays silent until rank 0 has given up.
+        s.spawn(move || {
+            let g = CudaBackend::new(0).unwrap();
+            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60))).unwrap();
+            let mut buf = g.alloc::<f32>(8).unwrap();
+            for _ in 0..wait.recv().unwrap_or(0) {
+                let _ = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
+            }
+        });
+        let g = CudaBackend::new(0).unwrap();
+        let timeout = Duration::from_millis(300);
+        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
+        let mut buf = g.alloc::<f32>(8).unwrap();
+        let start = std::time::Instant::now();
+        let first = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
+        let waited = start.elapsed();
+        let second = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
+        let went_through = [&first, &second].iter().filter(|r| r.is_ok()).count();
+        gave_up.send(went_through).unwrap();
+        match first {
+            Err(partial_fc::PfcError::Collective(msg)) => {
+                assert!(msg.contains("no progress"), "{msg}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(30),
+            "gave up after {waited:?}"
+        );
+        match second {
+            Err(partial_fc::PfcError::Collective(msg)) => assert!(msg.contains("aborted"), "{msg}"),
+            other => panic!("an aborted communicator must refuse, got {other:?}"),
+        }
+        println!("missing peer: timed out after {waited:?}, communicator aborted");
+    });
+}
+
 #[test]
 fn wire_kernels_match_cpu() {
     let Some(g) = gpu() else { return };

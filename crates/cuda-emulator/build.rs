@@ -161,6 +161,7 @@ fn link(out: &Path, name: &str, units: &[PathBuf], includes: &[&Path]) -> Result
         .arg(&lib)
         .args(&objects)
         .arg("-lpthread")
+        .arg("-ldl")
         .status()
         .map_err(|e| format!("running the C++ compiler to link lib{name}.so: {e}"))?;
     if !status.success() {

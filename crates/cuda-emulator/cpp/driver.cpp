@@ -1,15 +1,18 @@
 // The CUDA driver API calls cudarc makes, as a host library named libcuda.so: "device" memory is
-// host memory, every stream is synchronous, modules are ignored (NVRTC's CUBIN cannot run here)
+// host memory, kernels and copies run inside the call (streams are synchronous, except for the
+// emulated NCCL's collectives, which stay pending on their stream until every rank has called), modules are ignored (NVRTC's CUBIN cannot run here)
 // and functions are found by name among the kernels compiled for the host (fiber.cpp). Only what
 // partial-fc's CUDA backend and its tests use is implemented; any other call is absent, and
 // cudarc then names the missing symbol.
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "scheduler.h"
 
@@ -18,7 +21,8 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef void* CUcontext;
 typedef void* CUmodule;
-typedef void* CUstream;
+struct Stream;
+typedef Stream* CUstream;
 typedef void* CUmemoryPool;
 typedef const emu::KernelEntry* CUfunction;
 struct Event {
@@ -33,6 +37,7 @@ enum : CUresult {
     INVALID_DEVICE = 101,
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
+    NOT_READY = 600,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
 };
@@ -44,7 +49,6 @@ constexpr size_t TOTAL_BYTES = 16ull << 30;
 const char* const NAME = "partial-fc CPU emulator (not a GPU)";
 
 int primary_context_tag;
-int stream_tag;
 int module_tag;
 int pool_tag;
 
@@ -95,6 +99,55 @@ CUresult release(CUdeviceptr p) {
 }  // namespace
 
 #define API extern "C" __attribute__((visibility("default")))
+
+// A stream: the number of operations still pending on it (the emulated NCCL's collectives that
+// wait for other ranks). Every later operation on the stream waits for them, as on a GPU; the
+// synchronous calls wait for the null stream only (the crate's streams are its own), and
+// cuCtxSynchronize for all.
+struct Stream {
+    std::mutex lock;
+    std::condition_variable changed;
+    int pending = 0;
+};
+
+namespace {
+Stream legacy_stream;  // the null stream
+std::mutex streams_lock;
+std::map<Stream*, bool>& streams() {
+    static std::map<Stream*, bool> s;
+    return s;
+}
+
+Stream& stream_of(CUstream s) { return s ? *s : legacy_stream; }
+
+void wait_stream(CUstream s) {
+    Stream& st = stream_of(s);
+    std::unique_lock<std::mutex> g(st.lock);
+    st.changed.wait(g, [&] { return st.pending == 0; });
+}
+
+void wait_all_streams() {
+    std::vector<Stream*> all{&legacy_stream};
+    {
+        std::lock_guard<std::mutex> g(streams_lock);
+        for (auto& [s, _] : streams()) all.push_back(s);
+    }
+    for (Stream* s : all) wait_stream(s);
+}
+}  // namespace
+
+// For the emulated NCCL (found with dlsym): an operation begins or ends pending on a stream.
+API void emu_stream_begin_pending(CUstream s) {
+    Stream& st = stream_of(s);
+    std::lock_guard<std::mutex> g(st.lock);
+    st.pending++;
+}
+API void emu_stream_end_pending(CUstream s) {
+    Stream& st = stream_of(s);
+    std::lock_guard<std::mutex> g(st.lock);
+    st.pending--;
+    st.changed.notify_all();
+}
 
 API CUresult cuInit(unsigned) { return SUCCESS; }
 API CUresult cuDriverGetVersion(int* v) {
@@ -154,29 +207,53 @@ API CUresult cuCtxPopCurrent_v2(CUcontext* ctx) {
     if (ctx) *ctx = current_context;
     return SUCCESS;
 }
-API CUresult cuCtxSynchronize() { return SUCCESS; }
+API CUresult cuCtxSynchronize() {
+    wait_all_streams();
+    return SUCCESS;
+}
 API CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return SUCCESS;
 }
 
 API CUresult cuStreamCreate(CUstream* s, unsigned) {
-    *s = &stream_tag;
+    *s = new Stream();
+    std::lock_guard<std::mutex> g(streams_lock);
+    streams()[*s] = true;
     return SUCCESS;
 }
-API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
-    *s = &stream_tag;
+API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int) {
+    return cuStreamCreate(s, flags);
+}
+API CUresult cuStreamDestroy_v2(CUstream s) {
+    if (!s) return INVALID_HANDLE;
+    wait_stream(s);
+    {
+        std::lock_guard<std::mutex> g(streams_lock);
+        streams().erase(s);
+    }
+    delete s;
     return SUCCESS;
 }
-API CUresult cuStreamDestroy_v2(CUstream) { return SUCCESS; }
-API CUresult cuStreamSynchronize(CUstream) { return SUCCESS; }
-API CUresult cuStreamQuery(CUstream) { return SUCCESS; }
-API CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return SUCCESS; }
+API CUresult cuStreamSynchronize(CUstream s) {
+    wait_stream(s);
+    return SUCCESS;
+}
+API CUresult cuStreamQuery(CUstream s) {
+    Stream& st = stream_of(s);
+    std::lock_guard<std::mutex> g(st.lock);
+    return st.pending ? NOT_READY : SUCCESS;
+}
+API CUresult cuStreamWaitEvent(CUstream s, CUevent, unsigned) {
+    wait_stream(s);
+    return SUCCESS;
+}
 API CUresult cuStreamIsCapturing(CUstream, int* status) {
     *status = 0;
     return SUCCESS;
 }
-API CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+API CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* data) {
+    wait_stream(s);
     fn(data);
     return SUCCESS;
 }
@@ -185,8 +262,9 @@ API CUresult cuEventCreate(CUevent* e, unsigned) {
     *e = new Event{std::chrono::steady_clock::now()};
     return SUCCESS;
 }
-API CUresult cuEventRecord(CUevent e, CUstream) {
+API CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!e) return INVALID_HANDLE;
+    wait_stream(s);
     e->at = std::chrono::steady_clock::now();
     return SUCCESS;
 }
@@ -205,9 +283,18 @@ API CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
 }
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
-API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return alloc(p, bytes); }
-API CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    wait_stream(s);
+    return alloc(p, bytes);
+}
+API CUresult cuMemFree_v2(CUdeviceptr p) {
+    wait_stream(nullptr);
+    return release(p);
+}
+API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    wait_stream(s);  // a pending collective may still write into it
+    return release(p);
+}
 API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     Memory& m = memory();
     std::lock_guard<std::mutex> g(m.lock);
@@ -248,40 +335,56 @@ API CUresult cuMemPoolSetAttribute(CUmemoryPool, int attribute, void*) {
 }
 
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    wait_stream(nullptr);
     if (n) std::memcpy((void*)dst, src, n);
     return SUCCESS;
 }
-API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
-    return cuMemcpyHtoD_v2(dst, src, n);
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    wait_stream(s);
+    if (n) std::memcpy((void*)dst, src, n);
+    return SUCCESS;
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    wait_stream(nullptr);
     if (n) std::memcpy(dst, (const void*)src, n);
     return SUCCESS;
 }
-API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoH_v2(dst, src, n);
+API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
+    wait_stream(s);
+    if (n) std::memcpy(dst, (const void*)src, n);
+    return SUCCESS;
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    wait_stream(nullptr);
     if (n) std::memmove((void*)dst, (const void*)src, n);
     return SUCCESS;
 }
-API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoD_v2(dst, src, n);
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    wait_stream(s);
+    if (n) std::memmove((void*)dst, (const void*)src, n);
+    return SUCCESS;
 }
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    wait_stream(nullptr);
     if (n) std::memset((void*)dst, v, n);
     return SUCCESS;
 }
-API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-    return cuMemsetD8_v2(dst, v, n);
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    wait_stream(s);
+    if (n) std::memset((void*)dst, v, n);
+    return SUCCESS;
 }
 API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    wait_stream(nullptr);
     unsigned* p = (unsigned*)dst;
     for (size_t i = 0; i < n; i++) p[i] = v;
     return SUCCESS;
 }
-API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) {
-    return cuMemsetD32_v2(dst, v, n);
+API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) {
+    wait_stream(s);
+    unsigned* p = (unsigned*)dst;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return SUCCESS;
 }
 
 API CUresult cuModuleLoadData(CUmodule* m, const void*) {
@@ -303,9 +406,10 @@ API CUresult cuFuncSetAttribute(CUfunction, int, int) { return SUCCESS; }
 API CUresult cuFuncSetCacheConfig(CUfunction, int) { return SUCCESS; }
 
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                            unsigned by, unsigned bz, unsigned shared_bytes, CUstream, void** params,
+                            unsigned by, unsigned bz, unsigned shared_bytes, CUstream s, void** params,
                             void** extra) {
     if (!f) return INVALID_HANDLE;
+    wait_stream(s);
     if (!params || extra || shared_bytes) return NOT_SUPPORTED;
     std::string error = emu::launch(*f, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
     if (error.empty()) return SUCCESS;
@@ -321,6 +425,7 @@ API CUresult cuGetErrorString(CUresult r, const char** s) {
         case INVALID_DEVICE: *s = "invalid device ordinal"; break;
         case INVALID_HANDLE: *s = "invalid resource handle"; break;
         case NOT_FOUND: *s = "named symbol not found"; break;
+        case NOT_READY: *s = "device not ready"; break;
         case LAUNCH_FAILED: *s = "unspecified launch failure (see the emulator's message on stderr)"; break;
         case NOT_SUPPORTED: *s = "operation not supported by the emulator"; break;
         default: *s = "unknown error";
@@ -335,6 +440,7 @@ API CUresult cuGetErrorName(CUresult r, const char** s) {
         case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
         case INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case NOT_READY: *s = "CUDA_ERROR_NOT_READY"; break;
         case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
         default: *s = "CUDA_ERROR_UNKNOWN";

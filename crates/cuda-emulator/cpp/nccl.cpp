@@ -1,10 +1,16 @@
 // The NCCL calls partial-fc makes, as a host library named libnccl.so: ranks are threads of one
 // process (each with its own communicator handle), buffers are host memory (the emulated
-// driver's), and every collective completes inside the call once all ranks have called it.
+// driver's). As in NCCL, a collective only enqueues: it stays pending on the caller's stream
+// (the emulated driver's stream then reports "not ready" and later work on it waits) until the
+// last rank calls, which moves the data for all; ncclCommAbort releases a rank's pending calls.
+// So the crate's timeout (poll the stream, abort the communicator) can be tested: a missing peer
+// leaves the stream pending.
 // Sums run in rank order from rank 0 in f32 and are rounded once, like the crate's ThreadGroup,
 // so k emulated NCCL ranks give the CPU collectives' bits. What it checks: the crate's NCCL
 // wrapper (ids, counts per rank, offsets, dtypes, reduce ops, async-error polling, abort); not
 // NCCL itself, its transports or its ring order.
+#include <dlfcn.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -32,8 +38,8 @@ struct ncclUniqueId {
 
 namespace {
 
-// How long a rank waits for the others before the call fails (a real NCCL would hang; the
-// crate's own timeout polls an asynchronous stream, which the emulator does not have).
+// How long ncclCommInitRank waits for the other ranks to join before it fails (NCCL's bootstrap
+// has a timeout of its own).
 constexpr auto PEER_WAIT = std::chrono::seconds(120);
 
 struct Call {
@@ -46,10 +52,9 @@ struct Call {
 
 struct Pending {
     std::vector<Call> calls;
+    std::vector<void*> streams;
     std::vector<bool> arrived;
     int count = 0;
-    bool done = false;
-    ncclResult_t result = SUCCESS;
 };
 
 struct Clique {
@@ -59,6 +64,7 @@ struct Clique {
     std::condition_variable changed;
     std::map<uint64_t, Pending> pending;  // by sequence number
     bool aborted = false;
+    ncclResult_t async_error = SUCCESS;
 };
 
 struct Comm {
@@ -66,6 +72,15 @@ struct Comm {
     int rank;
     uint64_t seq = 0;
 };
+
+// The emulated driver's pending-operation count of a stream (driver.cpp).
+using StreamFn = void (*)(void*);
+void stream_pending(void* stream, bool begin) {
+    static StreamFn begin_fn = (StreamFn)dlsym(RTLD_DEFAULT, "emu_stream_begin_pending");
+    static StreamFn end_fn = (StreamFn)dlsym(RTLD_DEFAULT, "emu_stream_end_pending");
+    StreamFn f = begin ? begin_fn : end_fn;
+    if (f) f(stream);
+}
 
 std::mutex registry_lock;
 std::map<std::string, std::weak_ptr<Clique>>& registry() {
@@ -149,38 +164,43 @@ ncclResult_t execute(std::vector<Call>& calls) {
     return SUCCESS;
 }
 
-ncclResult_t collective(void* handle, Call call) {
+ncclResult_t collective(void* handle, Call call, void* stream) {
     Comm* comm = static_cast<Comm*>(handle);
     if (!comm) return INVALID_ARGUMENT;
     Clique& q = *comm->clique;
-    std::unique_lock<std::mutex> g(q.lock);
+    std::lock_guard<std::mutex> g(q.lock);
     if (q.aborted) return INVALID_USAGE;
     uint64_t seq = comm->seq++;
     Pending& p = q.pending[seq];
     if (p.calls.empty()) {
         p.calls.resize(q.nranks);
+        p.streams.resize(q.nranks);
         p.arrived.assign(q.nranks, false);
     }
     if (p.arrived[comm->rank]) return INVALID_USAGE;  // two communicators with one rank
     p.calls[comm->rank] = call;
+    p.streams[comm->rank] = stream;
     p.arrived[comm->rank] = true;
-    if (++p.count == q.nranks) {
-        p.result = execute(p.calls);
-        p.done = true;
-        q.changed.notify_all();
-    } else if (!q.changed.wait_for(g, PEER_WAIT, [&] { return p.done || q.aborted; })) {
-        // A peer never called: withdraw this call (its buffers may be freed once we return)
-        // and abort the clique, as the crate aborts a communicator after a timeout.
-        p.arrived[comm->rank] = false;
-        if (--p.count == 0) q.pending.erase(seq);
-        q.aborted = true;
-        q.changed.notify_all();
-        return SYSTEM;
+    if (++p.count < q.nranks) {
+        stream_pending(stream, true);  // completes when the last rank calls
+        return SUCCESS;
     }
-    if (q.aborted && !p.done) return INVALID_USAGE;
-    ncclResult_t r = p.result;
-    if (--p.count == 0) q.pending.erase(seq);
+    ncclResult_t r = execute(p.calls);
+    if (r != SUCCESS) q.async_error = r;  // the ranks that returned already learn it here
+    for (int k = 0; k < q.nranks; k++)
+        if (k != comm->rank) stream_pending(p.streams[k], false);
+    q.pending.erase(seq);
     return r;
+}
+
+// Releases the calls `rank` left pending (its streams stop waiting; the data never comes).
+void release_pending(Clique& q, int rank) {
+    for (auto& [seq, p] : q.pending) {
+        if (!p.arrived[rank]) continue;
+        p.arrived[rank] = false;
+        p.count--;
+        stream_pending(p.streams[rank], false);
+    }
 }
 
 }  // namespace
@@ -225,8 +245,13 @@ API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int r
     return SUCCESS;
 }
 
-API ncclResult_t ncclCommDestroy(void* comm) {
-    delete static_cast<Comm*>(comm);
+API ncclResult_t ncclCommDestroy(void* handle) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (comm) {
+        std::lock_guard<std::mutex> g(comm->clique->lock);
+        release_pending(*comm->clique, comm->rank);
+    }
+    delete comm;
     return SUCCESS;
 }
 
@@ -235,14 +260,17 @@ API ncclResult_t ncclCommAbort(void* handle) {
     if (comm) {
         std::lock_guard<std::mutex> g(comm->clique->lock);
         comm->clique->aborted = true;
-        comm->clique->changed.notify_all();
+        release_pending(*comm->clique, comm->rank);
     }
     delete comm;
     return SUCCESS;
 }
 
-API ncclResult_t ncclCommGetAsyncError(void*, ncclResult_t* error) {
-    *error = SUCCESS;  // every call completed (or failed) synchronously
+API ncclResult_t ncclCommGetAsyncError(void* handle, ncclResult_t* error) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (!comm || !error) return INVALID_ARGUMENT;
+    std::lock_guard<std::mutex> g(comm->clique->lock);
+    *error = comm->clique->async_error;
     return SUCCESS;
 }
 
@@ -257,18 +285,18 @@ API ncclResult_t ncclCommUserRank(void* comm, int* rank) {
 }
 
 API ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int dtype, void* comm,
-                               void*) {
-    return collective(comm, Call{ALL_GATHER, send, recv, count, dtype, SUM});
+                               void* stream) {
+    return collective(comm, Call{ALL_GATHER, send, recv, count, dtype, SUM}, stream);
 }
 
 API ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op,
-                               void* comm, void*) {
-    return collective(comm, Call{ALL_REDUCE, send, recv, count, dtype, op});
+                               void* comm, void* stream) {
+    return collective(comm, Call{ALL_REDUCE, send, recv, count, dtype, op}, stream);
 }
 
 API ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, int dtype, int op,
-                                   void* comm, void*) {
-    return collective(comm, Call{REDUCE_SCATTER, send, recv, count, dtype, op});
+                                   void* comm, void* stream) {
+    return collective(comm, Call{REDUCE_SCATTER, send, recv, count, dtype, op}, stream);
 }
 
 API ncclResult_t ncclGroupStart() { return SUCCESS; }
@@ -277,7 +305,7 @@ API ncclResult_t ncclGroupEnd() { return SUCCESS; }
 API const char* ncclGetErrorString(ncclResult_t r) {
     switch (r) {
         case SUCCESS: return "no error";
-        case SYSTEM: return "emulated NCCL: a peer rank never made the same call";
+        case SYSTEM: return "emulated NCCL: a peer rank never joined";
         case INVALID_ARGUMENT: return "invalid argument";
         case INVALID_USAGE: return "invalid usage (ranks disagree, or the communicator was aborted)";
         default: return "emulated NCCL error";
