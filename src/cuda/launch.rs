@@ -293,7 +293,7 @@ impl CudaBackend {
             &num_sample,
             &select_first
         );
-        // With hard negatives: the distinct positives (the hard share depends on them).
+        // With hard negatives: their keys in place, and the distinct positives.
         let hard_positives = if hard_possible {
             // The hard share depends on the positives: one 8-byte download.
             let positives = self
