@@ -49,6 +49,9 @@ enum BackendArg {
     Cpu,
     /// The CUDA backend (needs the `cuda` feature and a device).
     Cuda,
+    /// The CUDA backend on the CPU emulator of the CUDA driver (crates/cuda-emulator): the
+    /// kernels' results without a GPU, for checking, at a fraction of the CPU backend's speed.
+    CudaEmulator,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -215,11 +218,11 @@ impl Args {
 fn check_backend(backend: BackendArg) -> Result<(), PfcError> {
     match backend {
         BackendArg::Cpu => Ok(()),
-        BackendArg::Cuda if !cfg!(feature = "cuda") => Err(PfcError::BackendUnavailable(
+        BackendArg::Cuda | BackendArg::CudaEmulator if !cfg!(feature = "cuda") => Err(PfcError::BackendUnavailable(
             "this build has no CUDA backend; rebuild with `--features cuda` or use --backend cpu"
                 .into(),
         )),
-        BackendArg::Cuda => Ok(()),
+        BackendArg::Cuda | BackendArg::CudaEmulator => Ok(()),
     }
 }
 
@@ -260,6 +263,10 @@ fn run_one(cfg: &TrainConfig, backend: BackendArg, quiet: bool) -> Result<TrainR
     let report = match backend {
         BackendArg::Cpu => train(cfg, &mut on_step),
         BackendArg::Cuda => train_cuda(cfg, &mut on_step),
+        BackendArg::CudaEmulator => {
+            install_emulator()?;
+            train_cuda(cfg, &mut on_step)
+        }
     };
     bar.finish_and_clear();
     report
@@ -281,6 +288,19 @@ fn train_cuda(
 ) -> Result<TrainReport, PfcError> {
     Err(PfcError::BackendUnavailable(
         "this build has no CUDA backend; rebuild with `--features cuda`".into(),
+    ))
+}
+
+/// Loads the CPU emulator of the CUDA driver for `--backend cuda-emulator`.
+#[cfg(all(unix, feature = "cuda"))]
+fn install_emulator() -> Result<(), PfcError> {
+    pfc_cuda_emulator::install().map_err(PfcError::BackendUnavailable)
+}
+
+#[cfg(not(all(unix, feature = "cuda")))]
+fn install_emulator() -> Result<(), PfcError> {
+    Err(PfcError::BackendUnavailable(
+        "the CUDA emulator needs x86-64 Linux and the `cuda` feature".into(),
     ))
 }
 
