@@ -21,7 +21,6 @@
 //! the pool's high-water mark is the code's own allocation peak; it knows nothing of a real
 //! allocator's granularity, the context or cuBLAS's workspace.
 
-use cudarc::driver::sys;
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
 use partial_fc::{Backend, GemmPrecision, LayerConfig, PartialFc, PfcError, StateDtype};
@@ -56,30 +55,6 @@ fn options() -> Result<(GemmPrecision, StateDtype, bool), PfcError> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// The device's default memory pool (the one cudarc's stream-ordered allocations use).
-fn default_pool(gpu: &CudaBackend) -> Option<sys::CUmemoryPool> {
-    let mut pool = std::ptr::null_mut();
-    // SAFETY: plain driver query on the backend's (current) context's device.
-    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, gpu.context().cu_device()) };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
-}
-
-fn pool_attr(
-    pool: sys::CUmemoryPool,
-    attr: sys::CUmemPool_attribute,
-    set: Option<u64>,
-) -> Option<u64> {
-    let mut v: u64 = set.unwrap_or(0);
-    // SAFETY: these attributes are 64-bit values (cuuint64_t), passed by pointer.
-    let r = unsafe {
-        match set {
-            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
-            None => sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
-        }
-    };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
-}
-
 fn main() -> Result<(), partial_fc::PfcError> {
     let (precision, state, emulator) = options()?;
     if emulator && partial_fc::cuda::check_available().is_err() {
@@ -99,16 +74,11 @@ fn main() -> Result<(), partial_fc::PfcError> {
             return Ok(());
         }
     };
-    gpu.context()
-        .bind_to_thread()
-        .map_err(|e| partial_fc::PfcError::Device(format!("{e:?}")))?;
-    use sys::CUmemPool_attribute::{
-        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    };
-    let pool = default_pool(&gpu);
-    if let Some(p) = pool {
-        pool_attr(p, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX));
-        pool_attr(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)); // resets the high-water mark
+    // The pool keeps what it reserved (so free memory shows its peak), its high-water mark reset.
+    let pool = gpu.memory_pool().ok();
+    if let Some(p) = &pool {
+        let _ = p.keep_reserved();
+        let _ = p.reset_used_high();
     }
     let free_before = gpu
         .context()
@@ -150,7 +120,7 @@ fn main() -> Result<(), partial_fc::PfcError> {
         "layer buffers (memory_report total): {:.1} MiB",
         buffers as f64 / MIB
     );
-    match pool.and_then(|p| pool_attr(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)) {
+    match pool.and_then(|p| p.used_high().ok()) {
         Some(high) => println!(
             "memory pool high-water mark (all buffers, transient included): {:.1} MiB",
             high as f64 / MIB

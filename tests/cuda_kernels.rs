@@ -44,6 +44,19 @@ impl Rng {
     }
 }
 
+/// A label per row, every fifth row without one (-1).
+fn row_labels(rng: &mut Rng, rows: usize, cols: usize) -> Vec<i32> {
+    (0..rows)
+        .map(|i| {
+            if i % 5 == 4 {
+                -1
+            } else {
+                (rng.next() % cols as u64) as i32
+            }
+        })
+        .collect()
+}
+
 #[track_caller]
 fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -341,15 +354,7 @@ fn margin_softmax_passes_match_cpu() {
             // Cosines slightly outside [-1, 1] exercise the clip; exact 0s the filter's sign rule.
             let mut logits = rng.vec(rows * cols, -1.02, 1.02);
             logits[1] = 0.0;
-            let labels: Vec<i32> = (0..rows)
-                .map(|i| {
-                    if i % 5 == 4 {
-                        -1
-                    } else {
-                        (rng.next() % cols as u64) as i32
-                    }
-                })
-                .collect();
+            let labels = row_labels(&mut rng, rows, cols);
             let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
             cpu.margin_rowmax(&mut lc, rows, cols, &labels, &p, &mut mx, &mut tc)
                 .unwrap();
@@ -486,15 +491,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     .iter()
                     .map(|&v| narrow(v, dtype))
                     .collect();
-                let labels: Vec<i32> = (0..rows)
-                    .map(|i| {
-                        if i % 5 == 4 {
-                            -1
-                        } else {
-                            (rng.next() % cols as u64) as i32
-                        }
-                    })
-                    .collect();
+                let labels = row_labels(&mut rng, rows, cols);
                 let what = format!("{dtype:?} {rows}x{cols} {margin:?}");
                 let dl = up(&g, &labels);
                 let (mut mx, mut tc, mut sum, mut loss) = (
@@ -591,15 +588,7 @@ fn margin_softmax_fused_matches_cpu() {
                 // Ascending: the running max moves at every entry of this row.
                 logits[cols..2 * cols].sort_by(f32::total_cmp);
             }
-            let labels: Vec<i32> = (0..rows)
-                .map(|i| {
-                    if i % 5 == 4 {
-                        -1
-                    } else {
-                        (rng.next() % cols as u64) as i32
-                    }
-                })
-                .collect();
+            let labels = row_labels(&mut rng, rows, cols);
             let gs = 1.0 / rows as f32;
             let (mut lc, mut loss) = (logits.clone(), vec![0f32; rows]);
             cpu.margin_softmax_fused(&mut lc, rows, cols, &labels, &p, gs, &mut loss)

@@ -8,29 +8,11 @@
 mod cuda_device;
 
 use cuda_device::gpu;
-use cudarc::driver::sys;
 use partial_fc::collective::SingleRank;
 use partial_fc::{GemmPrecision, LayerConfig, PartialFc, StateDtype};
 
-fn pool_attr(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, set: Option<u64>) -> u64 {
-    let mut v: u64 = set.unwrap_or(0);
-    // SAFETY: these attributes are 64-bit values (cuuint64_t), passed by pointer.
-    let r = unsafe {
-        match set {
-            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
-            None => sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
-        }
-    };
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "pool attribute {attr:?}");
-    v
-}
-
 #[test]
 fn step_allocates_what_the_planner_says() {
-    use sys::CUmemPool_attribute::{
-        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-        CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    };
     for (precision, state) in [
         (GemmPrecision::F32, StateDtype::F32),
         (GemmPrecision::Bf16, StateDtype::F32),
@@ -38,16 +20,12 @@ fn step_allocates_what_the_planner_says() {
         (GemmPrecision::F16, StateDtype::Bf16),
     ] {
         let Some(g) = gpu() else { return };
-        g.context().bind_to_thread().unwrap();
-        let mut pool = std::ptr::null_mut();
-        // SAFETY: a driver query on the backend's device.
-        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, g.context().cu_device()) };
-        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-        pool_attr(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX));
+        let pool = g.memory_pool().unwrap();
+        pool.keep_reserved().unwrap();
         // The previous configuration's buffers are freed in stream order: wait for them.
         g.context().synchronize().unwrap();
-        let before = pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None);
-        pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)); // resets it to the current use
+        let before = pool.used().unwrap();
+        pool.reset_used_high().unwrap(); // to the current use
 
         let mut cfg = LayerConfig::new(50_000, 128, 256);
         cfg.sample_rate = 0.1;
@@ -62,7 +40,7 @@ fn step_allocates_what_the_planner_says() {
             layer.forward_backward(&x, &labels).unwrap();
             layer.step(0.1).unwrap();
         }
-        let used = pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, None) - before;
+        let used = pool.used_high().unwrap() - before;
         let planned: u64 = layer.planned_memory().iter().map(|(_, b)| b).sum();
         // Beyond the planner: the sampler's state, histogram, block counts and candidate list
         // (about 50 KB here) and each buffer's rounding; a forgotten logits-sized buffer would

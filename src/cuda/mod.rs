@@ -17,6 +17,9 @@
 pub mod compile;
 mod launch;
 pub mod nccl;
+mod pool;
+
+pub use pool::MemoryPool;
 
 use crate::error::{PfcError, Result};
 use cudarc::cublas::CudaBlas;

@@ -245,26 +245,20 @@ API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int r
     return SUCCESS;
 }
 
-API ncclResult_t ncclCommDestroy(void* handle) {
+// A rank leaves: its pending calls are released; an abort also makes the clique refuse calls.
+ncclResult_t leave(void* handle, bool abort) {
     Comm* comm = static_cast<Comm*>(handle);
     if (comm) {
         std::lock_guard<std::mutex> g(comm->clique->lock);
+        if (abort) comm->clique->aborted = true;
         release_pending(*comm->clique, comm->rank);
     }
     delete comm;
     return SUCCESS;
 }
 
-API ncclResult_t ncclCommAbort(void* handle) {
-    Comm* comm = static_cast<Comm*>(handle);
-    if (comm) {
-        std::lock_guard<std::mutex> g(comm->clique->lock);
-        comm->clique->aborted = true;
-        release_pending(*comm->clique, comm->rank);
-    }
-    delete comm;
-    return SUCCESS;
-}
+API ncclResult_t ncclCommDestroy(void* handle) { return leave(handle, false); }
+API ncclResult_t ncclCommAbort(void* handle) { return leave(handle, true); }
 
 API ncclResult_t ncclCommGetAsyncError(void* handle, ncclResult_t* error) {
     Comm* comm = static_cast<Comm*>(handle);
