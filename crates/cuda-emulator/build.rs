@@ -142,6 +142,13 @@ fn link(out: &Path, name: &str, units: &[PathBuf], includes: &[&Path]) -> Result
         .warnings(false)
         .cargo_warnings(false)
         .out_dir(out.join(format!("obj-{name}")));
+    if name == "cuda" {
+        // An index past a shared or local array's bound traps (SIGILL), and fiber.cpp's fault
+        // handler names the kernel and thread: no sanitizer runtime is linked.
+        build
+            .flag("-fsanitize=bounds")
+            .flag("-fsanitize-undefined-trap-on-error");
+    }
     for dir in includes {
         build.include(dir);
     }

@@ -4,6 +4,7 @@
 // and functions are found by name among the kernels compiled for the host (fiber.cpp). Only what
 // partial-fc's CUDA backend and its tests use is implemented; any other call is absent, and
 // cudarc then names the missing symbol.
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -13,6 +14,8 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "scheduler.h"
 
@@ -52,9 +55,21 @@ int primary_context_tag;
 int module_tag;
 int pool_tag;
 
+// One allocation: the caller's `bytes` end at the end of a run of pages (rounded up to 256
+// bytes, the alignment cuMemAlloc promises), with an inaccessible page before and after. A kernel
+// that runs past either end faults (fiber.cpp reports which kernel, thread and allocation); the
+// bytes between `bytes` and the next page, and before the allocation in its first page, hold the
+// fill pattern, and a write there is reported when the allocation is freed.
+struct Allocation {
+    size_t bytes = 0, rounded = 0;
+    char* map = nullptr;  // the whole mapping, guard pages included
+    size_t map_len = 0;
+    unsigned char fill = 0;
+};
+
 struct Memory {
     std::mutex lock;
-    std::map<CUdeviceptr, size_t> sizes;
+    std::map<CUdeviceptr, Allocation> live;
     size_t used = 0, high = 0, reserved_high = 0;
 };
 Memory& memory() {
@@ -62,41 +77,131 @@ Memory& memory() {
     return m;
 }
 
+constexpr size_t PAGE = 4096;
+
+// The first byte in [from, to) that is not `fill`, or `to`.
+const unsigned char* first_changed(const unsigned char* from, const unsigned char* to, unsigned char fill) {
+    for (; from < to; from++)
+        if (*from != fill) return from;
+    return to;
+}
+
+// One past the last byte in [from, to) that is not `fill`, or `from`.
+const unsigned char* end_of_changed(const unsigned char* from, const unsigned char* to, unsigned char fill) {
+    for (; to > from; to--)
+        if (to[-1] != fill) return to;
+    return from;
+}
+
 CUresult alloc(CUdeviceptr* out, size_t bytes) {
     if (!out) return INVALID_VALUE;
-    size_t rounded = (bytes + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, rounded ? rounded : 256);
-    if (!p) return OUT_OF_MEMORY;
+    size_t rounded = (std::max(bytes, (size_t)1) + 255) / 256 * 256;
+    size_t body = (rounded + PAGE - 1) / PAGE * PAGE;
+    if (body > TOTAL_BYTES) return OUT_OF_MEMORY;
+    size_t map_len = body + 2 * PAGE;
+    void* m = mmap(nullptr, map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return OUT_OF_MEMORY;
+    char* map = static_cast<char*>(m);
+    if (mprotect(map + PAGE, body, PROT_READ | PROT_WRITE) != 0) {
+        munmap(map, map_len);
+        return OUT_OF_MEMORY;
+    }
+    char* p = map + PAGE + body - rounded;
     // Fresh device memory is garbage on a GPU. Alternately all-ones bytes (NaN floats, -1
     // integers) and 0x5a bytes (1.5e16 floats, integers near 1.5e9): a kernel that reads what
     // nobody wrote fails its comparison instead of passing on zeros, and a never-written label
     // is not always the -1 ("no row") that the kernels skip. Counted per OS thread, so a test
-    // gets the same patterns at every run.
+    // gets the same patterns at every run. The slack around the allocation gets the same bytes.
     thread_local unsigned allocations = 0;
-    std::memset(p, (allocations++ & 1) ? 0x5a : 0xff, rounded ? rounded : 256);
-    Memory& m = memory();
-    std::lock_guard<std::mutex> g(m.lock);
+    unsigned char fill = (allocations++ & 1) ? 0x5a : 0xff;
+    std::memset(map + PAGE, fill, body);
+    Memory& mem = memory();
+    std::lock_guard<std::mutex> g(mem.lock);
     *out = (CUdeviceptr)p;
-    m.sizes[*out] = rounded;
-    m.used += rounded;
-    if (m.used > m.high) m.high = m.used;
-    if (m.used > m.reserved_high) m.reserved_high = m.used;
+    mem.live[*out] = Allocation{bytes, rounded, map, map_len, fill};
+    mem.used += rounded;
+    if (mem.used > mem.high) mem.high = mem.used;
+    if (mem.used > mem.reserved_high) mem.reserved_high = mem.used;
     return SUCCESS;
+}
+
+// A write into an allocation's slack (after its bytes, or before it in its first page): report
+// it, as compute-sanitizer would report the kernel's write, and stop the process.
+void check_slack(CUdeviceptr p, const Allocation& a) {
+    const unsigned char* start = (const unsigned char*)a.map + PAGE;
+    const unsigned char* begin = (const unsigned char*)p;
+    const unsigned char* end = begin + a.bytes;
+    const unsigned char* body_end = (const unsigned char*)a.map + a.map_len - PAGE;
+    const unsigned char* before = first_changed(start, begin, a.fill);
+    const unsigned char* after = end_of_changed(end, body_end, a.fill);
+    if (before == begin && after == end) return;
+    if (after != end)
+        std::fprintf(stderr,
+                     "partial-fc CUDA emulator: memcheck: something wrote %zu bytes past the end of "
+                     "the allocation at 0x%llx of %zu bytes (found when it was freed)\n",
+                     (size_t)(after - end), (unsigned long long)p, a.bytes);
+    else
+        std::fprintf(stderr,
+                     "partial-fc CUDA emulator: memcheck: something wrote %zu bytes before the start "
+                     "of the allocation at 0x%llx of %zu bytes (found when it was freed)\n",
+                     (size_t)(begin - before), (unsigned long long)p, a.bytes);
+    std::abort();
 }
 
 CUresult release(CUdeviceptr p) {
     if (!p) return SUCCESS;
     Memory& m = memory();
-    std::lock_guard<std::mutex> g(m.lock);
-    auto it = m.sizes.find(p);
-    if (it == m.sizes.end()) return INVALID_VALUE;
-    m.used -= it->second;
-    m.sizes.erase(it);
-    std::free((void*)p);
+    Allocation a;
+    {
+        std::lock_guard<std::mutex> g(m.lock);
+        auto it = m.live.find(p);
+        if (it == m.live.end()) return INVALID_VALUE;
+        a = it->second;
+        m.used -= a.rounded;
+        m.live.erase(it);
+    }
+    check_slack(p, a);
+    munmap(a.map, a.map_len);
     return SUCCESS;
 }
 
+// Whether [p, p + bytes) lies inside one live allocation: the driver's copies and memsets
+// return CUDA_ERROR_INVALID_VALUE otherwise, as a GPU's driver does.
+bool in_allocation(CUdeviceptr p, size_t bytes) {
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    auto it = m.live.upper_bound(p);
+    if (it == m.live.begin()) return false;
+    --it;
+    return p - it->first <= it->second.bytes && bytes <= it->second.bytes - (p - it->first);
+}
+
 }  // namespace
+
+namespace emu {
+// For the fault handler (fiber.cpp): where `a` lies relative to the live allocation whose
+// mapping (guard pages included) holds it. False if none does, or the allocation table is
+// busy on another thread.
+bool describe_address(uintptr_t a, char* buf, size_t len) {
+    Memory& m = memory();
+    std::unique_lock<std::mutex> g(m.lock, std::try_to_lock);
+    if (!g.owns_lock()) return false;
+    for (auto& [p, al] : m.live) {
+        if (a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_len) continue;
+        if (a >= p + al.bytes)
+            std::snprintf(buf, len, "%zu bytes past the end of the allocation at 0x%llx of %zu bytes",
+                          (size_t)(a - p - al.bytes) + 1, (unsigned long long)p, al.bytes);
+        else if (a < p)
+            std::snprintf(buf, len, "%zu bytes before the allocation at 0x%llx of %zu bytes",
+                          (size_t)(p - a), (unsigned long long)p, al.bytes);
+        else
+            std::snprintf(buf, len, "inside the allocation at 0x%llx of %zu bytes",
+                          (unsigned long long)p, al.bytes);
+        return true;
+    }
+    return false;
+}
+}  // namespace emu
 
 #define API extern "C" __attribute__((visibility("default")))
 
@@ -334,57 +439,52 @@ API CUresult cuMemPoolSetAttribute(CUmemoryPool, int attribute, void*) {
     return SUCCESS;
 }
 
-API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
-    wait_stream(nullptr);
-    if (n) std::memcpy((void*)dst, src, n);
+// Copies and memsets check their device ranges first, as the driver does; `n == 0` is a no-op.
+namespace {
+enum Side { HOST, DEVICE };
+CUresult copy(CUstream s, void* dst, Side dst_side, const void* src, Side src_side, size_t n) {
+    wait_stream(s);
+    if (n == 0) return SUCCESS;
+    if (!dst || !src) return INVALID_VALUE;
+    if (dst_side == DEVICE && !in_allocation((CUdeviceptr)dst, n)) return INVALID_VALUE;
+    if (src_side == DEVICE && !in_allocation((CUdeviceptr)src, n)) return INVALID_VALUE;
+    std::memmove(dst, src, n);
     return SUCCESS;
+}
+template <class T> CUresult fill(CUstream s, CUdeviceptr dst, T v, size_t n) {
+    wait_stream(s);
+    if (n && !in_allocation(dst, n * sizeof(T))) return INVALID_VALUE;
+    T* p = (T*)dst;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return SUCCESS;
+}
+}  // namespace
+
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    return copy(nullptr, (void*)dst, DEVICE, src, HOST, n);
 }
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
-    wait_stream(s);
-    if (n) std::memcpy((void*)dst, src, n);
-    return SUCCESS;
+    return copy(s, (void*)dst, DEVICE, src, HOST, n);
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
-    wait_stream(nullptr);
-    if (n) std::memcpy(dst, (const void*)src, n);
-    return SUCCESS;
+    return copy(nullptr, dst, HOST, (const void*)src, DEVICE, n);
 }
 API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
-    wait_stream(s);
-    if (n) std::memcpy(dst, (const void*)src, n);
-    return SUCCESS;
+    return copy(s, dst, HOST, (const void*)src, DEVICE, n);
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
-    wait_stream(nullptr);
-    if (n) std::memmove((void*)dst, (const void*)src, n);
-    return SUCCESS;
+    return copy(nullptr, (void*)dst, DEVICE, (const void*)src, DEVICE, n);
 }
 API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
-    wait_stream(s);
-    if (n) std::memmove((void*)dst, (const void*)src, n);
-    return SUCCESS;
+    return copy(s, (void*)dst, DEVICE, (const void*)src, DEVICE, n);
 }
-API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
-    wait_stream(nullptr);
-    if (n) std::memset((void*)dst, v, n);
-    return SUCCESS;
-}
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { return fill(nullptr, dst, v, n); }
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
-    wait_stream(s);
-    if (n) std::memset((void*)dst, v, n);
-    return SUCCESS;
+    return fill(s, dst, v, n);
 }
-API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
-    wait_stream(nullptr);
-    unsigned* p = (unsigned*)dst;
-    for (size_t i = 0; i < n; i++) p[i] = v;
-    return SUCCESS;
-}
+API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) { return fill(nullptr, dst, v, n); }
 API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) {
-    wait_stream(s);
-    unsigned* p = (unsigned*)dst;
-    for (size_t i = 0; i < n; i++) p[i] = v;
-    return SUCCESS;
+    return fill(s, dst, v, n);
 }
 
 API CUresult cuModuleLoadData(CUmodule* m, const void*) {

@@ -3,11 +3,26 @@
 // run, the scheduler completes the collectives whose lanes have all arrived (a warp's shuffle,
 // the block's __syncthreads). Blocks run one after another, in a different order at each launch
 // (block_order), so the "last block" pattern (threadfence + counter) works but cannot rely on
-// which block is last, and a barrier nobody can reach is reported, not hung on.
+// which block is last, and a barrier nobody can reach is reported, not hung on. Between two
+// synchronization points the threads of a block run one after another, a warp at a time as far
+// as it can get, warps and lanes in a different order every time (run_block, permute), so a
+// read of another thread's write without a barrier between them sees the write in some orders
+// and not in others, and fails a test that compares results.
+//
+// Memory errors are caught where a GPU's compute-sanitizer would catch them: an access past
+// either end of an allocation hits a guard page (driver.cpp), an index past a shared or local
+// array's bound traps (build.rs compiles kernels with -fsanitize=bounds and traps), and the
+// handler here names the kernel, block, thread and allocation before stopping the process.
 #include "emu.h"
 #include "scheduler.h"
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <mutex>
 
 #include <cstdlib>
 #include <map>
@@ -52,6 +67,8 @@ emu_switch:
 namespace emu {
 
 thread_local const ThreadView* current = nullptr;
+// Blocks started on this OS thread (defined below).
+extern thread_local uint64_t block_serial;
 
 namespace {
 
@@ -85,6 +102,7 @@ struct BlockRun {
 };
 
 thread_local BlockRun* running = nullptr;
+thread_local const KernelEntry* running_kernel = nullptr;
 
 // Fiber stacks with a guard page below each, kept per OS thread and reused by every launch.
 struct StackPool {
@@ -216,7 +234,27 @@ bool release_warp(BlockRun& r, size_t w, std::string& error) {
     return released;
 }
 
+// A xorshift step (its state must not be zero).
+uint64_t next_random(uint64_t& x) {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+// The orders a block's warps, and the lanes of each warp, take turns in. A GPU promises none:
+// warps run in any order and, since Volta, the lanes of a warp may too. By default another
+// permutation each time, from `x` (seeded by the block, so reproducible per test);
+// PFC_EMULATOR_LANE_ORDER=sequential or =reverse runs them in index order or its reverse.
+void permute(size_t* order, size_t n, uint64_t& x);
+
 // Runs one block to completion; empty on success, else what went wrong.
+//
+// One warp at a time runs as far as it can: its lanes run (in some order) to their next warp
+// collective or barrier, a collective all lanes reached completes, and they go on, until the
+// warp waits at __syncthreads, finishes, or waits for lanes that cannot arrive. Then another
+// warp. So a warp gets many collectives ahead of the others, as a fast warp on a GPU can, and a
+// read of shared memory that only a __syncthreads keeps from the next writer sees the write.
 std::string run_block(BlockRun& r) {
     size_t n = r.fibers.size();
     for (size_t i = 0; i < n; i++) {
@@ -226,12 +264,32 @@ std::string run_block(BlockRun& r) {
         f.sp = fresh_stack(stack, STACK_BYTES);
         f.state = State::Runnable;
     }
+    size_t warps = (n + 31) / 32;
+    std::vector<size_t> warp_order(warps), lanes(32);
+    uint64_t x = 0x9E3779B97F4A7C15ull * (block_serial + 1) | 1;
+    std::string error;
     for (;;) {
-        for (size_t i = 0; i < n; i++) {
-            if (r.fibers[i].state != State::Runnable) continue;
-            r.cur = i;
-            current = &r.fibers[i].view;
-            emu_switch(&r.scheduler, r.fibers[i].sp);
+        bool progressed = false;
+        for (size_t w = 0; w < warps; w++) warp_order[w] = w;
+        permute(warp_order.data(), warps, x);
+        for (size_t w : warp_order) {
+            size_t first = w * 32, count = std::min(n - first, (size_t)32);
+            for (;;) {
+                for (size_t l = 0; l < count; l++) lanes[l] = first + l;
+                permute(lanes.data(), count, x);
+                for (size_t l = 0; l < count; l++) {
+                    size_t i = lanes[l];
+                    if (r.fibers[i].state != State::Runnable) continue;
+                    r.cur = i;
+                    current = &r.fibers[i].view;
+                    emu_switch(&r.scheduler, r.fibers[i].sp);
+                    progressed = true;
+                }
+                bool released = release_warp(r, w, error);
+                if (!error.empty()) return error;
+                if (!released) break;
+                progressed = true;
+            }
         }
         size_t live = 0, at_block = 0;
         for (auto& f : r.fibers) {
@@ -239,11 +297,6 @@ std::string run_block(BlockRun& r) {
             at_block += f.state == State::AtBlock;
         }
         if (live == 0) return {};
-        std::string error;
-        bool released = false;
-        for (size_t w = 0; w * 32 < n; w++) released |= release_warp(r, w, error);
-        if (!error.empty()) return error;
-        if (released) continue;
         if (at_block == live) {
             int count = 0;
             for (auto& f : r.fibers) count += f.state == State::AtBlock && f.pred;
@@ -254,6 +307,7 @@ std::string run_block(BlockRun& r) {
             }
             continue;
         }
+        if (progressed) continue;
         return "deadlock: " + std::to_string(at_block) + " of " + std::to_string(live) +
                " live threads wait at __syncthreads, the others at a warp collective that "
                "cannot complete";
@@ -275,13 +329,7 @@ std::vector<size_t> block_order(size_t blocks) {
     // Seeded by this OS thread's launch count: a test's launches get the same orders every run.
     thread_local uint64_t launches = 0;
     uint64_t x = 0x9E3779B97F4A7C15ull * (++launches);
-    for (size_t i = blocks; i > 1; i--) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        size_t j = (size_t)((x * 0x2545F4914F6CDD1Dull) % i);
-        std::swap(order[i - 1], order[j]);
-    }
+    for (size_t i = blocks; i > 1; i--) std::swap(order[i - 1], order[next_random(x) % i]);
     return order;
 }
 
@@ -289,6 +337,74 @@ std::vector<size_t> block_order(size_t blocks) {
 
 // Blocks started on this OS thread: the shared variables poisoned in the current one.
 thread_local uint64_t block_serial = 0;
+
+namespace {
+void permute(size_t* order, size_t n, uint64_t& x) {
+    static const std::string mode = [] {
+        const char* v = std::getenv("PFC_EMULATOR_LANE_ORDER");
+        return std::string(v ? v : "");
+    }();
+    if (mode == "sequential") return;
+    if (mode == "reverse") {
+        std::reverse(order, order + n);
+        return;
+    }
+    for (size_t i = n; i > 1; i--) std::swap(order[i - 1], order[next_random(x) % i]);
+}
+
+// Memory errors inside a kernel: report and stop, as compute-sanitizer does. Faults elsewhere
+// go to the handler that was there before (Rust's stack-overflow check) or the default action.
+struct sigaction previous_segv, previous_bus, previous_ill;
+
+void on_fault(int sig, siginfo_t* info, void* context) {
+    const KernelEntry* k = running_kernel;
+    char where[256] = "no allocation's guard pages hold it (a wild pointer, or a fiber stack overflow)";
+    bool ours = describe_address((uintptr_t)info->si_addr, where, sizeof where);
+    if (k || ours) {
+        char msg[768];
+        const ThreadView* t = current;
+        char who[160] = "outside any kernel (a copy or a library call)";
+        if (k && t)
+            std::snprintf(who, sizeof who, "kernel %s, block (%u,%u,%u), thread (%u,%u,%u)", k->name,
+                          t->block_idx.x, t->block_idx.y, t->block_idx.z, t->thread_idx.x,
+                          t->thread_idx.y, t->thread_idx.z);
+        int len;
+        if (sig == SIGILL)
+            len = std::snprintf(msg, sizeof msg,
+                                "partial-fc CUDA emulator: memcheck: %s: an index past the bound of a "
+                                "shared or local array (a -fsanitize=bounds trap)\n",
+                                who);
+        else
+            len = std::snprintf(msg, sizeof msg,
+                                "partial-fc CUDA emulator: memcheck: %s: invalid access at 0x%llx, %s\n",
+                                who, (unsigned long long)(uintptr_t)info->si_addr, where);
+        if (len > 0) (void)!write(2, msg, (size_t)std::min(len, (int)sizeof msg - 1));
+        signal(SIGABRT, SIG_DFL);
+        abort();
+    }
+    struct sigaction* prev = sig == SIGSEGV ? &previous_segv : sig == SIGBUS ? &previous_bus : &previous_ill;
+    if (prev->sa_flags & SA_SIGINFO) {
+        prev->sa_sigaction(sig, info, context);
+    } else if (prev->sa_handler == SIG_DFL || prev->sa_handler == SIG_IGN) {
+        sigaction(sig, prev, nullptr);  // returning re-runs the access under the default action
+    } else {
+        prev->sa_handler(sig);
+    }
+}
+
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction a = {};
+        a.sa_sigaction = on_fault;
+        a.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&a.sa_mask);
+        sigaction(SIGSEGV, &a, &previous_segv);
+        sigaction(SIGBUS, &a, &previous_bus);
+        sigaction(SIGILL, &a, &previous_ill);
+    });
+}
+}  // namespace
 thread_local std::map<void*, uint64_t> poisoned;
 
 void poison_shared(void* p, size_t bytes) {
@@ -332,12 +448,14 @@ std::string launch(const KernelEntry& k, dim3 grid, dim3 block, void** args) {
     if (threads == 0 || threads > 1024) return "block of " + std::to_string(threads) + " threads";
     if ((size_t)grid.x * grid.y * grid.z == 0) return "empty grid";
     if (running) return "a kernel launched from inside a kernel";
+    install_fault_handler();
     BlockRun r;
     r.fn = k.fn;
     r.thunk = k.thunk;
     r.args = args;
     r.fibers.resize(threads);
     running = &r;
+    running_kernel = &k;
     std::string error;
     std::vector<size_t> order = block_order((size_t)grid.x * grid.y * grid.z);
     for (size_t i = 0; i < order.size() && error.empty(); i++) {
@@ -356,6 +474,7 @@ std::string launch(const KernelEntry& k, dim3 grid, dim3 block, void** args) {
                     std::to_string(bz) + "): " + error;
     }
     running = nullptr;
+    running_kernel = nullptr;
     current = nullptr;
     return error;
 }

@@ -73,3 +73,44 @@ extern "C" __global__ void emu_test_shared_garbage(unsigned* out) {
     __syncthreads();
     s[threadIdx.x] = 100 + threadIdx.x;
 }
+
+// Thread 0 writes `value` at p[index]: the memcheck tests aim it past the ends of an allocation.
+extern "C" __global__ void emu_test_write_at(int* p, long long index, int value) {
+    if (threadIdx.x == 0) p[index] = value;
+}
+
+// Threads 4 and up index past the shared array: the bounds check must trap.
+extern "C" __global__ void emu_test_shared_index(int* out) {
+    __shared__ int s[4];
+    s[threadIdx.x] = (int)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Thread 0 writes a shared flag that every thread reads with no barrier between: a race. Run in
+// index order, thread 0 always writes first and the race never shows; the scheduler must run
+// the threads of a block in other orders, so that some read the flag before it is written.
+extern "C" __global__ void emu_test_missing_barrier(int* out) {
+    __shared__ int flag;
+    if (threadIdx.x == 0) flag = 7;
+    out[blockIdx.x * blockDim.x + threadIdx.x] = flag;
+}
+
+// A two-warp sum through shared memory with no barrier after the read, used twice: a warp that
+// gets past the read's __syncwarp before the other warp has read overwrites its partial with the
+// second sum's. On a GPU a fast warp can; the scheduler must let one (the first sum is then 11,
+// not 2, on some threads).
+__device__ int sum_of_two_warps(int v) {
+    __shared__ int partial[2];
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    int s = partial[0] + partial[1];
+    __syncwarp();
+    return s;
+}
+extern "C" __global__ void emu_test_warp_runs_ahead(int* out) {
+    int first = sum_of_two_warps(1);
+    int second = sum_of_two_warps(10);
+    out[(blockIdx.x * blockDim.x + threadIdx.x) * 2] = first;
+    out[(blockIdx.x * blockDim.x + threadIdx.x) * 2 + 1] = second;
+}

@@ -12,12 +12,18 @@
 //! What the emulator checks: the kernels' arithmetic, indexing and launch shapes; their
 //! barriers and warp collectives as PTX defines them (a barrier nobody can reach fails the
 //! launch instead of hanging); results that depend on the order of blocks (each launch runs
-//! them in another permutation); reads of shared memory nobody wrote (it starts as all-ones
-//! bytes in every block) and of fresh allocations (two garbage patterns, where they are not
-//! zeroed). What it does not: timing, the GPU memory model (blocks run one after another, so
-//! inter-block races cannot show), out-of-bounds accesses (compute-sanitizer's job on a
-//! device), and the accuracy of the GPU's fast-math intrinsics (the host's accurate functions
-//! stand in). docs/cuda.md in the repository says more.
+//! them in another permutation) or on the order of a block's threads between two barriers
+//! (another permutation between every two synchronization points, so a missing barrier shows);
+//! reads of shared memory nobody wrote (it starts as all-ones bytes in every block) and of fresh
+//! allocations (two garbage patterns, where they are not zeroed); and memory errors, as
+//! compute-sanitizer's memcheck would: an access past either end of an allocation hits a guard
+//! page, a write into the allocation's rounding slack is found when it is freed, an index past a
+//! shared or local array's bound traps, and the process stops naming the kernel, block, thread
+//! and allocation; copies and memsets outside an allocation are errors, as on a GPU. What it
+//! does not: timing, the GPU memory model (blocks run one after another, so inter-block races
+//! cannot show), reads (not writes) in an allocation's rounding slack, and the accuracy of the
+//! GPU's fast-math intrinsics (the host's accurate functions stand in). docs/cuda.md in the
+//! repository says more.
 
 #[cfg(unix)]
 use std::sync::OnceLock;
@@ -130,6 +136,45 @@ pub mod raw {
             args_ptr,
             std::ptr::null_mut(),
         ) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    fn driver_call<F: Copy>(name: &[u8]) -> Result<F, i32> {
+        let lib = library(super::LIBCUDA).map_err(|_| -1)?;
+        // SAFETY: the caller names a symbol of the emulated driver with its C signature.
+        let f = unsafe { lib.get::<F>(name) }.map_err(|_| -1)?;
+        Ok(*f)
+    }
+
+    /// `cuMemAlloc_v2`: emulated device memory of `bytes` (between guard pages).
+    pub fn alloc(bytes: usize) -> Result<u64, i32> {
+        let f: unsafe extern "C" fn(*mut u64, usize) -> i32 = driver_call(b"cuMemAlloc_v2")?;
+        let mut p = 0u64;
+        // SAFETY: `p` is a valid out-pointer.
+        match unsafe { f(&mut p, bytes) } {
+            0 => Ok(p),
+            e => Err(e),
+        }
+    }
+
+    /// `cuMemFree_v2`; the emulator checks the allocation's slack for writes past its ends.
+    pub fn free(p: u64) -> Result<(), i32> {
+        let f: unsafe extern "C" fn(u64) -> i32 = driver_call(b"cuMemFree_v2")?;
+        // SAFETY: the driver checks that `p` is a live allocation.
+        match unsafe { f(p) } {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// `cuMemcpyHtoD_v2` of `src` to the device address `dst`.
+    pub fn copy_to_device(dst: u64, src: &[u8]) -> Result<(), i32> {
+        let f: unsafe extern "C" fn(u64, *const u8, usize) -> i32 =
+            driver_call(b"cuMemcpyHtoD_v2")?;
+        // SAFETY: `src` is readable for its length; the driver checks the device range.
+        match unsafe { f(dst, src.as_ptr(), src.len()) } {
             0 => Ok(()),
             e => Err(e),
         }

@@ -295,3 +295,165 @@ fn shared_memory_starts_as_garbage_in_every_block() {
         assert!(out.iter().all(|&v| v == u32::MAX), "{out:?}");
     }
 }
+
+#[test]
+fn threads_of_a_block_run_in_varying_order() {
+    if !built() {
+        return;
+    }
+    if let Ok(mode) = std::env::var("PFC_EMULATOR_LANE_ORDER") {
+        eprintln!("skipped: PFC_EMULATOR_LANE_ORDER={mode} fixes the order this test varies");
+        return;
+    }
+    let (blocks, threads) = (8usize, 64usize);
+    let mut out = vec![0i32; blocks * threads];
+    let mut ptrs = [out.as_mut_ptr() as *mut c_void];
+    let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+    unsafe {
+        raw::launch(
+            "emu_test_missing_barrier",
+            blocks as u32,
+            threads as u32,
+            &mut args,
+        )
+    }
+    .unwrap();
+    let saw_write = out.iter().filter(|v| **v == 7).count();
+    let saw_garbage = out.iter().filter(|v| **v == -1).count();
+    assert_eq!(saw_write + saw_garbage, out.len(), "{out:?}");
+    assert!(
+        saw_write > 0 && saw_garbage > 0,
+        "a read racing a write without a barrier must see both outcomes: {saw_write} saw the \
+         write, {saw_garbage} the garbage"
+    );
+}
+
+#[test]
+fn a_warp_runs_ahead_of_the_others_between_barriers() {
+    if !built() {
+        return;
+    }
+    let (blocks, threads) = (4usize, 64usize);
+    let mut out = vec![0i32; blocks * threads * 2];
+    let mut ptrs = [out.as_mut_ptr() as *mut c_void];
+    let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+    unsafe {
+        raw::launch(
+            "emu_test_warp_runs_ahead",
+            blocks as u32,
+            threads as u32,
+            &mut args,
+        )
+    }
+    .unwrap();
+    let (first, second): (Vec<i32>, Vec<i32>) = out.chunks(2).map(|p| (p[0], p[1])).unzip();
+    assert!(second.iter().all(|s| *s == 20), "{second:?}");
+    assert!(first.iter().all(|s| *s == 2 || *s == 11), "{first:?}");
+    assert!(
+        first.contains(&11),
+        "the warp that ran first must overwrite its partial before the other warp read it: {first:?}"
+    );
+}
+
+#[test]
+fn copies_outside_an_allocation_are_errors() {
+    if !built() {
+        return;
+    }
+    let p = raw::alloc(100).unwrap();
+    assert_eq!(raw::copy_to_device(p, &[1u8; 100]), Ok(()));
+    assert_eq!(raw::copy_to_device(p + 4, &[1u8; 96]), Ok(()));
+    // CUDA_ERROR_INVALID_VALUE (1), as the driver of a GPU returns.
+    assert_eq!(raw::copy_to_device(p, &[1u8; 101]), Err(1));
+    assert_eq!(raw::copy_to_device(p + 8, &[1u8; 96]), Err(1));
+    assert_eq!(raw::copy_to_device(p - 4, &[1u8; 4]), Err(1));
+    raw::free(p).unwrap();
+    assert_eq!(raw::copy_to_device(p, &[1u8; 4]), Err(1), "freed");
+    assert_eq!(raw::free(p), Err(1), "double free");
+}
+
+/// The memory errors stop the process: each case runs in a child process (this test binary,
+/// running `memcheck_case`), which must die with the emulator's report on stderr.
+fn memcheck_child(case: &str) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "memcheck_case",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PFC_EMULATOR_MEMCHECK_CASE", case)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "run in a child process by the memcheck tests"]
+fn memcheck_case() {
+    let case = std::env::var("PFC_EMULATOR_MEMCHECK_CASE").expect("run by the memcheck tests");
+    assert!(built());
+    // (allocation bytes, index of the int written); 0 bytes: the shared-array case.
+    let (bytes, index): (usize, i64) = match case.as_str() {
+        "past_the_end" => (1024, 256),
+        "before_the_start" => (4096, -1),
+        "into_the_slack" => (1000, 250),
+        "shared_index" => (0, 0),
+        other => panic!("unknown case {other}"),
+    };
+    if bytes == 0 {
+        let mut out = vec![0i32; 8];
+        let mut ptrs = [out.as_mut_ptr() as *mut c_void];
+        let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+        let _ = unsafe { raw::launch("emu_test_shared_index", 1, 8, &mut args) };
+    } else {
+        let p = raw::alloc(bytes).unwrap();
+        let (mut ptr, mut at, mut value) = (p as *mut c_void, index, 5i32);
+        let mut args = vec![arg(&mut ptr), arg(&mut at), arg(&mut value)];
+        let _ = unsafe { raw::launch("emu_test_write_at", 1, 32, &mut args) };
+        let _ = raw::free(p);
+    }
+    eprintln!("the emulator let case {case} through");
+}
+
+#[test]
+fn memory_errors_stop_the_process_naming_the_kernel_and_allocation() {
+    if !built() {
+        return;
+    }
+    let cases = [
+        (
+            "past_the_end",
+            "kernel emu_test_write_at, block (0,0,0), thread (0,0,0): invalid access",
+            "1 bytes past the end of the allocation",
+        ),
+        (
+            "before_the_start",
+            "kernel emu_test_write_at",
+            "4 bytes before the allocation",
+        ),
+        (
+            "into_the_slack",
+            "wrote 4 bytes past the end of the allocation",
+            "of 1000 bytes (found when it was freed)",
+        ),
+        (
+            "shared_index",
+            "kernel emu_test_shared_index, block (0,0,0), thread (",
+            "past the bound of a shared or local array",
+        ),
+    ];
+    for (case, who, what) in cases {
+        let (status, stderr) = memcheck_child(case);
+        assert!(!status.success(), "{case}: the child must fail\n{stderr}");
+        assert!(
+            stderr.contains("memcheck") && stderr.contains(who) && stderr.contains(what),
+            "{case}: {stderr}"
+        );
+        assert!(!stderr.contains("let case"), "{case}: {stderr}");
+    }
+}
