@@ -127,7 +127,8 @@ __device__ __forceinline__ float grad_nontarget(float z, float max, float inv_su
 __device__ float target_loss_grad(float z, float raw, float max, float inv_sum, const Margin& p,
                                   float grad_scale, float* loss) {
     float prob = expf(z - max) * inv_sum;
-    *loss = -logf(fmaxf(prob, MIN_PROBABILITY));
+    // NaN stays NaN (fmaxf would return the bound: a finite loss hiding a NaN), as on the CPU.
+    *loss = prob != prob ? prob : -logf(fmaxf(prob, MIN_PROBABILITY));
     float s;
     if (!(raw >= -1.0f && raw <= 1.0f)) s = 0.0f;
     else if (p.exact_grad) s = p.scale * target_logit_slope(raw, p);

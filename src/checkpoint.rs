@@ -105,6 +105,27 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (None, true) => return Err(mismatch("momentum is missing".into())),
             _ => {}
         }
+        if step == u64::MAX {
+            return Err(mismatch(
+                "step is u64::MAX: the step counter could not advance".into(),
+            ));
+        }
+        let dim = self.config().dim.max(1);
+        let non_finite = [
+            ("weight", Some(&weight)),
+            ("momentum", momentum.as_ref().map(|m| &m.0)),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v?)))
+        .find_map(|(name, v)| Some((name, v.iter().position(|x| !x.is_finite())?, v)));
+        if let Some((name, i, v)) = non_finite {
+            return Err(mismatch(format!(
+                "{name} holds {} at row {}, column {}",
+                v[i],
+                i / dim,
+                i % dim
+            )));
+        }
         self.set_weight(&weight)?;
         if let (Some((m, _)), true) = (momentum, has_optimizer) {
             self.set_momentum(&m)?;

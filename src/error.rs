@@ -6,7 +6,10 @@ use std::path::PathBuf;
 pub type Result<T, E = PfcError> = std::result::Result<T, E>;
 
 /// Everything that can go wrong, with enough context to fix it without a debugger.
+///
+/// `#[non_exhaustive]`: a later version may add ways to fail; match with a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PfcError {
     /// A shape or size argument does not agree with the layer's configuration or another argument.
     #[error("shape mismatch: {0}")]
@@ -28,6 +31,18 @@ pub enum PfcError {
         row: usize,
         /// The first non-finite value found.
         value: f32,
+    },
+    /// An embedding row the step cannot carry though every value is finite: a value the 16-bit
+    /// all-gather wire rounds to infinity, a row it rounds to all zeros, or a row whose sum of
+    /// squares overflows f32 (its norm would be infinite and its direction lost).
+    #[error("embedding row {row}: {reason}")]
+    OutOfRange {
+        /// Row of the batch.
+        row: usize,
+        /// The value (or the row's largest magnitude) at fault.
+        value: f32,
+        /// What the step would have done with it, and what to do instead.
+        reason: String,
     },
     /// An embedding row is all zeros and cannot be L2-normalized.
     #[error("embedding row {row} is all zeros and has no direction to normalize")]

@@ -206,6 +206,39 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     bufs: Buffers<B>,
 }
 
+/// A NaN or infinite weight or momentum would reach every logit of its class and, through the
+/// softmax's normalizer, every row's gradient: refuse it where it enters.
+fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(PfcError::param(
+            name,
+            format!(
+                "{} at row {}, column {}",
+                values[i],
+                i / dim.max(1),
+                i % dim.max(1)
+            ),
+            "every value must be finite",
+        )),
+    }
+}
+
+/// FNV-1a of the fields that size a rank's collectives (the batch and embedding shapes, the
+/// shard split, the wire dtypes), folded to 23 bits (an f32 holds it exactly, twice over plus
+/// a flag bit). Stable across processes and builds: no random keys. The sample rate may differ
+/// between ranks (each sizes its own shard's sample).
+fn config_fingerprint(c: &LayerConfig) -> u32 {
+    let shared = format!(
+        "{} {} {} {:?} {:?}",
+        c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
+    );
+    let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    ((hash ^ (hash >> 23) ^ (hash >> 46)) & 0x7f_ffff) as u32
+}
+
 fn alloc_opt<B: Backend>(b: &B, len: usize, want: bool) -> Result<Option<B::Buf<f32>>> {
     if want {
         Ok(Some(b.alloc(len)?))
@@ -455,7 +488,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         &self.comm
     }
 
-    /// Steps taken so far (the sampler's counter).
+    /// Forward/backward passes that succeeded so far (the sampler's counter: a pass that
+    /// returned an error does not count, so ranks that all failed a step stay in step).
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -488,6 +522,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 self.config.dim
             )));
         }
+        check_finite("weight", weight, self.config.dim)?;
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
         self.grad_pending = false;
@@ -513,7 +548,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "momentum of {} values for a shard of {want}",
                 momentum.len()
             ))),
-            Some(buf) => buf.upload(&self.backend, momentum),
+            Some(buf) => {
+                check_finite("momentum", momentum, self.config.dim)?;
+                buf.upload(&self.backend, momentum)
+            }
             None => Err(PfcError::Shape("this layer has no optimizer state".into())),
         }
     }
@@ -553,6 +591,62 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             if x.iter().all(|&v| v == 0.0) {
                 return Some(PfcError::ZeroRow { row });
             }
+            if let Some(err) = self.row_out_of_range(row, x) {
+                return Some(err);
+            }
+        }
+        if self.step == u64::MAX {
+            return Some(PfcError::param(
+                "step",
+                self.step,
+                "the step counter cannot advance past u64::MAX (set_steps or a checkpoint set it)",
+            ));
+        }
+        None
+    }
+
+    /// A finite, non-zero row the step still cannot carry: its squared norm overflows f32, or
+    /// the 16-bit wire rounds a value to infinity or the whole row to zeros. Every rank
+    /// normalizes the gathered rows, so one such row would turn every shard's gradient to NaN.
+    fn row_out_of_range(&self, row: usize, x: &[f32]) -> Option<PfcError> {
+        let largest = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let squares: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // Half of f32::MAX: the kernels' f32 sums may overflow a little earlier than this sum.
+        if squares >= f64::from(f32::MAX) / 2.0 {
+            return Some(PfcError::OutOfRange {
+                row,
+                value: largest,
+                reason: format!(
+                    "its sum of squares ({squares:e}) overflows f32 (largest |value| {largest:e}); \
+                     scale the embeddings down"
+                ),
+            });
+        }
+        let wire = self.config.wire;
+        if wire == crate::plan::Dtype::F32 {
+            return None;
+        }
+        let name = format!("{wire:?}").to_lowercase();
+        let round = |v: f32| crate::cpu::wire::from_wire(crate::cpu::wire::to_wire(v, wire), wire);
+        if let Some(&value) = x.iter().find(|&&v| !round(v).is_finite()) {
+            return Some(PfcError::OutOfRange {
+                row,
+                value,
+                reason: format!(
+                    "{value:e} rounds to infinity on the {name} all-gather wire (LayerConfig::wire); \
+                     scale the embeddings or use an f32 or bf16 wire"
+                ),
+            });
+        }
+        if x.iter().all(|&v| round(v) == 0.0) {
+            return Some(PfcError::OutOfRange {
+                row,
+                value: largest,
+                reason: format!(
+                    "every value rounds to zero on the {name} all-gather wire (largest |value| \
+                     {largest:e}); scale the embeddings or use an f32 or bf16 wire"
+                ),
+            });
         }
         None
     }
@@ -565,8 +659,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
         // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
+        // Each rank's slot also carries a 23-bit fingerprint of the configuration its buffers
+        // and collectives were sized by (exact in f32, and a sum with zeros leaves it exact):
+        // ranks built with different configurations would pair collectives of different sizes.
+        let fingerprint = config_fingerprint(&self.config);
         let mut flags = vec![0.0f32; 2 * world];
-        flags[rank] = if own.is_some() { 1.0 } else { 0.0 };
+        flags[rank] = (fingerprint * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = rows as f32;
         let (first, second) = flags.split_at(world);
         self.backend.upload(first, &mut self.bufs.row_loss)?;
@@ -577,10 +675,19 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .all_reduce_f32(&self.backend, &mut self.bufs.row_max, world, ReduceOp::Sum)?;
         let rejected = self.backend.download(&self.bufs.row_loss, world)?;
         let counts = self.backend.download(&self.bufs.row_max, world)?;
+        if let Some(r) = rejected
+            .iter()
+            .position(|&f| (f as u32) >> 1 != fingerprint)
+        {
+            return Err(PfcError::Collective(format!(
+                "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
+                 batch_per_rank, wire and grad_wire must agree); no rank took the step"
+            )));
+        }
         if let Some(err) = own {
             return Err(err);
         }
-        match rejected.iter().position(|&f| f != 0.0) {
+        match rejected.iter().position(|&f| (f as u32) & 1 != 0) {
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
             ))),
@@ -797,7 +904,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 )?
             }
         };
-        self.step += 1;
         self.grad_pending = false;
         self.last_sampled = None;
         let (b, x) = (&self.backend, &mut self.bufs);
@@ -926,6 +1032,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         }
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
+        // Only a pass that succeeded counts (check_input kept the counter below u64::MAX).
+        self.step += 1;
         self.grad_pending = true;
         self.last_sampled = Some(s);
         Ok(StepOutput {

@@ -666,3 +666,217 @@ fn checkpoints_of_another_layer_or_damaged_files() {
         (saved.weight, saved.momentum, saved.steps)
     );
 }
+
+/// [`rejected`] for a layer of another configuration (trained as [`trained_layer`]).
+fn rejected_with(
+    cfg: LayerConfig,
+    what: &str,
+    call: impl FnOnce(&mut PartialFc<CpuBackend, SingleRank>) -> Result<(), PfcError>,
+    is_expected: impl FnOnce(&PfcError) -> bool,
+) {
+    let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    let (x, labels) = good_batch(1);
+    layer.forward_backward(&x, &labels).unwrap();
+    layer.step(0.1).unwrap();
+    layer.forward_backward(&x, &labels).unwrap();
+    let before = snapshot(&layer);
+    let err = call(&mut layer).expect_err(what);
+    assert!(is_expected(&err), "{what}: unexpected error {err:?}");
+    let changed = snapshot(&layer).changed(&before);
+    assert!(
+        changed.is_empty(),
+        "{what}: the failed call changed {changed:?}"
+    );
+    still_works(&mut layer, 99);
+}
+
+#[test]
+fn finite_rows_the_wire_or_the_norm_cannot_carry() {
+    let f16_wire = LayerConfig {
+        wire: partial_fc::plan::Dtype::F16,
+        ..config()
+    };
+    // 1e5 is finite in f32 and infinite in f16 (largest finite: 65504).
+    let (mut x, labels) = good_batch(6);
+    x[2 * DIM + 1] = 1e5;
+    rejected_with(
+        f16_wire.clone(),
+        "1e5 on an f16 wire",
+        fb(x, labels),
+        |e| matches!(e, PfcError::OutOfRange { row: 2, value, .. } if *value == 1e5),
+    );
+    // A row of 1e-9: every value rounds to zero in f16.
+    let (mut x, labels) = good_batch(6);
+    x[..DIM].fill(1e-9);
+    rejected_with(
+        f16_wire.clone(),
+        "1e-9 on an f16 wire",
+        fb(x, labels),
+        |e| matches!(e, PfcError::OutOfRange { row: 0, .. }),
+    );
+    // Both are fine on bf16 and f32 wires.
+    for wire in [partial_fc::plan::Dtype::Bf16, partial_fc::plan::Dtype::F32] {
+        let mut layer =
+            PartialFc::new(LayerConfig { wire, ..config() }, CpuBackend, SingleRank).unwrap();
+        let (mut x, labels) = good_batch(6);
+        x[2 * DIM + 1] = 1e5;
+        x[..DIM].fill(1e-9);
+        let out = layer.forward_backward(&x, &labels).unwrap();
+        assert!(out.loss.is_finite(), "{wire:?}");
+    }
+    // 1e20 squared overflows f32: the norm would be infinite and the row normalized to zeros.
+    let (mut x, labels) = good_batch(6);
+    x[3 * DIM] = 1e20;
+    rejected("1e20", fb(x, labels), |e| {
+        matches!(e, PfcError::OutOfRange { row: 3, .. })
+    });
+}
+
+#[test]
+fn non_finite_weights_and_momentum() {
+    rejected(
+        "NaN weight",
+        |l| {
+            let mut w = l.weight().unwrap();
+            w[DIM + 3] = f32::NAN;
+            l.set_weight(&w)
+        },
+        |e| matches!(e, PfcError::Param { name: "weight", value, .. } if value.contains("row 1, column 3")),
+    );
+    rejected(
+        "infinite momentum",
+        |l| {
+            let mut m = l.momentum().unwrap().unwrap();
+            m[0] = f32::INFINITY;
+            l.set_momentum(&m)
+        },
+        |e| {
+            matches!(
+                e,
+                PfcError::Param {
+                    name: "momentum",
+                    ..
+                }
+            )
+        },
+    );
+}
+
+/// `path`'s checkpoint with the first value of tensor `name` replaced by `value`.
+fn patch_first_value(path: &std::path::Path, name: &str, value: f32) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len;
+    bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn checkpoints_with_non_finite_values_or_an_exhausted_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    trained_layer().save(&good).unwrap();
+    for (name, value) in [("weight", f32::NAN), ("momentum", f32::NEG_INFINITY)] {
+        let path = dir.path().join(format!("{name}.safetensors"));
+        std::fs::write(&path, patch_first_value(&good, name, value)).unwrap();
+        rejected(
+            &format!("{name} {value}"),
+            |l| l.load(&path),
+            |e| matches!(e, PfcError::Checkpoint { reason, .. } if reason.contains(name)),
+        );
+    }
+    let mut spent = trained_layer();
+    spent.set_steps(u64::MAX);
+    let path = dir.path().join("spent.safetensors");
+    spent.save(&path).unwrap();
+    rejected(
+        "step u64::MAX",
+        |l| l.load(&path),
+        |e| matches!(e, PfcError::Checkpoint { reason, .. } if reason.contains("u64::MAX")),
+    );
+}
+
+#[test]
+fn a_step_counter_at_its_end_refuses_the_pass() {
+    let mut layer = trained_layer();
+    layer.set_steps(u64::MAX);
+    let before = snapshot(&layer);
+    let (x, labels) = good_batch(7);
+    let err = layer.forward_backward(&x, &labels).unwrap_err();
+    assert!(
+        matches!(err, PfcError::Param { name: "step", .. }),
+        "{err:?}"
+    );
+    assert!(snapshot(&layer).changed(&before).is_empty());
+    layer.set_steps(5);
+    still_works(&mut layer, 8);
+    assert_eq!(layer.steps(), 6);
+}
+
+#[test]
+fn a_pass_that_fails_in_a_collective_does_not_count() {
+    // Rank 1 answers the two input-agreement all-reduces by hand, then leaves: rank 0 fails in
+    // the all-gather that follows, after its sample was drawn.
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = Collective::<CpuBackend>::rank(&comm);
+        let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+        let (x, labels) = good_batch(9 + rank as u64);
+        layer.forward_backward(&x, &labels).unwrap();
+        if rank == 1 {
+            let (c, b) = (layer.collective(), CpuBackend);
+            let mut flags = vec![0.0f32; 2];
+            let mut rows = vec![0.0f32; 2];
+            let agreed = c
+                .all_reduce_f32(&b, &mut flags, 2, partial_fc::ReduceOp::Sum)
+                .and_then(|_| c.all_reduce_f32(&b, &mut rows, 2, partial_fc::ReduceOp::Sum));
+            assert!(agreed.is_ok());
+            return None;
+        }
+        let before = layer.steps();
+        let err = layer.forward_backward(&x, &labels).unwrap_err();
+        Some((before, layer.steps(), err))
+    });
+    let (before, after, err) = results.into_iter().next().unwrap().unwrap();
+    assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
+    assert_eq!(
+        before, after,
+        "a failed pass must not advance the step counter"
+    );
+}
+
+#[test]
+fn ranks_built_with_different_configurations_refuse_the_step() {
+    // Two ranks with a bf16 gradient wire and one with f32: their reduce-scatters would pair
+    // 16-bit with 32-bit buffers of the same element count.
+    let results = ThreadGroup::run(3, |comm| {
+        let rank = Collective::<CpuBackend>::rank(&comm);
+        let mut cfg = config();
+        if rank != 2 {
+            cfg.grad_wire = partial_fc::plan::Dtype::Bf16;
+        }
+        let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+        let before = snapshot(&layer);
+        let (x, labels) = good_batch(20 + rank as u64);
+        let res = layer.forward_backward(&x, &labels).map(|_| ());
+        (res, snapshot(&layer).changed(&before).is_empty())
+    });
+    for (rank, (res, unchanged)) in results.iter().enumerate() {
+        match res {
+            Err(PfcError::Collective(msg)) if msg.contains("configuration differs") => {}
+            other => panic!("rank {rank}: {other:?}"),
+        }
+        assert!(unchanged, "rank {rank}");
+    }
+}
+
+#[test]
+fn a_nan_that_gets_in_shows_in_the_loss() {
+    // A learning rate of 1e38 is finite, so step() takes it; the weights overflow, and the next
+    // loss must be NaN, not the finite -ln(1e-30) a clamp would make of it.
+    let mut layer = trained_layer();
+    layer.step(1e38).unwrap();
+    let (x, labels) = good_batch(10);
+    let out = layer.forward_backward(&x, &labels).unwrap();
+    assert!(out.loss.is_nan(), "loss {}", out.loss);
+}

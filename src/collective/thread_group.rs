@@ -17,8 +17,38 @@ struct State {
     arrived: usize,
     generation: u64,
     broken: Option<String>,
-    /// Per rank: address and length of the buffer it published for the current operation.
-    slots: Vec<(usize, usize)>,
+    /// Per rank: the buffer it published for the current operation.
+    slots: Vec<Slot>,
+}
+
+/// What a rank publishes when it enters an operation: which operation on which element type,
+/// and its buffer. Peers read each other's buffers only after checking that every rank entered
+/// the same operation on the same type: a rank that gathers `u64` while another gathers `u16`
+/// would otherwise read four times the bytes its peer's buffer holds.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Slot {
+    op: &'static str,
+    elem: &'static str,
+    addr: usize,
+    len: usize,
+}
+
+impl Slot {
+    const NONE: Slot = Slot {
+        op: "",
+        elem: "",
+        addr: 0,
+        len: 0,
+    };
+
+    fn of<T>(op: &'static str, buf: &[T], len: usize) -> Slot {
+        Slot {
+            op,
+            elem: std::any::type_name::<T>(),
+            addr: buf.as_ptr() as usize,
+            len,
+        }
+    }
 }
 
 struct Shared {
@@ -60,7 +90,7 @@ impl ThreadGroup {
                 arrived: 0,
                 generation: 0,
                 broken: None,
-                slots: vec![(0, 0); world],
+                slots: vec![Slot::NONE; world],
             }),
             turn: Condvar::new(),
         });
@@ -129,7 +159,7 @@ impl ThreadCollective {
             .map_err(|_| PfcError::Collective("a rank panicked inside a collective".into()))
     }
 
-    fn wait_all(&self, publish: Option<(usize, usize)>) -> Result<()> {
+    fn wait_all(&self, publish: Option<Slot>) -> Result<()> {
         let mut st = self.lock()?;
         if let Some(msg) = &st.broken {
             return Err(PfcError::Collective(msg.clone()));
@@ -172,13 +202,31 @@ impl ThreadCollective {
         }
     }
 
-    /// The buffers every rank published at the last barrier.
-    fn peers<T>(&self) -> Result<Vec<(*const T, usize)>> {
-        Ok(self
-            .lock()?
+    /// Publishes `own` and waits for every rank; then the buffers every rank published, once
+    /// every rank is known to have entered the same operation on the same element type. A rank
+    /// that entered another one breaks the group: its calls no longer pair with the others'.
+    fn exchange<T>(&self, own: Slot) -> Result<Vec<(*const T, usize)>> {
+        self.wait_all(Some(own))?;
+        let mut st = self.lock()?;
+        if let Some((r, other)) = st
             .slots
             .iter()
-            .map(|&(p, n)| (p as *const T, n))
+            .enumerate()
+            .find(|(_, s)| s.op != own.op || s.elem != own.elem)
+        {
+            let msg = format!(
+                "rank {r} called {}::<{}> while rank {} called {}::<{}>: the ranks' calls no \
+                 longer pair up; the group is broken",
+                other.op, other.elem, self.rank, own.op, own.elem
+            );
+            st.broken = Some(msg.clone());
+            self.shared.turn.notify_all();
+            return Err(PfcError::Collective(msg));
+        }
+        Ok(st
+            .slots
+            .iter()
+            .map(|s| (s.addr as *const T, s.len))
             .collect())
     }
 
@@ -192,8 +240,7 @@ impl ThreadCollective {
                 count * world
             )));
         }
-        self.wait_all(Some((send.as_ptr() as usize, count)))?;
-        let peers = self.peers::<T>()?;
+        let peers = self.exchange::<T>(Slot::of("all_gather", send, count))?;
         for (r, &(ptr, n)) in peers.iter().enumerate() {
             if n != count {
                 self.wait_all(None)?;
@@ -218,6 +265,7 @@ impl ThreadCollective {
     /// until every rank has read.
     fn reduce_scatter_slices<T: Copy>(
         &self,
+        op: &'static str,
         send: &[T],
         count: usize,
         recv: &mut [T],
@@ -230,8 +278,7 @@ impl ThreadCollective {
                 count * world
             )));
         }
-        self.wait_all(Some((send.as_ptr() as usize, count * world)))?;
-        let peers = self.peers::<T>()?;
+        let peers = self.exchange::<T>(Slot::of(op, send, count * world))?;
         if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
             self.wait_all(None)?;
             return Err(PfcError::Collective(format!(
@@ -285,8 +332,11 @@ impl Collective<CpuBackend> for ThreadCollective {
                 buf.len()
             )));
         }
-        self.wait_all(Some((buf.as_ptr() as usize, count)))?;
-        let peers = self.peers::<f32>()?;
+        let name = match op {
+            ReduceOp::Sum => "all_reduce(sum)",
+            ReduceOp::Max => "all_reduce(max)",
+        };
+        let peers = self.exchange::<f32>(Slot::of(name, buf, count))?;
         if let Some(r) = peers.iter().position(|&(_, n)| n != count) {
             self.wait_all(None)?;
             return Err(PfcError::Collective(format!(
@@ -321,7 +371,7 @@ impl Collective<CpuBackend> for ThreadCollective {
         count: usize,
         recv: &mut Vec<f32>,
     ) -> Result<()> {
-        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+        self.reduce_scatter_slices("reduce_scatter_f32", send, count, recv, |blocks, out| {
             out.fill(0.0);
             for block in blocks {
                 for (o, v) in out.iter_mut().zip(*block) {
@@ -342,7 +392,11 @@ impl Collective<CpuBackend> for ThreadCollective {
         super::check_16_bit(dtype)?;
         // In f32, in rank order, starting from rank 0's value (so that one rank is a copy), then
         // rounded once: every rank computes the same bits for its block, whatever the threads.
-        self.reduce_scatter_slices(send, count, recv, |blocks, out| {
+        let op = match dtype {
+            Dtype::F16 => "reduce_scatter_16(f16)",
+            _ => "reduce_scatter_16(bf16)",
+        };
+        self.reduce_scatter_slices(op, send, count, recv, |blocks, out| {
             for (j, o) in out.iter_mut().enumerate() {
                 let mut sum = from_wire(blocks[0][j], dtype);
                 for block in &blocks[1..] {
@@ -354,6 +408,9 @@ impl Collective<CpuBackend> for ThreadCollective {
     }
 
     fn barrier(&self) -> Result<()> {
+        // The second wait keeps every rank here until all have checked the slots, as the
+        // other operations' second wait does: a rank that went on would overwrite its slot.
+        self.exchange::<u8>(Slot::of::<u8>("barrier", &[], 0))?;
         self.wait_all(None)
     }
 }
@@ -386,6 +443,54 @@ mod tests {
             assert_eq!(*part, want);
             assert_eq!(*mx, 3.0);
         }
+    }
+
+    #[test]
+    fn ranks_in_different_operations_or_types_break_the_group() {
+        // A u16 gather paired with a u64 gather of the same count: without the check, rank 1
+        // would read 4× the bytes rank 0's buffer holds.
+        let out = ThreadGroup::run(2, |c| {
+            let b = CpuBackend;
+            let first = if c.rank() == 0 {
+                c.all_gather(&b, &vec![1u16; 4], 4, &mut vec![0u16; 8])
+            } else {
+                c.all_gather(&b, &vec![1u64; 4], 4, &mut vec![0u64; 8])
+            };
+            (first, c.barrier())
+        });
+        for (first, then) in &out {
+            let msg = first.as_ref().unwrap_err().to_string();
+            assert!(msg.contains("u16") && msg.contains("u64"), "{msg}");
+            assert!(then.is_err(), "the group stays broken");
+        }
+        // A barrier paired with an all-reduce, and a sum with a max.
+        let out = ThreadGroup::run(2, |c| {
+            let b = CpuBackend;
+            let mut v = vec![1.0f32];
+            match c.rank() {
+                0 => c.barrier(),
+                _ => c.all_reduce_f32(&b, &mut v, 1, ReduceOp::Sum),
+            }
+        });
+        assert!(out.iter().all(|r| r.is_err()), "{out:?}");
+        let out = ThreadGroup::run(2, |c| {
+            let mut v = vec![1.0f32];
+            let op = [ReduceOp::Sum, ReduceOp::Max][c.rank()];
+            c.all_reduce_f32(&CpuBackend, &mut v, 1, op)
+        });
+        assert!(out.iter().all(|r| r.is_err()), "{out:?}");
+        // Matching calls still work, barriers included.
+        let out = ThreadGroup::run(3, |c| {
+            c.barrier()?;
+            let mut v = vec![c.rank() as f32];
+            c.all_reduce_f32(&CpuBackend, &mut v, 1, ReduceOp::Sum)?;
+            c.barrier()?;
+            Ok::<_, PfcError>(v[0])
+        });
+        assert!(
+            out.iter().all(|r| matches!(r, Ok(v) if *v == 3.0)),
+            "{out:?}"
+        );
     }
 
     #[test]

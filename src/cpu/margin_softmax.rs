@@ -272,7 +272,13 @@ fn target_loss_grad(
     grad_scale: f32,
 ) -> (f32, f32) {
     let prob = simd::exp(z - max) * inv_sum;
-    let loss = -prob.max(MIN_PROBABILITY).ln();
+    // A NaN probability (a NaN weight or embedding got in) stays NaN in the loss: `max` would
+    // turn it into -ln(1e-30) = 69.08, a finite loss that hides it.
+    let loss = if prob.is_nan() {
+        prob
+    } else {
+        -prob.max(MIN_PROBABILITY).ln()
+    };
     let slope = if !(-1.0..=1.0).contains(&raw) {
         0.0
     } else if p.exact_grad {
