@@ -2,6 +2,8 @@
 // with f32 accumulation over f32, f16 or bf16 operands and an f32, f16 or bf16 result (16-bit
 // results rounded to nearest even, as cuBLAS stores them). Pointers are host pointers, as the
 // emulated driver's "device" memory is host memory.
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -65,6 +67,13 @@ float dot(const float* a, const float* b, int k) {
     return s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// The emulated driver's memcheck of a device range (driver.cpp).
+void check_range(const void* p, size_t bytes, const char* who) {
+    using Check = void (*)(const void*, size_t, const char*);
+    static Check check = (Check)dlsym(RTLD_DEFAULT, "emu_check_device_range");
+    if (check && bytes) check(p, bytes, who);
+}
+
 cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, const void* a, int atype,
                     int lda, const void* b, int btype, int ldb, float beta, void* c, int ctype, int ldc) {
     // cuBLAS's own argument checks: leading dimensions at least the stored rows.
@@ -73,6 +82,18 @@ cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, co
     if (!at_least(lda, transa == OP_N ? m : k) || !at_least(ldb, transb == OP_N ? k : n))
         return INVALID_VALUE;
     if (m == 0 || n == 0) return OK;
+    // Each operand's extent in its allocation: a stored matrix of `rows` × `cols` (column-major)
+    // spans (cols - 1) · ld + rows elements.
+    auto span = [](int type, int rows, int cols, int ld) {
+        size_t elem = type == R_32F ? 4 : 2;
+        return rows && cols ? ((size_t)(cols - 1) * ld + rows) * elem : 0;
+    };
+    check_range(c, span(ctype, m, n, ldc), "cublasGemmEx's C");
+    if (k) {
+        bool ta = transa != OP_N, tb = transb != OP_N;
+        check_range(a, span(atype, ta ? k : m, ta ? m : k, lda), "cublasGemmEx's A");
+        check_range(b, span(btype, tb ? n : k, tb ? k : n, ldb), "cublasGemmEx's B");
+    }
     std::vector<float> pa = k ? pack(a, atype, transa, lda, m, k, false) : std::vector<float>();
     std::vector<float> pb = k ? pack(b, btype, transb, ldb, n, k, true) : std::vector<float>();
     // Columns of C in parallel: a GEMM of the step is the bulk of an emulated test's time.

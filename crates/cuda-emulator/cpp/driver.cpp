@@ -241,6 +241,25 @@ void wait_all_streams() {
 }
 }  // namespace
 
+// For the emulated cuBLAS and NCCL (found with dlsym): stops the process, as compute-sanitizer's
+// memcheck would, when [p, p + bytes) runs past either end of the live allocation `p` points
+// into (its guard pages and slack included). Pointers into no allocation pass: the emulator's
+// own tests hand the libraries host buffers.
+API void emu_check_device_range(const void* p, size_t bytes, const char* who) {
+    uintptr_t a = (uintptr_t)p;
+    Memory& m = memory();
+    std::lock_guard<std::mutex> g(m.lock);
+    for (auto& [base, al] : m.live) {
+        if (a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_len) continue;
+        if (a >= base && a - base <= al.bytes && bytes <= al.bytes - (a - base)) return;
+        std::fprintf(stderr,
+                     "partial-fc CUDA emulator: memcheck: %s reads or writes %zu bytes at 0x%llx, "
+                     "outside the allocation at 0x%llx of %zu bytes\n",
+                     who, bytes, (unsigned long long)a, (unsigned long long)base, al.bytes);
+        std::abort();
+    }
+}
+
 // For the emulated NCCL (found with dlsym): an operation begins or ends pending on a stream.
 API void emu_stream_begin_pending(CUstream s) {
     Stream& st = stream_of(s);

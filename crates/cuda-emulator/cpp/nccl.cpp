@@ -139,6 +139,15 @@ ncclResult_t execute(std::vector<Call>& calls) {
     bool reducing = c0.kind != ALL_GATHER;
     if (reducing && c0.dtype != FLOAT32 && c0.dtype != FLOAT16 && c0.dtype != BFLOAT16)
         return INVALID_ARGUMENT;  // what the crate sends; other types are not emulated
+    using Check = void (*)(const void*, size_t, const char*);
+    static Check check = (Check)dlsym(RTLD_DEFAULT, "emu_check_device_range");
+    size_t block = bytes * c0.count;
+    for (auto& c : calls) {
+        if (!check || !block) break;
+        const char* name = c0.kind == ALL_GATHER ? "ncclAllGather" : c0.kind == ALL_REDUCE ? "ncclAllReduce" : "ncclReduceScatter";
+        check(c.send, c0.kind == REDUCE_SCATTER ? block * k : block, name);
+        check(c.recv, c0.kind == ALL_GATHER ? block * k : block, name);
+    }
     std::vector<std::vector<char>> out(k);
     for (int r = 0; r < k; r++) {
         switch (c0.kind) {
