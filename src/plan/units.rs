@@ -105,7 +105,7 @@ fn scaled_decimal(
     let scale = 10u128.pow(frac_part.len() as u32);
     let m = u128::from(multiplier);
     let frac_scaled = frac * m;
-    if frac_scaled % scale != 0 {
+    if !frac_scaled.is_multiple_of(scale) {
         return Err(bad(&format!("not a whole number of {what}")));
     }
     let value = int
@@ -154,10 +154,10 @@ pub fn format_bytes(bytes: u64) -> String {
 pub fn format_count(count: u64) -> String {
     for (suffix, unit) in [("B", 1_000_000_000u64), ("M", 1_000_000), ("K", 1_000)] {
         if count >= unit {
-            if count % unit == 0 {
+            if count.is_multiple_of(unit) {
                 return format!("{}{suffix}", count / unit);
             }
-            if count < u64::MAX / 10 && (count * 10) % unit == 0 {
+            if count < u64::MAX / 10 && (count * 10).is_multiple_of(unit) {
                 return format!("{}.{}{suffix}", count / unit, (count % unit) * 10 / unit);
             }
         }
