@@ -409,7 +409,7 @@ impl LayerConfig {
             rows.and_then(|m| m.checked_mul(shard)),
         ];
         let limit = isize::MAX as u64 / 8;
-        if largest.iter().any(|n| n.map_or(true, |n| n > limit)) {
+        if largest.iter().any(|n| n.is_none_or(|n| n > limit)) {
             return Err(PfcError::param(
                 "dim",
                 self.dim,
