@@ -177,8 +177,7 @@ impl Backend for CpuBackend {
             chunk_weights,
             chunk_cosines,
             scores,
-        );
-        Ok(())
+        )
     }
 
     fn pack_embeddings(
@@ -294,8 +293,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_nt(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_nt(m, n, k, a, b, c)
     }
 
     fn gemm_nn(
@@ -307,8 +305,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_nn(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_nn(m, n, k, a, b, c)
     }
 
     fn gemm_tn(
@@ -320,8 +317,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_tn(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_tn(m, n, k, a, b, c)
     }
 
     fn margin_rowmax(

@@ -102,14 +102,14 @@ impl Mlp {
         }
         let (h, o) = (self.hidden, self.output);
         let mut hidden = vec![0.0f32; rows * h];
-        gemm_nn(rows, h, self.input, x, &self.w1, &mut hidden);
+        gemm_nn(rows, h, self.input, x, &self.w1, &mut hidden)?;
         hidden.par_chunks_mut(h).for_each(|row| {
             for (v, b) in row.iter_mut().zip(&self.b1) {
                 *v = (*v + b).max(0.0);
             }
         });
         let mut output = vec![0.0f32; rows * o];
-        gemm_nn(rows, o, h, &hidden, &self.w2, &mut output);
+        gemm_nn(rows, o, h, &hidden, &self.w2, &mut output)?;
         output.par_chunks_mut(o).for_each(|row| {
             row.iter_mut().zip(&self.b2).for_each(|(v, b)| *v += b);
         });
@@ -142,10 +142,10 @@ impl Mlp {
         }
         // Layer 2: dW2 = Hᵀ·dY, db2 = Σ dY, dH = dY·W2ᵀ masked by ReLU.
         let mut grad_w2 = vec![0.0f32; h * o];
-        gemm_tn(h, o, n, &fwd.hidden, grad_output, &mut grad_w2);
+        gemm_tn(h, o, n, &fwd.hidden, grad_output, &mut grad_w2)?;
         let grad_b2 = column_sums(grad_output, o);
         let mut grad_hidden = vec![0.0f32; n * h];
-        gemm_nt(n, h, o, grad_output, &self.w2, &mut grad_hidden);
+        gemm_nt(n, h, o, grad_output, &self.w2, &mut grad_hidden)?;
         grad_hidden
             .par_iter_mut()
             .zip(fwd.hidden.par_iter())
@@ -156,7 +156,7 @@ impl Mlp {
             });
         // Layer 1: dW1 = Xᵀ·dH, db1 = Σ dH.
         let mut grad_w1 = vec![0.0f32; d * h];
-        gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1);
+        gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1)?;
         let grad_b1 = column_sums(&grad_hidden, h);
 
         let sgd = |w: &mut [f32], g: &[f32]| {

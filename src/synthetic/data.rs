@@ -137,9 +137,9 @@ pub struct SampleId {
 /// use partial_fc::synthetic::data::{GeneratorConfig, SampleId, SyntheticIdentities};
 /// let gen = SyntheticIdentities::new(GeneratorConfig::default(), 7).unwrap();
 /// let ids = [SampleId { identity: 3, view: 0 }, SampleId { identity: 3, view: 1 }];
-/// let x = gen.generate(&ids);
+/// let x = gen.generate(&ids).unwrap();
 /// assert_eq!(x.len(), 2 * gen.config().input_dim);
-/// assert_eq!(x, gen.generate(&ids)); // deterministic
+/// assert_eq!(x, gen.generate(&ids).unwrap()); // deterministic
 /// ```
 #[derive(Debug, Clone)]
 pub struct SyntheticIdentities {
@@ -184,12 +184,24 @@ impl SyntheticIdentities {
     }
 
     /// The samples `ids`, `ids.len() × D` row-major.
-    pub fn generate(&self, ids: &[SampleId]) -> Vec<f32> {
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when `ids.len() × D` values overflow `usize`.
+    pub fn generate(&self, ids: &[SampleId]) -> Result<Vec<f32>> {
         let c = &self.config;
         let (l, q, d) = (c.identity_dim, c.nuisance_dim, c.input_dim);
         let k = l + q;
+        let values = |width: usize| {
+            ids.len().checked_mul(width).ok_or_else(|| {
+                PfcError::Shape(format!(
+                    "{} samples of {width} values overflow usize",
+                    ids.len()
+                ))
+            })
+        };
         // Latent of each sample: [z_c + σ_w·u, n].
-        let mut latent = vec![0.0f32; ids.len() * k];
+        let mut latent = vec![0.0f32; values(k)?];
         latent
             .par_chunks_mut(k)
             .zip(ids.par_iter())
@@ -203,8 +215,8 @@ impl SyntheticIdentities {
                 }
                 nuis.copy_from_slice(&view[l..]);
             });
-        let mut x = vec![0.0f32; ids.len() * d];
-        gemm_nn(ids.len(), d, k, &latent, &self.mixing, &mut x);
+        let mut x = vec![0.0f32; values(d)?];
+        gemm_nn(ids.len(), d, k, &latent, &self.mixing, &mut x)?;
         x.par_chunks_mut(d)
             .zip(ids.par_iter())
             .for_each(|(row, id)| {
@@ -214,7 +226,7 @@ impl SyntheticIdentities {
                     *v = (c.warp_gain * *v).tanh() + c.pixel_noise * e;
                 }
             });
-        x
+        Ok(x)
     }
 }
 
@@ -247,16 +259,16 @@ mod tests {
     fn same_seed_same_samples_any_order() {
         let gen = SyntheticIdentities::new(GeneratorConfig::default(), 11).unwrap();
         let ids = all_views(5, 3, 4);
-        let x = gen.generate(&ids);
+        let x = gen.generate(&ids).unwrap();
         let mut reversed: Vec<SampleId> = ids.clone();
         reversed.reverse();
-        let y = gen.generate(&reversed);
+        let y = gen.generate(&reversed).unwrap();
         let d = gen.config().input_dim;
         for (i, row) in x.chunks(d).enumerate() {
             assert_eq!(row, &y[(ids.len() - 1 - i) * d..(ids.len() - i) * d]);
         }
         let again = SyntheticIdentities::new(GeneratorConfig::default(), 11).unwrap();
-        assert_eq!(x, again.generate(&ids));
+        assert_eq!(x, again.generate(&ids).unwrap());
     }
 
     #[test]
@@ -264,8 +276,8 @@ mod tests {
         let a = SyntheticIdentities::new(GeneratorConfig::default(), 1).unwrap();
         let b = SyntheticIdentities::new(GeneratorConfig::default(), 2).unwrap();
         let ids = all_views(0, 1, 2);
-        let xa = a.generate(&ids);
-        assert_ne!(xa, b.generate(&ids));
+        let xa = a.generate(&ids).unwrap();
+        assert_ne!(xa, b.generate(&ids).unwrap());
         let d = a.config().input_dim;
         assert_ne!(xa[..d], xa[d..]);
         assert!(xa.iter().all(|v| v.is_finite()));

@@ -72,7 +72,7 @@ pub fn evaluate(embeddings: &[f32], labels: &[u64], dim: usize) -> Result<EvalMe
         row.iter_mut().for_each(|v| *v /= norm);
     });
     let mut sim = vec![0.0f32; n * n];
-    gemm_nt(n, n, dim, &unit, &unit, &mut sim);
+    gemm_nt(n, n, dim, &unit, &unit, &mut sim)?;
 
     // Gallery: first row of each identity run.
     let gallery: Vec<usize> = (0..n)
