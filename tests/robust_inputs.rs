@@ -4,7 +4,8 @@
 
 use partial_fc::backend::{Backend, SampleArgs, StateBuf};
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
-use partial_fc::plan::Dtype;
+use partial_fc::plan::sweep::sweep;
+use partial_fc::plan::{Dtype, PlanConfig};
 use partial_fc::{CpuBackend, Margin, PfcError, StateDtype};
 
 fn is_shape<T: std::fmt::Debug>(r: Result<T, PfcError>) -> bool {
@@ -338,4 +339,23 @@ fn hard_negative_scores_with_zero_dim_or_short_scratch() {
     assert_eq!(scores, vec![7.0; shard]);
     call(dim, 4, 4, &mut scores).unwrap();
     assert!(scores.iter().all(|&s| (s - 2f32.sqrt() / 2.0).abs() < 1e-5));
+}
+
+// ---- 3. the planner ------------------------------------------------------------------------
+
+#[test]
+fn sweep_of_zero_gpus_and_totals_of_huge_reserves() {
+    let ok = PlanConfig::new(1_000_000, 8, 32 << 30);
+    // gpus = 0 divided by zero in the sweep's validity check.
+    match sweep(&PlanConfig { gpus: 0, ..ok }, 100, 10_000, 4) {
+        Err(PfcError::Param { name, .. }) => assert_eq!(name, "gpus"),
+        other => panic!("{other:?}"),
+    }
+    // fc + u64::MAX overflowed.
+    let huge = PlanConfig {
+        reserved: u64::MAX,
+        ..ok
+    };
+    assert_eq!(huge.rank0_total(), None);
+    assert!(ok.rank0_total().is_some());
 }

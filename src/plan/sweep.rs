@@ -64,6 +64,9 @@ pub struct SweepPoint {
 /// `points` class counts spaced evenly on a log scale from `from` to `to` (both included,
 /// duplicates removed), and the memory of each regime at each.
 ///
+/// Every input of `base` but its class count is validated first ([`PlanConfig::validate`]):
+/// `gpus = 0`, for one, is a [`PfcError::Param`] naming it.
+///
 /// ```
 /// use partial_fc::plan::{PlanConfig, sweep::sweep};
 /// let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);
@@ -74,6 +77,13 @@ pub struct SweepPoint {
 /// assert!(b[0] > b[1] && b[1] > b[2]);
 /// ```
 pub fn sweep(base: &PlanConfig, from: u64, to: u64, points: usize) -> Result<Vec<SweepPoint>> {
+    // The sweep sets the class count itself; one class per GPU passes the class checks, so the
+    // error (if any) names another input.
+    PlanConfig {
+        classes: base.gpus,
+        ..*base
+    }
+    .validate()?;
     if from == 0 || from >= to {
         return Err(PfcError::param(
             "sweep",
@@ -208,6 +218,38 @@ mod tests {
         assert_eq!(pts[0].bytes, [None, None, None]);
         assert!(sweep(&cfg, 10, 10, 5).is_err());
         assert!(sweep(&cfg, 0, 10, 5).is_err());
+    }
+
+    #[test]
+    fn invalid_base_configs_are_refused_before_the_sweep() {
+        // gpus = 0 used to divide by zero in the per-point validity check.
+        let ok = PlanConfig::new(1000, 8, 32 << 30);
+        for (cfg, name) in [
+            (PlanConfig { gpus: 0, ..ok }, "gpus"),
+            (PlanConfig { dim: 0, ..ok }, "dim"),
+            (
+                PlanConfig {
+                    reserved: u64::MAX,
+                    ..ok
+                },
+                "reserved",
+            ),
+            (
+                PlanConfig {
+                    sample_rate: f64::NAN,
+                    ..ok
+                },
+                "sample_rate",
+            ),
+        ] {
+            match sweep(&cfg, 10, 1000, 5) {
+                Err(PfcError::Param { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{cfg:?} gave {other:?}"),
+            }
+        }
+        // The base's own class count does not matter: the sweep replaces it.
+        let few = PlanConfig { classes: 1, ..ok };
+        assert_eq!(sweep(&few, 10, 1000, 5).unwrap().len(), 5);
     }
 
     #[test]
