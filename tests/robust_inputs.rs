@@ -2,7 +2,8 @@
 //! error (matched by variant) instead of panicking, overflowing, or reading out of bounds, and
 //! writes nothing.
 
-use partial_fc::backend::{Backend, SampleArgs, StateBuf};
+use partial_fc::backend::{Backend, Collective, SampleArgs, StateBuf};
+use partial_fc::collective::{HostStaged, ThreadGroup};
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
 use partial_fc::plan::sweep::sweep;
 use partial_fc::plan::{Dtype, PlanConfig};
@@ -358,4 +359,31 @@ fn sweep_of_zero_gpus_and_totals_of_huge_reserves() {
     };
     assert_eq!(huge.rank0_total(), None);
     assert!(ok.rank0_total().is_some());
+}
+
+// ---- 4. host-staged collectives ------------------------------------------------------------
+
+#[test]
+fn host_staged_counts_whose_group_length_overflows() {
+    let count = usize::MAX / 2 + 1; // × 2 ranks overflows usize
+    let results = ThreadGroup::run(2, |c| {
+        let staged = HostStaged::new(c);
+        let cpu = CpuBackend;
+        let f32s = staged.reduce_scatter_f32(&cpu, &vec![0.0f32; 4], count, &mut vec![0.0; 4]);
+        let halves =
+            staged.reduce_scatter_16(&cpu, &vec![0u16; 4], count, &mut vec![0; 4], Dtype::Bf16);
+        let gathered = staged.all_gather(&cpu, &vec![0u16; 4], count, &mut vec![0; 8]);
+        // The group still works afterwards: nobody entered the refused operations.
+        let mut v = vec![1.0f32, 2.0];
+        staged
+            .reduce_scatter_f32(&cpu, &vec![1.0f32, 2.0], 1, &mut v)
+            .unwrap();
+        (f32s, halves, gathered, v[0])
+    });
+    for (rank, (f32s, halves, gathered, sum)) in results.into_iter().enumerate() {
+        for r in [f32s, halves, gathered] {
+            assert!(matches!(r, Err(PfcError::Collective(_))), "{r:?}");
+        }
+        assert_eq!(sum, 2.0 * (rank as f32 + 1.0));
+    }
 }
