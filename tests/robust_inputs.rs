@@ -387,3 +387,16 @@ fn host_staged_counts_whose_group_length_overflows() {
         assert_eq!(sum, 2.0 * (rank as f32 + 1.0));
     }
 }
+
+// ---- 5. the synthetic demo -----------------------------------------------------------------
+
+#[test]
+fn synthetic_sizes_that_overflow() {
+    use partial_fc::synthetic::backbone::Mlp;
+    use partial_fc::synthetic::data::all_views;
+    let r = Mlp::new(1 << 40, 1 << 40, 1, 0);
+    assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
+    let r = all_views(u64::MAX, 2, 1);
+    assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
+    assert_eq!(all_views(u64::MAX - 1, 1, 3).unwrap().len(), 3);
+}

@@ -231,10 +231,42 @@ impl SyntheticIdentities {
 }
 
 /// Every view of identities `first..first + count`, `views` each, identity-major.
-pub fn all_views(first: u64, count: u64, views: u32) -> Vec<SampleId> {
-    (first..first + count)
-        .flat_map(|identity| (0..views).map(move |view| SampleId { identity, view }))
-        .collect()
+///
+/// # Errors
+///
+/// [`PfcError::Param`] when the identities run past `u64::MAX` or `count × views` samples do
+/// not fit in memory's address space.
+pub fn all_views(first: u64, count: u64, views: u32) -> Result<Vec<SampleId>> {
+    let end = first.checked_add(count).ok_or_else(|| {
+        PfcError::param(
+            "identities",
+            format!("{first} + {count}"),
+            "identity ids run past u64::MAX",
+        )
+    })?;
+    let samples = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(views as usize))
+        .filter(|&n| n <= isize::MAX as usize / std::mem::size_of::<SampleId>())
+        .ok_or_else(|| {
+            PfcError::param(
+                "identities",
+                format!("{count} × {views} views"),
+                "too many samples to list",
+            )
+        })?;
+    let mut ids = Vec::new();
+    ids.try_reserve_exact(samples).map_err(|_| {
+        PfcError::param(
+            "identities",
+            format!("{count} × {views} views"),
+            format!("cannot allocate {samples} sample ids"),
+        )
+    })?;
+    ids.extend(
+        (first..end).flat_map(|identity| (0..views).map(move |view| SampleId { identity, view })),
+    );
+    Ok(ids)
 }
 
 /// A deterministic permutation of `0..n` for `(seed, epoch)` (Fisher–Yates on Philox bits).
@@ -258,7 +290,7 @@ mod tests {
     #[test]
     fn same_seed_same_samples_any_order() {
         let gen = SyntheticIdentities::new(GeneratorConfig::default(), 11).unwrap();
-        let ids = all_views(5, 3, 4);
+        let ids = all_views(5, 3, 4).unwrap();
         let x = gen.generate(&ids).unwrap();
         let mut reversed: Vec<SampleId> = ids.clone();
         reversed.reverse();
@@ -275,7 +307,7 @@ mod tests {
     fn seeds_and_views_differ() {
         let a = SyntheticIdentities::new(GeneratorConfig::default(), 1).unwrap();
         let b = SyntheticIdentities::new(GeneratorConfig::default(), 2).unwrap();
-        let ids = all_views(0, 1, 2);
+        let ids = all_views(0, 1, 2).unwrap();
         let xa = a.generate(&ids).unwrap();
         assert_ne!(xa, b.generate(&ids).unwrap());
         let d = a.config().input_dim;
@@ -303,6 +335,23 @@ mod tests {
         assert_eq!(s, (0..1000).collect::<Vec<u32>>());
         assert_eq!(p, permutation(1000, 4, 2));
         assert_ne!(p, permutation(1000, 4, 3));
+    }
+
+    #[test]
+    fn all_views_past_u64_max_is_an_error() {
+        // `first + count` used to overflow (a panic in debug, a wrapped empty range in release).
+        for (first, count, views) in [(u64::MAX, 2, 1), (u64::MAX - 1, u64::MAX, 3)] {
+            let r = all_views(first, count, views);
+            assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
+        }
+        // More samples than an address space holds: an error, not a capacity-overflow panic.
+        assert!(matches!(
+            all_views(0, u64::MAX / 2, u32::MAX),
+            Err(PfcError::Param { .. })
+        ));
+        let ids = all_views(u64::MAX - 2, 2, 2).unwrap();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids[3].identity, u64::MAX - 1);
     }
 
     #[test]

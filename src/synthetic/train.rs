@@ -346,7 +346,7 @@ fn train_layers<B: Backend, C: Collective<B>>(
         cfg.identities,
         cfg.eval_identities,
         cfg.eval_samples_per_identity,
-    );
+    )?;
     let eval_x = gen.generate(&eval_ids)?;
     let eval_labels: Vec<u64> = eval_ids.iter().map(|s| s.identity).collect();
     let raw_input = evaluate(&eval_x, &eval_labels, cfg.generator.input_dim)?;
