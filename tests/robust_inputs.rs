@@ -1,13 +1,15 @@
 //! Public functions fed lengths, shapes, indices and sizes that do not fit: each returns a typed
 //! error (matched by variant) instead of panicking, overflowing, or reading out of bounds, and
-//! writes nothing.
+//! writes nothing. Files are replaced atomically: a failed write leaves neither a truncated file
+//! nor a temporary one behind.
 
 use partial_fc::backend::{Backend, Collective, SampleArgs, StateBuf};
 use partial_fc::collective::{HostStaged, ThreadGroup};
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
-use partial_fc::plan::sweep::sweep;
+use partial_fc::plan::sweep::{plot_svg, sweep};
 use partial_fc::plan::{Dtype, PlanConfig};
 use partial_fc::{CpuBackend, Margin, PfcError, StateDtype};
+use std::path::Path;
 
 fn is_shape<T: std::fmt::Debug>(r: Result<T, PfcError>) -> bool {
     matches!(r, Err(PfcError::Shape(_)))
@@ -399,4 +401,89 @@ fn synthetic_sizes_that_overflow() {
     let r = all_views(u64::MAX, 2, 1);
     assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
     assert_eq!(all_views(u64::MAX - 1, 1, 3).unwrap().len(), 3);
+}
+
+// ---- 7. atomic file writes -----------------------------------------------------------------
+
+/// Names in `dir` other than those in `keep`.
+fn leftovers(dir: &Path, keep: &[&str]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect()
+}
+
+/// A non-empty folder at `path`: renaming a file over it fails, as a full disk would fail a write.
+fn occupied(path: &Path) {
+    std::fs::create_dir(path).unwrap();
+    std::fs::write(path.join("inside"), "x").unwrap();
+}
+
+fn sweep_points() -> (PlanConfig, Vec<partial_fc::plan::sweep::SweepPoint>) {
+    let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);
+    let points = sweep(&cfg, 100_000, 10_000_000, 6).unwrap();
+    (cfg, points)
+}
+
+#[test]
+fn memory_plot_replaces_the_file_instead_of_writing_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory.svg");
+    std::fs::write(&path, "old plot").unwrap();
+    // A second name for the old file: written in place (truncated, then rewritten), it would
+    // read the new plot, or half of it after a failed write.
+    std::fs::hard_link(&path, dir.path().join("old.svg")).unwrap();
+    let (cfg, points) = sweep_points();
+    plot_svg(&path, &cfg, &points).unwrap();
+    assert!(std::fs::read_to_string(&path).unwrap().starts_with("<svg"));
+    let old = std::fs::read_to_string(dir.path().join("old.svg")).unwrap();
+    assert_eq!(old, "old plot");
+    assert!(leftovers(dir.path(), &["memory.svg", "old.svg"]).is_empty());
+
+    let taken = dir.path().join("taken.svg");
+    occupied(&taken);
+    let r = plot_svg(&taken, &cfg, &points);
+    assert!(matches!(r, Err(PfcError::Io { .. })), "{r:?}");
+    let left = leftovers(dir.path(), &["memory.svg", "old.svg", "taken.svg"]);
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}
+
+#[test]
+fn loss_plot_replaces_the_file_instead_of_writing_into_it() {
+    use partial_fc::synthetic::plot::plot_losses;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loss.svg");
+    std::fs::write(&path, "old plot").unwrap();
+    std::fs::hard_link(&path, dir.path().join("old.svg")).unwrap();
+    let curves = vec![("r = 0.1".to_string(), vec![5.0, 4.0, 3.0])];
+    plot_losses(&path, "loss", &curves, 1).unwrap();
+    assert!(std::fs::read_to_string(&path).unwrap().contains("r = 0.1"));
+    let old = std::fs::read_to_string(dir.path().join("old.svg")).unwrap();
+    assert_eq!(old, "old plot");
+
+    let taken = dir.path().join("taken.svg");
+    occupied(&taken);
+    let r = plot_losses(&taken, "loss", &curves, 1);
+    assert!(matches!(r, Err(PfcError::Io { .. })), "{r:?}");
+    let left = leftovers(dir.path(), &["loss.svg", "old.svg", "taken.svg"]);
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}
+
+#[test]
+fn failed_id_file_write_leaves_no_temporary_file() {
+    use partial_fc::rendezvous::{write_id_file, UniqueId};
+    let dir = tempfile::tempdir().unwrap();
+    let id = UniqueId::from_hex(&"ab".repeat(128)).unwrap();
+    let path = dir.path().join("nccl.id");
+    occupied(&path);
+    let r = write_id_file(&path, &id);
+    assert!(matches!(r, Err(PfcError::Io { .. })), "{r:?}");
+    let left = leftovers(dir.path(), &["nccl.id"]);
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+    // And a successful write leaves only the file.
+    let good = dir.path().join("good.id");
+    write_id_file(&good, &id).unwrap();
+    assert_eq!(std::fs::read_to_string(&good).unwrap(), "ab".repeat(128));
+    assert!(leftovers(dir.path(), &["nccl.id", "good.id"]).is_empty());
 }

@@ -148,59 +148,64 @@ pub fn plot_svg(path: &Path, base: &PlanConfig, points: &[SweepPoint]) -> Result
         .flat_map(|p| p.bytes.iter().flatten().map(|&b| gib(b)))
         .fold(0.0, f64::max);
     let y_max = highest.clamp(capacity * 1.25, capacity * 4.0);
-    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
-    let title = format!(
-        "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
-        base.gpus, base.batch_per_gpu, base.dim
-    );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
-        .map_err(|e| io(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("classes")
-        .y_desc("GiB per GPU")
-        .x_label_formatter(&|x| super::units::format_count(x.round() as u64))
-        .draw()
-        .map_err(|e| io(e.to_string()))?;
-    let colors = [RED, BLUE, GREEN];
-    for (i, regime) in Regime::ALL.into_iter().enumerate() {
-        let line: Vec<(f64, f64)> = points
-            .iter()
-            .filter_map(|p| p.bytes[i].map(|b| (p.classes as f64, gib(b))))
-            .take_while(|&(_, y)| y <= y_max)
-            .collect();
-        let color = colors[i];
+    // Drawn into memory, then written atomically: a failure midway (or plotters writing what it
+    // has when its backend drops) never truncates an existing file at `path`.
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (960, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
+        let title = format!(
+            "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
+            base.gpus, base.batch_per_gpu, base.dim
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
+            .map_err(|e| io(e.to_string()))?;
         chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))
+            .configure_mesh()
+            .x_desc("classes")
+            .y_desc("GiB per GPU")
+            .x_label_formatter(&|x| super::units::format_count(x.round() as u64))
+            .draw()
+            .map_err(|e| io(e.to_string()))?;
+        let colors = [RED, BLUE, GREEN];
+        for (i, regime) in Regime::ALL.into_iter().enumerate() {
+            let line: Vec<(f64, f64)> = points
+                .iter()
+                .filter_map(|p| p.bytes[i].map(|b| (p.classes as f64, gib(b))))
+                .take_while(|&(_, y)| y <= y_max)
+                .collect();
+            let color = colors[i];
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
+                .map_err(|e| io(e.to_string()))?
+                .label(regime.label(base.sample_rate))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .draw_series(LineSeries::new(
+                vec![(first as f64, capacity), (last as f64, capacity)],
+                BLACK.stroke_width(1),
+            ))
             .map_err(|e| io(e.to_string()))?
-            .label(regime.label(base.sample_rate))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .label(format!("device capacity ({capacity:.1} GiB)"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| io(e.to_string()))?;
+        root.present().map_err(|e| io(e.to_string()))?;
     }
-    chart
-        .draw_series(LineSeries::new(
-            vec![(first as f64, capacity), (last as f64, capacity)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(|e| io(e.to_string()))?
-        .label(format!("device capacity ({capacity:.1} GiB)"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| io(e.to_string()))?;
-    root.present().map_err(|e| io(e.to_string()))?;
-    Ok(())
+    crate::atomic_file::write_bytes_atomic(path, svg.as_bytes())
 }
 
 #[cfg(test)]
