@@ -52,9 +52,9 @@ fn bench_step(c: &mut Criterion) {
     let mut gw = vec![0.0f32; s * DIM];
     group.bench_function("baseline_three_gemms", |b| {
         b.iter(|| {
-            gemm_nt(BATCH, s, DIM, &a, &w, &mut logits);
-            gemm_nn(BATCH, DIM, s, &logits, &w, &mut gx);
-            gemm_tn(s, DIM, BATCH, &logits, &a, &mut gw);
+            gemm_nt(BATCH, s, DIM, &a, &w, &mut logits).unwrap();
+            gemm_nn(BATCH, DIM, s, &logits, &w, &mut gx).unwrap();
+            gemm_tn(s, DIM, BATCH, &logits, &a, &mut gw).unwrap();
             black_box(gw[0])
         })
     });

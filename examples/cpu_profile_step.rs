@@ -40,7 +40,7 @@ fn main() {
             normalize::gather_normalize_rows(&w, d, &sampled[..n], &mut wh, &mut wn)
         });
         let mut logits = vec![0f32; m * s];
-        t("gemm_nt", || gemm::gemm_nt(m, s, d, &xh, &wh, &mut logits));
+        t("gemm_nt", || gemm::gemm_nt(m, s, d, &xh, &wh, &mut logits)).unwrap();
         let p = partial_fc::Margin::arcface().params();
         let (mut mx, mut sm, mut tc, mut ls) =
             (vec![0f32; m], vec![0f32; m], vec![0f32; m], vec![0f32; m]);
@@ -69,8 +69,8 @@ fn main() {
         });
         let mut gx = vec![0f32; m * d];
         let mut gw = vec![0f32; s * d];
-        t("gemm_nn", || gemm::gemm_nn(m, d, s, &logits, &wh, &mut gx));
-        t("gemm_tn", || gemm::gemm_tn(s, d, m, &logits, &xh, &mut gw));
+        t("gemm_nn", || gemm::gemm_nn(m, d, s, &logits, &wh, &mut gx)).unwrap();
+        t("gemm_tn", || gemm::gemm_tn(s, d, m, &logits, &xh, &mut gw)).unwrap();
         t("normalize_backward x", || {
             normalize::normalize_backward(&mut gx, &xh, &xn, m, d)
         });

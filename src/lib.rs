@@ -10,6 +10,7 @@
 //! - [`cpu`]: the CPU backend, whose small kernels are the reference for the CUDA ones.
 #![warn(missing_docs)]
 
+mod atomic_file;
 pub mod backend;
 pub mod checkpoint;
 pub mod collective;

@@ -211,13 +211,8 @@ impl Rendezvous {
 
 /// Writes the id to `path` atomically (temporary file, then rename).
 pub fn write_id_file(path: &Path, id: &UniqueId) -> Result<()> {
-    let tmp = crate::tensor_file::temp_path_beside(path);
-    let io = |source| PfcError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    crate::tensor_file::write_synced(&tmp, id.to_hex().as_bytes()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // A temporary file and a rename, removed again if either fails.
+    crate::atomic_file::write_bytes_atomic(path, id.to_hex().as_bytes())
 }
 
 /// Waits up to `timeout` for `path` to hold an id.

@@ -150,19 +150,7 @@ pub fn write_atomic(
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| format_err(path, e.to_string()))?;
-    let tmp = temp_path_beside(path);
-    let io = |source| PfcError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    write_synced(&tmp, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    crate::atomic_file::write_bytes_atomic(path, &bytes)
 }
 
 /// A temporary path beside `path`, unique per process and call: ranks of one process writing

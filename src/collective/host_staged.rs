@@ -8,8 +8,19 @@
 
 use crate::backend::{Backend, Collective, Elem, ReduceOp};
 use crate::cpu::CpuBackend;
-use crate::error::Result;
+use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
+
+/// `count × world_size` elements of a gathered or scattered buffer, or a typed error when the
+/// product overflows `usize` (no buffer that long exists, and the wrapped length must not be
+/// used to size one).
+fn group_len(count: usize, world_size: usize, what: &str) -> Result<usize> {
+    count.checked_mul(world_size).ok_or_else(|| {
+        PfcError::Collective(format!(
+            "{what}: {count} elements × {world_size} ranks overflow usize"
+        ))
+    })
+}
 
 /// Wraps a host collective for any backend.
 ///
@@ -52,8 +63,9 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<T>,
     ) -> Result<()> {
+        let len = group_len(count, self.inner.world_size(), "all_gather")?;
         let host = b.download(send, count)?;
-        let mut out = vec![T::default(); count * self.inner.world_size()];
+        let mut out = vec![T::default(); len];
         self.inner.all_gather(&CpuBackend, &host, count, &mut out)?;
         b.upload(&out, recv)
     }
@@ -78,7 +90,8 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
-        let host = b.download(send, count * self.inner.world_size())?;
+        let len = group_len(count, self.inner.world_size(), "reduce_scatter_f32")?;
+        let host = b.download(send, len)?;
         let mut out = vec![0.0; count];
         self.inner
             .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
@@ -94,7 +107,8 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         dtype: Dtype,
     ) -> Result<()> {
         super::check_16_bit(dtype)?;
-        let host = b.download(send, count * self.inner.world_size())?;
+        let len = group_len(count, self.inner.world_size(), "reduce_scatter_16")?;
+        let host = b.download(send, len)?;
         let mut out = vec![0u16; count];
         self.inner
             .reduce_scatter_16(&CpuBackend, &host, count, &mut out, dtype)?;

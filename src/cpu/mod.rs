@@ -14,18 +14,88 @@ pub mod wire;
 
 use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
 use crate::config::MarginParams;
-use crate::error::Result;
+use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 
-/// The buffer-length check of the buffer-moving methods, as the CUDA backend makes it: a typed
-/// error, not a slice panic, when a caller asks for more elements than a buffer holds. (The
-/// kernels proper trust the lengths the generic step allocated for them.)
+/// The buffer-length check of every method, as the CUDA backend makes it: a typed error, not a
+/// slice panic, when a caller asks for more elements than a buffer holds. The kernels in the
+/// submodules trust the lengths and indices they are given; every `CpuBackend` method checks
+/// them first (O(1) per buffer, O(n) over index and label arrays, never over big buffers).
 fn need<T>(buf: &[T], len: usize, what: &str) -> Result<()> {
     if buf.len() < len {
-        return Err(crate::error::PfcError::Shape(format!(
+        return Err(PfcError::Shape(format!(
             "{what}: buffer of {} elements, {len} needed",
             buf.len()
         )));
+    }
+    Ok(())
+}
+
+/// `a × b` elements, or a typed error when the product overflows `usize`.
+fn elems(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| PfcError::Shape(format!("{what}: {a} × {b} elements overflow usize")))
+}
+
+/// `rows × (dim + extra)` elements (a packed wire row carries `extra` label words), checked.
+fn packed_elems(rows: usize, dim: usize, extra: usize, what: &str) -> Result<usize> {
+    let row = dim.checked_add(extra).ok_or_else(|| {
+        PfcError::Shape(format!(
+            "{what}: a row of {dim} + {extra} elements overflows usize"
+        ))
+    })?;
+    elems(rows, row, what)
+}
+
+/// The kernels that split buffers into rows of `dim` need `dim >= 1`.
+fn need_dim(dim: usize, what: &str) -> Result<()> {
+    if dim == 0 {
+        return Err(PfcError::Shape(format!("{what}: dim must be >= 1")));
+    }
+    Ok(())
+}
+
+/// Every entry of a row index lies in `[0, bound)`.
+fn check_index(index: &[i32], bound: usize, what: &str) -> Result<()> {
+    match index
+        .iter()
+        .position(|&r| usize::try_from(r).map_or(true, |r| r >= bound))
+    {
+        Some(i) => Err(PfcError::Shape(format!(
+            "{what}: index[{i}] = {} is outside [0, {bound})",
+            index[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Every label lies below `cols` (a column of its row, or a class of the shard) or is negative
+/// (the target lives on another rank).
+fn check_labels(labels: &[i32], cols: usize, what: &str) -> Result<()> {
+    match labels
+        .iter()
+        .position(|&l| usize::try_from(l).is_ok_and(|l| l >= cols))
+    {
+        Some(i) => Err(PfcError::Shape(format!(
+            "{what}: label {} of row {i} is not below {cols} (nor negative: elsewhere)",
+            labels[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The checks of every f32 softmax pass: `rows × cols` logits and `rows` labels, each a column.
+fn check_softmax(
+    logits: &[f32],
+    rows: usize,
+    cols: usize,
+    labels: Option<&[i32]>,
+    what: &str,
+) -> Result<()> {
+    need(logits, elems(rows, cols, what)?, what)?;
+    if let Some(labels) = labels {
+        need(labels, rows, what)?;
+        check_labels(&labels[..rows], cols, what)?;
     }
     Ok(())
 }
@@ -40,22 +110,20 @@ fn check16(
     what: &str,
 ) -> Result<()> {
     if dtype == Dtype::F32 {
-        return Err(crate::error::PfcError::Shape(format!(
+        return Err(PfcError::Shape(format!(
             "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
         )));
     }
-    let len = rows.checked_mul(cols).ok_or_else(|| {
-        crate::error::PfcError::Shape(format!("{what}: {rows} × {cols} overflows"))
-    })?;
-    need(cos, len, what)?;
-    need(labels, rows, what)
+    need(cos, elems(rows, cols, what)?, what)?;
+    need(labels, rows, what)?;
+    check_labels(&labels[..rows], cols, what)
 }
 
 /// The 16-bit casts take f16 or bf16; f32 is no wire format to cast to (a typed error, where
 /// `to_wire` would otherwise treat it as f16).
 fn need_16_bit(wire: Dtype) -> Result<()> {
     if wire == Dtype::F32 {
-        return Err(crate::error::PfcError::param(
+        return Err(PfcError::param(
             "wire",
             "f32",
             "the 16-bit casts take f16 or bf16",
@@ -80,9 +148,9 @@ impl Backend for CpuBackend {
         // page faults and the process's resident memory matches the memory report at once.
         let mut buf = Vec::new();
         buf.try_reserve_exact(len).map_err(|_| {
-            crate::error::PfcError::Device(format!(
+            PfcError::Device(format!(
                 "cannot allocate {} bytes of host memory",
-                len * std::mem::size_of::<T>()
+                len as u128 * std::mem::size_of::<T>() as u128
             ))
         })?;
         buf.resize(len, T::default());
@@ -94,14 +162,16 @@ impl Backend for CpuBackend {
     }
 
     fn upload_at<T: Elem>(&self, host: &[T], dst: &mut Vec<T>, offset: usize) -> Result<()> {
-        let end = offset + host.len();
-        if end > dst.len() {
-            return Err(crate::error::PfcError::Shape(format!(
+        let end = offset
+            .checked_add(host.len())
+            .filter(|&end| end <= dst.len());
+        let Some(end) = end else {
+            return Err(PfcError::Shape(format!(
                 "upload of {} elements at {offset} into a buffer of {}",
                 host.len(),
                 dst.len()
             )));
-        }
+        };
         dst[offset..end].copy_from_slice(host);
         Ok(())
     }
@@ -146,6 +216,32 @@ impl Backend for CpuBackend {
         keys: &mut Vec<u64>,
         sampled: &mut Vec<i32>,
     ) -> Result<usize> {
+        let shard = args.shard_len;
+        if i32::try_from(shard).is_err() {
+            return Err(PfcError::Shape(format!(
+                "sample_classes: shard_len = {shard} exceeds i32::MAX"
+            )));
+        }
+        if args.shard_start.checked_add(shard as u64).is_none() {
+            return Err(PfcError::Shape(format!(
+                "sample_classes: classes {} + {shard} overflow u64",
+                args.shard_start
+            )));
+        }
+        need(labels, args.rows, "sample_classes labels")?;
+        check_labels(&labels[..args.rows], shard, "sample_classes labels")?;
+        if args.num_sample >= shard {
+            need(sampled, shard, "sample_classes sampled")?;
+        } else {
+            need(keys, shard, "sample_classes keys")?;
+            // Every positive is kept, so the sample may exceed `num_sample`, up to one class per
+            // row (the capacity the layer allocates: `plan::buffers::sampled_capacity`).
+            let most = args.num_sample.max(args.rows).min(shard);
+            need(sampled, most, "sample_classes sampled")?;
+            if let (Some(scores), true) = (scores, args.hard_fraction > 0.0) {
+                need(scores, shard, "sample_classes scores")?;
+            }
+        }
         Ok(sampling::sample_classes(
             args,
             labels,
@@ -177,8 +273,7 @@ impl Backend for CpuBackend {
             chunk_weights,
             chunk_cosines,
             scores,
-        );
-        Ok(())
+        )
     }
 
     fn pack_embeddings(
@@ -191,12 +286,24 @@ impl Backend for CpuBackend {
         packed: &mut Vec<u16>,
     ) -> Result<()> {
         if wire == Dtype::F32 {
-            return Err(crate::error::PfcError::param(
+            return Err(PfcError::param(
                 "wire",
                 "f32",
                 "the packed wire format is f16 or bf16; f32 embeddings are gathered unpacked",
             ));
         }
+        if rows == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "pack_embeddings")?;
+        need(
+            x,
+            elems(rows, dim, "pack_embeddings x")?,
+            "pack_embeddings x",
+        )?;
+        need(labels, rows, "pack_embeddings labels")?;
+        let len = packed_elems(rows, dim, 4, "pack_embeddings packed")?;
+        need(packed, len, "pack_embeddings packed")?;
         wire::pack_embeddings(x, labels, rows, dim, wire, packed);
         Ok(())
     }
@@ -211,6 +318,20 @@ impl Backend for CpuBackend {
         x_hat: &mut Vec<f32>,
         norms: &mut Vec<f32>,
     ) -> Result<()> {
+        need_16_bit(wire)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "unpack_normalize")?;
+        let len = packed_elems(rows, dim, 4, "unpack_normalize packed")?;
+        need(packed, len, "unpack_normalize packed")?;
+        need(labels, rows, "unpack_normalize labels")?;
+        need(
+            x_hat,
+            elems(rows, dim, "unpack_normalize")?,
+            "unpack_normalize x_hat",
+        )?;
+        need(norms, rows, "unpack_normalize norms")?;
         wire::unpack_normalize(packed, rows, dim, wire, labels, x_hat, norms);
         Ok(())
     }
@@ -252,9 +373,15 @@ impl Backend for CpuBackend {
         x_hat: &mut Vec<f32>,
         norms: &mut Vec<f32>,
     ) -> Result<()> {
-        need(packed, rows * (dim + 2), "unpack_normalize_f32 packed")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "unpack_normalize_f32")?;
+        let len = packed_elems(rows, dim, 2, "unpack_normalize_f32 packed")?;
+        need(packed, len, "unpack_normalize_f32 packed")?;
         need(labels, rows, "unpack_normalize_f32 labels")?;
-        need(x_hat, rows * dim, "unpack_normalize_f32 x_hat")?;
+        let len = elems(rows, dim, "unpack_normalize_f32")?;
+        need(x_hat, len, "unpack_normalize_f32 x_hat")?;
         need(norms, rows, "unpack_normalize_f32 norms")?;
         normalize::unpack_normalize_f32(packed, rows, dim, labels, x_hat, norms);
         Ok(())
@@ -269,7 +396,17 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         norms: &mut Vec<f32>,
     ) -> Result<()> {
-        normalize::gather_normalize_rows(weight, dim, &index[..count], out, norms);
+        if count == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "gather_normalize_rows")?;
+        need(index, count, "gather_normalize_rows index")?;
+        let len = elems(count, dim, "gather_normalize_rows")?;
+        need(out, len, "gather_normalize_rows out")?;
+        need(norms, count, "gather_normalize_rows norms")?;
+        let index = &index[..count];
+        check_index(index, weight.len() / dim, "gather_normalize_rows")?;
+        normalize::gather_normalize_rows(weight, dim, index, out, norms);
         Ok(())
     }
 
@@ -281,6 +418,14 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         norms: &mut Vec<f32>,
     ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "normalize_rows")?;
+        let len = elems(rows, dim, "normalize_rows")?;
+        need(x, len, "normalize_rows x")?;
+        need(out, len, "normalize_rows out")?;
+        need(norms, rows, "normalize_rows norms")?;
         normalize::normalize_rows(x, rows, dim, out, norms);
         Ok(())
     }
@@ -294,8 +439,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_nt(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_nt(m, n, k, a, b, c)
     }
 
     fn gemm_nn(
@@ -307,8 +451,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_nn(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_nn(m, n, k, a, b, c)
     }
 
     fn gemm_tn(
@@ -320,8 +463,7 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         c: &mut Vec<f32>,
     ) -> Result<()> {
-        gemm::gemm_tn(m, n, k, a, b, c);
-        Ok(())
+        gemm::gemm_tn(m, n, k, a, b, c)
     }
 
     fn margin_rowmax(
@@ -334,6 +476,9 @@ impl Backend for CpuBackend {
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
+        check_softmax(logits, rows, cols, Some(labels), "margin_rowmax")?;
+        need(row_max, rows, "margin_rowmax row_max")?;
+        need(target_cos, rows, "margin_rowmax target_cos")?;
         margin_softmax::margin_rowmax(logits, rows, cols, labels, margin, row_max, target_cos);
         Ok(())
     }
@@ -346,6 +491,9 @@ impl Backend for CpuBackend {
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
+        check_softmax(logits, rows, cols, None, "exp_rowsum")?;
+        need(row_max, rows, "exp_rowsum row_max")?;
+        need(row_sum, rows, "exp_rowsum row_sum")?;
         margin_softmax::exp_rowsum(logits, rows, cols, row_max, row_sum);
         Ok(())
     }
@@ -363,6 +511,15 @@ impl Backend for CpuBackend {
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
+        check_softmax(logits, rows, cols, Some(labels), "softmax_loss_grad")?;
+        for (buf, what) in [
+            (row_max, "softmax_loss_grad row_max"),
+            (row_sum, "softmax_loss_grad row_sum"),
+            (target_cos, "softmax_loss_grad target_cos"),
+        ] {
+            need(buf, rows, what)?;
+        }
+        need(row_loss, rows, "softmax_loss_grad row_loss")?;
         margin_softmax::softmax_loss_grad(
             logits, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
         );
@@ -379,6 +536,8 @@ impl Backend for CpuBackend {
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
+        check_softmax(logits, rows, cols, Some(labels), "margin_softmax_fused")?;
+        need(row_loss, rows, "margin_softmax_fused row_loss")?;
         margin_softmax::margin_softmax_fused(
             logits, rows, cols, labels, margin, grad_scale, row_loss,
         );
@@ -480,6 +639,14 @@ impl Backend for CpuBackend {
         rows: usize,
         dim: usize,
     ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        need_dim(dim, "normalize_backward")?;
+        let len = elems(rows, dim, "normalize_backward")?;
+        need(grad, len, "normalize_backward grad")?;
+        need(x_hat, len, "normalize_backward x_hat")?;
+        need(norms, rows, "normalize_backward norms")?;
         normalize::normalize_backward(grad, x_hat, norms, rows, dim);
         Ok(())
     }
@@ -493,7 +660,17 @@ impl Backend for CpuBackend {
         dense: &mut Vec<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        optimizer::scatter_rows(rows, &index[..count], dim, &mut dense[..shard_len * dim]);
+        need(
+            rows,
+            elems(count, dim, "scatter_rows rows")?,
+            "scatter_rows rows",
+        )?;
+        need(index, count, "scatter_rows index")?;
+        let len = elems(shard_len, dim, "scatter_rows dense")?;
+        need(dense, len, "scatter_rows dense")?;
+        let index = &index[..count];
+        check_index(index, shard_len, "scatter_rows")?;
+        optimizer::scatter_rows(rows, index, dim, &mut dense[..len]);
         Ok(())
     }
 
@@ -509,7 +686,8 @@ impl Backend for CpuBackend {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
-        need(grad, count * dim, "sgd_momentum_sparse grad")?;
+        let len = elems(count, dim, "sgd_momentum_sparse grad")?;
+        need(grad, len, "sgd_momentum_sparse grad")?;
         need(index, count, "sgd_momentum_sparse index")?;
         momentum.need(self, weight.len(), "sgd_momentum_sparse")?;
         let index = &index[..count];
@@ -518,7 +696,7 @@ impl Backend for CpuBackend {
         let mut next = 0i64;
         for &r in index {
             if i64::from(r) < next || r as usize >= rows {
-                return Err(crate::error::PfcError::Shape(format!(
+                return Err(PfcError::Shape(format!(
                     "sgd_momentum_sparse: sampled row {r} is not sorted, unique and below {rows}"
                 )));
             }

@@ -139,6 +139,27 @@ fn nccl_err(what: &str) -> impl FnOnce(nccl::NcclError) -> PfcError + '_ {
     move |e| PfcError::Collective(format!("{what}: {e:?}"))
 }
 
+/// `(rank, world_size)` as NCCL takes them (`int`): a typed error, rather than a truncating
+/// cast, when either is out of range.
+fn nccl_rank_args(rank: usize, world_size: usize) -> Result<(i32, i32)> {
+    if world_size == 0 || rank >= world_size {
+        return Err(PfcError::param(
+            "rank",
+            rank,
+            format!("must lie in [0, world size {world_size})"),
+        ));
+    }
+    let world = i32::try_from(world_size).map_err(|_| {
+        PfcError::param(
+            "world_size",
+            world_size,
+            "NCCL takes at most i32::MAX ranks",
+        )
+    })?;
+    // rank < world_size <= i32::MAX
+    Ok((rank as i32, world))
+}
+
 impl NcclCollective {
     /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream.
     /// Blocks until every rank has joined (NCCL's own bootstrap timeouts apply).
@@ -149,14 +170,8 @@ impl NcclCollective {
         id: UniqueId,
         timeout: Option<Duration>,
     ) -> Result<Self> {
+        let (rank_i, world_i) = nccl_rank_args(rank, world_size)?;
         nccl_available()?;
-        if world_size == 0 || rank >= world_size {
-            return Err(PfcError::param(
-                "rank",
-                rank,
-                format!("must lie in [0, world size {world_size})"),
-            ));
-        }
         backend
             .context()
             .bind_to_thread()
@@ -170,9 +185,9 @@ impl NcclCollective {
         let comm = unsafe {
             nccl::comm_init_rank(
                 comm.as_mut_ptr(),
-                world_size as i32,
+                world_i,
                 sys::ncclUniqueId { internal },
-                rank as i32,
+                rank_i,
             )
             .map_err(nccl_err("ncclCommInitRank"))?;
             comm.assume_init()
@@ -202,7 +217,8 @@ impl NcclCollective {
         let Some(timeout) = self.timeout else {
             return Ok(());
         };
-        let deadline = Instant::now() + timeout;
+        // `Duration::MAX` (wait forever) must not overflow `Instant + Duration`.
+        let deadline = crate::deadline::deadline_after(timeout);
         loop {
             // SAFETY: the stream and communicator are alive for the duration of `self`.
             let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
@@ -448,5 +464,33 @@ impl Collective<CudaBackend> for NcclCollective {
         self.stream
             .synchronize()
             .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_args_refuse_what_an_i32_cannot_hold() {
+        assert_eq!(nccl_rank_args(1, 4).unwrap(), (1, 4));
+        let most = i32::MAX as usize;
+        assert_eq!(
+            nccl_rank_args(most - 1, most).unwrap(),
+            (i32::MAX - 1, i32::MAX)
+        );
+        // `world_size as i32` used to truncate 2^32 + 2 ranks to 2 (and rank 2^32 + 1 to 1).
+        for (rank, world) in [(1, (1usize << 32) + 2), ((1 << 32) + 1, (1 << 32) + 2)] {
+            match nccl_rank_args(rank, world) {
+                Err(PfcError::Param { name, .. }) => assert_eq!(name, "world_size"),
+                other => panic!("{rank}/{world}: {other:?}"),
+            }
+        }
+        for (rank, world) in [(0, 0), (4, 4), (usize::MAX, 2)] {
+            match nccl_rank_args(rank, world) {
+                Err(PfcError::Param { name, .. }) => assert_eq!(name, "rank"),
+                other => panic!("{rank}/{world}: {other:?}"),
+            }
+        }
     }
 }

@@ -213,9 +213,12 @@ impl PlanConfig {
         Some(step_buffers(shape).iter().map(|(_, b)| b).sum())
     }
 
-    /// Bytes rank 0 needs in all (FC buffers plus the reserve), `None` beyond 63 bits.
+    /// Bytes rank 0 needs in all (FC buffers plus the reserve), `None` beyond 63 bits (an
+    /// unvalidated reserve near `u64::MAX` included: no device holds it either).
     pub fn rank0_total(&self) -> Option<u64> {
-        Self::fc_bytes(&self.rank0_shape()).map(|b| b + self.reserved)
+        Self::fc_bytes(&self.rank0_shape())
+            .and_then(|b| b.checked_add(self.reserved))
+            .filter(|&total| total < 1 << 63)
     }
 
     /// Rank 0's buffers by component, the reserve last (empty when they exceed 63 bits).
@@ -343,5 +346,24 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.rank0_total(), None);
         assert!(c.rank0_components().is_empty());
+    }
+
+    #[test]
+    fn a_reserve_beyond_63_bits_has_no_total() {
+        // `fc + reserved` used to overflow (a panic in debug, a small wrapped total in release).
+        let c = PlanConfig::new(1000, 4, 1 << 30);
+        let fc = c.rank0_total().unwrap();
+        for reserved in [u64::MAX, u64::MAX - fc + 1, 1 << 63] {
+            assert_eq!(
+                PlanConfig { reserved, ..c }.rank0_total(),
+                None,
+                "{reserved}"
+            );
+        }
+        let most = PlanConfig {
+            reserved: (1 << 63) - 1 - fc,
+            ..c
+        };
+        assert_eq!(most.rank0_total(), Some((1 << 63) - 1));
     }
 }

@@ -64,6 +64,9 @@ pub struct SweepPoint {
 /// `points` class counts spaced evenly on a log scale from `from` to `to` (both included,
 /// duplicates removed), and the memory of each regime at each.
 ///
+/// Every input of `base` but its class count is validated first ([`PlanConfig::validate`]):
+/// `gpus = 0`, for one, is a [`PfcError::Param`] naming it.
+///
 /// ```
 /// use partial_fc::plan::{PlanConfig, sweep::sweep};
 /// let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);
@@ -74,6 +77,13 @@ pub struct SweepPoint {
 /// assert!(b[0] > b[1] && b[1] > b[2]);
 /// ```
 pub fn sweep(base: &PlanConfig, from: u64, to: u64, points: usize) -> Result<Vec<SweepPoint>> {
+    // The sweep sets the class count itself; one class per GPU passes the class checks, so the
+    // error (if any) names another input.
+    PlanConfig {
+        classes: base.gpus,
+        ..*base
+    }
+    .validate()?;
     if from == 0 || from >= to {
         return Err(PfcError::param(
             "sweep",
@@ -138,59 +148,64 @@ pub fn plot_svg(path: &Path, base: &PlanConfig, points: &[SweepPoint]) -> Result
         .flat_map(|p| p.bytes.iter().flatten().map(|&b| gib(b)))
         .fold(0.0, f64::max);
     let y_max = highest.clamp(capacity * 1.25, capacity * 4.0);
-    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
-    let title = format!(
-        "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
-        base.gpus, base.batch_per_gpu, base.dim
-    );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
-        .map_err(|e| io(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("classes")
-        .y_desc("GiB per GPU")
-        .x_label_formatter(&|x| super::units::format_count(x.round() as u64))
-        .draw()
-        .map_err(|e| io(e.to_string()))?;
-    let colors = [RED, BLUE, GREEN];
-    for (i, regime) in Regime::ALL.into_iter().enumerate() {
-        let line: Vec<(f64, f64)> = points
-            .iter()
-            .filter_map(|p| p.bytes[i].map(|b| (p.classes as f64, gib(b))))
-            .take_while(|&(_, y)| y <= y_max)
-            .collect();
-        let color = colors[i];
+    // Drawn into memory, then written atomically: a failure midway (or plotters writing what it
+    // has when its backend drops) never truncates an existing file at `path`.
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (960, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
+        let title = format!(
+            "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
+            base.gpus, base.batch_per_gpu, base.dim
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
+            .map_err(|e| io(e.to_string()))?;
         chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))
+            .configure_mesh()
+            .x_desc("classes")
+            .y_desc("GiB per GPU")
+            .x_label_formatter(&|x| super::units::format_count(x.round() as u64))
+            .draw()
+            .map_err(|e| io(e.to_string()))?;
+        let colors = [RED, BLUE, GREEN];
+        for (i, regime) in Regime::ALL.into_iter().enumerate() {
+            let line: Vec<(f64, f64)> = points
+                .iter()
+                .filter_map(|p| p.bytes[i].map(|b| (p.classes as f64, gib(b))))
+                .take_while(|&(_, y)| y <= y_max)
+                .collect();
+            let color = colors[i];
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
+                .map_err(|e| io(e.to_string()))?
+                .label(regime.label(base.sample_rate))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .draw_series(LineSeries::new(
+                vec![(first as f64, capacity), (last as f64, capacity)],
+                BLACK.stroke_width(1),
+            ))
             .map_err(|e| io(e.to_string()))?
-            .label(regime.label(base.sample_rate))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .label(format!("device capacity ({capacity:.1} GiB)"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| io(e.to_string()))?;
+        root.present().map_err(|e| io(e.to_string()))?;
     }
-    chart
-        .draw_series(LineSeries::new(
-            vec![(first as f64, capacity), (last as f64, capacity)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(|e| io(e.to_string()))?
-        .label(format!("device capacity ({capacity:.1} GiB)"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| io(e.to_string()))?;
-    root.present().map_err(|e| io(e.to_string()))?;
-    Ok(())
+    crate::atomic_file::write_bytes_atomic(path, svg.as_bytes())
 }
 
 #[cfg(test)]
@@ -208,6 +223,38 @@ mod tests {
         assert_eq!(pts[0].bytes, [None, None, None]);
         assert!(sweep(&cfg, 10, 10, 5).is_err());
         assert!(sweep(&cfg, 0, 10, 5).is_err());
+    }
+
+    #[test]
+    fn invalid_base_configs_are_refused_before_the_sweep() {
+        // gpus = 0 used to divide by zero in the per-point validity check.
+        let ok = PlanConfig::new(1000, 8, 32 << 30);
+        for (cfg, name) in [
+            (PlanConfig { gpus: 0, ..ok }, "gpus"),
+            (PlanConfig { dim: 0, ..ok }, "dim"),
+            (
+                PlanConfig {
+                    reserved: u64::MAX,
+                    ..ok
+                },
+                "reserved",
+            ),
+            (
+                PlanConfig {
+                    sample_rate: f64::NAN,
+                    ..ok
+                },
+                "sample_rate",
+            ),
+        ] {
+            match sweep(&cfg, 10, 1000, 5) {
+                Err(PfcError::Param { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{cfg:?} gave {other:?}"),
+            }
+        }
+        // The base's own class count does not matter: the sweep replaces it.
+        let few = PlanConfig { classes: 1, ..ok };
+        assert_eq!(sweep(&few, 10, 1000, 5).unwrap().len(), 5);
     }
 
     #[test]

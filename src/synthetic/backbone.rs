@@ -42,9 +42,30 @@ pub struct Forward {
     pub output: Vec<f32>,
 }
 
-/// Uniform values in [-bound, bound) keyed by (seed, layer).
-fn uniform(seed: u64, layer: u32, len: usize, bound: f32) -> Vec<f32> {
-    let mut out = vec![0.0f32; len];
+/// `rows × cols` zeros, or a typed error naming `what` when the count overflows or the memory
+/// cannot be had (rather than a capacity-overflow panic or an allocation abort).
+fn zeros(rows: usize, cols: usize, what: &'static str) -> Result<Vec<f32>> {
+    let len = rows.checked_mul(cols).ok_or_else(|| {
+        PfcError::param(
+            what,
+            format!("{rows} × {cols}"),
+            "the element count overflows usize",
+        )
+    })?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| {
+        PfcError::param(
+            what,
+            format!("{rows} × {cols}"),
+            format!("cannot allocate {len} f32 values"),
+        )
+    })?;
+    out.resize(len, 0.0);
+    Ok(out)
+}
+
+/// Uniform values in [-bound, bound) keyed by (seed, layer), into `out`.
+fn uniform(seed: u64, layer: u32, mut out: Vec<f32>, bound: f32) -> Vec<f32> {
     out.par_chunks_mut(4).enumerate().for_each(|(i, quad)| {
         let bits = philox4x32_10(
             [i as u32, (i >> 32) as u32, layer, 0x0b1a_5000],
@@ -69,15 +90,19 @@ impl Mlp {
                 return Err(PfcError::param(name, v, "must be >= 1"));
             }
         }
+        let (w1, w2) = (
+            zeros(input, hidden, "hidden")?,
+            zeros(hidden, output, "embedding_dim")?,
+        );
         let he = |fan_in: usize| (6.0 / fan_in as f32).sqrt();
         Ok(Mlp {
             input,
             hidden,
             output,
-            w1: uniform(seed, 1, input * hidden, he(input)),
-            b1: vec![0.0; hidden],
-            w2: uniform(seed, 2, hidden * output, he(hidden)),
-            b2: vec![0.0; output],
+            w1: uniform(seed, 1, w1, he(input)),
+            b1: zeros(1, hidden, "hidden")?,
+            w2: uniform(seed, 2, w2, he(hidden)),
+            b2: zeros(1, output, "embedding_dim")?,
         })
     }
 
@@ -93,7 +118,7 @@ impl Mlp {
 
     /// Embeddings of `rows` inputs (`rows × input`).
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Forward> {
-        if x.len() != rows * self.input {
+        if rows.checked_mul(self.input) != Some(x.len()) {
             return Err(PfcError::Shape(format!(
                 "MLP input of {} values for {rows} rows of {}",
                 x.len(),
@@ -101,15 +126,15 @@ impl Mlp {
             )));
         }
         let (h, o) = (self.hidden, self.output);
-        let mut hidden = vec![0.0f32; rows * h];
-        gemm_nn(rows, h, self.input, x, &self.w1, &mut hidden);
+        let mut hidden = zeros(rows, h, "rows")?;
+        gemm_nn(rows, h, self.input, x, &self.w1, &mut hidden)?;
         hidden.par_chunks_mut(h).for_each(|row| {
             for (v, b) in row.iter_mut().zip(&self.b1) {
                 *v = (*v + b).max(0.0);
             }
         });
-        let mut output = vec![0.0f32; rows * o];
-        gemm_nn(rows, o, h, &hidden, &self.w2, &mut output);
+        let mut output = zeros(rows, o, "rows")?;
+        gemm_nn(rows, o, h, &hidden, &self.w2, &mut output)?;
         output.par_chunks_mut(o).for_each(|row| {
             row.iter_mut().zip(&self.b2).for_each(|(v, b)| *v += b);
         });
@@ -130,7 +155,10 @@ impl Mlp {
         lr: f32,
     ) -> Result<()> {
         let (n, d, h, o) = (fwd.rows, self.input, self.hidden, self.output);
-        if x.len() != n * d || grad_output.len() != n * o || fwd.hidden.len() != n * h {
+        if n.checked_mul(d) != Some(x.len())
+            || n.checked_mul(o) != Some(grad_output.len())
+            || n.checked_mul(h) != Some(fwd.hidden.len())
+        {
             return Err(PfcError::Shape(format!(
                 "MLP backward: {} inputs, {} output grads for {n} rows of {d} → {o}",
                 x.len(),
@@ -142,10 +170,10 @@ impl Mlp {
         }
         // Layer 2: dW2 = Hᵀ·dY, db2 = Σ dY, dH = dY·W2ᵀ masked by ReLU.
         let mut grad_w2 = vec![0.0f32; h * o];
-        gemm_tn(h, o, n, &fwd.hidden, grad_output, &mut grad_w2);
+        gemm_tn(h, o, n, &fwd.hidden, grad_output, &mut grad_w2)?;
         let grad_b2 = column_sums(grad_output, o);
         let mut grad_hidden = vec![0.0f32; n * h];
-        gemm_nt(n, h, o, grad_output, &self.w2, &mut grad_hidden);
+        gemm_nt(n, h, o, grad_output, &self.w2, &mut grad_hidden)?;
         grad_hidden
             .par_iter_mut()
             .zip(fwd.hidden.par_iter())
@@ -156,7 +184,7 @@ impl Mlp {
             });
         // Layer 1: dW1 = Xᵀ·dH, db1 = Σ dH.
         let mut grad_w1 = vec![0.0f32; d * h];
-        gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1);
+        gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1)?;
         let grad_b1 = column_sums(&grad_hidden, h);
 
         let sgd = |w: &mut [f32], g: &[f32]| {
@@ -237,5 +265,20 @@ mod tests {
             .backward_sgd(&[1.0; 4], &fwd, &[0.0; 4], f32::NAN)
             .is_err());
         assert!(Mlp::new(0, 3, 2, 0).is_err());
+    }
+
+    #[test]
+    fn overflowing_sizes_are_param_errors() {
+        // 2^40 × 2^40 used to overflow the weight count (a panic in debug, a wrapped size in
+        // release); 2 × 2^62 fits in usize but not in memory (a capacity-overflow panic).
+        for (input, hidden, output) in [(1 << 40, 1 << 40, 1), (2, 1 << 62, 4)] {
+            let r = Mlp::new(input, hidden, output, 0);
+            assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
+        }
+        let mlp = Mlp::new(2, 3, 2, 0).unwrap();
+        assert!(matches!(
+            mlp.forward(&[], usize::MAX),
+            Err(PfcError::Shape(_))
+        ));
     }
 }

@@ -137,9 +137,9 @@ pub struct SampleId {
 /// use partial_fc::synthetic::data::{GeneratorConfig, SampleId, SyntheticIdentities};
 /// let gen = SyntheticIdentities::new(GeneratorConfig::default(), 7).unwrap();
 /// let ids = [SampleId { identity: 3, view: 0 }, SampleId { identity: 3, view: 1 }];
-/// let x = gen.generate(&ids);
+/// let x = gen.generate(&ids).unwrap();
 /// assert_eq!(x.len(), 2 * gen.config().input_dim);
-/// assert_eq!(x, gen.generate(&ids)); // deterministic
+/// assert_eq!(x, gen.generate(&ids).unwrap()); // deterministic
 /// ```
 #[derive(Debug, Clone)]
 pub struct SyntheticIdentities {
@@ -184,12 +184,24 @@ impl SyntheticIdentities {
     }
 
     /// The samples `ids`, `ids.len() × D` row-major.
-    pub fn generate(&self, ids: &[SampleId]) -> Vec<f32> {
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when `ids.len() × D` values overflow `usize`.
+    pub fn generate(&self, ids: &[SampleId]) -> Result<Vec<f32>> {
         let c = &self.config;
         let (l, q, d) = (c.identity_dim, c.nuisance_dim, c.input_dim);
         let k = l + q;
+        let values = |width: usize| {
+            ids.len().checked_mul(width).ok_or_else(|| {
+                PfcError::Shape(format!(
+                    "{} samples of {width} values overflow usize",
+                    ids.len()
+                ))
+            })
+        };
         // Latent of each sample: [z_c + σ_w·u, n].
-        let mut latent = vec![0.0f32; ids.len() * k];
+        let mut latent = vec![0.0f32; values(k)?];
         latent
             .par_chunks_mut(k)
             .zip(ids.par_iter())
@@ -203,8 +215,8 @@ impl SyntheticIdentities {
                 }
                 nuis.copy_from_slice(&view[l..]);
             });
-        let mut x = vec![0.0f32; ids.len() * d];
-        gemm_nn(ids.len(), d, k, &latent, &self.mixing, &mut x);
+        let mut x = vec![0.0f32; values(d)?];
+        gemm_nn(ids.len(), d, k, &latent, &self.mixing, &mut x)?;
         x.par_chunks_mut(d)
             .zip(ids.par_iter())
             .for_each(|(row, id)| {
@@ -214,15 +226,47 @@ impl SyntheticIdentities {
                     *v = (c.warp_gain * *v).tanh() + c.pixel_noise * e;
                 }
             });
-        x
+        Ok(x)
     }
 }
 
 /// Every view of identities `first..first + count`, `views` each, identity-major.
-pub fn all_views(first: u64, count: u64, views: u32) -> Vec<SampleId> {
-    (first..first + count)
-        .flat_map(|identity| (0..views).map(move |view| SampleId { identity, view }))
-        .collect()
+///
+/// # Errors
+///
+/// [`PfcError::Param`] when the identities run past `u64::MAX` or `count × views` samples do
+/// not fit in memory's address space.
+pub fn all_views(first: u64, count: u64, views: u32) -> Result<Vec<SampleId>> {
+    let end = first.checked_add(count).ok_or_else(|| {
+        PfcError::param(
+            "identities",
+            format!("{first} + {count}"),
+            "identity ids run past u64::MAX",
+        )
+    })?;
+    let samples = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(views as usize))
+        .filter(|&n| n <= isize::MAX as usize / std::mem::size_of::<SampleId>())
+        .ok_or_else(|| {
+            PfcError::param(
+                "identities",
+                format!("{count} × {views} views"),
+                "too many samples to list",
+            )
+        })?;
+    let mut ids = Vec::new();
+    ids.try_reserve_exact(samples).map_err(|_| {
+        PfcError::param(
+            "identities",
+            format!("{count} × {views} views"),
+            format!("cannot allocate {samples} sample ids"),
+        )
+    })?;
+    ids.extend(
+        (first..end).flat_map(|identity| (0..views).map(move |view| SampleId { identity, view })),
+    );
+    Ok(ids)
 }
 
 /// A deterministic permutation of `0..n` for `(seed, epoch)` (Fisher–Yates on Philox bits).
@@ -246,26 +290,26 @@ mod tests {
     #[test]
     fn same_seed_same_samples_any_order() {
         let gen = SyntheticIdentities::new(GeneratorConfig::default(), 11).unwrap();
-        let ids = all_views(5, 3, 4);
-        let x = gen.generate(&ids);
+        let ids = all_views(5, 3, 4).unwrap();
+        let x = gen.generate(&ids).unwrap();
         let mut reversed: Vec<SampleId> = ids.clone();
         reversed.reverse();
-        let y = gen.generate(&reversed);
+        let y = gen.generate(&reversed).unwrap();
         let d = gen.config().input_dim;
         for (i, row) in x.chunks(d).enumerate() {
             assert_eq!(row, &y[(ids.len() - 1 - i) * d..(ids.len() - i) * d]);
         }
         let again = SyntheticIdentities::new(GeneratorConfig::default(), 11).unwrap();
-        assert_eq!(x, again.generate(&ids));
+        assert_eq!(x, again.generate(&ids).unwrap());
     }
 
     #[test]
     fn seeds_and_views_differ() {
         let a = SyntheticIdentities::new(GeneratorConfig::default(), 1).unwrap();
         let b = SyntheticIdentities::new(GeneratorConfig::default(), 2).unwrap();
-        let ids = all_views(0, 1, 2);
-        let xa = a.generate(&ids);
-        assert_ne!(xa, b.generate(&ids));
+        let ids = all_views(0, 1, 2).unwrap();
+        let xa = a.generate(&ids).unwrap();
+        assert_ne!(xa, b.generate(&ids).unwrap());
         let d = a.config().input_dim;
         assert_ne!(xa[..d], xa[d..]);
         assert!(xa.iter().all(|v| v.is_finite()));
@@ -291,6 +335,23 @@ mod tests {
         assert_eq!(s, (0..1000).collect::<Vec<u32>>());
         assert_eq!(p, permutation(1000, 4, 2));
         assert_ne!(p, permutation(1000, 4, 3));
+    }
+
+    #[test]
+    fn all_views_past_u64_max_is_an_error() {
+        // `first + count` used to overflow (a panic in debug, a wrapped empty range in release).
+        for (first, count, views) in [(u64::MAX, 2, 1), (u64::MAX - 1, u64::MAX, 3)] {
+            let r = all_views(first, count, views);
+            assert!(matches!(r, Err(PfcError::Param { .. })), "{r:?}");
+        }
+        // More samples than an address space holds: an error, not a capacity-overflow panic.
+        assert!(matches!(
+            all_views(0, u64::MAX / 2, u32::MAX),
+            Err(PfcError::Param { .. })
+        ));
+        let ids = all_views(u64::MAX - 2, 2, 2).unwrap();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids[3].identity, u64::MAX - 1);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub struct EvalMetrics {
 /// identity needs at least two rows.
 pub fn evaluate(embeddings: &[f32], labels: &[u64], dim: usize) -> Result<EvalMetrics> {
     let n = labels.len();
-    if dim == 0 || embeddings.len() != n * dim {
+    if dim == 0 || n.checked_mul(dim) != Some(embeddings.len()) {
         return Err(PfcError::Shape(format!(
             "{} embedding values for {n} labels of dim {dim}",
             embeddings.len()
@@ -71,8 +71,12 @@ pub fn evaluate(embeddings: &[f32], labels: &[u64], dim: usize) -> Result<EvalMe
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
         row.iter_mut().for_each(|v| *v /= norm);
     });
-    let mut sim = vec![0.0f32; n * n];
-    gemm_nt(n, n, dim, &unit, &unit, &mut sim);
+    let pairs = n
+        .checked_mul(n)
+        .filter(|&p| p <= isize::MAX as usize / std::mem::size_of::<f32>())
+        .ok_or_else(|| PfcError::Shape(format!("{n} × {n} similarities do not fit in memory")))?;
+    let mut sim = vec![0.0f32; pairs];
+    gemm_nt(n, n, dim, &unit, &unit, &mut sim)?;
 
     // Gallery: first row of each identity run.
     let gallery: Vec<usize> = (0..n)

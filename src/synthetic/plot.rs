@@ -46,39 +46,44 @@ pub fn plot_losses(
     let (lo, hi) = if lo < hi { (lo, hi) } else { (0.0, 1.0) };
     let pad = (hi - lo) * 0.05;
 
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1f32..steps, (lo - pad)..(hi + pad))
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc(format!("loss (moving average of {smooth})"))
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (i, (label, points)) in smoothed.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    // Drawn into memory, then written atomically: a failure midway (or plotters writing what it
+    // has when its backend drops) never truncates an existing file at `path`.
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1f32..steps, (lo - pad)..(hi + pad))
+            .map_err(|e| err(&e))?;
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(format!("loss (moving average of {smooth})"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (label, points)) in smoothed.into_iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    crate::atomic_file::write_bytes_atomic(path, svg.as_bytes())
 }
 
 #[cfg(test)]

@@ -346,8 +346,8 @@ fn train_layers<B: Backend, C: Collective<B>>(
         cfg.identities,
         cfg.eval_identities,
         cfg.eval_samples_per_identity,
-    );
-    let eval_x = gen.generate(&eval_ids);
+    )?;
+    let eval_x = gen.generate(&eval_ids)?;
     let eval_labels: Vec<u64> = eval_ids.iter().map(|s| s.identity).collect();
     let raw_input = evaluate(&eval_x, &eval_labels, cfg.generator.input_dim)?;
     let before = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
@@ -380,7 +380,7 @@ fn train_layers<B: Backend, C: Collective<B>>(
             });
         }
         let labels: Vec<i64> = ids.iter().map(|s| s.identity as i64).collect();
-        let x = gen.generate(&ids);
+        let x = gen.generate(&ids)?;
         let fwd = mlp.forward(&x, batch)?;
         let t1 = Instant::now();
 
