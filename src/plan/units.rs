@@ -68,8 +68,6 @@ pub fn parse_count(name: &'static str, text: &str) -> Result<u64> {
 
 /// `number × multiplier` for a decimal `number` (digits, `_` separators, at most one `.`),
 /// exactly, as long as the product is a whole number that fits in a `u64`.
-// `%` rather than `is_multiple_of` (Rust 1.87): the library without `cuda` builds with 1.85.
-#[allow(clippy::manual_is_multiple_of)]
 fn scaled_decimal(
     name: &'static str,
     text: &str,
@@ -153,7 +151,6 @@ pub fn format_bytes(bytes: u64) -> String {
 /// assert_eq!(format_count(1_500_000_000), "1.5B");
 /// assert_eq!(format_count(100_001), "100001");
 /// ```
-#[allow(clippy::manual_is_multiple_of)] // as in `scaled_decimal`: Rust 1.85
 pub fn format_count(count: u64) -> String {
     for (suffix, unit) in [("B", 1_000_000_000u64), ("M", 1_000_000), ("K", 1_000)] {
         if count >= unit {
