@@ -1296,3 +1296,27 @@ fn golden_files_on_the_gpu() {
         );
     }
 }
+
+#[test]
+fn shapes_whose_sizes_overflow_are_errors() {
+    // rows · dim past usize::MAX: a wrapped product would pass the length check and send the
+    // kernel past the buffers' ends.
+    let Some(g) = gpu() else { return };
+    let (x, mut out, mut norms) = (
+        g.alloc::<f32>(8).unwrap(),
+        g.alloc::<f32>(8).unwrap(),
+        g.alloc::<f32>(4).unwrap(),
+    );
+    let (rows, dim) = ((1usize << 62) + 1, 4usize); // rows · dim wraps to 4
+    let err = g
+        .normalize_rows(&x, rows, dim, &mut out, &mut norms)
+        .unwrap_err();
+    assert!(matches!(err, partial_fc::PfcError::Shape(_)), "{err:?}");
+    let mut c = g.alloc::<f32>(4).unwrap();
+    let err = g.gemm_nt(rows, 1, dim, &x, &out, &mut c).unwrap_err();
+    assert!(matches!(err, partial_fc::PfcError::Shape(_)), "{err:?}");
+    let err = g
+        .upload_at(&[1.0f32, 2.0], &mut out, usize::MAX)
+        .unwrap_err();
+    assert!(matches!(err, partial_fc::PfcError::Shape(_)), "{err:?}");
+}

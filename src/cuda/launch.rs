@@ -1,5 +1,11 @@
 //! `impl Backend for CudaBackend`: argument checks, launch shapes and cuBLAS calls. The kernels
 //! themselves live in `cuda/*.cu` under the same names as their CPU references.
+//!
+//! Every buffer is checked against the length its shape needs (products checked for overflow)
+//! before a kernel is queued. Index and label *values* in device buffers are not: checking them
+//! would cost a download and a synchronization per call. The layer produces them itself (its
+//! sampler, its label localization, after checking the user's labels on the host); a caller of
+//! the `Backend` trait that passes its own must keep them in range, as the CPU backend checks.
 
 use super::{dev, CudaBackend, Precision};
 use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
@@ -131,6 +137,12 @@ fn need<T: Elem>(buf: &CudaSlice<T>, len: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// [`need`] of `a · b` elements; a product past `usize::MAX` needs more than any buffer holds
+/// (a wrapped product would pass the check and send a kernel past the buffer's end).
+fn need_product<T: Elem>(buf: &CudaSlice<T>, [a, b]: [usize; 2], what: &str) -> Result<()> {
+    need(buf, a.saturating_mul(b), what)
 }
 
 fn per_row(rows: usize) -> LaunchConfig {
@@ -725,7 +737,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_at<T: Elem>(&self, host: &[T], dst: &mut CudaSlice<T>, offset: usize) -> Result<()> {
-        need(dst, offset + host.len(), "upload")?;
+        need(dst, offset.saturating_add(host.len()), "upload")?;
         if host.is_empty() {
             return Ok(());
         }
@@ -867,9 +879,9 @@ impl Backend for CudaBackend {
         chunk_cosines: &mut CudaSlice<f32>,
         scores: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(weight, shard_len * dim, "class_max_cosine weight")?;
+        need_product(weight, [shard_len, dim], "class_max_cosine weight")?;
         need(row_labels, rows, "class_max_cosine row_labels")?;
-        need(x_hat, rows * dim, "class_max_cosine x_hat")?;
+        need_product(x_hat, [rows, dim], "class_max_cosine x_hat")?;
         need(scores, shard_len, "class_max_cosine scores")?;
         if shard_len == 0 || rows == 0 || dim == 0 {
             return Ok(());
@@ -877,14 +889,14 @@ impl Backend for CudaBackend {
         let chunk = (chunk_weights.len() / dim)
             .min(chunk_cosines.len() / rows)
             .max(1);
-        need(
+        need_product(
             chunk_weights,
-            chunk.min(shard_len) * dim,
+            [chunk.min(shard_len), dim],
             "class_max_cosine chunk_weights",
         )?;
-        need(
+        need_product(
             chunk_cosines,
-            chunk.min(shard_len) * rows,
+            [chunk.min(shard_len), rows],
             "class_max_cosine chunk_cosines",
         )?;
         let (dim_i, rows_i) = (i32_of(dim, "dim")?, i32_of(rows, "rows")?);
@@ -941,9 +953,13 @@ impl Backend for CudaBackend {
         x_hat: &mut CudaSlice<f32>,
         norms: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(packed, rows * (dim + 2), "unpack_normalize_f32 packed")?;
+        need_product(
+            packed,
+            [rows, dim.saturating_add(2)],
+            "unpack_normalize_f32 packed",
+        )?;
         need(labels, rows, "unpack_normalize_f32 labels")?;
-        need(x_hat, rows * dim, "unpack_normalize_f32 x_hat")?;
+        need_product(x_hat, [rows, dim], "unpack_normalize_f32 x_hat")?;
         need(norms, rows, "unpack_normalize_f32 norms")?;
         if rows == 0 {
             return Ok(());
@@ -973,7 +989,7 @@ impl Backend for CudaBackend {
         norms: &mut CudaSlice<f32>,
     ) -> Result<()> {
         need(index, count, "gather_normalize_rows index")?;
-        need(out, count * dim, "gather_normalize_rows out")?;
+        need_product(out, [count, dim], "gather_normalize_rows out")?;
         need(norms, count, "gather_normalize_rows norms")?;
         if count == 0 {
             return Ok(());
@@ -1002,9 +1018,13 @@ impl Backend for CudaBackend {
         wire: Dtype,
         packed: &mut CudaSlice<u16>,
     ) -> Result<()> {
-        need(x, rows * dim, "pack_embeddings x")?;
+        need_product(x, [rows, dim], "pack_embeddings x")?;
         need(labels, rows, "pack_embeddings labels")?;
-        need(packed, rows * (dim + 4), "pack_embeddings packed")?;
+        need_product(
+            packed,
+            [rows, dim.saturating_add(4)],
+            "pack_embeddings packed",
+        )?;
         if rows == 0 {
             return Ok(());
         }
@@ -1034,9 +1054,13 @@ impl Backend for CudaBackend {
         x_hat: &mut CudaSlice<f32>,
         norms: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(packed, rows * (dim + 4), "unpack_normalize packed")?;
+        need_product(
+            packed,
+            [rows, dim.saturating_add(4)],
+            "unpack_normalize packed",
+        )?;
         need(labels, rows, "unpack_normalize labels")?;
-        need(x_hat, rows * dim, "unpack_normalize x_hat")?;
+        need_product(x_hat, [rows, dim], "unpack_normalize x_hat")?;
         need(norms, rows, "unpack_normalize norms")?;
         if rows == 0 {
             return Ok(());
@@ -1102,8 +1126,8 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         norms: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(x, rows * dim, "normalize_rows x")?;
-        need(out, rows * dim, "normalize_rows out")?;
+        need_product(x, [rows, dim], "normalize_rows x")?;
+        need_product(out, [rows, dim], "normalize_rows out")?;
         need(norms, rows, "normalize_rows norms")?;
         if rows == 0 {
             return Ok(());
@@ -1131,9 +1155,9 @@ impl Backend for CudaBackend {
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(a, m * k, "gemm_nt a")?;
-        need(b, n * k, "gemm_nt b")?;
-        need(c, m * n, "gemm_nt c")?;
+        need_product(a, [m, k], "gemm_nt a")?;
+        need_product(b, [n, k], "gemm_nt b")?;
+        need_product(c, [m, n], "gemm_nt c")?;
         // cᵀ[n×m] = b[n×k] · aᵀ: b is col-major k×n (op T), a is col-major k×m (op N).
         self.gemm_rowmajor(
             CUBLAS_OP_T,
@@ -1157,9 +1181,9 @@ impl Backend for CudaBackend {
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(a, m * k, "gemm_nn a")?;
-        need(b, k * n, "gemm_nn b")?;
-        need(c, m * n, "gemm_nn c")?;
+        need_product(a, [m, k], "gemm_nn a")?;
+        need_product(b, [k, n], "gemm_nn b")?;
+        need_product(c, [m, n], "gemm_nn c")?;
         // cᵀ = bᵀ · aᵀ: b is col-major n×k (op N, ld n), a is col-major k×m (op N, ld k).
         self.gemm_rowmajor(
             CUBLAS_OP_N,
@@ -1183,9 +1207,9 @@ impl Backend for CudaBackend {
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(a, k * m, "gemm_tn a")?;
-        need(b, k * n, "gemm_tn b")?;
-        need(c, m * n, "gemm_tn c")?;
+        need_product(a, [k, m], "gemm_tn a")?;
+        need_product(b, [k, n], "gemm_tn b")?;
+        need_product(c, [m, n], "gemm_tn c")?;
         // cᵀ = bᵀ · a: b is col-major n×k (op N, ld n), a is col-major m×k (op T, ld m).
         self.gemm_rowmajor(
             CUBLAS_OP_N,
@@ -1211,11 +1235,11 @@ impl Backend for CudaBackend {
         grad_x: &mut CudaSlice<f32>,
         grad_w: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(grad_logits, rows * cols, "gemm_backward grad_logits")?;
-        need(w_hat, cols * dim, "gemm_backward w_hat")?;
-        need(x_hat, rows * dim, "gemm_backward x_hat")?;
-        need(grad_x, rows * dim, "gemm_backward grad_x")?;
-        need(grad_w, cols * dim, "gemm_backward grad_w")?;
+        need_product(grad_logits, [rows, cols], "gemm_backward grad_logits")?;
+        need_product(w_hat, [cols, dim], "gemm_backward w_hat")?;
+        need_product(x_hat, [rows, dim], "gemm_backward x_hat")?;
+        need_product(grad_x, [rows, dim], "gemm_backward grad_x")?;
+        need_product(grad_w, [cols, dim], "gemm_backward grad_w")?;
         // As gemm_nn(rows, dim, cols) then gemm_tn(cols, dim, rows); the second reuses the
         // 16-bit copy of the logits' gradient the first made.
         self.gemm_rowmajor(
@@ -1252,7 +1276,7 @@ impl Backend for CudaBackend {
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(logits, rows * cols, "margin_rowmax logits")?;
+        need_product(logits, [rows, cols], "margin_rowmax logits")?;
         need(labels, rows, "margin_rowmax labels")?;
         need(row_max, rows, "margin_rowmax row_max")?;
         need(target_cos, rows, "margin_rowmax target_cos")?;
@@ -1283,7 +1307,7 @@ impl Backend for CudaBackend {
         row_max: &CudaSlice<f32>,
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(logits, rows * cols, "exp_rowsum logits")?;
+        need_product(logits, [rows, cols], "exp_rowsum logits")?;
         need(row_max, rows, "exp_rowsum row_max")?;
         need(row_sum, rows, "exp_rowsum row_sum")?;
         if rows == 0 {
@@ -1316,7 +1340,7 @@ impl Backend for CudaBackend {
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(logits, rows * cols, "softmax_loss_grad logits")?;
+        need_product(logits, [rows, cols], "softmax_loss_grad logits")?;
         need(labels, rows, "softmax_loss_grad labels")?;
         need(row_loss, rows, "softmax_loss_grad row_loss")?;
         if rows == 0 {
@@ -1351,7 +1375,7 @@ impl Backend for CudaBackend {
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need(logits, rows * cols, "margin_softmax_fused logits")?;
+        need_product(logits, [rows, cols], "margin_softmax_fused logits")?;
         need(labels, rows, "margin_softmax_fused labels")?;
         need(row_loss, rows, "margin_softmax_fused row_loss")?;
         if rows == 0 {
@@ -1391,9 +1415,9 @@ impl Backend for CudaBackend {
         c: &mut CudaSlice<u16>,
     ) -> Result<()> {
         let (cast, dtype, _) = self.half_types()?;
-        need(a, m * k, "gemm_nt16 a")?;
-        need(b, n * k, "gemm_nt16 b")?;
-        need(c, m * n, "gemm_nt16 c")?;
+        need_product(a, [m, k], "gemm_nt16 a")?;
+        need_product(b, [n, k], "gemm_nt16 b")?;
+        need_product(c, [m, n], "gemm_nt16 c")?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -1447,11 +1471,11 @@ impl Backend for CudaBackend {
         reuse_operands: bool,
     ) -> Result<()> {
         let (cast, dtype, _) = self.half_types()?;
-        need(grad_logits, rows * cols, "gemm_backward16 grad_logits")?;
-        need(w_hat, cols * dim, "gemm_backward16 w_hat")?;
-        need(x_hat, rows * dim, "gemm_backward16 x_hat")?;
-        need(grad_x, rows * dim, "gemm_backward16 grad_x")?;
-        need(grad_w, cols * dim, "gemm_backward16 grad_w")?;
+        need_product(grad_logits, [rows, cols], "gemm_backward16 grad_logits")?;
+        need_product(w_hat, [cols, dim], "gemm_backward16 w_hat")?;
+        need_product(x_hat, [rows, dim], "gemm_backward16 x_hat")?;
+        need_product(grad_x, [rows, dim], "gemm_backward16 grad_x")?;
+        need_product(grad_w, [cols, dim], "gemm_backward16 grad_w")?;
         if dim == 0 {
             return Ok(());
         }
@@ -1531,7 +1555,7 @@ impl Backend for CudaBackend {
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "margin_rowmax16")?;
-        need(cos, rows * cols, "margin_rowmax16 cos")?;
+        need_product(cos, [rows, cols], "margin_rowmax16 cos")?;
         need(labels, rows, "margin_rowmax16 labels")?;
         need(row_max, rows, "margin_rowmax16 row_max")?;
         need(target_cos, rows, "margin_rowmax16 target_cos")?;
@@ -1567,7 +1591,7 @@ impl Backend for CudaBackend {
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "exp_rowsum16")?;
-        need(cos, rows * cols, "exp_rowsum16 cos")?;
+        need_product(cos, [rows, cols], "exp_rowsum16 cos")?;
         need(labels, rows, "exp_rowsum16 labels")?;
         need(row_max, rows, "exp_rowsum16 row_max")?;
         need(row_sum, rows, "exp_rowsum16 row_sum")?;
@@ -1606,7 +1630,7 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "softmax_loss_grad16")?;
-        need(cos, rows * cols, "softmax_loss_grad16 cos")?;
+        need_product(cos, [rows, cols], "softmax_loss_grad16 cos")?;
         need(labels, rows, "softmax_loss_grad16 labels")?;
         need(row_max, rows, "softmax_loss_grad16 row_max")?;
         need(row_sum, rows, "softmax_loss_grad16 row_sum")?;
@@ -1647,7 +1671,7 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "margin_softmax_fused16")?;
-        need(cos, rows * cols, "margin_softmax_fused16 cos")?;
+        need_product(cos, [rows, cols], "margin_softmax_fused16 cos")?;
         need(labels, rows, "margin_softmax_fused16 labels")?;
         need(row_loss, rows, "margin_softmax_fused16 row_loss")?;
         if rows == 0 {
@@ -1678,8 +1702,8 @@ impl Backend for CudaBackend {
         rows: usize,
         dim: usize,
     ) -> Result<()> {
-        need(grad, rows * dim, "normalize_backward grad")?;
-        need(x_hat, rows * dim, "normalize_backward x_hat")?;
+        need_product(grad, [rows, dim], "normalize_backward grad")?;
+        need_product(x_hat, [rows, dim], "normalize_backward x_hat")?;
         need(norms, rows, "normalize_backward norms")?;
         if rows == 0 {
             return Ok(());
@@ -1707,8 +1731,9 @@ impl Backend for CudaBackend {
         dense: &mut CudaSlice<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        need(rows, count * dim, "scatter_rows rows")?;
+        need_product(rows, [count, dim], "scatter_rows rows")?;
         need(index, count, "scatter_rows index")?;
+        need_product(dense, [shard_len, dim], "scatter_rows dense")?;
         self.zero(dense, shard_len * dim)?;
         if count == 0 {
             return Ok(());
@@ -1739,7 +1764,7 @@ impl Backend for CudaBackend {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()> {
-        need(grad, count * dim, "sgd_momentum_sparse grad")?;
+        need_product(grad, [count, dim], "sgd_momentum_sparse grad")?;
         need(index, count, "sgd_momentum_sparse index")?;
         momentum.need(self, self.len(weight), "sgd_momentum_sparse")?;
         if count == 0 {
