@@ -175,6 +175,9 @@ impl StepCase {
         let rows = Shard::of(self.batch() as u64, world, rank);
         let (r0, r1) = (rows.start as usize, rows.end() as usize);
         let shard = Shard::of(self.num_classes, world, rank);
+        // The file's (or the command line's) rate is checked before a given sample may raise
+        // it: `max` would otherwise turn a NaN into the sample's own rate.
+        cfg.validate(world)?;
         if let Some(index) = &self.sampled_index {
             // A given sample need not split over the shards as the layer's own sampler would:
             // size this rank's buffers for its part of it.

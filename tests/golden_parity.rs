@@ -45,3 +45,32 @@ fn golden_cases_match_for_one_two_and_three_ranks() {
         }
     }
 }
+
+#[test]
+fn a_given_sample_does_not_hide_an_invalid_rate() {
+    let Some(files) = golden_files() else {
+        skip!("skipped: ../shared/golden not found (set PFC_GOLDEN_DIR)");
+        return;
+    };
+    let with_sample = files
+        .iter()
+        .map(|f| StepCase::read(f).unwrap())
+        .find(|c| c.sampled_index.is_some());
+    let Some(mut case) = with_sample else {
+        panic!("no golden case gives its sample; this test needs one");
+    };
+    for rate in [f64::NAN, -0.5, 2.0] {
+        case.sample_rate = rate;
+        let err = case.run_threads(2).err();
+        assert!(
+            matches!(
+                err,
+                Some(partial_fc::PfcError::Param {
+                    name: "sample_rate",
+                    ..
+                })
+            ),
+            "rate {rate}: {err:?}"
+        );
+    }
+}
