@@ -19,6 +19,49 @@ fn time(g: &CudaBackend, name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
     ms
 }
 
+/// The logits' row length is S = 104,857 here (int(0.1 · 2^20), as PartialFC_V2 computes it):
+/// odd, so the logits GEMM writes C with an odd leading dimension and the backward GEMMs read
+/// it with one, which keeps cuBLAS off its 16-byte-aligned (TMA on sm_90) tensor-core kernels,
+/// and the softmax passes off their float4 path. This times the same kernels with the row length
+/// padded to a multiple of 8, to measure what padding the logits' rows would gain before the
+/// layer's layout is changed for it.
+#[allow(clippy::too_many_arguments)]
+fn alignment_probe(
+    g: &CudaBackend,
+    m: usize,
+    s: usize,
+    d: usize,
+    xh: &cudarc::driver::CudaSlice<f32>,
+    wh: &cudarc::driver::CudaSlice<f32>,
+    local: &cudarc::driver::CudaSlice<i32>,
+    p: &partial_fc::MarginParams,
+) {
+    let padded = s.div_ceil(8) * 8;
+    println!("-- alignment probe: S = {s} as sampled vs {padded} (padded to 8)");
+    let mut wpad = g.alloc::<f32>(padded * d).unwrap();
+    g.copy(wh, &mut wpad, s * d).unwrap();
+    let mut logits = g.alloc::<f32>(m * padded).unwrap();
+    let mut gx = g.alloc::<f32>(m * d).unwrap();
+    let mut gw = g.alloc::<f32>(padded * d).unwrap();
+    let (mut mx, mut tc) = (g.alloc::<f32>(m).unwrap(), g.alloc::<f32>(m).unwrap());
+    for cols in [s, padded] {
+        time(g, &format!("gemm_nt, {cols} cols"), 10, || {
+            g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap()
+        });
+        time(g, &format!("gemm_nn, {cols} cols"), 10, || {
+            g.gemm_nn(m, d, cols, &logits, &wpad, &mut gx).unwrap()
+        });
+        time(g, &format!("gemm_tn, {cols} cols"), 10, || {
+            g.gemm_tn(cols, d, m, &logits, xh, &mut gw).unwrap()
+        });
+        g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap();
+        time(g, &format!("margin_rowmax, {cols} cols"), 10, || {
+            g.margin_rowmax(&mut logits, m, cols, local, p, &mut mx, &mut tc)
+                .unwrap()
+        });
+    }
+}
+
 fn main() {
     let g0 = match CudaBackend::new(0) {
         Ok(g) => g,
@@ -131,7 +174,9 @@ fn main() {
             drop(g.download(&loss, m).unwrap())
         });
         println!("{:>28}: {total:8.3} ms", "sum of kernels");
-        drop((w, mom, logits, keys, wh, gw));
+        drop((w, mom, logits, keys, gw));
+        alignment_probe(&g, m, s, d, &xh, &wh, &local, &p);
+        drop(wh);
         let mut cfg = partial_fc::LayerConfig::new(shard as u64, d, m);
         cfg.sample_rate = 0.1;
         cfg.precision = precision;
