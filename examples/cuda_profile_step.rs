@@ -1,6 +1,7 @@
 //! Where the time of one CUDA step goes: every kernel of the step run alone at the whole-step
 //! bench's shapes (shard 1M, gathered batch 1024, d 512, r 0.1), synchronized and timed, for f32
 //! and bf16 GEMM operands. `cargo run --release --features cuda --example cuda_profile_step`
+//! (`-- --small --emulator`: every line at small shapes on the CPU emulator, a smoke test).
 
 use partial_fc::cuda::{CudaBackend, Precision};
 use partial_fc::{Backend, Margin, SampleArgs};
@@ -63,6 +64,17 @@ fn alignment_probe(
 }
 
 fn main() {
+    // `--small --emulator`: a smoke run of every line at small shapes on the CPU emulator of the
+    // CUDA driver (where there is no GPU); its times mean nothing.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let small = args.iter().any(|a| a == "--small");
+    if args.iter().any(|a| a == "--emulator") && partial_fc::cuda::check_available().is_err() {
+        #[cfg(unix)]
+        if let Err(e) = pfc_cuda_emulator::install() {
+            println!("skipped: {e}");
+            return;
+        }
+    }
     let g0 = match CudaBackend::new(0) {
         Ok(g) => g,
         Err(e) => {
@@ -71,7 +83,11 @@ fn main() {
         }
     };
     println!("device: {}", g0.device_name());
-    let (shard, m, d) = (1usize << 20, 1024usize, 512usize);
+    let (shard, m, d) = if small {
+        (1usize << 13, 64usize, 32usize)
+    } else {
+        (1usize << 20, 1024usize, 512usize)
+    };
     let s = (0.1 * shard as f64) as usize;
     for precision in [Precision::F32, Precision::Bf16] {
         let g = CudaBackend::new(0).unwrap().with_precision(precision);
