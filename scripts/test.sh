@@ -39,3 +39,6 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
 cargo test --workspace --all-features
+# The examples the device check runs, smoke-run at small shapes on the CPU emulator (the test
+# profile reuses the build above), so a broken one is found here and not in device time.
+cargo run --quiet --profile test --features cuda --example cuda_profile_step -- --small --emulator > /dev/null
