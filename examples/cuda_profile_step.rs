@@ -4,6 +4,7 @@
 //! (`-- --small --emulator`: every line at small shapes on the CPU emulator, a smoke test).
 
 use partial_fc::cuda::{CudaBackend, Precision};
+use partial_fc::plan::Dtype;
 use partial_fc::{Backend, Margin, SampleArgs};
 use std::time::Instant;
 
@@ -45,7 +46,28 @@ fn alignment_probe(
     let mut gx = g.alloc::<f32>(m * d).unwrap();
     let mut gw = g.alloc::<f32>(padded * d).unwrap();
     let (mut mx, mut tc) = (g.alloc::<f32>(m).unwrap(), g.alloc::<f32>(m).unwrap());
+    let sixteen = g.precision() != Precision::F32;
+    let mut cos16 = g
+        .alloc::<u16>(if sixteen { m * padded } else { 0 })
+        .unwrap();
     for cols in [s, padded] {
+        if sixteen {
+            // What the layer's 16-bit step runs: 16-bit cosines straight from the GEMM, the
+            // backward pair reading the 16-bit gradient, no logits-sized cast.
+            time(g, &format!("gemm_nt16, {cols} cols"), 10, || {
+                g.gemm_nt16(m, cols, d, xh, &wpad, &mut cos16).unwrap()
+            });
+            time(g, &format!("gemm_backward16, {cols} cols"), 10, || {
+                g.gemm_backward16(m, cols, d, &cos16, 1.0, &wpad, xh, &mut gx, &mut gw, true)
+                    .unwrap()
+            });
+            g.gemm_nt16(m, cols, d, xh, &wpad, &mut cos16).unwrap();
+            time(g, &format!("margin_rowmax16, {cols} cols"), 10, || {
+                g.margin_rowmax16(&cos16, m, cols, Dtype::Bf16, local, p, &mut mx, &mut tc)
+                    .unwrap()
+            });
+            continue;
+        }
         time(g, &format!("gemm_nt, {cols} cols"), 10, || {
             g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap()
         });
@@ -68,15 +90,21 @@ fn main() {
     // CUDA driver (where there is no GPU); its times mean nothing.
     let args: Vec<String> = std::env::args().skip(1).collect();
     let small = args.iter().any(|a| a == "--small");
-    if args.iter().any(|a| a == "--emulator") && partial_fc::cuda::check_available().is_err() {
+    let emulator = args.iter().any(|a| a == "--emulator");
+    if emulator && partial_fc::cuda::check_available().is_err() {
         #[cfg(unix)]
         if let Err(e) = pfc_cuda_emulator::install() {
-            println!("skipped: {e}");
-            return;
+            eprintln!("--emulator: {e}");
+            std::process::exit(1);
         }
     }
     let g0 = match CudaBackend::new(0) {
         Ok(g) => g,
+        // Asked for the emulator (CI's smoke run), not running is a failure, not a skip.
+        Err(e) if emulator => {
+            eprintln!("--emulator: no CUDA device ({e})");
+            std::process::exit(1);
+        }
         Err(e) => {
             println!("skipped: no CUDA device ({e})");
             return;

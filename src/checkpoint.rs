@@ -126,9 +126,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 i % dim
             )));
         }
-        self.set_weight(&weight)?;
+        // Shapes and values are checked above: upload without scanning them a second time.
+        self.put_weight(&weight)?;
         if let (Some((m, _)), true) = (momentum, has_optimizer) {
-            self.set_momentum(&m)?;
+            self.put_momentum(&m)?;
         }
         self.set_steps(step);
         Ok(())

@@ -9,6 +9,7 @@ use crate::plan::buffers::{
 };
 use crate::plan::{Dtype, LogitsMode};
 use crate::shard::Shard;
+use rayon::prelude::*;
 
 /// What one forward/backward pass returns to the caller.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +205,88 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     /// after `step`, cleared when the weights are replaced).
     last_sampled: Option<usize>,
     bufs: Buffers<B>,
+}
+
+/// What is wrong with embedding row `row`, if anything: a NaN or infinite value, all zeros,
+/// or a finite row the step still cannot carry: its sum of squares overflows f32, or the
+/// 16-bit wire rounds a value to infinity or the whole row to zeros. Every rank normalizes
+/// the gathered rows, so one such row would turn every shard's gradient to NaN.
+fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> {
+    // One pass, eight independent lanes (so it vectorizes): the sum of squares in f32, as
+    // the kernels compute it, and the largest magnitude. A NaN or infinity makes the sum
+    // non-finite; only then is the row searched for it.
+    const LANES: usize = 8;
+    let (mut squares, mut largest) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            squares[l] += chunk[l] * chunk[l];
+            largest[l] = if chunk[l].abs() > largest[l] {
+                chunk[l].abs()
+            } else {
+                largest[l]
+            };
+        }
+    }
+    for &v in chunks.remainder() {
+        squares[0] += v * v;
+        largest[0] = if v.abs() > largest[0] {
+            v.abs()
+        } else {
+            largest[0]
+        };
+    }
+    let squares: f32 = squares.iter().sum();
+    let largest = largest.iter().fold(0.0f32, |m, &v| m.max(v));
+    if !squares.is_finite() {
+        if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
+            return Some(PfcError::NonFinite { row, value });
+        }
+    }
+    if largest == 0.0 {
+        return Some(PfcError::ZeroRow { row });
+    }
+    // Half of f32::MAX: the kernels add in another order and may overflow a little earlier.
+    if squares >= f32::MAX / 2.0 {
+        return Some(PfcError::OutOfRange {
+            row,
+            value: largest,
+            reason: format!(
+                "its sum of squares overflows f32 (largest |value| {largest:e}); scale the \
+                 embeddings down"
+            ),
+        });
+    }
+    if wire == Dtype::F32 {
+        return None;
+    }
+    // Rounding is monotonic in magnitude: some value rounds to infinity exactly when the
+    // largest does, and every value rounds to zero exactly when the largest does.
+    let rounded = crate::cpu::wire::from_wire(crate::cpu::wire::to_wire(largest, wire), wire);
+    let name = || format!("{wire:?}").to_lowercase();
+    if rounded.is_infinite() {
+        return Some(PfcError::OutOfRange {
+            row,
+            value: largest,
+            reason: format!(
+                "{largest:e} rounds to infinity on the {} all-gather wire (LayerConfig::wire); \
+                 scale the embeddings or use an f32 or bf16 wire",
+                name()
+            ),
+        });
+    }
+    if rounded == 0.0 {
+        return Some(PfcError::OutOfRange {
+            row,
+            value: largest,
+            reason: format!(
+                "every value rounds to zero on the {} all-gather wire (largest |value| \
+                 {largest:e}); scale the embeddings or use an f32 or bf16 wire",
+                name()
+            ),
+        });
+    }
+    None
 }
 
 /// A NaN or infinite weight or momentum would reach every logit of its class and, through the
@@ -488,8 +571,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         &self.comm
     }
 
-    /// Forward/backward passes that succeeded so far (the sampler's counter: a pass that
-    /// returned an error does not count, so ranks that all failed a step stay in step).
+    /// Forward/backward passes that drew their sample so far (the sampler's counter). A pass
+    /// refused by the input checks does not count; one that fails after sampling (in the
+    /// softmax's all-reduces, the backward, a device call) does, on every rank alike. See
+    /// docs/design.md for the one failure that can leave ranks' counters apart.
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -523,6 +608,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         check_finite("weight", weight, self.config.dim)?;
+        self.put_weight(weight)
+    }
+
+    /// [`PartialFc::set_weight`] after its checks (the checkpoint loader makes its own).
+    pub(crate) fn put_weight(&mut self, weight: &[f32]) -> Result<()> {
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
         self.grad_pending = false;
@@ -548,10 +638,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "momentum of {} values for a shard of {want}",
                 momentum.len()
             ))),
-            Some(buf) => {
+            Some(_) => {
                 check_finite("momentum", momentum, self.config.dim)?;
-                buf.upload(&self.backend, momentum)
+                self.put_momentum(momentum)
             }
+            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
+        }
+    }
+
+    /// [`PartialFc::set_momentum`] after its checks (the checkpoint loader makes its own).
+    pub(crate) fn put_momentum(&mut self, momentum: &[f32]) -> Result<()> {
+        match self.bufs.momentum.as_mut() {
+            Some(buf) => buf.upload(&self.backend, momentum),
             None => Err(PfcError::Shape("this layer has no optimizer state".into())),
         }
     }
@@ -584,16 +682,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 num_classes: self.config.num_classes,
             });
         }
-        for (row, x) in embeddings.chunks(d).enumerate() {
-            if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
-                return Some(PfcError::NonFinite { row, value });
-            }
-            if x.iter().all(|&v| v == 0.0) {
-                return Some(PfcError::ZeroRow { row });
-            }
-            if let Some(err) = self.row_out_of_range(row, x) {
-                return Some(err);
-            }
+        // Rows in parallel, the first bad row (in row order) reported: this runs before every
+        // pass, on the host, so it must cost little next to a GPU step.
+        let wire = self.config.wire;
+        let bad_row = embeddings
+            .par_chunks(d.max(1))
+            .enumerate()
+            .find_map_first(|(row, x)| row_error(row, x, wire));
+        if bad_row.is_some() {
+            return bad_row;
         }
         if self.step == u64::MAX {
             return Some(PfcError::param(
@@ -601,52 +698,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 self.step,
                 "the step counter cannot advance past u64::MAX (set_steps or a checkpoint set it)",
             ));
-        }
-        None
-    }
-
-    /// A finite, non-zero row the step still cannot carry: its squared norm overflows f32, or
-    /// the 16-bit wire rounds a value to infinity or the whole row to zeros. Every rank
-    /// normalizes the gathered rows, so one such row would turn every shard's gradient to NaN.
-    fn row_out_of_range(&self, row: usize, x: &[f32]) -> Option<PfcError> {
-        let largest = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let squares: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        // Half of f32::MAX: the kernels' f32 sums may overflow a little earlier than this sum.
-        if squares >= f64::from(f32::MAX) / 2.0 {
-            return Some(PfcError::OutOfRange {
-                row,
-                value: largest,
-                reason: format!(
-                    "its sum of squares ({squares:e}) overflows f32 (largest |value| {largest:e}); \
-                     scale the embeddings down"
-                ),
-            });
-        }
-        let wire = self.config.wire;
-        if wire == crate::plan::Dtype::F32 {
-            return None;
-        }
-        let name = format!("{wire:?}").to_lowercase();
-        let round = |v: f32| crate::cpu::wire::from_wire(crate::cpu::wire::to_wire(v, wire), wire);
-        if let Some(&value) = x.iter().find(|&&v| !round(v).is_finite()) {
-            return Some(PfcError::OutOfRange {
-                row,
-                value,
-                reason: format!(
-                    "{value:e} rounds to infinity on the {name} all-gather wire (LayerConfig::wire); \
-                     scale the embeddings or use an f32 or bf16 wire"
-                ),
-            });
-        }
-        if x.iter().all(|&v| round(v) == 0.0) {
-            return Some(PfcError::OutOfRange {
-                row,
-                value: largest,
-                reason: format!(
-                    "every value rounds to zero on the {name} all-gather wire (largest |value| \
-                     {largest:e}); scale the embeddings or use an f32 or bf16 wire"
-                ),
-            });
         }
         None
     }
@@ -904,6 +955,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 )?
             }
         };
+        // The counter counts passes that drew their sample: every rank gets here after the same
+        // collectives, so a later failure on some of them advances all counters alike.
+        self.step += 1;
         self.grad_pending = false;
         self.last_sampled = None;
         let (b, x) = (&self.backend, &mut self.bufs);
@@ -1032,8 +1086,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         }
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
-        // Only a pass that succeeded counts (check_input kept the counter below u64::MAX).
-        self.step += 1;
         self.grad_pending = true;
         self.last_sampled = Some(s);
         Ok(StepOutput {

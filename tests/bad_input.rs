@@ -814,35 +814,135 @@ fn a_step_counter_at_its_end_refuses_the_pass() {
     assert_eq!(layer.steps(), 6);
 }
 
-#[test]
-fn a_pass_that_fails_in_a_collective_does_not_count() {
-    // Rank 1 answers the two input-agreement all-reduces by hand, then leaves: rank 0 fails in
-    // the all-gather that follows, after its sample was drawn.
-    let results = ThreadGroup::run(2, |comm| {
-        let rank = Collective::<CpuBackend>::rank(&comm);
-        let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
-        let (x, labels) = good_batch(9 + rank as u64);
-        layer.forward_backward(&x, &labels).unwrap();
-        if rank == 1 {
-            let (c, b) = (layer.collective(), CpuBackend);
-            let mut flags = vec![0.0f32; 2];
-            let mut rows = vec![0.0f32; 2];
-            let agreed = c
-                .all_reduce_f32(&b, &mut flags, 2, partial_fc::ReduceOp::Sum)
-                .and_then(|_| c.all_reduce_f32(&b, &mut rows, 2, partial_fc::ReduceOp::Sum));
-            assert!(agreed.is_ok());
-            return None;
+/// A rank's collective whose n-th all-reduce fails once `reduces_left` is armed with n, as a
+/// network error striking one rank in the softmax's all-reduces (after sampling) would; it
+/// leaves the group on failure (as a rank whose NCCL communicator was aborted), so that its
+/// peers fail too instead of waiting.
+struct FailingReduce {
+    inner: std::sync::Mutex<Option<ThreadCollective>>,
+    rank: usize,
+    world: usize,
+    reduces_left: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingReduce {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&ThreadCollective) -> Result<R, PfcError>,
+    ) -> Result<R, PfcError> {
+        match self.inner.lock().unwrap().as_ref() {
+            Some(c) => f(c),
+            None => Err(PfcError::Collective("this rank left the group".into())),
         }
-        let before = layer.steps();
-        let err = layer.forward_backward(&x, &labels).unwrap_err();
-        Some((before, layer.steps(), err))
+    }
+}
+
+impl Collective<CpuBackend> for FailingReduce {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_gather<T: partial_fc::Elem>(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<T>,
+        count: usize,
+        recv: &mut Vec<T>,
+    ) -> Result<(), PfcError> {
+        self.with(|c| c.all_gather(b, send, count, recv))
+    }
+    fn all_reduce_f32(
+        &self,
+        b: &CpuBackend,
+        buf: &mut Vec<f32>,
+        count: usize,
+        op: partial_fc::ReduceOp,
+    ) -> Result<(), PfcError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.reduces_left.load(SeqCst);
+        if left > 0 {
+            self.reduces_left.store(left - 1, SeqCst);
+            if left == 1 {
+                self.inner.lock().unwrap().take();
+                return Err(PfcError::Collective("injected all-reduce failure".into()));
+            }
+        }
+        self.with(|c| c.all_reduce_f32(b, buf, count, op))
+    }
+    fn reduce_scatter_f32(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<f32>,
+        count: usize,
+        recv: &mut Vec<f32>,
+    ) -> Result<(), PfcError> {
+        self.with(|c| c.reduce_scatter_f32(b, send, count, recv))
+    }
+    fn reduce_scatter_16(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<u16>,
+        count: usize,
+        recv: &mut Vec<u16>,
+        dtype: partial_fc::plan::Dtype,
+    ) -> Result<(), PfcError> {
+        self.with(|c| c.reduce_scatter_16(b, send, count, recv, dtype))
+    }
+    fn barrier(&self) -> Result<(), PfcError> {
+        self.with(|c| c.barrier())
+    }
+}
+
+#[test]
+fn a_pass_that_fails_after_sampling_counts_on_every_rank_alike() {
+    // Both ranks pass the input agreement (two all-reduces), gather and draw their sample; then
+    // rank 0's first softmax all-reduce fails (and it leaves), so rank 1's fails too. The
+    // counter counts drawn samples: both advance by one, so their samplers stay in step, and
+    // neither applies the failed pass's gradient.
+    let handles = ThreadGroup::with_timeout(2, Duration::from_secs(20));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let joins: Vec<_> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                scope.spawn(move || {
+                    let comm = FailingReduce {
+                        inner: std::sync::Mutex::new(Some(comm)),
+                        rank,
+                        world: 2,
+                        reduces_left: 0.into(),
+                    };
+                    let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+                    let (x, labels) = good_batch(9 + rank as u64);
+                    layer.forward_backward(&x, &labels).unwrap();
+                    layer.step(0.1).unwrap();
+                    let before = layer.steps();
+                    if rank == 0 {
+                        layer
+                            .collective()
+                            .reduces_left
+                            .store(3, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let res = layer.forward_backward(&x, &labels).map(|_| ());
+                    (before, layer.steps(), res, layer.step(0.1))
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    let (before, after, err) = results.into_iter().next().unwrap().unwrap();
-    assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
-    assert_eq!(
-        before, after,
-        "a failed pass must not advance the step counter"
-    );
+    for (rank, (before, after, res, pending)) in results.into_iter().enumerate() {
+        assert!(
+            matches!(res, Err(PfcError::Collective(_))),
+            "rank {rank}: {res:?}"
+        );
+        assert_eq!(after, before + 1, "rank {rank}");
+        assert!(
+            pending.is_err(),
+            "rank {rank}: the failed pass's gradient must not be applied"
+        );
+    }
 }
 
 #[test]

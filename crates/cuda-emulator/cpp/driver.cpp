@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include <sched.h>
 #include <sys/mman.h>
 
 #include "scheduler.h"
@@ -58,13 +59,12 @@ int pool_tag;
 // One allocation: the caller's `bytes` end at the end of a run of pages (rounded up to 256
 // bytes, the alignment cuMemAlloc promises), with an inaccessible page before and after. A kernel
 // that runs past either end faults (fiber.cpp reports which kernel, thread and allocation); the
-// bytes between `bytes` and the next page, and before the allocation in its first page, hold the
-// fill pattern, and a write there is reported when the allocation is freed.
+// bytes between `bytes` and the next page, and before the allocation in its first page, hold a
+// canary byte of their own, and a write there is reported when the allocation is freed.
 struct Allocation {
     size_t bytes = 0, rounded = 0;
     char* map = nullptr;  // the whole mapping, guard pages included
     size_t map_len = 0;
-    unsigned char fill = 0;
 };
 
 struct Memory {
@@ -78,6 +78,7 @@ Memory& memory() {
 }
 
 constexpr size_t PAGE = 4096;
+constexpr unsigned char SLACK = 0xa5;  // the canary around an allocation, in its own pages
 
 // The first byte in [from, to) that is not `fill`, or `to`.
 const unsigned char* first_changed(const unsigned char* from, const unsigned char* to, unsigned char fill) {
@@ -114,11 +115,14 @@ CUresult alloc(CUdeviceptr* out, size_t bytes) {
     // gets the same patterns at every run. The slack around the allocation gets the same bytes.
     thread_local unsigned allocations = 0;
     unsigned char fill = (allocations++ & 1) ? 0x5a : 0xff;
-    std::memset(map + PAGE, fill, body);
+    // The slack gets a canary of its own, so that a stray write of the fill byte (-1, a NaN)
+    // shows too.
+    std::memset(map + PAGE, SLACK, body);
+    std::memset(p, fill, bytes);
     Memory& mem = memory();
     std::lock_guard<std::mutex> g(mem.lock);
     *out = (CUdeviceptr)p;
-    mem.live[*out] = Allocation{bytes, rounded, map, map_len, fill};
+    mem.live[*out] = Allocation{bytes, rounded, map, map_len};
     mem.used += rounded;
     if (mem.used > mem.high) mem.high = mem.used;
     if (mem.used > mem.reserved_high) mem.reserved_high = mem.used;
@@ -132,8 +136,8 @@ void check_slack(CUdeviceptr p, const Allocation& a) {
     const unsigned char* begin = (const unsigned char*)p;
     const unsigned char* end = begin + a.bytes;
     const unsigned char* body_end = (const unsigned char*)a.map + a.map_len - PAGE;
-    const unsigned char* before = first_changed(start, begin, a.fill);
-    const unsigned char* after = end_of_changed(end, body_end, a.fill);
+    const unsigned char* before = first_changed(start, begin, SLACK);
+    const unsigned char* after = end_of_changed(end, body_end, SLACK);
     if (before == begin && after == end) return;
     if (after != end)
         std::fprintf(stderr,
@@ -185,7 +189,14 @@ namespace emu {
 bool describe_address(uintptr_t a, char* buf, size_t len) {
     Memory& m = memory();
     std::unique_lock<std::mutex> g(m.lock, std::try_to_lock);
-    if (!g.owns_lock()) return false;
+    for (int tries = 0; !g.owns_lock() && tries < 1000; tries++) {
+        sched_yield();  // another rank's thread may be allocating
+        g.try_lock();
+    }
+    if (!g.owns_lock()) {
+        std::snprintf(buf, len, "(the allocation table was busy: not looked up)");
+        return false;
+    }
     for (auto& [p, al] : m.live) {
         if (a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_len) continue;
         if (a >= p + al.bytes)

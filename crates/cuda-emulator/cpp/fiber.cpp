@@ -274,7 +274,10 @@ std::string run_block(BlockRun& r) {
         permute(warp_order.data(), warps, x);
         for (size_t w : warp_order) {
             size_t first = w * 32, count = std::min(n - first, (size_t)32);
-            for (;;) {
+            // At most a random number of collectives per turn: far enough ahead to expose a
+            // missing __syncthreads, never so far that a warp spinning (with __syncwarp) on a
+            // flag another warp sets keeps that warp from ever running.
+            for (uint64_t turn = 1 + next_random(x) % 16;; turn--) {
                 for (size_t l = 0; l < count; l++) lanes[l] = first + l;
                 permute(lanes.data(), count, x);
                 for (size_t l = 0; l < count; l++) {
@@ -289,6 +292,7 @@ std::string run_block(BlockRun& r) {
                 if (!error.empty()) return error;
                 if (!released) break;
                 progressed = true;
+                if (turn == 1) break;
             }
         }
         size_t live = 0, at_block = 0;
@@ -371,8 +375,8 @@ void on_fault(int sig, siginfo_t* info, void* context) {
         int len;
         if (sig == SIGILL)
             len = std::snprintf(msg, sizeof msg,
-                                "partial-fc CUDA emulator: memcheck: %s: an index past the bound of a "
-                                "shared or local array (a -fsanitize=bounds trap)\n",
+                                "partial-fc CUDA emulator: memcheck: %s: a trap, most likely an index "
+                                "past the bound of a shared or local array (-fsanitize=bounds)\n",
                                 who);
         else
             len = std::snprintf(msg, sizeof msg,
@@ -383,10 +387,10 @@ void on_fault(int sig, siginfo_t* info, void* context) {
         abort();
     }
     struct sigaction* prev = sig == SIGSEGV ? &previous_segv : sig == SIGBUS ? &previous_bus : &previous_ill;
-    if (prev->sa_flags & SA_SIGINFO) {
-        prev->sa_sigaction(sig, info, context);
-    } else if (prev->sa_handler == SIG_DFL || prev->sa_handler == SIG_IGN) {
+    if (prev->sa_handler == SIG_DFL || prev->sa_handler == SIG_IGN) {
         sigaction(sig, prev, nullptr);  // returning re-runs the access under the default action
+    } else if (prev->sa_flags & SA_SIGINFO) {
+        prev->sa_sigaction(sig, info, context);
     } else {
         prev->sa_handler(sig);
     }

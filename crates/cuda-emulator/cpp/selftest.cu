@@ -114,3 +114,19 @@ extern "C" __global__ void emu_test_warp_runs_ahead(int* out) {
     out[(blockIdx.x * blockDim.x + threadIdx.x) * 2] = first;
     out[(blockIdx.x * blockDim.x + threadIdx.x) * 2 + 1] = second;
 }
+
+// Warp 0 spins (with __syncwarp) until warp 1 sets its block's flag: legal since Volta, where
+// warps make progress independently. The scheduler must not run warp 0 forever.
+extern "C" __global__ void emu_test_spin_on_another_warp(int* flags, int* out) {
+    volatile int* flag = flags + blockIdx.x;
+    if (threadIdx.x < 32) {
+        int spins = 0;
+        while (*flag == 0) {
+            __syncwarp();
+            spins++;
+        }
+        out[blockIdx.x * 32 + threadIdx.x] = spins >= 0;
+    } else if (threadIdx.x == 32) {
+        *flag = 1;
+    }
+}

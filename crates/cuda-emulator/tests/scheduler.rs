@@ -356,6 +356,40 @@ fn a_warp_runs_ahead_of_the_others_between_barriers() {
 }
 
 #[test]
+fn a_warp_spinning_on_another_warp_does_not_starve_it() {
+    if !built() {
+        return;
+    }
+    // On a separate thread, so that a scheduler that starves warp 1 fails this test instead of
+    // hanging the run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let blocks = 8usize;
+        let mut flags = vec![0i32; blocks];
+        let mut out = vec![0i32; blocks * 32];
+        let mut ptrs = [
+            flags.as_mut_ptr() as *mut c_void,
+            out.as_mut_ptr() as *mut c_void,
+        ];
+        let mut args: Vec<*mut c_void> = ptrs.iter_mut().map(arg).collect();
+        let res = unsafe {
+            raw::launch(
+                "emu_test_spin_on_another_warp",
+                blocks as u32,
+                64,
+                &mut args,
+            )
+        };
+        let _ = tx.send((res, flags, out));
+    });
+    let (res, flags, out) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the spinning warp starved the warp that sets its flag (no result in 60 s)");
+    assert_eq!(res, Ok(()));
+    assert!(flags.iter().all(|f| *f == 1) && out.iter().all(|o| *o == 1));
+}
+
+#[test]
 fn copies_outside_an_allocation_are_errors() {
     if !built() {
         return;
@@ -402,6 +436,8 @@ fn memcheck_case() {
         "past_the_end" => (1024, 256),
         "before_the_start" => (4096, -1),
         "into_the_slack" => (1000, 250),
+        // -1 is all 0xff bytes, the fill of the first allocation: the slack's canary differs.
+        "fill_byte_into_the_slack" => (1000, 250),
         "shared_index" => (0, 0),
         "gemm_operand" => (1, 0),
         other => panic!("unknown case {other}"),
@@ -436,7 +472,12 @@ fn memcheck_case() {
         let _ = unsafe { raw::launch("emu_test_shared_index", 1, 8, &mut args) };
     } else {
         let p = raw::alloc(bytes).unwrap();
-        let (mut ptr, mut at, mut value) = (p as *mut c_void, index, 5i32);
+        let value = if case == "fill_byte_into_the_slack" {
+            -1
+        } else {
+            5i32
+        };
+        let (mut ptr, mut at, mut value) = (p as *mut c_void, index, value);
         let mut args = vec![arg(&mut ptr), arg(&mut at), arg(&mut value)];
         let _ = unsafe { raw::launch("emu_test_write_at", 1, 32, &mut args) };
         let _ = raw::free(p);
@@ -469,6 +510,16 @@ fn memory_errors_stop_the_process_naming_the_kernel_and_allocation() {
             "shared_index",
             "kernel emu_test_shared_index, block (0,0,0), thread (",
             "past the bound of a shared or local array",
+        ),
+        (
+            "gemm_operand",
+            "cublasGemmEx's A reads or writes 64 bytes",
+            "outside the allocation",
+        ),
+        (
+            "fill_byte_into_the_slack",
+            "wrote 4 bytes past the end of the allocation",
+            "of 1000 bytes (found when it was freed)",
         ),
     ];
     for (case, who, what) in cases {
