@@ -3,13 +3,24 @@
 //! On any failure the temporary file is removed and an existing file is left as it was.
 
 use crate::error::{PfcError, Result};
-use crate::tensor_file::{temp_path_beside, write_synced};
+use crate::tensor_file::temp_path_beside;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (see the module docs); errors name `path`.
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Atomically replaces `path` with what `write` puts into the temporary file it is given (a
+/// file it creates); the file is flushed to the disk before the rename.
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = temp_path_beside(path);
-    let written = write_synced(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let written = write(&tmp)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
     written.map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
         PfcError::Io {

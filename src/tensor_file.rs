@@ -4,15 +4,33 @@
 //! header, so a truncated or corrupt file is an error rather than garbage.
 
 use crate::error::{PfcError, Result};
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::Dtype as StDtype;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// A safetensors file read into memory and validated.
+/// Largest header accepted (safetensors' own limit): a file claiming more is refused before
+/// anything is allocated for it.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Where one tensor lies in the file.
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// A safetensors file whose header has been read and validated; tensors are read from the file
+/// one at a time, straight into their vectors. A shard of hundreds of millions of classes is
+/// tens of gigabytes: holding the file's bytes and the decoded tensors at once would double the
+/// host memory a load needs.
 pub struct TensorFile {
     path: PathBuf,
-    bytes: Vec<u8>,
     metadata: HashMap<String, String>,
+    tensors: HashMap<String, Entry>,
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> PfcError {
@@ -22,22 +40,105 @@ fn format_err(path: &Path, reason: impl Into<String>) -> PfcError {
     }
 }
 
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
+    move |source| PfcError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
 impl TensorFile {
-    /// Reads and parses `path` (header and every tensor's bounds are checked).
+    /// Opens `path` and validates its header: every tensor's dtype, shape and byte range, which
+    /// must tile the data section exactly as the file's length says (so a truncated file is an
+    /// error here, before any tensor is read).
     pub fn read(path: &Path) -> Result<TensorFile> {
-        let bytes = std::fs::read(path).map_err(|source| PfcError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| format_err(path, format!("not a valid safetensors file ({e})")))?;
-        let metadata = meta.metadata().clone().unwrap_or_default();
-        SafeTensors::deserialize(&bytes)
-            .map_err(|e| format_err(path, format!("not a valid safetensors file ({e})")))?;
+        let bad =
+            |reason: String| format_err(path, format!("not a valid safetensors file ({reason})"));
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER || 8 + n > len {
+            return Err(bad(format!("a header of {n} bytes in a file of {len}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io_err(path))?;
+        let header: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_start = 8 + n;
+        let mut metadata = HashMap::new();
+        let mut tensors = HashMap::new();
+        let mut ranges = Vec::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                metadata =
+                    serde_json::from_value(info).map_err(|e| bad(format!("__metadata__: {e}")))?;
+                continue;
+            }
+            let field = |key: &str| {
+                info.get(key)
+                    .ok_or_else(|| bad(format!("tensor {name} has no {key}")))
+            };
+            let dtype: String = serde_json::from_value(field("dtype")?.clone())
+                .map_err(|e| bad(format!("tensor {name}: dtype: {e}")))?;
+            let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
+                .map_err(|e| bad(format!("tensor {name}: shape: {e}")))?;
+            let [b, e]: [u64; 2] = serde_json::from_value(field("data_offsets")?.clone())
+                .map_err(|e| bad(format!("tensor {name}: data_offsets: {e}")))?;
+            let elem =
+                dtype_bytes(&dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype}")))?;
+            let bytes = shape
+                .iter()
+                .try_fold(elem, |acc, &d| acc.checked_mul(d as u64))
+                .ok_or_else(|| bad(format!("tensor {name}: shape {shape:?} overflows")))?;
+            if e < b || e - b != bytes {
+                return Err(bad(format!(
+                    "tensor {name}: {dtype} {shape:?} is {bytes} bytes, its data_offsets [{b}, {e}]"
+                )));
+            }
+            ranges.push((b, e));
+            tensors.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape,
+                    start: data_start + b,
+                    end: data_start + e,
+                },
+            );
+        }
+        // The byte ranges must tile [0, data length) with no gap or overlap, as safetensors
+        // writes them and checks them.
+        ranges.sort_unstable();
+        let mut at = 0u64;
+        for (b, e) in ranges {
+            if b != at {
+                return Err(bad(format!("tensor data at byte {b}, {at} expected")));
+            }
+            at = e;
+        }
+        if data_start + at != len {
+            return Err(bad(format!(
+                "its tensors end at byte {}, the file at {len} (truncated or padded)",
+                data_start + at
+            )));
+        }
         Ok(TensorFile {
             path: path.to_path_buf(),
-            bytes,
             metadata,
+            tensors,
         })
     }
 
@@ -56,45 +157,52 @@ impl TensorFile {
         }
     }
 
-    fn view(&self, name: &str, want: StDtype) -> Result<Option<(Vec<usize>, &[u8])>> {
-        let st = SafeTensors::deserialize(&self.bytes)
-            .map_err(|e| format_err(&self.path, e.to_string()))?;
-        let view = match st.tensor(name) {
-            Ok(v) => v,
-            Err(_) => return Ok(None),
+    /// Reads tensor `name` of dtype `want` into a vector of `T` (a plain little-endian number
+    /// type of the same size), `None` if the file has no such tensor.
+    fn read_tensor<T: bytemuck::Pod + Default>(
+        &self,
+        name: &str,
+        want: &str,
+        from_le: fn(T) -> T,
+    ) -> Result<Option<(Vec<T>, Vec<usize>)>> {
+        let Some(entry) = self.tensors.get(name) else {
+            return Ok(None);
         };
-        if view.dtype() != want {
+        if entry.dtype != want {
             return Err(format_err(
                 &self.path,
-                format!("tensor {name} is {:?}, {want:?} expected", view.dtype()),
+                format!("tensor {name} is {}, {want} expected", entry.dtype),
             ));
         }
-        let shape = view.shape().to_vec();
-        // The data borrows self.bytes, which outlives the SafeTensors view.
-        let start = view.data().as_ptr() as usize - self.bytes.as_ptr() as usize;
-        Ok(Some((shape, &self.bytes[start..start + view.data().len()])))
+        let count = ((entry.end - entry.start) / std::mem::size_of::<T>() as u64) as usize;
+        let mut values: Vec<T> = Vec::new();
+        values.try_reserve_exact(count).map_err(|_| {
+            format_err(
+                &self.path,
+                format!("tensor {name}: no memory for {count} values"),
+            )
+        })?;
+        values.resize(count, T::default());
+        let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
+        file.seek(SeekFrom::Start(entry.start))
+            .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
+            .map_err(io_err(&self.path))?;
+        if cfg!(target_endian = "big") {
+            values.iter_mut().for_each(|v| *v = from_le(*v));
+        }
+        Ok(Some((values, entry.shape.clone())))
     }
 
     /// An f32 tensor and its shape, `None` if absent.
     pub fn f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
-        Ok(self.view(name, StDtype::F32)?.map(|(shape, data)| {
-            let values = data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (values, shape)
-        }))
+        self.read_tensor(name, "F32", |v: f32| {
+            f32::from_bits(u32::from_le(v.to_bits()))
+        })
     }
 
     /// An i64 tensor and its shape, `None` if absent.
     pub fn i64(&self, name: &str) -> Result<Option<(Vec<i64>, Vec<usize>)>> {
-        Ok(self.view(name, StDtype::I64)?.map(|(shape, data)| {
-            let values = data
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect();
-            (values, shape)
-        }))
+        self.read_tensor(name, "I64", i64::from_le)
     }
 
     /// A tensor that must exist.
@@ -116,41 +224,56 @@ pub enum OutTensor<'a> {
     I64(&'a str, Vec<usize>, &'a [i64]),
 }
 
+/// The little-endian bytes of `values`: borrowed on a little-endian host (no copy of a shard
+/// that may be tens of gigabytes), converted on a big-endian one.
+fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(T) -> T) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        let converted: Vec<T> = values.iter().map(|&v| to_le(v)).collect();
+        std::borrow::Cow::Owned(bytemuck::cast_slice(&converted).to_vec())
+    }
+}
+
+/// A tensor to write as name, dtype, shape and little-endian bytes.
+type OutBytes<'a> = (String, StDtype, Vec<usize>, std::borrow::Cow<'a, [u8]>);
+
 /// Writes tensors and metadata to `path` atomically: to a temporary file beside it, then a
 /// rename, so a crash or a full disk never leaves a half-written file under the final name.
+/// The tensors are written from the caller's slices, without a serialized copy in memory.
 pub fn write_atomic(
     path: &Path,
     tensors: &[OutTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let mut owned: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for t in tensors {
-        match t {
-            OutTensor::F32(name, shape, data) => owned.push((
+    let bytes: Vec<OutBytes<'_>> = tensors
+        .iter()
+        .map(|t| match t {
+            OutTensor::F32(name, shape, data) => (
                 name.to_string(),
                 StDtype::F32,
                 shape.clone(),
-                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )),
-            OutTensor::I64(name, shape, data) => owned.push((
+                le_bytes(data, |v: f32| f32::from_bits(v.to_bits().to_le())),
+            ),
+            OutTensor::I64(name, shape, data) => (
                 name.to_string(),
                 StDtype::I64,
                 shape.clone(),
-                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )),
-        }
-    }
-    let views = owned
+                le_bytes(data, i64::to_le),
+            ),
+        })
+        .collect();
+    let views = bytes
         .iter()
-        .map(|(n, dt, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+        .map(|(n, dt, shape, data)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| format_err(path, format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| format_err(path, e.to_string()))?;
-    crate::atomic_file::write_bytes_atomic(path, &bytes)
+    crate::atomic_file::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(std::io::Error::other)
+    })
 }
 
 /// A temporary path beside `path`, unique per process and call: ranks of one process writing
@@ -164,12 +287,4 @@ pub(crate) fn temp_path_beside(path: &Path) -> PathBuf {
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp{}.{n}", std::process::id()))
-}
-
-/// Writes and flushes to the disk, so the rename that follows never exposes unwritten data.
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
