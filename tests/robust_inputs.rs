@@ -487,3 +487,55 @@ fn failed_id_file_write_leaves_no_temporary_file() {
     assert_eq!(std::fs::read_to_string(&good).unwrap(), "ab".repeat(128));
     assert!(leftovers(dir.path(), &["nccl.id", "good.id"]).is_empty());
 }
+
+/// A safetensors file of one f32 tensor "w" with the given header fields and `data` bytes.
+fn tensor_file_with(shape: &str, offsets: &str, data: &[u8]) -> Vec<u8> {
+    let header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":{offsets}}},"__metadata__":{{"k":"v"}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+#[test]
+fn tensor_files_whose_header_and_data_disagree_are_format_errors() {
+    use partial_fc::tensor_file::TensorFile;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.safetensors");
+    let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    // The well-formed file reads back.
+    std::fs::write(&path, tensor_file_with("[2]", "[0,8]", &data)).unwrap();
+    let file = TensorFile::read(&path).unwrap();
+    assert_eq!(file.f32("w").unwrap().unwrap(), (vec![1.0, 2.0], vec![2]));
+    assert_eq!(file.metadata()["k"], "v");
+    let mut padded = data.clone();
+    padded.extend_from_slice(&[0; 4]);
+    let bad = [
+        ("padded", tensor_file_with("[2]", "[0,8]", &padded)),
+        ("truncated", tensor_file_with("[2]", "[0,8]", &data[..6])),
+        ("shape vs offsets", tensor_file_with("[3]", "[0,8]", &data)),
+        (
+            "offsets not from 0",
+            tensor_file_with("[1]", "[4,8]", &data),
+        ),
+        (
+            "shape overflows",
+            tensor_file_with("[4611686018427387904,8]", "[0,8]", &data),
+        ),
+        ("negative dim", tensor_file_with("[-2]", "[0,8]", &data)),
+    ];
+    for (what, bytes) in bad {
+        std::fs::write(&path, bytes).unwrap();
+        match TensorFile::read(&path) {
+            Err(PfcError::Format { .. }) => {}
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+    // A tensor of another dtype than asked is an error, not a reinterpretation.
+    std::fs::write(&path, tensor_file_with("[2]", "[0,8]", &data)).unwrap();
+    let file = TensorFile::read(&path).unwrap();
+    assert!(matches!(file.i64("w"), Err(PfcError::Format { .. })));
+    assert!(file.f32("absent").unwrap().is_none());
+}
