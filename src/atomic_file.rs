@@ -8,26 +8,39 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (see the module docs); errors name `path`.
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
+    write_atomic_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(io_error(path))
+    })
+}
+
+/// The crate's I/O error for the destination `path` (the temporary file's name means nothing
+/// to the user).
+pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
+    move |source| PfcError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Atomically replaces `path` with what `write` puts into the temporary file it is given (a
-/// file it creates); the file is flushed to the disk before the rename.
+/// file it creates); the file is flushed to the disk before the rename. An error from `write`
+/// (an I/O error, or one of the data it writes, such as a failed device download) is returned
+/// as it is, after the temporary file is removed.
 pub(crate) fn write_atomic_with(
     path: &Path,
-    write: impl FnOnce(&Path) -> std::io::Result<()>,
+    write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let tmp = temp_path_beside(path);
-    let written = write(&tmp)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|source| {
+    let written = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io_error(path))
+    });
+    if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        PfcError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    }
+    written
 }
 
 #[cfg(test)]

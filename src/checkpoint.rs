@@ -7,7 +7,7 @@
 use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
 use crate::layer::PartialFc;
-use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
+use crate::tensor_file::{write_streamed_atomic, StreamedTensor, TensorFile};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -27,17 +27,27 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// other.load(&path).unwrap();
     /// assert_eq!(other.weight().unwrap(), layer.weight().unwrap());
     /// ```
+    ///
+    /// The shard goes through host memory a block (64 MiB) at a time, so a shard of tens of
+    /// gigabytes needs no host copy of itself.
     pub fn save(&self, path: &Path) -> Result<()> {
         let shard = self.shard();
-        let d = self.config().dim;
-        let weight = self.weight()?;
-        let momentum = self.momentum()?;
-        let shape = vec![shard.len as usize, d];
-        let mut tensors = vec![OutTensor::F32("weight", shape.clone(), &weight)];
-        if let Some(m) = &momentum {
-            tensors.push(OutTensor::F32("momentum", shape, m));
+        let shape = vec![shard.len as usize, self.config().dim];
+        let weight = |offset, len| self.weight_block(offset, len);
+        let momentum = |offset, len| self.momentum_block(offset, len);
+        let mut tensors = vec![StreamedTensor {
+            name: "weight",
+            shape: shape.clone(),
+            block: &weight,
+        }];
+        if self.config().optimizer.is_some() {
+            tensors.push(StreamedTensor {
+                name: "momentum",
+                shape,
+                block: &momentum,
+            });
         }
-        write_atomic(path, &tensors, self.checkpoint_metadata())
+        write_streamed_atomic(path, &tensors, self.checkpoint_metadata())
     }
 
     fn checkpoint_metadata(&self) -> HashMap<String, String> {

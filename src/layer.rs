@@ -620,6 +620,19 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(())
     }
 
+    /// Weight values `offset .. offset + len` (row-major over the shard), for streaming.
+    pub(crate) fn weight_block(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
+        self.backend.download_at(&self.bufs.weight, offset, len)
+    }
+
+    /// Momentum values `offset .. offset + len`, widened to f32; an error without optimizer.
+    pub(crate) fn momentum_block(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
+        match &self.bufs.momentum {
+            Some(m) => m.download_at(&self.backend, offset, len),
+            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
+        }
+    }
+
     /// The optimizer's momentum, if the layer has one (a bf16 momentum widened to f32, exactly).
     pub fn momentum(&self) -> Result<Option<Vec<f32>>> {
         let len = self.shard.len as usize * self.config.dim;

@@ -272,7 +272,89 @@ pub fn write_atomic(
         })
         .collect::<Result<Vec<_>>>()?;
     crate::atomic_file::write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(std::io::Error::other)
+        safetensors::serialize_to_file(views, Some(metadata), tmp)
+            .map_err(|e| format_err(path, format!("writing: {e}")))
+    })
+}
+
+/// One f32 tensor written block by block: `block(offset, len)` returns its values
+/// `offset .. offset + len` (downloaded from a device, say).
+pub struct StreamedTensor<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Shape; its product is the number of values.
+    pub shape: Vec<usize>,
+    /// The values of a range.
+    pub block: &'a dyn Fn(usize, usize) -> Result<Vec<f32>>,
+}
+
+/// Values per block of [`write_streamed_atomic`]: 64 MiB of f32.
+const STREAM_BLOCK: usize = 1 << 24;
+
+/// Writes f32 tensors to a safetensors file at `path` atomically, one block of each at a time,
+/// so that the host never holds more than a block of them: a rank's shard of hundreds of
+/// millions of classes would not fit beside itself in host memory.
+pub fn write_streamed_atomic(
+    path: &Path,
+    tensors: &[StreamedTensor<'_>],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(&metadata).unwrap_or_default(),
+    );
+    let mut at = 0u64;
+    let mut lens = Vec::new();
+    for t in tensors {
+        let len = t
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format_err(path, format!("tensor {}: shape overflows", t.name)))?;
+        let end = at + 4 * len as u64;
+        header.insert(
+            t.name.into(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [at, end]}),
+        );
+        lens.push(len);
+        at = end;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| format_err(path, e.to_string()))?;
+    // Padded with spaces to a multiple of 8, as safetensors writes it, so that the data that
+    // follows is aligned for readers that map the file.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    crate::atomic_file::write_atomic_with(path, |tmp| {
+        let io = crate::atomic_file::io_error(path);
+        let file = File::create(tmp).map_err(&io)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(&io)?;
+        out.write_all(&header).map_err(&io)?;
+        for (t, &len) in tensors.iter().zip(&lens) {
+            let mut offset = 0;
+            while offset < len {
+                let n = STREAM_BLOCK.min(len - offset);
+                let values = (t.block)(offset, n)?;
+                if values.len() != n {
+                    return Err(format_err(
+                        path,
+                        format!(
+                            "tensor {}: a block of {} values, {n} expected",
+                            t.name,
+                            values.len()
+                        ),
+                    ));
+                }
+                out.write_all(&le_bytes(&values, |v: f32| {
+                    f32::from_bits(v.to_bits().to_le())
+                }))
+                .map_err(&io)?;
+                offset += n;
+            }
+        }
+        out.flush().map_err(&io)
     })
 }
 

@@ -539,3 +539,29 @@ fn tensor_files_whose_header_and_data_disagree_are_format_errors() {
     assert!(matches!(file.i64("w"), Err(PfcError::Format { .. })));
     assert!(file.f32("absent").unwrap().is_none());
 }
+
+#[test]
+fn a_checkpoint_of_several_streaming_blocks_round_trips() {
+    // 40,000 × 512 = 20.5M values per tensor: the save streams each tensor in two blocks of at
+    // most 2^24 values, with a bf16 momentum widened block by block.
+    use partial_fc::{collective::SingleRank, LayerConfig, PartialFc};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.safetensors");
+    let mut cfg = LayerConfig::new(40_000, 512, 4);
+    if let Some(sgd) = cfg.optimizer.as_mut() {
+        sgd.state_dtype = StateDtype::Bf16;
+    }
+    let mut layer = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    let (x, labels) = (
+        partial_fc::init::normal_rows(5, 0, 4, 512, 1.0),
+        vec![3i64, 17, 39_999, 20_000],
+    );
+    layer.forward_backward(&x, &labels).unwrap();
+    layer.step(0.1).unwrap();
+    layer.save(&path).unwrap();
+    let mut other = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
+    other.load(&path).unwrap();
+    assert!(other.weight().unwrap() == layer.weight().unwrap());
+    assert!(other.momentum().unwrap() == layer.momentum().unwrap());
+    assert_eq!(other.steps(), layer.steps());
+}

@@ -108,10 +108,15 @@ impl<B: Backend> StateBuf<B> {
 
     /// The first `len` values, widened to f32 (exact for bf16).
     pub fn download(&self, backend: &B, len: usize) -> Result<Vec<f32>> {
+        self.download_at(backend, 0, len)
+    }
+
+    /// Values `offset .. offset + len`, widened to f32 (exact for bf16).
+    pub fn download_at(&self, backend: &B, offset: usize, len: usize) -> Result<Vec<f32>> {
         match self {
-            StateBuf::F32(b) => backend.download(b, len),
+            StateBuf::F32(b) => backend.download_at(b, offset, len),
             StateBuf::Bf16(b) => Ok(backend
-                .download(b, len)?
+                .download_at(b, offset, len)?
                 .into_iter()
                 .map(|v| half::bf16::from_bits(v).to_f32())
                 .collect()),
@@ -170,6 +175,20 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Copies the first `len` elements of `src` to the host.
     fn download<T: Elem>(&self, src: &Self::Buf<T>, len: usize) -> Result<Vec<T>>;
+    /// Copies elements `offset .. offset + len` of `src` to the host (a checkpoint streams a
+    /// shard through the host in blocks this way, instead of a copy of all of it). The default
+    /// downloads the prefix and keeps its tail; the CPU and CUDA backends copy only the range.
+    fn download_at<T: Elem>(
+        &self,
+        src: &Self::Buf<T>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            crate::error::PfcError::Shape(format!("download of {len} at offset {offset}"))
+        })?;
+        Ok(self.download(src, end)?.split_off(offset))
+    }
     /// Copies the first `len` elements of `src` into `dst`.
     fn copy<T: Elem>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>, len: usize) -> Result<()>;
     /// Sets the first `len` elements to zero.

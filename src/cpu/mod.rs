@@ -181,6 +181,11 @@ impl Backend for CpuBackend {
         Ok(src[..len].to_vec())
     }
 
+    fn download_at<T: Elem>(&self, src: &Vec<T>, offset: usize, len: usize) -> Result<Vec<T>> {
+        need(src, offset.saturating_add(len), "download_at")?;
+        Ok(src[offset..offset + len].to_vec())
+    }
+
     fn copy<T: Elem>(&self, src: &Vec<T>, dst: &mut Vec<T>, len: usize) -> Result<()> {
         need(src, len, "copy source")?;
         need(dst, len, "copy destination")?;

@@ -747,12 +747,21 @@ impl Backend for CudaBackend {
     }
 
     fn download<T: Elem>(&self, src: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
-        need(src, len, "download")?;
+        self.download_at(src, 0, len)
+    }
+
+    fn download_at<T: Elem>(
+        &self,
+        src: &CudaSlice<T>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        need(src, offset.saturating_add(len), "download_at")?;
         if len == 0 {
             return Ok(Vec::new());
         }
         self.stream
-            .clone_dtoh(&src.slice(..len))
+            .clone_dtoh(&src.slice(offset..offset + len))
             .map_err(dev("download"))
     }
 
