@@ -7,7 +7,7 @@
 use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
 use crate::layer::PartialFc;
-use crate::tensor_file::{write_streamed_atomic, StreamedTensor, TensorFile};
+use crate::tensor_file::{write_streamed_atomic, StreamedTensor, TensorFile, STREAM_BLOCK};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -31,6 +31,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// The shard goes through host memory a block (64 MiB) at a time, so a shard of tens of
     /// gigabytes needs no host copy of itself.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.check_complete()?;
         let shard = self.shard();
         let shape = vec![shard.len as usize, self.config().dim];
         let weight = |offset, len| self.weight_block(offset, len);
@@ -68,7 +69,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         .collect()
     }
 
-    /// Loads this rank's shard from `path`. Every field is checked before the layer changes.
+    /// Loads this rank's shard from `path`. Every field, and every value (a NaN, a read error),
+    /// is checked before the layer changes. The tensors go through the host a block (64 MiB) at
+    /// a time, read twice: once to check them, once to upload them. Should the second read fail
+    /// (the file changed or became unreadable in between), the layer is left part old, part new
+    /// and says so: it refuses to train or save until a load succeeds.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let file = TensorFile::read(path)?;
         let mismatch = |reason: String| PfcError::Checkpoint {
@@ -98,18 +103,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .meta("step")?
             .ok_or_else(|| mismatch("step is missing".into()))?;
         let shape = vec![self.shard().len as usize, self.config().dim];
-        let (weight, wshape) = file.require("weight", file.f32("weight"))?;
-        if wshape != shape {
-            return Err(mismatch(format!(
-                "weight has shape {wshape:?}, {shape:?} expected"
-            )));
-        }
-        let momentum = file.f32("momentum")?;
-        let has_optimizer = self.config().optimizer.is_some();
-        match (&momentum, has_optimizer) {
-            (Some((_, mshape)), true) if *mshape != shape => {
+        match file.shape("weight") {
+            None => return Err(mismatch("weight is missing".into())),
+            Some(s) if s != shape.as_slice() => {
                 return Err(mismatch(format!(
-                    "momentum has shape {mshape:?}, {shape:?} expected"
+                    "weight has shape {s:?}, {shape:?} expected"
+                )))
+            }
+            Some(_) => {}
+        }
+        let has_optimizer = self.config().optimizer.is_some();
+        match (file.shape("momentum"), has_optimizer) {
+            (Some(s), true) if s != shape.as_slice() => {
+                return Err(mismatch(format!(
+                    "momentum has shape {s:?}, {shape:?} expected"
                 )))
             }
             (None, true) => return Err(mismatch("momentum is missing".into())),
@@ -120,28 +127,82 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "step is u64::MAX: the step counter could not advance".into(),
             ));
         }
+        let mut names = vec!["weight"];
+        if has_optimizer {
+            names.push("momentum");
+        }
+        // The tensors go through the host a block at a time: first every block is read and
+        // checked (a NaN or a read error changes nothing), then read again and uploaded.
         let dim = self.config().dim.max(1);
-        let non_finite = [
-            ("weight", Some(&weight)),
-            ("momentum", momentum.as_ref().map(|m| &m.0)),
-        ]
-        .into_iter()
-        .filter_map(|(name, v)| Some((name, v?)))
-        .find_map(|(name, v)| Some((name, v.iter().position(|x| !x.is_finite())?, v)));
-        if let Some((name, i, v)) = non_finite {
-            return Err(mismatch(format!(
-                "{name} holds {} at row {}, column {}",
-                v[i],
-                i / dim,
-                i % dim
-            )));
+        let len = shape[0] * shape[1];
+        for name in &names {
+            for offset in (0..len).step_by(STREAM_BLOCK) {
+                let block = file.f32_block(name, offset, STREAM_BLOCK.min(len - offset))?;
+                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+                    let at = offset + i;
+                    return Err(mismatch(format!(
+                        "{name} holds {} at row {}, column {}",
+                        block[i],
+                        at / dim,
+                        at % dim
+                    )));
+                }
+            }
         }
-        // Shapes and values are checked above: upload without scanning them a second time.
-        self.put_weight(&weight)?;
-        if let (Some((m, _)), true) = (momentum, has_optimizer) {
-            self.put_momentum(&m)?;
+        // A failure from here on (the file changed or became unreadable since the check) leaves
+        // the layer part old, part new: it is marked so, and refuses to train or save until a
+        // load or set_weight succeeds.
+        self.begin_replacing_state();
+        for name in &names {
+            for offset in (0..len).step_by(STREAM_BLOCK) {
+                let block = file.f32_block(name, offset, STREAM_BLOCK.min(len - offset))?;
+                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+                    return Err(mismatch(format!(
+                        "{name} changed while it was loaded (a {} at value {})",
+                        block[i],
+                        offset + i
+                    )));
+                }
+                self.put_block(name == &"momentum", offset, &block)?;
+            }
         }
+        self.finish_replacing_state();
         self.set_steps(step);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::collective::SingleRank;
+    use crate::{CpuBackend, LayerConfig, PartialFc, PfcError};
+
+    #[test]
+    fn a_layer_a_load_left_half_replaced_refuses_to_train_or_save_until_a_load_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.safetensors");
+        let mut layer =
+            PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, SingleRank).unwrap();
+        layer.save(&good).unwrap();
+        // What a second read failing midway leaves behind.
+        layer.begin_replacing_state();
+        let x = crate::init::normal_rows(1, 0, 4, 8, 1.0);
+        let labels = [1i64, 2, 3, 4];
+        let is_refusal = |e: PfcError| {
+            matches!(
+                e,
+                PfcError::Param {
+                    name: "checkpoint",
+                    ..
+                }
+            )
+        };
+        assert!(is_refusal(layer.forward_backward(&x, &labels).unwrap_err()));
+        assert!(is_refusal(layer.step(0.1).unwrap_err()));
+        assert!(is_refusal(layer.save(&dir.path().join("x")).unwrap_err()));
+        assert!(!dir.path().join("x").exists());
+        layer.load(&good).unwrap();
+        layer.forward_backward(&x, &labels).unwrap();
+        layer.step(0.1).unwrap();
     }
 }

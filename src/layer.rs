@@ -204,6 +204,9 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     /// Classes sampled by the last forward pass, whose gradient the buffers still hold (kept
     /// after `step`, cleared when the weights are replaced).
     last_sampled: Option<usize>,
+    /// A checkpoint load failed after it began replacing the weights: they are part old, part
+    /// new, and the layer refuses to train or save until a load succeeds.
+    incomplete: bool,
     bufs: Buffers<B>,
 }
 
@@ -449,6 +452,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             step: 0,
             grad_pending: false,
             last_sampled: None,
+            incomplete: false,
             bufs,
         })
     }
@@ -620,6 +624,48 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(())
     }
 
+    /// The error of a layer a failed load left part old, part new; `Ok` otherwise.
+    pub(crate) fn check_complete(&self) -> Result<()> {
+        if self.incomplete {
+            return Err(PfcError::param(
+                "checkpoint",
+                "a load that failed midway",
+                "the weights are part old, part new: load a checkpoint again before training or saving",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A checkpoint load starts overwriting weights and momentum block by block.
+    pub(crate) fn begin_replacing_state(&mut self) {
+        self.incomplete = true;
+        self.grad_pending = false;
+        self.last_sampled = None;
+    }
+
+    /// Uploads a block of the weight (or of the momentum) at element `offset`.
+    pub(crate) fn put_block(
+        &mut self,
+        momentum: bool,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        if !momentum {
+            return self
+                .backend
+                .upload_at(values, &mut self.bufs.weight, offset);
+        }
+        match self.bufs.momentum.as_mut() {
+            Some(m) => m.upload_at(&self.backend, values, offset),
+            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
+        }
+    }
+
+    /// The load that began replacing the state finished.
+    pub(crate) fn finish_replacing_state(&mut self) {
+        self.incomplete = false;
+    }
+
     /// Weight values `offset .. offset + len` (row-major over the shard), for streaming.
     pub(crate) fn weight_block(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
         self.backend.download_at(&self.bufs.weight, offset, len)
@@ -782,7 +828,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         given: Option<&[i64]>,
     ) -> Result<StepOutput> {
-        let mut own = self.check_input(embeddings, labels);
+        let mut own = self.check_complete().err();
+        if own.is_none() {
+            own = self.check_input(embeddings, labels);
+        }
         let local_sample: Vec<i32> = match given {
             Some(ids) => {
                 if own.is_none() {
@@ -1142,6 +1191,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Applies SGD with momentum to the shard with learning rate `lr`, from the gradient of the
     /// last [`PartialFc::forward_backward`].
     pub fn step(&mut self, lr: f32) -> Result<()> {
+        self.check_complete()?;
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
         }

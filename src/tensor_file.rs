@@ -193,6 +193,46 @@ impl TensorFile {
         Ok(Some((values, entry.shape.clone())))
     }
 
+    /// The shape of tensor `name`, `None` if absent.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Values `offset .. offset + len` of the f32 tensor `name` (which must exist and hold them).
+    pub fn f32_block(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| format_err(&self.path, format!("tensor {name} is missing")))?;
+        if entry.dtype != "F32" {
+            return Err(format_err(
+                &self.path,
+                format!("tensor {name} is {}, F32 expected", entry.dtype),
+            ));
+        }
+        let total = (entry.end - entry.start) / 4;
+        let end = (offset as u64)
+            .checked_add(len as u64)
+            .filter(|&e| e <= total);
+        if end.is_none() {
+            return Err(format_err(
+                &self.path,
+                format!("tensor {name}: values {offset}..+{len} of {total}"),
+            ));
+        }
+        let mut values = vec![0f32; len];
+        let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
+        file.seek(SeekFrom::Start(entry.start + 4 * offset as u64))
+            .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
+            .map_err(io_err(&self.path))?;
+        if cfg!(target_endian = "big") {
+            values
+                .iter_mut()
+                .for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+        }
+        Ok(values)
+    }
+
     /// An f32 tensor and its shape, `None` if absent.
     pub fn f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
         self.read_tensor(name, "F32", |v: f32| {
@@ -288,8 +328,9 @@ pub struct StreamedTensor<'a> {
     pub block: &'a dyn Fn(usize, usize) -> Result<Vec<f32>>,
 }
 
-/// Values per block of [`write_streamed_atomic`]: 64 MiB of f32.
-const STREAM_BLOCK: usize = 1 << 24;
+/// Values per block of [`write_streamed_atomic`] and of a checkpoint's streamed load: 64 MiB
+/// of f32.
+pub const STREAM_BLOCK: usize = 1 << 24;
 
 /// Writes f32 tensors to a safetensors file at `path` atomically, one block of each at a time,
 /// so that the host never holds more than a block of them: a rank's shard of hundreds of

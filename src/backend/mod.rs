@@ -125,8 +125,13 @@ impl<B: Backend> StateBuf<B> {
 
     /// Uploads `values` from offset 0, rounded to the storage dtype (to nearest even).
     pub fn upload(&mut self, backend: &B, values: &[f32]) -> Result<()> {
+        self.upload_at(backend, values, 0)
+    }
+
+    /// Uploads `values` from element `offset`, rounded to the storage dtype (to nearest even).
+    pub fn upload_at(&mut self, backend: &B, values: &[f32], offset: usize) -> Result<()> {
         match self {
-            StateBuf::F32(b) => backend.upload(values, b),
+            StateBuf::F32(b) => backend.upload_at(values, b, offset),
             StateBuf::Bf16(b) => {
                 // In blocks, so that a shard-sized second copy never exists on the host.
                 const BLOCK: usize = 1 << 22;
@@ -135,7 +140,7 @@ impl<B: Backend> StateBuf<B> {
                         .iter()
                         .map(|&v| half::bf16::from_f32(v).to_bits())
                         .collect();
-                    backend.upload_at(&bits, b, i * BLOCK)?;
+                    backend.upload_at(&bits, b, offset + i * BLOCK)?;
                 }
                 Ok(())
             }
