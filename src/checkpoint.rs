@@ -102,34 +102,26 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let step: u64 = file
             .meta("step")?
             .ok_or_else(|| mismatch("step is missing".into()))?;
-        let shape = vec![self.shard().len as usize, self.config().dim];
-        match file.shape("weight") {
-            None => return Err(mismatch("weight is missing".into())),
-            Some(s) if s != shape.as_slice() => {
-                return Err(mismatch(format!(
-                    "weight has shape {s:?}, {shape:?} expected"
-                )))
-            }
-            Some(_) => {}
-        }
-        let has_optimizer = self.config().optimizer.is_some();
-        match (file.shape("momentum"), has_optimizer) {
-            (Some(s), true) if s != shape.as_slice() => {
-                return Err(mismatch(format!(
-                    "momentum has shape {s:?}, {shape:?} expected"
-                )))
-            }
-            (None, true) => return Err(mismatch("momentum is missing".into())),
-            _ => {}
-        }
         if step == u64::MAX {
             return Err(mismatch(
                 "step is u64::MAX: the step counter could not advance".into(),
             ));
         }
+        let shape = [self.shard().len as usize, self.config().dim];
         let mut names = vec!["weight"];
-        if has_optimizer {
+        if self.config().optimizer.is_some() {
             names.push("momentum");
+        }
+        for name in &names {
+            match file.shape(name) {
+                None => return Err(mismatch(format!("{name} is missing"))),
+                Some(s) if s != shape => {
+                    return Err(mismatch(format!(
+                        "{name} has shape {s:?}, {shape:?} expected"
+                    )))
+                }
+                Some(_) => {}
+            }
         }
         // The tensors go through the host a block at a time: first every block is read and
         // checked (a NaN or a read error changes nothing), then read again and uploaded.
@@ -151,7 +143,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
         // A failure from here on (the file changed or became unreadable since the check) leaves
         // the layer part old, part new: it is marked so, and refuses to train or save until a
-        // load or set_weight succeeds.
+        // load succeeds.
         self.begin_replacing_state();
         for name in &names {
             for offset in (0..len).step_by(STREAM_BLOCK) {

@@ -47,6 +47,14 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
     }
 }
 
+fn f32_from_le(v: f32) -> f32 {
+    f32::from_bits(u32::from_le(v.to_bits()))
+}
+
+fn f32_to_le(v: f32) -> f32 {
+    f32::from_bits(v.to_bits().to_le())
+}
+
 fn dtype_bytes(dtype: &str) -> Option<u64> {
     Some(match dtype {
         "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
@@ -157,8 +165,55 @@ impl TensorFile {
         }
     }
 
-    /// Reads tensor `name` of dtype `want` into a vector of `T` (a plain little-endian number
-    /// type of the same size), `None` if the file has no such tensor.
+    /// Values `offset .. offset + len` of tensor `name`, which must have dtype `want` (of
+    /// `T`'s size, little-endian in the file) and hold them.
+    fn read_values<T: bytemuck::Pod + Default>(
+        &self,
+        name: &str,
+        want: &str,
+        (offset, len): (usize, usize),
+        from_le: fn(T) -> T,
+    ) -> Result<Vec<T>> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| format_err(&self.path, format!("tensor {name} is missing")))?;
+        if entry.dtype != want {
+            return Err(format_err(
+                &self.path,
+                format!("tensor {name} is {}, {want} expected", entry.dtype),
+            ));
+        }
+        let size = std::mem::size_of::<T>() as u64;
+        let total = (entry.end - entry.start) / size;
+        if (offset as u64)
+            .checked_add(len as u64)
+            .is_none_or(|end| end > total)
+        {
+            return Err(format_err(
+                &self.path,
+                format!("tensor {name}: values {offset}..+{len} of {total}"),
+            ));
+        }
+        let mut values: Vec<T> = Vec::new();
+        values.try_reserve_exact(len).map_err(|_| {
+            format_err(
+                &self.path,
+                format!("tensor {name}: no memory for {len} values"),
+            )
+        })?;
+        values.resize(len, T::default());
+        let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
+        file.seek(SeekFrom::Start(entry.start + size * offset as u64))
+            .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
+            .map_err(io_err(&self.path))?;
+        if cfg!(target_endian = "big") {
+            values.iter_mut().for_each(|v| *v = from_le(*v));
+        }
+        Ok(values)
+    }
+
+    /// A whole tensor and its shape, `None` if the file has no such tensor.
     fn read_tensor<T: bytemuck::Pod + Default>(
         &self,
         name: &str,
@@ -168,28 +223,8 @@ impl TensorFile {
         let Some(entry) = self.tensors.get(name) else {
             return Ok(None);
         };
-        if entry.dtype != want {
-            return Err(format_err(
-                &self.path,
-                format!("tensor {name} is {}, {want} expected", entry.dtype),
-            ));
-        }
-        let count = ((entry.end - entry.start) / std::mem::size_of::<T>() as u64) as usize;
-        let mut values: Vec<T> = Vec::new();
-        values.try_reserve_exact(count).map_err(|_| {
-            format_err(
-                &self.path,
-                format!("tensor {name}: no memory for {count} values"),
-            )
-        })?;
-        values.resize(count, T::default());
-        let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
-        file.seek(SeekFrom::Start(entry.start))
-            .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
-            .map_err(io_err(&self.path))?;
-        if cfg!(target_endian = "big") {
-            values.iter_mut().for_each(|v| *v = from_le(*v));
-        }
+        let len = ((entry.end - entry.start) / std::mem::size_of::<T>() as u64) as usize;
+        let values = self.read_values(name, want, (0, len), from_le)?;
         Ok(Some((values, entry.shape.clone())))
     }
 
@@ -200,37 +235,7 @@ impl TensorFile {
 
     /// Values `offset .. offset + len` of the f32 tensor `name` (which must exist and hold them).
     pub fn f32_block(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
-        let entry = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| format_err(&self.path, format!("tensor {name} is missing")))?;
-        if entry.dtype != "F32" {
-            return Err(format_err(
-                &self.path,
-                format!("tensor {name} is {}, F32 expected", entry.dtype),
-            ));
-        }
-        let total = (entry.end - entry.start) / 4;
-        let end = (offset as u64)
-            .checked_add(len as u64)
-            .filter(|&e| e <= total);
-        if end.is_none() {
-            return Err(format_err(
-                &self.path,
-                format!("tensor {name}: values {offset}..+{len} of {total}"),
-            ));
-        }
-        let mut values = vec![0f32; len];
-        let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
-        file.seek(SeekFrom::Start(entry.start + 4 * offset as u64))
-            .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
-            .map_err(io_err(&self.path))?;
-        if cfg!(target_endian = "big") {
-            values
-                .iter_mut()
-                .for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
-        }
-        Ok(values)
+        self.read_values(name, "F32", (offset, len), f32_from_le)
     }
 
     /// An f32 tensor and its shape, `None` if absent.
@@ -293,7 +298,7 @@ pub fn write_atomic(
                 name.to_string(),
                 StDtype::F32,
                 shape.clone(),
-                le_bytes(data, |v: f32| f32::from_bits(v.to_bits().to_le())),
+                le_bytes(data, f32_to_le),
             ),
             OutTensor::I64(name, shape, data) => (
                 name.to_string(),
