@@ -393,10 +393,7 @@ pub fn write_streamed_atomic(
                         ),
                     ));
                 }
-                out.write_all(&le_bytes(&values, |v: f32| {
-                    f32::from_bits(v.to_bits().to_le())
-                }))
-                .map_err(&io)?;
+                out.write_all(&le_bytes(&values, f32_to_le)).map_err(&io)?;
                 offset += n;
             }
         }
