@@ -612,11 +612,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         check_finite("weight", weight, self.config.dim)?;
-        self.put_weight(weight)
-    }
-
-    /// [`PartialFc::set_weight`] after its checks (the checkpoint loader makes its own).
-    pub(crate) fn put_weight(&mut self, weight: &[f32]) -> Result<()> {
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
         self.grad_pending = false;
@@ -697,18 +692,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "momentum of {} values for a shard of {want}",
                 momentum.len()
             ))),
-            Some(_) => {
+            Some(buf) => {
                 check_finite("momentum", momentum, self.config.dim)?;
-                self.put_momentum(momentum)
+                buf.upload(&self.backend, momentum)
             }
-            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
-        }
-    }
-
-    /// [`PartialFc::set_momentum`] after its checks (the checkpoint loader makes its own).
-    pub(crate) fn put_momentum(&mut self, momentum: &[f32]) -> Result<()> {
-        match self.bufs.momentum.as_mut() {
-            Some(buf) => buf.upload(&self.backend, momentum),
             None => Err(PfcError::Shape("this layer has no optimizer state".into())),
         }
     }
