@@ -7,7 +7,7 @@
 use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
 use crate::layer::PartialFc;
-use crate::tensor_file::{write_streamed_atomic, StreamedTensor, TensorFile, STREAM_BLOCK};
+use crate::tensor_file::{write_atomic, OutTensor, TensorFile, STREAM_BLOCK};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -36,19 +36,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let shape = vec![shard.len as usize, self.config().dim];
         let weight = |offset, len| self.weight_block(offset, len);
         let momentum = |offset, len| self.momentum_block(offset, len);
-        let mut tensors = vec![StreamedTensor {
-            name: "weight",
-            shape: shape.clone(),
-            block: &weight,
-        }];
+        let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
         if self.config().optimizer.is_some() {
-            tensors.push(StreamedTensor {
-                name: "momentum",
-                shape,
-                block: &momentum,
-            });
+            tensors.push(OutTensor::F32Blocks("momentum", shape, &momentum));
         }
-        write_streamed_atomic(path, &tensors, self.checkpoint_metadata())
+        write_atomic(path, &tensors, self.checkpoint_metadata())
     }
 
     fn checkpoint_metadata(&self) -> HashMap<String, String> {

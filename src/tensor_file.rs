@@ -1,10 +1,12 @@
 //! Safetensors reading and atomic writing, shared by checkpoints and step files.
 //!
 //! Why safetensors: the format the PyTorch world exchanges weights in, with a bounds-checked
-//! header, so a truncated or corrupt file is an error rather than garbage.
+//! header, so a truncated or corrupt file is an error rather than garbage. The crate reads and
+//! writes it itself, a tensor or a block at a time, because the safetensors crate needs whole
+//! files and tensors in memory, which a shard of tens of gigabytes cannot afford; that crate
+//! checks this code in tests/tensor_format.rs.
 
 use crate::error::{PfcError, Result};
-use safetensors::Dtype as StDtype;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -267,6 +269,36 @@ pub enum OutTensor<'a> {
     F32(&'a str, Vec<usize>, &'a [f32]),
     /// i64 values.
     I64(&'a str, Vec<usize>, &'a [i64]),
+    /// f32 values produced a block at a time: `block(offset, len)` returns values
+    /// `offset .. offset + len` (downloaded from a device, say), so that the host never holds
+    /// more than a block of a shard that may be tens of gigabytes.
+    F32Blocks(
+        &'a str,
+        Vec<usize>,
+        &'a dyn Fn(usize, usize) -> Result<Vec<f32>>,
+    ),
+}
+
+impl OutTensor<'_> {
+    fn name(&self) -> &str {
+        match self {
+            OutTensor::F32(n, ..) | OutTensor::I64(n, ..) | OutTensor::F32Blocks(n, ..) => n,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            OutTensor::F32(_, s, _) | OutTensor::I64(_, s, _) | OutTensor::F32Blocks(_, s, _) => s,
+        }
+    }
+
+    /// The safetensors dtype and its bytes per value.
+    fn dtype(&self) -> (&'static str, u64) {
+        match self {
+            OutTensor::I64(..) => ("I64", 8),
+            _ => ("F32", 4),
+        }
+    }
 }
 
 /// The little-endian bytes of `values`: borrowed on a little-endian host (no copy of a shard
@@ -280,69 +312,18 @@ fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(T) -> T) -> std::borrow::C
     }
 }
 
-/// A tensor to write as name, dtype, shape and little-endian bytes.
-type OutBytes<'a> = (String, StDtype, Vec<usize>, std::borrow::Cow<'a, [u8]>);
+/// Values per block of a streamed tensor ([`OutTensor::F32Blocks`]) and of a checkpoint's
+/// streamed load: 64 MiB of f32.
+pub const STREAM_BLOCK: usize = 1 << 24;
 
-/// Writes tensors and metadata to `path` atomically: to a temporary file beside it, then a
-/// rename, so a crash or a full disk never leaves a half-written file under the final name.
-/// The tensors are written from the caller's slices, without a serialized copy in memory.
+/// Writes tensors and metadata to a safetensors file at `path` atomically: to a temporary file
+/// beside it, then a rename, so a crash or a full disk never leaves a half-written file under
+/// the final name. The data goes out from the caller's slices (no serialized copy in memory) or
+/// a block at a time. The safetensors crate writes only from whole tensors in memory, hence
+/// this writer; tests/tensor_format.rs checks that the crate reads what it writes.
 pub fn write_atomic(
     path: &Path,
     tensors: &[OutTensor<'_>],
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    let bytes: Vec<OutBytes<'_>> = tensors
-        .iter()
-        .map(|t| match t {
-            OutTensor::F32(name, shape, data) => (
-                name.to_string(),
-                StDtype::F32,
-                shape.clone(),
-                le_bytes(data, f32_to_le),
-            ),
-            OutTensor::I64(name, shape, data) => (
-                name.to_string(),
-                StDtype::I64,
-                shape.clone(),
-                le_bytes(data, i64::to_le),
-            ),
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, dt, shape, data)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| format_err(path, format!("tensor {n}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    crate::atomic_file::write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(views, Some(metadata), tmp)
-            .map_err(|e| format_err(path, format!("writing: {e}")))
-    })
-}
-
-/// One f32 tensor written block by block: `block(offset, len)` returns its values
-/// `offset .. offset + len` (downloaded from a device, say).
-pub struct StreamedTensor<'a> {
-    /// Tensor name.
-    pub name: &'a str,
-    /// Shape; its product is the number of values.
-    pub shape: Vec<usize>,
-    /// The values of a range.
-    pub block: &'a dyn Fn(usize, usize) -> Result<Vec<f32>>,
-}
-
-/// Values per block of [`write_streamed_atomic`] and of a checkpoint's streamed load: 64 MiB
-/// of f32.
-pub const STREAM_BLOCK: usize = 1 << 24;
-
-/// Writes f32 tensors to a safetensors file at `path` atomically, one block of each at a time,
-/// so that the host never holds more than a block of them: a rank's shard of hundreds of
-/// millions of classes would not fit beside itself in host memory.
-pub fn write_streamed_atomic(
-    path: &Path,
-    tensors: &[StreamedTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
     use std::io::Write;
@@ -355,14 +336,31 @@ pub fn write_streamed_atomic(
     let mut lens = Vec::new();
     for t in tensors {
         let len = t
-            .shape
+            .shape()
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| format_err(path, format!("tensor {}: shape overflows", t.name)))?;
-        let end = at + 4 * len as u64;
+            .ok_or_else(|| format_err(path, format!("tensor {}: shape overflows", t.name())))?;
+        let given = match t {
+            OutTensor::F32(_, _, v) => Some(v.len()),
+            OutTensor::I64(_, _, v) => Some(v.len()),
+            OutTensor::F32Blocks(..) => None,
+        };
+        if given.is_some_and(|g| g != len) {
+            return Err(format_err(
+                path,
+                format!(
+                    "tensor {}: {} values for shape {:?}",
+                    t.name(),
+                    given.unwrap_or(0),
+                    t.shape()
+                ),
+            ));
+        }
+        let (dtype, size) = t.dtype();
+        let end = at + size * len as u64;
         header.insert(
-            t.name.into(),
-            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [at, end]}),
+            t.name().into(),
+            serde_json::json!({"dtype": dtype, "shape": t.shape(), "data_offsets": [at, end]}),
         );
         lens.push(len);
         at = end;
@@ -379,16 +377,27 @@ pub fn write_streamed_atomic(
             .map_err(&io)?;
         out.write_all(&header).map_err(&io)?;
         for (t, &len) in tensors.iter().zip(&lens) {
+            let block = match t {
+                OutTensor::F32(_, _, v) => {
+                    out.write_all(&le_bytes(v, f32_to_le)).map_err(&io)?;
+                    continue;
+                }
+                OutTensor::I64(_, _, v) => {
+                    out.write_all(&le_bytes(v, i64::to_le)).map_err(&io)?;
+                    continue;
+                }
+                OutTensor::F32Blocks(_, _, block) => block,
+            };
             let mut offset = 0;
             while offset < len {
                 let n = STREAM_BLOCK.min(len - offset);
-                let values = (t.block)(offset, n)?;
+                let values = block(offset, n)?;
                 if values.len() != n {
                     return Err(format_err(
                         path,
                         format!(
                             "tensor {}: a block of {} values, {n} expected",
-                            t.name,
+                            t.name(),
                             values.len()
                         ),
                     ));
