@@ -180,6 +180,17 @@ bool in_allocation(CUdeviceptr p, size_t bytes) {
     return p - it->first <= it->second.bytes && bytes <= it->second.bytes - (p - it->first);
 }
 
+// The live allocation whose mapping (guard pages and slack included) holds address `a`, or
+// nullptr; the caller holds the table's lock. A scan: only the fault handler and the library
+// range checks ask.
+const std::pair<const CUdeviceptr, Allocation>* mapping_of(Memory& m, uintptr_t a) {
+    for (auto& entry : m.live) {
+        const Allocation& al = entry.second;
+        if (a >= (uintptr_t)al.map && a < (uintptr_t)al.map + al.map_len) return &entry;
+    }
+    return nullptr;
+}
+
 }  // namespace
 
 namespace emu {
@@ -197,20 +208,20 @@ bool describe_address(uintptr_t a, char* buf, size_t len) {
         std::snprintf(buf, len, "(the allocation table was busy: not looked up)");
         return false;
     }
-    for (auto& [p, al] : m.live) {
-        if (a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_len) continue;
-        if (a >= p + al.bytes)
-            std::snprintf(buf, len, "%zu bytes past the end of the allocation at 0x%llx of %zu bytes",
-                          (size_t)(a - p - al.bytes) + 1, (unsigned long long)p, al.bytes);
-        else if (a < p)
-            std::snprintf(buf, len, "%zu bytes before the allocation at 0x%llx of %zu bytes",
-                          (size_t)(p - a), (unsigned long long)p, al.bytes);
-        else
-            std::snprintf(buf, len, "inside the allocation at 0x%llx of %zu bytes",
-                          (unsigned long long)p, al.bytes);
-        return true;
-    }
-    return false;
+    auto found = mapping_of(m, a);
+    if (!found) return false;
+    CUdeviceptr p = found->first;
+    const Allocation& al = found->second;
+    if (a >= p + al.bytes)
+        std::snprintf(buf, len, "%zu bytes past the end of the allocation at 0x%llx of %zu bytes",
+                      (size_t)(a - p - al.bytes) + 1, (unsigned long long)p, al.bytes);
+    else if (a < p)
+        std::snprintf(buf, len, "%zu bytes before the allocation at 0x%llx of %zu bytes",
+                      (size_t)(p - a), (unsigned long long)p, al.bytes);
+    else
+        std::snprintf(buf, len, "inside the allocation at 0x%llx of %zu bytes",
+                      (unsigned long long)p, al.bytes);
+    return true;
 }
 }  // namespace emu
 
@@ -260,15 +271,16 @@ API void emu_check_device_range(const void* p, size_t bytes, const char* who) {
     uintptr_t a = (uintptr_t)p;
     Memory& m = memory();
     std::lock_guard<std::mutex> g(m.lock);
-    for (auto& [base, al] : m.live) {
-        if (a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_len) continue;
-        if (a >= base && a - base <= al.bytes && bytes <= al.bytes - (a - base)) return;
-        std::fprintf(stderr,
-                     "partial-fc CUDA emulator: memcheck: %s reads or writes %zu bytes at 0x%llx, "
-                     "outside the allocation at 0x%llx of %zu bytes\n",
-                     who, bytes, (unsigned long long)a, (unsigned long long)base, al.bytes);
-        std::abort();
-    }
+    auto found = mapping_of(m, a);
+    if (!found) return;
+    CUdeviceptr base = found->first;
+    const Allocation& al = found->second;
+    if (a >= base && a - base <= al.bytes && bytes <= al.bytes - (a - base)) return;
+    std::fprintf(stderr,
+                 "partial-fc CUDA emulator: memcheck: %s reads or writes %zu bytes at 0x%llx, "
+                 "outside the allocation at 0x%llx of %zu bytes\n",
+                 who, bytes, (unsigned long long)a, (unsigned long long)base, al.bytes);
+    std::abort();
 }
 
 // For the emulated NCCL (found with dlsym): an operation begins or ends pending on a stream.
