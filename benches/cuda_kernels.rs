@@ -10,6 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::{CudaBackend, Precision};
+use partial_fc::LogitsShape;
 use partial_fc::{Backend, LayerConfig, Margin, PartialFc, SampleArgs};
 
 fn gpu() -> Option<CudaBackend> {
@@ -49,13 +50,20 @@ fn margin_softmax(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(5 * bytes));
     group.bench_function("three_passes", |b| {
         b.iter(|| {
-            g.margin_rowmax(&mut logits, rows, cols, &dl, &p, &mut mx, &mut tc)
+            g.margin_rowmax(
+                &mut logits,
+                LogitsShape::dense(rows, cols),
+                &dl,
+                &p,
+                &mut mx,
+                &mut tc,
+            )
+            .unwrap();
+            g.exp_rowsum(&logits, LogitsShape::dense(rows, cols), &mx, &mut sum)
                 .unwrap();
-            g.exp_rowsum(&logits, rows, cols, &mx, &mut sum).unwrap();
             g.softmax_loss_grad(
                 &mut logits,
-                rows,
-                cols,
+                LogitsShape::dense(rows, cols),
                 &dl,
                 &p,
                 &mx,
@@ -76,8 +84,7 @@ fn margin_softmax(c: &mut Criterion) {
         b.iter(|| {
             g.margin_softmax_fused(
                 &mut logits,
-                rows,
-                cols,
+                LogitsShape::dense(rows, cols),
                 &dl,
                 &p,
                 1.0 / rows as f32,

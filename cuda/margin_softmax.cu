@@ -1,7 +1,12 @@
 // The fused margin softmax in three passes; between them the host all-reduces the row maxima
 // (max) and row sums (sum) over ranks. CPU references: src/cpu/margin_softmax.rs, same names.
 // One block per row; each pass reads (and, for passes 1 and 3, writes) each logit once, with
-// float4 loads where the row length allows it.
+// float4 loads where the row stride allows it.
+//
+// Rows are `ld` elements apart and hold `cols` logits (ld >= cols; the layer pads each row to a
+// multiple of 8 so that rows start on 16-byte boundaries for cuBLAS and for the vector loads).
+// No pass reads the padding columns cols..ld; pass 3 and the fused kernel write zeros there, so
+// the backward GEMMs, which run over all ld columns, get nothing from them.
 //
 // With world size 1 the step runs margin_softmax_fused (at the end of this file) instead: the
 // same softmax in one kernel with an online max and sum, the logits read twice and written once
@@ -49,27 +54,32 @@ __device__ __forceinline__ float margin_nontarget(float v, const Margin& p) {
     return p.scale * c;
 }
 
-extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, const int* labels,
-                                         Margin p, float* row_max, float* target_cos) {
+// Pass 1 on entry j of a row: a non-target logit, its max taken into m; the target (which thread
+// 0 rewrites after the barrier) and the padding are returned as they are.
+__device__ __forceinline__ float margin_entry(float v, int j, int t, int cols, const Margin& p,
+                                              float& m) {
+    if (j >= cols || j == t) return v;
+    float z = margin_nontarget(v, p);
+    m = fmaxf(m, z);
+    return z;
+}
+
+extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, int ld,
+                                         const int* labels, Margin p, float* row_max,
+                                         float* target_cos) {
     size_t i = blockIdx.x;
-    float* row = logits + i * cols;
+    float* row = logits + i * ld;
     int t = labels[i];
     float m = -INFINITY;
-    if ((cols & 3) == 0) {
+    if ((ld & 3) == 0) {
         float4* row4 = (float4*)row;
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float4 v = row4[q];
             int j = 4 * q;
-            if (j + 0 != t) { v.x = margin_nontarget(v.x, p); m = fmaxf(m, v.x); }
-            if (j + 1 != t) { v.y = margin_nontarget(v.y, p); m = fmaxf(m, v.y); }
-            if (j + 2 != t) { v.z = margin_nontarget(v.z, p); m = fmaxf(m, v.z); }
-            if (j + 3 != t) { v.w = margin_nontarget(v.w, p); m = fmaxf(m, v.w); }
-            if (t >= j && t < j + 4) {
-                // Leave the target untouched in memory: thread 0 rewrites it below, after the barrier.
-                float keep[4] = {v.x, v.y, v.z, v.w};
-                keep[t - j] = row[t];
-                v = make_float4(keep[0], keep[1], keep[2], keep[3]);
-            }
+            v.x = margin_entry(v.x, j + 0, t, cols, p, m);
+            v.y = margin_entry(v.y, j + 1, t, cols, p, m);
+            v.z = margin_entry(v.z, j + 2, t, cols, p, m);
+            v.w = margin_entry(v.w, j + 3, t, cols, p, m);
             row4[q] = v;
         }
     } else {
@@ -96,17 +106,24 @@ extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, cons
     if (threadIdx.x == 0) row_max[i] = m;
 }
 
-extern "C" __global__ void exp_rowsum(const float* logits, int rows, int cols, const float* row_max,
-                                      float* row_sum) {
+// exp(z - max) of entry j of a row, 0 for the padding.
+__device__ __forceinline__ float exp_entry(float z, int j, int cols, float max) {
+    return j < cols ? expf(z - max) : 0.0f;
+}
+
+extern "C" __global__ void exp_rowsum(const float* logits, int rows, int cols, int ld,
+                                      const float* row_max, float* row_sum) {
     size_t i = blockIdx.x;
-    const float* row = logits + i * cols;
+    const float* row = logits + i * ld;
     float max = row_max[i];
     float s = 0.0f;
-    if ((cols & 3) == 0) {
+    if ((ld & 3) == 0) {
         const float4* row4 = (const float4*)row;
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float4 v = row4[q];
-            s += expf(v.x - max) + expf(v.y - max) + expf(v.z - max) + expf(v.w - max);
+            int j = 4 * q;
+            s += exp_entry(v.x, j, cols, max) + exp_entry(v.y, j + 1, cols, max) +
+                 exp_entry(v.z, j + 2, cols, max) + exp_entry(v.w, j + 3, cols, max);
         }
     } else {
         for (int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(row[j] - max);
@@ -136,37 +153,39 @@ __device__ float target_loss_grad(float z, float raw, float max, float inv_sum, 
     return (prob - 1.0f) * s * grad_scale;
 }
 
-extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, const int* labels,
-                                             Margin p, const float* row_max, const float* row_sum,
-                                             const float* target_cos, float grad_scale,
-                                             float* row_loss) {
+// Pass 3 on entry j of a row of pass-1 logits: a non-target's gradient, 0 for the padding; the
+// target is returned as it is (thread 0 finishes it after the barrier).
+__device__ __forceinline__ float grad_entry(float z, int j, int t, int cols, float max,
+                                            float inv_sum, float slope, const Margin& p) {
+    if (j >= cols) return 0.0f;
+    if (j == t) return z;
+    return grad_nontarget(z, max, inv_sum, slope, p);
+}
+
+extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, int ld,
+                                             const int* labels, Margin p, const float* row_max,
+                                             const float* row_sum, const float* target_cos,
+                                             float grad_scale, float* row_loss) {
     size_t i = blockIdx.x;
-    float* row = logits + i * cols;
+    float* row = logits + i * ld;
     int t = labels[i];
     float max = row_max[i];
     float inv_sum = 1.0f / row_sum[i];
     float slope = p.scale * grad_scale;
-    if ((cols & 3) == 0) {
+    if ((ld & 3) == 0) {
         float4* row4 = (float4*)row;
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        for (int q = threadIdx.x; q < ld / 4; q += blockDim.x) {
             float4 v = row4[q];
             int j = 4 * q;
-            float4 g = make_float4(grad_nontarget(v.x, max, inv_sum, slope, p),
-                                   grad_nontarget(v.y, max, inv_sum, slope, p),
-                                   grad_nontarget(v.z, max, inv_sum, slope, p),
-                                   grad_nontarget(v.w, max, inv_sum, slope, p));
-            if (t >= j && t < j + 4) {
-                float keep[4] = {g.x, g.y, g.z, g.w};
-                keep[t - j] = row[t];  // the target is finished by thread 0 below
-                g = make_float4(keep[0], keep[1], keep[2], keep[3]);
-            }
-            row4[q] = g;
+            v.x = grad_entry(v.x, j + 0, t, cols, max, inv_sum, slope, p);
+            v.y = grad_entry(v.y, j + 1, t, cols, max, inv_sum, slope, p);
+            v.z = grad_entry(v.z, j + 2, t, cols, max, inv_sum, slope, p);
+            v.w = grad_entry(v.w, j + 3, t, cols, max, inv_sum, slope, p);
+            row4[q] = v;
         }
     } else {
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            if (j == t) continue;
-            row[j] = grad_nontarget(row[j], max, inv_sum, slope, p);
-        }
+        for (int j = threadIdx.x; j < ld; j += blockDim.x)
+            row[j] = grad_entry(row[j], j, t, cols, max, inv_sum, slope, p);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -237,24 +256,40 @@ __device__ void block_online(float& m, float& s) {
     __syncthreads();
 }
 
-extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int cols, const int* labels,
-                                                Margin p, float grad_scale, float* row_loss) {
+// Sweep 1 on entry j of a row of raw cosines: a non-target's logit into the online state.
+__device__ __forceinline__ void online_entry(float& m, float& s, float v, int j, int t, int cols,
+                                             const Margin& p) {
+    if (j < cols && j != t) online_push(m, s, margin_nontarget(v, p));
+}
+
+// Sweep 2 on entry j of a row of raw cosines: a non-target's gradient, recomputed from its
+// cosine; 0 for the padding; the target's cosine as it is (thread 0 writes its gradient).
+__device__ __forceinline__ float fused_grad_entry(float v, int j, int t, int cols, float max,
+                                                  float inv_sum, float slope, const Margin& p) {
+    if (j >= cols) return 0.0f;
+    if (j == t) return v;
+    return grad_nontarget(margin_nontarget(v, p), max, inv_sum, slope, p);
+}
+
+extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int cols, int ld,
+                                                const int* labels, Margin p, float grad_scale,
+                                                float* row_loss) {
     size_t i = blockIdx.x;
-    float* row = logits + i * cols;
+    float* row = logits + i * ld;
     int t = labels[i];
     float m = -INFINITY, s = 0.0f;
-    bool vec4 = (cols & 3) == 0;
+    bool vec4 = (ld & 3) == 0;
 
     // Sweep 1: read only.
     if (vec4) {
         const float4* row4 = (const float4*)row;
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float4 v = row4[q];
             int j = 4 * q;
-            if (j + 0 != t) online_push(m, s, margin_nontarget(v.x, p));
-            if (j + 1 != t) online_push(m, s, margin_nontarget(v.y, p));
-            if (j + 2 != t) online_push(m, s, margin_nontarget(v.z, p));
-            if (j + 3 != t) online_push(m, s, margin_nontarget(v.w, p));
+            online_entry(m, s, v.x, j + 0, t, cols, p);
+            online_entry(m, s, v.y, j + 1, t, cols, p);
+            online_entry(m, s, v.z, j + 2, t, cols, p);
+            online_entry(m, s, v.w, j + 3, t, cols, p);
         }
     } else {
         for (int j = threadIdx.x; j < cols; j += blockDim.x)
@@ -273,25 +308,18 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
     // Sweep 2: recompute each logit from its cosine, write the gradient over it.
     if (vec4) {
         float4* row4 = (float4*)row;
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        for (int q = threadIdx.x; q < ld / 4; q += blockDim.x) {
             float4 v = row4[q];
             int j = 4 * q;
-            float4 g = make_float4(grad_nontarget(margin_nontarget(v.x, p), m, inv_sum, slope, p),
-                                   grad_nontarget(margin_nontarget(v.y, p), m, inv_sum, slope, p),
-                                   grad_nontarget(margin_nontarget(v.z, p), m, inv_sum, slope, p),
-                                   grad_nontarget(margin_nontarget(v.w, p), m, inv_sum, slope, p));
-            // Keep the target's cosine in memory: thread 0 writes its gradient below.
-            if (j + 0 == t) g.x = v.x;
-            if (j + 1 == t) g.y = v.y;
-            if (j + 2 == t) g.z = v.z;
-            if (j + 3 == t) g.w = v.w;
-            row4[q] = g;
+            v.x = fused_grad_entry(v.x, j + 0, t, cols, m, inv_sum, slope, p);
+            v.y = fused_grad_entry(v.y, j + 1, t, cols, m, inv_sum, slope, p);
+            v.z = fused_grad_entry(v.z, j + 2, t, cols, m, inv_sum, slope, p);
+            v.w = fused_grad_entry(v.w, j + 3, t, cols, m, inv_sum, slope, p);
+            row4[q] = v;
         }
     } else {
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            if (j == t) continue;
-            row[j] = grad_nontarget(margin_nontarget(row[j], p), m, inv_sum, slope, p);
-        }
+        for (int j = threadIdx.x; j < ld; j += blockDim.x)
+            row[j] = fused_grad_entry(row[j], j, t, cols, m, inv_sum, slope, p);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -309,7 +337,7 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
 // 2 and 3 recompute each logit from its cosine, as the one-kernel sweep 2 does. The target's
 // logit comes from its cosine wherever it is needed, so no thread waits for another's write.
 // CPU references: src/cpu/margin_softmax16.rs, same names. Loads and stores of 4 values (8 bytes)
-// where the row length allows it.
+// where the row stride allows it; the padding columns as in the f32 passes.
 
 typedef unsigned short u16;
 
@@ -338,19 +366,19 @@ __device__ __forceinline__ float target_z16(const u16* row, int t, int kind, con
     return p.scale * target_logit(clamp1(*raw), p);
 }
 
-extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, int kind,
+extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, int ld, int kind,
                                            const int* labels, Margin p, float* row_max,
                                            float* target_cos) {
     size_t i = blockIdx.x;
-    const u16* row = cos + i * cols;
+    const u16* row = cos + i * ld;
     int t = labels[i];
     float m = -INFINITY;
-    if ((cols & 3) == 0) {
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+    if ((ld & 3) == 0) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float v[4];
             load4_half(row + 4 * q, kind, v);
             for (int e = 0; e < 4; ++e)
-                if (4 * q + e != t) m = fmaxf(m, margin_nontarget(v[e], p));
+                if (4 * q + e < cols && 4 * q + e != t) m = fmaxf(m, margin_nontarget(v[e], p));
         }
     } else {
         for (int j = threadIdx.x; j < cols; j += blockDim.x)
@@ -365,20 +393,20 @@ extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, i
     if (threadIdx.x == 0) row_max[i] = m;
 }
 
-extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int kind,
+extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int ld, int kind,
                                         const int* labels, Margin p, const float* row_max,
                                         float* row_sum) {
     size_t i = blockIdx.x;
-    const u16* row = cos + i * cols;
+    const u16* row = cos + i * ld;
     int t = labels[i];
     float max = row_max[i];
     float s = 0.0f;
-    if ((cols & 3) == 0) {
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+    if ((ld & 3) == 0) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float v[4];
             load4_half(row + 4 * q, kind, v);
             for (int e = 0; e < 4; ++e)
-                if (4 * q + e != t) s += expf(margin_nontarget(v[e], p) - max);
+                if (4 * q + e < cols && 4 * q + e != t) s += expf(margin_nontarget(v[e], p) - max);
         }
     } else {
         for (int j = threadIdx.x; j < cols; j += blockDim.x)
@@ -393,35 +421,40 @@ extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int 
 }
 
 // Sweep of pass 3 (and of the one kernel's sweep 2): every entry's non-target gradient from its
-// cosine, rounded to 16 bits over it. The target's entry gets a value thread 0 replaces.
-__device__ __forceinline__ void grad_sweep16(u16* row, int cols, int kind, float max, float inv_sum,
-                                             float slope, const Margin& p) {
-    if ((cols & 3) == 0) {
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+// cosine, rounded to 16 bits over it, and zeros over the padding. The target's entry gets a value
+// thread 0 replaces.
+__device__ __forceinline__ void grad_sweep16(u16* row, int cols, int ld, int kind, float max,
+                                             float inv_sum, float slope, const Margin& p) {
+    if ((ld & 3) == 0) {
+        for (int q = threadIdx.x; q < ld / 4; q += blockDim.x) {
             float v[4];
             load4_half(row + 4 * q, kind, v);
             for (int e = 0; e < 4; ++e)
-                v[e] = grad_nontarget(margin_nontarget(v[e], p), max, inv_sum, slope, p);
+                v[e] = 4 * q + e < cols
+                           ? grad_nontarget(margin_nontarget(v[e], p), max, inv_sum, slope, p)
+                           : 0.0f;
             store4_half(row + 4 * q, kind, v);
         }
     } else {
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            float z = margin_nontarget(half_to_f32(row[j], kind), p);
-            row[j] = f32_to_half(grad_nontarget(z, max, inv_sum, slope, p), kind);
+        for (int j = threadIdx.x; j < ld; j += blockDim.x) {
+            float g = 0.0f;
+            if (j < cols) g = grad_nontarget(margin_nontarget(half_to_f32(row[j], kind), p), max,
+                                             inv_sum, slope, p);
+            row[j] = f32_to_half(g, kind);
         }
     }
 }
 
-extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int kind,
+extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int ld, int kind,
                                                const int* labels, Margin p, const float* row_max,
                                                const float* row_sum, const float* target_cos,
                                                float grad_scale, float* row_loss) {
     size_t i = blockIdx.x;
-    u16* row = cos + i * cols;
+    u16* row = cos + i * ld;
     int t = labels[i];
     float max = row_max[i];
     float inv_sum = 1.0f / row_sum[i];
-    grad_sweep16(row, cols, kind, max, inv_sum, p.scale * grad_scale, p);
+    grad_sweep16(row, cols, ld, kind, max, inv_sum, p.scale * grad_scale, p);
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;
@@ -434,20 +467,19 @@ extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int
     }
 }
 
-extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, int kind,
+extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, int ld, int kind,
                                                   const int* labels, Margin p, float grad_scale,
                                                   float* row_loss) {
     size_t i = blockIdx.x;
-    u16* row = cos + i * cols;
+    u16* row = cos + i * ld;
     int t = labels[i];
     float m = -INFINITY, s = 0.0f;
     // Sweep 1: read only.
-    if ((cols & 3) == 0) {
-        for (int q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+    if ((ld & 3) == 0) {
+        for (int q = threadIdx.x; q < (cols + 3) / 4; q += blockDim.x) {
             float v[4];
             load4_half(row + 4 * q, kind, v);
-            for (int e = 0; e < 4; ++e)
-                if (4 * q + e != t) online_push(m, s, margin_nontarget(v[e], p));
+            for (int e = 0; e < 4; ++e) online_entry(m, s, v[e], 4 * q + e, t, cols, p);
         }
     } else {
         for (int j = threadIdx.x; j < cols; j += blockDim.x)
@@ -460,7 +492,7 @@ extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, 
     }
     block_online(m, s);  // its barriers also order every sweep-1 read before any sweep-2 write
     float inv_sum = 1.0f / s;
-    grad_sweep16(row, cols, kind, m, inv_sum, p.scale * grad_scale, p);
+    grad_sweep16(row, cols, ld, kind, m, inv_sum, p.scale * grad_scale, p);
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;

@@ -2,6 +2,7 @@
 //! (C = 200,000, batch 512, d 512, r 0.1). `cargo run --release --example cpu_profile_step`
 
 use partial_fc::cpu::*;
+use partial_fc::LogitsShape;
 use std::time::Instant;
 fn t<R>(name: &str, f: impl FnOnce() -> R) -> R {
     let s = Instant::now();
@@ -48,16 +49,22 @@ fn main() {
             *l = (*l).min(s as i32 - 1);
         }
         t("margin_rowmax", || {
-            margin_softmax::margin_rowmax(&mut logits, m, s, &labels, &p, &mut mx, &mut tc)
+            margin_softmax::margin_rowmax(
+                &mut logits,
+                LogitsShape::dense(m, s),
+                &labels,
+                &p,
+                &mut mx,
+                &mut tc,
+            )
         });
         t("exp_rowsum", || {
-            margin_softmax::exp_rowsum(&logits, m, s, &mx, &mut sm)
+            margin_softmax::exp_rowsum(&logits, LogitsShape::dense(m, s), &mx, &mut sm)
         });
         t("softmax_loss_grad", || {
             margin_softmax::softmax_loss_grad(
                 &mut logits,
-                m,
-                s,
+                LogitsShape::dense(m, s),
                 &labels,
                 &p,
                 &mx,

@@ -5,6 +5,7 @@
 
 use partial_fc::cuda::{CudaBackend, Precision};
 use partial_fc::plan::Dtype;
+use partial_fc::LogitsShape;
 use partial_fc::{Backend, Margin, SampleArgs};
 use std::time::Instant;
 
@@ -63,8 +64,16 @@ fn alignment_probe(
             });
             g.gemm_nt16(m, cols, d, xh, &wpad, &mut cos16).unwrap();
             time(g, &format!("margin_rowmax16, {cols} cols"), 10, || {
-                g.margin_rowmax16(&cos16, m, cols, Dtype::Bf16, local, p, &mut mx, &mut tc)
-                    .unwrap()
+                g.margin_rowmax16(
+                    &cos16,
+                    LogitsShape::dense(m, cols),
+                    Dtype::Bf16,
+                    local,
+                    p,
+                    &mut mx,
+                    &mut tc,
+                )
+                .unwrap()
             });
             continue;
         }
@@ -79,8 +88,15 @@ fn alignment_probe(
         });
         g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap();
         time(g, &format!("margin_rowmax, {cols} cols"), 10, || {
-            g.margin_rowmax(&mut logits, m, cols, local, p, &mut mx, &mut tc)
-                .unwrap()
+            g.margin_rowmax(
+                &mut logits,
+                LogitsShape::dense(m, cols),
+                local,
+                p,
+                &mut mx,
+                &mut tc,
+            )
+            .unwrap()
         });
     }
 }
@@ -177,17 +193,24 @@ fn main() {
             g.gemm_nt(m, s, d, &xh, &wh, &mut logits).unwrap()
         });
         total += time(&g, "margin_rowmax", 10, || {
-            g.margin_rowmax(&mut logits, m, s, &local, &p, &mut mx, &mut tc)
-                .unwrap()
+            g.margin_rowmax(
+                &mut logits,
+                LogitsShape::dense(m, s),
+                &local,
+                &p,
+                &mut mx,
+                &mut tc,
+            )
+            .unwrap()
         });
         total += time(&g, "exp_rowsum", 10, || {
-            g.exp_rowsum(&logits, m, s, &mx, &mut sum).unwrap()
+            g.exp_rowsum(&logits, LogitsShape::dense(m, s), &mx, &mut sum)
+                .unwrap()
         });
         total += time(&g, "softmax_loss_grad", 10, || {
             g.softmax_loss_grad(
                 &mut logits,
-                m,
-                s,
+                LogitsShape::dense(m, s),
                 &local,
                 &p,
                 &mx,

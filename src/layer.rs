@@ -1,7 +1,7 @@
 //! `PartialFc`: one rank's sharded, sampled margin-softmax classifier, and the training step,
 //! written once for every backend and collective.
 
-use crate::backend::{Backend, Collective, ReduceOp, SampleArgs, StateBuf};
+use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs, StateBuf};
 use crate::config::{LayerConfig, MarginParams, NegativeSampler, StateDtype, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::{
@@ -97,8 +97,7 @@ impl<B: Backend> Logits<B> {
     fn fused(
         &mut self,
         b: &B,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
         grad_scale: f32,
@@ -106,10 +105,10 @@ impl<B: Backend> Logits<B> {
     ) -> Result<()> {
         match self {
             Logits::F32(l) => {
-                b.margin_softmax_fused(l, rows, cols, labels, margin, grad_scale, row_loss)
+                b.margin_softmax_fused(l, shape, labels, margin, grad_scale, row_loss)
             }
             Logits::Half(l, dt) => {
-                b.margin_softmax_fused16(l, rows, cols, *dt, labels, margin, grad_scale, row_loss)
+                b.margin_softmax_fused16(l, shape, *dt, labels, margin, grad_scale, row_loss)
             }
         }
     }
@@ -118,17 +117,16 @@ impl<B: Backend> Logits<B> {
     fn rowmax(
         &mut self,
         b: &B,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
         row_max: &mut B::Buf<f32>,
         target_cos: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
-            Logits::F32(l) => b.margin_rowmax(l, rows, cols, labels, margin, row_max, target_cos),
+            Logits::F32(l) => b.margin_rowmax(l, shape, labels, margin, row_max, target_cos),
             Logits::Half(l, dt) => {
-                b.margin_rowmax16(l, rows, cols, *dt, labels, margin, row_max, target_cos)
+                b.margin_rowmax16(l, shape, *dt, labels, margin, row_max, target_cos)
             }
         }
     }
@@ -137,18 +135,15 @@ impl<B: Backend> Logits<B> {
     fn exp_rowsum(
         &self,
         b: &B,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
         row_max: &B::Buf<f32>,
         row_sum: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
-            Logits::F32(l) => b.exp_rowsum(l, rows, cols, row_max, row_sum),
-            Logits::Half(l, dt) => {
-                b.exp_rowsum16(l, rows, cols, *dt, labels, margin, row_max, row_sum)
-            }
+            Logits::F32(l) => b.exp_rowsum(l, shape, row_max, row_sum),
+            Logits::Half(l, dt) => b.exp_rowsum16(l, shape, *dt, labels, margin, row_max, row_sum),
         }
     }
 
@@ -157,8 +152,7 @@ impl<B: Backend> Logits<B> {
     fn loss_grad(
         &mut self,
         b: &B,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
         (row_max, row_sum, target_cos): RowStatBufs<'_, B>,
@@ -167,11 +161,10 @@ impl<B: Backend> Logits<B> {
     ) -> Result<()> {
         match self {
             Logits::F32(l) => b.softmax_loss_grad(
-                l, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+                l, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
             ),
             Logits::Half(l, dt) => b.softmax_loss_grad16(
-                l, rows, cols, *dt, labels, margin, row_max, row_sum, target_cos, grad_scale,
-                row_loss,
+                l, shape, *dt, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
             ),
         }
     }
@@ -389,6 +382,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let (a16, b16) = shape.gemm_operand_lens();
         backend.reserve_gemm_operands(a16 as usize, b16 as usize)?;
         let capacity = shape.sampled_capacity() as usize;
+        // Sampled-center buffers hold `capacity_ld` rows, the logits `capacity_ld` columns: room
+        // for the padded layout of any sample up to `capacity` (see `LogitsShape`).
+        let capacity_ld = shape.sampled_stride() as usize;
         let (d, n, m) = (
             config.dim,
             config.batch_per_rank,
@@ -405,15 +401,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 .optimizer
                 .map(|sgd| StateBuf::alloc(b, sgd.state_dtype, shard_len * d))
                 .transpose()?,
-            sampled_weights: b.alloc(capacity * d)?,
-            sampled_weights_grad: b.alloc(capacity * d)?,
+            sampled_weights: b.alloc(capacity_ld * d)?,
+            sampled_weights_grad: b.alloc(capacity_ld * d)?,
             weight_norms: b.alloc(capacity)?,
             x_hat: b.alloc(m * d)?,
             x_norms: b.alloc(m)?,
             x_grad: b.alloc(m * d)?,
             logits: match b.logits_dtype() {
-                Dtype::F32 => Logits::F32(b.alloc(m * capacity)?),
-                half => Logits::Half(b.alloc(m * capacity)?, half),
+                Dtype::F32 => Logits::F32(b.alloc(m * capacity_ld)?),
+                half => Logits::Half(b.alloc(m * capacity_ld)?, half),
             },
             gathered_labels: b.alloc(m)?,
             local_labels: b.alloc(m)?,
@@ -1011,7 +1007,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.last_sampled = None;
         let (b, x) = (&self.backend, &mut self.bufs);
 
-        // 4. Sampled, normalized centers and the cosine logits.
+        // 4. Sampled, normalized centers and the cosine logits, each logits row padded to
+        //    `shape.ld` columns (see `LogitsShape`): the GEMMs run over all `ld` columns, the
+        //    padding rows of the sampled centers are finite (zeroed at allocation, or a
+        //    normalized row of an earlier, larger sample), and the softmax ignores the padding
+        //    columns and zeroes their gradient, so they add nothing to either backward GEMM.
+        let shape = LogitsShape::aligned(m, s)?;
+        let ld = shape.ld;
         b.gather_normalize_rows(
             &x.weight,
             d,
@@ -1022,8 +1024,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         )?;
         let logits = &mut x.logits;
         match logits {
-            Logits::F32(l) => b.gemm_nt(m, s, d, &x.x_hat, &x.sampled_weights, l)?,
-            Logits::Half(l, _) => b.gemm_nt16(m, s, d, &x.x_hat, &x.sampled_weights, l)?,
+            Logits::F32(l) => b.gemm_nt(m, ld, d, &x.x_hat, &x.sampled_weights, l)?,
+            Logits::Half(l, _) => b.gemm_nt16(m, ld, d, &x.x_hat, &x.sampled_weights, l)?,
         }
 
         // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
@@ -1034,8 +1036,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         if self.comm.world_size() == 1 {
             logits.fused(
                 b,
-                m,
-                s,
+                shape,
                 &x.local_labels,
                 &margin,
                 grad_scale,
@@ -1044,8 +1045,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         } else {
             logits.rowmax(
                 b,
-                m,
-                s,
+                shape,
                 &x.local_labels,
                 &margin,
                 &mut x.row_max,
@@ -1055,8 +1055,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
             logits.exp_rowsum(
                 b,
-                m,
-                s,
+                shape,
                 &x.local_labels,
                 &margin,
                 &x.row_max,
@@ -1067,8 +1066,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             let stats = (&x.row_max, &x.row_sum, &x.target_cos);
             logits.loss_grad(
                 b,
-                m,
-                s,
+                shape,
                 &x.local_labels,
                 &margin,
                 stats,
@@ -1090,7 +1088,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         match &x.logits {
             Logits::F32(g) => b.gemm_backward(
                 m,
-                s,
+                ld,
                 d,
                 g,
                 &x.sampled_weights,
@@ -1102,7 +1100,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             // the 16-bit copies of x̂ and ŵ made by gemm_nt16 above are still in place.
             Logits::Half(g, _) => b.gemm_backward16(
                 m,
-                s,
+                ld,
                 d,
                 g,
                 mean,

@@ -30,7 +30,7 @@ pub mod shard;
 pub mod synthetic;
 pub mod tensor_file;
 
-pub use backend::{Backend, Collective, Elem, ReduceOp, SampleArgs, StateBuf};
+pub use backend::{Backend, Collective, Elem, LogitsShape, ReduceOp, SampleArgs, StateBuf};
 pub use config::{
     GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd, StateDtype,
     TargetFallback, UpdateMode,

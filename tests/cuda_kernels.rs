@@ -19,6 +19,7 @@ use partial_fc::collective::SingleRank;
 use partial_fc::cuda::CudaBackend;
 use partial_fc::golden::{read_expected, StepCase};
 use partial_fc::plan::Dtype;
+use partial_fc::LogitsShape;
 use partial_fc::{
     Backend, CpuBackend, GradMode, LayerConfig, Margin, NegativeSampler, PartialFc, SampleArgs,
     StateBuf, StateDtype, TargetFallback, UpdateMode,
@@ -356,12 +357,26 @@ fn margin_softmax_passes_match_cpu() {
             logits[1] = 0.0;
             let labels = row_labels(&mut rng, rows, cols);
             let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
-            cpu.margin_rowmax(&mut lc, rows, cols, &labels, &p, &mut mx, &mut tc)
-                .unwrap();
+            cpu.margin_rowmax(
+                &mut lc,
+                LogitsShape::dense(rows, cols),
+                &labels,
+                &p,
+                &mut mx,
+                &mut tc,
+            )
+            .unwrap();
             let (mut lg, dl) = (up(&g, &logits), up(&g, &labels));
             let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
-            g.margin_rowmax(&mut lg, rows, cols, &dl, &p, &mut gmx, &mut gtc)
-                .unwrap();
+            g.margin_rowmax(
+                &mut lg,
+                LogitsShape::dense(rows, cols),
+                &dl,
+                &p,
+                &mut gmx,
+                &mut gtc,
+            )
+            .unwrap();
             let glc = g.download(&lg, rows * cols).unwrap();
             assert_close("pass1 logits", &glc, &lc, 1e-4, 1e-5);
             let signs = |v: &[f32]| {
@@ -390,9 +405,11 @@ fn margin_softmax_passes_match_cpu() {
             );
 
             let mut sum = vec![0f32; rows];
-            cpu.exp_rowsum(&lc, rows, cols, &mx, &mut sum).unwrap();
+            cpu.exp_rowsum(&lc, LogitsShape::dense(rows, cols), &mx, &mut sum)
+                .unwrap();
             let mut gsum = g.alloc(rows).unwrap();
-            g.exp_rowsum(&lg, rows, cols, &gmx, &mut gsum).unwrap();
+            g.exp_rowsum(&lg, LogitsShape::dense(rows, cols), &gmx, &mut gsum)
+                .unwrap();
             assert_close(
                 "pass2 row_sum",
                 &g.download(&gsum, rows).unwrap(),
@@ -404,12 +421,28 @@ fn margin_softmax_passes_match_cpu() {
             let mut loss = vec![0f32; rows];
             let gs = 1.0 / rows as f32;
             cpu.softmax_loss_grad(
-                &mut lc, rows, cols, &labels, &p, &mx, &sum, &tc, gs, &mut loss,
+                &mut lc,
+                LogitsShape::dense(rows, cols),
+                &labels,
+                &p,
+                &mx,
+                &sum,
+                &tc,
+                gs,
+                &mut loss,
             )
             .unwrap();
             let mut gloss = g.alloc(rows).unwrap();
             g.softmax_loss_grad(
-                &mut lg, rows, cols, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss,
+                &mut lg,
+                LogitsShape::dense(rows, cols),
+                &dl,
+                &p,
+                &gmx,
+                &gsum,
+                &gtc,
+                gs,
+                &mut gloss,
             )
             .unwrap();
             assert_close(
@@ -501,28 +534,78 @@ fn margin_softmax16_kernels_match_cpu() {
                     vec![0f32; rows],
                 );
                 let mut c = cos.clone();
-                cpu.margin_rowmax16(&c, rows, cols, dtype, &labels, &p, &mut mx, &mut tc)
-                    .unwrap();
-                cpu.exp_rowsum16(&c, rows, cols, dtype, &labels, &p, &mx, &mut sum)
-                    .unwrap();
+                cpu.margin_rowmax16(
+                    &c,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &labels,
+                    &p,
+                    &mut mx,
+                    &mut tc,
+                )
+                .unwrap();
+                cpu.exp_rowsum16(
+                    &c,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &labels,
+                    &p,
+                    &mx,
+                    &mut sum,
+                )
+                .unwrap();
                 cpu.softmax_loss_grad16(
-                    &mut c, rows, cols, dtype, &labels, &p, &mx, &sum, &tc, 1.0, &mut loss,
+                    &mut c,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &labels,
+                    &p,
+                    &mx,
+                    &sum,
+                    &tc,
+                    1.0,
+                    &mut loss,
                 )
                 .unwrap();
                 let mut gc = up(&g, &cos);
                 let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
                 let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
-                g.margin_rowmax16(&gc, rows, cols, dtype, &dl, &p, &mut gmx, &mut gtc)
-                    .unwrap();
+                g.margin_rowmax16(
+                    &gc,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &dl,
+                    &p,
+                    &mut gmx,
+                    &mut gtc,
+                )
+                .unwrap();
                 assert_eq!(
                     g.download(&gc, rows * cols).unwrap(),
                     cos,
                     "{what}: pass 1 wrote"
                 );
-                g.exp_rowsum16(&gc, rows, cols, dtype, &dl, &p, &gmx, &mut gsum)
-                    .unwrap();
+                g.exp_rowsum16(
+                    &gc,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &dl,
+                    &p,
+                    &gmx,
+                    &mut gsum,
+                )
+                .unwrap();
                 g.softmax_loss_grad16(
-                    &mut gc, rows, cols, dtype, &dl, &p, &gmx, &gsum, &gtc, 1.0, &mut gloss,
+                    &mut gc,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &dl,
+                    &p,
+                    &gmx,
+                    &gsum,
+                    &gtc,
+                    1.0,
+                    &mut gloss,
                 )
                 .unwrap();
                 let down = |b: &cudarc::driver::CudaSlice<f32>| g.download(b, rows).unwrap();
@@ -543,11 +626,27 @@ fn margin_softmax16_kernels_match_cpu() {
                 );
 
                 let (mut c, mut loss) = (cos.clone(), vec![0f32; rows]);
-                cpu.margin_softmax_fused16(&mut c, rows, cols, dtype, &labels, &p, 1.0, &mut loss)
-                    .unwrap();
+                cpu.margin_softmax_fused16(
+                    &mut c,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &labels,
+                    &p,
+                    1.0,
+                    &mut loss,
+                )
+                .unwrap();
                 let mut gc = up(&g, &cos);
-                g.margin_softmax_fused16(&mut gc, rows, cols, dtype, &dl, &p, 1.0, &mut gloss)
-                    .unwrap();
+                g.margin_softmax_fused16(
+                    &mut gc,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &dl,
+                    &p,
+                    1.0,
+                    &mut gloss,
+                )
+                .unwrap();
                 assert_close(
                     &format!("{what}: fused loss"),
                     &down(&gloss),
@@ -591,12 +690,26 @@ fn margin_softmax_fused_matches_cpu() {
             let labels = row_labels(&mut rng, rows, cols);
             let gs = 1.0 / rows as f32;
             let (mut lc, mut loss) = (logits.clone(), vec![0f32; rows]);
-            cpu.margin_softmax_fused(&mut lc, rows, cols, &labels, &p, gs, &mut loss)
-                .unwrap();
+            cpu.margin_softmax_fused(
+                &mut lc,
+                LogitsShape::dense(rows, cols),
+                &labels,
+                &p,
+                gs,
+                &mut loss,
+            )
+            .unwrap();
             let (mut lg, dl) = (up(&g, &logits), up(&g, &labels));
             let mut gloss = up(&g, &vec![f32::NAN; rows]);
-            g.margin_softmax_fused(&mut lg, rows, cols, &dl, &p, gs, &mut gloss)
-                .unwrap();
+            g.margin_softmax_fused(
+                &mut lg,
+                LogitsShape::dense(rows, cols),
+                &dl,
+                &p,
+                gs,
+                &mut gloss,
+            )
+            .unwrap();
             let glc = g.download(&lg, rows * cols).unwrap();
             assert_close(
                 "fused loss",

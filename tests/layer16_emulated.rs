@@ -86,6 +86,7 @@ use partial_fc::backend::{Backend, Collective, Elem, SampleArgs, StateBuf};
 use partial_fc::collective::{HostStaged, SingleRank, ThreadGroup};
 use partial_fc::cpu::margin_softmax16::{narrow, widen};
 use partial_fc::plan::{Component, Dtype};
+use partial_fc::LogitsShape;
 use partial_fc::{
     CpuBackend, GemmPrecision, LayerConfig, Margin, MarginParams, PartialFc, PfcError, Result, Sgd,
     Shard, UpdateMode,
@@ -485,8 +486,7 @@ impl Backend for Emulated16 {
     fn margin_rowmax(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &mut Vec<f32>,
@@ -494,26 +494,24 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("margin_rowmax");
         self.cpu
-            .margin_rowmax(logits, rows, cols, labels, margin, row_max, target_cos)
+            .margin_rowmax(logits, shape, labels, margin, row_max, target_cos)
     }
 
     fn exp_rowsum(
         &self,
         logits: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("exp_rowsum");
-        self.cpu.exp_rowsum(logits, rows, cols, row_max, row_sum)
+        self.cpu.exp_rowsum(logits, shape, row_max, row_sum)
     }
 
     fn softmax_loss_grad(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &Vec<f32>,
@@ -524,15 +522,14 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("softmax_loss_grad");
         self.cpu.softmax_loss_grad(
-            logits, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            logits, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
         )
     }
 
     fn margin_softmax_fused(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         grad_scale: f32,
@@ -540,7 +537,7 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("margin_softmax_fused");
         self.cpu
-            .margin_softmax_fused(logits, rows, cols, labels, margin, grad_scale, row_loss)
+            .margin_softmax_fused(logits, shape, labels, margin, grad_scale, row_loss)
     }
 
     fn logits_dtype(&self) -> Dtype {
@@ -679,8 +676,7 @@ impl Backend for Emulated16 {
     fn margin_rowmax16(
         &self,
         cos: &Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
@@ -689,14 +685,13 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("margin_rowmax16");
         self.cpu
-            .margin_rowmax16(cos, rows, cols, dtype, labels, margin, row_max, target_cos)
+            .margin_rowmax16(cos, shape, dtype, labels, margin, row_max, target_cos)
     }
 
     fn exp_rowsum16(
         &self,
         cos: &Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
@@ -705,14 +700,13 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("exp_rowsum16");
         self.cpu
-            .exp_rowsum16(cos, rows, cols, dtype, labels, margin, row_max, row_sum)
+            .exp_rowsum16(cos, shape, dtype, labels, margin, row_max, row_sum)
     }
 
     fn softmax_loss_grad16(
         &self,
         cos: &mut Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
@@ -724,16 +718,14 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("softmax_loss_grad16");
         self.cpu.softmax_loss_grad16(
-            cos, rows, cols, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale,
-            row_loss,
+            cos, shape, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
         )
     }
 
     fn margin_softmax_fused16(
         &self,
         cos: &mut Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
@@ -742,7 +734,7 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("margin_softmax_fused16");
         self.cpu
-            .margin_softmax_fused16(cos, rows, cols, dtype, labels, margin, grad_scale, row_loss)
+            .margin_softmax_fused16(cos, shape, dtype, labels, margin, grad_scale, row_loss)
     }
 
     fn normalize_backward(
@@ -1007,20 +999,37 @@ fn run<B: Backend + Probe>(
         ranks.iter().flat_map(|r| f(r).iter().copied()).collect()
     };
     let sampled: Vec<i64> = ranks.iter().flat_map(|r| r.sampled.clone()).collect();
-    // Each rank logged BATCH × S_r matrices; a row of the world's matrix is their rows in rank
-    // order (the sampled classes are sorted within and across shards).
+    // Each rank logged BATCH × S_r matrices, rows padded to a multiple of 8 columns (the layer's
+    // `LogitsShape::aligned`); a row of the world's matrix is their rows without the padding, in
+    // rank order (the sampled classes are sorted within and across shards).
     let matrix = |f: &dyn Fn(&Log) -> &Vec<f32>| -> Vec<f32> {
         let mut out = Vec::with_capacity(BATCH * sampled.len());
         for i in 0..BATCH {
             for r in &ranks {
                 if let Some(log) = &r.log {
                     let s = r.sampled.len();
-                    out.extend_from_slice(&f(log)[i * s..(i + 1) * s]);
+                    let ld = LogitsShape::aligned(BATCH, s).unwrap().ld;
+                    assert_eq!(f(log).len(), BATCH * ld, "a logged matrix is BATCH × ld");
+                    out.extend_from_slice(&f(log)[i * ld..i * ld + s]);
                 }
             }
         }
         out
     };
+    // The backward GEMMs run over the padding columns too: the softmax must zero them.
+    for r in &ranks {
+        if let Some(log) = &r.log {
+            let s = r.sampled.len();
+            let ld = LogitsShape::aligned(BATCH, s).unwrap().ld;
+            for row in log.grad.chunks(ld) {
+                assert!(
+                    row[s..].iter().all(|&g| g.to_bits() == 0),
+                    "padding columns of the logits' gradient must be +0.0: {:?}",
+                    &row[s..]
+                );
+            }
+        }
+    }
     let alpha = ranks[0].log.as_ref().map_or(f32::NAN, |l| l.alpha);
     assert!(ranks
         .iter()
@@ -1486,7 +1495,9 @@ fn memory_report_matches_the_plan_with_16_bit_logits_and_operands() {
                     assert_eq!(r.report, r.planned, "{what}: report vs plan");
                     assert_eq!(r.report_after, r.report, "{what}: a step grew a buffer");
                     let get = |c: Component| r.report.iter().find(|(k, _)| *k == c).unwrap().1;
-                    let (m, s, dim) = (BATCH as u64, r.sampled_capacity, DIM as u64);
+                    // Logits rows and sampled-center rows padded to a multiple of 8.
+                    let (m, dim) = (BATCH as u64, DIM as u64);
+                    let s = r.sampled_capacity.next_multiple_of(8);
                     assert_eq!(get(Component::Logits), 2 * m * s, "{what}: logits");
                     assert_eq!(
                         get(Component::GemmOperands),
@@ -1600,7 +1611,8 @@ fn backward_reuses_the_forward_operand_copies() {
             };
             for r in &out.ranks {
                 let calls = &r.log.as_ref().unwrap().calls;
-                let s = r.sampled.len();
+                // The GEMMs run over the padded logits rows (`LogitsShape::aligned`).
+                let s = r.sampled.len().next_multiple_of(8);
                 assert!(
                     !calls.iter().any(|c| matches!(c, Call::Gemm(_))),
                     "an f32 GEMM ran at 16-bit precision: {calls:?}"

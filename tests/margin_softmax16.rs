@@ -5,6 +5,7 @@
 
 use partial_fc::cpu::margin_softmax16::{narrow, widen, F16_MAX};
 use partial_fc::plan::Dtype;
+use partial_fc::LogitsShape;
 use partial_fc::{Backend, CpuBackend, GradMode, Margin, TargetFallback};
 
 mod common;
@@ -77,11 +78,27 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     vec![0f32; rows],
                     vec![0f32; rows],
                 );
-                cpu.margin_rowmax(&mut z, rows, cols, &labels, &p, &mut max, &mut tcos)
+                cpu.margin_rowmax(
+                    &mut z,
+                    LogitsShape::dense(rows, cols),
+                    &labels,
+                    &p,
+                    &mut max,
+                    &mut tcos,
+                )
+                .unwrap();
+                cpu.exp_rowsum(&z, LogitsShape::dense(rows, cols), &max, &mut sum)
                     .unwrap();
-                cpu.exp_rowsum(&z, rows, cols, &max, &mut sum).unwrap();
                 cpu.softmax_loss_grad(
-                    &mut z, rows, cols, &labels, &p, &max, &sum, &tcos, grad_scale, &mut loss,
+                    &mut z,
+                    LogitsShape::dense(rows, cols),
+                    &labels,
+                    &p,
+                    &max,
+                    &sum,
+                    &tcos,
+                    grad_scale,
+                    &mut loss,
                 )
                 .unwrap();
                 // 16-bit passes.
@@ -94,8 +111,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                 );
                 cpu.margin_rowmax16(
                     &c16,
-                    rows,
-                    cols,
+                    LogitsShape::dense(rows, cols),
                     dtype,
                     &labels,
                     &p,
@@ -103,12 +119,19 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     &mut tcos16,
                 )
                 .unwrap();
-                cpu.exp_rowsum16(&c16, rows, cols, dtype, &labels, &p, &max16, &mut sum16)
-                    .unwrap();
+                cpu.exp_rowsum16(
+                    &c16,
+                    LogitsShape::dense(rows, cols),
+                    dtype,
+                    &labels,
+                    &p,
+                    &max16,
+                    &mut sum16,
+                )
+                .unwrap();
                 cpu.softmax_loss_grad16(
                     &mut c16,
-                    rows,
-                    cols,
+                    LogitsShape::dense(rows, cols),
                     dtype,
                     &labels,
                     &p,
@@ -148,14 +171,20 @@ fn fused_on_16_bit_cosines_equals_the_f32_fused() {
                 let (cos, labels) = inputs(&mut rng, rows, cols, dtype);
                 let mut z: Vec<f32> = cos.iter().map(|&b| widen(b, dtype)).collect();
                 let mut loss = vec![0f32; rows];
-                cpu.margin_softmax_fused(&mut z, rows, cols, &labels, &p, 1.0, &mut loss)
-                    .unwrap();
+                cpu.margin_softmax_fused(
+                    &mut z,
+                    LogitsShape::dense(rows, cols),
+                    &labels,
+                    &p,
+                    1.0,
+                    &mut loss,
+                )
+                .unwrap();
                 let mut c16 = cos.clone();
                 let mut loss16 = vec![0f32; rows];
                 cpu.margin_softmax_fused16(
                     &mut c16,
-                    rows,
-                    cols,
+                    LogitsShape::dense(rows, cols),
                     dtype,
                     &labels,
                     &p,
@@ -188,8 +217,16 @@ fn f16_gradients_stay_in_range() {
         .collect();
     let labels = vec![5i32, 9];
     let mut loss = vec![0f32; rows];
-    cpu.margin_softmax_fused16(&mut cos, rows, cols, dtype, &labels, &p, 1.0, &mut loss)
-        .unwrap();
+    cpu.margin_softmax_fused16(
+        &mut cos,
+        LogitsShape::dense(rows, cols),
+        dtype,
+        &labels,
+        &p,
+        1.0,
+        &mut loss,
+    )
+    .unwrap();
     let smallest_normal = 2f32.powi(-14);
     let nontarget: Vec<f32> = (0..rows * cols)
         .filter(|k| k % cols != labels[k / cols] as usize)
@@ -204,8 +241,16 @@ fn f16_gradients_stay_in_range() {
 
     let mut huge = vec![narrow(0.0, dtype); 8];
     let mut loss = vec![0f32; 1];
-    cpu.margin_softmax_fused16(&mut huge, 1, 8, dtype, &vec![0], &p, 1e4, &mut loss)
-        .unwrap();
+    cpu.margin_softmax_fused16(
+        &mut huge,
+        LogitsShape::dense(1, 8),
+        dtype,
+        &vec![0],
+        &p,
+        1e4,
+        &mut loss,
+    )
+    .unwrap();
     assert_eq!(widen(huge[0], dtype), -F16_MAX, "target gradient saturates");
 }
 
@@ -216,13 +261,20 @@ fn bad_input_is_a_typed_error() {
     let cos = vec![0u16; 8];
     let (mut max, mut tcos) = (vec![0f32; 2], vec![0f32; 2]);
     assert!(cpu
-        .margin_rowmax16(&cos, 2, 4, Dtype::F32, &vec![0, 1], &p, &mut max, &mut tcos)
+        .margin_rowmax16(
+            &cos,
+            LogitsShape::dense(2, 4),
+            Dtype::F32,
+            &vec![0, 1],
+            &p,
+            &mut max,
+            &mut tcos
+        )
         .is_err());
     assert!(cpu
         .margin_rowmax16(
             &cos,
-            3,
-            4,
+            LogitsShape::dense(3, 4),
             Dtype::Bf16,
             &vec![0, 1, 2],
             &p,

@@ -3,6 +3,7 @@
 //! gradient within f32 rounding of the sum, same zero gradient on filtered and clipped entries.
 
 use partial_fc::cpu::margin_softmax::target_logit_slope;
+use partial_fc::LogitsShape;
 use partial_fc::{Backend, CpuBackend, GradMode, Margin, TargetFallback};
 
 /// xorshift64*: test inputs only.
@@ -91,11 +92,27 @@ fn three_passes(
         vec![0f32; rows],
     );
     let labels = labels.to_vec();
-    b.margin_rowmax(&mut z, rows, cols, &labels, &p, &mut max, &mut tcos)
+    b.margin_rowmax(
+        &mut z,
+        LogitsShape::dense(rows, cols),
+        &labels,
+        &p,
+        &mut max,
+        &mut tcos,
+    )
+    .unwrap();
+    b.exp_rowsum(&z, LogitsShape::dense(rows, cols), &max, &mut sum)
         .unwrap();
-    b.exp_rowsum(&z, rows, cols, &max, &mut sum).unwrap();
     b.softmax_loss_grad(
-        &mut z, rows, cols, &labels, &p, &max, &sum, &tcos, grad_scale, &mut loss,
+        &mut z,
+        LogitsShape::dense(rows, cols),
+        &labels,
+        &p,
+        &max,
+        &sum,
+        &tcos,
+        grad_scale,
+        &mut loss,
     )
     .unwrap();
     (z, loss)
@@ -114,8 +131,7 @@ fn fused(
     CpuBackend
         .margin_softmax_fused(
             &mut z,
-            rows,
-            cols,
+            LogitsShape::dense(rows, cols),
             &labels.to_vec(),
             &margin.params(),
             grad_scale,

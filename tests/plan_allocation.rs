@@ -221,18 +221,19 @@ fn gemm_operands_are_zero_in_f32_and_x_hat_and_w_hat_in_16_bit() {
             .map(|(_, b)| b)
     };
     // 3 ranks, 3001 classes: rank 0 holds 1001, S = floor(0.05 · 1001) = 50 raised to
-    // min(1001, M = 48) → 50; d = 32.
+    // min(1001, M = 48) → 50, padded to ld = 56 rows/columns (a multiple of 8); d = 32.
     let base = plan_config(&case(3001, 3, 0.05, UpdateMode::Sparse, true));
     assert_eq!(gemm(&base), Some(0));
-    let (m, s, d) = (48u64, 50u64, 32u64);
-    let want = 2 * (m * d + s * d);
-    let logits_saved = 2 * m * s;
+    let (m, s, ld, d) = (48u64, 50u64, 56u64, 32u64);
+    let want = 2 * (m * d + ld * d);
+    let logits_saved = 2 * m * ld;
     for precision in [GemmPrecision::Bf16, GemmPrecision::F16] {
         let c = PlanConfig {
             gemm_precision: precision,
             ..base
         };
         assert_eq!(c.rank0_shape().sampled_capacity(), s);
+        assert_eq!(c.rank0_shape().sampled_stride(), ld);
         assert_eq!(gemm(&c), Some(want), "{precision}");
         assert_eq!(
             c.rank0_total(),

@@ -41,7 +41,8 @@ fn json_is_one_object_with_the_documented_keys() {
     assert!(bound >= json["max_classes"].as_u64().unwrap());
     assert!(json["upper_bound_gpus"].as_u64().unwrap() >= 1);
     let components = json["components"].as_object().unwrap();
-    assert_eq!(components["logits"], 1024 * 362_500 * 4);
+    // S = 362,500 sampled classes, each logits row padded to 362,504 (a multiple of 8).
+    assert_eq!(components["logits"], 1024 * 362_504 * 4);
     assert_eq!(components["weight_shard"], 3_625_000u64 * 512 * 4);
     assert_eq!(components["reserved"], 0);
     let sum: u64 = components.values().map(|v| v.as_u64().unwrap()).sum();
@@ -145,9 +146,9 @@ fn sweep_and_plot_write_an_svg() {
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
 
-/// `--gemm-precision bf16` adds the 16-bit operand copies of x̂ and ŵ: M = 1024, S = 362 500,
-/// d = 512, so 2·(M·d + S·d) bytes, and halves the logits (2·M·S instead of 4·M·S); f32 (the
-/// default) adds no copies.
+/// `--gemm-precision bf16` adds the 16-bit operand copies of x̂ and ŵ: M = 1024, S = 362 500
+/// padded to 362 504 rows (a multiple of 8), d = 512, so 2·(M·d + S·d) bytes, and halves the
+/// logits (2·M·S instead of 4·M·S); f32 (the default) adds no copies.
 #[test]
 fn gemm_precision_flag_adds_the_operand_copies_and_halves_the_logits() {
     let component = |extra: &[&str], name: &str| {
@@ -163,7 +164,7 @@ fn gemm_precision_flag_adds_the_operand_copies_and_halves_the_logits() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         json["components"][name].as_u64().unwrap()
     };
-    let (m, s, d) = (1024u64, 362_500u64, 512u64);
+    let (m, s, d) = (1024u64, 362_504u64, 512u64);
     assert_eq!(component(&[], "gemm_operands"), 0);
     assert_eq!(component(&[], "logits"), 4 * m * s);
     for precision in ["bf16", "f16"] {

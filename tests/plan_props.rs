@@ -102,7 +102,7 @@ proptest! {
         let logits = |c: &PlanConfig| c.rank0_components().iter().find(|(k, _)| *k == Component::Logits).unwrap().1;
         prop_assert_eq!(logits(&fused), 0);
         let s = materialized.rank0_shape();
-        prop_assert_eq!(logits(&materialized), s.gathered_rows() * s.sampled_capacity() * 4);
+        prop_assert_eq!(logits(&materialized), s.gathered_rows() * s.sampled_stride() * 4);
         prop_assert_eq!(total(&materialized) - total(&fused), logits(&materialized));
     }
 }

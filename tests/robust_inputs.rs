@@ -8,6 +8,7 @@ use partial_fc::collective::{HostStaged, ThreadGroup};
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
 use partial_fc::plan::sweep::{plot_svg, sweep};
 use partial_fc::plan::{Dtype, PlanConfig};
+use partial_fc::LogitsShape;
 use partial_fc::{CpuBackend, Margin, PfcError, StateDtype};
 use std::path::Path;
 
@@ -210,11 +211,17 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
     );
     // Label 3 of 3 columns indexed past the row (a slice panic) before.
     let bad = vec![0, 3];
-    shape_err!(cpu.margin_rowmax(&mut logits, rows, cols, &bad, &p, &mut max, &mut tcos));
+    shape_err!(cpu.margin_rowmax(
+        &mut logits,
+        LogitsShape::dense(rows, cols),
+        &bad,
+        &p,
+        &mut max,
+        &mut tcos
+    ));
     shape_err!(cpu.softmax_loss_grad(
         &mut logits,
-        rows,
-        cols,
+        LogitsShape::dense(rows, cols),
         &bad,
         &p,
         &max,
@@ -223,26 +230,48 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         1.0,
         &mut loss
     ));
-    shape_err!(cpu.margin_softmax_fused(&mut logits, rows, cols, &bad, &p, 1.0, &mut loss));
+    shape_err!(cpu.margin_softmax_fused(
+        &mut logits,
+        LogitsShape::dense(rows, cols),
+        &bad,
+        &p,
+        1.0,
+        &mut loss
+    ));
     assert_eq!(logits, vec![0.5; 6], "a refused pass wrote the logits");
     // Short buffers and overflowing shapes.
     let good = vec![0, -1];
-    shape_err!(cpu.margin_rowmax(&mut logits, 3, cols, &good, &p, &mut max, &mut tcos));
     shape_err!(cpu.margin_rowmax(
         &mut logits,
-        rows,
-        cols,
+        LogitsShape::dense(3, cols),
+        &good,
+        &p,
+        &mut max,
+        &mut tcos
+    ));
+    shape_err!(cpu.margin_rowmax(
+        &mut logits,
+        LogitsShape::dense(rows, cols),
         &good,
         &p,
         &mut vec![0.0],
         &mut tcos
     ));
-    shape_err!(cpu.exp_rowsum(&logits, rows, usize::MAX, &max, &mut sum));
-    shape_err!(cpu.exp_rowsum(&logits, rows, cols, &max, &mut vec![0.0]));
+    shape_err!(cpu.exp_rowsum(
+        &logits,
+        LogitsShape::dense(rows, usize::MAX),
+        &max,
+        &mut sum
+    ));
+    shape_err!(cpu.exp_rowsum(
+        &logits,
+        LogitsShape::dense(rows, cols),
+        &max,
+        &mut vec![0.0]
+    ));
     shape_err!(cpu.softmax_loss_grad(
         &mut logits,
-        rows,
-        cols,
+        LogitsShape::dense(rows, cols),
         &good,
         &p,
         &max,
@@ -251,18 +280,39 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         1.0,
         &mut loss
     ));
-    shape_err!(cpu.margin_softmax_fused(&mut logits, rows, cols, &good, &p, 1.0, &mut vec![]));
-    cpu.margin_softmax_fused(&mut logits, rows, cols, &good, &p, 1.0, &mut loss)
-        .unwrap();
+    shape_err!(cpu.margin_softmax_fused(
+        &mut logits,
+        LogitsShape::dense(rows, cols),
+        &good,
+        &p,
+        1.0,
+        &mut vec![]
+    ));
+    cpu.margin_softmax_fused(
+        &mut logits,
+        LogitsShape::dense(rows, cols),
+        &good,
+        &p,
+        1.0,
+        &mut loss,
+    )
+    .unwrap();
     assert!(loss[0] > 0.0 && loss[1] == 0.0);
 
     // The 16-bit passes check their labels the same way.
     let mut cos = vec![0x3800u16; rows * cols]; // 0.5 in f16
-    shape_err!(cpu.margin_rowmax16(&cos, rows, cols, Dtype::F16, &bad, &p, &mut max, &mut tcos));
+    shape_err!(cpu.margin_rowmax16(
+        &cos,
+        LogitsShape::dense(rows, cols),
+        Dtype::F16,
+        &bad,
+        &p,
+        &mut max,
+        &mut tcos
+    ));
     shape_err!(cpu.margin_softmax_fused16(
         &mut cos,
-        rows,
-        cols,
+        LogitsShape::dense(rows, cols),
         Dtype::F16,
         &bad,
         &p,

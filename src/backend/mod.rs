@@ -9,6 +9,9 @@ use crate::config::{GemmPrecision, MarginParams};
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 
+mod logits_shape;
+pub use logits_shape::{LogitsShape, LOGITS_ROW_ALIGN};
+
 /// The error of a default method that a backend does not implement.
 fn unsupported(backend: &str, what: &str) -> PfcError {
     PfcError::BackendUnavailable(format!("the {backend} backend has no {what}"))
@@ -433,12 +436,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Pass 1 of the margin softmax: clamp cosines to [−1, 1], filter, apply the margin to each
     /// row's target (labels: position in the sample, −1 = not here), scale, and write each row's
     /// local max to `row_max` and its raw target cosine to `target_cos`.
+    ///
+    /// Every softmax method takes the logits' [`LogitsShape`]: `cols` columns hold classes, rows
+    /// are `ld` elements apart. No pass reads the padding columns `cols..ld`; the passes that
+    /// write the gradient ([`Self::softmax_loss_grad`], [`Self::margin_softmax_fused`] and their
+    /// 16-bit forms) write zeros there, so a backward GEMM over all `ld` columns adds nothing.
     #[allow(clippy::too_many_arguments)]
     fn margin_rowmax(
         &self,
         logits: &mut Self::Buf<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
         row_max: &mut Self::Buf<f32>,
@@ -449,8 +456,7 @@ pub trait Backend: Send + Sync + 'static {
     fn exp_rowsum(
         &self,
         logits: &Self::Buf<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         row_max: &Self::Buf<f32>,
         row_sum: &mut Self::Buf<f32>,
     ) -> Result<()>;
@@ -462,8 +468,7 @@ pub trait Backend: Send + Sync + 'static {
     fn softmax_loss_grad(
         &self,
         logits: &mut Self::Buf<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
         row_max: &Self::Buf<f32>,
@@ -482,8 +487,7 @@ pub trait Backend: Send + Sync + 'static {
     fn margin_softmax_fused(
         &self,
         logits: &mut Self::Buf<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
         grad_scale: f32,
@@ -551,8 +555,7 @@ pub trait Backend: Send + Sync + 'static {
     fn margin_rowmax16(
         &self,
         cos: &Self::Buf<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
@@ -569,8 +572,7 @@ pub trait Backend: Send + Sync + 'static {
     fn exp_rowsum16(
         &self,
         cos: &Self::Buf<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
@@ -587,8 +589,7 @@ pub trait Backend: Send + Sync + 'static {
     fn softmax_loss_grad16(
         &self,
         cos: &mut Self::Buf<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
@@ -607,8 +608,7 @@ pub trait Backend: Send + Sync + 'static {
     fn margin_softmax_fused16(
         &self,
         cos: &mut Self::Buf<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,

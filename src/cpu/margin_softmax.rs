@@ -12,6 +12,7 @@
 //!   which can only differ from it on a measure-zero set.
 
 use super::simd::{self, with_avx2, LANES};
+use crate::backend::LogitsShape;
 use crate::config::MarginParams;
 use rayon::prelude::*;
 
@@ -103,27 +104,28 @@ fn margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32,
 with_avx2!(pub(super) fn margin_row_fast = margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32));
 
 /// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
+/// The padding columns (`shape.cols..shape.ld`) are neither read nor written.
 pub fn margin_rowmax(
     logits: &mut [f32],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
     row_max: &mut [f32],
     target_cos: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     if cols == 0 {
         row_max[..rows].fill(f32::NEG_INFINITY);
         target_cos[..rows].fill(0.0);
         return;
     }
-    logits[..rows * cols]
-        .par_chunks_mut(cols)
+    logits[..rows * ld]
+        .par_chunks_mut(ld)
         .zip(row_max[..rows].par_iter_mut())
         .zip(target_cos[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each(|(((row, max), tcos), &label)| {
-            (*max, *tcos) = margin_row_fast(row, usize::try_from(label).ok(), p);
+            (*max, *tcos) = margin_row_fast(&mut row[..cols], usize::try_from(label).ok(), p);
         });
 }
 
@@ -142,17 +144,19 @@ fn exp_sum_row(row: &[f32], max: f32) -> f32 {
 
 with_avx2!(pub(super) fn exp_sum_row_fast = exp_sum_row(row: &[f32], max: f32) -> f32);
 
-/// Pass 2: local sum of `exp(z − max)` per row (max already all-reduced).
-pub fn exp_rowsum(logits: &[f32], rows: usize, cols: usize, row_max: &[f32], row_sum: &mut [f32]) {
+/// Pass 2: local sum of `exp(z − max)` per row (max already all-reduced), padding columns left
+/// out.
+pub fn exp_rowsum(logits: &[f32], shape: LogitsShape, row_max: &[f32], row_sum: &mut [f32]) {
+    let LogitsShape { rows, cols, ld } = shape;
     if cols == 0 {
         row_sum[..rows].fill(0.0);
         return;
     }
-    logits[..rows * cols]
-        .par_chunks(cols)
+    logits[..rows * ld]
+        .par_chunks(ld)
         .zip(row_sum[..rows].par_iter_mut())
         .zip(row_max[..rows].par_iter())
-        .for_each(|((row, sum), &max)| *sum = exp_sum_row_fast(row, max));
+        .for_each(|((row, sum), &max)| *sum = exp_sum_row_fast(&row[..cols], max));
 }
 
 /// Per-row loss floor of the published implementation: `p` is clamped to 1e-30 before the log.
@@ -189,12 +193,12 @@ fn nontarget_grad_row(
 
 with_avx2!(fn nontarget_grad_row_fast = nontarget_grad_row(row: &mut [f32], max: f32, inv_sum: f32, slope: f32, scale: f32, filter: bool) -> ());
 
-/// Pass 3: loss per row and the gradient with respect to the clamped cosine, in place.
+/// Pass 3: loss per row and the gradient with respect to the clamped cosine, in place; zeros in
+/// the padding columns.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_loss_grad(
     logits: &mut [f32],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
     row_max: &[f32],
@@ -203,15 +207,21 @@ pub fn softmax_loss_grad(
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     row_loss[..rows].fill(0.0);
-    if cols == 0 {
+    if ld == 0 {
         return;
     }
-    logits[..rows * cols]
-        .par_chunks_mut(cols)
+    logits[..rows * ld]
+        .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .enumerate()
         .for_each(|(i, (row, loss))| {
+            let (row, pad) = row.split_at_mut(cols);
+            pad.fill(0.0);
+            if cols == 0 {
+                return;
+            }
             let target = usize::try_from(labels[i]).ok();
             let stats = RowStats {
                 max: row_max[i],
@@ -401,26 +411,31 @@ with_avx2!(pub(super) fn fused_row_fast = fused_row(row: &mut [f32], target: Opt
 /// kernel): per row, one sweep over the raw cosines keeps an online max and rescaled sum of
 /// `exp`, a second recomputes each logit from its cosine and writes the gradient over it. Same
 /// encodings, loss and gradient as [`margin_rowmax`], [`exp_rowsum`] and [`softmax_loss_grad`]
-/// with nothing all-reduced between them; only the sum's rounding differs.
+/// with nothing all-reduced between them; only the sum's rounding differs. Zeros in the padding
+/// columns.
 pub fn margin_softmax_fused(
     logits: &mut [f32],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     row_loss[..rows].fill(0.0);
-    if cols == 0 {
+    if ld == 0 {
         return;
     }
-    logits[..rows * cols]
-        .par_chunks_mut(cols)
+    logits[..rows * ld]
+        .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each(|((row, loss), &label)| {
-            *loss = fused_row_fast(row, usize::try_from(label).ok(), p, grad_scale);
+            let (row, pad) = row.split_at_mut(cols);
+            pad.fill(0.0);
+            if cols > 0 {
+                *loss = fused_row_fast(row, usize::try_from(label).ok(), p, grad_scale);
+            }
         });
 }
 

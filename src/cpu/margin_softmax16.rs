@@ -20,6 +20,7 @@
 use super::margin_softmax::{
     exp_sum_row_fast, fused_row_fast, loss_grad_row, margin_row_fast, RowStats,
 };
+use crate::backend::LogitsShape;
 use crate::config::MarginParams;
 use crate::plan::Dtype;
 use half::{bf16, f16};
@@ -50,30 +51,30 @@ fn widen_row(row: &[u16], dtype: Dtype, out: &mut Vec<f32>) {
 }
 
 /// Pass 1 on 16-bit cosines: local row max of the margin logits and the raw target cosine.
-/// Reads only.
+/// Reads only, and not the padding columns.
 #[allow(clippy::too_many_arguments)]
 pub fn margin_rowmax16(
     cos: &[u16],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
     row_max: &mut [f32],
     target_cos: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     if cols == 0 {
         row_max[..rows].fill(f32::NEG_INFINITY);
         target_cos[..rows].fill(0.0);
         return;
     }
-    cos[..rows * cols]
-        .par_chunks(cols)
+    cos[..rows * ld]
+        .par_chunks(ld)
         .zip(row_max[..rows].par_iter_mut())
         .zip(target_cos[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each_init(Vec::new, |z, (((row, max), tcos), &label)| {
-            widen_row(row, dtype, z);
+            widen_row(&row[..cols], dtype, z);
             (*max, *tcos) = margin_row_fast(z, usize::try_from(label).ok(), p);
         });
 }
@@ -82,37 +83,36 @@ pub fn margin_rowmax16(
 #[allow(clippy::too_many_arguments)]
 pub fn exp_rowsum16(
     cos: &[u16],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
     row_max: &[f32],
     row_sum: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     if cols == 0 {
         row_sum[..rows].fill(0.0);
         return;
     }
-    cos[..rows * cols]
-        .par_chunks(cols)
+    cos[..rows * ld]
+        .par_chunks(ld)
         .zip(row_sum[..rows].par_iter_mut())
         .zip(row_max[..rows].par_iter())
         .zip(labels[..rows].par_iter())
         .for_each_init(Vec::new, |z, (((row, sum), &max), &label)| {
-            widen_row(row, dtype, z);
+            widen_row(&row[..cols], dtype, z);
             margin_row_fast(z, usize::try_from(label).ok(), p);
             *sum = exp_sum_row_fast(z, max);
         });
 }
 
 /// Pass 3 on 16-bit cosines: loss per row and the gradient with respect to the clamped cosine,
-/// rounded to 16 bits, in place.
+/// rounded to 16 bits, in place; zeros (+0.0) in the padding columns.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_loss_grad16(
     cos: &mut [u16],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
@@ -122,15 +122,21 @@ pub fn softmax_loss_grad16(
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     row_loss[..rows].fill(0.0);
-    if cols == 0 {
+    if ld == 0 {
         return;
     }
-    cos[..rows * cols]
-        .par_chunks_mut(cols)
+    cos[..rows * ld]
+        .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .enumerate()
         .for_each_init(Vec::new, |z, (i, (row, loss))| {
+            let (row, pad) = row.split_at_mut(cols);
+            pad.fill(0);
+            if cols == 0 {
+                return;
+            }
             widen_row(row, dtype, z);
             let target = usize::try_from(labels[i]).ok();
             margin_row_fast(z, target, p);
@@ -147,27 +153,32 @@ pub fn softmax_loss_grad16(
 }
 
 /// The one-kernel margin softmax (world of one) on 16-bit cosines: loss per row and the 16-bit
-/// gradient in place.
+/// gradient in place; zeros (+0.0) in the padding columns.
 #[allow(clippy::too_many_arguments)]
 pub fn margin_softmax_fused16(
     cos: &mut [u16],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
+    let LogitsShape { rows, cols, ld } = shape;
     row_loss[..rows].fill(0.0);
-    if cols == 0 {
+    if ld == 0 {
         return;
     }
-    cos[..rows * cols]
-        .par_chunks_mut(cols)
+    cos[..rows * ld]
+        .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each_init(Vec::new, |z, ((row, loss), &label)| {
+            let (row, pad) = row.split_at_mut(cols);
+            pad.fill(0);
+            if cols == 0 {
+                return;
+            }
             widen_row(row, dtype, z);
             *loss = fused_row_fast(z, usize::try_from(label).ok(), p, grad_scale);
             for (out, &g) in row.iter_mut().zip(z.iter()) {

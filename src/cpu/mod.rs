@@ -12,7 +12,7 @@ pub mod sampling;
 pub mod simd;
 pub mod wire;
 
-use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
+use crate::backend::{Backend, Elem, LogitsShape, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
@@ -84,18 +84,17 @@ fn check_labels(labels: &[i32], cols: usize, what: &str) -> Result<()> {
     }
 }
 
-/// The checks of every f32 softmax pass: `rows × cols` logits and `rows` labels, each a column.
+/// The checks of every f32 softmax pass: `rows × ld` logits and `rows` labels, each a column.
 fn check_softmax(
     logits: &[f32],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     labels: Option<&[i32]>,
     what: &str,
 ) -> Result<()> {
-    need(logits, elems(rows, cols, what)?, what)?;
+    need(logits, shape.len()?, what)?;
     if let Some(labels) = labels {
-        need(labels, rows, what)?;
-        check_labels(&labels[..rows], cols, what)?;
+        need(labels, shape.rows, what)?;
+        check_labels(&labels[..shape.rows], shape.cols, what)?;
     }
     Ok(())
 }
@@ -103,8 +102,7 @@ fn check_softmax(
 /// The checks every 16-bit softmax pass makes: a 16-bit dtype and buffers that hold the rows.
 fn check16(
     cos: &[u16],
-    rows: usize,
-    cols: usize,
+    shape: LogitsShape,
     dtype: Dtype,
     labels: &[i32],
     what: &str,
@@ -114,9 +112,9 @@ fn check16(
             "{what}: 16-bit cosines need dtype bf16 or f16, not f32"
         )));
     }
-    need(cos, elems(rows, cols, what)?, what)?;
-    need(labels, rows, what)?;
-    check_labels(&labels[..rows], cols, what)
+    need(cos, shape.len()?, what)?;
+    need(labels, shape.rows, what)?;
+    check_labels(&labels[..shape.rows], shape.cols, what)
 }
 
 /// The 16-bit casts take f16 or bf16; f32 is no wire format to cast to (a typed error, where
@@ -474,40 +472,37 @@ impl Backend for CpuBackend {
     fn margin_rowmax(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
-        check_softmax(logits, rows, cols, Some(labels), "margin_rowmax")?;
-        need(row_max, rows, "margin_rowmax row_max")?;
-        need(target_cos, rows, "margin_rowmax target_cos")?;
-        margin_softmax::margin_rowmax(logits, rows, cols, labels, margin, row_max, target_cos);
+        check_softmax(logits, shape, Some(labels), "margin_rowmax")?;
+        need(row_max, shape.rows, "margin_rowmax row_max")?;
+        need(target_cos, shape.rows, "margin_rowmax target_cos")?;
+        margin_softmax::margin_rowmax(logits, shape, labels, margin, row_max, target_cos);
         Ok(())
     }
 
     fn exp_rowsum(
         &self,
         logits: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
-        check_softmax(logits, rows, cols, None, "exp_rowsum")?;
-        need(row_max, rows, "exp_rowsum row_max")?;
-        need(row_sum, rows, "exp_rowsum row_sum")?;
-        margin_softmax::exp_rowsum(logits, rows, cols, row_max, row_sum);
+        check_softmax(logits, shape, None, "exp_rowsum")?;
+        need(row_max, shape.rows, "exp_rowsum row_max")?;
+        need(row_sum, shape.rows, "exp_rowsum row_sum")?;
+        margin_softmax::exp_rowsum(logits, shape, row_max, row_sum);
         Ok(())
     }
 
     fn softmax_loss_grad(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &Vec<f32>,
@@ -516,17 +511,17 @@ impl Backend for CpuBackend {
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check_softmax(logits, rows, cols, Some(labels), "softmax_loss_grad")?;
+        check_softmax(logits, shape, Some(labels), "softmax_loss_grad")?;
         for (buf, what) in [
             (row_max, "softmax_loss_grad row_max"),
             (row_sum, "softmax_loss_grad row_sum"),
             (target_cos, "softmax_loss_grad target_cos"),
         ] {
-            need(buf, rows, what)?;
+            need(buf, shape.rows, what)?;
         }
-        need(row_loss, rows, "softmax_loss_grad row_loss")?;
+        need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
         margin_softmax::softmax_loss_grad(
-            logits, rows, cols, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            logits, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
         );
         Ok(())
     }
@@ -534,64 +529,56 @@ impl Backend for CpuBackend {
     fn margin_softmax_fused(
         &self,
         logits: &mut Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check_softmax(logits, rows, cols, Some(labels), "margin_softmax_fused")?;
-        need(row_loss, rows, "margin_softmax_fused row_loss")?;
-        margin_softmax::margin_softmax_fused(
-            logits, rows, cols, labels, margin, grad_scale, row_loss,
-        );
+        check_softmax(logits, shape, Some(labels), "margin_softmax_fused")?;
+        need(row_loss, shape.rows, "margin_softmax_fused row_loss")?;
+        margin_softmax::margin_softmax_fused(logits, shape, labels, margin, grad_scale, row_loss);
         Ok(())
     }
 
     fn margin_rowmax16(
         &self,
         cos: &Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
-        check16(cos, rows, cols, dtype, labels, "margin_rowmax16")?;
-        need(row_max, rows, "margin_rowmax16 row_max")?;
-        need(target_cos, rows, "margin_rowmax16 target_cos")?;
-        margin_softmax16::margin_rowmax16(
-            cos, rows, cols, dtype, labels, margin, row_max, target_cos,
-        );
+        check16(cos, shape, dtype, labels, "margin_rowmax16")?;
+        need(row_max, shape.rows, "margin_rowmax16 row_max")?;
+        need(target_cos, shape.rows, "margin_rowmax16 target_cos")?;
+        margin_softmax16::margin_rowmax16(cos, shape, dtype, labels, margin, row_max, target_cos);
         Ok(())
     }
 
     fn exp_rowsum16(
         &self,
         cos: &Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
-        check16(cos, rows, cols, dtype, labels, "exp_rowsum16")?;
-        need(row_max, rows, "exp_rowsum16 row_max")?;
-        need(row_sum, rows, "exp_rowsum16 row_sum")?;
-        margin_softmax16::exp_rowsum16(cos, rows, cols, dtype, labels, margin, row_max, row_sum);
+        check16(cos, shape, dtype, labels, "exp_rowsum16")?;
+        need(row_max, shape.rows, "exp_rowsum16 row_max")?;
+        need(row_sum, shape.rows, "exp_rowsum16 row_sum")?;
+        margin_softmax16::exp_rowsum16(cos, shape, dtype, labels, margin, row_max, row_sum);
         Ok(())
     }
 
     fn softmax_loss_grad16(
         &self,
         cos: &mut Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
@@ -601,18 +588,17 @@ impl Backend for CpuBackend {
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check16(cos, rows, cols, dtype, labels, "softmax_loss_grad16")?;
+        check16(cos, shape, dtype, labels, "softmax_loss_grad16")?;
         for (buf, what) in [
             (row_max, "row_max"),
             (row_sum, "row_sum"),
             (target_cos, "target_cos"),
         ] {
-            need(buf, rows, what)?;
+            need(buf, shape.rows, what)?;
         }
-        need(row_loss, rows, "softmax_loss_grad16 row_loss")?;
+        need(row_loss, shape.rows, "softmax_loss_grad16 row_loss")?;
         margin_softmax16::softmax_loss_grad16(
-            cos, rows, cols, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale,
-            row_loss,
+            cos, shape, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
         );
         Ok(())
     }
@@ -620,18 +606,17 @@ impl Backend for CpuBackend {
     fn margin_softmax_fused16(
         &self,
         cos: &mut Vec<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check16(cos, rows, cols, dtype, labels, "margin_softmax_fused16")?;
-        need(row_loss, rows, "margin_softmax_fused16 row_loss")?;
+        check16(cos, shape, dtype, labels, "margin_softmax_fused16")?;
+        need(row_loss, shape.rows, "margin_softmax_fused16 row_loss")?;
         margin_softmax16::margin_softmax_fused16(
-            cos, rows, cols, dtype, labels, margin, grad_scale, row_loss,
+            cos, shape, dtype, labels, margin, grad_scale, row_loss,
         );
         Ok(())
     }

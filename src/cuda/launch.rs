@@ -8,7 +8,7 @@
 //! the `Backend` trait that passes its own must keep them in range, as the CPU backend checks.
 
 use super::{dev, CudaBackend, Precision};
-use crate::backend::{Backend, Elem, SampleArgs, StateBuf};
+use crate::backend::{Backend, Elem, LogitsShape, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
@@ -92,11 +92,17 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 }
 
 /// The row count, row length and margin of the margin-softmax kernels, as they take them.
-fn softmax_args(rows: usize, cols: usize, margin: &MarginParams) -> Result<(i32, i32, MarginArgs)> {
+fn softmax_args(shape: LogitsShape, margin: &MarginParams) -> Result<(i32, i32, i32, MarginArgs)> {
+    let (rows, cols, ld) = shape_args(shape)?;
+    Ok((rows, cols, ld, MarginArgs::from(margin)))
+}
+
+/// A logits shape as the kernels' `(rows, cols, ld)` ints.
+fn shape_args(shape: LogitsShape) -> Result<(i32, i32, i32)> {
     Ok((
-        i32_of(rows, "rows")?,
-        i32_of(cols, "cols")?,
-        MarginArgs::from(margin),
+        i32_of(shape.rows, "rows")?,
+        i32_of(shape.cols, "cols")?,
+        i32_of(shape.ld, "ld")?,
     ))
 }
 
@@ -1278,28 +1284,28 @@ impl Backend for CudaBackend {
     fn margin_rowmax(
         &self,
         logits: &mut CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need_product(logits, [rows, cols], "margin_rowmax logits")?;
-        need(labels, rows, "margin_rowmax labels")?;
-        need(row_max, rows, "margin_rowmax row_max")?;
-        need(target_cos, rows, "margin_rowmax target_cos")?;
-        if rows == 0 {
+        need(logits, shape.len()?, "margin_rowmax logits")?;
+        need(labels, shape.rows, "margin_rowmax labels")?;
+        need(row_max, shape.rows, "margin_rowmax row_max")?;
+        need(target_cos, shape.rows, "margin_rowmax target_cos")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "margin_rowmax",
-            per_row(rows),
+            per_row(shape.rows),
             logits,
             &rows_i,
             &cols_i,
+            &ld_i,
             labels,
             &p,
             row_max,
@@ -1311,25 +1317,25 @@ impl Backend for CudaBackend {
     fn exp_rowsum(
         &self,
         logits: &CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         row_max: &CudaSlice<f32>,
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need_product(logits, [rows, cols], "exp_rowsum logits")?;
-        need(row_max, rows, "exp_rowsum row_max")?;
-        need(row_sum, rows, "exp_rowsum row_sum")?;
-        if rows == 0 {
+        need(logits, shape.len()?, "exp_rowsum logits")?;
+        need(row_max, shape.rows, "exp_rowsum row_max")?;
+        need(row_sum, shape.rows, "exp_rowsum row_sum")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
+        let (rows_i, cols_i, ld_i) = shape_args(shape)?;
         launch!(
             self,
             "exp_rowsum",
-            per_row(rows),
+            per_row(shape.rows),
             logits,
             &rows_i,
             &cols_i,
+            &ld_i,
             row_max,
             row_sum
         );
@@ -1339,8 +1345,7 @@ impl Backend for CudaBackend {
     fn softmax_loss_grad(
         &self,
         logits: &mut CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
         row_max: &CudaSlice<f32>,
@@ -1349,20 +1354,21 @@ impl Backend for CudaBackend {
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need_product(logits, [rows, cols], "softmax_loss_grad logits")?;
-        need(labels, rows, "softmax_loss_grad labels")?;
-        need(row_loss, rows, "softmax_loss_grad row_loss")?;
-        if rows == 0 {
+        need(logits, shape.len()?, "softmax_loss_grad logits")?;
+        need(labels, shape.rows, "softmax_loss_grad labels")?;
+        need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "softmax_loss_grad",
-            per_row(rows),
+            per_row(shape.rows),
             logits,
             &rows_i,
             &cols_i,
+            &ld_i,
             labels,
             &p,
             row_max,
@@ -1377,27 +1383,27 @@ impl Backend for CudaBackend {
     fn margin_softmax_fused(
         &self,
         logits: &mut CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        need_product(logits, [rows, cols], "margin_softmax_fused logits")?;
-        need(labels, rows, "margin_softmax_fused labels")?;
-        need(row_loss, rows, "margin_softmax_fused row_loss")?;
-        if rows == 0 {
+        need(logits, shape.len()?, "margin_softmax_fused logits")?;
+        need(labels, shape.rows, "margin_softmax_fused labels")?;
+        need(row_loss, shape.rows, "margin_softmax_fused row_loss")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "margin_softmax_fused",
-            per_row(rows),
+            per_row(shape.rows),
             logits,
             &rows_i,
             &cols_i,
+            &ld_i,
             labels,
             &p,
             &grad_scale,
@@ -1555,8 +1561,7 @@ impl Backend for CudaBackend {
     fn margin_rowmax16(
         &self,
         cos: &CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
@@ -1564,21 +1569,22 @@ impl Backend for CudaBackend {
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "margin_rowmax16")?;
-        need_product(cos, [rows, cols], "margin_rowmax16 cos")?;
-        need(labels, rows, "margin_rowmax16 labels")?;
-        need(row_max, rows, "margin_rowmax16 row_max")?;
-        need(target_cos, rows, "margin_rowmax16 target_cos")?;
-        if rows == 0 {
+        need(cos, shape.len()?, "margin_rowmax16 cos")?;
+        need(labels, shape.rows, "margin_rowmax16 labels")?;
+        need(row_max, shape.rows, "margin_rowmax16 row_max")?;
+        need(target_cos, shape.rows, "margin_rowmax16 target_cos")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "margin_rowmax16",
-            per_row(rows),
+            per_row(shape.rows),
             cos,
             &rows_i,
             &cols_i,
+            &ld_i,
             &kind,
             labels,
             &p,
@@ -1591,8 +1597,7 @@ impl Backend for CudaBackend {
     fn exp_rowsum16(
         &self,
         cos: &CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
@@ -1600,21 +1605,22 @@ impl Backend for CudaBackend {
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "exp_rowsum16")?;
-        need_product(cos, [rows, cols], "exp_rowsum16 cos")?;
-        need(labels, rows, "exp_rowsum16 labels")?;
-        need(row_max, rows, "exp_rowsum16 row_max")?;
-        need(row_sum, rows, "exp_rowsum16 row_sum")?;
-        if rows == 0 {
+        need(cos, shape.len()?, "exp_rowsum16 cos")?;
+        need(labels, shape.rows, "exp_rowsum16 labels")?;
+        need(row_max, shape.rows, "exp_rowsum16 row_max")?;
+        need(row_sum, shape.rows, "exp_rowsum16 row_sum")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "exp_rowsum16",
-            per_row(rows),
+            per_row(shape.rows),
             cos,
             &rows_i,
             &cols_i,
+            &ld_i,
             &kind,
             labels,
             &p,
@@ -1627,8 +1633,7 @@ impl Backend for CudaBackend {
     fn softmax_loss_grad16(
         &self,
         cos: &mut CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
@@ -1639,23 +1644,24 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "softmax_loss_grad16")?;
-        need_product(cos, [rows, cols], "softmax_loss_grad16 cos")?;
-        need(labels, rows, "softmax_loss_grad16 labels")?;
-        need(row_max, rows, "softmax_loss_grad16 row_max")?;
-        need(row_sum, rows, "softmax_loss_grad16 row_sum")?;
-        need(target_cos, rows, "softmax_loss_grad16 target_cos")?;
-        need(row_loss, rows, "softmax_loss_grad16 row_loss")?;
-        if rows == 0 {
+        need(cos, shape.len()?, "softmax_loss_grad16 cos")?;
+        need(labels, shape.rows, "softmax_loss_grad16 labels")?;
+        need(row_max, shape.rows, "softmax_loss_grad16 row_max")?;
+        need(row_sum, shape.rows, "softmax_loss_grad16 row_sum")?;
+        need(target_cos, shape.rows, "softmax_loss_grad16 target_cos")?;
+        need(row_loss, shape.rows, "softmax_loss_grad16 row_loss")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "softmax_loss_grad16",
-            per_row(rows),
+            per_row(shape.rows),
             cos,
             &rows_i,
             &cols_i,
+            &ld_i,
             &kind,
             labels,
             &p,
@@ -1671,8 +1677,7 @@ impl Backend for CudaBackend {
     fn margin_softmax_fused16(
         &self,
         cos: &mut CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
+        shape: LogitsShape,
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
@@ -1680,20 +1685,21 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kind = half_kind(dtype, "margin_softmax_fused16")?;
-        need_product(cos, [rows, cols], "margin_softmax_fused16 cos")?;
-        need(labels, rows, "margin_softmax_fused16 labels")?;
-        need(row_loss, rows, "margin_softmax_fused16 row_loss")?;
-        if rows == 0 {
+        need(cos, shape.len()?, "margin_softmax_fused16 cos")?;
+        need(labels, shape.rows, "margin_softmax_fused16 labels")?;
+        need(row_loss, shape.rows, "margin_softmax_fused16 row_loss")?;
+        if shape.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, p) = softmax_args(rows, cols, margin)?;
+        let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
         launch!(
             self,
             "margin_softmax_fused16",
-            per_row(rows),
+            per_row(shape.rows),
             cos,
             &rows_i,
             &cols_i,
+            &ld_i,
             &kind,
             labels,
             &p,

@@ -88,18 +88,28 @@ impl StepShape {
         sampled_capacity(self.shard_classes, self.sample_rate, self.gathered_rows())
     }
 
+    /// The logits' row length and the rows of the sampled-center buffers:
+    /// [`StepShape::sampled_capacity`] rounded up to a multiple of
+    /// [`crate::backend::LOGITS_ROW_ALIGN`], so that every logits row starts on a 16-byte
+    /// boundary for the GEMMs and the softmax (see [`crate::backend::LogitsShape`]).
+    pub fn sampled_stride(&self) -> u64 {
+        self.sampled_capacity()
+            .next_multiple_of(crate::backend::LOGITS_ROW_ALIGN as u64)
+    }
+
     /// Elements of the two 16-bit GEMM operand buffers `(a, b)`, `(0, 0)` in f32.
     ///
     /// With 16-bit GEMMs the logits themselves are 16-bit ([`StepShape::logits_bytes`]): the
     /// logits GEMM `gemm_nt16(M, S, d)` writes them from the 16-bit copies of x̂ `[M×d]` (buffer
-    /// `a`) and ŵ `[S×d]` (buffer `b`), and the backward GEMMs read the 16-bit gradient in place
-    /// with the same two copies, which stay in the buffers from the forward to the backward pass.
-    /// So `a` holds `M·d` and `b` holds `S·d` elements, and nothing logits-sized is copied.
+    /// `a`) and ŵ `[S×d]` (buffer `b`, `S` padded to [`StepShape::sampled_stride`] rows), and
+    /// the backward GEMMs read the 16-bit gradient in place with the same two copies, which stay
+    /// in the buffers from the forward to the backward pass. So `a` holds `M·d` and `b` holds
+    /// `S·d` elements, and nothing logits-sized is copied.
     pub fn gemm_operand_lens(&self) -> (u64, u64) {
         if self.gemm_precision == GemmPrecision::F32 {
             return (0, 0);
         }
-        let (m, s, d) = (self.gathered_rows(), self.sampled_capacity(), self.dim);
+        let (m, s, d) = (self.gathered_rows(), self.sampled_stride(), self.dim);
         (m * d, s * d)
     }
 
@@ -135,9 +145,10 @@ pub enum Component {
     WeightGrad,
     /// Optimizer state (momentum, Adam moments), one `shard × d` per state in the state dtype.
     OptimizerState,
-    /// Gathered and L2-normalized sampled rows, `S × d`.
+    /// Gathered and L2-normalized sampled rows, `S × d`, with room for the padding rows of the
+    /// logits layout (`S` rounded up to a multiple of 8: [`StepShape::sampled_stride`]).
     SampledWeights,
-    /// Gradient of the sampled rows, `S × d` (normalized, then raw in place).
+    /// Gradient of the sampled rows, `S × d` and padding rows (normalized, then raw in place).
     SampledWeightsGrad,
     /// Norms of the sampled rows, kept for the backward pass, `S`.
     WeightNorms,
@@ -151,8 +162,8 @@ pub enum Component {
     EmbeddingNorms,
     /// Gradient of the gathered embeddings, `N·k × d` (normalized, then raw in place).
     EmbeddingsGrad,
-    /// The logits, `N·k × S` (f32, or 16-bit with 16-bit GEMMs), overwritten in place by their
-    /// gradient.
+    /// The logits, `N·k × S` (f32, or 16-bit with 16-bit GEMMs), each row padded to a multiple
+    /// of 8 columns, overwritten in place by their gradient.
     Logits,
     /// Gathered global labels (i64) and their shard-local remap (i32), `N·k` each.
     Labels,
@@ -239,6 +250,9 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
     let n = shape.batch_per_rank;
     let m = shape.gathered_rows();
     let s = shape.sampled_capacity();
+    // Sampled centers and their gradient have `ld` rows and the logits `ld` columns: the sample
+    // padded for aligned rows (see `LogitsShape`).
+    let ld = shape.sampled_stride();
     let dense = shape.update == UpdateMode::Dense;
     // Every rank packs its N rows as the wire's values followed by the row's i64 label (8 bytes:
     // two f32 words, or four 16-bit words), so one all-gather moves both, from a send buffer of
@@ -271,8 +285,8 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
             Component::OptimizerState,
             shape.optimizer_states * shard * d * shape.state_dtype.bytes(),
         ),
-        (Component::SampledWeights, s * d * f32b),
-        (Component::SampledWeightsGrad, s * d * f32b),
+        (Component::SampledWeights, ld * d * f32b),
+        (Component::SampledWeightsGrad, ld * d * f32b),
         (Component::WeightNorms, s * f32b),
         (Component::GatheredEmbeddings, m * row_bytes),
         (Component::NormalizedEmbeddings, m * d * f32b),
@@ -281,7 +295,7 @@ pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
         (
             Component::Logits,
             match shape.logits {
-                LogitsMode::Materialized => m * s * shape.logits_bytes(),
+                LogitsMode::Materialized => m * ld * shape.logits_bytes(),
                 LogitsMode::Fused => 0,
             },
         ),

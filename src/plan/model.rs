@@ -239,7 +239,9 @@ impl<'a> ShardCache<'a> {
 /// let plan = Plan::new(PlanConfig::new(29_000_000, 8, 32 << 30)).unwrap();
 /// assert!(plan.fits);
 /// assert_eq!(plan.shard_classes, 3_625_000);
-/// assert_eq!(plan.component("logits"), Some(1024 * 362_500 * 4));
+/// assert_eq!(plan.sampled_classes, 362_500);
+/// // Each logits row is padded to a multiple of 8 columns (aligned rows for the GEMMs).
+/// assert_eq!(plan.component("logits"), Some(1024 * 362_504 * 4));
 /// // max_classes is exact: it fits, one more class does not.
 /// let at = |c| partial_fc::plan::PlanConfig { classes: c, ..plan.config };
 /// assert!(at(plan.max_classes).fits() && !at(plan.max_classes + 1).fits());
