@@ -736,6 +736,216 @@ fn margin_softmax_fused_matches_cpu() {
     assert!(dead_seen > 100, "only {dead_seen} filtered/clipped entries");
 }
 
+/// The class columns of a padded `rows × ld` buffer, and its padding columns.
+fn split_padded<T: Copy>(v: &[T], shape: LogitsShape) -> (Vec<T>, Vec<T>) {
+    let (mut values, mut pad) = (Vec::new(), Vec::new());
+    for row in v[..shape.rows * shape.ld].chunks(shape.ld) {
+        values.extend_from_slice(&row[..shape.cols]);
+        pad.extend_from_slice(&row[shape.cols..]);
+    }
+    (values, pad)
+}
+
+/// Every softmax kernel on padded rows (`LogitsShape`, rows `ld > cols` apart: the layer's
+/// layout) against its CPU twin on the same buffer: the vector path with a masked last vector
+/// (`ld % 4 == 0`, `cols % 4 != 0`), the scalar path with padding (`ld % 4 != 0`), and a
+/// padding of cosines 3.0 (a logit above every real one, were it read) or NaN. Class columns as
+/// in the dense tests above; the padding bit for bit: left as it was by the passes that only read
+/// or write logits, +0.0 after the passes that write the gradient (tests/logits_padding.rs shows
+/// the CPU twins compute on padded rows exactly what they compute on dense ones).
+#[test]
+fn padded_logits_rows_match_cpu() {
+    use partial_fc::cpu::margin_softmax16::{narrow, widen};
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(59);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (rows, cols, ld) in [(33, 1001, 1008), (5, 13, 15), (8, 3, 8), (16, 4093, 4096)] {
+        let shape = LogitsShape { rows, cols, ld };
+        for (margin, pad) in margins()
+            .into_iter()
+            .zip([3.0, f32::NAN].into_iter().cycle())
+        {
+            let p = margin.params();
+            let what = format!("{rows}x{cols} ld {ld} pad {pad} {margin:?}");
+            let mut logits = rng.vec(rows * ld, -1.02, 1.02);
+            for row in logits.chunks_mut(ld) {
+                row[cols..].fill(pad);
+            }
+            let labels = row_labels(&mut rng, rows, cols);
+            let dl = up(&g, &labels);
+            let gs = 1.0 / rows as f32;
+            let down = |b: &cudarc::driver::CudaSlice<f32>, n| g.download(b, n).unwrap();
+
+            // f32: the three passes.
+            let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
+            let (mut sum, mut loss) = (vec![0f32; rows], vec![0f32; rows]);
+            cpu.margin_rowmax(&mut lc, shape, &labels, &p, &mut mx, &mut tc)
+                .unwrap();
+            let mut lg = up(&g, &logits);
+            let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
+            let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
+            g.margin_rowmax(&mut lg, shape, &dl, &p, &mut gmx, &mut gtc)
+                .unwrap();
+            let ((gv, gp), (cv, cp)) = (
+                split_padded(&down(&lg, rows * ld), shape),
+                split_padded(&lc, shape),
+            );
+            assert_close(&format!("{what}: pass 1"), &gv, &cv, 1e-4, 1e-5);
+            assert_eq!(bits(&gp), bits(&cp), "{what}: pass 1 padding");
+            assert_close(
+                &format!("{what}: row max"),
+                &down(&gmx, rows),
+                &mx,
+                1e-4,
+                1e-6,
+            );
+            cpu.exp_rowsum(&lc, shape, &mx, &mut sum).unwrap();
+            g.exp_rowsum(&lg, shape, &gmx, &mut gsum).unwrap();
+            assert_close(
+                &format!("{what}: row sum"),
+                &down(&gsum, rows),
+                &sum,
+                1e-4,
+                1e-6,
+            );
+            cpu.softmax_loss_grad(&mut lc, shape, &labels, &p, &mx, &sum, &tc, gs, &mut loss)
+                .unwrap();
+            g.softmax_loss_grad(&mut lg, shape, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss)
+                .unwrap();
+            let ((gv, gp), (cv, _)) = (
+                split_padded(&down(&lg, rows * ld), shape),
+                split_padded(&lc, shape),
+            );
+            assert_close(&format!("{what}: pass 3"), &gv, &cv, 1e-4, 1e-6);
+            assert!(
+                gp.iter().all(|v| v.to_bits() == 0),
+                "{what}: pass 3 padding {gp:?}"
+            );
+            assert_close(
+                &format!("{what}: loss"),
+                &down(&gloss, rows),
+                &loss,
+                1e-4,
+                1e-6,
+            );
+
+            // f32: the one kernel.
+            let mut lc = logits.clone();
+            cpu.margin_softmax_fused(&mut lc, shape, &labels, &p, gs, &mut loss)
+                .unwrap();
+            let mut lg = up(&g, &logits);
+            g.margin_softmax_fused(&mut lg, shape, &dl, &p, gs, &mut gloss)
+                .unwrap();
+            let ((gv, gp), (cv, _)) = (
+                split_padded(&down(&lg, rows * ld), shape),
+                split_padded(&lc, shape),
+            );
+            assert_close(&format!("{what}: fused"), &gv, &cv, 1e-4, 1e-6);
+            assert!(
+                gp.iter().all(|v| v.to_bits() == 0),
+                "{what}: fused padding {gp:?}"
+            );
+            assert_close(
+                &format!("{what}: fused loss"),
+                &down(&gloss, rows),
+                &loss,
+                1e-4,
+                1e-6,
+            );
+
+            // 16-bit: the three passes and the one kernel.
+            for dtype in [Dtype::Bf16, Dtype::F16] {
+                let what = format!("{what} {dtype:?}");
+                let rounding = match dtype {
+                    Dtype::Bf16 => (2f32.powi(-7), 1e-30),
+                    _ => (2f32.powi(-10), 2f32.powi(-24)),
+                };
+                let cos: Vec<u16> = logits.iter().map(|&v| narrow(v, dtype)).collect();
+                let wide = |v: &[u16]| v.iter().map(|&b| widen(b, dtype)).collect::<Vec<_>>();
+                let (cos_values, _) = split_padded(&wide(&cos), shape);
+                let mut c = cos.clone();
+                cpu.margin_rowmax16(&c, shape, dtype, &labels, &p, &mut mx, &mut tc)
+                    .unwrap();
+                cpu.exp_rowsum16(&c, shape, dtype, &labels, &p, &mx, &mut sum)
+                    .unwrap();
+                cpu.softmax_loss_grad16(
+                    &mut c, shape, dtype, &labels, &p, &mx, &sum, &tc, 1.0, &mut loss,
+                )
+                .unwrap();
+                let mut gc = up(&g, &cos);
+                g.margin_rowmax16(&gc, shape, dtype, &dl, &p, &mut gmx, &mut gtc)
+                    .unwrap();
+                g.exp_rowsum16(&gc, shape, dtype, &dl, &p, &gmx, &mut gsum)
+                    .unwrap();
+                assert_close(
+                    &format!("{what}: row max"),
+                    &down(&gmx, rows),
+                    &mx,
+                    1e-4,
+                    1e-6,
+                );
+                assert_close(
+                    &format!("{what}: row sum"),
+                    &down(&gsum, rows),
+                    &sum,
+                    1e-4,
+                    1e-6,
+                );
+                g.softmax_loss_grad16(
+                    &mut gc, shape, dtype, &dl, &p, &gmx, &gsum, &gtc, 1.0, &mut gloss,
+                )
+                .unwrap();
+                let (gv, gp) = split_padded(&g.download(&gc, rows * ld).unwrap(), shape);
+                let (cv, _) = split_padded(&c, shape);
+                assert_grad16(
+                    &format!("{what}: pass 3"),
+                    &wide(&gv),
+                    &wide(&cv),
+                    &cos_values,
+                    &labels,
+                    rounding,
+                    &p,
+                );
+                assert!(gp.iter().all(|&b| b == 0), "{what}: pass 3 padding {gp:?}");
+                assert_close(
+                    &format!("{what}: loss"),
+                    &down(&gloss, rows),
+                    &loss,
+                    1e-4,
+                    1e-6,
+                );
+
+                let mut c = cos.clone();
+                cpu.margin_softmax_fused16(&mut c, shape, dtype, &labels, &p, 1.0, &mut loss)
+                    .unwrap();
+                let mut gc = up(&g, &cos);
+                g.margin_softmax_fused16(&mut gc, shape, dtype, &dl, &p, 1.0, &mut gloss)
+                    .unwrap();
+                let (gv, gp) = split_padded(&g.download(&gc, rows * ld).unwrap(), shape);
+                let (cv, _) = split_padded(&c, shape);
+                assert_grad16(
+                    &format!("{what}: fused"),
+                    &wide(&gv),
+                    &wide(&cv),
+                    &cos_values,
+                    &labels,
+                    rounding,
+                    &p,
+                );
+                assert!(gp.iter().all(|&b| b == 0), "{what}: fused padding {gp:?}");
+                assert_close(
+                    &format!("{what}: fused loss"),
+                    &down(&gloss, rows),
+                    &loss,
+                    1e-4,
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn optimizer_and_scatter_match_cpu() {
     let Some(g) = gpu() else { return };
