@@ -23,11 +23,11 @@ fn time(g: &CudaBackend, name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// The logits' row length is S = 104,857 here (int(0.1 · 2^20), as PartialFC_V2 computes it):
-/// odd, so the logits GEMM writes C with an odd leading dimension and the backward GEMMs read
-/// it with one, which keeps cuBLAS off its 16-byte-aligned (TMA on sm_90) tensor-core kernels,
-/// and the softmax passes off their float4 path. This times the same kernels with the row length
-/// padded to a multiple of 8, to measure what padding the logits' rows would gain before the
-/// layer's layout is changed for it.
+/// odd, so dense rows would give the logits GEMM an odd leading dimension and the backward GEMMs
+/// one too, which keeps cuBLAS off its 16-byte-aligned (TMA on sm_90) tensor-core kernels, and
+/// the softmax passes off their float4 path. The layer pads each row to a multiple of 8
+/// (`LogitsShape::aligned`); this times the same kernels on dense rows (the layout before) and on
+/// the layer's padded rows, in the same run.
 #[allow(clippy::too_many_arguments)]
 fn alignment_probe(
     g: &CudaBackend,
@@ -39,8 +39,8 @@ fn alignment_probe(
     local: &cudarc::driver::CudaSlice<i32>,
     p: &partial_fc::MarginParams,
 ) {
-    let padded = s.div_ceil(8) * 8;
-    println!("-- alignment probe: S = {s} as sampled vs {padded} (padded to 8)");
+    let padded = LogitsShape::aligned(m, s).unwrap().ld;
+    println!("-- alignment probe: S = {s}, rows dense ({s}) vs padded ({padded}, the layer's)");
     let mut wpad = g.alloc::<f32>(padded * d).unwrap();
     g.copy(wh, &mut wpad, s * d).unwrap();
     let mut logits = g.alloc::<f32>(m * padded).unwrap();
@@ -51,7 +51,11 @@ fn alignment_probe(
     let mut cos16 = g
         .alloc::<u16>(if sixteen { m * padded } else { 0 })
         .unwrap();
-    for cols in [s, padded] {
+    for shape in [
+        LogitsShape::dense(m, s),
+        LogitsShape::aligned(m, s).unwrap(),
+    ] {
+        let cols = shape.ld; // the GEMMs run over every column of a row, padding included
         if sixteen {
             // What the layer's 16-bit step runs: 16-bit cosines straight from the GEMM, the
             // backward pair reading the 16-bit gradient, no logits-sized cast.
@@ -64,16 +68,8 @@ fn alignment_probe(
             });
             g.gemm_nt16(m, cols, d, xh, &wpad, &mut cos16).unwrap();
             time(g, &format!("margin_rowmax16, {cols} cols"), 10, || {
-                g.margin_rowmax16(
-                    &cos16,
-                    LogitsShape::dense(m, cols),
-                    Dtype::Bf16,
-                    local,
-                    p,
-                    &mut mx,
-                    &mut tc,
-                )
-                .unwrap()
+                g.margin_rowmax16(&cos16, shape, Dtype::Bf16, local, p, &mut mx, &mut tc)
+                    .unwrap()
             });
             continue;
         }
@@ -88,15 +84,8 @@ fn alignment_probe(
         });
         g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap();
         time(g, &format!("margin_rowmax, {cols} cols"), 10, || {
-            g.margin_rowmax(
-                &mut logits,
-                LogitsShape::dense(m, cols),
-                local,
-                p,
-                &mut mx,
-                &mut tc,
-            )
-            .unwrap()
+            g.margin_rowmax(&mut logits, shape, local, p, &mut mx, &mut tc)
+                .unwrap()
         });
     }
 }
@@ -133,6 +122,9 @@ fn main() {
         (1usize << 20, 1024usize, 512usize)
     };
     let s = (0.1 * shard as f64) as usize;
+    // The layer's layout: logits rows and sampled-center rows padded to a multiple of 8.
+    let shape = LogitsShape::aligned(m, s).unwrap();
+    let ld = shape.ld;
     for precision in [Precision::F32, Precision::Bf16] {
         let g = CudaBackend::new(0).unwrap().with_precision(precision);
         println!("== {precision:?}");
@@ -150,8 +142,8 @@ fn main() {
         let (mut xh, mut xn) = (g.alloc::<f32>(m * d).unwrap(), g.alloc::<f32>(m).unwrap());
         let mut keys = g.alloc::<u64>(shard).unwrap();
         let mut sampled = g.alloc::<i32>(s.max(m)).unwrap();
-        let (mut wh, mut wn) = (g.alloc::<f32>(s * d).unwrap(), g.alloc::<f32>(s).unwrap());
-        let mut logits = g.alloc::<f32>(m * s).unwrap();
+        let (mut wh, mut wn) = (g.alloc::<f32>(ld * d).unwrap(), g.alloc::<f32>(s).unwrap());
+        let mut logits = g.alloc::<f32>(m * ld).unwrap();
         let (mut mx, mut tc, mut sum, mut loss) = (
             g.alloc::<f32>(m).unwrap(),
             g.alloc::<f32>(m).unwrap(),
@@ -159,7 +151,7 @@ fn main() {
             g.alloc::<f32>(m).unwrap(),
         );
         let mut gx = g.alloc::<f32>(m * d).unwrap();
-        let mut gw = g.alloc::<f32>(s * d).unwrap();
+        let mut gw = g.alloc::<f32>(ld * d).unwrap();
         let mut mom = partial_fc::StateBuf::F32(g.alloc::<f32>(shard * d).unwrap());
         let p = Margin::arcface().params();
         let args = SampleArgs {
@@ -190,27 +182,19 @@ fn main() {
                 .unwrap()
         });
         total += time(&g, "gemm_nt (logits)", 10, || {
-            g.gemm_nt(m, s, d, &xh, &wh, &mut logits).unwrap()
+            g.gemm_nt(m, ld, d, &xh, &wh, &mut logits).unwrap()
         });
         total += time(&g, "margin_rowmax", 10, || {
-            g.margin_rowmax(
-                &mut logits,
-                LogitsShape::dense(m, s),
-                &local,
-                &p,
-                &mut mx,
-                &mut tc,
-            )
-            .unwrap()
+            g.margin_rowmax(&mut logits, shape, &local, &p, &mut mx, &mut tc)
+                .unwrap()
         });
         total += time(&g, "exp_rowsum", 10, || {
-            g.exp_rowsum(&logits, LogitsShape::dense(m, s), &mx, &mut sum)
-                .unwrap()
+            g.exp_rowsum(&logits, shape, &mx, &mut sum).unwrap()
         });
         total += time(&g, "softmax_loss_grad", 10, || {
             g.softmax_loss_grad(
                 &mut logits,
-                LogitsShape::dense(m, s),
+                shape,
                 &local,
                 &p,
                 &mx,
@@ -222,10 +206,10 @@ fn main() {
             .unwrap()
         });
         total += time(&g, "gemm_nn (grad x)", 10, || {
-            g.gemm_nn(m, d, s, &logits, &wh, &mut gx).unwrap()
+            g.gemm_nn(m, d, ld, &logits, &wh, &mut gx).unwrap()
         });
         total += time(&g, "gemm_tn (grad w)", 10, || {
-            g.gemm_tn(s, d, m, &logits, &xh, &mut gw).unwrap()
+            g.gemm_tn(ld, d, m, &logits, &xh, &mut gw).unwrap()
         });
         total += time(&g, "normalize_backward x", 20, || {
             g.normalize_backward(&mut gx, &xh, &xn, m, d).unwrap()
