@@ -737,6 +737,8 @@ fn margin_softmax_fused_matches_cpu() {
 }
 
 /// The class columns of a padded `rows × ld` buffer, and its padding columns.
+type Slice<T> = cudarc::driver::CudaSlice<T>;
+
 fn split_padded<T: Copy>(v: &[T], shape: LogitsShape) -> (Vec<T>, Vec<T>) {
     let (mut values, mut pad) = (Vec::new(), Vec::new());
     for row in v[..shape.rows * shape.ld].chunks(shape.ld) {
@@ -776,6 +778,19 @@ fn padded_logits_rows_match_cpu() {
             let dl = up(&g, &labels);
             let gs = 1.0 / rows as f32;
             let down = |b: &cudarc::driver::CudaSlice<f32>, n| g.download(b, n).unwrap();
+            // A gradient-writing pass: class columns and loss as the CPU's, +0.0 in the padding.
+            let check_f32 =
+                |stage: &str, lg: &Slice<f32>, lc: &[f32], gloss: &Slice<f32>, loss: &[f32]| {
+                    let ((gv, gp), (cv, _)) = (
+                        split_padded(&down(lg, rows * ld), shape),
+                        split_padded(lc, shape),
+                    );
+                    assert_close(&format!("{what}: {stage}"), &gv, &cv, 1e-4, 1e-6);
+                    let zero = gp.iter().all(|v| v.to_bits() == 0);
+                    assert!(zero, "{what}: {stage} padding {gp:?}");
+                    let (gl, what) = (down(gloss, rows), format!("{what}: {stage} loss"));
+                    assert_close(&what, &gl, loss, 1e-4, 1e-6);
+                };
 
             // f32: the three passes.
             let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
@@ -813,22 +828,7 @@ fn padded_logits_rows_match_cpu() {
                 .unwrap();
             g.softmax_loss_grad(&mut lg, shape, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss)
                 .unwrap();
-            let ((gv, gp), (cv, _)) = (
-                split_padded(&down(&lg, rows * ld), shape),
-                split_padded(&lc, shape),
-            );
-            assert_close(&format!("{what}: pass 3"), &gv, &cv, 1e-4, 1e-6);
-            assert!(
-                gp.iter().all(|v| v.to_bits() == 0),
-                "{what}: pass 3 padding {gp:?}"
-            );
-            assert_close(
-                &format!("{what}: loss"),
-                &down(&gloss, rows),
-                &loss,
-                1e-4,
-                1e-6,
-            );
+            check_f32("pass 3", &lg, &lc, &gloss, &loss);
 
             // f32: the one kernel.
             let mut lc = logits.clone();
@@ -837,22 +837,7 @@ fn padded_logits_rows_match_cpu() {
             let mut lg = up(&g, &logits);
             g.margin_softmax_fused(&mut lg, shape, &dl, &p, gs, &mut gloss)
                 .unwrap();
-            let ((gv, gp), (cv, _)) = (
-                split_padded(&down(&lg, rows * ld), shape),
-                split_padded(&lc, shape),
-            );
-            assert_close(&format!("{what}: fused"), &gv, &cv, 1e-4, 1e-6);
-            assert!(
-                gp.iter().all(|v| v.to_bits() == 0),
-                "{what}: fused padding {gp:?}"
-            );
-            assert_close(
-                &format!("{what}: fused loss"),
-                &down(&gloss, rows),
-                &loss,
-                1e-4,
-                1e-6,
-            );
+            check_f32("fused", &lg, &lc, &gloss, &loss);
 
             // 16-bit: the three passes and the one kernel.
             for dtype in [Dtype::Bf16, Dtype::F16] {
@@ -864,6 +849,23 @@ fn padded_logits_rows_match_cpu() {
                 let cos: Vec<u16> = logits.iter().map(|&v| narrow(v, dtype)).collect();
                 let wide = |v: &[u16]| v.iter().map(|&b| widen(b, dtype)).collect::<Vec<_>>();
                 let (cos_values, _) = split_padded(&wide(&cos), shape);
+                // As `check_f32`, each gradient within one 16-bit step (`assert_grad16`).
+                let check16 =
+                    |stage: &str, gc: &Slice<u16>, c: &[u16], gloss: &Slice<f32>, loss: &[f32]| {
+                        let (gv, gp) = split_padded(&g.download(gc, rows * ld).unwrap(), shape);
+                        let (cv, _) = split_padded(c, shape);
+                        let what = format!("{what}: {stage}");
+                        let (gw, cw) = (wide(&gv), wide(&cv));
+                        assert_grad16(&what, &gw, &cw, &cos_values, &labels, rounding, &p);
+                        assert!(gp.iter().all(|&b| b == 0), "{what}: padding {gp:?}");
+                        assert_close(
+                            &format!("{what} loss"),
+                            &down(gloss, rows),
+                            loss,
+                            1e-4,
+                            1e-6,
+                        );
+                    };
                 let mut c = cos.clone();
                 cpu.margin_rowmax16(&c, shape, dtype, &labels, &p, &mut mx, &mut tc)
                     .unwrap();
@@ -896,25 +898,7 @@ fn padded_logits_rows_match_cpu() {
                     &mut gc, shape, dtype, &dl, &p, &gmx, &gsum, &gtc, 1.0, &mut gloss,
                 )
                 .unwrap();
-                let (gv, gp) = split_padded(&g.download(&gc, rows * ld).unwrap(), shape);
-                let (cv, _) = split_padded(&c, shape);
-                assert_grad16(
-                    &format!("{what}: pass 3"),
-                    &wide(&gv),
-                    &wide(&cv),
-                    &cos_values,
-                    &labels,
-                    rounding,
-                    &p,
-                );
-                assert!(gp.iter().all(|&b| b == 0), "{what}: pass 3 padding {gp:?}");
-                assert_close(
-                    &format!("{what}: loss"),
-                    &down(&gloss, rows),
-                    &loss,
-                    1e-4,
-                    1e-6,
-                );
+                check16("pass 3", &gc, &c, &gloss, &loss);
 
                 let mut c = cos.clone();
                 cpu.margin_softmax_fused16(&mut c, shape, dtype, &labels, &p, 1.0, &mut loss)
@@ -922,25 +906,7 @@ fn padded_logits_rows_match_cpu() {
                 let mut gc = up(&g, &cos);
                 g.margin_softmax_fused16(&mut gc, shape, dtype, &dl, &p, 1.0, &mut gloss)
                     .unwrap();
-                let (gv, gp) = split_padded(&g.download(&gc, rows * ld).unwrap(), shape);
-                let (cv, _) = split_padded(&c, shape);
-                assert_grad16(
-                    &format!("{what}: fused"),
-                    &wide(&gv),
-                    &wide(&cv),
-                    &cos_values,
-                    &labels,
-                    rounding,
-                    &p,
-                );
-                assert!(gp.iter().all(|&b| b == 0), "{what}: fused padding {gp:?}");
-                assert_close(
-                    &format!("{what}: fused loss"),
-                    &down(&gloss, rows),
-                    &loss,
-                    1e-4,
-                    1e-6,
-                );
+                check16("fused", &gc, &c, &gloss, &loss);
             }
         }
     }
