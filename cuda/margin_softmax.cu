@@ -5,8 +5,9 @@
 //
 // Rows are `ld` elements apart and hold `cols` logits (ld >= cols; the layer pads each row to a
 // multiple of 8 so that rows start on 16-byte boundaries for cuBLAS and for the vector loads).
-// No pass reads the padding columns cols..ld; pass 3 and the fused kernel write zeros there, so
-// the backward GEMMs, which run over all ld columns, get nothing from them.
+// No pass uses a value of the padding columns cols..ld (the vector load of a row's last four may
+// load some, and pass 1 stores them back unchanged); pass 3 and the fused kernel write zeros
+// there, so the backward GEMMs, which run over all ld columns, get nothing from them.
 //
 // With world size 1 the step runs margin_softmax_fused (at the end of this file) instead: the
 // same softmax in one kernel with an online max and sum, the logits read twice and written once

@@ -35,13 +35,16 @@ fn main() {
         t("normalize x", || {
             normalize::normalize_rows(&x, m, d, &mut xh, &mut xn)
         });
-        let mut wh = vec![0f32; s * d];
+        // The layer's layout: logits rows (and sampled-center rows) padded to a multiple of 8.
+        let shape = LogitsShape::aligned(m, s).unwrap();
+        let ld = shape.ld;
+        let mut wh = vec![0f32; ld * d];
         let mut wn = vec![0f32; s];
         t("gather_normalize", || {
             normalize::gather_normalize_rows(&w, d, &sampled[..n], &mut wh, &mut wn)
         });
-        let mut logits = vec![0f32; m * s];
-        t("gemm_nt", || gemm::gemm_nt(m, s, d, &xh, &wh, &mut logits)).unwrap();
+        let mut logits = vec![0f32; m * ld];
+        t("gemm_nt", || gemm::gemm_nt(m, ld, d, &xh, &wh, &mut logits)).unwrap();
         let p = partial_fc::Margin::arcface().params();
         let (mut mx, mut sm, mut tc, mut ls) =
             (vec![0f32; m], vec![0f32; m], vec![0f32; m], vec![0f32; m]);
@@ -49,22 +52,15 @@ fn main() {
             *l = (*l).min(s as i32 - 1);
         }
         t("margin_rowmax", || {
-            margin_softmax::margin_rowmax(
-                &mut logits,
-                LogitsShape::dense(m, s),
-                &labels,
-                &p,
-                &mut mx,
-                &mut tc,
-            )
+            margin_softmax::margin_rowmax(&mut logits, shape, &labels, &p, &mut mx, &mut tc)
         });
         t("exp_rowsum", || {
-            margin_softmax::exp_rowsum(&logits, LogitsShape::dense(m, s), &mx, &mut sm)
+            margin_softmax::exp_rowsum(&logits, shape, &mx, &mut sm)
         });
         t("softmax_loss_grad", || {
             margin_softmax::softmax_loss_grad(
                 &mut logits,
-                LogitsShape::dense(m, s),
+                shape,
                 &labels,
                 &p,
                 &mx,
@@ -75,9 +71,9 @@ fn main() {
             )
         });
         let mut gx = vec![0f32; m * d];
-        let mut gw = vec![0f32; s * d];
-        t("gemm_nn", || gemm::gemm_nn(m, d, s, &logits, &wh, &mut gx)).unwrap();
-        t("gemm_tn", || gemm::gemm_tn(s, d, m, &logits, &xh, &mut gw)).unwrap();
+        let mut gw = vec![0f32; ld * d];
+        t("gemm_nn", || gemm::gemm_nn(m, d, ld, &logits, &wh, &mut gx)).unwrap();
+        t("gemm_tn", || gemm::gemm_tn(ld, d, m, &logits, &xh, &mut gw)).unwrap();
         t("normalize_backward x", || {
             normalize::normalize_backward(&mut gx, &xh, &xn, m, d)
         });

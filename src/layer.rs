@@ -191,6 +191,11 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     config: LayerConfig,
     shard: Shard,
     capacity: usize,
+    /// Rows of the sampled-center buffer that a gather has written (the largest sample so far).
+    /// Rows past the current sample are the logits' padding columns: the backward GEMMs multiply
+    /// them by a zero gradient, so they must hold finite values; a larger earlier sample may
+    /// have left anything there (a NaN row from a diverged step), so they are zeroed again.
+    sampled_rows_written: usize,
     step: u64,
     /// Whether the last backward pass's gradient still waits for `step`.
     grad_pending: bool,
@@ -448,6 +453,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             step: 0,
             grad_pending: false,
             last_sampled: None,
+            sampled_rows_written: 0,
             incomplete: false,
             bufs,
         })
@@ -1009,11 +1015,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
         // 4. Sampled, normalized centers and the cosine logits, each logits row padded to
         //    `shape.ld` columns (see `LogitsShape`): the GEMMs run over all `ld` columns, the
-        //    padding rows of the sampled centers are finite (zeroed at allocation, or a
-        //    normalized row of an earlier, larger sample), and the softmax ignores the padding
+        //    padding rows of the sampled centers are zero (at allocation, and zeroed again
+        //    below after a larger sample wrote them), and the softmax ignores the padding
         //    columns and zeroes their gradient, so they add nothing to either backward GEMM.
         let shape = LogitsShape::aligned(m, s)?;
         let ld = shape.ld;
+        let stale = self.sampled_rows_written.min(ld);
+        if stale > s {
+            // Only after a larger sample (a given one, or more positives than `num_sample`).
+            b.upload_at(&vec![0.0; (stale - s) * d], &mut x.sampled_weights, s * d)?;
+        }
+        self.sampled_rows_written = self.sampled_rows_written.max(s);
         b.gather_normalize_rows(
             &x.weight,
             d,

@@ -762,7 +762,14 @@ fn padded_logits_rows_match_cpu() {
     let cpu = CpuBackend;
     let mut rng = Rng(59);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for (rows, cols, ld) in [(33, 1001, 1008), (5, 13, 15), (8, 3, 8), (16, 4093, 4096)] {
+    let shapes = [
+        (33, 1001, 1008),
+        (5, 13, 15),
+        (8, 3, 8),
+        (16, 4093, 4096),
+        (4, 1000, 1008), // whole vectors of padding
+    ];
+    for (rows, cols, ld) in shapes {
         let shape = LogitsShape { rows, cols, ld };
         for (margin, pad) in margins()
             .into_iter()
@@ -1300,7 +1307,8 @@ fn whole_step_matches_cpu() {
 }
 
 /// A layer with 16-bit GEMMs holds exactly the operand buffers the planner predicts
-/// (`gemm_operands` = 2·(M·d + S·d) bytes, 16-bit logits), allocated at construction: after
+/// (`gemm_operands` = 2·(M·d + S₈·d) bytes with S₈ the sample padded to a multiple of 8, 16-bit
+/// logits), allocated at construction: after
 /// three steps the report is unchanged (no GEMM grew them), and it equals the planner's component
 /// by component. The loss stays within 5e-2 relative of the f32 CPU layer's on the same inputs
 /// (the sample is identical; 16-bit operands move each cosine by at most ~2·2⁻⁸, loose on
@@ -1330,7 +1338,8 @@ fn half_precision_layer_allocates_what_the_planner_says() {
             planned,
             "{precision}: allocation != planner"
         );
-        let (m, s, d) = (96u64, on_gpu.step_shape().sampled_capacity(), 64u64);
+        // The sampled centers' copy has the padded row count (`sampled_stride`).
+        let (m, s, d) = (96u64, on_gpu.step_shape().sampled_stride(), 64u64);
         let want = 2 * (m * d + s * d);
         let held = planned
             .iter()

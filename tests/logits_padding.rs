@@ -302,3 +302,61 @@ fn a_stride_shorter_than_the_row_or_a_short_buffer_is_an_error() {
         "an error leaves the buffer"
     );
 }
+
+/// The padding rows of the sampled centers must hold finite values (the backward GEMMs multiply
+/// them by the padding's zero gradient, and 0 · NaN is NaN). A step with a smaller sample than an
+/// earlier one finds the earlier step's rows there; here they are the non-finite rows of a
+/// diverged layer, and the layer must give, after its weights are replaced by clean ones, exactly
+/// what a fresh layer with those weights gives. (Found by review: the rows had been zeroed only
+/// at allocation.)
+#[test]
+fn a_smaller_sample_after_a_diverged_larger_one_is_clean() {
+    use partial_fc::collective::SingleRank;
+    use partial_fc::{LayerConfig, PartialFc, Sgd, StateDtype};
+    let (classes, d, n) = (64u64, 8usize, 4usize);
+    let mut cfg = LayerConfig::new(classes, d, n);
+    cfg.sample_rate = 1.0;
+    cfg.optimizer = Some(Sgd {
+        momentum: 0.0,
+        weight_decay: 1.0,
+        state_dtype: StateDtype::F32,
+    });
+    let mut layer = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    let clean = layer.weight().unwrap();
+    let x: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1 + 0.05)
+        .collect();
+    let labels = [0i64, 1, 2, 3];
+    let large: Vec<i64> = (0..16).collect();
+    // Steps with an absurd learning rate drive the 16 sampled rows to ±inf; one more forward
+    // gathers them (NaN after normalization) into rows 0..16 of the sampled centers.
+    for _ in 0..3 {
+        layer
+            .forward_backward_with_sample(&x, &labels, &large)
+            .unwrap();
+        let _ = layer.step(f32::MAX);
+    }
+    assert!(layer.weight().unwrap().iter().any(|w| !w.is_finite()));
+    layer
+        .forward_backward_with_sample(&x, &labels, &large)
+        .unwrap();
+
+    // Clean weights, and a sample of 9 (logits rows padded to 16: rows 9..16 are padding).
+    layer.set_weight(&clean).unwrap();
+    let small: Vec<i64> = (0..9).collect();
+    let got = layer
+        .forward_backward_with_sample(&x, &labels, &small)
+        .unwrap();
+    let mut fresh = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    fresh.set_weight(&clean).unwrap();
+    let want = fresh
+        .forward_backward_with_sample(&x, &labels, &small)
+        .unwrap();
+    assert!(want.grad_embeddings.iter().all(|g| g.is_finite()));
+    assert_eq!(got.loss.to_bits(), want.loss.to_bits());
+    assert_eq!(bits(&got.grad_embeddings), bits(&want.grad_embeddings));
+    assert_eq!(
+        bits(&layer.weight_grad_dense().unwrap()),
+        bits(&fresh.weight_grad_dense().unwrap())
+    );
+}

@@ -8,9 +8,10 @@
 //! its logits out with `ld` = `cols` rounded up to [`LOGITS_ROW_ALIGN`] elements: at most 7 more
 //! values per row, and the GEMMs, the softmax and the planner share one layout.
 //!
-//! The padding columns `cols..ld` carry no class. The softmax passes never read them, and the
-//! passes that write the gradient (pass 3 and the one-kernel softmax) write zeros there, so a
-//! backward GEMM that runs over all `ld` columns adds nothing from them.
+//! The padding columns `cols..ld` carry no class. The softmax passes use none of their values,
+//! and the passes that write the gradient (pass 3 and the one-kernel softmax) write zeros there,
+//! so a backward GEMM that runs over all `ld` columns adds nothing from them (the layer keeps the
+//! matching rows of the sampled centers zero, so that nothing non-finite meets those zeros).
 
 use crate::error::{PfcError, Result};
 

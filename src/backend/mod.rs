@@ -438,8 +438,9 @@ pub trait Backend: Send + Sync + 'static {
     /// local max to `row_max` and its raw target cosine to `target_cos`.
     ///
     /// Every softmax method takes the logits' [`LogitsShape`]: `cols` columns hold classes, rows
-    /// are `ld` elements apart. No pass reads the padding columns `cols..ld`; the passes that
-    /// write the gradient ([`Self::softmax_loss_grad`], [`Self::margin_softmax_fused`] and their
+    /// are `ld` elements apart. No pass uses a value of the padding columns `cols..ld` (a
+    /// vectorized pass may load them and store them back unchanged); the passes that write the
+    /// gradient ([`Self::softmax_loss_grad`], [`Self::margin_softmax_fused`] and their
     /// 16-bit forms) write zeros there, so a backward GEMM over all `ld` columns adds nothing.
     #[allow(clippy::too_many_arguments)]
     fn margin_rowmax(
