@@ -1,31 +1,85 @@
 // Row L2 normalization, fused with the gather of sampled rows, and its backward pass.
-// CPU references: src/cpu/normalize.rs. One block per row.
+// CPU references: src/cpu/normalize.rs.
+//
+// One warp per row, ROW_THREADS / 32 rows per block (launch: `per_warp_row`). Why not a block per
+// row: a row is d floats (2 KB at d = 512) and a block per row keeps at most 8 rows of an SM's
+// 2048 threads in flight, 16 KB a SM, too few bytes to cover DRAM latency; gather_normalize_rows
+// and normalize_backward run over S = 104,857 such rows at the whole-step shape and were measured
+// at ~1.9 TB/s on an H200 (docs/benchmarks.md). A warp per row puts 64 rows in flight per SM, with
+// 16-byte loads where rows are aligned, and needs no block barrier: the reductions are warp
+// shuffles. A warp's second sweep rereads its row from L1.
 #include "common.cuh"
 
 #define NORM_EPS 1e-12f  // torch.nn.functional.normalize's eps
 
-// out = src / max(|src|, eps); returns the norm (on every thread).
+// The row this warp works on.
+__device__ __forceinline__ size_t warp_row() {
+    return (size_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+}
+
+__device__ __forceinline__ bool is_lane0() { return threadIdx.x % WARP == 0; }
+
+// Lane `lane` of a warp handles the quads q = lane, lane + 32, ... of a row (elements 4q..4q+3),
+// then its last dim % 4 elements one each. A quad is one 16-byte load or store where its pointer
+// is 16-byte aligned, else four: the same values in the same order either way, so a row gives the
+// same bits whatever its alignment (the packed rows of unpack_normalize_f32 are not aligned and
+// must give what normalize_rows gives).
+__device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
+
+__device__ __forceinline__ float4 load_quad(const float* p, int q, bool vec) {
+    if (vec) return ((const float4*)p)[q];
+    return make_float4(p[4 * q], p[4 * q + 1], p[4 * q + 2], p[4 * q + 3]);
+}
+
+__device__ __forceinline__ void store_quad(float* p, int q, bool vec, float4 v) {
+    if (vec) {
+        ((float4*)p)[q] = v;
+    } else {
+        p[4 * q] = v.x;
+        p[4 * q + 1] = v.y;
+        p[4 * q + 2] = v.z;
+        p[4 * q + 3] = v.w;
+    }
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) {
+    return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+
+// dst = src / max(|src|, eps) over the warp; returns the norm (on every lane).
 __device__ float normalize_row(const float* src, float* dst, int dim) {
+    int lane = threadIdx.x % WARP, quads = dim / 4;
+    bool vs = aligned16(src), vd = aligned16(dst);
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) ss += src[k] * src[k];
-    float norm = fmaxf(sqrtf(block_sum(ss)), NORM_EPS);
+    for (int q = lane; q < quads; q += WARP) {
+        float4 v = load_quad(src, q, vs);
+        ss += dot4(v, v);
+    }
+    for (int k = 4 * quads + lane; k < dim; k += WARP) ss += src[k] * src[k];
+    float norm = fmaxf(sqrtf(warp_sum(ss)), NORM_EPS);
     float inv = 1.0f / norm;
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) dst[k] = src[k] * inv;
+    for (int q = lane; q < quads; q += WARP) {
+        float4 v = load_quad(src, q, vs);
+        store_quad(dst, q, vd, make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv));
+    }
+    for (int k = 4 * quads + lane; k < dim; k += WARP) dst[k] = src[k] * inv;
     return norm;
 }
 
 extern "C" __global__ void normalize_rows(const float* x, int rows, int dim, float* out, float* norms) {
-    size_t row = blockIdx.x;
+    size_t row = warp_row();
+    if (row >= (size_t)rows) return;  // the whole warp: no shuffle is left waiting
     float n = normalize_row(x + row * dim, out + row * dim, dim);
-    if (threadIdx.x == 0) norms[row] = n;
+    if (is_lane0()) norms[row] = n;
 }
 
 extern "C" __global__ void gather_normalize_rows(const float* weight, int dim, const int* index,
                                                  int count, float* out, float* norms) {
-    size_t i = blockIdx.x;
+    size_t i = warp_row();
+    if (i >= (size_t)count) return;
     size_t src = (size_t)index[i];
     float n = normalize_row(weight + src * dim, out + i * dim, dim);
-    if (threadIdx.x == 0) norms[i] = n;
+    if (is_lane0()) norms[i] = n;
 }
 
 // The f32 wire format of the embedding all-gather (src/cpu/wire.rs pack_embeddings_f32): per row
@@ -33,10 +87,11 @@ extern "C" __global__ void gather_normalize_rows(const float* weight, int dim, c
 // normalize_row as normalize_rows (same bits), the label by thread 0.
 extern "C" __global__ void unpack_normalize_f32(const float* packed, int rows, int dim,
                                                 long long* labels, float* x_hat, float* norms) {
-    size_t row = blockIdx.x;
+    size_t row = warp_row();
+    if (row >= (size_t)rows) return;
     const float* in = packed + row * (size_t)(dim + 2);
     float n = normalize_row(in, x_hat + row * dim, dim);
-    if (threadIdx.x == 0) {
+    if (is_lane0()) {
         norms[row] = n;
         unsigned long long lo = __float_as_uint(in[dim]), hi = __float_as_uint(in[dim + 1]);
         labels[row] = (long long)(lo | (hi << 32));
@@ -46,14 +101,24 @@ extern "C" __global__ void unpack_normalize_f32(const float* packed, int rows, i
 // g <- (g - x_hat (g . x_hat)) / |x|
 extern "C" __global__ void normalize_backward(float* grad, const float* x_hat, const float* norms,
                                               int rows, int dim) {
-    size_t row = blockIdx.x;
+    size_t row = warp_row();
+    if (row >= (size_t)rows) return;
+    int lane = threadIdx.x % WARP, quads = dim / 4;
     float* g = grad + row * dim;
     const float* xh = x_hat + row * dim;
+    bool vg = aligned16(g), vx = aligned16(xh);
     float dot = 0.0f;
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) dot += g[k] * xh[k];
-    dot = block_sum(dot);
+    for (int q = lane; q < quads; q += WARP) dot += dot4(load_quad(g, q, vg), load_quad(xh, q, vx));
+    for (int k = 4 * quads + lane; k < dim; k += WARP) dot += g[k] * xh[k];
+    dot = warp_sum(dot);
     float inv = 1.0f / norms[row];
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) g[k] = (g[k] - xh[k] * dot) * inv;
+    for (int q = lane; q < quads; q += WARP) {
+        float4 a = load_quad(g, q, vg), b = load_quad(xh, q, vx);
+        store_quad(g, q, vg,
+                   make_float4((a.x - b.x * dot) * inv, (a.y - b.y * dot) * inv,
+                               (a.z - b.z * dot) * inv, (a.w - b.w * dot) * inv));
+    }
+    for (int k = 4 * quads + lane; k < dim; k += WARP) g[k] = (g[k] - xh[k] * dot) * inv;
 }
 
 // scores[c] = max_j cosines[c, j] over the real rows j (label >= 0; −1 marks the padding of a

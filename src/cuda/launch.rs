@@ -159,6 +159,16 @@ fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
+/// One warp per row, `ROW_THREADS / 32` rows per block (cuda/normalize.cu says why).
+fn per_warp_row(rows: usize) -> LaunchConfig {
+    let rows_per_block = (ROW_THREADS / 32) as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The `wire` argument of cuda/wire.cu ([`half_code`]); f32 is not a 16-bit format (the
 /// packed rows and the casts are refused for it: f32 values travel as they are).
 fn wire_code(wire: Dtype) -> Result<i32> {
@@ -925,7 +935,7 @@ impl Backend for CudaBackend {
             launch!(
                 self,
                 "normalize_rows",
-                per_row(len),
+                per_warp_row(len),
                 &w,
                 &len_i,
                 &dim_i,
@@ -983,7 +993,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "unpack_normalize_f32",
-            per_row(rows),
+            per_warp_row(rows),
             packed,
             &rows_i,
             &dim_i,
@@ -1013,7 +1023,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "gather_normalize_rows",
-            per_row(count),
+            per_warp_row(count),
             weight,
             &dim_i,
             index,
@@ -1151,7 +1161,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "normalize_rows",
-            per_row(rows),
+            per_warp_row(rows),
             x,
             &rows_i,
             &dim_i,
@@ -1727,7 +1737,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "normalize_backward",
-            per_row(rows),
+            per_warp_row(rows),
             grad,
             x_hat,
             norms,
