@@ -5,9 +5,10 @@
 // row: a row is d floats (2 KB at d = 512) and a block per row keeps at most 8 rows of an SM's
 // 2048 threads in flight, 16 KB a SM, too few bytes to cover DRAM latency; gather_normalize_rows
 // and normalize_backward run over S = 104,857 such rows at the whole-step shape and were measured
-// at ~1.9 TB/s on an H200 (docs/benchmarks.md). A warp per row puts 64 rows in flight per SM, with
-// 16-byte loads where rows are aligned, and needs no block barrier: the reductions are warp
-// shuffles. A warp's second sweep rereads its row from L1.
+// at ~1.9 TB/s on an H200 (docs/benchmarks.md). A warp per row puts 48 rows in flight per SM on
+// sm_90 (as its 36-40 registers a thread allow, docs/cuda.md), 96 KB, with 16-byte loads
+// where rows are aligned, and needs no block barrier: the reductions are warp shuffles. A warp's
+// second sweep rereads its row from L1 or L2.
 #include "common.cuh"
 
 #define NORM_EPS 1e-12f  // torch.nn.functional.normalize's eps
@@ -20,19 +21,22 @@ __device__ __forceinline__ size_t warp_row() {
 __device__ __forceinline__ bool is_lane0() { return threadIdx.x % WARP == 0; }
 
 // Lane `lane` of a warp handles the quads q = lane, lane + 32, ... of a row (elements 4q..4q+3),
-// then its last dim % 4 elements one each. A quad is one 16-byte load or store where its pointer
-// is 16-byte aligned, else four: the same values in the same order either way, so a row gives the
-// same bits whatever its alignment (the packed rows of unpack_normalize_f32 are not aligned and
-// must give what normalize_rows gives).
+// then its last dim % 4 elements one each. A quad is one 16-byte load or store where all the
+// row's pointers are 16-byte aligned (VEC), else four: the same values in the same order either
+// way, so a row gives the same bits whatever its alignment (the packed rows of
+// unpack_normalize_f32 are not aligned and must give what normalize_rows gives). The choice is
+// made once per row, outside the loops, so each loop's loads can all be in flight together.
 __device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
 
-__device__ __forceinline__ float4 load_quad(const float* p, int q, bool vec) {
-    if (vec) return ((const float4*)p)[q];
+template <bool VEC>
+__device__ __forceinline__ float4 load_quad(const float* p, int q) {
+    if (VEC) return ((const float4*)p)[q];
     return make_float4(p[4 * q], p[4 * q + 1], p[4 * q + 2], p[4 * q + 3]);
 }
 
-__device__ __forceinline__ void store_quad(float* p, int q, bool vec, float4 v) {
-    if (vec) {
+template <bool VEC>
+__device__ __forceinline__ void store_quad(float* p, int q, float4 v) {
+    if (VEC) {
         ((float4*)p)[q] = v;
     } else {
         p[4 * q] = v.x;
@@ -46,24 +50,29 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) {
     return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
-// dst = src / max(|src|, eps) over the warp; returns the norm (on every lane).
-__device__ float normalize_row(const float* src, float* dst, int dim) {
+template <bool VEC>
+__device__ float normalize_row_as(const float* src, float* dst, int dim) {
     int lane = threadIdx.x % WARP, quads = dim / 4;
-    bool vs = aligned16(src), vd = aligned16(dst);
     float ss = 0.0f;
     for (int q = lane; q < quads; q += WARP) {
-        float4 v = load_quad(src, q, vs);
+        float4 v = load_quad<VEC>(src, q);
         ss += dot4(v, v);
     }
     for (int k = 4 * quads + lane; k < dim; k += WARP) ss += src[k] * src[k];
     float norm = fmaxf(sqrtf(warp_sum(ss)), NORM_EPS);
     float inv = 1.0f / norm;
     for (int q = lane; q < quads; q += WARP) {
-        float4 v = load_quad(src, q, vs);
-        store_quad(dst, q, vd, make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv));
+        float4 v = load_quad<VEC>(src, q);
+        store_quad<VEC>(dst, q, make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv));
     }
     for (int k = 4 * quads + lane; k < dim; k += WARP) dst[k] = src[k] * inv;
     return norm;
+}
+
+// dst = src / max(|src|, eps) over the warp; returns the norm (on every lane).
+__device__ float normalize_row(const float* src, float* dst, int dim) {
+    if (aligned16(src) && aligned16(dst)) return normalize_row_as<true>(src, dst, dim);
+    return normalize_row_as<false>(src, dst, dim);
 }
 
 extern "C" __global__ void normalize_rows(const float* x, int rows, int dim, float* out, float* norms) {
@@ -98,27 +107,33 @@ extern "C" __global__ void unpack_normalize_f32(const float* packed, int rows, i
     }
 }
 
+// g <- (g - x_hat (g . x_hat)) * inv_norm, over the warp.
+template <bool VEC>
+__device__ void normalize_backward_row(float* g, const float* xh, int dim, float inv) {
+    int lane = threadIdx.x % WARP, quads = dim / 4;
+    float dot = 0.0f;
+    for (int q = lane; q < quads; q += WARP) dot += dot4(load_quad<VEC>(g, q), load_quad<VEC>(xh, q));
+    for (int k = 4 * quads + lane; k < dim; k += WARP) dot += g[k] * xh[k];
+    dot = warp_sum(dot);
+    for (int q = lane; q < quads; q += WARP) {
+        float4 a = load_quad<VEC>(g, q), b = load_quad<VEC>(xh, q);
+        store_quad<VEC>(g, q,
+                        make_float4((a.x - b.x * dot) * inv, (a.y - b.y * dot) * inv,
+                                    (a.z - b.z * dot) * inv, (a.w - b.w * dot) * inv));
+    }
+    for (int k = 4 * quads + lane; k < dim; k += WARP) g[k] = (g[k] - xh[k] * dot) * inv;
+}
+
 // g <- (g - x_hat (g . x_hat)) / |x|
 extern "C" __global__ void normalize_backward(float* grad, const float* x_hat, const float* norms,
                                               int rows, int dim) {
     size_t row = warp_row();
     if (row >= (size_t)rows) return;
-    int lane = threadIdx.x % WARP, quads = dim / 4;
     float* g = grad + row * dim;
     const float* xh = x_hat + row * dim;
-    bool vg = aligned16(g), vx = aligned16(xh);
-    float dot = 0.0f;
-    for (int q = lane; q < quads; q += WARP) dot += dot4(load_quad(g, q, vg), load_quad(xh, q, vx));
-    for (int k = 4 * quads + lane; k < dim; k += WARP) dot += g[k] * xh[k];
-    dot = warp_sum(dot);
     float inv = 1.0f / norms[row];
-    for (int q = lane; q < quads; q += WARP) {
-        float4 a = load_quad(g, q, vg), b = load_quad(xh, q, vx);
-        store_quad(g, q, vg,
-                   make_float4((a.x - b.x * dot) * inv, (a.y - b.y * dot) * inv,
-                               (a.z - b.z * dot) * inv, (a.w - b.w * dot) * inv));
-    }
-    for (int k = 4 * quads + lane; k < dim; k += WARP) g[k] = (g[k] - xh[k] * dot) * inv;
+    if (aligned16(g) && aligned16(xh)) normalize_backward_row<true>(g, xh, dim, inv);
+    else normalize_backward_row<false>(g, xh, dim, inv);
 }
 
 // scores[c] = max_j cosines[c, j] over the real rows j (label >= 0; −1 marks the padding of a

@@ -217,7 +217,9 @@ fn normalize_gather_and_backward_match_cpu() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(11);
-    for &(rows, dim) in &[(37usize, 512usize), (5, 3), (300, 129)] {
+    // Rows not a multiple of a block's 8 warps; rows that are and are not 16-byte aligned, with
+    // and without a tail past the last quad, and unaligned rows of more than 32 quads.
+    for &(rows, dim) in &[(37usize, 512usize), (5, 3), (300, 129), (40, 515)] {
         let x = rng.vec(rows * dim, -2.0, 2.0);
         let (mut out, mut norms) = (vec![0f32; rows * dim], vec![0f32; rows]);
         cpu.normalize_rows(&x, rows, dim, &mut out, &mut norms)

@@ -17,8 +17,11 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// Threads per block of the row kernels (one block per row).
+/// Threads per block of the row kernels: one block per row ([`per_row`]), or one warp per row,
+/// `ROW_THREADS / 32` rows a block ([`per_warp_row`]).
 const ROW_THREADS: u32 = 256;
+// The kernels' block reductions and the warp-per-row layout assume whole warps.
+const _: () = assert!(ROW_THREADS % 32 == 0);
 /// Threads per block of the element-wise kernels.
 const ELEM_THREADS: u32 = 256;
 /// Classes per block of the compaction (SCAN_BLOCK in sampling.cu).
