@@ -21,7 +21,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfi
 /// `ROW_THREADS / 32` rows a block ([`per_warp_row`]).
 const ROW_THREADS: u32 = 256;
 // The kernels' block reductions and the warp-per-row layout assume whole warps.
-const _: () = assert!(ROW_THREADS % 32 == 0);
+const _: () = assert!(ROW_THREADS.is_multiple_of(32));
 /// Threads per block of the element-wise kernels.
 const ELEM_THREADS: u32 = 256;
 /// Classes per block of the compaction (SCAN_BLOCK in sampling.cu).
