@@ -7,7 +7,8 @@
 # `run` prints the device, driver and CUDA versions, runs every GPU test binary, compute-sanitizer
 # memcheck and racecheck over the kernel tests (filtered to stay short), and the CUDA benches with
 # short criterion settings, the peak GPU memory of our step (examples/cuda_step_memory) and the
-# PyTorch PartialFC_V2 baseline (benches/torch_partial_fc.py); everything is teed into $OUT/device-log.txt. Expected: 3-5 minutes.
+# PyTorch PartialFC_V2 baseline (benches/torch_partial_fc.py), then the targets table of
+# scripts/device-summary.py; everything is teed into $OUT/device-log.txt. Expected: 3-5 minutes.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 carry="$root/device-carry"
@@ -117,6 +118,9 @@ run() {
     LD_LIBRARY_PATH="$orig_ld" python3 -c 'import torch' 2>/dev/null || py=/opt/torch/.venv/bin/python
     LD_LIBRARY_PATH="$orig_ld" "$py" -c 'import torch; print("torch", torch.__version__, "at", torch.__file__)' || echo "no torch found"
     LD_LIBRARY_PATH="$orig_ld" timeout 240 "$py" "$carry/torch_partial_fc.py" || { echo "TORCH BASELINE FAILED ($?)"; status=1; }
+    echo "== targets, each against its baseline in this run (scripts/device-summary.py)"
+    sleep 1  # let tee write the lines above to the log first
+    python3 "$root/scripts/device-summary.py" "$log" || echo "summary failed ($?)"
     echo "== done, status $status"
     return $status
 }
