@@ -787,6 +787,10 @@ fn padded_logits_rows_match_cpu() {
             let dl = up(&g, &labels);
             let gs = 1.0 / rows as f32;
             let down = |b: &cudarc::driver::CudaSlice<f32>, n| g.download(b, n).unwrap();
+            // A per-row statistic (max, sum, loss) against the CPU's.
+            let rows_close = |what: String, gb: &Slice<f32>, want: &[f32]| {
+                assert_close(&what, &down(gb, rows), want, 1e-4, 1e-6)
+            };
             // A gradient-writing pass: class columns and loss as the CPU's, +0.0 in the padding.
             let check_f32 =
                 |stage: &str, lg: &Slice<f32>, lc: &[f32], gloss: &Slice<f32>, loss: &[f32]| {
@@ -797,8 +801,7 @@ fn padded_logits_rows_match_cpu() {
                     assert_close(&format!("{what}: {stage}"), &gv, &cv, 1e-4, 1e-6);
                     let zero = gp.iter().all(|v| v.to_bits() == 0);
                     assert!(zero, "{what}: {stage} padding {gp:?}");
-                    let (gl, what) = (down(gloss, rows), format!("{what}: {stage} loss"));
-                    assert_close(&what, &gl, loss, 1e-4, 1e-6);
+                    rows_close(format!("{what}: {stage} loss"), gloss, loss);
                 };
 
             // f32: the three passes.
@@ -817,22 +820,10 @@ fn padded_logits_rows_match_cpu() {
             );
             assert_close(&format!("{what}: pass 1"), &gv, &cv, 1e-4, 1e-5);
             assert_eq!(bits(&gp), bits(&cp), "{what}: pass 1 padding");
-            assert_close(
-                &format!("{what}: row max"),
-                &down(&gmx, rows),
-                &mx,
-                1e-4,
-                1e-6,
-            );
+            rows_close(format!("{what}: row max"), &gmx, &mx);
             cpu.exp_rowsum(&lc, shape, &mx, &mut sum).unwrap();
             g.exp_rowsum(&lg, shape, &gmx, &mut gsum).unwrap();
-            assert_close(
-                &format!("{what}: row sum"),
-                &down(&gsum, rows),
-                &sum,
-                1e-4,
-                1e-6,
-            );
+            rows_close(format!("{what}: row sum"), &gsum, &sum);
             cpu.softmax_loss_grad(&mut lc, shape, &labels, &p, &mx, &sum, &tc, gs, &mut loss)
                 .unwrap();
             g.softmax_loss_grad(&mut lg, shape, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss)
@@ -867,13 +858,7 @@ fn padded_logits_rows_match_cpu() {
                         let (gw, cw) = (wide(&gv), wide(&cv));
                         assert_grad16(&what, &gw, &cw, &cos_values, &labels, rounding, &p);
                         assert!(gp.iter().all(|&b| b == 0), "{what}: padding {gp:?}");
-                        assert_close(
-                            &format!("{what} loss"),
-                            &down(gloss, rows),
-                            loss,
-                            1e-4,
-                            1e-6,
-                        );
+                        rows_close(format!("{what} loss"), gloss, loss);
                     };
                 let mut c = cos.clone();
                 cpu.margin_rowmax16(&c, shape, dtype, &labels, &p, &mut mx, &mut tc)
@@ -889,20 +874,8 @@ fn padded_logits_rows_match_cpu() {
                     .unwrap();
                 g.exp_rowsum16(&gc, shape, dtype, &dl, &p, &gmx, &mut gsum)
                     .unwrap();
-                assert_close(
-                    &format!("{what}: row max"),
-                    &down(&gmx, rows),
-                    &mx,
-                    1e-4,
-                    1e-6,
-                );
-                assert_close(
-                    &format!("{what}: row sum"),
-                    &down(&gsum, rows),
-                    &sum,
-                    1e-4,
-                    1e-6,
-                );
+                rows_close(format!("{what}: row max"), &gmx, &mx);
+                rows_close(format!("{what}: row sum"), &gsum, &sum);
                 g.softmax_loss_grad16(
                     &mut gc, shape, dtype, &dl, &p, &gmx, &gsum, &gtc, 1.0, &mut gloss,
                 )
