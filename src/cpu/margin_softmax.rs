@@ -103,6 +103,14 @@ fn margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32,
 
 with_avx2!(pub(super) fn margin_row_fast = margin_row(row: &mut [f32], target: Option<usize>, p: &MarginParams) -> (f32, f32));
 
+/// The class columns of a padded logits row, after writing zeros (+0.0) over its padding, as
+/// every pass that writes the gradient must; `None` when the row holds no class.
+pub(super) fn class_columns<T: Copy + Default>(row: &mut [T], cols: usize) -> Option<&mut [T]> {
+    let (classes, padding) = row.split_at_mut(cols);
+    padding.fill(T::default());
+    (cols > 0).then_some(classes)
+}
+
 /// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
 /// The padding columns (`shape.cols..shape.ld`) are neither read nor written.
 pub fn margin_rowmax(
@@ -217,11 +225,9 @@ pub fn softmax_loss_grad(
         .zip(row_loss[..rows].par_iter_mut())
         .enumerate()
         .for_each(|(i, (row, loss))| {
-            let (row, pad) = row.split_at_mut(cols);
-            pad.fill(0.0);
-            if cols == 0 {
+            let Some(row) = class_columns(row, cols) else {
                 return;
-            }
+            };
             let target = usize::try_from(labels[i]).ok();
             let stats = RowStats {
                 max: row_max[i],
@@ -431,9 +437,7 @@ pub fn margin_softmax_fused(
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each(|((row, loss), &label)| {
-            let (row, pad) = row.split_at_mut(cols);
-            pad.fill(0.0);
-            if cols > 0 {
+            if let Some(row) = class_columns(row, cols) {
                 *loss = fused_row_fast(row, usize::try_from(label).ok(), p, grad_scale);
             }
         });

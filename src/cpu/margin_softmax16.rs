@@ -18,7 +18,7 @@
 //! multiplies in f32 and never holds 16-bit logits in a layer).
 
 use super::margin_softmax::{
-    exp_sum_row_fast, fused_row_fast, loss_grad_row, margin_row_fast, RowStats,
+    class_columns, exp_sum_row_fast, fused_row_fast, loss_grad_row, margin_row_fast, RowStats,
 };
 use crate::backend::LogitsShape;
 use crate::config::MarginParams;
@@ -132,11 +132,9 @@ pub fn softmax_loss_grad16(
         .zip(row_loss[..rows].par_iter_mut())
         .enumerate()
         .for_each_init(Vec::new, |z, (i, (row, loss))| {
-            let (row, pad) = row.split_at_mut(cols);
-            pad.fill(0);
-            if cols == 0 {
+            let Some(row) = class_columns(row, cols) else {
                 return;
-            }
+            };
             widen_row(row, dtype, z);
             let target = usize::try_from(labels[i]).ok();
             margin_row_fast(z, target, p);
@@ -174,11 +172,9 @@ pub fn margin_softmax_fused16(
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
         .for_each_init(Vec::new, |z, ((row, loss), &label)| {
-            let (row, pad) = row.split_at_mut(cols);
-            pad.fill(0);
-            if cols == 0 {
+            let Some(row) = class_columns(row, cols) else {
                 return;
-            }
+            };
             widen_row(row, dtype, z);
             *loss = fused_row_fast(z, usize::try_from(label).ok(), p, grad_scale);
             for (out, &g) in row.iter_mut().zip(z.iter()) {
