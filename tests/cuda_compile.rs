@@ -16,7 +16,7 @@ macro_rules! skip {
 }
 
 use partial_fc::cuda::compile::{
-    compile, nvrtc_available, nvrtc_version, program_source, FAMILIES,
+    compile, compiled_families, nvrtc_available, nvrtc_version, program_source, FAMILIES,
 };
 use partial_fc::cuda::KERNELS;
 
@@ -45,13 +45,23 @@ fn include_paths() -> Vec<String> {
         .collect()
 }
 
+/// False (after saying why) where NVRTC is missing; a failure under CI=true.
+fn have_nvrtc() -> bool {
+    match nvrtc_available() {
+        Ok(()) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and NVRTC is missing: {e}")
+        }
+        Err(e) => {
+            skip!("skipped: NVRTC not found ({e})");
+            false
+        }
+    }
+}
+
 #[test]
 fn every_kernel_compiles_for_every_arch() {
-    if let Err(e) = nvrtc_available() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and NVRTC is missing: {e}");
-        }
-        skip!("skipped: NVRTC not found ({e})");
+    if !have_nvrtc() {
         return;
     }
     let (major, minor) = nvrtc_version().unwrap();
@@ -86,4 +96,30 @@ fn every_kernel_compiles_for_every_arch() {
     }
     println!("compiled {compiled} programs");
     assert!(compiled >= 4 * 5);
+}
+
+/// What a backend loads: every family as a CUBIN for a real architecture, compiled on threads of
+/// its own, in `FAMILIES` order, the same bytes as a compile on this thread, and cached.
+#[test]
+fn compiled_families_are_cubins_in_family_order() {
+    if !have_nvrtc() {
+        return;
+    }
+    let arch = "sm_80";
+    let families = compiled_families(arch).unwrap();
+    assert_eq!(families.len(), FAMILIES.len());
+    for ((name, cubin), (family, src)) in families.iter().zip(FAMILIES) {
+        assert_eq!(*name, family);
+        assert!(cubin.starts_with(b"\x7fELF"), "{name}: not an ELF CUBIN");
+        let alone = compile(name, &program_source(src), arch, &[]).unwrap();
+        assert!(
+            *cubin == alone,
+            "{name}: threaded compile differs from a serial one"
+        );
+    }
+    let again = compiled_families(arch).unwrap();
+    assert!(
+        again == families,
+        "the second call must return the cached CUBINs"
+    );
 }
