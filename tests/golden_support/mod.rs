@@ -1,9 +1,11 @@
-//! What the golden-file tests share: finding the files, and the comparison they are held to.
+//! What the golden-file tests share: finding the files, and the comparison they are held to
+//! (which tests/cuda_step_fuzz.rs uses too).
 
 use std::path::{Path, PathBuf};
 
 /// The golden step files, from `PFC_GOLDEN_DIR` or `../shared/golden`; `None` if the folder is
 /// absent.
+#[allow(dead_code)] // tests/cuda_step_fuzz.rs shares only the comparison
 pub fn golden_files() -> Option<Vec<PathBuf>> {
     let dir = std::env::var_os("PFC_GOLDEN_DIR")
         .map(PathBuf::from)
