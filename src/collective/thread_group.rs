@@ -4,6 +4,7 @@
 //! directly, so no staging copy is made. Every reduction sums in rank order, so all ranks get
 //! bit-identical results. A rank that leaves (drops its handle) or a barrier that waits longer
 //! than the group's timeout breaks the group: every waiting peer gets an error instead of hanging.
+//! Even then a rank returns from an operation only once no peer is still reading its buffer.
 
 use crate::backend::{Collective, Elem, ReduceOp};
 use crate::cpu::wire::{from_wire, to_wire};
@@ -17,6 +18,10 @@ struct State {
     arrived: usize,
     generation: u64,
     broken: Option<String>,
+    /// Ranks that passed an exchange's barrier and may still read their peers' buffers. A rank
+    /// does not return from an operation (not even with an error) while this is non-zero: its
+    /// caller would get its buffer back while a peer still reads it.
+    readers: usize,
     /// Per rank: the buffer it published for the current operation.
     slots: Vec<Slot>,
 }
@@ -90,6 +95,7 @@ impl ThreadGroup {
                 arrived: 0,
                 generation: 0,
                 broken: None,
+                readers: 0,
                 slots: vec![Slot::NONE; world],
             }),
             turn: Condvar::new(),
@@ -119,6 +125,20 @@ impl ThreadGroup {
                 .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         })
+    }
+}
+
+/// This rank's count among the readers of the current exchange (`State::readers`); dropping it
+/// ends the reads, also when the rank unwinds, so that no peer waits for it forever.
+struct Reading<'a>(&'a Shared);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.readers = st.readers.saturating_sub(1);
+        if st.readers == 0 {
+            self.0.turn.notify_all();
+        }
     }
 }
 
@@ -164,6 +184,7 @@ impl ThreadCollective {
         if let Some(msg) = &st.broken {
             return Err(PfcError::Collective(msg.clone()));
         }
+        let publishing = publish.is_some();
         if let Some(slot) = publish {
             st.slots[self.rank] = slot;
         }
@@ -172,6 +193,10 @@ impl ThreadCollective {
         if st.arrived == self.shared.world {
             st.arrived = 0;
             st.generation += 1;
+            if publishing {
+                // Every rank is through the exchange's barrier: each may now read the others.
+                st.readers = self.shared.world;
+            }
             self.shared.turn.notify_all();
             return Ok(());
         }
@@ -205,8 +230,12 @@ impl ThreadCollective {
     /// Publishes `own` and waits for every rank; then the buffers every rank published, once
     /// every rank is known to have entered the same operation on the same element type. A rank
     /// that entered another one breaks the group: its calls no longer pair with the others'.
-    fn exchange<T>(&self, own: Slot) -> Result<Vec<(*const T, usize)>> {
+    ///
+    /// The returned [`Reading`] counts this rank among the readers of its peers' buffers until
+    /// it is passed to [`ThreadCollective::release`] (or dropped, if the rank unwinds).
+    fn exchange<T>(&self, own: Slot) -> Result<(Reading<'_>, Vec<(*const T, usize)>)> {
         self.wait_all(Some(own))?;
+        let reading = Reading(&self.shared);
         let mut st = self.lock()?;
         if let Some((r, other)) = st
             .slots
@@ -221,13 +250,39 @@ impl ThreadCollective {
             );
             st.broken = Some(msg.clone());
             self.shared.turn.notify_all();
-            return Err(PfcError::Collective(msg));
+            drop(st);
+            return Err(self
+                .release(reading, Err(PfcError::Collective(msg)))
+                .unwrap_err());
         }
-        Ok(st
+        let peers = st
             .slots
             .iter()
             .map(|s| (s.addr as *const T, s.len))
-            .collect())
+            .collect();
+        Ok((reading, peers))
+    }
+
+    /// Ends this rank's reads of its peers' buffers, then the operation's second barrier, with
+    /// `result` as the operation's outcome if the barrier passes. Whatever happens, the rank
+    /// returns only once no peer reads any more: if the barrier fails (a peer timed out or
+    /// left), it still waits, without a timeout, for the peers that are reading, which are
+    /// copying from memory and finish. Without that wait its caller could change or free a
+    /// buffer a peer is still reading.
+    fn release(&self, reading: Reading<'_>, result: Result<()>) -> Result<()> {
+        drop(reading);
+        let passed = self.wait_all(None);
+        if passed.is_err() {
+            if let Ok(mut st) = self.shared.state.lock() {
+                while st.readers > 0 {
+                    match self.shared.turn.wait(st) {
+                        Ok(next) => st = next,
+                        Err(_) => break, // a rank panicked holding the lock: nothing to wait for
+                    }
+                }
+            }
+        }
+        passed.and(result)
     }
 
     /// The all-gather on host slices (the trait method's body, under a name of its own so that
@@ -240,21 +295,21 @@ impl ThreadCollective {
                 count * world
             )));
         }
-        let peers = self.exchange::<T>(Slot::of("all_gather", send, count))?;
+        let (reading, peers) = self.exchange::<T>(Slot::of("all_gather", send, count))?;
+        if let Some((r, &(_, n))) = peers.iter().enumerate().find(|(_, p)| p.1 != count) {
+            let err = PfcError::Collective(format!(
+                "all_gather: rank {r} sent {n} elements, rank {} expected {count}",
+                self.rank
+            ));
+            return self.release(reading, Err(err));
+        }
         for (r, &(ptr, n)) in peers.iter().enumerate() {
-            if n != count {
-                self.wait_all(None)?;
-                return Err(PfcError::Collective(format!(
-                    "all_gather: rank {r} sent {n} elements, rank {} expected {count}",
-                    self.rank
-                )));
-            }
-            // SAFETY: rank r published `count` readable elements and does not touch them until
-            // the barrier below, which every rank passes only after reading.
+            // SAFETY: rank r published `count` readable elements and does not return from the
+            // operation (so its caller cannot touch them) while a rank is reading (`release`).
             let src = unsafe { std::slice::from_raw_parts(ptr, n) };
             recv[r * count..(r + 1) * count].copy_from_slice(src);
         }
-        self.wait_all(None)
+        self.release(reading, Ok(()))
     }
 }
 
@@ -278,25 +333,25 @@ impl ThreadCollective {
                 count * world
             )));
         }
-        let peers = self.exchange::<T>(Slot::of(op, send, count * world))?;
+        let (reading, peers) = self.exchange::<T>(Slot::of(op, send, count * world))?;
         if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
-            self.wait_all(None)?;
-            return Err(PfcError::Collective(format!(
+            let err = PfcError::Collective(format!(
                 "reduce_scatter: rank {r} sent {} elements, rank {} {}",
                 peers[r].1,
                 self.rank,
                 count * world
-            )));
+            ));
+            return self.release(reading, Err(err));
         }
         let block = self.rank * count..(self.rank + 1) * count;
-        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
+        // SAFETY: as in gather_slices.
         let blocks: Vec<&[T]> = peers
             .iter()
             .map(|&(p, n)| unsafe { &std::slice::from_raw_parts(p, n)[block.clone()] })
             .collect();
         reduce(&blocks, &mut recv[..count]);
         drop(blocks);
-        self.wait_all(None)
+        self.release(reading, Ok(()))
     }
 }
 
@@ -336,15 +391,16 @@ impl Collective<CpuBackend> for ThreadCollective {
             ReduceOp::Sum => "all_reduce(sum)",
             ReduceOp::Max => "all_reduce(max)",
         };
-        let peers = self.exchange::<f32>(Slot::of(name, buf, count))?;
+        let (reading, peers) = self.exchange::<f32>(Slot::of(name, buf, count))?;
         if let Some(r) = peers.iter().position(|&(_, n)| n != count) {
-            self.wait_all(None)?;
-            return Err(PfcError::Collective(format!(
+            let err = PfcError::Collective(format!(
                 "all_reduce: rank {r} reduces {} elements, rank {} {count}",
                 peers[r].1, self.rank
-            )));
+            ));
+            return self.release(reading, Err(err));
         }
-        // SAFETY: as in gather_slices; every rank only reads until the next barrier.
+        // SAFETY: as in gather_slices; every rank reads before `release`, and writes its own
+        // buffer only after it.
         let sources: Vec<&[f32]> = peers
             .iter()
             .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
@@ -359,7 +415,7 @@ impl Collective<CpuBackend> for ThreadCollective {
             })
             .collect();
         drop(sources);
-        self.wait_all(None)?;
+        self.release(reading, Ok(()))?;
         buf[..count].copy_from_slice(&reduced);
         Ok(())
     }
@@ -410,14 +466,48 @@ impl Collective<CpuBackend> for ThreadCollective {
     fn barrier(&self) -> Result<()> {
         // The second wait keeps every rank here until all have checked the slots, as the
         // other operations' second wait does: a rank that went on would overwrite its slot.
-        self.exchange::<u8>(Slot::of::<u8>("barrier", &[], 0))?;
-        self.wait_all(None)
+        let (reading, _) = self.exchange::<u8>(Slot::of::<u8>("barrier", &[], 0))?;
+        self.release(reading, Ok(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rank whose second barrier times out used to return at once, while a slower peer still
+    /// copied from its buffer: its caller could then change or free memory being read (found by
+    /// a review: a 256 MiB all-gather crashed with SIGSEGV). Rank 0 here holds its read open for
+    /// 200 ms, ten times rank 1's timeout.
+    #[test]
+    fn a_rank_that_times_out_returns_only_after_its_peers_stopped_reading() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let mut handles = ThreadGroup::with_timeout(2, Duration::from_millis(20));
+        let (h1, h0) = (handles.pop().unwrap(), handles.pop().unwrap());
+        let done_reading = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let slow = scope.spawn(|| {
+                let send = vec![1u32; 4];
+                let (reading, peers) = h0.exchange::<u32>(Slot::of("all_gather", &send, 4))?;
+                assert_eq!(peers.len(), 2);
+                std::thread::sleep(Duration::from_millis(200)); // still reading rank 1's buffer
+                done_reading.store(true, SeqCst);
+                h0.release(reading, Ok(()))
+            });
+            let (send, mut recv) = (vec![2u32; 4], vec![0u32; 8]);
+            let fast = h1.all_gather(&CpuBackend, &send, 4, &mut recv);
+            assert!(fast.is_err(), "rank 1's second barrier must time out");
+            assert!(
+                done_reading.load(SeqCst),
+                "rank 1 returned while rank 0 was still reading its buffer"
+            );
+            assert_eq!(recv, [1, 1, 1, 1, 2, 2, 2, 2]);
+            assert!(
+                slow.join().unwrap().is_err(),
+                "the group is broken for rank 0 too"
+            );
+        });
+    }
 
     #[test]
     fn gather_reduce_scatter_agree_with_sequential() {
