@@ -314,6 +314,60 @@ fn a_missing_peer_times_out_and_aborts() {
     });
 }
 
+/// The barrier too: it used to wait for its all-reduce with a plain stream synchronize, with no
+/// timeout and no abort, so a rank whose peer never arrived waited forever.
+#[test]
+fn a_barrier_without_its_peer_times_out() {
+    if gpu().is_none() {
+        return;
+    }
+    if let Err(e) = nccl_available() {
+        skip!("skipped: {e}");
+        return;
+    }
+    let version = nccl_version().unwrap();
+    if version < 23000 {
+        skip!("skipped: NCCL {version} cannot run two ranks on one GPU");
+        return;
+    }
+    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    let id = new_unique_id().unwrap();
+    let (gave_up, wait) = std::sync::mpsc::channel::<bool>();
+    std::thread::scope(|s| {
+        // Rank 1 stays silent until rank 0 has returned, then makes the barrier only if rank
+        // 0's went through (so that a broken timeout fails this test instead of hanging it).
+        s.spawn(move || {
+            let g = CudaBackend::new(0).unwrap();
+            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60))).unwrap();
+            if wait.recv().unwrap_or(false) {
+                let _ = comm.barrier();
+            }
+        });
+        let g = CudaBackend::new(0).unwrap();
+        let timeout = Duration::from_millis(300);
+        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
+        let start = std::time::Instant::now();
+        let result = comm.barrier();
+        let waited = start.elapsed();
+        gave_up.send(result.is_ok()).unwrap();
+        match result {
+            Err(partial_fc::PfcError::Collective(msg)) => {
+                assert!(msg.contains("no progress"), "{msg}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(30),
+            "gave up after {waited:?}"
+        );
+        assert!(
+            comm.barrier().is_err(),
+            "an aborted communicator must refuse"
+        );
+        println!("barrier without its peer: timed out after {waited:?}");
+    });
+}
+
 #[test]
 fn wire_kernels_match_cpu() {
     let Some(g) = gpu() else { return };

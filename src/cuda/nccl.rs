@@ -440,16 +440,17 @@ impl Collective<CudaBackend> for NcclCollective {
     }
 
     fn barrier(&self) -> Result<()> {
-        // NCCL has no barrier: an all-reduce of nothing orders the ranks, then wait for it.
+        // NCCL has no barrier: an all-reduce of one value orders the ranks. It is waited for
+        // like every other collective (with the timeout, checking NCCL's asynchronous errors,
+        // aborting on either); without a timeout `enqueue` does not wait, and a barrier must.
         self.check_usable()?;
-        let dummy = self
+        let mut dummy = self
             .stream
             .alloc_zeros::<f32>(1)
             .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))?;
-        let mut dummy = dummy;
         let (ptr, _d) = dummy.device_ptr_mut(&self.stream);
-        // SAFETY: one valid element.
-        unsafe {
+        // SAFETY: in place over one valid element, alive until this function returns.
+        self.enqueue("barrier", |s| unsafe {
             nccl::all_reduce(
                 ptr as _,
                 ptr as _,
@@ -457,13 +458,15 @@ impl Collective<CudaBackend> for NcclCollective {
                 sys::ncclDataType_t::ncclFloat32,
                 sys::ncclRedOp_t::ncclSum,
                 self.comm,
-                self.stream.cu_stream() as _,
+                s,
             )
+        })?;
+        if self.timeout.is_none() {
+            self.stream
+                .synchronize()
+                .map_err(|e| self.abort(format!("barrier: the stream failed ({e:?})")))?;
         }
-        .map_err(|e| self.abort(format!("barrier: {e:?}")))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))
+        Ok(())
     }
 }
 
