@@ -82,15 +82,22 @@ impl Margin {
 
     /// Checks every parameter against its domain.
     pub fn validate(&self) -> Result<()> {
-        if !(self.scale.is_finite() && self.scale > 0.0) {
+        // The kernels compute in f32: a value finite in f64 but not in f32 (1e39) would become
+        // +inf there and the loss NaN, and a tiny scale (1e-50) would become 0.
+        let (scale32, m1_32) = (self.scale as f32, self.m1 as f32);
+        if !(scale32.is_finite() && scale32 > 0.0) {
             return Err(PfcError::param(
                 "scale",
                 self.scale,
-                "must be finite and > 0",
+                "must be finite and > 0 in f32",
             ));
         }
-        if !(self.m1.is_finite() && self.m1 >= 1.0) {
-            return Err(PfcError::param("m1", self.m1, "must be finite and >= 1"));
+        if !(m1_32.is_finite() && self.m1 >= 1.0) {
+            return Err(PfcError::param(
+                "m1",
+                self.m1,
+                "must be finite in f32 and >= 1",
+            ));
         }
         if !(self.m2 >= 0.0 && self.m2 < PI / 2.0) {
             return Err(PfcError::param("m2", self.m2, "must lie in [0, π/2)"));

@@ -118,6 +118,17 @@ impl TensorFile {
                     "tensor {name}: {dtype} {shape:?} is {bytes} bytes, its data_offsets [{b}, {e}]"
                 )));
             }
+            // A hostile header's offsets may lie anywhere in u64: checked, not wrapped.
+            let end = data_start
+                .checked_add(e)
+                .filter(|&end| end <= len)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor {name}: data_offsets [{b}, {e}] pass the end of the file ({} \
+                         data bytes)",
+                        len.saturating_sub(data_start)
+                    ))
+                })?;
             ranges.push((b, e));
             tensors.insert(
                 name,
@@ -125,7 +136,7 @@ impl TensorFile {
                     dtype,
                     shape,
                     start: data_start + b,
-                    end: data_start + e,
+                    end,
                 },
             );
         }

@@ -319,10 +319,12 @@ fn margin_parameters_outside_their_domain() {
         ..config()
     };
     let arc = Margin::arcface();
-    for s in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+    // 1e39 and 1e-50 are finite and positive in f64 but +inf and 0 in the kernels' f32 (1e39
+    // gave a NaN loss before a review caught it).
+    for s in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e39, 1e-50] {
         expect_param(with(Margin { scale: s, ..arc }), "scale");
     }
-    for m1 in [0.999, 0.0, -2.0, f64::NAN] {
+    for m1 in [0.999, 0.0, -2.0, f64::NAN, 1e39] {
         expect_param(with(Margin { m1, ..arc }), "m1");
     }
     for m2 in [-0.01, std::f64::consts::FRAC_PI_2, 2.0, f64::NAN] {

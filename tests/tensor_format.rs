@@ -85,3 +85,31 @@ fn files_safetensors_writes_are_read_by_the_crate() {
     assert_eq!(file.i64("l").unwrap().unwrap(), (l, vec![3]));
     assert_eq!(file.f32_block("w", 5, 4).unwrap(), w[5..9]);
 }
+
+/// A header whose data_offsets lie near u64::MAX is a typed error, not an integer overflow
+/// (found by a review: both headers panicked with "attempt to add with overflow").
+#[test]
+fn offsets_that_overflow_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = u64::MAX;
+    for (i, header) in [
+        format!(r#"{{"w":{{"dtype":"U8","shape":[0],"data_offsets":[{max},{max}]}}}}"#),
+        format!(r#"{{"w":{{"dtype":"U8","shape":[{max}],"data_offsets":[0,{max}]}}}}"#),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("hostile{i}.safetensors"));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[7u8; 4]);
+        std::fs::write(&path, &bytes).unwrap();
+        match partial_fc::tensor_file::TensorFile::read(&path) {
+            Err(partial_fc::PfcError::Format { .. }) => {}
+            other => panic!(
+                "header {i}: expected a format error, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+}
