@@ -68,6 +68,12 @@ impl Margin {
     }
 
     /// Any combined margin, with the published implementation's gradient mode and no filtering.
+    ///
+    /// This is the formula of the ArcFace paper's combined margin for every (m1, m2, m3). The
+    /// published `CombinedMarginLoss` agrees for ArcFace (m1 = 1, m3 = 0) and CosFace (m1 = 1,
+    /// m2 = 0) but not for the other combinations: with m3 > 0 it applies `cos θ − m3` only
+    /// (ignoring m1 and m2), and with m1 ≠ 1 and m3 = 0 it raises an error. Compare other
+    /// combinations with it only after setting them to what it computes.
     pub fn combined(scale: f64, m1: f64, m2: f64, m3: f64) -> Margin {
         Margin {
             scale,

@@ -281,3 +281,53 @@ fn grad_wire_dtype_adds_the_16_bit_reduce_scatter_buffers() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--grad-wire-dtype"));
 }
+
+/// The `pfc plan` output printed in README.md and docs/memory-model.md is what the command prints
+/// today, line for line (lines the docs elide with "..." aside): a change to the planner that
+/// moves a number must move the docs too (a review found both a few thousand classes stale
+/// after the logits rows were padded).
+#[test]
+fn documented_plan_output_is_current() {
+    let args = [
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "32GiB",
+        "--batch",
+        "128",
+        "--dim",
+        "512",
+        "--sample-rate",
+        "0.1",
+    ];
+    let out = pfc(&args);
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed: Vec<&str> = printed.lines().map(str::trim_end).collect();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for doc in ["README.md", "docs/memory-model.md"] {
+        let text = std::fs::read_to_string(format!("{root}/{doc}")).unwrap();
+        let first = "29M classes on 8 GPUs of 32.0 GiB, 128 images/GPU, d = 512, r = 0.1";
+        let start = text
+            .find(first)
+            .unwrap_or_else(|| panic!("{doc}: no `pfc plan` output for the paper's 29M"));
+        let block = &text[start..start + text[start..].find("```").unwrap()];
+        let mut checked = 0;
+        for line in block.lines().map(str::trim_end) {
+            if line.is_empty() || line == "..." {
+                continue;
+            }
+            assert!(
+                printed.contains(&line),
+                "{doc}: `{line}` is not in what `pfc {}` prints now:\n{}",
+                args.join(" "),
+                printed.join("\n")
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10, "{doc}: only {checked} lines checked");
+    }
+}
