@@ -222,7 +222,10 @@ __device__ __forceinline__ void online_push(float& m, float& s, float z) {
 }
 
 // Merges state (m2, s2) into (m, s); an empty state (s == 0) is skipped, since rescaling it would
-// compute exp(-inf + inf). Symmetric, so every lane of a butterfly ends with the same bits.
+// compute exp(-inf + inf). Symmetric, so every lane of a butterfly ends with the same bits: the
+// products are rounded apart (__fmul_rn) because with --fmad=true the compiler would otherwise
+// fuse one of them into an FMA with the sum, and the two partner lanes would fuse different
+// ones (found by a review reading the sm_90 code; the emulator, without FMA, could not show it).
 __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
     if (s2 == 0.0f) return;
     if (s == 0.0f) {
@@ -231,7 +234,7 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
         return;
     }
     float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    s = __fadd_rn(__fmul_rn(s, expf(m - mm)), __fmul_rn(s2, expf(m2 - mm)));
     m = mm;
 }
 

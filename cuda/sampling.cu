@@ -58,6 +58,9 @@ extern "C" __global__ void iota(int* out, int n) {
 
 #define BINS 2048          // histogram bins (11-bit digits)
 #define SELECT_THREADS 1024 // threads of the histogram/select blocks
+// Kernels launched with 1024 threads carry __launch_bounds__ so that ptxas keeps them within 64
+// registers a thread on every toolchain (they use at most 52 with NVRTC 12.9; a newer compiler
+// that wanted more would otherwise make the launch fail with "too many resources requested").
 // The compaction's last blocks run select_digit and the scan, written for SELECT_THREADS.
 static_assert(SCAN_BLOCK == SELECT_THREADS, "one block shape for the last-block work");
 // Select state, u64 words: [0] prefix of the S-th largest key found so far, [1] rank still to
@@ -72,7 +75,7 @@ static_assert(SCAN_BLOCK == SELECT_THREADS, "one block shape for the last-block 
 #define ST_CANDIDATES 5
 #define ST_LAST_CANDIDATES 6
 
-extern "C" __global__ void sampling_init(u64* state, u32* hist, u64 k, int reset_positives) {
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) sampling_init(u64* state, u32* hist, u64 k, int reset_positives) {
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[b] = 0;
     if (threadIdx.x == 0) {
         state[ST_PREFIX] = 0; state[ST_RANK] = k; state[ST_DONE] = 0; state[ST_SELECTED] = 0;
@@ -104,7 +107,7 @@ __device__ __forceinline__ void flush_hist(u32* local, u32* hist) {
 }
 
 // Keys and, fused, the histogram of their top 11 bits. Grid-stride; BINS shared bins per block.
-extern "C" __global__ void random_keys(u64* keys, int shard_len, u64 shard_start, u64 seed, u64 step,
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) random_keys(u64* keys, int shard_len, u64 shard_start, u64 seed, u64 step,
                                        u32* hist) {
     __shared__ u32 local[BINS];
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
@@ -174,7 +177,7 @@ __device__ void select_digit(u64* state, u32* hist, int shift, u64 remaining) {
 // thousand rows adding to one address one by one would serialize). With `select`, blocks of
 // SELECT_THREADS, and the last block to finish picks the first digit for
 // S = max(k, distinct positives).
-extern "C" __global__ void force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) force_positives(const int* labels, int rows, u64* keys, u64* state, u32* hist,
                                            u64 k, int select) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int l = i < rows ? labels[i] : -1;
@@ -200,7 +203,7 @@ extern "C" __global__ void force_positives(const int* labels, int rows, u64* key
 
 // Histogram of the digit at `shift` (`bits` wide) over the keys that agree with the prefix on
 // the higher bits; the last block to finish picks the digit.
-extern "C" __global__ void radix_pass(const u64* keys, int n, u64* state, int shift, int bits, u32* hist) {
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) radix_pass(const u64* keys, int n, u64* state, int shift, int bits, u32* hist) {
     __shared__ u32 local[BINS];
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
     __syncthreads();
@@ -334,7 +337,7 @@ __device__ void select_candidates(const u64* keys, int n, u64* state, u32* hist,
 // One block per SCAN_BLOCK classes: the keys of the chosen first-digit bin appended to
 // `candidates` (up to `capacity`; state[5] counts them all), and per block the number of keys
 // in higher bins, which are all selected, as the block's count (ties 0 so far).
-extern "C" __global__ void collect_candidates(const u64* keys, int n, u64* state, u64* block_counts,
+extern "C" __global__ void __launch_bounds__(SCAN_BLOCK) collect_candidates(const u64* keys, int n, u64* state, u64* block_counts,
                                              u64* candidates, int capacity, u32* hist) {
     int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
     u32 digit = (u32)(state[ST_PREFIX] >> 53);
@@ -360,7 +363,7 @@ extern "C" __global__ void collect_candidates(const u64* keys, int n, u64* state
 }
 
 // The hard-negative path's per-block counts over all keys; its last block scans them.
-extern "C" __global__ void count_selected(const u64* keys, int n, u64* state, u64* block_counts) {
+extern "C" __global__ void __launch_bounds__(SCAN_BLOCK) count_selected(const u64* keys, int n, u64* state, u64* block_counts) {
     int c = blockIdx.x * SCAN_BLOCK + threadIdx.x;
     u32 h = (u32)(state[ST_PREFIX] >> 32);
     u32 kh = c < n ? (u32)(keys[c] >> 32) : 0;
@@ -403,7 +406,7 @@ extern "C" __global__ void remap_labels(int* labels, int rows, const int* sample
 
 // Writes each selected class at its place in class order; with up to REMAP_IN_LAST_BLOCK rows the
 // last block remaps the labels.
-extern "C" __global__ void compact_selected(const u64* keys, int n, u64* state,
+extern "C" __global__ void __launch_bounds__(SCAN_BLOCK) compact_selected(const u64* keys, int n, u64* state,
                                             const u64* block_offsets, int* sampled, int capacity,
                                             int* labels, int rows) {
     __shared__ u32 warp_above[WARP], warp_ties[WARP];

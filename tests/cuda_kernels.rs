@@ -1593,3 +1593,39 @@ fn shapes_whose_sizes_overflow_are_errors() {
         .unwrap_err();
     assert!(matches!(err, partial_fc::PfcError::Shape(_)), "{err:?}");
 }
+
+/// Every input of the softmax passes is checked before a kernel is queued: the f32 pass 3 used to
+/// check only the logits, labels and row_loss, and read 4096 rows of one-element row statistics
+/// out of bounds (found by a review, on the emulator's memory checker).
+#[test]
+fn short_row_statistics_are_errors() {
+    let Some(g) = gpu() else { return };
+    let (rows, cols) = (4096usize, 8usize);
+    let shape = LogitsShape::dense(rows, cols);
+    let mut logits = g.alloc::<f32>(rows * cols).unwrap();
+    let labels = g.alloc::<i32>(rows).unwrap();
+    let full = g.alloc::<f32>(rows).unwrap();
+    let short = g.alloc::<f32>(1).unwrap();
+    let mut row_loss = g.alloc::<f32>(rows).unwrap();
+    let p = Margin::arcface().params();
+    for which in 0..3 {
+        let stat = |k| if k == which { &short } else { &full };
+        let err = g
+            .softmax_loss_grad(
+                &mut logits,
+                shape,
+                &labels,
+                &p,
+                stat(0),
+                stat(1),
+                stat(2),
+                1.0,
+                &mut row_loss,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, partial_fc::PfcError::Shape(m) if m.contains("softmax_loss_grad")),
+            "statistic {which}: {err:?}"
+        );
+    }
+}

@@ -21,7 +21,11 @@ fn kernel_names(source: &str) -> Vec<String> {
     source
         .match_indices(marker)
         .filter_map(|(at, _)| {
-            let rest = &source[at + marker.len()..];
+            let mut rest = &source[at + marker.len()..];
+            // `__launch_bounds__(N) name(`: the name follows the bounds.
+            if let Some(bounded) = rest.strip_prefix("__launch_bounds__(") {
+                rest = bounded[bounded.find(')')? + 1..].trim_start();
+            }
             let end = rest.find('(')?;
             Some(rest[..end].trim().to_string())
         })

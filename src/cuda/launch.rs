@@ -1369,6 +1369,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         need(logits, shape.len()?, "softmax_loss_grad logits")?;
         need(labels, shape.rows, "softmax_loss_grad labels")?;
+        need(row_max, shape.rows, "softmax_loss_grad row_max")?;
+        need(row_sum, shape.rows, "softmax_loss_grad row_sum")?;
+        need(target_cos, shape.rows, "softmax_loss_grad target_cos")?;
         need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
         if shape.rows == 0 {
             return Ok(());

@@ -120,6 +120,9 @@ inline float __logf(float v) { return std::log(v); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+// Round-to-nearest arithmetic that the GPU compiler may not contract into an FMA.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 
 // CUDA's min/max accept mixed integer and float arguments; on floats they are fmaxf/fminf
 // (a NaN operand loses).
