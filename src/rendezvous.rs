@@ -4,15 +4,19 @@
 //! Three documented ways, plus NCCL's own:
 //!
 //! - **Environment** ([`Rendezvous::Env`]): the launcher puts the id, as 256 hex digits, into an
-//!   environment variable of every process (default `PFC_NCCL_ID`).
+//!   environment variable of every process (the variable's name is the caller's choice).
 //! - **Shared file** ([`Rendezvous::File`]): rank 0 writes the id atomically to a path every rank
-//!   can see (NFS, a node-local tmpfs); the others wait for it to appear.
+//!   can see (NFS, a node-local tmpfs); the others wait for it to appear. The path must be new for
+//!   each job: a file left by an earlier run would be read as this run's id.
 //! - **TCP** ([`Rendezvous::Tcp`]): rank 0 listens on `MASTER_ADDR:MASTER_PORT` (the torchrun
-//!   convention, see [`LaunchEnv`]) and hands the id to every rank that connects.
+//!   convention, see [`LaunchEnv`]) and hands the id to each rank of the job that asks for it
+//!   ([`serve_id`] gives the protocol: ranks say who they are and confirm receipt).
 //! - NCCL itself reads `NCCL_COMM_ID=host:port` (when set, `ncclGetUniqueId` on rank 0 starts a
 //!   bootstrap server there and every rank may use any id); the variable is passed through untouched.
 //!
-//! Every wait has a timeout and ends in a typed error, never a hang.
+//! Every wait of the exchange has a timeout and ends in a typed error, never a hang. (The NCCL
+//! communicator's creation afterwards, `ncclCommInitRank`, waits for every rank without a limit
+//! of this crate's: see [`crate::cuda::nccl`].)
 
 use crate::error::{PfcError, Result};
 use std::io::{Read, Write};
@@ -155,7 +159,8 @@ pub enum Rendezvous {
     },
 }
 
-const MAGIC: &[u8; 8] = b"pfc-id/1";
+/// The first bytes of every message of the TCP rendezvous, with its protocol version.
+pub const MAGIC: &[u8; 8] = b"pfc-id/2";
 
 impl Rendezvous {
     /// Every rank calls this; rank 0's `create` makes the id (for NCCL, `ncclGetUniqueId`), the
@@ -199,10 +204,10 @@ impl Rendezvous {
                         PfcError::Collective(format!("rendezvous: cannot listen on {addr}: {e}"))
                     })?;
                     let id = create()?;
-                    serve_id(&listener, &id, world_size - 1, *timeout)?;
+                    serve_id(&listener, &id, world_size, *timeout)?;
                     Ok(id)
                 } else {
-                    fetch_id(addr, *timeout)
+                    fetch_id(addr, rank, world_size, *timeout)
                 }
             }
         }
@@ -240,34 +245,44 @@ pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
     }
 }
 
-/// Rank 0's side of the TCP exchange: sends the id to `peers` connecting ranks.
+/// Rank 0's side of the TCP exchange: hands the id to every other rank of a `world_size` job.
+///
+/// The protocol (version 2): a rank connects and sends [`MAGIC`], the world size and its rank;
+/// rank 0 answers with [`MAGIC`], a status byte, its own world size and the id, and counts the
+/// rank only once it has confirmed receipt with one byte. So a connection that says nothing
+/// valid (a port probe, a health check, a client of something else) is not counted; a rank of a
+/// job with another world size, or a rank outside `[1, world_size)`, is refused with an answer
+/// that tells it why; and a rank that connects twice is counted once. One connection is served at
+/// a time, each given at most 5 s (and never past the overall `timeout`).
 pub fn serve_id(
     listener: &TcpListener,
     id: &UniqueId,
-    peers: usize,
+    world_size: usize,
     timeout: Duration,
 ) -> Result<()> {
     let deadline = crate::deadline::deadline_after(timeout);
     listener
         .set_nonblocking(true)
         .map_err(|e| PfcError::Collective(format!("rendezvous: {e}")))?;
-    let mut served = 0;
-    while served < peers {
+    let peers = world_size.saturating_sub(1);
+    let mut served = std::collections::BTreeSet::new();
+    while served.len() < peers {
         match listener.accept() {
-            Ok((mut stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-                let mut msg = Vec::with_capacity(MAGIC.len() + UNIQUE_ID_BYTES);
-                msg.extend_from_slice(MAGIC);
-                msg.extend_from_slice(&id.0);
-                if stream.write_all(&msg).is_ok() {
-                    served += 1;
+            Ok((stream, _)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(5));
+                if let Some(rank) = serve_one(stream, id, world_size, limit) {
+                    served.insert(rank);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
+                    let missing: Vec<usize> =
+                        (1..world_size).filter(|r| !served.contains(r)).collect();
                     return Err(PfcError::Collective(format!(
-                        "rendezvous: {served} of {peers} ranks connected within {timeout:?}"
+                        "rendezvous: {} of {peers} ranks received the id within {timeout:?}; \
+                         missing ranks {missing:?}",
+                        served.len()
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -278,43 +293,135 @@ pub fn serve_id(
     Ok(())
 }
 
-/// Another rank's side of the TCP exchange: connects (retrying until `timeout`) and reads the id.
-pub fn fetch_id(addr: &str, timeout: Duration) -> Result<UniqueId> {
-    let deadline = crate::deadline::deadline_after(timeout);
-    let target: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(|e| PfcError::Collective(format!("rendezvous: cannot resolve {addr}: {e}")))?
-        .next()
-        .ok_or_else(|| PfcError::Collective(format!("rendezvous: {addr} resolves to nothing")))?;
-    loop {
-        match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
-            Ok(mut stream) => {
-                let _ = stream.set_read_timeout(Some(
-                    deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(100)),
-                ));
-                let mut msg = [0u8; 8 + UNIQUE_ID_BYTES];
-                stream.read_exact(&mut msg).map_err(|e| {
-                    PfcError::Collective(format!("rendezvous: reading the id from {addr}: {e}"))
-                })?;
-                if &msg[..8] != MAGIC {
-                    return Err(PfcError::Collective(format!(
-                        "rendezvous: {addr} is not a partial-fc rendezvous server"
-                    )));
-                }
-                let mut id = [0u8; UNIQUE_ID_BYTES];
-                id.copy_from_slice(&msg[8..]);
-                return Ok(UniqueId(id));
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => {
-                return Err(PfcError::Collective(format!(
-                    "rendezvous: rank 0 at {addr} not reachable within {timeout:?}: {e}"
-                )))
-            }
-        }
+/// A rank's request: [`MAGIC`], world size and rank (u32, little-endian).
+const HELLO_BYTES: usize = MAGIC.len() + 8;
+/// Rank 0's answer: [`MAGIC`], status (0: the id follows; 1: refused), rank 0's world size (u32,
+/// little-endian), the id (zeros when refused).
+const REPLY_BYTES: usize = MAGIC.len() + 1 + 4 + UNIQUE_ID_BYTES;
+
+/// Serves one connection; the rank it served, or `None` if it was not a rank of this job or
+/// did not confirm.
+fn serve_one(
+    mut stream: TcpStream,
+    id: &UniqueId,
+    world_size: usize,
+    limit: Duration,
+) -> Option<usize> {
+    stream.set_nonblocking(false).ok()?;
+    stream.set_read_timeout(Some(limit)).ok()?;
+    stream.set_write_timeout(Some(limit)).ok()?;
+    let mut hello = [0u8; HELLO_BYTES];
+    stream.read_exact(&mut hello).ok()?;
+    if &hello[..MAGIC.len()] != MAGIC {
+        return None;
     }
+    let word = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().unwrap()) as usize;
+    let (their_world, rank) = (word(MAGIC.len()), word(MAGIC.len() + 4));
+    let ok = their_world == world_size && (1..world_size).contains(&rank);
+    let mut reply = Vec::with_capacity(REPLY_BYTES);
+    reply.extend_from_slice(MAGIC);
+    reply.push(if ok { 0 } else { 1 });
+    reply.extend_from_slice(&u32::try_from(world_size).unwrap_or(u32::MAX).to_le_bytes());
+    reply.extend_from_slice(if ok { &id.0 } else { &[0; UNIQUE_ID_BYTES] });
+    stream.write_all(&reply).ok()?;
+    let mut ack = [0u8; 1];
+    (ok && stream.read_exact(&mut ack).is_ok()).then_some(rank)
+}
+
+/// Rank `rank`'s side of the TCP exchange with rank 0 of a `world_size` job at `addr`: connects
+/// (resolving `addr` again and trying each of its addresses until `timeout`, since rank 0's host
+/// may not resolve or listen yet), sends its rank and reads the id ([`serve_id`] gives the
+/// protocol). A refusal (another world size, a rank out of range) is an error at once.
+pub fn fetch_id(addr: &str, rank: usize, world_size: usize, timeout: Duration) -> Result<UniqueId> {
+    let fail = |why: String| PfcError::Collective(format!("rendezvous with {addr}: {why}"));
+    let (rank32, world32) = match (u32::try_from(rank), u32::try_from(world_size)) {
+        (Ok(r), Ok(w)) if r >= 1 && r < w => (r, w),
+        _ => {
+            return Err(PfcError::param(
+                "rank",
+                rank,
+                format!("must lie in [1, world size {world_size}) to fetch the id"),
+            ))
+        }
+    };
+    let mut hello = Vec::with_capacity(HELLO_BYTES);
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&world32.to_le_bytes());
+    hello.extend_from_slice(&rank32.to_le_bytes());
+    let deadline = crate::deadline::deadline_after(timeout);
+    let mut last = String::from("not tried");
+    loop {
+        match addr.to_socket_addrs() {
+            Ok(targets) => {
+                for target in targets {
+                    match fetch_from(&target, &hello, deadline) {
+                        Ok(Some(id)) => return Ok(id),
+                        Ok(None) => last = format!("{target}: connection closed early"),
+                        Err(Refused(why)) => return Err(fail(why)),
+                        Err(Retry(why)) => last = format!("{target}: {why}"),
+                    }
+                }
+            }
+            Err(e) => last = format!("cannot resolve: {e}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "rank 0 not reachable within {timeout:?} (last: {last})"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Why one try of [`fetch_id`] failed.
+enum FetchError {
+    /// Rank 0 answered and refused, or is not a rendezvous server: trying again cannot help.
+    Refused(String),
+    /// Not reachable (yet), or the connection broke: try again until the deadline.
+    Retry(String),
+}
+use FetchError::{Refused, Retry};
+
+fn fetch_from(
+    target: &SocketAddr,
+    hello: &[u8],
+    deadline: Instant,
+) -> std::result::Result<Option<UniqueId>, FetchError> {
+    let retry = |e: std::io::Error| Retry(e.to_string());
+    let mut stream =
+        TcpStream::connect_timeout(target, Duration::from_millis(500)).map_err(retry)?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    stream.set_read_timeout(Some(left)).map_err(retry)?;
+    stream.set_write_timeout(Some(left)).map_err(retry)?;
+    stream.write_all(hello).map_err(retry)?;
+    let mut reply = [0u8; REPLY_BYTES];
+    match stream.read_exact(&mut reply) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(retry(e)),
+    }
+    if &reply[..MAGIC.len()] != MAGIC {
+        return Err(Refused(
+            "it is not a partial-fc rendezvous server of this protocol version".into(),
+        ));
+    }
+    let at = MAGIC.len() + 1;
+    let theirs = u32::from_le_bytes(reply[at..at + 4].try_into().unwrap());
+    if reply[MAGIC.len()] != 0 {
+        let ours = u32::from_le_bytes(hello[MAGIC.len()..MAGIC.len() + 4].try_into().unwrap());
+        let rank = u32::from_le_bytes(hello[MAGIC.len() + 4..].try_into().unwrap());
+        return Err(Refused(format!(
+            "rank 0 there serves a job of world size {theirs}; this is rank {rank} of {ours} \
+             (another job on the same MASTER_ADDR:MASTER_PORT?)"
+        )));
+    }
+    let mut id = [0u8; UNIQUE_ID_BYTES];
+    id.copy_from_slice(&reply[at + 4..]);
+    // Rank 0 counts this rank only once it has the id: confirm.
+    stream.write_all(&[1]).map_err(retry)?;
+    Ok(Some(UniqueId(id)))
 }
 
 #[cfg(test)]
@@ -397,18 +504,73 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(5), 3, Duration::from_secs(10))
+            serve_id(&listener, &some_id(5), 4, Duration::from_secs(10))
         });
-        let clients: Vec<_> = (0..3)
-            .map(|_| {
+        let clients: Vec<_> = (1..4)
+            .map(|rank| {
                 let addr = addr.clone();
-                std::thread::spawn(move || fetch_id(&addr, Duration::from_secs(10)).unwrap())
+                std::thread::spawn(move || {
+                    fetch_id(&addr, rank, 4, Duration::from_secs(10)).unwrap()
+                })
             })
             .collect();
         for c in clients {
             assert_eq!(c.join().unwrap(), some_id(5));
         }
         server.join().unwrap().unwrap();
+    }
+
+    /// A connection that says nothing (a port probe) used to count as a served rank, so rank
+    /// 0 stopped listening with a real rank still to come (found by a review). Now it is not
+    /// counted, and neither is a second connection of the same rank.
+    #[test]
+    fn probes_and_repeated_ranks_are_not_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(TcpStream::connect(&addr).unwrap()); // a probe: connects and closes
+        let mut silent = TcpStream::connect(&addr).unwrap(); // connects, says nothing
+        silent.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap(); // or something else entirely
+        let server = std::thread::spawn(move || {
+            serve_id(&listener, &some_id(6), 3, Duration::from_secs(20))
+        });
+        assert_eq!(
+            fetch_id(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
+            some_id(6)
+        );
+        assert_eq!(
+            fetch_id(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
+            some_id(6),
+            "a rank that asks again gets the id again"
+        );
+        assert!(!server.is_finished(), "rank 2 has not fetched yet");
+        assert_eq!(
+            fetch_id(&addr, 2, 3, Duration::from_secs(10)).unwrap(),
+            some_id(6)
+        );
+        server.join().unwrap().unwrap();
+    }
+
+    /// A rank of a job with another world size (two jobs on one port) is refused at once, with
+    /// both sizes in the message, and not counted.
+    #[test]
+    fn a_rank_of_another_job_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            serve_id(&listener, &some_id(7), 2, Duration::from_millis(1500))
+        });
+        let err = fetch_id(&addr, 3, 8, Duration::from_secs(10)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("world size 2") && msg.contains("rank 3 of 8"),
+            "{msg}"
+        );
+        let err = server.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("missing ranks [1]"), "{err}");
+        assert!(matches!(
+            fetch_id(&addr, 0, 2, Duration::from_millis(10)),
+            Err(PfcError::Param { .. })
+        ));
     }
 
     #[test]
@@ -422,7 +584,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = fetch_id(&format!("127.0.0.1:{port}"), Duration::from_millis(200)).unwrap_err();
+        let err = fetch_id(
+            &format!("127.0.0.1:{port}"),
+            1,
+            2,
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
         assert!(matches!(err, PfcError::Collective(_)));
     }
 }

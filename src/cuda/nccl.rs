@@ -162,7 +162,9 @@ fn nccl_rank_args(rank: usize, world_size: usize) -> Result<(i32, i32)> {
 
 impl NcclCollective {
     /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream.
-    /// Blocks until every rank has joined (NCCL's own bootstrap timeouts apply).
+    /// Blocks until every rank has joined. This wait has no timeout of the crate's (the
+    /// communicator's `timeout` applies to the collectives): a rank that never joins leaves the
+    /// others here, so a launcher should bound the job's start-up itself.
     pub fn new(
         backend: &CudaBackend,
         rank: usize,
