@@ -167,13 +167,21 @@ fn launch(k: usize) -> Result<(), String> {
             .collect()
     };
     let mut ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    // Kept until the children have exited.
+    let mut link_dir = None;
     if nccl_available().is_err() {
         // cudarc opens libnccl.so; a runtime install ships libnccl.so.2. Link it where the
-        // children will look (a process cannot change its own search path, its children can).
+        // children will look (a process cannot change its own search path, its children can),
+        // in a fresh folder of this launch's own: a shared fixed path could hold anyone's link.
         if let Some(so2) = find_nccl_so2() {
-            let dir = std::env::temp_dir().join("partial-fc-nccl");
-            link_nccl(&so2, &dir).map_err(|e| e.to_string())?;
-            ld = format!("{}:{ld}", dir.display());
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            link_nccl(&so2, dir.path()).map_err(|e| e.to_string())?;
+            ld = if ld.is_empty() {
+                dir.path().display().to_string()
+            } else {
+                format!("{}:{ld}", dir.path().display())
+            };
+            link_dir = Some(dir);
         }
     }
     let port = std::env::var("MASTER_PORT").unwrap_or_else(|_| "29500".into());
@@ -199,6 +207,7 @@ fn launch(k: usize) -> Result<(), String> {
             failed.push(rank);
         }
     }
+    drop(link_dir);
     if failed.is_empty() {
         Ok(())
     } else {

@@ -78,6 +78,12 @@ pub fn find_nccl_so2() -> Option<PathBuf> {
 
 /// Creates `dir/libnccl.so` pointing at `so2` (a `libnccl.so.2`), so that a process started with
 /// `dir` on `LD_LIBRARY_PATH` finds NCCL through cudarc. Returns the link's path.
+///
+/// `dir` should be private to the user, best a fresh temporary directory (examples/multi_gpu.rs
+/// uses one per launch): every library in it will be loaded by the processes started with it on
+/// their search path. A link already there is kept if it points at `so2` and replaced if it
+/// points anywhere else or nowhere (NCCL moved or upgraded); a file that is not a link is an
+/// error, never overwritten.
 pub fn link_nccl(so2: &Path, dir: &Path) -> Result<PathBuf> {
     let io = |source| PfcError::Io {
         path: dir.to_path_buf(),
@@ -85,11 +91,30 @@ pub fn link_nccl(so2: &Path, dir: &Path) -> Result<PathBuf> {
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let link = dir.join("libnccl.so");
-    if link.exists() {
-        return Ok(link);
+    match std::fs::symlink_metadata(&link) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+        Ok(meta) if !meta.file_type().is_symlink() => {
+            return Err(PfcError::Io {
+                path: link.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a link: remove it or choose another folder",
+                ),
+            })
+        }
+        Ok(_) if std::fs::read_link(&link).is_ok_and(|t| t == so2) => return Ok(link),
+        Ok(_) => {} // a stale or foreign link: replaced below
     }
+    // A new link under a temporary name, renamed over the old one: never a moment without one.
+    let temp = dir.join(format!("libnccl.so.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
     #[cfg(unix)]
-    std::os::unix::fs::symlink(so2, &link).map_err(io)?;
+    std::os::unix::fs::symlink(so2, &temp).map_err(io)?;
+    std::fs::rename(&temp, &link).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        io(e)
+    })?;
     Ok(link)
 }
 
@@ -475,6 +500,41 @@ impl Collective<CudaBackend> for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dangling link (NCCL moved) used to make every later launch fail, and a link to another
+    /// library was kept as it was (found by a review).
+    #[test]
+    fn link_nccl_keeps_a_right_link_and_replaces_a_wrong_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let so2 = dir.path().join("libnccl.so.2");
+        std::fs::write(&so2, b"nccl").unwrap();
+        let folder = dir.path().join("links");
+        let link = link_nccl(&so2, &folder).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), so2);
+        assert_eq!(link_nccl(&so2, &folder).unwrap(), link, "kept");
+        for wrong in [
+            dir.path().join("gone/libnccl.so.2"),
+            dir.path().join("other.so"),
+        ] {
+            std::fs::write(dir.path().join("other.so"), b"other").unwrap();
+            std::fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink(&wrong, &link).unwrap();
+            assert_eq!(link_nccl(&so2, &folder).unwrap(), link);
+            assert_eq!(
+                std::fs::read_link(&link).unwrap(),
+                so2,
+                "{wrong:?} replaced"
+            );
+        }
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, b"a real file").unwrap();
+        assert!(matches!(link_nccl(&so2, &folder), Err(PfcError::Io { .. })));
+        assert_eq!(
+            std::fs::read(&link).unwrap(),
+            b"a real file",
+            "never overwritten"
+        );
+    }
 
     #[test]
     fn rank_args_refuse_what_an_i32_cannot_hold() {
