@@ -320,7 +320,7 @@ fn config_fingerprint(c: &LayerConfig) -> u32 {
     let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    ((hash ^ (hash >> 23) ^ (hash >> 46)) & 0x7f_ffff) as u32
+    ((hash ^ (hash >> 22) ^ (hash >> 44)) & 0x3f_ffff) as u32
 }
 
 fn alloc_opt<B: Backend>(b: &B, len: usize, want: bool) -> Result<Option<B::Buf<f32>>> {
@@ -753,17 +753,22 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Every rank learns whether any rank's input was bad, so that all of them stop together
     /// instead of leaving the good ranks waiting in a collective (nothing has been modified yet),
     /// and how many real rows the gathered batch holds. Returns that count.
-    fn agree_on_input(&mut self, own: Option<PfcError>, rows: usize) -> Result<usize> {
+    ///
+    /// `given`: this pass has a given sample (`forward_backward_with_sample`), whose path makes
+    /// a second agreement the drawn path does not: ranks on different paths would pair
+    /// different collectives, so they are told apart here and refused together.
+    fn agree_on_input(&mut self, own: Option<PfcError>, rows: usize, given: bool) -> Result<usize> {
         let world = self.comm.world_size();
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
         // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
-        // Each rank's slot also carries a 23-bit fingerprint of the configuration its buffers
-        // and collectives were sized by (exact in f32, and a sum with zeros leaves it exact):
-        // ranks built with different configurations would pair collectives of different sizes.
+        // Each rank's slot also carries a 22-bit fingerprint of the configuration its buffers
+        // and collectives were sized by, and whether its sample is given (24 bits in all: exact
+        // in f32, and a sum with zeros leaves it exact): ranks built with different
+        // configurations would pair collectives of different sizes.
         let fingerprint = config_fingerprint(&self.config);
         let mut flags = vec![0.0f32; 2 * world];
-        flags[rank] = (fingerprint * 2 + u32::from(own.is_some())) as f32;
+        flags[rank] = (fingerprint * 4 + u32::from(given) * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = rows as f32;
         let (first, second) = flags.split_at(world);
         self.backend.upload(first, &mut self.bufs.row_loss)?;
@@ -776,11 +781,29 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let counts = self.backend.download(&self.bufs.row_max, world)?;
         if let Some(r) = rejected
             .iter()
-            .position(|&f| (f as u32) >> 1 != fingerprint)
+            .position(|&f| (f as u32) >> 2 != fingerprint)
         {
             return Err(PfcError::Collective(format!(
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
                  batch_per_rank, wire and grad_wire must agree); no rank took the step"
+            )));
+        }
+        if let Some(r) = rejected
+            .iter()
+            .position(|&f| ((f as u32) >> 1) & 1 != u32::from(given))
+        {
+            let call = |g: bool| {
+                if g {
+                    "forward_backward_with_sample"
+                } else {
+                    "forward_backward"
+                }
+            };
+            return Err(PfcError::Collective(format!(
+                "rank {r} called {} while rank {rank} called {}: every rank must make the same \
+                 call; no rank took the step",
+                call(!given),
+                call(given)
             )));
         }
         if let Some(err) = own {
@@ -855,7 +878,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
             None => Vec::new(),
         };
-        let real_rows = self.agree_on_input(own, labels.len())?;
+        let real_rows = self.agree_on_input(own, labels.len(), given.is_some())?;
         if real_rows == 0 {
             // Every rank sees the same count, so all of them stop here together.
             return Err(PfcError::Shape(
@@ -960,7 +983,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 // Only the rank that holds the class can tell; every rank must learn it before
                 // any returns, or the others wait in the next collective (or pair it with the
                 // wrong call). Nothing observable has changed yet.
-                self.agree_on_input(missing, 0)?;
+                self.agree_on_input(missing, 0, true)?;
                 let (b, x) = (&self.backend, &mut self.bufs);
                 b.upload(&local, &mut x.local_labels)?;
                 b.upload(&local_sample, &mut x.sampled_index)?;

@@ -982,3 +982,33 @@ fn a_nan_that_gets_in_shows_in_the_loss() {
     let out = layer.forward_backward(&x, &labels).unwrap();
     assert!(out.loss.is_nan(), "loss {}", out.loss);
 }
+
+/// One rank drawing its sample while another passes one used to pair different collectives (the
+/// given-sample path makes a second agreement): a mismatch under NCCL, with no check. Now both
+/// ranks get `PfcError::Collective` naming the two calls, nothing changes, and the group works.
+#[test]
+fn ranks_mixing_drawn_and_given_samples_are_refused_together() {
+    ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+        let (x, labels) = good_batch(40 + rank as u64);
+        let before = snapshot(&layer);
+        let err = if rank == 0 {
+            layer.forward_backward(&x, &labels).unwrap_err()
+        } else {
+            let all: Vec<i64> = (0..CLASSES as i64).collect();
+            layer
+                .forward_backward_with_sample(&x, &labels, &all)
+                .unwrap_err()
+        };
+        match &err {
+            PfcError::Collective(msg) => assert!(
+                msg.contains("forward_backward_with_sample") && msg.contains("same call"),
+                "rank {rank}: {msg}"
+            ),
+            other => panic!("rank {rank}: {other:?}"),
+        }
+        assert!(snapshot(&layer).changed(&before).is_empty());
+        still_works(&mut layer, 50);
+    });
+}
