@@ -623,11 +623,13 @@ impl CudaBackend {
             return Ok(());
         }
         need(src, len, "gemm operand")?;
-        let len_i = i32_of(len, "gemm operand length")?;
+        need(dst, len, "gemm operand copy")?;
+        let len_u = len as u64;
         let mut builder = self.stream.launch_builder(self.func(kernel)?);
-        builder.arg(src).arg(dst).arg(&len_i);
-        // SAFETY: (const float*, u16*, int) as in cuda/precision.cu; src and dst hold len.
-        unsafe { builder.launch(per_elem(len)) }.map_err(dev("launch cast"))?;
+        builder.arg(src).arg(dst).arg(&len_u);
+        // SAFETY: (const float*, u16*, unsigned long long) as in cuda/precision.cu; src and dst
+        // hold len.
+        unsafe { builder.launch(cast_grid(len)) }.map_err(dev("launch cast"))?;
         Ok(())
     }
 
