@@ -309,8 +309,8 @@ fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
 }
 
 /// FNV-1a of the fields that size a rank's collectives (the batch and embedding shapes, the
-/// shard split, the wire dtypes), folded to 23 bits (an f32 holds it exactly, twice over plus
-/// a flag bit). Stable across processes and builds: no random keys. The sample rate may differ
+/// shard split, the wire dtypes), folded to 22 bits (an f32 holds it exactly, times four plus
+/// two flag bits: `agree_on_input`). Stable across processes and builds: no random keys. The sample rate may differ
 /// between ranks (each sizes its own shard's sample).
 fn config_fingerprint(c: &LayerConfig) -> u32 {
     let shared = format!(

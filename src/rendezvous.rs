@@ -253,7 +253,8 @@ pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
 /// valid (a port probe, a health check, a client of something else) is not counted; a rank of a
 /// job with another world size, or a rank outside `[1, world_size)`, is refused with an answer
 /// that tells it why; and a rank that connects twice is counted once. One connection is served at
-/// a time, each given at most 5 s (and never past the overall `timeout`).
+/// a time; its request must arrive within 1 s (and the overall `timeout`), and a rank that got
+/// the id has 5 s to confirm whatever the deadline.
 pub fn serve_id(
     listener: &TcpListener,
     id: &UniqueId,
@@ -270,7 +271,9 @@ pub fn serve_id(
         match listener.accept() {
             Ok((stream, _)) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(5));
+                // A rank sends its request as soon as it is connected: a connection silent for
+                // a second is not one, and must not hold up the ranks queued behind it.
+                let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
                 if let Some(rank) = serve_one(stream, id, world_size, limit) {
                     served.insert(rank);
                 }
@@ -324,6 +327,10 @@ fn serve_one(
     reply.extend_from_slice(&u32::try_from(world_size).unwrap_or(u32::MAX).to_le_bytes());
     reply.extend_from_slice(if ok { &id.0 } else { &[0; UNIQUE_ID_BYTES] });
     stream.write_all(&reply).ok()?;
+    // Once a rank has the id it must be counted, or rank 0 gives up on a rank that is already in
+    // NCCL's init: its confirmation gets 5 s whatever the overall deadline (which may be
+    // milliseconds away when the id goes out).
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut ack = [0u8; 1];
     (ok && stream.read_exact(&mut ack).is_ok()).then_some(rank)
 }
@@ -397,10 +404,24 @@ fn fetch_from(
     stream.set_write_timeout(Some(left)).map_err(retry)?;
     stream.write_all(hello).map_err(retry)?;
     let mut reply = [0u8; REPLY_BYTES];
-    match stream.read_exact(&mut reply) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(retry(e)),
+    let mut got = 0;
+    while got < REPLY_BYTES {
+        match stream.read(&mut reply[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(retry(e)),
+        }
+    }
+    // A short answer with another tag (the first version's was 136 bytes) is a refusal; a short
+    // one with no tag yet, a broken connection to try again.
+    if got >= MAGIC.len() && &reply[..MAGIC.len()] != MAGIC {
+        return Err(Refused(
+            "it is not a partial-fc rendezvous server of this protocol version".into(),
+        ));
+    }
+    if got < REPLY_BYTES {
+        return Ok(None);
     }
     if &reply[..MAGIC.len()] != MAGIC {
         return Err(Refused(
@@ -548,6 +569,57 @@ mod tests {
             some_id(6)
         );
         server.join().unwrap().unwrap();
+    }
+
+    /// A rank that gets the id just before rank 0's deadline and confirms just after it is
+    /// counted (it is already in NCCL's init): rank 0 used to give up on the confirmation at
+    /// the deadline and report the rank missing (found by a review).
+    #[test]
+    fn a_rank_served_at_the_deadline_is_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            serve_id(&listener, &some_id(8), 2, Duration::from_millis(400))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        s.write_all(&hello).unwrap();
+        let mut reply = [0u8; REPLY_BYTES];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[MAGIC.len()], 0, "served");
+        std::thread::sleep(Duration::from_millis(400)); // past rank 0's deadline
+        s.write_all(&[1]).unwrap();
+        server.join().unwrap().unwrap();
+    }
+
+    /// A server that answers with another tag and closes, shorter than this version's answer
+    /// (as the first version's 136 bytes), is refused as another version at once, not retried
+    /// until the timeout. (A first-version rank 0 itself closes without reading the request, so
+    /// the connection may be reset before its answer arrives: then the rank retries and times
+    /// out, naming the address.)
+    #[test]
+    fn a_server_with_another_tag_is_named_as_another_version() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; HELLO_BYTES];
+            s.read_exact(&mut request).unwrap();
+            let mut msg = b"pfc-id/1".to_vec();
+            msg.extend_from_slice(&[9; UNIQUE_ID_BYTES]);
+            s.write_all(&msg).unwrap();
+        });
+        let start = Instant::now();
+        let err = fetch_id(&addr, 1, 2, Duration::from_secs(20)).unwrap_err();
+        assert!(err.to_string().contains("protocol version"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "refused, not retried"
+        );
+        server.join().unwrap();
     }
 
     /// A rank of a job with another world size (two jobs on one port) is refused at once, with

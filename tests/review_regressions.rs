@@ -205,3 +205,37 @@ fn rendezvous_refuses_an_impossible_rank() {
         Err(PfcError::Param { .. })
     ));
 }
+
+/// The CPU sampler at full rate needs no keys: a short `keys` buffer used to panic on a slice
+/// before the full-rate return (the backend checks `keys` only below full rate).
+#[test]
+fn full_rate_sampling_needs_no_keys() {
+    let args = partial_fc::SampleArgs {
+        shard_len: 10,
+        shard_start: 0,
+        num_sample: 10,
+        rows: 2,
+        seed: 1,
+        step: 0,
+        hard_fraction: 0.0,
+    };
+    let (mut labels, mut keys, mut sampled) = (vec![1i32, 3], Vec::new(), vec![0i32; 10]);
+    let s = CpuBackend
+        .sample_classes(&args, &mut labels, None, &mut keys, &mut sampled)
+        .unwrap();
+    assert_eq!(s, 10);
+    assert_eq!(sampled, (0..10).collect::<Vec<i32>>());
+    assert_eq!(labels, [1, 3]);
+}
+
+/// Local ids are i32: a shard of more than i32::MAX classes used to truncate a label's local id
+/// to a negative number other than −1 (read later as "another rank's class").
+#[test]
+fn localize_labels_refuses_a_shard_beyond_i32() {
+    let global = vec![3_000_000_000i64];
+    let mut local = vec![0i32];
+    let err = CpuBackend
+        .localize_labels(&global, 1, 0, 4_000_000_000, &mut local)
+        .unwrap_err();
+    assert!(matches!(err, PfcError::Shape(_)), "{err}");
+}

@@ -478,11 +478,12 @@ mod tests {
     /// A rank whose second barrier times out used to return at once, while a slower peer still
     /// copied from its buffer: its caller could then change or free memory being read (found by
     /// a review: a 256 MiB all-gather crashed with SIGSEGV). Rank 0 here holds its read open for
-    /// 200 ms, ten times rank 1's timeout.
+    /// 1.5 s, five times rank 1's timeout (which is long enough that both reach the first
+    /// barrier in time on a loaded machine).
     #[test]
     fn a_rank_that_times_out_returns_only_after_its_peers_stopped_reading() {
         use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        let mut handles = ThreadGroup::with_timeout(2, Duration::from_millis(20));
+        let mut handles = ThreadGroup::with_timeout(2, Duration::from_millis(300));
         let (h1, h0) = (handles.pop().unwrap(), handles.pop().unwrap());
         let done_reading = AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -490,7 +491,7 @@ mod tests {
                 let send = vec![1u32; 4];
                 let (reading, peers) = h0.exchange::<u32>(Slot::of("all_gather", &send, 4))?;
                 assert_eq!(peers.len(), 2);
-                std::thread::sleep(Duration::from_millis(200)); // still reading rank 1's buffer
+                std::thread::sleep(Duration::from_millis(1500)); // still reading rank 1's buffer
                 done_reading.store(true, SeqCst);
                 h0.release(reading, Ok(()))
             });

@@ -52,7 +52,7 @@ pub fn class_max_cosine(
     }
     let chunk = (chunk_weights.len() / dim)
         .min(chunk_cosines.len() / rows.max(1))
-        .max(1);
+        .clamp(1, shard_len);
     let first = chunk.min(shard_len);
     need(chunk_weights.len(), first * dim, "chunk_weights")?;
     need(chunk_cosines.len(), first * rows, "chunk_cosines")?;

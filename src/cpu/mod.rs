@@ -207,6 +207,12 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         need(global, rows, "localize_labels global")?;
         need(local, rows, "localize_labels local")?;
+        // Local ids are i32: a larger shard would truncate them (as `sample_classes` refuses).
+        if i32::try_from(shard_len).is_err() {
+            return Err(PfcError::Shape(format!(
+                "localize_labels: shard_len = {shard_len} exceeds i32::MAX"
+            )));
+        }
         sampling::localize_labels(&global[..rows], shard_start, shard_len, &mut local[..rows]);
         Ok(())
     }

@@ -135,14 +135,15 @@ pub fn sample_classes(
     sampled: &mut [i32],
 ) -> usize {
     let shard = args.shard_len;
-    let keys = &mut keys[..shard];
     let labels = &mut labels[..args.rows];
     if args.num_sample >= shard {
+        // The whole shard: no keys (the backend checks `keys` only below full rate).
         for (c, s) in sampled[..shard].iter_mut().enumerate() {
             *s = c as i32;
         }
         return shard;
     }
+    let keys = &mut keys[..shard];
     let random_keys = |keys: &mut [u64]| {
         keys.par_iter_mut().enumerate().for_each(|(c, k)| {
             let high = random_key_high(args.seed, args.step, args.shard_start + c as u64);

@@ -849,6 +849,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         need(global, rows, "localize_labels global")?;
         need(local, rows, "localize_labels local")?;
+        // Local ids are int: a larger shard would truncate them (as on the CPU).
+        i32_of(shard_len, "localize_labels: shard_len")?;
         if rows == 0 {
             return Ok(());
         }
