@@ -6,23 +6,40 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests need, from apt when absent (as root, or through passwordless sudo).
+apt_install() {
+    local as_root=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            as_root="sudo -n"
+        else
+            echo "scripts/test.sh: needs $*; install it (apt-get install $*) or run as root" >&2
+            exit 1
+        fi
+    fi
+    if [ -z "${apt_updated:-}" ]; then
+        $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        apt_updated=1
+    fi
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
 # A C++ compiler for the CUDA emulator (crates/cuda-emulator builds the kernels for the host, so
-# the CUDA tests run on machines without a GPU): g++ 12 or later (for _Float16), from apt if absent.
+# the CUDA tests run on machines without a GPU): g++ 12 or later (for _Float16).
+cxx_major() { "$1" -dumpversion 2>/dev/null | cut -d. -f1 || true; }
 cxx="${CXX:-c++}"
-cxx_major="$("$cxx" -dumpversion 2>/dev/null | cut -d. -f1 || true)"
-if ! [ "${cxx_major:-0}" -ge 12 ] 2>/dev/null; then
-    if [ "$(id -u)" -eq 0 ]; then
-        as_root=""
-    elif command -v sudo >/dev/null 2>&1; then
-        as_root="sudo -n"
-    else
-        echo "scripts/test.sh: needs g++ 12 or later (found '${cxx_major:-none}'); install it (apt-get install g++) or run as root" >&2
+if ! [ "$(cxx_major "$cxx")" -ge 12 ] 2>/dev/null; then
+    apt_install g++
+    export CXX=g++
+    if ! [ "$(cxx_major g++)" -ge 12 ] 2>/dev/null; then
+        echo "scripts/test.sh: the CUDA emulator needs g++ 12 or later; apt installed g++ $(cxx_major g++) (Debian 12 or later has 12)" >&2
         exit 1
     fi
-    $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >&2
-    export CXX=g++
 fi
+# python3 with pip: NVRTC and ptxas come from PyPI (scripts/install-nvrtc.sh), and
+# tests/device_summary.rs runs scripts/device-summary.py.
+command -v python3 >/dev/null 2>&1 || apt_install python3
+python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
 # Every CUDA test must run here (on the emulator where there is no GPU), never skip.
 export PFC_REQUIRE_CUDA_TESTS=1
 
