@@ -183,17 +183,9 @@ fn virtual_ranks_on_one_gpu_match_cpu() {
 /// Runs `world` NCCL ranks as threads on device 0, each with the layer `config(world)`; `None`
 /// (with the reason printed) where the installed NCCL cannot put several ranks on one GPU.
 fn nccl_ranks(world: usize, config: impl Fn(usize) -> LayerConfig + Sync) -> Option<RankRun> {
-    if let Err(e) = nccl_available() {
-        skip!("skipped: {e}");
+    if !several_ranks_fit_on_one_gpu() {
         return None;
     }
-    let version = nccl_version().unwrap();
-    if version < 23000 {
-        skip!("skipped: NCCL {version} cannot run several ranks on one GPU (2.30+ with NCCL_MULTI_RANK_GPU_ENABLE=1)");
-        return None;
-    }
-    // SAFETY (edition 2021: safe): set before any NCCL communicator of these ranks exists.
-    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
     let id = new_unique_id().unwrap();
     let config = &config;
     let got = std::thread::scope(|s| {
@@ -221,7 +213,10 @@ fn nccl_ranks(world: usize, config: impl Fn(usize) -> LayerConfig + Sync) -> Opt
                 !cuda_device::on_emulator(),
                 "{world} emulated NCCL ranks: {e}"
             );
-            skip!("skipped: NCCL {version} refused {world} ranks on one GPU: {e}");
+            skip!(
+                "skipped: NCCL {} refused {world} ranks on one GPU: {e}",
+                nccl_version().unwrap_or(0)
+            );
             None
         }
     }
@@ -254,24 +249,34 @@ fn nccl_ranks_on_one_gpu() {
     }
 }
 
+/// True where several NCCL ranks can share device 0 (NCCL 2.30+, or the emulator's NCCL), with
+/// NCCL told so; otherwise false, after printing why the test is skipped.
+fn several_ranks_fit_on_one_gpu() -> bool {
+    if gpu().is_none() {
+        return false;
+    }
+    if let Err(e) = nccl_available() {
+        skip!("skipped: {e}");
+        return false;
+    }
+    let version = nccl_version().unwrap();
+    if version < 23000 {
+        skip!("skipped: NCCL {version} cannot run several ranks on one GPU (2.30+ with NCCL_MULTI_RANK_GPU_ENABLE=1)");
+        return false;
+    }
+    // Set before any NCCL communicator of these ranks exists.
+    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    true
+}
+
 /// A rank whose peer never makes the collective gets an error after its timeout, with the
 /// communicator aborted, instead of hanging (NCCL 2.30+ with two ranks on one GPU, or the
 /// emulator's NCCL, whose collectives stay pending on the stream until every rank has called).
 #[test]
 fn a_missing_peer_times_out_and_aborts() {
-    if gpu().is_none() {
+    if !several_ranks_fit_on_one_gpu() {
         return;
     }
-    if let Err(e) = nccl_available() {
-        skip!("skipped: {e}");
-        return;
-    }
-    let version = nccl_version().unwrap();
-    if version < 23000 {
-        skip!("skipped: NCCL {version} cannot run two ranks on one GPU");
-        return;
-    }
-    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
     let id = new_unique_id().unwrap();
     // Rank 0 tells rank 1 how many of its calls went through (none, if the timeout works);
     // rank 1 then makes as many, so that a broken timeout fails this test instead of hanging it.
@@ -318,19 +323,9 @@ fn a_missing_peer_times_out_and_aborts() {
 /// timeout and no abort, so a rank whose peer never arrived waited forever.
 #[test]
 fn a_barrier_without_its_peer_times_out() {
-    if gpu().is_none() {
+    if !several_ranks_fit_on_one_gpu() {
         return;
     }
-    if let Err(e) = nccl_available() {
-        skip!("skipped: {e}");
-        return;
-    }
-    let version = nccl_version().unwrap();
-    if version < 23000 {
-        skip!("skipped: NCCL {version} cannot run two ranks on one GPU");
-        return;
-    }
-    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
     let id = new_unique_id().unwrap();
     let (gave_up, wait) = std::sync::mpsc::channel::<bool>();
     std::thread::scope(|s| {

@@ -14,9 +14,11 @@
 //! smaller (a tie between two classes' best cosines); the cases here do not hit it.
 #![cfg(feature = "cuda")]
 
+mod common;
 mod cuda_device;
 mod golden_support;
 
+use common::Rng;
 use cuda_device::gpu;
 use golden_support::assert_close_in_row;
 use partial_fc::collective::{HostStaged, ThreadGroup};
@@ -27,24 +29,9 @@ use partial_fc::{
     TargetFallback, UpdateMode,
 };
 
-/// xorshift64*: test inputs only.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
+/// Picks one of `from`.
+fn pick<T: Copy>(rng: &mut Rng, from: &[T]) -> T {
+    from[rng.below(from.len() as u64) as usize]
 }
 
 /// One drawn case: the layer's configuration, the world size, and each rank's rows per step.
@@ -59,11 +46,11 @@ struct Case {
 
 fn draw(rng: &mut Rng) -> Case {
     let world = 1 + rng.below(3) as usize;
-    let dim = rng.pick(&[1usize, 2, 3, 5, 8, 17, 32, 33, 64, 130]);
+    let dim = pick(rng, &[1usize, 2, 3, 5, 8, 17, 32, 33, 64, 130]);
     let batch = 1 + rng.below(40) as usize;
     let classes = world as u64 * 2 + rng.below(6000);
     let mut cfg = LayerConfig::new(classes, dim, batch);
-    cfg.sample_rate = rng.pick(&[0.0, 0.013, 0.1, 0.37, 1.0]);
+    cfg.sample_rate = pick(rng, &[0.0, 0.013, 0.1, 0.37, 1.0]);
     cfg.margin = match rng.below(4) {
         0 => Margin::arcface(),
         1 => Margin::cosface(),
@@ -78,13 +65,13 @@ fn draw(rng: &mut Rng) -> Case {
     }
     cfg.sampler = match rng.below(3) {
         0 => NegativeSampler::Hard {
-            fraction: rng.pick(&[0.25, 1.0]),
+            fraction: pick(rng, &[0.25, 1.0]),
         },
         _ => NegativeSampler::Random,
     };
-    cfg.update = rng.pick(&[UpdateMode::Sparse, UpdateMode::Dense]);
-    cfg.wire = rng.pick(&[Dtype::F32, Dtype::F32, Dtype::F16, Dtype::Bf16]);
-    cfg.seed = rng.next();
+    cfg.update = pick(rng, &[UpdateMode::Sparse, UpdateMode::Dense]);
+    cfg.wire = pick(rng, &[Dtype::F32, Dtype::F32, Dtype::F16, Dtype::Bf16]);
+    cfg.seed = rng.next_u64();
     let mut rows: Vec<Vec<usize>> = (0..2)
         .map(|_| {
             (0..world)
@@ -104,18 +91,18 @@ fn draw(rng: &mut Rng) -> Case {
         world,
         cfg,
         rows,
-        data_seed: rng.next(),
+        data_seed: rng.next_u64(),
     }
 }
 
 /// Embeddings away from zero (|v| >= 0.05, so no row is rejected as zero) and labels anywhere.
 fn batch(case: &Case, step: usize, rank: usize) -> (Vec<f32>, Vec<i64>) {
-    let mut rng = Rng(case.data_seed ^ ((step as u64 * 1_000_003 + rank as u64 + 1) * 0x9E37));
+    let mut rng = Rng::new(case.data_seed ^ ((step as u64 * 1_000_003 + rank as u64 + 1) * 0x9E37));
     let n = case.rows[step][rank];
     let d = case.cfg.dim;
     let x = (0..n * d)
         .map(|_| {
-            let v = 0.05 + 0.95 * rng.uniform();
+            let v = (0.05 + 0.95 * rng.uniform()) as f32;
             if rng.below(2) == 0 {
                 v
             } else {
@@ -204,7 +191,7 @@ fn random_configurations_match_cpu() {
             .unwrap_or(default)
     };
     let (cases, seed) = (var("PFC_FUZZ_CASES", 24), var("PFC_FUZZ_SEED", 1));
-    let mut rng = Rng(0x5EED_F0F0 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = Rng::new(0x5EED_F0F0 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut padded = 0;
     for i in 0..cases {
         let case = draw(&mut rng);

@@ -288,21 +288,8 @@ fn grad_wire_dtype_adds_the_16_bit_reduce_scatter_buffers() {
 /// after the logits rows were padded).
 #[test]
 fn documented_plan_output_is_current() {
-    let args = [
-        "plan",
-        "--classes",
-        "29M",
-        "--gpus",
-        "8",
-        "--gpu-memory",
-        "32GiB",
-        "--batch",
-        "128",
-        "--dim",
-        "512",
-        "--sample-rate",
-        "0.1",
-    ];
+    let mut args = PAPER.to_vec();
+    args.extend(["--batch", "128", "--dim", "512"]);
     let out = pfc(&args);
     assert!(out.status.success());
     let printed = String::from_utf8(out.stdout).unwrap();
