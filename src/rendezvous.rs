@@ -14,9 +14,9 @@
 //! - NCCL itself reads `NCCL_COMM_ID=host:port` (when set, `ncclGetUniqueId` on rank 0 starts a
 //!   bootstrap server there and every rank may use any id); the variable is passed through untouched.
 //!
-//! Every wait of the exchange has a timeout and ends in a typed error, never a hang. (The NCCL
-//! communicator's creation afterwards, `ncclCommInitRank`, waits for every rank without a limit
-//! of this crate's: see [`crate::cuda::nccl`].)
+//! Every wait of the exchange has a timeout and ends in a typed error, never a hang; so does the
+//! creation of the NCCL communicator afterwards, when it is given one
+//! ([`crate::cuda::nccl::NcclCollective::new`]).
 
 use crate::error::{PfcError, Result};
 use std::io::{Read, Write};

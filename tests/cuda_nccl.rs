@@ -319,6 +319,35 @@ fn a_missing_peer_times_out_and_aborts() {
     });
 }
 
+/// Creating the communicator is bounded by the timeout too: a rank whose peer never starts gets
+/// an error instead of waiting in `ncclCommInitRank` forever. The peer joins afterwards only to
+/// release the init thread that NCCL cannot cancel.
+#[test]
+fn an_init_without_its_peer_times_out() {
+    if !several_ranks_fit_on_one_gpu() {
+        return;
+    }
+    let id = new_unique_id().unwrap();
+    let g = CudaBackend::new(0).unwrap();
+    let timeout = Duration::from_millis(300);
+    let start = std::time::Instant::now();
+    let result = NcclCollective::new(&g, 0, 2, id, Some(timeout));
+    let waited = start.elapsed();
+    match result {
+        Err(partial_fc::PfcError::Collective(msg)) => {
+            assert!(msg.contains("did not complete"), "{msg}")
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= timeout && waited < Duration::from_secs(30),
+        "gave up after {waited:?}"
+    );
+    let late = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60)));
+    assert!(late.is_ok(), "the late rank joins the communicator: {late:?}");
+    println!("init without its peer: timed out after {waited:?}");
+}
+
 /// The barrier too: it used to wait for its all-reduce with a plain stream synchronize, with no
 /// timeout and no abort, so a rank whose peer never arrived waited forever.
 #[test]

@@ -8,6 +8,7 @@
 //! forever. With a timeout set, every collective waits for its stream by polling `cuStreamQuery`
 //! and `ncclCommGetAsyncError`; past the timeout the communicator is aborted (which unblocks the
 //! stream) and the call returns [`PfcError::Collective`]. The communicator is unusable after that.
+//! The same timeout bounds the communicator's creation, which waits for every rank to join.
 //!
 //! **Finding libnccl.** cudarc opens `libnccl.so` (or `.so.12`/`.so.13`), but runtime installs
 //! (Debian's `libnccl2`, the `nvidia-nccl-cu12`/`cu13` wheels) ship only `libnccl.so.2`. A process
@@ -187,9 +188,12 @@ fn nccl_rank_args(rank: usize, world_size: usize) -> Result<(i32, i32)> {
 
 impl NcclCollective {
     /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream.
-    /// Blocks until every rank has joined. This wait has no timeout of the crate's (the
-    /// communicator's `timeout` applies to the collectives): a rank that never joins leaves the
-    /// others here, so a launcher should bound the job's start-up itself.
+    /// Blocks until every rank has joined, for at most `timeout` when one is given (which also
+    /// bounds every later collective). Past it the call returns [`PfcError::Collective`]: a
+    /// rank that never starts (a node that failed to come up) then ends the job with an error
+    /// instead of leaving every other rank waiting. NCCL has no way to cancel an init in
+    /// progress, so the thread running it stays blocked in NCCL until the process exits (or the
+    /// missing rank joins, and the communicator it then makes is never used).
     pub fn new(
         backend: &CudaBackend,
         rank: usize,
@@ -199,26 +203,58 @@ impl NcclCollective {
     ) -> Result<Self> {
         let (rank_i, world_i) = nccl_rank_args(rank, world_size)?;
         nccl_available()?;
-        backend
-            .context()
-            .bind_to_thread()
-            .map_err(|e| PfcError::Device(format!("binding the context: {e:?}")))?;
+        let bind = |ctx: &Arc<cudarc::driver::CudaContext>| {
+            ctx.bind_to_thread()
+                .map_err(|e| PfcError::Device(format!("binding the context: {e:?}")))
+        };
+        bind(backend.context())?;
         let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
         for (c, b) in internal.iter_mut().zip(id.0.iter()) {
             *c = *b as std::ffi::c_char;
         }
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by NCCL on success; the id is 128 valid bytes.
-        let comm = unsafe {
-            nccl::comm_init_rank(
-                comm.as_mut_ptr(),
-                world_i,
-                sys::ncclUniqueId { internal },
-                rank_i,
-            )
-            .map_err(nccl_err("ncclCommInitRank"))?;
-            comm.assume_init()
-        };
+        let nccl_id = sys::ncclUniqueId { internal };
+        /// A communicator handed from the init thread (NCCL communicators may move threads).
+        struct Joined(sys::ncclComm_t);
+        // SAFETY: see the type's comment; nothing else holds the handle.
+        unsafe impl Send for Joined {}
+        let (done, joined) = std::sync::mpsc::channel::<Result<Joined>>();
+        let ctx = backend.context().clone();
+        std::thread::Builder::new()
+            .name(format!("pfc-nccl-init-{rank}"))
+            .spawn(move || {
+                let result = bind(&ctx).and_then(|()| {
+                    let mut comm = std::mem::MaybeUninit::uninit();
+                    // SAFETY: `comm` is written by NCCL on success; the id is 128 valid bytes.
+                    unsafe {
+                        nccl::comm_init_rank(comm.as_mut_ptr(), world_i, nccl_id, rank_i)
+                            .map_err(nccl_err("ncclCommInitRank"))?;
+                        Ok(Joined(comm.assume_init()))
+                    }
+                });
+                let _ = done.send(result);
+            })
+            .map_err(|e| PfcError::Collective(format!("starting the NCCL init thread: {e}")))?;
+        let comm = match timeout {
+            None => joined.recv().map_err(|_| {
+                PfcError::Collective("the NCCL init thread ended without an answer".into())
+            })??,
+            Some(limit) => match joined.recv_timeout(limit) {
+                Ok(result) => result?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(PfcError::Collective(format!(
+                        "rank {rank}: ncclCommInitRank did not complete within {limit:?}: a peer \
+                         rank of {world_size} never joined (or is stuck); the init thread stays \
+                         blocked in NCCL"
+                    )))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(PfcError::Collective(
+                        "the NCCL init thread ended without an answer".into(),
+                    ))
+                }
+            },
+        }
+        .0;
         Ok(NcclCollective {
             comm,
             stream: backend.stream().clone(),
