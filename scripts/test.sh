@@ -25,17 +25,27 @@ apt_install() {
 }
 
 # A C++ compiler for the CUDA emulator (crates/cuda-emulator builds the kernels for the host, so
-# the CUDA tests run on machines without a GPU): g++ 12 or later (for _Float16).
+# the CUDA tests run on machines without a GPU): g++ 12 or later (for _Float16). The first that
+# is new enough of $CXX, c++, g++ and g++-14..12; else from apt (g++, then g++-12).
 cxx_major() { "$1" -dumpversion 2>/dev/null | cut -d. -f1 || true; }
-cxx="${CXX:-c++}"
-if ! [ "$(cxx_major "$cxx")" -ge 12 ] 2>/dev/null; then
+pick_cxx() {
+    local c
+    for c in ${CXX:-} c++ g++ g++-14 g++-13 g++-12; do
+        if [ "$(cxx_major "$c")" -ge 12 ] 2>/dev/null; then
+            echo "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+if ! cxx="$(pick_cxx)"; then
     apt_install g++
-    export CXX=g++
-    if ! [ "$(cxx_major g++)" -ge 12 ] 2>/dev/null; then
-        echo "scripts/test.sh: the CUDA emulator needs g++ 12 or later; apt installed g++ $(cxx_major g++) (Debian 12 or later has 12)" >&2
+    cxx="$(pick_cxx)" || { apt_install g++-12 || true; cxx="$(pick_cxx)"; } || {
+        echo "scripts/test.sh: the CUDA emulator needs g++ 12 or later; apt gave g++ $(cxx_major g++)" >&2
         exit 1
-    fi
+    }
 fi
+export CXX="$cxx"
 # python3 with pip: NVRTC and ptxas come from PyPI (scripts/install-nvrtc.sh), and
 # tests/device_summary.rs runs scripts/device-summary.py.
 command -v python3 >/dev/null 2>&1 || apt_install python3

@@ -579,9 +579,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(8), 2, Duration::from_millis(400))
+            serve_id(&listener, &some_id(8), 2, Duration::from_millis(2000))
         });
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
         let mut s = TcpStream::connect(&addr).unwrap();
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&2u32.to_le_bytes());
@@ -590,7 +590,7 @@ mod tests {
         let mut reply = [0u8; REPLY_BYTES];
         s.read_exact(&mut reply).unwrap();
         assert_eq!(reply[MAGIC.len()], 0, "served");
-        std::thread::sleep(Duration::from_millis(400)); // past rank 0's deadline
+        std::thread::sleep(Duration::from_millis(1500)); // past rank 0's deadline
         s.write_all(&[1]).unwrap();
         server.join().unwrap().unwrap();
     }

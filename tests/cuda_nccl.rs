@@ -319,9 +319,9 @@ fn a_missing_peer_times_out_and_aborts() {
     });
 }
 
-/// Creating the communicator is bounded by the timeout too: a rank whose peer never starts gets
-/// an error instead of waiting in `ncclCommInitRank` forever. The peer joins afterwards only to
-/// release the init thread that NCCL cannot cancel.
+/// Creating the communicator is bounded too: a rank whose peer never starts gets an error
+/// instead of waiting in `ncclCommInitRank` forever. The peer joins afterwards, which releases
+/// the init thread (whose late communicator is then aborted) and gets a communicator of its own.
 #[test]
 fn an_init_without_its_peer_times_out() {
     if !several_ranks_fit_on_one_gpu() {
@@ -331,7 +331,7 @@ fn an_init_without_its_peer_times_out() {
     let g = CudaBackend::new(0).unwrap();
     let timeout = Duration::from_millis(300);
     let start = std::time::Instant::now();
-    let result = NcclCollective::new(&g, 0, 2, id, Some(timeout));
+    let result = NcclCollective::with_init_timeout(&g, 0, 2, id, Some(timeout), None);
     let waited = start.elapsed();
     match result {
         Err(partial_fc::PfcError::Collective(msg)) => {
@@ -344,7 +344,10 @@ fn an_init_without_its_peer_times_out() {
         "gave up after {waited:?}"
     );
     let late = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60)));
-    assert!(late.is_ok(), "the late rank joins the communicator: {late:?}");
+    assert!(
+        late.is_ok(),
+        "the late rank joins the communicator: {late:?}"
+    );
     println!("init without its peer: timed out after {waited:?}");
 }
 

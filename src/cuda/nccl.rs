@@ -8,7 +8,8 @@
 //! forever. With a timeout set, every collective waits for its stream by polling `cuStreamQuery`
 //! and `ncclCommGetAsyncError`; past the timeout the communicator is aborted (which unblocks the
 //! stream) and the call returns [`PfcError::Collective`]. The communicator is unusable after that.
-//! The same timeout bounds the communicator's creation, which waits for every rank to join.
+//! The communicator's creation, which waits for every rank to join, is bounded as well (by the
+//! longer of that timeout and [`NcclCollective::DEFAULT_INIT_TIMEOUT`], or as chosen).
 //!
 //! **Finding libnccl.** cudarc opens `libnccl.so` (or `.so.12`/`.so.13`), but runtime installs
 //! (Debian's `libnccl2`, the `nvidia-nccl-cu12`/`cu13` wheels) ship only `libnccl.so.2`. A process
@@ -187,18 +188,40 @@ fn nccl_rank_args(rank: usize, world_size: usize) -> Result<(i32, i32)> {
 }
 
 impl NcclCollective {
-    /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream.
-    /// Blocks until every rank has joined, for at most `timeout` when one is given (which also
-    /// bounds every later collective). Past it the call returns [`PfcError::Collective`]: a
-    /// rank that never starts (a node that failed to come up) then ends the job with an error
-    /// instead of leaving every other rank waiting. NCCL has no way to cancel an init in
-    /// progress, so the thread running it stays blocked in NCCL until the process exits (or the
-    /// missing rank joins, and the communicator it then makes is never used).
+    /// The longest [`NcclCollective::new`] waits for every rank to join, whatever shorter
+    /// collective timeout it is given: the ranks of a job start seconds to minutes apart, and
+    /// NCCL's own set-up takes seconds at scale, while a collective of a running job either
+    /// completes in well under a second or has lost a peer.
+    pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+    /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream;
+    /// `timeout` bounds every later collective (`None`: they never time out). Waiting for the
+    /// other ranks to join is bounded by the longer of `timeout` and
+    /// [`NcclCollective::DEFAULT_INIT_TIMEOUT`] (no bound when `timeout` is `None`); use
+    /// [`NcclCollective::with_init_timeout`] to choose it.
     pub fn new(
         backend: &CudaBackend,
         rank: usize,
         world_size: usize,
         id: UniqueId,
+        timeout: Option<Duration>,
+    ) -> Result<Self> {
+        let init = timeout.map(|t| t.max(Self::DEFAULT_INIT_TIMEOUT));
+        Self::with_init_timeout(backend, rank, world_size, id, init, timeout)
+    }
+
+    /// Like [`NcclCollective::new`], with the wait for every rank to join (`ncclCommInitRank`)
+    /// bounded by `init_timeout`. Past it the call returns [`PfcError::Collective`]: a rank that
+    /// never starts (a node that failed to come up) then ends the job with an error instead of
+    /// leaving every other rank waiting. The init runs on a thread of its own, which a blocking
+    /// `ncclCommInitRank` keeps until the missing rank joins or the process exits; if it
+    /// completes after the caller gave up, the communicator it made is aborted there.
+    pub fn with_init_timeout(
+        backend: &CudaBackend,
+        rank: usize,
+        world_size: usize,
+        id: UniqueId,
+        init_timeout: Option<Duration>,
         timeout: Option<Duration>,
     ) -> Result<Self> {
         let (rank_i, world_i) = nccl_rank_args(rank, world_size)?;
@@ -221,6 +244,9 @@ impl NcclCollective {
         let ctx = backend.context().clone();
         std::thread::Builder::new()
             .name(format!("pfc-nccl-init-{rank}"))
+            // NCCL's topology search recurses; the main thread's usual 8 MiB, not a spawned
+            // thread's 2 MiB, is what it is known to run in.
+            .stack_size(16 << 20)
             .spawn(move || {
                 let result = bind(&ctx).and_then(|()| {
                     let mut comm = std::mem::MaybeUninit::uninit();
@@ -231,10 +257,14 @@ impl NcclCollective {
                         Ok(Joined(comm.assume_init()))
                     }
                 });
-                let _ = done.send(result);
+                if let Err(std::sync::mpsc::SendError(Ok(Joined(late)))) = done.send(result) {
+                    // The caller timed out and is gone: nobody will use or free this one.
+                    // SAFETY: a live communicator no one else holds, aborted once.
+                    let _ = unsafe { nccl::comm_abort(late) };
+                }
             })
             .map_err(|e| PfcError::Collective(format!("starting the NCCL init thread: {e}")))?;
-        let comm = match timeout {
+        let comm = match init_timeout {
             None => joined.recv().map_err(|_| {
                 PfcError::Collective("the NCCL init thread ended without an answer".into())
             })??,
