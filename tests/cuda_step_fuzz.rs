@@ -10,8 +10,9 @@
 //! (default 24) and `PFC_FUZZ_SEED` (default 1) draw other cases. The inter-class filter is left
 //! out on purpose: the two backends' GEMMs round differently, so a cosine within an f32 rounding
 //! of the threshold would be filtered on one and not the other; the kernel tests check the filter
-//! on identical cosines. Hard negatives carry the same risk at the selection boundary, far
-//! smaller (a tie between two classes' best cosines); the cases here do not hit it.
+//! on identical cosines. Hard negatives carry the same risk at the selection boundary (a tie
+//! between two classes' best cosines): a swap of one or two classes there is reported and ends
+//! the case's comparison; any other difference of the sample fails.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -216,10 +217,31 @@ fn random_configurations_match_cpu() {
             case.rows
         );
         let (want, got) = (cpu(&case), cuda(&case));
-        for (rank, (w, g)) in want.iter().zip(&got).enumerate() {
-            for step in 0..2 {
+        'steps: for step in 0..2 {
+            for (rank, (w, g)) in want.iter().zip(&got).enumerate() {
+                if g.samples[step] == w.samples[step] {
+                    continue;
+                }
+                // Random negatives come from the same counter-based keys: always the same. Hard
+                // ones rank classes by a cosine each backend's GEMM rounds its own way, so two
+                // classes within an f32 rounding of the selection boundary may swap: allowed for
+                // a class or two, after which the two runs have different inputs.
+                let only_in = |a: &[i64], b: &[i64]| a.iter().filter(|c| !b.contains(c)).count();
+                let swapped = only_in(&g.samples[step], &w.samples[step])
+                    .max(only_in(&w.samples[step], &g.samples[step]));
+                let hard = matches!(c.sampler, NegativeSampler::Hard { .. });
+                assert!(
+                    hard && swapped <= 2,
+                    "case {i}, rank {rank}, step {step}: sample differs in {swapped} classes"
+                );
+                println!(
+                    "case {i}, rank {rank}, step {step}: {swapped} hard negative(s) swapped at the \
+                     selection boundary; the rest of the case is not compared"
+                );
+                break 'steps;
+            }
+            for (rank, (w, g)) in want.iter().zip(&got).enumerate() {
                 let what = format!("case {i}, rank {rank}, step {step}");
-                assert_eq!(g.samples[step], w.samples[step], "{what}: sample");
                 padded += usize::from(w.samples[step].len() % 8 != 0);
                 let (gl, wl) = (g.losses[step], w.losses[step]);
                 assert!(
