@@ -90,6 +90,30 @@ impl From<&MarginParams> for MarginArgs {
     }
 }
 
+/// The per-row buffers pass 3 reads or writes (f32 and 16-bit alike): labels, then row_max,
+/// row_sum, target_cos and row_loss. One list, so that no variant forgets one (the f32 pass
+/// once checked only labels and row_loss).
+fn need_pass3_rows(
+    what: &str,
+    rows: usize,
+    labels: &CudaSlice<i32>,
+    stats: [&CudaSlice<f32>; 4],
+) -> Result<()> {
+    // The message is formatted only for a short buffer: this runs on every launch.
+    if labels.len() < rows {
+        return need(labels, rows, &format!("{what} labels"));
+    }
+    for (buf, name) in stats
+        .into_iter()
+        .zip(["row_max", "row_sum", "target_cos", "row_loss"])
+    {
+        if buf.len() < rows {
+            return need(buf, rows, &format!("{what} {name}"));
+        }
+    }
+    Ok(())
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| PfcError::Shape(format!("{what} = {v} exceeds i32::MAX")))
 }
@@ -1372,11 +1396,8 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         need(logits, shape.len()?, "softmax_loss_grad logits")?;
-        need(labels, shape.rows, "softmax_loss_grad labels")?;
-        need(row_max, shape.rows, "softmax_loss_grad row_max")?;
-        need(row_sum, shape.rows, "softmax_loss_grad row_sum")?;
-        need(target_cos, shape.rows, "softmax_loss_grad target_cos")?;
-        need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
+        let stats = [row_max, row_sum, target_cos, &*row_loss];
+        need_pass3_rows("softmax_loss_grad", shape.rows, labels, stats)?;
         if shape.rows == 0 {
             return Ok(());
         }
@@ -1665,11 +1686,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let kind = half_kind(dtype, "softmax_loss_grad16")?;
         need(cos, shape.len()?, "softmax_loss_grad16 cos")?;
-        need(labels, shape.rows, "softmax_loss_grad16 labels")?;
-        need(row_max, shape.rows, "softmax_loss_grad16 row_max")?;
-        need(row_sum, shape.rows, "softmax_loss_grad16 row_sum")?;
-        need(target_cos, shape.rows, "softmax_loss_grad16 target_cos")?;
-        need(row_loss, shape.rows, "softmax_loss_grad16 row_loss")?;
+        let stats = [row_max, row_sum, target_cos, &*row_loss];
+        need_pass3_rows("softmax_loss_grad16", shape.rows, labels, stats)?;
         if shape.rows == 0 {
             return Ok(());
         }
