@@ -269,6 +269,54 @@ fn several_ranks_fit_on_one_gpu() -> bool {
     true
 }
 
+/// Rank 0 of two makes `call` while rank 1 has joined but stays silent: the call must end with
+/// a timeout error (not hang) after about its 300 ms, and the next call be refused because the
+/// communicator was aborted. Rank 1 then makes as many calls as went through on rank 0 (none,
+/// if the timeout works), so that a broken timeout fails the test instead of hanging it.
+fn silent_peer_times_out(
+    what: &str,
+    call: impl Fn(&CudaBackend, &NcclCollective) -> partial_fc::Result<()> + Sync,
+) {
+    let id = new_unique_id().unwrap();
+    let (gave_up, wait) = std::sync::mpsc::channel::<usize>();
+    let call = &call;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let g = CudaBackend::new(0).unwrap();
+            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60))).unwrap();
+            for _ in 0..wait.recv().unwrap_or(0) {
+                let _ = call(&g, &comm);
+            }
+        });
+        let g = CudaBackend::new(0).unwrap();
+        let timeout = Duration::from_millis(300);
+        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
+        let start = std::time::Instant::now();
+        let first = call(&g, &comm);
+        let waited = start.elapsed();
+        let second = call(&g, &comm);
+        let went_through = [&first, &second].iter().filter(|r| r.is_ok()).count();
+        gave_up.send(went_through).unwrap();
+        match first {
+            Err(partial_fc::PfcError::Collective(msg)) => {
+                assert!(msg.contains("no progress"), "{what}: {msg}")
+            }
+            other => panic!("{what}: expected a timeout, got {other:?}"),
+        }
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(30),
+            "{what}: gave up after {waited:?}"
+        );
+        match second {
+            Err(partial_fc::PfcError::Collective(msg)) => {
+                assert!(msg.contains("aborted"), "{what}: {msg}")
+            }
+            other => panic!("{what}: an aborted communicator must refuse, got {other:?}"),
+        }
+        println!("{what} without its peer: timed out after {waited:?}, communicator aborted");
+    });
+}
+
 /// A rank whose peer never makes the collective gets an error after its timeout, with the
 /// communicator aborted, instead of hanging (NCCL 2.30+ with two ranks on one GPU, or the
 /// emulator's NCCL, whose collectives stay pending on the stream until every rank has called).
@@ -277,45 +325,9 @@ fn a_missing_peer_times_out_and_aborts() {
     if !several_ranks_fit_on_one_gpu() {
         return;
     }
-    let id = new_unique_id().unwrap();
-    // Rank 0 tells rank 1 how many of its calls went through (none, if the timeout works);
-    // rank 1 then makes as many, so that a broken timeout fails this test instead of hanging it.
-    let (gave_up, wait) = std::sync::mpsc::channel::<usize>();
-    std::thread::scope(|s| {
-        // Rank 1 joins, then stays silent until rank 0 has given up.
-        s.spawn(move || {
-            let g = CudaBackend::new(0).unwrap();
-            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60))).unwrap();
-            let mut buf = g.alloc::<f32>(8).unwrap();
-            for _ in 0..wait.recv().unwrap_or(0) {
-                let _ = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
-            }
-        });
-        let g = CudaBackend::new(0).unwrap();
-        let timeout = Duration::from_millis(300);
-        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
-        let mut buf = g.alloc::<f32>(8).unwrap();
-        let start = std::time::Instant::now();
-        let first = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
-        let waited = start.elapsed();
-        let second = comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum);
-        let went_through = [&first, &second].iter().filter(|r| r.is_ok()).count();
-        gave_up.send(went_through).unwrap();
-        match first {
-            Err(partial_fc::PfcError::Collective(msg)) => {
-                assert!(msg.contains("no progress"), "{msg}")
-            }
-            other => panic!("expected a timeout, got {other:?}"),
-        }
-        assert!(
-            waited >= timeout && waited < Duration::from_secs(30),
-            "gave up after {waited:?}"
-        );
-        match second {
-            Err(partial_fc::PfcError::Collective(msg)) => assert!(msg.contains("aborted"), "{msg}"),
-            other => panic!("an aborted communicator must refuse, got {other:?}"),
-        }
-        println!("missing peer: timed out after {waited:?}, communicator aborted");
+    silent_peer_times_out("all_reduce", |g, comm| {
+        let mut buf = g.alloc::<f32>(8)?;
+        comm.all_reduce_f32(g, &mut buf, 8, partial_fc::ReduceOp::Sum)
     });
 }
 
@@ -358,41 +370,7 @@ fn a_barrier_without_its_peer_times_out() {
     if !several_ranks_fit_on_one_gpu() {
         return;
     }
-    let id = new_unique_id().unwrap();
-    let (gave_up, wait) = std::sync::mpsc::channel::<bool>();
-    std::thread::scope(|s| {
-        // Rank 1 stays silent until rank 0 has returned, then makes the barrier only if rank
-        // 0's went through (so that a broken timeout fails this test instead of hanging it).
-        s.spawn(move || {
-            let g = CudaBackend::new(0).unwrap();
-            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60))).unwrap();
-            if wait.recv().unwrap_or(false) {
-                let _ = comm.barrier();
-            }
-        });
-        let g = CudaBackend::new(0).unwrap();
-        let timeout = Duration::from_millis(300);
-        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
-        let start = std::time::Instant::now();
-        let result = comm.barrier();
-        let waited = start.elapsed();
-        gave_up.send(result.is_ok()).unwrap();
-        match result {
-            Err(partial_fc::PfcError::Collective(msg)) => {
-                assert!(msg.contains("no progress"), "{msg}")
-            }
-            other => panic!("expected a timeout, got {other:?}"),
-        }
-        assert!(
-            waited >= timeout && waited < Duration::from_secs(30),
-            "gave up after {waited:?}"
-        );
-        assert!(
-            comm.barrier().is_err(),
-            "an aborted communicator must refuse"
-        );
-        println!("barrier without its peer: timed out after {waited:?}");
-    });
+    silent_peer_times_out("barrier", |_, comm| comm.barrier());
 }
 
 #[test]
