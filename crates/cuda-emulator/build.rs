@@ -147,10 +147,13 @@ fn link(out: &Path, name: &str, units: &[PathBuf], includes: &[&Path]) -> Result
         .cargo_warnings(false)
         .out_dir(out.join(format!("obj-{name}")));
     if name == "cuda" {
-        // An index past a shared or local array's bound traps (SIGILL), and fiber.cpp's fault
-        // handler names the kernel and thread: no sanitizer runtime is linked.
+        // An index past a shared or local array's bound traps (SIGILL), and so does a load or
+        // store through a pointer not aligned to its type (a float4 at an address that is not a
+        // multiple of 16: x86 allows it, a GPU stops the kernel with "misaligned address").
+        // fiber.cpp's fault handler names the kernel and thread: no sanitizer runtime is linked.
         build
             .flag("-fsanitize=bounds")
+            .flag("-fsanitize=alignment")
             .flag("-fsanitize-undefined-trap-on-error");
     }
     for dir in includes {

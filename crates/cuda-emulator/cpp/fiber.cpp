@@ -375,8 +375,10 @@ void on_fault(int sig, siginfo_t* info, void* context) {
         int len;
         if (sig == SIGILL)
             len = std::snprintf(msg, sizeof msg,
-                                "partial-fc CUDA emulator: memcheck: %s: a trap, most likely an index "
-                                "past the bound of a shared or local array (-fsanitize=bounds)\n",
+                                "partial-fc CUDA emulator: memcheck: %s: a trap: an index past the "
+                                "bound of a shared or local array (-fsanitize=bounds) or a misaligned "
+                                "access, such as a float4 load at an address not a multiple of 16 "
+                                "(-fsanitize=alignment)\n",
                                 who);
         else
             len = std::snprintf(msg, sizeof msg,

@@ -79,6 +79,15 @@ extern "C" __global__ void emu_test_write_at(int* p, long long index, int value)
     if (threadIdx.x == 0) p[index] = value;
 }
 
+// Thread 0 loads a float4 at p + offset floats: an offset that is not a multiple of 4 is a
+// misaligned vector load, which a GPU refuses ("misaligned address") and x86 would allow.
+extern "C" __global__ void emu_test_vector_load_at(const float* p, long long offset, float* out) {
+    if (threadIdx.x == 0) {
+        float4 v = *(const float4*)(p + offset);
+        out[0] = v.x + v.y + v.z + v.w;
+    }
+}
+
 // Threads 4 and up index past the shared array: the bounds check must trap.
 extern "C" __global__ void emu_test_shared_index(int* out) {
     __shared__ int s[4];

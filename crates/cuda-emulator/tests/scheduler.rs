@@ -440,6 +440,7 @@ fn memcheck_case() {
         "fill_byte_into_the_slack" => (1000, 250),
         "shared_index" => (0, 0),
         "gemm_operand" => (1, 0),
+        "misaligned_vector_load" => (64, 1),
         other => panic!("unknown case {other}"),
     };
     if case == "gemm_operand" {
@@ -462,6 +463,15 @@ fn memcheck_case() {
                 (ptr(c), f32_, 4),
             )
         };
+        eprintln!("the emulator let case {case} through");
+        return;
+    }
+    if case == "misaligned_vector_load" {
+        let p = raw::alloc(bytes).unwrap();
+        let out = raw::alloc(4).unwrap();
+        let (mut src, mut at, mut dst) = (p as *mut c_void, index, out as *mut c_void);
+        let mut args = vec![arg(&mut src), arg(&mut at), arg(&mut dst)];
+        let _ = unsafe { raw::launch("emu_test_vector_load_at", 1, 32, &mut args) };
         eprintln!("the emulator let case {case} through");
         return;
     }
@@ -510,6 +520,11 @@ fn memory_errors_stop_the_process_naming_the_kernel_and_allocation() {
             "shared_index",
             "kernel emu_test_shared_index, block (0,0,0), thread (",
             "past the bound of a shared or local array",
+        ),
+        (
+            "misaligned_vector_load",
+            "kernel emu_test_vector_load_at, block (0,0,0), thread (0,0,0): a trap",
+            "misaligned access",
         ),
         (
             "gemm_operand",
