@@ -421,13 +421,8 @@ API CUresult cuEventDestroy_v2(CUevent e) {
     delete e;
     return SUCCESS;
 }
-API CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
-    *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
-    return SUCCESS;
-}
-API CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
-    return cuEventElapsedTime(ms, start, end);
-}
+// No cuEventElapsedTime: nothing in the crate times events, and cudarc's `elapsed_ms` calls
+// cuEventElapsedTime_v2, which drivers before CUDA 12.8 lack (scripts/check-cuda12-symbols.sh).
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
