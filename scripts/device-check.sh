@@ -21,7 +21,7 @@ build() {
     cd "$root"
     local json
     json="$(mktemp)"
-    cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl --test cuda_memory --test cuda_step_fuzz > "$json"
+    cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl --test cuda_memory --test cuda_step_fuzz --test cuda_checkpoint > "$json"
     cargo bench --features cuda --no-run --message-format=json --bench cuda_kernels --bench cuda_collectives >> "$json"
     cargo build --release --features cuda --message-format=json --example cuda_step_memory \
         --example cuda_profile_step --example multi_gpu --example train_synthetic >> "$json"

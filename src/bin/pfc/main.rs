@@ -7,6 +7,7 @@
 //! Every error is one line on stderr and a non-zero exit status (2 for bad usage or input).
 
 mod plan;
+mod reshard;
 mod step;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// One forward/backward pass from a safetensors file of inputs, outputs to another.
     Step(step::StepArgs),
+    /// Rewrites a run's checkpoint files for another world size (1 merges them into one file).
+    Reshard(reshard::ReshardArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Step(args) => step::run(args),
+        Command::Reshard(args) => reshard::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

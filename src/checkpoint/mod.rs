@@ -8,8 +8,15 @@ use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
 use crate::layer::PartialFc;
 use crate::tensor_file::{write_atomic, OutTensor, TensorFile, STREAM_BLOCK};
+use crate::Shard;
 use std::collections::HashMap;
 use std::path::Path;
+
+mod set;
+pub use set::{reshard, shard_file_name, CheckpointSet};
+
+/// Reads values `offset .. offset + len` of a tensor (`weight` or `momentum`) of a shard.
+type ReadBlock<'a> = dyn Fn(&str, usize, usize) -> Result<Vec<f32>> + 'a;
 
 /// Format tag written into every checkpoint.
 pub const FORMAT: &str = "partial-fc-shard/1";
@@ -44,21 +51,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     fn checkpoint_metadata(&self) -> HashMap<String, String> {
-        let shard = self.shard();
         let c = self.collective();
-        [
-            ("format", FORMAT.to_string()),
-            ("num_classes", self.config().num_classes.to_string()),
-            ("world_size", c.world_size().to_string()),
-            ("rank", c.rank().to_string()),
-            ("shard_start", shard.start.to_string()),
-            ("shard_len", shard.len.to_string()),
-            ("dim", self.config().dim.to_string()),
-            ("step", self.steps().to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        set::metadata(
+            self.config().num_classes,
+            c.world_size(),
+            c.rank(),
+            self.shard(),
+            self.config().dim,
+            self.steps(),
+        )
     }
 
     /// Loads this rank's shard from `path`. Every field, and every value (a NaN, a read error),
@@ -115,43 +116,110 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 Some(_) => {}
             }
         }
-        // The tensors go through the host a block at a time: first every block is read and
-        // checked (a NaN or a read error changes nothing), then read again and uploaded.
         let dim = self.config().dim.max(1);
-        let len = shape[0] * shape[1];
-        for name in &names {
-            for offset in (0..len).step_by(STREAM_BLOCK) {
-                let block = file.f32_block(name, offset, STREAM_BLOCK.min(len - offset))?;
-                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+        let read = |name: &str, offset, len| {
+            let block = file.f32_block(name, offset, len)?;
+            match block.iter().position(|x| !x.is_finite()) {
+                Some(i) => {
                     let at = offset + i;
-                    return Err(mismatch(format!(
+                    Err(mismatch(format!(
                         "{name} holds {} at row {}, column {}",
                         block[i],
                         at / dim,
                         at % dim
-                    )));
+                    )))
                 }
+                None => Ok(block),
+            }
+        };
+        self.replace_state(&names, shape[0] * shape[1], &read)?;
+        self.set_steps(step);
+        Ok(())
+    }
+
+    /// Loads this rank's shard from the checkpoint files of a run of any world size (every
+    /// rank's file, or at least those holding this rank's classes): resume a job on another
+    /// number of GPUs. The files must agree with each other ([`CheckpointSet::open`]) and with
+    /// this layer (classes, dimension; momentum if the layer has an optimizer). Every value is
+    /// checked before the layer changes, as in [`load`](Self::load). In a job of k ranks, each
+    /// rank calls it with the same files.
+    ///
+    /// ```
+    /// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let root = dir.path().to_path_buf();
+    /// // A run of 3 ranks saves its shards...
+    /// let old: Vec<Vec<f32>> = ThreadGroup::run(3, |comm| {
+    ///     let path = root.join(format!("rank{}.safetensors", comm.rank()));
+    ///     let layer = PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, comm).unwrap();
+    ///     layer.save(&path).unwrap();
+    ///     layer.weight().unwrap()
+    /// });
+    /// // ...and a run of 2 ranks resumes from them.
+    /// let paths: Vec<_> = (0..3).map(|r| root.join(format!("rank{r}.safetensors"))).collect();
+    /// let new: Vec<Vec<f32>> = ThreadGroup::run(2, |comm| {
+    ///     let mut layer = PartialFc::zeroed(LayerConfig::new(100, 8, 4), CpuBackend, comm).unwrap();
+    ///     layer.load_resharded(&paths).unwrap();
+    ///     layer.weight().unwrap()
+    /// });
+    /// assert_eq!(old.concat(), new.concat());
+    /// ```
+    pub fn load_resharded<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<()> {
+        let set = CheckpointSet::open(paths)?;
+        let first = paths[0].as_ref();
+        let mismatch = |reason: String| PfcError::Checkpoint {
+            path: first.to_path_buf(),
+            reason,
+        };
+        let (classes, dim) = (self.config().num_classes, self.config().dim);
+        if (set.num_classes(), set.dim()) != (classes, dim) {
+            return Err(mismatch(format!(
+                "the files hold {} classes of d = {}, this layer {classes} of d = {dim}",
+                set.num_classes(),
+                set.dim()
+            )));
+        }
+        let mut names = vec!["weight"];
+        if self.config().optimizer.is_some() {
+            if !set.has_momentum() {
+                return Err(mismatch(
+                    "the files hold no momentum and this layer has an optimizer".into(),
+                ));
+            }
+            names.push("momentum");
+        }
+        if set.step() == u64::MAX {
+            return Err(mismatch(
+                "step is u64::MAX: the step counter could not advance".into(),
+            ));
+        }
+        let shard: Shard = self.shard();
+        set.require(shard)?;
+        let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
+        self.replace_state(&names, shard.len as usize * dim, &read)?;
+        self.set_steps(set.step());
+        Ok(())
+    }
+
+    /// Replaces the weights (and momentum) with `read(name, offset, len)`'s blocks: first every
+    /// block is read and checked (a NaN or a read error changes nothing), then read again and
+    /// uploaded. A failure in the second pass (the files changed or became unreadable since the
+    /// check) leaves the layer part old, part new: it is marked so, and refuses to train or save
+    /// until a load succeeds.
+    fn replace_state(&mut self, names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
+        for name in names {
+            for offset in (0..len).step_by(STREAM_BLOCK) {
+                read(name, offset, STREAM_BLOCK.min(len - offset))?;
             }
         }
-        // A failure from here on (the file changed or became unreadable since the check) leaves
-        // the layer part old, part new: it is marked so, and refuses to train or save until a
-        // load succeeds.
         self.begin_replacing_state();
-        for name in &names {
+        for name in names {
             for offset in (0..len).step_by(STREAM_BLOCK) {
-                let block = file.f32_block(name, offset, STREAM_BLOCK.min(len - offset))?;
-                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
-                    return Err(mismatch(format!(
-                        "{name} changed while it was loaded (a {} at value {})",
-                        block[i],
-                        offset + i
-                    )));
-                }
-                self.put_block(name == &"momentum", offset, &block)?;
+                let block = read(name, offset, STREAM_BLOCK.min(len - offset))?;
+                self.put_block(*name == "momentum", offset, &block)?;
             }
         }
         self.finish_replacing_state();
-        self.set_steps(step);
         Ok(())
     }
 }

@@ -1,0 +1,487 @@
+//! One run's checkpoint files read as one classifier, whatever world size wrote them: resume on
+//! another number of GPUs ([`PartialFc::load_resharded`](crate::PartialFc::load_resharded)),
+//! rewrite the files for another world size ([`reshard`]), or merge them into one file (world
+//! size 1) for evaluation or export.
+//!
+//! A run's files hold consecutive class ranges ([`Shard::of`]); a rank of the new world size
+//! needs the rows of its own range, which lie in one or a few of the old files. Rows go
+//! through the host a block (64 MiB) at a time, so resharding a classifier of tens of
+//! gigabytes needs no host copy of it.
+
+use super::FORMAT;
+use crate::error::{PfcError, Result};
+use crate::shard::Shard;
+use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One file of the set: the shard it holds.
+struct Part {
+    file: TensorFile,
+    rank: usize,
+    shard: Shard,
+}
+
+/// The checkpoint files of one run (one file per rank, as [`PartialFc::save`] writes them),
+/// checked to agree with each other: same classes, dimension, world size and step, each file's
+/// rows the shard its rank holds, no rank twice.
+///
+/// ```
+/// use partial_fc::checkpoint::CheckpointSet;
+/// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};
+/// let dir = tempfile::tempdir().unwrap();
+/// let root = dir.path().to_path_buf();
+/// ThreadGroup::run(3, move |comm| {
+///     let path = root.join(format!("rank{}.safetensors", comm.rank()));
+///     let layer = PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, comm).unwrap();
+///     layer.save(&path).unwrap();
+/// });
+/// let paths: Vec<_> = (0..3).map(|r| dir.path().join(format!("rank{r}.safetensors"))).collect();
+/// let set = CheckpointSet::open(&paths).unwrap();
+/// assert_eq!((set.num_classes(), set.dim(), set.world_size()), (100, 8, 3));
+/// assert!(set.missing_ranks().is_empty());
+/// ```
+///
+/// [`PartialFc::save`]: crate::PartialFc::save
+pub struct CheckpointSet {
+    /// Sorted by rank (and so by class).
+    parts: Vec<Part>,
+    num_classes: u64,
+    dim: usize,
+    world_size: usize,
+    step: u64,
+    momentum: bool,
+}
+
+fn refuse(path: &Path, reason: impl Into<String>) -> PfcError {
+    PfcError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// A required metadata entry of a checkpoint.
+fn required<T: std::str::FromStr>(file: &TensorFile, key: &str) -> Result<T> {
+    file.meta(key)?
+        .ok_or_else(|| refuse(file.path(), format!("{key} is missing")))
+}
+
+impl CheckpointSet {
+    /// Opens and checks the files (headers only: no tensor is read yet). Any subset of a run's
+    /// files is a set; [`missing_ranks`](Self::missing_ranks) says which ranks it lacks.
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<CheckpointSet> {
+        let Some(first) = paths.first() else {
+            return Err(PfcError::param(
+                "paths",
+                0,
+                "give at least one checkpoint file",
+            ));
+        };
+        let mut parts: Vec<Part> = Vec::with_capacity(paths.len());
+        let mut set: Option<CheckpointSet> = None;
+        for path in paths {
+            let path = path.as_ref();
+            let file = TensorFile::read(path)?;
+            let format = file.metadata().get("format").map(String::as_str);
+            if format != Some(FORMAT) {
+                return Err(refuse(
+                    path,
+                    format!(
+                        "format is {}, {FORMAT} expected (not a partial-fc checkpoint)",
+                        format.unwrap_or("missing")
+                    ),
+                ));
+            }
+            let num_classes: u64 = required(&file, "num_classes")?;
+            let world_size: usize = required(&file, "world_size")?;
+            let rank: usize = required(&file, "rank")?;
+            let shard = Shard {
+                start: required(&file, "shard_start")?,
+                len: required(&file, "shard_len")?,
+            };
+            let dim: usize = required(&file, "dim")?;
+            let step: u64 = required(&file, "step")?;
+            if world_size == 0 || rank >= world_size {
+                return Err(refuse(
+                    path,
+                    format!("rank {rank} of world size {world_size}"),
+                ));
+            }
+            if shard != Shard::of(num_classes, world_size, rank) {
+                return Err(refuse(
+                    path,
+                    format!(
+                        "it holds classes {}..{}, but rank {rank} of {world_size} holds {:?} of \
+                         {num_classes} classes",
+                        shard.start,
+                        shard.end(),
+                        Shard::of(num_classes, world_size, rank)
+                    ),
+                ));
+            }
+            let rows = [shard.len as usize, dim];
+            match file.shape("weight") {
+                Some(s) if s == rows => {}
+                Some(s) => {
+                    return Err(refuse(
+                        path,
+                        format!("weight has shape {s:?}, {rows:?} expected"),
+                    ))
+                }
+                None => return Err(refuse(path, "weight is missing")),
+            }
+            let momentum = match file.shape("momentum") {
+                Some(s) if s == rows => true,
+                Some(s) => {
+                    return Err(refuse(
+                        path,
+                        format!("momentum has shape {s:?}, {rows:?} expected"),
+                    ))
+                }
+                None => false,
+            };
+            match &set {
+                None => {
+                    set = Some(CheckpointSet {
+                        parts: Vec::new(),
+                        num_classes,
+                        dim,
+                        world_size,
+                        step,
+                        momentum,
+                    })
+                }
+                Some(s) => {
+                    let ours = (num_classes, dim, world_size, step, momentum);
+                    let theirs = (s.num_classes, s.dim, s.world_size, s.step, s.momentum);
+                    if ours != theirs {
+                        let describe = |(c, d, k, step, m): (u64, usize, usize, u64, bool)| {
+                            format!(
+                                "{c} classes, d = {d}, world size {k}, step {step}, {}",
+                                if m { "with momentum" } else { "no momentum" }
+                            )
+                        };
+                        return Err(refuse(
+                            path,
+                            format!(
+                                "it is not of the same run as {}: {} against {}",
+                                first.as_ref().display(),
+                                describe(ours),
+                                describe(theirs)
+                            ),
+                        ));
+                    }
+                }
+            }
+            if let Some(other) = parts.iter().find(|p| p.rank == rank) {
+                return Err(refuse(
+                    path,
+                    format!(
+                        "rank {rank} is also given as {}",
+                        other.file.path().display()
+                    ),
+                ));
+            }
+            parts.push(Part { file, rank, shard });
+        }
+        parts.sort_by_key(|p| p.rank);
+        let mut set = set.expect("at least one path was read");
+        set.parts = parts;
+        Ok(set)
+    }
+
+    /// Number of classes of the classifier.
+    pub fn num_classes(&self) -> u64 {
+        self.num_classes
+    }
+
+    /// Embedding dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// World size of the run that wrote the files.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// Optimizer steps taken when the files were written.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether the files hold the optimizer's momentum.
+    pub fn has_momentum(&self) -> bool {
+        self.momentum
+    }
+
+    /// The ranks of the writing run that no given file holds.
+    pub fn missing_ranks(&self) -> Vec<usize> {
+        (0..self.world_size)
+            .filter(|r| !self.parts.iter().any(|p| p.rank == *r))
+            .collect()
+    }
+
+    /// Checks that the files hold every class of `range`, naming the first class none holds.
+    pub(crate) fn require(&self, range: Shard) -> Result<()> {
+        let mut next = range.start;
+        for p in &self.parts {
+            if p.shard.start <= next && next < p.shard.end() {
+                next = p.shard.end();
+            }
+        }
+        if next < range.end() {
+            let rank = (0..self.world_size)
+                .find(|&r| Shard::of(self.num_classes, self.world_size, r).contains(next as i64))
+                .unwrap_or(0);
+            return Err(refuse(
+                self.parts[0].file.path(),
+                format!(
+                    "no given file holds class {next} (rank {rank}'s of the run's {} files, \
+                     needed for classes {}..{})",
+                    self.world_size,
+                    range.start,
+                    range.end()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Values `offset .. offset + len` (row-major) of tensor `name` (`weight` or `momentum`)
+    /// over the classes from `first_class` on, gathered from the files that hold them. A value
+    /// that is not finite is an error naming the file, row and column.
+    pub(crate) fn read(
+        &self,
+        name: &str,
+        first_class: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let dim = self.dim as u64;
+        let mut at = first_class * dim + offset as u64;
+        let end = at + len as u64;
+        let mut values = Vec::with_capacity(len);
+        for p in &self.parts {
+            let (lo, hi) = (p.shard.start * dim, p.shard.end() * dim);
+            if at >= end || hi <= at || lo >= end {
+                continue;
+            }
+            if lo > at {
+                break; // a gap: `require` names it
+            }
+            let n = (hi.min(end) - at) as usize;
+            let local = (at - lo) as usize;
+            let block = p.file.f32_block(name, local, n)?;
+            if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+                let e = local as u64 + i as u64;
+                return Err(refuse(
+                    p.file.path(),
+                    format!(
+                        "{name} holds {} at class {}, column {}",
+                        block[i],
+                        p.shard.start + e / dim.max(1),
+                        e % dim.max(1)
+                    ),
+                ));
+            }
+            values.extend_from_slice(&block);
+            at += n as u64;
+        }
+        if at < end {
+            self.require(Shard {
+                start: at / dim.max(1),
+                len: 1,
+            })?;
+        }
+        Ok(values)
+    }
+
+    /// Writes the checkpoint that rank `rank` of a run of `world_size` ranks would have saved
+    /// at this step, atomically. `progress` is called with the number of values after each
+    /// block.
+    pub fn write_shard(
+        &self,
+        world_size: usize,
+        rank: usize,
+        path: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<()> {
+        self.check_world_size(world_size)?;
+        if rank >= world_size {
+            return Err(PfcError::param(
+                "rank",
+                rank,
+                format!("must be < world size {world_size}"),
+            ));
+        }
+        let shard = Shard::of(self.num_classes, world_size, rank);
+        self.require(shard)?;
+        let shape = vec![shard.len as usize, self.dim];
+        let weight = |offset, len| {
+            let v = self.read("weight", shard.start, offset, len)?;
+            progress(len as u64);
+            Ok(v)
+        };
+        let momentum = |offset, len| {
+            let v = self.read("momentum", shard.start, offset, len)?;
+            progress(len as u64);
+            Ok(v)
+        };
+        let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
+        if self.momentum {
+            tensors.push(OutTensor::F32Blocks("momentum", shape, &momentum));
+        }
+        let meta = metadata(
+            self.num_classes,
+            world_size,
+            rank,
+            shard,
+            self.dim,
+            self.step,
+        );
+        write_atomic(path, &tensors, meta)
+    }
+
+    /// Values a whole rewrite for any world size reads: weights and momentum of every class.
+    pub fn total_values(&self) -> u64 {
+        let tensors = 1 + u64::from(self.momentum);
+        tensors * self.num_classes * self.dim as u64
+    }
+
+    fn check_world_size(&self, world_size: usize) -> Result<()> {
+        if world_size == 0 || world_size as u64 > self.num_classes {
+            return Err(PfcError::param(
+                "world_size",
+                world_size,
+                format!(
+                    "must be between 1 and the number of classes ({})",
+                    self.num_classes
+                ),
+            ));
+        }
+        if self.num_classes.div_ceil(world_size as u64) > i32::MAX as u64 {
+            return Err(PfcError::param(
+                "world_size",
+                world_size,
+                "a shard may hold at most 2^31 - 1 classes: use more ranks",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The metadata a checkpoint of `shard` carries (what [`PartialFc::load`] checks).
+///
+/// [`PartialFc::load`]: crate::PartialFc::load
+pub(crate) fn metadata(
+    num_classes: u64,
+    world_size: usize,
+    rank: usize,
+    shard: Shard,
+    dim: usize,
+    step: u64,
+) -> HashMap<String, String> {
+    [
+        ("format", FORMAT.to_string()),
+        ("num_classes", num_classes.to_string()),
+        ("world_size", world_size.to_string()),
+        ("rank", rank.to_string()),
+        ("shard_start", shard.start.to_string()),
+        ("shard_len", shard.len.to_string()),
+        ("dim", dim.to_string()),
+        ("step", step.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The file name [`reshard`] gives rank `rank` of `world_size`.
+pub fn shard_file_name(world_size: usize, rank: usize) -> String {
+    format!("rank{rank}-of-{world_size}.safetensors")
+}
+
+/// Rewrites a run's checkpoint files (`paths`: every rank's) for `world_size` ranks, into
+/// `out_dir` as [`shard_file_name`]s, and returns their paths in rank order. World size 1
+/// merges the classifier into one file. Each file is written atomically (a temporary file, then
+/// a rename); should one fail, the files of the ranks before it are complete and the error says
+/// which rank failed. An output path that is one of the inputs is refused before anything is
+/// written. `progress` gets the number of values after each block (of
+/// [`CheckpointSet::total_values`] in all).
+///
+/// ```
+/// use partial_fc::checkpoint::{reshard, CheckpointSet};
+/// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};
+/// let dir = tempfile::tempdir().unwrap();
+/// let root = dir.path().to_path_buf();
+/// let saved = ThreadGroup::run(2, move |comm| {
+///     let path = root.join(format!("old{}.safetensors", comm.rank()));
+///     let layer = PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, comm).unwrap();
+///     layer.save(&path).unwrap();
+///     (path, layer.weight().unwrap())
+/// });
+/// let paths: Vec<_> = saved.iter().map(|(p, _)| p.clone()).collect();
+/// let merged = reshard(&paths, 1, &dir.path().join("merged"), &|_| {}).unwrap();
+/// let one = CheckpointSet::open(&merged).unwrap();
+/// assert_eq!((one.world_size(), one.num_classes()), (1, 10));
+/// ```
+pub fn reshard<P: AsRef<Path>>(
+    paths: &[P],
+    world_size: usize,
+    out_dir: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<Vec<PathBuf>> {
+    let set = CheckpointSet::open(paths)?;
+    set.check_world_size(world_size)?;
+    let missing = set.missing_ranks();
+    if !missing.is_empty() {
+        let shown: Vec<String> = missing.iter().take(8).map(|r| r.to_string()).collect();
+        return Err(refuse(
+            paths[0].as_ref(),
+            format!(
+                "the run had {} ranks; no file is given for rank{} {}{}",
+                set.world_size,
+                if missing.len() > 1 { "s" } else { "" },
+                shown.join(", "),
+                if missing.len() > 8 { ", ..." } else { "" }
+            ),
+        ));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| PfcError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let outputs: Vec<PathBuf> = (0..world_size)
+        .map(|r| out_dir.join(shard_file_name(world_size, r)))
+        .collect();
+    // The files are read again block by block while the outputs are written: an output that
+    // replaced an input would be read half old, half new.
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    for input in paths {
+        let input = canonical(input.as_ref());
+        if let Some(out) = outputs
+            .iter()
+            .find(|o| canonical(o) == input && input.is_some())
+        {
+            return Err(PfcError::param(
+                "out_dir",
+                out_dir.display(),
+                format!(
+                    "{} is one of the input files: write the new files elsewhere",
+                    out.display()
+                ),
+            ));
+        }
+    }
+    for (rank, path) in outputs.iter().enumerate() {
+        set.write_shard(world_size, rank, path, progress)
+            .map_err(|e| match e {
+                PfcError::Io { .. } | PfcError::Format { .. } | PfcError::Checkpoint { .. } => {
+                    refuse(path, format!("writing rank {rank} of {world_size}: {e}"))
+                }
+                other => other,
+            })?;
+    }
+    Ok(outputs)
+}

@@ -1,0 +1,332 @@
+//! Checkpoints across world sizes: a run saved by k ranks resumes on k' ranks and trains on as
+//! if nothing had changed; `reshard` rewrites the files for any world size; every mismatch is a
+//! typed error that leaves the layer (or the output folder) untouched.
+
+use partial_fc::checkpoint::{reshard, shard_file_name, CheckpointSet};
+use partial_fc::collective::{SingleRank, ThreadGroup};
+use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, PfcError, Shard};
+use std::path::{Path, PathBuf};
+
+const CLASSES: u64 = 1003;
+const DIM: usize = 24;
+const BATCH: usize = 30;
+
+/// Full softmax (r = 1), so that the step's arithmetic is the same for every world size: with
+/// r < 1 each shard samples its own fraction, and the sample depends on the split.
+fn config(world: usize) -> LayerConfig {
+    let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH.div_ceil(world));
+    cfg.sample_rate = 1.0;
+    cfg
+}
+
+fn batch(step: u64) -> (Vec<f32>, Vec<i64>) {
+    let x = partial_fc::init::normal_rows(100 + step, 0, BATCH, DIM, 1.0);
+    let labels = (0..BATCH as i64)
+        .map(|i| (i * 97 + 5 + 31 * step as i64) % CLASSES as i64)
+        .collect();
+    (x, labels)
+}
+
+/// Trains `steps` steps from `from` (checkpoint files of any world size; none: a fresh layer),
+/// saves every rank into `save_to` (if given), and returns the losses and the whole classifier.
+fn train(
+    world: usize,
+    from: &[PathBuf],
+    steps: u64,
+    save_to: Option<&Path>,
+) -> (Vec<f32>, Vec<f32>) {
+    let parts = ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(world), CpuBackend, comm).unwrap();
+        if !from.is_empty() {
+            layer.load_resharded(from).unwrap();
+        }
+        let rows = Shard::of(BATCH as u64, world, rank);
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        let mut losses = Vec::new();
+        for _ in 0..steps {
+            let (x, labels) = batch(layer.steps());
+            let out = layer
+                .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
+                .unwrap();
+            layer.step(0.5).unwrap();
+            losses.push(out.loss);
+        }
+        if let Some(dir) = save_to {
+            layer
+                .save(&dir.join(format!("rank{rank}.safetensors")))
+                .unwrap();
+        }
+        (losses, layer.weight().unwrap())
+    });
+    let losses = parts[0].0.clone();
+    (losses, parts.into_iter().flat_map(|p| p.1).collect())
+}
+
+fn files(dir: &Path, world: usize) -> Vec<PathBuf> {
+    (0..world)
+        .map(|r| dir.join(format!("rank{r}.safetensors")))
+        .collect()
+}
+
+/// Within the rounding of a different reduction order (world size 1 runs the one-kernel online
+/// softmax, others the three passes): 1e-5 of the values' scale (weights are ~0.01 to 0.1 here).
+fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * scale, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_run_saved_by_three_ranks_resumes_on_two_four_and_one_as_if_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("k3");
+    std::fs::create_dir(&saved).unwrap();
+    // Three steps on 3 ranks, saved; then two more on 3 ranks: the reference.
+    train(3, &[], 3, Some(&saved));
+    let (want_losses, want_w) = train(3, &files(&saved, 3), 2, None);
+    for world in [2, 4, 1] {
+        let (losses, w) = train(world, &files(&saved, 3), 2, None);
+        assert_close(&format!("losses on {world} ranks"), &losses, &want_losses);
+        assert_close(&format!("weights on {world} ranks"), &w, &want_w);
+    }
+    // The files rewritten for 2 ranks are what 2 ranks would load: same trajectory again, and
+    // `load` (same world size) takes them.
+    let two = reshard(&files(&saved, 3), 2, &dir.path().join("k2"), &|_| {}).unwrap();
+    assert_eq!(
+        two,
+        vec![
+            dir.path().join("k2").join(shard_file_name(2, 0)),
+            dir.path().join("k2").join(shard_file_name(2, 1))
+        ]
+    );
+    let (losses, w) = train(2, &two, 2, None);
+    assert_close("losses from resharded files", &losses, &want_losses);
+    assert_close("weights from resharded files", &w, &want_w);
+    let loaded = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::zeroed(config(2), CpuBackend, comm).unwrap();
+        layer.load(&two[rank]).unwrap();
+        (
+            layer.steps(),
+            layer.weight().unwrap(),
+            layer.momentum().unwrap(),
+        )
+    });
+    assert!(loaded.iter().all(|l| l.0 == 3), "the step counter moves");
+    assert!(loaded.iter().all(|l| l.2.is_some()), "the momentum moves");
+}
+
+#[test]
+fn merging_and_splitting_again_gives_back_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("k3");
+    std::fs::create_dir(&saved).unwrap();
+    train(3, &[], 1, Some(&saved));
+    let merged = reshard(&files(&saved, 3), 1, &dir.path().join("one"), &|_| {}).unwrap();
+    let set = CheckpointSet::open(&merged).unwrap();
+    assert_eq!(
+        (set.world_size(), set.num_classes(), set.dim(), set.step()),
+        (1, CLASSES, DIM, 1)
+    );
+    // The merged file is one layer's shard: the whole classifier, in class order.
+    let mut single = PartialFc::zeroed(config(1), CpuBackend, SingleRank).unwrap();
+    single.load(&merged[0]).unwrap();
+    let whole = single.weight().unwrap();
+    let ranks = ThreadGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::zeroed(config(3), CpuBackend, comm).unwrap();
+        layer.load(&files(&saved, 3)[rank]).unwrap();
+        layer.weight().unwrap()
+    });
+    assert_eq!(whole, ranks.concat());
+    // Split back into 3 (the progress callback counts every value once): the same bytes as the
+    // files the run saved.
+    let counted = std::sync::atomic::AtomicU64::new(0);
+    let again = reshard(&merged, 3, &dir.path().join("k3again"), &|n| {
+        counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(counted.into_inner(), set.total_values());
+    for (a, b) in again.iter().zip(files(&saved, 3)) {
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{}",
+            a.display()
+        );
+    }
+}
+
+fn refusal(e: PfcError) -> String {
+    match e {
+        PfcError::Checkpoint { reason, .. } | PfcError::Param { reason, .. } => reason,
+        other => panic!("not a checkpoint or parameter error: {other}"),
+    }
+}
+
+#[test]
+fn files_that_do_not_make_one_run_are_refused_naming_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    train(3, &[], 1, Some(&a));
+    train(3, &[], 2, Some(&b));
+    let a3 = files(&a, 3);
+    let b3 = files(&b, 3);
+    let none: [PathBuf; 0] = [];
+    let cases: Vec<(Vec<PathBuf>, &str)> = vec![
+        (vec![a3[0].clone(), b3[1].clone()], "not of the same run"),
+        (vec![a3[0].clone(), a3[0].clone()], "rank 0 is also given"),
+        (none.to_vec(), "at least one checkpoint file"),
+    ];
+    for (paths, why) in cases {
+        let e = refusal(CheckpointSet::open(&paths).err().unwrap());
+        assert!(e.contains(why), "{e}");
+    }
+    // A missing rank: fine to open, refused where its classes are needed.
+    let partial = vec![a3[0].clone(), a3[2].clone()];
+    let set = CheckpointSet::open(&partial).unwrap();
+    assert_eq!(set.missing_ranks(), vec![1]);
+    let out = dir.path().join("out");
+    let e = refusal(reshard(&partial, 2, &out, &|_| {}).unwrap_err());
+    assert!(e.contains("no file is given for rank 1"), "{e}");
+    assert!(!out.exists(), "nothing written");
+    // The old ranks held 0..335, 335..669 and 669..1003; the new ones hold 0..502 and
+    // 502..1003, each partly in the missing old rank 1: neither loads, both stay as they were.
+    let results = ThreadGroup::run(2, |comm| {
+        let mut layer = PartialFc::new(config(2), CpuBackend, comm).unwrap();
+        let before = layer.weight().unwrap();
+        let e = layer.load_resharded(&partial).unwrap_err();
+        (refusal(e), before == layer.weight().unwrap())
+    });
+    assert!(
+        results[0].0.contains("no given file holds class 335"),
+        "{}",
+        results[0].0
+    );
+    assert!(
+        results[1].0.contains("no given file holds class 502"),
+        "{}",
+        results[1].0
+    );
+    assert!(results.iter().all(|r| r.1), "layers unchanged");
+    // A world size that cannot hold the classes, and an output onto an input.
+    let e = refusal(reshard(&a3, 0, &out, &|_| {}).unwrap_err());
+    assert!(e.contains("between 1 and the number of classes"), "{e}");
+    let e = refusal(reshard(&a3, CLASSES as usize + 1, &out, &|_| {}).unwrap_err());
+    assert!(e.contains("between 1 and the number of classes"), "{e}");
+    let inputs: Vec<PathBuf> = (0..3)
+        .map(|r| {
+            let p = a.join(shard_file_name(3, r));
+            std::fs::copy(&a3[r], &p).unwrap();
+            p
+        })
+        .collect();
+    let before = std::fs::read(&inputs[0]).unwrap();
+    let e = refusal(reshard(&inputs, 3, &a, &|_| {}).unwrap_err());
+    assert!(e.contains("is one of the input files"), "{e}");
+    assert_eq!(
+        std::fs::read(&inputs[0]).unwrap(),
+        before,
+        "input untouched"
+    );
+}
+
+#[test]
+fn a_layer_that_does_not_match_the_files_is_refused_and_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    train(3, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 3);
+    let mut other_dim = LayerConfig::new(CLASSES, DIM + 1, 8);
+    other_dim.sample_rate = 1.0;
+    let mut other_classes = LayerConfig::new(CLASSES + 1, DIM, 8);
+    other_classes.sample_rate = 1.0;
+    for (cfg, why) in [
+        (other_dim, "this layer 1003 of d = 25"),
+        (other_classes, "this layer 1004 of d = 24"),
+    ] {
+        let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+        let before = layer.weight().unwrap();
+        let e = refusal(layer.load_resharded(&paths).unwrap_err());
+        assert!(e.contains(why), "{e}");
+        assert_eq!(layer.weight().unwrap(), before);
+    }
+    // Files without momentum (saved by a layer with no optimizer) into a layer with one.
+    let bare_dir = dir.path().join("bare");
+    std::fs::create_dir(&bare_dir).unwrap();
+    let mut cfg = config(1);
+    cfg.optimizer = None;
+    let bare = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    let bare_path = bare_dir.join("rank0.safetensors");
+    bare.save(&bare_path).unwrap();
+    let mut layer = PartialFc::new(config(1), CpuBackend, SingleRank).unwrap();
+    let e = refusal(layer.load_resharded(&[&bare_path]).unwrap_err());
+    assert!(e.contains("no momentum"), "{e}");
+    // The other way round is fine: a layer without optimizer takes the weights only.
+    let mut weights_only = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
+    weights_only.load_resharded(&paths).unwrap();
+    assert_eq!(weights_only.steps(), 1);
+}
+
+#[test]
+fn a_non_finite_value_in_any_file_is_refused_before_the_layer_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    train(3, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 3);
+    // Poison one weight of rank 1's file (class 335 + 2, column 5): a NaN's bytes at its offset.
+    let bytes = std::fs::read(&paths[1]).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let head: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let start = head["weight"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + header + start + 4 * (2 * DIM + 5);
+    let mut poisoned = bytes.clone();
+    poisoned[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&paths[1], poisoned).unwrap();
+    let mut layer = PartialFc::new(config(1), CpuBackend, SingleRank).unwrap();
+    let before = layer.weight().unwrap();
+    let e = refusal(layer.load_resharded(&paths).unwrap_err());
+    assert!(e.contains("weight holds NaN at class 337, column 5"), "{e}");
+    assert_eq!(layer.weight().unwrap(), before);
+    let out = dir.path().join("out");
+    let e = refusal(reshard(&paths, 2, &out, &|_| {}).unwrap_err());
+    assert!(e.contains("NaN at class 337"), "{e}");
+    assert!(
+        !out.join(shard_file_name(2, 0)).exists(),
+        "rank 0 of 2 holds class 337: its file is not written"
+    );
+}
+
+#[test]
+fn pfc_reshard_merges_a_run_and_refuses_an_incomplete_one() {
+    let dir = tempfile::tempdir().unwrap();
+    train(3, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 3);
+    let out = dir.path().join("merged");
+    let run = |paths: &[PathBuf]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(["reshard", "--world-size", "1", "--quiet", "--out"])
+            .arg(&out)
+            .args(paths)
+            .output()
+            .unwrap()
+    };
+    let done = run(&paths);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "3 files of a run of 3 ranks: 1003 classes, d = 24, step 1, weights and momentum"
+        ),
+        "{stdout}"
+    );
+    let set = CheckpointSet::open(&[out.join(shard_file_name(1, 0))]).unwrap();
+    assert_eq!((set.world_size(), set.num_classes()), (1, CLASSES));
+    let refused = run(&paths[..2]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no file is given for rank 2"), "{stderr}");
+}
