@@ -148,3 +148,76 @@ extern "C" __global__ void row_max_into(const float* cosines, const long long* r
     m = block_max(m);
     if (threadIdx.x == 0) scores[row] = m;
 }
+
+// ---- Prediction: the k classes nearest to each embedding (src/cpu/top_k.rs) ----
+
+#define TOP_K_MAX 64
+#define NO_ID 0x7fffffff
+
+// (a, ia) comes before (b, ib): the higher cosine, then the smaller class id.
+__device__ __forceinline__ bool beats(float a, int ia, float b, int ib) {
+    return a > b || (a == b && ia < ib);
+}
+
+// The block's best (v, id) under `beats`, in every thread; `s` and `i` hold one pair per warp.
+__device__ void block_best(float& v, int& id, float* s, int* i) {
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, id, o);
+        if (beats(ov, oi, v, id)) v = ov, id = oi;
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) s[warp] = v, i[warp] = id;
+    __syncthreads();
+    v = lane < (int)(blockDim.x / WARP) ? s[lane] : -INFINITY;
+    id = lane < (int)(blockDim.x / WARP) ? i[lane] : NO_ID;
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, id, o);
+        if (beats(ov, oi, v, id)) v = ov, id = oi;
+    }
+    __syncthreads();  // s and i are free for the next call
+}
+
+// One block per row (k <= blockDim.x): merges a chunk of cosines (row-major, `len` columns;
+// column j is class chunk_start + j) into the row's running top k (best first; an empty slot
+// is (-inf, -1)). In a trained classifier most chunks hold nothing that beats a row's k-th
+// best: one read and a vote. Otherwise k rounds, each taking the block's best candidate, of the
+// chunk and the old top k, that the previous round's winner beats (ids are unique, so that is
+// "not taken yet").
+extern "C" __global__ void top_k_merge(const float* cosines, int len, int chunk_start, int k,
+                                       float* top_scores, int* top_ids) {
+    __shared__ float new_s[TOP_K_MAX];
+    __shared__ int new_i[TOP_K_MAX];
+    __shared__ float red_s[32];
+    __shared__ int red_i[32];
+    const float* c = cosines + (size_t)blockIdx.x * len;
+    float* ts = top_scores + (size_t)blockIdx.x * k;
+    int* ti = top_ids + (size_t)blockIdx.x * k;
+    float last = ts[k - 1];
+    int last_id = ti[k - 1];
+    int any = 0;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) any |= beats(c[j], chunk_start + j, last, last_id);
+    if (!__syncthreads_or(any)) return;
+    float prev = INFINITY;
+    int prev_id = -1;
+    for (int r = 0; r < k; ++r) {
+        float v = -INFINITY;
+        int id = NO_ID;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            float x = c[j];
+            int xi = chunk_start + j;
+            if (beats(prev, prev_id, x, xi) && beats(x, xi, v, id)) v = x, id = xi;
+        }
+        if ((int)threadIdx.x < k) {
+            float x = ts[threadIdx.x];
+            int xi = ti[threadIdx.x];
+            if (beats(prev, prev_id, x, xi) && beats(x, xi, v, id)) v = x, id = xi;
+        }
+        block_best(v, id, red_s, red_i);
+        if (threadIdx.x == 0) new_s[r] = v, new_i[r] = id == NO_ID ? -1 : id;
+        prev = v, prev_id = id;
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < k) ts[threadIdx.x] = new_s[threadIdx.x], ti[threadIdx.x] = new_i[threadIdx.x];
+}

@@ -81,7 +81,7 @@ run() {
         timeout 240 "$t" --nocapture --test-threads=1 || status=1
     done
     san="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-    filter="margin_softmax_passes_match_cpu margin_softmax_fused_matches_cpu padded_logits_rows normalize_gather optimizer_and_scatter localize_labels gemms class_max margin_softmax16 wire_casts"
+    filter="margin_softmax_passes_match_cpu margin_softmax_fused_matches_cpu padded_logits_rows normalize_gather optimizer_and_scatter localize_labels gemms class_max class_top_k margin_softmax16 wire_casts"
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer --tool $tool"
         timeout 150 "$san" --tool "$tool" --error-exitcode 9 "$bin/test-cuda_kernels" --test-threads=1 $filter || { echo "SANITIZER $tool FAILED ($?)"; status=1; }

@@ -1,6 +1,9 @@
 //! `PartialFc`: one rank's sharded, sampled margin-softmax classifier, and the training step,
 //! written once for every backend and collective.
 
+mod predict;
+pub use predict::Prediction;
+
 use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs, StateBuf};
 use crate::config::{LayerConfig, MarginParams, NegativeSampler, StateDtype, UpdateMode};
 use crate::error::{PfcError, Result};
@@ -309,18 +312,52 @@ fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
 }
 
 /// FNV-1a of the fields that size a rank's collectives (the batch and embedding shapes, the
-/// shard split, the wire dtypes), folded to 22 bits (an f32 holds it exactly, times four plus
-/// two flag bits: `agree_on_input`). Stable across processes and builds: no random keys. The sample rate may differ
-/// between ranks (each sizes its own shard's sample).
-fn config_fingerprint(c: &LayerConfig) -> u32 {
-    let shared = format!(
+/// shard split, the wire dtypes; for a prediction also its k), folded to 21 bits (an f32 holds
+/// it exactly, times eight plus three flag bits: `agree_on_input`). Stable across processes and
+/// builds: no random keys. The sample rate may differ between ranks (each sizes its own shard's
+/// sample).
+fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
+    let mut shared = format!(
         "{} {} {} {:?} {:?}",
         c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
     );
+    if let Call::Predict { k } = call {
+        shared.push_str(&format!(" top {k}"));
+    }
     let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    ((hash ^ (hash >> 22) ^ (hash >> 44)) & 0x3f_ffff) as u32
+    ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32
+}
+
+/// Which call a pass is. Each pairs its own sequence of collectives, so ranks must all make the
+/// same one: `agree_on_input` tells them apart and refuses a mix on every rank.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Call {
+    /// `forward_backward`: the sample is drawn.
+    Drawn,
+    /// `forward_backward_with_sample`: a second agreement follows (the sample's positives).
+    Given,
+    /// `predict_top_k` with this k.
+    Predict { k: usize },
+}
+
+impl Call {
+    fn code(self) -> u32 {
+        match self {
+            Call::Drawn => 0,
+            Call::Given => 1,
+            Call::Predict { .. } => 2,
+        }
+    }
+
+    fn name(code: u32) -> &'static str {
+        match code {
+            0 => "forward_backward",
+            1 => "forward_backward_with_sample",
+            _ => "predict_top_k",
+        }
+    }
 }
 
 fn alloc_opt<B: Backend>(b: &B, len: usize, want: bool) -> Result<Option<B::Buf<f32>>> {
@@ -754,21 +791,25 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// instead of leaving the good ranks waiting in a collective (nothing has been modified yet),
     /// and how many real rows the gathered batch holds. Returns that count.
     ///
-    /// `given`: this pass has a given sample (`forward_backward_with_sample`), whose path makes
-    /// a second agreement the drawn path does not: ranks on different paths would pair
-    /// different collectives, so they are told apart here and refused together.
-    fn agree_on_input(&mut self, own: Option<PfcError>, rows: usize, given: bool) -> Result<usize> {
+    /// `call`: which call this pass is (`Call`); ranks on different calls would pair different
+    /// collectives, so they are told apart here and refused together.
+    pub(crate) fn agree_on_input(
+        &mut self,
+        own: Option<PfcError>,
+        rows: usize,
+        call: Call,
+    ) -> Result<usize> {
         let world = self.comm.world_size();
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
         // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
-        // Each rank's slot also carries a 22-bit fingerprint of the configuration its buffers
-        // and collectives were sized by, and whether its sample is given (24 bits in all: exact
-        // in f32, and a sum with zeros leaves it exact): ranks built with different
-        // configurations would pair collectives of different sizes.
-        let fingerprint = config_fingerprint(&self.config);
+        // Each rank's slot also carries a 21-bit fingerprint of the configuration its buffers
+        // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
+        // and a sum with zeros leaves it exact): ranks built with different configurations
+        // would pair collectives of different sizes.
+        let fingerprint = config_fingerprint(&self.config, call);
         let mut flags = vec![0.0f32; 2 * world];
-        flags[rank] = (fingerprint * 4 + u32::from(given) * 2 + u32::from(own.is_some())) as f32;
+        flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = rows as f32;
         let (first, second) = flags.split_at(world);
         self.backend.upload(first, &mut self.bufs.row_loss)?;
@@ -781,29 +822,27 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let counts = self.backend.download(&self.bufs.row_max, world)?;
         if let Some(r) = rejected
             .iter()
-            .position(|&f| (f as u32) >> 2 != fingerprint)
+            .position(|&f| ((f as u32) >> 1) & 3 != call.code())
         {
             return Err(PfcError::Collective(format!(
-                "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
-                 batch_per_rank, wire and grad_wire must agree); no rank took the step"
+                "rank {r} called {} while rank {rank} called {}: every rank must make the same \
+                 call; no rank took the step",
+                Call::name(((rejected[r] as u32) >> 1) & 3),
+                Call::name(call.code())
             )));
         }
         if let Some(r) = rejected
             .iter()
-            .position(|&f| ((f as u32) >> 1) & 1 != u32::from(given))
+            .position(|&f| (f as u32) >> 3 != fingerprint)
         {
-            let call = |g: bool| {
-                if g {
-                    "forward_backward_with_sample"
-                } else {
-                    "forward_backward"
-                }
-            };
             return Err(PfcError::Collective(format!(
-                "rank {r} called {} while rank {rank} called {}: every rank must make the same \
-                 call; no rank took the step",
-                call(!given),
-                call(given)
+                "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
+                 batch_per_rank, wire and grad_wire must agree{}); no rank took the step",
+                if matches!(call, Call::Predict { .. }) {
+                    ", and predict_top_k's k"
+                } else {
+                    ""
+                }
             )));
         }
         if let Some(err) = own {
@@ -815,6 +854,72 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ))),
             None => Ok(counts.iter().map(|&c| c as usize).sum()),
         }
+    }
+
+    /// All-gathers this rank's rows and labels into every rank's `x_hat` (normalized),
+    /// `x_norms` and `gathered_labels`: packed on the host (padding rows are zeros with label
+    /// −1), one upload, one all-gather, and one kernel that unpacks the gathered rows straight
+    /// into their normalized copy.
+    fn gather_rows(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<()> {
+        let (b, x) = (&self.backend, &mut self.bufs);
+        let d = self.config.dim;
+        let n = self.config.batch_per_rank;
+        let m = n * self.comm.world_size();
+        let wire = self.config.wire;
+        match &mut x.packed {
+            Packed::F32(send, recv) => {
+                let row = crate::cpu::wire::packed_row_len_f32(d);
+                let mut host = vec![0f32; n * row];
+                crate::cpu::wire::pack_embeddings_f32(
+                    embeddings,
+                    labels,
+                    labels.len(),
+                    d,
+                    &mut host,
+                );
+                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
+                    pad[d] = f32::from_bits(u32::MAX);
+                    pad[d + 1] = f32::from_bits(u32::MAX);
+                }
+                b.upload(&host, send)?;
+                self.comm.all_gather(b, send, n * row, recv)?;
+                b.unpack_normalize_f32(
+                    recv,
+                    m,
+                    d,
+                    &mut x.gathered_labels,
+                    &mut x.x_hat,
+                    &mut x.x_norms,
+                )?;
+            }
+            Packed::Half(send, recv) => {
+                let row = crate::cpu::wire::packed_row_len(d);
+                let mut host = vec![0u16; n * row];
+                crate::cpu::wire::pack_embeddings(
+                    embeddings,
+                    labels,
+                    labels.len(),
+                    d,
+                    wire,
+                    &mut host,
+                );
+                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
+                    pad[d..].fill(u16::MAX);
+                }
+                b.upload(&host, send)?;
+                self.comm.all_gather(b, send, n * row, recv)?;
+                b.unpack_normalize(
+                    recv,
+                    m,
+                    d,
+                    wire,
+                    &mut x.gathered_labels,
+                    &mut x.x_hat,
+                    &mut x.x_norms,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// One forward and backward pass on this rank's batch; the sample is drawn by the layer.
@@ -878,7 +983,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
             None => Vec::new(),
         };
-        let real_rows = self.agree_on_input(own, labels.len(), given.is_some())?;
+        let call = if given.is_some() {
+            Call::Given
+        } else {
+            Call::Drawn
+        };
+        let real_rows = self.agree_on_input(own, labels.len(), call)?;
         if real_rows == 0 {
             // Every rank sees the same count, so all of them stop here together.
             return Err(PfcError::Shape(
@@ -886,8 +996,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ));
         }
 
-        let b = &self.backend;
-        let x = &mut self.bufs;
         // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
         // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
         // label −1, which normalize to zero, own no target and so add nothing to the loss or the
@@ -898,63 +1006,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let m = n * world;
         let shard_len = self.shard.len as usize;
 
-        // 1. All-gather embeddings and labels: packed on the host (padding rows are zeros with
-        //    label −1), one upload, one all-gather, and one kernel that unpacks the gathered rows
-        //    straight into their normalized copy.
-        let wire = self.config.wire;
-        match &mut x.packed {
-            Packed::F32(send, recv) => {
-                let row = crate::cpu::wire::packed_row_len_f32(d);
-                let mut host = vec![0f32; n * row];
-                crate::cpu::wire::pack_embeddings_f32(
-                    embeddings,
-                    labels,
-                    labels.len(),
-                    d,
-                    &mut host,
-                );
-                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
-                    pad[d] = f32::from_bits(u32::MAX);
-                    pad[d + 1] = f32::from_bits(u32::MAX);
-                }
-                b.upload(&host, send)?;
-                self.comm.all_gather(b, send, n * row, recv)?;
-                b.unpack_normalize_f32(
-                    recv,
-                    m,
-                    d,
-                    &mut x.gathered_labels,
-                    &mut x.x_hat,
-                    &mut x.x_norms,
-                )?;
-            }
-            Packed::Half(send, recv) => {
-                let row = crate::cpu::wire::packed_row_len(d);
-                let mut host = vec![0u16; n * row];
-                crate::cpu::wire::pack_embeddings(
-                    embeddings,
-                    labels,
-                    labels.len(),
-                    d,
-                    wire,
-                    &mut host,
-                );
-                for pad in host.chunks_exact_mut(row).skip(labels.len()) {
-                    pad[d..].fill(u16::MAX);
-                }
-                b.upload(&host, send)?;
-                self.comm.all_gather(b, send, n * row, recv)?;
-                b.unpack_normalize(
-                    recv,
-                    m,
-                    d,
-                    wire,
-                    &mut x.gathered_labels,
-                    &mut x.x_hat,
-                    &mut x.x_norms,
-                )?;
-            }
-        }
+        // 1. All-gather embeddings and labels, normalized on arrival.
+        self.gather_rows(embeddings, labels)?;
+        let (b, x) = (&self.backend, &mut self.bufs);
         // 2. Labels of this shard become shard-local ids.
         b.localize_labels(
             &x.gathered_labels,
@@ -983,7 +1037,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 // Only the rank that holds the class can tell; every rank must learn it before
                 // any returns, or the others wait in the next collective (or pair it with the
                 // wrong call). Nothing observable has changed yet.
-                self.agree_on_input(missing, 0, true)?;
+                self.agree_on_input(missing, 0, Call::Given)?;
                 let (b, x) = (&self.backend, &mut self.bufs);
                 b.upload(&local, &mut x.local_labels)?;
                 b.upload(&local_sample, &mut x.sampled_index)?;

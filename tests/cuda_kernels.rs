@@ -1167,6 +1167,171 @@ fn class_max_cosine_matches_cpu() {
     );
 }
 
+/// GPU and CPU top k agree: scores within 1e-5, ids equal except a swap of two neighbours whose
+/// CPU scores are within 2e-5 (the GEMMs round differently); on each backend equal scores come
+/// in id order.
+#[track_caller]
+fn assert_same_top_k(what: &str, gpu: (&[f32], &[i64]), cpu: (&[f32], &[i64]), k: usize) {
+    assert_eq!(gpu.1.len(), cpu.1.len(), "{what}");
+    for (row, (gs, cs)) in gpu.0.chunks(k).zip(cpu.0.chunks(k)).enumerate() {
+        let (gi, ci) = (&gpu.1[row * k..][..k], &cpu.1[row * k..][..k]);
+        for j in 0..k {
+            assert!(
+                (gs[j] - cs[j]).abs() <= 1e-5 || (gs[j] == cs[j]),
+                "{what} row {row} slot {j}: gpu {} cpu {}",
+                gs[j],
+                cs[j]
+            );
+            let near = |jj: usize| ci[jj] == gi[j] && (cs[jj] - cs[j]).abs() < 2e-5;
+            let swapped = (j > 0 && near(j - 1)) || (j + 1 < k && near(j + 1));
+            assert!(
+                gi[j] == ci[j] || swapped,
+                "{what} row {row} slot {j}: gpu class {} cpu class {}",
+                gi[j],
+                ci[j]
+            );
+            for (s, i) in [(gs, gi), (cs, ci)] {
+                if j > 0 && s[j] == s[j - 1] && i[j] >= 0 {
+                    assert!(i[j] > i[j - 1], "{what} row {row}: tie out of id order");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn class_top_k_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(29);
+    let (shard, dim, rows, chunk) = (1000usize, 64usize, 40usize, 96usize);
+    let mut w = rng.vec(shard * dim, -1.0, 1.0);
+    // Classes 7, 500 and 900 share a center (900's twice as long): exact ties, kept in id order.
+    let center = w[7 * dim..8 * dim].to_vec();
+    w[500 * dim..501 * dim].copy_from_slice(&center);
+    for (j, c) in center.iter().enumerate() {
+        w[900 * dim + j] = 2.0 * c;
+    }
+    let mut x = rng.vec(rows * dim, -1.0, 1.0);
+    x[..dim].copy_from_slice(&center);
+    x[dim..2 * dim].fill(0.0); // a padding row: cosine 0 with every class
+    let (mut xh, mut xn) = (vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .normalize_rows(&x, rows, dim, &mut xh, &mut xn)
+        .unwrap();
+    for k in [1usize, 10, partial_fc::cpu::top_k::TOP_K_MAX] {
+        let (mut cw, mut cc) = (vec![0f32; chunk * dim], vec![0f32; chunk * rows]);
+        let (mut scores, mut ids) = (vec![0f32; rows * k], vec![0i32; rows * k]);
+        CpuBackend
+            .class_top_k(
+                &w,
+                shard,
+                dim,
+                &xh,
+                rows,
+                k,
+                &mut cw,
+                &mut cc,
+                &mut scores,
+                &mut ids,
+            )
+            .unwrap();
+        let (mut gcw, mut gcc) = (
+            g.alloc(chunk * dim).unwrap(),
+            g.alloc(chunk * rows).unwrap(),
+        );
+        let (mut gscores, mut gids) = (g.alloc(rows * k).unwrap(), g.alloc(rows * k).unwrap());
+        g.class_top_k(
+            &up(&g, &w),
+            shard,
+            dim,
+            &up(&g, &xh),
+            rows,
+            k,
+            &mut gcw,
+            &mut gcc,
+            &mut gscores,
+            &mut gids,
+        )
+        .unwrap();
+        let gscores = g.download(&gscores, rows * k).unwrap();
+        let gids: Vec<i64> = g
+            .download(&gids, rows * k)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        assert_same_top_k(
+            &format!("class_top_k k={k}"),
+            (&gscores, &gids),
+            (&scores, &ids),
+            k,
+        );
+        if k >= 3 {
+            assert_eq!(&gids[..3], &[7, 500, 900], "the shared center, in id order");
+            let zeros: Vec<i64> = (0..k as i64).collect();
+            assert_eq!(
+                &gids[k..2 * k],
+                &zeros[..],
+                "the zero row: every class ties at 0"
+            );
+        }
+    }
+    let (mut a, mut b) = (g.alloc(10).unwrap(), g.alloc(10).unwrap());
+    let e = g.class_top_k(
+        &up(&g, &w),
+        shard,
+        dim,
+        &up(&g, &xh),
+        rows,
+        0,
+        &mut g.alloc(dim).unwrap(),
+        &mut g.alloc(rows).unwrap(),
+        &mut a,
+        &mut b,
+    );
+    assert!(e.is_err(), "k = 0 is refused");
+}
+
+#[test]
+fn predict_top_k_matches_cpu() {
+    use partial_fc::collective::{HostStaged, ThreadGroup};
+    use partial_fc::Collective;
+    let Some(g) = gpu() else { return };
+    drop(g);
+    let (classes, dim, rows, k) = (5003u64, 32usize, 24usize, 8usize);
+    let x = Rng(31).vec(rows * dim, -1.0, 1.0);
+    for world in [1usize, 2] {
+        let run = |on_gpu: bool| {
+            let parts = ThreadGroup::run(world, |comm| {
+                let rank = comm.rank();
+                let n = rows / world;
+                let mine = &x[rank * n * dim..(rank + 1) * n * dim];
+                let cfg = LayerConfig::new(classes, dim, n);
+                let p = if on_gpu {
+                    let backend = gpu().unwrap();
+                    let mut layer = PartialFc::new(cfg, backend, HostStaged::new(comm)).unwrap();
+                    layer.predict_top_k(mine, k).unwrap()
+                } else {
+                    let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+                    layer.predict_top_k(mine, k).unwrap()
+                };
+                (p.scores, p.classes)
+            });
+            let scores: Vec<f32> = parts.iter().flat_map(|p| p.0.clone()).collect();
+            let ids: Vec<i64> = parts.iter().flat_map(|p| p.1.clone()).collect();
+            (scores, ids)
+        };
+        let (gpu_out, cpu_out) = (run(true), run(false));
+        assert_same_top_k(
+            &format!("predict_top_k, {world} ranks"),
+            (&gpu_out.0, &gpu_out.1),
+            (&cpu_out.0, &cpu_out.1),
+            k,
+        );
+    }
+}
+
 fn step_config(update: UpdateMode, sampler: NegativeSampler, margin: Margin) -> LayerConfig {
     let mut cfg = LayerConfig::new(20_000, 64, 96);
     cfg.sample_rate = 0.1;

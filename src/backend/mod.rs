@@ -287,6 +287,37 @@ pub trait Backend: Send + Sync + 'static {
         scores: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// Per row of the `rows` normalized embeddings, the `k` classes of the shard with the
+    /// highest cosine (normalized centers), best first, ties to the smaller id: shard-local ids
+    /// in `top_ids`, cosines in `top_scores` (`rows × k`; (−∞, −1) where the shard holds fewer
+    /// than k classes). Computed `chunk` classes at a time in the given scratch, as
+    /// [`class_max_cosine`](Self::class_max_cosine); `k` is at most
+    /// [`TOP_K_MAX`](crate::cpu::top_k::TOP_K_MAX).
+    ///
+    /// The default runs on the host: it downloads the batch and a chunk of the shard at a time
+    /// and computes with the CPU reference, so that a backend written before this method still
+    /// predicts (slowly); the CPU and CUDA backends override it.
+    #[allow(clippy::too_many_arguments)]
+    #[allow(unused_variables)] // the default needs no device scratch
+    fn class_top_k(
+        &self,
+        weight: &Self::Buf<f32>,
+        shard_len: usize,
+        dim: usize,
+        x_hat: &Self::Buf<f32>,
+        rows: usize,
+        k: usize,
+        chunk_weights: &mut Self::Buf<f32>,
+        chunk_cosines: &mut Self::Buf<f32>,
+        top_scores: &mut Self::Buf<f32>,
+        top_ids: &mut Self::Buf<i32>,
+    ) -> Result<()> {
+        let (scores, ids) =
+            crate::cpu::top_k::class_top_k_on_host(self, weight, shard_len, dim, x_hat, rows, k)?;
+        self.upload_at(&scores, top_scores, 0)?;
+        self.upload_at(&ids, top_ids, 0)
+    }
+
     /// Packs `rows` embeddings (f32, `rows × dim`) and their labels for the wire: each row becomes
     /// `dim` 16-bit values in `wire` (f16 or bf16, round to nearest even) followed by its i64
     /// label as four 16-bit words, so one all-gather moves both. The layer packs on the host

@@ -10,6 +10,7 @@ pub mod normalize;
 pub mod optimizer;
 pub mod sampling;
 pub mod simd;
+pub mod top_k;
 pub mod wire;
 
 use crate::backend::{Backend, Elem, LogitsShape, SampleArgs, StateBuf};
@@ -282,6 +283,33 @@ impl Backend for CpuBackend {
             chunk_weights,
             chunk_cosines,
             scores,
+        )
+    }
+
+    fn class_top_k(
+        &self,
+        weight: &Vec<f32>,
+        shard_len: usize,
+        dim: usize,
+        x_hat: &Vec<f32>,
+        rows: usize,
+        k: usize,
+        chunk_weights: &mut Vec<f32>,
+        chunk_cosines: &mut Vec<f32>,
+        top_scores: &mut Vec<f32>,
+        top_ids: &mut Vec<i32>,
+    ) -> Result<()> {
+        top_k::class_top_k(
+            weight,
+            shard_len,
+            dim,
+            x_hat,
+            rows,
+            k,
+            chunk_weights,
+            chunk_cosines,
+            top_scores,
+            top_ids,
         )
     }
 

@@ -1000,6 +1000,83 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn class_top_k(
+        &self,
+        weight: &CudaSlice<f32>,
+        shard_len: usize,
+        dim: usize,
+        x_hat: &CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        chunk_weights: &mut CudaSlice<f32>,
+        chunk_cosines: &mut CudaSlice<f32>,
+        top_scores: &mut CudaSlice<f32>,
+        top_ids: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        crate::cpu::top_k::check_k(k)?;
+        need_product(weight, [shard_len, dim], "class_top_k weight")?;
+        need_product(x_hat, [rows, dim], "class_top_k x_hat")?;
+        need_product(top_scores, [rows, k], "class_top_k top_scores")?;
+        need_product(top_ids, [rows, k], "class_top_k top_ids")?;
+        i32_of(shard_len, "shard_len")?;
+        let chunk = crate::cpu::top_k::chunk_len(
+            chunk_weights.len(),
+            chunk_cosines.len(),
+            dim,
+            rows,
+            shard_len,
+        );
+        need_product(chunk_weights, [chunk, dim], "class_top_k chunk_weights")?;
+        need_product(chunk_cosines, [chunk, rows], "class_top_k chunk_cosines")?;
+        self.upload_at(&vec![f32::NEG_INFINITY; rows * k], top_scores, 0)?;
+        self.upload_at(&vec![-1i32; rows * k], top_ids, 0)?;
+        if shard_len == 0 || rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let (dim_i, k_i) = (i32_of(dim, "dim")?, i32_of(k, "k")?);
+        let mut norms = self.alloc::<f32>(chunk)?;
+        for start in (0..shard_len).step_by(chunk) {
+            let len = chunk.min(shard_len - start);
+            let (len_i, start_i) = (len as i32, start as i32);
+            let w = weight.slice(start * dim..(start + len) * dim);
+            launch!(
+                self,
+                "normalize_rows",
+                per_warp_row(len),
+                &w,
+                &len_i,
+                &dim_i,
+                &mut *chunk_weights,
+                &mut norms
+            );
+            // cosines[rows × len] = x_hat[rows × dim] · chunk_weights[len × dim]ᵀ
+            self.sgemm_rowmajor(
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                rows,
+                len,
+                dim,
+                &*chunk_weights,
+                dim,
+                x_hat,
+                dim,
+                &mut *chunk_cosines,
+            )?;
+            launch!(
+                self,
+                "top_k_merge",
+                per_row(rows),
+                &*chunk_cosines,
+                &len_i,
+                &start_i,
+                &k_i,
+                &mut *top_scores,
+                &mut *top_ids
+            );
+        }
+        Ok(())
+    }
+
     fn unpack_normalize_f32(
         &self,
         packed: &CudaSlice<f32>,

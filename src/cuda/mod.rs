@@ -73,6 +73,7 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "unpack_normalize_f32",
             "normalize_backward",
             "row_max_into",
+            "top_k_merge",
         ],
     ),
     (

@@ -1,0 +1,292 @@
+//! The classes nearest to each embedding (CPU reference of `cuda/normalize.cu`'s `top_k_merge`):
+//! prediction for extreme classification, where the classifier is the model.
+//!
+//! Order: higher cosine first, the smaller class id first among equal cosines (-0.0 equals
+//! 0.0, as on a GPU). An empty slot is (−∞, −1); every class beats it.
+
+use super::gemm::gemm_nt;
+use super::normalize::normalize_rows;
+use crate::error::{PfcError, Result};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+
+/// The largest k [`class_top_k`] (and its CUDA twin) take: the merge keeps a row's running
+/// top k in shared memory.
+pub const TOP_K_MAX: usize = 64;
+
+/// Whether (`a`, `ia`) comes before (`b`, `ib`).
+pub fn beats(a: f32, ia: i32, b: f32, ib: i32) -> bool {
+    a > b || (a == b && ia < ib)
+}
+
+fn order(a: &(f32, i32), b: &(f32, i32)) -> Ordering {
+    if beats(a.0, a.1, b.0, b.1) {
+        Ordering::Less
+    } else if beats(b.0, b.1, a.0, a.1) {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
+}
+
+/// Merges one chunk of cosines (`rows × len`, row-major; column j is class `chunk_start + j`)
+/// into each row's running top k (`top_scores`, `top_ids`: `rows × k`, best first).
+///
+/// # Errors
+///
+/// [`PfcError::Shape`] when a buffer is shorter than its shape or `k` is 0 or above
+/// [`TOP_K_MAX`]; nothing is written then.
+pub fn top_k_merge(
+    cosines: &[f32],
+    rows: usize,
+    len: usize,
+    chunk_start: i32,
+    k: usize,
+    top_scores: &mut [f32],
+    top_ids: &mut [i32],
+) -> Result<()> {
+    check_k(k)?;
+    need(cosines.len(), rows.checked_mul(len), "cosines")?;
+    need(top_scores.len(), rows.checked_mul(k), "top_scores")?;
+    need(top_ids.len(), rows.checked_mul(k), "top_ids")?;
+    if rows == 0 || len == 0 {
+        return Ok(());
+    }
+    top_scores[..rows * k]
+        .par_chunks_mut(k)
+        .zip(top_ids[..rows * k].par_chunks_mut(k))
+        .zip(cosines[..rows * len].par_chunks(len))
+        .for_each(|((scores, ids), row)| {
+            let (last, last_id) = (scores[k - 1], ids[k - 1]);
+            let mut candidates: Vec<(f32, i32)> =
+                scores.iter().copied().zip(ids.iter().copied()).collect();
+            candidates.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &c)| (c, chunk_start + j as i32))
+                    .filter(|&(c, id)| beats(c, id, last, last_id)),
+            );
+            if candidates.len() == k {
+                return;
+            }
+            candidates.sort_unstable_by(order);
+            for (slot, (c, id)) in candidates.into_iter().take(k).enumerate() {
+                scores[slot] = c;
+                ids[slot] = id;
+            }
+        });
+    Ok(())
+}
+
+/// Per row of the `rows` normalized embeddings, the `k` classes of the shard whose normalized
+/// center has the highest cosine with it (shard-local ids, −1 where the shard holds fewer than
+/// k), computed `chunk_weights.len() / dim` classes at a time so that the `rows × shard` matrix
+/// is never held.
+///
+/// # Errors
+///
+/// [`PfcError::Shape`] when a buffer is shorter than its shape (a scratch buffer must hold at
+/// least one class) or `k` is 0 or above [`TOP_K_MAX`]; nothing is written then.
+#[allow(clippy::too_many_arguments)]
+pub fn class_top_k(
+    weight: &[f32],
+    shard_len: usize,
+    dim: usize,
+    x_hat: &[f32],
+    rows: usize,
+    k: usize,
+    chunk_weights: &mut [f32],
+    chunk_cosines: &mut [f32],
+    top_scores: &mut [f32],
+    top_ids: &mut [i32],
+) -> Result<()> {
+    check_k(k)?;
+    need(weight.len(), shard_len.checked_mul(dim), "weight")?;
+    need(x_hat.len(), rows.checked_mul(dim), "x_hat")?;
+    need(top_scores.len(), rows.checked_mul(k), "top_scores")?;
+    need(top_ids.len(), rows.checked_mul(k), "top_ids")?;
+    i32::try_from(shard_len).map_err(|_| {
+        PfcError::Shape(format!(
+            "class_top_k: a shard of {shard_len} classes exceeds i32"
+        ))
+    })?;
+    let chunk = chunk_len(
+        chunk_weights.len(),
+        chunk_cosines.len(),
+        dim,
+        rows,
+        shard_len,
+    );
+    need(chunk_weights.len(), chunk.checked_mul(dim), "chunk_weights")?;
+    need(
+        chunk_cosines.len(),
+        chunk.checked_mul(rows),
+        "chunk_cosines",
+    )?;
+    top_scores[..rows * k].fill(f32::NEG_INFINITY);
+    top_ids[..rows * k].fill(-1);
+    if shard_len == 0 || rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let mut norms = vec![0.0f32; chunk];
+    for start in (0..shard_len).step_by(chunk) {
+        let len = chunk.min(shard_len - start);
+        normalize_rows(&weight[start * dim..], len, dim, chunk_weights, &mut norms);
+        // cosines[rows × len] = x_hat[rows × dim] · chunk_weights[len × dim]ᵀ
+        gemm_nt(rows, len, dim, x_hat, chunk_weights, chunk_cosines)?;
+        top_k_merge(
+            chunk_cosines,
+            rows,
+            len,
+            start as i32,
+            k,
+            top_scores,
+            top_ids,
+        )?;
+    }
+    Ok(())
+}
+
+/// [`Backend::class_top_k`](crate::Backend::class_top_k)'s default: the batch and a chunk of
+/// 4096 centers at a time downloaded from `b` and scored on the host. Returns the top scores and
+/// shard-local ids (`rows × k`).
+pub(crate) fn class_top_k_on_host<B: crate::Backend + ?Sized>(
+    b: &B,
+    weight: &B::Buf<f32>,
+    shard_len: usize,
+    dim: usize,
+    x_hat: &B::Buf<f32>,
+    rows: usize,
+    k: usize,
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    check_k(k)?;
+    let top = rows
+        .checked_mul(k)
+        .ok_or_else(|| PfcError::Shape("class_top_k: rows × k overflows usize".into()))?;
+    let (mut scores, mut ids) = (vec![f32::NEG_INFINITY; top], vec![-1i32; top]);
+    if shard_len == 0 || rows == 0 || dim == 0 {
+        return Ok((scores, ids));
+    }
+    i32::try_from(shard_len).map_err(|_| {
+        PfcError::Shape(format!(
+            "class_top_k: a shard of {shard_len} classes exceeds i32"
+        ))
+    })?;
+    let x = b.download(x_hat, rows * dim)?;
+    let chunk = 4096.min(shard_len);
+    let (mut cw, mut cc, mut norms) = (
+        vec![0f32; chunk * dim],
+        vec![0f32; chunk * rows],
+        vec![0f32; chunk],
+    );
+    for start in (0..shard_len).step_by(chunk) {
+        let len = chunk.min(shard_len - start);
+        let w = b.download_at(weight, start * dim, len * dim)?;
+        normalize_rows(&w, len, dim, &mut cw, &mut norms);
+        gemm_nt(rows, len, dim, &x, &cw, &mut cc)?;
+        top_k_merge(&cc, rows, len, start as i32, k, &mut scores, &mut ids)?;
+    }
+    Ok((scores, ids))
+}
+
+/// Classes per chunk that both scratch buffers hold (at least 1, at most the shard).
+pub fn chunk_len(weights: usize, cosines: usize, dim: usize, rows: usize, shard: usize) -> usize {
+    (weights / dim.max(1))
+        .min(cosines / rows.max(1))
+        .clamp(1, shard.max(1))
+}
+
+/// `k` between 1 and [`TOP_K_MAX`], else a [`PfcError::Shape`].
+pub(crate) fn check_k(k: usize) -> Result<()> {
+    if k == 0 || k > TOP_K_MAX {
+        return Err(PfcError::Shape(format!(
+            "top k of {k}: k must be between 1 and {TOP_K_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+fn need(len: usize, want: Option<usize>, what: &str) -> Result<()> {
+    match want {
+        Some(w) if len >= w => Ok(()),
+        Some(w) => Err(PfcError::Shape(format!(
+            "class_top_k {what}: buffer of {len} elements, {w} needed"
+        ))),
+        None => Err(PfcError::Shape(format!(
+            "class_top_k {what}: the shape overflows usize"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_chunks_gives_the_sorted_top_k_with_ties_to_the_smaller_id() {
+        // Row 0: 0.5 twice (ids 1 and 4: 1 first), -0.0 equal to 0.0 (id 2 before id 5).
+        let all = [0.1f32, 0.5, -0.0, 0.3, 0.5, 0.0, -0.2];
+        let (k, rows) = (4, 1);
+        let mut scores = vec![f32::NEG_INFINITY; k];
+        let mut ids = vec![-1; k];
+        for (start, chunk) in [(0usize, &all[..3]), (3, &all[3..5]), (5, &all[5..])] {
+            top_k_merge(
+                chunk,
+                rows,
+                chunk.len(),
+                start as i32,
+                k,
+                &mut scores,
+                &mut ids,
+            )
+            .unwrap();
+        }
+        assert_eq!(ids, vec![1, 4, 3, 0]);
+        assert_eq!(scores, vec![0.5, 0.5, 0.3, 0.1]);
+        let mut scores = vec![f32::NEG_INFINITY; 6];
+        let mut ids = vec![-1; 6];
+        top_k_merge(&all[..2], 1, 2, 0, 6, &mut scores, &mut ids).unwrap();
+        assert_eq!(
+            ids,
+            vec![1, 0, -1, -1, -1, -1],
+            "empty slots stay (-inf, -1)"
+        );
+    }
+
+    #[test]
+    fn the_host_default_equals_the_cpu_backend() {
+        let (shard, dim, rows, k) = (1000usize, 16usize, 9usize, 7usize);
+        let w = crate::init::normal_rows(3, 0, shard, dim, 1.0);
+        let x = crate::init::normal_rows(4, 0, rows, dim, 1.0);
+        let (mut xh, mut xn) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        normalize_rows(&x, rows, dim, &mut xh, &mut xn);
+        let (mut cw, mut cc) = (vec![0f32; shard * dim], vec![0f32; shard * rows]);
+        let (mut scores, mut ids) = (vec![0f32; rows * k], vec![0i32; rows * k]);
+        class_top_k(
+            &w,
+            shard,
+            dim,
+            &xh,
+            rows,
+            k,
+            &mut cw,
+            &mut cc,
+            &mut scores,
+            &mut ids,
+        )
+        .unwrap();
+        let host = class_top_k_on_host(&crate::CpuBackend, &w, shard, dim, &xh, rows, k).unwrap();
+        assert_eq!(host, (scores, ids));
+        assert!(host.1.iter().all(|&id| (0..shard as i32).contains(&id)));
+    }
+
+    #[test]
+    fn bad_k_and_short_buffers_are_errors() {
+        let mut s = vec![0.0; 4];
+        let mut i = vec![0; 4];
+        assert!(top_k_merge(&[0.0; 4], 1, 4, 0, 0, &mut s, &mut i).is_err());
+        assert!(top_k_merge(&[0.0; 4], 1, 4, 0, TOP_K_MAX + 1, &mut s, &mut i).is_err());
+        assert!(top_k_merge(&[0.0; 3], 1, 4, 0, 2, &mut s, &mut i).is_err());
+        assert!(top_k_merge(&[0.0; 8], 2, 4, 0, 4, &mut s, &mut i).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Prediction with the sharded classifier: for each embedding, the k classes whose centers are
+//! nearest (highest cosine) over every shard. In extreme classification the classifier is the
+//! model, and this is how it is evaluated (precision@k) and served; in face recognition it
+//! answers closed-set identification against the training identities.
+//!
+//! Every rank scores the gathered batch against its shard a chunk of classes at a time
+//! (`Backend::class_top_k`: GEMM, then a running top-k merge, so the `rows × shard` matrix is
+//! never held), then the ranks all-gather their k candidates per row and each merges those of
+//! its own rows.
+
+use super::{row_error, Call, PartialFc};
+use crate::backend::{Backend, Collective};
+use crate::cpu::top_k::TOP_K_MAX;
+use crate::error::{PfcError, Result};
+use rayon::prelude::*;
+
+/// Classes per scoring chunk: the scratch holds `4096 × d` normalized centers and
+/// `N·k × 4096` cosines (16 MiB at a gathered batch of 1024), allocated for the call.
+const CHUNK: usize = 4096;
+
+/// The k classes nearest to each of this rank's rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Classes per row.
+    pub k: usize,
+    /// `rows × k` global class ids, best first; ties go to the smaller id.
+    pub classes: Vec<i64>,
+    /// `rows × k` cosines between the normalized embedding and the normalized class centers
+    /// (the training's scale and margins do not apply).
+    pub scores: Vec<f32>,
+}
+
+impl Prediction {
+    /// Row `row`'s classes, best first.
+    pub fn row(&self, row: usize) -> &[i64] {
+        &self.classes[row * self.k..(row + 1) * self.k]
+    }
+}
+
+/// Whether (`a`, `ia`) comes before (`b`, `ib`): the higher cosine, then the smaller class id.
+fn first(a: (f32, i64), b: (f32, i64)) -> std::cmp::Ordering {
+    use std::cmp::Ordering::*;
+    if a.0 > b.0 || (a.0 == b.0 && a.1 < b.1) {
+        Less
+    } else if b.0 > a.0 || (a.0 == b.0 && b.1 < a.1) {
+        Greater
+    } else {
+        Equal
+    }
+}
+
+impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
+    /// For each of this rank's embeddings (`rows × dim`, rows up to `batch_per_rank`), the `k`
+    /// classes of the whole classifier (every rank's shard) whose centers have the highest
+    /// cosine with it. Every rank calls it together, each with its own rows (as
+    /// `forward_backward`); the checks and the refusal of bad input are the same (a rank's bad
+    /// row stops every rank), `k` must be the same on every rank, between 1 and
+    /// min([`TOP_K_MAX`], num_classes). Weights, momentum, the step counter and a pending
+    /// gradient are left as they are.
+    ///
+    /// ```
+    /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
+    /// let mut layer = PartialFc::new(LayerConfig::new(1000, 16, 4), CpuBackend, SingleRank).unwrap();
+    /// // An embedding equal to class 42's center is nearest to class 42.
+    /// let w = layer.weight().unwrap();
+    /// let top = layer.predict_top_k(&w[42 * 16..43 * 16], 3).unwrap();
+    /// assert_eq!(top.row(0)[0], 42);
+    /// assert!((top.scores[0] - 1.0).abs() < 1e-5);
+    /// ```
+    pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
+        let d = self.config.dim;
+        let rows = embeddings.len() / d.max(1);
+        let own = self
+            .check_complete()
+            .err()
+            .or_else(|| self.check_prediction_input(embeddings, rows, k));
+        let real_rows = self.agree_on_input(own, rows, Call::Predict { k })?;
+        if real_rows == 0 {
+            return Ok(Prediction {
+                k,
+                classes: Vec::new(),
+                scores: Vec::new(),
+            });
+        }
+        self.gather_rows(embeddings, &vec![0; rows])?;
+
+        let n = self.config.batch_per_rank;
+        let world = self.comm.world_size();
+        let m = n * world;
+        let shard_len = self.shard.len as usize;
+        let b = &self.backend;
+        let chunk = CHUNK.min(shard_len).max(1);
+        let mut chunk_weights = b.alloc::<f32>(chunk * d)?;
+        let mut chunk_cosines = b.alloc::<f32>(chunk * m)?;
+        let mut top_scores = b.alloc::<f32>(m * k)?;
+        let mut top_ids = b.alloc::<i32>(m * k)?;
+        b.class_top_k(
+            &self.bufs.weight,
+            shard_len,
+            d,
+            &self.bufs.x_hat,
+            m,
+            k,
+            &mut chunk_weights,
+            &mut chunk_cosines,
+            &mut top_scores,
+            &mut top_ids,
+        )?;
+        drop((chunk_weights, chunk_cosines));
+        let start = self.shard.start as i64;
+        let ids: Vec<i64> = b
+            .download(&top_ids, m * k)?
+            .into_iter()
+            .map(|id| if id < 0 { -1 } else { start + i64::from(id) })
+            .collect();
+        let mut send_ids = b.alloc::<i64>(m * k)?;
+        b.upload(&ids, &mut send_ids)?;
+        let mut all_scores = b.alloc::<f32>(world * m * k)?;
+        let mut all_ids = b.alloc::<i64>(world * m * k)?;
+        self.comm
+            .all_gather(b, &top_scores, m * k, &mut all_scores)?;
+        self.comm.all_gather(b, &send_ids, m * k, &mut all_ids)?;
+        let all_scores = b.download(&all_scores, world * m * k)?;
+        let all_ids = b.download(&all_ids, world * m * k)?;
+
+        // This rank's rows are gathered rows rank·N ..; each takes the best k of every rank's k.
+        let first_row = self.comm.rank() * n;
+        let mut classes = vec![-1i64; rows * k];
+        let mut scores = vec![f32::NEG_INFINITY; rows * k];
+        classes
+            .par_chunks_mut(k)
+            .zip(scores.par_chunks_mut(k))
+            .enumerate()
+            .for_each(|(i, (classes, scores))| {
+                let row = first_row + i;
+                let mut candidates: Vec<(f32, i64)> = (0..world)
+                    .flat_map(|q| {
+                        let at = (q * m + row) * k;
+                        (at..at + k).map(|j| (all_scores[j], all_ids[j]))
+                    })
+                    .filter(|&(_, id)| id >= 0)
+                    .collect();
+                candidates.sort_unstable_by(|&a, &b| first(a, b));
+                for (slot, (s, c)) in candidates.into_iter().take(k).enumerate() {
+                    scores[slot] = s;
+                    classes[slot] = c;
+                }
+            });
+        Ok(Prediction { k, classes, scores })
+    }
+
+    /// This rank's reason to refuse a prediction, if any (before any rank does anything).
+    fn check_prediction_input(
+        &self,
+        embeddings: &[f32],
+        rows: usize,
+        k: usize,
+    ) -> Option<PfcError> {
+        let d = self.config.dim;
+        let limit = self.config.num_classes.min(TOP_K_MAX as u64) as usize;
+        if k == 0 || k > limit {
+            return Some(PfcError::param(
+                "k",
+                k,
+                format!("must be between 1 and {limit} (the classes, at most {TOP_K_MAX})"),
+            ));
+        }
+        if embeddings.len() != rows * d {
+            return Some(PfcError::Shape(format!(
+                "embeddings hold {} values, not a multiple of dim {d}",
+                embeddings.len()
+            )));
+        }
+        if rows > self.config.batch_per_rank {
+            return Some(PfcError::Shape(format!(
+                "{rows} rows; this layer takes at most {} per rank",
+                self.config.batch_per_rank
+            )));
+        }
+        let wire = self.config.wire;
+        embeddings
+            .par_chunks(d.max(1))
+            .enumerate()
+            .find_map_first(|(row, x)| row_error(row, x, wire))
+    }
+}

@@ -1,0 +1,251 @@
+//! `predict_top_k`: the k nearest classes over every shard equal a brute-force search of the
+//! whole classifier, for any world size and ragged batches; bad input is refused on every rank
+//! together; a prediction leaves training as it was.
+
+use partial_fc::collective::{SingleRank, ThreadGroup};
+use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, PfcError, Prediction, Shard};
+
+const CLASSES: u64 = 1003;
+const DIM: usize = 24;
+const BATCH: usize = 30;
+
+fn config(world: usize, classes: u64) -> LayerConfig {
+    LayerConfig::new(classes, DIM, BATCH.div_ceil(world))
+}
+
+/// Embeddings: random rows, and every fifth row a class center plus a little noise (so that
+/// class is first by a wide margin).
+fn embeddings(weight: &[f32], rows: usize) -> Vec<f32> {
+    let mut x = partial_fc::init::normal_rows(77, 0, rows, DIM, 1.0);
+    for r in (0..rows).step_by(5) {
+        let class = (r * 131 + 7) % (weight.len() / DIM);
+        for j in 0..DIM {
+            x[r * DIM + j] = weight[class * DIM + j] * 100.0 + 0.001 * x[r * DIM + j];
+        }
+    }
+    x
+}
+
+fn normalized(v: &[f32]) -> Vec<f64> {
+    let n = v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    v.iter().map(|&a| f64::from(a) / n).collect()
+}
+
+/// Every class's cosine with every row, in f64.
+fn cosines(weight: &[f32], x: &[f32]) -> Vec<Vec<f64>> {
+    let w: Vec<Vec<f64>> = weight.chunks(DIM).map(normalized).collect();
+    x.chunks(DIM)
+        .map(|row| {
+            let r = normalized(row);
+            w.iter()
+                .map(|c| c.iter().zip(&r).map(|(a, b)| a * b).sum())
+                .collect()
+        })
+        .collect()
+}
+
+/// The prediction is the brute-force top k: scores within 1e-5, ids equal except where two
+/// classes' true cosines are within 1e-5 (the f32 GEMM may order those either way); equal
+/// scores in id order.
+fn assert_is_top_k(p: &Prediction, cos: &[Vec<f64>], k: usize) {
+    assert_eq!(p.classes.len(), cos.len() * k);
+    for (row, c) in cos.iter().enumerate() {
+        let mut order: Vec<usize> = (0..c.len()).collect();
+        order.sort_by(|&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
+        for j in 0..k.min(c.len()) {
+            let (got, want) = (p.classes[row * k + j], order[j] as i64);
+            let score = p.scores[row * k + j];
+            assert!(
+                (f64::from(score) - c[order[j]]).abs() < 1e-5,
+                "row {row} slot {j}: score {score} vs {}",
+                c[order[j]]
+            );
+            assert!(
+                got == want || (c[got as usize] - c[order[j]]).abs() < 1e-5,
+                "row {row} slot {j}: class {got} vs {want}"
+            );
+            if j > 0 && score == p.scores[row * k + j - 1] {
+                assert!(
+                    got > p.classes[row * k + j - 1],
+                    "row {row}: tie out of id order"
+                );
+            }
+        }
+        for j in c.len()..k {
+            assert_eq!(
+                (p.classes[row * k + j], p.scores[row * k + j]),
+                (-1, f32::NEG_INFINITY)
+            );
+        }
+    }
+}
+
+/// Each rank's prediction for its part of the batch (rows of `rows_of(rank)`), concatenated.
+fn predict(world: usize, classes: u64, x: &[f32], k: usize, rows: &[usize]) -> Prediction {
+    let parts = ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let first: usize = rows[..rank].iter().sum();
+        let mine = &x[first * DIM..(first + rows[rank]) * DIM];
+        let mut layer = PartialFc::new(config(world, classes), CpuBackend, comm).unwrap();
+        layer.predict_top_k(mine, k).unwrap()
+    });
+    Prediction {
+        k,
+        classes: parts.iter().flat_map(|p| p.classes.clone()).collect(),
+        scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
+    }
+}
+
+fn whole_weight(classes: u64) -> Vec<f32> {
+    PartialFc::new(config(1, classes), CpuBackend, SingleRank)
+        .unwrap()
+        .weight()
+        .unwrap()
+}
+
+#[test]
+fn the_top_k_over_every_shard_is_the_brute_force_top_k() {
+    let weight = whole_weight(CLASSES);
+    let x = embeddings(&weight, BATCH);
+    let cos = cosines(&weight, &x);
+    for k in [1, 5, 10] {
+        let even = |world: usize| -> Vec<usize> {
+            (0..world)
+                .map(|r| Shard::of(BATCH as u64, world, r).len as usize)
+                .collect()
+        };
+        for world in [1, 2, 3] {
+            let p = predict(world, CLASSES, &x, k, &even(world));
+            assert_is_top_k(&p, &cos, k);
+        }
+        // Ragged: rank 1 passes no rows, rank 0 and 2 fewer than N.
+        let p = predict(3, CLASSES, &x[..20 * DIM], k, &[10, 0, 10]);
+        assert_is_top_k(&p, &cos[..20], k);
+    }
+    // Rows built from a center find it first, at cosine ~1.
+    let p = predict(2, CLASSES, &x, 3, &[15, 15]);
+    for r in (0..BATCH).step_by(5) {
+        assert_eq!(p.row(r)[0], ((r * 131 + 7) % CLASSES as usize) as i64);
+        assert!(p.scores[r * 3] > 0.999);
+    }
+}
+
+#[test]
+fn k_beyond_a_shard_takes_classes_from_the_others() {
+    // 10 classes over 3 ranks hold 4, 3 and 3: k = 7 and k = 10 need every shard.
+    let weight = whole_weight(10);
+    let x = embeddings(&weight, BATCH);
+    let cos = cosines(&weight, &x);
+    for k in [7, 10] {
+        let p = predict(3, 10, &x, k, &[10, 10, 10]);
+        assert_is_top_k(&p, &cos, k);
+        for r in 0..BATCH {
+            let mut all = p.row(r).to_vec();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all.len(), k, "row {r}: distinct classes");
+        }
+    }
+}
+
+#[test]
+fn equal_centers_come_in_class_order() {
+    let mut layer = PartialFc::new(config(1, 50), CpuBackend, SingleRank).unwrap();
+    let mut w = layer.weight().unwrap();
+    // Classes 3, 20 and 41 share a center, 41 twice as long (the cosine is the same).
+    let center: Vec<f32> = w[3 * DIM..4 * DIM].to_vec();
+    w[20 * DIM..21 * DIM].copy_from_slice(&center);
+    for (j, c) in center.iter().enumerate() {
+        w[41 * DIM + j] = 2.0 * c;
+    }
+    layer.set_weight(&w).unwrap();
+    let p = layer.predict_top_k(&center, 4).unwrap();
+    assert_eq!(&p.classes[..3], &[3, 20, 41]);
+    assert_eq!(p.scores[0], p.scores[1]);
+}
+
+fn refusal(e: PfcError) -> String {
+    e.to_string()
+}
+
+#[test]
+fn bad_input_is_refused_on_every_rank_together() {
+    let weight = whole_weight(CLASSES);
+    let x = embeddings(&weight, BATCH);
+    let mut one = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
+    for k in [0, 65] {
+        let e = refusal(one.predict_top_k(&x[..2 * DIM], k).unwrap_err());
+        assert!(e.contains("between 1 and 64"), "{e}");
+    }
+    let too_many = [x.clone(), x[..DIM].to_vec()].concat();
+    let e = refusal(one.predict_top_k(&too_many, 3).unwrap_err());
+    assert!(e.contains("at most 30 per rank"), "{e}");
+    let e = refusal(one.predict_top_k(&x[..DIM + 1], 3).unwrap_err());
+    assert!(e.contains("not a multiple of dim 24"), "{e}");
+    let mut small = PartialFc::new(config(1, 5), CpuBackend, SingleRank).unwrap();
+    let e = refusal(small.predict_top_k(&x[..DIM], 6).unwrap_err());
+    assert!(e.contains("between 1 and 5"), "{e}");
+
+    // A NaN on rank 1, a k that differs, a call that differs: every rank refuses, none hangs.
+    type Case = fn(usize, &[f32]) -> (Vec<f32>, usize, bool);
+    let cases: [(Case, [&str; 2]); 3] = [
+        (
+            |rank, x| {
+                let mut mine = x[..4 * DIM].to_vec();
+                if rank == 1 {
+                    mine[DIM + 3] = f32::NAN;
+                }
+                (mine, 5, true)
+            },
+            ["rank 1 rejected its input", "row 1"],
+        ),
+        (
+            |rank, x| (x[..4 * DIM].to_vec(), 5 + rank, true),
+            ["predict_top_k's k", "predict_top_k's k"],
+        ),
+        (
+            |rank, x| (x[..4 * DIM].to_vec(), 5, rank == 0),
+            [
+                "rank 1 called forward_backward while rank 0 called predict_top_k",
+                "rank 0 called predict_top_k while rank 1 called forward_backward",
+            ],
+        ),
+    ];
+    for (case, whys) in cases {
+        let errors = ThreadGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let (mine, k, predict) = case(rank, &x);
+            let mut layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+            let e = if predict {
+                layer.predict_top_k(&mine, k).unwrap_err()
+            } else {
+                let labels = vec![1i64; mine.len() / DIM];
+                layer.forward_backward(&mine, &labels).unwrap_err()
+            };
+            // The group still works: a good prediction on both ranks.
+            layer.predict_top_k(&x[..2 * DIM], 2).unwrap();
+            refusal(e)
+        });
+        for (e, why) in errors.iter().zip(whys) {
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
+
+#[test]
+fn a_prediction_between_a_pass_and_its_step_changes_nothing() {
+    let weight = whole_weight(CLASSES);
+    let x = embeddings(&weight, BATCH);
+    let labels: Vec<i64> = (0..BATCH as i64).map(|i| i * 31 % CLASSES as i64).collect();
+    let run = |predict: bool| {
+        let mut layer = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
+        let out = layer.forward_backward(&x, &labels).unwrap();
+        if predict {
+            layer.predict_top_k(&x[..7 * DIM], 4).unwrap();
+        }
+        layer.step(0.5).unwrap();
+        let next = layer.forward_backward(&x, &labels).unwrap();
+        (out, next, layer.weight().unwrap(), layer.steps())
+    };
+    assert_eq!(run(true), run(false));
+}
