@@ -335,6 +335,12 @@ fn summary(cfg: &TrainConfig, r: &TrainReport) {
     println!("  {}", metrics_row("raw input", &r.raw_input));
     println!("  {}", metrics_row("untrained", &r.before));
     println!("  {}", metrics_row("trained", &r.after));
+    println!(
+        "  classifier (predict_top_k) on an unseen view of {} training identities: top-1 {}, top-5 {}",
+        cfg.identities.min(2_000),
+        pct(r.classifier_top1).trim(),
+        pct(r.classifier_top5).trim()
+    );
 }
 
 fn run(args: Args) -> Result<(), PfcError> {
@@ -402,23 +408,25 @@ fn run(args: Args) -> Result<(), PfcError> {
     if reports.len() > 1 {
         println!();
         println!(
-            "| r | final loss | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | ms/step | Partial FC ms/step |"
+            "| r | final loss | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | classifier top-1 / top-5 | ms/step | Partial FC ms/step |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         println!(
-            "| untrained | – | {} | {} | {} | – | – |",
+            "| untrained | – | {} | {} | {} | – | – | – |",
             pct(reports[0].before.tar_far_1e3).trim(),
             pct(reports[0].before.tar_far_1e4).trim(),
             pct(reports[0].before.top1).trim()
         );
         for r in &reports {
             println!(
-                "| {} | {:.3} | {} | {} | {} | {:.1} | {:.1} |",
+                "| {} | {:.3} | {} | {} | {} | {} / {} | {:.1} | {:.1} |",
                 r.sample_rate,
                 r.loss_drop(20).1,
                 pct(r.after.tar_far_1e3).trim(),
                 pct(r.after.tar_far_1e4).trim(),
                 pct(r.after.top1).trim(),
+                pct(r.classifier_top1).trim(),
+                pct(r.classifier_top5).trim(),
                 r.step_time().as_secs_f64() * 1e3,
                 r.layer_time.as_secs_f64() * 1e3 / r.losses.len() as f64
             );

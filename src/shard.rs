@@ -33,6 +33,32 @@ impl Shard {
         Shard { start, len }
     }
 
+    /// The rank whose shard holds `class` when `num_classes` classes are split over
+    /// `world_size` ranks (the inverse of [`Shard::of`]); `None` for a class out of range.
+    ///
+    /// ```
+    /// use partial_fc::Shard;
+    /// assert_eq!(Shard::rank_of(10, 3, 3), Some(0)); // ranks hold 0..4, 4..7, 7..10
+    /// assert_eq!(Shard::rank_of(10, 3, 4), Some(1));
+    /// assert_eq!(Shard::rank_of(10, 3, 9), Some(2));
+    /// assert_eq!(Shard::rank_of(10, 3, 10), None);
+    /// ```
+    pub fn rank_of(num_classes: u64, world_size: usize, class: u64) -> Option<usize> {
+        if class >= num_classes {
+            return None;
+        }
+        let k = world_size.max(1) as u64;
+        let (base, extra) = (num_classes / k, num_classes % k);
+        // The first `extra` ranks hold base + 1 classes, the others base.
+        let wide = extra * (base + 1);
+        let rank = if class < wide {
+            class / (base + 1)
+        } else {
+            extra + (class - wide) / base
+        };
+        Some(rank as usize)
+    }
+
     /// One past the last global class id of the shard.
     pub fn end(&self) -> u64 {
         self.start + self.len
@@ -47,6 +73,21 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_of_inverts_of() {
+        for c in [1u64, 7, 10, 1001] {
+            for k in 1..9usize {
+                for r in 0..k {
+                    let s = Shard::of(c, k, r);
+                    for class in s.start..s.end() {
+                        assert_eq!(Shard::rank_of(c, k, class), Some(r), "{c} {k} {class}");
+                    }
+                }
+                assert_eq!(Shard::rank_of(c, k, c), None);
+            }
+        }
+    }
 
     #[test]
     fn shards_tile_the_classes() {

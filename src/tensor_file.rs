@@ -33,6 +33,36 @@ pub struct TensorFile {
     path: PathBuf,
     metadata: HashMap<String, String>,
     tensors: HashMap<String, Entry>,
+    /// The file as opened: each read checks it is still the same file (the offsets above are
+    /// that file's).
+    identity: Identity,
+}
+
+/// What tells one version of a file from another: its length and modification time, and on
+/// Unix its device and inode (an atomic save, which renames a new file over the old one,
+/// changes the inode even within the same second).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    node: (u64, u64),
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        #[cfg(unix)]
+        let node = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let node = (0, 0);
+        Identity {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            node,
+        }
+    }
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> PfcError {
@@ -75,7 +105,9 @@ impl TensorFile {
         let bad =
             |reason: String| format_err(path, format!("not a valid safetensors file ({reason})"));
         let mut file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let meta = file.metadata().map_err(io_err(path))?;
+        let identity = Identity::of(&meta);
+        let len = meta.len();
         let mut n = [0u8; 8];
         file.read_exact(&mut n)
             .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
@@ -160,6 +192,7 @@ impl TensorFile {
             path: path.to_path_buf(),
             metadata,
             tensors,
+            identity,
         })
     }
 
@@ -217,6 +250,14 @@ impl TensorFile {
         })?;
         values.resize(len, T::default());
         let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
+        let now = Identity::of(&file.metadata().map_err(io_err(&self.path))?);
+        if now != self.identity {
+            return Err(format_err(
+                &self.path,
+                "the file changed since it was opened (replaced or rewritten): its header no \
+                 longer describes it; read it again",
+            ));
+        }
         file.seek(SeekFrom::Start(entry.start + size * offset as u64))
             .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
             .map_err(io_err(&self.path))?;
@@ -239,6 +280,11 @@ impl TensorFile {
         let len = ((entry.end - entry.start) / std::mem::size_of::<T>() as u64) as usize;
         let values = self.read_values(name, want, (0, len), from_le)?;
         Ok(Some((values, entry.shape.clone())))
+    }
+
+    /// The dtype of tensor `name` as safetensors writes it (`F32`, `BF16`...), `None` if absent.
+    pub fn dtype(&self, name: &str) -> Option<&str> {
+        self.tensors.get(name).map(|e| e.dtype.as_str())
     }
 
     /// The shape of tensor `name`, `None` if absent.

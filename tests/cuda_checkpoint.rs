@@ -1,6 +1,7 @@
 //! Checkpoints through the CUDA backend: a run saved by 3 CPU ranks loads into a CUDA layer
 //! (`load_resharded`: block uploads at offsets, the bf16 momentum's rounding on the device) and
-//! saves back (block downloads) exactly as a CPU layer does, byte for byte.
+//! saves back (block downloads) exactly as a CPU layer does, byte for byte. The shard (70,001 ×
+//! 257 values) spans two 64 MiB blocks, the second starting inside a row.
 #![cfg(feature = "cuda")]
 
 mod cuda_device;
@@ -9,8 +10,8 @@ use cuda_device::gpu;
 use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, StateDtype};
 
-const CLASSES: u64 = 517;
-const DIM: usize = 20;
+const CLASSES: u64 = 70_001;
+const DIM: usize = 257;
 
 fn config(state: StateDtype) -> LayerConfig {
     let mut cfg = LayerConfig::new(CLASSES, DIM, 8);
@@ -27,7 +28,9 @@ fn a_cuda_layer_loads_and_saves_checkpoints_as_the_cpu_does() {
         let rank = comm.rank();
         let mut layer = PartialFc::new(config(StateDtype::F32), CpuBackend, comm).unwrap();
         let x = partial_fc::init::normal_rows(5, rank as u64 * 8, 8, DIM, 1.0);
-        let labels: Vec<i64> = (0..8).map(|i| (i * 61 + rank as i64 * 7) % 517).collect();
+        let labels: Vec<i64> = (0..8)
+            .map(|i| (i * 6007 + rank as i64 * 7) % 70_001)
+            .collect();
         layer.forward_backward(&x, &labels).unwrap();
         layer.step(0.5).unwrap();
         let path = root.join(format!("rank{rank}.safetensors"));

@@ -190,7 +190,8 @@ fn files_that_do_not_make_one_run_are_refused_naming_why() {
     // A missing rank: fine to open, refused where its classes are needed.
     let partial = vec![a3[0].clone(), a3[2].clone()];
     let set = CheckpointSet::open(&partial).unwrap();
-    assert_eq!(set.missing_ranks(), vec![1]);
+    assert_eq!(set.missing_ranks().collect::<Vec<_>>(), vec![1]);
+    assert!(!set.is_complete());
     let out = dir.path().join("out");
     let e = refusal(reshard(&partial, 2, &out, &|_| {}).unwrap_err());
     assert!(e.contains("no file is given for rank 1"), "{e}");
@@ -329,4 +330,154 @@ fn pfc_reshard_merges_a_run_and_refuses_an_incomplete_one() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no file is given for rank 2"), "{stderr}");
+}
+
+#[test]
+fn runs_with_another_seed_at_the_same_step_do_not_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    train(3, &[], 1, Some(&a));
+    ThreadGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let mut cfg = config(3);
+        cfg.seed += 1;
+        let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+        layer.set_steps(1);
+        layer
+            .save(&b.join(format!("rank{rank}.safetensors")))
+            .unwrap();
+    });
+    let mixed = vec![
+        files(&a, 3)[0].clone(),
+        files(&b, 3)[1].clone(),
+        files(&a, 3)[2].clone(),
+    ];
+    let e = refusal(CheckpointSet::open(&mixed).err().unwrap());
+    assert!(
+        e.contains("not of the same run") && e.contains("seed"),
+        "{e}"
+    );
+}
+
+/// A checkpoint file with the given metadata and an f32 `weight` of `rows × dim`.
+fn crafted(path: &Path, meta: &[(&str, String)], rows: usize, dim: usize) {
+    use partial_fc::tensor_file::{write_atomic, OutTensor};
+    let values = vec![0.5f32; rows * dim];
+    let meta = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    write_atomic(
+        path,
+        &[OutTensor::F32("weight", vec![rows, dim], &values)],
+        meta,
+    )
+    .unwrap();
+}
+
+#[test]
+fn crafted_metadata_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let base = |classes: u64, world: u64, dim: usize| {
+        vec![
+            ("format", partial_fc::checkpoint::FORMAT.to_string()),
+            ("num_classes", classes.to_string()),
+            ("world_size", world.to_string()),
+            ("rank", "0".to_string()),
+            ("shard_start", "0".to_string()),
+            ("shard_len", "1".to_string()),
+            ("dim", dim.to_string()),
+            ("step", "0".to_string()),
+        ]
+    };
+    // More ranks than classes (a world size of 2^40 would make any walk over ranks hang).
+    crafted(&path, &base(1 << 26, 1 << 40, 4), 1, 4);
+    let e = refusal(CheckpointSet::open(&[&path]).err().unwrap());
+    assert!(
+        e.contains("world size 1099511627776 over 67108864 classes"),
+        "{e}"
+    );
+    // d = 0.
+    crafted(&path, &base(1 << 26, 1 << 26, 0), 1, 0);
+    let e = refusal(CheckpointSet::open(&[&path]).err().unwrap());
+    assert!(e.contains("dim is 0"), "{e}");
+    // One class per rank of 2^26 ranks: fine to open, and the missing ranks come lazily.
+    crafted(&path, &base(1 << 26, 1 << 26, 4), 1, 4);
+    let set = CheckpointSet::open(&[&path]).unwrap();
+    assert_eq!(
+        set.missing_ranks().take(3).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let e = refusal(reshard(&[&path], 1, &dir.path().join("out"), &|_| {}).unwrap_err());
+    assert!(
+        e.contains("no file is given for ranks 1, 2, 3, 4, 5, 6, 7, 8, ..."),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_file_replaced_while_it_is_read_is_an_error_not_a_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    train(3, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 3);
+    // After the first block (rank 0 of the new run), a save replaces the old rank 2's file.
+    let replaced = std::cell::Cell::new(false);
+    let tmp = dir.path().join("tmp");
+    let e = reshard(&paths, 3, &dir.path().join("out"), &|_| {
+        if !replaced.replace(true) {
+            std::fs::copy(&paths[2], &tmp).unwrap();
+            std::fs::rename(&tmp, &paths[2]).unwrap();
+        }
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("changed since it was opened"), "{e}");
+}
+
+/// Tensors of more than one 64 MiB block (2^24 values), with d = 257 so that a block ends
+/// inside a row and inside an old file: a merge and a load read at non-zero offsets.
+#[test]
+fn shards_larger_than_a_block_move_exactly() {
+    const BIG: u64 = 70_001;
+    const D: usize = 257;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let cfg = || LayerConfig::new(BIG, D, 4);
+    let saved = ThreadGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(cfg(), CpuBackend, comm).unwrap();
+        // A momentum that differs from the weights, so that a tensor mix-up shows.
+        let w = layer.weight().unwrap();
+        let m: Vec<f32> = w.iter().map(|v| -2.0 * v).collect();
+        layer.set_momentum(&m).unwrap();
+        let path = root.join(format!("rank{rank}.safetensors"));
+        layer.save(&path).unwrap();
+        (path, w, m)
+    });
+    let paths: Vec<PathBuf> = saved.iter().map(|s| s.0.clone()).collect();
+    assert!(
+        BIG as usize * D > 1 << 24,
+        "the merged tensor spans two blocks"
+    );
+    let merged = reshard(&paths, 1, &root.join("one"), &|_| {}).unwrap();
+    let mut one = PartialFc::zeroed(cfg(), CpuBackend, SingleRank).unwrap();
+    one.load(&merged[0]).unwrap();
+    let whole_w: Vec<f32> = saved.iter().flat_map(|s| s.1.clone()).collect();
+    let whole_m: Vec<f32> = saved.iter().flat_map(|s| s.2.clone()).collect();
+    assert!(one.weight().unwrap() == whole_w, "merged weight");
+    assert!(
+        one.momentum().unwrap().unwrap() == whole_m,
+        "merged momentum"
+    );
+    drop(one);
+    let again = reshard(&merged, 3, &root.join("three"), &|_| {}).unwrap();
+    for (a, b) in again.iter().zip(&paths) {
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{}",
+            a.display()
+        );
+    }
 }

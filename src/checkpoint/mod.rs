@@ -59,6 +59,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.shard(),
             self.config().dim,
             self.steps(),
+            Some(self.config().seed),
         )
     }
 

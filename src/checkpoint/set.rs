@@ -5,8 +5,8 @@
 //!
 //! A run's files hold consecutive class ranges ([`Shard::of`]); a rank of the new world size
 //! needs the rows of its own range, which lie in one or a few of the old files. Rows go
-//! through the host a block (64 MiB) at a time, so resharding a classifier of tens of
-//! gigabytes needs no host copy of it.
+//! through the host a block (64 MiB) at a time (two blocks' worth of host memory at most), so
+//! resharding a classifier of tens of gigabytes needs no host copy of it.
 
 use super::FORMAT;
 use crate::error::{PfcError, Result};
@@ -23,8 +23,10 @@ struct Part {
 }
 
 /// The checkpoint files of one run (one file per rank, as [`PartialFc::save`] writes them),
-/// checked to agree with each other: same classes, dimension, world size and step, each file's
-/// rows the shard its rank holds, no rank twice.
+/// checked to agree with each other: same classes, dimension, world size, step and sampler seed,
+/// each file's rows the shard its rank holds, no rank twice. Two runs with the same
+/// configuration, seed and step cannot be told apart by their files. Each read checks that the
+/// file is still the one opened (a save that replaced it meanwhile is an error, not a mix).
 ///
 /// ```
 /// use partial_fc::checkpoint::CheckpointSet;
@@ -39,7 +41,7 @@ struct Part {
 /// let paths: Vec<_> = (0..3).map(|r| dir.path().join(format!("rank{r}.safetensors"))).collect();
 /// let set = CheckpointSet::open(&paths).unwrap();
 /// assert_eq!((set.num_classes(), set.dim(), set.world_size()), (100, 8, 3));
-/// assert!(set.missing_ranks().is_empty());
+/// assert!(set.is_complete());
 /// ```
 ///
 /// [`PartialFc::save`]: crate::PartialFc::save
@@ -51,6 +53,9 @@ pub struct CheckpointSet {
     world_size: usize,
     step: u64,
     momentum: bool,
+    /// The run's sampler seed (`LayerConfig::seed`), absent from files written before it was
+    /// recorded.
+    seed: Option<u64>,
 }
 
 fn refuse(path: &Path, reason: impl Into<String>) -> PfcError {
@@ -101,11 +106,15 @@ impl CheckpointSet {
             };
             let dim: usize = required(&file, "dim")?;
             let step: u64 = required(&file, "step")?;
-            if world_size == 0 || rank >= world_size {
+            let seed: Option<u64> = file.meta("seed")?;
+            if world_size == 0 || rank >= world_size || world_size as u64 > num_classes {
                 return Err(refuse(
                     path,
-                    format!("rank {rank} of world size {world_size}"),
+                    format!("rank {rank} of world size {world_size} over {num_classes} classes"),
                 ));
+            }
+            if dim == 0 {
+                return Err(refuse(path, "dim is 0"));
             }
             if shard != Shard::of(num_classes, world_size, rank) {
                 return Err(refuse(
@@ -120,6 +129,14 @@ impl CheckpointSet {
                 ));
             }
             let rows = [shard.len as usize, dim];
+            for name in ["weight", "momentum"] {
+                match file.dtype(name) {
+                    Some("F32") | None => {}
+                    Some(other) => {
+                        return Err(refuse(path, format!("{name} is {other}, F32 expected")))
+                    }
+                }
+            }
             match file.shape("weight") {
                 Some(s) if s == rows => {}
                 Some(s) => {
@@ -149,16 +166,26 @@ impl CheckpointSet {
                         world_size,
                         step,
                         momentum,
+                        seed,
                     })
                 }
                 Some(s) => {
-                    let ours = (num_classes, dim, world_size, step, momentum);
-                    let theirs = (s.num_classes, s.dim, s.world_size, s.step, s.momentum);
+                    let ours = (num_classes, dim, world_size, step, momentum, seed);
+                    let theirs = (
+                        s.num_classes,
+                        s.dim,
+                        s.world_size,
+                        s.step,
+                        s.momentum,
+                        s.seed,
+                    );
                     if ours != theirs {
-                        let describe = |(c, d, k, step, m): (u64, usize, usize, u64, bool)| {
+                        type Run = (u64, usize, usize, u64, bool, Option<u64>);
+                        let describe = |(c, d, k, step, m, seed): Run| {
                             format!(
-                                "{c} classes, d = {d}, world size {k}, step {step}, {}",
-                                if m { "with momentum" } else { "no momentum" }
+                                "{c} classes, d = {d}, world size {k}, step {step}, {}, seed {}",
+                                if m { "with momentum" } else { "no momentum" },
+                                seed.map_or("not recorded".into(), |s| s.to_string())
                             )
                         };
                         return Err(refuse(
@@ -215,11 +242,24 @@ impl CheckpointSet {
         self.momentum
     }
 
-    /// The ranks of the writing run that no given file holds.
-    pub fn missing_ranks(&self) -> Vec<usize> {
-        (0..self.world_size)
-            .filter(|r| !self.parts.iter().any(|p| p.rank == *r))
-            .collect()
+    /// The ranks of the writing run that no given file holds, in order (lazily: a crafted
+    /// world size may be huge).
+    pub fn missing_ranks(&self) -> impl Iterator<Item = usize> + '_ {
+        self.parts
+            .iter()
+            .map(|p| p.rank)
+            .chain(std::iter::once(self.world_size))
+            .scan(0usize, |next, rank| {
+                let gap = *next..rank;
+                *next = rank + 1;
+                Some(gap)
+            })
+            .flatten()
+    }
+
+    /// Whether every rank of the writing run has its file in the set.
+    pub fn is_complete(&self) -> bool {
+        self.parts.len() == self.world_size
     }
 
     /// Checks that the files hold every class of `range`, naming the first class none holds.
@@ -231,9 +271,7 @@ impl CheckpointSet {
             }
         }
         if next < range.end() {
-            let rank = (0..self.world_size)
-                .find(|&r| Shard::of(self.num_classes, self.world_size, r).contains(next as i64))
-                .unwrap_or(0);
+            let rank = Shard::rank_of(self.num_classes, self.world_size, next).unwrap_or(0);
             return Err(refuse(
                 self.parts[0].file.path(),
                 format!(
@@ -339,6 +377,7 @@ impl CheckpointSet {
             shard,
             self.dim,
             self.step,
+            self.seed,
         );
         write_atomic(path, &tensors, meta)
     }
@@ -346,7 +385,9 @@ impl CheckpointSet {
     /// Values a whole rewrite for any world size reads: weights and momentum of every class.
     pub fn total_values(&self) -> u64 {
         let tensors = 1 + u64::from(self.momentum);
-        tensors * self.num_classes * self.dim as u64
+        tensors
+            .saturating_mul(self.num_classes)
+            .saturating_mul(self.dim as u64)
     }
 
     fn check_world_size(&self, world_size: usize) -> Result<()> {
@@ -374,6 +415,7 @@ impl CheckpointSet {
 /// The metadata a checkpoint of `shard` carries (what [`PartialFc::load`] checks).
 ///
 /// [`PartialFc::load`]: crate::PartialFc::load
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn metadata(
     num_classes: u64,
     world_size: usize,
@@ -381,8 +423,9 @@ pub(crate) fn metadata(
     shard: Shard,
     dim: usize,
     step: u64,
+    seed: Option<u64>,
 ) -> HashMap<String, String> {
-    [
+    let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("num_classes", num_classes.to_string()),
         ("world_size", world_size.to_string()),
@@ -394,7 +437,11 @@ pub(crate) fn metadata(
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    .collect();
+    if let Some(seed) = seed {
+        meta.insert("seed".into(), seed.to_string());
+    }
+    meta
 }
 
 /// The file name [`reshard`] gives rank `rank` of `world_size`.
@@ -434,17 +481,17 @@ pub fn reshard<P: AsRef<Path>>(
 ) -> Result<Vec<PathBuf>> {
     let set = CheckpointSet::open(paths)?;
     set.check_world_size(world_size)?;
-    let missing = set.missing_ranks();
-    if !missing.is_empty() {
-        let shown: Vec<String> = missing.iter().take(8).map(|r| r.to_string()).collect();
+    if !set.is_complete() {
+        let missing = set.world_size - set.parts.len();
+        let shown: Vec<String> = set.missing_ranks().take(8).map(|r| r.to_string()).collect();
         return Err(refuse(
             paths[0].as_ref(),
             format!(
                 "the run had {} ranks; no file is given for rank{} {}{}",
                 set.world_size,
-                if missing.len() > 1 { "s" } else { "" },
+                if missing > 1 { "s" } else { "" },
                 shown.join(", "),
-                if missing.len() > 8 { ", ..." } else { "" }
+                if missing > 8 { ", ..." } else { "" }
             ),
         ));
     }

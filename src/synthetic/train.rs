@@ -250,6 +250,11 @@ pub struct TrainReport {
     pub before: EvalMetrics,
     /// Held-out metrics after training.
     pub after: EvalMetrics,
+    /// The trained classifier's closed-set identification ([`PartialFc::predict_top_k`]) of an
+    /// unseen view of up to 2,000 training identities: top-1 and top-5 accuracy.
+    pub classifier_top1: f64,
+    /// See `classifier_top1`.
+    pub classifier_top5: f64,
     /// Classes sampled per step, summed over ranks (last step).
     pub sampled_classes: usize,
     /// Wall time of the training steps.
@@ -420,17 +425,81 @@ fn train_layers<B: Backend, C: Collective<B>>(
     }
     let train_time = start.elapsed();
     let after = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
+    let (classifier_top1, classifier_top5) = classifier_accuracy(cfg, &gen, &mlp, &mut layers)?;
     Ok(TrainReport {
         sample_rate: cfg.sample_rate,
         losses,
         raw_input,
         before,
         after,
+        classifier_top1,
+        classifier_top5,
         sampled_classes,
         train_time,
         backbone_time,
         layer_time,
     })
+}
+
+/// Top-1 and top-5 accuracy of the sharded classifier on a view no training step saw (view
+/// `samples_per_identity`) of up to 2,000 training identities, spread over all of them.
+fn classifier_accuracy<B: Backend, C: Collective<B>>(
+    cfg: &TrainConfig,
+    gen: &SyntheticIdentities,
+    mlp: &Mlp,
+    layers: &mut [PartialFc<B, C>],
+) -> Result<(f64, f64)> {
+    let probes = cfg.identities.min(2_000);
+    let stride = cfg.identities / probes;
+    let ids: Vec<SampleId> = (0..probes)
+        .map(|i| SampleId {
+            identity: i * stride,
+            view: cfg.samples_per_identity,
+        })
+        .collect();
+    let x = gen.generate(&ids)?;
+    let embeddings = mlp.forward(&x, ids.len())?.output;
+    let (n, e, k) = (cfg.batch_per_rank, cfg.embedding_dim, 5);
+    let (mut top1, mut top5) = (0usize, 0usize);
+    for (batch, rows) in ids.chunks(cfg.global_batch()).enumerate() {
+        let first = batch * cfg.global_batch();
+        let x = &embeddings[first * e..(first + rows.len()) * e];
+        let classes = rank_predict(layers, x, n, e, k)?;
+        for (row, id) in rows.iter().enumerate() {
+            let top = &classes[row * k..(row + 1) * k];
+            top1 += usize::from(top[0] == id.identity as i64);
+            top5 += usize::from(top.contains(&(id.identity as i64)));
+        }
+    }
+    Ok((top1 as f64 / probes as f64, top5 as f64 / probes as f64))
+}
+
+/// Every rank's `predict_top_k` on its own thread, rank r taking rows r·n .. (r+1)·n of
+/// `embeddings` (fewer, or none, at the end); the classes of every row, in row order.
+fn rank_predict<B: Backend, C: Collective<B>>(
+    layers: &mut [PartialFc<B, C>],
+    embeddings: &[f32],
+    n: usize,
+    e: usize,
+    k: usize,
+) -> Result<Vec<i64>> {
+    let rows = embeddings.len() / e;
+    let results: Vec<Result<Vec<i64>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = layers
+            .iter_mut()
+            .enumerate()
+            .map(|(r, layer)| {
+                let (a, b) = ((r * n).min(rows), ((r + 1) * n).min(rows));
+                let x = &embeddings[a * e..b * e];
+                scope.spawn(move || Ok(layer.predict_top_k(x, k)?.classes))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    Ok(results.into_iter().collect::<Result<Vec<_>>>()?.concat())
 }
 
 /// Every rank's forward/backward and optimizer step on its own thread; outputs in rank order.
