@@ -15,8 +15,13 @@ use crate::error::{PfcError, Result};
 use rayon::prelude::*;
 
 /// Classes per scoring chunk: the scratch holds `4096 × d` normalized centers and
-/// `N·k × 4096` cosines (16 MiB at a gathered batch of 1024), allocated for the call.
+/// `N·k × 4096` cosines (16 MiB at a gathered batch of 1024), allocated for the call; fewer
+/// classes a chunk when the gathered batch is larger, so that the cosines stay within
+/// [`COSINES_MAX`] values.
 const CHUNK: usize = 4096;
+
+/// Most cosines a chunk holds: 64 MiB of f32.
+const COSINES_MAX: usize = 1 << 24;
 
 /// The k classes nearest to each of this rank's rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +94,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let m = n * world;
         let shard_len = self.shard.len as usize;
         let b = &self.backend;
-        let chunk = CHUNK.min(shard_len).max(1);
+        let chunk = CHUNK.min(COSINES_MAX / m.max(1)).min(shard_len).max(1);
         let mut chunk_weights = b.alloc::<f32>(chunk * d)?;
         let mut chunk_cosines = b.alloc::<f32>(chunk * m)?;
         let mut top_scores = b.alloc::<f32>(m * k)?;
