@@ -75,3 +75,32 @@ fn the_alignment_probe_is_read_per_precision_and_kernel() {
     assert!(line_with(&table, "gemm_nt16 (Bf16)").contains("| 4.00× (dense ÷ padded) |"));
     assert!(!table.contains("alignment probe,") && !table.ends_with("alignment probe"));
 }
+
+#[test]
+fn without_the_torch_lines_our_numbers_still_print_and_short_names_keep_their_times() {
+    let run5 = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/device/2026-11-27-h200-run5.txt");
+    let without_torch: String = std::fs::read_to_string(run5)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("torch "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // Two short criterion names print their time on their own line.
+    let short = "sampling_1M/sample_classes   time:   [64.000 µs 64.600 µs 65.000 µs]\n\
+                 sampling_1M/keys_read_write  time:   [12.000 µs 12.300 µs 12.500 µs]\n";
+    let log = std::env::temp_dir().join(format!("pfc-notorch-{}.txt", std::process::id()));
+    std::fs::write(&log, format!("{without_torch}{short}")).unwrap();
+    let table = summarize(&log);
+    std::fs::remove_file(&log).unwrap();
+    let Some(table) = table else { return };
+    assert!(line_with(&table, "cuda_bf16_sparse")
+        .contains("5.79 ms | torch bf16_autocast: not in the log"));
+    assert!(line_with(&table, "peak memory").contains("4932.1 MiB"));
+    assert!(line_with(&table, "peak memory").contains("torch: not in the log"));
+    assert!(line_with(&table, "not in the log:").contains("torch baseline bf16_autocast"));
+    // 64.6 / 12.3 from the one-line names (the last reading of each name wins).
+    assert!(
+        line_with(&table, "sampling 1M").contains("| 5.25× |"),
+        "{table}"
+    );
+}
