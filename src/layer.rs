@@ -321,13 +321,16 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
         "{} {} {} {:?} {:?}",
         c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
     );
-    if let Call::Predict { k } = call {
-        shared.push_str(&format!(" top {k}"));
-    }
     let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32
+    let folded = ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32;
+    match call {
+        // k sizes the prediction's all-gathers: compared exactly (its low 6 bits, k - 1 for k in
+        // 1..=64), not hashed, so two k can never collide; 15 bits of hash remain.
+        Call::Predict { k } => (folded & !0x3f) | ((k.wrapping_sub(1) & 0x3f) as u32),
+        _ => folded,
+    }
 }
 
 /// Which call a pass is. Each pairs its own sequence of collectives, so ranks must all make the

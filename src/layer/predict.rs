@@ -15,7 +15,7 @@ use crate::error::{PfcError, Result};
 use rayon::prelude::*;
 
 /// Classes per scoring chunk: the scratch holds `4096 × d` normalized centers and
-/// `N·k × 4096` cosines (16 MiB at a gathered batch of 1024), allocated for the call; fewer
+/// `N·world × 4096` cosines (16 MiB at a gathered batch of 1024), allocated for the call; fewer
 /// classes a chunk when the gathered batch is larger, so that the cosines stay within
 /// [`COSINES_MAX`] values.
 const CHUNK: usize = 4096;
