@@ -317,7 +317,7 @@ fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
 /// builds: no random keys. The sample rate may differ between ranks (each sizes its own shard's
 /// sample).
 fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
-    let mut shared = format!(
+    let shared = format!(
         "{} {} {} {:?} {:?}",
         c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
     );
