@@ -3,24 +3,14 @@
 //! ranks" GPU mode uses), and both equal one rank.
 
 use partial_fc::collective::{HostStaged, SingleRank, ThreadGroup};
-use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc};
+use partial_fc::{Collective, CpuBackend, PartialFc};
 
-const CLASSES: u64 = 1003;
-const DIM: usize = 24;
-const BATCH: usize = 30;
+mod common;
 
-fn config(world: usize) -> LayerConfig {
-    let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH.div_ceil(world));
-    cfg.sample_rate = 1.0;
-    cfg
-}
+use common::full_softmax::{batch, config, BATCH, DIM};
 
 fn data() -> (Vec<f32>, Vec<i64>) {
-    let x = partial_fc::init::normal_rows(11, 0, BATCH, DIM, 1.0);
-    let labels = (0..BATCH as i64)
-        .map(|i| (i * 97 + 5) % CLASSES as i64)
-        .collect();
-    (x, labels)
+    batch(11, 0)
 }
 
 /// Loss, concatenated embedding gradient and concatenated weights after one SGD step.

@@ -251,8 +251,8 @@ impl Backend for Emulated16 {
     fn upload_at<T: Elem>(&self, host: &[T], dst: &mut Vec<T>, offset: usize) -> Result<()> {
         self.cpu.upload_at(host, dst, offset)
     }
-    fn download<T: Elem>(&self, src: &Vec<T>, len: usize) -> Result<Vec<T>> {
-        self.cpu.download(src, len)
+    fn download_at<T: Elem>(&self, src: &Vec<T>, offset: usize, len: usize) -> Result<Vec<T>> {
+        self.cpu.download_at(src, offset, len)
     }
     fn copy<T: Elem>(&self, src: &Vec<T>, dst: &mut Vec<T>, len: usize) -> Result<()> {
         self.cpu.copy(src, dst, len)

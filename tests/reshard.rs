@@ -7,24 +7,12 @@ use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, PfcError, Shard};
 use std::path::{Path, PathBuf};
 
-const CLASSES: u64 = 1003;
-const DIM: usize = 24;
-const BATCH: usize = 30;
+mod common;
 
-/// Full softmax (r = 1), so that the step's arithmetic is the same for every world size: with
-/// r < 1 each shard samples its own fraction, and the sample depends on the split.
-fn config(world: usize) -> LayerConfig {
-    let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH.div_ceil(world));
-    cfg.sample_rate = 1.0;
-    cfg
-}
+use common::full_softmax::{config, BATCH, CLASSES, DIM};
 
 fn batch(step: u64) -> (Vec<f32>, Vec<i64>) {
-    let x = partial_fc::init::normal_rows(100 + step, 0, BATCH, DIM, 1.0);
-    let labels = (0..BATCH as i64)
-        .map(|i| (i * 97 + 5 + 31 * step as i64) % CLASSES as i64)
-        .collect();
-    (x, labels)
+    common::full_softmax::batch(100 + step, step)
 }
 
 /// Trains `steps` steps from `from` (checkpoint files of any world size; none: a fresh layer),

@@ -181,21 +181,15 @@ pub trait Backend: Send + Sync + 'static {
     fn upload<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>) -> Result<()> {
         self.upload_at(host, dst, 0)
     }
+    /// Copies elements `offset .. offset + len` of `src` to the host. Required, with
+    /// [`download`](Self::download) defined by it, so that streaming a shard through the host in
+    /// blocks (checkpoints, host-side prediction) reads each block once: a range built from a
+    /// prefix download would read the shard's start again for every block.
+    fn download_at<T: Elem>(&self, src: &Self::Buf<T>, offset: usize, len: usize)
+        -> Result<Vec<T>>;
     /// Copies the first `len` elements of `src` to the host.
-    fn download<T: Elem>(&self, src: &Self::Buf<T>, len: usize) -> Result<Vec<T>>;
-    /// Copies elements `offset .. offset + len` of `src` to the host (a checkpoint streams a
-    /// shard through the host in blocks this way, instead of a copy of all of it). The default
-    /// downloads the prefix and keeps its tail; the CPU and CUDA backends copy only the range.
-    fn download_at<T: Elem>(
-        &self,
-        src: &Self::Buf<T>,
-        offset: usize,
-        len: usize,
-    ) -> Result<Vec<T>> {
-        let end = offset.checked_add(len).ok_or_else(|| {
-            crate::error::PfcError::Shape(format!("download of {len} at offset {offset}"))
-        })?;
-        Ok(self.download(src, end)?.split_off(offset))
+    fn download<T: Elem>(&self, src: &Self::Buf<T>, len: usize) -> Result<Vec<T>> {
+        self.download_at(src, 0, len)
     }
     /// Copies the first `len` elements of `src` into `dst`.
     fn copy<T: Elem>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>, len: usize) -> Result<()>;
@@ -295,10 +289,11 @@ pub trait Backend: Send + Sync + 'static {
     /// [`TOP_K_MAX`](crate::cpu::top_k::TOP_K_MAX).
     ///
     /// The default runs on the host: it downloads the batch and a chunk of the shard at a time
-    /// and computes with the CPU reference, so that a backend written before this method still
-    /// predicts (slowly); the CPU and CUDA backends override it.
+    /// (as many classes as the scratch holds, at most
+    /// [`HOST_CHUNK_MAX`](crate::cpu::top_k::HOST_CHUNK_MAX)) and computes with the CPU
+    /// reference, so that a backend written before this method still predicts (slowly); the
+    /// CPU and CUDA backends override it.
     #[allow(clippy::too_many_arguments)]
-    #[allow(unused_variables)] // the default needs no device scratch
     fn class_top_k(
         &self,
         weight: &Self::Buf<f32>,
@@ -312,8 +307,10 @@ pub trait Backend: Send + Sync + 'static {
         top_scores: &mut Self::Buf<f32>,
         top_ids: &mut Self::Buf<i32>,
     ) -> Result<()> {
-        let (scores, ids) =
-            crate::cpu::top_k::class_top_k_on_host(self, weight, shard_len, dim, x_hat, rows, k)?;
+        let scratch = (self.len(chunk_weights), self.len(chunk_cosines));
+        let (scores, ids) = crate::cpu::top_k::class_top_k_on_host(
+            self, weight, shard_len, dim, x_hat, rows, k, scratch,
+        )?;
         self.upload_at(&scores, top_scores, 0)?;
         self.upload_at(&ids, top_ids, 0)
     }

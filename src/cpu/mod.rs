@@ -175,11 +175,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn download<T: Elem>(&self, src: &Vec<T>, len: usize) -> Result<Vec<T>> {
-        need(src, len, "download")?;
-        Ok(src[..len].to_vec())
-    }
-
     fn download_at<T: Elem>(&self, src: &Vec<T>, offset: usize, len: usize) -> Result<Vec<T>> {
         need(src, offset.saturating_add(len), "download_at")?;
         Ok(src[offset..offset + len].to_vec())

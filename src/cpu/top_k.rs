@@ -34,8 +34,8 @@ fn order(a: &(f32, i32), b: &(f32, i32)) -> Ordering {
 ///
 /// # Errors
 ///
-/// [`PfcError::Shape`] when a buffer is shorter than its shape or `k` is 0 or above
-/// [`TOP_K_MAX`]; nothing is written then.
+/// [`PfcError::Shape`] when a buffer is shorter than its shape, `k` is 0 or above
+/// [`TOP_K_MAX`], or a class id of the chunk is negative or beyond i32; nothing is written then.
 pub fn top_k_merge(
     cosines: &[f32],
     rows: usize,
@@ -49,6 +49,12 @@ pub fn top_k_merge(
     need(cosines.len(), rows.checked_mul(len), "cosines")?;
     need(top_scores.len(), rows.checked_mul(k), "top_scores")?;
     need(top_ids.len(), rows.checked_mul(k), "top_ids")?;
+    if chunk_start < 0 || i32::try_from(len).map_or(true, |l| chunk_start.checked_add(l).is_none())
+    {
+        return Err(PfcError::Shape(format!(
+            "top_k_merge: classes {chunk_start} .. {chunk_start} + {len} are not all i32 ids"
+        )));
+    }
     if rows == 0 || len == 0 {
         return Ok(());
     }
@@ -128,18 +134,12 @@ pub fn class_top_k(
     if shard_len == 0 || rows == 0 || dim == 0 {
         return Ok(());
     }
-    let mut norms = vec![0.0f32; chunk];
+    let mut scorer = ChunkScorer::new(x_hat, rows, dim, k, chunk_weights, chunk_cosines);
     for start in (0..shard_len).step_by(chunk) {
         let len = chunk.min(shard_len - start);
-        normalize_rows(&weight[start * dim..], len, dim, chunk_weights, &mut norms);
-        // cosines[rows × len] = x_hat[rows × dim] · chunk_weights[len × dim]ᵀ
-        gemm_nt(rows, len, dim, x_hat, chunk_weights, chunk_cosines)?;
-        top_k_merge(
-            chunk_cosines,
-            rows,
-            len,
-            start as i32,
-            k,
+        scorer.merge(
+            &weight[start * dim..(start + len) * dim],
+            start,
             top_scores,
             top_ids,
         )?;
@@ -147,9 +147,11 @@ pub fn class_top_k(
     Ok(())
 }
 
-/// [`Backend::class_top_k`](crate::Backend::class_top_k)'s default: the batch and a chunk of
-/// 4096 centers at a time downloaded from `b` and scored on the host. Returns the top scores and
-/// shard-local ids (`rows × k`).
+/// [`Backend::class_top_k`](crate::Backend::class_top_k)'s default: the batch, then a chunk
+/// of the shard at a time (as many classes as the caller's device scratch holds, capped at
+/// [`HOST_CHUNK_MAX`]) downloaded from `b` and scored on the host with the CPU reference.
+/// Returns the top scores and shard-local ids (`rows × k`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn class_top_k_on_host<B: crate::Backend + ?Sized>(
     b: &B,
     weight: &B::Buf<f32>,
@@ -158,6 +160,7 @@ pub(crate) fn class_top_k_on_host<B: crate::Backend + ?Sized>(
     x_hat: &B::Buf<f32>,
     rows: usize,
     k: usize,
+    scratch: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<i32>)> {
     check_k(k)?;
     let top = rows
@@ -172,21 +175,78 @@ pub(crate) fn class_top_k_on_host<B: crate::Backend + ?Sized>(
             "class_top_k: a shard of {shard_len} classes exceeds i32"
         ))
     })?;
+    let chunk = chunk_len(scratch.0, scratch.1, dim, rows, shard_len).min(HOST_CHUNK_MAX);
     let x = b.download(x_hat, rows * dim)?;
-    let chunk = 4096.min(shard_len);
-    let (mut cw, mut cc, mut norms) = (
-        vec![0f32; chunk * dim],
-        vec![0f32; chunk * rows],
-        vec![0f32; chunk],
-    );
+    let (mut cw, mut cc) = (vec![0f32; chunk * dim], vec![0f32; chunk * rows]);
+    let mut scorer = ChunkScorer::new(&x, rows, dim, k, &mut cw, &mut cc);
     for start in (0..shard_len).step_by(chunk) {
         let len = chunk.min(shard_len - start);
         let w = b.download_at(weight, start * dim, len * dim)?;
-        normalize_rows(&w, len, dim, &mut cw, &mut norms);
-        gemm_nt(rows, len, dim, &x, &cw, &mut cc)?;
-        top_k_merge(&cc, rows, len, start as i32, k, &mut scores, &mut ids)?;
+        scorer.merge(&w, start, &mut scores, &mut ids)?;
     }
     Ok((scores, ids))
+}
+
+/// Most classes a chunk of the host default holds (its host scratch is `chunk × (dim + rows)`
+/// values, on top of the device scratch the caller allocated).
+pub const HOST_CHUNK_MAX: usize = 4096;
+
+/// One chunk's work, shared by [`class_top_k`] and the host default: normalize the chunk's
+/// centers, score them against the batch (GEMM), merge the scores into the running top k.
+struct ChunkScorer<'a> {
+    x_hat: &'a [f32],
+    rows: usize,
+    dim: usize,
+    k: usize,
+    weights: &'a mut [f32],
+    cosines: &'a mut [f32],
+    norms: Vec<f32>,
+}
+
+impl<'a> ChunkScorer<'a> {
+    fn new(
+        x_hat: &'a [f32],
+        rows: usize,
+        dim: usize,
+        k: usize,
+        weights: &'a mut [f32],
+        cosines: &'a mut [f32],
+    ) -> Self {
+        ChunkScorer {
+            x_hat,
+            rows,
+            dim,
+            k,
+            weights,
+            cosines,
+            norms: Vec::new(),
+        }
+    }
+
+    /// Merges the classes `start ..` whose raw centers are `chunk` (`len × dim`).
+    fn merge(
+        &mut self,
+        chunk: &[f32],
+        start: usize,
+        top_scores: &mut [f32],
+        top_ids: &mut [i32],
+    ) -> Result<()> {
+        let (rows, dim) = (self.rows, self.dim);
+        let len = chunk.len() / dim;
+        self.norms.resize(len, 0.0);
+        normalize_rows(chunk, len, dim, self.weights, &mut self.norms);
+        // cosines[rows × len] = x_hat[rows × dim] · weights[len × dim]ᵀ
+        gemm_nt(rows, len, dim, self.x_hat, self.weights, self.cosines)?;
+        top_k_merge(
+            self.cosines,
+            rows,
+            len,
+            start as i32,
+            self.k,
+            top_scores,
+            top_ids,
+        )
+    }
 }
 
 /// Classes per chunk that both scratch buffers hold (at least 1, at most the shard).
@@ -275,7 +335,18 @@ mod tests {
             &mut ids,
         )
         .unwrap();
-        let host = class_top_k_on_host(&crate::CpuBackend, &w, shard, dim, &xh, rows, k).unwrap();
+        // A scratch of 100 classes: ten chunks on the host.
+        let host = class_top_k_on_host(
+            &crate::CpuBackend,
+            &w,
+            shard,
+            dim,
+            &xh,
+            rows,
+            k,
+            (100 * dim, 100 * rows),
+        )
+        .unwrap();
         assert_eq!(host, (scores, ids));
         assert!(host.1.iter().all(|&id| (0..shard as i32).contains(&id)));
     }
@@ -288,5 +359,9 @@ mod tests {
         assert!(top_k_merge(&[0.0; 4], 1, 4, 0, TOP_K_MAX + 1, &mut s, &mut i).is_err());
         assert!(top_k_merge(&[0.0; 3], 1, 4, 0, 2, &mut s, &mut i).is_err());
         assert!(top_k_merge(&[0.0; 8], 2, 4, 0, 4, &mut s, &mut i).is_err());
+        // Class ids past i32 (or negative) are refused, not wrapped.
+        assert!(top_k_merge(&[0.0; 4], 1, 4, i32::MAX - 2, 2, &mut s, &mut i).is_err());
+        assert!(top_k_merge(&[0.0; 4], 1, 4, -1, 2, &mut s, &mut i).is_err());
+        assert!(top_k_merge(&[0.0; 4], 1, 4, i32::MAX - 4, 2, &mut s, &mut i).is_ok());
     }
 }

@@ -240,6 +240,15 @@ fn single_block(threads: u32) -> LaunchConfig {
 }
 
 /// Launches a kernel: `launch!(self, "name", cfg, arg, arg, ...)`, each arg a reference.
+/// How a chunk's cosines are laid out (see `CudaBackend::score_class_chunk`).
+#[derive(Clone, Copy)]
+enum CosineLayout {
+    /// `len × rows`: a class's cosines with every row are contiguous.
+    ClassesByRows,
+    /// `rows × len`: a row's cosines with every class are contiguous.
+    RowsByClasses,
+}
+
 macro_rules! launch {
     ($self:expr, $name:literal, $cfg:expr $(, $arg:expr)* $(,)?) => {{
         let f = $self.func($name)?;
@@ -252,6 +261,67 @@ macro_rules! launch {
 }
 
 impl CudaBackend {
+    /// The shared first half of `class_max_cosine` and `class_top_k`: normalizes the classes
+    /// `classes` of `weight` into `chunk_weights` (their norms into `norms`), then scores them
+    /// against the `rows` normalized embeddings `x_hat` into `cosines`, in the layout the
+    /// caller's reduction reads (a class's cosines contiguous for a per-class max, a row's for a
+    /// per-row top k). The caller checked every size.
+    #[allow(clippy::too_many_arguments)]
+    fn score_class_chunk(
+        &self,
+        weight: &CudaSlice<f32>,
+        classes: std::ops::Range<usize>,
+        dim: usize,
+        x_hat: &CudaSlice<f32>,
+        rows: usize,
+        chunk_weights: &mut CudaSlice<f32>,
+        norms: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        cosines: &mut CudaSlice<f32>,
+        layout: CosineLayout,
+    ) -> Result<()> {
+        let len = classes.len();
+        let (len_i, dim_i) = (i32_of(len, "chunk")?, i32_of(dim, "dim")?);
+        let w = weight.slice(classes.start * dim..classes.end * dim);
+        launch!(
+            self,
+            "normalize_rows",
+            per_warp_row(len),
+            &w,
+            &len_i,
+            &dim_i,
+            &mut *chunk_weights,
+            &mut *norms
+        );
+        match layout {
+            // cosines[len × rows] = chunk_weights[len × dim] · x_hatᵀ
+            CosineLayout::ClassesByRows => self.sgemm_rowmajor(
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                len,
+                rows,
+                dim,
+                x_hat,
+                dim,
+                &*chunk_weights,
+                dim,
+                cosines,
+            ),
+            // cosines[rows × len] = x_hat[rows × dim] · chunk_weights[len × dim]ᵀ
+            CosineLayout::RowsByClasses => self.sgemm_rowmajor(
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                rows,
+                len,
+                dim,
+                &*chunk_weights,
+                dim,
+                x_hat,
+                dim,
+                cosines,
+            ),
+        }
+    }
+
     /// Row-major `c[m×n] = op(a) · op(b)` through column-major cuBLAS: a row-major matrix is its
     /// transpose in column-major, so cuBLAS computes `cᵀ = op(b)ᵀ · op(a)ᵀ` with the operands
     /// swapped. `(tb, ta)` are the cuBLAS ops of the swapped operands, `ldb`/`lda` their leading
@@ -791,10 +861,6 @@ impl Backend for CudaBackend {
             .map_err(dev("upload"))
     }
 
-    fn download<T: Elem>(&self, src: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
-        self.download_at(src, 0, len)
-    }
-
     fn download_at<T: Elem>(
         &self,
         src: &CudaSlice<T>,
@@ -955,36 +1021,23 @@ impl Backend for CudaBackend {
             [chunk.min(shard_len), rows],
             "class_max_cosine chunk_cosines",
         )?;
-        let (dim_i, rows_i) = (i32_of(dim, "dim")?, i32_of(rows, "rows")?);
+        let rows_i = i32_of(rows, "rows")?;
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let len_i = len as i32;
-            let w = weight.slice(start * dim..(start + len) * dim);
             // The chunk's norms are not needed: they go to this chunk's slots of `scores`, which
             // row_max_into overwrites below (same stream), so no scratch is allocated per call.
             let mut out = scores.slice_mut(start..start + len);
-            launch!(
-                self,
-                "normalize_rows",
-                per_warp_row(len),
-                &w,
-                &len_i,
-                &dim_i,
-                &mut *chunk_weights,
-                &mut out
-            );
-            // cosines[len × rows] = chunk_weights[len × dim] · x_hatᵀ
-            self.sgemm_rowmajor(
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                len,
-                rows,
+            self.score_class_chunk(
+                weight,
+                start..start + len,
                 dim,
                 x_hat,
-                dim,
-                &*chunk_weights,
-                dim,
-                &mut *chunk_cosines,
+                rows,
+                chunk_weights,
+                &mut out,
+                chunk_cosines,
+                CosineLayout::ClassesByRows,
             )?;
             launch!(
                 self,
@@ -1033,34 +1086,21 @@ impl Backend for CudaBackend {
         if shard_len == 0 || rows == 0 || dim == 0 {
             return Ok(());
         }
-        let (dim_i, k_i) = (i32_of(dim, "dim")?, i32_of(k, "k")?);
+        let k_i = i32_of(k, "k")?;
         let mut norms = self.alloc::<f32>(chunk)?;
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let (len_i, start_i) = (len as i32, start as i32);
-            let w = weight.slice(start * dim..(start + len) * dim);
-            launch!(
-                self,
-                "normalize_rows",
-                per_warp_row(len),
-                &w,
-                &len_i,
-                &dim_i,
-                &mut *chunk_weights,
-                &mut norms
-            );
-            // cosines[rows × len] = x_hat[rows × dim] · chunk_weights[len × dim]ᵀ
-            self.sgemm_rowmajor(
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                rows,
-                len,
-                dim,
-                &*chunk_weights,
+            self.score_class_chunk(
+                weight,
+                start..start + len,
                 dim,
                 x_hat,
-                dim,
-                &mut *chunk_cosines,
+                rows,
+                chunk_weights,
+                &mut norms.slice_mut(0..len),
+                chunk_cosines,
+                CosineLayout::RowsByClasses,
             )?;
             launch!(
                 self,

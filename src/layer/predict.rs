@@ -23,6 +23,17 @@ const CHUNK: usize = 4096;
 /// Most cosines a chunk holds: 64 MiB of f32.
 const COSINES_MAX: usize = 1 << 24;
 
+/// A prediction's device buffers: the scoring chunk, this rank's candidates, every rank's.
+struct Scratch<B: Backend> {
+    chunk_weights: B::Buf<f32>,
+    chunk_cosines: B::Buf<f32>,
+    top_scores: B::Buf<f32>,
+    top_ids: B::Buf<i32>,
+    send_ids: B::Buf<i64>,
+    all_scores: B::Buf<f32>,
+    all_ids: B::Buf<i64>,
+}
+
 /// The k classes nearest to each of this rank's rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
@@ -79,7 +90,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .check_complete()
             .err()
             .or_else(|| self.check_prediction_input(embeddings, rows, k));
+        // The scratch is allocated before the agreement, so that a rank without the memory for
+        // it refuses with the others instead of leaving them waiting in a collective.
+        let (scratch, own) = match own {
+            Some(e) => (None, Some(e)),
+            None => match self.alloc_prediction_scratch(k) {
+                Ok(s) => (Some(s), None),
+                Err(e) => (None, Some(e)),
+            },
+        };
         let real_rows = self.agree_on_input(own, rows, Call::Predict { k })?;
+        let Some(mut s) = scratch else {
+            // Unreachable: agree_on_input returns an error whenever a rank (this one included)
+            // refused; kept as an error rather than a panic.
+            return Err(PfcError::Collective(
+                "predict_top_k: the agreement passed without scratch".into(),
+            ));
+        };
         if real_rows == 0 {
             return Ok(Prediction {
                 k,
@@ -94,11 +121,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let m = n * world;
         let shard_len = self.shard.len as usize;
         let b = &self.backend;
-        let chunk = CHUNK.min(COSINES_MAX / m.max(1)).min(shard_len).max(1);
-        let mut chunk_weights = b.alloc::<f32>(chunk * d)?;
-        let mut chunk_cosines = b.alloc::<f32>(chunk * m)?;
-        let mut top_scores = b.alloc::<f32>(m * k)?;
-        let mut top_ids = b.alloc::<i32>(m * k)?;
         b.class_top_k(
             &self.bufs.weight,
             shard_len,
@@ -106,27 +128,24 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             &self.bufs.x_hat,
             m,
             k,
-            &mut chunk_weights,
-            &mut chunk_cosines,
-            &mut top_scores,
-            &mut top_ids,
+            &mut s.chunk_weights,
+            &mut s.chunk_cosines,
+            &mut s.top_scores,
+            &mut s.top_ids,
         )?;
-        drop((chunk_weights, chunk_cosines));
         let start = self.shard.start as i64;
         let ids: Vec<i64> = b
-            .download(&top_ids, m * k)?
+            .download(&s.top_ids, m * k)?
             .into_iter()
             .map(|id| if id < 0 { -1 } else { start + i64::from(id) })
             .collect();
-        let mut send_ids = b.alloc::<i64>(m * k)?;
-        b.upload(&ids, &mut send_ids)?;
-        let mut all_scores = b.alloc::<f32>(world * m * k)?;
-        let mut all_ids = b.alloc::<i64>(world * m * k)?;
+        b.upload(&ids, &mut s.send_ids)?;
         self.comm
-            .all_gather(b, &top_scores, m * k, &mut all_scores)?;
-        self.comm.all_gather(b, &send_ids, m * k, &mut all_ids)?;
-        let all_scores = b.download(&all_scores, world * m * k)?;
-        let all_ids = b.download(&all_ids, world * m * k)?;
+            .all_gather(b, &s.top_scores, m * k, &mut s.all_scores)?;
+        self.comm
+            .all_gather(b, &s.send_ids, m * k, &mut s.all_ids)?;
+        let all_scores = b.download(&s.all_scores, world * m * k)?;
+        let all_ids = b.download(&s.all_ids, world * m * k)?;
 
         // This rank's rows are gathered rows rank·N ..; each takes the best k of every rank's k.
         let first_row = self.comm.rank() * n;
@@ -152,6 +171,27 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 }
             });
         Ok(Prediction { k, classes, scores })
+    }
+
+    /// Every device buffer a prediction of `k` classes per row needs (called after
+    /// `check_prediction_input` accepted `k`).
+    fn alloc_prediction_scratch(&self, k: usize) -> Result<Scratch<B>> {
+        let (d, world) = (self.config.dim, self.comm.world_size());
+        let m = self.config.batch_per_rank * world;
+        let chunk = CHUNK
+            .min(COSINES_MAX / m.max(1))
+            .min(self.shard.len as usize)
+            .max(1);
+        let b = &self.backend;
+        Ok(Scratch {
+            chunk_weights: b.alloc(chunk * d)?,
+            chunk_cosines: b.alloc(chunk * m)?,
+            top_scores: b.alloc(m * k)?,
+            top_ids: b.alloc(m * k)?,
+            send_ids: b.alloc(m * k)?,
+            all_scores: b.alloc(world * m * k)?,
+            all_ids: b.alloc(world * m * k)?,
+        })
     }
 
     /// This rank's reason to refuse a prediction, if any (before any rank does anything).

@@ -7,6 +7,8 @@
 //! softmax cross-entropy averaged over the batch.
 #![allow(dead_code)]
 
+pub mod full_softmax;
+
 use partial_fc::{GradMode, Margin, TargetFallback};
 
 /// SplitMix64: enough randomness for test inputs, fully determined by its seed.
