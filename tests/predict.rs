@@ -2,6 +2,7 @@
 //! whole classifier, for any world size and ragged batches; bad input is refused on every rank
 //! together; a prediction leaves training as it was.
 
+use partial_fc::checkpoint::CheckpointSet;
 use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, PfcError, Prediction, Shard};
 
@@ -248,4 +249,151 @@ fn a_prediction_between_a_pass_and_its_step_changes_nothing() {
         (out, next, layer.weight().unwrap(), layer.steps())
     };
     assert_eq!(run(true), run(false));
+}
+
+#[test]
+fn prediction_from_checkpoint_files_equals_the_layers() {
+    // A 3-rank layer, trained a few steps (so the centers are not the initial ones), saves its
+    // files and predicts; the files then predict the same on the host.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let x = embeddings(&whole_weight(CLASSES), BATCH);
+    let k = 7;
+    let parts = ThreadGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let rows = Shard::of(BATCH as u64, 3, rank);
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        let mut layer = PartialFc::new(config(3, CLASSES), CpuBackend, comm).unwrap();
+        for step in 0..3i64 {
+            let labels: Vec<i64> = (r0 as i64..r1 as i64)
+                .map(|i| (i * 37 + step * 11) % CLASSES as i64)
+                .collect();
+            layer
+                .forward_backward(&x[r0 * DIM..r1 * DIM], &labels)
+                .unwrap();
+            layer.step(0.5).unwrap();
+        }
+        layer
+            .save(&root.join(format!("rank{rank}.safetensors")))
+            .unwrap();
+        (
+            layer.predict_top_k(&x[r0 * DIM..r1 * DIM], k).unwrap(),
+            layer.weight().unwrap(),
+        )
+    });
+    let layer = Prediction {
+        k,
+        classes: parts.iter().flat_map(|p| p.0.classes.clone()).collect(),
+        scores: parts.iter().flat_map(|p| p.0.scores.clone()).collect(),
+    };
+    let weight: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
+    // Files in any order.
+    let paths: Vec<_> = [2, 0, 1]
+        .iter()
+        .map(|r| dir.path().join(format!("rank{r}.safetensors")))
+        .collect();
+    let set = CheckpointSet::open(&paths).unwrap();
+    let files = set.predict_top_k(&x, k, &|_| {}).unwrap();
+    assert_is_top_k(&files, &cosines(&weight, &x), k);
+    assert_eq!(files.classes, layer.classes);
+    for (a, b) in files.scores.iter().zip(&layer.scores) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let weight: Vec<f32> = ThreadGroup::run(2, |comm| {
+        let path = root.join(format!("rank{}.safetensors", comm.rank()));
+        let layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+        layer.save(&path).unwrap();
+        layer.weight().unwrap()
+    })
+    .concat();
+    // Every fifth row is built from class (r·131 + 7) mod C (embeddings()): label the rows
+    // with those classes and the others with class 0, which none of them is near.
+    let x = embeddings(&weight, BATCH);
+    let labels: Vec<i64> = (0..BATCH)
+        .map(|r| {
+            if r % 5 == 0 {
+                ((r * 131 + 7) % CLASSES as usize) as i64
+            } else {
+                0
+            }
+        })
+        .collect();
+    let input = dir.path().join("x.safetensors");
+    let tensors = [
+        OutTensor::F32("embeddings", vec![BATCH, DIM], &x),
+        OutTensor::I64("labels", vec![BATCH], &labels),
+    ];
+    write_atomic(&input, &tensors, Default::default()).unwrap();
+    let out = dir.path().join("top.safetensors");
+    let ckpt = |r: usize| dir.path().join(format!("rank{r}.safetensors"));
+    let pfc = |out: &std::path::Path, ckpts: &[std::path::PathBuf]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(["predict", "--k", "3", "--quiet", "--embeddings"])
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .args(ckpts)
+            .output()
+            .unwrap()
+    };
+    let done = pfc(&out, &[ckpt(1), ckpt(0)]);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // 6 of 30 rows are found first; the others' label (class 0) is not in their top 3 unless
+    // the random row happens to be nearest to it, which the brute force below decides.
+    let cos = cosines(&weight, &x);
+    let rank_of_label = |r: usize| {
+        let c = &cos[r];
+        let l = labels[r] as usize;
+        c.iter().filter(|&&v| v > c[l]).count()
+    };
+    let expect = |j: usize| (0..BATCH).filter(|&r| rank_of_label(r) < j).count();
+    for j in 1..=3 {
+        let line = format!(
+            "top-{j} accuracy: {:.2}%",
+            100.0 * expect(j) as f64 / BATCH as f64
+        );
+        assert!(stdout.contains(&line), "{line} not in {stdout}");
+    }
+    assert!(
+        expect(1) >= 6,
+        "the rows built from centers are found first"
+    );
+    let file = TensorFile::read(&out).unwrap();
+    let (classes, shape) = file.i64("classes").unwrap().unwrap();
+    assert_eq!(shape, vec![BATCH, 3]);
+    let (scores, _) = file.f32("scores").unwrap().unwrap();
+    assert_is_top_k(
+        &Prediction {
+            k: 3,
+            classes,
+            scores,
+        },
+        &cos,
+        3,
+    );
+    // Refusals: an incomplete run, an output that is an input; nothing is written.
+    let refused = pfc(&dir.path().join("none.safetensors"), &[ckpt(1)]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no file is given for rank 0"), "{stderr}");
+    assert!(!dir.path().join("none.safetensors").exists());
+    let refused = pfc(&ckpt(0), &[ckpt(0), ckpt(1)]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is one of the input files"), "{stderr}");
+    assert!(
+        CheckpointSet::open(&[ckpt(0), ckpt(1)]).is_ok(),
+        "the checkpoint is intact"
+    );
 }

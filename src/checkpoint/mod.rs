@@ -12,6 +12,7 @@ use crate::Shard;
 use std::collections::HashMap;
 use std::path::Path;
 
+mod predict;
 mod set;
 pub use set::{reshard, shard_file_name, CheckpointSet};
 

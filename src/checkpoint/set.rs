@@ -262,6 +262,30 @@ impl CheckpointSet {
         self.parts.len() == self.world_size
     }
 
+    /// Checks that every rank of the run has its file in the set, naming (up to 8 of) those
+    /// that have none.
+    pub(crate) fn require_complete(&self) -> Result<()> {
+        if self.is_complete() {
+            return Ok(());
+        }
+        let missing = self.world_size - self.parts.len();
+        let shown: Vec<String> = self
+            .missing_ranks()
+            .take(8)
+            .map(|r| r.to_string())
+            .collect();
+        Err(refuse(
+            self.parts[0].file.path(),
+            format!(
+                "the run had {} ranks; no file is given for rank{} {}{}",
+                self.world_size,
+                if missing > 1 { "s" } else { "" },
+                shown.join(", "),
+                if missing > 8 { ", ..." } else { "" }
+            ),
+        ))
+    }
+
     /// Checks that the files hold every class of `range`, naming the first class none holds.
     pub(crate) fn require(&self, range: Shard) -> Result<()> {
         let mut next = range.start;
@@ -481,20 +505,7 @@ pub fn reshard<P: AsRef<Path>>(
 ) -> Result<Vec<PathBuf>> {
     let set = CheckpointSet::open(paths)?;
     set.check_world_size(world_size)?;
-    if !set.is_complete() {
-        let missing = set.world_size - set.parts.len();
-        let shown: Vec<String> = set.missing_ranks().take(8).map(|r| r.to_string()).collect();
-        return Err(refuse(
-            paths[0].as_ref(),
-            format!(
-                "the run had {} ranks; no file is given for rank{} {}{}",
-                set.world_size,
-                if missing > 1 { "s" } else { "" },
-                shown.join(", "),
-                if missing > 8 { ", ..." } else { "" }
-            ),
-        ));
-    }
+    set.require_complete()?;
     std::fs::create_dir_all(out_dir).map_err(|source| PfcError::Io {
         path: out_dir.to_path_buf(),
         source,

@@ -193,7 +193,7 @@ pub const HOST_CHUNK_MAX: usize = 4096;
 
 /// One chunk's work, shared by [`class_top_k`] and the host default: normalize the chunk's
 /// centers, score them against the batch (GEMM), merge the scores into the running top k.
-struct ChunkScorer<'a> {
+pub(crate) struct ChunkScorer<'a> {
     x_hat: &'a [f32],
     rows: usize,
     dim: usize,
@@ -204,7 +204,7 @@ struct ChunkScorer<'a> {
 }
 
 impl<'a> ChunkScorer<'a> {
-    fn new(
+    pub(crate) fn new(
         x_hat: &'a [f32],
         rows: usize,
         dim: usize,
@@ -224,7 +224,7 @@ impl<'a> ChunkScorer<'a> {
     }
 
     /// Merges the classes `start ..` whose raw centers are `chunk` (`len × dim`).
-    fn merge(
+    pub(crate) fn merge(
         &mut self,
         chunk: &[f32],
         start: usize,

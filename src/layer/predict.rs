@@ -51,6 +51,48 @@ impl Prediction {
     pub fn row(&self, row: usize) -> &[i64] {
         &self.classes[row * self.k..(row + 1) * self.k]
     }
+
+    /// Rows predicted.
+    pub fn rows(&self) -> usize {
+        self.classes.len() / self.k.max(1)
+    }
+
+    /// Top-j accuracy for j = 1 ..= k against one true class per row (element j − 1): the
+    /// fraction of rows whose class is among their first j predictions. With one label per
+    /// row, top-1 accuracy is precision@1 and top-k accuracy is recall@k.
+    ///
+    /// ```
+    /// use partial_fc::Prediction;
+    /// let p = Prediction { k: 2, classes: vec![3, 1, 5, 0], scores: vec![0.9, 0.2, 0.8, 0.1] };
+    /// assert_eq!(p.top_accuracy(&[3, 0]).unwrap(), vec![0.5, 1.0]);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when `labels` does not hold one class per row.
+    pub fn top_accuracy(&self, labels: &[i64]) -> Result<Vec<f64>> {
+        let rows = self.rows();
+        if labels.len() != rows {
+            return Err(PfcError::Shape(format!(
+                "{} labels for a prediction of {rows} rows",
+                labels.len()
+            )));
+        }
+        let mut hits = vec![0u64; self.k];
+        for (row, &label) in labels.iter().enumerate() {
+            if let Some(j) = self.row(row).iter().position(|&c| c == label) {
+                hits[j] += 1;
+            }
+        }
+        let mut seen = 0;
+        Ok(hits
+            .into_iter()
+            .map(|h| {
+                seen += h;
+                seen as f64 / rows.max(1) as f64
+            })
+            .collect())
+    }
 }
 
 /// Whether (`a`, `ia`) comes before (`b`, `ib`): the higher cosine, then the smaller class id.

@@ -3,10 +3,13 @@
 //! - `pfc plan`: what fits on a cluster (the memory planner).
 //! - `pfc step`: one forward/backward pass from a safetensors file (parity with other
 //!   implementations).
+//! - `pfc reshard`: a run's checkpoint files for another world size.
+//! - `pfc predict`: the k nearest classes of a saved classifier for a file of embeddings.
 //!
 //! Every error is one line on stderr and a non-zero exit status (2 for bad usage or input).
 
 mod plan;
+mod predict;
 mod reshard;
 mod step;
 
@@ -33,6 +36,9 @@ enum Command {
     Step(step::StepArgs),
     /// Rewrites a run's checkpoint files for another world size (1 merges them into one file).
     Reshard(reshard::ReshardArgs),
+    /// The k nearest classes of a saved classifier for a file of embeddings (on the host), and
+    /// their top-j accuracy when the file has labels.
+    Predict(predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Step(args) => step::run(args),
         Command::Reshard(args) => reshard::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
