@@ -1,6 +1,8 @@
 //! `predict_top_k` on the CPU at the step bench's size (C = 200,000 classes, 512 rows, d = 512,
 //! k = 5, one rank), against its own scoring GEMMs alone (512 × 200,000 × 512, in the same
-//! chunks of 4096 classes): what the normalization of the centers and the top-k merge add.
+//! chunks of 4096 classes): what the normalization of the centers and the top-k merge add; and
+//! the same prediction from the layer's checkpoint file (`CheckpointSet::predict_top_k`, as
+//! `pfc predict` runs it), which reads the centers from the file (page cache) chunk by chunk.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use partial_fc::collective::SingleRank;
@@ -23,6 +25,20 @@ fn bench_predict(c: &mut Criterion) {
     let x = partial_fc::init::normal_rows(7, 0, BATCH, DIM, 1.0);
     group.bench_function("predict_top_k", |b| {
         b.iter(|| black_box(layer.predict_top_k(black_box(&x), K).unwrap().classes[0]))
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rank0.safetensors");
+    layer.save(&path).unwrap();
+    let set = partial_fc::checkpoint::CheckpointSet::open(&[&path]).unwrap();
+    group.bench_function("checkpoint_predict_top_k", |b| {
+        b.iter(|| {
+            black_box(
+                set.predict_top_k(black_box(&x), K, &|_| {})
+                    .unwrap()
+                    .classes[0],
+            )
+        })
     });
 
     // Baseline: the GEMMs of the same scoring, chunk by chunk, nothing else.

@@ -115,23 +115,44 @@ impl CheckpointSet {
         );
         let mut scorer = ChunkScorer::new(&x_hat, rows, dim, k, &mut weights, &mut cosines);
         let (mut top_scores, mut top_ids) = (vec![0f32; rows * k], vec![0i32; rows * k]);
+        // (segment's first class, chunk's offset in it, classes), in class order.
         let segment = segment.clamp(1, i32::MAX as u64);
-        let mut first = 0u64;
-        while first < classes {
-            let len = segment.min(classes - first);
-            top_scores.fill(f32::NEG_INFINITY);
-            top_ids.fill(-1);
-            let mut at = 0u64;
-            while at < len {
-                let n = chunk.min(len - at);
-                let values = n as usize * dim;
-                let centers = self.read("weight", first + at, 0, values)?;
-                scorer.merge(&centers, at as usize, &mut top_scores, &mut top_ids)?;
-                progress(values as u64);
-                at += n;
+        let chunks: Vec<(u64, u64, u64)> = (0..classes.div_ceil(segment))
+            .flat_map(|s| {
+                let (first, len) = (s * segment, segment.min(classes - s * segment));
+                (0..len.div_ceil(chunk))
+                    .map(move |c| (first, c * chunk, chunk.min(len - c * chunk)))
+            })
+            .collect();
+        let read = |&(first, at, n): &(u64, u64, u64)| {
+            self.read("weight", first + at, 0, n as usize * dim)
+        };
+        top_scores.fill(f32::NEG_INFINITY);
+        top_ids.fill(-1);
+        let Some(first_chunk) = chunks.first() else {
+            return Ok(best); // no classes (k >= 1 already refused that)
+        };
+        let mut centers = read(first_chunk)?;
+        for (i, &(first, at, n)) in chunks.iter().enumerate() {
+            // The next chunk is read from the files while this one is scored.
+            let (merged, next) = std::thread::scope(|scope| {
+                let reader = chunks.get(i + 1).map(|c| scope.spawn(|| read(c)));
+                let merged = scorer.merge(&centers, at as usize, &mut top_scores, &mut top_ids);
+                let next =
+                    reader.map(|r| r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+                (merged, next)
+            });
+            merged?;
+            progress(n * dim as u64);
+            if at + n == segment.min(classes - first) {
+                merge_segment(&mut best, first, &top_scores, &top_ids);
+                top_scores.fill(f32::NEG_INFINITY);
+                top_ids.fill(-1);
             }
-            merge_segment(&mut best, first, &top_scores, &top_ids);
-            first += len;
+            match next {
+                Some(next) => centers = next?,
+                None => break,
+            }
         }
         Ok(best)
     }
