@@ -459,19 +459,21 @@ fn classifier_accuracy<B: Backend, C: Collective<B>>(
         .collect();
     let x = gen.generate(&ids)?;
     let embeddings = mlp.forward(&x, ids.len())?.output;
-    let (n, e, k) = (cfg.batch_per_rank, cfg.embedding_dim, 5);
-    let (mut top1, mut top5) = (0usize, 0usize);
+    let (n, e, k) = (cfg.batch_per_rank, cfg.embedding_dim, 5usize);
+    let mut classes = Vec::with_capacity(ids.len() * k);
     for (batch, rows) in ids.chunks(cfg.global_batch()).enumerate() {
         let first = batch * cfg.global_batch();
         let x = &embeddings[first * e..(first + rows.len()) * e];
-        let classes = rank_predict(layers, x, n, e, k)?;
-        for (row, id) in rows.iter().enumerate() {
-            let top = &classes[row * k..(row + 1) * k];
-            top1 += usize::from(top[0] == id.identity as i64);
-            top5 += usize::from(top.contains(&(id.identity as i64)));
-        }
+        classes.extend(rank_predict(layers, x, n, e, k)?);
     }
-    Ok((top1 as f64 / probes as f64, top5 as f64 / probes as f64))
+    let prediction = crate::Prediction {
+        k,
+        scores: vec![0.0; classes.len()], // not needed for the accuracy
+        classes,
+    };
+    let labels: Vec<i64> = ids.iter().map(|id| id.identity as i64).collect();
+    let accuracy = prediction.top_accuracy(&labels)?;
+    Ok((accuracy[0], accuracy[k - 1]))
 }
 
 /// Every rank's `predict_top_k` on its own thread, rank r taking rows r·n .. (r+1)·n of
