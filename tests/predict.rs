@@ -383,7 +383,17 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         &cos,
         3,
     );
-    // Refusals: an incomplete run, an output that is an input; nothing is written.
+    // Without --out the first rows are shown; row 0 is built from class 7's center.
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--k", "2", "--quiet", "--embeddings"])
+        .arg(&input)
+        .args([ckpt(0), ckpt(1)])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(stdout.contains("row 0: 7 (1.0000), "), "{stdout}");
+    assert!(stdout.contains("... 20 more rows"), "{stdout}");
+    // Refusals: an incomplete run, an output that is an input or a folder; nothing is written.
     let refused = pfc(&dir.path().join("none.safetensors"), &[ckpt(1)]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");

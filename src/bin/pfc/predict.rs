@@ -95,6 +95,26 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
             println!("top-{} accuracy: {:.2}%", j + 1, 100.0 * a);
         }
     }
+    if args.out.is_none() {
+        // Nothing is written: show the first rows, so that the command answers on its own.
+        const SHOWN: usize = 10;
+        for row in 0..rows.min(SHOWN) {
+            let classes = prediction.row(row);
+            let scores = &prediction.scores[row * args.k..(row + 1) * args.k];
+            let pairs: Vec<String> = classes
+                .iter()
+                .zip(scores)
+                .map(|(c, s)| format!("{c} ({s:.4})"))
+                .collect();
+            println!("row {row}: {}", pairs.join(", "));
+        }
+        if rows > SHOWN {
+            println!(
+                "... {} more rows (--out FILE writes them all)",
+                rows - SHOWN
+            );
+        }
+    }
     if let Some(out) = &args.out {
         let shape = vec![rows, args.k];
         let tensors = [
@@ -108,8 +128,14 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The output replaces a file atomically: refuse if that file is one of the inputs.
+/// The output replaces a file atomically: refuse, before any work, a folder or one of the inputs.
 fn refuse_overwriting_an_input(out: &Path, args: &PredictArgs) -> Result<(), String> {
+    if out.is_dir() {
+        return Err(format!(
+            "--out {} is a folder: give a file name",
+            out.display()
+        ));
+    }
     let Ok(out_canonical) = std::fs::canonicalize(out) else {
         return Ok(()); // it does not exist yet
     };
