@@ -62,3 +62,28 @@ fn a_cuda_layer_loads_and_saves_checkpoints_as_the_cpu_does() {
         );
     }
 }
+
+/// `CheckpointSet::predict_top_k_on` with the CUDA backend (`pfc predict --backend cuda`): the
+/// same classes as on the CPU (9,001 classes in 3 files: three blocks of up to 4,096 classes,
+/// the first two spanning two files), scores within 1e-5.
+#[test]
+fn checkpoint_prediction_on_cuda_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let paths: Vec<_> = ThreadGroup::run(3, |comm| {
+        let comm_rank = comm.rank();
+        let layer = PartialFc::new(LayerConfig::new(9001, 24, 4), CpuBackend, comm).unwrap();
+        let path = root.join(format!("rank{}.safetensors", comm_rank));
+        layer.save(&path).unwrap();
+        path
+    });
+    let set = partial_fc::checkpoint::CheckpointSet::open(&paths).unwrap();
+    let x = partial_fc::init::normal_rows(3, 0, 37, 24, 1.0);
+    let cpu = set.predict_top_k(&x, 6, &|_| {}).unwrap();
+    let gpu = set.predict_top_k_on(&g, &x, 6, &|_| {}).unwrap();
+    assert_eq!(gpu.classes, cpu.classes);
+    for (a, b) in gpu.scores.iter().zip(&cpu.scores) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}

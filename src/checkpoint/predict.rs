@@ -1,33 +1,38 @@
-//! Prediction straight from a run's checkpoint files, on the host: evaluate a saved classifier
-//! (precision@k of an extreme classifier, closed-set identification) on one machine, without
-//! the GPUs or the world size that trained it. The class centers stream from the files a chunk
-//! at a time, so the classifier is never held in memory: the host holds the embeddings, one
-//! chunk of centers and its cosines.
+//! Prediction straight from a run's checkpoint files: evaluate a saved classifier (precision@k
+//! of an extreme classifier, closed-set identification) on one machine, on its CPU or one GPU,
+//! without the world size that trained it. The class centers stream from the files a block at
+//! a time (the next block is read while the current one is scored), so the classifier is never
+//! held in memory: the host and the device hold the embeddings, one block of centers and the
+//! scoring scratch.
 
 use super::set::CheckpointSet;
+use crate::backend::Backend;
 use crate::cpu::normalize::normalize_rows;
-use crate::cpu::top_k::{check_k, ChunkScorer, TOP_K_MAX};
+use crate::cpu::top_k::TOP_K_MAX;
 use crate::error::{PfcError, Result};
 use crate::layer::Prediction;
+use crate::CpuBackend;
 use rayon::prelude::*;
 
-/// Most cosines a chunk holds (64 MiB of f32); a chunk has between [`CHUNK_MIN`] and
+/// Most cosines a scoring chunk holds (64 MiB of f32); a chunk has between [`CHUNK_MIN`] and
 /// [`CHUNK_MAX`] classes within that bound.
 const COSINES_MAX: usize = 1 << 24;
 const CHUNK_MIN: usize = 64;
 const CHUNK_MAX: usize = 4096;
 
-/// Classes scored with 32-bit ids before their top k join the result with 64-bit ids: the merge
-/// keeps ids in i32 (as the GPU kernel), and a classifier may have more classes than that.
-const SEGMENT: u64 = 1 << 30;
+/// Classes per block read from the files and scored on the backend. Small blocks keep the read
+/// (which overlaps the scoring of the previous block) in cache: blocks of 64 MiB made the CPU
+/// prediction twice as slow as blocks of 4096 classes (docs/benchmarks.md).
+const BLOCK_CLASSES: u64 = 4096;
 
 impl CheckpointSet {
     /// For each row of `embeddings` (`rows × dim`, f32), the `k` classes of the saved classifier
     /// whose centers have the highest cosine with it, best first, ties to the smaller class id:
     /// the same answer as [`PartialFc::predict_top_k`](crate::PartialFc::predict_top_k) on the
-    /// layer that saved the files, computed on the host from the files of every rank.
-    /// `progress` gets the number of weight values read after each chunk
-    /// (`num_classes × dim` in all).
+    /// layer that saved the files, computed on the CPU from the files of every rank.
+    /// `progress` gets the number of weight values read after each block
+    /// (`num_classes × dim` in all). [`predict_top_k_on`](Self::predict_top_k_on) runs the
+    /// scoring on another backend (a GPU).
     ///
     /// ```
     /// use partial_fc::checkpoint::CheckpointSet;
@@ -60,16 +65,35 @@ impl CheckpointSet {
         k: usize,
         progress: &dyn Fn(u64),
     ) -> Result<Prediction> {
-        self.predict_in_segments(embeddings, k, SEGMENT, progress)
+        self.predict_top_k_on(&CpuBackend, embeddings, k, progress)
     }
 
-    /// [`predict_top_k`](Self::predict_top_k) with segments of `segment` classes (tests use
-    /// small ones to cover the 64-bit merge).
-    pub(crate) fn predict_in_segments(
+    /// [`predict_top_k`](Self::predict_top_k) with the scoring on `backend`
+    /// ([`Backend::class_top_k`] over each block of centers uploaded to it); the files are read
+    /// and the blocks' candidates merged on the host. With `cuda::CudaBackend` this evaluates a
+    /// classifier of hundreds of millions of classes on one GPU, a block at a time.
+    ///
+    /// # Errors
+    ///
+    /// As [`predict_top_k`](Self::predict_top_k), and the backend's errors (device memory).
+    pub fn predict_top_k_on<B: Backend>(
         &self,
+        backend: &B,
         embeddings: &[f32],
         k: usize,
-        segment: u64,
+        progress: &dyn Fn(u64),
+    ) -> Result<Prediction> {
+        let block = BLOCK_CLASSES;
+        self.predict_in_blocks(backend, embeddings, k, block, progress)
+    }
+
+    /// The prediction with blocks of `block` classes (tests use small ones).
+    pub(crate) fn predict_in_blocks<B: Backend>(
+        &self,
+        b: &B,
+        embeddings: &[f32],
+        k: usize,
+        block: u64,
         progress: &dyn Fn(u64),
     ) -> Result<Prediction> {
         self.require_complete()?;
@@ -82,7 +106,6 @@ impl CheckpointSet {
                 format!("must be between 1 and {limit} (the classes, at most {TOP_K_MAX})"),
             ));
         }
-        check_k(k)?;
         if !embeddings.len().is_multiple_of(dim) {
             return Err(PfcError::Shape(format!(
                 "embeddings hold {} values, not a multiple of the classifier's dim {dim}",
@@ -105,50 +128,62 @@ impl CheckpointSet {
         if rows == 0 {
             return Ok(best);
         }
+        // Blocks of at most i32::MAX classes: a block's ids are 32-bit on the backend, and
+        // become 64-bit class ids in the merge on the host.
+        let block = block.clamp(1, i32::MAX as u64).min(classes);
+        let chunk = ((COSINES_MAX / rows).clamp(CHUNK_MIN, CHUNK_MAX) as u64).min(block) as usize;
         let (mut x_hat, mut norms) = (vec![0f32; rows * dim], vec![0f32; rows]);
         normalize_rows(embeddings, rows, dim, &mut x_hat, &mut norms);
-        let chunk = (COSINES_MAX / rows).clamp(CHUNK_MIN, CHUNK_MAX) as u64;
-        let chunk = chunk.min(classes).min(segment.max(1));
-        let (mut weights, mut cosines) = (
-            vec![0f32; chunk as usize * dim],
-            vec![0f32; chunk as usize * rows],
-        );
-        let mut scorer = ChunkScorer::new(&x_hat, rows, dim, k, &mut weights, &mut cosines);
-        let (mut top_scores, mut top_ids) = (vec![0f32; rows * k], vec![0i32; rows * k]);
-        // (segment's first class, chunk's offset in it, classes), in class order.
-        let segment = segment.clamp(1, i32::MAX as u64);
-        let chunks: Vec<(u64, u64, u64)> = (0..classes.div_ceil(segment))
-            .flat_map(|s| {
-                let (first, len) = (s * segment, segment.min(classes - s * segment));
-                (0..len.div_ceil(chunk))
-                    .map(move |c| (first, c * chunk, chunk.min(len - c * chunk)))
-            })
+        let mut x_dev = b.alloc::<f32>(rows * dim)?;
+        b.upload(&x_hat, &mut x_dev)?;
+        drop(x_hat);
+        let mut weights = b.alloc::<f32>(block as usize * dim)?;
+        let mut chunk_weights = b.alloc::<f32>(chunk * dim)?;
+        let mut chunk_cosines = b.alloc::<f32>(chunk * rows)?;
+        let mut top_scores = b.alloc::<f32>(rows * k)?;
+        let mut top_ids = b.alloc::<i32>(rows * k)?;
+
+        let blocks: Vec<(u64, u64)> = (0..classes.div_ceil(block))
+            .map(|i| (i * block, block.min(classes - i * block)))
             .collect();
-        let read = |&(first, at, n): &(u64, u64, u64)| {
-            self.read("weight", first + at, 0, n as usize * dim)
-        };
-        top_scores.fill(f32::NEG_INFINITY);
-        top_ids.fill(-1);
-        let Some(first_chunk) = chunks.first() else {
+        let read = |&(first, len): &(u64, u64)| self.read("weight", first, 0, len as usize * dim);
+        let Some(first_block) = blocks.first() else {
             return Ok(best); // no classes (k >= 1 already refused that)
         };
-        let mut centers = read(first_chunk)?;
-        for (i, &(first, at, n)) in chunks.iter().enumerate() {
-            // The next chunk is read from the files while this one is scored.
-            let (merged, next) = std::thread::scope(|scope| {
-                let reader = chunks.get(i + 1).map(|c| scope.spawn(|| read(c)));
-                let merged = scorer.merge(&centers, at as usize, &mut top_scores, &mut top_ids);
+        let mut centers = read(first_block)?;
+        for (i, &(first, len)) in blocks.iter().enumerate() {
+            // The next block is read from the files while this one is uploaded and scored.
+            let (scored, next) = std::thread::scope(|scope| {
+                let reader = blocks.get(i + 1).map(|c| scope.spawn(|| read(c)));
+                let scored = b
+                    .upload(&centers, &mut weights)
+                    .and_then(|()| {
+                        b.class_top_k(
+                            &weights,
+                            len as usize,
+                            dim,
+                            &x_dev,
+                            rows,
+                            k,
+                            &mut chunk_weights,
+                            &mut chunk_cosines,
+                            &mut top_scores,
+                            &mut top_ids,
+                        )
+                    })
+                    .and_then(|()| {
+                        Ok((
+                            b.download(&top_scores, rows * k)?,
+                            b.download(&top_ids, rows * k)?,
+                        ))
+                    });
                 let next =
                     reader.map(|r| r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-                (merged, next)
+                (scored, next)
             });
-            merged?;
-            progress(n * dim as u64);
-            if at + n == segment.min(classes - first) {
-                merge_segment(&mut best, first, &top_scores, &top_ids);
-                top_scores.fill(f32::NEG_INFINITY);
-                top_ids.fill(-1);
-            }
+            let (scores, ids) = scored?;
+            merge_block(&mut best, first, &scores, &ids);
+            progress(len * dim as u64);
             match next {
                 Some(next) => centers = next?,
                 None => break,
@@ -158,10 +193,10 @@ impl CheckpointSet {
     }
 }
 
-/// Merges a segment's top k (ids relative to `first`, −1 for an empty slot) into the result:
+/// Merges a block's top k (ids relative to `first`, −1 for an empty slot) into the result:
 /// each row keeps the best k of both, higher cosine first, then the smaller class id (−0.0 and
 /// 0.0 equal, as in the merge on the device).
-fn merge_segment(best: &mut Prediction, first: u64, scores: &[f32], ids: &[i32]) {
+fn merge_block(best: &mut Prediction, first: u64, scores: &[f32], ids: &[i32]) {
     let k = best.k;
     best.classes
         .par_chunks_mut(k)
@@ -193,7 +228,7 @@ fn merge_segment(best: &mut Prediction, first: u64, scores: &[f32], ids: &[i32])
 mod tests {
     use super::*;
     use crate::collective::ThreadGroup;
-    use crate::{Collective, CpuBackend, LayerConfig, PartialFc};
+    use crate::{Collective, LayerConfig, PartialFc};
 
     /// A 3-rank run of 1000 classes (d 12), saved; returns the set.
     fn saved_run(dir: &std::path::Path) -> CheckpointSet {
@@ -210,13 +245,13 @@ mod tests {
     }
 
     #[test]
-    fn small_segments_give_the_same_top_k_as_one() {
+    fn small_blocks_give_the_same_top_k_as_one() {
         let dir = tempfile::tempdir().unwrap();
         let set = saved_run(dir.path());
         let x = crate::init::normal_rows(9, 0, 37, 12, 1.0);
         let read = std::sync::atomic::AtomicU64::new(0);
         let one = set
-            .predict_in_segments(&x, 9, SEGMENT, &|n| {
+            .predict_in_blocks(&CpuBackend, &x, 9, 1 << 20, &|n| {
                 read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             })
             .unwrap();
@@ -225,11 +260,13 @@ mod tests {
             1000 * 12,
             "progress counts every value once"
         );
-        // Segments of 7 and 333 classes: chunks and segments end at other classes, and empty
-        // slots (a segment of fewer than k classes) must not enter the result.
-        for segment in [7, 333] {
-            let many = set.predict_in_segments(&x, 9, segment, &|_| {}).unwrap();
-            assert_eq!(many, one, "segment {segment}");
+        // Blocks of 7 and 333 classes: chunks and blocks end at other classes, and empty
+        // slots (a block of fewer than k classes) must not enter the result.
+        for block in [7, 333] {
+            let many = set
+                .predict_in_blocks(&CpuBackend, &x, 9, block, &|_| {})
+                .unwrap();
+            assert_eq!(many, one, "block {block}");
         }
         assert!(one.classes.iter().all(|&c| (0..1000).contains(&c)));
         for row in one.scores.chunks(9) {

@@ -8,7 +8,6 @@ use super::gemm::gemm_nt;
 use super::normalize::normalize_rows;
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
-use std::cmp::Ordering;
 
 /// The largest k [`class_top_k`] (and its CUDA twin) take: the merge keeps a row's running
 /// top k in shared memory.
@@ -17,16 +16,6 @@ pub const TOP_K_MAX: usize = 64;
 /// Whether (`a`, `ia`) comes before (`b`, `ib`).
 pub fn beats(a: f32, ia: i32, b: f32, ib: i32) -> bool {
     a > b || (a == b && ia < ib)
-}
-
-fn order(a: &(f32, i32), b: &(f32, i32)) -> Ordering {
-    if beats(a.0, a.1, b.0, b.1) {
-        Ordering::Less
-    } else if beats(b.0, b.1, a.0, a.1) {
-        Ordering::Greater
-    } else {
-        Ordering::Equal
-    }
 }
 
 /// Merges one chunk of cosines (`rows × len`, row-major; column j is class `chunk_start + j`)
@@ -63,20 +52,20 @@ pub fn top_k_merge(
         .zip(top_ids[..rows * k].par_chunks_mut(k))
         .zip(cosines[..rows * len].par_chunks(len))
         .for_each(|((scores, ids), row)| {
-            let (last, last_id) = (scores[k - 1], ids[k - 1]);
-            let mut candidates: Vec<(f32, i32)> =
-                scores.iter().copied().zip(ids.iter().copied()).collect();
-            candidates.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(j, &c)| (c, chunk_start + j as i32))
-                    .filter(|&(c, id)| beats(c, id, last, last_id)),
-            );
-            if candidates.len() == k {
-                return;
-            }
-            candidates.sort_unstable_by(order);
-            for (slot, (c, id)) in candidates.into_iter().take(k).enumerate() {
+            // Insertion into the sorted top k: a class that beats the k-th moves the weaker
+            // ones down a slot. After the first few classes the k-th is hard to beat, so the
+            // scan costs one comparison per class, with no allocation (as the GPU merge).
+            for (j, &c) in row.iter().enumerate() {
+                let id = chunk_start + j as i32;
+                if !beats(c, id, scores[k - 1], ids[k - 1]) {
+                    continue;
+                }
+                let mut slot = k - 1;
+                while slot > 0 && beats(c, id, scores[slot - 1], ids[slot - 1]) {
+                    scores[slot] = scores[slot - 1];
+                    ids[slot] = ids[slot - 1];
+                    slot -= 1;
+                }
                 scores[slot] = c;
                 ids[slot] = id;
             }
@@ -193,7 +182,7 @@ pub const HOST_CHUNK_MAX: usize = 4096;
 
 /// One chunk's work, shared by [`class_top_k`] and the host default: normalize the chunk's
 /// centers, score them against the batch (GEMM), merge the scores into the running top k.
-pub(crate) struct ChunkScorer<'a> {
+struct ChunkScorer<'a> {
     x_hat: &'a [f32],
     rows: usize,
     dim: usize,
@@ -204,7 +193,7 @@ pub(crate) struct ChunkScorer<'a> {
 }
 
 impl<'a> ChunkScorer<'a> {
-    pub(crate) fn new(
+    fn new(
         x_hat: &'a [f32],
         rows: usize,
         dim: usize,
@@ -224,7 +213,7 @@ impl<'a> ChunkScorer<'a> {
     }
 
     /// Merges the classes `start ..` whose raw centers are `chunk` (`len × dim`).
-    pub(crate) fn merge(
+    fn merge(
         &mut self,
         chunk: &[f32],
         start: usize,

@@ -30,9 +30,19 @@ pub struct PredictArgs {
     /// Where to write `classes` (I64 `[rows, k]`, best first) and `scores` (F32 cosines).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where the centers are scored: the CPU, or CUDA device 0 (a block of centers at a time;
+    /// needs a pfc built with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    backend: BackendArg,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Cpu,
+    Cuda,
 }
 
 /// Runs `pfc predict`.
@@ -86,7 +96,11 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         .expect("a valid template")
         .progress_chars("=> "),
     );
-    let prediction = set.predict_top_k(&x, args.k, &|values| bar.inc(values * 4));
+    let progress = |values: u64| bar.inc(values * 4);
+    let prediction = match args.backend {
+        BackendArg::Cpu => set.predict_top_k(&x, args.k, &progress),
+        BackendArg::Cuda => predict_on_cuda(&set, &x, args.k, &progress),
+    };
     bar.finish_and_clear();
     let prediction = prediction.map_err(|e| e.to_string())?;
     if let Some(labels) = &labels {
@@ -149,4 +163,30 @@ fn refuse_overwriting_an_input(out: &Path, args: &PredictArgs) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// On CUDA device 0.
+#[cfg(feature = "cuda")]
+fn predict_on_cuda(
+    set: &CheckpointSet,
+    x: &[f32],
+    k: usize,
+    progress: &dyn Fn(u64),
+) -> partial_fc::Result<partial_fc::Prediction> {
+    let cuda = partial_fc::cuda::CudaBackend::new(0)?;
+    set.predict_top_k_on(&cuda, x, k, progress)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn predict_on_cuda(
+    _: &CheckpointSet,
+    _: &[f32],
+    _: usize,
+    _: &dyn Fn(u64),
+) -> partial_fc::Result<partial_fc::Prediction> {
+    Err(partial_fc::PfcError::param(
+        "backend",
+        "cuda",
+        "this pfc was built without the `cuda` feature (cargo build --features cuda)",
+    ))
 }
