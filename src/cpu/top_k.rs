@@ -340,6 +340,50 @@ mod tests {
         assert!(host.1.iter().all(|&id| (0..shard as i32).contains(&id)));
     }
 
+    proptest::proptest! {
+        /// Merging any split of a row into chunks gives the brute-force top k: values from a
+        /// small set (many ties, -0.0 beside 0.0, -inf), ties to the smaller id, empty slots
+        /// (-inf, -1) only where the row has fewer than k classes above -inf.
+        #[test]
+        fn chunked_merges_equal_a_full_sort(
+            codes in proptest::collection::vec(0u8..7, 1..200),
+            cuts in proptest::collection::vec(1usize..50, 1..8),
+            k in 1usize..12,
+        ) {
+            let value = |c: u8| [0.5f32, -0.0, 0.0, 0.25, -1.0, f32::NEG_INFINITY, 0.5][c as usize];
+            let row: Vec<f32> = codes.iter().map(|&c| value(c)).collect();
+            let mut scores = vec![f32::NEG_INFINITY; k];
+            let mut ids = vec![-1i32; k];
+            let mut start = 0;
+            for cut in cuts.iter().cycle() {
+                if start == row.len() {
+                    break;
+                }
+                let end = (start + cut).min(row.len());
+                top_k_merge(&row[start..end], 1, end - start, start as i32, k, &mut scores, &mut ids)
+                    .unwrap();
+                start = end;
+            }
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            // Written apart from `beats`: higher value first (-0.0 equal to 0.0), then the id.
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            // A class at -inf never beats an empty slot (-inf, -1): the merge leaves it out.
+            let want: Vec<i32> = order
+                .iter()
+                .filter(|&&i| row[i] > f32::NEG_INFINITY)
+                .take(k)
+                .map(|&i| i as i32)
+                .chain(std::iter::repeat(-1))
+                .take(k)
+                .collect();
+            proptest::prop_assert_eq!(&ids, &want);
+            for (slot, &id) in ids.iter().enumerate() {
+                let expect = if id < 0 { f32::NEG_INFINITY } else { row[id as usize] };
+                proptest::prop_assert_eq!(scores[slot].to_bits(), expect.to_bits());
+            }
+        }
+    }
+
     #[test]
     fn bad_k_and_short_buffers_are_errors() {
         let mut s = vec![0.0; 4];
