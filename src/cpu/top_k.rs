@@ -54,7 +54,8 @@ pub fn top_k_merge(
         .for_each(|((scores, ids), row)| {
             // Insertion into the sorted top k: a class that beats the k-th moves the weaker
             // ones down a slot. After the first few classes the k-th is hard to beat, so the
-            // scan costs one comparison per class, with no allocation (as the GPU merge).
+            // scan costs one comparison per class, with no allocation. (The GPU kernel, one block
+            // per row, instead votes, then takes k block-wide best pairs: same result.)
             for (j, &c) in row.iter().enumerate() {
                 let id = chunk_start + j as i32;
                 if !beats(c, id, scores[k - 1], ids[k - 1]) {
