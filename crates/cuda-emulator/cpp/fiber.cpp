@@ -274,10 +274,12 @@ std::string run_block(BlockRun& r) {
         permute(warp_order.data(), warps, x);
         for (size_t w : warp_order) {
             size_t first = w * 32, count = std::min(n - first, (size_t)32);
-            // At most a random number of collectives per turn: far enough ahead to expose a
-            // missing __syncthreads, never so far that a warp spinning (with __syncwarp) on a
-            // flag another warp sets keeps that warp from ever running.
-            for (uint64_t turn = 1 + next_random(x) % 16;; turn--) {
+            // At most a random number of collectives per turn (1 to 64): far enough ahead to
+            // expose a missing __syncthreads (a block reduction's trailing barrier protects
+            // shared memory from a warp about 20 collectives ahead), never so far that a warp
+            // spinning (with __syncwarp) on a flag another warp sets keeps that warp from ever
+            // running.
+            for (uint64_t turn = 1 + next_random(x) % 64;; turn--) {
                 for (size_t l = 0; l < count; l++) lanes[l] = first + l;
                 permute(lanes.data(), count, x);
                 for (size_t l = 0; l < count; l++) {
