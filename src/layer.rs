@@ -215,7 +215,7 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
 /// or a finite row the step still cannot carry: its sum of squares overflows f32, or the
 /// 16-bit wire rounds a value to infinity or the whole row to zeros. Every rank normalizes
 /// the gathered rows, so one such row would turn every shard's gradient to NaN.
-fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> {
+pub(crate) fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> {
     // One pass, eight independent lanes (so it vectorizes): the sum of squares in f32, as
     // the kernels compute it, and the largest magnitude. A NaN or infinity makes the sum
     // non-finite; only then is the row searched for it.

@@ -406,4 +406,55 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         CheckpointSet::open(&[ckpt(0), ckpt(1)]).is_ok(),
         "the checkpoint is intact"
     );
+    // Labels that are not classes are counted as misses, and said so; no rows, no accuracy.
+    let mut odd = labels.clone();
+    odd[1] = -1;
+    odd[2] = CLASSES as i64;
+    let run_on = |x: &[f32], labels: &[i64]| {
+        let rows = labels.len();
+        let file = dir.path().join(format!("x{rows}.safetensors"));
+        let tensors = [
+            OutTensor::F32("embeddings", vec![rows, DIM], x),
+            OutTensor::I64("labels", vec![rows], labels),
+        ];
+        write_atomic(&file, &tensors, Default::default()).unwrap();
+        let done = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(["predict", "--k", "2", "--quiet", "--embeddings"])
+            .arg(&file)
+            .args([ckpt(0), ckpt(1)])
+            .output()
+            .unwrap();
+        assert!(done.status.success());
+        String::from_utf8_lossy(&done.stdout).into_owned()
+    };
+    let stdout = run_on(&x, &odd);
+    assert!(
+        stdout.contains("note: 2 of 30 labels are not classes"),
+        "{stdout}"
+    );
+    let stdout = run_on(&[], &[]);
+    assert!(stdout.contains("no rows: no accuracy"), "{stdout}");
+    assert!(!stdout.contains("top-1 accuracy"), "{stdout}");
+    // Arguments that can be refused without the embeddings are refused before they are read:
+    // here the embeddings file does not exist, and the error names the argument instead.
+    let early = |args: &[&str]| {
+        let done = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(["predict", "--quiet", "--embeddings"])
+            .arg(dir.path().join("absent.safetensors"))
+            .args(args)
+            .args([ckpt(0), ckpt(1)])
+            .output()
+            .unwrap();
+        assert_eq!(done.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&done.stderr).into_owned()
+    };
+    assert!(early(&["--k", "0"]).contains("--k 0: must be between 1 and 64"));
+    assert!(early(&["--k", "65"]).contains("--k 65: must be between 1 and 64"));
+    let missing_folder = dir.path().join("no/such/top.safetensors");
+    let stderr = early(&["--out", missing_folder.to_str().unwrap()]);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    if !cfg!(feature = "cuda") {
+        let stderr = early(&["--backend", "cuda"]);
+        assert!(stderr.contains("without the `cuda` feature"), "{stderr}");
+    }
 }

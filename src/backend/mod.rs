@@ -307,6 +307,18 @@ pub trait Backend: Send + Sync + 'static {
         top_scores: &mut Self::Buf<f32>,
         top_ids: &mut Self::Buf<i32>,
     ) -> Result<()> {
+        // Both outputs are checked before either is written, so a short `top_ids` leaves
+        // `top_scores` untouched.
+        for (len, name) in [
+            (self.len(top_scores), "top_scores"),
+            (self.len(top_ids), "top_ids"),
+        ] {
+            if len < rows.saturating_mul(k) {
+                return Err(PfcError::Shape(format!(
+                    "class_top_k {name}: {len} values, need rows {rows} × k {k}"
+                )));
+            }
+        }
         let scratch = (self.len(chunk_weights), self.len(chunk_cosines));
         let (scores, ids) = crate::cpu::top_k::class_top_k_on_host(
             self, weight, shard_len, dim, x_hat, rows, k, scratch,

@@ -10,12 +10,14 @@ use crate::backend::Backend;
 use crate::cpu::normalize::normalize_rows;
 use crate::cpu::top_k::TOP_K_MAX;
 use crate::error::{PfcError, Result};
-use crate::layer::Prediction;
+use crate::layer::{row_error, Prediction};
+use crate::plan::Dtype;
 use crate::CpuBackend;
 use rayon::prelude::*;
 
-/// Most cosines a scoring chunk holds (64 MiB of f32); a chunk has between [`CHUNK_MIN`] and
-/// [`CHUNK_MAX`] classes within that bound.
+/// Cosines a scoring chunk aims at (64 MiB of f32): a chunk has `COSINES_MAX / rows` classes,
+/// clamped to [`CHUNK_MIN`] ..= [`CHUNK_MAX`], so above 262,144 rows it holds more
+/// (`rows × CHUNK_MIN` cosines).
 const COSINES_MAX: usize = 1 << 24;
 const CHUNK_MIN: usize = 64;
 const CHUNK_MAX: usize = 4096;
@@ -27,9 +29,13 @@ const BLOCK_CLASSES: u64 = 4096;
 
 impl CheckpointSet {
     /// For each row of `embeddings` (`rows × dim`, f32), the `k` classes of the saved classifier
-    /// whose centers have the highest cosine with it, best first, ties to the smaller class id:
-    /// the same answer as [`PartialFc::predict_top_k`](crate::PartialFc::predict_top_k) on the
-    /// layer that saved the files, computed on the CPU from the files of every rank.
+    /// whose centers have the highest cosine with it, best first, ties to the smaller class id,
+    /// computed on the CPU from the files of every rank. It answers what
+    /// [`PartialFc::predict_top_k`](crate::PartialFc::predict_top_k) answers on the layer that
+    /// saved the files up to float rounding: the cosines come from GEMMs of other shapes (and
+    /// the layer first rounds the embeddings to a 16-bit [`LayerConfig::wire`](crate::LayerConfig)
+    /// if it has one), so scores may differ in their last bits and classes whose cosines are
+    /// that close may swap places. Ties go to the smaller id only between bit-equal scores.
     /// `progress` gets the number of weight values read after each block
     /// (`num_classes × dim` in all). [`predict_top_k_on`](Self::predict_top_k_on) runs the
     /// scoring on another backend (a GPU).
@@ -58,7 +64,9 @@ impl CheckpointSet {
     /// [`PfcError::Checkpoint`] when a rank's file is missing from the set or a stored value is
     /// not finite; [`PfcError::Param`] for `k` outside 1 ..= min([`TOP_K_MAX`], classes);
     /// [`PfcError::Shape`] when `embeddings` is not whole rows of `dim`;
-    /// [`PfcError::NonFinite`] for a NaN or infinite embedding value (its row named).
+    /// [`PfcError::NonFinite`] for a NaN or infinite embedding value, [`PfcError::ZeroRow`] for
+    /// a row of zeros and [`PfcError::OutOfRange`] for a row whose sum of squares overflows f32
+    /// (each names its row).
     pub fn predict_top_k(
         &self,
         embeddings: &[f32],
@@ -113,12 +121,14 @@ impl CheckpointSet {
             )));
         }
         let rows = embeddings.len() / dim;
-        if let Some((row, value)) = embeddings
+        // The layer's own row check (with no wire rounding: the rows stay f32 here): a zero
+        // row has no direction, and a sum of squares that overflows would score NaN.
+        if let Some(err) = embeddings
             .par_chunks(dim)
             .enumerate()
-            .find_map_first(|(row, x)| x.iter().find(|v| !v.is_finite()).map(|&v| (row, v)))
+            .find_map_first(|(row, x)| row_error(row, x, Dtype::F32))
         {
-            return Err(PfcError::NonFinite { row, value });
+            return Err(err);
         }
         let mut best = Prediction {
             k,
@@ -296,6 +306,20 @@ mod tests {
         assert!(matches!(
             set.predict_top_k(&bad, 1, &|_| {}),
             Err(PfcError::NonFinite { row: 1, .. })
+        ));
+        // The layer's row checks: a zero row has no direction, and a row whose sum of squares
+        // overflows f32 would score NaN.
+        let mut zero = x.clone();
+        zero[12..].fill(0.0);
+        assert!(matches!(
+            set.predict_top_k(&zero, 1, &|_| {}),
+            Err(PfcError::ZeroRow { row: 1 })
+        ));
+        let mut huge = x.clone();
+        huge[..12].fill(f32::MAX / 4.0);
+        assert!(matches!(
+            set.predict_top_k(&huge, 1, &|_| {}),
+            Err(PfcError::OutOfRange { row: 0, .. })
         ));
         let part = CheckpointSet::open(&[dir.path().join("rank1.safetensors")]).unwrap();
         let err = part.predict_top_k(&x, 1, &|_| {}).unwrap_err().to_string();

@@ -263,8 +263,12 @@ impl CheckpointSet {
     }
 
     /// Checks that every rank of the run has its file in the set, naming (up to 8 of) those
-    /// that have none.
-    pub(crate) fn require_complete(&self) -> Result<()> {
+    /// that have none: what [`is_complete`](Self::is_complete) answers, as an error to pass on.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Checkpoint`](crate::PfcError::Checkpoint) naming the missing ranks.
+    pub fn require_complete(&self) -> Result<()> {
         if self.is_complete() {
             return Ok(());
         }

@@ -24,7 +24,8 @@ pub fn beats(a: f32, ia: i32, b: f32, ib: i32) -> bool {
 /// # Errors
 ///
 /// [`PfcError::Shape`] when a buffer is shorter than its shape, `k` is 0 or above
-/// [`TOP_K_MAX`], or a class id of the chunk is negative or beyond i32; nothing is written then.
+/// [`TOP_K_MAX`], or the chunk's classes do not lie in `0 .. i32::MAX` (its end, one past the
+/// last id, is an i32 too, as in the kernel's loop); nothing is written then.
 pub fn top_k_merge(
     cosines: &[f32],
     rows: usize,
@@ -41,7 +42,8 @@ pub fn top_k_merge(
     if chunk_start < 0 || i32::try_from(len).map_or(true, |l| chunk_start.checked_add(l).is_none())
     {
         return Err(PfcError::Shape(format!(
-            "top_k_merge: classes {chunk_start} .. {chunk_start} + {len} are not all i32 ids"
+            "top_k_merge: classes {chunk_start} .. {chunk_start} + {len} must lie in \
+             0 .. i32::MAX (the chunk's end, one past its last id, must be an i32 too)"
         )));
     }
     if rows == 0 || len == 0 {

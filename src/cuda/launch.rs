@@ -239,7 +239,6 @@ fn single_block(threads: u32) -> LaunchConfig {
     }
 }
 
-/// Launches a kernel: `launch!(self, "name", cfg, arg, arg, ...)`, each arg a reference.
 /// How a chunk's cosines are laid out (see `CudaBackend::score_class_chunk`).
 #[derive(Clone, Copy)]
 enum CosineLayout {
@@ -249,6 +248,7 @@ enum CosineLayout {
     RowsByClasses,
 }
 
+/// Launches a kernel: `launch!(self, "name", cfg, arg, arg, ...)`, each arg a reference.
 macro_rules! launch {
     ($self:expr, $name:literal, $cfg:expr $(, $arg:expr)* $(,)?) => {{
         let f = $self.func($name)?;
@@ -262,10 +262,12 @@ macro_rules! launch {
 
 impl CudaBackend {
     /// The shared first half of `class_max_cosine` and `class_top_k`: normalizes the classes
-    /// `classes` of `weight` into `chunk_weights` (their norms into `norms`), then scores them
+    /// `classes` of `weight` into `chunk_weights`, then scores them
     /// against the `rows` normalized embeddings `x_hat` into `cosines`, in the layout the
     /// caller's reduction reads (a class's cosines contiguous for a per-class max, a row's for a
-    /// per-row top k). The caller checked every size.
+    /// per-row top k). The caller checked every size. Neither caller needs the centers' norms:
+    /// the normalization writes them to the head of `cosines`, which the GEMM then overwrites
+    /// (same stream), so scoring allocates no scratch after the ranks agreed to run.
     #[allow(clippy::too_many_arguments)]
     fn score_class_chunk(
         &self,
@@ -275,13 +277,13 @@ impl CudaBackend {
         x_hat: &CudaSlice<f32>,
         rows: usize,
         chunk_weights: &mut CudaSlice<f32>,
-        norms: &mut cudarc::driver::CudaViewMut<'_, f32>,
         cosines: &mut CudaSlice<f32>,
         layout: CosineLayout,
     ) -> Result<()> {
         let len = classes.len();
         let (len_i, dim_i) = (i32_of(len, "chunk")?, i32_of(dim, "dim")?);
         let w = weight.slice(classes.start * dim..classes.end * dim);
+        let mut norms = cosines.slice_mut(0..len);
         launch!(
             self,
             "normalize_rows",
@@ -290,7 +292,7 @@ impl CudaBackend {
             &len_i,
             &dim_i,
             &mut *chunk_weights,
-            &mut *norms
+            &mut norms
         );
         match layout {
             // cosines[len × rows] = chunk_weights[len × dim] · x_hatᵀ
@@ -1025,8 +1027,6 @@ impl Backend for CudaBackend {
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let len_i = len as i32;
-            // The chunk's norms are not needed: they go to this chunk's slots of `scores`, which
-            // row_max_into overwrites below (same stream), so no scratch is allocated per call.
             let mut out = scores.slice_mut(start..start + len);
             self.score_class_chunk(
                 weight,
@@ -1035,7 +1035,6 @@ impl Backend for CudaBackend {
                 x_hat,
                 rows,
                 chunk_weights,
-                &mut out,
                 chunk_cosines,
                 CosineLayout::ClassesByRows,
             )?;
@@ -1087,7 +1086,6 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let k_i = i32_of(k, "k")?;
-        let mut norms = self.alloc::<f32>(chunk)?;
         for start in (0..shard_len).step_by(chunk) {
             let len = chunk.min(shard_len - start);
             let (len_i, start_i) = (len as i32, start as i32);
@@ -1098,7 +1096,6 @@ impl Backend for CudaBackend {
                 x_hat,
                 rows,
                 chunk_weights,
-                &mut norms.slice_mut(0..len),
                 chunk_cosines,
                 CosineLayout::RowsByClasses,
             )?;

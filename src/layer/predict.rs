@@ -116,6 +116,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// min([`TOP_K_MAX`], num_classes). Weights, momentum, the step counter and a pending
     /// gradient are left as they are.
     ///
+    /// Memory: each call allocates its scratch on the backend, all of it before the ranks agree
+    /// to run (so a rank short of memory refuses with the others) and sized for a full batch,
+    /// `M = batch_per_rank × world` rows, whatever rows are passed: a chunk of at most 4,096
+    /// normalized centers, about 64 MiB of cosines (`chunk × M`), and the candidates exchanged
+    /// between ranks, `world × M × k` scores (f32) and ids (i64). It is freed on return.
+    ///
     /// ```
     /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
     /// let mut layer = PartialFc::new(LayerConfig::new(1000, 16, 4), CpuBackend, SingleRank).unwrap();

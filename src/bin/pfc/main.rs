@@ -36,8 +36,9 @@ enum Command {
     Step(step::StepArgs),
     /// Rewrites a run's checkpoint files for another world size (1 merges them into one file).
     Reshard(reshard::ReshardArgs),
-    /// The k nearest classes of a saved classifier for a file of embeddings (on the host), and
-    /// their top-j accuracy when the file has labels.
+    /// The k nearest classes of a saved classifier for a file of embeddings (on the CPU or one
+    /// GPU, the centers streamed from the files), and their top-j accuracy when the file has
+    /// labels.
     Predict(predict::PredictArgs),
 }
 

@@ -1,8 +1,10 @@
-//! `pfc predict`: the k nearest classes of a saved classifier for a file of embeddings, on the
-//! host, and their top-j accuracy when the file has labels.
+//! `pfc predict`: the k nearest classes of a saved classifier for a file of embeddings, scored
+//! on the CPU or one GPU with the centers streamed from the files, and their top-j accuracy when
+//! the file has labels.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use partial_fc::checkpoint::CheckpointSet;
+use partial_fc::cpu::top_k::TOP_K_MAX;
 use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,9 +50,19 @@ enum BackendArg {
 /// Runs `pfc predict`.
 pub fn run(args: PredictArgs) -> Result<(), String> {
     let set = CheckpointSet::open(&args.checkpoints).map_err(|e| e.to_string())?;
+    // Everything that can be refused without the embeddings is refused before they are read.
+    set.require_complete().map_err(|e| e.to_string())?;
+    let limit = set.num_classes().min(TOP_K_MAX as u64) as usize;
+    if args.k == 0 || args.k > limit {
+        return Err(format!(
+            "--k {}: must be between 1 and {limit} (the classifier's classes, at most {TOP_K_MAX})",
+            args.k
+        ));
+    }
     if let Some(out) = &args.out {
         refuse_overwriting_an_input(out, &args)?;
     }
+    let scorer = Scorer::new(args.backend).map_err(|e| e.to_string())?;
     let file = TensorFile::read(&args.embeddings).map_err(|e| e.to_string())?;
     let (x, shape) = file
         .require(&args.tensor, file.f32(&args.tensor))
@@ -97,17 +109,28 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         .progress_chars("=> "),
     );
     let progress = |values: u64| bar.inc(values * 4);
-    let prediction = match args.backend {
-        BackendArg::Cpu => set.predict_top_k(&x, args.k, &progress),
-        BackendArg::Cuda => predict_on_cuda(&set, &x, args.k, &progress),
-    };
+    let prediction = scorer.predict(&set, &x, args.k, &progress);
     bar.finish_and_clear();
     let prediction = prediction.map_err(|e| e.to_string())?;
-    if let Some(labels) = &labels {
-        let accuracy = prediction.top_accuracy(labels).map_err(|e| e.to_string())?;
-        for (j, a) in accuracy.iter().enumerate() {
-            println!("top-{} accuracy: {:.2}%", j + 1, 100.0 * a);
+    match &labels {
+        Some(_) if rows == 0 => println!("no rows: no accuracy to report"),
+        Some(labels) => {
+            let outside = labels
+                .iter()
+                .filter(|&&c| c < 0 || c as u64 >= set.num_classes())
+                .count();
+            if outside > 0 {
+                println!(
+                    "note: {outside} of {rows} labels are not classes of this classifier                      (0 .. {}): those rows count as misses",
+                    set.num_classes()
+                );
+            }
+            let accuracy = prediction.top_accuracy(labels).map_err(|e| e.to_string())?;
+            for (j, a) in accuracy.iter().enumerate() {
+                println!("top-{} accuracy: {:.2}%", j + 1, 100.0 * a);
+            }
         }
+        None => {}
     }
     if args.out.is_none() {
         // Nothing is written: show the first rows, so that the command answers on its own.
@@ -142,12 +165,24 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The output replaces a file atomically: refuse, before any work, a folder or one of the inputs.
+/// The output replaces a file atomically: refuse, before any work, a folder, a path whose folder
+/// does not exist, or one of the inputs.
 fn refuse_overwriting_an_input(out: &Path, args: &PredictArgs) -> Result<(), String> {
     if out.is_dir() {
         return Err(format!(
             "--out {} is a folder: give a file name",
             out.display()
+        ));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
         ));
     }
     let Ok(out_canonical) = std::fs::canonicalize(out) else {
@@ -165,28 +200,42 @@ fn refuse_overwriting_an_input(out: &Path, args: &PredictArgs) -> Result<(), Str
     Ok(())
 }
 
-/// On CUDA device 0.
-#[cfg(feature = "cuda")]
-fn predict_on_cuda(
-    set: &CheckpointSet,
-    x: &[f32],
-    k: usize,
-    progress: &dyn Fn(u64),
-) -> partial_fc::Result<partial_fc::Prediction> {
-    let cuda = partial_fc::cuda::CudaBackend::new(0)?;
-    set.predict_top_k_on(&cuda, x, k, progress)
+/// Where the centers are scored, set up before the embeddings are read (so a missing CUDA
+/// driver is reported at once).
+enum Scorer {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<partial_fc::cuda::CudaBackend>),
 }
 
-#[cfg(not(feature = "cuda"))]
-fn predict_on_cuda(
-    _: &CheckpointSet,
-    _: &[f32],
-    _: usize,
-    _: &dyn Fn(u64),
-) -> partial_fc::Result<partial_fc::Prediction> {
-    Err(partial_fc::PfcError::param(
-        "backend",
-        "cuda",
-        "this pfc was built without the `cuda` feature (cargo build --features cuda)",
-    ))
+impl Scorer {
+    fn new(backend: BackendArg) -> partial_fc::Result<Self> {
+        match backend {
+            BackendArg::Cpu => Ok(Scorer::Cpu),
+            #[cfg(feature = "cuda")]
+            BackendArg::Cuda => Ok(Scorer::Cuda(Box::new(partial_fc::cuda::CudaBackend::new(
+                0,
+            )?))),
+            #[cfg(not(feature = "cuda"))]
+            BackendArg::Cuda => Err(partial_fc::PfcError::param(
+                "backend",
+                "cuda",
+                "this pfc was built without the `cuda` feature (cargo build --features cuda)",
+            )),
+        }
+    }
+
+    fn predict(
+        &self,
+        set: &CheckpointSet,
+        x: &[f32],
+        k: usize,
+        progress: &dyn Fn(u64),
+    ) -> partial_fc::Result<partial_fc::Prediction> {
+        match self {
+            Scorer::Cpu => set.predict_top_k(x, k, progress),
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(cuda) => set.predict_top_k_on(cuda.as_ref(), x, k, progress),
+        }
+    }
 }
