@@ -149,6 +149,12 @@ struct Args {
     /// Write the loss curves to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Save the trained run into this folder (created if missing): every rank's checkpoint
+    /// `rank{r}.safetensors` and `probes.safetensors` (embeddings and labels of 2,000 unseen
+    /// views), ready for `pfc predict` and `pfc reshard`. One rate only (not with
+    /// --compare-rates).
+    #[arg(long, conflicts_with = "compare_rates")]
+    save: Option<PathBuf>,
     /// Storage dtype of the classifier's momentum (bf16 halves it; arithmetic stays f32).
     #[arg(long, value_enum, default_value_t = MomentumArg::F32)]
     momentum_dtype: MomentumArg,
@@ -207,6 +213,7 @@ impl Args {
             },
             wire: self.wire_dtype.dtype(),
             grad_wire: self.grad_wire_dtype.dtype(),
+            save_to: self.save.clone(),
         };
         if let Some(epochs) = self.epochs {
             cfg.steps = cfg.steps_for_epochs(epochs)?;
@@ -439,6 +446,14 @@ fn run(args: Args) -> Result<(), PfcError> {
             .collect();
         plot_losses(path, "Partial FC on synthetic identities", &curves, 10)?;
         println!("loss curves: {}", path.display());
+    }
+    if let Some(dir) = &args.save {
+        println!(
+            "saved: {0}/rank0..{1}.safetensors and {0}/probes.safetensors (try: pfc predict \
+             --embeddings {0}/probes.safetensors {0}/rank*.safetensors)",
+            dir.display(),
+            base.ranks - 1
+        );
     }
     println!("total wall time {:.1} s", start.elapsed().as_secs_f64());
     Ok(())

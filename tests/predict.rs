@@ -432,6 +432,18 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         stdout.contains("note: 2 of 30 labels are not classes"),
         "{stdout}"
     );
+    let typo = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--quiet", "--labels", "lables", "--embeddings"])
+        .arg(&input)
+        .args([ckpt(0), ckpt(1)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--labels lables: no I64 tensor"),
+        "{stderr}"
+    );
     let stdout = run_on(&[], &[]);
     assert!(stdout.contains("no rows: no accuracy"), "{stdout}");
     assert!(!stdout.contains("top-1 accuracy"), "{stdout}");

@@ -94,3 +94,49 @@ fn any_backend_through_virtual_ranks_trains_the_same() {
     assert_eq!(direct.losses, staged.losses);
     assert_eq!(direct.after, staged.after);
 }
+
+#[test]
+fn a_saved_run_predicts_from_its_files_what_the_layers_predicted() {
+    use partial_fc::checkpoint::CheckpointSet;
+    use partial_fc::tensor_file::TensorFile;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run"); // created by the run
+    let cfg = TrainConfig {
+        steps: 60,
+        save_to: Some(out.clone()),
+        ..tiny()
+    };
+    let report = train(&cfg, &mut |_| {}).unwrap();
+    let paths: Vec<_> = (0..4)
+        .map(|r| out.join(format!("rank{r}.safetensors")))
+        .collect();
+    let set = CheckpointSet::open(&paths).unwrap();
+    assert_eq!((set.num_classes(), set.step()), (400, 60));
+    let probes = TensorFile::read(&out.join("probes.safetensors")).unwrap();
+    let (x, shape) = probes.f32("embeddings").unwrap().unwrap();
+    let (labels, _) = probes.i64("labels").unwrap().unwrap();
+    assert_eq!(shape, vec![400, 32], "one unseen view of each identity");
+    let accuracy = set
+        .predict_top_k(&x, 5, &|_| {})
+        .unwrap()
+        .top_accuracy(&labels)
+        .unwrap();
+    // The same answer up to float rounding (the two score with GEMMs of other shapes, so a
+    // near-tie may swap): at most two of the 400 rows may differ.
+    for (files, layer) in [
+        (accuracy[0], report.classifier_top1),
+        (accuracy[4], report.classifier_top5),
+    ] {
+        assert!((files - layer).abs() <= 2.0 / 400.0, "{files} vs {layer}");
+    }
+    assert!(report.classifier_top1 > 0.05, "{}", report.classifier_top1);
+    // A file where the folder should be is refused before training.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = TrainConfig {
+        save_to: Some(file),
+        ..tiny()
+    };
+    let err = train(&cfg, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("save_to"), "{err}");
+}

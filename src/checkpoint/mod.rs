@@ -38,12 +38,38 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// The shard goes through host memory a block (64 MiB) at a time, so a shard of tens of
     /// gigabytes needs no host copy of itself.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Checkpoint`] when a weight or momentum value is NaN or infinite (a diverged
+    /// run: `load` would refuse the file, so none is written and an existing file at `path` is
+    /// kept); I/O errors as [`PfcError::Io`]; the layer's refusal after a failed load.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.check_complete()?;
         let shard = self.shard();
         let shape = vec![shard.len as usize, self.config().dim];
-        let weight = |offset, len| self.weight_block(offset, len);
-        let momentum = |offset, len| self.momentum_block(offset, len);
+        // A diverged run's NaN would make a file that `load` refuses: refuse to write it.
+        let dim = self.config().dim.max(1);
+        let finite = |name: &str, offset: usize, block: Vec<f32>| match block
+            .iter()
+            .position(|v| !v.is_finite())
+        {
+            None => Ok(block),
+            Some(i) => {
+                let row = (offset + i) / dim;
+                Err(PfcError::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "not written: {name} holds {} at row {row} (class {}); the training \
+                         diverged (lower the learning rate, or resume from an earlier checkpoint)",
+                        block[i],
+                        shard.start + row as u64
+                    ),
+                })
+            }
+        };
+        let weight = |offset, len| finite("weight", offset, self.weight_block(offset, len)?);
+        let momentum = |offset, len| finite("momentum", offset, self.momentum_block(offset, len)?);
         let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
         if self.config().optimizer.is_some() {
             tensors.push(OutTensor::F32Blocks("momentum", shape, &momentum));
@@ -258,5 +284,40 @@ mod tests {
         layer.load(&good).unwrap();
         layer.forward_backward(&x, &labels).unwrap();
         layer.step(0.1).unwrap();
+    }
+
+    #[test]
+    fn a_diverged_layer_writes_no_checkpoint_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rank0.safetensors");
+        let mut layer =
+            PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, SingleRank).unwrap();
+        layer.save(&path).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let x = crate::init::normal_rows(1, 0, 4, 8, 1.0);
+        let labels = [1i64, 2, 3, 4];
+        // A learning rate this large overflows the weights to infinity, then NaN.
+        for _ in 0..4 {
+            layer.forward_backward(&x, &labels).unwrap();
+            layer.step(1e30).unwrap();
+        }
+        assert!(layer.weight().unwrap().iter().any(|v| !v.is_finite()));
+        let err = layer.save(&path).unwrap_err();
+        assert!(
+            matches!(&err, PfcError::Checkpoint { reason, .. } if reason.contains("not written")),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the good file is kept"
+        );
+        let fresh = dir.path().join("fresh.safetensors");
+        assert!(layer.save(&fresh).is_err());
+        assert!(
+            !fresh.exists(),
+            "no file, not even a temporary one, is left"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -28,6 +28,9 @@ use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
 use crate::plan::Dtype;
+use crate::tensor_file::{write_atomic, OutTensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Most steps a run may ask for (the loss history is kept in memory).
@@ -76,6 +79,11 @@ pub struct TrainConfig {
     pub wire: Dtype,
     /// Dtype of the embedding gradient's reduce-scatter (`LayerConfig::grad_wire`).
     pub grad_wire: Dtype,
+    /// A folder to save the trained run in (created if missing): every rank's checkpoint,
+    /// `rank{r}.safetensors` ([`PartialFc::save`]), and the probes of the classifier's accuracy,
+    /// `probes.safetensors` (F32 `embeddings` `[rows, embedding_dim]`, I64 `labels` `[rows]`),
+    /// the inputs `pfc predict` and `pfc reshard` take.
+    pub save_to: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -100,6 +108,7 @@ impl Default for TrainConfig {
             momentum_dtype: StateDtype::F32,
             wire: Dtype::F32,
             grad_wire: Dtype::F32,
+            save_to: None,
         }
     }
 }
@@ -202,6 +211,16 @@ impl TrainConfig {
         for (name, lr) in [("lr", self.lr), ("fc_lr", self.fc_lr)] {
             if !(lr.is_finite() && lr >= 0.0) {
                 return Err(PfcError::param(name, lr, "must be finite and >= 0"));
+            }
+        }
+        if let Some(dir) = &self.save_to {
+            // Refused now, not after the training.
+            if dir.exists() && !dir.is_dir() {
+                return Err(PfcError::param(
+                    "save_to",
+                    dir.display(),
+                    "is a file; give a folder (created if missing)",
+                ));
             }
         }
         self.generator.validate()?;
@@ -425,7 +444,11 @@ fn train_layers<B: Backend, C: Collective<B>>(
     }
     let train_time = start.elapsed();
     let after = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
-    let (classifier_top1, classifier_top5) = classifier_accuracy(cfg, &gen, &mlp, &mut layers)?;
+    let (classifier_top1, classifier_top5, probes) =
+        classifier_accuracy(cfg, &gen, &mlp, &mut layers)?;
+    if let Some(dir) = &cfg.save_to {
+        save_run(dir, &layers, &probes, cfg.embedding_dim)?;
+    }
     Ok(TrainReport {
         sample_rate: cfg.sample_rate,
         losses,
@@ -441,14 +464,44 @@ fn train_layers<B: Backend, C: Collective<B>>(
     })
 }
 
+/// The probe rows of [`classifier_accuracy`]: embeddings and their true classes.
+struct Probes {
+    embeddings: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+/// Writes every rank's checkpoint and the probes into `dir` (see [`TrainConfig::save_to`]).
+fn save_run<B: Backend, C: Collective<B>>(
+    dir: &Path,
+    layers: &[PartialFc<B, C>],
+    probes: &Probes,
+    dim: usize,
+) -> Result<()> {
+    let io = |source| PfcError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for (r, layer) in layers.iter().enumerate() {
+        layer.save(&dir.join(format!("rank{r}.safetensors")))?;
+    }
+    let rows = probes.labels.len();
+    let tensors = [
+        OutTensor::F32("embeddings", vec![rows, dim], &probes.embeddings),
+        OutTensor::I64("labels", vec![rows], &probes.labels),
+    ];
+    write_atomic(&dir.join("probes.safetensors"), &tensors, HashMap::new())
+}
+
 /// Top-1 and top-5 accuracy of the sharded classifier on a view no training step saw (view
-/// `samples_per_identity`) of up to 2,000 training identities, spread over all of them.
+/// `samples_per_identity`) of up to 2,000 training identities, spread over all of them; and
+/// those probes.
 fn classifier_accuracy<B: Backend, C: Collective<B>>(
     cfg: &TrainConfig,
     gen: &SyntheticIdentities,
     mlp: &Mlp,
     layers: &mut [PartialFc<B, C>],
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Probes)> {
     let probes = cfg.identities.min(2_000);
     let stride = cfg.identities / probes;
     let ids: Vec<SampleId> = (0..probes)
@@ -473,7 +526,8 @@ fn classifier_accuracy<B: Backend, C: Collective<B>>(
     };
     let labels: Vec<i64> = ids.iter().map(|id| id.identity as i64).collect();
     let accuracy = prediction.top_accuracy(&labels)?;
-    Ok((accuracy[0], accuracy[k - 1]))
+    let probes = Probes { embeddings, labels };
+    Ok((accuracy[0], accuracy[k - 1], probes))
 }
 
 /// Every rank's `predict_top_k` on its own thread, rank r taking rows r·n .. (r+1)·n of

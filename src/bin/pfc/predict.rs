@@ -23,9 +23,10 @@ pub struct PredictArgs {
     /// Name of the embeddings tensor in that file.
     #[arg(long, default_value = "embeddings")]
     tensor: String,
-    /// Name of the labels tensor (used when present: the top-j accuracies are printed).
-    #[arg(long, default_value = "labels")]
-    labels: String,
+    /// Name of the labels tensor: the top-j accuracies are printed. Without this option a
+    /// tensor `labels` is used when the file has one; with it, the tensor must be there.
+    #[arg(long)]
+    labels: Option<String>,
     /// Classes per row, 1 to 64.
     #[arg(long, default_value_t = 5)]
     k: usize,
@@ -78,13 +79,21 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
             ))
         }
     };
-    let labels = match file.i64(&args.labels).map_err(|e| e.to_string())? {
+    let labels_name = args.labels.as_deref().unwrap_or("labels");
+    let found = file.i64(labels_name).map_err(|e| e.to_string())?;
+    if found.is_none() && args.labels.is_some() {
+        return Err(format!(
+            "{}: --labels {labels_name}: no I64 tensor of that name",
+            args.embeddings.display()
+        ));
+    }
+    let labels = match found {
         Some((labels, s)) if s == [rows] => Some(labels),
         Some((_, s)) => {
             return Err(format!(
                 "{}: tensor {} has shape {s:?}; [{rows}] expected (one class per row)",
                 args.embeddings.display(),
-                args.labels
+                labels_name
             ))
         }
         None => None,
@@ -220,7 +229,8 @@ impl Scorer {
             BackendArg::Cuda => Err(partial_fc::PfcError::param(
                 "backend",
                 "cuda",
-                "this pfc was built without the `cuda` feature (cargo build --features cuda)",
+                "this pfc was built without the `cuda` feature (cargo build --features cuda, or \
+                 cargo install --path . --features cuda)",
             )),
         }
     }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 /// Arguments of `pfc step`.
 #[derive(clap::Args)]
 pub struct StepArgs {
-    /// Step file with `embeddings`, `labels`, `weight` (and optionally `sampled_index`).
+    /// Step file (safetensors): F32 `embeddings` `[B, d]`, I64 `labels` `[B]`, F32 `weight`
+    /// `[C, d]`, optionally I64 `sampled_index` `[S]` (sorted class ids used instead of drawing
+    /// a sample);
+    /// metadata (all optional): scale (64), m1 (1), m2 (0.5), m3 (0), sample_rate (1),
+    /// interclass_filter, grad_mode (straight-through | exact), seed, classes.
     #[arg(long)]
     input: PathBuf,
     /// Where to write `loss`, `grad_embeddings`, `grad_weight` and `sampled_index`.
@@ -20,27 +24,29 @@ pub struct StepArgs {
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     backend: BackendArg,
     /// Overrides the file's scale s.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     scale: Option<f64>,
     /// Overrides the file's m1.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     m1: Option<f64>,
     /// Overrides the file's m2.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     m2: Option<f64>,
     /// Overrides the file's m3.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     m3: Option<f64>,
-    /// Overrides the file's sample rate.
-    #[arg(long)]
+    /// Overrides the file's sample rate; a new sample is drawn (the file's `sampled_index`, if
+    /// any, is not used).
+    #[arg(long, allow_negative_numbers = true)]
     sample_rate: Option<f64>,
     /// Overrides the file's inter-class filtering threshold (<= 0 disables it).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     interclass_filter: Option<f64>,
     /// Overrides the file's gradient mode.
     #[arg(long, value_enum)]
     grad_mode: Option<GradModeArg>,
-    /// Seed of the sampler (when the file gives no sample).
+    /// Seed of the sampler; a new sample is drawn (the file's `sampled_index`, if any, is not
+    /// used).
     #[arg(long)]
     seed: Option<u64>,
 }
@@ -60,6 +66,7 @@ enum GradModeArg {
 /// Runs `pfc step`.
 pub fn run(args: StepArgs) -> Result<(), String> {
     let fail = |e: PfcError| e.to_string();
+    refuse_overwriting_the_input(&args)?;
     let mut case = StepCase::read(&args.input).map_err(fail)?;
     let m = &mut case.margin;
     m.scale = args.scale.unwrap_or(m.scale);
@@ -67,6 +74,9 @@ pub fn run(args: StepArgs) -> Result<(), String> {
     m.m2 = args.m2.unwrap_or(m.m2);
     m.m3 = args.m3.unwrap_or(m.m3);
     if let Some(t) = args.interclass_filter {
+        if t.is_nan() {
+            return Err("--interclass-filter NaN: give a threshold, or 0 to disable it".into());
+        }
         m.interclass_filter = (t > 0.0).then_some(t);
     }
     if let Some(g) = args.grad_mode {
@@ -77,6 +87,12 @@ pub fn run(args: StepArgs) -> Result<(), String> {
     }
     case.sample_rate = args.sample_rate.unwrap_or(case.sample_rate);
     case.seed = args.seed.unwrap_or(case.seed);
+    if (args.sample_rate.is_some() || args.seed.is_some()) && case.sampled_index.take().is_some() {
+        println!(
+            "note: --sample-rate/--seed given: drawing a new sample instead of the file's \
+             sampled_index"
+        );
+    }
     let result = match args.backend {
         BackendArg::Cpu => case.run_threads(args.world_size).map_err(fail)?,
         BackendArg::Cuda => run_cuda(&case, args.world_size)?,
@@ -101,5 +117,23 @@ fn run_cuda(case: &StepCase, world_size: usize) -> Result<partial_fc::golden::St
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: &StepCase, _: usize) -> Result<partial_fc::golden::StepResult, String> {
-    Err("--backend cuda: this pfc was built without the `cuda` feature (cargo build --features cuda)".into())
+    Err("--backend cuda: this pfc was built without the `cuda` feature (cargo build --features cuda, or cargo install --path . --features cuda)".into())
+}
+
+/// The output is written atomically over whatever is there: refuse the input itself.
+fn refuse_overwriting_the_input(args: &StepArgs) -> Result<(), String> {
+    let same = match (
+        std::fs::canonicalize(&args.input),
+        std::fs::canonicalize(&args.output),
+    ) {
+        (Ok(input), Ok(output)) => input == output,
+        _ => false,
+    };
+    if same {
+        return Err(format!(
+            "--output {} is the input file: write the result elsewhere",
+            args.output.display()
+        ));
+    }
+    Ok(())
 }

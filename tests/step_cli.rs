@@ -1,0 +1,91 @@
+//! `pfc step` on a step file written here (no ../shared needed): overrides, and the refusals
+//! that protect the input.
+
+use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const B: usize = 6;
+const D: usize = 8;
+const C: usize = 40;
+
+/// A step file whose `sampled_index` holds 10 of the 40 classes (the 6 labels among them).
+fn write_case(path: &Path) {
+    let x = partial_fc::init::normal_rows(1, 0, B, D, 1.0);
+    let w = partial_fc::init::normal_rows(2, 0, C, D, 0.1);
+    let labels: Vec<i64> = (0..B as i64).map(|i| i * 3).collect();
+    let index: Vec<i64> = vec![0, 3, 6, 9, 12, 15, 20, 25, 30, 35];
+    let meta = HashMap::from([("sample_rate".to_string(), "0.25".to_string())]);
+    let tensors = [
+        OutTensor::F32("embeddings", vec![B, D], &x),
+        OutTensor::I64("labels", vec![B], &labels),
+        OutTensor::F32("weight", vec![C, D], &w),
+        OutTensor::I64("sampled_index", vec![index.len()], &index),
+    ];
+    write_atomic(path, &tensors, meta).unwrap();
+}
+
+fn pfc(args: &[&str], input: &Path, output: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .arg("step")
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn sampled(path: &Path) -> Vec<i64> {
+    let file = TensorFile::read(path).unwrap();
+    file.i64("sampled_index").unwrap().unwrap().0
+}
+
+#[test]
+fn the_files_sample_is_used_unless_the_rate_or_seed_is_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, out) = (dir.path().join("in.st"), dir.path().join("out.st"));
+    write_case(&input);
+    let done = pfc(&[], &input, &out);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(sampled(&out), vec![0, 3, 6, 9, 12, 15, 20, 25, 30, 35]);
+    // --sample-rate 1 draws a new sample: every class.
+    let done = pfc(&["--sample-rate", "1"], &input, &out);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{done:?}");
+    assert!(stdout.contains("drawing a new sample"), "{stdout}");
+    assert_eq!(sampled(&out), (0..C as i64).collect::<Vec<_>>());
+    // --seed alone redraws at the file's rate (10 of 40), positives included.
+    let done = pfc(&["--seed", "7"], &input, &out);
+    assert!(done.status.success(), "{done:?}");
+    let s = sampled(&out);
+    assert_eq!(s.len(), 10);
+    assert!((0..B as i64).all(|i| s.contains(&(i * 3))), "{s:?}");
+}
+
+#[test]
+fn bad_arguments_are_refused_and_the_input_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.st");
+    write_case(&input);
+    let before = std::fs::read(&input).unwrap();
+    let done = pfc(&[], &input, &input);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is the input file"), "{stderr}");
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    let out = dir.path().join("out.st");
+    let done = pfc(&["--interclass-filter", "NaN"], &input, &out);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--interclass-filter NaN"), "{stderr}");
+    // A negative scale reaches the layer's range check instead of clap's "unexpected argument".
+    let done = pfc(&["--scale", "-1"], &input, &out);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    assert!(stderr.contains("scale"), "{stderr}");
+    assert!(!out.exists());
+}
