@@ -6,7 +6,7 @@
 //!
 //! - [`PartialFc`]: one rank's layer, generic over a [`Backend`] (CPU, CUDA) and a
 //!   [`Collective`] (single rank, threads, NCCL).
-//! - [`plan`]: the per-GPU memory model and the model-parallel upper bound.
+//! - [`plan`]: the per-GPU memory model and the upper bound on classes over cluster sizes.
 //! - [`cpu`]: the CPU backend, whose small kernels are the reference for the CUDA ones.
 #![warn(missing_docs)]
 

@@ -1,4 +1,5 @@
-//! Memory planner: what one rank's step allocates, the model-parallel upper bound, and what fits.
+//! Memory planner: what one rank's step allocates, the upper bound on classes over cluster sizes,
+//! and what fits.
 //!
 //! - [`buffers`]: the buffers of one rank's step, shared with the layer (which allocates them).
 //! - [`PlanConfig`] / [`Plan`]: a cluster configuration and everything the planner says about

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Per-GPU memory of a Partial FC configuration, the largest class count that fits, and the
-    /// model-parallel upper bound.
+    /// upper bound on classes over cluster sizes at its sample rate (r = 1: model parallelism).
     Plan(plan::PlanArgs),
     /// One forward/backward pass from a safetensors file of inputs, outputs to another.
     Step(step::StepArgs),
