@@ -9,9 +9,11 @@
 //!     target/release/examples/multi_gpu                                           # one rank of 16
 //! ```
 //!
-//! Options: `--classes C` (1M), `--steps` (5), `--batch N` per rank (128), `--sample-rate r` (0.1),
-//! and the memory/bandwidth options `--precision f32|bf16|f16`, `--momentum-dtype f32|bf16`,
-//! `--wire-dtype f32|bf16|f16`, `--grad-wire-dtype f32|bf16|f16` (all f32 by default).
+//! Options (`--help`): `--classes C` (1M; `29M` and the like are read as `pfc plan` reads them),
+//! `--steps` (5), `--batch N` per rank (128), `--sample-rate r` (0.1), and the memory/bandwidth
+//! options `--precision f32|bf16|f16`, `--momentum-dtype f32|bf16`, `--wire-dtype f32|bf16|f16`,
+//! `--grad-wire-dtype f32|bf16|f16` (all f32 by default). An unknown option or a bad value is an
+//! error (exit 2) before any GPU is touched.
 //!
 //! Rank 0 creates the NCCL id and serves it over TCP on MASTER_ADDR:MASTER_PORT; each rank opens
 //! GPU LOCAL_RANK, builds its shard of the classifier, and trains a few steps on synthetic
@@ -38,42 +40,89 @@ fn main() {
 }
 
 #[cfg(feature = "cuda")]
+/// The example's options (`--help` lists them).
+#[derive(clap::Parser, Debug)]
+#[command(about = "Partial FC over several GPUs: one process per GPU, NCCL between them")]
+struct Args {
+    /// Start this many ranks on this node (GPUs 0..K) with the torchrun variables set, and wait.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u16).range(1..))]
+    launch: Option<u16>,
+    /// Total classes C (e.g. 1M, 29M, 100000).
+    #[arg(long, default_value = "1M", value_parser = parse_classes)]
+    classes: u64,
+    /// Training steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Embeddings per rank per step, N.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Sample rate r in [0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    sample_rate: f64,
+    /// GEMM operand precision.
+    #[arg(long, value_enum, default_value_t = Wide::F32)]
+    precision: Wide,
+    /// Dtype of the momentum (f16 is refused: it would flush small momenta).
+    #[arg(long, value_enum, default_value_t = Wide::F32)]
+    momentum_dtype: Wide,
+    /// Dtype of the all-gathered embeddings on the wire.
+    #[arg(long, value_enum, default_value_t = Wide::F32)]
+    wire_dtype: Wide,
+    /// Dtype of the embedding gradient on the reduce-scatter.
+    #[arg(long, value_enum, default_value_t = Wide::F32)]
+    grad_wire_dtype: Wide,
+}
+
+#[cfg(feature = "cuda")]
+/// f32 or one of the 16-bit types, as the options spell them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Wide {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[cfg(feature = "cuda")]
+fn parse_classes(text: &str) -> Result<u64, String> {
+    partial_fc::plan::units::parse_count("classes", text).map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "cuda")]
+impl Args {
+    /// The options again as arguments, without `--launch`: what each launched rank gets.
+    fn for_a_rank(&self) -> Vec<String> {
+        let name = |w: Wide| format!("{w:?}").to_lowercase();
+        [
+            ("--classes", self.classes.to_string()),
+            ("--steps", self.steps.to_string()),
+            ("--batch", self.batch.to_string()),
+            ("--sample-rate", self.sample_rate.to_string()),
+            ("--precision", name(self.precision)),
+            ("--momentum-dtype", name(self.momentum_dtype)),
+            ("--wire-dtype", name(self.wire_dtype)),
+            ("--grad-wire-dtype", name(self.grad_wire_dtype)),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+    }
+}
+
+#[cfg(feature = "cuda")]
 fn run() -> Result<(), String> {
+    use clap::Parser;
+    use partial_fc::plan::Dtype;
     use partial_fc::rendezvous::{LaunchEnv, Rendezvous};
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    if let Some(k) = flag("--launch") {
-        let k: usize = k
-            .parse()
-            .map_err(|_| format!("--launch: {k:?} is not a number of processes"))?;
-        return launch(k);
+    let args = Args::parse();
+    if let Some(k) = args.launch {
+        return launch(usize::from(k), &args.for_a_rank());
     }
     let env = LaunchEnv::from_env().map_err(|e| e.to_string())?;
-    let classes: u64 = flag("--classes")
-        .map_or(Ok(1_000_000), |v| v.parse())
-        .map_err(|_| "--classes: not a number")?;
-    let steps: usize = flag("--steps")
-        .map_or(Ok(5), |v| v.parse())
-        .map_err(|_| "--steps: not a number")?;
-    let batch: usize = flag("--batch")
-        .map_or(Ok(128), |v| v.parse())
-        .map_err(|_| "--batch: not a number")?;
-    let sample_rate: f64 = flag("--sample-rate")
-        .map_or(Ok(0.1), |v| v.parse())
-        .map_err(|_| "--sample-rate: not a number")?;
-    let dtype = |name: &str| -> Result<partial_fc::plan::Dtype, String> {
-        use partial_fc::plan::Dtype;
-        match flag(name).as_deref() {
-            None | Some("f32") => Ok(Dtype::F32),
-            Some("bf16") => Ok(Dtype::Bf16),
-            Some("f16") => Ok(Dtype::F16),
-            Some(other) => Err(format!("{name}: {other:?} is not f32, bf16 or f16")),
-        }
+    let (classes, steps, batch) = (args.classes, args.steps, args.batch as usize);
+    let dtype = |w: Wide| match w {
+        Wide::F32 => Dtype::F32,
+        Wide::Bf16 => Dtype::Bf16,
+        Wide::F16 => Dtype::F16,
     };
     let dim = 512usize;
 
@@ -98,20 +147,20 @@ fn run() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let mut cfg = partial_fc::LayerConfig::new(classes, dim, batch);
-    cfg.sample_rate = sample_rate;
+    cfg.sample_rate = args.sample_rate;
     // The memory and bandwidth options (docs/cuda.md, docs/distributed.md).
-    cfg.wire = dtype("--wire-dtype")?;
-    cfg.grad_wire = dtype("--grad-wire-dtype")?;
-    cfg.precision = match dtype("--precision")? {
-        partial_fc::plan::Dtype::F32 => partial_fc::GemmPrecision::F32,
-        partial_fc::plan::Dtype::Bf16 => partial_fc::GemmPrecision::Bf16,
-        partial_fc::plan::Dtype::F16 => partial_fc::GemmPrecision::F16,
+    cfg.wire = dtype(args.wire_dtype);
+    cfg.grad_wire = dtype(args.grad_wire_dtype);
+    cfg.precision = match args.precision {
+        Wide::F32 => partial_fc::GemmPrecision::F32,
+        Wide::Bf16 => partial_fc::GemmPrecision::Bf16,
+        Wide::F16 => partial_fc::GemmPrecision::F16,
     };
     if let Some(sgd) = cfg.optimizer.as_mut() {
-        sgd.state_dtype = match dtype("--momentum-dtype")? {
-            partial_fc::plan::Dtype::F32 => partial_fc::StateDtype::F32,
-            partial_fc::plan::Dtype::Bf16 => partial_fc::StateDtype::Bf16,
-            partial_fc::plan::Dtype::F16 => {
+        sgd.state_dtype = match args.momentum_dtype {
+            Wide::F32 => partial_fc::StateDtype::F32,
+            Wide::Bf16 => partial_fc::StateDtype::Bf16,
+            Wide::F16 => {
                 return Err("--momentum-dtype: f32 or bf16 (f16 would flush small momenta)".into())
             }
         };
@@ -154,18 +203,9 @@ fn run() -> Result<(), String> {
 
 /// Starts `k` copies of this program on this node with the torchrun variables set, and waits.
 #[cfg(feature = "cuda")]
-fn launch(k: usize) -> Result<(), String> {
+fn launch(k: usize, rest: &[String]) -> Result<(), String> {
     use partial_fc::cuda::nccl::{find_nccl_so2, link_nccl, nccl_available};
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let rest: Vec<String> = {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let i = args.iter().position(|a| a == "--launch").unwrap_or(0);
-        args.iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i && *j != i + 1)
-            .map(|(_, a)| a.clone())
-            .collect()
-    };
     let mut ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
     // Kept until the children have exited.
     let mut link_dir = None;
@@ -189,7 +229,7 @@ fn launch(k: usize) -> Result<(), String> {
     let children: Vec<_> = (0..k)
         .map(|rank| {
             std::process::Command::new(&exe)
-                .args(&rest)
+                .args(rest)
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", k.to_string())

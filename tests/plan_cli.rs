@@ -74,8 +74,15 @@ fn table_ends_with_one_verdict_line() {
 
 #[test]
 fn bad_input_is_one_line_naming_the_flag_and_exit_2() {
-    let cases: [(&str, &str, &str); 6] = [
+    let cases: [(&str, &str, &str); 10] = [
         ("--gpus", "0", "--gpus"),
+        // negative numbers reach the parser (not clap's "unexpected argument")
+        ("--batch", "-5", "must not be negative"),
+        ("--sample-rate", "-0.1", "--sample-rate"),
+        // a bare small number is a forgotten unit, not a 32-byte GPU
+        ("--gpu-memory", "32", "did you mean 32GiB?"),
+        // a count's unit is K, M or B; the message shows counts
+        ("--classes", "100T", "29M"),
         ("--sample-rate", "1.5", "--sample-rate"),
         ("--sample-rate", "x", "--sample-rate"),
         ("--gpu-memory", "32XB", "--gpu-memory"),
@@ -317,4 +324,83 @@ fn documented_plan_output_is_current() {
         }
         assert!(checked >= 10, "{doc}: only {checked} lines checked");
     }
+}
+
+#[test]
+fn nothing_fits_anywhere_says_so() {
+    // a 1 MiB GPU holds not one class of a 128 × 512 batch's buffers on any cluster size
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "1000",
+        "--gpus",
+        "2",
+        "--gpu-memory",
+        "1MiB",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("upper bound over cluster sizes: none (not one class fits"),
+        "{text}"
+    );
+    assert!(!text.contains("first reached at"), "{text}");
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "1000",
+        "--gpus",
+        "2",
+        "--gpu-memory",
+        "1MiB",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["upper_bound_classes"], 0);
+    assert!(json["upper_bound_gpus"].is_null(), "{json}");
+}
+
+#[test]
+fn the_largest_sample_rate_shown_fits() {
+    // 29M on 8 × 24 GiB: the rate is found to f64 precision and shown floored to 4 places,
+    // so the printed rate must fit when fed back
+    let args = |r: &str| {
+        vec![
+            "plan".to_string(),
+            "--classes".into(),
+            "29M".into(),
+            "--gpus".into(),
+            "8".into(),
+            "--gpu-memory".into(),
+            "24GiB".into(),
+            "--sample-rate".into(),
+            r.into(),
+            "--json".into(),
+        ]
+    };
+    let run = |r: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(args(r))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let exact = run("0.1")["max_sample_rate"].as_f64().unwrap();
+    assert!(exact > 0.0 && exact < 1.0, "{exact}");
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "24GiB",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let shown = text
+        .lines()
+        .find_map(|l| l.strip_prefix("largest sample rate that fits: "))
+        .unwrap();
+    assert!(shown.parse::<f64>().unwrap() <= exact, "{shown} > {exact}");
+    assert_eq!(run(shown)["fits"], true, "{shown}");
 }

@@ -469,3 +469,23 @@ fn shards_larger_than_a_block_move_exactly() {
         );
     }
 }
+
+#[test]
+fn an_output_folder_that_is_a_file_or_has_no_parent_is_refused_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    train(2, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 2);
+    let a_file = dir.path().join("notes.txt");
+    std::fs::write(&a_file, "keep me").unwrap();
+    let e = reshard(&paths, 1, &a_file, &|_| {}).unwrap_err();
+    assert!(refusal(e).contains("is a file"));
+    assert_eq!(std::fs::read_to_string(&a_file).unwrap(), "keep me");
+    let deep = dir.path().join("typo").join("merged");
+    let e = reshard(&paths, 1, &deep, &|_| {}).unwrap_err();
+    assert!(refusal(e).contains("does not exist"));
+    assert!(!dir.path().join("typo").exists(), "no folder was made");
+    // a new folder under an existing parent is made
+    let fresh = dir.path().join("merged");
+    let written = reshard(&paths, 1, &fresh, &|_| {}).unwrap();
+    assert_eq!(written, vec![fresh.join(shard_file_name(1, 0))]);
+}

@@ -477,13 +477,40 @@ pub fn shard_file_name(world_size: usize, rank: usize) -> String {
     format!("rank{rank}-of-{world_size}.safetensors")
 }
 
+/// Makes `out_dir` if missing, refusing a path that is a file and a folder whose parent does
+/// not exist (a mistyped path should fail, not grow a tree of folders).
+fn prepare_out_dir(out_dir: &Path) -> Result<()> {
+    let refuse_dir = |reason: String| PfcError::param("out_dir", out_dir.display(), reason);
+    if out_dir.is_dir() {
+        return Ok(());
+    }
+    if out_dir.exists() {
+        return Err(refuse_dir("is a file; the new files need a folder".into()));
+    }
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(refuse_dir(format!(
+            "its parent folder {} does not exist",
+            parent.display()
+        )));
+    }
+    std::fs::create_dir(out_dir).map_err(|source| PfcError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Rewrites a run's checkpoint files (`paths`: every rank's) for `world_size` ranks, into
 /// `out_dir` as [`shard_file_name`]s, and returns their paths in rank order. World size 1
 /// merges the classifier into one file. Each file is written atomically (a temporary file, then
 /// a rename); should one fail, the files of the ranks before it are complete and the error says
 /// which rank failed. An output path that is one of the inputs is refused before anything is
 /// written. `progress` gets the number of values after each block (of
-/// [`CheckpointSet::total_values`] in all).
+/// [`CheckpointSet::total_values`] in all). `out_dir` is created if missing; its parent must
+/// exist.
 ///
 /// ```
 /// use partial_fc::checkpoint::{reshard, CheckpointSet};
@@ -510,10 +537,7 @@ pub fn reshard<P: AsRef<Path>>(
     let set = CheckpointSet::open(paths)?;
     set.check_world_size(world_size)?;
     set.require_complete()?;
-    std::fs::create_dir_all(out_dir).map_err(|source| PfcError::Io {
-        path: out_dir.to_path_buf(),
-        source,
-    })?;
+    prepare_out_dir(out_dir)?;
     let outputs: Vec<PathBuf> = (0..world_size)
         .map(|r| out_dir.join(shard_file_name(world_size, r)))
         .collect();

@@ -243,74 +243,112 @@ pub fn packed_row_bytes(wire: Dtype, dim: u64) -> u64 {
 }
 
 /// Bytes of every component of one step (reserved excluded: it is the caller's), in report order.
+///
+/// A component beyond `u64::MAX` bytes reads `u64::MAX`;
+/// [`PlanConfig::fc_bytes`](super::PlanConfig::fc_bytes) is the checked total.
 pub fn step_buffers(shape: &StepShape) -> Vec<(Component, u64)> {
-    let f32b = 4u64;
-    let shard = shape.shard_classes;
-    let d = shape.dim;
-    let n = shape.batch_per_rank;
-    let m = shape.gathered_rows();
-    let s = shape.sampled_capacity();
+    step_buffers_wide(shape)
+        .into_iter()
+        .map(|(c, b)| (c, u64::try_from(b).unwrap_or(u64::MAX)))
+        .collect()
+}
+
+/// [`step_buffers`] in `u128` with saturating arithmetic, so that any shape, however absurd, gets
+/// its exact bytes or a saturated value instead of an overflow: the planner's searches probe
+/// shapes no device holds and must see them as "too big", not as a wrapped small number.
+pub(crate) fn step_buffers_wide(shape: &StepShape) -> Vec<(Component, u128)> {
+    let w = u128::from;
+    // a·b·… saturating at u128::MAX
+    let mul = |xs: &[u128]| xs.iter().fold(1u128, |acc, &x| acc.saturating_mul(x));
+    let f32b = 4u128;
+    let shard = w(shape.shard_classes);
+    let d = w(shape.dim);
+    let n = w(shape.batch_per_rank);
+    let m = mul(&[n, w(shape.world_size)]);
+    let positives = u64::try_from(m).unwrap_or(u64::MAX);
+    let s = w(sampled_capacity(
+        shape.shard_classes,
+        shape.sample_rate,
+        positives,
+    ));
     // Sampled centers and their gradient have `ld` rows and the logits `ld` columns: the sample
     // padded for aligned rows (see `LogitsShape`).
-    let ld = shape.sampled_stride();
+    let ld = s.next_multiple_of(crate::backend::LOGITS_ROW_ALIGN as u128);
     let dense = shape.update == UpdateMode::Dense;
     // Every rank packs its N rows as the wire's values followed by the row's i64 label (8 bytes:
     // two f32 words, or four 16-bit words), so one all-gather moves both, from a send buffer of
     // N rows into a receive buffer of N·k rows, which is unpacked straight into the normalized
     // copy.
-    let row_bytes = packed_row_bytes(shape.wire_dtype, d);
+    let row_bytes = mul(&[d, w(shape.wire_dtype.bytes())]) + 8;
     // A 16-bit gradient wire rounds the N·k × d gradient into a send buffer and receives this
     // rank's N × d sum in a second one, before widening it into the f32 staging buffer.
     let staging_grad = if shape.grad_wire_dtype != Dtype::F32 {
-        (m * d + n * d) * shape.grad_wire_dtype.bytes()
+        mul(&[m.saturating_add(n), d, w(shape.grad_wire_dtype.bytes())])
     } else {
         0
     };
     let hard = if shape.hard_negatives {
-        let chunk = HARD_NEGATIVE_CHUNK.min(shard);
-        shard * f32b + chunk * d * f32b + chunk * m * f32b
+        let chunk = w(HARD_NEGATIVE_CHUNK).min(shard);
+        mul(&[shard, f32b])
+            .saturating_add(mul(&[chunk, d, f32b]))
+            .saturating_add(mul(&[chunk, m, f32b]))
     } else {
         0
+    };
+    // With 16-bit GEMMs, 16-bit copies of x̂ (M×d) and ŵ (S×d, S padded): see
+    // `StepShape::gemm_operand_lens`.
+    let gemm_operands = if shape.gemm_precision == GemmPrecision::F32 {
+        0
+    } else {
+        mul(&[
+            m.saturating_add(ld),
+            d,
+            w(shape.gemm_precision.operand_bytes()),
+        ])
     };
     vec![
         (
             Component::WeightShard,
-            shard * d * shape.weight_dtype.bytes(),
+            mul(&[shard, d, w(shape.weight_dtype.bytes())]),
         ),
         (
             Component::WeightGrad,
-            if dense { shard * d * f32b } else { 0 },
+            if dense { mul(&[shard, d, f32b]) } else { 0 },
         ),
         (
             Component::OptimizerState,
-            shape.optimizer_states * shard * d * shape.state_dtype.bytes(),
+            mul(&[
+                w(shape.optimizer_states),
+                shard,
+                d,
+                w(shape.state_dtype.bytes()),
+            ]),
         ),
-        (Component::SampledWeights, ld * d * f32b),
-        (Component::SampledWeightsGrad, ld * d * f32b),
-        (Component::WeightNorms, s * f32b),
-        (Component::GatheredEmbeddings, m * row_bytes),
-        (Component::NormalizedEmbeddings, m * d * f32b),
-        (Component::EmbeddingNorms, m * f32b),
-        (Component::EmbeddingsGrad, m * d * f32b),
+        (Component::SampledWeights, mul(&[ld, d, f32b])),
+        (Component::SampledWeightsGrad, mul(&[ld, d, f32b])),
+        (Component::WeightNorms, mul(&[s, f32b])),
+        (Component::GatheredEmbeddings, mul(&[m, row_bytes])),
+        (Component::NormalizedEmbeddings, mul(&[m, d, f32b])),
+        (Component::EmbeddingNorms, mul(&[m, f32b])),
+        (Component::EmbeddingsGrad, mul(&[m, d, f32b])),
         (
             Component::Logits,
             match shape.logits {
-                LogitsMode::Materialized => m * ld * shape.logits_bytes(),
+                LogitsMode::Materialized => mul(&[m, ld, w(shape.logits_bytes())]),
                 LogitsMode::Fused => 0,
             },
         ),
-        (Component::Labels, m * 8 + m * 4),
-        (Component::SampledIndex, s * 4),
-        (Component::SamplerKeys, shard * 8),
+        (Component::Labels, mul(&[m, 12])),
+        (Component::SampledIndex, mul(&[s, 4])),
+        (Component::SamplerKeys, mul(&[shard, 8])),
         (Component::HardNegativeScratch, hard),
-        (Component::RowStats, m * 4 * f32b),
-        (Component::GemmOperands, {
-            let (a, b) = shape.gemm_operand_lens();
-            (a + b) * shape.gemm_precision.operand_bytes()
-        }),
+        (Component::RowStats, mul(&[m, 4, f32b])),
+        (Component::GemmOperands, gemm_operands),
         (
             Component::CollectiveStaging,
-            n * d * f32b + n * row_bytes + staging_grad,
+            mul(&[n, d, f32b])
+                .saturating_add(mul(&[n, row_bytes]))
+                .saturating_add(staging_grad),
         ),
     ]
 }

@@ -1,6 +1,6 @@
 //! The planner's inputs: one cluster configuration, validated, and the step shape of its ranks.
 
-use super::buffers::{step_buffers, Component, Dtype, LogitsMode, StepShape};
+use super::buffers::{step_buffers, step_buffers_wide, Component, Dtype, LogitsMode, StepShape};
 use crate::config::{GemmPrecision, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::shard::Shard;
@@ -204,13 +204,13 @@ impl PlanConfig {
     }
 
     /// Bytes of the FC layer's buffers for a rank of the given shape, or `None` when they do not
-    /// fit in 63 bits (a configuration no device can hold). Checked before [`step_buffers`]
-    /// multiplies in `u64`, so that no input can overflow it.
+    /// fit in 63 bits (a configuration no device can hold). Summed in `u128`, so that no input
+    /// can overflow it.
     pub fn fc_bytes(shape: &StepShape) -> Option<u64> {
-        if !fits_in_63_bits(shape) {
-            return None;
-        }
-        Some(step_buffers(shape).iter().map(|(_, b)| b).sum())
+        let total = step_buffers_wide(shape)
+            .iter()
+            .fold(0u128, |acc, (_, b)| acc.saturating_add(*b));
+        u64::try_from(total).ok().filter(|&t| t < 1 << 63)
     }
 
     /// Bytes rank 0 needs in all (FC buffers plus the reserve), `None` beyond 63 bits (an
@@ -223,41 +223,13 @@ impl PlanConfig {
 
     /// Rank 0's buffers by component, the reserve last (empty when they exceed 63 bits).
     pub fn rank0_components(&self) -> Vec<(Component, u64)> {
-        let shape = self.rank0_shape();
-        if !fits_in_63_bits(&shape) {
+        if self.rank0_total().is_none() {
             return Vec::new();
         }
-        let mut parts = step_buffers(&shape);
+        let mut parts = step_buffers(&self.rank0_shape());
         parts.push((Component::Reserved, self.reserved));
         parts
     }
-}
-
-/// A generous upper bound on the sum [`step_buffers`] computes, in `u128`: when it is below
-/// 2^63 no product or sum inside `step_buffers` can overflow `u64`.
-fn fits_in_63_bits(shape: &StepShape) -> bool {
-    let w = |x: u64| u128::from(x);
-    let shard = w(shape.shard_classes);
-    let d = w(shape.dim);
-    let n = w(shape.batch_per_rank);
-    let m = n.saturating_mul(w(shape.world_size));
-    let s = shard; // the sampled capacity never exceeds the shard
-    let terms = [
-        shard.saturating_mul(d),
-        s.saturating_mul(d),
-        m.saturating_mul(d),
-        m.saturating_mul(s),
-        shard,
-        m,
-        n.saturating_mul(d),
-        // hard-negative chunk (<= 4096 rows) against d and m
-        4096u128.saturating_mul(d.saturating_add(m)),
-    ];
-    let bound = terms
-        .iter()
-        .fold(0u128, |acc, t| acc.saturating_add(*t))
-        .saturating_mul(64);
-    bound < (1u128 << 63)
 }
 
 #[cfg(test)]
@@ -340,12 +312,49 @@ mod tests {
 
     #[test]
     fn huge_shapes_are_refused_before_they_overflow() {
-        let mut c = PlanConfig::new(MAX_SHARD_CLASSES * 4, 4, 1 << 30);
+        // every limit at once: 2^56 gathered rows of 2^20 values are 2^78 bytes
+        let mut c = PlanConfig::new(MAX_GPUS, MAX_GPUS, MAX_MEMORY);
         c.batch_per_gpu = MAX_BATCH;
         c.dim = MAX_DIM;
         c.validate().unwrap();
         assert_eq!(c.rank0_total(), None);
         assert!(c.rank0_components().is_empty());
+        assert_eq!(PlanConfig::fc_bytes(&c.rank0_shape()), None);
+    }
+
+    #[test]
+    fn the_largest_shard_batch_and_dimension_on_four_gpus_have_an_exact_total() {
+        // 2^31-class shards of 2^20-wide rows: the weights alone are 2^53 bytes, which the old
+        // guard's ×64 margin refused; the exact sum is below 2^63 and is reported.
+        let mut c = PlanConfig::new(MAX_SHARD_CLASSES * 4, 4, MAX_MEMORY);
+        c.batch_per_gpu = MAX_BATCH;
+        c.dim = MAX_DIM;
+        c.validate().unwrap();
+        let total = c.rank0_total().expect("below 2^63");
+        let parts = c.rank0_components();
+        assert_eq!(parts.iter().map(|(_, b)| b).sum::<u64>(), total);
+        let weights = parts[0].1;
+        assert_eq!(weights, MAX_SHARD_CLASSES * MAX_DIM * 4);
+        assert!(total > weights && total < 1 << 63);
+    }
+
+    #[test]
+    fn fused_logits_are_not_refused_for_a_product_they_never_allocate() {
+        // 2^54 gathered rows against shards of 8 classes: M·shard is 2^57, which the old
+        // overflow guard counted (×64) although fused logits allocate nothing of that size. The
+        // real bytes are about 2^59.5: they fit in 63 bits and in the largest memory accepted.
+        let mut c = PlanConfig::new(8 << 30, 1 << 30, MAX_MEMORY);
+        c.batch_per_gpu = MAX_BATCH;
+        c.dim = 1;
+        c.logits = LogitsMode::Fused;
+        c.validate().unwrap();
+        let total = c.rank0_total().expect("fits in 63 bits");
+        let parts = c.rank0_components();
+        assert_eq!(parts.iter().map(|(_, b)| b).sum::<u64>(), total);
+        assert!(total > 1 << 59 && total < MAX_MEMORY, "{total}");
+        // materialized, the logits add 2^54 rows × 8 columns (the 8-aligned stride) × 4 bytes
+        c.logits = LogitsMode::Materialized;
+        assert_eq!(c.rank0_total(), Some(total + (1 << 59)));
     }
 
     #[test]

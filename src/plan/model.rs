@@ -1,5 +1,5 @@
 //! What the planner says about a configuration: per-component bytes, the fit, the largest class
-//! count, the model-parallel upper bound over cluster sizes, the fewest GPUs for a target, and
+//! count, the upper bound on classes over cluster sizes, the fewest GPUs for a target, and
 //! the largest sample rate.
 //!
 //! Every search rests on two monotonicities of [`step_buffers`](super::step_buffers), which
@@ -17,8 +17,9 @@ use super::config::{PlanConfig, MAX_GPUS, MAX_SHARD_CLASSES};
 use crate::error::{PfcError, Result};
 use std::collections::HashMap;
 
-/// The model-parallel upper bound: the most classes this configuration can train on any number
-/// of GPUs, and the smallest cluster that reaches it.
+/// The upper bound over cluster sizes: the most classes this configuration (at its sample rate;
+/// with r = 1, model parallelism's bound) can train on any number of GPUs, and the smallest
+/// cluster that reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpperBound {
     /// The largest `max_classes` over every cluster size (0 when nothing fits anywhere).
@@ -101,7 +102,7 @@ impl PlanConfig {
         Some(hi)
     }
 
-    /// The model-parallel upper bound: the largest [`max_classes`](PlanConfig::max_classes)
+    /// The upper bound over cluster sizes (at this sample rate): the largest [`max_classes`](PlanConfig::max_classes)
     /// over every cluster size k, with everything else of this configuration held fixed, and
     /// the smallest k that reaches it.
     ///
@@ -323,7 +324,8 @@ impl Plan {
             "fits": self.fits,
             "max_classes": self.max_classes,
             "upper_bound_classes": self.upper_bound.map(|u| u.classes),
-            "upper_bound_gpus": self.upper_bound.map(|u| u.gpus),
+            // no cluster size "reaches" zero classes
+            "upper_bound_gpus": self.upper_bound.filter(|u| u.classes > 0).map(|u| u.gpus),
             "components": components,
             "gpu_memory_bytes": c.gpu_memory,
             "free_bytes": c.gpu_memory.saturating_sub(self.total_bytes),

@@ -7,8 +7,8 @@
 use crate::error::{PfcError, Result};
 
 /// Parses a byte size: a plain number of bytes, or a number with a decimal suffix
-/// (`K`, `M`, `G`, `T`, optionally followed by `B`: powers of 1000) or a binary one
-/// (`KiB`, `MiB`, `GiB`, `TiB`: powers of 1024). Suffixes are case-insensitive; a fraction is
+/// (`K`, `M`, `G`, `T`, `P`, `E`, optionally followed by `B`: powers of 1000) or a binary one
+/// (`KiB`, `MiB`, `GiB`, `TiB`, `PiB`, `EiB`: powers of 1024). Suffixes are case-insensitive; a fraction is
 /// allowed when the result is a whole number of bytes (`1.5KiB` = 1536).
 ///
 /// `name` is the parameter the value belongs to; errors carry it.
@@ -18,6 +18,7 @@ use crate::error::{PfcError, Result};
 /// assert_eq!(parse_size("gpu_memory", "32GiB").unwrap(), 32 << 30);
 /// assert_eq!(parse_size("gpu_memory", "11G").unwrap(), 11_000_000_000);
 /// assert_eq!(parse_size("gpu_memory", "1.5KiB").unwrap(), 1536);
+/// assert_eq!(parse_size("gpu_memory", "1EiB").unwrap(), 1 << 60);
 /// assert!(parse_size("gpu_memory", "lots").is_err());
 /// ```
 pub fn parse_size(name: &'static str, text: &str) -> Result<u64> {
@@ -30,15 +31,19 @@ pub fn parse_size(name: &'static str, text: &str) -> Result<u64> {
         "m" | "mb" => 1_000_000,
         "g" | "gb" => 1_000_000_000,
         "t" | "tb" => 1_000_000_000_000,
+        "p" | "pb" => 1_000_000_000_000_000,
+        "e" | "eb" => 1_000_000_000_000_000_000,
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         "tib" => 1 << 40,
+        "pib" => 1 << 50,
+        "eib" => 1 << 60,
         _ => {
             return Err(PfcError::param(
                 name,
                 text,
-                "unknown size unit (use K, M, G, T, KiB, MiB, GiB or TiB)",
+                "unknown size unit (use K, M, G, T, P, E or KiB, MiB, GiB, TiB, PiB, EiB)",
             ))
         }
     };
@@ -76,6 +81,9 @@ fn scaled_decimal(
     what: &str,
 ) -> Result<u64> {
     let bad = |reason: &str| PfcError::param(name, text, reason.to_string());
+    if number.starts_with('-') {
+        return Err(bad("must not be negative"));
+    }
     let digits: String = number.chars().filter(|&c| c != '_').collect();
     let (int_part, frac_part) = match digits.split_once('.') {
         Some((i, f)) => (i, f),
@@ -86,7 +94,11 @@ fn scaled_decimal(
         || !all_digits(int_part)
         || !all_digits(frac_part)
     {
-        return Err(bad("not a number (expected e.g. 32GiB, 29M, 100000)"));
+        return Err(bad(if what == "bytes" {
+            "not a size (expected e.g. 32GiB, 11G, 4096; units K, M, G, T, P, E or KiB .. EiB)"
+        } else {
+            "not a count (expected e.g. 29M, 1.5B, 100000; units K, M or B)"
+        }));
     }
     if frac_part.len() > 18 {
         return Err(bad("too many decimal places"));
@@ -186,6 +198,32 @@ mod tests {
         assert_eq!(p("1.5MiB"), 3 << 19);
         assert_eq!(p("0.5K"), 500);
         assert_eq!(p("1_000M"), 1_000_000_000);
+        assert_eq!(p("2P"), 2_000_000_000_000_000);
+        assert_eq!(p("1PiB"), 1 << 50);
+        assert_eq!(p("1EiB"), 1 << 60);
+        assert_eq!(p("15EB"), 15_000_000_000_000_000_000);
+    }
+
+    #[test]
+    fn errors_say_what_went_wrong_in_the_right_units() {
+        let reason = |r: Result<u64>| match r {
+            Err(PfcError::Param { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(parse_count("batch", "-5")), "must not be negative");
+        assert_eq!(
+            reason(parse_size("reserved", "-1G")),
+            "must not be negative"
+        );
+        // a count's error shows counts, a size's shows sizes
+        let count = reason(parse_count("classes", "100T"));
+        assert!(count.contains("29M") && !count.contains("GiB"), "{count}");
+        let size = reason(parse_size("gpu_memory", "1.2.3G"));
+        assert!(size.contains("32GiB") && !size.contains("29M"), "{size}");
+        assert!(
+            parse_size("gpu_memory", "16EiB").is_err(),
+            "2^64 does not fit"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `pfc plan`: the per-GPU memory of a Partial FC configuration, what fits, and the
-//! model-parallel upper bound; optionally a sweep over class counts and its SVG plot.
+//! upper bound on classes over cluster sizes; optionally a sweep over class counts and its SVG plot.
 //!
 //! Numbers and sizes are read as text and parsed by the library (`29M`, `32GiB`), so that a bad
 //! value is one line naming its flag, exit status 2.
@@ -20,25 +20,45 @@ const SWEEP_POINTS: usize = 48;
 #[derive(clap::Args)]
 pub struct PlanArgs {
     /// Total number of classes C (e.g. 29M, 1.5B, 100000).
-    #[arg(long, value_name = "COUNT")]
+    #[arg(long, allow_negative_numbers = true, value_name = "COUNT")]
     classes: Box<str>,
     /// Number of GPUs k.
-    #[arg(long, value_name = "K")]
+    #[arg(long, allow_negative_numbers = true, value_name = "K")]
     gpus: Box<str>,
     /// Memory of one GPU (e.g. 32GiB, 11G, 80GB).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE")]
     gpu_memory: Box<str>,
     /// Images per GPU per step, N.
-    #[arg(long, value_name = "N", default_value = "128")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value = "128"
+    )]
     batch: Box<str>,
     /// Embedding dimension d.
-    #[arg(long, value_name = "D", default_value = "512")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "D",
+        default_value = "512"
+    )]
     dim: Box<str>,
     /// Sample rate r in [0, 1] (1 = model parallel, 0 = positives only).
-    #[arg(long, value_name = "R", default_value = "0.1")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "R",
+        default_value = "0.1"
+    )]
     sample_rate: Box<str>,
     /// Memory reserved for everything outside the FC layer (backbone, activations, framework).
-    #[arg(long, value_name = "SIZE", default_value = "0")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "SIZE",
+        default_value = "0"
+    )]
     reserved: Box<str>,
     /// Storage dtype of the weight shard (f16/bf16 are what-ifs: the layer keeps f32 master
     /// weights).
@@ -165,7 +185,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         batch_per_gpu: parse_count("batch", &args.batch)?,
         dim: parse_count("dim", &args.dim)?,
         sample_rate,
-        gpu_memory: parse_size("gpu_memory", &args.gpu_memory)?,
+        gpu_memory: parse_gpu_memory(&args.gpu_memory)?,
         reserved: parse_size("reserved", &args.reserved)?,
         weight_dtype: args.weight_dtype.dtype(),
         optimizer: match args.optimizer {
@@ -192,6 +212,27 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// `--gpu-memory`: a size, where a bare number under 1 MiB is refused as a forgotten unit
+/// (`--gpu-memory 32` is 32 bytes, which no one means).
+fn parse_gpu_memory(text: &str) -> Result<u64, PfcError> {
+    let bytes = parse_size("gpu_memory", text)?;
+    let unitless = text
+        .trim()
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '_' || c == '.');
+    if unitless && bytes < 1 << 20 {
+        return Err(PfcError::param(
+            "gpu_memory",
+            text,
+            format!(
+                "{bytes} bytes is no GPU: a number without a unit is bytes (did you mean {}GiB?)",
+                text.trim()
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The class range of the sweep: the user's, or from the GPU count up to twice the largest of
@@ -317,10 +358,16 @@ fn print_table(plan: &Plan) {
         format_count(plan.max_classes)
     );
     match plan.upper_bound {
+        Some(u) if u.classes == 0 => {
+            println!(
+                "upper bound over cluster sizes: none (not one class fits on any number of GPUs)"
+            )
+        }
         Some(u) => println!(
-            "upper bound over cluster sizes: {} classes, first reached at {} GPUs",
+            "upper bound over cluster sizes: {} classes, first reached at {} GPU{}",
             format_count(u.classes),
-            u.gpus
+            u.gpus,
+            if u.gpus == 1 { "" } else { "s" }
         ),
         None => println!("upper bound over cluster sizes: none below 2^32 GPUs"),
     }
@@ -332,7 +379,11 @@ fn print_table(plan: &Plan) {
         ),
     }
     match plan.max_sample_rate {
-        Some(r) => println!("largest sample rate that fits: {r:.4}"),
+        // floored, so that the rate shown fits (rounding 0.12345 up to 0.1235 would not)
+        Some(r) => println!(
+            "largest sample rate that fits: {:.4}",
+            (r * 1e4).floor() / 1e4
+        ),
         None => println!("largest sample rate that fits: none (not even positives only)"),
     }
 }

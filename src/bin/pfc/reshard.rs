@@ -13,7 +13,8 @@ pub struct ReshardArgs {
     /// World size to write the files for; 1 merges the classifier into one file.
     #[arg(long)]
     world_size: usize,
-    /// Folder for the new files (created if missing), named rank{r}-of-{k}.safetensors.
+    /// Folder for the new files (created if missing; its parent must exist), named
+    /// rank{r}-of-{k}.safetensors.
     #[arg(long)]
     out: PathBuf,
     /// No progress bar.
