@@ -261,6 +261,16 @@ macro_rules! launch {
 }
 
 impl CudaBackend {
+    /// A device-to-host copy that has finished when it returns. cudarc's copy is
+    /// `cuMemcpyDtoHAsync` into pageable memory, which CUDA documents as returning once the copy
+    /// is complete; the stream sync states that here instead of resting on it, and costs nothing
+    /// when the copy already blocked.
+    fn read_back<T: DeviceRepr, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
+        let host = self.stream.clone_dtoh(src).map_err(dev("download"))?;
+        self.stream.synchronize().map_err(dev("download"))?;
+        Ok(host)
+    }
+
     /// The shared first half of `class_max_cosine` and `class_top_k`: normalizes the classes
     /// `classes` of `weight` into `chunk_weights`, then scores them
     /// against the `rows` normalized embeddings `x_hat` into `cosines`, in the layout the
@@ -345,6 +355,10 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // cudarc makes the context current for launches and copies but not for cuBLAS calls: a
+        // GEMM that is a thread's first CUDA call, or follows another device's work on it,
+        // would otherwise run in the wrong context.
+        self.ctx.bind_to_thread().map_err(dev("cuBLAS context"))?;
         let cfg = GemmConfig {
             transa: tb,
             transb: ta,
@@ -424,9 +438,8 @@ impl CudaBackend {
         let hard_positives = if hard_possible {
             // The hard share depends on the positives: one 8-byte download.
             let positives = self
-                .stream
-                .clone_dtoh(&scratch.state.slice(STATE_POSITIVES..STATE_POSITIVES + 1))
-                .map_err(dev("download"))?[0] as usize;
+                .read_back(&scratch.state.slice(STATE_POSITIVES..STATE_POSITIVES + 1))?[0]
+                as usize;
             let fill = args.num_sample.saturating_sub(positives);
             let hard = ((args.hard_fraction as f64 * fill as f64).round() as usize).min(fill);
             if let (Some(scores), true) = (scores, hard > 0) {
@@ -531,10 +544,8 @@ impl CudaBackend {
             );
         }
         // The one host sync of the plain sampler.
-        let n = self
-            .stream
-            .clone_dtoh(&scratch.state.slice(STATE_SELECTED..STATE_SELECTED + 1))
-            .map_err(dev("download"))?[0] as usize;
+        let n =
+            self.read_back(&scratch.state.slice(STATE_SELECTED..STATE_SELECTED + 1))?[0] as usize;
         if n > capacity {
             return Err(PfcError::Shape(format!(
                 "sample_classes: {n} classes selected (the distinct positives exceed the sample), \
@@ -641,6 +652,8 @@ impl CudaBackend {
         alpha: f32,
     ) -> Result<()> {
         let beta = 0.0f32;
+        // See `sgemm_rowmajor`: cuBLAS runs in the thread's current context.
+        self.ctx.bind_to_thread().map_err(dev("cuBLAS context"))?;
         cudarc::cublas::result::gemm_ex(
             *self.blas.handle(),
             tb,
@@ -776,10 +789,7 @@ impl CudaBackend {
             return Ok(None);
         };
         let word = STATE_LAST_CANDIDATES;
-        let seen = self
-            .stream
-            .clone_dtoh(&scratch.state.slice(word..word + 1))
-            .map_err(dev("download"))?[0];
+        let seen = self.read_back(&scratch.state.slice(word..word + 1))?[0];
         Ok(Some((seen, list_len)))
     }
 
@@ -873,9 +883,7 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        self.stream
-            .clone_dtoh(&src.slice(offset..offset + len))
-            .map_err(dev("download"))
+        self.read_back(&src.slice(offset..offset + len))
     }
 
     fn copy<T: Elem>(&self, src: &CudaSlice<T>, dst: &mut CudaSlice<T>, len: usize) -> Result<()> {

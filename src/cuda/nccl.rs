@@ -8,6 +8,8 @@
 //! forever. With a timeout set, every collective waits for its stream by polling `cuStreamQuery`
 //! and `ncclCommGetAsyncError`; past the timeout the communicator is aborted (which unblocks the
 //! stream) and the call returns [`PfcError::Collective`]. The communicator is unusable after that.
+//! The clock starts when the work queued on the stream before the collective has finished (an
+//! event recorded just before it), so a short timeout is not spent on a large step's compute.
 //! The communicator's creation, which waits for every rank to join, is bounded as well (by the
 //! longer of that timeout and [`NcclCollective::DEFAULT_INIT_TIMEOUT`], or as chosen).
 //!
@@ -195,7 +197,8 @@ impl NcclCollective {
     pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// Joins the communicator `id` as `rank` of `world_size`, on `backend`'s device and stream;
-    /// `timeout` bounds every later collective (`None`: they never time out). Waiting for the
+    /// `timeout` bounds every later collective, counted from when the work queued before it has
+    /// finished (`None`: they never time out). Waiting for the
     /// other ranks to join is bounded by the longer of `timeout` and
     /// [`NcclCollective::DEFAULT_INIT_TIMEOUT`] (no bound when `timeout` is `None`); use
     /// [`NcclCollective::with_init_timeout`] to choose it.
@@ -304,14 +307,27 @@ impl NcclCollective {
         Ok(())
     }
 
+    /// With a timeout, an event recorded on the stream just before a collective is enqueued:
+    /// [`Self::wait`] starts the clock when it completes, so that the compute queued before the
+    /// collective (a large step's GEMMs and softmax passes) does not count against the timeout.
+    fn mark(&self, what: &str) -> Result<Option<cudarc::driver::CudaEvent>> {
+        if self.timeout.is_none() {
+            return Ok(None);
+        }
+        self.stream
+            .record_event(None)
+            .map(Some)
+            .map_err(|e| PfcError::Collective(format!("{what}: recording an event: {e:?}")))
+    }
+
     /// Waits for the stream with the timeout, checking NCCL's asynchronous errors; aborts the
-    /// communicator on timeout or error.
-    fn wait(&self, what: &str) -> Result<()> {
+    /// communicator on timeout or error. The timeout runs from the completion of `queued` (the
+    /// work before the collective; `None`: from now).
+    fn wait(&self, what: &str, queued: Option<cudarc::driver::CudaEvent>) -> Result<()> {
         let Some(timeout) = self.timeout else {
             return Ok(());
         };
-        // `Duration::MAX` (wait forever) must not overflow `Instant + Duration`.
-        let deadline = crate::deadline::deadline_after(timeout);
+        let mut deadline = None;
         loop {
             // SAFETY: the stream and communicator are alive for the duration of `self`.
             let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
@@ -321,6 +337,18 @@ impl NcclCollective {
             if status != cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY {
                 return Err(self.abort(format!("{what}: the stream failed ({status:?})")));
             }
+            if deadline.is_none() {
+                let started = match &queued {
+                    None => true,
+                    Some(event) => event
+                        .try_is_complete()
+                        .map_err(|e| self.abort(format!("{what}: the stream failed ({e:?})")))?,
+                };
+                if started {
+                    // `Duration::MAX` (wait forever) must not overflow `Instant + Duration`.
+                    deadline = Some(crate::deadline::deadline_after(timeout));
+                }
+            }
             let mut async_err = sys::ncclResult_t::ncclSuccess;
             // SAFETY: as above.
             unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
@@ -329,7 +357,7 @@ impl NcclCollective {
             {
                 return Err(self.abort(format!("{what}: NCCL reported {async_err:?}")));
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(self.abort(format!(
                     "{what}: no progress within {timeout:?} (a peer rank is missing or stuck)"
                 )));
@@ -352,18 +380,28 @@ impl NcclCollective {
         call: impl FnOnce(sys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<()> {
         self.check_usable()?;
+        let queued = self.mark(what)?;
         call(self.stream.cu_stream() as sys::cudaStream_t)
             .map_err(|e| self.abort(format!("{what}: {e:?}")))?;
-        self.wait(what)
+        self.wait(what, queued)
     }
 }
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
-        if !*self.broken.get_mut() {
-            // SAFETY: the communicator is live and dropped once.
-            unsafe {
+        if *self.broken.get_mut() {
+            return;
+        }
+        // A communicator with a pending asynchronous error (a peer that died unnoticed, which
+        // is possible without a timeout) is aborted: destroying it could wait on that peer.
+        let mut async_err = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is live and dropped once.
+        unsafe {
+            sys::ncclCommGetAsyncError(self.comm, &mut async_err);
+            if async_err == sys::ncclResult_t::ncclSuccess {
                 let _ = nccl::comm_destroy(self.comm);
+            } else {
+                let _ = nccl::comm_abort(self.comm);
             }
         }
     }
@@ -382,8 +420,9 @@ impl NcclCollective {
         recv: &mut CudaSlice<T>,
     ) -> Result<()> {
         self.check_usable()?;
+        let queued = self.mark("ncclAllGather")?;
         self.enqueue_all_gather(send, count, recv)?;
-        self.wait("ncclAllGather")
+        self.wait("ncclAllGather", queued)
     }
 
     /// Enqueues the all-gather of `count` elements per rank as bytes, without waiting.
