@@ -1,15 +1,26 @@
 //! Whole-file writes that never leave a half-written file under the destination's name: the
-//! bytes go to a temporary file beside it, are flushed to the disk, and are renamed over it.
-//! On any failure the temporary file is removed and an existing file is left as it was.
+//! bytes go to a temporary file beside it, are flushed to the disk, and are renamed over it, and
+//! the folder is flushed so that the rename itself survives a power loss. On any failure the
+//! temporary file is removed and an existing file is left as it was. The temporary file is
+//! created new (never opened through a link someone put under its name).
 
 use crate::error::{PfcError, Result};
 use crate::tensor_file::temp_path_beside;
+use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (see the module docs); errors name `path`.
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(io_error(path))
+    write_atomic_impl(path, false, |mut file| {
+        file.write_all(bytes).map_err(io_error(path))
+    })
+}
+
+/// [`write_bytes_atomic`] for a secret (the NCCL id): on Unix the file is readable by its owner
+/// only (mode 0600), from its creation on.
+pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_impl(path, true, |mut file| {
+        file.write_all(bytes).map_err(io_error(path))
     })
 }
 
@@ -22,16 +33,34 @@ pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ 
     }
 }
 
-/// Atomically replaces `path` with what `write` puts into the temporary file it is given (a
-/// file it creates); the file is flushed to the disk before the rename. An error from `write`
-/// (an I/O error, or one of the data it writes, such as a failed device download) is returned
-/// as it is, after the temporary file is removed.
+/// Atomically replaces `path` with what `write` puts into the temporary file it is given (open
+/// for writing); the file is flushed to the disk before the rename. An error from `write` (an
+/// I/O error, or one of the data it writes, such as a failed device download) is returned as it
+/// is, after the temporary file is removed.
 pub(crate) fn write_atomic_with(
     path: &Path,
-    write: impl FnOnce(&Path) -> Result<()>,
+    write: impl FnOnce(std::fs::File) -> Result<()>,
+) -> Result<()> {
+    write_atomic_impl(path, false, write)
+}
+
+fn write_atomic_impl(
+    path: &Path,
+    private: bool,
+    write: impl FnOnce(std::fs::File) -> Result<()>,
 ) -> Result<()> {
     let tmp = temp_path_beside(path);
-    let written = write(&tmp).and_then(|()| {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let file = options.open(&tmp).map_err(io_error(path))?;
+    let written = write(file).and_then(|()| {
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .and_then(|()| std::fs::rename(&tmp, path))
@@ -39,8 +68,20 @@ pub(crate) fn write_atomic_with(
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return written;
     }
-    written
+    // The rename is durable once the folder is flushed; a file system that cannot flush a
+    // folder (some network ones) still has the complete file under its name.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -68,6 +109,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
         assert_eq!(std::fs::read_to_string(&link).unwrap(), "old");
         assert_eq!(others(dir.path(), "out.txt"), ["link.txt"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        write_private_atomic(&path, b"secret").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! - **Shared file** ([`Rendezvous::File`]): rank 0 writes the id atomically to a path every rank
 //!   can see (NFS, a node-local tmpfs); the others wait for it to appear. The path must be new for
 //!   each job: a file left by an earlier run would be read as this run's id.
-//! - **TCP** ([`Rendezvous::Tcp`]): rank 0 listens on `MASTER_ADDR:MASTER_PORT` (the torchrun
-//!   convention, see [`LaunchEnv`]) and hands the id to each rank of the job that asks for it
+//! - **TCP** ([`Rendezvous::Tcp`]): rank 0 listens on `MASTER_PORT` (every interface, unless
+//!   `MASTER_ADDR` is a loopback address; the torchrun convention, see [`LaunchEnv`]) and hands the id to each rank of the job that asks for it
 //!   ([`serve_id`] gives the protocol: ranks say who they are and confirm receipt).
 //! - NCCL itself reads `NCCL_COMM_ID=host:port` (when set, `ncclGetUniqueId` on rank 0 starts a
 //!   bootstrap server there and every rank may use any id); the variable is passed through untouched.
@@ -91,49 +91,104 @@ pub struct LaunchEnv {
     pub rank: usize,
     /// `WORLD_SIZE`: number of processes.
     pub world_size: usize,
-    /// `LOCAL_RANK`: index of this process on its node (its GPU); defaults to `RANK`.
+    /// `LOCAL_RANK`: index of this process on its node (its GPU). When unset:
+    /// `RANK % LOCAL_WORLD_SIZE` if `LOCAL_WORLD_SIZE` is set, else `RANK` (right for one node
+    /// only: a multi-node launcher must set one of them).
     pub local_rank: usize,
     /// `MASTER_ADDR`: host of rank 0 (default 127.0.0.1).
     pub master_addr: String,
-    /// `MASTER_PORT`: rank 0's rendezvous port (default 29500).
+    /// `MASTER_PORT`: rank 0's rendezvous port, 1 to 65535 (default 29500).
     pub master_port: u16,
 }
 
 impl LaunchEnv {
     /// Reads the variables through `get` (use `|k| std::env::var(k).ok()` for the process).
+    ///
+    /// ```
+    /// use partial_fc::rendezvous::LaunchEnv;
+    /// let vars = [("RANK", "9"), ("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "8")];
+    /// let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+    /// let env = LaunchEnv::from_vars(get).unwrap();
+    /// assert_eq!((env.rank, env.local_rank, env.master_port), (9, 1, 29500));
+    /// ```
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv> {
-        fn parse<T: std::str::FromStr>(name: &'static str, v: Option<String>) -> Result<Option<T>> {
+        fn parse(name: &'static str, v: Option<String>) -> Result<Option<usize>> {
             v.map(|s| {
                 s.trim()
                     .parse()
-                    .map_err(|_| PfcError::param(name, s.clone(), "is not a valid number"))
+                    .map_err(|_| PfcError::param(name, s.clone(), "is not a whole number"))
             })
             .transpose()
         }
-        let rank: usize = parse("RANK", get("RANK"))?
-            .ok_or_else(|| PfcError::param("RANK", "unset", "the launcher must set RANK"))?;
-        let world_size: usize = parse("WORLD_SIZE", get("WORLD_SIZE"))?.ok_or_else(|| {
+        let world_size = parse("WORLD_SIZE", get("WORLD_SIZE"))?.ok_or_else(|| {
             PfcError::param("WORLD_SIZE", "unset", "the launcher must set WORLD_SIZE")
         })?;
-        if world_size == 0 || rank >= world_size {
+        if world_size == 0 {
+            return Err(PfcError::param("WORLD_SIZE", 0, "must be at least 1"));
+        }
+        let rank = parse("RANK", get("RANK"))?
+            .ok_or_else(|| PfcError::param("RANK", "unset", "the launcher must set RANK"))?;
+        if rank >= world_size {
             return Err(PfcError::param(
                 "RANK",
                 rank,
                 format!("must lie in [0, WORLD_SIZE = {world_size})"),
             ));
         }
+        let local_world = parse("LOCAL_WORLD_SIZE", get("LOCAL_WORLD_SIZE"))?;
+        if local_world == Some(0) {
+            return Err(PfcError::param("LOCAL_WORLD_SIZE", 0, "must be at least 1"));
+        }
+        let local_rank = match (parse("LOCAL_RANK", get("LOCAL_RANK"))?, local_world) {
+            (Some(l), Some(n)) if l >= n => {
+                return Err(PfcError::param(
+                    "LOCAL_RANK",
+                    l,
+                    format!("must lie in [0, LOCAL_WORLD_SIZE = {n})"),
+                ))
+            }
+            (Some(l), _) => l,
+            (None, Some(n)) => rank % n,
+            (None, None) => rank,
+        };
+        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        if master_addr.trim().is_empty() {
+            return Err(PfcError::param(
+                "MASTER_ADDR",
+                "\"\"",
+                "is empty (unset it for 127.0.0.1, or name rank 0's host)",
+            ));
+        }
+        let master_port = match get("MASTER_PORT") {
+            None => 29500,
+            Some(text) => match text.trim().parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => {
+                    return Err(PfcError::param(
+                        "MASTER_PORT",
+                        text,
+                        "must be a port number in 1..=65535",
+                    ))
+                }
+            },
+        };
         Ok(LaunchEnv {
             rank,
             world_size,
-            local_rank: parse("LOCAL_RANK", get("LOCAL_RANK"))?.unwrap_or(rank),
-            master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
-            master_port: parse("MASTER_PORT", get("MASTER_PORT"))?.unwrap_or(29500),
+            local_rank,
+            master_addr: master_addr.trim().to_string(),
+            master_port,
         })
     }
 
-    /// Reads the process's environment.
+    /// Reads the process's environment (a value that is not UTF-8 is an error naming it, not
+    /// an unset variable).
     pub fn from_env() -> Result<LaunchEnv> {
-        Self::from_vars(|k| std::env::var(k).ok())
+        Self::from_vars(|k| match std::env::var(k) {
+            Ok(v) => Some(v),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
+        })
     }
 }
 
@@ -200,8 +255,11 @@ impl Rendezvous {
             }
             Rendezvous::Tcp { addr, timeout } => {
                 if rank == 0 {
-                    let listener = TcpListener::bind(addr.as_str()).map_err(|e| {
-                        PfcError::Collective(format!("rendezvous: cannot listen on {addr}: {e}"))
+                    let at = listen_addr(addr);
+                    let listener = TcpListener::bind(at.as_str()).map_err(|e| {
+                        PfcError::Collective(format!(
+                            "rendezvous: cannot listen on {at} (for {addr}): {e}"
+                        ))
                     })?;
                     let id = create()?;
                     serve_id(&listener, &id, world_size, *timeout)?;
@@ -214,18 +272,26 @@ impl Rendezvous {
     }
 }
 
-/// Writes the id to `path` atomically (temporary file, then rename).
+/// Writes the id to `path` atomically (temporary file, then rename), readable by its owner only
+/// on Unix (anyone holding the id could join the job's communicator).
 pub fn write_id_file(path: &Path, id: &UniqueId) -> Result<()> {
     // A temporary file and a rename, removed again if either fails.
-    crate::atomic_file::write_bytes_atomic(path, id.to_hex().as_bytes())
+    crate::atomic_file::write_private_atomic(path, id.to_hex().as_bytes())
 }
 
-/// Waits up to `timeout` for `path` to hold an id.
+/// Waits up to `timeout` for `path` to hold an id. A file that is there but does not hold one
+/// yet (a launcher that writes it in place, not atomically) is read again until the timeout,
+/// and then its parse error is returned.
 pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
     let deadline = crate::deadline::deadline_after(timeout);
     loop {
         match std::fs::read_to_string(path) {
-            Ok(text) => return UniqueId::from_hex(&text),
+            Ok(text) => match UniqueId::from_hex(&text) {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                parsed => return parsed,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }
@@ -252,48 +318,108 @@ pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
 /// rank only once it has confirmed receipt with one byte. So a connection that says nothing
 /// valid (a port probe, a health check, a client of something else) is not counted; a rank of a
 /// job with another world size, or a rank outside `[1, world_size)`, is refused with an answer
-/// that tells it why; and a rank that connects twice is counted once. One connection is served at
-/// a time; its request must arrive within 1 s (and the overall `timeout`), and a rank that got
-/// the id has 5 s to confirm whatever the deadline.
+/// that tells it why; and a rank that connects twice is counted once. Connections are served
+/// concurrently (at most 64 at a time; more are closed at once), each on a thread of its own:
+/// a request must arrive within 1 s of connecting, and a rank that got the id has 5 s to
+/// confirm, whatever the overall deadline. At the deadline no connection is taken any more, the
+/// ones in progress finish (so a rank served just before it is counted), and a rank still
+/// missing is an error naming it.
 pub fn serve_id(
     listener: &TcpListener,
     id: &UniqueId,
     world_size: usize,
     timeout: Duration,
 ) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const MAX_IN_FLIGHT: usize = 64;
     let deadline = crate::deadline::deadline_after(timeout);
     listener
         .set_nonblocking(true)
         .map_err(|e| PfcError::Collective(format!("rendezvous: {e}")))?;
     let peers = world_size.saturating_sub(1);
     let mut served = std::collections::BTreeSet::new();
-    while served.len() < peers {
+    let (confirmed, ranks) = std::sync::mpsc::channel::<usize>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    loop {
+        while let Ok(rank) = ranks.try_recv() {
+            served.insert(rank);
+        }
+        if served.len() >= peers {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            // The connections in progress end within their own limits (1 s + 5 s).
+            if in_flight.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            while let Ok(rank) = ranks.try_recv() {
+                served.insert(rank);
+            }
+            if served.len() >= peers {
+                return Ok(());
+            }
+            let missing: Vec<usize> = (1..world_size).filter(|r| !served.contains(r)).collect();
+            return Err(PfcError::Collective(format!(
+                "rendezvous: {} of {peers} ranks received the id within {timeout:?}; \
+                 missing ranks {missing:?}",
+                served.len()
+            )));
+        }
         match listener.accept() {
             Ok((stream, _)) => {
+                if in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
+                    continue; // dropped: closed at once
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 // A rank sends its request as soon as it is connected: a connection silent for
-                // a second is not one, and must not hold up the ranks queued behind it.
+                // a second is not one.
                 let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
-                if let Some(rank) = serve_one(stream, id, world_size, limit) {
-                    served.insert(rank);
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let (confirmed, handler_count, id) = (confirmed.clone(), in_flight.clone(), *id);
+                let spawned = std::thread::Builder::new()
+                    .name("pfc-rendezvous".into())
+                    .spawn(move || {
+                        if let Some(rank) = serve_one(stream, &id, world_size, limit) {
+                            let _ = confirmed.send(rank);
+                        }
+                        // after the send: the loop drains the channel once this reaches 0
+                        handler_count.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> =
-                        (1..world_size).filter(|r| !served.contains(r)).collect();
-                    return Err(PfcError::Collective(format!(
-                        "rendezvous: {} of {peers} ranks received the id within {timeout:?}; \
-                         missing ranks {missing:?}",
-                        served.len()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(PfcError::Collective(format!("rendezvous: accept: {e}"))),
         }
     }
-    Ok(())
+}
+
+/// The address rank 0 listens on for `addr` (`MASTER_ADDR:MASTER_PORT`): a loopback address
+/// (`127.x.y.z`, `::1`, `localhost`) as given, since the job is on this machine; anything else
+/// on every interface of MASTER_PORT (`0.0.0.0`, or `[::]` for an IPv6 address), as torchrun's
+/// store does. Binding the name itself would fail for a name that does not resolve yet or
+/// names a service address (a Kubernetes ClusterIP), and would listen on loopback only where
+/// /etc/hosts maps the host's own name to 127.0.1.1, out of the other nodes' reach.
+fn listen_addr(addr: &str) -> String {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return addr.to_string(); // no port: let bind() say what is wrong
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    if host.eq_ignore_ascii_case("localhost") || ip.is_some_and(|ip| ip.is_loopback()) {
+        return addr.to_string();
+    }
+    if ip.is_some_and(|ip| ip.is_ipv6()) {
+        format!("[::]:{port}")
+    } else {
+        format!("0.0.0.0:{port}")
+    }
 }
 
 /// A rank's request: [`MAGIC`], world size and rank (u32, little-endian).
@@ -502,6 +628,66 @@ mod tests {
     }
 
     #[test]
+    fn launch_env_blames_the_variable_that_is_wrong() {
+        fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+            move |k| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        }
+        let blamed = |pairs: &[(&str, &str)]| match LaunchEnv::from_vars(vars(pairs)) {
+            Err(PfcError::Param { name, .. }) => name,
+            other => panic!("{pairs:?} gave {other:?}"),
+        };
+        let base = [("RANK", "1"), ("WORLD_SIZE", "4")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            v
+        };
+        assert_eq!(blamed(&[("RANK", "0"), ("WORLD_SIZE", "0")]), "WORLD_SIZE");
+        assert_eq!(blamed(&with(("MASTER_PORT", "0"))), "MASTER_PORT");
+        assert_eq!(blamed(&with(("MASTER_PORT", "70000"))), "MASTER_PORT");
+        assert_eq!(blamed(&with(("MASTER_ADDR", " "))), "MASTER_ADDR");
+        assert_eq!(blamed(&with(("LOCAL_WORLD_SIZE", "0"))), "LOCAL_WORLD_SIZE");
+        let mut v = with(("LOCAL_WORLD_SIZE", "2"));
+        v.push(("LOCAL_RANK", "2"));
+        assert_eq!(blamed(&v), "LOCAL_RANK");
+        // without LOCAL_RANK, the node-local index comes from LOCAL_WORLD_SIZE
+        let mut v = vec![
+            ("RANK", "9"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_WORLD_SIZE", "8"),
+        ];
+        assert_eq!(LaunchEnv::from_vars(vars(&v)).unwrap().local_rank, 1);
+        v.push(("LOCAL_RANK", "3"));
+        assert_eq!(LaunchEnv::from_vars(vars(&v)).unwrap().local_rank, 3);
+    }
+
+    #[test]
+    fn an_id_file_written_in_place_is_read_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        std::fs::write(&path, "").unwrap();
+        let id = some_id(4);
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || read_id_file(&path, Duration::from_secs(20)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(&path, id.to_hex()).unwrap();
+        assert_eq!(reader.join().unwrap().unwrap(), id);
+        // still not an id at the deadline: its parse error
+        std::fs::write(&path, "abc").unwrap();
+        assert!(matches!(
+            read_id_file(&path, Duration::from_millis(100)),
+            Err(PfcError::Param { .. })
+        ));
+    }
+
+    #[test]
     fn file_exchange_between_threads() {
         let dir = tempfile::tempdir().unwrap();
         let rv = Rendezvous::File {
@@ -569,6 +755,35 @@ mod tests {
             some_id(6)
         );
         server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn rank_0_listens_on_every_interface_unless_the_address_is_loopback() {
+        assert_eq!(listen_addr("127.0.0.1:29500"), "127.0.0.1:29500");
+        assert_eq!(listen_addr("localhost:29500"), "localhost:29500");
+        assert_eq!(listen_addr("[::1]:7"), "[::1]:7");
+        assert_eq!(listen_addr("node0:29500"), "0.0.0.0:29500");
+        assert_eq!(listen_addr("10.1.2.3:29500"), "0.0.0.0:29500");
+        assert_eq!(listen_addr("[fd00::5]:29500"), "[::]:29500");
+    }
+
+    /// Silent connections are served beside the real ranks, not before them: five of them used
+    /// to hold rank 0 for a second each, past a 3 s timeout, and the real rank was reported
+    /// missing (found by a review).
+    #[test]
+    fn silent_connections_do_not_hold_up_the_ranks() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let silent: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+        let server = std::thread::spawn(move || {
+            serve_id(&listener, &some_id(2), 2, Duration::from_millis(2500))
+        });
+        assert_eq!(
+            fetch_id(&addr, 1, 2, Duration::from_millis(2500)).unwrap(),
+            some_id(2)
+        );
+        server.join().unwrap().unwrap();
+        drop(silent);
     }
 
     /// A rank that gets the id just before rank 0's deadline and confirms just after it is

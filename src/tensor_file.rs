@@ -426,9 +426,8 @@ pub fn write_atomic(
     // Padded with spaces to a multiple of 8, as safetensors writes it, so that the data that
     // follows is aligned for readers that map the file.
     header.resize(header.len().div_ceil(8) * 8, b' ');
-    crate::atomic_file::write_atomic_with(path, |tmp| {
+    crate::atomic_file::write_atomic_with(path, |file| {
         let io = crate::atomic_file::io_error(path);
-        let file = File::create(tmp).map_err(&io)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(&io)?;

@@ -65,3 +65,37 @@ fn thread_group_and_host_staged_agree_with_one_rank() {
         assert_close("weights after step", &direct.2, &w1);
     }
 }
+
+/// A rank whose own arguments are refused breaks the group: its peer, already waiting in that
+/// collective, fails instead of waiting out the timeout, and the refused rank's next call cannot
+/// pair with the peer's pending one (before, both then returned Ok with rank 0's second call
+/// reduced against rank 1's first).
+/// Rank 0 makes a call its own buffer cannot serve, then a valid one; rank 1 one valid call.
+fn refused_then_valid<C: Collective<CpuBackend>>(comm: C) -> (bool, bool) {
+    use partial_fc::ReduceOp;
+    let mut v = vec![1.0f32, 100.0];
+    if comm.rank() == 0 {
+        // count 3 on a buffer of 2: refused on this rank
+        let first = comm.all_reduce_f32(&CpuBackend, &mut v, 3, ReduceOp::Sum);
+        let second = comm.all_reduce_f32(&CpuBackend, &mut v, 2, ReduceOp::Sum);
+        (first.is_ok(), second.is_ok())
+    } else {
+        let only = comm.all_reduce_f32(&CpuBackend, &mut v, 2, ReduceOp::Sum);
+        (only.is_ok(), true)
+    }
+}
+
+#[test]
+fn a_rank_refused_before_a_collective_breaks_the_group_for_its_peers() {
+    for staged in [false, true] {
+        let results = ThreadGroup::run(2, |comm| {
+            if staged {
+                refused_then_valid(HostStaged::new(comm))
+            } else {
+                refused_then_valid(comm)
+            }
+        });
+        assert_eq!(results[0], (false, false), "staged {staged}: rank 0");
+        assert!(!results[1].0, "staged {staged}: rank 1's call must fail");
+    }
+}

@@ -47,6 +47,15 @@ impl<C> HostStaged<C> {
     }
 }
 
+impl<C: Collective<CpuBackend>> HostStaged<C> {
+    /// This rank's part before the host collective (a size check, a download): on failure the
+    /// group is broken, so that the peers already in the collective fail at once instead of
+    /// waiting for a rank that will not come (see [`Collective::abort`]).
+    fn staged<T>(&self, what: &str, prepare: impl FnOnce() -> Result<T>) -> Result<T> {
+        prepare().inspect_err(|e| self.inner.abort(&format!("{what}: {e}")))
+    }
+}
+
 impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -63,8 +72,10 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<T>,
     ) -> Result<()> {
-        let len = group_len(count, self.inner.world_size(), "all_gather")?;
-        let host = b.download(send, count)?;
+        let (len, host) = self.staged("all_gather", || {
+            let len = group_len(count, self.inner.world_size(), "all_gather")?;
+            Ok((len, b.download(send, count)?))
+        })?;
         let mut out = vec![T::default(); len];
         self.inner.all_gather(&CpuBackend, &host, count, &mut out)?;
         b.upload(&out, recv)
@@ -77,7 +88,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         op: ReduceOp,
     ) -> Result<()> {
-        let mut host = b.download(buf, count)?;
+        let mut host = self.staged("all_reduce_f32", || b.download(buf, count))?;
         self.inner
             .all_reduce_f32(&CpuBackend, &mut host, count, op)?;
         b.upload(&host, buf)
@@ -90,8 +101,12 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         count: usize,
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
-        let len = group_len(count, self.inner.world_size(), "reduce_scatter_f32")?;
-        let host = b.download(send, len)?;
+        let host = self.staged("reduce_scatter_f32", || {
+            b.download(
+                send,
+                group_len(count, self.inner.world_size(), "reduce_scatter_f32")?,
+            )
+        })?;
         let mut out = vec![0.0; count];
         self.inner
             .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
@@ -106,9 +121,13 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         recv: &mut B::Buf<u16>,
         dtype: Dtype,
     ) -> Result<()> {
-        super::check_16_bit(dtype)?;
-        let len = group_len(count, self.inner.world_size(), "reduce_scatter_16")?;
-        let host = b.download(send, len)?;
+        let host = self.staged("reduce_scatter_16", || {
+            super::check_16_bit(dtype)?;
+            b.download(
+                send,
+                group_len(count, self.inner.world_size(), "reduce_scatter_16")?,
+            )
+        })?;
         let mut out = vec![0u16; count];
         self.inner
             .reduce_scatter_16(&CpuBackend, &host, count, &mut out, dtype)?;
@@ -117,5 +136,9 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
 
     fn barrier(&self) -> Result<()> {
         self.inner.barrier()
+    }
+
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
     }
 }

@@ -160,18 +160,36 @@ impl std::fmt::Debug for ThreadCollective {
 
 impl Drop for ThreadCollective {
     fn drop(&mut self) {
-        if let Ok(mut st) = self.shared.state.lock() {
-            // Peers that already passed the last barrier see the generation move first and
-            // return normally; any later wait by a peer fails at once instead of timing out.
-            if st.broken.is_none() {
-                st.broken = Some(format!("rank {} left the group", self.rank));
-                self.shared.turn.notify_all();
-            }
-        }
+        // Peers that already passed the last barrier see the generation move first and return
+        // normally; any later wait by a peer fails at once instead of timing out. (A poisoned
+        // lock is taken anyway: the peers must still hear that this rank is gone.)
+        self.break_group(&format!("rank {} left the group", self.rank));
     }
 }
 
 impl ThreadCollective {
+    /// Breaks the group for this rank's local failure and returns the error: the peers waiting
+    /// in the collective this rank will not join fail at once (see [`Collective::abort`]).
+    fn refuse_locally(&self, err: PfcError) -> PfcError {
+        self.break_group(&format!(
+            "rank {} failed its part of a collective: {err}",
+            self.rank
+        ));
+        err
+    }
+
+    fn break_group(&self, reason: &str) {
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.broken.is_none() {
+            st.broken = Some(reason.to_string());
+        }
+        self.shared.turn.notify_all();
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
         self.shared
             .state
@@ -289,11 +307,11 @@ impl ThreadCollective {
     /// it is not confused with [`Collective::all_gather`]).
     fn gather_slices<T: Copy>(&self, send: &[T], count: usize, recv: &mut [T]) -> Result<()> {
         let world = self.shared.world;
-        if send.len() < count || recv.len() < count * world {
-            return Err(PfcError::Shape(format!(
+        if send.len() < count || recv.len() < count.saturating_mul(world) {
+            return Err(self.refuse_locally(PfcError::Shape(format!(
                 "all_gather of {count} per rank needs send >= {count} and recv >= {}",
-                count * world
-            )));
+                count.saturating_mul(world)
+            ))));
         }
         let (reading, peers) = self.exchange::<T>(Slot::of("all_gather", send, count))?;
         if let Some((r, &(_, n))) = peers.iter().enumerate().find(|(_, p)| p.1 != count) {
@@ -327,11 +345,11 @@ impl ThreadCollective {
         reduce: impl FnOnce(&[&[T]], &mut [T]),
     ) -> Result<()> {
         let world = self.shared.world;
-        if send.len() < count * world || recv.len() < count {
-            return Err(PfcError::Shape(format!(
+        if send.len() < count.saturating_mul(world) || recv.len() < count {
+            return Err(self.refuse_locally(PfcError::Shape(format!(
                 "reduce_scatter of {count} per rank needs send >= {} and recv >= {count}",
-                count * world
-            )));
+                count.saturating_mul(world)
+            ))));
         }
         let (reading, peers) = self.exchange::<T>(Slot::of(op, send, count * world))?;
         if let Some(r) = peers.iter().position(|&(_, n)| n != count * world) {
@@ -382,10 +400,10 @@ impl Collective<CpuBackend> for ThreadCollective {
         op: ReduceOp,
     ) -> Result<()> {
         if buf.len() < count {
-            return Err(PfcError::Shape(format!(
+            return Err(self.refuse_locally(PfcError::Shape(format!(
                 "all_reduce of {count} on a buffer of {}",
                 buf.len()
-            )));
+            ))));
         }
         let name = match op {
             ReduceOp::Sum => "all_reduce(sum)",
@@ -445,7 +463,7 @@ impl Collective<CpuBackend> for ThreadCollective {
         recv: &mut Vec<u16>,
         dtype: Dtype,
     ) -> Result<()> {
-        super::check_16_bit(dtype)?;
+        super::check_16_bit(dtype).map_err(|e| self.refuse_locally(e))?;
         // In f32, in rank order, starting from rank 0's value (so that one rank is a copy), then
         // rounded once: every rank computes the same bits for its block, whatever the threads.
         let op = match dtype {
@@ -468,6 +486,10 @@ impl Collective<CpuBackend> for ThreadCollective {
         // other operations' second wait does: a rank that went on would overwrite its slot.
         let (reading, _) = self.exchange::<u8>(Slot::of::<u8>("barrier", &[], 0))?;
         self.release(reading, Ok(()))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.break_group(&format!("rank {} aborted the group: {reason}", self.rank));
     }
 }
 

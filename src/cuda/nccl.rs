@@ -600,6 +600,11 @@ impl Collective<CudaBackend> for NcclCollective {
         }
         Ok(())
     }
+
+    fn abort(&self, reason: &str) {
+        // The peers in other processes learn of it through their own timeout or NCCL's error.
+        let _ = NcclCollective::abort(self, format!("aborted: {reason}"));
+    }
 }
 
 #[cfg(test)]
