@@ -399,7 +399,7 @@ impl LayerConfig {
                 format!("must be >= world size {world_size} so that no shard is empty"),
             ));
         }
-        if self.num_classes > i32::MAX as u64 * world_size as u64 {
+        if self.num_classes > (i32::MAX as u64).saturating_mul(world_size as u64) {
             return Err(PfcError::param(
                 "num_classes",
                 self.num_classes,
@@ -411,6 +411,14 @@ impl LayerConfig {
         }
         if self.batch_per_rank == 0 {
             return Err(PfcError::param("batch_per_rank", 0, "must be >= 1"));
+        }
+        // Ranks tell each other their row counts in an f32 all-reduce, exact up to 2^24.
+        if self.batch_per_rank > 1 << 24 {
+            return Err(PfcError::param(
+                "batch_per_rank",
+                self.batch_per_rank,
+                "must be <= 2^24 (16,777,216)",
+            ));
         }
         // Every buffer's element count must fit in memory arithmetic (and in the address
         // space): the largest are shard × d, (N·k) × d and the worst-case logits (N·k) × shard.
@@ -424,8 +432,8 @@ impl LayerConfig {
         let limit = isize::MAX as u64 / 8;
         if largest.iter().any(|n| n.is_none_or(|n| n > limit)) {
             return Err(PfcError::param(
-                "dim",
-                self.dim,
+                "num_classes",
+                self.num_classes,
                 format!(
                     "with {} classes over {world_size} ranks and {} rows per rank, a buffer \
                      would not fit in memory arithmetic",

@@ -202,6 +202,10 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     step: u64,
     /// Whether the last backward pass's gradient still waits for `step`.
     grad_pending: bool,
+    /// Set once every rank has agreed to run the current pass: a failure after that point
+    /// (a device or collective error on this rank) breaks the group (`Collective::abort`), since
+    /// the peers are in, or about to enter, collectives this rank will not join.
+    mid_pass: bool,
     /// Classes sampled by the last forward pass, whose gradient the buffers still hold (kept
     /// after `step`, cleared when the weights are replaced).
     last_sampled: Option<usize>,
@@ -402,6 +406,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     pub fn zeroed(config: LayerConfig, mut backend: B, comm: C) -> Result<Self> {
         let world = comm.world_size();
         config.validate(world)?;
+        if comm.rank() >= world {
+            return Err(PfcError::param(
+                "rank",
+                comm.rank(),
+                format!("the collective's rank must lie in [0, world size {world})"),
+            ));
+        }
         let shard = Shard::of(config.num_classes, world, comm.rank());
         let shape = Self::shape_of(&config, shard, world);
         // The backend rejects a precision it cannot multiply in (the CPU: anything but f32),
@@ -492,6 +503,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             capacity,
             step: 0,
             grad_pending: false,
+            mid_pass: false,
             last_sampled: None,
             sampled_rows_written: 0,
             incomplete: false,
@@ -926,20 +938,51 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// One forward and backward pass on this rank's batch; the sample is drawn by the layer.
+    ///
+    /// # Errors
+    ///
+    /// Refused on every rank alike, with nothing changed: a rank's bad input ([`PfcError::Shape`]
+    /// for lengths or more rows than `batch_per_rank`, [`PfcError::Label`] for a label outside
+    /// `[0, num_classes)`, a NaN/Inf or zero embedding row), an empty batch on every rank, a
+    /// layer left incomplete by a failed load. After every rank agreed to run the pass, a
+    /// collective or device error discards the pending gradient and breaks the group
+    /// ([`Collective::abort`]; see docs/design.md).
     pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
-        self.forward_backward_inner(embeddings, labels, None)
+        let out = self.forward_backward_inner(embeddings, labels, None);
+        self.end_pass(out)
+    }
+
+    /// A pass that failed after every rank agreed to run it breaks the group: this rank's peers
+    /// would otherwise wait for it in the collective it left (until their timeout), or pair its
+    /// next call with that one. Refusals every rank agreed on return before that point.
+    fn end_pass<T>(&mut self, out: Result<T>) -> Result<T> {
+        let agreed = std::mem::take(&mut self.mid_pass);
+        if let (Err(e), true) = (&out, agreed) {
+            self.comm.abort(&format!(
+                "rank {}'s forward/backward pass failed: {e}",
+                self.comm.rank()
+            ));
+        }
+        out
     }
 
     /// Like [`PartialFc::forward_backward`], with the sample given instead of drawn: `sampled`
     /// holds sorted global class ids (any rank's; each rank keeps those in its shard) and must
     /// hold every positive of the gathered batch. Used for parity with other implementations.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`PartialFc::forward_backward`], and, on every rank alike: a class outside
+    /// `[0, num_classes)`, a sample not sorted and unique, more of this shard's classes than its
+    /// sample capacity, a positive of the batch missing from the sample.
     pub fn forward_backward_with_sample(
         &mut self,
         embeddings: &[f32],
         labels: &[i64],
         sampled: &[i64],
     ) -> Result<StepOutput> {
-        self.forward_backward_inner(embeddings, labels, Some(sampled))
+        let out = self.forward_backward_inner(embeddings, labels, Some(sampled));
+        self.end_pass(out)
     }
 
     fn forward_backward_inner(
@@ -998,6 +1041,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "every rank passed an empty batch: there is no loss to take".into(),
             ));
         }
+        self.mid_pass = true;
+        if given.is_none() {
+            // Every rank runs this pass now: whatever happens next, the last pass's gradient is
+            // no longer the one to apply (a pass that fails in the all-gather must not leave it
+            // for `step`). A given sample has one more agreement below, after which the same
+            // holds.
+            self.grad_pending = false;
+            self.last_sampled = None;
+        }
 
         // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
         // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
@@ -1040,7 +1092,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 // Only the rank that holds the class can tell; every rank must learn it before
                 // any returns, or the others wait in the next collective (or pair it with the
                 // wrong call). Nothing observable has changed yet.
+                // A refusal here is every rank's, not a failure to break the group for.
+                self.mid_pass = false;
                 self.agree_on_input(missing, 0, Call::Given)?;
+                self.grad_pending = false;
+                self.last_sampled = None;
+                self.mid_pass = true;
                 let (b, x) = (&self.backend, &mut self.bufs);
                 b.upload(&local, &mut x.local_labels)?;
                 b.upload(&local_sample, &mut x.sampled_index)?;
@@ -1267,6 +1324,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
     /// Applies SGD with momentum to the shard with learning rate `lr`, from the gradient of the
     /// last [`PartialFc::forward_backward`].
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] for a NaN, infinite or negative `lr` or a layer without an optimizer;
+    /// [`PfcError::Shape`] when no gradient is pending (no pass since the last `step`, or the
+    /// last pass failed). The gradient is consumed before the update runs: should a device error
+    /// stop the update part-way, the gradient is gone (applying it again after a partial update
+    /// would count it twice), so the next `step` needs a new pass.
     pub fn step(&mut self, lr: f32) -> Result<()> {
         self.check_complete()?;
         if !(lr.is_finite() && lr >= 0.0) {

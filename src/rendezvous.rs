@@ -253,6 +253,8 @@ impl Rendezvous {
                     read_id_file(path, *timeout)
                 }
             }
+            // A job of one has nobody to hand the id to: no port is taken.
+            Rendezvous::Tcp { .. } if world_size == 1 => create(),
             Rendezvous::Tcp { addr, timeout } => {
                 if rank == 0 {
                     let at = listen_addr(addr);
@@ -755,6 +757,16 @@ mod tests {
             some_id(6)
         );
         server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_job_of_one_takes_no_port() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let rv = Rendezvous::Tcp {
+            addr: taken.local_addr().unwrap().to_string(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(rv.exchange(0, 1, || Ok(some_id(1))).unwrap(), some_id(1));
     }
 
     #[test]

@@ -239,3 +239,169 @@ fn localize_labels_refuses_a_shard_beyond_i32() {
         .unwrap_err();
     assert!(matches!(err, PfcError::Shape(_)), "{err}");
 }
+
+/// A collective that fails its all-gather on demand, and records whether the layer aborted it.
+struct FlakyGather {
+    fail: std::sync::atomic::AtomicBool,
+    aborted: std::sync::atomic::AtomicBool,
+    rank: usize,
+    world: usize,
+}
+
+impl FlakyGather {
+    fn new(rank: usize, world: usize) -> Self {
+        FlakyGather {
+            fail: false.into(),
+            aborted: false.into(),
+            rank,
+            world,
+        }
+    }
+}
+
+impl Collective<CpuBackend> for FlakyGather {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_gather<T: partial_fc::Elem>(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<T>,
+        count: usize,
+        recv: &mut Vec<T>,
+    ) -> partial_fc::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(PfcError::Collective("injected all-gather failure".into()));
+        }
+        SingleRank.all_gather(b, send, count, recv)
+    }
+    fn all_reduce_f32(
+        &self,
+        b: &CpuBackend,
+        buf: &mut Vec<f32>,
+        count: usize,
+        op: partial_fc::ReduceOp,
+    ) -> partial_fc::Result<()> {
+        SingleRank.all_reduce_f32(b, buf, count, op)
+    }
+    fn reduce_scatter_f32(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<f32>,
+        count: usize,
+        recv: &mut Vec<f32>,
+    ) -> partial_fc::Result<()> {
+        SingleRank.reduce_scatter_f32(b, send, count, recv)
+    }
+    fn reduce_scatter_16(
+        &self,
+        b: &CpuBackend,
+        send: &Vec<u16>,
+        count: usize,
+        recv: &mut Vec<u16>,
+        dtype: partial_fc::plan::Dtype,
+    ) -> partial_fc::Result<()> {
+        SingleRank.reduce_scatter_16(b, send, count, recv, dtype)
+    }
+    fn barrier(&self) -> partial_fc::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _reason: &str) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A pass that fails in the all-gather used to leave the previous pass's gradient pending, and
+/// `step` then applied it; the failure after the agreement now also breaks the group.
+#[test]
+fn a_pass_that_fails_in_the_all_gather_leaves_no_gradient_and_aborts_the_group() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = LayerConfig::new(100, 8, 4);
+    cfg.sample_rate = 1.0;
+    let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
+    let (x, y) = batch(8, 4);
+    l.forward_backward(&x, &y).unwrap();
+    l.collective().fail.store(true, Relaxed);
+    assert!(l.forward_backward(&x, &y).is_err());
+    assert!(
+        l.collective().aborted.load(Relaxed),
+        "the group was not aborted"
+    );
+    let before = l.weight().unwrap();
+    let err = l.step(0.1).unwrap_err();
+    assert!(err.to_string().contains("forward_backward"), "{err}");
+    assert_eq!(l.weight().unwrap(), before);
+}
+
+/// Refusals every rank agrees on do not break the group.
+#[test]
+fn an_agreed_refusal_does_not_abort_the_group() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = LayerConfig::new(100, 8, 4);
+    cfg.sample_rate = 1.0;
+    let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
+    let (x, _) = batch(8, 4);
+    assert!(
+        l.forward_backward(&x, &[0, 1, 2, 1000]).is_err(),
+        "label out of range"
+    );
+    assert!(
+        l.forward_backward(&[], &[]).is_err(),
+        "empty batch everywhere"
+    );
+    let (x2, y2) = batch(8, 2);
+    assert!(
+        l.forward_backward_with_sample(&x2, &y2, &[0, 5]).is_err(),
+        "the sample misses class 1"
+    );
+    assert!(!l.collective().aborted.load(Relaxed));
+}
+
+#[test]
+fn a_collective_whose_rank_is_outside_its_world_is_refused() {
+    let r = PartialFc::new(
+        LayerConfig::new(100, 8, 4),
+        CpuBackend,
+        FlakyGather::new(3, 2),
+    );
+    assert!(
+        matches!(r, Err(PfcError::Param { name: "rank", .. })),
+        "{:?}",
+        r.err()
+    );
+}
+
+#[test]
+fn configurations_at_the_integer_limits_are_refused_not_overflowed() {
+    // 2^40 one-class shards: valid, and the shard bound 2^31·k no longer overflows u64 (a panic
+    // with overflow checks, a wrapped bound without)
+    let huge_world = 1usize << 40;
+    LayerConfig::new(1 << 40, 1, 1)
+        .validate(huge_world)
+        .unwrap();
+    let r = LayerConfig::new(100, 8, (1 << 24) + 1).validate(1);
+    assert!(
+        matches!(
+            r,
+            Err(PfcError::Param {
+                name: "batch_per_rank",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_step_counter_load_would_refuse_is_not_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.safetensors");
+    let mut l = layer(100, 8, 4);
+    l.set_steps(u64::MAX);
+    assert!(matches!(l.save(&path), Err(PfcError::Checkpoint { .. })));
+    assert!(!path.exists());
+}

@@ -43,9 +43,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// [`PfcError::Checkpoint`] when a weight or momentum value is NaN or infinite (a diverged
     /// run: `load` would refuse the file, so none is written and an existing file at `path` is
-    /// kept); I/O errors as [`PfcError::Io`]; the layer's refusal after a failed load.
+    /// kept), or when the step counter is `u64::MAX` (likewise); I/O errors as [`PfcError::Io`]; the layer's refusal after a failed load.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.check_complete()?;
+        if self.steps() == u64::MAX {
+            // `load` refuses such a file (the counter could not advance): do not write it.
+            return Err(PfcError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "not written: the step counter is u64::MAX (set_steps), which load \
+                         refuses"
+                    .into(),
+            });
+        }
         let shard = self.shard();
         let shape = vec![shard.len as usize, self.config().dim];
         // A diverged run's NaN would make a file that `load` refuses: refuse to write it.
