@@ -21,6 +21,7 @@ struct Case {
     momentum: bool,
     state: StateDtype,
     grad_wire: Dtype,
+    hard: bool,
 }
 
 fn layer_config(c: &Case) -> LayerConfig {
@@ -28,6 +29,9 @@ fn layer_config(c: &Case) -> LayerConfig {
     cfg.sample_rate = c.rate;
     cfg.update = c.update;
     cfg.grad_wire = c.grad_wire;
+    if c.hard {
+        cfg.sampler = partial_fc::NegativeSampler::Hard { fraction: 0.5 };
+    }
     if !c.momentum {
         cfg.optimizer = None;
     }
@@ -44,6 +48,7 @@ fn plan_config(c: &Case) -> PlanConfig {
     p.sample_rate = c.rate;
     p.update = c.update;
     p.grad_wire_dtype = c.grad_wire;
+    p.hard_negatives = c.hard;
     p.optimizer = if c.momentum {
         Optimizer::SgdMomentum
     } else {
@@ -97,6 +102,18 @@ fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool
         momentum,
         state: StateDtype::F32,
         grad_wire: Dtype::F32,
+        hard: false,
+    }
+}
+
+/// Hard negatives add the class scores and the chunked scoring buffers (`pfc plan
+/// --hard-negatives`); a shard smaller than the chunk and one larger.
+#[test]
+fn hard_negatives_scratch_is_planned() {
+    for classes in [3000, 20_000] {
+        let mut c = case(classes, 2, 0.1, UpdateMode::Sparse, true);
+        c.hard = true;
+        run(c);
     }
 }
 

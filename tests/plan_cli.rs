@@ -404,3 +404,25 @@ fn the_largest_sample_rate_shown_fits() {
     assert!(shown.parse::<f64>().unwrap() <= exact, "{shown} > {exact}");
     assert_eq!(run(shown)["fits"], true, "{shown}");
 }
+
+#[test]
+fn hard_negatives_flag_adds_their_scratch() {
+    let scratch = |extra: &[&str]| {
+        let mut args = PAPER.to_vec();
+        args.push("--json");
+        args.extend_from_slice(extra);
+        let out = pfc(&args);
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["components"]["hard_negative_scratch"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(scratch(&[]), 0);
+    // the shard's scores (3,625,000 × 4 bytes) and a 4096-center chunk against d = 512 and the
+    // 1024 gathered rows
+    assert_eq!(
+        scratch(&["--hard-negatives"]),
+        3_625_000 * 4 + 4096 * 512 * 4 + 4096 * 1024 * 4
+    );
+}

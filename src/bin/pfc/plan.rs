@@ -84,6 +84,10 @@ pub struct PlanArgs {
     /// bytes and add its 16-bit send and receive buffers).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     grad_wire_dtype: DtypeArg,
+    /// Hard negatives (the layer's `NegativeSampler::Hard`): adds the shard's class scores and the
+    /// buffers that score it a chunk of 4096 centers at a time.
+    #[arg(long)]
+    hard_negatives: bool,
     /// Operand precision of the step's GEMMs (bf16/f16 add the 16-bit operand copies).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     gemm_precision: DtypeArg,
@@ -207,7 +211,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         },
         wire_dtype: args.wire_dtype.dtype(),
         grad_wire_dtype: args.grad_wire_dtype.dtype(),
-        hard_negatives: false,
+        hard_negatives: args.hard_negatives,
         gemm_precision: args.gemm_precision.gemm_precision(),
     };
     config.validate()?;
