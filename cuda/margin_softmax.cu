@@ -14,7 +14,9 @@
 // instead of read three times and written twice.
 //
 // Encodings shared with the CPU: a filtered non-target logit is stored as -0.0 (a kept zero as
-// +0.0); a non-target cosine clipped to +-1 is stored as exactly +-s and passes no gradient.
+// +0.0); a non-target cosine clipped to +-1 (|cos| > 1) is stored one ulp beyond +-s and passes
+// no gradient, while a cosine of exactly +-1.0 (common in bf16) is inside the clamp and passes
+// its gradient, as torch's clamp backward does.
 #include "common.cuh"
 
 #define MIN_PROBABILITY 1e-30f
@@ -51,8 +53,10 @@ __device__ float target_logit_slope(float c, const Margin& p) {
 // Pass 1 on one non-target logit.
 __device__ __forceinline__ float margin_nontarget(float v, const Margin& p) {
     float c = clamp1(v);
-    if (p.has_filter) return c > p.filter ? -0.0f : p.scale * c + 0.0f;  // +0.0 turns -0 into +0
-    return p.scale * c;
+    if (p.has_filter && c > p.filter) return -0.0f;
+    float z = p.has_filter ? p.scale * c + 0.0f : p.scale * c;  // +0.0 turns -0 into +0
+    // clipped: one ulp further from zero than +-s (a nonzero float, so +1 in its bits)
+    return fabsf(v) > 1.0f ? __uint_as_float(__float_as_uint(z) + 1u) : z;
 }
 
 // Pass 1 on entry j of a row: a non-target logit, its max taken into m; the target (which thread
@@ -136,7 +140,7 @@ extern "C" __global__ void exp_rowsum(const float* logits, int rows, int cols, i
 // Pass 3 on one non-target logit: the gradient with respect to its clamped cosine.
 __device__ __forceinline__ float grad_nontarget(float z, float max, float inv_sum, float slope,
                                                 const Margin& p) {
-    if ((p.has_filter && is_filtered(z)) || fabsf(z) == p.scale) return 0.0f;
+    if ((p.has_filter && is_filtered(z)) || fabsf(z) > p.scale) return 0.0f;
     return expf(z - max) * inv_sum * slope;
 }
 
@@ -206,7 +210,7 @@ extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, 
 // registers without storing it, and keeps an online softmax per thread: the running max and
 // sum of exp(z - max), the sum rescaled by exp(old max - new max) when the max moves; the
 // per-thread states are merged over the block. Sweep 2 rereads the raw cosines, recomputes the
-// same logits (so the filtered -0.0 / clipped +-s rules are applied to exactly the values the
+// same logits (so the filtered -0.0 / clipped beyond-+-s rules are applied to exactly the values the
 // passes would have stored) and writes pass 3's gradient over them. Thread 0 reads the raw target
 // cosine in sweep 1, before any write, and finishes the target (loss and gradient) after a
 // barrier, as pass 3 does. CPU reference: margin_softmax_fused in src/cpu/margin_softmax.rs.

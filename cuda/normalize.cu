@@ -207,7 +207,10 @@ extern "C" __global__ void top_k_merge(const float* cosines, int len, int chunk_
         for (int j = threadIdx.x; j < len; j += blockDim.x) {
             float x = c[j];
             int xi = chunk_start + j;
-            if (beats(prev, prev_id, x, xi) && beats(x, xi, v, id)) v = x, id = xi;
+            // -inf never enters (an empty slot, (-inf, -1), beats it), as in the CPU merge; and
+            // letting it in would break "the previous winner beats every later one", since the
+            // empty slots are not unique.
+            if (x != -INFINITY && beats(prev, prev_id, x, xi) && beats(x, xi, v, id)) v = x, id = xi;
         }
         if ((int)threadIdx.x < k) {
             float x = ts[threadIdx.x];

@@ -141,11 +141,12 @@ fn fused(
     (z, loss)
 }
 
-/// Whether the three passes give this non-target entry no gradient: filtered or clipped.
+/// Whether the three passes give this non-target entry no gradient: filtered, or clipped
+/// (|cos| > 1; exactly ±1 is inside the clamp and passes its gradient, as torch's does).
 fn dead(raw: f32, margin: &Margin) -> bool {
     let p = margin.params();
     let c = raw.clamp(-1.0, 1.0);
-    p.filter.is_some_and(|t| c > t) || (p.scale * c).abs() == p.scale
+    p.filter.is_some_and(|t| c > t) || raw.abs() > 1.0
 }
 
 #[test]

@@ -7,9 +7,12 @@
 //!
 //! Two encodings carry information from pass 1 to pass 3 without extra memory:
 //! - a filtered non-target logit is stored as −0.0 (a kept zero is stored as +0.0);
-//! - a non-target cosine clipped to ±1 is stored as exactly ±s, and passes no gradient (as the
-//!   published implementation's clamp); an unclipped cosine of exactly ±1.0 is treated the same,
-//!   which can only differ from it on a measure-zero set.
+//! - a non-target cosine clipped to ±1 (|cos| > 1) is stored one ulp beyond ±s, and passes no
+//!   gradient, as the published implementation's clamp; a cosine of exactly ±1.0 is inside the
+//!   clamp and passes its gradient, as torch's clamp backward does (ends included). That matters
+//!   for 16-bit logits, where every bf16 cosine above 1 − 2⁻⁹ is exactly 1.0: storing both as ±s
+//!   took the gradient from the hardest negatives. The ulp changes that entry's exp by a factor
+//!   of 1 + 2⁻¹⁷ (s = 64).
 
 use super::simd::{self, with_avx2, LANES};
 use crate::backend::LogitsShape;
@@ -43,22 +46,26 @@ pub fn is_filtered(z: f32) -> bool {
     z.to_bits() == 0x8000_0000
 }
 
-/// Pass 1 on one non-target cosine: clamp, filter (−0.0), scale.
+/// Pass 1 on one non-target cosine: clamp, filter (−0.0), scale, and a clipped one marked one
+/// ulp beyond ±s.
 #[inline(always)]
 fn nontarget_logit(raw: f32, scale: f32, filter: Option<f32>) -> f32 {
     let c = raw.clamp(-1.0, 1.0);
-    match filter {
-        Some(t) if c > t => -0.0,
+    let z = match filter {
+        Some(t) if c > t => return -0.0,
         // `+ 0.0` turns a computed −0.0 into +0.0, keeping −0.0 for "filtered".
         Some(_) => scale * c + 0.0,
         None => scale * c,
-    }
+    };
+    // ±s is a nonzero float, so one more in its bits is one ulp further from zero.
+    f32::from_bits(z.to_bits() + u32::from(raw.abs() > 1.0))
 }
 
-/// Whether a non-target logit (as pass 1 stores it) passes no gradient: filtered, or clipped.
+/// Whether a non-target logit (as pass 1 stores it) passes no gradient: filtered, or clipped
+/// (marked beyond ±s; exactly ±s is a cosine of ±1.0, inside the clamp).
 #[inline(always)]
 fn passes_no_gradient(z: f32, scale: f32, filter: bool) -> bool {
-    (filter && is_filtered(z)) || z.abs() == scale
+    (filter && is_filtered(z)) || z.abs() > scale
 }
 
 /// Pass 1 on the non-target entries of a row segment: clamp, filter, scale; returns their max.
@@ -465,5 +472,63 @@ mod tests {
         let want = c - 0.5 * (std::f32::consts::PI - 0.5).sin();
         assert!((target_logit(c, &p) - want).abs() < 1e-6);
         assert_eq!(target_logit_slope(c, &p), 1.0);
+    }
+
+    /// torch's clamp backward passes the gradient at exactly ±1 and not beyond: a non-target
+    /// cosine of 1.0 gets p·s, one of next_up(1.0) gets nothing (both were 0 when a clipped entry
+    /// was stored as exactly ±s), in the three passes and the one-kernel path alike.
+    #[test]
+    fn a_cosine_of_exactly_one_passes_its_gradient_and_a_clipped_one_does_not() {
+        let p = Margin::arcface().params();
+        let over = f32::from_bits(1.0f32.to_bits() + 1);
+        let under = -over;
+        let raw = [0.2f32, 1.0, over, 0.5, -1.0, under];
+        let shape = LogitsShape::dense(1, raw.len());
+        let labels = [0];
+        let (mut max, mut sum, mut tcos) = ([0.0f32], [0.0f32], [0.0f32]);
+        let mut three = raw.to_vec();
+        margin_rowmax(&mut three, shape, &labels, &p, &mut max, &mut tcos);
+        exp_rowsum(&three, shape, &max, &mut sum);
+        let mut loss3 = [0.0f32];
+        softmax_loss_grad(
+            &mut three, shape, &labels, &p, &max, &sum, &tcos, 1.0, &mut loss3,
+        );
+        let mut fused = raw.to_vec();
+        let mut loss1 = [0.0f32];
+        margin_softmax_fused(&mut fused, shape, &labels, &p, 1.0, &mut loss1);
+        for g in [&three, &fused] {
+            // the probability of a logit of s among these is about 1/2
+            assert!(g[1] > 0.4 * p.scale && g[1] < 0.6 * p.scale, "{g:?}");
+            assert_eq!(g[2], 0.0, "clipped above: {g:?}");
+            assert_eq!(g[5], 0.0, "clipped below: {g:?}");
+        }
+        assert!((loss3[0] - loss1[0]).abs() < 1e-5, "{loss3:?} vs {loss1:?}");
+        for (a, b) in three.iter().zip(&fused) {
+            assert!((a - b).abs() <= 1e-5 * p.scale, "{three:?} vs {fused:?}");
+        }
+    }
+
+    /// In bf16 every cosine above 1 − 2⁻⁹ is exactly 1.0: such a hard negative keeps its
+    /// gradient.
+    #[test]
+    fn a_bf16_cosine_that_rounds_to_one_keeps_its_gradient() {
+        use crate::plan::Dtype;
+        let p = Margin::arcface().params();
+        let bits = |v: f32| half::bf16::from_f32(v).to_bits();
+        assert_eq!(bits(0.999), bits(1.0));
+        let mut cos = vec![bits(0.2), bits(0.999), bits(0.5), bits(0.1)];
+        let shape = LogitsShape::dense(1, 4);
+        let mut loss = [0.0f32];
+        crate::cpu::margin_softmax16::margin_softmax_fused16(
+            &mut cos,
+            shape,
+            Dtype::Bf16,
+            &[0],
+            &p,
+            1.0,
+            &mut loss,
+        );
+        let g = half::bf16::from_bits(cos[1]).to_f32();
+        assert!(g > 0.4 * p.scale, "{g}");
     }
 }
