@@ -59,7 +59,8 @@ def step_memory(lines):
         if m and config:
             out.append([config, float(m.group(1)), None])
         m = re.match(r"device free before - after.*: ([\d.]+) MiB", line)
-        if m and out:
+        # only to this configuration's row (one whose pool was "not available" has none)
+        if m and out and out[-1][0] == config:
             out[-1][2] = float(m.group(1))
     return out
 
