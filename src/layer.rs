@@ -637,7 +637,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.step
     }
 
-    /// Sets the step counter (after loading a checkpoint, say).
+    /// Sets the step counter, which keys the sampler's draws (`load` and `load_resharded`
+    /// restore it from the checkpoint; this is for other ways of resuming). Every rank must hold
+    /// the same value.
     pub fn set_steps(&mut self, step: u64) {
         self.step = step;
     }
@@ -947,6 +949,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// layer left incomplete by a failed load. After every rank agreed to run the pass, a
     /// collective or device error discards the pending gradient and breaks the group
     /// ([`Collective::abort`]; see docs/design.md).
+    ///
+    /// A second pass before [`PartialFc::step`] replaces the pending gradient: there is no
+    /// accumulation across passes.
     pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
         let out = self.forward_backward_inner(embeddings, labels, None);
         self.end_pass(out)

@@ -16,7 +16,7 @@
 //!
 //! Every wait of the exchange has a timeout and ends in a typed error, never a hang; so does the
 //! creation of the NCCL communicator afterwards, when it is given one
-//! ([`crate::cuda::nccl::NcclCollective::new`]).
+//! (`cuda::nccl::NcclCollective::new`, feature `cuda`).
 
 use crate::error::{PfcError, Result};
 use std::io::{Read, Write};

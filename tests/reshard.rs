@@ -489,3 +489,48 @@ fn an_output_folder_that_is_a_file_or_has_no_parent_is_refused_before_any_write(
     let written = reshard(&paths, 1, &fresh, &|_| {}).unwrap();
     assert_eq!(written, vec![fresh.join(shard_file_name(1, 0))]);
 }
+
+/// docs/training.md's recipe for changing the sample rate: save at r = 0.1, build layers at
+/// r = 1 and load_resharded the files; weights, momentum and step carry over, and the next pass
+/// samples every class of the shard.
+#[test]
+fn a_run_saved_at_one_sample_rate_resumes_at_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = 2;
+    let saved = ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let mut cfg = config(world);
+        cfg.sample_rate = 0.1;
+        let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+        let rows = Shard::of(BATCH as u64, world, rank);
+        let (x, labels) = batch(0);
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        layer
+            .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
+            .unwrap();
+        assert!(layer.sampled_classes().unwrap().len() < layer.shard().len as usize);
+        layer.step(0.5).unwrap();
+        let path = dir.path().join(format!("rank{rank}.safetensors"));
+        layer.save(&path).unwrap();
+        (layer.weight().unwrap(), layer.steps())
+    });
+    let paths = files(dir.path(), world);
+    let resumed = ThreadGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(world), CpuBackend, comm).unwrap(); // r = 1
+        layer.load_resharded(&paths).unwrap();
+        let loaded = (layer.weight().unwrap(), layer.steps());
+        let rows = Shard::of(BATCH as u64, world, rank);
+        let (x, labels) = batch(1);
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        layer
+            .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
+            .unwrap();
+        let all = layer.sampled_classes().unwrap().len() == layer.shard().len as usize;
+        (loaded, all)
+    });
+    for (rank, ((loaded, all), saved)) in resumed.iter().zip(&saved).enumerate() {
+        assert_eq!(loaded, saved, "rank {rank}: weights and step carried over");
+        assert!(all, "rank {rank}: r = 1 samples the whole shard");
+    }
+}

@@ -99,11 +99,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         )
     }
 
-    /// Loads this rank's shard from `path`. Every field, and every value (a NaN, a read error),
-    /// is checked before the layer changes. The tensors go through the host a block (64 MiB) at
-    /// a time, read twice: once to check them, once to upload them. Should the second read fail
-    /// (the file changed or became unreadable in between), the layer is left part old, part new
-    /// and says so: it refuses to train or save until a load succeeds.
+    /// Loads this rank's shard from `path`: weights, momentum and the step counter (so the
+    /// sampler draws what the saved run would have drawn next; no `set_steps` is needed). Every
+    /// field, and every value (a NaN, a read error), is checked before the layer changes. The
+    /// tensors go through the host a block (64 MiB) at a time, read twice: once to check them,
+    /// once to upload them. Should the second read fail (the file changed or became unreadable
+    /// in between), the layer is left part old, part new and says so: it refuses to train or
+    /// save until a load succeeds.
+    ///
+    /// `load` reads this rank's file alone and talks to no other rank: it cannot tell that the
+    /// ranks' files come from different steps (a crash between two ranks' saves) or seeds. To
+    /// resume a run, prefer [`PartialFc::load_resharded`] with every rank's file: it checks that
+    /// they make one run (same step, seed and classifier) and works for any world size.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let file = TensorFile::read(path)?;
         let mismatch = |reason: String| PfcError::Checkpoint {
@@ -122,8 +129,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         ] {
             let got = file.metadata().get(key);
             if got != want.get(key) {
+                let hint = if key == "world_size" || key == "rank" {
+                    " (to resume on another world size, use load_resharded with every rank's file)"
+                } else {
+                    ""
+                };
                 return Err(mismatch(format!(
-                    "{key} is {} but this layer has {}",
+                    "{key} is {} but this layer has {}{hint}",
                     got.map_or("missing", String::as_str),
                     want[key]
                 )));

@@ -77,7 +77,8 @@ struct Shared {
 pub struct ThreadGroup;
 
 impl ThreadGroup {
-    /// Default time a rank waits for its peers before the group is declared broken.
+    /// Default time a rank waits for its peers before the group is declared broken: 600 s
+    /// ([`ThreadGroup::with_timeout`] chooses another).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// One handle per rank; move each into its own thread. A world size of 0 is taken as 1.
