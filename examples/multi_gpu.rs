@@ -1,7 +1,7 @@
 //! Partial FC over several GPUs and nodes: one process per GPU, NCCL between them.
 //!
-//! Launched by torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-//! MASTER_PORT), set by your own launcher or by this example's:
+//! Launched by torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK or
+//! LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), set by your own launcher or by this example's:
 //!
 //! ```text
 //! cargo run --release --features cuda --example multi_gpu -- --launch 8          # 8 GPUs, this node
@@ -15,8 +15,9 @@
 //! `--grad-wire-dtype f32|bf16|f16` (all f32 by default). An unknown option or a bad value is an
 //! error (exit 2) before any GPU is touched.
 //!
-//! Rank 0 creates the NCCL id and serves it over TCP on MASTER_ADDR:MASTER_PORT; each rank opens
-//! GPU LOCAL_RANK, builds its shard of the classifier, and trains a few steps on synthetic
+//! Rank 0 creates the NCCL id and serves it over TCP on MASTER_PORT (every interface, unless
+//! MASTER_ADDR is a loopback address); each rank opens GPU LOCAL_RANK (without it,
+//! RANK % LOCAL_WORLD_SIZE), builds its shard of the classifier, and trains a few steps on synthetic
 //! embeddings, printing the (identical) loss on rank 0. The launcher also makes NCCL findable when
 //! only `libnccl.so.2` is installed (see `partial_fc::cuda::nccl::link_nccl`).
 

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (see the module docs); errors name `path`.
+#[cfg_attr(not(feature = "plot"), allow(dead_code))] // the plots' writer
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_impl(path, false, |mut file| {
         file.write_all(bytes).map_err(io_error(path))

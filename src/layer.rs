@@ -963,6 +963,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     fn end_pass<T>(&mut self, out: Result<T>) -> Result<T> {
         let agreed = std::mem::take(&mut self.mid_pass);
         if let (Err(e), true) = (&out, agreed) {
+            // whatever the pass had reached (a given sample's gather included), the last
+            // pass's gradient is not the one to apply
+            self.grad_pending = false;
+            self.last_sampled = None;
             self.comm.abort(&format!(
                 "rank {}'s forward/backward pass failed: {e}",
                 self.comm.rank()
@@ -1332,7 +1336,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// # Errors
     ///
-    /// [`PfcError::Param`] for a NaN, infinite or negative `lr` or a layer without an optimizer;
+    /// [`PfcError::Param`] for a NaN, infinite or negative `lr`, a layer without an optimizer, or
+    /// one left incomplete by a load that failed midway;
     /// [`PfcError::Shape`] when no gradient is pending (no pass since the last `step`, or the
     /// last pass failed). The gradient is consumed before the update runs: should a device error
     /// stop the update part-way, the gradient is gone (applying it again after a partial update

@@ -405,3 +405,23 @@ fn a_step_counter_load_would_refuse_is_not_saved() {
     assert!(matches!(l.save(&path), Err(PfcError::Checkpoint { .. })));
     assert!(!path.exists());
 }
+
+/// The same with a given sample, whose second agreement comes after the all-gather: a gather
+/// that fails before it must drop the pending gradient too.
+#[test]
+fn a_given_sample_pass_that_fails_in_the_all_gather_leaves_no_gradient() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = LayerConfig::new(100, 8, 4);
+    cfg.sample_rate = 1.0;
+    let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
+    let (x, y) = batch(8, 4);
+    l.forward_backward(&x, &y).unwrap();
+    l.collective().fail.store(true, Relaxed);
+    let sample: Vec<i64> = (0..100).collect();
+    assert!(l.forward_backward_with_sample(&x, &y, &sample).is_err());
+    assert!(l.collective().aborted.load(Relaxed));
+    assert!(
+        l.step(0.1).is_err(),
+        "the earlier pass's gradient must not be applied"
+    );
+}

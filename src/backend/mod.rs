@@ -770,10 +770,11 @@ pub trait Collective<B: Backend>: Send {
     /// Waits until every rank reaches this point.
     fn barrier(&self) -> Result<()>;
     /// Breaks the group: a rank whose own part of a collective failed before it joined (its
-    /// arguments refused, a download failed) calls this, so that the peers already waiting in
-    /// that collective fail at once with `reason` instead of waiting out a timeout, and so that
-    /// this rank's next call cannot pair with their pending one. Every later collective of the
-    /// group fails. The default does nothing: right for a group of one, and for collectives
+    /// arguments refused, a download failed) calls this, so that this rank's next call cannot
+    /// pair with the peers' pending one, and every later collective of the group fails. Peers in
+    /// this process (`ThreadGroup`, and `HostStaged` over it) fail at once with `reason`; NCCL
+    /// aborts this rank's communicator, and peers in other processes fail through their own
+    /// timeout or NCCL's error. The default does nothing: right for a group of one, and for collectives
     /// that have no way to reach their peers.
     fn abort(&self, reason: &str) {
         let _ = reason;

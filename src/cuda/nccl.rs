@@ -37,7 +37,7 @@ pub fn nccl_available() -> Result<()> {
         return Ok(());
     }
     let hint = find_nccl_so2()
-        .map(|p| format!(" Found {}: run `partial_fc::cuda::nccl::link_nccl(dir)` or `ln -s {} DIR/libnccl.so`, then start the process with DIR on LD_LIBRARY_PATH.", p.display(), p.display()))
+        .map(|p| format!(" Found {}: run `partial_fc::cuda::nccl::link_nccl(so2, dir)` or `ln -s {} DIR/libnccl.so`, then start the process with DIR on LD_LIBRARY_PATH.", p.display(), p.display()))
         .unwrap_or_else(|| " Install NCCL (apt install libnccl2, or pip install nvidia-nccl-cu12) and put its lib folder on LD_LIBRARY_PATH.".into());
     Err(PfcError::BackendUnavailable(format!(
         "NCCL was not found: cudarc opens libnccl.so, libnccl.so.13 or libnccl.so.12, and runtime packages ship only libnccl.so.2.{hint}"

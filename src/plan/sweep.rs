@@ -4,7 +4,6 @@
 use super::buffers::LogitsMode;
 use super::config::{PlanConfig, MAX_SHARD_CLASSES};
 use crate::error::{PfcError, Result};
-use std::path::Path;
 
 /// The three regimes a sweep compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +126,8 @@ pub fn sweep(base: &PlanConfig, from: u64, to: u64, points: usize) -> Result<Vec
 /// Draws a sweep as an SVG: GiB per GPU against classes (log scale), one line per regime, the
 /// device capacity as a horizontal line. Lines stop where they leave the chart (at 4× the
 /// capacity) so that model parallel does not flatten the others.
-pub fn plot_svg(path: &Path, base: &PlanConfig, points: &[SweepPoint]) -> Result<()> {
+#[cfg(feature = "plot")]
+pub fn plot_svg(path: &std::path::Path, base: &PlanConfig, points: &[SweepPoint]) -> Result<()> {
     use plotters::prelude::*;
     let io = |msg: String| PfcError::Io {
         path: path.to_path_buf(),
@@ -257,6 +257,7 @@ mod tests {
         assert_eq!(sweep(&few, 10, 1000, 5).unwrap().len(), 5);
     }
 
+    #[cfg(feature = "plot")]
     #[test]
     fn plot_writes_an_svg() {
         let cfg = PlanConfig::new(1_000_000, 8, 32 << 30);

@@ -5,11 +5,12 @@
 //! - [`backbone`]: a two-layer MLP trained with plain SGD.
 //! - [`metrics`]: TAR at FAR over genuine/impostor pairs, 1:N identification top-1.
 //! - [`mod@train`]: the driver, a shared backbone and a Partial FC head sharded over thread ranks.
-//! - [`plot`]: loss curves as SVG.
+//! - `plot`: loss curves as SVG (feature `plot`, on by default).
 
 pub mod backbone;
 pub mod data;
 pub mod metrics;
+#[cfg(feature = "plot")]
 pub mod plot;
 pub mod train;
 
