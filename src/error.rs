@@ -94,6 +94,10 @@ pub enum PfcError {
     /// A device-side error (CUDA driver, NVRTC, cuBLAS, NCCL).
     #[error("device: {0}")]
     Device(String),
+    /// A call out of order: `step` with no gradient pending (no pass since the last `step`, or
+    /// the last pass failed).
+    #[error("call order: {0}")]
+    Order(String),
 }
 
 impl PfcError {

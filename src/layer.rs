@@ -1338,7 +1338,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// [`PfcError::Param`] for a NaN, infinite or negative `lr`, a layer without an optimizer, or
     /// one left incomplete by a load that failed midway;
-    /// [`PfcError::Shape`] when no gradient is pending (no pass since the last `step`, or the
+    /// [`PfcError::Order`] when no gradient is pending (no pass since the last `step`, or the
     /// last pass failed). The gradient is consumed before the update runs: should a device error
     /// stop the update part-way, the gradient is gone (applying it again after a partial update
     /// would count it twice), so the next `step` needs a new pass.
@@ -1357,8 +1357,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let sampled = match (self.grad_pending, self.last_sampled) {
             (true, Some(sampled)) => sampled,
             _ => {
-                return Err(PfcError::Shape(
-                    "step() needs a forward_backward() first".into(),
+                return Err(PfcError::Order(
+                    "step() needs a forward_backward() first (none since the last step, or it \
+                     failed)"
+                        .into(),
                 ))
             }
         };

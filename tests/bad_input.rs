@@ -385,14 +385,14 @@ fn sample_rate_outside_zero_one() {
 fn step_before_forward_backward() {
     let mut layer = PartialFc::new(config(), CpuBackend, SingleRank).unwrap();
     let before = layer.weight().unwrap();
-    assert!(matches!(layer.step(0.1), Err(PfcError::Shape(_))));
+    assert!(matches!(layer.step(0.1), Err(PfcError::Order(_))));
     assert_eq!(layer.weight().unwrap(), before);
     still_works(&mut layer, 11);
     // One step per forward/backward: a second step has nothing to apply.
     let mut layer = trained_layer();
     layer.step(0.1).unwrap();
     let before = snapshot(&layer);
-    assert!(matches!(layer.step(0.1), Err(PfcError::Shape(_))));
+    assert!(matches!(layer.step(0.1), Err(PfcError::Order(_))));
     assert!(snapshot(&layer).changed(&before).is_empty());
     still_works(&mut layer, 12);
 }
