@@ -315,17 +315,27 @@ impl Collective<CpuBackend> for FlakyGather {
     }
 }
 
-/// A pass that fails in the all-gather used to leave the previous pass's gradient pending, and
-/// `step` then applied it; the failure after the agreement now also breaks the group.
-#[test]
-fn a_pass_that_fails_in_the_all_gather_leaves_no_gradient_and_aborts_the_group() {
-    use std::sync::atomic::Ordering::Relaxed;
+/// A one-rank layer over [`FlakyGather`] after one good pass, its next all-gathers set to fail,
+/// and the batch of that pass.
+fn layer_with_a_pending_gradient_and_a_failing_gather(
+) -> (PartialFc<CpuBackend, FlakyGather>, Vec<f32>, Vec<i64>) {
     let mut cfg = LayerConfig::new(100, 8, 4);
     cfg.sample_rate = 1.0;
     let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
     let (x, y) = batch(8, 4);
     l.forward_backward(&x, &y).unwrap();
-    l.collective().fail.store(true, Relaxed);
+    l.collective()
+        .fail
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    (l, x, y)
+}
+
+/// A pass that fails in the all-gather used to leave the previous pass's gradient pending, and
+/// `step` then applied it; the failure after the agreement now also breaks the group.
+#[test]
+fn a_pass_that_fails_in_the_all_gather_leaves_no_gradient_and_aborts_the_group() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut l, x, y) = layer_with_a_pending_gradient_and_a_failing_gather();
     assert!(l.forward_backward(&x, &y).is_err());
     assert!(
         l.collective().aborted.load(Relaxed),
@@ -411,12 +421,7 @@ fn a_step_counter_load_would_refuse_is_not_saved() {
 #[test]
 fn a_given_sample_pass_that_fails_in_the_all_gather_leaves_no_gradient() {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut cfg = LayerConfig::new(100, 8, 4);
-    cfg.sample_rate = 1.0;
-    let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
-    let (x, y) = batch(8, 4);
-    l.forward_backward(&x, &y).unwrap();
-    l.collective().fail.store(true, Relaxed);
+    let (mut l, x, y) = layer_with_a_pending_gradient_and_a_failing_gather();
     let sample: Vec<i64> = (0..100).collect();
     assert!(l.forward_backward_with_sample(&x, &y, &sample).is_err());
     assert!(l.collective().aborted.load(Relaxed));
