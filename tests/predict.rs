@@ -470,3 +470,40 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         assert!(stderr.contains("without the `cuda` feature"), "{stderr}");
     }
 }
+
+/// `predict_top_k_all` takes any number of rows per rank: the ranks agree on the number of
+/// chunks of `batch_per_rank` rows, those with fewer pass empty ones. Here 3 ranks of N = 10
+/// rows each pass 47, 0 and 13 rows (5, 0 and 2 chunks), and get the brute-force top k.
+#[test]
+fn any_number_of_rows_per_rank_in_chunks() {
+    let weight = whole_weight(CLASSES);
+    let rows = [47usize, 0, 13];
+    let total: usize = rows.iter().sum();
+    let x = partial_fc::init::normal_rows(5, 0, total, DIM, 1.0);
+    let cos = cosines(&weight, &x);
+    let k = 4;
+    let parts = ThreadGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let first: usize = rows[..rank].iter().sum();
+        let mine = &x[first * DIM..(first + rows[rank]) * DIM];
+        let mut layer = PartialFc::new(config(3, CLASSES), CpuBackend, comm).unwrap();
+        layer.predict_top_k_all(mine, k).unwrap()
+    });
+    for (rank, p) in parts.iter().enumerate() {
+        assert_eq!(p.classes.len(), rows[rank] * k, "rank {rank}");
+    }
+    let p = Prediction {
+        k,
+        classes: parts.iter().flat_map(|p| p.classes.clone()).collect(),
+        scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
+    };
+    assert_is_top_k(&p, &cos, k);
+    // A rank's ragged row is refused on every rank, at the first chunk.
+    let refused = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+        let len = if rank == 1 { 25 * DIM + 3 } else { 25 * DIM };
+        layer.predict_top_k_all(&x[..len], k).is_err()
+    });
+    assert_eq!(refused, [true, true]);
+}

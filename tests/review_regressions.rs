@@ -430,3 +430,14 @@ fn a_given_sample_pass_that_fails_in_the_all_gather_leaves_no_gradient() {
         "the earlier pass's gradient must not be applied"
     );
 }
+
+/// A prediction that fails after the agreement breaks the group as a training pass does, and
+/// leaves the pending gradient (prediction does not touch it).
+#[test]
+fn a_prediction_that_fails_in_the_all_gather_aborts_and_keeps_the_gradient() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut l, x, _) = layer_with_a_pending_gradient_and_a_failing_gather();
+    assert!(l.predict_top_k(&x, 3).is_err());
+    assert!(l.collective().aborted.load(Relaxed));
+    l.step(0.1).unwrap();
+}

@@ -9,7 +9,7 @@
 //! its own rows.
 
 use super::{row_error, Call, PartialFc};
-use crate::backend::{Backend, Collective};
+use crate::backend::{Backend, Collective, ReduceOp};
 use crate::cpu::top_k::TOP_K_MAX;
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
@@ -132,6 +132,76 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// assert!((top.scores[0] - 1.0).abs() < 1e-5);
     /// ```
     pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
+        let out = self.predict_top_k_inner(embeddings, k);
+        // As for a training pass: a failure after the ranks agreed leaves the peers in
+        // collectives this rank will not join, so the group is broken (the pending gradient,
+        // which prediction does not touch, stays).
+        if std::mem::take(&mut self.mid_pass) {
+            if let Err(e) = &out {
+                self.comm.abort(&format!(
+                    "rank {}'s prediction failed: {e}",
+                    self.comm.rank()
+                ));
+            }
+        }
+        out
+    }
+
+    /// [`PartialFc::predict_top_k`] for any number of rows: this rank's rows go through in
+    /// chunks of `batch_per_rank`, and the ranks first agree on the number of chunks (one
+    /// all-reduce), so each rank may pass a different number of rows, none included; a rank
+    /// with fewer chunks passes empty ones. Every rank calls it together, with the same `k`.
+    ///
+    /// ```
+    /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
+    /// let mut layer = PartialFc::new(LayerConfig::new(1000, 16, 4), CpuBackend, SingleRank).unwrap();
+    /// // 10 rows, more than the 4 of a batch: each is a class center, nearest to itself.
+    /// let w = layer.weight().unwrap();
+    /// let top = layer.predict_top_k_all(&w[..10 * 16], 1).unwrap();
+    /// assert_eq!(top.classes, (0..10).collect::<Vec<i64>>());
+    /// ```
+    pub fn predict_top_k_all(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
+        let d = self.config.dim.max(1);
+        let n = self.config.batch_per_rank.max(1);
+        let rows = embeddings.len() / d;
+        // f32 counts chunks exactly up to 2^24; beyond, +inf makes every rank refuse below.
+        let chunks = rows.div_ceil(n);
+        let mine = if chunks <= 1 << 24 {
+            chunks as f32
+        } else {
+            f32::INFINITY
+        };
+        let b = &self.backend;
+        let mut count = b.alloc::<f32>(1)?;
+        b.upload(&[mine], &mut count)?;
+        self.comm.all_reduce_f32(b, &mut count, 1, ReduceOp::Max)?;
+        let most = b.download(&count, 1)?[0];
+        // (NaN, which no rank sends, is refused too)
+        if most.is_nan() || most > (1 << 24) as f32 {
+            return Err(PfcError::Shape(format!(
+                "predict_top_k_all: a rank passed more than 2^24 chunks of {n} rows"
+            )));
+        }
+        if !embeddings.len().is_multiple_of(d) {
+            // every rank makes its first call; this rank's is refused, and so all of them
+            return self.predict_top_k(embeddings, k);
+        }
+        let mut all = Prediction {
+            k,
+            classes: Vec::with_capacity(rows * k),
+            scores: Vec::with_capacity(rows * k),
+        };
+        for c in 0..most as usize {
+            let from = (c * n).min(rows);
+            let to = ((c + 1) * n).min(rows);
+            let part = self.predict_top_k(&embeddings[from * d..to * d], k)?;
+            all.classes.extend(part.classes);
+            all.scores.extend(part.scores);
+        }
+        Ok(all)
+    }
+
+    fn predict_top_k_inner(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
         let d = self.config.dim;
         let rows = embeddings.len() / d.max(1);
         let own = self
@@ -148,6 +218,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             },
         };
         let real_rows = self.agree_on_input(own, rows, Call::Predict { k })?;
+        self.mid_pass = true;
         let Some(mut s) = scratch else {
             // Unreachable: agree_on_input returns an error whenever a rank (this one included)
             // refused; kept as an error rather than a panic.
