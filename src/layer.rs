@@ -957,22 +957,32 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.end_pass(out)
     }
 
-    /// A pass that failed after every rank agreed to run it breaks the group: this rank's peers
-    /// would otherwise wait for it in the collective it left (until their timeout), or pair its
-    /// next call with that one. Refusals every rank agreed on return before that point.
+    /// A pass that failed after every rank agreed to run it breaks the group (see
+    /// [`PartialFc::abort_after_agreement`]) and drops the pending gradient: whatever the pass
+    /// had reached, the last pass's gradient is not the one to apply.
     fn end_pass<T>(&mut self, out: Result<T>) -> Result<T> {
-        let agreed = std::mem::take(&mut self.mid_pass);
-        if let (Err(e), true) = (&out, agreed) {
-            // whatever the pass had reached (a given sample's gather included), the last
-            // pass's gradient is not the one to apply
+        if self.abort_after_agreement(&out, "forward/backward pass") {
             self.grad_pending = false;
             self.last_sampled = None;
-            self.comm.abort(&format!(
-                "rank {}'s forward/backward pass failed: {e}",
-                self.comm.rank()
-            ));
         }
         out
+    }
+
+    /// After a call that agreed with the other ranks to run (`mid_pass` set): a failure past
+    /// that point breaks the group, since this rank's peers would otherwise wait for it in the
+    /// collective it left (until their timeout), or pair its next call with that one. Refusals
+    /// every rank agreed on return before the point. Says whether it broke the group.
+    pub(crate) fn abort_after_agreement<T>(&mut self, out: &Result<T>, what: &str) -> bool {
+        let agreed = std::mem::take(&mut self.mid_pass);
+        match out {
+            Err(e) if agreed => {
+                let rank = self.comm.rank();
+                self.comm
+                    .abort(&format!("rank {rank}'s {what} failed: {e}"));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Like [`PartialFc::forward_backward`], with the sample given instead of drawn: `sampled`

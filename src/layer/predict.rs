@@ -133,17 +133,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// ```
     pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
         let out = self.predict_top_k_inner(embeddings, k);
-        // As for a training pass: a failure after the ranks agreed leaves the peers in
-        // collectives this rank will not join, so the group is broken (the pending gradient,
-        // which prediction does not touch, stays).
-        if std::mem::take(&mut self.mid_pass) {
-            if let Err(e) = &out {
-                self.comm.abort(&format!(
-                    "rank {}'s prediction failed: {e}",
-                    self.comm.rank()
-                ));
-            }
-        }
+        // As for a training pass, but the pending gradient, which prediction does not touch,
+        // stays.
+        self.abort_after_agreement(&out, "prediction");
         out
     }
 
