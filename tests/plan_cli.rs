@@ -329,7 +329,7 @@ fn documented_plan_output_is_current() {
 #[test]
 fn nothing_fits_anywhere_says_so() {
     // a 1 MiB GPU holds not one class of a 128 × 512 batch's buffers on any cluster size
-    let out = pfc(&[
+    let tiny = [
         "plan",
         "--classes",
         "1000",
@@ -337,7 +337,8 @@ fn nothing_fits_anywhere_says_so() {
         "2",
         "--gpu-memory",
         "1MiB",
-    ]);
+    ];
+    let out = pfc(&tiny);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -345,16 +346,7 @@ fn nothing_fits_anywhere_says_so() {
         "{text}"
     );
     assert!(!text.contains("first reached at"), "{text}");
-    let out = pfc(&[
-        "plan",
-        "--classes",
-        "1000",
-        "--gpus",
-        "2",
-        "--gpu-memory",
-        "1MiB",
-        "--json",
-    ]);
+    let out = pfc(&[&tiny[..], &["--json"]].concat());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["upper_bound_classes"], 0);
     assert!(json["upper_bound_gpus"].is_null(), "{json}");
@@ -364,30 +356,7 @@ fn nothing_fits_anywhere_says_so() {
 fn the_largest_sample_rate_shown_fits() {
     // 29M on 8 × 24 GiB: the rate is found to f64 precision and shown floored to 4 places,
     // so the printed rate must fit when fed back
-    let args = |r: &str| {
-        vec![
-            "plan".to_string(),
-            "--classes".into(),
-            "29M".into(),
-            "--gpus".into(),
-            "8".into(),
-            "--gpu-memory".into(),
-            "24GiB".into(),
-            "--sample-rate".into(),
-            r.into(),
-            "--json".into(),
-        ]
-    };
-    let run = |r: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pfc"))
-            .args(args(r))
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    let exact = run("0.1")["max_sample_rate"].as_f64().unwrap();
-    assert!(exact > 0.0 && exact < 1.0, "{exact}");
-    let out = pfc(&[
+    let base = [
         "plan",
         "--classes",
         "29M",
@@ -395,14 +364,20 @@ fn the_largest_sample_rate_shown_fits() {
         "8",
         "--gpu-memory",
         "24GiB",
-    ]);
-    let text = String::from_utf8(out.stdout).unwrap();
+    ];
+    let json_at = |r: &str| {
+        let out = pfc(&[&base[..], &["--sample-rate", r, "--json"]].concat());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let exact = json_at("0.1")["max_sample_rate"].as_f64().unwrap();
+    assert!(exact > 0.0 && exact < 1.0, "{exact}");
+    let text = String::from_utf8(pfc(&base).stdout).unwrap();
     let shown = text
         .lines()
         .find_map(|l| l.strip_prefix("largest sample rate that fits: "))
         .unwrap();
     assert!(shown.parse::<f64>().unwrap() <= exact, "{shown} > {exact}");
-    assert_eq!(run(shown)["fits"], true, "{shown}");
+    assert_eq!(json_at(shown)["fits"], true, "{shown}");
 }
 
 #[test]
