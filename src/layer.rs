@@ -1060,15 +1060,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "every rank passed an empty batch: there is no loss to take".into(),
             ));
         }
+        // Every rank runs this pass now: a failure from here on breaks the group and drops the
+        // last pass's gradient (`end_pass`), in the all-gather too.
         self.mid_pass = true;
-        if given.is_none() {
-            // Every rank runs this pass now: whatever happens next, the last pass's gradient is
-            // no longer the one to apply (a pass that fails in the all-gather must not leave it
-            // for `step`). A given sample has one more agreement below, after which the same
-            // holds.
-            self.grad_pending = false;
-            self.last_sampled = None;
-        }
 
         // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
         // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
@@ -1114,8 +1108,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 // A refusal here is every rank's, not a failure to break the group for.
                 self.mid_pass = false;
                 self.agree_on_input(missing, 0, Call::Given)?;
-                self.grad_pending = false;
-                self.last_sampled = None;
                 self.mid_pass = true;
                 let (b, x) = (&self.backend, &mut self.bufs);
                 b.upload(&local, &mut x.local_labels)?;
