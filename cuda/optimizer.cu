@@ -1,5 +1,6 @@
-// Scatter of sampled-row gradients and SGD with momentum. CPU references: src/cpu/optimizer.rs.
-// The momentum is stored as f32 or as bfloat16 bits (`_bf16` kernels); the arithmetic is f32.
+// Scatter of sampled-row gradients, SGD with momentum and AdamW. CPU references:
+// src/cpu/optimizer.rs. The state is stored as f32 or as bfloat16 bits (`_bf16` kernels); the
+// arithmetic is f32.
 #include "common.cuh"
 
 typedef unsigned short u16;
@@ -63,4 +64,65 @@ extern "C" __global__ void sgd_momentum_dense(float* weight, float* momentum, co
 extern "C" __global__ void sgd_momentum_dense_bf16(float* weight, u16* momentum, const float* grad,
                                                    u64 len, float lr, float mu, float wd) {
     sgd_dense(weight, momentum, grad, len, lr, mu, wd);
+}
+
+// AdamW on one element; the host computed the shared scalars (AdamWScalars) in f64:
+// w <- w decay - step m / (sqrt(v) c2 + eps), with m, v the new, unrounded moments.
+struct AdamWScalars {
+    float decay, beta1, beta2, step_size, inv_sqrt_bias2, eps;
+};
+
+template <typename State>
+__device__ __forceinline__ void adamw_elem(float* w, State* m, State* v, float g, AdamWScalars s) {
+    float mn = s.beta1 * load_state(m) + (1.0f - s.beta1) * g;
+    float vn = s.beta2 * load_state(v) + (1.0f - s.beta2) * (g * g);
+    store_state(m, mn);
+    store_state(v, vn);
+    float denom = sqrtf(vn) * s.inv_sqrt_bias2 + s.eps;
+    *w = *w * s.decay - s.step_size * (mn / denom);
+}
+
+// The sampled rows only ("lazy" Adam). One block per sampled row.
+template <typename State>
+__device__ void adamw_sparse(float* weight, State* exp_avg, State* exp_avg_sq, const float* grad,
+                             const int* index, int dim, AdamWScalars s) {
+    size_t i = blockIdx.x;
+    size_t row = (size_t)index[i];
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
+        size_t at = row * dim + k;
+        adamw_elem(weight + at, exp_avg + at, exp_avg_sq + at, grad[i * dim + k], s);
+    }
+}
+
+// Every element of the shard (grid-stride).
+template <typename State>
+__device__ void adamw_dense(float* weight, State* exp_avg, State* exp_avg_sq, const float* grad,
+                            u64 len, AdamWScalars s) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        adamw_elem(weight + i, exp_avg + i, exp_avg_sq + i, grad[i], s);
+}
+
+#define ADAMW_SCALARS float decay, float beta1, float beta2, float step_size, float inv_sqrt_bias2, float eps
+#define ADAMW_STRUCT AdamWScalars{decay, beta1, beta2, step_size, inv_sqrt_bias2, eps}
+
+extern "C" __global__ void adamw_sparse_f32(float* weight, float* exp_avg, float* exp_avg_sq,
+                                            const float* grad, const int* index, int count, int dim,
+                                            ADAMW_SCALARS) {
+    adamw_sparse(weight, exp_avg, exp_avg_sq, grad, index, dim, ADAMW_STRUCT);
+}
+
+extern "C" __global__ void adamw_sparse_bf16(float* weight, u16* exp_avg, u16* exp_avg_sq,
+                                             const float* grad, const int* index, int count, int dim,
+                                             ADAMW_SCALARS) {
+    adamw_sparse(weight, exp_avg, exp_avg_sq, grad, index, dim, ADAMW_STRUCT);
+}
+
+extern "C" __global__ void adamw_dense_f32(float* weight, float* exp_avg, float* exp_avg_sq,
+                                           const float* grad, u64 len, ADAMW_SCALARS) {
+    adamw_dense(weight, exp_avg, exp_avg_sq, grad, len, ADAMW_STRUCT);
+}
+
+extern "C" __global__ void adamw_dense_bf16(float* weight, u16* exp_avg, u16* exp_avg_sq,
+                                            const float* grad, u64 len, ADAMW_SCALARS) {
+    adamw_dense(weight, exp_avg, exp_avg_sq, grad, len, ADAMW_STRUCT);
 }

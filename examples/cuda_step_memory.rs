@@ -89,7 +89,7 @@ fn main() -> Result<(), partial_fc::PfcError> {
     let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
     cfg.sample_rate = 0.1;
     cfg.precision = precision;
-    cfg.optimizer.as_mut().unwrap().state_dtype = state;
+    cfg.optimizer.as_mut().unwrap().set_state_dtype(state);
     let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank)?;
     let x: Vec<f32> = (0..1024 * 512)
         .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)

@@ -157,14 +157,14 @@ fn run() -> Result<(), String> {
         Wide::Bf16 => partial_fc::GemmPrecision::Bf16,
         Wide::F16 => partial_fc::GemmPrecision::F16,
     };
-    if let Some(sgd) = cfg.optimizer.as_mut() {
-        sgd.state_dtype = match args.momentum_dtype {
+    if let Some(optimizer) = cfg.optimizer.as_mut() {
+        optimizer.set_state_dtype(match args.momentum_dtype {
             Wide::F32 => partial_fc::StateDtype::F32,
             Wide::Bf16 => partial_fc::StateDtype::Bf16,
             Wide::F16 => {
                 return Err("--momentum-dtype: f32 or bf16 (f16 would flush small momenta)".into())
             }
-        };
+        });
     }
     let mut layer = partial_fc::PartialFc::new(cfg, gpu, comm).map_err(|e| e.to_string())?;
     let bytes: u64 = layer.memory_report().iter().map(|(_, b)| b).sum();

@@ -277,7 +277,125 @@ impl Default for Sgd {
     }
 }
 
-/// Storage dtype of the optimizer state (the SGD momentum), one value per weight of the shard.
+/// AdamW (Adam with decoupled weight decay, Loshchilov & Hutter 2019) on the class centers, with
+/// the update of `torch.optim.AdamW`: per weight, `w ← w·(1 − lr·λ)`, `m ← β₁m + (1 − β₁)g`,
+/// `v ← β₂v + (1 − β₂)g²`, `w ← w − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)`.
+///
+/// The bias corrections take `t` from the layer's step counter ([`crate::PartialFc::steps`]):
+/// the number of forward/backward passes drawn, which is the number of updates in the usual
+/// loop of one pass per [`crate::PartialFc::step`], and which a checkpoint restores.
+///
+/// With [`UpdateMode::Dense`] every row moves each step (the published PyTorch code's
+/// `PartialFC_V2` under AdamW: its full weight's gradient is zero outside the sample, yet the
+/// moments decay and the weight decays everywhere). With [`UpdateMode::Sparse`] only the
+/// sampled rows and their moments move ("lazy" Adam, as `torch.optim.SparseAdam` does, plus the
+/// decoupled decay on those rows): an unsampled class keeps its moments until it is drawn again.
+/// Both moments are stored in [`AdamW::state_dtype`]; the arithmetic is f32.
+///
+/// ```
+/// use partial_fc::{AdamW, CpuBackend, LayerConfig, PartialFc, collective::SingleRank};
+/// let mut cfg = LayerConfig::new(1_000, 16, 8);
+/// cfg.optimizer = Some(AdamW { weight_decay: 0.1, ..AdamW::default() }.into());
+/// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank)?;
+/// let x = vec![0.5f32; 8 * 16];
+/// let labels: Vec<i64> = (0..8).collect();
+/// layer.forward_backward(&x, &labels)?;
+/// layer.step(1e-3)?;
+/// assert_eq!(layer.optimizer_state("exp_avg")?.len(), 1_000 * 16);
+/// # Ok::<(), partial_fc::PfcError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Decay of the first moment, β₁ in [0, 1).
+    pub beta1: f32,
+    /// Decay of the second moment, β₂ in [0, 1).
+    pub beta2: f32,
+    /// Added to the denominator, ε > 0.
+    pub eps: f32,
+    /// Decoupled weight decay λ (multiplies `lr`, as in PyTorch).
+    pub weight_decay: f32,
+    /// Storage dtype of both moments (see [`StateDtype`]).
+    pub state_dtype: StateDtype,
+}
+
+impl Default for AdamW {
+    /// PyTorch's defaults: β = (0.9, 0.999), ε = 1e-8, λ = 0.01; moments in f32.
+    fn default() -> Self {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            state_dtype: StateDtype::F32,
+        }
+    }
+}
+
+/// The optimizer of the class centers. Each keeps state tensors of the shard's size, named as
+/// in PyTorch's optimizer state and in checkpoints ([`Optimizer::state_names`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    /// SGD with momentum (the paper's optimizer): one state, `momentum`.
+    Sgd(Sgd),
+    /// AdamW: two states, `exp_avg` and `exp_avg_sq`.
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    /// Names of the state tensors, in storage order.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd(_) => &["momentum"],
+            Optimizer::AdamW(_) => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+
+    /// Storage dtype of the state tensors.
+    pub fn state_dtype(&self) -> StateDtype {
+        match self {
+            Optimizer::Sgd(o) => o.state_dtype,
+            Optimizer::AdamW(o) => o.state_dtype,
+        }
+    }
+
+    /// Sets the storage dtype of the state tensors.
+    ///
+    /// ```
+    /// use partial_fc::{LayerConfig, StateDtype};
+    /// let mut cfg = LayerConfig::new(1_000, 64, 32);
+    /// cfg.optimizer.as_mut().unwrap().set_state_dtype(StateDtype::Bf16);
+    /// assert_eq!(cfg.optimizer.unwrap().state_dtype(), StateDtype::Bf16);
+    /// ```
+    pub fn set_state_dtype(&mut self, dtype: StateDtype) {
+        match self {
+            Optimizer::Sgd(o) => o.state_dtype = dtype,
+            Optimizer::AdamW(o) => o.state_dtype = dtype,
+        }
+    }
+
+    /// The planner's name for this optimizer's state.
+    pub fn plan_kind(&self) -> crate::plan::Optimizer {
+        match self {
+            Optimizer::Sgd(_) => crate::plan::Optimizer::SgdMomentum,
+            Optimizer::AdamW(_) => crate::plan::Optimizer::AdamW,
+        }
+    }
+}
+
+impl From<Sgd> for Optimizer {
+    fn from(sgd: Sgd) -> Self {
+        Optimizer::Sgd(sgd)
+    }
+}
+
+impl From<AdamW> for Optimizer {
+    fn from(adamw: AdamW) -> Self {
+        Optimizer::AdamW(adamw)
+    }
+}
+
+/// Storage dtype of the optimizer state (the SGD momentum, the AdamW moments), one value per
+/// weight of the shard and state.
 ///
 /// The momentum is as large as the shard itself, so with f32 it doubles the bytes of the
 /// classifier; stored as bfloat16 it adds half instead (1M classes × d 512: 2 GiB → 1 GiB per
@@ -290,7 +408,7 @@ impl Default for Sgd {
 /// ```
 /// use partial_fc::{LayerConfig, StateDtype};
 /// let mut cfg = LayerConfig::new(1_000, 64, 32);
-/// cfg.optimizer.as_mut().unwrap().state_dtype = StateDtype::Bf16;
+/// cfg.optimizer.as_mut().unwrap().set_state_dtype(StateDtype::Bf16);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateDtype {
@@ -343,8 +461,9 @@ pub struct LayerConfig {
     pub sampler: NegativeSampler,
     /// Optimizer update mode.
     pub update: UpdateMode,
-    /// Optimizer; `None` allocates no optimizer state (inference or forward/backward only).
-    pub optimizer: Option<Sgd>,
+    /// Optimizer of the class centers (SGD with momentum or AdamW); `None` allocates no
+    /// optimizer state (inference or forward/backward only).
+    pub optimizer: Option<Optimizer>,
     /// Seed of the counter-based sampling generator.
     pub seed: u64,
     /// Dtype of the embeddings on the all-gather's wire: `F32`, or `F16`/`Bf16` to halve the
@@ -379,7 +498,7 @@ impl LayerConfig {
             margin: Margin::arcface(),
             sampler: NegativeSampler::Random,
             update: UpdateMode::Sparse,
-            optimizer: Some(Sgd::default()),
+            optimizer: Some(Optimizer::Sgd(Sgd::default())),
             seed: 0x5eed,
             wire: crate::plan::Dtype::F32,
             grad_wire: crate::plan::Dtype::F32,
@@ -457,20 +576,33 @@ impl LayerConfig {
                 ));
             }
         }
-        if let Some(sgd) = self.optimizer {
-            if !(sgd.momentum.is_finite() && (0.0..1.0).contains(&sgd.momentum)) {
-                return Err(PfcError::param(
-                    "momentum",
-                    sgd.momentum,
-                    "must lie in [0, 1)",
-                ));
+        let unit = |name: &'static str, value: f32| {
+            if value.is_finite() && (0.0..1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(PfcError::param(name, value, "must lie in [0, 1)"))
             }
-            if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
-                return Err(PfcError::param(
-                    "weight_decay",
-                    sgd.weight_decay,
-                    "must be >= 0",
-                ));
+        };
+        let decay = |value: f32| {
+            if value.is_finite() && value >= 0.0 {
+                Ok(())
+            } else {
+                Err(PfcError::param("weight_decay", value, "must be >= 0"))
+            }
+        };
+        match self.optimizer {
+            None => {}
+            Some(Optimizer::Sgd(sgd)) => {
+                unit("momentum", sgd.momentum)?;
+                decay(sgd.weight_decay)?;
+            }
+            Some(Optimizer::AdamW(adamw)) => {
+                unit("beta1", adamw.beta1)?;
+                unit("beta2", adamw.beta2)?;
+                decay(adamw.weight_decay)?;
+                if !(adamw.eps.is_finite() && adamw.eps > 0.0) {
+                    return Err(PfcError::param("eps", adamw.eps, "must be finite and > 0"));
+                }
             }
         }
         self.margin.validate()

@@ -4,8 +4,11 @@
 mod predict;
 pub use predict::Prediction;
 
+use crate::backend::AdamWStep;
 use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs, StateBuf};
-use crate::config::{LayerConfig, MarginParams, NegativeSampler, StateDtype, UpdateMode};
+use crate::config::{
+    LayerConfig, MarginParams, NegativeSampler, Optimizer, StateDtype, UpdateMode,
+};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::{
     sampled_count, step_buffers, Component, StepShape, HARD_NEGATIVE_CHUNK,
@@ -34,7 +37,8 @@ type U16Pair<B> = Option<(<B as Backend>::Buf<u16>, <B as Backend>::Buf<u16>)>;
 struct Buffers<B: Backend> {
     weight: B::Buf<f32>,
     weight_grad: Option<B::Buf<f32>>,
-    momentum: Option<StateBuf<B>>,
+    /// The optimizer's state tensors, in [`Optimizer::state_names`] order (none without one).
+    states: Vec<StateBuf<B>>,
     sampled_weights: B::Buf<f32>,
     sampled_weights_grad: B::Buf<f32>,
     weight_norms: B::Buf<f32>,
@@ -418,6 +422,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // The backend rejects a precision it cannot multiply in (the CPU: anything but f32),
         // then holds the 16-bit operand buffers the planner sized, for the layer's life.
         backend.set_gemm_precision(config.precision)?;
+        if matches!(config.optimizer, Some(Optimizer::AdamW(_))) && !backend.supports_adamw() {
+            return Err(PfcError::param(
+                "optimizer",
+                "adamw",
+                format!("the {} backend does not implement AdamW", backend.name()),
+            ));
+        }
         // The planner sizes the logits by the precision; the backend must keep them in it.
         let wanted = match config.precision {
             crate::GemmPrecision::F32 => Dtype::F32,
@@ -453,10 +464,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let bufs = Buffers {
             weight: b.alloc(shard_len * d)?,
             weight_grad: alloc_opt(b, shard_len * d, config.update == UpdateMode::Dense)?,
-            momentum: config
-                .optimizer
-                .map(|sgd| StateBuf::alloc(b, sgd.state_dtype, shard_len * d))
-                .transpose()?,
+            states: match config.optimizer {
+                None => Vec::new(),
+                Some(o) => o
+                    .state_names()
+                    .iter()
+                    .map(|_| StateBuf::alloc(b, o.state_dtype(), shard_len * d))
+                    .collect::<Result<_>>()?,
+            },
             sampled_weights: b.alloc(capacity_ld * d)?,
             sampled_weights_grad: b.alloc(capacity_ld * d)?,
             weight_norms: b.alloc(capacity)?,
@@ -519,10 +534,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             dim: config.dim as u64,
             sample_rate: config.sample_rate,
             weight_dtype: Dtype::F32,
-            optimizer_states: u64::from(config.optimizer.is_some()),
+            optimizer_states: config.optimizer.map_or(0, |o| o.state_names().len() as u64),
             state_dtype: config
                 .optimizer
-                .map_or(Dtype::F32, |sgd| match sgd.state_dtype {
+                .map_or(Dtype::F32, |o| match o.state_dtype() {
                     StateDtype::F32 => Dtype::F32,
                     StateDtype::Bf16 => Dtype::Bf16,
                 }),
@@ -555,7 +570,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             (Component::WeightGrad, fo(&x.weight_grad)),
             (
                 Component::OptimizerState,
-                x.momentum.as_ref().map_or(0, |m| m.bytes(b)),
+                x.states.iter().map(|m| m.bytes(b)).sum(),
             ),
             (Component::SampledWeights, f(&x.sampled_weights)),
             (Component::SampledWeightsGrad, f(&x.sampled_weights_grad)),
@@ -687,29 +702,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(())
     }
 
-    /// A checkpoint load starts overwriting weights and momentum block by block.
+    /// A checkpoint load starts overwriting weights and optimizer state block by block.
     pub(crate) fn begin_replacing_state(&mut self) {
         self.incomplete = true;
         self.grad_pending = false;
         self.last_sampled = None;
     }
 
-    /// Uploads a block of the weight (or of the momentum) at element `offset`.
-    pub(crate) fn put_block(
-        &mut self,
-        momentum: bool,
-        offset: usize,
-        values: &[f32],
-    ) -> Result<()> {
-        if !momentum {
+    /// Uploads a block of tensor `name` (`weight` or one of the optimizer's
+    /// [`Optimizer::state_names`]) at element `offset`.
+    pub(crate) fn put_block(&mut self, name: &str, offset: usize, values: &[f32]) -> Result<()> {
+        if name == "weight" {
             return self
                 .backend
                 .upload_at(values, &mut self.bufs.weight, offset);
         }
-        match self.bufs.momentum.as_mut() {
-            Some(m) => m.upload_at(&self.backend, values, offset),
-            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
-        }
+        let i = self.state_index(name)?;
+        self.bufs.states[i].upload_at(&self.backend, values, offset)
     }
 
     /// The load that began replacing the state finished.
@@ -722,38 +731,79 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.backend.download_at(&self.bufs.weight, offset, len)
     }
 
-    /// Momentum values `offset .. offset + len`, widened to f32; an error without optimizer.
-    pub(crate) fn momentum_block(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
-        match &self.bufs.momentum {
-            Some(m) => m.download_at(&self.backend, offset, len),
-            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
-        }
+    /// Values `offset .. offset + len` of the optimizer state `name`, widened to f32.
+    pub(crate) fn state_block(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let i = self.state_index(name)?;
+        self.bufs.states[i].download_at(&self.backend, offset, len)
     }
 
-    /// The optimizer's momentum, if the layer has one (a bf16 momentum widened to f32, exactly).
+    /// Names of this layer's optimizer state tensors (`momentum` for SGD, `exp_avg` and
+    /// `exp_avg_sq` for AdamW, none without an optimizer): what checkpoints hold beside the
+    /// weights.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        self.config.optimizer.map_or(&[], |o| o.state_names())
+    }
+
+    fn state_index(&self, name: &str) -> Result<usize> {
+        let names = self.state_names();
+        names.iter().position(|n| *n == name).ok_or_else(|| {
+            PfcError::Shape(if names.is_empty() {
+                format!("this layer has no optimizer state (asked for {name})")
+            } else {
+                format!("this layer's optimizer state is {names:?}, not {name}")
+            })
+        })
+    }
+
+    /// The SGD momentum, if the layer's optimizer is SGD (a bf16 momentum widened to f32,
+    /// exactly); `None` without an optimizer or with AdamW (see
+    /// [`optimizer_state`](Self::optimizer_state)).
     pub fn momentum(&self) -> Result<Option<Vec<f32>>> {
-        let len = self.shard.len as usize * self.config.dim;
-        self.bufs
-            .momentum
-            .as_ref()
-            .map(|m| m.download(&self.backend, len))
-            .transpose()
+        match self.config.optimizer {
+            Some(Optimizer::Sgd(_)) => self.optimizer_state("momentum").map(Some),
+            _ => Ok(None),
+        }
     }
 
-    /// Replaces the optimizer's momentum (rounded to nearest even for a bf16 momentum).
+    /// Replaces the SGD momentum (rounded to nearest even for a bf16 momentum).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when the layer's optimizer is not SGD or the length is not the
+    /// shard's; [`PfcError::Param`] for a NaN or infinite value.
     pub fn set_momentum(&mut self, momentum: &[f32]) -> Result<()> {
+        self.set_optimizer_state("momentum", momentum)
+    }
+
+    /// The optimizer state tensor `name` (one of [`state_names`](Self::state_names)), `shard × d`
+    /// row-major, widened to f32 (exactly, for bf16 state).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when the layer has no such state.
+    pub fn optimizer_state(&self, name: &str) -> Result<Vec<f32>> {
+        let i = self.state_index(name)?;
+        let len = self.shard.len as usize * self.config.dim;
+        self.bufs.states[i].download(&self.backend, len)
+    }
+
+    /// Replaces the optimizer state tensor `name` (rounded to nearest even for bf16 state).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when the layer has no such state or the length is not the shard's;
+    /// [`PfcError::Param`] for a NaN or infinite value (nothing is changed).
+    pub fn set_optimizer_state(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let i = self.state_index(name)?;
         let want = self.shard.len as usize * self.config.dim;
-        match self.bufs.momentum.as_mut() {
-            Some(_) if momentum.len() != want => Err(PfcError::Shape(format!(
-                "momentum of {} values for a shard of {want}",
-                momentum.len()
-            ))),
-            Some(buf) => {
-                check_finite("momentum", momentum, self.config.dim)?;
-                buf.upload(&self.backend, momentum)
-            }
-            None => Err(PfcError::Shape("this layer has no optimizer state".into())),
+        if values.len() != want {
+            return Err(PfcError::Shape(format!(
+                "{name} of {} values for a shard of {want}",
+                values.len()
+            )));
         }
+        check_finite(self.state_names()[i], values, self.config.dim)?;
+        self.bufs.states[i].upload(&self.backend, values)
     }
 
     /// Checks this rank's input; `None` when it is fine.
@@ -1333,8 +1383,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(dense)
     }
 
-    /// Applies SGD with momentum to the shard with learning rate `lr`, from the gradient of the
-    /// last [`PartialFc::forward_backward`].
+    /// Applies the optimizer (SGD with momentum, or AdamW) to the shard with learning rate `lr`,
+    /// from the gradient of the last [`PartialFc::forward_backward`]. AdamW's bias corrections
+    /// count updates with the layer's step counter ([`steps`](Self::steps)).
     ///
     /// # Errors
     ///
@@ -1349,7 +1400,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
         }
-        let Some(sgd) = self.config.optimizer else {
+        let Some(optimizer) = self.config.optimizer else {
             return Err(PfcError::param(
                 "optimizer",
                 "none",
@@ -1371,8 +1422,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let x = &mut self.bufs;
         let d = self.config.dim;
         let len = self.shard.len as usize * d;
-        let momentum = x.momentum.as_mut().expect("allocated with the optimizer");
-        match (self.config.update, x.weight_grad.as_mut()) {
+        let dense = match (self.config.update, x.weight_grad.as_mut()) {
             (UpdateMode::Dense, Some(grad)) => {
                 b.scatter_rows(
                     &x.sampled_weights_grad,
@@ -1382,7 +1432,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                     grad,
                     self.shard.len as usize,
                 )?;
-                b.sgd_momentum_dense(
+                Some(&*grad)
+            }
+            _ => None,
+        };
+        match (optimizer, x.states.as_mut_slice()) {
+            (Optimizer::Sgd(sgd), [momentum]) => match dense {
+                Some(grad) => b.sgd_momentum_dense(
                     &mut x.weight,
                     momentum,
                     grad,
@@ -1390,19 +1446,42 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                     lr,
                     sgd.momentum,
                     sgd.weight_decay,
-                )
+                ),
+                None => b.sgd_momentum_sparse(
+                    &mut x.weight,
+                    momentum,
+                    &x.sampled_weights_grad,
+                    &x.sampled_index,
+                    sampled,
+                    d,
+                    lr,
+                    sgd.momentum,
+                    sgd.weight_decay,
+                ),
+            },
+            (Optimizer::AdamW(adamw), [exp_avg, exp_avg_sq]) => {
+                let step = AdamWStep {
+                    lr,
+                    adamw,
+                    t: self.step,
+                };
+                match dense {
+                    Some(grad) => {
+                        b.adamw_dense(&mut x.weight, exp_avg, exp_avg_sq, grad, len, step)
+                    }
+                    None => b.adamw_sparse(
+                        &mut x.weight,
+                        exp_avg,
+                        exp_avg_sq,
+                        &x.sampled_weights_grad,
+                        &x.sampled_index,
+                        sampled,
+                        d,
+                        step,
+                    ),
+                }
             }
-            _ => b.sgd_momentum_sparse(
-                &mut x.weight,
-                momentum,
-                &x.sampled_weights_grad,
-                &x.sampled_index,
-                sampled,
-                d,
-                lr,
-                sgd.momentum,
-                sgd.weight_decay,
-            ),
+            _ => unreachable!("the layer allocates one state buffer per state name"),
         }
     }
 }

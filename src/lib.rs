@@ -32,8 +32,8 @@ pub mod tensor_file;
 
 pub use backend::{Backend, Collective, Elem, LogitsShape, ReduceOp, SampleArgs, StateBuf};
 pub use config::{
-    GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Sgd, StateDtype,
-    TargetFallback, UpdateMode,
+    AdamW, GemmPrecision, GradMode, LayerConfig, Margin, MarginParams, NegativeSampler, Optimizer,
+    Sgd, StateDtype, TargetFallback, UpdateMode,
 };
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};

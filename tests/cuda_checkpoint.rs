@@ -16,7 +16,7 @@ const DIM: usize = 257;
 fn config(state: StateDtype) -> LayerConfig {
     let mut cfg = LayerConfig::new(CLASSES, DIM, 8);
     cfg.sample_rate = 0.5;
-    cfg.optimizer.as_mut().unwrap().state_dtype = state;
+    cfg.optimizer.as_mut().unwrap().set_state_dtype(state);
     cfg
 }
 

@@ -1017,6 +1017,105 @@ fn optimizer_and_scatter_match_cpu() {
     }
 }
 
+/// `adamw_sparse_*` and `adamw_dense_*` against their CPU twins (`Backend::adamw_sparse`,
+/// `adamw_dense`) over three updates, t = 1..3 (the bias corrections matter most there), for both
+/// moment dtypes. f32 agrees to rounding (the GPU may fuse multiply-adds); a bf16 moment may sit
+/// one bf16 step away where the f32 value lands on the other side of a rounding tie.
+#[test]
+fn adamw_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(23);
+    let (shard, dim) = (300usize, 67usize);
+    let index: Vec<i32> = (0..shard as i32).filter(|i| i % 5 == 1).collect();
+    let count = index.len();
+    let w = rng.vec(shard * dim, -0.1, 0.1);
+    for dtype in [StateDtype::F32, StateDtype::Bf16] {
+        let m_tol = match dtype {
+            StateDtype::F32 => 1e-5,
+            StateDtype::Bf16 => 2f32.powi(-7),
+        };
+        let adamw = partial_fc::AdamW {
+            weight_decay: 0.05,
+            state_dtype: dtype,
+            ..partial_fc::AdamW::default()
+        };
+        let zeros = vec![0f32; shard * dim];
+        let cpu_state = || {
+            let mut s = StateBuf::alloc(&cpu, dtype, shard * dim).unwrap();
+            s.upload(&cpu, &zeros).unwrap();
+            s
+        };
+        let gpu_state = || {
+            let mut s = StateBuf::alloc(&g, dtype, shard * dim).unwrap();
+            s.upload(&g, &zeros).unwrap();
+            s
+        };
+        for dense in [false, true] {
+            let (mut cw, mut cm, mut cv) = (w.clone(), cpu_state(), cpu_state());
+            let (mut gw, mut gm, mut gv) = (up(&g, &w), gpu_state(), gpu_state());
+            for t in 1..=3u64 {
+                let step = partial_fc::backend::AdamWStep { lr: 0.01, adamw, t };
+                if dense {
+                    let grad = rng.vec(shard * dim, -1.0, 1.0);
+                    cpu.adamw_dense(&mut cw, &mut cm, &mut cv, &grad, shard * dim, step)
+                        .unwrap();
+                    g.adamw_dense(&mut gw, &mut gm, &mut gv, &up(&g, &grad), shard * dim, step)
+                        .unwrap();
+                } else {
+                    let rows = rng.vec(count * dim, -1.0, 1.0);
+                    cpu.adamw_sparse(&mut cw, &mut cm, &mut cv, &rows, &index, count, dim, step)
+                        .unwrap();
+                    g.adamw_sparse(
+                        &mut gw,
+                        &mut gm,
+                        &mut gv,
+                        &up(&g, &rows),
+                        &up(&g, &index),
+                        count,
+                        dim,
+                        step,
+                    )
+                    .unwrap();
+                }
+            }
+            let what = |t: &str| {
+                format!(
+                    "{} {t}, {dtype} moments",
+                    if dense { "dense" } else { "sparse" }
+                )
+            };
+            assert_close(
+                &what("weight"),
+                &g.download(&gw, shard * dim).unwrap(),
+                &cw,
+                1e-5,
+                1e-7,
+            );
+            for (name, gs, cs) in [("exp_avg", &gm, &cm), ("exp_avg_sq", &gv, &cv)] {
+                assert_close(
+                    &what(name),
+                    &gs.download(&g, shard * dim).unwrap(),
+                    &cs.download(&cpu, shard * dim).unwrap(),
+                    m_tol,
+                    1e-9,
+                );
+            }
+            if !dense {
+                // Rows outside the sample kept their weight, to the bit.
+                let got = g.download(&gw, shard * dim).unwrap();
+                for r in (0..shard).filter(|r| r % 5 != 1) {
+                    assert_eq!(
+                        got[r * dim..(r + 1) * dim],
+                        w[r * dim..(r + 1) * dim],
+                        "row {r}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The casts around the gradient's 16-bit reduce-scatter (`LayerConfig::grad_wire`) against
 /// their CPU twins, bit for bit: f32 → f16/bf16 on random values and on the rounding edges (ties,
 /// overflow to inf, f16 subnormals and underflow, signed zero, infinities), and 16-bit → f32 on
@@ -1380,7 +1479,7 @@ fn whole_step_matches_cpu() {
         ),
     ] {
         let mut cfg = step_config(update, sampler, margin);
-        cfg.optimizer.as_mut().unwrap().state_dtype = state;
+        cfg.optimizer.as_mut().unwrap().set_state_dtype(state);
         let mut on_cpu = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
         let mut on_gpu =
             PartialFc::new(cfg.clone(), CudaBackend::new(0).unwrap(), SingleRank).unwrap();

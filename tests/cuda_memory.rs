@@ -30,7 +30,7 @@ fn step_allocates_what_the_planner_says() {
         let mut cfg = LayerConfig::new(50_000, 128, 256);
         cfg.sample_rate = 0.1;
         cfg.precision = precision;
-        cfg.optimizer.as_mut().unwrap().state_dtype = state;
+        cfg.optimizer.as_mut().unwrap().set_state_dtype(state);
         let mut layer = PartialFc::zeroed(cfg, g, SingleRank).unwrap();
         let x: Vec<f32> = (0..256 * 128)
             .map(|i| ((i * 31 % 997) as f32 - 498.0) / 498.0)

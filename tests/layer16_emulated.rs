@@ -900,11 +900,14 @@ fn config(
     cfg.margin = margin;
     cfg.update = update;
     cfg.precision = precision;
-    cfg.optimizer = Some(Sgd {
-        momentum: MOMENTUM,
-        weight_decay: WEIGHT_DECAY,
-        ..Sgd::default()
-    });
+    cfg.optimizer = Some(
+        Sgd {
+            momentum: MOMENTUM,
+            weight_decay: WEIGHT_DECAY,
+            ..Sgd::default()
+        }
+        .into(),
+    );
     cfg
 }
 
@@ -1825,4 +1828,45 @@ fn three_ranks_equal_one_rank_in_16_bit() {
             }
         }
     }
+}
+
+/// A backend that does not override the AdamW methods (this emulator, like a third-party
+/// backend written before AdamW) is refused at construction, naming the backend, not at the
+/// first step; its direct AdamW calls are the default's typed refusal.
+#[test]
+fn a_backend_without_adamw_is_refused_at_construction() {
+    let mut cfg = config(1, GemmPrecision::F32, Margin::arcface(), UpdateMode::Sparse);
+    cfg.optimizer = Some(partial_fc::AdamW::default().into());
+    let err = match PartialFc::new(cfg, Emulated16::new(Fault::None), SingleRank) {
+        Err(e) => e,
+        Ok(_) => panic!("an AdamW layer was built on a backend without AdamW"),
+    };
+    assert!(
+        matches!(
+            &err,
+            PfcError::Param {
+                name: "optimizer",
+                ..
+            }
+        ) && err.to_string().contains("does not implement AdamW"),
+        "{err}"
+    );
+    let e = Emulated16::new(Fault::None);
+    let state = || StateBuf::alloc(&e, partial_fc::StateDtype::F32, 4).unwrap();
+    let step = partial_fc::backend::AdamWStep {
+        lr: 0.1,
+        adamw: partial_fc::AdamW::default(),
+        t: 1,
+    };
+    let err = e
+        .adamw_dense(
+            &mut vec![0.0; 4],
+            &mut state(),
+            &mut state(),
+            &vec![0.0; 4],
+            4,
+            step,
+        )
+        .unwrap_err();
+    assert!(matches!(err, PfcError::BackendUnavailable(_)), "{err}");
 }

@@ -316,11 +316,14 @@ fn a_smaller_sample_after_a_diverged_larger_one_is_clean() {
     let (classes, d, n) = (64u64, 8usize, 4usize);
     let mut cfg = LayerConfig::new(classes, d, n);
     cfg.sample_rate = 1.0;
-    cfg.optimizer = Some(Sgd {
-        momentum: 0.0,
-        weight_decay: 1.0,
-        state_dtype: StateDtype::F32,
-    });
+    cfg.optimizer = Some(
+        Sgd {
+            momentum: 0.0,
+            weight_decay: 1.0,
+            state_dtype: StateDtype::F32,
+        }
+        .into(),
+    );
     let mut layer = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
     let clean = layer.weight().unwrap();
     let x: Vec<f32> = (0..n * d)

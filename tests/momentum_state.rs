@@ -16,7 +16,7 @@ fn config(state: StateDtype, update: UpdateMode) -> LayerConfig {
     let mut cfg = LayerConfig::new(CLASSES, DIM, BATCH);
     cfg.sample_rate = 0.2;
     cfg.update = update;
-    cfg.optimizer.as_mut().unwrap().state_dtype = state;
+    cfg.optimizer.as_mut().unwrap().set_state_dtype(state);
     cfg
 }
 

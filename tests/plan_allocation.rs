@@ -19,6 +19,8 @@ struct Case {
     rate: f64,
     update: UpdateMode,
     momentum: bool,
+    /// AdamW (two moments) instead of SGD's momentum; only with `momentum`.
+    adamw: bool,
     state: StateDtype,
     grad_wire: Dtype,
     hard: bool,
@@ -35,8 +37,11 @@ fn layer_config(c: &Case) -> LayerConfig {
     if !c.momentum {
         cfg.optimizer = None;
     }
-    if let Some(sgd) = cfg.optimizer.as_mut() {
-        sgd.state_dtype = c.state;
+    if c.momentum && c.adamw {
+        cfg.optimizer = Some(partial_fc::AdamW::default().into());
+    }
+    if let Some(o) = cfg.optimizer.as_mut() {
+        o.set_state_dtype(c.state);
     }
     cfg
 }
@@ -49,10 +54,10 @@ fn plan_config(c: &Case) -> PlanConfig {
     p.update = c.update;
     p.grad_wire_dtype = c.grad_wire;
     p.hard_negatives = c.hard;
-    p.optimizer = if c.momentum {
-        Optimizer::SgdMomentum
-    } else {
-        Optimizer::None
+    p.optimizer = match (c.momentum, c.adamw) {
+        (false, _) => Optimizer::None,
+        (true, false) => Optimizer::SgdMomentum,
+        (true, true) => Optimizer::AdamW,
     };
     p.state_dtype = match c.state {
         StateDtype::F32 => Dtype::F32,
@@ -100,6 +105,7 @@ fn case(classes: u64, gpus: usize, rate: f64, update: UpdateMode, momentum: bool
         rate,
         update,
         momentum,
+        adamw: false,
         state: StateDtype::F32,
         grad_wire: Dtype::F32,
         hard: false,
@@ -164,6 +170,31 @@ fn world_of_three_bf16_momentum_sparse_and_dense() {
             state: StateDtype::Bf16,
             ..case(3001, 3, 0.05, update, true)
         });
+    }
+}
+
+/// AdamW keeps two moments, each of the shard's size, in either dtype: the layer allocates what
+/// the planner's `--optimizer adamw` plans.
+#[test]
+fn adamw_moments_are_planned_in_both_dtypes_sparse_and_dense() {
+    for update in [UpdateMode::Sparse, UpdateMode::Dense] {
+        for state in [StateDtype::F32, StateDtype::Bf16] {
+            let c = Case {
+                adamw: true,
+                state,
+                ..case(3001, 3, 0.05, update, true)
+            };
+            let layer = PartialFc::zeroed(layer_config(&c), CpuBackend, SingleRank).unwrap();
+            let bytes = layer
+                .memory_report()
+                .into_iter()
+                .find(|(c, _)| *c == Component::OptimizerState)
+                .unwrap()
+                .1;
+            let per_value = if state == StateDtype::F32 { 4 } else { 2 };
+            assert_eq!(bytes, 2 * 3001 * 32 * per_value, "{update:?} {state}");
+            run(c);
+        }
     }
 }
 

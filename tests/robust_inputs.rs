@@ -600,8 +600,8 @@ fn a_checkpoint_of_several_streaming_blocks_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.safetensors");
     let mut cfg = LayerConfig::new(40_000, 512, 4);
-    if let Some(sgd) = cfg.optimizer.as_mut() {
-        sgd.state_dtype = StateDtype::Bf16;
+    if let Some(o) = cfg.optimizer.as_mut() {
+        o.set_state_dtype(StateDtype::Bf16);
     }
     let mut layer = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
     let (x, labels) = (

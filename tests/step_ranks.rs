@@ -76,11 +76,14 @@ fn config(s: &Setup, batch_per_rank: usize) -> LayerConfig {
     cfg.sample_rate = s.sample_rate;
     cfg.margin = s.margin;
     cfg.update = s.update;
-    cfg.optimizer = Some(Sgd {
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        ..Sgd::default()
-    });
+    cfg.optimizer = Some(
+        Sgd {
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            ..Sgd::default()
+        }
+        .into(),
+    );
     cfg
 }
 

@@ -711,6 +711,83 @@ pub trait Backend: Send + Sync + 'static {
         mu: f32,
         weight_decay: f32,
     ) -> Result<()>;
+
+    /// Whether [`Self::adamw_sparse`] and [`Self::adamw_dense`] are implemented (the layer asks
+    /// at construction, so that an AdamW layer on a backend without it fails there, not at its
+    /// first step). The default answers no.
+    fn supports_adamw(&self) -> bool {
+        false
+    }
+
+    /// Sparse AdamW on the sampled rows only ("lazy" Adam), for `w = weight[index[i]]`,
+    /// `g = grad[i]` and their moments `m`, `v` (both in the same storage dtype):
+    /// `w ← w·(1 − lr·λ); m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
+    /// w ← w − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)`, in f32, `w` moved by the unrounded
+    /// moments. The default refuses ([`PfcError::BackendUnavailable`]): a backend written before
+    /// AdamW existed keeps compiling and says it lacks it.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_sparse(
+        &self,
+        weight: &mut Self::Buf<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &Self::Buf<f32>,
+        index: &Self::Buf<i32>,
+        count: usize,
+        dim: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        let _ = (weight, exp_avg, exp_avg_sq, grad, index, count, dim, step);
+        Err(unsupported(self.name(), "AdamW"))
+    }
+
+    /// Dense AdamW over the first `len` elements of the shard (same arithmetic as
+    /// [`Backend::adamw_sparse`]); the default refuses, as there.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_dense(
+        &self,
+        weight: &mut Self::Buf<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &Self::Buf<f32>,
+        len: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        let _ = (weight, exp_avg, exp_avg_sq, grad, len, step);
+        Err(unsupported(self.name(), "AdamW"))
+    }
+}
+
+/// One AdamW update's hyper-parameters and its step number `t` (≥ 1), which the bias
+/// corrections need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// The optimizer's settings.
+    pub adamw: crate::config::AdamW,
+    /// Number of this update, counted from 1 (0 is treated as 1).
+    pub t: u64,
+}
+
+impl AdamWStep {
+    /// The per-update scalars every element's update shares, computed once in f64 (so that
+    /// `β₂ᵗ` for t in the millions stays exact enough) and rounded to f32.
+    pub fn scalars(&self) -> crate::cpu::optimizer::AdamWScalars {
+        let a = self.adamw;
+        let t = self.t.max(1) as f64;
+        let bias1 = 1.0 - f64::from(a.beta1).powf(t);
+        let bias2 = 1.0 - f64::from(a.beta2).powf(t);
+        let lr = f64::from(self.lr);
+        crate::cpu::optimizer::AdamWScalars {
+            decay: (1.0 - lr * f64::from(a.weight_decay)) as f32,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            step_size: (lr / bias1) as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+            eps: a.eps,
+        }
+    }
 }
 
 /// Communication between the ranks of a group, on a backend's buffers.

@@ -16,14 +16,15 @@ mod predict;
 mod set;
 pub use set::{reshard, shard_file_name, CheckpointSet};
 
-/// Reads values `offset .. offset + len` of a tensor (`weight` or `momentum`) of a shard.
+/// Reads values `offset .. offset + len` of a tensor (`weight` or an optimizer state) of a shard.
 type ReadBlock<'a> = dyn Fn(&str, usize, usize) -> Result<Vec<f32>> + 'a;
 
 /// Format tag written into every checkpoint.
 pub const FORMAT: &str = "partial-fc-shard/1";
 
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
-    /// Writes this rank's shard (and momentum, if any) to `path`, atomically.
+    /// Writes this rank's shard (and its optimizer state, if any: `momentum` for SGD, `exp_avg`
+    /// and `exp_avg_sq` for AdamW) to `path`, atomically.
     ///
     /// ```
     /// use partial_fc::{CpuBackend, LayerConfig, PartialFc, collective::SingleRank};
@@ -78,10 +79,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         };
         let weight = |offset, len| finite("weight", offset, self.weight_block(offset, len)?);
-        let momentum = |offset, len| finite("momentum", offset, self.momentum_block(offset, len)?);
+        let states: Vec<_> = self
+            .state_names()
+            .iter()
+            .map(|&name| {
+                move |offset, len| finite(name, offset, self.state_block(name, offset, len)?)
+            })
+            .collect();
         let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
-        if self.config().optimizer.is_some() {
-            tensors.push(OutTensor::F32Blocks("momentum", shape, &momentum));
+        for (name, read) in self.state_names().iter().zip(&states) {
+            tensors.push(OutTensor::F32Blocks(name, shape.clone(), read));
         }
         write_atomic(path, &tensors, self.checkpoint_metadata())
     }
@@ -151,12 +158,19 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
         let shape = [self.shard().len as usize, self.config().dim];
         let mut names = vec!["weight"];
-        if self.config().optimizer.is_some() {
-            names.push("momentum");
-        }
+        names.extend_from_slice(self.state_names());
         for name in &names {
             match file.shape(name) {
-                None => return Err(mismatch(format!("{name} is missing"))),
+                None if *name == "weight" => return Err(mismatch("weight is missing".into())),
+                None => {
+                    return Err(mismatch(format!(
+                        "{name} is missing: this layer's optimizer keeps {:?}, the file {} (a \
+                         file of another optimizer: load it into a layer of that optimizer, or \
+                         of none for the weights alone)",
+                        self.state_names(),
+                        describe_states(&file)
+                    )))
+                }
                 Some(s) if s != shape => {
                     return Err(mismatch(format!(
                         "{name} has shape {s:?}, {shape:?} expected"
@@ -229,13 +243,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         let mut names = vec!["weight"];
-        if self.config().optimizer.is_some() {
-            if !set.has_momentum() {
-                return Err(mismatch(
-                    "the files hold no momentum and this layer has an optimizer".into(),
-                ));
-            }
-            names.push("momentum");
+        names.extend_from_slice(self.state_names());
+        if set.state_names() != self.state_names() && !self.state_names().is_empty() {
+            return Err(mismatch(format!(
+                "the files hold optimizer state {:?} and this layer's optimizer keeps {:?} (a \
+                 layer without an optimizer loads the weights alone)",
+                set.state_names(),
+                self.state_names()
+            )));
         }
         if set.step() == u64::MAX {
             return Err(mismatch(
@@ -250,7 +265,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(())
     }
 
-    /// Replaces the weights (and momentum) with `read(name, offset, len)`'s blocks: first every
+    /// Replaces the weights (and optimizer state) with `read(name, offset, len)`'s blocks: first every
     /// block is read and checked (a NaN or a read error changes nothing), then read again and
     /// uploaded. A failure in the second pass (the files changed or became unreadable since the
     /// check) leaves the layer part old, part new: it is marked so, and refuses to train or save
@@ -265,11 +280,26 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         for name in names {
             for offset in (0..len).step_by(STREAM_BLOCK) {
                 let block = read(name, offset, STREAM_BLOCK.min(len - offset))?;
-                self.put_block(*name == "momentum", offset, &block)?;
+                self.put_block(name, offset, &block)?;
             }
         }
         self.finish_replacing_state();
         Ok(())
+    }
+}
+
+/// Which optimizer state a file holds, for error messages.
+fn describe_states(file: &TensorFile) -> String {
+    let held: Vec<&str> = set::STATE_GROUPS
+        .iter()
+        .flat_map(|g| g.iter())
+        .copied()
+        .filter(|n| file.shape(n).is_some())
+        .collect();
+    if held.is_empty() {
+        "holds none".into()
+    } else {
+        format!("holds {held:?}")
     }
 }
 

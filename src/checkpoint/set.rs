@@ -52,10 +52,54 @@ pub struct CheckpointSet {
     dim: usize,
     world_size: usize,
     step: u64,
-    momentum: bool,
+    /// The optimizer state tensors every file holds (one of [`STATE_GROUPS`], or none).
+    states: &'static [&'static str],
     /// The run's sampler seed (`LayerConfig::seed`), absent from files written before it was
     /// recorded.
     seed: Option<u64>,
+}
+
+/// The optimizer state tensors a checkpoint may hold beside `weight`: SGD's momentum, or
+/// AdamW's two moments ([`crate::Optimizer::state_names`]).
+pub(crate) const STATE_GROUPS: [&[&str]; 2] = [&["momentum"], &["exp_avg", "exp_avg_sq"]];
+
+/// The state group `file` holds: none, or exactly one of [`STATE_GROUPS`], each tensor an f32
+/// of shape `rows`.
+fn state_group(file: &TensorFile, rows: [usize; 2]) -> Result<&'static [&'static str]> {
+    let path = file.path();
+    let all = STATE_GROUPS.iter().flat_map(|g| g.iter()).copied();
+    for name in std::iter::once("weight").chain(all.clone()) {
+        match file.dtype(name) {
+            Some("F32") | None => {}
+            Some(other) => return Err(refuse(path, format!("{name} is {other}, F32 expected"))),
+        }
+        match file.shape(name) {
+            Some(s) if s != rows => {
+                return Err(refuse(
+                    path,
+                    format!("{name} has shape {s:?}, {rows:?} expected"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let held: Vec<&str> = all.filter(|n| file.shape(n).is_some()).collect();
+    if held.is_empty() {
+        return Ok(&[]);
+    }
+    STATE_GROUPS
+        .iter()
+        .copied()
+        .find(|g| *g == held.as_slice())
+        .ok_or_else(|| {
+            refuse(
+                path,
+                format!(
+                    "it holds optimizer state {held:?}, which is none of SGD's {:?} or AdamW's {:?}",
+                    STATE_GROUPS[0], STATE_GROUPS[1]
+                ),
+            )
+        })
 }
 
 fn refuse(path: &Path, reason: impl Into<String>) -> PfcError {
@@ -129,34 +173,10 @@ impl CheckpointSet {
                 ));
             }
             let rows = [shard.len as usize, dim];
-            for name in ["weight", "momentum"] {
-                match file.dtype(name) {
-                    Some("F32") | None => {}
-                    Some(other) => {
-                        return Err(refuse(path, format!("{name} is {other}, F32 expected")))
-                    }
-                }
+            let states = state_group(&file, rows)?;
+            if file.shape("weight").is_none() {
+                return Err(refuse(path, "weight is missing"));
             }
-            match file.shape("weight") {
-                Some(s) if s == rows => {}
-                Some(s) => {
-                    return Err(refuse(
-                        path,
-                        format!("weight has shape {s:?}, {rows:?} expected"),
-                    ))
-                }
-                None => return Err(refuse(path, "weight is missing")),
-            }
-            let momentum = match file.shape("momentum") {
-                Some(s) if s == rows => true,
-                Some(s) => {
-                    return Err(refuse(
-                        path,
-                        format!("momentum has shape {s:?}, {rows:?} expected"),
-                    ))
-                }
-                None => false,
-            };
             match &set {
                 None => {
                     set = Some(CheckpointSet {
@@ -165,26 +185,23 @@ impl CheckpointSet {
                         dim,
                         world_size,
                         step,
-                        momentum,
+                        states,
                         seed,
                     })
                 }
                 Some(s) => {
-                    let ours = (num_classes, dim, world_size, step, momentum, seed);
-                    let theirs = (
-                        s.num_classes,
-                        s.dim,
-                        s.world_size,
-                        s.step,
-                        s.momentum,
-                        s.seed,
-                    );
+                    let ours = (num_classes, dim, world_size, step, states, seed);
+                    let theirs = (s.num_classes, s.dim, s.world_size, s.step, s.states, s.seed);
                     if ours != theirs {
-                        type Run = (u64, usize, usize, u64, bool, Option<u64>);
+                        type Run = (u64, usize, usize, u64, &'static [&'static str], Option<u64>);
                         let describe = |(c, d, k, step, m, seed): Run| {
                             format!(
                                 "{c} classes, d = {d}, world size {k}, step {step}, {}, seed {}",
-                                if m { "with momentum" } else { "no momentum" },
+                                if m.is_empty() {
+                                    "no optimizer state".to_string()
+                                } else {
+                                    format!("optimizer state {m:?}")
+                                },
                                 seed.map_or("not recorded".into(), |s| s.to_string())
                             )
                         };
@@ -237,9 +254,15 @@ impl CheckpointSet {
         self.step
     }
 
-    /// Whether the files hold the optimizer's momentum.
+    /// Whether the files hold SGD's momentum.
     pub fn has_momentum(&self) -> bool {
-        self.momentum
+        self.states == ["momentum"]
+    }
+
+    /// The optimizer state tensors the files hold beside the weights: `["momentum"]` (SGD),
+    /// `["exp_avg", "exp_avg_sq"]` (AdamW) or none.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        self.states
     }
 
     /// The ranks of the writing run that no given file holds, in order (lazily: a crafted
@@ -314,7 +337,7 @@ impl CheckpointSet {
         Ok(())
     }
 
-    /// Values `offset .. offset + len` (row-major) of tensor `name` (`weight` or `momentum`)
+    /// Values `offset .. offset + len` (row-major) of tensor `name` (`weight` or a state)
     /// over the classes from `first_class` on, gathered from the files that hold them. A value
     /// that is not finite is an error naming the file, row and column.
     pub(crate) fn read(
@@ -389,14 +412,20 @@ impl CheckpointSet {
             progress(len as u64);
             Ok(v)
         };
-        let momentum = |offset, len| {
-            let v = self.read("momentum", shard.start, offset, len)?;
-            progress(len as u64);
-            Ok(v)
-        };
+        let states: Vec<_> = self
+            .states
+            .iter()
+            .map(|&name| {
+                move |offset, len| {
+                    let v = self.read(name, shard.start, offset, len)?;
+                    progress(len as u64);
+                    Ok(v)
+                }
+            })
+            .collect();
         let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
-        if self.momentum {
-            tensors.push(OutTensor::F32Blocks("momentum", shape, &momentum));
+        for (name, read) in self.states.iter().zip(&states) {
+            tensors.push(OutTensor::F32Blocks(name, shape.clone(), read));
         }
         let meta = metadata(
             self.num_classes,
@@ -410,9 +439,10 @@ impl CheckpointSet {
         write_atomic(path, &tensors, meta)
     }
 
-    /// Values a whole rewrite for any world size reads: weights and momentum of every class.
+    /// Values a whole rewrite for any world size reads: weights and optimizer state of every
+    /// class.
     pub fn total_values(&self) -> u64 {
-        let tensors = 1 + u64::from(self.momentum);
+        let tensors = 1 + self.states.len() as u64;
         tensors
             .saturating_mul(self.num_classes)
             .saturating_mul(self.dim as u64)

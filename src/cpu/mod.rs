@@ -13,7 +13,7 @@ pub mod simd;
 pub mod top_k;
 pub mod wire;
 
-use crate::backend::{Backend, Elem, LogitsShape, SampleArgs, StateBuf};
+use crate::backend::{AdamWStep, Backend, Elem, LogitsShape, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
@@ -710,17 +710,7 @@ impl Backend for CpuBackend {
         need(index, count, "sgd_momentum_sparse index")?;
         momentum.need(self, weight.len(), "sgd_momentum_sparse")?;
         let index = &index[..count];
-        // The reference walks the shard once, so the rows must be sorted, unique and inside it.
-        let rows = weight.len() / dim.max(1);
-        let mut next = 0i64;
-        for &r in index {
-            if i64::from(r) < next || r as usize >= rows {
-                return Err(PfcError::Shape(format!(
-                    "sgd_momentum_sparse: sampled row {r} is not sorted, unique and below {rows}"
-                )));
-            }
-            next = i64::from(r) + 1;
-        }
+        check_sorted_rows(index, weight.len() / dim.max(1), "sgd_momentum_sparse")?;
         match momentum {
             StateBuf::F32(v) => {
                 optimizer::sgd_momentum_sparse(weight, v, grad, index, dim, lr, mu, weight_decay)
@@ -756,4 +746,85 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    fn supports_adamw(&self) -> bool {
+        true
+    }
+
+    fn adamw_sparse(
+        &self,
+        weight: &mut Vec<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &Vec<f32>,
+        index: &Vec<i32>,
+        count: usize,
+        dim: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        let len = elems(count, dim, "adamw_sparse grad")?;
+        need(grad, len, "adamw_sparse grad")?;
+        need(index, count, "adamw_sparse index")?;
+        exp_avg.need(self, weight.len(), "adamw_sparse exp_avg")?;
+        exp_avg_sq.need(self, weight.len(), "adamw_sparse exp_avg_sq")?;
+        let index = &index[..count];
+        check_sorted_rows(index, weight.len() / dim.max(1), "adamw_sparse")?;
+        let s = step.scalars();
+        match (exp_avg, exp_avg_sq) {
+            (StateBuf::F32(m), StateBuf::F32(v)) => {
+                optimizer::adamw_sparse(weight, m, v, grad, index, dim, s)
+            }
+            (StateBuf::Bf16(m), StateBuf::Bf16(v)) => {
+                optimizer::adamw_sparse(weight, m, v, grad, index, dim, s)
+            }
+            _ => return Err(mixed_moments()),
+        }
+        Ok(())
+    }
+
+    fn adamw_dense(
+        &self,
+        weight: &mut Vec<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &Vec<f32>,
+        len: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        need(weight, len, "adamw_dense weight")?;
+        need(grad, len, "adamw_dense grad")?;
+        exp_avg.need(self, len, "adamw_dense exp_avg")?;
+        exp_avg_sq.need(self, len, "adamw_dense exp_avg_sq")?;
+        let (w, g, s) = (&mut weight[..len], &grad[..len], step.scalars());
+        match (exp_avg, exp_avg_sq) {
+            (StateBuf::F32(m), StateBuf::F32(v)) => {
+                optimizer::adamw_dense(w, &mut m[..len], &mut v[..len], g, s)
+            }
+            (StateBuf::Bf16(m), StateBuf::Bf16(v)) => {
+                optimizer::adamw_dense(w, &mut m[..len], &mut v[..len], g, s)
+            }
+            _ => return Err(mixed_moments()),
+        }
+        Ok(())
+    }
+}
+
+/// The sparse updates walk the shard once, so the sampled rows must be sorted, unique and
+/// inside it.
+fn check_sorted_rows(index: &[i32], rows: usize, what: &str) -> Result<()> {
+    let mut next = 0i64;
+    for &r in index {
+        if i64::from(r) < next || r as usize >= rows {
+            return Err(PfcError::Shape(format!(
+                "{what}: sampled row {r} is not sorted, unique and below {rows}"
+            )));
+        }
+        next = i64::from(r) + 1;
+    }
+    Ok(())
+}
+
+/// AdamW's two moments share one storage dtype.
+pub(crate) fn mixed_moments() -> PfcError {
+    PfcError::Shape("adamw: exp_avg and exp_avg_sq must have the same storage dtype".into())
 }

@@ -1,4 +1,4 @@
-//! SGD with momentum on the shard, with an f32 or bfloat16 momentum (CPU references of
+//! SGD with momentum and AdamW on the shard, with f32 or bfloat16 state (CPU references of
 //! `cuda/optimizer.cu`).
 
 use rayon::prelude::*;
@@ -97,4 +97,93 @@ pub fn sgd_momentum_dense<V: MomentumValue>(
         .zip(momentum.par_chunks_mut(4096))
         .zip(grad.par_chunks(4096))
         .for_each(|((w, v), g)| sgd_row(w, v, g, lr, mu, weight_decay));
+}
+
+/// The scalars of one AdamW update, from [`crate::backend::AdamWStep`]: the decay factor
+/// `1 − lr·λ`, the step size `lr / (1 − β₁ᵗ)` and `1 / √(1 − β₂ᵗ)`, computed once in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 − lr·λ`: the decoupled weight decay's factor.
+    pub decay: f32,
+    /// `β₁`.
+    pub beta1: f32,
+    /// `β₂`.
+    pub beta2: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+    /// `1 / √(1 − β₂ᵗ)`.
+    pub inv_sqrt_bias2: f32,
+    /// `ε`.
+    pub eps: f32,
+}
+
+/// `w ← w·decay; m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; w ← w − step·m/(√v·c₂ + ε)`, in f32,
+/// with `w` moved by the unrounded moments (as the SGD update is).
+fn adamw_row<V: MomentumValue>(
+    w: &mut [f32],
+    m: &mut [V],
+    v: &mut [V],
+    g: &[f32],
+    s: AdamWScalars,
+) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        let m_next = s.beta1 * m.load() + (1.0 - s.beta1) * g;
+        let v_next = s.beta2 * v.load() + (1.0 - s.beta2) * (g * g);
+        *m = V::store(m_next);
+        *v = V::store(v_next);
+        let denom = v_next.sqrt() * s.inv_sqrt_bias2 + s.eps;
+        *w = *w * s.decay - s.step_size * (m_next / denom);
+    }
+}
+
+/// Sparse AdamW: only the sampled rows and their moments move ("lazy" Adam).
+///
+/// # Panics
+///
+/// When `index` is not sorted and unique (the backend checks it first).
+pub fn adamw_sparse<V: MomentumValue>(
+    weight: &mut [f32],
+    exp_avg: &mut [V],
+    exp_avg_sq: &mut [V],
+    grad: &[f32],
+    index: &[i32],
+    dim: usize,
+    s: AdamWScalars,
+) {
+    let mut picked = Vec::with_capacity(index.len());
+    let (mut w_rest, mut m_rest, mut v_rest) = (weight, exp_avg, exp_avg_sq);
+    let mut consumed = 0usize;
+    for (i, &r) in index.iter().enumerate() {
+        let r = r as usize;
+        assert!(r >= consumed, "sampled index must be sorted and unique");
+        let skip = (r - consumed) * dim;
+        let (_, w_tail) = std::mem::take(&mut w_rest).split_at_mut(skip);
+        let (_, m_tail) = std::mem::take(&mut m_rest).split_at_mut(skip);
+        let (_, v_tail) = std::mem::take(&mut v_rest).split_at_mut(skip);
+        let (w_row, w_next) = w_tail.split_at_mut(dim);
+        let (m_row, m_next) = m_tail.split_at_mut(dim);
+        let (v_row, v_next) = v_tail.split_at_mut(dim);
+        picked.push((i, w_row, m_row, v_row));
+        (w_rest, m_rest, v_rest) = (w_next, m_next, v_next);
+        consumed = r + 1;
+    }
+    picked
+        .into_par_iter()
+        .for_each(|(i, w, m, v)| adamw_row(w, m, v, &grad[i * dim..(i + 1) * dim], s));
+}
+
+/// Dense AdamW over every element (the gradient is zero outside the sample).
+pub fn adamw_dense<V: MomentumValue>(
+    weight: &mut [f32],
+    exp_avg: &mut [V],
+    exp_avg_sq: &mut [V],
+    grad: &[f32],
+    s: AdamWScalars,
+) {
+    weight
+        .par_chunks_mut(4096)
+        .zip(exp_avg.par_chunks_mut(4096))
+        .zip(exp_avg_sq.par_chunks_mut(4096))
+        .zip(grad.par_chunks(4096))
+        .for_each(|(((w, m), v), g)| adamw_row(w, m, v, g, s));
 }

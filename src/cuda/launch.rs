@@ -8,7 +8,7 @@
 //! the `Backend` trait that passes its own must keep them in range, as the CPU backend checks.
 
 use super::{dev, CudaBackend, Precision};
-use crate::backend::{Backend, Elem, LogitsShape, SampleArgs, StateBuf};
+use crate::backend::{AdamWStep, Backend, Elem, LogitsShape, SampleArgs, StateBuf};
 use crate::config::MarginParams;
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
@@ -2013,6 +2013,112 @@ impl Backend for CudaBackend {
         match momentum {
             StateBuf::F32(v) => dense!("sgd_momentum_dense", v),
             StateBuf::Bf16(v) => dense!("sgd_momentum_dense_bf16", v),
+        }
+        Ok(())
+    }
+
+    fn supports_adamw(&self) -> bool {
+        true
+    }
+
+    fn adamw_sparse(
+        &self,
+        weight: &mut CudaSlice<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &CudaSlice<f32>,
+        index: &CudaSlice<i32>,
+        count: usize,
+        dim: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        need_product(grad, [count, dim], "adamw_sparse grad")?;
+        need(index, count, "adamw_sparse index")?;
+        exp_avg.need(self, self.len(weight), "adamw_sparse exp_avg")?;
+        exp_avg_sq.need(self, self.len(weight), "adamw_sparse exp_avg_sq")?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
+        let cfg = per_row(count);
+        let s = step.scalars();
+        macro_rules! sparse {
+            ($name:literal, $m:expr, $v:expr) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    weight,
+                    $m,
+                    $v,
+                    grad,
+                    index,
+                    &count_i,
+                    &dim_i,
+                    &s.decay,
+                    &s.beta1,
+                    &s.beta2,
+                    &s.step_size,
+                    &s.inv_sqrt_bias2,
+                    &s.eps
+                )
+            };
+        }
+        match (exp_avg, exp_avg_sq) {
+            (StateBuf::F32(m), StateBuf::F32(v)) => sparse!("adamw_sparse_f32", m, v),
+            (StateBuf::Bf16(m), StateBuf::Bf16(v)) => sparse!("adamw_sparse_bf16", m, v),
+            _ => return Err(crate::cpu::mixed_moments()),
+        }
+        Ok(())
+    }
+
+    fn adamw_dense(
+        &self,
+        weight: &mut CudaSlice<f32>,
+        exp_avg: &mut StateBuf<Self>,
+        exp_avg_sq: &mut StateBuf<Self>,
+        grad: &CudaSlice<f32>,
+        len: usize,
+        step: AdamWStep,
+    ) -> Result<()> {
+        need(weight, len, "adamw_dense weight")?;
+        exp_avg.need(self, len, "adamw_dense exp_avg")?;
+        exp_avg_sq.need(self, len, "adamw_dense exp_avg_sq")?;
+        need(grad, len, "adamw_dense grad")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let len_u = len as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (len.div_ceil(ELEM_THREADS as usize).min(65_535) as u32, 1, 1),
+            block_dim: (ELEM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let s = step.scalars();
+        macro_rules! dense {
+            ($name:literal, $m:expr, $v:expr) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    weight,
+                    $m,
+                    $v,
+                    grad,
+                    &len_u,
+                    &s.decay,
+                    &s.beta1,
+                    &s.beta2,
+                    &s.step_size,
+                    &s.inv_sqrt_bias2,
+                    &s.eps
+                )
+            };
+        }
+        match (exp_avg, exp_avg_sq) {
+            (StateBuf::F32(m), StateBuf::F32(v)) => dense!("adamw_dense_f32", m, v),
+            (StateBuf::Bf16(m), StateBuf::Bf16(v)) => dense!("adamw_dense_bf16", m, v),
+            _ => return Err(crate::cpu::mixed_moments()),
         }
         Ok(())
     }

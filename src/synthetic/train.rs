@@ -232,8 +232,8 @@ impl TrainConfig {
         cfg.sample_rate = self.sample_rate;
         cfg.margin = self.margin;
         cfg.seed = self.seed;
-        if let Some(sgd) = cfg.optimizer.as_mut() {
-            sgd.state_dtype = self.momentum_dtype;
+        if let Some(o) = cfg.optimizer.as_mut() {
+            o.set_state_dtype(self.momentum_dtype);
         }
         cfg.wire = self.wire;
         cfg.grad_wire = self.grad_wire;

@@ -32,10 +32,10 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
         set.num_classes(),
         set.dim(),
         set.step(),
-        if set.has_momentum() {
-            "weights and momentum"
-        } else {
-            "weights only"
+        match set.state_names() {
+            [] => "weights only",
+            ["momentum"] => "weights and momentum",
+            _ => "weights and AdamW moments",
         }
     );
     let bar = if args.quiet {
