@@ -16,7 +16,9 @@
 //! error (exit 2) before any GPU is touched.
 //!
 //! Rank 0 creates the NCCL id and serves it over TCP on MASTER_PORT (every interface, unless
-//! MASTER_ADDR is a loopback address); each rank opens GPU LOCAL_RANK (without it,
+//! MASTER_ADDR is a loopback address) to the ranks with the job's run id (`PFC_RUN_ID`, else
+//! torchrun's `TORCHELASTIC_RUN_ID`; `--launch` makes a fresh one unless `PFC_RUN_ID` is set);
+//! each rank opens GPU LOCAL_RANK (without it,
 //! RANK % LOCAL_WORLD_SIZE), builds its shard of the classifier, and trains a few steps on synthetic
 //! embeddings, printing the (identical) loss on rank 0. The launcher also makes NCCL findable when
 //! only `libnccl.so.2` is installed (see `partial_fc::cuda::nccl::link_nccl`).
@@ -131,6 +133,7 @@ fn run() -> Result<(), String> {
     let rendezvous = Rendezvous::Tcp {
         addr: format!("{}:{}", env.master_addr, env.master_port),
         timeout: std::time::Duration::from_secs(120),
+        run_id: Some(env.run_id.clone()),
     };
     let id = rendezvous
         .exchange(
@@ -227,6 +230,18 @@ fn launch(k: usize, rest: &[String]) -> Result<(), String> {
     }
     let port = std::env::var("MASTER_PORT").unwrap_or_else(|_| "29500".into());
     let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    // The job's token for the TCP rendezvous: the caller's PFC_RUN_ID, else one of this launch's
+    // own, so that two launches on one MASTER_PORT cannot take each other's NCCL id.
+    let run_id = match std::env::var("PFC_RUN_ID") {
+        Ok(id) if !id.is_empty() => id,
+        _ => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("multi-gpu-{}-{nanos:x}", std::process::id())
+        }
+    };
+    partial_fc::rendezvous::RunId::new(run_id.as_str()).map_err(|e| e.to_string())?;
     let children: Vec<_> = (0..k)
         .map(|rank| {
             std::process::Command::new(&exe)
@@ -236,6 +251,7 @@ fn launch(k: usize, rest: &[String]) -> Result<(), String> {
                 .env("WORLD_SIZE", k.to_string())
                 .env("MASTER_ADDR", &addr)
                 .env("MASTER_PORT", &port)
+                .env("PFC_RUN_ID", &run_id)
                 .env("LD_LIBRARY_PATH", &ld)
                 .spawn()
                 .map_err(|e| format!("starting rank {rank}: {e}"))

@@ -9,7 +9,8 @@
 //!   can see (NFS, a node-local tmpfs); the others wait for it to appear. The path must be new for
 //!   each job: a file left by an earlier run would be read as this run's id.
 //! - **TCP** ([`Rendezvous::Tcp`]): rank 0 listens on `MASTER_PORT` (every interface, unless
-//!   `MASTER_ADDR` is a loopback address; the torchrun convention, see [`LaunchEnv`]) and hands the id to each rank of the job that asks for it
+//!   `MASTER_ADDR` is a loopback address; the torchrun convention, see [`LaunchEnv`]) and hands
+//!   the id to each rank of the job that asks for it and presents the job's [`RunId`]
 //!   ([`serve_id`] gives the protocol: ranks say who they are and confirm receipt).
 //! - NCCL itself reads `NCCL_COMM_ID=host:port` (when set, `ncclGetUniqueId` on rank 0 starts a
 //!   bootstrap server there and every rank may use any id); the variable is passed through untouched.
@@ -22,6 +23,7 @@ use crate::error::{PfcError, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
@@ -51,6 +53,10 @@ impl UniqueId {
     }
 
     /// Parses 256 hex digits (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] (`nccl_id`) when the text is not 256 hex digits.
     pub fn from_hex(text: &str) -> Result<UniqueId> {
         let text = text.trim();
         let bad = |why: &str| PfcError::param("nccl_id", abbreviate(text), why.to_string());
@@ -99,10 +105,20 @@ pub struct LaunchEnv {
     pub master_addr: String,
     /// `MASTER_PORT`: rank 0's rendezvous port, 1 to 65535 (default 29500).
     pub master_port: u16,
+    /// The job's token for the TCP rendezvous: `PFC_RUN_ID`, else `TORCHELASTIC_RUN_ID` (what
+    /// torchrun sets from `--rdzv-id`), else none ([`RunId::from_vars`]).
+    pub run_id: RunId,
 }
 
 impl LaunchEnv {
     /// Reads the variables through `get` (use `|k| std::env::var(k).ok()` for the process).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] naming the variable at fault: `WORLD_SIZE` or `RANK` unset or not a
+    /// whole number, a rank outside the world, `LOCAL_RANK` outside `LOCAL_WORLD_SIZE`, an
+    /// empty `MASTER_ADDR`, a `MASTER_PORT` that is not in 1..=65535, or a run id longer than
+    /// [`RunId::MAX_BYTES`].
     ///
     /// ```
     /// use partial_fc::rendezvous::LaunchEnv;
@@ -172,23 +188,156 @@ impl LaunchEnv {
                 }
             },
         };
+        let run_id = RunId::from_vars(&get)?;
         Ok(LaunchEnv {
             rank,
             world_size,
             local_rank,
             master_addr: master_addr.trim().to_string(),
             master_port,
+            run_id,
         })
     }
 
     /// Reads the process's environment (a value that is not UTF-8 is an error naming it, not
     /// an unset variable).
+    ///
+    /// # Errors
+    ///
+    /// As [`LaunchEnv::from_vars`].
     pub fn from_env() -> Result<LaunchEnv> {
-        Self::from_vars(|k| match std::env::var(k) {
-            Ok(v) => Some(v),
-            Err(std::env::VarError::NotPresent) => None,
-            Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
-        })
+        Self::from_vars(env_var)
+    }
+}
+
+/// One variable of the process's environment: unset is `None`; a value that is not UTF-8 is
+/// passed on lossily, so that the parser names the variable instead of ignoring it.
+fn env_var(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
+    }
+}
+
+/// A job's token for the TCP rendezvous.
+///
+/// Rank 0 hands the NCCL id only to ranks that present the same run id. Without one, two jobs
+/// that happen to use the same `MASTER_ADDR:MASTER_PORT` and the same world size (two users'
+/// torchrun defaults on one node, a job restarted while its predecessor still runs) could take
+/// each other's id: their ranks would then join the wrong communicator and hang or mix
+/// gradients. With one, such a rank is refused at once with an error that says so.
+///
+/// The empty run id ([`RunId::default`]) means "no token": every rank without one matches
+/// every other, which is the weaker mode of protocol version 2 (ranks are told apart by world
+/// size and rank only). The token is compared as bytes, case and whitespace included. It is
+/// not a secret in the cryptographic sense (it travels in clear text), but it is treated as one
+/// in messages: only a short prefix of a long run id is ever printed.
+///
+/// ```
+/// use partial_fc::rendezvous::RunId;
+/// let vars = [("TORCHELASTIC_RUN_ID", "job-17")];
+/// let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+/// assert_eq!(RunId::from_vars(get).unwrap().as_str(), "job-17");
+/// assert!(RunId::new("x".repeat(RunId::MAX_BYTES + 1)).is_err());
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct RunId(String);
+
+impl RunId {
+    /// The longest run id, in bytes: the token travels in every request, and rank 0 reads no
+    /// more than this from a peer it does not know yet.
+    pub const MAX_BYTES: usize = 256;
+
+    /// A run id given by the caller (a job name, a scheduler's job id, a UUID). Empty means
+    /// "no token" (see the type's documentation).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] (`run_id`) when it is longer than [`RunId::MAX_BYTES`] bytes.
+    pub fn new(text: impl Into<String>) -> Result<RunId> {
+        Self::checked("run_id", text.into())
+    }
+
+    fn checked(name: &'static str, text: String) -> Result<RunId> {
+        if text.len() > Self::MAX_BYTES {
+            let long = RunId(text);
+            return Err(PfcError::param(
+                name,
+                long.shown(),
+                format!(
+                    "is {} bytes long; a run id has at most {}",
+                    long.0.len(),
+                    Self::MAX_BYTES
+                ),
+            ));
+        }
+        Ok(RunId(text))
+    }
+
+    /// Reads the run id through `get`: `PFC_RUN_ID` if set and not empty, else
+    /// `TORCHELASTIC_RUN_ID` (torchrun sets it to `--rdzv-id`, whose default is `none`, the
+    /// same for every job), else none. `PFC_RUN_ID` comes first so that a launcher can give a
+    /// job its own token without changing torchrun's.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] naming the variable whose value is longer than
+    /// [`RunId::MAX_BYTES`] bytes.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<RunId> {
+        for name in ["PFC_RUN_ID", "TORCHELASTIC_RUN_ID"] {
+            match get(name) {
+                Some(text) if !text.is_empty() => return Self::checked(name, text),
+                _ => {}
+            }
+        }
+        Ok(RunId::default())
+    }
+
+    /// Reads the run id from the process's environment, as [`RunId::from_vars`].
+    ///
+    /// # Errors
+    ///
+    /// As [`RunId::from_vars`].
+    pub fn from_env() -> Result<RunId> {
+        Self::from_vars(env_var)
+    }
+
+    /// The run id's text (empty for none).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is "no token".
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The run id as messages print it: in full when it is at most 8 bytes, else its first 4
+    /// characters and its length, so that an error message or a log never holds a long token.
+    fn shown(&self) -> String {
+        if self.0.is_empty() {
+            "none".into()
+        } else if self.0.len() <= 8 {
+            format!("\"{}\"", self.0.escape_debug())
+        } else {
+            let end = self
+                .0
+                .char_indices()
+                .nth(4)
+                .map_or(self.0.len(), |(i, _)| i);
+            format!(
+                "\"{}…\" ({} bytes)",
+                self.0[..end].escape_debug(),
+                self.0.len()
+            )
+        }
+    }
+}
+
+impl std::fmt::Debug for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunId({})", self.shown())
     }
 }
 
@@ -205,21 +354,45 @@ pub enum Rendezvous {
         /// How long the other ranks wait.
         timeout: Duration,
     },
-    /// Rank 0 serves the id on this address; the others connect.
+    /// Rank 0 serves the id on this address to the ranks that present the same run id; the
+    /// others connect.
     Tcp {
         /// `host:port` of rank 0.
         addr: String,
         /// How long each side waits.
         timeout: Duration,
+        /// The job's token. `None` reads it from the environment when the exchange starts
+        /// ([`RunId::from_env`]: `PFC_RUN_ID`, then `TORCHELASTIC_RUN_ID`), so that a job
+        /// launched by torchrun with `--rdzv-id` is told apart without code;
+        /// `Some(RunId::default())` asks for no token whatever the environment says. Every rank
+        /// of a job must end up with the same one.
+        run_id: Option<RunId>,
     },
 }
 
-/// The first bytes of every message of the TCP rendezvous, with its protocol version.
-pub const MAGIC: &[u8; 8] = b"pfc-id/2";
+/// The first bytes of every message of the TCP rendezvous, with its protocol version (3: the
+/// request carries the job's [`RunId`]).
+pub const MAGIC: &[u8; 8] = b"pfc-id/3";
+
+/// What every version's [`MAGIC`] starts with: a request that starts so but is of another
+/// version gets an answer in this version, which its client reports as another version instead
+/// of retrying until its timeout.
+const MAGIC_STEM: &[u8] = b"pfc-id/";
 
 impl Rendezvous {
     /// Every rank calls this; rank 0's `create` makes the id (for NCCL, `ncclGetUniqueId`), the
     /// other ranks never call it. Returns the id all ranks share.
+    ///
+    /// # Errors
+    ///
+    /// - [`PfcError::Param`]: `rank` outside `[0, world_size)`; for [`Rendezvous::Env`], the
+    ///   variable unset or not an id; for [`Rendezvous::Tcp`] with `run_id: None`, a run id in
+    ///   the environment longer than [`RunId::MAX_BYTES`] (checked for a job of one too).
+    /// - [`PfcError::Collective`]: a wait ran past its timeout (the message names the missing
+    ///   ranks, or rank 0's address), rank 0 cannot listen, or rank 0 refused this rank (another
+    ///   job's rank 0 on the port: another run id or world size; another protocol version).
+    /// - [`PfcError::Io`]: the id file cannot be written or read.
+    /// - Whatever `create` returns.
     pub fn exchange(
         &self,
         rank: usize,
@@ -253,10 +426,21 @@ impl Rendezvous {
                     read_id_file(path, *timeout)
                 }
             }
-            // A job of one has nobody to hand the id to: no port is taken.
-            Rendezvous::Tcp { .. } if world_size == 1 => create(),
-            Rendezvous::Tcp { addr, timeout } => {
-                if rank == 0 {
+            Rendezvous::Tcp {
+                addr,
+                timeout,
+                run_id,
+            } => {
+                // Read before the shortcut below, so that a bad run id in the environment shows
+                // in a test of one process, not first in a job of many.
+                let run_id = match run_id {
+                    Some(run_id) => run_id.clone(),
+                    None => RunId::from_env()?,
+                };
+                if world_size == 1 {
+                    // A job of one has nobody to hand the id to: no port is taken.
+                    create()
+                } else if rank == 0 {
                     let at = listen_addr(addr);
                     let listener = TcpListener::bind(at.as_str()).map_err(|e| {
                         PfcError::Collective(format!(
@@ -264,10 +448,10 @@ impl Rendezvous {
                         ))
                     })?;
                     let id = create()?;
-                    serve_id(&listener, &id, world_size, *timeout)?;
+                    serve_id(&listener, &id, world_size, &run_id, *timeout)?;
                     Ok(id)
                 } else {
-                    fetch_id(addr, rank, world_size, *timeout)
+                    fetch_id(addr, rank, world_size, &run_id, *timeout)
                 }
             }
         }
@@ -276,6 +460,10 @@ impl Rendezvous {
 
 /// Writes the id to `path` atomically (temporary file, then rename), readable by its owner only
 /// on Unix (anyone holding the id could join the job's communicator).
+///
+/// # Errors
+///
+/// [`PfcError::Io`] when the file cannot be created, written or renamed.
 pub fn write_id_file(path: &Path, id: &UniqueId) -> Result<()> {
     // A temporary file and a rename, removed again if either fails.
     crate::atomic_file::write_private_atomic(path, id.to_hex().as_bytes())
@@ -284,6 +472,11 @@ pub fn write_id_file(path: &Path, id: &UniqueId) -> Result<()> {
 /// Waits up to `timeout` for `path` to hold an id. A file that is there but does not hold one
 /// yet (a launcher that writes it in place, not atomically) is read again until the timeout,
 /// and then its parse error is returned.
+///
+/// # Errors
+///
+/// [`PfcError::Collective`] when no file appears within `timeout`; [`PfcError::Param`] when
+/// the file still does not hold an id then; [`PfcError::Io`] when it cannot be read.
 pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
     let deadline = crate::deadline::deadline_after(timeout);
     loop {
@@ -313,27 +506,38 @@ pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
     }
 }
 
-/// Rank 0's side of the TCP exchange: hands the id to every other rank of a `world_size` job.
+/// Rank 0's side of the TCP exchange: hands the id to every other rank of a `world_size` job
+/// whose run id is `run_id`.
 ///
-/// The protocol (version 2): a rank connects and sends [`MAGIC`], the world size and its rank;
-/// rank 0 answers with [`MAGIC`], a status byte, its own world size and the id, and counts the
-/// rank only once it has confirmed receipt with one byte. So a connection that says nothing
-/// valid (a port probe, a health check, a client of something else) is not counted; a rank of a
-/// job with another world size, or a rank outside `[1, world_size)`, is refused with an answer
-/// that tells it why; and a rank that connects twice is counted once. Connections are served
+/// The protocol (version 3): a rank connects and sends [`MAGIC`], the world size and its rank
+/// (u32, little-endian), and its run id (a u16 length, little-endian, at most
+/// [`RunId::MAX_BYTES`], then the bytes); rank 0 answers with [`MAGIC`], a status byte, its own
+/// world size and the id, and counts the rank only once it has confirmed receipt with one byte.
+/// So a connection that says nothing valid (a port probe, a health check, a client of something
+/// else) is not counted; a rank of another job (another run id, checked first and compared
+/// without an early exit; or another world size), or a rank outside `[1, world_size)`, is
+/// refused with an answer that tells it why (never rank 0's run id); a client of another
+/// version of this protocol is answered in this version, so that it reports the mismatch at
+/// once; and a rank that connects twice is counted once. Connections are served
 /// concurrently (at most 64 at a time; more are closed at once), each on a thread of its own:
 /// a request must arrive within 1 s of connecting, and a rank that got the id has 5 s to
 /// confirm, whatever the overall deadline. At the deadline no connection is taken any more, the
 /// ones in progress finish (so a rank served just before it is counted), and a rank still
 /// missing is an error naming it.
+///
+/// # Errors
+///
+/// [`PfcError::Collective`] when a rank is still missing at the deadline (the message names
+/// the missing ranks, and counts the requests refused for another run id, a sign of two jobs on
+/// one port), or when the listener fails.
 pub fn serve_id(
     listener: &TcpListener,
     id: &UniqueId,
     world_size: usize,
+    run_id: &RunId,
     timeout: Duration,
 ) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     const MAX_IN_FLIGHT: usize = 64;
     let deadline = crate::deadline::deadline_after(timeout);
     listener
@@ -343,6 +547,8 @@ pub fn serve_id(
     let mut served = std::collections::BTreeSet::new();
     let (confirmed, ranks) = std::sync::mpsc::channel::<usize>();
     let in_flight = Arc::new(AtomicUsize::new(0));
+    // Requests refused for another run id: said in the timeout's message.
+    let other_runs = Arc::new(AtomicUsize::new(0));
     loop {
         while let Ok(rank) = ranks.try_recv() {
             served.insert(rank);
@@ -363,9 +569,15 @@ pub fn serve_id(
                 return Ok(());
             }
             let missing: Vec<usize> = (1..world_size).filter(|r| !served.contains(r)).collect();
+            let others = match other_runs.load(Ordering::Acquire) {
+                0 => String::new(),
+                n => {
+                    format!("; refused {n} request(s) of another job (another run id) on this port")
+                }
+            };
             return Err(PfcError::Collective(format!(
                 "rendezvous: {} of {peers} ranks received the id within {timeout:?}; \
-                 missing ranks {missing:?}",
+                 missing ranks {missing:?}{others}",
                 served.len()
             )));
         }
@@ -380,11 +592,18 @@ pub fn serve_id(
                 let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let (confirmed, handler_count, id) = (confirmed.clone(), in_flight.clone(), *id);
+                let (run_id, other_runs) = (run_id.clone(), other_runs.clone());
                 let spawned = std::thread::Builder::new()
                     .name("pfc-rendezvous".into())
                     .spawn(move || {
-                        if let Some(rank) = serve_one(stream, &id, world_size, limit) {
-                            let _ = confirmed.send(rank);
+                        match serve_one(stream, &id, world_size, &run_id, limit) {
+                            Some(Served::Rank(rank)) => {
+                                let _ = confirmed.send(rank);
+                            }
+                            Some(Served::OtherRun) => {
+                                other_runs.fetch_add(1, Ordering::AcqRel);
+                            }
+                            None => {}
                         }
                         // after the send: the loop drains the channel once this reaches 0
                         handler_count.fetch_sub(1, Ordering::AcqRel);
@@ -424,50 +643,175 @@ fn listen_addr(addr: &str) -> String {
     }
 }
 
-/// A rank's request: [`MAGIC`], world size and rank (u32, little-endian).
-const HELLO_BYTES: usize = MAGIC.len() + 8;
-/// Rank 0's answer: [`MAGIC`], status (0: the id follows; 1: refused), rank 0's world size (u32,
-/// little-endian), the id (zeros when refused).
+/// A rank's request, up to its run id: [`MAGIC`], world size and rank (u32, little-endian), and
+/// the run id's length (u16, little-endian); the run id's bytes follow.
+const HELLO_HEAD: usize = MAGIC.len() + 4 + 4 + 2;
+/// Rank 0's answer: [`MAGIC`], status (one of the `STATUS_` values), rank 0's world size (u32,
+/// little-endian; zero unless served or refused for its world size), the id (zeros unless
+/// served).
 const REPLY_BYTES: usize = MAGIC.len() + 1 + 4 + UNIQUE_ID_BYTES;
+/// The id follows.
+const STATUS_SERVED: u8 = 0;
+/// Refused: another world size, or a rank outside `[1, world_size)`.
+const STATUS_OTHER_WORLD: u8 = 1;
+/// Refused: another run id (another job on this port).
+const STATUS_OTHER_RUN: u8 = 2;
+/// Refused: the request was of another version of this protocol. Only a client of another
+/// version gets it, and that client sees this version's [`MAGIC`] first.
+const STATUS_OTHER_VERSION: u8 = 3;
 
-/// Serves one connection; the rank it served, or `None` if it was not a rank of this job or
-/// did not confirm.
+/// What one connection to rank 0 turned out to be.
+enum Served {
+    /// A rank of this job that received the id and confirmed.
+    Rank(usize),
+    /// A rank of another job, refused for its run id.
+    OtherRun,
+}
+
+/// Whether two run ids are the same, looking at every byte of the shorter length (no early
+/// exit on the first difference, so the time taken says little about how much of a guess was
+/// right; the length itself is not hidden).
+fn same_run_id(a: &[u8], b: &[u8]) -> bool {
+    let differ = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    (a.len() == b.len()) & (differ == 0)
+}
+
+/// Rank 0's answer with `status`, `world` and `id`.
+fn reply(status: u8, world: usize, id: &[u8; UNIQUE_ID_BYTES]) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(REPLY_BYTES);
+    reply.extend_from_slice(MAGIC);
+    reply.push(status);
+    reply.extend_from_slice(&u32::try_from(world).unwrap_or(u32::MAX).to_le_bytes());
+    reply.extend_from_slice(id);
+    reply
+}
+
+/// Serves one connection: the rank it served, [`Served::OtherRun`] for a rank of another job,
+/// or `None` if it was neither (not a rank of this protocol version, another world size, a
+/// rank that did not confirm).
 fn serve_one(
     mut stream: TcpStream,
     id: &UniqueId,
     world_size: usize,
+    run_id: &RunId,
     limit: Duration,
-) -> Option<usize> {
+) -> Option<Served> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(limit)).ok()?;
     stream.set_write_timeout(Some(limit)).ok()?;
-    let mut hello = [0u8; HELLO_BYTES];
-    stream.read_exact(&mut hello).ok()?;
-    if &hello[..MAGIC.len()] != MAGIC {
+    let mut head = [0u8; HELLO_HEAD];
+    stream.read_exact(&mut head[..MAGIC.len()]).ok()?;
+    if &head[..MAGIC.len()] != MAGIC {
+        if head.starts_with(MAGIC_STEM) {
+            refuse_other_version(stream);
+        }
         return None;
     }
-    let word = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().unwrap()) as usize;
+    stream.read_exact(&mut head[MAGIC.len()..]).ok()?;
+    let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
     let (their_world, rank) = (word(MAGIC.len()), word(MAGIC.len() + 4));
-    let ok = their_world == world_size && (1..world_size).contains(&rank);
-    let mut reply = Vec::with_capacity(REPLY_BYTES);
-    reply.extend_from_slice(MAGIC);
-    reply.push(if ok { 0 } else { 1 });
-    reply.extend_from_slice(&u32::try_from(world_size).unwrap_or(u32::MAX).to_le_bytes());
-    reply.extend_from_slice(if ok { &id.0 } else { &[0; UNIQUE_ID_BYTES] });
-    stream.write_all(&reply).ok()?;
-    // Once a rank has the id it must be counted, or rank 0 gives up on a rank that is already in
-    // NCCL's init: its confirmation gets 5 s whatever the overall deadline (which may be
-    // milliseconds away when the id goes out).
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut ack = [0u8; 1];
-    (ok && stream.read_exact(&mut ack).is_ok()).then_some(rank)
+    let token_len = usize::from(u16::from_le_bytes([
+        head[HELLO_HEAD - 2],
+        head[HELLO_HEAD - 1],
+    ]));
+    if token_len > RunId::MAX_BYTES {
+        return None; // no client of this version sends one: not a rank
+    }
+    let mut token = [0u8; RunId::MAX_BYTES];
+    stream.read_exact(&mut token[..token_len]).ok()?;
+    let (their_world, rank) = (their_world as usize, rank as usize);
+    let status = if !same_run_id(&token[..token_len], run_id.as_str().as_bytes()) {
+        STATUS_OTHER_RUN
+    } else if their_world == world_size && (1..world_size).contains(&rank) {
+        STATUS_SERVED
+    } else {
+        STATUS_OTHER_WORLD
+    };
+    let answer = match status {
+        STATUS_SERVED => reply(status, world_size, &id.0),
+        // Another job learns nothing of this one: not its world size, not its run id.
+        STATUS_OTHER_RUN => reply(status, 0, &[0; UNIQUE_ID_BYTES]),
+        _ => reply(status, world_size, &[0; UNIQUE_ID_BYTES]),
+    };
+    stream.write_all(&answer).ok()?;
+    match status {
+        STATUS_SERVED => {
+            // Once a rank has the id it must be counted, or rank 0 gives up on a rank that is
+            // already in NCCL's init: its confirmation gets 5 s whatever the overall deadline
+            // (which may be milliseconds away when the id goes out).
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut ack = [0u8; 1];
+            stream.read_exact(&mut ack).ok()?;
+            Some(Served::Rank(rank))
+        }
+        STATUS_OTHER_RUN => Some(Served::OtherRun),
+        _ => None,
+    }
 }
 
-/// Rank `rank`'s side of the TCP exchange with rank 0 of a `world_size` job at `addr`: connects
-/// (resolving `addr` again and trying each of its addresses until `timeout`, since rank 0's host
-/// may not resolve or listen yet), sends its rank and reads the id ([`serve_id`] gives the
-/// protocol). A refusal (another world size, a rank out of range) is an error at once.
-pub fn fetch_id(addr: &str, rank: usize, world_size: usize, timeout: Duration) -> Result<UniqueId> {
+/// Answers a request of another version of this protocol with this version's refusal, so that
+/// its client fails at once naming the version (every version's client checks [`MAGIC`] first)
+/// instead of retrying until its timeout. The rest of the request is read before the socket
+/// closes: closing with unread bytes would reset the connection, and a reset can discard the
+/// answer before the client reads it.
+fn refuse_other_version(mut stream: TcpStream) {
+    if stream
+        .write_all(&reply(STATUS_OTHER_VERSION, 0, &[0; UNIQUE_ID_BYTES]))
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // The client closes once it has the answer; read until then, a few KiB at most.
+    let mut sink = [0u8; 512];
+    for _ in 0..8 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}
+
+/// Rank `rank`'s side of the TCP exchange with rank 0 of a `world_size` job at `addr` whose run
+/// id is `run_id`: connects (resolving `addr` again and trying each of its addresses until
+/// `timeout`, since rank 0's host may not resolve or listen yet), sends its rank and run id and
+/// reads the id ([`serve_id`] gives the protocol). A refusal (another run id, another world
+/// size, a rank out of range, another protocol version) is an error at once. Resolving a host
+/// name runs on a helper thread that is waited for no longer than the time left (at least
+/// 100 ms), since the system resolver has timeouts of its own that can far exceed `timeout`.
+///
+/// # Errors
+///
+/// - [`PfcError::Param`] when `rank` is not in `[1, world_size)`.
+/// - [`PfcError::Collective`] when rank 0 refuses this rank (the message says why: another job
+///   (run id ...) on this port, another world size, another protocol version), or when it is
+///   not reachable within `timeout` (the message names `addr` and the last failure: a refused
+///   connection, a name that does not resolve, or a resolution that did not finish in time).
+pub fn fetch_id(
+    addr: &str,
+    rank: usize,
+    world_size: usize,
+    run_id: &RunId,
+    timeout: Duration,
+) -> Result<UniqueId> {
+    let system: Resolver =
+        Arc::new(|addr: &str| addr.to_socket_addrs().map(|found| found.collect()));
+    fetch_id_with(addr, rank, world_size, run_id, timeout, &system)
+}
+
+/// Turns `host:port` into socket addresses; [`fetch_id`] uses the system's (`to_socket_addrs`),
+/// the tests one that is slow or fails on purpose.
+type Resolver = Arc<dyn Fn(&str) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
+
+/// [`fetch_id`] with the resolver given.
+fn fetch_id_with(
+    addr: &str,
+    rank: usize,
+    world_size: usize,
+    run_id: &RunId,
+    timeout: Duration,
+    resolve: &Resolver,
+) -> Result<UniqueId> {
     let fail = |why: String| PfcError::Collective(format!("rendezvous with {addr}: {why}"));
     let (rank32, world32) = match (u32::try_from(rank), u32::try_from(world_size)) {
         (Ok(r), Ok(w)) if r >= 1 && r < w => (r, w),
@@ -479,17 +823,29 @@ pub fn fetch_id(addr: &str, rank: usize, world_size: usize, timeout: Duration) -
             ))
         }
     };
-    let mut hello = Vec::with_capacity(HELLO_BYTES);
+    let token = run_id.as_str().as_bytes();
+    // A RunId holds at most MAX_BYTES (checked when it was made), which fits in a u16.
+    let token_len = u16::try_from(token.len())
+        .map_err(|_| PfcError::param("run_id", run_id.shown(), "is longer than a run id may be"))?;
+    let mut hello = Vec::with_capacity(HELLO_HEAD + token.len());
     hello.extend_from_slice(MAGIC);
     hello.extend_from_slice(&world32.to_le_bytes());
     hello.extend_from_slice(&rank32.to_le_bytes());
+    hello.extend_from_slice(&token_len.to_le_bytes());
+    hello.extend_from_slice(token);
+    let request = Request {
+        hello: &hello,
+        rank: rank32,
+        world: world32,
+        run_id,
+    };
     let deadline = crate::deadline::deadline_after(timeout);
     let mut last = String::from("not tried");
     loop {
-        match addr.to_socket_addrs() {
+        match resolve_within(addr, deadline, resolve) {
             Ok(targets) => {
                 for target in targets {
-                    match fetch_from(&target, &hello, deadline) {
+                    match fetch_from(&target, &request, deadline) {
                         Ok(Some(id)) => return Ok(id),
                         Ok(None) => last = format!("{target}: connection closed early"),
                         Err(Refused(why)) => return Err(fail(why)),
@@ -497,7 +853,7 @@ pub fn fetch_id(addr: &str, rank: usize, world_size: usize, timeout: Duration) -
                     }
                 }
             }
-            Err(e) => last = format!("cannot resolve: {e}"),
+            Err(why) => last = why,
         }
         if Instant::now() >= deadline {
             return Err(fail(format!(
@@ -506,6 +862,53 @@ pub fn fetch_id(addr: &str, rank: usize, world_size: usize, timeout: Duration) -
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Resolves `addr` with `resolve`, waiting no longer than until `deadline` (but at least
+/// 100 ms, as a connection's reads do). A numeric address needs no resolver and no thread.
+/// Otherwise the resolver runs on a thread of its own: a lookup that outlives the wait is left
+/// to finish there (its answer is dropped), which is the only way to bound a blocking
+/// `getaddrinfo`; at most one such thread is left per call of [`fetch_id`], since the wait only
+/// ends early at the deadline, after which no more lookups start.
+fn resolve_within(
+    addr: &str,
+    deadline: Instant,
+    resolve: &Resolver,
+) -> std::result::Result<Vec<SocketAddr>, String> {
+    if let Ok(at) = addr.parse::<SocketAddr>() {
+        return Ok(vec![at]);
+    }
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let (answer, answered) = std::sync::mpsc::channel();
+    let (owned, resolve) = (addr.to_string(), Arc::clone(resolve));
+    std::thread::Builder::new()
+        .name("pfc-resolve".into())
+        .spawn(move || {
+            let _ = answer.send(resolve(&owned));
+        })
+        .map_err(|e| format!("cannot start a thread to resolve {host}: {e}"))?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    match answered.recv_timeout(left) {
+        Ok(Ok(targets)) => Ok(targets),
+        Ok(Err(e)) => Err(format!("cannot resolve {host}: {e}")),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "resolving {host} did not finish within the time left"
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(format!("resolving {host} failed without an answer"))
+        }
+    }
+}
+
+/// One rank's request, with what the messages of a refusal need.
+struct Request<'a> {
+    /// The bytes sent.
+    hello: &'a [u8],
+    rank: u32,
+    world: u32,
+    run_id: &'a RunId,
 }
 
 /// Why one try of [`fetch_id`] failed.
@@ -519,7 +922,7 @@ use FetchError::{Refused, Retry};
 
 fn fetch_from(
     target: &SocketAddr,
-    hello: &[u8],
+    request: &Request<'_>,
     deadline: Instant,
 ) -> std::result::Result<Option<UniqueId>, FetchError> {
     let retry = |e: std::io::Error| Retry(e.to_string());
@@ -530,7 +933,7 @@ fn fetch_from(
         .max(Duration::from_millis(100));
     stream.set_read_timeout(Some(left)).map_err(retry)?;
     stream.set_write_timeout(Some(left)).map_err(retry)?;
-    stream.write_all(hello).map_err(retry)?;
+    stream.write_all(request.hello).map_err(retry)?;
     let mut reply = [0u8; REPLY_BYTES];
     let mut got = 0;
     while got < REPLY_BYTES {
@@ -543,28 +946,43 @@ fn fetch_from(
     }
     // A short answer with another tag (the first version's was 136 bytes) is a refusal; a short
     // one with no tag yet, a broken connection to try again.
+    let other_version =
+        || Refused("it is not a partial-fc rendezvous server of this protocol version".into());
     if got >= MAGIC.len() && &reply[..MAGIC.len()] != MAGIC {
-        return Err(Refused(
-            "it is not a partial-fc rendezvous server of this protocol version".into(),
-        ));
+        return Err(other_version());
     }
     if got < REPLY_BYTES {
         return Ok(None);
     }
-    if &reply[..MAGIC.len()] != MAGIC {
-        return Err(Refused(
-            "it is not a partial-fc rendezvous server of this protocol version".into(),
-        ));
-    }
     let at = MAGIC.len() + 1;
-    let theirs = u32::from_le_bytes(reply[at..at + 4].try_into().unwrap());
-    if reply[MAGIC.len()] != 0 {
-        let ours = u32::from_le_bytes(hello[MAGIC.len()..MAGIC.len() + 4].try_into().unwrap());
-        let rank = u32::from_le_bytes(hello[MAGIC.len() + 4..].try_into().unwrap());
-        return Err(Refused(format!(
-            "rank 0 there serves a job of world size {theirs}; this is rank {rank} of {ours} \
-             (another job on the same MASTER_ADDR:MASTER_PORT?)"
-        )));
+    let theirs = u32::from_le_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]]);
+    let (rank, ours) = (request.rank, request.world);
+    match reply[MAGIC.len()] {
+        STATUS_SERVED => {}
+        STATUS_OTHER_WORLD => {
+            return Err(Refused(format!(
+                "rank 0 there serves a job of world size {theirs}; this is rank {rank} of {ours} \
+                 (another job on the same MASTER_ADDR:MASTER_PORT?)"
+            )))
+        }
+        STATUS_OTHER_RUN => {
+            let run = if request.run_id.is_empty() {
+                "run id: rank 0 has one, this rank none".to_string()
+            } else {
+                format!("run id other than this rank's {}", request.run_id.shown())
+            };
+            return Err(Refused(format!(
+                "rank 0 there belongs to another job ({run}) on this port; give every rank \
+                 of one job the same run id (PFC_RUN_ID, or torchrun --rdzv-id) and jobs that \
+                 run at once different MASTER_PORTs"
+            )));
+        }
+        STATUS_OTHER_VERSION => return Err(other_version()),
+        status => {
+            return Err(Refused(format!(
+                "rank 0 there refused rank {rank} of {ours} with an unknown status {status}"
+            )))
+        }
     }
     let mut id = [0u8; UNIQUE_ID_BYTES];
     id.copy_from_slice(&reply[at + 4..]);
@@ -713,13 +1131,19 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(5), 4, Duration::from_secs(10))
+            serve_id(
+                &listener,
+                &some_id(5),
+                4,
+                &RunId::default(),
+                Duration::from_secs(10),
+            )
         });
         let clients: Vec<_> = (1..4)
             .map(|rank| {
                 let addr = addr.clone();
                 std::thread::spawn(move || {
-                    fetch_id(&addr, rank, 4, Duration::from_secs(10)).unwrap()
+                    fetch_id(&addr, rank, 4, &RunId::default(), Duration::from_secs(10)).unwrap()
                 })
             })
             .collect();
@@ -740,20 +1164,26 @@ mod tests {
         let mut silent = TcpStream::connect(&addr).unwrap(); // connects, says nothing
         silent.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap(); // or something else entirely
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(6), 3, Duration::from_secs(20))
+            serve_id(
+                &listener,
+                &some_id(6),
+                3,
+                &RunId::default(),
+                Duration::from_secs(20),
+            )
         });
         assert_eq!(
-            fetch_id(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
+            fetch_id(&addr, 1, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
             some_id(6)
         );
         assert_eq!(
-            fetch_id(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
+            fetch_id(&addr, 1, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
             some_id(6),
             "a rank that asks again gets the id again"
         );
         assert!(!server.is_finished(), "rank 2 has not fetched yet");
         assert_eq!(
-            fetch_id(&addr, 2, 3, Duration::from_secs(10)).unwrap(),
+            fetch_id(&addr, 2, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
             some_id(6)
         );
         server.join().unwrap().unwrap();
@@ -765,6 +1195,7 @@ mod tests {
         let rv = Rendezvous::Tcp {
             addr: taken.local_addr().unwrap().to_string(),
             timeout: Duration::from_secs(1),
+            run_id: Some(RunId::default()),
         };
         assert_eq!(rv.exchange(0, 1, || Ok(some_id(1))).unwrap(), some_id(1));
     }
@@ -788,10 +1219,16 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let silent: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(2), 2, Duration::from_millis(2500))
+            serve_id(
+                &listener,
+                &some_id(2),
+                2,
+                &RunId::default(),
+                Duration::from_millis(2500),
+            )
         });
         assert_eq!(
-            fetch_id(&addr, 1, 2, Duration::from_millis(2500)).unwrap(),
+            fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_millis(2500)).unwrap(),
             some_id(2)
         );
         server.join().unwrap().unwrap();
@@ -806,13 +1243,20 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(8), 2, Duration::from_millis(2000))
+            serve_id(
+                &listener,
+                &some_id(8),
+                2,
+                &RunId::default(),
+                Duration::from_millis(2000),
+            )
         });
         std::thread::sleep(Duration::from_millis(1000));
         let mut s = TcpStream::connect(&addr).unwrap();
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&2u32.to_le_bytes());
         hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&0u16.to_le_bytes()); // no run id
         s.write_all(&hello).unwrap();
         let mut reply = [0u8; REPLY_BYTES];
         s.read_exact(&mut reply).unwrap();
@@ -833,14 +1277,14 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut request = [0u8; HELLO_BYTES];
+            let mut request = [0u8; HELLO_HEAD]; // a request without a run id
             s.read_exact(&mut request).unwrap();
             let mut msg = b"pfc-id/1".to_vec();
             msg.extend_from_slice(&[9; UNIQUE_ID_BYTES]);
             s.write_all(&msg).unwrap();
         });
         let start = Instant::now();
-        let err = fetch_id(&addr, 1, 2, Duration::from_secs(20)).unwrap_err();
+        let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap_err();
         assert!(err.to_string().contains("protocol version"), "{err}");
         assert!(
             start.elapsed() < Duration::from_secs(10),
@@ -856,9 +1300,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
-            serve_id(&listener, &some_id(7), 2, Duration::from_millis(1500))
+            serve_id(
+                &listener,
+                &some_id(7),
+                2,
+                &RunId::default(),
+                Duration::from_millis(1500),
+            )
         });
-        let err = fetch_id(&addr, 3, 8, Duration::from_secs(10)).unwrap_err();
+        let err = fetch_id(&addr, 3, 8, &RunId::default(), Duration::from_secs(10)).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("world size 2") && msg.contains("rank 3 of 8"),
@@ -867,7 +1317,7 @@ mod tests {
         let err = server.join().unwrap().unwrap_err();
         assert!(err.to_string().contains("missing ranks [1]"), "{err}");
         assert!(matches!(
-            fetch_id(&addr, 0, 2, Duration::from_millis(10)),
+            fetch_id(&addr, 0, 2, &RunId::default(), Duration::from_millis(10)),
             Err(PfcError::Param { .. })
         ));
     }
@@ -887,9 +1337,265 @@ mod tests {
             &format!("127.0.0.1:{port}"),
             1,
             2,
+            &RunId::default(),
             Duration::from_millis(200),
         )
         .unwrap_err();
         assert!(matches!(err, PfcError::Collective(_)));
+    }
+
+    fn run_id(text: &str) -> RunId {
+        RunId::new(text).unwrap()
+    }
+
+    /// Two jobs on one port with the same world size: before run ids, a rank of the second
+    /// took the first's id. Now it is refused at once with an error that names another job and
+    /// the run id (a prefix of it only), it is not counted, and rank 0 says in its own timeout
+    /// that it refused another job's request; a rank with the job's run id gets the id.
+    #[test]
+    fn a_rank_of_another_run_is_refused_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(3),
+                2,
+                &run_id("job-a"),
+                Duration::from_secs(20),
+            )
+        });
+        let intruder = "job-b-0123456789abcdef";
+        let start = Instant::now();
+        let err = fetch_id(&addr, 1, 2, &run_id(intruder), Duration::from_secs(20)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
+        assert!(
+            msg.contains("another job (run id") && msg.contains("on this port"),
+            "{msg}"
+        );
+        assert!(msg.contains("\"job-…\" (22 bytes)"), "{msg}");
+        assert!(
+            !msg.contains(intruder),
+            "the whole run id is printed: {msg}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "refused, not retried"
+        );
+        // no run id against one
+        let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap_err();
+        assert!(
+            err.to_string().contains("rank 0 has one, this rank none"),
+            "{err}"
+        );
+        assert!(!server.is_finished(), "an intruder was counted");
+        assert_eq!(
+            fetch_id(&addr, 1, 2, &run_id("job-a"), Duration::from_secs(20)).unwrap(),
+            some_id(3)
+        );
+        server.join().unwrap().unwrap();
+
+        // rank 0's own timeout counts the refusals
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(3),
+                2,
+                &run_id("job-a"),
+                Duration::from_millis(1500),
+            )
+        });
+        assert!(fetch_id(&addr, 1, 2, &run_id("job-b"), Duration::from_secs(10)).is_err());
+        let err = server.join().unwrap().unwrap_err().to_string();
+        assert!(
+            err.contains("missing ranks [1]")
+                && err.contains("refused 1 request(s) of another job"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn run_ids_come_from_pfc_run_id_then_torchelastic_and_are_bounded() {
+        fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+            move |k| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        }
+        let both = [("PFC_RUN_ID", "mine"), ("TORCHELASTIC_RUN_ID", "torch")];
+        assert_eq!(RunId::from_vars(vars(&both)).unwrap(), run_id("mine"));
+        let empty_pfc = [("PFC_RUN_ID", ""), ("TORCHELASTIC_RUN_ID", "torch")];
+        assert_eq!(RunId::from_vars(vars(&empty_pfc)).unwrap(), run_id("torch"));
+        assert!(RunId::from_vars(vars(&[])).unwrap().is_empty());
+        let env = LaunchEnv::from_vars(vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_RUN_ID", "torch"),
+        ]))
+        .unwrap();
+        assert_eq!(env.run_id.as_str(), "torch");
+
+        // at most MAX_BYTES, refused at construction naming the field or the variable
+        let longest = "x".repeat(RunId::MAX_BYTES);
+        assert_eq!(RunId::new(longest.clone()).unwrap().as_str(), longest);
+        let secret = format!("s3cr3t{}", "y".repeat(RunId::MAX_BYTES));
+        match RunId::new(secret.clone()) {
+            Err(PfcError::Param { name, value, .. }) => {
+                assert_eq!(name, "run_id");
+                assert!(
+                    !value.contains(&secret) && value.contains("s3cr…"),
+                    "{value}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let long = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("PFC_RUN_ID", secret.as_str()),
+        ];
+        assert!(matches!(
+            LaunchEnv::from_vars(vars(&long)),
+            Err(PfcError::Param {
+                name: "PFC_RUN_ID",
+                ..
+            })
+        ));
+        let long = [("TORCHELASTIC_RUN_ID", secret.as_str())];
+        assert!(matches!(
+            RunId::from_vars(vars(&long)),
+            Err(PfcError::Param {
+                name: "TORCHELASTIC_RUN_ID",
+                ..
+            })
+        ));
+        // a short one is shown whole, a long one by a prefix
+        assert_eq!(format!("{:?}", run_id("job-7")), "RunId(\"job-7\")");
+        assert_eq!(
+            format!("{:?}", run_id(&secret[..40])),
+            "RunId(\"s3cr…\" (40 bytes))"
+        );
+        assert_eq!(format!("{:?}", RunId::default()), "RunId(none)");
+        assert!(same_run_id(b"abc", b"abc") && same_run_id(b"", b""));
+        assert!(!same_run_id(b"abc", b"abd") && !same_run_id(b"abc", b"ab"));
+    }
+
+    /// A rank of the previous version (whose request is 16 bytes, `pfc-id/2` first) gets an
+    /// answer in this version, which its client reads as another protocol version at once; it
+    /// is not counted.
+    #[test]
+    fn a_client_of_the_previous_version_is_answered_and_not_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(4),
+                2,
+                &RunId::default(),
+                Duration::from_secs(20),
+            )
+        });
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = b"pfc-id/2".to_vec();
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        s.write_all(&hello).unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer.len(), REPLY_BYTES);
+        assert_eq!(&answer[..MAGIC.len()], MAGIC);
+        assert_eq!(answer[MAGIC.len()], STATUS_OTHER_VERSION);
+        assert!(answer[MAGIC.len() + 1..].iter().all(|&b| b == 0), "no id");
+        assert!(!server.is_finished(), "the old client was counted");
+        assert_eq!(
+            fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(10)).unwrap(),
+            some_id(4)
+        );
+        server.join().unwrap().unwrap();
+    }
+
+    /// A name whose lookup hangs (a DNS server that does not answer) used to hold the rank in
+    /// `to_socket_addrs` beyond its timeout. Now the lookup is waited for no longer than the
+    /// time left, and the error is the timeout's, naming the host.
+    #[test]
+    fn a_hanging_lookup_ends_at_the_timeout() {
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let hang = std::sync::Mutex::new(hang);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let resolver: Resolver = Arc::new(move |_: &str| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = hang.lock().unwrap().recv(); // until the test ends
+            Err(std::io::Error::other("released"))
+        });
+        let start = Instant::now();
+        let err = fetch_id_with(
+            "rank0.invalid:29500",
+            1,
+            2,
+            &RunId::default(),
+            Duration::from_millis(300),
+            &resolver,
+        )
+        .unwrap_err();
+        let took = start.elapsed();
+        let msg = err.to_string();
+        assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
+        assert!(
+            msg.contains("not reachable within")
+                && msg.contains("resolving rank0.invalid did not finish"),
+            "{msg}"
+        );
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(release);
+    }
+
+    /// A name that does not resolve yet (a pod still starting) is looked up again until it
+    /// does, through the helper thread, as it was before the lookup was bounded.
+    #[test]
+    fn a_failing_lookup_is_retried_until_it_resolves() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(1),
+                2,
+                &RunId::default(),
+                Duration::from_secs(20),
+            )
+        });
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let resolver: Resolver = Arc::new(move |name: &str| {
+            assert_eq!(name, "rank0.invalid:29500");
+            match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 | 1 => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not in DNS yet",
+                )),
+                _ => Ok(vec![at]),
+            }
+        });
+        let id = fetch_id_with(
+            "rank0.invalid:29500",
+            1,
+            2,
+            &RunId::default(),
+            Duration::from_secs(20),
+            &resolver,
+        )
+        .unwrap();
+        assert_eq!(id, some_id(1));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+        server.join().unwrap().unwrap();
     }
 }
