@@ -132,7 +132,9 @@ fn the_sparse_kernel_moves_the_sampled_rows_alone_as_the_published_update_would(
         state(&v0, StateDtype::F32),
     );
     for t in 7..10u64 {
-        let picked: Vec<usize> = (0..rows).filter(|r| (r + t as usize).is_multiple_of(3)).collect();
+        let picked: Vec<usize> = (0..rows)
+            .filter(|r| (r + t as usize).is_multiple_of(3))
+            .collect();
         let index: Vec<i32> = picked.iter().map(|&r| r as i32).collect();
         let g = rng.normal_vec(picked.len() * dim, 1.0);
         CpuBackend

@@ -245,10 +245,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let mut names = vec!["weight"];
         names.extend_from_slice(self.state_names());
         if set.state_names() != self.state_names() && !self.state_names().is_empty() {
+            let held = match set.state_names() {
+                [] => "no optimizer state (saved without an optimizer)".to_string(),
+                names => format!("optimizer state {names:?}"),
+            };
             return Err(mismatch(format!(
-                "the files hold optimizer state {:?} and this layer's optimizer keeps {:?} (a \
-                 layer without an optimizer loads the weights alone)",
-                set.state_names(),
+                "the files hold {held} and this layer's optimizer keeps {:?} (a layer without an \
+                 optimizer loads the weights alone)",
                 self.state_names()
             )));
         }
