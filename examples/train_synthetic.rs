@@ -15,7 +15,7 @@ use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
 use partial_fc::synthetic::{train, TrainConfig, TrainReport};
-use partial_fc::{Margin, PfcError, StateDtype};
+use partial_fc::{AdamW, Margin, PfcError, Sgd, StateDtype};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -35,6 +35,12 @@ impl WireArg {
             WireArg::Bf16 => Dtype::Bf16,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FcOptimizerArg {
+    Sgd,
+    Adamw,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -128,9 +134,15 @@ struct Args {
     /// Peak learning rate of the backbone (plain SGD).
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     lr: f32,
-    /// Peak learning rate of the classifier (SGD, momentum 0.9, weight decay 5e-4).
+    /// Peak learning rate of the classifier (AdamW wants about 100x less than SGD: try 0.002).
     #[arg(long, default_value_t = TrainConfig::default().fc_lr)]
     fc_lr: f32,
+    /// Optimizer of the classifier: SGD with momentum 0.9, or AdamW (betas 0.9, 0.999).
+    #[arg(long, value_enum, default_value_t = FcOptimizerArg::Sgd)]
+    fc_optimizer: FcOptimizerArg,
+    /// Weight decay of the classifier (default: 5e-4 for SGD, 0.01 for AdamW's decoupled decay).
+    #[arg(long)]
+    fc_weight_decay: Option<f32>,
     /// Warm-up steps (then linear decay to 0).
     #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
     warmup_steps: usize,
@@ -204,6 +216,24 @@ impl Args {
             steps: self.steps,
             lr: self.lr,
             fc_lr: self.fc_lr,
+            fc_optimizer: match self.fc_optimizer {
+                FcOptimizerArg::Sgd => {
+                    let d = Sgd::default();
+                    Sgd {
+                        weight_decay: self.fc_weight_decay.unwrap_or(d.weight_decay),
+                        ..d
+                    }
+                    .into()
+                }
+                FcOptimizerArg::Adamw => {
+                    let d = AdamW::default();
+                    AdamW {
+                        weight_decay: self.fc_weight_decay.unwrap_or(d.weight_decay),
+                        ..d
+                    }
+                    .into()
+                }
+            },
             warmup_steps: self.warmup_steps,
             margin,
             seed: self.seed,

@@ -140,3 +140,24 @@ fn a_saved_run_predicts_from_its_files_what_the_layers_predicted() {
     let err = train(&cfg, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("save_to"), "{err}");
 }
+
+/// The classifier trained with AdamW (`--fc-optimizer adamw`) learns as well: the loss falls and
+/// held-out verification improves.
+#[test]
+fn tiny_run_with_an_adamw_classifier_learns() {
+    let cfg = TrainConfig {
+        fc_optimizer: partial_fc::AdamW::default().into(),
+        fc_lr: 0.002,
+        ..tiny()
+    };
+    let report = train(&cfg, &mut |_| {}).unwrap();
+    let (first, last) = report.loss_drop(10);
+    assert!(last < 0.8 * first, "loss {first} → {last} did not fall");
+    let (before, after) = (report.before, report.after);
+    assert!(
+        after.tar_far_1e3 > before.tar_far_1e3 + 0.2,
+        "TAR@1e-3 {} → {}",
+        before.tar_far_1e3,
+        after.tar_far_1e3
+    );
+}

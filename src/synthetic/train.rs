@@ -23,7 +23,7 @@ use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticId
 use super::metrics::{evaluate, EvalMetrics};
 use crate::backend::{Backend, Collective};
 use crate::collective::{HostStaged, ThreadGroup};
-use crate::config::{LayerConfig, Margin, StateDtype};
+use crate::config::{LayerConfig, Margin, Optimizer, Sgd, StateDtype};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
@@ -65,15 +65,19 @@ pub struct TrainConfig {
     pub steps: usize,
     /// Peak learning rate of the backbone (plain SGD).
     pub lr: f32,
-    /// Peak learning rate of the classifier (SGD, momentum 0.9, weight decay 5e-4).
+    /// Peak learning rate of the classifier.
     pub fc_lr: f32,
+    /// Optimizer of the classifier: SGD (momentum 0.9, weight decay 5e-4, the default) or
+    /// AdamW (which wants a learning rate about 100× smaller). Its state dtype is
+    /// [`TrainConfig::momentum_dtype`].
+    pub fc_optimizer: Optimizer,
     /// Steps of linear warm-up; afterwards both rates decay linearly to 0.
     pub warmup_steps: usize,
     /// Margin of the softmax.
     pub margin: Margin,
     /// Seed of the data, the backbone initialization and the class sampler.
     pub seed: u64,
-    /// Storage dtype of the classifier's momentum.
+    /// Storage dtype of the classifier's optimizer state (SGD momentum or AdamW moments).
     pub momentum_dtype: StateDtype,
     /// Dtype of the embeddings on the all-gather's wire (`LayerConfig::wire`).
     pub wire: Dtype,
@@ -102,6 +106,7 @@ impl Default for TrainConfig {
             steps: 1200,
             lr: 0.1,
             fc_lr: 0.2,
+            fc_optimizer: Optimizer::Sgd(Sgd::default()),
             warmup_steps: 20,
             margin: Margin::arcface(),
             seed: 42,
@@ -232,6 +237,7 @@ impl TrainConfig {
         cfg.sample_rate = self.sample_rate;
         cfg.margin = self.margin;
         cfg.seed = self.seed;
+        cfg.optimizer = Some(self.fc_optimizer);
         if let Some(o) = cfg.optimizer.as_mut() {
             o.set_state_dtype(self.momentum_dtype);
         }

@@ -64,7 +64,7 @@ pub struct PlanArgs {
     /// weights).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     weight_dtype: DtypeArg,
-    /// Optimizer state kept per weight (adamw is a what-if: the layer implements SGD momentum).
+    /// Optimizer state kept per weight: none, SGD momentum (one tensor) or AdamW (two moments).
     #[arg(long, value_enum, default_value_t = OptimizerArg::SgdMomentum)]
     optimizer: OptimizerArg,
     /// Storage dtype of the optimizer state (the layer's `StateDtype`).
