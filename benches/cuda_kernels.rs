@@ -2,8 +2,12 @@
 //! - the three margin-softmax passes and the world-of-one fused kernel vs a device-to-device copy
 //!   (GB/s of the bytes each moves);
 //! - sampling 1M classes vs one read and write of the keys;
+//! - the dense optimizer updates (SGD with momentum, AdamW) over a 256k × 512 shard vs a
+//!   device-to-device copy (GB/s of the bytes each moves: SGD reads weight, momentum, gradient and
+//!   writes weight, momentum; AdamW reads one more state and writes it);
 //! - the whole step (shard 1M, gathered batch 1024, d 512, r 0.1, sparse update), with f32 and
-//!   bf16 GEMM operands (baseline: benches/torch_partial_fc.py, run by scripts/device-check.sh).
+//!   bf16 GEMM operands and, with bf16 GEMMs, AdamW in place of SGD (baseline:
+//!   benches/torch_partial_fc.py, run by scripts/device-check.sh).
 //!
 //! Without a CUDA device it prints "skipped: no CUDA device" and measures nothing.
 
@@ -11,7 +15,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::{CudaBackend, Precision};
 use partial_fc::LogitsShape;
-use partial_fc::{Backend, LayerConfig, Margin, PartialFc, SampleArgs};
+use partial_fc::backend::AdamWStep;
+use partial_fc::{AdamW, Backend, LayerConfig, Margin, PartialFc, SampleArgs, StateBuf, StateDtype};
 
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -150,6 +155,61 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
+fn optimizer(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let len = (1usize << 18) * 512;
+    let host: Vec<f32> = (0..len).map(|i| ((i % 1999) as f32 - 999.0) * 1e-4).collect();
+    let upload = |host: &[f32]| {
+        let mut b = g.alloc::<f32>(len).unwrap();
+        g.upload(host, &mut b).unwrap();
+        b
+    };
+    let (mut weight, grad, mut copy) = (upload(&host), upload(&host), upload(&host));
+    let state = || {
+        let mut s = StateBuf::alloc(&g, StateDtype::F32, len).unwrap();
+        s.upload(&g, &vec![0.0; len]).unwrap();
+        s
+    };
+    let (mut m, mut v) = (state(), state());
+    let bytes = (len * 4) as u64;
+    let mut group = c.benchmark_group("optimizer_dense_256k_d512");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(5 * bytes));
+    group.bench_function("sgd_momentum_dense", |b| {
+        b.iter(|| {
+            g.sgd_momentum_dense(&mut weight, &mut m, &grad, len, 1e-3, 0.9, 5e-4)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.throughput(Throughput::Bytes(7 * bytes));
+    let mut t = 0u64;
+    group.bench_function("adamw_dense", |b| {
+        b.iter(|| {
+            t += 1;
+            let step = AdamWStep {
+                lr: 1e-3,
+                adamw: AdamW::default(),
+                t,
+            };
+            g.adamw_dense(&mut weight, &mut m, &mut v, &grad, len, step)
+                .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    // A copy of 3.5 tensors reads and writes 7 tensors' bytes, AdamW's traffic.
+    group.bench_function("dtod_copy_same_bytes", |b| {
+        b.iter(|| {
+            for _ in 0..3 {
+                g.copy(&grad, &mut copy, len).unwrap();
+            }
+            g.copy(&grad, &mut copy, len / 2).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
 fn whole_step(c: &mut Criterion) {
     if gpu().is_none() {
         return;
@@ -160,13 +220,17 @@ fn whole_step(c: &mut Criterion) {
     let labels: Vec<i64> = (0..1024).map(|i| (i * 1021) as i64).collect();
     let mut group = c.benchmark_group("step_1M_b1024_d512_r0.1");
     group.sample_size(10);
-    for (name, precision) in [
-        ("cuda_f32_sparse", Precision::F32),
-        ("cuda_bf16_sparse", Precision::Bf16),
+    for (name, precision, adamw) in [
+        ("cuda_f32_sparse", Precision::F32, false),
+        ("cuda_bf16_sparse", Precision::Bf16, false),
+        ("cuda_bf16_sparse_adamw", Precision::Bf16, true),
     ] {
         let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
         cfg.sample_rate = 0.1;
         cfg.precision = precision;
+        if adamw {
+            cfg.optimizer = Some(AdamW::default().into());
+        }
         let gpu = CudaBackend::new(0).unwrap();
         let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank).unwrap();
         group.bench_function(name, |b| {
@@ -180,5 +244,5 @@ fn whole_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, margin_softmax, sampling, whole_step);
+criterion_group!(benches, margin_softmax, sampling, optimizer, whole_step);
 criterion_main!(benches);
