@@ -12,11 +12,13 @@
 //! Without a CUDA device it prints "skipped: no CUDA device" and measures nothing.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use partial_fc::backend::AdamWStep;
 use partial_fc::collective::SingleRank;
 use partial_fc::cuda::{CudaBackend, Precision};
 use partial_fc::LogitsShape;
-use partial_fc::backend::AdamWStep;
-use partial_fc::{AdamW, Backend, LayerConfig, Margin, PartialFc, SampleArgs, StateBuf, StateDtype};
+use partial_fc::{
+    AdamW, Backend, LayerConfig, Margin, PartialFc, SampleArgs, StateBuf, StateDtype,
+};
 
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -158,7 +160,9 @@ fn sampling(c: &mut Criterion) {
 fn optimizer(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
     let len = (1usize << 18) * 512;
-    let host: Vec<f32> = (0..len).map(|i| ((i % 1999) as f32 - 999.0) * 1e-4).collect();
+    let host: Vec<f32> = (0..len)
+        .map(|i| ((i % 1999) as f32 - 999.0) * 1e-4)
+        .collect();
     let upload = |host: &[f32]| {
         let mut b = g.alloc::<f32>(len).unwrap();
         g.upload(host, &mut b).unwrap();

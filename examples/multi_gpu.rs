@@ -65,7 +65,10 @@ struct Args {
     /// GEMM operand precision.
     #[arg(long, value_enum, default_value_t = Wide::F32)]
     precision: Wide,
-    /// Dtype of the momentum (f16 is refused: it would flush small momenta).
+    /// Optimizer of the class centers (SGD at lr 0.1, or AdamW at lr 0.001).
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    optimizer: OptimizerArg,
+    /// Dtype of the optimizer state (f16 is refused: it would flush small values).
     #[arg(long, value_enum, default_value_t = Wide::F32)]
     momentum_dtype: Wide,
     /// Dtype of the all-gathered embeddings on the wire.
@@ -86,6 +89,14 @@ enum Wide {
 }
 
 #[cfg(feature = "cuda")]
+/// The optimizer of the class centers.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OptimizerArg {
+    Sgd,
+    Adamw,
+}
+
+#[cfg(feature = "cuda")]
 fn parse_classes(text: &str) -> Result<u64, String> {
     partial_fc::plan::units::parse_count("classes", text).map_err(|e| e.to_string())
 }
@@ -101,6 +112,10 @@ impl Args {
             ("--batch", self.batch.to_string()),
             ("--sample-rate", self.sample_rate.to_string()),
             ("--precision", name(self.precision)),
+            (
+                "--optimizer",
+                format!("{:?}", self.optimizer).to_lowercase(),
+            ),
             ("--momentum-dtype", name(self.momentum_dtype)),
             ("--wire-dtype", name(self.wire_dtype)),
             ("--grad-wire-dtype", name(self.grad_wire_dtype)),
@@ -160,6 +175,13 @@ fn run() -> Result<(), String> {
         Wide::Bf16 => partial_fc::GemmPrecision::Bf16,
         Wide::F16 => partial_fc::GemmPrecision::F16,
     };
+    let lr = match args.optimizer {
+        OptimizerArg::Sgd => 0.1,
+        OptimizerArg::Adamw => {
+            cfg.optimizer = Some(partial_fc::AdamW::default().into());
+            1e-3
+        }
+    };
     if let Some(optimizer) = cfg.optimizer.as_mut() {
         optimizer.set_state_dtype(match args.momentum_dtype {
             Wide::F32 => partial_fc::StateDtype::F32,
@@ -193,7 +215,7 @@ fn run() -> Result<(), String> {
         let out = layer
             .forward_backward(&x, &labels)
             .map_err(|e| e.to_string())?;
-        layer.step(0.1).map_err(|e| e.to_string())?;
+        layer.step(lr).map_err(|e| e.to_string())?;
         if env.rank == 0 {
             println!(
                 "step {step}: loss {:.4}  {:.2} ms",
