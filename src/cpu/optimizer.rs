@@ -60,27 +60,34 @@ pub fn sgd_momentum_sparse<V: MomentumValue>(
     mu: f32,
     weight_decay: f32,
 ) {
-    // The sample is sorted and unique, so one walk splits the shard into the disjoint rows to
-    // update, which then run in parallel.
-    let mut picked = Vec::with_capacity(index.len());
-    let (mut w_rest, mut v_rest) = (weight, momentum);
+    let w_rows = sampled_rows(weight, index, dim);
+    let v_rows = sampled_rows(momentum, index, dim);
+    w_rows
+        .into_par_iter()
+        .zip(v_rows)
+        .enumerate()
+        .for_each(|(i, (w, v))| sgd_row(w, v, &grad[i * dim..(i + 1) * dim], lr, mu, weight_decay));
+}
+
+/// The rows `index` (sorted, unique) of a row-major `rows × dim` tensor, as disjoint mutable
+/// slices: one walk over the tensor, after which the rows can be updated in parallel.
+///
+/// # Panics
+///
+/// When `index` is not sorted and unique, or names a row past the tensor's end.
+fn sampled_rows<'a, T>(mut rest: &'a mut [T], index: &[i32], dim: usize) -> Vec<&'a mut [T]> {
+    let mut rows = Vec::with_capacity(index.len());
     let mut consumed = 0usize;
-    for (i, &r) in index.iter().enumerate() {
+    for &r in index {
         let r = r as usize;
         assert!(r >= consumed, "sampled index must be sorted and unique");
-        let skip = (r - consumed) * dim;
-        let (_, w_tail) = std::mem::take(&mut w_rest).split_at_mut(skip);
-        let (_, v_tail) = std::mem::take(&mut v_rest).split_at_mut(skip);
-        let (w_row, w_next) = w_tail.split_at_mut(dim);
-        let (v_row, v_next) = v_tail.split_at_mut(dim);
-        picked.push((i, w_row, v_row));
-        w_rest = w_next;
-        v_rest = v_next;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((r - consumed) * dim);
+        let (row, next) = tail.split_at_mut(dim);
+        rows.push(row);
+        rest = next;
         consumed = r + 1;
     }
-    picked
-        .into_par_iter()
-        .for_each(|(i, w, v)| sgd_row(w, v, &grad[i * dim..(i + 1) * dim], lr, mu, weight_decay));
+    rows
 }
 
 /// Dense update of every element.
@@ -150,26 +157,15 @@ pub fn adamw_sparse<V: MomentumValue>(
     dim: usize,
     s: AdamWScalars,
 ) {
-    let mut picked = Vec::with_capacity(index.len());
-    let (mut w_rest, mut m_rest, mut v_rest) = (weight, exp_avg, exp_avg_sq);
-    let mut consumed = 0usize;
-    for (i, &r) in index.iter().enumerate() {
-        let r = r as usize;
-        assert!(r >= consumed, "sampled index must be sorted and unique");
-        let skip = (r - consumed) * dim;
-        let (_, w_tail) = std::mem::take(&mut w_rest).split_at_mut(skip);
-        let (_, m_tail) = std::mem::take(&mut m_rest).split_at_mut(skip);
-        let (_, v_tail) = std::mem::take(&mut v_rest).split_at_mut(skip);
-        let (w_row, w_next) = w_tail.split_at_mut(dim);
-        let (m_row, m_next) = m_tail.split_at_mut(dim);
-        let (v_row, v_next) = v_tail.split_at_mut(dim);
-        picked.push((i, w_row, m_row, v_row));
-        (w_rest, m_rest, v_rest) = (w_next, m_next, v_next);
-        consumed = r + 1;
-    }
-    picked
+    let w_rows = sampled_rows(weight, index, dim);
+    let m_rows = sampled_rows(exp_avg, index, dim);
+    let v_rows = sampled_rows(exp_avg_sq, index, dim);
+    w_rows
         .into_par_iter()
-        .for_each(|(i, w, m, v)| adamw_row(w, m, v, &grad[i * dim..(i + 1) * dim], s));
+        .zip(m_rows)
+        .zip(v_rows)
+        .enumerate()
+        .for_each(|(i, ((w, m), v))| adamw_row(w, m, v, &grad[i * dim..(i + 1) * dim], s));
 }
 
 /// Dense AdamW over every element (the gradient is zero outside the sample).
