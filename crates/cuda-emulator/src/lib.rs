@@ -39,6 +39,27 @@ pub const LIBNCCL: &str = env!("PFC_EMULATOR_LIBNCCL");
 /// The device name the emulated driver reports.
 pub const DEVICE_NAME: &str = "partial-fc CPU emulator (not a GPU)";
 
+/// Whether a test must run rather than skip: under `CI=true` or `PFC_REQUIRE_CUDA_TESTS=1` a
+/// missing emulator (or device) is a failure, elsewhere a printed skip.
+pub fn tests_are_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("PFC_REQUIRE_CUDA_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// [`install`] for a test: `true` when the emulator is loaded; otherwise prints
+/// "skipped: …" and returns `false`, or panics where the tests are required
+/// ([`tests_are_required`]), so that CI cannot pass by skipping.
+pub fn install_for_test() -> bool {
+    match install() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(!tests_are_required(), "the emulator must run here: {e}");
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
 /// The emulator is not built off Unix: this says so.
 #[cfg(not(unix))]
 pub fn install() -> Result<(), String> {

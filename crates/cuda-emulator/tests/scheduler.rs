@@ -13,16 +13,7 @@ fn arg<T>(v: &mut T) -> *mut c_void {
 /// Whether the emulator was built here (x86-64 Linux, g++ 12+); elsewhere each test prints
 /// that it was skipped, and fails under CI=true or PFC_REQUIRE_CUDA_TESTS=1, where it must run.
 fn built() -> bool {
-    match pfc_cuda_emulator::install() {
-        Ok(()) => true,
-        Err(e) => {
-            let required = std::env::var("CI").is_ok_and(|v| v == "true")
-                || std::env::var("PFC_REQUIRE_CUDA_TESTS").is_ok_and(|v| v == "1");
-            assert!(!required, "the emulator must run here: {e}");
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
+    pfc_cuda_emulator::install_for_test()
 }
 
 #[test]
