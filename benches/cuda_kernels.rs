@@ -195,6 +195,7 @@ fn optimizer(c: &mut Criterion) {
                 lr: 1e-3,
                 adamw: AdamW::default(),
                 t,
+                seed: 0,
             };
             g.adamw_dense(&mut weight, &mut m, &mut v, &grad, len, step)
                 .unwrap();

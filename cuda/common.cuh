@@ -21,6 +21,15 @@ __device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
     return (unsigned short)(bits >> 16);
 }
 
+// bfloat16 by stochastic rounding (src/cpu/optimizer.rs `bf16_stochastic`): `bits` (16 random
+// bits) added below the kept half carry into it with probability (dropped bits) / 2^16, so the
+// stored value is unbiased. A NaN rounds as above.
+__device__ __forceinline__ unsigned short f32_to_bf16_stochastic(float v, u32 bits) {
+    u32 x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return f32_to_bf16_bits(v);
+    return (unsigned short)((x + (bits & 0xffffu)) >> 16);
+}
+
 __device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
     return __uint_as_float(((u32)b) << 16);
 }
@@ -78,6 +87,13 @@ __device__ __forceinline__ u32 class_random_bits(u64 seed, u64 step, u64 cls) {
     uint4 c = make_uint4((u32)cls, (u32)(cls >> 32), (u32)step, (u32)(step >> 32));
     uint2 k = make_uint2((u32)seed, (u32)(seed >> 32));
     return philox4x32_10(c, k).x;
+}
+
+// src/rng.rs `rounding_bits`: the bits of the optimizer state's stochastic rounding.
+__device__ __forceinline__ u32 rounding_bits(u64 seed, u64 t, u64 element) {
+    u64 key = seed ^ 0xADA35EED0B0FF1CEull;
+    uint4 c = make_uint4((u32)element, (u32)(element >> 32), (u32)t, (u32)(t >> 32));
+    return philox4x32_10(c, make_uint2((u32)key, (u32)(key >> 32))).x;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -67,17 +67,31 @@ extern "C" __global__ void sgd_momentum_dense_bf16(float* weight, u16* momentum,
 }
 
 // AdamW on one element; the host computed the shared scalars (AdamWScalars) in f64:
-// w <- w decay - step m / (sqrt(v) c2 + eps), with m, v the new, unrounded moments.
+// w <- w decay - step m / (sqrt(v) c2 + eps), with m, v the new, unrounded moments. bf16 moments
+// are stored by stochastic rounding with rounding_bits(seed, t, element) (low half for m, high
+// for v), so that v, which moves by 0.1% a step at beta2 = 0.999, does not stall.
 struct AdamWScalars {
     float decay, beta1, beta2, step_size, inv_sqrt_bias2, eps;
+    u64 seed, t;
 };
 
+__device__ __forceinline__ void store_moments(float* m, float* v, float mn, float vn, u64, const AdamWScalars&) {
+    *m = mn;
+    *v = vn;
+}
+__device__ __forceinline__ void store_moments(u16* m, u16* v, float mn, float vn, u64 element,
+                                              const AdamWScalars& s) {
+    u32 bits = rounding_bits(s.seed, s.t, element);
+    *m = f32_to_bf16_stochastic(mn, bits);
+    *v = f32_to_bf16_stochastic(vn, bits >> 16);
+}
+
 template <typename State>
-__device__ __forceinline__ void adamw_elem(float* w, State* m, State* v, float g, AdamWScalars s) {
+__device__ __forceinline__ void adamw_elem(float* w, State* m, State* v, float g, u64 element,
+                                           const AdamWScalars& s) {
     float mn = s.beta1 * load_state(m) + (1.0f - s.beta1) * g;
     float vn = s.beta2 * load_state(v) + (1.0f - s.beta2) * (g * g);
-    store_state(m, mn);
-    store_state(v, vn);
+    store_moments(m, v, mn, vn, element, s);
     float denom = sqrtf(vn) * s.inv_sqrt_bias2 + s.eps;
     *w = *w * s.decay - s.step_size * (mn / denom);
 }
@@ -90,7 +104,7 @@ __device__ void adamw_sparse(float* weight, State* exp_avg, State* exp_avg_sq, c
     size_t row = (size_t)index[i];
     for (int k = threadIdx.x; k < dim; k += blockDim.x) {
         size_t at = row * dim + k;
-        adamw_elem(weight + at, exp_avg + at, exp_avg_sq + at, grad[i * dim + k], s);
+        adamw_elem(weight + at, exp_avg + at, exp_avg_sq + at, grad[i * dim + k], (u64)at, s);
     }
 }
 
@@ -99,11 +113,12 @@ template <typename State>
 __device__ void adamw_dense(float* weight, State* exp_avg, State* exp_avg_sq, const float* grad,
                             u64 len, AdamWScalars s) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
-        adamw_elem(weight + i, exp_avg + i, exp_avg_sq + i, grad[i], s);
+        adamw_elem(weight + i, exp_avg + i, exp_avg_sq + i, grad[i], i, s);
 }
 
-#define ADAMW_SCALARS float decay, float beta1, float beta2, float step_size, float inv_sqrt_bias2, float eps
-#define ADAMW_STRUCT AdamWScalars{decay, beta1, beta2, step_size, inv_sqrt_bias2, eps}
+#define ADAMW_SCALARS float decay, float beta1, float beta2, float step_size, float inv_sqrt_bias2, \
+                      float eps, u64 seed, u64 t
+#define ADAMW_STRUCT AdamWScalars{decay, beta1, beta2, step_size, inv_sqrt_bias2, eps, seed, t}
 
 extern "C" __global__ void adamw_sparse_f32(float* weight, float* exp_avg, float* exp_avg_sq,
                                             const float* grad, const int* index, int count, int dim,

@@ -281,16 +281,21 @@ impl Default for Sgd {
 /// the update of `torch.optim.AdamW`: per weight, `w ← w·(1 − lr·λ)`, `m ← β₁m + (1 − β₁)g`,
 /// `v ← β₂v + (1 − β₂)g²`, `w ← w − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)`.
 ///
-/// The bias corrections take `t` from the layer's step counter ([`crate::PartialFc::steps`]):
-/// the number of forward/backward passes drawn, which is the number of updates in the usual
-/// loop of one pass per [`crate::PartialFc::step`], and which a checkpoint restores.
+/// The bias corrections take `t` from the layer's count of updates
+/// ([`crate::PartialFc::optimizer_steps`]), as PyTorch counts `optimizer.step()` calls: a pass
+/// without an update does not change it, and a checkpoint restores it.
 ///
 /// With [`UpdateMode::Dense`] every row moves each step (the published PyTorch code's
 /// `PartialFC_V2` under AdamW: its full weight's gradient is zero outside the sample, yet the
 /// moments decay and the weight decays everywhere). With [`UpdateMode::Sparse`] only the
 /// sampled rows and their moments move ("lazy" Adam, as `torch.optim.SparseAdam` does, plus the
 /// decoupled decay on those rows): an unsampled class keeps its moments until it is drawn again.
-/// Both moments are stored in [`AdamW::state_dtype`]; the arithmetic is f32.
+/// Both moments are stored in [`AdamW::state_dtype`]; the arithmetic is f32. In bf16 they are
+/// stored by stochastic rounding (unbiased; keyed by the layer's seed, the update and the
+/// element, identical on CPU and GPU): with β₂ = 0.999 the second moment changes by 0.1% a step,
+/// less than half a bf16 step, so rounding to nearest would store the old value forever, while
+/// stochastic rounding follows f32 on average (tests/adamw.rs). `lr · weight_decay` must stay
+/// below 1.
 ///
 /// ```
 /// use partial_fc::{AdamW, CpuBackend, LayerConfig, PartialFc, collective::SingleRank};
@@ -402,6 +407,7 @@ impl From<AdamW> for Optimizer {
 /// GPU). The arithmetic stays f32: each update reads the stored momentum, computes
 /// `v = μ·v + g + λ·w` and `w −= lr·v` in f32, and only the stored `v` is rounded (to nearest
 /// even), a relative error of at most 2⁻⁸ per step that the decay μ < 1 keeps from accumulating.
+/// AdamW's moments are the exception: they are rounded stochastically (see [`AdamW`]).
 /// bfloat16 rather than f16 because gradients of class centers are small (1e-6 and below are
 /// common) and f16 would flush them to zero; bfloat16 has f32's range.
 ///

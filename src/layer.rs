@@ -204,6 +204,8 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     /// have left anything there (a NaN row from a diverged step), so they are zeroed again.
     sampled_rows_written: usize,
     step: u64,
+    /// Optimizer updates applied (`step` calls that ran an update): AdamW's t.
+    optimizer_step: u64,
     /// Whether the last backward pass's gradient still waits for `step`.
     grad_pending: bool,
     /// Set once every rank has agreed to run the current pass: a failure after that point
@@ -315,6 +317,27 @@ fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
                 i % dim.max(1)
             ),
             "every value must be finite",
+        )),
+    }
+}
+
+/// A second moment (`exp_avg_sq`) is an average of squares: a negative one would put NaN into
+/// the weights through its square root at the next update, so it is refused where it enters.
+pub(crate) fn check_state_range(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
+    if name != "exp_avg_sq" {
+        return Ok(());
+    }
+    match values.iter().position(|v| *v < 0.0) {
+        None => Ok(()),
+        Some(i) => Err(PfcError::param(
+            name,
+            format!(
+                "{} at row {}, column {}",
+                values[i],
+                i / dim.max(1),
+                i % dim.max(1)
+            ),
+            "a second moment must be >= 0",
         )),
     }
 }
@@ -517,6 +540,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             shard,
             capacity,
             step: 0,
+            optimizer_step: 0,
             grad_pending: false,
             mid_pass: false,
             last_sampled: None,
@@ -659,6 +683,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.step = step;
     }
 
+    /// Optimizer updates applied so far ([`step`](Self::step) calls that ran one): AdamW's bias
+    /// corrections take t from it, as `torch.optim.AdamW` counts `optimizer.step()` calls. It is
+    /// apart from [`steps`](Self::steps) (the sampler's pass counter), so a pass without an
+    /// update (a validation loss, a failed pass) does not change the next update. Checkpoints
+    /// save and restore it.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer_step
+    }
+
+    /// Sets the optimizer's update count: 0 with fresh (zero) moments, e.g. after replacing them
+    /// with [`set_optimizer_state`](Self::set_optimizer_state) or switching optimizer on a
+    /// resumed run, so that AdamW's bias corrections start over; `load` and `load_resharded`
+    /// restore it. Every rank must hold the same value.
+    pub fn set_optimizer_steps(&mut self, updates: u64) {
+        self.optimizer_step = updates;
+    }
+
     /// Factor to multiply `grad_embeddings` by when the backbone's gradients are averaged over
     /// the k data-parallel ranks (as DDP does): the world size.
     pub fn data_parallel_grad_factor(&self) -> f32 {
@@ -792,7 +833,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// # Errors
     ///
     /// [`PfcError::Shape`] when the layer has no such state or the length is not the shard's;
-    /// [`PfcError::Param`] for a NaN or infinite value (nothing is changed).
+    /// [`PfcError::Param`] for a NaN or infinite value, or a negative `exp_avg_sq` (nothing is
+    /// changed).
     pub fn set_optimizer_state(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let i = self.state_index(name)?;
         let want = self.shard.len as usize * self.config.dim;
@@ -802,7 +844,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 values.len()
             )));
         }
-        check_finite(self.state_names()[i], values, self.config.dim)?;
+        let name = self.state_names()[i];
+        check_finite(name, values, self.config.dim)?;
+        check_state_range(name, values, self.config.dim)?;
         self.bufs.states[i].upload(&self.backend, values)
     }
 
@@ -1384,13 +1428,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// Applies the optimizer (SGD with momentum, or AdamW) to the shard with learning rate `lr`,
-    /// from the gradient of the last [`PartialFc::forward_backward`]. AdamW's bias corrections
-    /// count updates with the layer's step counter ([`steps`](Self::steps)).
+    /// from the gradient of the last [`PartialFc::forward_backward`]. Each call that runs an
+    /// update counts one in [`optimizer_steps`](Self::optimizer_steps), AdamW's t.
     ///
     /// # Errors
     ///
-    /// [`PfcError::Param`] for a NaN, infinite or negative `lr`, a layer without an optimizer, or
-    /// one left incomplete by a load that failed midway;
+    /// [`PfcError::Param`] for a NaN, infinite or negative `lr` (with AdamW also `lr ×
+    /// weight_decay ≥ 1`), a layer without an optimizer, or one left incomplete by a load that
+    /// failed midway;
     /// [`PfcError::Order`] when no gradient is pending (no pass since the last `step`, or the
     /// last pass failed). The gradient is consumed before the update runs: should a device error
     /// stop the update part-way, the gradient is gone (applying it again after a partial update
@@ -1407,6 +1452,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "this layer was built without an optimizer",
             ));
         };
+        if let Optimizer::AdamW(a) = optimizer {
+            // The decoupled decay multiplies each weight by 1 − lr·λ: at lr·λ ≥ 1 that flips or
+            // zeroes every weight (PyTorch does it anyway; here it is refused).
+            if f64::from(lr) * f64::from(a.weight_decay) >= 1.0 {
+                return Err(PfcError::param(
+                    "lr",
+                    lr,
+                    format!(
+                        "lr × weight_decay ({}) must be < 1 for AdamW's decoupled decay",
+                        a.weight_decay
+                    ),
+                ));
+            }
+        }
         let sampled = match (self.grad_pending, self.last_sampled) {
             (true, Some(sampled)) => sampled,
             _ => {
@@ -1418,6 +1477,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         };
         self.grad_pending = false;
+        // Counted before the update runs, as the gradient is consumed: an update stopped part-way
+        // by a device error is not retried.
+        self.optimizer_step = self.optimizer_step.saturating_add(1);
         let b = &self.backend;
         let x = &mut self.bufs;
         let d = self.config.dim;
@@ -1463,7 +1525,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 let step = AdamWStep {
                     lr,
                     adamw,
-                    t: self.step,
+                    t: self.optimizer_step,
+                    seed: self.config.seed,
                 };
                 match dense {
                     Some(grad) => {

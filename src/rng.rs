@@ -52,6 +52,26 @@ pub fn class_random_bits(seed: u64, step: u64, class: u64) -> u32 {
     )[0]
 }
 
+/// Domain tag xored into the key of [`rounding_bits`], so that the optimizer's rounding draws
+/// bits unrelated to the sampler's for the same seed.
+pub const ROUNDING_TAG: u64 = 0xADA3_5EED_0B0F_F1CE;
+
+/// 32 random bits for the stochastic rounding of element `element` of the optimizer state at
+/// update `t`: counter (element lo, element hi, t lo, t hi), key = seed ^ [`ROUNDING_TAG`]. The
+/// CUDA kernels draw the same bits (`cuda/common.cuh`, `rounding_bits`).
+pub fn rounding_bits(seed: u64, t: u64, element: u64) -> u32 {
+    let key = seed ^ ROUNDING_TAG;
+    philox4x32_10(
+        [
+            element as u32,
+            (element >> 32) as u32,
+            t as u32,
+            (t >> 32) as u32,
+        ],
+        [key as u32, (key >> 32) as u32],
+    )[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

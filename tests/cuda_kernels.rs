@@ -1055,7 +1055,12 @@ fn adamw_matches_cpu() {
             let (mut cw, mut cm, mut cv) = (w.clone(), cpu_state(), cpu_state());
             let (mut gw, mut gm, mut gv) = (up(&g, &w), gpu_state(), gpu_state());
             for t in 1..=3u64 {
-                let step = partial_fc::backend::AdamWStep { lr: 0.01, adamw, t };
+                let step = partial_fc::backend::AdamWStep {
+                    lr: 0.01,
+                    adamw,
+                    t,
+                    seed: 11,
+                };
                 if dense {
                     let grad = rng.vec(shard * dim, -1.0, 1.0);
                     cpu.adamw_dense(&mut cw, &mut cm, &mut cv, &grad, shard * dim, step)
@@ -1093,12 +1098,20 @@ fn adamw_matches_cpu() {
                 1e-7,
             );
             for (name, gs, cs) in [("exp_avg", &gm, &cm), ("exp_avg_sq", &gv, &cv)] {
-                assert_close(
-                    &what(name),
-                    &gs.download(&g, shard * dim).unwrap(),
-                    &cs.download(&cpu, shard * dim).unwrap(),
-                    m_tol,
-                    1e-9,
+                let (got, want) = (
+                    gs.download(&g, shard * dim).unwrap(),
+                    cs.download(&cpu, shard * dim).unwrap(),
+                );
+                assert_close(&what(name), &got, &want, m_tol, 1e-9);
+                // The stochastic rounding draws the CPU's bits (rounding_bits): the stored values
+                // agree but where the f32 values differ by an ulp across a random threshold
+                // (probability ~2⁻¹⁶ each). Other bits would disagree on about half of them.
+                let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+                assert!(
+                    same * 100 >= got.len() * 99,
+                    "{}: {same} of {} identical",
+                    what(name),
+                    got.len()
                 );
             }
             if !dense {

@@ -1857,6 +1857,7 @@ fn a_backend_without_adamw_is_refused_at_construction() {
         lr: 0.1,
         adamw: partial_fc::AdamW::default(),
         t: 1,
+        seed: 0,
     };
     let err = e
         .adamw_dense(

@@ -723,7 +723,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `g = grad[i]` and their moments `m`, `v` (both in the same storage dtype):
     /// `w ← w·(1 − lr·λ); m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
     /// w ← w − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)`, in f32, `w` moved by the unrounded
-    /// moments. The default refuses ([`PfcError::BackendUnavailable`]): a backend written before
+    /// moments; bf16 moments are stored by stochastic rounding with
+    /// [`crate::rng::rounding_bits`]`(seed, t, element)`, element = the shard-local index of the
+    /// value (low 16 bits for `m`, high 16 for `v`). The default refuses ([`PfcError::BackendUnavailable`]): a backend written before
     /// AdamW existed keeps compiling and says it lacks it.
     #[allow(clippy::too_many_arguments)]
     fn adamw_sparse(
@@ -766,8 +768,11 @@ pub struct AdamWStep {
     pub lr: f32,
     /// The optimizer's settings.
     pub adamw: crate::config::AdamW,
-    /// Number of this update, counted from 1 (0 is treated as 1).
+    /// Number of this update, counted from 1 (0 is treated as 1): the bias corrections' t,
+    /// [`crate::PartialFc::optimizer_steps`] after the increment.
     pub t: u64,
+    /// Key of the stochastic rounding of bf16 moments (the layer's seed).
+    pub seed: u64,
 }
 
 impl AdamWStep {
@@ -786,6 +791,8 @@ impl AdamWStep {
             step_size: (lr / bias1) as f32,
             inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
             eps: a.eps,
+            seed: self.seed,
+            t: self.t.max(1),
         }
     }
 }

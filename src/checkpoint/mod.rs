@@ -102,6 +102,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.shard(),
             self.config().dim,
             self.steps(),
+            self.optimizer_steps(),
             Some(self.config().seed),
         )
     }
@@ -151,6 +152,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let step: u64 = file
             .meta("step")?
             .ok_or_else(|| mismatch("step is missing".into()))?;
+        let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(0);
         if step == u64::MAX {
             return Err(mismatch(
                 "step is u64::MAX: the step counter could not advance".into(),
@@ -182,7 +184,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let dim = self.config().dim.max(1);
         let read = |name: &str, offset, len| {
             let block = file.f32_block(name, offset, len)?;
-            match block.iter().position(|x| !x.is_finite()) {
+            let bad = |x: &f32| !x.is_finite() || (name == "exp_avg_sq" && *x < 0.0);
+            match block.iter().position(bad) {
                 Some(i) => {
                     let at = offset + i;
                     Err(mismatch(format!(
@@ -197,6 +200,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         self.replace_state(&names, shape[0] * shape[1], &read)?;
         self.set_steps(step);
+        self.set_optimizer_steps(optimizer_steps);
         Ok(())
     }
 
@@ -265,6 +269,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
         self.replace_state(&names, shard.len as usize * dim, &read)?;
         self.set_steps(set.step());
+        self.set_optimizer_steps(set.optimizer_steps());
         Ok(())
     }
 

@@ -52,6 +52,8 @@ pub struct CheckpointSet {
     dim: usize,
     world_size: usize,
     step: u64,
+    /// Optimizer updates applied (AdamW's t); 0 in files written before it was recorded.
+    optimizer_steps: u64,
     /// The optimizer state tensors every file holds (one of [`STATE_GROUPS`], or none).
     states: &'static [&'static str],
     /// The run's sampler seed (`LayerConfig::seed`), absent from files written before it was
@@ -150,6 +152,7 @@ impl CheckpointSet {
             };
             let dim: usize = required(&file, "dim")?;
             let step: u64 = required(&file, "step")?;
+            let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(0);
             let seed: Option<u64> = file.meta("seed")?;
             if world_size == 0 || rank >= world_size || world_size as u64 > num_classes {
                 return Err(refuse(
@@ -185,18 +188,41 @@ impl CheckpointSet {
                         dim,
                         world_size,
                         step,
+                        optimizer_steps,
                         states,
                         seed,
                     })
                 }
                 Some(s) => {
-                    let ours = (num_classes, dim, world_size, step, states, seed);
-                    let theirs = (s.num_classes, s.dim, s.world_size, s.step, s.states, s.seed);
+                    let ours = (
+                        num_classes,
+                        dim,
+                        world_size,
+                        (step, optimizer_steps),
+                        states,
+                        seed,
+                    );
+                    let theirs = (
+                        s.num_classes,
+                        s.dim,
+                        s.world_size,
+                        (s.step, s.optimizer_steps),
+                        s.states,
+                        s.seed,
+                    );
                     if ours != theirs {
-                        type Run = (u64, usize, usize, u64, &'static [&'static str], Option<u64>);
-                        let describe = |(c, d, k, step, m, seed): Run| {
+                        type Run = (
+                            u64,
+                            usize,
+                            usize,
+                            (u64, u64),
+                            &'static [&'static str],
+                            Option<u64>,
+                        );
+                        let describe = |(c, d, k, (step, updates), m, seed): Run| {
                             format!(
-                                "{c} classes, d = {d}, world size {k}, step {step}, {}, seed {}",
+                                "{c} classes, d = {d}, world size {k}, step {step}, {updates} \
+                                 optimizer updates, {}, seed {}",
                                 if m.is_empty() {
                                     "no optimizer state".to_string()
                                 } else {
@@ -252,6 +278,12 @@ impl CheckpointSet {
     /// Optimizer steps taken when the files were written.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Optimizer updates applied when the files were written (AdamW's t; 0 in files written
+    /// before it was recorded).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer_steps
     }
 
     /// Whether the files hold SGD's momentum.
@@ -362,7 +394,8 @@ impl CheckpointSet {
             let n = (hi.min(end) - at) as usize;
             let local = (at - lo) as usize;
             let block = p.file.f32_block(name, local, n)?;
-            if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+            let bad = |x: &f32| !x.is_finite() || (name == "exp_avg_sq" && *x < 0.0);
+            if let Some(i) = block.iter().position(bad) {
                 let e = local as u64 + i as u64;
                 return Err(refuse(
                     p.file.path(),
@@ -434,6 +467,7 @@ impl CheckpointSet {
             shard,
             self.dim,
             self.step,
+            self.optimizer_steps,
             self.seed,
         );
         write_atomic(path, &tensors, meta)
@@ -481,6 +515,7 @@ pub(crate) fn metadata(
     shard: Shard,
     dim: usize,
     step: u64,
+    optimizer_steps: u64,
     seed: Option<u64>,
 ) -> HashMap<String, String> {
     let mut meta: HashMap<String, String> = [
@@ -492,6 +527,7 @@ pub(crate) fn metadata(
         ("shard_len", shard.len.to_string()),
         ("dim", dim.to_string()),
         ("step", step.to_string()),
+        ("optimizer_steps", optimizer_steps.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

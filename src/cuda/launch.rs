@@ -2060,7 +2060,9 @@ impl Backend for CudaBackend {
                     &s.beta2,
                     &s.step_size,
                     &s.inv_sqrt_bias2,
-                    &s.eps
+                    &s.eps,
+                    &s.seed,
+                    &s.t
                 )
             };
         }
@@ -2111,7 +2113,9 @@ impl Backend for CudaBackend {
                     &s.beta2,
                     &s.step_size,
                     &s.inv_sqrt_bias2,
-                    &s.eps
+                    &s.eps,
+                    &s.seed,
+                    &s.t
                 )
             };
         }
