@@ -1598,4 +1598,45 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
         server.join().unwrap().unwrap();
     }
+
+    /// REVIEW: serve_id's documentation says "a request must arrive within 1 s of connecting"
+    /// and, at the deadline, "the connections in progress end within their own limits (1 s +
+    /// 5 s)". The read timeout is per `read()` call, not per request: a peer that sends one
+    /// byte every 0.7 s keeps its handler (and so serve_id, which waits for every handler after
+    /// the deadline) alive for up to 274 reads, i.e. minutes. This peer drips 16 bytes (~11 s);
+    /// rank 0's timeout is 1.5 s, so it should fail within 1.5 + 1 + 5 s (+1 s slack).
+    #[test]
+    fn review_a_dripping_peer_holds_rank_0_past_its_limits() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let start = Instant::now();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(1),
+                2,
+                &RunId::default(),
+                Duration::from_millis(1500),
+            )
+        });
+        let dripper = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let mut hello = MAGIC.to_vec();
+            hello.extend_from_slice(&2u32.to_le_bytes());
+            hello.extend_from_slice(&1u32.to_le_bytes());
+            for b in hello.iter().take(16) {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        });
+        let err = server.join().unwrap().unwrap_err();
+        let took = start.elapsed();
+        dripper.join().unwrap();
+        assert!(
+            took < Duration::from_millis(1500 + 1000 + 5000 + 1000),
+            "rank 0 reported its timeout only after {took:?}: {err}"
+        );
+    }
 }

@@ -250,3 +250,49 @@ fn another_run_on_the_port_is_refused_across_processes() {
     }
     assert_eq!(ids[0], ids[1], "job A's ranks disagree");
 }
+
+const NON_UTF8_TEST: &str = "review_non_utf8_run_ids_that_differ_are_told_apart";
+
+/// REVIEW: `env_var` turns a run id that is not UTF-8 into text lossily, so two different
+/// `PFC_RUN_ID`s (`job-\xff`, `job-\xfe`) both become `job-\u{fffd}` and rank 0 hands job A's
+/// NCCL id to job B's rank. Expected: B's rank is refused (exit 3) as for any other run id, or
+/// the value is rejected as not UTF-8 (a `Param` error, exit 3 as well).
+#[test]
+#[cfg(unix)]
+fn review_non_utf8_run_ids_that_differ_are_told_apart() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    if std::env::var_os(TCP_CHILD).is_some() {
+        tcp_child();
+        return;
+    }
+    let port = free_port();
+    let spawn = |rank: usize, run_id: &[u8]| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([NON_UTF8_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env_remove("TORCHELASTIC_RUN_ID")
+            .env(TCP_CHILD, "1")
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("PFC_RUN_ID", OsStr::from_bytes(run_id))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let mut rank0 = spawn(0, b"job-\xff");
+    let intruder = spawn(1, b"job-\xfe").wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&intruder.stdout);
+    if intruder.status.code() == Some(3) {
+        let _ = rank0.kill(); // refused as it should be: rank 0 would wait for its timeout
+    }
+    let rank0 = rank0.wait_with_output().unwrap();
+    assert_eq!(
+        intruder.status.code(),
+        Some(3),
+        "job B's rank (PFC_RUN_ID=job-\\xfe) was not refused by job A's rank 0 \
+         (PFC_RUN_ID=job-\\xff):\n{out}\nrank 0:\n{}",
+        String::from_utf8_lossy(&rank0.stdout)
+    );
+}
