@@ -106,19 +106,25 @@ pub struct LaunchEnv {
     /// `MASTER_PORT`: rank 0's rendezvous port, 1 to 65535 (default 29500).
     pub master_port: u16,
     /// The job's token for the TCP rendezvous: `PFC_RUN_ID`, else `TORCHELASTIC_RUN_ID` (what
-    /// torchrun sets from `--rdzv-id`), else none ([`RunId::from_vars`]).
+    /// torchrun sets from `--rdzv-id`), else none ([`RunId::from_vars`]). Not checked yet: a
+    /// value that cannot be a run id is an error where the TCP rendezvous takes it
+    /// ([`RunId::check`]), so that it cannot stop a job that does not use it.
     pub run_id: RunId,
 }
 
 impl LaunchEnv {
-    /// Reads the variables through `get` (use `|k| std::env::var(k).ok()` for the process).
+    /// Reads the variables through `get` (use [`LaunchEnv::from_env`] for the process).
+    ///
+    /// The run id is read but not checked here: only the TCP rendezvous uses it, so a value
+    /// that cannot be one (longer than [`RunId::MAX_BYTES`], not UTF-8) must not stop a job
+    /// that agrees on its id through a file or a variable. It is an error where the TCP
+    /// rendezvous takes it ([`RunId::check`]).
     ///
     /// # Errors
     ///
     /// [`PfcError::Param`] naming the variable at fault: `WORLD_SIZE` or `RANK` unset or not a
     /// whole number, a rank outside the world, `LOCAL_RANK` outside `LOCAL_WORLD_SIZE`, an
-    /// empty `MASTER_ADDR`, a `MASTER_PORT` that is not in 1..=65535, or a run id longer than
-    /// [`RunId::MAX_BYTES`].
+    /// empty `MASTER_ADDR`, or a `MASTER_PORT` that is not in 1..=65535.
     ///
     /// ```
     /// use partial_fc::rendezvous::LaunchEnv;
@@ -128,6 +134,30 @@ impl LaunchEnv {
     /// assert_eq!((env.rank, env.local_rank, env.master_port), (9, 1, 29500));
     /// ```
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv> {
+        Self::read(|name| get(name).map_or(Var::Unset, Var::Text))
+    }
+
+    /// Reads the process's environment. A value that is not UTF-8 is an error naming its
+    /// variable, not an unset variable and not a lossy copy (which could make two different
+    /// values equal); for a run-id variable, that error comes where the TCP rendezvous takes
+    /// the run id, as for a run id that is too long ([`LaunchEnv::from_vars`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`LaunchEnv::from_vars`], and [`PfcError::Param`] naming a variable other than the
+    /// run id's whose value is not UTF-8.
+    pub fn from_env() -> Result<LaunchEnv> {
+        Self::read(env_var)
+    }
+
+    fn read(get: impl Fn(&str) -> Var) -> Result<LaunchEnv> {
+        let text = |name: &'static str| -> Result<Option<String>> {
+            match get(name) {
+                Var::Unset => Ok(None),
+                Var::Text(text) => Ok(Some(text)),
+                Var::NotUtf8(bytes) => Err(not_utf8(name, &bytes)),
+            }
+        };
         fn parse(name: &'static str, v: Option<String>) -> Result<Option<usize>> {
             v.map(|s| {
                 s.trim()
@@ -136,13 +166,13 @@ impl LaunchEnv {
             })
             .transpose()
         }
-        let world_size = parse("WORLD_SIZE", get("WORLD_SIZE"))?.ok_or_else(|| {
+        let world_size = parse("WORLD_SIZE", text("WORLD_SIZE")?)?.ok_or_else(|| {
             PfcError::param("WORLD_SIZE", "unset", "the launcher must set WORLD_SIZE")
         })?;
         if world_size == 0 {
             return Err(PfcError::param("WORLD_SIZE", 0, "must be at least 1"));
         }
-        let rank = parse("RANK", get("RANK"))?
+        let rank = parse("RANK", text("RANK")?)?
             .ok_or_else(|| PfcError::param("RANK", "unset", "the launcher must set RANK"))?;
         if rank >= world_size {
             return Err(PfcError::param(
@@ -151,11 +181,11 @@ impl LaunchEnv {
                 format!("must lie in [0, WORLD_SIZE = {world_size})"),
             ));
         }
-        let local_world = parse("LOCAL_WORLD_SIZE", get("LOCAL_WORLD_SIZE"))?;
+        let local_world = parse("LOCAL_WORLD_SIZE", text("LOCAL_WORLD_SIZE")?)?;
         if local_world == Some(0) {
             return Err(PfcError::param("LOCAL_WORLD_SIZE", 0, "must be at least 1"));
         }
-        let local_rank = match (parse("LOCAL_RANK", get("LOCAL_RANK"))?, local_world) {
+        let local_rank = match (parse("LOCAL_RANK", text("LOCAL_RANK")?)?, local_world) {
             (Some(l), Some(n)) if l >= n => {
                 return Err(PfcError::param(
                     "LOCAL_RANK",
@@ -167,7 +197,7 @@ impl LaunchEnv {
             (None, Some(n)) => rank % n,
             (None, None) => rank,
         };
-        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let master_addr = text("MASTER_ADDR")?.unwrap_or_else(|| "127.0.0.1".into());
         if master_addr.trim().is_empty() {
             return Err(PfcError::param(
                 "MASTER_ADDR",
@@ -175,7 +205,7 @@ impl LaunchEnv {
                 "is empty (unset it for 127.0.0.1, or name rank 0's host)",
             ));
         }
-        let master_port = match get("MASTER_PORT") {
+        let master_port = match text("MASTER_PORT")? {
             None => 29500,
             Some(text) => match text.trim().parse::<u16>() {
                 Ok(port) if port > 0 => port,
@@ -188,7 +218,7 @@ impl LaunchEnv {
                 }
             },
         };
-        let run_id = RunId::from_vars(&get)?;
+        let run_id = RunId::read(&get);
         Ok(LaunchEnv {
             rank,
             world_size,
@@ -198,25 +228,41 @@ impl LaunchEnv {
             run_id,
         })
     }
+}
 
-    /// Reads the process's environment (a value that is not UTF-8 is an error naming it, not
-    /// an unset variable).
-    ///
-    /// # Errors
-    ///
-    /// As [`LaunchEnv::from_vars`].
-    pub fn from_env() -> Result<LaunchEnv> {
-        Self::from_vars(env_var)
+/// One variable as read: unset, its text, or a value that is not UTF-8 (its bytes).
+enum Var {
+    Unset,
+    Text(String),
+    NotUtf8(Vec<u8>),
+}
+
+/// One variable of the process's environment. A value that is not UTF-8 keeps its bytes, so
+/// that the reader can name the variable instead of taking it for unset or comparing a lossy
+/// copy (`job-\xff` and `job-\xfe` would both read `job-\u{fffd}`).
+fn env_var(name: &str) -> Var {
+    match std::env::var_os(name) {
+        None => Var::Unset,
+        Some(value) => match value.into_string() {
+            Ok(text) => Var::Text(text),
+            Err(raw) => Var::NotUtf8(raw.as_encoded_bytes().to_vec()),
+        },
     }
 }
 
-/// One variable of the process's environment: unset is `None`; a value that is not UTF-8 is
-/// passed on lossily, so that the parser names the variable instead of ignoring it.
-fn env_var(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) => Some(v),
-        Err(std::env::VarError::NotPresent) => None,
-        Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
+/// The error for variable `name` whose value, `bytes`, is not UTF-8; the value is printed with
+/// its bytes escaped (`job-\xff`), and only a prefix of a long one, as run ids are.
+fn not_utf8(name: &'static str, bytes: &[u8]) -> PfcError {
+    PfcError::param(name, shown_bytes(bytes), "is not valid UTF-8")
+}
+
+/// `bytes` as messages print a value that may be a run id: in full (escaped) when at most 8
+/// bytes long, else its first 4 bytes and its length.
+fn shown_bytes(bytes: &[u8]) -> String {
+    if bytes.len() <= 8 {
+        format!("\"{}\"", bytes.escape_ascii())
+    } else {
+        format!("\"{}…\" ({} bytes)", bytes[..4].escape_ascii(), bytes.len())
     }
 }
 
@@ -234,6 +280,10 @@ fn env_var(name: &str) -> Option<String> {
 /// not a secret in the cryptographic sense (it travels in clear text), but it is treated as one
 /// in messages: only a short prefix of a long run id is ever printed.
 ///
+/// A run id read by [`LaunchEnv`] from a variable whose value cannot be one (too long, not
+/// UTF-8) is kept, with the reason, until the TCP rendezvous takes it: [`RunId::check`] is the
+/// error then, naming the variable.
+///
 /// ```
 /// use partial_fc::rendezvous::RunId;
 /// let vars = [("TORCHELASTIC_RUN_ID", "job-17")];
@@ -242,7 +292,23 @@ fn env_var(name: &str) -> Option<String> {
 /// assert!(RunId::new("x".repeat(RunId::MAX_BYTES + 1)).is_err());
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct RunId(String);
+pub struct RunId {
+    /// The token (empty for none); for an unusable one, the value as read (lossy if not UTF-8).
+    text: String,
+    /// Why the value read cannot be a run id, when it cannot.
+    unusable: Option<Unusable>,
+}
+
+/// A variable's value that cannot be a run id: what [`RunId::check`] reports.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Unusable {
+    /// The variable read.
+    variable: &'static str,
+    /// Its value as messages print it (a prefix of a long one only).
+    shown: String,
+    /// Why it cannot be a run id.
+    why: String,
+}
 
 impl RunId {
     /// The longest run id, in bytes: the token travels in every request, and rank 0 reads no
@@ -256,23 +322,23 @@ impl RunId {
     ///
     /// [`PfcError::Param`] (`run_id`) when it is longer than [`RunId::MAX_BYTES`] bytes.
     pub fn new(text: impl Into<String>) -> Result<RunId> {
-        Self::checked("run_id", text.into())
+        let id = Self::from_text("run_id", text.into());
+        id.check()?;
+        Ok(id)
     }
 
-    fn checked(name: &'static str, text: String) -> Result<RunId> {
-        if text.len() > Self::MAX_BYTES {
-            let long = RunId(text);
-            return Err(PfcError::param(
-                name,
-                long.shown(),
-                format!(
-                    "is {} bytes long; a run id has at most {}",
-                    long.0.len(),
-                    Self::MAX_BYTES
-                ),
-            ));
-        }
-        Ok(RunId(text))
+    /// A run id of `text`, read from `name`: unusable (see [`RunId::check`]) when too long.
+    fn from_text(name: &'static str, text: String) -> RunId {
+        let unusable = (text.len() > Self::MAX_BYTES).then(|| Unusable {
+            variable: name,
+            shown: shown_text(&text),
+            why: format!(
+                "is {} bytes long; a run id has at most {}",
+                text.len(),
+                Self::MAX_BYTES
+            ),
+        });
+        RunId { text, unusable }
     }
 
     /// Reads the run id through `get`: `PFC_RUN_ID` if set and not empty, else
@@ -285,59 +351,110 @@ impl RunId {
     /// [`PfcError::Param`] naming the variable whose value is longer than
     /// [`RunId::MAX_BYTES`] bytes.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<RunId> {
-        for name in ["PFC_RUN_ID", "TORCHELASTIC_RUN_ID"] {
-            match get(name) {
-                Some(text) if !text.is_empty() => return Self::checked(name, text),
-                _ => {}
-            }
-        }
-        Ok(RunId::default())
+        let id = Self::read(|name| get(name).map_or(Var::Unset, Var::Text));
+        id.check()?;
+        Ok(id)
     }
 
     /// Reads the run id from the process's environment, as [`RunId::from_vars`].
     ///
     /// # Errors
     ///
-    /// As [`RunId::from_vars`].
+    /// As [`RunId::from_vars`], and [`PfcError::Param`] naming the variable whose value is not
+    /// UTF-8 (a lossy copy could make two jobs' different run ids equal).
     pub fn from_env() -> Result<RunId> {
-        Self::from_vars(env_var)
+        let id = Self::read(env_var);
+        id.check()?;
+        Ok(id)
     }
 
-    /// The run id's text (empty for none).
+    /// [`RunId::from_vars`] without the check: a value that cannot be a run id is kept, with
+    /// the reason, for [`RunId::check`].
+    fn read(get: impl Fn(&str) -> Var) -> RunId {
+        for name in ["PFC_RUN_ID", "TORCHELASTIC_RUN_ID"] {
+            match get(name) {
+                Var::Text(text) if !text.is_empty() => return Self::from_text(name, text),
+                // Never empty: the empty value is valid UTF-8.
+                Var::NotUtf8(bytes) => {
+                    return RunId {
+                        text: String::from_utf8_lossy(&bytes).into_owned(),
+                        unusable: Some(Unusable {
+                            variable: name,
+                            shown: shown_bytes(&bytes),
+                            why: "is not valid UTF-8".into(),
+                        }),
+                    }
+                }
+                _ => {}
+            }
+        }
+        RunId::default()
+    }
+
+    /// Whether this run id can be used: always for one made by [`RunId::new`],
+    /// [`RunId::from_vars`] or [`RunId::from_env`]; [`LaunchEnv`] keeps one that cannot
+    /// (see its `run_id`), and the TCP rendezvous ([`Rendezvous::exchange`], [`serve_id`],
+    /// [`fetch_id`]) calls this before it sends or compares anything.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] naming the variable that was read, when its value is longer than
+    /// [`RunId::MAX_BYTES`] bytes or not UTF-8.
+    ///
+    /// ```
+    /// use partial_fc::rendezvous::{LaunchEnv, RunId};
+    /// let long = "x".repeat(RunId::MAX_BYTES + 1);
+    /// let vars = [("RANK", "0"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", long.as_str())];
+    /// let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+    /// let env = LaunchEnv::from_vars(get).unwrap(); // fine for a file rendezvous
+    /// assert!(env.run_id.check().is_err()); // not for the TCP one
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        match &self.unusable {
+            None => Ok(()),
+            Some(u) => Err(PfcError::param(u.variable, u.shown.clone(), u.why.clone())),
+        }
+    }
+
+    /// The run id's text (empty for none; for one that [`RunId::check`] refuses, the value as
+    /// read, lossy if it was not UTF-8).
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// Whether this is "no token".
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.text.is_empty()
     }
 
-    /// The run id as messages print it: in full when it is at most 8 bytes, else its first 4
-    /// characters and its length, so that an error message or a log never holds a long token.
+    /// The run id as messages print it (see [`shown_text`]).
     fn shown(&self) -> String {
-        if self.0.is_empty() {
-            "none".into()
-        } else if self.0.len() <= 8 {
-            format!("\"{}\"", self.0.escape_debug())
-        } else {
-            let end = self
-                .0
-                .char_indices()
-                .nth(4)
-                .map_or(self.0.len(), |(i, _)| i);
-            format!(
-                "\"{}…\" ({} bytes)",
-                self.0[..end].escape_debug(),
-                self.0.len()
-            )
+        match &self.unusable {
+            Some(u) => u.shown.clone(),
+            None if self.text.is_empty() => "none".into(),
+            None => shown_text(&self.text),
         }
+    }
+}
+
+/// A run id's text as messages print it: in full when it is at most 8 bytes, else its first 4
+/// characters and its length, so that an error message or a log never holds a long token.
+fn shown_text(text: &str) -> String {
+    if text.len() <= 8 {
+        format!("\"{}\"", text.escape_debug())
+    } else {
+        let end = text.char_indices().nth(4).map_or(text.len(), |(i, _)| i);
+        format!("\"{}…\" ({} bytes)", text[..end].escape_debug(), text.len())
     }
 }
 
 impl std::fmt::Debug for RunId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RunId({})", self.shown())
+        match &self.unusable {
+            None => write!(f, "RunId({})", self.shown()),
+            // so that a printed LaunchEnv shows why its TCP rendezvous will fail
+            Some(u) => write!(f, "RunId({}: {} {})", u.variable, u.shown, u.why),
+        }
     }
 }
 
@@ -386,8 +503,10 @@ impl Rendezvous {
     /// # Errors
     ///
     /// - [`PfcError::Param`]: `rank` outside `[0, world_size)`; for [`Rendezvous::Env`], the
-    ///   variable unset or not an id; for [`Rendezvous::Tcp`] with `run_id: None`, a run id in
-    ///   the environment longer than [`RunId::MAX_BYTES`] (checked for a job of one too).
+    ///   variable unset or not an id; for [`Rendezvous::Tcp`], a run id that cannot be used
+    ///   ([`RunId::check`]: read from a variable whose value is longer than [`RunId::MAX_BYTES`]
+    ///   or not UTF-8, by [`LaunchEnv`] or, with `run_id: None`, here), checked for a job of one
+    ///   too.
     /// - [`PfcError::Collective`]: a wait ran past its timeout (the message names the missing
     ///   ranks, or rank 0's address), rank 0 cannot listen, or rank 0 refused this rank (another
     ///   job's rank 0 on the port: another run id or world size; another protocol version).
@@ -431,12 +550,13 @@ impl Rendezvous {
                 timeout,
                 run_id,
             } => {
-                // Read before the shortcut below, so that a bad run id in the environment shows
-                // in a test of one process, not first in a job of many.
+                // Read and checked before the shortcut below, so that a bad run id shows in a
+                // test of one process, not first in a job of many.
                 let run_id = match run_id {
                     Some(run_id) => run_id.clone(),
                     None => RunId::from_env()?,
                 };
+                run_id.check()?;
                 if world_size == 1 {
                     // A job of one has nobody to hand the id to: no port is taken.
                     create()
@@ -520,18 +640,45 @@ pub fn read_id_file(path: &Path, timeout: Duration) -> Result<UniqueId> {
 /// version of this protocol is answered in this version, so that it reports the mismatch at
 /// once; and a rank that connects twice is counted once. Connections are served
 /// concurrently (at most 64 at a time; more are closed at once), each on a thread of its own:
-/// a request must arrive within 1 s of connecting, and a rank that got the id has 5 s to
-/// confirm, whatever the overall deadline. At the deadline no connection is taken any more, the
-/// ones in progress finish (so a rank served just before it is counted), and a rank still
-/// missing is an error naming it.
+/// a request must arrive, and its answer go out, within 1 s of connecting, and a rank that got
+/// the id has 5 s more to confirm, whatever the overall deadline. These are deadlines of the
+/// connection, not timeouts of each read: a peer that sends its request a byte at a time is
+/// cut off at 1 s all the same. At the deadline no connection is taken any more, the ones in
+/// progress finish (so a rank served just before it is counted), and a rank still missing is
+/// an error naming it. A failed `accept` (too many open files, a connection aborted before it
+/// was taken) is tried again until the deadline, and the timeout's message gives its error.
 ///
 /// # Errors
 ///
-/// [`PfcError::Collective`] when a rank is still missing at the deadline (the message names
-/// the missing ranks, and counts the requests refused for another run id, a sign of two jobs on
-/// one port), or when the listener fails.
+/// - [`PfcError::Param`] when `run_id` cannot be used ([`RunId::check`]).
+/// - [`PfcError::Collective`] when a rank is still missing at the deadline (the message names
+///   the missing ranks, counts the requests refused for another run id, a sign of two jobs on
+///   one port, and gives the last error of `accept`, if any), or when the listener cannot be
+///   made non-blocking.
 pub fn serve_id(
     listener: &TcpListener,
+    id: &UniqueId,
+    world_size: usize,
+    run_id: &RunId,
+    timeout: Duration,
+) -> Result<()> {
+    run_id.check()?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| PfcError::Collective(format!("rendezvous: {e}")))?;
+    serve_id_with(
+        || listener.accept().map(|(stream, _)| stream),
+        id,
+        world_size,
+        run_id,
+        timeout,
+    )
+}
+
+/// [`serve_id`] with the accepting given: `accept` is the listener's (non-blocking), the
+/// tests' one that fails on purpose.
+fn serve_id_with(
+    mut accept: impl FnMut() -> std::io::Result<TcpStream>,
     id: &UniqueId,
     world_size: usize,
     run_id: &RunId,
@@ -540,15 +687,15 @@ pub fn serve_id(
     use std::sync::atomic::{AtomicUsize, Ordering};
     const MAX_IN_FLIGHT: usize = 64;
     let deadline = crate::deadline::deadline_after(timeout);
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| PfcError::Collective(format!("rendezvous: {e}")))?;
     let peers = world_size.saturating_sub(1);
     let mut served = std::collections::BTreeSet::new();
     let (confirmed, ranks) = std::sync::mpsc::channel::<usize>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     // Requests refused for another run id: said in the timeout's message.
     let other_runs = Arc::new(AtomicUsize::new(0));
+    // The last failed accept: said in the timeout's message, since it may be why a rank is
+    // missing (a process out of file descriptors cannot take the rank's connection).
+    let mut accept_failed: Option<std::io::Error> = None;
     loop {
         while let Ok(rank) = ranks.try_recv() {
             served.insert(rank);
@@ -557,7 +704,7 @@ pub fn serve_id(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            // The connections in progress end within their own limits (1 s + 5 s).
+            // The connections in progress end within their own deadlines (1 s + 5 s).
             if in_flight.load(Ordering::Acquire) > 0 {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
@@ -575,28 +722,32 @@ pub fn serve_id(
                     format!("; refused {n} request(s) of another job (another run id) on this port")
                 }
             };
+            let accepting = accept_failed
+                .map(|e| format!("; the last failed accept said: {e}"))
+                .unwrap_or_default();
             return Err(PfcError::Collective(format!(
                 "rendezvous: {} of {peers} ranks received the id within {timeout:?}; \
-                 missing ranks {missing:?}{others}",
+                 missing ranks {missing:?}{others}{accepting}",
                 served.len()
             )));
         }
-        match listener.accept() {
-            Ok((stream, _)) => {
+        match accept() {
+            Ok(stream) => {
                 if in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
                     continue; // dropped: closed at once
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 // A rank sends its request as soon as it is connected: a connection silent for
-                // a second is not one.
-                let limit = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
+                // a second is not one. The deadline is the connection's, not each read's, so
+                // that a peer cannot stretch it by sending a byte at a time.
+                let until = Instant::now() + left.clamp(Duration::from_millis(10), REQUEST_WITHIN);
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let (confirmed, handler_count, id) = (confirmed.clone(), in_flight.clone(), *id);
                 let (run_id, other_runs) = (run_id.clone(), other_runs.clone());
                 let spawned = std::thread::Builder::new()
                     .name("pfc-rendezvous".into())
                     .spawn(move || {
-                        match serve_one(stream, &id, world_size, &run_id, limit) {
+                        match serve_one(stream, &id, world_size, &run_id, until) {
                             Some(Served::Rank(rank)) => {
                                 let _ = confirmed.send(rank);
                             }
@@ -616,9 +767,80 @@ pub fn serve_id(
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(PfcError::Collective(format!("rendezvous: accept: {e}"))),
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: the listener is still good, and the
+                // condition may pass (descriptors are freed, the next peer does not abort).
+                // The sleep keeps an error that repeats at once from spinning.
+                accept_failed = Some(e);
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
+}
+
+/// How long a connection to rank 0 has for its request (and rank 0 for its answer).
+const REQUEST_WITHIN: Duration = Duration::from_secs(1);
+/// How long a rank that got the id has to confirm, whatever rank 0's deadline.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+
+/// The error of a read or write that `deadline` cut off.
+fn past(deadline: Instant) -> std::io::Error {
+    let late = Instant::now().saturating_duration_since(deadline);
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the connection's deadline passed ({late:?} ago)"),
+    )
+}
+
+/// Reads into `buf` until it is full or the peer closes, and returns how many bytes came; an
+/// error of [`std::io::ErrorKind::TimedOut`] at `deadline`. The time left is set as the read
+/// timeout before each read: the socket's timeout bounds one `read` only, so a peer that sends
+/// a byte just within it would otherwise hold the connection for as many timeouts as it has
+/// bytes to send.
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(past(deadline));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// [`read_by`] that must fill `buf`: a peer that closes first is an
+/// [`std::io::ErrorKind::UnexpectedEof`] error.
+fn read_exact_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    if read_by(stream, buf, deadline)? < buf.len() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes` by `deadline`, setting the time left as the write timeout before each
+/// write (for the reason of [`read_by`]: a peer that reads a byte at a time).
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(past(deadline));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The address rank 0 listens on for `addr` (`MASTER_ADDR:MASTER_PORT`): a loopback address
@@ -688,26 +910,25 @@ fn reply(status: u8, world: usize, id: &[u8; UNIQUE_ID_BYTES]) -> Vec<u8> {
 
 /// Serves one connection: the rank it served, [`Served::OtherRun`] for a rank of another job,
 /// or `None` if it was neither (not a rank of this protocol version, another world size, a
-/// rank that did not confirm).
+/// rank that did not confirm). The request must have come and the answer gone by `until`; a
+/// rank that got the id has [`CONFIRM_WITHIN`] after that to confirm.
 fn serve_one(
     mut stream: TcpStream,
     id: &UniqueId,
     world_size: usize,
     run_id: &RunId,
-    limit: Duration,
+    until: Instant,
 ) -> Option<Served> {
     stream.set_nonblocking(false).ok()?;
-    stream.set_read_timeout(Some(limit)).ok()?;
-    stream.set_write_timeout(Some(limit)).ok()?;
     let mut head = [0u8; HELLO_HEAD];
-    stream.read_exact(&mut head[..MAGIC.len()]).ok()?;
+    read_exact_by(&mut stream, &mut head[..MAGIC.len()], until).ok()?;
     if &head[..MAGIC.len()] != MAGIC {
         if head.starts_with(MAGIC_STEM) {
-            refuse_other_version(stream);
+            refuse_other_version(stream, until);
         }
         return None;
     }
-    stream.read_exact(&mut head[MAGIC.len()..]).ok()?;
+    read_exact_by(&mut stream, &mut head[MAGIC.len()..], until).ok()?;
     let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
     let (their_world, rank) = (word(MAGIC.len()), word(MAGIC.len() + 4));
     let token_len = usize::from(u16::from_le_bytes([
@@ -718,7 +939,7 @@ fn serve_one(
         return None; // no client of this version sends one: not a rank
     }
     let mut token = [0u8; RunId::MAX_BYTES];
-    stream.read_exact(&mut token[..token_len]).ok()?;
+    read_exact_by(&mut stream, &mut token[..token_len], until).ok()?;
     let (their_world, rank) = (their_world as usize, rank as usize);
     let status = if !same_run_id(&token[..token_len], run_id.as_str().as_bytes()) {
         STATUS_OTHER_RUN
@@ -733,15 +954,14 @@ fn serve_one(
         STATUS_OTHER_RUN => reply(status, 0, &[0; UNIQUE_ID_BYTES]),
         _ => reply(status, world_size, &[0; UNIQUE_ID_BYTES]),
     };
-    stream.write_all(&answer).ok()?;
+    write_by(&mut stream, &answer, until).ok()?;
     match status {
         STATUS_SERVED => {
             // Once a rank has the id it must be counted, or rank 0 gives up on a rank that is
             // already in NCCL's init: its confirmation gets 5 s whatever the overall deadline
             // (which may be milliseconds away when the id goes out).
-            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             let mut ack = [0u8; 1];
-            stream.read_exact(&mut ack).ok()?;
+            read_exact_by(&mut stream, &mut ack, Instant::now() + CONFIRM_WITHIN).ok()?;
             Some(Served::Rank(rank))
         }
         STATUS_OTHER_RUN => Some(Served::OtherRun),
@@ -753,23 +973,21 @@ fn serve_one(
 /// its client fails at once naming the version (every version's client checks [`MAGIC`] first)
 /// instead of retrying until its timeout. The rest of the request is read before the socket
 /// closes: closing with unread bytes would reset the connection, and a reset can discard the
-/// answer before the client reads it.
-fn refuse_other_version(mut stream: TcpStream) {
-    if stream
-        .write_all(&reply(STATUS_OTHER_VERSION, 0, &[0; UNIQUE_ID_BYTES]))
-        .is_err()
+/// answer before the client reads it. All of it by `until`, the connection's deadline.
+fn refuse_other_version(mut stream: TcpStream, until: Instant) {
+    if write_by(
+        &mut stream,
+        &reply(STATUS_OTHER_VERSION, 0, &[0; UNIQUE_ID_BYTES]),
+        until,
+    )
+    .is_err()
     {
         return;
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // The client closes once it has the answer; read until then, a few KiB at most.
-    let mut sink = [0u8; 512];
-    for _ in 0..8 {
-        match stream.read(&mut sink) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-    }
+    let mut sink = [0u8; 4096];
+    let _ = read_by(&mut stream, &mut sink, until);
 }
 
 /// Rank `rank`'s side of the TCP exchange with rank 0 of a `world_size` job at `addr` whose run
@@ -779,10 +997,13 @@ fn refuse_other_version(mut stream: TcpStream) {
 /// size, a rank out of range, another protocol version) is an error at once. Resolving a host
 /// name runs on a helper thread that is waited for no longer than the time left (at least
 /// 100 ms), since the system resolver has timeouts of its own that can far exceed `timeout`.
+/// Each connection ends by the deadline too (or 100 ms after it starts, if later), however
+/// slowly rank 0 (or whatever listens there) answers.
 ///
 /// # Errors
 ///
-/// - [`PfcError::Param`] when `rank` is not in `[1, world_size)`.
+/// - [`PfcError::Param`] when `rank` is not in `[1, world_size)`, or when `run_id` cannot be
+///   used ([`RunId::check`]).
 /// - [`PfcError::Collective`] when rank 0 refuses this rank (the message says why: another job
 ///   (run id ...) on this port, another world size, another protocol version), or when it is
 ///   not reachable within `timeout` (the message names `addr` and the last failure: a refused
@@ -823,8 +1044,9 @@ fn fetch_id_with(
             ))
         }
     };
+    run_id.check()?;
     let token = run_id.as_str().as_bytes();
-    // A RunId holds at most MAX_BYTES (checked when it was made), which fits in a u16.
+    // A RunId that passes its check holds at most MAX_BYTES, which fits in a u16.
     let token_len = u16::try_from(token.len())
         .map_err(|_| PfcError::param("run_id", run_id.shown(), "is longer than a run id may be"))?;
     let mut hello = Vec::with_capacity(HELLO_HEAD + token.len());
@@ -920,30 +1142,26 @@ enum FetchError {
 }
 use FetchError::{Refused, Retry};
 
+/// One try of [`fetch_id`] against `target`. The connection's deadline is `deadline`, or
+/// 100 ms from now if that is later (a last try still gets a chance): connecting, sending the
+/// request, reading the answer and confirming all end by it, whatever the server sends, since
+/// the time left is set before each read and write (a server that drips its answer a byte at
+/// a time cannot hold the rank past it).
 fn fetch_from(
     target: &SocketAddr,
     request: &Request<'_>,
     deadline: Instant,
 ) -> std::result::Result<Option<UniqueId>, FetchError> {
     let retry = |e: std::io::Error| Retry(e.to_string());
-    let mut stream =
-        TcpStream::connect_timeout(target, Duration::from_millis(500)).map_err(retry)?;
-    let left = deadline
+    let until = deadline.max(Instant::now() + Duration::from_millis(100));
+    // At most 500 ms, so that a target that drops packets leaves time for the next one.
+    let connect_within = until
         .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
-    stream.set_read_timeout(Some(left)).map_err(retry)?;
-    stream.set_write_timeout(Some(left)).map_err(retry)?;
-    stream.write_all(request.hello).map_err(retry)?;
+        .clamp(Duration::from_millis(1), Duration::from_millis(500));
+    let mut stream = TcpStream::connect_timeout(target, connect_within).map_err(retry)?;
+    write_by(&mut stream, request.hello, until).map_err(retry)?;
     let mut reply = [0u8; REPLY_BYTES];
-    let mut got = 0;
-    while got < REPLY_BYTES {
-        match stream.read(&mut reply[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(retry(e)),
-        }
-    }
+    let got = read_by(&mut stream, &mut reply, until).map_err(retry)?;
     // A short answer with another tag (the first version's was 136 bytes) is a refusal; a short
     // one with no tag yet, a broken connection to try again.
     let other_version =
@@ -987,7 +1205,7 @@ fn fetch_from(
     let mut id = [0u8; UNIQUE_ID_BYTES];
     id.copy_from_slice(&reply[at + 4..]);
     // Rank 0 counts this rank only once it has the id: confirm.
-    stream.write_all(&[1]).map_err(retry)?;
+    write_by(&mut stream, &[1], until).map_err(retry)?;
     Ok(Some(UniqueId(id)))
 }
 
@@ -1454,13 +1672,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // LaunchEnv keeps it, and its check names the variable
         let long = [
             ("RANK", "1"),
             ("WORLD_SIZE", "2"),
             ("PFC_RUN_ID", secret.as_str()),
         ];
         assert!(matches!(
-            LaunchEnv::from_vars(vars(&long)),
+            LaunchEnv::from_vars(vars(&long)).unwrap().run_id.check(),
             Err(PfcError::Param {
                 name: "PFC_RUN_ID",
                 ..
@@ -1597,5 +1816,245 @@ mod tests {
         assert_eq!(id, some_id(1));
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
         server.join().unwrap().unwrap();
+    }
+
+    /// serve_id's documentation says "a request must arrive within 1 s of connecting" and, at
+    /// the deadline, "the connections in progress end within their own deadlines (1 s + 5 s)".
+    /// The read timeout used to be per `read()` call, not per request: a peer that sent one
+    /// byte every 0.7 s kept its handler (and so serve_id, which waits for every handler after
+    /// the deadline) alive for up to 274 reads, minutes (found by a review). This peer drips 16
+    /// bytes (~11 s); rank 0's timeout is 1.5 s, so it must fail, naming the missing rank,
+    /// within 1.5 + 1 + 5 s (+1 s slack).
+    #[test]
+    fn a_peer_that_drips_its_request_is_cut_off_at_the_connections_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let start = Instant::now();
+        let server = std::thread::spawn(move || {
+            serve_id(
+                &listener,
+                &some_id(1),
+                2,
+                &RunId::default(),
+                Duration::from_millis(1500),
+            )
+        });
+        let dripper = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let mut hello = MAGIC.to_vec();
+            hello.extend_from_slice(&2u32.to_le_bytes());
+            hello.extend_from_slice(&1u32.to_le_bytes());
+            for b in hello.iter().take(16) {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        });
+        let err = server.join().unwrap().unwrap_err();
+        let took = start.elapsed();
+        dripper.join().unwrap();
+        assert!(
+            took < Duration::from_millis(1500 + 1000 + 5000 + 1000),
+            "rank 0 reported its timeout only after {took:?}: {err}"
+        );
+        assert!(err.to_string().contains("missing ranks [1]"), "{err}");
+    }
+
+    /// The rank's side of the same: the read timeout used to be set once per connection, to
+    /// the time left, and then applied to each read, so a server that sent its answer a byte
+    /// every 0.3 s held the rank for 141 reads (~42 s) past a 1 s timeout. Now the connection
+    /// ends at the deadline, and the rank with the timeout's error.
+    #[test]
+    fn a_server_that_drips_its_answer_is_cut_off_at_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; HELLO_HEAD]; // a request without a run id
+            s.read_exact(&mut request).unwrap();
+            for b in reply(STATUS_SERVED, 2, &some_id(1).0) {
+                if s.write_all(&[b]).is_err() {
+                    return; // the rank has given up
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let start = Instant::now();
+        let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(1)).unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
+        assert!(err.to_string().contains("not reachable within 1s"), "{err}");
+        assert!(took < Duration::from_secs(6), "took {took:?}: {err}");
+        server.join().unwrap();
+    }
+
+    /// An `accept` that fails with something other than "no connection yet" (too many open
+    /// files, a connection aborted before it was taken) used to end serve_id at once, with the
+    /// ranks still to come. Now it is tried again until the deadline; if a rank is missing
+    /// then, the message gives the last such error.
+    #[test]
+    fn a_failing_accept_is_tried_again_until_the_deadline() {
+        use std::io::{Error, ErrorKind};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut failures = 0;
+            serve_id_with(
+                || {
+                    if failures < 3 {
+                        failures += 1;
+                        return Err(Error::new(ErrorKind::ConnectionAborted, "aborted (test)"));
+                    }
+                    listener.accept().map(|(stream, _)| stream)
+                },
+                &some_id(2),
+                2,
+                &RunId::default(),
+                Duration::from_secs(20),
+            )
+        });
+        assert_eq!(
+            fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap(),
+            some_id(2)
+        );
+        server.join().unwrap().unwrap();
+
+        let err = serve_id_with(
+            || Err(Error::other("too many open files (test)")),
+            &some_id(2),
+            2,
+            &RunId::default(),
+            Duration::from_millis(300),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("missing ranks [1]")
+                && err.contains("the last failed accept said: too many open files (test)"),
+            "{err}"
+        );
+    }
+
+    /// A run id in the environment that cannot be one (longer than MAX_BYTES here) used to
+    /// make `LaunchEnv::from_env` fail, and so every job, even one that agrees on its id
+    /// through a file (found by a review). Now only the TCP rendezvous refuses it, naming the
+    /// variable, before it takes a port or connects, and for a job of one too.
+    #[test]
+    fn a_run_id_that_cannot_be_one_fails_only_the_tcp_rendezvous() {
+        let long = format!("s3cr3t{}", "y".repeat(RunId::MAX_BYTES));
+        let pairs = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_RUN_ID", long.as_str()),
+        ];
+        let env = LaunchEnv::from_vars(|k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = Rendezvous::File {
+            path: dir.path().join("id"),
+            timeout: Duration::from_secs(10),
+        };
+        assert_eq!(
+            file.exchange(env.rank, env.world_size, || Ok(some_id(3)))
+                .unwrap(),
+            some_id(3)
+        );
+
+        // Taken, so that rank 0 would fail to listen (Collective) were it not checked first;
+        // rank 1 would time out (Collective) connecting to it.
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let tcp = Rendezvous::Tcp {
+            addr: addr.clone(),
+            timeout: Duration::from_secs(1),
+            run_id: Some(env.run_id.clone()),
+        };
+        for (rank, world) in [(0, 2), (1, 2), (0, 1)] {
+            match tcp.exchange(rank, world, || Ok(some_id(3))) {
+                Err(PfcError::Param {
+                    name: "TORCHELASTIC_RUN_ID",
+                    value,
+                    reason,
+                }) => {
+                    assert!(value.contains("s3cr…") && !value.contains(&long), "{value}");
+                    assert!(reason.contains("bytes long"), "{reason}");
+                }
+                other => panic!("rank {rank} of {world}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            serve_id(&taken, &some_id(3), 2, &env.run_id, Duration::from_secs(1)),
+            Err(PfcError::Param {
+                name: "TORCHELASTIC_RUN_ID",
+                ..
+            })
+        ));
+        assert!(matches!(
+            fetch_id(&addr, 1, 2, &env.run_id, Duration::from_secs(1)),
+            Err(PfcError::Param {
+                name: "TORCHELASTIC_RUN_ID",
+                ..
+            })
+        ));
+    }
+
+    /// Values that are not UTF-8: a run-id variable's is kept and refused by its check (not
+    /// taken lossily, where `job-\xff` and `job-\xfe` both read `job-\u{fffd}` and matched,
+    /// nor skipped for the next variable); another variable's is an error at once naming it.
+    #[test]
+    fn values_that_are_not_utf8_are_errors_naming_the_variable() {
+        let read = |pfc: &'static [u8], addr: Option<&'static [u8]>| {
+            LaunchEnv::read(move |k| match k {
+                "RANK" => Var::Text("1".into()),
+                "WORLD_SIZE" => Var::Text("2".into()),
+                "TORCHELASTIC_RUN_ID" => Var::Text("torch".into()),
+                "PFC_RUN_ID" => Var::NotUtf8(pfc.to_vec()),
+                "MASTER_ADDR" => addr.map_or(Var::Unset, |a| Var::NotUtf8(a.to_vec())),
+                _ => Var::Unset,
+            })
+        };
+        let env = read(b"job-\xff", None).unwrap();
+        match env.run_id.check() {
+            Err(PfcError::Param {
+                name: "PFC_RUN_ID",
+                value,
+                reason,
+            }) => {
+                assert_eq!(value, "\"job-\\xff\"");
+                assert_eq!(reason, "is not valid UTF-8");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_ne!(env.run_id, read(b"job-\xfe", None).unwrap().run_id);
+        assert_eq!(
+            format!("{:?}", env.run_id),
+            "RunId(PFC_RUN_ID: \"job-\\xff\" is not valid UTF-8)"
+        );
+        // a long one is shown by a prefix, as any run id
+        match read(b"s3cr3t-\xff-0123456789", None)
+            .unwrap()
+            .run_id
+            .check()
+        {
+            Err(PfcError::Param { value, .. }) => {
+                assert_eq!(value, "\"s3cr…\" (19 bytes)")
+            }
+            other => panic!("{other:?}"),
+        }
+        match read(b"job", Some(b"node\xff")) {
+            Err(PfcError::Param {
+                name: "MASTER_ADDR",
+                value,
+                ..
+            }) => assert_eq!(value, "\"node\\xff\""),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! printed rank 0's two ids (made from its process id, clock and a counter, so no other process
 //! could have produced them), and that they differ. A second test starts two jobs on one port
 //! with different run ids (`PFC_RUN_ID`, `TORCHELASTIC_RUN_ID`): the other job's rank must fail
-//! at once, the job's own ranks must agree.
+//! at once, the job's own ranks must agree. A third gives two ranks run ids that are not UTF-8:
+//! both must fail at once naming the variable.
 //! The thread-based tests in src/rendezvous.rs cover the same protocol inside one process.
 
 use partial_fc::rendezvous::{LaunchEnv, Rendezvous, UniqueId, UNIQUE_ID_BYTES};
@@ -249,4 +250,68 @@ fn another_run_on_the_port_is_refused_across_processes() {
         );
     }
     assert_eq!(ids[0], ids[1], "job A's ranks disagree");
+}
+
+const NON_UTF8_TEST: &str = "run_ids_that_are_not_utf8_are_refused_naming_the_variable";
+
+/// Two jobs of world size 2 on one port whose `PFC_RUN_ID`s are not UTF-8 and differ only
+/// there (`job-\xff`, `job-\xfe`): read lossily, both became `job-\u{fffd}` and rank 0 handed
+/// job A's NCCL id to job B's rank (found by a review). Now such a value is a `Param` error
+/// naming `PFC_RUN_ID`, with its bytes escaped, on both ranks, at once: no id changes hands
+/// and rank 0 does not wait for its 60 s timeout. It comes from the TCP exchange, not from
+/// `LaunchEnv::from_env` (which the child unwraps first: a panic there would exit with 101,
+/// and print no `RANK` line), so a job that does not use the TCP rendezvous is not affected.
+#[test]
+#[cfg(unix)]
+fn run_ids_that_are_not_utf8_are_refused_naming_the_variable() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    if std::env::var_os(TCP_CHILD).is_some() {
+        tcp_child();
+        return;
+    }
+    let port = free_port();
+    let spawn = |rank: usize, run_id: &[u8]| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([NON_UTF8_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env_remove("TORCHELASTIC_RUN_ID")
+            .env(TCP_CHILD, "1")
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("PFC_RUN_ID", OsStr::from_bytes(run_id))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let start = Instant::now();
+    let rank0 = spawn(0, b"job-\xff");
+    let intruder = spawn(1, b"job-\xfe");
+    for (rank, child, shown) in [(0, rank0, "job-\\xff"), (1, intruder, "job-\\xfe")] {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "rank {rank} (PFC_RUN_ID={shown}) was not refused:\n{stdout}\n{stderr}"
+        );
+        let expected = format!(
+            "RANK {rank} ERROR invalid parameter PFC_RUN_ID = \"{shown}\": is not valid UTF-8"
+        );
+        assert!(
+            stdout.contains(&expected),
+            "rank {rank}:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            reported(&stdout, rank, "TCP").is_none(),
+            "rank {rank} got an id:\n{stdout}"
+        );
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "refused only after {took:?}"
+    );
 }
