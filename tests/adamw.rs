@@ -345,8 +345,8 @@ fn batch(step: u64) -> (Vec<f32>, Vec<i64>) {
     (x, labels)
 }
 
-/// The layer's update is the published one applied to its own gradient, with `t` = the step
-/// counter: every row in dense mode (PartialFC_V2 under AdamW), the sampled rows in sparse.
+/// The layer's update is the published one applied to its own gradient, with `t` = the update
+/// count: every row in dense mode (PartialFC_V2 under AdamW), the sampled rows in sparse.
 #[test]
 fn the_layer_applies_the_published_update_to_its_gradient() {
     for update in [UpdateMode::Dense, UpdateMode::Sparse] {
@@ -437,8 +437,8 @@ fn adamw_lowers_the_loss() {
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
 
-/// A checkpoint carries both moments and the step counter, so a resumed run continues bit for
-/// bit (the bias correction counts on from the saved step).
+/// A checkpoint carries both moments and both counters, so a resumed run continues bit for bit
+/// (the bias correction counts on from the saved update count).
 #[test]
 fn a_resumed_run_continues_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -752,4 +752,53 @@ fn a_decay_factor_of_zero_or_below_is_refused() {
     let err = layer.step(10.0).unwrap_err();
     assert!(matches!(err, PfcError::Param { name: "lr", .. }), "{err}");
     layer.step(1.0).unwrap();
+}
+
+/// The file at `path` as builds before the `optimizer_steps` key wrote it (they took AdamW's t
+/// from `step`): the same tensors and metadata, without that key.
+fn without_update_count(path: &std::path::Path, out: &std::path::Path) {
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let f = TensorFile::read(path).unwrap();
+    let mut meta = f.metadata().clone();
+    assert!(meta.remove("optimizer_steps").is_some());
+    let shape = f.shape("weight").unwrap().to_vec();
+    let n = shape[0] * shape[1];
+    let data: Vec<(&str, Vec<f32>)> = ["weight", "exp_avg", "exp_avg_sq"]
+        .into_iter()
+        .map(|k| (k, f.f32_block(k, 0, n).unwrap()))
+        .collect();
+    let tensors: Vec<OutTensor> = data
+        .iter()
+        .map(|(k, v)| OutTensor::F32(k, shape.clone(), v))
+        .collect();
+    write_atomic(out, &tensors, meta).unwrap();
+}
+
+/// A file without the update count resumes with t = its step counter, as the build that wrote
+/// it counted (a review found t restarted at 0: the next update moved the weights 0.62 × as far
+/// as the saved run's), through `load` and `load_resharded` alike.
+#[test]
+fn a_file_without_the_update_count_resumes_with_its_step_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (new_file, old_file) = (dir.path().join("new"), dir.path().join("old"));
+    let mut layer = full_layer();
+    for s in 0..30 {
+        let (x, labels) = batch(s);
+        layer.forward_backward(&x, &labels).unwrap();
+        layer.step(UPDATE).unwrap();
+    }
+    layer.save(&new_file).unwrap();
+    without_update_count(&new_file, &old_file);
+    let mut by_load = full_layer();
+    by_load.load(&old_file).unwrap();
+    let mut by_set = full_layer();
+    by_set.load_resharded(&[&old_file]).unwrap();
+    let (x, labels) = batch(30);
+    for l in [&mut layer, &mut by_load, &mut by_set] {
+        assert_eq!(l.optimizer_steps(), 30);
+        l.forward_backward(&x, &labels).unwrap();
+        l.step(UPDATE).unwrap();
+    }
+    assert_eq!(by_load.weight().unwrap(), layer.weight().unwrap());
+    assert_eq!(by_set.weight().unwrap(), layer.weight().unwrap());
 }

@@ -152,7 +152,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let step: u64 = file
             .meta("step")?
             .ok_or_else(|| mismatch("step is missing".into()))?;
-        let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(0);
+        // Files from before the count was recorded: builds that took AdamW's t from the pass
+        // counter, and SGD runs of one update per pass.
+        let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(step);
         if step == u64::MAX {
             return Err(mismatch(
                 "step is u64::MAX: the step counter could not advance".into(),

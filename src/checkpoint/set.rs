@@ -52,7 +52,7 @@ pub struct CheckpointSet {
     dim: usize,
     world_size: usize,
     step: u64,
-    /// Optimizer updates applied (AdamW's t); 0 in files written before it was recorded.
+    /// Optimizer updates applied (AdamW's t); `step` in files written before it was recorded.
     optimizer_steps: u64,
     /// The optimizer state tensors every file holds (one of [`STATE_GROUPS`], or none).
     states: &'static [&'static str],
@@ -152,7 +152,9 @@ impl CheckpointSet {
             };
             let dim: usize = required(&file, "dim")?;
             let step: u64 = required(&file, "step")?;
-            let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(0);
+            // Files from before the count was recorded: builds that took AdamW's t from the pass
+            // counter, and SGD runs of one update per pass.
+            let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(step);
             let seed: Option<u64> = file.meta("seed")?;
             if world_size == 0 || rank >= world_size || world_size as u64 > num_classes {
                 return Err(refuse(
@@ -280,8 +282,8 @@ impl CheckpointSet {
         self.step
     }
 
-    /// Optimizer updates applied when the files were written (AdamW's t; 0 in files written
-    /// before it was recorded).
+    /// Optimizer updates applied when the files were written (AdamW's t; the step counter in
+    /// files written before it was recorded, whose builds counted t that way).
     pub fn optimizer_steps(&self) -> u64 {
         self.optimizer_steps
     }
