@@ -1,11 +1,14 @@
 //! One full Partial FC step on the CPU at the reference size: C = 200,000 classes,
 //! batch 512, d = 512, r = 0.1, one rank (sampling, forward, backward, sparse SGD update), and
-//! its parts, with the three GEMMs alone as the in-run baseline.
+//! its parts, with the three GEMMs alone as the in-run baseline; and the sparse optimizer update
+//! alone (20,000 sampled rows of d = 512): SGD with momentum against AdamW with f32 and with bf16
+//! moments (the latter's stochastic rounding draws Philox bits per value).
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use partial_fc::backend::AdamWStep;
 use partial_fc::collective::SingleRank;
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
-use partial_fc::{CpuBackend, LayerConfig, PartialFc};
+use partial_fc::{AdamW, Backend, CpuBackend, LayerConfig, PartialFc, StateBuf, StateDtype};
 use std::hint::black_box;
 
 const CLASSES: u64 = 200_000;
@@ -61,5 +64,59 @@ fn bench_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_step);
+fn bench_optimizer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu_sparse_update_20k_rows_d512");
+    group.sample_size(10);
+    let rows = (RATE * CLASSES as f64) as usize;
+    let len = CLASSES as usize * DIM;
+    let index: Vec<i32> = (0..rows as i32).map(|i| i * 10).collect();
+    let grad = partial_fc::init::normal_rows(7, 0, rows, DIM, 0.01);
+    let mut weight = partial_fc::init::normal_rows(8, 0, CLASSES as usize, DIM, 0.01);
+    let state = |dtype| {
+        let mut s = StateBuf::alloc(&CpuBackend, dtype, len).unwrap();
+        s.upload(&CpuBackend, &vec![0.0; len]).unwrap();
+        s
+    };
+    let cpu = CpuBackend;
+    let mut momentum = state(StateDtype::F32);
+    group.bench_function("sgd_momentum_f32", |b| {
+        b.iter(|| {
+            cpu.sgd_momentum_sparse(
+                &mut weight,
+                &mut momentum,
+                &grad,
+                &index,
+                rows,
+                DIM,
+                0.1,
+                0.9,
+                5e-4,
+            )
+            .unwrap()
+        })
+    });
+    for dtype in [StateDtype::F32, StateDtype::Bf16] {
+        let (mut m, mut v) = (state(dtype), state(dtype));
+        let mut t = 0;
+        group.bench_function(format!("adamw_{dtype}"), |b| {
+            b.iter(|| {
+                t += 1;
+                let step = AdamWStep {
+                    lr: 1e-3,
+                    adamw: AdamW {
+                        state_dtype: dtype,
+                        ..AdamW::default()
+                    },
+                    t,
+                    seed: 1,
+                };
+                cpu.adamw_sparse(&mut weight, &mut m, &mut v, &grad, &index, rows, DIM, step)
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_step, bench_optimizer);
 criterion_main!(benches);

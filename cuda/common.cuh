@@ -89,11 +89,18 @@ __device__ __forceinline__ u32 class_random_bits(u64 seed, u64 step, u64 cls) {
     return philox4x32_10(c, k).x;
 }
 
-// src/rng.rs `rounding_bits`: the bits of the optimizer state's stochastic rounding.
+// src/rng.rs `rounding_bits`: the bits of the optimizer state's stochastic rounding, word
+// element % 4 of the Philox block of element / 4.
 __device__ __forceinline__ u32 rounding_bits(u64 seed, u64 t, u64 element) {
-    u64 key = seed ^ 0xADA35EED0B0FF1CEull;
-    uint4 c = make_uint4((u32)element, (u32)(element >> 32), (u32)t, (u32)(t >> 32));
-    return philox4x32_10(c, make_uint2((u32)key, (u32)(key >> 32))).x;
+    u64 key = seed ^ 0xADA35EED0B0FF1CEull, group = element >> 2;
+    uint4 c = make_uint4((u32)group, (u32)(group >> 32), (u32)t, (u32)(t >> 32));
+    uint4 r = philox4x32_10(c, make_uint2((u32)key, (u32)(key >> 32)));
+    switch (element & 3) {
+    case 0: return r.x;
+    case 1: return r.y;
+    case 2: return r.z;
+    default: return r.w;
+    }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

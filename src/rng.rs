@@ -56,20 +56,28 @@ pub fn class_random_bits(seed: u64, step: u64, class: u64) -> u32 {
 /// bits unrelated to the sampler's for the same seed.
 pub const ROUNDING_TAG: u64 = 0xADA3_5EED_0B0F_F1CE;
 
-/// 32 random bits for the stochastic rounding of element `element` of the optimizer state at
-/// update `t`: counter (element lo, element hi, t lo, t hi), key = seed ^ [`ROUNDING_TAG`]. The
-/// CUDA kernels draw the same bits (`cuda/common.cuh`, `rounding_bits`).
-pub fn rounding_bits(seed: u64, t: u64, element: u64) -> u32 {
+/// The 128 random bits of the stochastic rounding of elements `4·group .. 4·group + 4` of the
+/// optimizer state at update `t`: counter (group lo, group hi, t lo, t hi), key = seed ^
+/// [`ROUNDING_TAG`]. Element `e` takes word `e % 4` of group `e / 4` (one Philox call serves four
+/// values, which the CPU's loop reuses); the CUDA kernels draw the same bits
+/// (`cuda/common.cuh`, `rounding_bits`).
+pub fn rounding_group(seed: u64, t: u64, group: u64) -> [u32; 4] {
     let key = seed ^ ROUNDING_TAG;
     philox4x32_10(
         [
-            element as u32,
-            (element >> 32) as u32,
+            group as u32,
+            (group >> 32) as u32,
             t as u32,
             (t >> 32) as u32,
         ],
         [key as u32, (key >> 32) as u32],
-    )[0]
+    )
+}
+
+/// 32 random bits for the stochastic rounding of element `element`: word `element % 4` of
+/// [`rounding_group`]`(seed, t, element / 4)`.
+pub fn rounding_bits(seed: u64, t: u64, element: u64) -> u32 {
+    rounding_group(seed, t, element / 4)[(element % 4) as usize]
 }
 
 #[cfg(test)]

@@ -157,7 +157,7 @@ pub struct AdamWScalars {
 /// `w ← w·decay; m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; w ← w − step·m/(√v·c₂ + ε)`, in f32,
 /// with `w` moved by the unrounded moments (as the SGD update is). 16-bit moments are stored by
 /// stochastic rounding, with the bits of [`crate::rng::rounding_bits`] for the shard's element
-/// `first + i` (low half for `m`, high half for `v`).
+/// `first + i` (low half for `m`, high half for `v`), drawn a Philox block of four at a time.
 fn adamw_row<V: MomentumValue>(
     w: &mut [f32],
     m: &mut [V],
@@ -166,12 +166,21 @@ fn adamw_row<V: MomentumValue>(
     first: u64,
     s: AdamWScalars,
 ) {
+    // One Philox block serves four consecutive elements (crate::rng::rounding_group).
+    let mut block = (u64::MAX, [0u32; 4]);
     let iter = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
     for (i, (((w, m), v), &g)) in iter.enumerate() {
         let m_next = s.beta1 * m.load() + (1.0 - s.beta1) * g;
         let v_next = s.beta2 * v.load() + (1.0 - s.beta2) * (g * g);
         let bits = if V::ROUNDS {
-            crate::rng::rounding_bits(s.seed, s.t, first + i as u64)
+            let element = first + i as u64;
+            if block.0 != element / 4 {
+                block = (
+                    element / 4,
+                    crate::rng::rounding_group(s.seed, s.t, element / 4),
+                );
+            }
+            block.1[(element % 4) as usize]
         } else {
             0
         };
