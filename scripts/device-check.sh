@@ -166,7 +166,7 @@ run() {
     LD_LIBRARY_PATH="$orig_ld" t 240 "$py" -u "$root/benches/torch_partial_fc.py" || { echo "TORCH BASELINE FAILED ($?)"; status=1; }
     echo "== per-kernel profile of one step"
     t 120 "$bin/example-cuda_profile_step" || status=1
-    filter="margin_softmax_passes_match_cpu margin_softmax_fused_matches_cpu padded_logits_rows normalize_gather optimizer_and_scatter localize_labels gemms class_max class_top_k margin_softmax16 wire_casts"
+    filter="margin_softmax_passes_match_cpu margin_softmax_fused_matches_cpu padded_logits_rows normalize_gather optimizer_and_scatter adamw_matches_cpu localize_labels gemms class_max class_top_k margin_softmax16 wire_casts"
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer --tool $tool"
         sanitize "$tool" 150 "$bin/test-cuda_kernels" $filter
@@ -183,6 +183,8 @@ run() {
     ngpu="$(timeout 20 nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)"
     ((ngpu >= 1)) || ngpu=1
     MASTER_PORT=29517 t 120 "$bin/example-multi_gpu" --launch "$ngpu" --steps 3 --classes 200000 || status=1
+    echo "== multi_gpu example with AdamW (bf16 moments)"
+    MASTER_PORT=29519 t 120 "$bin/example-multi_gpu" --launch "$ngpu" --steps 3 --classes 200000 --optimizer adamw --momentum-dtype bf16 || status=1
     echo "== multi_gpu example with every 16-bit option (GEMMs and logits, momentum, both wires)"
     MASTER_PORT=29518 t 120 "$bin/example-multi_gpu" --launch "$ngpu" --steps 3 --classes 200000 \
         --precision bf16 --momentum-dtype bf16 --wire-dtype bf16 --grad-wire-dtype bf16 || status=1
