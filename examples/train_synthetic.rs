@@ -134,7 +134,7 @@ struct Args {
     /// Peak learning rate of the backbone (plain SGD).
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     lr: f32,
-    /// Peak learning rate of the classifier (AdamW wants about 100x less than SGD: try 0.002).
+    /// Peak learning rate of the classifier (with --fc-optimizer adamw, 0.005 to 0.01 work here).
     #[arg(long, default_value_t = TrainConfig::default().fc_lr)]
     fc_lr: f32,
     /// Optimizer of the classifier: SGD with momentum 0.9, or AdamW (betas 0.9, 0.999).

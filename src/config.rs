@@ -193,8 +193,8 @@ pub enum NegativeSampler {
 /// Which rows of the shard the optimizer touches each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateMode {
-    /// Only sampled rows and their momentum are updated (the paper's algorithm); no full-shard
-    /// gradient buffer exists.
+    /// Only sampled rows and their optimizer state are updated (the paper's algorithm; the
+    /// default); no full-shard gradient buffer exists.
     #[default]
     Sparse,
     /// Every row is updated from a full-shard gradient that is zero outside the sample (the
@@ -268,6 +268,7 @@ pub struct Sgd {
 }
 
 impl Default for Sgd {
+    /// The paper's: momentum 0.9, weight decay 5e-4, momentum stored in f32.
     fn default() -> Self {
         Sgd {
             momentum: 0.9,
@@ -418,7 +419,7 @@ impl From<AdamW> for Optimizer {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateDtype {
-    /// 32-bit float (the published algorithm's state).
+    /// 32-bit float (the published algorithm's state; the default).
     #[default]
     F32,
     /// bfloat16 storage, f32 arithmetic.

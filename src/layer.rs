@@ -967,6 +967,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
     }
 
+    /// Every rank learns whether any rank failed its part of a call that changes nothing until
+    /// they agree (`load_resharded`'s checks); returns the first rank that failed. One
+    /// all-reduce of `world` flags (through `row_loss`, which holds N·k ≥ k floats).
+    pub(crate) fn first_failed_rank(&mut self, failed: bool) -> Result<Option<usize>> {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let mut flags = vec![0.0f32; world];
+        flags[rank] = f32::from(u8::from(failed));
+        self.backend.upload(&flags, &mut self.bufs.row_loss)?;
+        self.comm
+            .all_reduce_f32(&self.backend, &mut self.bufs.row_loss, world, ReduceOp::Sum)?;
+        let flags = self.backend.download(&self.bufs.row_loss, world)?;
+        Ok(flags.iter().position(|&f| f != 0.0))
+    }
+
     /// All-gathers this rank's rows and labels into every rank's `x_hat` (normalized),
     /// `x_norms` and `gathered_labels`: packed on the host (padding rows are zeros with label
     /// −1), one upload, one all-gather, and one kernel that unpacks the gathered rows straight

@@ -193,16 +193,38 @@ fn files_that_do_not_make_one_run_are_refused_naming_why() {
         (refusal(e), before == layer.weight().unwrap())
     });
     assert!(
-        results[0].0.contains("no given file holds class 335"),
+        results[0]
+            .0
+            .contains("rank 1's file of the run's 3 is not among the given files")
+            && results[0].0.contains("class 335"),
+        "{}",
+        results[0].0
+    );
+    assert!(results[1].0.contains("class 502"), "{}", results[1].0);
+    assert!(results.iter().all(|r| r.1), "layers unchanged");
+    // Old ranks 0 and 1 cover new rank 0's classes (0..502) but not new rank 1's: rank 1's
+    // check fails, and the ranks agree, so rank 0 refuses too (it used to load and train on,
+    // alone) and neither layer changes.
+    let first_two = vec![a3[0].clone(), a3[1].clone()];
+    let results = ThreadGroup::run(2, |comm| {
+        let mut layer = PartialFc::new(config(2), CpuBackend, comm).unwrap();
+        let before = layer.weight().unwrap();
+        let e = layer.load_resharded(&first_two).unwrap_err();
+        let text = e.to_string();
+        (e, text, before == layer.weight().unwrap())
+    });
+    assert!(
+        matches!(&results[0].0, PfcError::Collective(m) if m.contains("rank 1 could not load")),
         "{}",
         results[0].0
     );
     assert!(
-        results[1].0.contains("no given file holds class 502"),
+        matches!(&results[1].0, PfcError::Checkpoint { .. })
+            && results[1].1.contains("rank 2's file of the run's 3"),
         "{}",
-        results[1].0
+        results[1].1
     );
-    assert!(results.iter().all(|r| r.1), "layers unchanged");
+    assert!(results.iter().all(|r| r.2), "layers unchanged");
     // A world size that cannot hold the classes, and an output onto an input.
     let e = refusal(reshard(&a3, 0, &out, &|_| {}).unwrap_err());
     assert!(e.contains("between 1 and the number of classes"), "{e}");

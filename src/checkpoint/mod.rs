@@ -107,8 +107,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         )
     }
 
-    /// Loads this rank's shard from `path`: weights, momentum and the step counter (so the
-    /// sampler draws what the saved run would have drawn next; no `set_steps` is needed). Every
+    /// Loads this rank's shard from `path`: weights, optimizer state and both counters (so that,
+    /// with the saved run's `LayerConfig::seed`, the sampler draws what it would have drawn next;
+    /// no `set_steps` is needed). Every
     /// field, and every value (a NaN, a read error), is checked before the layer changes. The
     /// tensors go through the host a block (64 MiB) at a time, read twice: once to check them,
     /// once to upload them. Should the second read fail (the file changed or became unreadable
@@ -209,9 +210,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Loads this rank's shard from the checkpoint files of a run of any world size (every
     /// rank's file, or at least those holding this rank's classes): resume a job on another
     /// number of GPUs. The files must agree with each other ([`CheckpointSet::open`]) and with
-    /// this layer (classes, dimension; momentum if the layer has an optimizer). Every value is
-    /// checked before the layer changes, as in [`load`](Self::load). In a job of k ranks, each
-    /// rank calls it with the same files.
+    /// this layer (classes, dimension; the optimizer's state tensors if the layer has an
+    /// optimizer). Every value is checked before the layer changes, as in [`load`](Self::load).
+    /// In a job of k ranks, each rank calls it with the same files, and the ranks agree (one
+    /// all-reduce) before any layer changes: if one rank's check fails (a file it needs is
+    /// missing or damaged), that rank returns its error, every other rank a
+    /// [`PfcError::Collective`] naming it, and no layer has changed.
+    ///
+    /// Not checked, because the files do not record them or a difference is legitimate: the
+    /// state dtype (bf16 files load into an f32 layer and back, converted), the update mode and
+    /// the optimizer's hyper-parameters; and the seed (recorded, [`CheckpointSet::seed`]): a layer
+    /// with another `LayerConfig::seed` draws other samples from here on.
     ///
     /// ```
     /// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};
@@ -234,6 +243,31 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// assert_eq!(old.concat(), new.concat());
     /// ```
     pub fn load_resharded<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<()> {
+        // Every rank checks the files for its own shard (reading every value once), then the
+        // ranks agree: one rank's missing or damaged file stops all of them before any layer
+        // changes, instead of leaving the others to train alone and fail later in a collective.
+        let checked = self.check_resharded(paths);
+        let failed = self.first_failed_rank(checked.is_err())?;
+        let set = checked?;
+        if let Some(rank) = failed {
+            return Err(PfcError::Collective(format!(
+                "rank {rank} could not load the checkpoint files (its own error says why); no \
+                 rank's layer changed"
+            )));
+        }
+        let (shard, dim) = (self.shard(), self.config().dim);
+        let mut names = vec!["weight"];
+        names.extend_from_slice(self.state_names());
+        let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
+        self.write_state(&names, shard.len as usize * dim, &read)?;
+        self.set_steps(set.step());
+        self.set_optimizer_steps(set.optimizer_steps());
+        Ok(())
+    }
+
+    /// `load_resharded`'s checks on this rank, before the ranks agree: the set, its match with
+    /// this layer, and every value of this rank's shard read once.
+    fn check_resharded<P: AsRef<Path>>(&self, paths: &[P]) -> Result<CheckpointSet> {
         let set = CheckpointSet::open(paths)?;
         let first = paths[0].as_ref();
         let mismatch = |reason: String| PfcError::Checkpoint {
@@ -269,23 +303,22 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let shard: Shard = self.shard();
         set.require(shard)?;
         let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
-        self.replace_state(&names, shard.len as usize * dim, &read)?;
-        self.set_steps(set.step());
-        self.set_optimizer_steps(set.optimizer_steps());
-        Ok(())
+        check_state(&names, shard.len as usize * dim, &read)?;
+        Ok(set)
     }
 
     /// Replaces the weights (and optimizer state) with `read(name, offset, len)`'s blocks: first every
     /// block is read and checked (a NaN or a read error changes nothing), then read again and
-    /// uploaded. A failure in the second pass (the files changed or became unreadable since the
-    /// check) leaves the layer part old, part new: it is marked so, and refuses to train or save
-    /// until a load succeeds.
+    /// uploaded ([`write_state`](Self::write_state)).
     fn replace_state(&mut self, names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
-        for name in names {
-            for offset in (0..len).step_by(STREAM_BLOCK) {
-                read(name, offset, STREAM_BLOCK.min(len - offset))?;
-            }
-        }
+        check_state(names, len, read)?;
+        self.write_state(names, len, read)
+    }
+
+    /// Uploads `read`'s blocks, already checked. A failure here (the files changed or became
+    /// unreadable since the check) leaves the layer part old, part new: it is marked so, and
+    /// refuses to train or save until a load succeeds.
+    fn write_state(&mut self, names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
         self.begin_replacing_state();
         for name in names {
             for offset in (0..len).step_by(STREAM_BLOCK) {
@@ -296,6 +329,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.finish_replacing_state();
         Ok(())
     }
+}
+
+/// Reads every block of every tensor once: a NaN, a bad value or a read error is an error
+/// before anything changes.
+fn check_state(names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
+    for name in names {
+        for offset in (0..len).step_by(STREAM_BLOCK) {
+            read(name, offset, STREAM_BLOCK.min(len - offset))?;
+        }
+    }
+    Ok(())
 }
 
 /// Which optimizer state a file holds, for error messages.

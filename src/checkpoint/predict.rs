@@ -111,7 +111,10 @@ impl CheckpointSet {
             return Err(PfcError::param(
                 "k",
                 k,
-                format!("must be between 1 and {limit} (the classes, at most {TOP_K_MAX})"),
+                format!(
+                    "must be between 1 and {limit} (the smaller of the number of classes and \
+                     TOP_K_MAX = {TOP_K_MAX})"
+                ),
             ));
         }
         if !embeddings.len().is_multiple_of(dim) {

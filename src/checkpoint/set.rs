@@ -282,6 +282,12 @@ impl CheckpointSet {
         self.step
     }
 
+    /// The run's sampler seed (`LayerConfig::seed`), `None` in files written before it was
+    /// recorded.
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
     /// Optimizer updates applied when the files were written (AdamW's t; the step counter in
     /// files written before it was recorded, whose builds counted t that way).
     pub fn optimizer_steps(&self) -> u64 {
@@ -360,8 +366,8 @@ impl CheckpointSet {
             return Err(refuse(
                 self.parts[0].file.path(),
                 format!(
-                    "no given file holds class {next} (rank {rank}'s of the run's {} files, \
-                     needed for classes {}..{})",
+                    "rank {rank}'s file of the run's {} is not among the given files (the first \
+                     is this one); it holds class {next}, needed for classes {}..{}",
                     self.world_size,
                     range.start,
                     range.end()

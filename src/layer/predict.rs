@@ -59,7 +59,10 @@ impl Prediction {
 
     /// Top-j accuracy for j = 1 ..= k against one true class per row (element j − 1): the
     /// fraction of rows whose class is among their first j predictions. With one label per
-    /// row, top-1 accuracy is precision@1 and top-k accuracy is recall@k.
+    /// row, top-1 accuracy is precision@1 and top-k accuracy is recall@k. In a job of k ranks
+    /// each rank's `Prediction` holds its own rows: for the job's accuracy, multiply by the
+    /// rank's row count and sum over ranks (e.g. `Collective::all_reduce_f32` of the hits and
+    /// the rows).
     ///
     /// ```
     /// use partial_fc::Prediction;
@@ -318,7 +321,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             return Some(PfcError::param(
                 "k",
                 k,
-                format!("must be between 1 and {limit} (the classes, at most {TOP_K_MAX})"),
+                format!(
+                    "must be between 1 and {limit} (the smaller of the number of classes and \
+                     TOP_K_MAX = {TOP_K_MAX})"
+                ),
             ));
         }
         if embeddings.len() != rows * d {
