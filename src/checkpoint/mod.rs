@@ -215,7 +215,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// In a job of k ranks, each rank calls it with the same files, and the ranks agree (one
     /// all-reduce) before any layer changes: if one rank's check fails (a file it needs is
     /// missing or damaged), that rank returns its error, every other rank a
-    /// [`PfcError::Collective`] naming it, and no layer has changed.
+    /// [`PfcError::Collective`] naming it, and no layer has changed. The ranks wait for each
+    /// other in that all-reduce, so a collective timeout (`NcclCollective`'s) must cover the
+    /// slowest rank's check: one read of its shard's tensors from the files.
     ///
     /// Not checked, because the files do not record them or a difference is legitimate: the
     /// state dtype (bf16 files load into an f32 layer and back, converted), the update mode and
