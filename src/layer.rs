@@ -374,6 +374,8 @@ pub(crate) enum Call {
     Given,
     /// `predict_top_k` with this k.
     Predict { k: usize },
+    /// `load_resharded`: the ranks agree after their checks, before any layer changes.
+    Load,
 }
 
 impl Call {
@@ -382,6 +384,7 @@ impl Call {
             Call::Drawn => 0,
             Call::Given => 1,
             Call::Predict { .. } => 2,
+            Call::Load => 3,
         }
     }
 
@@ -389,7 +392,8 @@ impl Call {
         match code {
             0 => "forward_backward",
             1 => "forward_backward_with_sample",
-            _ => "predict_top_k",
+            2 => "predict_top_k",
+            _ => "load_resharded",
         }
     }
 }
@@ -923,14 +927,31 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = rows as f32;
         let (first, second) = flags.split_at(world);
-        self.backend.upload(first, &mut self.bufs.row_loss)?;
-        self.backend.upload(second, &mut self.bufs.row_max)?;
-        self.comm
-            .all_reduce_f32(&self.backend, &mut self.bufs.row_loss, world, ReduceOp::Sum)?;
-        self.comm
-            .all_reduce_f32(&self.backend, &mut self.bufs.row_max, world, ReduceOp::Sum)?;
-        let rejected = self.backend.download(&self.bufs.row_loss, world)?;
-        let counts = self.backend.download(&self.bufs.row_max, world)?;
+        let exchanged = (|| {
+            let (b, x) = (&self.backend, &mut self.bufs);
+            b.upload(first, &mut x.row_loss)?;
+            b.upload(second, &mut x.row_max)?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_loss, world, ReduceOp::Sum)?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_max, world, ReduceOp::Sum)?;
+            Ok::<_, PfcError>((
+                b.download(&x.row_loss, world)?,
+                b.download(&x.row_max, world)?,
+            ))
+        })();
+        // This rank's part of the agreement failed: its peers may be waiting in it, or may have
+        // its result and go on without this rank. Break the group so they fail too.
+        let (rejected, counts) = match exchanged {
+            Ok(flags) => flags,
+            Err(e) => {
+                self.comm.abort(&format!(
+                    "rank {rank}'s agreement on {} failed: {e}",
+                    Call::name(call.code())
+                ));
+                return Err(e);
+            }
+        };
         if let Some(r) = rejected
             .iter()
             .position(|&f| ((f as u32) >> 1) & 3 != call.code())
@@ -960,25 +981,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             return Err(err);
         }
         match rejected.iter().position(|&f| (f as u32) & 1 != 0) {
+            Some(r) if call == Call::Load => Err(PfcError::Collective(format!(
+                "rank {r} could not load the checkpoint files (its own error says why); no \
+                 rank's layer changed"
+            ))),
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
             ))),
             None => Ok(counts.iter().map(|&c| c as usize).sum()),
         }
-    }
-
-    /// Every rank learns whether any rank failed its part of a call that changes nothing until
-    /// they agree (`load_resharded`'s checks); returns the first rank that failed. One
-    /// all-reduce of `world` flags (through `row_loss`, which holds N·k ≥ k floats).
-    pub(crate) fn first_failed_rank(&mut self, failed: bool) -> Result<Option<usize>> {
-        let (world, rank) = (self.comm.world_size(), self.comm.rank());
-        let mut flags = vec![0.0f32; world];
-        flags[rank] = f32::from(u8::from(failed));
-        self.backend.upload(&flags, &mut self.bufs.row_loss)?;
-        self.comm
-            .all_reduce_f32(&self.backend, &mut self.bufs.row_loss, world, ReduceOp::Sum)?;
-        let flags = self.backend.download(&self.bufs.row_loss, world)?;
-        Ok(flags.iter().position(|&f| f != 0.0))
     }
 
     /// All-gathers this rank's rows and labels into every rank's `x_hat` (normalized),

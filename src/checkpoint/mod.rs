@@ -212,12 +212,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// number of GPUs. The files must agree with each other ([`CheckpointSet::open`]) and with
     /// this layer (classes, dimension; the optimizer's state tensors if the layer has an
     /// optimizer). Every value is checked before the layer changes, as in [`load`](Self::load).
-    /// In a job of k ranks, each rank calls it with the same files, and the ranks agree (one
-    /// all-reduce) before any layer changes: if one rank's check fails (a file it needs is
-    /// missing or damaged), that rank returns its error, every other rank a
-    /// [`PfcError::Collective`] naming it, and no layer has changed. The ranks wait for each
-    /// other in that all-reduce, so a collective timeout (`NcclCollective`'s) must cover the
-    /// slowest rank's check: one read of its shard's tensors from the files.
+    /// It is a collective call: in a job of k ranks every rank calls it, with the same files,
+    /// and the ranks agree (the all-reduces a pass agrees with) before any layer changes. If one
+    /// rank's check fails (a file it needs is missing or damaged), that rank returns its error,
+    /// every other rank a [`PfcError::Collective`] naming it, and no layer has changed; a rank
+    /// in another call (a pass) is refused as such. The ranks wait for each other there, so a
+    /// collective timeout (`NcclCollective`'s, `ThreadGroup`'s) must cover the slowest rank's
+    /// check: one read of its shard's tensors from the files.
     ///
     /// Not checked, because the files do not record them or a difference is legitimate: the
     /// state dtype (bf16 files load into an f32 layer and back, converted), the update mode and
@@ -248,15 +249,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // Every rank checks the files for its own shard (reading every value once), then the
         // ranks agree: one rank's missing or damaged file stops all of them before any layer
         // changes, instead of leaving the others to train alone and fail later in a collective.
-        let checked = self.check_resharded(paths);
-        let failed = self.first_failed_rank(checked.is_err())?;
-        let set = checked?;
-        if let Some(rank) = failed {
-            return Err(PfcError::Collective(format!(
-                "rank {rank} could not load the checkpoint files (its own error says why); no \
-                 rank's layer changed"
-            )));
-        }
+        let (set, own) = match self.check_resharded(paths) {
+            Ok(set) => (Some(set), None),
+            Err(e) => (None, Some(e)),
+        };
+        // The same agreement as a pass's (a call code and the configuration's fingerprint), so
+        // that a peer in another call is refused as such rather than paired with this one.
+        self.agree_on_input(own, 0, crate::layer::Call::Load)?;
+        let set = set.ok_or_else(|| {
+            PfcError::Collective("internal: the ranks agreed on a check that failed".into())
+        })?;
         let (shard, dim) = (self.shard(), self.config().dim);
         let mut names = vec!["weight"];
         names.extend_from_slice(self.state_names());

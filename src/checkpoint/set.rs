@@ -366,8 +366,8 @@ impl CheckpointSet {
             return Err(refuse(
                 self.parts[0].file.path(),
                 format!(
-                    "rank {rank}'s file of the run's {} is not among the given files (the first \
-                     is this one); it holds class {next}, needed for classes {}..{}",
+                    "rank {rank}'s file of the run's {} is not among the given files; it holds \
+                     class {next}, needed for classes {}..{}",
                     self.world_size,
                     range.start,
                     range.end()
