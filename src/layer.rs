@@ -303,31 +303,42 @@ pub(crate) fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> 
     None
 }
 
-/// A NaN or infinite weight or momentum would reach every logit of its class and, through the
-/// softmax's normalizer, every row's gradient: refuse it where it enters.
+/// A NaN or infinite weight or optimizer state would reach every logit of its class and,
+/// through the softmax's normalizer, every row's gradient: refuse it where it enters.
 fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(PfcError::param(
-            name,
-            format!(
-                "{} at row {}, column {}",
-                values[i],
-                i / dim.max(1),
-                i % dim.max(1)
-            ),
-            "every value must be finite",
-        )),
-    }
+    refuse_first(
+        name,
+        values,
+        dim,
+        |v| !v.is_finite(),
+        "every value must be finite",
+    )
 }
 
 /// A second moment (`exp_avg_sq`) is an average of squares: a negative one would put NaN into
 /// the weights through its square root at the next update, so it is refused where it enters.
-pub(crate) fn check_state_range(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
+fn check_state_range(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
     if name != "exp_avg_sq" {
         return Ok(());
     }
-    match values.iter().position(|v| *v < 0.0) {
+    refuse_first(
+        name,
+        values,
+        dim,
+        |v| v < 0.0,
+        "a second moment must be >= 0",
+    )
+}
+
+/// [`PfcError::Param`] naming the row and column of the first value that is `bad`.
+fn refuse_first(
+    name: &'static str,
+    values: &[f32],
+    dim: usize,
+    bad: impl Fn(f32) -> bool,
+    rule: &str,
+) -> Result<()> {
+    match values.iter().position(|&v| bad(v)) {
         None => Ok(()),
         Some(i) => Err(PfcError::param(
             name,
@@ -337,7 +348,7 @@ pub(crate) fn check_state_range(name: &'static str, values: &[f32], dim: usize) 
                 i / dim.max(1),
                 i % dim.max(1)
             ),
-            "a second moment must be >= 0",
+            rule,
         )),
     }
 }
