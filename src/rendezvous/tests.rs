@@ -11,6 +11,28 @@ fn some_id(seed: u8) -> UniqueId {
     UniqueId(id)
 }
 
+/// A listener on a free loopback port, and its address.
+fn loopback() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (listener, addr)
+}
+
+/// Rank 0 serving `id` to a job of `world` ranks without a run id, on its own thread.
+fn serve_in_thread(
+    listener: TcpListener,
+    id: UniqueId,
+    world: usize,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || serve_id(&listener, &id, world, &RunId::default(), timeout))
+}
+
+/// A rank's fetch without a run id.
+fn fetch(addr: &str, rank: usize, world: usize, timeout: Duration) -> Result<UniqueId> {
+    fetch_id(addr, rank, world, &RunId::default(), timeout)
+}
+
 #[test]
 fn hex_round_trip_and_errors() {
     let id = some_id(3);
@@ -136,17 +158,8 @@ fn file_exchange_between_threads() {
 
 #[test]
 fn tcp_exchange_on_loopback() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(5),
-            4,
-            &RunId::default(),
-            Duration::from_secs(10),
-        )
-    });
+    let (listener, addr) = loopback();
+    let server = serve_in_thread(listener, some_id(5), 4, Duration::from_secs(10));
     let clients: Vec<_> = (1..4)
         .map(|rank| {
             let addr = addr.clone();
@@ -166,32 +179,23 @@ fn tcp_exchange_on_loopback() {
 /// counted, and neither is a second connection of the same rank.
 #[test]
 fn probes_and_repeated_ranks_are_not_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     drop(TcpStream::connect(&addr).unwrap()); // a probe: connects and closes
     let mut silent = TcpStream::connect(&addr).unwrap(); // connects, says nothing
     silent.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap(); // or something else entirely
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(6),
-            3,
-            &RunId::default(),
-            Duration::from_secs(20),
-        )
-    });
+    let server = serve_in_thread(listener, some_id(6), 3, Duration::from_secs(20));
     assert_eq!(
-        fetch_id(&addr, 1, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
+        fetch(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
         some_id(6)
     );
     assert_eq!(
-        fetch_id(&addr, 1, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
+        fetch(&addr, 1, 3, Duration::from_secs(10)).unwrap(),
         some_id(6),
         "a rank that asks again gets the id again"
     );
     assert!(!server.is_finished(), "rank 2 has not fetched yet");
     assert_eq!(
-        fetch_id(&addr, 2, 3, &RunId::default(), Duration::from_secs(10)).unwrap(),
+        fetch(&addr, 2, 3, Duration::from_secs(10)).unwrap(),
         some_id(6)
     );
     server.join().unwrap().unwrap();
@@ -223,20 +227,11 @@ fn rank_0_listens_on_every_interface_unless_the_address_is_loopback() {
 /// missing (found by a review).
 #[test]
 fn silent_connections_do_not_hold_up_the_ranks() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let silent: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(2),
-            2,
-            &RunId::default(),
-            Duration::from_millis(2500),
-        )
-    });
+    let server = serve_in_thread(listener, some_id(2), 2, Duration::from_millis(2500));
     assert_eq!(
-        fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_millis(2500)).unwrap(),
+        fetch(&addr, 1, 2, Duration::from_millis(2500)).unwrap(),
         some_id(2)
     );
     server.join().unwrap().unwrap();
@@ -248,17 +243,8 @@ fn silent_connections_do_not_hold_up_the_ranks() {
 /// the deadline and report the rank missing (found by a review).
 #[test]
 fn a_rank_served_at_the_deadline_is_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(8),
-            2,
-            &RunId::default(),
-            Duration::from_millis(2000),
-        )
-    });
+    let (listener, addr) = loopback();
+    let server = serve_in_thread(listener, some_id(8), 2, Duration::from_millis(2000));
     std::thread::sleep(Duration::from_millis(1000));
     let mut s = TcpStream::connect(&addr).unwrap();
     let mut hello = MAGIC.to_vec();
@@ -281,8 +267,7 @@ fn a_rank_served_at_the_deadline_is_counted() {
 /// out, naming the address.)
 #[test]
 fn a_server_with_another_tag_is_named_as_another_version() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut request = [0u8; HELLO_HEAD]; // a request without a run id
@@ -292,7 +277,7 @@ fn a_server_with_another_tag_is_named_as_another_version() {
         s.write_all(&msg).unwrap();
     });
     let start = Instant::now();
-    let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap_err();
+    let err = fetch(&addr, 1, 2, Duration::from_secs(20)).unwrap_err();
     assert!(err.to_string().contains("protocol version"), "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(10),
@@ -305,18 +290,9 @@ fn a_server_with_another_tag_is_named_as_another_version() {
 /// both sizes in the message, and not counted.
 #[test]
 fn a_rank_of_another_job_is_refused() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(7),
-            2,
-            &RunId::default(),
-            Duration::from_millis(1500),
-        )
-    });
-    let err = fetch_id(&addr, 3, 8, &RunId::default(), Duration::from_secs(10)).unwrap_err();
+    let (listener, addr) = loopback();
+    let server = serve_in_thread(listener, some_id(7), 2, Duration::from_millis(1500));
+    let err = fetch(&addr, 3, 8, Duration::from_secs(10)).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("world size 2") && msg.contains("rank 3 of 8"),
@@ -325,7 +301,7 @@ fn a_rank_of_another_job_is_refused() {
     let err = server.join().unwrap().unwrap_err();
     assert!(err.to_string().contains("missing ranks [1]"), "{err}");
     assert!(matches!(
-        fetch_id(&addr, 0, 2, &RunId::default(), Duration::from_millis(10)),
+        fetch(&addr, 0, 2, Duration::from_millis(10)),
         Err(PfcError::Param { .. })
     ));
 }
@@ -362,8 +338,7 @@ fn run_id(text: &str) -> RunId {
 /// that it refused another job's request; a rank with the job's run id gets the id.
 #[test]
 fn a_rank_of_another_run_is_refused_at_once() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let server = std::thread::spawn(move || {
         serve_id(
             &listener,
@@ -392,7 +367,7 @@ fn a_rank_of_another_run_is_refused_at_once() {
         "refused, not retried"
     );
     // no run id against one
-    let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap_err();
+    let err = fetch(&addr, 1, 2, Duration::from_secs(20)).unwrap_err();
     assert!(
         err.to_string().contains("rank 0 has one, this rank none"),
         "{err}"
@@ -405,8 +380,7 @@ fn a_rank_of_another_run_is_refused_at_once() {
     server.join().unwrap().unwrap();
 
     // rank 0's own timeout counts the refusals
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let server = std::thread::spawn(move || {
         serve_id(
             &listener,
@@ -498,17 +472,8 @@ fn run_ids_come_from_pfc_run_id_then_torchelastic_and_are_bounded() {
 /// is not counted.
 #[test]
 fn a_client_of_the_previous_version_is_answered_and_not_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(4),
-            2,
-            &RunId::default(),
-            Duration::from_secs(20),
-        )
-    });
+    let (listener, addr) = loopback();
+    let server = serve_in_thread(listener, some_id(4), 2, Duration::from_secs(20));
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut hello = b"pfc-id/2".to_vec();
@@ -523,7 +488,7 @@ fn a_client_of_the_previous_version_is_answered_and_not_counted() {
     assert!(answer[MAGIC.len() + 1..].iter().all(|&b| b == 0), "no id");
     assert!(!server.is_finished(), "the old client was counted");
     assert_eq!(
-        fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(10)).unwrap(),
+        fetch(&addr, 1, 2, Duration::from_secs(10)).unwrap(),
         some_id(4)
     );
     server.join().unwrap().unwrap();
@@ -572,15 +537,7 @@ fn a_hanging_lookup_ends_at_the_timeout() {
 fn a_failing_lookup_is_retried_until_it_resolves() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let at = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(1),
-            2,
-            &RunId::default(),
-            Duration::from_secs(20),
-        )
-    });
+    let server = serve_in_thread(listener, some_id(1), 2, Duration::from_secs(20));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = calls.clone();
     let resolver: Resolver = Arc::new(move |name: &str| {
@@ -616,18 +573,9 @@ fn a_failing_lookup_is_retried_until_it_resolves() {
 /// within 1.5 + 1 + 5 s (+1 s slack).
 #[test]
 fn a_peer_that_drips_its_request_is_cut_off_at_the_connections_deadline() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let start = Instant::now();
-    let server = std::thread::spawn(move || {
-        serve_id(
-            &listener,
-            &some_id(1),
-            2,
-            &RunId::default(),
-            Duration::from_millis(1500),
-        )
-    });
+    let server = serve_in_thread(listener, some_id(1), 2, Duration::from_millis(1500));
     let dripper = std::thread::spawn(move || {
         let mut s = TcpStream::connect(&addr).unwrap();
         let mut hello = MAGIC.to_vec();
@@ -656,8 +604,7 @@ fn a_peer_that_drips_its_request_is_cut_off_at_the_connections_deadline() {
 /// ends at the deadline, and the rank with the timeout's error.
 #[test]
 fn a_server_that_drips_its_answer_is_cut_off_at_the_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut request = [0u8; HELLO_HEAD]; // a request without a run id
@@ -670,7 +617,7 @@ fn a_server_that_drips_its_answer_is_cut_off_at_the_timeout() {
         }
     });
     let start = Instant::now();
-    let err = fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(1)).unwrap_err();
+    let err = fetch(&addr, 1, 2, Duration::from_secs(1)).unwrap_err();
     let took = start.elapsed();
     assert!(matches!(err, PfcError::Collective(_)), "{err:?}");
     assert!(err.to_string().contains("not reachable within 1s"), "{err}");
@@ -685,8 +632,7 @@ fn a_server_that_drips_its_answer_is_cut_off_at_the_timeout() {
 #[test]
 fn a_failing_accept_is_tried_again_until_the_deadline() {
     use std::io::{Error, ErrorKind};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback();
     listener.set_nonblocking(true).unwrap();
     let server = std::thread::spawn(move || {
         let mut failures = 0;
@@ -705,7 +651,7 @@ fn a_failing_accept_is_tried_again_until_the_deadline() {
         )
     });
     assert_eq!(
-        fetch_id(&addr, 1, 2, &RunId::default(), Duration::from_secs(20)).unwrap(),
+        fetch(&addr, 1, 2, Duration::from_secs(20)).unwrap(),
         some_id(2)
     );
     server.join().unwrap().unwrap();
