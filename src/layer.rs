@@ -315,6 +315,13 @@ fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
     )
 }
 
+/// Whether `value` may enter tensor `name` (weight or optimizer state): finite, and not negative
+/// in a second moment. What `check_finite` and `check_state_range` refuse, with their
+/// messages; checkpoint reads test it value by value.
+pub(crate) fn storable(name: &str, value: f32) -> bool {
+    value.is_finite() && !(name == "exp_avg_sq" && value < 0.0)
+}
+
 /// A second moment (`exp_avg_sq`) is an average of squares: a negative one would put NaN into
 /// the weights through its square root at the next update, so it is refused where it enters.
 fn check_state_range(name: &'static str, values: &[f32], dim: usize) -> Result<()> {

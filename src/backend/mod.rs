@@ -760,6 +760,11 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// The error of an AdamW update given moments of two storage dtypes (they share one).
+pub(crate) fn mixed_moments() -> PfcError {
+    PfcError::Shape("adamw: exp_avg and exp_avg_sq must have the same storage dtype".into())
+}
+
 /// One AdamW update's hyper-parameters and its step number `t` (≥ 1), which the bias
 /// corrections need.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -187,7 +187,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let dim = self.config().dim.max(1);
         let read = |name: &str, offset, len| {
             let block = file.f32_block(name, offset, len)?;
-            let bad = |x: &f32| !x.is_finite() || (name == "exp_avg_sq" && *x < 0.0);
+            let bad = |x: &f32| !crate::layer::storable(name, *x);
             match block.iter().position(bad) {
                 Some(i) => {
                     let at = offset + i;

@@ -402,7 +402,7 @@ impl CheckpointSet {
             let n = (hi.min(end) - at) as usize;
             let local = (at - lo) as usize;
             let block = p.file.f32_block(name, local, n)?;
-            let bad = |x: &f32| !x.is_finite() || (name == "exp_avg_sq" && *x < 0.0);
+            let bad = |x: &f32| !crate::layer::storable(name, *x);
             if let Some(i) = block.iter().position(bad) {
                 let e = local as u64 + i as u64;
                 return Err(refuse(

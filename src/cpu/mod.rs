@@ -777,7 +777,7 @@ impl Backend for CpuBackend {
             (StateBuf::Bf16(m), StateBuf::Bf16(v)) => {
                 optimizer::adamw_sparse(weight, m, v, grad, index, dim, s)
             }
-            _ => return Err(mixed_moments()),
+            _ => return Err(crate::backend::mixed_moments()),
         }
         Ok(())
     }
@@ -803,7 +803,7 @@ impl Backend for CpuBackend {
             (StateBuf::Bf16(m), StateBuf::Bf16(v)) => {
                 optimizer::adamw_dense(w, &mut m[..len], &mut v[..len], g, s)
             }
-            _ => return Err(mixed_moments()),
+            _ => return Err(crate::backend::mixed_moments()),
         }
         Ok(())
     }
@@ -822,9 +822,4 @@ fn check_sorted_rows(index: &[i32], rows: usize, what: &str) -> Result<()> {
         next = i64::from(r) + 1;
     }
     Ok(())
-}
-
-/// AdamW's two moments share one storage dtype.
-pub(crate) fn mixed_moments() -> PfcError {
-    PfcError::Shape("adamw: exp_avg and exp_avg_sq must have the same storage dtype".into())
 }

@@ -216,10 +216,11 @@ fn per_elem(n: usize) -> LaunchConfig {
     }
 }
 
-/// Grid of the grid-stride casts of cuda/wire.cu: one thread per element up to 2^16 blocks,
-/// beyond that each thread loops (the grid's x dimension could hold more, but more blocks than
-/// the device runs at once only add scheduling).
-fn cast_grid(n: usize) -> LaunchConfig {
+/// Grid of the grid-stride kernels (the casts of cuda/wire.cu, the dense optimizer updates):
+/// one thread per element up to 2^16 blocks, beyond that each thread loops (the grid's x
+/// dimension could hold more, but more blocks than the device runs at once only add
+/// scheduling).
+fn grid_stride(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
             n.div_ceil(ELEM_THREADS as usize).clamp(1, 1 << 16) as u32,
@@ -738,7 +739,7 @@ impl CudaBackend {
         builder.arg(src).arg(dst).arg(&len_u);
         // SAFETY: (const float*, u16*, unsigned long long) as in cuda/precision.cu; src and dst
         // hold len.
-        unsafe { builder.launch(cast_grid(len)) }.map_err(dev("launch cast"))?;
+        unsafe { builder.launch(grid_stride(len)) }.map_err(dev("launch cast"))?;
         Ok(())
     }
 
@@ -1274,7 +1275,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let n = len as u64;
-        launch!(self, "cast_to_wire", cast_grid(len), x, &n, &wire_i, out);
+        launch!(self, "cast_to_wire", grid_stride(len), x, &n, &wire_i, out);
         Ok(())
     }
 
@@ -1292,7 +1293,15 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let n = len as u64;
-        launch!(self, "cast_from_wire", cast_grid(len), x, &n, &wire_i, out);
+        launch!(
+            self,
+            "cast_from_wire",
+            grid_stride(len),
+            x,
+            &n,
+            &wire_i,
+            out
+        );
         Ok(())
     }
 
@@ -1989,11 +1998,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let len_u = len as u64;
-        let cfg = LaunchConfig {
-            grid_dim: (len.div_ceil(ELEM_THREADS as usize).min(65_535) as u32, 1, 1),
-            block_dim: (ELEM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(len);
         macro_rules! dense {
             ($name:literal, $v:expr) => {
                 launch!(
@@ -2069,7 +2074,7 @@ impl Backend for CudaBackend {
         match (exp_avg, exp_avg_sq) {
             (StateBuf::F32(m), StateBuf::F32(v)) => sparse!("adamw_sparse_f32", m, v),
             (StateBuf::Bf16(m), StateBuf::Bf16(v)) => sparse!("adamw_sparse_bf16", m, v),
-            _ => return Err(crate::cpu::mixed_moments()),
+            _ => return Err(crate::backend::mixed_moments()),
         }
         Ok(())
     }
@@ -2091,11 +2096,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let len_u = len as u64;
-        let cfg = LaunchConfig {
-            grid_dim: (len.div_ceil(ELEM_THREADS as usize).min(65_535) as u32, 1, 1),
-            block_dim: (ELEM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(len);
         let s = step.scalars();
         macro_rules! dense {
             ($name:literal, $m:expr, $v:expr) => {
@@ -2122,7 +2123,7 @@ impl Backend for CudaBackend {
         match (exp_avg, exp_avg_sq) {
             (StateBuf::F32(m), StateBuf::F32(v)) => dense!("adamw_dense_f32", m, v),
             (StateBuf::Bf16(m), StateBuf::Bf16(v)) => dense!("adamw_dense_bf16", m, v),
-            _ => return Err(crate::cpu::mixed_moments()),
+            _ => return Err(crate::backend::mixed_moments()),
         }
         Ok(())
     }
