@@ -382,6 +382,10 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
     }
 }
 
+/// Largest value a rank contributes to an agreement ([`PartialFc::agree`]): 2^24, every integer
+/// up to which an f32 holds exactly (a sum with zeros keeps it exact).
+pub(crate) const AGREED_VALUE_MAX: u32 = 1 << 24;
+
 /// Which call a pass is. Each pairs its own sequence of collectives, so ranks must all make the
 /// same one: `agree_on_input` tells them apart and refuses a mix on every rank.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -932,6 +936,21 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         rows: usize,
         call: Call,
     ) -> Result<usize> {
+        // rows <= batch_per_rank <= 2^24: LayerConfig::validate.
+        let counts = self.agree(own, rows as u32, call)?;
+        Ok(counts.iter().map(|&c| c as usize).sum())
+    }
+
+    /// [`agree_on_input`](Self::agree_on_input)'s exchange: besides the refusals, each rank
+    /// contributes one `value` (at most [`AGREED_VALUE_MAX`], exact in f32) and every rank gets
+    /// all of them, in rank order: a pass's row counts, or `load_resharded`'s identity of the
+    /// files each rank loaded.
+    pub(crate) fn agree(
+        &mut self,
+        own: Option<PfcError>,
+        value: u32,
+        call: Call,
+    ) -> Result<Vec<u32>> {
         let world = self.comm.world_size();
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
@@ -943,7 +962,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let fingerprint = config_fingerprint(&self.config, call);
         let mut flags = vec![0.0f32; 2 * world];
         flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
-        flags[world + rank] = rows as f32;
+        flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
         let (first, second) = flags.split_at(world);
         let exchanged = (|| {
             let (b, x) = (&self.backend, &mut self.bufs);
@@ -1006,7 +1025,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
             ))),
-            None => Ok(counts.iter().map(|&c| c as usize).sum()),
+            None => Ok(counts.iter().map(|&c| c as u32).collect()),
         }
     }
 

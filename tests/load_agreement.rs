@@ -18,16 +18,23 @@ fn batch(step: u64) -> (Vec<f32>, Vec<i64>) {
 
 /// One step on 3 ranks, saved into `dir` as rank{r}.safetensors.
 fn save3(dir: &Path) -> Vec<PathBuf> {
+    save3_after(dir, 1)
+}
+
+/// `steps` steps on 3 ranks, saved into `dir` as rank{r}.safetensors.
+fn save3_after(dir: &Path, steps: u64) -> Vec<PathBuf> {
     ThreadGroup::run(3, |comm| {
         let rank = comm.rank();
         let mut layer = PartialFc::new(config(3), CpuBackend, comm).unwrap();
         let rows = Shard::of(BATCH as u64, 3, rank);
         let (r0, r1) = (rows.start as usize, rows.end() as usize);
-        let (x, l) = batch(0);
-        layer
-            .forward_backward(&x[r0 * DIM..r1 * DIM], &l[r0..r1])
-            .unwrap();
-        layer.step(0.5).unwrap();
+        for step in 0..steps {
+            let (x, l) = batch(step);
+            layer
+                .forward_backward(&x[r0 * DIM..r1 * DIM], &l[r0..r1])
+                .unwrap();
+            layer.step(0.5).unwrap();
+        }
         let p = dir.join(format!("rank{rank}.safetensors"));
         layer.save(&p).unwrap();
         p
@@ -261,4 +268,42 @@ fn a_rank_whose_agreement_fails_after_its_peers_does_not_train_on_with_them() {
         results.iter().all(|r| r.2.is_err()) || results.iter().all(|r| r.0.is_err()),
         "rank 1 failed its load but the ranks train on together: {results:?}"
     );
+}
+
+/// Ranks given checkpoints of different steps (each set whole and sound by itself) are refused
+/// together, naming the other rank, and no layer changes: before, each resumed from its own
+/// files and the job trained on with a classifier from two steps.
+#[test]
+fn ranks_given_checkpoints_of_different_steps_are_refused_together() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sets = [save3_after(one.path(), 1), save3_after(two.path(), 2)];
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(2), CpuBackend, comm).unwrap();
+        let before = (layer.weight().unwrap(), layer.steps());
+        let err = layer.load_resharded(&sets[rank]).unwrap_err().to_string();
+        assert_eq!(
+            before,
+            (layer.weight().unwrap(), layer.steps()),
+            "rank {rank} unchanged"
+        );
+        // The same files on both ranks still load.
+        layer.load_resharded(&sets[1]).unwrap();
+        (err, layer.steps())
+    });
+    assert!(
+        results[0]
+            .0
+            .contains("rank 1 loaded another checkpoint than rank 0 (step 1,"),
+        "{}",
+        results[0].0
+    );
+    assert!(
+        results[1]
+            .0
+            .contains("rank 0 loaded another checkpoint than rank 1 (step 2,"),
+        "{}",
+        results[1].0
+    );
+    assert_eq!((results[0].1, results[1].1), (2, 2));
 }

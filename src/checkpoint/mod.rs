@@ -220,6 +220,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// collective timeout (`NcclCollective`'s, `ThreadGroup`'s) must cover the slowest rank's
     /// check: one read of its shard's tensors from the files.
     ///
+    /// The ranks must also have found the same checkpoint (the same step, optimizer step, seed
+    /// and writing world size): ranks given different runs' files, or one run's files of two
+    /// steps, are all refused in the same way, naming a rank that differs.
+    ///
     /// Not checked, because the files do not record them or a difference is legitimate: the
     /// state dtype (bf16 files load into an f32 layer and back, converted), the update mode and
     /// the optimizer's hyper-parameters; and the seed (recorded, [`CheckpointSet::seed`]): a layer
@@ -254,11 +258,24 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             Err(e) => (None, Some(e)),
         };
         // The same agreement as a pass's (a call code and the configuration's fingerprint), so
-        // that a peer in another call is refused as such rather than paired with this one.
-        self.agree_on_input(own, 0, crate::layer::Call::Load)?;
+        // that a peer in another call is refused as such rather than paired with this one; each
+        // rank adds which checkpoint it found, so that ranks given different runs' files (or
+        // the same run's at different steps) are refused instead of training on a mix.
+        let identity = set.as_ref().map_or(0, set_identity);
+        let found = self.agree(own, identity, crate::layer::Call::Load)?;
         let set = set.ok_or_else(|| {
             PfcError::Collective("internal: the ranks agreed on a check that failed".into())
         })?;
+        if let Some(r) = found.iter().position(|&f| f != identity) {
+            return Err(PfcError::Collective(format!(
+                "rank {r} loaded another checkpoint than rank {} (step {}, optimizer step {},                  seed {}, written by {} ranks): every rank must load the same run's files of one                  step; no rank's layer changed",
+                self.collective().rank(),
+                set.step(),
+                set.optimizer_steps(),
+                set.seed().map_or("not recorded".into(), |s| s.to_string()),
+                set.world_size()
+            )));
+        }
         let (shard, dim) = (self.shard(), self.config().dim);
         let mut names = vec!["weight"];
         names.extend_from_slice(self.state_names());
@@ -359,6 +376,23 @@ fn describe_states(file: &TensorFile) -> String {
     } else {
         format!("holds {held:?}")
     }
+}
+
+/// Which checkpoint a set is, as `load_resharded`'s ranks compare it: FNV-1a of what the files
+/// record about their run and step, folded to 24 bits (exact in an agreement's f32 slot).
+fn set_identity(set: &CheckpointSet) -> u32 {
+    let recorded = format!(
+        "{} {} {:?} {} {:?}",
+        set.step(),
+        set.optimizer_steps(),
+        set.seed(),
+        set.world_size(),
+        set.state_names()
+    );
+    let hash = recorded.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    ((hash ^ (hash >> 24) ^ (hash >> 48)) as u32) & (crate::layer::AGREED_VALUE_MAX - 1)
 }
 
 #[cfg(test)]
