@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::hooked::{Hook, Hooked, Op};
 use common::Rng;
 use partial_fc::collective::{SingleRank, ThreadCollective, ThreadGroup};
 use partial_fc::{
@@ -838,82 +839,25 @@ fn a_step_counter_at_its_end_refuses_the_pass() {
 
 /// A rank's collective whose n-th all-reduce fails once `reduces_left` is armed with n, as a
 /// network error striking one rank in the softmax's all-reduces (after sampling) would; it
-/// leaves the group on failure (as a rank whose NCCL communicator was aborted), so that its
+/// breaks the group on failure (as a rank whose NCCL communicator was aborted), so that its
 /// peers fail too instead of waiting.
+#[derive(Default)]
 struct FailingReduce {
-    inner: std::sync::Mutex<Option<ThreadCollective>>,
-    rank: usize,
-    world: usize,
     reduces_left: std::sync::atomic::AtomicUsize,
 }
 
-impl FailingReduce {
-    fn with<R>(
-        &self,
-        f: impl FnOnce(&ThreadCollective) -> Result<R, PfcError>,
-    ) -> Result<R, PfcError> {
-        match self.inner.lock().unwrap().as_ref() {
-            Some(c) => f(c),
-            None => Err(PfcError::Collective("this rank left the group".into())),
-        }
-    }
-}
-
-impl Collective<CpuBackend> for FailingReduce {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    fn all_gather<T: partial_fc::Elem>(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<T>,
-        count: usize,
-        recv: &mut Vec<T>,
-    ) -> Result<(), PfcError> {
-        self.with(|c| c.all_gather(b, send, count, recv))
-    }
-    fn all_reduce_f32(
-        &self,
-        b: &CpuBackend,
-        buf: &mut Vec<f32>,
-        count: usize,
-        op: partial_fc::ReduceOp,
-    ) -> Result<(), PfcError> {
+impl Hook<ThreadCollective> for FailingReduce {
+    fn before(&self, op: &Op<'_>, inner: &ThreadCollective) -> Result<(), PfcError> {
         use std::sync::atomic::Ordering::SeqCst;
         let left = self.reduces_left.load(SeqCst);
-        if left > 0 {
+        if matches!(op, Op::AllReduce) && left > 0 {
             self.reduces_left.store(left - 1, SeqCst);
             if left == 1 {
-                self.inner.lock().unwrap().take();
+                Collective::<CpuBackend>::abort(inner, "injected all-reduce failure");
                 return Err(PfcError::Collective("injected all-reduce failure".into()));
             }
         }
-        self.with(|c| c.all_reduce_f32(b, buf, count, op))
-    }
-    fn reduce_scatter_f32(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<f32>,
-        count: usize,
-        recv: &mut Vec<f32>,
-    ) -> Result<(), PfcError> {
-        self.with(|c| c.reduce_scatter_f32(b, send, count, recv))
-    }
-    fn reduce_scatter_16(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<u16>,
-        count: usize,
-        recv: &mut Vec<u16>,
-        dtype: partial_fc::plan::Dtype,
-    ) -> Result<(), PfcError> {
-        self.with(|c| c.reduce_scatter_16(b, send, count, recv, dtype))
-    }
-    fn barrier(&self) -> Result<(), PfcError> {
-        self.with(|c| c.barrier())
+        Ok(())
     }
 }
 
@@ -930,12 +874,7 @@ fn a_pass_that_fails_after_sampling_counts_on_every_rank_alike() {
             .enumerate()
             .map(|(rank, comm)| {
                 scope.spawn(move || {
-                    let comm = FailingReduce {
-                        inner: std::sync::Mutex::new(Some(comm)),
-                        rank,
-                        world: 2,
-                        reduces_left: 0.into(),
-                    };
+                    let comm = Hooked::new(comm, FailingReduce::default());
                     let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
                     let (x, labels) = good_batch(9 + rank as u64);
                     layer.forward_backward(&x, &labels).unwrap();
@@ -944,6 +883,7 @@ fn a_pass_that_fails_after_sampling_counts_on_every_rank_alike() {
                     if rank == 0 {
                         layer
                             .collective()
+                            .hook
                             .reduces_left
                             .store(3, std::sync::atomic::Ordering::SeqCst);
                     }

@@ -9,10 +9,12 @@
 use partial_fc::collective::{HostStaged, SingleRank, ThreadGroup};
 use partial_fc::cpu::wire::{from_wire, to_wire};
 use partial_fc::plan::{Component, Dtype};
-use partial_fc::{
-    Backend, Collective, CpuBackend, Elem, LayerConfig, PartialFc, PfcError, ReduceOp, Shard,
-};
+use partial_fc::{Backend, Collective, CpuBackend, LayerConfig, PartialFc, PfcError, Shard};
 use std::sync::Mutex;
+
+mod common;
+
+use common::hooked::{Hook, Hooked, Op};
 
 const CLASSES: u64 = 2003;
 const DIM: usize = 40;
@@ -34,61 +36,19 @@ fn data() -> (Vec<f32>, Vec<i64>) {
     (x, labels)
 }
 
-/// A collective that passes everything through and keeps a copy of what this rank contributes
-/// to each f32 reduce-scatter: the embedding gradient before it is summed over ranks.
-struct Recording<C> {
-    inner: C,
+/// Keeps a copy of what this rank contributes to each f32 reduce-scatter: the embedding
+/// gradient before it is summed over ranks.
+#[derive(Default)]
+struct Recording {
     sent: Mutex<Vec<Vec<f32>>>,
 }
 
-impl<C: Collective<CpuBackend>> Collective<CpuBackend> for Recording<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_gather<T: Elem>(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<T>,
-        count: usize,
-        recv: &mut Vec<T>,
-    ) -> partial_fc::Result<()> {
-        self.inner.all_gather(b, send, count, recv)
-    }
-    fn all_reduce_f32(
-        &self,
-        b: &CpuBackend,
-        buf: &mut Vec<f32>,
-        count: usize,
-        op: ReduceOp,
-    ) -> partial_fc::Result<()> {
-        self.inner.all_reduce_f32(b, buf, count, op)
-    }
-    fn reduce_scatter_f32(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<f32>,
-        count: usize,
-        recv: &mut Vec<f32>,
-    ) -> partial_fc::Result<()> {
-        let whole = count * self.world_size();
-        self.sent.lock().unwrap().push(send[..whole].to_vec());
-        self.inner.reduce_scatter_f32(b, send, count, recv)
-    }
-    fn reduce_scatter_16(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<u16>,
-        count: usize,
-        recv: &mut Vec<u16>,
-        dtype: Dtype,
-    ) -> partial_fc::Result<()> {
-        self.inner.reduce_scatter_16(b, send, count, recv, dtype)
-    }
-    fn barrier(&self) -> partial_fc::Result<()> {
-        self.inner.barrier()
+impl<C> Hook<C> for Recording {
+    fn before(&self, op: &Op<'_>, _: &C) -> partial_fc::Result<()> {
+        if let Op::ReduceScatterF32 { send } = op {
+            self.sent.lock().unwrap().push(send.to_vec());
+        }
+        Ok(())
     }
 }
 
@@ -130,12 +90,9 @@ fn one_rank<C: Collective<CpuBackend>>(
 /// reduce-scatter (N·k × d values).
 fn f32_path(world: usize) -> Vec<(RankOut, Vec<f32>)> {
     ThreadGroup::run(world, |comm| {
-        let recording = Recording {
-            inner: comm,
-            sent: Mutex::new(Vec::new()),
-        };
+        let recording = Hooked::new(comm, Recording::default());
         let (out, layer) = one_rank(world, Dtype::F32, recording);
-        let mut sent = layer.collective().sent.lock().unwrap().clone();
+        let mut sent = layer.collective().hook.sent.lock().unwrap().clone();
         assert_eq!(sent.len(), 1, "one reduce-scatter per step");
         (out, sent.remove(0))
     })

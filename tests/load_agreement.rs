@@ -2,8 +2,7 @@
 //! These cases came from a review of its first version (a bare all-reduce of failure flags).
 
 use partial_fc::collective::{ThreadCollective, ThreadGroup};
-use partial_fc::plan::Dtype;
-use partial_fc::{Collective, CpuBackend, Elem, PartialFc, PfcError, ReduceOp, Result, Shard};
+use partial_fc::{Collective, CpuBackend, PartialFc, PfcError, Result, Shard};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use std::time::Duration;
 mod common;
 
 use common::full_softmax::{config, BATCH, DIM};
+use common::hooked::{Hook, Hooked, Op};
 
 fn batch(step: u64) -> (Vec<f32>, Vec<i64>) {
     common::full_softmax::batch(100 + step, step)
@@ -165,65 +165,17 @@ fn a_peer_in_another_call_is_refused_as_such_not_reported_as_a_failed_load() {
 /// (as HostStaged does when its upload after the host all-reduce fails, or as a failed download
 /// of the flags would): the peers got the result.
 struct FailsAfter {
-    inner: ThreadCollective,
     fail: AtomicBool,
 }
 
-impl Collective<CpuBackend> for FailsAfter {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_gather<T: Elem>(
-        &self,
-        b: &CpuBackend,
-        s: &Vec<T>,
-        n: usize,
-        r: &mut Vec<T>,
-    ) -> Result<()> {
-        self.inner.all_gather(b, s, n, r)
-    }
-    fn all_reduce_f32(
-        &self,
-        b: &CpuBackend,
-        buf: &mut Vec<f32>,
-        n: usize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        self.inner.all_reduce_f32(b, buf, n, op)?;
-        if self.fail.swap(false, Ordering::SeqCst) {
+impl Hook<ThreadCollective> for FailsAfter {
+    fn after(&self, op: &Op<'_>, _: &ThreadCollective) -> Result<()> {
+        if matches!(op, Op::AllReduce) && self.fail.swap(false, Ordering::SeqCst) {
             return Err(PfcError::Collective(
                 "injected: upload after the all-reduce failed".into(),
             ));
         }
         Ok(())
-    }
-    fn reduce_scatter_f32(
-        &self,
-        b: &CpuBackend,
-        s: &Vec<f32>,
-        n: usize,
-        r: &mut Vec<f32>,
-    ) -> Result<()> {
-        self.inner.reduce_scatter_f32(b, s, n, r)
-    }
-    fn reduce_scatter_16(
-        &self,
-        b: &CpuBackend,
-        s: &Vec<u16>,
-        n: usize,
-        r: &mut Vec<u16>,
-        d: Dtype,
-    ) -> Result<()> {
-        self.inner.reduce_scatter_16(b, s, n, r, d)
-    }
-    fn barrier(&self) -> Result<()> {
-        self.inner.barrier()
-    }
-    fn abort(&self, reason: &str) {
-        self.inner.abort(reason)
     }
 }
 
@@ -241,10 +193,8 @@ fn a_rank_whose_agreement_fails_after_its_peers_does_not_train_on_with_them() {
                 let paths = &paths;
                 s.spawn(move || {
                     let rank = inner.rank();
-                    let comm = FailsAfter {
-                        inner,
-                        fail: AtomicBool::new(rank == 1),
-                    };
+                    let fail = AtomicBool::new(rank == 1);
+                    let comm = Hooked::new(inner, FailsAfter { fail });
                     let mut layer = PartialFc::new(config(2), CpuBackend, comm).unwrap();
                     let load = layer.load_resharded(paths).map_err(|e| e.to_string());
                     let steps = layer.steps();

@@ -7,6 +7,10 @@ use partial_fc::rendezvous::UniqueId;
 use partial_fc::{Backend, Collective, CpuBackend, LayerConfig, PartialFc, PfcError};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::hooked::{Hook, Hooked, Op};
+
 fn layer(classes: u64, dim: usize, batch: usize) -> PartialFc<CpuBackend, SingleRank> {
     let mut cfg = LayerConfig::new(classes, dim, batch);
     cfg.sample_rate = 1.0;
@@ -240,7 +244,8 @@ fn localize_labels_refuses_a_shard_beyond_i32() {
     assert!(matches!(err, PfcError::Shape(_)), "{err}");
 }
 
-/// A collective that fails its all-gather on demand, and records whether the layer aborted it.
+/// Fails its all-gathers on demand, and records whether the layer aborted the group; it may
+/// claim another rank and world than its one-rank inner collective.
 struct FlakyGather {
     fail: std::sync::atomic::AtomicBool,
     aborted: std::sync::atomic::AtomicBool,
@@ -249,82 +254,51 @@ struct FlakyGather {
 }
 
 impl FlakyGather {
-    fn new(rank: usize, world: usize) -> Self {
-        FlakyGather {
+    fn new(rank: usize, world: usize) -> Hooked<SingleRank, Self> {
+        let hook = FlakyGather {
             fail: false.into(),
             aborted: false.into(),
             rank,
             world,
-        }
+        };
+        Hooked::new(SingleRank, hook)
     }
 }
 
-impl Collective<CpuBackend> for FlakyGather {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    fn all_gather<T: partial_fc::Elem>(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<T>,
-        count: usize,
-        recv: &mut Vec<T>,
-    ) -> partial_fc::Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(PfcError::Collective("injected all-gather failure".into()));
+impl Hook<SingleRank> for FlakyGather {
+    fn before(&self, op: &Op<'_>, _: &SingleRank) -> partial_fc::Result<()> {
+        match op {
+            Op::AllGather if self.fail.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(PfcError::Collective("injected all-gather failure".into()))
+            }
+            _ => Ok(()),
         }
-        SingleRank.all_gather(b, send, count, recv)
     }
-    fn all_reduce_f32(
-        &self,
-        b: &CpuBackend,
-        buf: &mut Vec<f32>,
-        count: usize,
-        op: partial_fc::ReduceOp,
-    ) -> partial_fc::Result<()> {
-        SingleRank.all_reduce_f32(b, buf, count, op)
-    }
-    fn reduce_scatter_f32(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<f32>,
-        count: usize,
-        recv: &mut Vec<f32>,
-    ) -> partial_fc::Result<()> {
-        SingleRank.reduce_scatter_f32(b, send, count, recv)
-    }
-    fn reduce_scatter_16(
-        &self,
-        b: &CpuBackend,
-        send: &Vec<u16>,
-        count: usize,
-        recv: &mut Vec<u16>,
-        dtype: partial_fc::plan::Dtype,
-    ) -> partial_fc::Result<()> {
-        SingleRank.reduce_scatter_16(b, send, count, recv, dtype)
-    }
-    fn barrier(&self) -> partial_fc::Result<()> {
-        Ok(())
-    }
-    fn abort(&self, _reason: &str) {
+    fn aborted(&self, _reason: &str) {
         self.aborted
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    fn rank(&self, _: &SingleRank) -> usize {
+        self.rank
+    }
+    fn world_size(&self, _: &SingleRank) -> usize {
+        self.world
+    }
 }
+
+/// A one-rank layer whose all-gathers fail on demand.
+type FlakyLayer = PartialFc<CpuBackend, Hooked<SingleRank, FlakyGather>>;
 
 /// A one-rank layer over [`FlakyGather`] after one good pass, its next all-gathers set to fail,
 /// and the batch of that pass.
-fn layer_with_a_pending_gradient_and_a_failing_gather(
-) -> (PartialFc<CpuBackend, FlakyGather>, Vec<f32>, Vec<i64>) {
+fn layer_with_a_pending_gradient_and_a_failing_gather() -> (FlakyLayer, Vec<f32>, Vec<i64>) {
     let mut cfg = LayerConfig::new(100, 8, 4);
     cfg.sample_rate = 1.0;
     let mut l = PartialFc::new(cfg, CpuBackend, FlakyGather::new(0, 1)).unwrap();
     let (x, y) = batch(8, 4);
     l.forward_backward(&x, &y).unwrap();
     l.collective()
+        .hook
         .fail
         .store(true, std::sync::atomic::Ordering::Relaxed);
     (l, x, y)
@@ -338,7 +312,7 @@ fn a_pass_that_fails_in_the_all_gather_leaves_no_gradient_and_aborts_the_group()
     let (mut l, x, y) = layer_with_a_pending_gradient_and_a_failing_gather();
     assert!(l.forward_backward(&x, &y).is_err());
     assert!(
-        l.collective().aborted.load(Relaxed),
+        l.collective().hook.aborted.load(Relaxed),
         "the group was not aborted"
     );
     let before = l.weight().unwrap();
@@ -368,7 +342,7 @@ fn an_agreed_refusal_does_not_abort_the_group() {
         l.forward_backward_with_sample(&x2, &y2, &[0, 5]).is_err(),
         "the sample misses class 1"
     );
-    assert!(!l.collective().aborted.load(Relaxed));
+    assert!(!l.collective().hook.aborted.load(Relaxed));
 }
 
 #[test]
@@ -424,7 +398,7 @@ fn a_given_sample_pass_that_fails_in_the_all_gather_leaves_no_gradient() {
     let (mut l, x, y) = layer_with_a_pending_gradient_and_a_failing_gather();
     let sample: Vec<i64> = (0..100).collect();
     assert!(l.forward_backward_with_sample(&x, &y, &sample).is_err());
-    assert!(l.collective().aborted.load(Relaxed));
+    assert!(l.collective().hook.aborted.load(Relaxed));
     assert!(
         l.step(0.1).is_err(),
         "the earlier pass's gradient must not be applied"
@@ -438,6 +412,6 @@ fn a_prediction_that_fails_in_the_all_gather_aborts_and_keeps_the_gradient() {
     use std::sync::atomic::Ordering::Relaxed;
     let (mut l, x, _) = layer_with_a_pending_gradient_and_a_failing_gather();
     assert!(l.predict_top_k(&x, 3).is_err());
-    assert!(l.collective().aborted.load(Relaxed));
+    assert!(l.collective().hook.aborted.load(Relaxed));
     l.step(0.1).unwrap();
 }

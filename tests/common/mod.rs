@@ -1,6 +1,6 @@
 //! Helpers shared by the step tests: a small deterministic generator for test data, an
-//! independent f64 implementation of the margin-softmax loss and its gradients, and a
-//! row-relative comparison.
+//! independent f64 implementation of the margin-softmax loss and its gradients, a
+//! row-relative comparison, and a collective with test hooks (`hooked`).
 //!
 //! The reference is written from the formulas (issue 2, ../shared/golden/README.md), not from
 //! the crate's kernels: normalize, clamp to [-1, 1], margin on the target, filter, scale,
@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod full_softmax;
+pub mod hooked;
 
 use partial_fc::{GradMode, Margin, TargetFallback};
 
