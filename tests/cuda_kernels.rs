@@ -1054,7 +1054,11 @@ fn adamw_matches_cpu() {
         for dense in [false, true] {
             let (mut cw, mut cm, mut cv) = (w.clone(), cpu_state(), cpu_state());
             let (mut gw, mut gm, mut gv) = (up(&g, &w), gpu_state(), gpu_state());
+            // How far each weight moved in all: a bf16 moment one step apart moves the update by
+            // up to 2⁻⁷ of itself, and the weights carry that on.
+            let mut moved = vec![0f32; shard * dim];
             for t in 1..=3u64 {
+                let before = cw.clone();
                 let step = partial_fc::backend::AdamWStep {
                     lr: 0.01,
                     adamw,
@@ -1083,6 +1087,9 @@ fn adamw_matches_cpu() {
                     )
                     .unwrap();
                 }
+                for (m, (a, b)) in moved.iter_mut().zip(cw.iter().zip(&before)) {
+                    *m += (a - b).abs();
+                }
             }
             let what = |t: &str| {
                 format!(
@@ -1090,13 +1097,22 @@ fn adamw_matches_cpu() {
                     if dense { "dense" } else { "sparse" }
                 )
             };
-            assert_close(
-                &what("weight"),
-                &g.download(&gw, shard * dim).unwrap(),
-                &cw,
-                1e-5,
-                1e-7,
-            );
+            let got = g.download(&gw, shard * dim).unwrap();
+            if dtype == StateDtype::F32 {
+                assert_close(&what("weight"), &got, &cw, 1e-5, 1e-7);
+            } else {
+                // The GPU fuses β₁·m + (1 − β₁)·g into one FMA and the CPU rounds twice, so an
+                // f32 moment may differ by an ulp and, with probability ~2⁻¹⁶, round to the
+                // other bf16 neighbour: a rare weight moves by up to 2⁻⁷ of its updates more.
+                for (k, ((a, b), m)) in got.iter().zip(&cw).zip(&moved).enumerate() {
+                    let tol = 1e-7 + 1e-5 * b.abs() + 2f32.powi(-7) * m;
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{}[{k}]: gpu {a} cpu {b}, bound {tol:e}",
+                        what("weight")
+                    );
+                }
+            }
             for (name, gs, cs) in [("exp_avg", &gm, &cm), ("exp_avg_sq", &gv, &cv)] {
                 let (got, want) = (
                     gs.download(&g, shard * dim).unwrap(),
@@ -1509,11 +1525,28 @@ fn whole_step_matches_cpu() {
             let a = on_cpu.forward_backward(&x, &labels).unwrap();
             let b = on_gpu.forward_backward(&x, &labels).unwrap();
             let what = format!("{update:?} {sampler:?} {state} momentum, step {step}");
-            assert_eq!(
+            let (gs, cs) = (
                 on_gpu.sampled_classes().unwrap(),
                 on_cpu.sampled_classes().unwrap(),
-                "{what}: sample"
             );
+            if gs != cs {
+                // Random negatives come from the same counter-based keys: always the same. Hard
+                // ones rank classes by cosines that cuBLAS and the CPU GEMM round their own way,
+                // so a class or two within an f32 rounding of the selection boundary may swap
+                // (as tests/cuda_step_fuzz.rs allows); the runs then have different inputs.
+                let only_in = |a: &[i64], b: &[i64]| a.iter().filter(|c| !b.contains(c)).count();
+                let swapped = only_in(&gs, &cs).max(only_in(&cs, &gs));
+                let hard = matches!(sampler, NegativeSampler::Hard { .. });
+                assert!(
+                    hard && swapped <= 2,
+                    "{what}: sample differs in {swapped} classes"
+                );
+                println!(
+                    "{what}: {swapped} hard negative(s) swapped at the selection boundary; the \
+                     rest of this case is not compared"
+                );
+                break;
+            }
             assert_close(&format!("{what}: loss"), &[b.loss], &[a.loss], 1e-4, 1e-6);
             // Row-scaled bounds (golden_support): the weight gradient passes the normalization's
             // backward, whose projection cancels, so its small entries carry the f32 rounding of

@@ -37,7 +37,9 @@ pub fn target_logit_slope(c: f32, p: &MarginParams) -> f32 {
         return 1.0;
     }
     let theta = c.acos();
-    let sin_theta = (1.0 - c * c).max(0.0).sqrt().max(1e-6);
+    // (1 − c)(1 + c) as in cuda/margin_softmax.cu: exact factors near c = 1, and nothing a GPU
+    // compiler can fuse into an FMA, so both devices round it alike.
+    let sin_theta = ((1.0 - c) * (1.0 + c)).max(0.0).sqrt().max(1e-6);
     p.m1 * (p.m1 * theta + p.m2).sin() / sin_theta
 }
 

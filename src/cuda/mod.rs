@@ -160,6 +160,40 @@ pub fn check_available() -> Result<()> {
     Ok(())
 }
 
+/// The driver's CUDA version, as `cuDriverGetVersion` gives it (1000·major + 10·minor).
+fn driver_version() -> Result<i32> {
+    let mut version = 0;
+    // SAFETY: one out-pointer to a live integer; the driver library is loaded (check_available).
+    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    status.result().map_err(dev("cuDriverGetVersion"))?;
+    Ok(version)
+}
+
+/// Refuses an NVRTC that cannot serve this driver and device, before it compiles anything:
+/// cudarc loads the first of `libnvrtc.so`, `.so.13`, `.so.12` it finds, which need not be the
+/// one that matches. A CUBIN from a newer CUDA major than the driver's does not load (minor
+/// versions are compatible), and CUDA 13's NVRTC no longer targets Volta (sm_70, sm_72).
+fn check_toolchain(nvrtc: (i32, i32), driver: i32, cc: (i32, i32)) -> Result<()> {
+    let (driver_major, driver_minor) = (driver / 1000, driver % 1000 / 10);
+    let fix = "put a matching libnvrtc first on LD_LIBRARY_PATH (`bash scripts/install-nvrtc.sh` \
+               installs CUDA 12.9's, which serves sm_70 to sm_90 and every driver of CUDA 12 or \
+               later)";
+    if nvrtc.0 > driver_major {
+        return Err(PfcError::BackendUnavailable(format!(
+            "NVRTC {}.{} is newer than the driver (CUDA {driver_major}.{driver_minor}): the \
+             kernels it compiles would not load; {fix}, or update the NVIDIA driver",
+            nvrtc.0, nvrtc.1
+        )));
+    }
+    if nvrtc.0 >= 13 && cc.0 == 7 && cc.1 < 5 {
+        return Err(PfcError::BackendUnavailable(format!(
+            "NVRTC {}.{} cannot compile for this sm_{}{} device (CUDA 13 dropped Volta): {fix}",
+            nvrtc.0, nvrtc.1, cc.0, cc.1
+        )));
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels for its architecture (once per process) and
     /// creates the cuBLAS handle.
@@ -179,6 +213,11 @@ impl CudaBackend {
         // (virtual ranks, several NCCL ranks per GPU) must not serialize behind each other.
         let stream = ctx.new_stream().map_err(dev("creating a stream"))?;
         let arch = format!("sm_{}{}", compute_capability.0, compute_capability.1);
+        check_toolchain(
+            compile::nvrtc_version()?,
+            driver_version()?,
+            compute_capability,
+        )?;
         let mut kernels = HashMap::new();
         for (family, image) in compile::compiled_families(&arch)? {
             let module = ctx
@@ -273,5 +312,33 @@ impl CudaBackend {
         self.kernels
             .get(name)
             .ok_or_else(|| PfcError::Device(format!("kernel {name} was not loaded")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_toolchain;
+
+    #[test]
+    fn an_nvrtc_that_cannot_serve_the_driver_or_device_is_refused_by_name() {
+        // Same or older major than the driver: fine, whatever the minors (minor compatibility).
+        check_toolchain((12, 9), 12_020, (9, 0)).unwrap();
+        check_toolchain((12, 9), 13_000, (7, 0)).unwrap();
+        check_toolchain((13, 0), 13_000, (9, 0)).unwrap();
+        check_toolchain((13, 0), 13_000, (7, 5)).unwrap();
+        let newer = check_toolchain((13, 0), 12_080, (9, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            newer.contains("NVRTC 13.0 is newer than the driver (CUDA 12.8)"),
+            "{newer}"
+        );
+        let volta = check_toolchain((13, 0), 13_000, (7, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            volta.contains("sm_70") && volta.contains("install-nvrtc.sh"),
+            "{volta}"
+        );
     }
 }
