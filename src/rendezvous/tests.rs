@@ -1,7 +1,16 @@
 //! The rendezvous's tests: id formats, the file and TCP exchanges (run ids, refusals,
 //! deadlines, lookups) and `LaunchEnv`.
 
+use super::launch_env::Var;
+use super::tcp::{
+    fetch_id_with, reply, same_run_id, serve_id_with, Resolver, HELLO_HEAD, REPLY_BYTES,
+    STATUS_OTHER_VERSION, STATUS_SERVED,
+};
 use super::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
 
 fn some_id(seed: u8) -> UniqueId {
     let mut id = [0u8; UNIQUE_ID_BYTES];
