@@ -374,6 +374,47 @@ fn runs_with_another_seed_at_the_same_step_do_not_mix() {
     );
 }
 
+/// The user's case: two runs that differ only in their negative sampler, saved at the same step
+/// with the same seed. A glob over the wrong folder mixed them; the files record the margin,
+/// sampler and optimizer, so the mix is refused, and a resharded copy carries the record on.
+#[test]
+fn runs_with_another_sampler_at_the_same_step_do_not_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    for (folder, hard) in [(&a, false), (&b, true)] {
+        ThreadGroup::run(3, |comm| {
+            let rank = comm.rank();
+            let mut cfg = config(3);
+            if hard {
+                cfg.sampler = partial_fc::NegativeSampler::Hard { fraction: 0.5 };
+            }
+            let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+            layer.set_steps(1);
+            layer
+                .save(&folder.join(format!("rank{rank}.safetensors")))
+                .unwrap();
+        });
+    }
+    let mixed = vec![
+        files(&a, 3)[0].clone(),
+        files(&a, 3)[1].clone(),
+        files(&b, 3)[2].clone(),
+    ];
+    let e = refusal(CheckpointSet::open(&mixed).err().unwrap());
+    assert!(
+        e.contains("not of the same run") && e.contains("Hard") && e.contains("Random"),
+        "{e}"
+    );
+    let set = CheckpointSet::open(&files(&b, 3)).unwrap();
+    assert!(set.config().unwrap().contains("Hard"), "{:?}", set.config());
+    let merged = dir.path().join("merged");
+    reshard(&files(&b, 3), 1, &merged, &|_| {}).unwrap();
+    let copy = CheckpointSet::open(&[merged.join(shard_file_name(1, 0))]).unwrap();
+    assert_eq!(copy.config(), set.config());
+}
+
 /// A checkpoint file with the given metadata and an f32 `weight` of `rows × dim`.
 fn crafted(path: &Path, meta: &[(&str, String)], rows: usize, dim: usize) {
     use partial_fc::tensor_file::{write_atomic, OutTensor};

@@ -104,6 +104,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.steps(),
             self.optimizer_steps(),
             Some(self.config().seed),
+            Some(&set::recorded_config(self.config())),
         )
     }
 
@@ -382,12 +383,13 @@ fn describe_states(file: &TensorFile) -> String {
 /// record about their run and step, folded to 24 bits (exact in an agreement's f32 slot).
 fn set_identity(set: &CheckpointSet) -> u32 {
     let recorded = format!(
-        "{} {} {:?} {} {:?}",
+        "{} {} {:?} {} {:?} {:?}",
         set.step(),
         set.optimizer_steps(),
         set.seed(),
         set.world_size(),
-        set.state_names()
+        set.state_names(),
+        set.config()
     );
     let hash = recorded.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

@@ -23,9 +23,11 @@ struct Part {
 }
 
 /// The checkpoint files of one run (one file per rank, as [`PartialFc::save`] writes them),
-/// checked to agree with each other: same classes, dimension, world size, step and sampler seed,
-/// each file's rows the shard its rank holds, no rank twice. Two runs with the same
-/// configuration, seed and step cannot be told apart by their files. Each read checks that the
+/// checked to agree with each other: same classes, dimension, world size, step, sampler seed and
+/// recorded configuration (margin, sampler, optimizer, update mode), each file's rows the shard
+/// its rank holds, no rank twice. Two runs with the same configuration, seed and step cannot be
+/// told apart by their files: give each run its own `LayerConfig::seed` (from the launcher's
+/// run id or the clock) or its own folder. Each read checks that the
 /// file is still the one opened (a save that replaced it meanwhile is an error, not a mix).
 ///
 /// ```
@@ -59,6 +61,21 @@ pub struct CheckpointSet {
     /// The run's sampler seed (`LayerConfig::seed`), absent from files written before it was
     /// recorded.
     seed: Option<u64>,
+    /// The run's margin, sampler, optimizer and update mode ([`recorded_config`]), absent from
+    /// files written before it was recorded.
+    config: Option<String>,
+}
+
+/// What a checkpoint records of the layer's configuration beyond its shape: the margin, the
+/// negative sampler, the optimizer and its hyper-parameters, the update mode. The files of one
+/// save agree on it, so a set that mixes two runs which differ there (a folder of the random
+/// sampler's run and one of the hard sampler's) is refused. Not the sample rate, which may differ
+/// between the ranks of one run.
+pub(crate) fn recorded_config(c: &crate::LayerConfig) -> String {
+    format!(
+        "margin {:?}; sampler {:?}; optimizer {:?}; update {:?}",
+        c.margin, c.sampler, c.optimizer, c.update
+    )
 }
 
 /// The optimizer state tensors a checkpoint may hold beside `weight`: SGD's momentum, or
@@ -156,6 +173,7 @@ impl CheckpointSet {
             // counter, and SGD runs of one update per pass.
             let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(step);
             let seed: Option<u64> = file.meta("seed")?;
+            let config: Option<String> = file.meta("config")?;
             if world_size == 0 || rank >= world_size || world_size as u64 > num_classes {
                 return Err(refuse(
                     path,
@@ -193,6 +211,7 @@ impl CheckpointSet {
                         optimizer_steps,
                         states,
                         seed,
+                        config,
                     })
                 }
                 Some(s) => {
@@ -243,6 +262,23 @@ impl CheckpointSet {
                             ),
                         ));
                     }
+                    if config != s.config {
+                        let shown = |c: &Option<String>| {
+                            c.as_deref()
+                                .unwrap_or("not recorded (an older build)")
+                                .to_string()
+                        };
+                        return Err(refuse(
+                            path,
+                            format!(
+                                "it is not of the same run as {}: its configuration is {} \
+                                 against {}",
+                                first.as_ref().display(),
+                                shown(&config),
+                                shown(&s.config)
+                            ),
+                        ));
+                    }
                 }
             }
             if let Some(other) = parts.iter().find(|p| p.rank == rank) {
@@ -286,6 +322,14 @@ impl CheckpointSet {
     /// recorded.
     pub fn seed(&self) -> Option<u64> {
         self.seed
+    }
+
+    /// The margin, negative sampler, optimizer and update mode of the run that wrote the files,
+    /// as text (`None` in files written before it was recorded). The files of a set agree on
+    /// it; [`PartialFc::load_resharded`](crate::PartialFc::load_resharded) does not compare it
+    /// with the loading layer's, which may change them on resume.
+    pub fn config(&self) -> Option<&str> {
+        self.config.as_deref()
     }
 
     /// Optimizer updates applied when the files were written (AdamW's t; the step counter in
@@ -477,6 +521,7 @@ impl CheckpointSet {
             self.step,
             self.optimizer_steps,
             self.seed,
+            self.config.as_deref(),
         );
         write_atomic(path, &tensors, meta)
     }
@@ -525,6 +570,7 @@ pub(crate) fn metadata(
     step: u64,
     optimizer_steps: u64,
     seed: Option<u64>,
+    config: Option<&str>,
 ) -> HashMap<String, String> {
     let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
@@ -542,6 +588,9 @@ pub(crate) fn metadata(
     .collect();
     if let Some(seed) = seed {
         meta.insert("seed".into(), seed.to_string());
+    }
+    if let Some(config) = config {
+        meta.insert("config".into(), config.to_string());
     }
     meta
 }
