@@ -483,7 +483,10 @@ fn assert_grad16(
     use partial_fc::cpu::margin_softmax::target_logit_slope;
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let cols = got.len() / labels.len();
-    let rounding = (2.0 * cols as f32 + 4.0) * 2f32.powi(-24);
+    // p's relative rounding: the row sum's and exp's (2·cols + 4 ulps), and exp's argument
+    // s·c − max, which a GPU may compute in one FMA where the CPU rounds s·c first: an error of
+    // up to ulp(s) in the exponent, ~2·s ulps of p.
+    let rounding = (2.0 * cols as f32 + 4.0 + 2.0 * p.scale) * 2f32.powi(-24);
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
         let target = labels[k / cols] == (k % cols) as i32;
         let slope = match (target, p.exact_grad) {
@@ -1113,18 +1116,23 @@ fn adamw_matches_cpu() {
                     );
                 }
             }
-            for (name, gs, cs) in [("exp_avg", &gm, &cm), ("exp_avg_sq", &gv, &cv)] {
+            // Absolute floors at a few ulps of each moment's terms (|g| < 1: exp_avg's terms up to
+            // ~0.3, exp_avg_sq's ~1e-3): where β₁·m and (1 − β₁)·g nearly cancel, the GPU's FMA
+            // and the CPU's two roundings leave the same absolute error on a far smaller result.
+            for (name, gs, cs, abs) in [("exp_avg", &gm, &cm, 1e-7), ("exp_avg_sq", &gv, &cv, 1e-9)]
+            {
                 let (got, want) = (
                     gs.download(&g, shard * dim).unwrap(),
                     cs.download(&cpu, shard * dim).unwrap(),
                 );
-                assert_close(&what(name), &got, &want, m_tol, 1e-9);
+                assert_close(&what(name), &got, &want, m_tol, abs);
                 // The stochastic rounding draws the CPU's bits (rounding_bits): the stored values
                 // agree but where the f32 values differ by an ulp across a random threshold
                 // (probability ~2⁻¹⁶ each). Other bits would disagree on about half of them.
+                // (f32 moments differ in their last bit wherever the GPU fused a multiply-add.)
                 let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
                 assert!(
-                    same * 100 >= got.len() * 99,
+                    dtype == StateDtype::F32 || same * 100 >= got.len() * 99,
                     "{}: {same} of {} identical",
                     what(name),
                     got.len()

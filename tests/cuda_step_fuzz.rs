@@ -58,7 +58,10 @@ fn draw(rng: &mut Rng) -> Case {
         2 => Margin::combined(30.0, 1.0, 0.3, 0.2),
         _ => Margin::combined(16.0, 1.5, 0.2, 0.1),
     };
-    if rng.below(2) == 0 {
+    // At d = 1 every cosine is ±1, where the Exact slope m1·sin(m1·θ + m2)/sin θ is singular
+    // (sin θ floored at 1e-6): both backends would return rounding noise amplified ~10⁵×, which
+    // says nothing of the kernels. The draw is made either way, so the sequence stays the same.
+    if rng.below(2) == 0 && dim > 1 {
         cfg.margin.grad_mode = GradMode::Exact;
     }
     if rng.below(2) == 0 {
@@ -248,12 +251,31 @@ fn random_configurations_match_cpu() {
                     (gl - wl).abs() <= 1e-6 + 1e-4 * wl.abs(),
                     "{what}: loss gpu {gl} cpu {wl}"
                 );
-                assert_close_in_row(
-                    &format!("{what}: grad_embeddings"),
-                    &g.grads[step],
-                    &w.grads[step],
-                    c.dim,
-                );
+                if c.dim == 1 {
+                    // At d = 1 the normalization's backward projects the whole gradient out
+                    // (x̂ = ±1): both backends return the rounding noise of that cancellation,
+                    // which differs wherever any rounding does. Both must be noise-small: a
+                    // few ulps of the terms that cancel, |∂L/∂x̂| <= 2s/M, over |x|.
+                    let (x, _) = batch(&case, step, rank);
+                    let m: usize = case.rows[step].iter().sum();
+                    let terms = 2.0 * c.margin.scale as f32 / m as f32;
+                    for (i, xi) in x.iter().enumerate() {
+                        let noise = 128.0 * 2f32.powi(-24) * terms / xi.abs();
+                        let (gi, wi) = (g.grads[step][i], w.grads[step][i]);
+                        assert!(
+                            gi.abs() <= noise && wi.abs() <= noise,
+                            "{what}: grad_embeddings[{i}] at d = 1 should be ~0: gpu {gi:e}, \
+                             cpu {wi:e}, bound {noise:e}"
+                        );
+                    }
+                } else {
+                    assert_close_in_row(
+                        &format!("{what}: grad_embeddings"),
+                        &g.grads[step],
+                        &w.grads[step],
+                        c.dim,
+                    );
+                }
                 assert_close_in_row(
                     &format!("{what}: weights"),
                     &g.weights[step],
