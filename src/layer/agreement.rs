@@ -1,0 +1,174 @@
+//! The agreement between ranks before a pass or a load: every rank learns whether any refused,
+//! whether all made the same call (`Call`) with the same configuration, and each rank's value.
+
+use super::PartialFc;
+use crate::backend::{Backend, Collective, ReduceOp};
+use crate::config::LayerConfig;
+use crate::error::{PfcError, Result};
+
+/// FNV-1a of the fields that size a rank's collectives (the batch and embedding shapes, the
+/// shard split, the wire dtypes; for a prediction also its k), folded to 21 bits (an f32 holds
+/// it exactly, times eight plus three flag bits: `agree_on_input`). Stable across processes and
+/// builds: no random keys. The sample rate may differ between ranks (each sizes its own shard's
+/// sample).
+fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
+    let shared = format!(
+        "{} {} {} {:?} {:?}",
+        c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
+    );
+    let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let folded = ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32;
+    match call {
+        // k sizes the prediction's all-gathers: compared exactly (its low 6 bits, k - 1 for k in
+        // 1..=64), not hashed, so two k can never collide; 15 bits of hash remain.
+        Call::Predict { k } => (folded & !0x3f) | ((k.wrapping_sub(1) & 0x3f) as u32),
+        _ => folded,
+    }
+}
+
+/// Largest value a rank contributes to an agreement ([`PartialFc::agree`]): 2^24, every integer
+/// up to which an f32 holds exactly (a sum with zeros keeps it exact).
+pub(crate) const AGREED_VALUE_MAX: u32 = 1 << 24;
+
+/// Which call a pass is. Each pairs its own sequence of collectives, so ranks must all make the
+/// same one: `agree_on_input` tells them apart and refuses a mix on every rank.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Call {
+    /// `forward_backward`: the sample is drawn.
+    Drawn,
+    /// `forward_backward_with_sample`: a second agreement follows (the sample's positives).
+    Given,
+    /// `predict_top_k` with this k.
+    Predict { k: usize },
+    /// `load_resharded`: the ranks agree after their checks, before any layer changes.
+    Load,
+}
+
+impl Call {
+    fn code(self) -> u32 {
+        match self {
+            Call::Drawn => 0,
+            Call::Given => 1,
+            Call::Predict { .. } => 2,
+            Call::Load => 3,
+        }
+    }
+
+    fn name(code: u32) -> &'static str {
+        match code {
+            0 => "forward_backward",
+            1 => "forward_backward_with_sample",
+            2 => "predict_top_k",
+            _ => "load_resharded",
+        }
+    }
+}
+
+impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
+    /// Every rank learns whether any rank's input was bad, so that all of them stop together
+    /// instead of leaving the good ranks waiting in a collective (nothing has been modified yet),
+    /// and how many real rows the gathered batch holds. Returns that count.
+    ///
+    /// `call`: which call this pass is (`Call`); ranks on different calls would pair different
+    /// collectives, so they are told apart here and refused together.
+    pub(crate) fn agree_on_input(
+        &mut self,
+        own: Option<PfcError>,
+        rows: usize,
+        call: Call,
+    ) -> Result<usize> {
+        // rows <= batch_per_rank <= 2^24: LayerConfig::validate.
+        let counts = self.agree(own, rows as u32, call)?;
+        Ok(counts.iter().map(|&c| c as usize).sum())
+    }
+
+    /// [`agree_on_input`](Self::agree_on_input)'s exchange: besides the refusals, each rank
+    /// contributes one `value` (at most [`AGREED_VALUE_MAX`], exact in f32) and every rank gets
+    /// all of them, in rank order: a pass's row counts, or `load_resharded`'s identity of the
+    /// files each rank loaded.
+    pub(crate) fn agree(
+        &mut self,
+        own: Option<PfcError>,
+        value: u32,
+        call: Call,
+    ) -> Result<Vec<u32>> {
+        let world = self.comm.world_size();
+        let rank = self.comm.rank();
+        // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
+        // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
+        // Each rank's slot also carries a 21-bit fingerprint of the configuration its buffers
+        // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
+        // and a sum with zeros leaves it exact): ranks built with different configurations
+        // would pair collectives of different sizes.
+        let fingerprint = config_fingerprint(&self.config, call);
+        let mut flags = vec![0.0f32; 2 * world];
+        flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
+        flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
+        let (first, second) = flags.split_at(world);
+        let exchanged = (|| {
+            let (b, x) = (&self.backend, &mut self.bufs);
+            b.upload(first, &mut x.row_loss)?;
+            b.upload(second, &mut x.row_max)?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_loss, world, ReduceOp::Sum)?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_max, world, ReduceOp::Sum)?;
+            Ok::<_, PfcError>((
+                b.download(&x.row_loss, world)?,
+                b.download(&x.row_max, world)?,
+            ))
+        })();
+        // This rank's part of the agreement failed: its peers may be waiting in it, or may have
+        // its result and go on without this rank. Break the group so they fail too.
+        let (rejected, counts) = match exchanged {
+            Ok(flags) => flags,
+            Err(e) => {
+                self.comm.abort(&format!(
+                    "rank {rank}'s agreement on {} failed: {e}",
+                    Call::name(call.code())
+                ));
+                return Err(e);
+            }
+        };
+        if let Some(r) = rejected
+            .iter()
+            .position(|&f| ((f as u32) >> 1) & 3 != call.code())
+        {
+            return Err(PfcError::Collective(format!(
+                "rank {r} called {} while rank {rank} called {}: every rank must make the same \
+                 call; no rank took the step",
+                Call::name(((rejected[r] as u32) >> 1) & 3),
+                Call::name(call.code())
+            )));
+        }
+        if let Some(r) = rejected
+            .iter()
+            .position(|&f| (f as u32) >> 3 != fingerprint)
+        {
+            return Err(PfcError::Collective(format!(
+                "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
+                 batch_per_rank, wire and grad_wire must agree{}); no rank took the step",
+                if matches!(call, Call::Predict { .. }) {
+                    ", and predict_top_k's k"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if let Some(err) = own {
+            return Err(err);
+        }
+        match rejected.iter().position(|&f| (f as u32) & 1 != 0) {
+            Some(r) if call == Call::Load => Err(PfcError::Collective(format!(
+                "rank {r} could not load the checkpoint files (its own error says why); no \
+                 rank's layer changed"
+            ))),
+            Some(r) => Err(PfcError::Collective(format!(
+                "rank {r} rejected its input; no rank took the step"
+            ))),
+            None => Ok(counts.iter().map(|&c| c as u32).collect()),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The forward/backward pass: agreement, all-gather, sampling, logits, the distributed softmax
+//! and the backward GEMMs, and what the last pass left to inspect (its sample and gradient).
+
+use super::buffers::Logits;
+use super::{Call, PartialFc, StepOutput};
+use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs};
+use crate::config::NegativeSampler;
+use crate::error::{PfcError, Result};
+use crate::plan::buffers::sampled_count;
+
+impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
+    /// One forward and backward pass on this rank's batch; the sample is drawn by the layer.
+    ///
+    /// # Errors
+    ///
+    /// Refused on every rank alike, with nothing changed: a rank's bad input ([`PfcError::Shape`]
+    /// for lengths or more rows than `batch_per_rank`, [`PfcError::Label`] for a label outside
+    /// `[0, num_classes)`, a NaN/Inf or zero embedding row), an empty batch on every rank, a
+    /// layer left incomplete by a failed load. After every rank agreed to run the pass, a
+    /// collective or device error discards the pending gradient and breaks the group
+    /// ([`Collective::abort`]; see docs/design.md).
+    ///
+    /// A second pass before [`PartialFc::step`] replaces the pending gradient: there is no
+    /// accumulation across passes.
+    pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, None);
+        self.end_pass(out)
+    }
+
+    /// A pass that failed after every rank agreed to run it breaks the group (see
+    /// [`PartialFc::abort_after_agreement`]) and drops the pending gradient: whatever the pass
+    /// had reached, the last pass's gradient is not the one to apply.
+    fn end_pass<T>(&mut self, out: Result<T>) -> Result<T> {
+        if self.abort_after_agreement(&out, "forward/backward pass") {
+            self.grad_pending = false;
+            self.last_sampled = None;
+        }
+        out
+    }
+
+    /// After a call that agreed with the other ranks to run (`mid_pass` set): a failure past
+    /// that point breaks the group, since this rank's peers would otherwise wait for it in the
+    /// collective it left (until their timeout), or pair its next call with that one. Refusals
+    /// every rank agreed on return before the point. Says whether it broke the group.
+    pub(crate) fn abort_after_agreement<T>(&mut self, out: &Result<T>, what: &str) -> bool {
+        let agreed = std::mem::take(&mut self.mid_pass);
+        match out {
+            Err(e) if agreed => {
+                let rank = self.comm.rank();
+                self.comm
+                    .abort(&format!("rank {rank}'s {what} failed: {e}"));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Like [`PartialFc::forward_backward`], with the sample given instead of drawn: `sampled`
+    /// holds sorted global class ids (any rank's; each rank keeps those in its shard) and must
+    /// hold every positive of the gathered batch. Used for parity with other implementations.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`PartialFc::forward_backward`], and, on every rank alike: a class outside
+    /// `[0, num_classes)`, a sample not sorted and unique, more of this shard's classes than its
+    /// sample capacity, a positive of the batch missing from the sample.
+    pub fn forward_backward_with_sample(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        sampled: &[i64],
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, Some(sampled));
+        self.end_pass(out)
+    }
+
+    fn forward_backward_inner(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        given: Option<&[i64]>,
+    ) -> Result<StepOutput> {
+        let mut own = self.check_complete().err();
+        if own.is_none() {
+            own = self.check_input(embeddings, labels);
+        }
+        let local_sample: Vec<i32> = match given {
+            Some(ids) => {
+                if own.is_none() {
+                    if let Some(&bad) = ids
+                        .iter()
+                        .find(|&&c| c < 0 || c as u64 >= self.config.num_classes)
+                    {
+                        own = Some(PfcError::Shape(format!(
+                            "a given sample holds class {bad}, outside [0, {})",
+                            self.config.num_classes
+                        )));
+                    }
+                }
+                if own.is_none() && ids.windows(2).any(|w| w[0] >= w[1]) {
+                    own = Some(PfcError::Shape(
+                        "a given sample must be sorted and unique".into(),
+                    ));
+                }
+                let ids: Vec<i32> = ids
+                    .iter()
+                    .filter(|&&c| self.shard.contains(c))
+                    .map(|&c| (c as u64 - self.shard.start) as i32)
+                    .collect();
+                if own.is_none() && ids.len() > self.capacity {
+                    own = Some(PfcError::Shape(format!(
+                        "a given sample of {} classes exceeds this shard's capacity {}",
+                        ids.len(),
+                        self.capacity
+                    )));
+                }
+                ids
+            }
+            None => Vec::new(),
+        };
+        let call = if given.is_some() {
+            Call::Given
+        } else {
+            Call::Drawn
+        };
+        let real_rows = self.agree_on_input(own, labels.len(), call)?;
+        if real_rows == 0 {
+            // Every rank sees the same count, so all of them stop here together.
+            return Err(PfcError::Shape(
+                "every rank passed an empty batch: there is no loss to take".into(),
+            ));
+        }
+        // Every rank runs this pass now: a failure from here on breaks the group and drops the
+        // last pass's gradient (`end_pass`), in the all-gather too.
+        self.mid_pass = true;
+
+        // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
+        // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
+        // label −1, which normalize to zero, own no target and so add nothing to the loss or the
+        // class centers' gradient; their embedding gradient is computed and discarded.
+        let d = self.config.dim;
+        let n = self.config.batch_per_rank;
+        let world = self.comm.world_size();
+        let m = n * world;
+        let shard_len = self.shard.len as usize;
+
+        // 1. All-gather embeddings and labels, normalized on arrival.
+        self.gather_rows(embeddings, labels)?;
+        let (b, x) = (&self.backend, &mut self.bufs);
+        // 2. Labels of this shard become shard-local ids.
+        b.localize_labels(
+            &x.gathered_labels,
+            m,
+            self.shard.start,
+            shard_len,
+            &mut x.local_labels,
+        )?;
+
+        // 3. Sample.
+        let s = match given {
+            Some(_) => {
+                let mut local = b.download(&x.local_labels, m)?;
+                let mut missing = None;
+                for (row, l) in local.iter_mut().enumerate().filter(|(_, l)| **l >= 0) {
+                    match local_sample.binary_search(l) {
+                        Ok(p) => *l = p as i32,
+                        Err(_) => {
+                            missing.get_or_insert(PfcError::Shape(format!(
+                                "the given sample misses class {} (label of gathered row {row})",
+                                *l as u64 + self.shard.start
+                            )));
+                        }
+                    }
+                }
+                // Only the rank that holds the class can tell; every rank must learn it before
+                // any returns, or the others wait in the next collective (or pair it with the
+                // wrong call). Nothing observable has changed yet.
+                // A refusal here is every rank's, not a failure to break the group for.
+                self.mid_pass = false;
+                self.agree_on_input(missing, 0, Call::Given)?;
+                self.mid_pass = true;
+                let (b, x) = (&self.backend, &mut self.bufs);
+                b.upload(&local, &mut x.local_labels)?;
+                b.upload(&local_sample, &mut x.sampled_index)?;
+                local_sample.len()
+            }
+            None => {
+                let hard_fraction = match self.config.sampler {
+                    NegativeSampler::Hard { fraction } => fraction as f32,
+                    NegativeSampler::Random => 0.0,
+                };
+                let scores = match (&mut x.scores, &mut x.chunk_weights, &mut x.chunk_cosines) {
+                    (Some(scores), Some(cw), Some(cc)) if self.config.sample_rate < 1.0 => {
+                        b.class_max_cosine(
+                            &x.weight,
+                            shard_len,
+                            d,
+                            &x.x_hat,
+                            &x.gathered_labels,
+                            m,
+                            cw,
+                            cc,
+                            scores,
+                        )?;
+                        Some(&*scores)
+                    }
+                    _ => None,
+                };
+                let args = SampleArgs {
+                    shard_len,
+                    shard_start: self.shard.start,
+                    num_sample: sampled_count(self.shard.len, self.config.sample_rate) as usize,
+                    rows: m,
+                    seed: self.config.seed,
+                    step: self.step,
+                    hard_fraction,
+                };
+                b.sample_classes(
+                    &args,
+                    &mut x.local_labels,
+                    scores,
+                    &mut x.keys,
+                    &mut x.sampled_index,
+                )?
+            }
+        };
+        // The counter counts passes that drew their sample: every rank gets here after the same
+        // collectives, so a later failure on some of them advances all counters alike.
+        self.step += 1;
+        self.grad_pending = false;
+        self.last_sampled = None;
+        let (b, x) = (&self.backend, &mut self.bufs);
+
+        // 4. Sampled, normalized centers and the cosine logits, each logits row padded to
+        //    `shape.ld` columns (see `LogitsShape`): the GEMMs run over all `ld` columns, the
+        //    padding rows of the sampled centers are zero (at allocation, and zeroed again
+        //    below after a larger sample wrote them), and the softmax ignores the padding
+        //    columns and zeroes their gradient, so they add nothing to either backward GEMM.
+        let shape = LogitsShape::aligned(m, s)?;
+        let ld = shape.ld;
+        let stale = self.sampled_rows_written.min(ld);
+        if stale > s {
+            // Only after a larger sample (a given one, or more positives than `num_sample`).
+            b.upload_at(&vec![0.0; (stale - s) * d], &mut x.sampled_weights, s * d)?;
+        }
+        self.sampled_rows_written = self.sampled_rows_written.max(s);
+        b.gather_normalize_rows(
+            &x.weight,
+            d,
+            &x.sampled_index,
+            s,
+            &mut x.sampled_weights,
+            &mut x.weight_norms,
+        )?;
+        let logits = &mut x.logits;
+        match logits {
+            Logits::F32(l) => b.gemm_nt(m, ld, d, &x.x_hat, &x.sampled_weights, l)?,
+            Logits::Half(l, _) => b.gemm_nt16(m, ld, d, &x.x_hat, &x.sampled_weights, l)?,
+        }
+
+        // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
+        //      one has nothing to all-reduce, so it runs the three passes as one kernel.
+        let margin = self.config.margin.params();
+        let mean = 1.0 / real_rows as f32;
+        let grad_scale = logits.softmax_grad_scale(mean);
+        if self.comm.world_size() == 1 {
+            logits.fused(
+                b,
+                shape,
+                &x.local_labels,
+                &margin,
+                grad_scale,
+                &mut x.row_loss,
+            )?;
+        } else {
+            logits.rowmax(
+                b,
+                shape,
+                &x.local_labels,
+                &margin,
+                &mut x.row_max,
+                &mut x.target_cos,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_max, m, ReduceOp::Max)?;
+            logits.exp_rowsum(
+                b,
+                shape,
+                &x.local_labels,
+                &margin,
+                &x.row_max,
+                &mut x.row_sum,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_sum, m, ReduceOp::Sum)?;
+            let stats = (&x.row_max, &x.row_sum, &x.target_cos);
+            logits.loss_grad(
+                b,
+                shape,
+                &x.local_labels,
+                &margin,
+                stats,
+                grad_scale,
+                &mut x.row_loss,
+            )?;
+            self.comm
+                .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
+        }
+        let loss = b
+            .download(&x.row_loss, m)?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>()
+            / real_rows as f64;
+
+        // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
+        //    over ranks and each rank keeps its own rows.
+        match &x.logits {
+            Logits::F32(g) => b.gemm_backward(
+                m,
+                ld,
+                d,
+                g,
+                &x.sampled_weights,
+                &x.x_hat,
+                &mut x.x_grad,
+                &mut x.sampled_weights_grad,
+            )?,
+            // The mean's 1/rows rides in the GEMMs' alpha (see `Logits::softmax_grad_scale`);
+            // the 16-bit copies of x̂ and ŵ made by gemm_nt16 above are still in place.
+            Logits::Half(g, _) => b.gemm_backward16(
+                m,
+                ld,
+                d,
+                g,
+                mean,
+                &x.sampled_weights,
+                &x.x_hat,
+                &mut x.x_grad,
+                &mut x.sampled_weights_grad,
+                true,
+            )?,
+        }
+        b.normalize_backward(&mut x.x_grad, &x.x_hat, &x.x_norms, m, d)?;
+        b.normalize_backward(
+            &mut x.sampled_weights_grad,
+            &x.sampled_weights,
+            &x.weight_norms,
+            s,
+            d,
+        )?;
+        match &mut x.grad_wire {
+            None => self
+                .comm
+                .reduce_scatter_f32(b, &x.x_grad, n * d, &mut x.staging)?,
+            Some((send, recv)) => {
+                // Half the bytes on the wire: each rank's gradient rounded once, summed in the
+                // 16-bit dtype by the collective, widened back (see `LayerConfig::grad_wire`).
+                let dtype = self.config.grad_wire;
+                b.cast_to_wire(&x.x_grad, m * d, dtype, send)?;
+                self.comm.reduce_scatter_16(b, send, n * d, recv, dtype)?;
+                b.cast_from_wire(recv, n * d, dtype, &mut x.staging)?;
+            }
+        }
+        let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
+        self.grad_pending = true;
+        self.last_sampled = Some(s);
+        Ok(StepOutput {
+            loss: loss as f32,
+            grad_embeddings,
+            sampled: s,
+        })
+    }
+
+    /// The sorted global class ids this rank sampled in the last forward pass (also after
+    /// [`PartialFc::step`]; empty before the first pass and after the weights were replaced).
+    pub fn sampled_classes(&self) -> Result<Vec<i64>> {
+        let s = self.last_sampled.unwrap_or(0);
+        Ok(self
+            .backend
+            .download(&self.bufs.sampled_index, s)?
+            .into_iter()
+            .map(|c| c as i64 + self.shard.start as i64)
+            .collect())
+    }
+
+    /// d loss / d shard weights from the last backward pass, dense (`shard × d`, zero outside the
+    /// sample; also after [`PartialFc::step`]; all zero before the first pass and after the
+    /// weights were replaced).
+    pub fn weight_grad_dense(&self) -> Result<Vec<f32>> {
+        let d = self.config.dim;
+        let mut dense = vec![0.0f32; self.shard.len as usize * d];
+        if let Some(sampled) = self.last_sampled {
+            let rows = self
+                .backend
+                .download(&self.bufs.sampled_weights_grad, sampled * d)?;
+            let index = self.backend.download(&self.bufs.sampled_index, sampled)?;
+            for (i, &c) in index.iter().enumerate() {
+                let c = c as usize;
+                dense[c * d..(c + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+            }
+        }
+        Ok(dense)
+    }
+}
