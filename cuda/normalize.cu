@@ -153,6 +153,11 @@ extern "C" __global__ void row_max_into(const float* cosines, const long long* r
 
 #define TOP_K_MAX 64
 #define NO_ID 0x7fffffff
+// A NaN cosine (a class center that is not finite) scores above every cosine, so that the
+// caller sees it first and refuses the prediction (NOT_FINITE_SCORE in src/cpu/top_k.rs).
+#define NOT_FINITE_SCORE 2.0f
+
+__device__ __forceinline__ float merge_score(float c) { return c != c ? NOT_FINITE_SCORE : c; }
 
 // (a, ia) comes before (b, ib): the higher cosine, then the smaller class id.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) {
@@ -197,7 +202,8 @@ extern "C" __global__ void top_k_merge(const float* cosines, int len, int chunk_
     float last = ts[k - 1];
     int last_id = ti[k - 1];
     int any = 0;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) any |= beats(c[j], chunk_start + j, last, last_id);
+    for (int j = threadIdx.x; j < len; j += blockDim.x)
+        any |= beats(merge_score(c[j]), chunk_start + j, last, last_id);
     if (!__syncthreads_or(any)) return;
     float prev = INFINITY;
     int prev_id = -1;
@@ -205,7 +211,7 @@ extern "C" __global__ void top_k_merge(const float* cosines, int len, int chunk_
         float v = -INFINITY;
         int id = NO_ID;
         for (int j = threadIdx.x; j < len; j += blockDim.x) {
-            float x = c[j];
+            float x = merge_score(c[j]);
             int xi = chunk_start + j;
             // -inf never enters (an empty slot, (-inf, -1), beats it), as in the CPU merge; and
             // letting it in would break "the previous winner beats every later one", since the

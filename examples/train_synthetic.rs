@@ -15,7 +15,7 @@ use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
 use partial_fc::synthetic::{train, TrainConfig, TrainReport};
-use partial_fc::{AdamW, Margin, PfcError, Sgd, StateDtype};
+use partial_fc::{AdamW, Margin, NegativeSampler, PfcError, Sgd, StateDtype};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -143,6 +143,11 @@ struct Args {
     /// Weight decay of the classifier (default: 5e-4 for SGD, 0.01 for AdamW's decoupled decay).
     #[arg(long)]
     fc_weight_decay: Option<f32>,
+    /// Sample the hardest negatives instead of random ones: this fraction of each shard's
+    /// negative slots goes to the classes nearest to the batch (scoring the whole shard every
+    /// step), the rest is drawn at random.
+    #[arg(long, value_name = "FRACTION")]
+    hard_negatives: Option<f64>,
     /// Warm-up steps (then linear decay to 0).
     #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
     warmup_steps: usize,
@@ -236,6 +241,10 @@ impl Args {
             },
             warmup_steps: self.warmup_steps,
             margin,
+            fc_sampler: match self.hard_negatives {
+                Some(fraction) => NegativeSampler::Hard { fraction },
+                None => NegativeSampler::Random,
+            },
             seed: self.seed,
             momentum_dtype: match self.momentum_dtype {
                 MomentumArg::F32 => StateDtype::F32,

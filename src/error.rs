@@ -44,6 +44,16 @@ pub enum PfcError {
         /// What the step would have done with it, and what to do instead.
         reason: String,
     },
+    /// A class center holds a non-finite value: training diverged (a learning rate too high),
+    /// and a prediction over it would be the nearest of the classes that are left.
+    #[error(
+        "class {class}'s center is not finite: the classifier diverged (lower the learning rate \
+         and resume from a checkpoint); no prediction"
+    )]
+    Diverged {
+        /// A class whose center is not finite.
+        class: i64,
+    },
     /// An embedding row is all zeros and cannot be L2-normalized.
     #[error("embedding row {row} is all zeros and has no direction to normalize")]
     ZeroRow {

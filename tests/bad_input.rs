@@ -932,6 +932,46 @@ fn ranks_built_with_different_configurations_refuse_the_step() {
     }
 }
 
+/// From a user review: ranks built with another margin (or sampler) trained on silently, each
+/// shard with its own loss. They are refused like a shape mismatch; a sample rate or a seed
+/// that differs is allowed (each rank sizes and draws its own shard's sample).
+#[test]
+fn ranks_with_another_margin_refuse_the_step_another_sample_rate_does_not() {
+    let run = |vary: fn(&mut LayerConfig)| {
+        ThreadGroup::run(2, move |comm| {
+            let rank = Collective::<CpuBackend>::rank(&comm);
+            let mut cfg = config();
+            if rank == 1 {
+                vary(&mut cfg);
+            }
+            let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+            let before = snapshot(&layer);
+            let (x, labels) = good_batch(30 + rank as u64);
+            let res = layer.forward_backward(&x, &labels).map(|_| ());
+            (res, snapshot(&layer).changed(&before).is_empty())
+        })
+    };
+    for (rank, (res, _)) in run(|c| {
+        c.sample_rate = 0.5;
+        c.seed += 1;
+    })
+    .iter()
+    .enumerate()
+    {
+        assert!(res.is_ok(), "rank {rank}: {res:?}");
+    }
+    for (rank, (res, unchanged)) in run(|c| c.margin = partial_fc::Margin::cosface())
+        .iter()
+        .enumerate()
+    {
+        match res {
+            Err(PfcError::Collective(msg)) if msg.contains("configuration differs") => {}
+            other => panic!("rank {rank}: {other:?}"),
+        }
+        assert!(unchanged, "rank {rank}");
+    }
+}
+
 #[test]
 fn a_nan_that_gets_in_shows_in_the_loss() {
     // A learning rate of 1e38 is finite, so step() takes it; the weights overflow, and the next

@@ -1430,6 +1430,70 @@ fn class_top_k_matches_cpu() {
     assert!(e.is_err(), "k = 0 is refused");
 }
 
+/// A center that is not finite scores NOT_FINITE_SCORE (above every cosine) with every row, on
+/// both devices, so that the layer can refuse a diverged classifier's prediction.
+#[test]
+fn class_top_k_puts_a_non_finite_center_first() {
+    use partial_fc::cpu::top_k::NOT_FINITE_SCORE;
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(31);
+    let (shard, dim, rows, k, chunk) = (300usize, 16usize, 5usize, 4usize, 64usize);
+    let mut w = rng.vec(shard * dim, -1.0, 1.0);
+    w[211 * dim + 3] = f32::INFINITY; // its normalized row, and every cosine with it, is NaN
+    let x = rng.vec(rows * dim, -1.0, 1.0);
+    let (mut xh, mut xn) = (vec![0f32; rows * dim], vec![0f32; rows]);
+    CpuBackend
+        .normalize_rows(&x, rows, dim, &mut xh, &mut xn)
+        .unwrap();
+    let (mut cw, mut cc) = (vec![0f32; chunk * dim], vec![0f32; chunk * rows]);
+    let (mut scores, mut ids) = (vec![0f32; rows * k], vec![0i32; rows * k]);
+    CpuBackend
+        .class_top_k(
+            &w,
+            shard,
+            dim,
+            &xh,
+            rows,
+            k,
+            &mut cw,
+            &mut cc,
+            &mut scores,
+            &mut ids,
+        )
+        .unwrap();
+    let (mut gcw, mut gcc) = (
+        g.alloc(chunk * dim).unwrap(),
+        g.alloc(chunk * rows).unwrap(),
+    );
+    let (mut gscores, mut gids) = (g.alloc(rows * k).unwrap(), g.alloc(rows * k).unwrap());
+    g.class_top_k(
+        &up(&g, &w),
+        shard,
+        dim,
+        &up(&g, &xh),
+        rows,
+        k,
+        &mut gcw,
+        &mut gcc,
+        &mut gscores,
+        &mut gids,
+    )
+    .unwrap();
+    let (gscores, gids) = (
+        g.download(&gscores, rows * k).unwrap(),
+        g.download(&gids, rows * k).unwrap(),
+    );
+    for row in 0..rows {
+        for (what, sc, id) in [("cpu", &scores, &ids), ("gpu", &gscores, &gids)] {
+            assert_eq!(
+                (sc[row * k], id[row * k]),
+                (NOT_FINITE_SCORE, 211),
+                "{what} row {row}"
+            );
+        }
+    }
+}
+
 #[test]
 fn predict_top_k_matches_cpu() {
     use partial_fc::collective::{HostStaged, ThreadGroup};

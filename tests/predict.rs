@@ -507,3 +507,40 @@ fn any_number_of_rows_per_rank_in_chunks() {
     });
     assert_eq!(refused, [true, true]);
 }
+
+/// A user's trainer diverged (a learning rate of 1e38) and still got an answer from
+/// `predict_top_k`: the nearest of the classes left finite. Now every rank refuses, naming a
+/// class whose center is not finite.
+#[test]
+fn a_diverged_classifier_refuses_to_predict_on_every_rank() {
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut cfg = LayerConfig::new(40, 8, 3);
+        cfg.sample_rate = 1.0;
+        let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+        let x = partial_fc::init::normal_rows(7 + rank as u64, 0, 3, 8, 1.0);
+        let labels = [rank as i64, 10 + rank as i64, 30];
+        for _ in 0..4 {
+            layer.forward_backward(&x, &labels).unwrap();
+            layer.step(1e38).unwrap();
+        }
+        let w = layer.weight().unwrap();
+        let bad = w.iter().position(|v| !v.is_finite()).map(|i| i / 8);
+        let shard = layer.shard();
+        let out = layer.predict_top_k(&x, 2).map(|_| ());
+        (bad.map(|c| shard.start + c as u64), out)
+    });
+    assert!(
+        results.iter().any(|(bad, _)| bad.is_some()),
+        "the learning rate must make some center non-finite"
+    );
+    for (rank, (_, out)) in results.iter().enumerate() {
+        match out {
+            Err(PfcError::Diverged { class }) => {
+                let owner = &results[usize::from(*class >= 20)].0;
+                assert!(owner.is_some(), "rank {rank}: class {class} is finite");
+            }
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+}

@@ -14,6 +14,7 @@ use std::path::Path;
 
 mod predict;
 mod set;
+pub(crate) use set::recorded_config;
 pub use set::{reshard, shard_file_name, CheckpointSet};
 
 /// Reads values `offset .. offset + len` of a tensor (`weight` or an optimizer state) of a shard.
@@ -104,7 +105,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.steps(),
             self.optimizer_steps(),
             Some(self.config().seed),
-            Some(&set::recorded_config(self.config())),
+            Some(&recorded_config(self.config())),
         )
     }
 
@@ -391,9 +392,7 @@ fn set_identity(set: &CheckpointSet) -> u32 {
         set.state_names(),
         set.config()
     );
-    let hash = recorded.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = crate::layer::fnv1a(&recorded);
     ((hash ^ (hash >> 24) ^ (hash >> 48)) as u32) & (crate::layer::AGREED_VALUE_MAX - 1)
 }
 

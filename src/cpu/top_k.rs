@@ -2,7 +2,8 @@
 //! prediction for extreme classification, where the classifier is the model.
 //!
 //! Order: higher cosine first, the smaller class id first among equal cosines (-0.0 equals
-//! 0.0, as on a GPU). An empty slot is (−∞, −1); every class beats it.
+//! 0.0, as on a GPU). An empty slot is (−∞, −1); every class beats it. A NaN cosine scores
+//! [`NOT_FINITE_SCORE`], above them all.
 
 use super::gemm::gemm_nt;
 use super::normalize::normalize_rows;
@@ -12,6 +13,11 @@ use rayon::prelude::*;
 /// The largest k [`class_top_k`] (and its CUDA twin) take: the merge keeps a row's running
 /// top k in shared memory.
 pub const TOP_K_MAX: usize = 64;
+
+/// The score a NaN cosine (a class center that is not finite) takes in the merge: above every
+/// cosine, so that such a class comes first in every row and the caller can refuse the
+/// prediction ([`PfcError::Diverged`]) instead of returning the nearest of the finite classes.
+pub const NOT_FINITE_SCORE: f32 = 2.0;
 
 /// Whether (`a`, `ia`) comes before (`b`, `ib`).
 pub fn beats(a: f32, ia: i32, b: f32, ib: i32) -> bool {
@@ -59,6 +65,7 @@ pub fn top_k_merge(
             // scan costs one comparison per class, with no allocation. (The GPU kernel, one block
             // per row, instead votes, then takes k block-wide best pairs: same result.)
             for (j, &c) in row.iter().enumerate() {
+                let c = if c.is_nan() { NOT_FINITE_SCORE } else { c };
                 let id = chunk_start + j as i32;
                 if !beats(c, id, scores[k - 1], ids[k - 1]) {
                     continue;
@@ -273,6 +280,15 @@ fn need(len: usize, want: Option<usize>, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nan_cosine_comes_first_with_the_not_finite_score() {
+        let cosines = [0.5, f32::NAN, 0.9, f32::NAN];
+        let (mut scores, mut ids) = ([f32::NEG_INFINITY; 3], [-1i32; 3]);
+        top_k_merge(&cosines, 1, 4, 10, 3, &mut scores, &mut ids).unwrap();
+        assert_eq!(ids, [11, 13, 12]);
+        assert_eq!(scores, [NOT_FINITE_SCORE, NOT_FINITE_SCORE, 0.9]);
+    }
 
     #[test]
     fn merging_chunks_gives_the_sorted_top_k_with_ties_to_the_smaller_id() {

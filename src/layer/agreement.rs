@@ -6,19 +6,31 @@ use crate::backend::{Backend, Collective, ReduceOp};
 use crate::config::LayerConfig;
 use crate::error::{PfcError, Result};
 
-/// FNV-1a of the fields that size a rank's collectives (the batch and embedding shapes, the
-/// shard split, the wire dtypes; for a prediction also its k), folded to 21 bits (an f32 holds
-/// it exactly, times eight plus three flag bits: `agree_on_input`). Stable across processes and
-/// builds: no random keys. The sample rate may differ between ranks (each sizes its own shard's
-/// sample).
+/// 64-bit FNV-1a: a hash stable across processes and builds (no random keys), for what ranks
+/// compare through an agreement.
+pub(crate) fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// FNV-1a of the fields the ranks must share: those that size a rank's collectives (the batch
+/// and embedding shapes, the shard split, the wire dtypes; for a prediction also its k) and
+/// those that define the loss and the update (margin, sampler, optimizer, update mode: ranks
+/// that differed there would train a classifier no configuration describes), folded to 21 bits
+/// (an f32 holds it exactly, times eight plus three flag bits: `agree_on_input`). The sample
+/// rate, the seed and the GEMM precision may differ between ranks.
 fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
     let shared = format!(
-        "{} {} {} {:?} {:?}",
-        c.num_classes, c.dim, c.batch_per_rank, c.wire, c.grad_wire
+        "{} {} {} {:?} {:?} {}",
+        c.num_classes,
+        c.dim,
+        c.batch_per_rank,
+        c.wire,
+        c.grad_wire,
+        crate::checkpoint::recorded_config(c)
     );
-    let hash = shared.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = fnv1a(&shared);
     let folded = ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32;
     match call {
         // k sizes the prediction's all-gathers: compared exactly (its low 6 bits, k - 1 for k in
@@ -149,7 +161,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         {
             return Err(PfcError::Collective(format!(
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
-                 batch_per_rank, wire and grad_wire must agree{}); no rank took the step",
+                 batch_per_rank, wire, grad_wire, margin, sampler, optimizer and update mode must \
+                 agree{}); no rank took the step",
                 if matches!(call, Call::Predict { .. }) {
                     ", and predict_top_k's k"
                 } else {

@@ -11,7 +11,7 @@ mod predict;
 mod state;
 mod update;
 
-pub(crate) use agreement::{Call, AGREED_VALUE_MAX};
+pub(crate) use agreement::{fnv1a, Call, AGREED_VALUE_MAX};
 pub(crate) use checks::{row_error, storable};
 pub use predict::Prediction;
 

@@ -10,7 +10,7 @@
 
 use super::{row_error, Call, PartialFc};
 use crate::backend::{Backend, Collective, ReduceOp};
-use crate::cpu::top_k::TOP_K_MAX;
+use crate::cpu::top_k::{NOT_FINITE_SCORE, TOP_K_MAX};
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
 
@@ -62,7 +62,8 @@ impl Prediction {
     /// row, top-1 accuracy is precision@1 and top-k accuracy is recall@k. In a job of k ranks
     /// each rank's `Prediction` holds its own rows: for the job's accuracy, multiply by the
     /// rank's row count and sum over ranks (e.g. `Collective::all_reduce_f32` of the hits and
-    /// the rows).
+    /// the rows); a prediction of no rows gives zeros, which weigh nothing in that sum. Labels
+    /// that are not classes of the classifier (−1, ≥ C) count as misses.
     ///
     /// ```
     /// use partial_fc::Prediction;
@@ -117,7 +118,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// `forward_backward`); the checks and the refusal of bad input are the same (a rank's bad
     /// row stops every rank), `k` must be the same on every rank, between 1 and
     /// min([`TOP_K_MAX`], num_classes). Weights, momentum, the step counter and a pending
-    /// gradient are left as they are.
+    /// gradient are left as they are. A class center that is not finite (training diverged)
+    /// fails the call on every rank with [`PfcError::Diverged`] naming it, rather than
+    /// answering with the nearest of the finite classes.
     ///
     /// Memory: each call allocates its scratch on the backend, all of it before the ranks agree
     /// to run (so a rank short of memory refuses with the others) and sized for a full batch,
@@ -284,6 +287,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                     classes[slot] = c;
                 }
             });
+        // A center that is not finite scores NOT_FINITE_SCORE with every row, so it comes first
+        // in all of them, on every rank: each refuses alike.
+        if let Some(j) = scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
+            return Err(PfcError::Diverged { class: classes[j] });
+        }
         Ok(Prediction { k, classes, scores })
     }
 

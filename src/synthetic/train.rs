@@ -23,7 +23,7 @@ use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticId
 use super::metrics::{evaluate, EvalMetrics};
 use crate::backend::{Backend, Collective};
 use crate::collective::{HostStaged, ThreadGroup};
-use crate::config::{LayerConfig, Margin, Optimizer, Sgd, StateDtype};
+use crate::config::{LayerConfig, Margin, NegativeSampler, Optimizer, Sgd, StateDtype};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
@@ -75,6 +75,9 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// Margin of the softmax.
     pub margin: Margin,
+    /// Negative sampler of the classifier: random (the paper's, the default) or the hardest
+    /// negatives, which score the whole shard every step (docs/training.md has both).
+    pub fc_sampler: NegativeSampler,
     /// Seed of the data, the backbone initialization and the class sampler.
     pub seed: u64,
     /// Storage dtype of the classifier's optimizer state (SGD momentum or AdamW moments).
@@ -109,6 +112,7 @@ impl Default for TrainConfig {
             fc_optimizer: Optimizer::Sgd(Sgd::default()),
             warmup_steps: 20,
             margin: Margin::arcface(),
+            fc_sampler: NegativeSampler::Random,
             seed: 42,
             momentum_dtype: StateDtype::F32,
             wire: Dtype::F32,
@@ -236,6 +240,7 @@ impl TrainConfig {
         let mut cfg = LayerConfig::new(self.identities, self.embedding_dim, self.batch_per_rank);
         cfg.sample_rate = self.sample_rate;
         cfg.margin = self.margin;
+        cfg.sampler = self.fc_sampler;
         cfg.seed = self.seed;
         cfg.optimizer = Some(self.fc_optimizer);
         if let Some(o) = cfg.optimizer.as_mut() {
