@@ -270,7 +270,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         })?;
         if let Some(r) = found.iter().position(|&f| f != identity) {
             return Err(PfcError::Collective(format!(
-                "rank {r} loaded another checkpoint than rank {} (step {}, optimizer step {},                  seed {}, written by {} ranks): every rank must load the same run's files of one                  step; no rank's layer changed",
+                "rank {r} loaded another checkpoint than rank {} (step {}, optimizer step {}, \
+                 seed {}, written by {} ranks): every rank must load the same run's files of one \
+                 step; no rank's layer changed",
                 self.collective().rank(),
                 set.step(),
                 set.optimizer_steps(),
