@@ -6,9 +6,10 @@
 //! - `pfc reshard`: a run's checkpoint files for another world size.
 //! - `pfc predict`: the k nearest classes of a saved classifier for a file of embeddings.
 //!
-//! Every error is one line on stderr and exit status 2 (bad usage or input);
+//! Every error is one line on stderr and exit status 2 (bad usage or input, a refused file);
 //! `pfc plan --check` exits 1 when the configuration does not fit.
 
+mod out_file;
 mod plan;
 mod predict;
 mod reshard;
