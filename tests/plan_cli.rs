@@ -401,3 +401,183 @@ fn hard_negatives_flag_adds_their_scratch() {
         3_625_000 * 4 + 4096 * 512 * 4 + 4096 * 1024 * 4
     );
 }
+
+/// `--check` makes "does not fit" exit status 1 (text and JSON alike, the output printed as
+/// usual); without it the status stays 0 whatever the verdict, and bad input stays 2.
+#[test]
+fn check_exits_1_when_it_does_not_fit() {
+    // 100M on 64 × 11 GiB misses by 3.5% (docs/memory-model.md)
+    let tight = [
+        "plan",
+        "--classes",
+        "100M",
+        "--gpus",
+        "64",
+        "--gpu-memory",
+        "11GiB",
+    ];
+    let out = pfc(&tight);
+    assert_eq!(out.status.code(), Some(0), "the default is unchanged");
+    let out = pfc(&[&tight[..], &["--check"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("verdict: DOES NOT FIT"), "{text}");
+    assert!(out.stderr.is_empty());
+    let out = pfc(&[&tight[..], &["--check", "--json"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fits"], false);
+    for json in [false, true] {
+        let mut args = PAPER.to_vec();
+        args.push("--check");
+        if json {
+            args.push("--json");
+        }
+        assert_eq!(pfc(&args).status.code(), Some(0), "it fits (json: {json})");
+    }
+    let out = pfc(&[&tight[..], &["--check", "--batch", "0"]].concat());
+    assert_eq!(out.status.code(), Some(2), "bad input");
+}
+
+/// A decimal `--gpu-memory` (SI: `80GB` = 80·10⁹ bytes) is shown in GiB with the binary
+/// spelling of the number, which is what a card sold as "80GB" holds; a binary one is not
+/// remarked on. With `--json` the note goes to stderr and stdout stays one object.
+#[test]
+fn a_decimal_gpu_memory_is_shown_in_gib_with_what_the_card_holds() {
+    let run = |memory: &str, json: bool| {
+        let mut args = vec![
+            "plan",
+            "--classes",
+            "29M",
+            "--gpus",
+            "8",
+            "--gpu-memory",
+            memory,
+        ];
+        if json {
+            args.push("--json");
+        }
+        let out = pfc(&args);
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (text, _) = run("80GB", false);
+    assert!(
+        text.contains(
+            "note: --gpu-memory 80GB is 80·10⁹ bytes = 74.5 GiB; a GPU sold as \"80GB\" holds \
+             80 GiB: write 80GiB"
+        ),
+        "{text}"
+    );
+    let (text, _) = run("11G", false);
+    assert!(
+        text.contains("11G is 11·10⁹ bytes = 10.2 GiB") && text.contains("write 11GiB"),
+        "{text}"
+    );
+    let (text, _) = run("2.5T", false);
+    assert!(text.contains("write 2.5TiB"), "{text}");
+    for binary in ["80GiB", "85899345920"] {
+        let (text, _) = run(binary, false);
+        assert!(!text.contains("--gpu-memory"), "{binary}: {text}");
+    }
+    let (stdout, stderr) = run("80GB", true);
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    serde_json::from_str::<serde_json::Value>(&stdout).unwrap();
+    assert!(stderr.contains("write 80GiB"), "{stderr}");
+    // --help says it too
+    let help = String::from_utf8(pfc(&["plan", "--help"]).stdout).unwrap();
+    assert!(help.contains("80GB is 80·10⁹ bytes = 74.5 GiB"), "{help}");
+}
+
+/// Under the verdict: that the default `--reserved 0` counts the FC layer alone (only when it
+/// fits), and the what-ifs given (options the planner sizes but the layer cannot run); `--json`
+/// lists the what-ifs in `what_ifs` and keeps its other keys.
+#[test]
+fn the_verdict_says_what_it_leaves_out_and_what_the_layer_cannot_run() {
+    let text = |extra: &[&str]| {
+        let out = pfc(&[&PAPER[..], extra].concat());
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let reserve_note = "note: the FC layer alone (--reserved 0)";
+    let plain = text(&[]);
+    assert!(plain.contains(reserve_note), "{plain}");
+    assert!(!plain.contains("what-if"), "{plain}");
+    let reserved = text(&["--reserved", "4.5GiB"]);
+    assert!(!reserved.contains("note:"), "{reserved}");
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "8GiB",
+    ]);
+    let tight = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        tight.contains("DOES NOT FIT") && !tight.contains(reserve_note),
+        "a reserve cannot make a miss fit: {tight}"
+    );
+    let what_ifs = text(&["--weight-dtype", "bf16", "--logits", "fused"]);
+    assert!(what_ifs.contains("verdict: FITS"), "{what_ifs}");
+    assert!(
+        what_ifs.contains(
+            "note: a what-if: the layer cannot run --weight-dtype bf16 (it keeps f32 master \
+             weights) or --logits fused (not implemented yet)"
+        ),
+        "{what_ifs}"
+    );
+    let one = text(&["--weight-dtype", "f16"]);
+    assert!(
+        one.contains("the layer cannot run --weight-dtype f16 (it keeps f32 master weights)\n"),
+        "{one}"
+    );
+    let json = |extra: &[&str]| {
+        let out = pfc(&[&PAPER[..], extra, &["--json"]].concat());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(json(&[])["what_ifs"], serde_json::json!([]));
+    let both = json(&["--weight-dtype", "bf16", "--logits", "fused"]);
+    assert_eq!(
+        both["what_ifs"],
+        serde_json::json!(["--weight-dtype bf16", "--logits fused"])
+    );
+    assert_eq!(both["fits"], true);
+    assert!(both["components"].is_object() && both["total_bytes"].is_u64());
+}
+
+/// Class counts are shown to four significant digits in the largest unit (a review found
+/// `102465.8K classes`), cut rather than rounded, with the exact count beside them; a count
+/// the user gave is shown as it can be typed.
+#[test]
+fn counts_scale_to_k_m_b_with_the_exact_count_beside() {
+    let out = pfc(&PAPER);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("largest class count on 8 GPUs: 55.81M (55812928)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("upper bound over cluster sizes: 584.2M classes (584286075), first"),
+        "{text}"
+    );
+    let out = pfc(&[
+        "plan",
+        "--classes",
+        "100001",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "11GiB",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("100001 classes on 1 GPU of 11.0 GiB"),
+        "{text}"
+    );
+    assert!(text.contains("fewest GPUs for 100001 classes: 1"), "{text}");
+}

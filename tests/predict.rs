@@ -428,8 +428,20 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         String::from_utf8_lossy(&done.stdout).into_owned()
     };
     let stdout = run_on(&x, &odd);
+    // the whole line: a review found the note cut by a run of spaces from a bad line join
     assert!(
-        stdout.contains("note: 2 of 30 labels are not classes"),
+        stdout.contains(
+            "note: 2 of 30 labels are not classes of this classifier (0 .. 1003): those rows \
+             count as misses\n"
+        ),
+        "{stdout}"
+    );
+    let stdout = run_on(&x[..DIM], &[-1]);
+    assert!(
+        stdout.contains(
+            "1 row against 1003 classes (d = 24, step 0, 2 files), k = 2\nnote: 1 of 1 label \
+             is not a class of this classifier (0 .. 1003): that row counts as a miss\n"
+        ),
         "{stdout}"
     );
     let typo = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
@@ -469,6 +481,132 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         let stderr = early(&["--backend", "cuda"]);
         assert!(stderr.contains("without the `cuda` feature"), "{stderr}");
     }
+}
+
+/// `pfc predict --out` refuses an existing file unless `--force` is given, and a partial-fc
+/// checkpoint shard (here another run's, truncated or whole) or an input even with `--force`:
+/// a user review found a shard of another run replaced by a 408-byte prediction, exit 0.
+/// Nothing is written when it refuses, not even a temporary file.
+#[test]
+fn pfc_predict_out_replaces_only_with_force_and_never_a_checkpoint_shard() {
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let dir = tempfile::tempdir().unwrap();
+    let (run, other) = (dir.path().join("run"), dir.path().join("other"));
+    for root in [&run, &other] {
+        std::fs::create_dir(root).unwrap();
+        let root = root.clone();
+        ThreadGroup::run(2, move |comm| {
+            let path = root.join(format!("rank{}.safetensors", comm.rank()));
+            let layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+            layer.save(&path).unwrap();
+        });
+    }
+    let ckpts: Vec<_> = (0..2)
+        .map(|r| run.join(format!("rank{r}.safetensors")))
+        .collect();
+    let x = partial_fc::init::normal_rows(5, 0, 4, DIM, 1.0);
+    let input = dir.path().join("x.safetensors");
+    write_atomic(
+        &input,
+        &[OutTensor::F32("embeddings", vec![4, DIM], &x)],
+        Default::default(),
+    )
+    .unwrap();
+    let names = |d: &std::path::Path| {
+        let mut n: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    let before = names(dir.path());
+    let predict = |out: &std::path::Path, force: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"));
+        cmd.args(["predict", "--k", "2", "--quiet", "--embeddings"])
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .args(&ckpts);
+        if force {
+            cmd.arg("--force");
+        }
+        let done = cmd.output().unwrap();
+        (
+            done.status.code(),
+            String::from_utf8_lossy(&done.stderr).into_owned(),
+        )
+    };
+    // An existing file: refused without --force, replaced with it.
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "keep me").unwrap();
+    let (code, stderr) = predict(&notes, false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("notes.txt exists: give --force to replace it"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me");
+    let (code, stderr) = predict(&notes, true);
+    assert_eq!(code, Some(0), "{stderr}");
+    let file = TensorFile::read(&notes).unwrap();
+    assert_eq!(file.i64("classes").unwrap().unwrap().1, vec![4, 2]);
+    // A new file needs no --force.
+    let fresh = dir.path().join("top.safetensors");
+    assert_eq!(predict(&fresh, false).0, Some(0));
+    // Another run's shard, whole or truncated (only its header is read): never replaced.
+    let shard = other.join("rank0.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let truncated = other.join("rank1.safetensors");
+    let whole = std::fs::read(&truncated).unwrap();
+    let header = u64::from_le_bytes(whole[..8].try_into().unwrap()) as usize;
+    let cut = &whole[..8 + header + 16]; // the header and a few bytes of the weights
+    std::fs::write(&truncated, cut).unwrap();
+    for force in [false, true] {
+        let (code, stderr) = predict(&shard, force);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains(
+                "rank0.safetensors is a partial-fc checkpoint shard (rank 0 of 2, step 0): it is \
+                 never replaced, --force or not"
+            ),
+            "{stderr}"
+        );
+        let (code, stderr) = predict(&truncated, force);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("(rank 1 of 2, step 0)"), "{stderr}");
+        // and the inputs, --force or not
+        let (code, stderr) = predict(&ckpts[1], force);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("is one of the input files"), "{stderr}");
+        let (code, _) = predict(&input, force);
+        assert_eq!(code, Some(2));
+    }
+    assert_eq!(std::fs::read(&shard).unwrap(), bytes);
+    assert_eq!(std::fs::read(&truncated).unwrap(), cut);
+    assert!(CheckpointSet::open(&ckpts).is_ok(), "the inputs are intact");
+    let mut expected = before;
+    expected.extend(["notes.txt".to_string(), "top.safetensors".to_string()]);
+    expected.sort();
+    assert_eq!(names(dir.path()), expected, "no temporary file is left");
+    assert_eq!(names(&other), ["rank0.safetensors", "rank1.safetensors"]);
+    // --force means nothing without --out; --help says what it does
+    let done = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--force", "--embeddings"])
+        .arg(&input)
+        .args(&ckpts)
+        .output()
+        .unwrap();
+    assert_eq!(done.status.code(), Some(2));
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("An existing file is refused unless --force is given"),
+        "{help}"
+    );
 }
 
 /// `predict_top_k_all` takes any number of rows per rank: the ranks agree on the number of

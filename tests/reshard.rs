@@ -345,6 +345,72 @@ fn pfc_reshard_merges_a_run_and_refuses_an_incomplete_one() {
     assert!(stderr.contains("no file is given for rank 2"), "{stderr}");
 }
 
+/// `pfc reshard --out DIR` refuses a DIR that holds files of the names it would write (the
+/// library's `reshard` replaces them; a user found a folder's files overwritten silently),
+/// before anything is read or written; `--force` replaces them; files of other names, such as
+/// another world size's, are left alone. Its lines count in the right number.
+#[test]
+fn pfc_reshard_refuses_files_it_would_replace_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    train(2, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 2);
+    let out = dir.path().join("resharded");
+    let run = |world: &str, force: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"));
+        cmd.args(["reshard", "--world-size", world, "--quiet", "--out"])
+            .arg(&out)
+            .args(&paths);
+        if force {
+            cmd.arg("--force");
+        }
+        let done = cmd.output().unwrap();
+        (
+            done.status.code(),
+            String::from_utf8_lossy(&done.stdout).into_owned(),
+            String::from_utf8_lossy(&done.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run("1", false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("2 files of a run of 2 ranks: 1003 classes"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("wrote 1 file for 1 rank to"), "{stdout}");
+    let merged = out.join(shard_file_name(1, 0));
+    let notes = out.join("notes.txt");
+    std::fs::write(&notes, "keep me").unwrap();
+    // a file of that name, whatever it holds, is refused and left as it is
+    std::fs::write(&merged, "a file of the same name").unwrap();
+    let (code, stdout, stderr) = run("1", false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already holds rank0-of-1.safetensors: give --force to replace it"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "refused before anything: {stdout}");
+    assert_eq!(
+        std::fs::read_to_string(&merged).unwrap(),
+        "a file of the same name"
+    );
+    // another world size's names are free; then both of them are taken
+    let (code, stdout, stderr) = run("3", false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("wrote 3 files for 3 ranks"), "{stdout}");
+    let (code, _, stderr) = run("3", false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr
+            .contains("already holds rank0-of-3.safetensors (and 2 more of the 3 files to write)"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run("1", true);
+    assert_eq!(code, Some(0), "{stderr}");
+    let set = CheckpointSet::open(&[merged]).unwrap();
+    assert_eq!((set.world_size(), set.num_classes()), (1, CLASSES));
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me");
+}
+
 #[test]
 fn runs_with_another_seed_at_the_same_step_do_not_mix() {
     let dir = tempfile::tempdir().unwrap();

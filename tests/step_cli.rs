@@ -89,3 +89,34 @@ fn bad_arguments_are_refused_and_the_input_is_kept() {
     assert!(stderr.contains("scale"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// `--output` replaces an existing file (a step's result is rewritten run after run), but
+/// never a partial-fc checkpoint shard: a typo must not cost a run its file.
+#[test]
+fn a_checkpoint_shard_is_never_the_output() {
+    use partial_fc::collective::SingleRank;
+    use partial_fc::{CpuBackend, LayerConfig, PartialFc};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.st");
+    write_case(&input);
+    let shard = dir.path().join("rank0.safetensors");
+    PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, SingleRank)
+        .unwrap()
+        .save(&shard)
+        .unwrap();
+    let before = std::fs::read(&shard).unwrap();
+    let done = pfc(&[], &input, &shard);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is a partial-fc checkpoint shard (rank 0 of 1, step 0)"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), before);
+    // any other file is replaced, as before
+    let out = dir.path().join("out.st");
+    std::fs::write(&out, "old").unwrap();
+    let done = pfc(&[], &input, &out);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(sampled(&out).len(), 10);
+}

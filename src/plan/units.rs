@@ -155,26 +155,35 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value:.decimals$} {}", UNITS[unit])
 }
 
-/// A class count with a decimal suffix when that is exact: `29M`, `1.5B`, `100001`.
+/// A class count for people: below 1000 as it is, above in the largest of `K`, `M`, `B` it
+/// reaches, to four significant digits, trailing zeros dropped: `29M`, `1.5B`, `102.4M`,
+/// `55.81M`, `999`. The digits past the fourth are cut, never rounded up, so that a largest
+/// count that fits is never shown larger than it is (102,465,800 is `102.4M`); whether the text
+/// is exact is whether [`parse_count`] gives the count back (`--json` carries exact counts).
 ///
 /// ```
 /// use partial_fc::plan::units::format_count;
 /// assert_eq!(format_count(29_000_000), "29M");
 /// assert_eq!(format_count(1_500_000_000), "1.5B");
-/// assert_eq!(format_count(100_001), "100001");
+/// assert_eq!(format_count(102_465_800), "102.4M");
+/// assert_eq!(format_count(55_812_928), "55.81M");
+/// assert_eq!(format_count(999), "999");
 /// ```
 pub fn format_count(count: u64) -> String {
-    for (suffix, unit) in [("B", 1_000_000_000u64), ("M", 1_000_000), ("K", 1_000)] {
-        if count >= unit {
-            if count.is_multiple_of(unit) {
-                return format!("{}{suffix}", count / unit);
-            }
-            if count < u64::MAX / 10 && (count * 10).is_multiple_of(unit) {
-                return format!("{}.{}{suffix}", count / unit, (count % unit) * 10 / unit);
-            }
-        }
+    const UNITS: [(&str, u64); 3] = [("B", 1_000_000_000), ("M", 1_000_000), ("K", 1_000)];
+    let Some(&(suffix, unit)) = UNITS.iter().find(|(_, unit)| count >= *unit) else {
+        return count.to_string();
+    };
+    let whole = count / unit;
+    // 1 to 3 digits in K and M; B holds up to 11 (u64::MAX is 18446744073B)
+    let digits = whole.to_string().len() as u32;
+    let decimals = 4u32.saturating_sub(digits);
+    let fraction = (count % unit) / (unit / 10u64.pow(decimals));
+    if fraction == 0 {
+        return format!("{whole}{suffix}");
     }
-    count.to_string()
+    let fraction = format!("{fraction:0width$}", width = decimals as usize);
+    format!("{whole}.{}{suffix}", fraction.trim_end_matches('0'))
 }
 
 #[cfg(test)]
@@ -285,18 +294,50 @@ mod tests {
     }
 
     #[test]
-    fn formatting_round_trips_counts() {
+    fn counts_scale_to_the_largest_unit_with_four_digits_cut_not_rounded() {
+        let cases: [(u64, &str); 18] = [
+            (0, "0"),
+            (999, "999"),
+            (1_000, "1K"),
+            (1_234, "1.234K"),
+            (12_345, "12.34K"),
+            (100_001, "100K"),
+            (125_000, "125K"),
+            (999_999, "999.9K"),
+            (2_500_000, "2.5M"),
+            (29_000_000, "29M"),
+            (55_812_928, "55.81M"),
+            // a review found "102465.8K": the count had a decimal in K but not in M
+            (102_465_800, "102.4M"),
+            (584_286_075, "584.2M"),
+            (1_500_000_000, "1.5B"),
+            (54_600_000_000, "54.6B"),
+            (1_234_567_890_123, "1234B"),
+            (u64::MAX, "18446744073B"),
+            (1_999_999_999, "1.999B"),
+        ];
+        for (count, text) in cases {
+            assert_eq!(format_count(count), text, "{count}");
+            // what is shown parses, and is never more than the count
+            let back = parse_count("classes", text).unwrap();
+            assert!(back <= count, "{count}: {text} is {back}");
+        }
+        // exact counts of up to four significant digits round-trip
         for c in [
             1u64,
             999,
             125_000,
             29_000_000,
             1_500_000_000,
-            100_001,
             2_500_000,
+            1_234,
         ] {
             assert_eq!(parse_count("classes", &format_count(c)).unwrap(), c);
         }
+    }
+
+    #[test]
+    fn byte_sizes_in_binary_units() {
         assert_eq!(format_bytes(1023), "1023 B");
         assert_eq!(format_bytes(1024), "1.00 KiB");
         assert_eq!(format_bytes(32 << 30), "32.0 GiB");

@@ -6,12 +6,15 @@
 //! - `pfc reshard`: a run's checkpoint files for another world size.
 //! - `pfc predict`: the k nearest classes of a saved classifier for a file of embeddings.
 //!
-//! Every error is one line on stderr and a non-zero exit status (2 for bad usage or input).
+//! Every error is one line on stderr and exit status 2 (bad usage or input, a refused file);
+//! `pfc plan --check` exits 1 when the configuration does not fit.
 
+mod out_file;
 mod plan;
 mod predict;
 mod reshard;
 mod step;
+mod text;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,12 +49,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
-        Command::Step(args) => step::run(args),
-        Command::Reshard(args) => reshard::run(args),
-        Command::Predict(args) => predict::run(args),
+        Command::Step(args) => step::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Reshard(args) => reshard::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Predict(args) => predict::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(msg) => {
             eprintln!("pfc: {msg}");
             ExitCode::from(2)

@@ -10,6 +10,9 @@ use partial_fc::plan::units::{format_bytes, format_count, parse_count, parse_siz
 use partial_fc::plan::{Dtype, LogitsMode, Optimizer, Plan, PlanConfig};
 use partial_fc::{GemmPrecision, PfcError, UpdateMode};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::text::plural;
 
 /// Points of a sweep, log-spaced.
 ///
@@ -25,7 +28,10 @@ pub struct PlanArgs {
     /// Number of GPUs k.
     #[arg(long, allow_negative_numbers = true, value_name = "K")]
     gpus: Box<str>,
-    /// Memory of one GPU (e.g. 32GiB, 11G, 80GB).
+    /// Memory of one GPU: e.g. 80GiB for a card sold as "H100 80GB", 11GiB for an
+    /// "RTX 2080 Ti 11GB". Units K, M, G, T (with or without B) are powers of 1000, KiB, MiB,
+    /// GiB, TiB powers of 1024: 80GB is 80·10⁹ bytes = 74.5 GiB, 7% less than that card holds
+    /// (the output says so when a decimal unit is given).
     #[arg(long, allow_negative_numbers = true, value_name = "SIZE")]
     gpu_memory: Box<str>,
     /// Images per GPU per step, N.
@@ -53,6 +59,7 @@ pub struct PlanArgs {
     )]
     sample_rate: Box<str>,
     /// Memory reserved for everything outside the FC layer (backbone, activations, framework).
+    /// The default 0 plans the FC layer alone (the verdict says so).
     #[arg(
         long,
         allow_negative_numbers = true,
@@ -61,7 +68,7 @@ pub struct PlanArgs {
     )]
     reserved: Box<str>,
     /// Storage dtype of the weight shard (f16/bf16 are what-ifs: the layer keeps f32 master
-    /// weights).
+    /// weights, so it cannot run them; the verdict says so).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     weight_dtype: DtypeArg,
     /// Optimizer state kept per weight: none, SGD momentum (one tensor) or AdamW (two moments).
@@ -74,7 +81,7 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
     update: UpdateArg,
     /// Whether the N·k × S logits are materialized or fused away (fused is a what-if: the layer
-    /// does not implement it yet).
+    /// does not implement it yet, so it cannot run it; the verdict says so).
     #[arg(long, value_enum, default_value_t = LogitsArg::Materialized)]
     logits: LogitsArg,
     /// Dtype of the all-gathered embeddings on the wire.
@@ -94,6 +101,10 @@ pub struct PlanArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Exit status 1 when the configuration does not fit (the table or JSON is printed as
+    /// usual). Without --check the status is 0 whatever the verdict; bad input is 2 either way.
+    #[arg(long)]
+    check: bool,
     /// Sweep class counts FROM..TO (e.g. 100K..100M): per-GPU memory for model parallel,
     /// Partial FC at r, and fused logits.
     #[arg(long, value_name = "FROM..TO")]
@@ -263,10 +274,13 @@ fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcEr
     Ok(Some((from, top.max(from + 1))))
 }
 
-/// Runs `pfc plan`.
-pub fn run(args: PlanArgs) -> Result<(), String> {
+/// Runs `pfc plan`: success, or with `--check` exit status 1 when the configuration does not
+/// fit.
+pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
     let config = config_of(&args).map_err(message)?;
     let plan = Plan::new(config).map_err(message)?;
+    let what_ifs = what_ifs(&config);
+    let unit_note = decimal_unit_note(&args.gpu_memory, config.gpu_memory);
     let points = match sweep_range(&args, &plan).map_err(message)? {
         Some((from, to)) => Some(sweep(&config, from, to, SWEEP_POINTS).map_err(message)?),
         None => None,
@@ -276,36 +290,151 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     }
     if args.json {
         let mut json = plan.to_json();
+        json["what_ifs"] = what_ifs.iter().map(|w| w.flag).collect();
         if let Some(points) = &points {
             json["sweep"] = sweep_json(points);
         }
         println!("{json}");
+        // stdout stays one JSON object; the note is for the person who typed the unit
+        if let Some(note) = &unit_note {
+            eprintln!("{note}");
+        }
     } else {
-        print_table(&plan);
+        print_table(&plan, unit_note.as_deref());
         if let Some(points) = &points {
             print_sweep(&config, points);
         }
         println!("{}", verdict(&plan));
+        for note in verdict_notes(&plan, &what_ifs) {
+            println!("{note}");
+        }
     }
     if let Some(path) = &args.plot {
         if !args.json {
             println!("plot written to {}", path.display());
         }
     }
-    Ok(())
+    Ok(if args.check && !plan.fits {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-fn print_table(plan: &Plan) {
+/// An option value the planner sizes but the layer cannot run.
+struct WhatIf {
+    /// The option as typed, e.g. `--logits fused`.
+    flag: &'static str,
+    /// Why the layer cannot run it.
+    why: &'static str,
+}
+
+/// The what-ifs of `config`, in the order of `--help`.
+fn what_ifs(config: &PlanConfig) -> Vec<WhatIf> {
+    let mut found = Vec::new();
+    match config.weight_dtype {
+        Dtype::F32 => {}
+        Dtype::F16 => found.push(WhatIf {
+            flag: "--weight-dtype f16",
+            why: "it keeps f32 master weights",
+        }),
+        Dtype::Bf16 => found.push(WhatIf {
+            flag: "--weight-dtype bf16",
+            why: "it keeps f32 master weights",
+        }),
+    }
+    if config.logits == LogitsMode::Fused {
+        found.push(WhatIf {
+            flag: "--logits fused",
+            why: "not implemented yet",
+        });
+    }
+    found
+}
+
+/// The lines under the verdict: that `--reserved 0` counts the FC layer alone (when it fits:
+/// otherwise more reserve changes nothing), and which options the layer cannot run.
+fn verdict_notes(plan: &Plan, what_ifs: &[WhatIf]) -> Vec<String> {
+    let mut notes = Vec::new();
+    if plan.fits && plan.config.reserved == 0 {
+        notes.push(
+            "note: the FC layer alone (--reserved 0): add the backbone, its activations and the \
+             framework with --reserved SIZE"
+                .to_string(),
+        );
+    }
+    if !what_ifs.is_empty() {
+        let each: Vec<String> = what_ifs
+            .iter()
+            .map(|w| format!("{} ({})", w.flag, w.why))
+            .collect();
+        notes.push(format!(
+            "note: a what-if: the layer cannot run {}",
+            each.join(" or ")
+        ));
+    }
+    notes
+}
+
+/// When `--gpu-memory` was given in a decimal unit (`80GB`, `11G`): the size in GiB, and the
+/// binary spelling of the same number, which is what a card sold as "80GB" holds.
+fn decimal_unit_note(text: &str, bytes: u64) -> Option<String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = (t[..split].trim(), t[split..].trim());
+    let (letter, power, binary) = match unit.to_ascii_lowercase().as_str() {
+        "k" | "kb" => ('K', "10³", "KiB"),
+        "m" | "mb" => ('M', "10⁶", "MiB"),
+        "g" | "gb" => ('G', "10⁹", "GiB"),
+        "t" | "tb" => ('T', "10¹²", "TiB"),
+        "p" | "pb" => ('P', "10¹⁵", "PiB"),
+        "e" | "eb" => ('E', "10¹⁸", "EiB"),
+        _ => return None, // bytes, or already binary
+    };
+    Some(format!(
+        "note: --gpu-memory {t} is {number}·{power} bytes = {}; a GPU sold as \"{number}{letter}B\" \
+         holds {number} {binary}: write {number}{binary}",
+        format_bytes(bytes)
+    ))
+}
+
+/// `count` classes as the user could have typed them: `29M classes`, or every digit when a
+/// suffix would cut some (`100001 classes`).
+fn given_classes(count: u64) -> String {
+    let short = format_count(count);
+    let shown = if parse_count("classes", &short).ok() == Some(count) {
+        short
+    } else {
+        count.to_string()
+    };
+    format!("{shown} {}", if count == 1 { "class" } else { "classes" })
+}
+
+/// A count that the planner found, to four digits, and the exact count in parentheses when
+/// digits were cut: `29M` and nothing, `55.81M` and ` (55812928)`.
+fn found_count(count: u64) -> (String, String) {
+    let short = format_count(count);
+    if parse_count("classes", &short).ok() == Some(count) {
+        (short, String::new())
+    } else {
+        (short, format!(" ({count})"))
+    }
+}
+
+fn print_table(plan: &Plan, unit_note: Option<&str>) {
     let c = &plan.config;
     println!(
-        "{} classes on {} GPUs of {}, {} images/GPU, d = {}, r = {}",
-        format_count(c.classes),
-        c.gpus,
+        "{} on {} of {}, {} images/GPU, d = {}, r = {}",
+        given_classes(c.classes),
+        plural(c.gpus, "GPU", "GPUs"),
         format_bytes(c.gpu_memory),
         c.batch_per_gpu,
         c.dim,
         c.sample_rate
     );
+    if let Some(note) = unit_note {
+        println!("{note}");
+    }
     let name = |d: Dtype| match d {
         Dtype::F32 => "f32",
         Dtype::F16 => "f16",
@@ -333,8 +462,9 @@ fn print_table(plan: &Plan) {
         name(c.grad_wire_dtype),
     );
     println!(
-        "rank 0 holds {} classes and samples up to {} per step",
-        plan.shard_classes, plan.sampled_classes
+        "rank 0 holds {} and samples up to {} per step",
+        plural(plan.shard_classes, "class", "classes"),
+        plan.sampled_classes
     );
     println!();
     println!("{:<24} {:>12} {:>8}", "component", "bytes", "device");
@@ -356,10 +486,10 @@ fn print_table(plan: &Plan) {
         share(plan.total_bytes)
     );
     println!();
+    let (largest, exact) = found_count(plan.max_classes);
     println!(
-        "largest class count on {} GPUs: {}",
-        c.gpus,
-        format_count(plan.max_classes)
+        "largest class count on {}: {largest}{exact}",
+        plural(c.gpus, "GPU", "GPUs")
     );
     match plan.upper_bound {
         Some(u) if u.classes == 0 => {
@@ -367,19 +497,21 @@ fn print_table(plan: &Plan) {
                 "upper bound over cluster sizes: none (not one class fits on any number of GPUs)"
             )
         }
-        Some(u) => println!(
-            "upper bound over cluster sizes: {} classes, first reached at {} GPU{}",
-            format_count(u.classes),
-            u.gpus,
-            if u.gpus == 1 { "" } else { "s" }
-        ),
+        Some(u) => {
+            let (bound, exact) = found_count(u.classes);
+            println!(
+                "upper bound over cluster sizes: {bound} {}{exact}, first reached at {}",
+                if u.classes == 1 { "class" } else { "classes" },
+                plural(u.gpus, "GPU", "GPUs")
+            )
+        }
         None => println!("upper bound over cluster sizes: none below 2^32 GPUs"),
     }
     match plan.min_gpus {
-        Some(k) => println!("fewest GPUs for {} classes: {k}", format_count(c.classes)),
+        Some(k) => println!("fewest GPUs for {}: {k}", given_classes(c.classes)),
         None => println!(
-            "fewest GPUs for {} classes: none (above the upper bound)",
-            format_count(c.classes)
+            "fewest GPUs for {}: none (above the upper bound)",
+            given_classes(c.classes)
         ),
     }
     match plan.max_sample_rate {

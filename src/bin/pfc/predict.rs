@@ -2,6 +2,8 @@
 //! on the CPU or one GPU with the centers streamed from the files, and their top-j accuracy when
 //! the file has labels.
 
+use crate::out_file::{refuse_unsafe_output, Existing};
+use crate::text::plural;
 use indicatif::{ProgressBar, ProgressStyle};
 use partial_fc::checkpoint::CheckpointSet;
 use partial_fc::cpu::top_k::TOP_K_MAX;
@@ -30,9 +32,14 @@ pub struct PredictArgs {
     /// Classes per row, 1 to 64.
     #[arg(long, default_value_t = 5)]
     k: usize,
-    /// Where to write `classes` (I64 `[rows, k]`, best first) and `scores` (F32 cosines).
+    /// Where to write `classes` (I64 `[rows, k]`, best first) and `scores` (F32 cosines),
+    /// atomically. An existing file is refused unless --force is given; an input file, or a
+    /// partial-fc checkpoint shard (of any run), is refused even with --force.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Let --out replace an existing file (never an input or a checkpoint shard).
+    #[arg(long, requires = "out")]
+    force: bool,
     /// Where the centers are scored: the CPU, or CUDA device 0 (a block of centers at a time;
     /// needs a pfc built with `--features cuda`).
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
@@ -61,7 +68,7 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         ));
     }
     if let Some(out) = &args.out {
-        refuse_overwriting_an_input(out, &args)?;
+        refuse_out(out, &args)?;
     }
     let scorer = Scorer::new(args.backend).map_err(|e| e.to_string())?;
     let file = TensorFile::read(&args.embeddings).map_err(|e| e.to_string())?;
@@ -99,10 +106,11 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         None => None,
     };
     println!(
-        "{rows} rows against {} classes (d = {dim}, step {}, {} files), k = {}",
-        set.num_classes(),
+        "{} against {} (d = {dim}, step {}, {}), k = {}",
+        plural(rows as u64, "row", "rows"),
+        plural(set.num_classes(), "class", "classes"),
         set.step(),
-        args.checkpoints.len(),
+        plural(args.checkpoints.len() as u64, "file", "files"),
         args.k
     );
     let bar = if args.quiet {
@@ -129,8 +137,15 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
                 .filter(|&&c| c < 0 || c as u64 >= set.num_classes())
                 .count();
             if outside > 0 {
+                let (are, classes, rows_count) = if outside == 1 {
+                    ("is", "a class", "that row counts as a miss")
+                } else {
+                    ("are", "classes", "those rows count as misses")
+                };
                 println!(
-                    "note: {outside} of {rows} labels are not classes of this classifier                      (0 .. {}): those rows count as misses",
+                    "note: {outside} of {} {are} not {classes} of this classifier (0 .. {}): \
+                     {rows_count}",
+                    plural(rows as u64, "label", "labels"),
                     set.num_classes()
                 );
             }
@@ -162,6 +177,8 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         }
     }
     if let Some(out) = &args.out {
+        // Again: the scoring may have taken minutes, time for a file to appear there.
+        refuse_out(out, &args)?;
         let shape = vec![rows, args.k];
         let tensors = [
             OutTensor::I64("classes", shape.clone(), &prediction.classes),
@@ -174,39 +191,17 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The output replaces a file atomically: refuse, before any work, a folder, a path whose folder
-/// does not exist, or one of the inputs.
-fn refuse_overwriting_an_input(out: &Path, args: &PredictArgs) -> Result<(), String> {
-    if out.is_dir() {
-        return Err(format!(
-            "--out {} is a folder: give a file name",
-            out.display()
-        ));
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(format!(
-            "--out {}: the folder {} does not exist",
-            out.display(),
-            parent.display()
-        ));
-    }
-    let Ok(out_canonical) = std::fs::canonicalize(out) else {
-        return Ok(()); // it does not exist yet
-    };
-    let inputs = args.checkpoints.iter().chain([&args.embeddings]);
-    for input in inputs {
-        if std::fs::canonicalize(input).ok().as_ref() == Some(&out_canonical) {
-            return Err(format!(
-                "--out {} is one of the input files: write the prediction elsewhere",
-                out.display()
-            ));
-        }
-    }
-    Ok(())
+/// The output replaces a file atomically: refuse a folder, a path whose folder does not exist,
+/// one of the inputs, a checkpoint shard, and without `--force` any existing file.
+fn refuse_out(out: &Path, args: &PredictArgs) -> Result<(), String> {
+    let inputs: Vec<&Path> = args
+        .checkpoints
+        .iter()
+        .chain([&args.embeddings])
+        .map(PathBuf::as_path)
+        .collect();
+    let existing = Existing::RefuseUnlessForced { force: args.force };
+    refuse_unsafe_output("--out", out, &inputs, existing)
 }
 
 /// Where the centers are scored, set up before the embeddings are read (so a missing CUDA

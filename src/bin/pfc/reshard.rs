@@ -1,8 +1,9 @@
 //! `pfc reshard`: a run's checkpoint files rewritten for another world size (1 merges them).
 
+use crate::text::plural;
 use indicatif::{ProgressBar, ProgressStyle};
-use partial_fc::checkpoint::{reshard, CheckpointSet};
-use std::path::PathBuf;
+use partial_fc::checkpoint::{reshard, shard_file_name, CheckpointSet};
+use std::path::{Path, PathBuf};
 
 /// Arguments of `pfc reshard`.
 #[derive(clap::Args)]
@@ -14,9 +15,13 @@ pub struct ReshardArgs {
     #[arg(long)]
     world_size: usize,
     /// Folder for the new files (created if missing; its parent must exist), named
-    /// rank{r}-of-{k}.safetensors.
+    /// rank{r}-of-{k}.safetensors. A file of one of those names already there is refused
+    /// unless --force is given; other files there are left alone.
     #[arg(long)]
     out: PathBuf,
+    /// Let the new files replace files of the same names in the --out folder (never an input).
+    #[arg(long)]
+    force: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -25,11 +30,16 @@ pub struct ReshardArgs {
 /// Runs `pfc reshard`.
 pub fn run(args: ReshardArgs) -> Result<(), String> {
     let set = CheckpointSet::open(&args.files).map_err(|e| e.to_string())?;
+    // What is wrong with the input is said first (reshard checks it again).
+    set.require_complete().map_err(|e| e.to_string())?;
+    if !args.force {
+        refuse_existing_outputs(&args.out, args.world_size)?;
+    }
     println!(
-        "{} files of a run of {} ranks: {} classes, d = {}, step {}, {}",
-        args.files.len(),
-        set.world_size(),
-        set.num_classes(),
+        "{} of a run of {}: {}, d = {}, step {}, {}",
+        plural(args.files.len() as u64, "file", "files"),
+        plural(set.world_size() as u64, "rank", "ranks"),
+        plural(set.num_classes(), "class", "classes"),
         set.dim(),
         set.step(),
         match set.state_names() {
@@ -56,10 +66,54 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
     bar.finish_and_clear();
     let written = written.map_err(|e| e.to_string())?;
     println!(
-        "wrote {} files for {} ranks to {}",
-        written.len(),
-        args.world_size,
+        "wrote {} for {} to {}",
+        plural(written.len() as u64, "file", "files"),
+        plural(args.world_size as u64, "rank", "ranks"),
         args.out.display()
     );
     Ok(())
+}
+
+/// The library's `reshard` writes each file atomically over whatever has its name: refuse,
+/// before anything is read, the files of `out` that would be replaced. (A missing folder is
+/// made, one that is a file is refused by `reshard`.)
+fn refuse_existing_outputs(out: &Path, world_size: usize) -> Result<(), String> {
+    if !out.is_dir() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let suffix = format!("-of-{world_size}.safetensors");
+    let mut taken = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", out.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let rank = name
+            .strip_prefix("rank")
+            .and_then(|n| n.strip_suffix(&suffix))
+            .and_then(|r| r.parse::<usize>().ok());
+        if let Some(rank) = rank.filter(|&r| r < world_size) {
+            if shard_file_name(world_size, rank) == name {
+                taken.push((rank, name.to_string()));
+            }
+        }
+    }
+    taken.sort();
+    let Some((_, first)) = taken.first() else {
+        return Ok(());
+    };
+    let (which, them) = match taken.len() {
+        1 => (first.clone(), "it"),
+        n => (
+            format!(
+                "{first} (and {} more of the {world_size} files to write)",
+                n - 1
+            ),
+            "them",
+        ),
+    };
+    Err(format!(
+        "--out {} already holds {which}: give --force to replace {them}, or another folder",
+        out.display()
+    ))
 }

@@ -1,5 +1,6 @@
 //! `pfc step`: one forward/backward pass from a step file (see `partial_fc::golden`).
 
+use crate::out_file::{refuse_unsafe_output, Existing};
 use partial_fc::golden::{write_result, StepCase};
 use partial_fc::{GradMode, PfcError};
 use std::path::PathBuf;
@@ -14,7 +15,8 @@ pub struct StepArgs {
     /// interclass_filter, grad_mode (straight-through | exact), seed, classes.
     #[arg(long)]
     input: PathBuf,
-    /// Where to write `loss`, `grad_embeddings`, `grad_weight` and `sampled_index`.
+    /// Where to write `loss`, `grad_embeddings`, `grad_weight` and `sampled_index` (atomically,
+    /// over an existing file; never over the input or a partial-fc checkpoint shard).
     #[arg(long)]
     output: PathBuf,
     /// Number of ranks (threads on the CPU); the batch and the classes are split over them.
@@ -120,7 +122,8 @@ fn run_cuda(_: &StepCase, _: usize) -> Result<partial_fc::golden::StepResult, St
     Err("--backend cuda: this pfc was built without the `cuda` feature (cargo build --features cuda, or cargo install --path . --features cuda)".into())
 }
 
-/// The output is written atomically over whatever is there: refuse the input itself.
+/// The output is written atomically over whatever is there: refuse the input itself, and a
+/// checkpoint shard (a user's `--output` typo must not cost a run's file).
 fn refuse_overwriting_the_input(args: &StepArgs) -> Result<(), String> {
     let same = match (
         std::fs::canonicalize(&args.input),
@@ -135,5 +138,5 @@ fn refuse_overwriting_the_input(args: &StepArgs) -> Result<(), String> {
             args.output.display()
         ));
     }
-    Ok(())
+    refuse_unsafe_output("--output", &args.output, &[&args.input], Existing::Replace)
 }

@@ -1,0 +1,100 @@
+//! What a command may write its output file over. The files are written atomically (a
+//! temporary file beside the destination, then a rename), so a refusal here is the only thing
+//! that keeps an existing file: it is checked before any work, and again just before the write
+//! (a long prediction leaves time for another program to put a file there).
+
+use partial_fc::checkpoint::FORMAT;
+use std::io::Read;
+use std::path::Path;
+
+/// The largest safetensors header read to look for a checkpoint's metadata (as the crate's
+/// reader allows).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Whether an existing file may be replaced.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Only with `--force` (`pfc predict --out`).
+    RefuseUnlessForced { force: bool },
+    /// Yes (`pfc step --output`, whose output is rewritten run after run).
+    Replace,
+}
+
+/// Refuses `out` (given as `flag`) when it is a folder, its folder does not exist, it is one of
+/// `inputs`, it is a partial-fc checkpoint shard (never, `--force` or not), or it exists and
+/// `existing` does not allow replacing it.
+pub fn refuse_unsafe_output(
+    flag: &str,
+    out: &Path,
+    inputs: &[&Path],
+    existing: Existing,
+) -> Result<(), String> {
+    let shown = out.display();
+    if out.is_dir() {
+        return Err(format!("{flag} {shown} is a folder: give a file name"));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!(
+            "{flag} {shown}: the folder {} does not exist",
+            parent.display()
+        ));
+    }
+    // A link counts as there (even one to nothing): the rename would replace it.
+    if std::fs::symlink_metadata(out).is_err() {
+        return Ok(());
+    }
+    if let Ok(out_canonical) = std::fs::canonicalize(out) {
+        for input in inputs {
+            if std::fs::canonicalize(input).ok().as_ref() == Some(&out_canonical) {
+                return Err(format!(
+                    "{flag} {shown} is one of the input files: write the output elsewhere"
+                ));
+            }
+        }
+    }
+    if let Some(shard) = checkpoint_shard(out) {
+        return Err(format!(
+            "{flag} {shown} is a partial-fc checkpoint shard ({shard}): it is never replaced, \
+             --force or not; write the output elsewhere"
+        ));
+    }
+    match existing {
+        Existing::Replace | Existing::RefuseUnlessForced { force: true } => Ok(()),
+        Existing::RefuseUnlessForced { force: false } => Err(format!(
+            "{flag} {shown} exists: give --force to replace it, or another name"
+        )),
+    }
+}
+
+/// If `path` is a partial-fc checkpoint shard (its safetensors metadata's `format` is the
+/// checkpoint format, this version's or a later one's), which one: `rank 0 of 2, step 10`.
+/// Only the header is read, so a truncated shard is still recognized.
+fn checkpoint_shard(path: &Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER {
+        return None;
+    }
+    let mut header = Vec::new();
+    file.take(n).read_to_end(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let meta = header.get("__metadata__")?;
+    let field = |key: &str| meta.get(key).and_then(|v| v.as_str());
+    let family = FORMAT.split('/').next().unwrap_or(FORMAT);
+    let format = field("format")?;
+    if format != FORMAT && format.split('/').next() != Some(family) {
+        return None;
+    }
+    Some(match (field("rank"), field("world_size"), field("step")) {
+        (Some(rank), Some(world), Some(step)) => {
+            format!("rank {rank} of {world}, step {step}")
+        }
+        _ => format!("format {format}"),
+    })
+}
