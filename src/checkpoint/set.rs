@@ -631,7 +631,8 @@ fn prepare_out_dir(out_dir: &Path) -> Result<()> {
 /// merges the classifier into one file. Each file is written atomically (a temporary file, then
 /// a rename); should one fail, the files of the ranks before it are complete and the error says
 /// which rank failed. An output path that is one of the inputs is refused before anything is
-/// written. `progress` gets the number of values after each block (of
+/// written; another file of an output's name is replaced (`pfc reshard` refuses that unless
+/// given `--force`). `progress` gets the number of values after each block (of
 /// [`CheckpointSet::total_values`] in all). `out_dir` is created if missing; its parent must
 /// exist.
 ///
