@@ -69,3 +69,12 @@ cargo test --workspace --all-features
 # The examples the device check runs, smoke-run at small shapes on the CPU emulator (the test
 # profile reuses the build above), so a broken one is found here and not in device time.
 cargo run --quiet --profile test --features cuda --example cuda_profile_step -- --small --emulator > /dev/null
+# Once more, the CUDA tests with the emulator's kernels and GEMMs built with fused multiply-adds
+# (PFC_EMULATOR_FMA=1: only the emulator and these tests rebuild). A GPU fuses a·b + c where the
+# CPU rounds twice; a test whose bound holds only without that fails here, not in device time.
+if grep -qw fma /proc/cpuinfo 2>/dev/null; then
+    PFC_EMULATOR_FMA=1 cargo test --all-features --test 'cuda_*' --test top_k_merge_emulated \
+        --test layer16_emulated
+else
+    echo "scripts/test.sh: skipped the CUDA tests with fused multiply-adds: this CPU has no FMA" >&2
+fi

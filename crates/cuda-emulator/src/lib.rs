@@ -22,8 +22,12 @@
 //! and allocation; copies and memsets outside an allocation are errors, as on a GPU. What it
 //! does not: timing, the GPU memory model (blocks run one after another, so inter-block races
 //! cannot show), reads (not writes) in an allocation's rounding slack, and the accuracy of the
-//! GPU's fast-math intrinsics (the host's accurate functions stand in). docs/cuda.md in the
-//! repository says more.
+//! GPU's fast-math intrinsics (the host's accurate functions stand in). Fused multiply-adds:
+//! a GPU contracts a·b + c into one rounding; the emulator's kernels and GEMMs are built without
+//! contraction, or with g++'s (`PFC_EMULATOR_FMA=1` at build time), which fuses other products
+//! than ptxas but breaks a test that holds only when every product is rounded on its own; the
+//! repository's test script runs the CUDA tests both ways. docs/cuda.md in the repository says
+//! more.
 
 #[cfg(unix)]
 use std::sync::OnceLock;
