@@ -151,7 +151,7 @@ extern "C" __global__ void row_max_into(const float* cosines, const long long* r
 
 // ---- Prediction: the k classes nearest to each embedding (src/cpu/top_k.rs) ----
 
-#define TOP_K_MAX 64
+#define TOP_K_MAX 256  // src/cpu/top_k.rs; at most the launch's 256 threads (k <= blockDim.x)
 #define NO_ID 0x7fffffff
 // A NaN cosine (a class center that is not finite) scores above every cosine, so that the
 // caller sees it first and refuses the prediction (NOT_FINITE_SCORE in src/cpu/top_k.rs).

@@ -174,10 +174,13 @@ fn bad_input_is_refused_on_every_rank_together() {
     let weight = whole_weight(CLASSES);
     let x = embeddings(&weight, BATCH);
     let mut one = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
-    for k in [0, 65] {
+    for k in [0, 257] {
         let e = refusal(one.predict_top_k(&x[..2 * DIM], k).unwrap_err());
-        assert!(e.contains("between 1 and 64"), "{e}");
+        assert!(e.contains("between 1 and 256"), "{e}");
     }
+    // recall@100, the k extreme classification reports, is within TOP_K_MAX.
+    let p = one.predict_top_k(&x[..2 * DIM], 100).unwrap();
+    assert_eq!((p.rows(), p.classes.len()), (2, 200));
     let too_many = [x.clone(), x[..DIM].to_vec()].concat();
     let e = refusal(one.predict_top_k(&too_many, 3).unwrap_err());
     assert!(e.contains("at most 30 per rank"), "{e}");
@@ -472,8 +475,8 @@ fn pfc_predict_writes_the_top_k_and_scores_the_labels() {
         assert_eq!(done.status.code(), Some(2), "{args:?}");
         String::from_utf8_lossy(&done.stderr).into_owned()
     };
-    assert!(early(&["--k", "0"]).contains("--k 0: must be between 1 and 64"));
-    assert!(early(&["--k", "65"]).contains("--k 65: must be between 1 and 64"));
+    assert!(early(&["--k", "0"]).contains("--k 0: must be between 1 and 256"));
+    assert!(early(&["--k", "257"]).contains("--k 257: must be between 1 and 256"));
     let missing_folder = dir.path().join("no/such/top.safetensors");
     let stderr = early(&["--out", missing_folder.to_str().unwrap()]);
     assert!(stderr.contains("does not exist"), "{stderr}");

@@ -10,9 +10,10 @@ use super::normalize::normalize_rows;
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
 
-/// The largest k [`class_top_k`] (and its CUDA twin) take: the merge keeps a row's running
-/// top k in shared memory.
-pub const TOP_K_MAX: usize = 64;
+/// The largest k [`class_top_k`] (and its CUDA twin) take: 256, past the k of recall@100 that
+/// extreme classification reports. The kernel keeps a row's running top k in shared memory and
+/// reads it with one thread per slot, so k is at most its block's 256 threads.
+pub const TOP_K_MAX: usize = 256;
 
 /// The score a NaN cosine (a class center that is not finite) takes in the merge: above every
 /// cosine, so that such a class comes first in every row and the caller can refuse the

@@ -33,9 +33,10 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
     let hash = fnv1a(&shared);
     let folded = ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32;
     match call {
-        // k sizes the prediction's all-gathers: compared exactly (its low 6 bits, k - 1 for k in
-        // 1..=64), not hashed, so two k can never collide; 15 bits of hash remain.
-        Call::Predict { k } => (folded & !0x3f) | ((k.wrapping_sub(1) & 0x3f) as u32),
+        // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
+        // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
+        // k refuses it anyway); 13 bits of hash remain.
+        Call::Predict { k } => (folded & !0xff) | ((k.wrapping_sub(1) & 0xff) as u32),
         _ => folded,
     }
 }

@@ -14,6 +14,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 const ROW_THREADS: u32 = 256;
 // The kernels' block reductions and the warp-per-row layout assume whole warps.
 const _: () = assert!(ROW_THREADS.is_multiple_of(32));
+// top_k_merge reads a row's running top k with one thread per slot.
+const _: () = assert!(crate::cpu::top_k::TOP_K_MAX <= ROW_THREADS as usize);
 /// Threads per block of the element-wise kernels.
 const ELEM_THREADS: u32 = 256;
 
