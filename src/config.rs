@@ -194,7 +194,8 @@ pub enum NegativeSampler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateMode {
     /// Only sampled rows and their optimizer state are updated (the paper's algorithm; the
-    /// default); no full-shard gradient buffer exists.
+    /// default); no full-shard gradient buffer exists. A row not sampled keeps its momentum
+    /// and gets no weight decay that step.
     #[default]
     Sparse,
     /// Every row is updated from a full-shard gradient that is zero outside the sample (the
@@ -494,8 +495,12 @@ pub struct LayerConfig {
 }
 
 impl LayerConfig {
-    /// A configuration with the published defaults: ArcFace, r = 0.1, random negatives, sparse
-    /// SGD with momentum 0.9 and weight decay 5e-4.
+    /// A configuration with the paper's defaults: ArcFace (s = 64, m = 0.5), r = 0.1, random
+    /// negatives, SGD with momentum 0.9 and weight decay 5e-4 updating the sampled rows only
+    /// ([`UpdateMode::Sparse`]). Two differ from insightface's `PartialFC_V2` with
+    /// `torch.optim.SGD`: its `sample_rate` defaults to 1.0, and its optimizer moves every row
+    /// (decay and momentum on rows not sampled): set `update = UpdateMode::Dense` for that,
+    /// which matches torch's SGD bit for bit.
     pub fn new(num_classes: u64, dim: usize, batch_per_rank: usize) -> LayerConfig {
         LayerConfig {
             num_classes,
