@@ -11,6 +11,15 @@ typedef long long i64;
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+#define QUIET_NAN __int_as_float(0x7fc00000)
+
+// 1 / norm for an L2 normalization, NaN where the norm overflowed: a row whose sum of squares
+// passes f32's range (a diverged class center) would otherwise normalize to zeros, cosine 0 with
+// everything, and hide the divergence; NaN shows in the loss and in a prediction
+// (src/cpu/normalize.rs, inv_norm).
+__device__ __forceinline__ float inv_norm(float norm) {
+    return norm < INFINITY ? 1.0f / norm : QUIET_NAN;
+}
 
 // bfloat16 as a bit pattern (no CUDA headers): the high half of an f32, rounded to nearest even;
 // a NaN stays a quiet NaN. The same rounding as the `half` crate's bf16::from_f32.

@@ -47,8 +47,9 @@ __device__ float target_logit_slope(float c, const Margin& p) {
     if ((p.fallback && c <= p.fallback_cos) || (p.m1 == 1.0f && p.m2 == 0.0f)) return 1.0f;
     float theta = acosf(c);
     // (1 - c)(1 + c), not 1 - c*c: ptxas would fuse the latter into one FMA (the CPU rounds c*c
-    // first), and near c = 1 that cancellation moves sin θ by far more than an ulp. Both factors
-    // are exact for c >= 0.5, so this form is also the more accurate one, and cannot be fused.
+    // first), and near c = 1 that cancellation moves sin θ by far more than an ulp. 1 - c is
+    // exact for c >= 0.5 (Sterbenz), so this form is also the more accurate one near c = 1, and
+    // nothing in it can be fused.
     float sin_theta = fmaxf(sqrtf(fmaxf((1.0f - c) * (1.0f + c), 0.0f)), 1e-6f);
     return p.m1 * sinf(p.m1 * theta + p.m2) / sin_theta;
 }

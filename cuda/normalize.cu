@@ -60,7 +60,7 @@ __device__ float normalize_row_as(const float* src, float* dst, int dim) {
     }
     for (int k = 4 * quads + lane; k < dim; k += WARP) ss += src[k] * src[k];
     float norm = fmaxf(sqrtf(warp_sum(ss)), NORM_EPS);
-    float inv = 1.0f / norm;
+    float inv = inv_norm(norm);
     for (int q = lane; q < quads; q += WARP) {
         float4 v = load_quad<VEC>(src, q);
         store_quad<VEC>(dst, q, make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv));

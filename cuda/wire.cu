@@ -37,7 +37,7 @@ extern "C" __global__ void unpack_normalize(const u16* packed, int rows, int dim
         ss += v * v;
     }
     float norm = fmaxf(sqrtf(block_sum(ss)), NORM_EPS);
-    float inv = 1.0f / norm;
+    float inv = inv_norm(norm);
     for (int k = threadIdx.x; k < dim; k += blockDim.x) out[k] *= inv;
     if (threadIdx.x == 0) {
         norms[row] = norm;

@@ -1107,14 +1107,25 @@ fn adamw_matches_cpu() {
                 // The GPU fuses β₁·m + (1 − β₁)·g into one FMA and the CPU rounds twice, so an
                 // f32 moment may differ by an ulp and, with probability ~2⁻¹⁶, round to the
                 // other bf16 neighbour: a rare weight moves by up to 2⁻⁷ of its updates more.
+                // Rare: at most 4 weights (about 0.34 flips are expected per run) may use that
+                // allowance; an update taken from the wrong moments (the rounded ones, say)
+                // moves nearly all of them and fails.
+                let mut loose = 0;
                 for (k, ((a, b), m)) in got.iter().zip(&cw).zip(&moved).enumerate() {
-                    let tol = 1e-7 + 1e-5 * b.abs() + 2f32.powi(-7) * m;
+                    let strict = 1e-7 + 1e-5 * b.abs();
+                    let tol = strict + 2f32.powi(-7) * m;
                     assert!(
                         (a - b).abs() <= tol,
                         "{}[{k}]: gpu {a} cpu {b}, bound {tol:e}",
                         what("weight")
                     );
+                    loose += usize::from((a - b).abs() > strict);
                 }
+                assert!(
+                    loose <= 4,
+                    "{}: {loose} weights beyond the f32 bound",
+                    what("weight")
+                );
             }
             // Absolute floors at a few ulps of each moment's terms (|g| < 1: exp_avg's terms up to
             // ~0.3, exp_avg_sq's ~1e-3): where β₁·m and (1 − β₁)·g nearly cancel, the GPU's FMA
@@ -1430,8 +1441,9 @@ fn class_top_k_matches_cpu() {
     assert!(e.is_err(), "k = 0 is refused");
 }
 
-/// A center that is not finite scores NOT_FINITE_SCORE (above every cosine) with every row, on
-/// both devices, so that the layer can refuse a diverged classifier's prediction.
+/// A center that is not finite, or whose sum of squares overflows f32, scores NOT_FINITE_SCORE
+/// (above every cosine) with every row, on both devices, so that the layer can refuse a
+/// diverged classifier's prediction.
 #[test]
 fn class_top_k_puts_a_non_finite_center_first() {
     use partial_fc::cpu::top_k::NOT_FINITE_SCORE;
@@ -1440,6 +1452,8 @@ fn class_top_k_puts_a_non_finite_center_first() {
     let (shard, dim, rows, k, chunk) = (300usize, 16usize, 5usize, 4usize, 64usize);
     let mut w = rng.vec(shard * dim, -1.0, 1.0);
     w[211 * dim + 3] = f32::INFINITY; // its normalized row, and every cosine with it, is NaN
+                                      // Finite values whose sum of squares overflows f32: NaN too, not a row of zeros.
+    w[57 * dim..58 * dim].fill(1e30);
     let x = rng.vec(rows * dim, -1.0, 1.0);
     let (mut xh, mut xn) = (vec![0f32; rows * dim], vec![0f32; rows]);
     CpuBackend
@@ -1486,8 +1500,8 @@ fn class_top_k_puts_a_non_finite_center_first() {
     for row in 0..rows {
         for (what, sc, id) in [("cpu", &scores, &ids), ("gpu", &gscores, &gids)] {
             assert_eq!(
-                (sc[row * k], id[row * k]),
-                (NOT_FINITE_SCORE, 211),
+                (&sc[row * k..row * k + 2], &id[row * k..row * k + 2]),
+                (&[NOT_FINITE_SCORE; 2][..], &[57, 211][..]),
                 "{what} row {row}"
             );
         }

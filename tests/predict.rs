@@ -651,37 +651,62 @@ fn any_number_of_rows_per_rank_in_chunks() {
 
 /// A user's trainer diverged (a learning rate of 1e38) and still got an answer from
 /// `predict_top_k`: the nearest of the classes left finite. Now every rank refuses, naming a
-/// class whose center is not finite.
+/// class whose center is not finite (1e38: values overflow to inf) or whose norm overflows
+/// (1e25: finite values, sum of squares past f32; found by a review), a rank without rows too;
+/// and the group stays whole, so the next call gets the same answer, not an aborted group.
 #[test]
 fn a_diverged_classifier_refuses_to_predict_on_every_rank() {
-    let results = ThreadGroup::run(2, |comm| {
-        let rank = comm.rank();
-        let mut cfg = LayerConfig::new(40, 8, 3);
-        cfg.sample_rate = 1.0;
-        let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
-        let x = partial_fc::init::normal_rows(7 + rank as u64, 0, 3, 8, 1.0);
-        let labels = [rank as i64, 10 + rank as i64, 30];
-        for _ in 0..4 {
-            layer.forward_backward(&x, &labels).unwrap();
-            layer.step(1e38).unwrap();
-        }
-        let w = layer.weight().unwrap();
-        let bad = w.iter().position(|v| !v.is_finite()).map(|i| i / 8);
-        let shard = layer.shard();
-        let out = layer.predict_top_k(&x, 2).map(|_| ());
-        (bad.map(|c| shard.start + c as u64), out)
-    });
-    assert!(
-        results.iter().any(|(bad, _)| bad.is_some()),
-        "the learning rate must make some center non-finite"
-    );
-    for (rank, (_, out)) in results.iter().enumerate() {
-        match out {
-            Err(PfcError::Diverged { class }) => {
-                let owner = &results[usize::from(*class >= 20)].0;
-                assert!(owner.is_some(), "rank {rank}: class {class} is finite");
+    for (lr, steps) in [(1e38f32, 4), (1e25, 1)] {
+        let results = ThreadGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let mut cfg = LayerConfig::new(40, 8, 3);
+            cfg.sample_rate = 1.0;
+            let mut layer = PartialFc::new(cfg, CpuBackend, comm).unwrap();
+            let x = partial_fc::init::normal_rows(7 + rank as u64, 0, 3, 8, 1.0);
+            let labels = [rank as i64, 10 + rank as i64, 30];
+            for _ in 0..steps {
+                layer.forward_backward(&x, &labels).unwrap();
+                layer.step(lr).unwrap();
             }
-            other => panic!("rank {rank}: {other:?}"),
+            let w = layer.weight().unwrap();
+            let finite = w.iter().all(|v| v.is_finite());
+            // Rank 1 passes no rows: it must refuse with rank 0.
+            let mine = if rank == 0 { &x[..] } else { &x[..0] };
+            let first = layer.predict_top_k(mine, 2).map(|_| ());
+            let again = layer.predict_top_k(mine, 2).map(|_| ());
+            (finite, first, again)
+        });
+        if lr < 1e30 {
+            assert!(
+                results.iter().all(|(finite, _, _)| *finite),
+                "lr {lr:e} must leave the values finite (the norm overflows)"
+            );
+        }
+        for (rank, (_, first, again)) in results.iter().enumerate() {
+            for out in [first, again] {
+                assert!(
+                    matches!(out, Err(PfcError::Diverged { .. })),
+                    "lr {lr:e}, rank {rank}: {out:?}"
+                );
+            }
         }
     }
+}
+
+/// The files of a run saved just after its norms overflowed (finite values, so `save` takes
+/// them) refuse a prediction too, on the CPU path `pfc predict` uses.
+#[test]
+fn checkpoint_files_of_a_diverged_run_refuse_to_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rank0.safetensors");
+    let mut cfg = LayerConfig::new(40, 8, 3);
+    cfg.sample_rate = 1.0;
+    let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    let x = partial_fc::init::normal_rows(9, 0, 3, 8, 1.0);
+    layer.forward_backward(&x, &[1, 2, 3]).unwrap();
+    layer.step(1e25).unwrap();
+    layer.save(&path).unwrap();
+    let set = CheckpointSet::open(&[path]).unwrap();
+    let out = set.predict_top_k(&x, 2, &|_| {});
+    assert!(matches!(out, Err(PfcError::Diverged { .. })), "{out:?}");
 }

@@ -222,14 +222,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// collective timeout (`NcclCollective`'s, `ThreadGroup`'s) must cover the slowest rank's
     /// check: one read of its shard's tensors from the files.
     ///
-    /// The ranks must also have found the same checkpoint (the same step, optimizer step, seed
-    /// and writing world size): ranks given different runs' files, or one run's files of two
-    /// steps, are all refused in the same way, naming a rank that differs.
+    /// The ranks must also have found the same checkpoint (the same step, optimizer step, seed,
+    /// writing world size, optimizer state tensors and recorded configuration,
+    /// [`CheckpointSet::config`]): ranks given different runs' files, or one run's files of two
+    /// steps, are all refused in the same way, naming a rank that differs. (A resharded copy
+    /// counts as another checkpoint than its originals: give every rank the same files.)
     ///
-    /// Not checked, because the files do not record them or a difference is legitimate: the
-    /// state dtype (bf16 files load into an f32 layer and back, converted), the update mode and
-    /// the optimizer's hyper-parameters; and the seed (recorded, [`CheckpointSet::seed`]): a layer
-    /// with another `LayerConfig::seed` draws other samples from here on.
+    /// Not compared with the loading layer, because a difference is legitimate on resume: the
+    /// state dtype (bf16 files load into an f32 layer and back, converted), the margin, sampler,
+    /// update mode and the optimizer's hyper-parameters (recorded in the files' `config`); and
+    /// the seed (recorded, [`CheckpointSet::seed`]): a layer with another `LayerConfig::seed`
+    /// draws other samples from here on.
     ///
     /// ```
     /// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};

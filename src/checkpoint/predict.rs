@@ -8,7 +8,7 @@
 use super::set::CheckpointSet;
 use crate::backend::Backend;
 use crate::cpu::normalize::normalize_rows;
-use crate::cpu::top_k::TOP_K_MAX;
+use crate::cpu::top_k::{NOT_FINITE_SCORE, TOP_K_MAX};
 use crate::error::{PfcError, Result};
 use crate::layer::{row_error, Prediction};
 use crate::plan::Dtype;
@@ -66,7 +66,8 @@ impl CheckpointSet {
     /// [`PfcError::Shape`] when `embeddings` is not whole rows of `dim`;
     /// [`PfcError::NonFinite`] for a NaN or infinite embedding value, [`PfcError::ZeroRow`] for
     /// a row of zeros and [`PfcError::OutOfRange`] for a row whose sum of squares overflows f32
-    /// (each names its row).
+    /// (each names its row); [`PfcError::Diverged`] for a stored center whose sum of squares
+    /// overflows f32 (a diverged run: finite values, no direction).
     pub fn predict_top_k(
         &self,
         embeddings: &[f32],
@@ -201,6 +202,13 @@ impl CheckpointSet {
                 Some(next) => centers = next?,
                 None => break,
             }
+        }
+        // A stored center whose norm overflows f32 (finite values, a diverged run) scores NaN,
+        // which the merge ranks first as NOT_FINITE_SCORE.
+        if let Some(j) = best.scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
+            return Err(PfcError::Diverged {
+                class: best.classes[j],
+            });
         }
         Ok(best)
     }

@@ -37,8 +37,8 @@ pub fn target_logit_slope(c: f32, p: &MarginParams) -> f32 {
         return 1.0;
     }
     let theta = c.acos();
-    // (1 − c)(1 + c) as in cuda/margin_softmax.cu: exact factors near c = 1, and nothing a GPU
-    // compiler can fuse into an FMA, so both devices round it alike.
+    // (1 − c)(1 + c) as in cuda/margin_softmax.cu: 1 − c is exact near c = 1, and nothing in it
+    // can be fused into an FMA by a GPU compiler, so both devices round it alike.
     let sin_theta = ((1.0 - c) * (1.0 + c)).max(0.0).sqrt().max(1e-6);
     p.m1 * (p.m1 * theta + p.m2).sin() / sin_theta
 }

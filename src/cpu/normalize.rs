@@ -6,9 +6,21 @@ use rayon::prelude::*;
 /// Smallest norm divided by, as in `torch.nn.functional.normalize` (eps = 1e-12).
 pub const NORM_EPS: f32 = 1e-12;
 
+/// 1 / `norm` for an L2 normalization, NaN where the norm overflowed: a row whose sum of squares
+/// passes f32's range (a diverged class center) would otherwise normalize to zeros, cosine 0
+/// with everything, and hide the divergence; NaN shows in the loss and refuses a prediction
+/// ([`crate::PfcError::Diverged`]). Embeddings never get here: the layer refuses such rows.
+pub(crate) fn inv_norm(norm: f32) -> f32 {
+    if norm < f32::INFINITY {
+        1.0 / norm
+    } else {
+        f32::NAN
+    }
+}
+
 fn normalize_into(src: &[f32], dst: &mut [f32]) -> f32 {
     let norm = dot(src, src).sqrt().max(NORM_EPS);
-    let inv = 1.0 / norm;
+    let inv = inv_norm(norm);
     for (o, v) in dst.iter_mut().zip(src) {
         *o = v * inv;
     }

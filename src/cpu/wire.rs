@@ -143,7 +143,7 @@ pub fn unpack_normalize(
                 *o = from_wire(b, wire);
             }
             let n = dot(out, out).sqrt().max(NORM_EPS);
-            let inv = 1.0 / n;
+            let inv = super::normalize::inv_norm(n);
             out.iter_mut().for_each(|v| *v *= inv);
             *norm = n;
             *label = row[dim..]

@@ -41,6 +41,9 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
     }
 }
 
+// k - 1 must fit the 8 bits config_fingerprint gives it.
+const _: () = assert!(crate::cpu::top_k::TOP_K_MAX <= 256);
+
 /// Largest value a rank contributes to an agreement ([`PartialFc::agree`]): 2^24, every integer
 /// up to which an f32 holds exactly (a sum with zeros keeps it exact).
 pub(crate) const AGREED_VALUE_MAX: u32 = 1 << 24;

@@ -287,10 +287,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                     classes[slot] = c;
                 }
             });
-        // A center that is not finite scores NOT_FINITE_SCORE with every row, so it comes first
-        // in all of them, on every rank: each refuses alike.
-        if let Some(j) = scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
-            return Err(PfcError::Diverged { class: classes[j] });
+        // A center that is not finite (or whose norm overflows) scores NOT_FINITE_SCORE with
+        // every gathered row, padding included, so it is in every rank's all_scores, which are
+        // the same everywhere: every rank refuses alike, a rank without rows too. The
+        // collectives are done and agreed, so the group stays whole (as after an agreed
+        // refusal): a load_resharded can repair the layer.
+        if let Some(j) = all_scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
+            self.mid_pass = false;
+            return Err(PfcError::Diverged { class: all_ids[j] });
         }
         Ok(Prediction { k, classes, scores })
     }

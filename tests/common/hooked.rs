@@ -1,6 +1,6 @@
 //! A collective that passes every call through to another and lets a test act around it: fail a
 //! call on demand, fail after the peers got the result, record what a rank sent, break the
-//! group. Each test states only its hook, not the eleven methods of the trait.
+//! group. Each test states only its hook, not the eight methods of the trait.
 
 use partial_fc::plan::Dtype;
 use partial_fc::{Collective, CpuBackend, Elem, ReduceOp, Result};

@@ -29,7 +29,7 @@ pub struct PredictArgs {
     /// tensor `labels` is used when the file has one; with it, the tensor must be there.
     #[arg(long)]
     labels: Option<String>,
-    /// Classes per row, 1 to 64.
+    /// Classes per row, 1 to 256 (TOP_K_MAX) and at most the classifier's classes.
     #[arg(long, default_value_t = 5)]
     k: usize,
     /// Where to write `classes` (I64 `[rows, k]`, best first) and `scores` (F32 cosines),
