@@ -164,8 +164,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ));
         }
         let shape = [self.shard().len as usize, self.config().dim];
-        let mut names = vec!["weight"];
-        names.extend_from_slice(self.state_names());
+        let names = self.tensor_names();
         for name in &names {
             match file.shape(name) {
                 None if *name == "weight" => return Err(mismatch("weight is missing".into())),
@@ -284,13 +283,19 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         let (shard, dim) = (self.shard(), self.config().dim);
-        let mut names = vec!["weight"];
-        names.extend_from_slice(self.state_names());
+        let names = self.tensor_names();
         let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
         self.write_state(&names, shard.len as usize * dim, &read)?;
         self.set_steps(set.step());
         self.set_optimizer_steps(set.optimizer_steps());
         Ok(())
+    }
+
+    /// The tensors a checkpoint of this layer holds: `weight`, then its optimizer's state.
+    fn tensor_names(&self) -> Vec<&'static str> {
+        let mut names = vec!["weight"];
+        names.extend_from_slice(self.state_names());
+        names
     }
 
     /// `load_resharded`'s checks on this rank, before the ranks agree: the set, its match with
@@ -310,8 +315,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 set.dim()
             )));
         }
-        let mut names = vec!["weight"];
-        names.extend_from_slice(self.state_names());
+        let names = self.tensor_names();
         if set.state_names() != self.state_names() && !self.state_names().is_empty() {
             let held = match set.state_names() {
                 [] => "no optimizer state (saved without an optimizer)".to_string(),
@@ -397,8 +401,7 @@ fn set_identity(set: &CheckpointSet) -> u32 {
         set.state_names(),
         set.config()
     );
-    let hash = crate::layer::fnv1a(&recorded);
-    ((hash ^ (hash >> 24) ^ (hash >> 48)) as u32) & (crate::layer::AGREED_VALUE_MAX - 1)
+    crate::layer::fnv1a_bits(&recorded, 24)
 }
 
 #[cfg(test)]

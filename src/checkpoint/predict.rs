@@ -8,7 +8,7 @@
 use super::set::CheckpointSet;
 use crate::backend::Backend;
 use crate::cpu::normalize::normalize_rows;
-use crate::cpu::top_k::{NOT_FINITE_SCORE, TOP_K_MAX};
+use crate::cpu::top_k::{refuse_diverged, TOP_K_MAX};
 use crate::error::{PfcError, Result};
 use crate::layer::{row_error, Prediction};
 use crate::plan::Dtype;
@@ -205,11 +205,7 @@ impl CheckpointSet {
         }
         // A stored center whose norm overflows f32 (finite values, a diverged run) scores NaN,
         // which the merge ranks first as NOT_FINITE_SCORE.
-        if let Some(j) = best.scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
-            return Err(PfcError::Diverged {
-                class: best.classes[j],
-            });
-        }
+        refuse_diverged(&best.scores, &best.classes)?;
         Ok(best)
     }
 }

@@ -20,6 +20,15 @@ pub const TOP_K_MAX: usize = 256;
 /// prediction ([`PfcError::Diverged`]) instead of returning the nearest of the finite classes.
 pub const NOT_FINITE_SCORE: f32 = 2.0;
 
+/// [`PfcError::Diverged`] naming the first class that scored [`NOT_FINITE_SCORE`] in merged
+/// results (`scores` and their global `classes`, side by side); `Ok` when none did.
+pub fn refuse_diverged(scores: &[f32], classes: &[i64]) -> Result<()> {
+    match scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
+        Some(j) => Err(PfcError::Diverged { class: classes[j] }),
+        None => Ok(()),
+    }
+}
+
 /// Whether (`a`, `ia`) comes before (`b`, `ib`).
 pub fn beats(a: f32, ia: i32, b: f32, ib: i32) -> bool {
     a > b || (a == b && ia < ib)

@@ -6,12 +6,14 @@ use crate::backend::{Backend, Collective, ReduceOp};
 use crate::config::LayerConfig;
 use crate::error::{PfcError, Result};
 
-/// 64-bit FNV-1a: a hash stable across processes and builds (no random keys), for what ranks
-/// compare through an agreement.
-pub(crate) fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+/// 64-bit FNV-1a of `text`, folded to its low `bits` bits (at most 24, so that an agreement's
+/// f32 slot holds it exactly): a hash stable across processes and builds (no random keys), for
+/// what ranks compare through an agreement.
+pub(crate) fn fnv1a_bits(text: &str, bits: u32) -> u32 {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    });
+    ((hash ^ (hash >> bits) ^ (hash >> (2 * bits))) & ((1 << bits) - 1)) as u32
 }
 
 /// FNV-1a of the fields the ranks must share: those that size a rank's collectives (the batch
@@ -19,8 +21,9 @@ pub(crate) fn fnv1a(text: &str) -> u64 {
 /// those that define the loss and the update (margin, sampler, optimizer, update mode: ranks
 /// that differed there would train a classifier no configuration describes), folded to 21 bits
 /// (an f32 holds it exactly, times eight plus three flag bits: `agree_on_input`). The sample
-/// rate, the seed and the GEMM precision may differ between ranks.
-fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
+/// rate, the seed and the GEMM precision may differ between ranks. Computed once, at
+/// construction; [`call_fingerprint`] adds the call's k.
+pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
     let shared = format!(
         "{} {} {} {:?} {:?} {}",
         c.num_classes,
@@ -30,8 +33,11 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
         c.grad_wire,
         crate::checkpoint::recorded_config(c)
     );
-    let hash = fnv1a(&shared);
-    let folded = ((hash ^ (hash >> 21) ^ (hash >> 42)) & 0x1f_ffff) as u32;
+    fnv1a_bits(&shared, 21)
+}
+
+/// The configuration's fingerprint as a call compares it.
+fn call_fingerprint(folded: u32, call: Call) -> u32 {
     match call {
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
@@ -41,12 +47,12 @@ fn config_fingerprint(c: &LayerConfig, call: Call) -> u32 {
     }
 }
 
-// k - 1 must fit the 8 bits config_fingerprint gives it.
+// k - 1 must fit the 8 bits call_fingerprint gives it.
 const _: () = assert!(crate::cpu::top_k::TOP_K_MAX <= 256);
 
 /// Largest value a rank contributes to an agreement ([`PartialFc::agree`]): 2^24, every integer
 /// up to which an f32 holds exactly (a sum with zeros keeps it exact).
-pub(crate) const AGREED_VALUE_MAX: u32 = 1 << 24;
+const AGREED_VALUE_MAX: u32 = 1 << 24;
 
 /// Which call a pass is. Each pairs its own sequence of collectives, so ranks must all make the
 /// same one: `agree_on_input` tells them apart and refuses a mix on every rank.
@@ -118,7 +124,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
         // and a sum with zeros leaves it exact): ranks built with different configurations
         // would pair collectives of different sizes.
-        let fingerprint = config_fingerprint(&self.config, call);
+        let fingerprint = call_fingerprint(self.fingerprint, call);
         let mut flags = vec![0.0f32; 2 * world];
         flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;

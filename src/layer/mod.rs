@@ -11,7 +11,7 @@ mod predict;
 mod state;
 mod update;
 
-pub(crate) use agreement::{fnv1a, Call, AGREED_VALUE_MAX};
+pub(crate) use agreement::{fnv1a_bits, Call};
 pub(crate) use checks::{row_error, storable};
 pub use predict::Prediction;
 
@@ -56,6 +56,9 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     backend: B,
     comm: C,
     config: LayerConfig,
+    /// The configuration's hash that ranks compare in every agreement
+    /// (`agreement::config_fingerprint`), computed once: the configuration never changes.
+    fingerprint: u32,
     shard: Shard,
     capacity: usize,
     /// Rows of the sampled-center buffer that a gather has written (the largest sample so far).
@@ -223,6 +226,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         Ok(PartialFc {
             backend,
             comm,
+            fingerprint: agreement::config_fingerprint(&config),
             config,
             shard,
             capacity,

@@ -10,7 +10,7 @@
 
 use super::{row_error, Call, PartialFc};
 use crate::backend::{Backend, Collective, ReduceOp};
-use crate::cpu::top_k::{NOT_FINITE_SCORE, TOP_K_MAX};
+use crate::cpu::top_k::{refuse_diverged, TOP_K_MAX};
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
 
@@ -292,9 +292,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // the same everywhere: every rank refuses alike, a rank without rows too. The
         // collectives are done and agreed, so the group stays whole (as after an agreed
         // refusal): a load_resharded can repair the layer.
-        if let Some(j) = all_scores.iter().position(|&s| s == NOT_FINITE_SCORE) {
+        if let Err(diverged) = refuse_diverged(&all_scores, &all_ids) {
             self.mid_pass = false;
-            return Err(PfcError::Diverged { class: all_ids[j] });
+            return Err(diverged);
         }
         Ok(Prediction { k, classes, scores })
     }

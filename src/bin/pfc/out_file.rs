@@ -50,8 +50,13 @@ pub fn refuse_unsafe_output(
     if let Ok(out_canonical) = std::fs::canonicalize(out) {
         for input in inputs {
             if std::fs::canonicalize(input).ok().as_ref() == Some(&out_canonical) {
+                let which = if inputs.len() == 1 {
+                    "the input file"
+                } else {
+                    "one of the input files"
+                };
                 return Err(format!(
-                    "{flag} {shown} is one of the input files: write the output elsewhere"
+                    "{flag} {shown} is {which}: write the output elsewhere"
                 ));
             }
         }
