@@ -13,6 +13,15 @@ extern "C" __global__ void scatter_rows(const float* rows, const int* index, int
     for (int k = threadIdx.x; k < dim; k += blockDim.x) dense[dst * dim + k] = rows[i * dim + k];
 }
 
+// dense[index[i]] += rows[i]: a pass's gradient added to those accumulated before it. The index
+// holds each row once (a sample is sorted and unique), so no two blocks write one row.
+extern "C" __global__ void scatter_add_rows(const float* rows, const int* index, int count,
+                                            int dim, float* dense) {
+    size_t i = blockIdx.x;
+    size_t dst = (size_t)index[i];
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) dense[dst * dim + k] += rows[i * dim + k];
+}
+
 __device__ __forceinline__ float load_state(const float* v) { return *v; }
 __device__ __forceinline__ float load_state(const u16* v) { return bf16_bits_to_f32(*v); }
 __device__ __forceinline__ void store_state(float* v, float x) { *v = x; }

@@ -926,6 +926,22 @@ fn optimizer_and_scatter_match_cpu() {
     .unwrap();
     assert_eq!(g.download(&gdense, shard * dim).unwrap(), dense);
 
+    // scatter_add_rows onto a gradient already summed (one f32 add per element: exact on both).
+    let mut sum = rng.vec(shard * dim, -1.0, 1.0);
+    let mut gsum = up(&g, &sum);
+    cpu.scatter_add_rows(&rows, &index, count, dim, &mut sum, shard)
+        .unwrap();
+    g.scatter_add_rows(
+        &up(&g, &rows),
+        &up(&g, &index),
+        count,
+        dim,
+        &mut gsum,
+        shard,
+    )
+    .unwrap();
+    assert_eq!(g.download(&gsum, shard * dim).unwrap(), sum);
+
     // Both momentum storage dtypes. A bf16 momentum may differ by one bf16 step (≤ 2⁻⁷ relative)
     // where the GPU's fused multiply-add puts the f32 value on the other side of a rounding tie;
     // the weights, moved by the unrounded value, stay within the f32 bound.
@@ -1018,6 +1034,65 @@ fn optimizer_and_scatter_match_cpu() {
             }
         }
     }
+}
+
+/// Gradient accumulation on both backends: three passes summed by
+/// `forward_backward_accumulate` (each with its own sample, identical on both: random negatives),
+/// then one dense SGD update from the sum. Bounds as `whole_step_matches_cpu`'s: each pass's
+/// gradient within the row-scaled f32 bound, so is their sum.
+#[test]
+fn accumulated_step_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let cfg = step_config(
+        UpdateMode::Dense,
+        NegativeSampler::Random,
+        Margin::arcface(),
+    );
+    let mut on_cpu = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    let mut on_gpu = PartialFc::new(cfg, CudaBackend::new(0).unwrap(), SingleRank).unwrap();
+    let mut rng = Rng(31);
+    for pass in 0..3 {
+        let x = rng.vec(96 * 64, -1.0, 1.0);
+        let labels: Vec<i64> = (0..96).map(|_| (rng.next() % 20_000) as i64).collect();
+        let a = on_cpu.forward_backward_accumulate(&x, &labels).unwrap();
+        let b = on_gpu.forward_backward_accumulate(&x, &labels).unwrap();
+        assert_eq!(
+            on_gpu.sampled_classes().unwrap(),
+            on_cpu.sampled_classes().unwrap(),
+            "pass {pass}: sample"
+        );
+        assert_close(
+            &format!("pass {pass}: loss"),
+            &[b.loss],
+            &[a.loss],
+            1e-4,
+            1e-6,
+        );
+        assert_close_in_row(
+            &format!("pass {pass}: summed weight grad"),
+            &on_gpu.weight_grad_dense().unwrap(),
+            &on_cpu.weight_grad_dense().unwrap(),
+            64,
+        );
+    }
+    on_cpu.step(0.1).unwrap();
+    on_gpu.step(0.1).unwrap();
+    assert_close_in_row(
+        "weight after the accumulated update",
+        &on_gpu.weight().unwrap(),
+        &on_cpu.weight().unwrap(),
+        64,
+    );
+    // The sum spans the three samples (about 5,400 classes; one sample holds 2,000).
+    let sum = on_cpu.weight_grad_dense().unwrap();
+    assert!(
+        sum.chunks(64)
+            .filter(|r| r.iter().any(|g| *g != 0.0))
+            .count()
+            > 2 * 2_000
+    );
 }
 
 /// `adamw_sparse_*` and `adamw_dense_*` against their CPU twins (`Backend::adamw_sparse`,

@@ -763,6 +763,20 @@ impl Backend for Emulated16 {
             .scatter_rows(rows, index, count, dim, dense, shard_len)
     }
 
+    fn scatter_add_rows(
+        &self,
+        rows: &Vec<f32>,
+        index: &Vec<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut Vec<f32>,
+        shard_len: usize,
+    ) -> Result<()> {
+        self.kernel("scatter_add_rows");
+        self.cpu
+            .scatter_add_rows(rows, index, count, dim, dense, shard_len)
+    }
+
     fn sgd_momentum_sparse(
         &self,
         weight: &mut Vec<f32>,

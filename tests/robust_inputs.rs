@@ -179,6 +179,20 @@ fn scatter_and_sparse_update_with_bad_lengths_or_indices() {
     cpu.scatter_rows(&rows, &vec![1], 1, 2, &mut dense, 2)
         .unwrap();
     assert_eq!(dense, vec![0.0, 0.0, 1.0, 1.0]);
+    // The accumulating scatter checks the same and adds.
+    shape_err!(cpu.scatter_add_rows(&rows, &vec![0, 1], 2, 2, &mut dense, 10));
+    shape_err!(cpu.scatter_add_rows(&rows, &vec![0], 2, 2, &mut dense, 2));
+    for bad in [2, -1] {
+        shape_err!(cpu.scatter_add_rows(&rows, &vec![0, bad], 2, 2, &mut dense, 2));
+    }
+    assert_eq!(
+        dense,
+        vec![0.0, 0.0, 1.0, 1.0],
+        "a refused scatter changed the buffer"
+    );
+    cpu.scatter_add_rows(&rows, &vec![1, 0], 2, 2, &mut dense, 2)
+        .unwrap();
+    assert_eq!(dense, vec![1.0, 1.0, 2.0, 2.0]);
 
     let mut weight = vec![1.0f32; 4];
     let mut momentum = StateBuf::<CpuBackend>::alloc(&cpu, StateDtype::F32, 4).unwrap();

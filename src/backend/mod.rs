@@ -680,6 +680,18 @@ pub trait Backend: Send + Sync + 'static {
         shard_len: usize,
     ) -> Result<()>;
 
+    /// `dense[index[i]] += rows[i]` for the sampled rows (each index at most once): a pass's
+    /// gradient added to those accumulated before it (`forward_backward_accumulate`).
+    fn scatter_add_rows(
+        &self,
+        rows: &Self::Buf<f32>,
+        index: &Self::Buf<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut Self::Buf<f32>,
+        shard_len: usize,
+    ) -> Result<()>;
+
     /// Sparse SGD with momentum on the sampled rows only:
     /// `v ← μ v + (g + λ w); w ← w − lr v` for `w = weight[index[i]]`, `g = grad[i]`, in f32;
     /// a bf16 momentum is widened on load and rounded (to nearest even) on store, and `w` moves

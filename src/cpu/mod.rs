@@ -693,6 +693,29 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn scatter_add_rows(
+        &self,
+        rows: &Vec<f32>,
+        index: &Vec<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut Vec<f32>,
+        shard_len: usize,
+    ) -> Result<()> {
+        need(
+            rows,
+            elems(count, dim, "scatter_add_rows rows")?,
+            "scatter_add_rows rows",
+        )?;
+        need(index, count, "scatter_add_rows index")?;
+        let len = elems(shard_len, dim, "scatter_add_rows dense")?;
+        need(dense, len, "scatter_add_rows dense")?;
+        let index = &index[..count];
+        check_index(index, shard_len, "scatter_add_rows")?;
+        optimizer::scatter_add_rows(rows, index, dim, &mut dense[..len]);
+        Ok(())
+    }
+
     fn sgd_momentum_sparse(
         &self,
         weight: &mut Vec<f32>,

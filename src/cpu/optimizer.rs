@@ -12,6 +12,18 @@ pub fn scatter_rows(rows: &[f32], index: &[i32], dim: usize, dense: &mut [f32]) 
     }
 }
 
+/// `dense[index[i]] += rows[i]`: a pass's sampled rows added to a gradient accumulated over
+/// earlier passes (`PartialFc::forward_backward_accumulate`). The index holds each row once.
+pub fn scatter_add_rows(rows: &[f32], index: &[i32], dim: usize, dense: &mut [f32]) {
+    for (i, &r) in index.iter().enumerate() {
+        let r = r as usize;
+        let src = &rows[i * dim..(i + 1) * dim];
+        for (d, s) in dense[r * dim..(r + 1) * dim].iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
 /// A stored momentum value: f32, or a bfloat16 bit pattern. The update's arithmetic is f32
 /// either way; only the store rounds. `u16` here always means bfloat16 bits (the storage of
 /// [`crate::StateBuf::Bf16`]), never f16: the optimizer has no f16 state.

@@ -93,6 +93,7 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
         "optimizer",
         &[
             "scatter_rows",
+            "scatter_add_rows",
             "sgd_momentum_sparse",
             "sgd_momentum_sparse_bf16",
             "sgd_momentum_dense",

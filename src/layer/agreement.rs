@@ -19,8 +19,8 @@ pub(crate) fn fnv1a_bits(text: &str, bits: u32) -> u32 {
 /// FNV-1a of the fields the ranks must share: those that size a rank's collectives (the batch
 /// and embedding shapes, the shard split, the wire dtypes; for a prediction also its k) and
 /// those that define the loss and the update (margin, sampler, optimizer, update mode: ranks
-/// that differed there would train a classifier no configuration describes), folded to 21 bits
-/// (an f32 holds it exactly, times eight plus three flag bits: `agree_on_input`). The sample
+/// that differed there would train a classifier no configuration describes), folded to 20 bits
+/// (an f32 holds it exactly, times sixteen plus four flag bits: `agree_on_input`). The sample
 /// rate, the seed and the GEMM precision may differ between ranks. Computed once, at
 /// construction; [`call_fingerprint`] adds the call's k.
 pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
@@ -33,7 +33,7 @@ pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
         c.grad_wire,
         crate::checkpoint::recorded_config(c)
     );
-    fnv1a_bits(&shared, 21)
+    fnv1a_bits(&shared, 20)
 }
 
 /// The configuration's fingerprint as a call compares it.
@@ -41,7 +41,7 @@ fn call_fingerprint(folded: u32, call: Call) -> u32 {
     match call {
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
-        // k refuses it anyway); 13 bits of hash remain.
+        // k refuses it anyway); 12 bits of hash remain.
         Call::Predict { k } => (folded & !0xff) | ((k.wrapping_sub(1) & 0xff) as u32),
         _ => folded,
     }
@@ -66,6 +66,8 @@ pub(crate) enum Call {
     Predict { k: usize },
     /// `load_resharded`: the ranks agree after their checks, before any layer changes.
     Load,
+    /// `forward_backward_accumulate`: drawn, its gradient added to the pending one.
+    Accumulate,
 }
 
 impl Call {
@@ -75,6 +77,7 @@ impl Call {
             Call::Given => 1,
             Call::Predict { .. } => 2,
             Call::Load => 3,
+            Call::Accumulate => 4,
         }
     }
 
@@ -83,7 +86,8 @@ impl Call {
             0 => "forward_backward",
             1 => "forward_backward_with_sample",
             2 => "predict_top_k",
-            _ => "load_resharded",
+            3 => "load_resharded",
+            _ => "forward_backward_accumulate",
         }
     }
 }
@@ -120,13 +124,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
         // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
-        // Each rank's slot also carries a 21-bit fingerprint of the configuration its buffers
+        // Each rank's slot also carries a 20-bit fingerprint of the configuration its buffers
         // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
         // and a sum with zeros leaves it exact): ranks built with different configurations
         // would pair collectives of different sizes.
         let fingerprint = call_fingerprint(self.fingerprint, call);
         let mut flags = vec![0.0f32; 2 * world];
-        flags[rank] = (fingerprint * 8 + call.code() * 2 + u32::from(own.is_some())) as f32;
+        flags[rank] = (fingerprint * 16 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
         let (first, second) = flags.split_at(world);
         let exchanged = (|| {
@@ -156,18 +160,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         if let Some(r) = rejected
             .iter()
-            .position(|&f| ((f as u32) >> 1) & 3 != call.code())
+            .position(|&f| ((f as u32) >> 1) & 7 != call.code())
         {
             return Err(PfcError::Collective(format!(
                 "rank {r} called {} while rank {rank} called {}: every rank must make the same \
                  call; no rank took the step",
-                Call::name(((rejected[r] as u32) >> 1) & 3),
+                Call::name(((rejected[r] as u32) >> 1) & 7),
                 Call::name(call.code())
             )));
         }
         if let Some(r) = rejected
             .iter()
-            .position(|&f| (f as u32) >> 3 != fingerprint)
+            .position(|&f| (f as u32) >> 4 != fingerprint)
         {
             return Err(PfcError::Collective(format!(
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \

@@ -37,6 +37,19 @@ pub struct StepOutput {
     pub sampled: usize,
 }
 
+/// What the dense gradient buffer (`UpdateMode::Dense`) holds of a gradient accumulated over
+/// passes ([`PartialFc::forward_backward_accumulate`]). The last pass's gradient always lives in
+/// the sampled rows until `step` (or the next accumulating pass) adds it in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Accumulated {
+    /// Nothing of the pending gradient: it is the last pass's alone.
+    None,
+    /// The sum of the accumulation's passes before the last one, not yet applied.
+    Earlier,
+    /// The whole sum, which the last `step` applied.
+    Applied,
+}
+
 /// One rank's Partial FC layer: its shard of class centers, optimizer state and sampler.
 ///
 /// Generic over the backend (CPU, CUDA) and the collective (single rank, threads, NCCL).
@@ -71,6 +84,8 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     optimizer_step: u64,
     /// Whether the last backward pass's gradient still waits for `step`.
     grad_pending: bool,
+    /// What the dense gradient buffer holds of a gradient accumulation.
+    accumulated: Accumulated,
     /// Set once every rank has agreed to run the current pass: a failure after that point
     /// (a device or collective error on this rank) breaks the group (`Collective::abort`), since
     /// the peers are in, or about to enter, collectives this rank will not join.
@@ -233,6 +248,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             step: 0,
             optimizer_step: 0,
             grad_pending: false,
+            accumulated: Accumulated::None,
             mid_pass: false,
             last_sampled: None,
             sampled_rows_written: 0,
@@ -297,5 +313,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// the k data-parallel ranks (as DDP does): the world size.
     pub fn data_parallel_grad_factor(&self) -> f32 {
         self.comm.world_size() as f32
+    }
+
+    /// Forgets the gradient of the last pass and of any accumulation: it must not be applied
+    /// (a failed pass, new weights).
+    pub(crate) fn drop_grad(&mut self) {
+        self.grad_pending = false;
+        self.last_sampled = None;
+        self.accumulated = Accumulated::None;
     }
 }

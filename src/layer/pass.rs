@@ -2,9 +2,9 @@
 //! and the backward GEMMs, and what the last pass left to inspect (its sample and gradient).
 
 use super::buffers::Logits;
-use super::{Call, PartialFc, StepOutput};
+use super::{Accumulated, Call, PartialFc, StepOutput};
 use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs};
-use crate::config::NegativeSampler;
+use crate::config::{NegativeSampler, UpdateMode};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::sampled_count;
 
@@ -20,10 +20,49 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// collective or device error discards the pending gradient and breaks the group
     /// ([`Collective::abort`]; see docs/design.md).
     ///
-    /// A second pass before [`PartialFc::step`] replaces the pending gradient: there is no
-    /// accumulation across passes.
+    /// A second pass before [`PartialFc::step`] replaces the pending gradient (also one summed
+    /// by [`forward_backward_accumulate`](Self::forward_backward_accumulate)).
     pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None);
+        let out = self.forward_backward_inner(embeddings, labels, None, false);
+        self.end_pass(out)
+    }
+
+    /// Like [`forward_backward`](Self::forward_backward), but the pass's gradient of the class
+    /// centers is added to the pending one instead of replacing it: gradient accumulation,
+    /// where [`step`](Self::step) applies the sum of the passes since the last step, as
+    /// PyTorch's `backward()` sums into `weight.grad` until `optimizer.step()` (insightface's
+    /// `gradient_acc`). Each pass draws its own sample; the sum is over the union of samples, so
+    /// it needs [`UpdateMode::Dense`], whose dense gradient buffer holds it (no memory beyond
+    /// what that mode has). The sum is not divided by the number of passes (nor is PyTorch's):
+    /// scale the learning rate as you would there. The first pass after a `step` starts a new
+    /// sum; the embedding gradient each pass returns is its own, as with `forward_backward`.
+    ///
+    /// ```
+    /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc, UpdateMode};
+    /// let mut cfg = LayerConfig::new(1000, 16, 8);
+    /// cfg.update = UpdateMode::Dense;
+    /// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    /// let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    /// for micro_batch in 0..4i64 {
+    ///     let labels: Vec<i64> = (0..8).map(|i| i * 100 + micro_batch).collect();
+    ///     layer.forward_backward_accumulate(&x, &labels).unwrap();
+    /// }
+    /// layer.step(0.1).unwrap(); // one update from the four passes' summed gradient
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`forward_backward`](Self::forward_backward); [`PfcError::Param`] on every rank
+    /// when the layer's update mode is [`UpdateMode::Sparse`]; [`PfcError::Collective`] when
+    /// some ranks accumulate and others do not. A pass refused before it ran keeps the sum so
+    /// far; one that fails after the ranks agreed to run it drops the whole sum and breaks the
+    /// group, as a failed [`forward_backward`](Self::forward_backward) does.
+    pub fn forward_backward_accumulate(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, None, true);
         self.end_pass(out)
     }
 
@@ -32,8 +71,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// had reached, the last pass's gradient is not the one to apply.
     fn end_pass<T>(&mut self, out: Result<T>) -> Result<T> {
         if self.abort_after_agreement(&out, "forward/backward pass") {
-            self.grad_pending = false;
-            self.last_sampled = None;
+            self.drop_grad();
         }
         out
     }
@@ -70,7 +108,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         sampled: &[i64],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, Some(sampled));
+        let out = self.forward_backward_inner(embeddings, labels, Some(sampled), false);
         self.end_pass(out)
     }
 
@@ -79,8 +117,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         embeddings: &[f32],
         labels: &[i64],
         given: Option<&[i64]>,
+        accumulate: bool,
     ) -> Result<StepOutput> {
         let mut own = self.check_complete().err();
+        if own.is_none() && accumulate && self.config.update != UpdateMode::Dense {
+            own = Some(PfcError::param(
+                "update",
+                format!("{:?}", self.config.update),
+                "gradient accumulation needs UpdateMode::Dense: the passes' samples differ, so \
+                 their sum is a dense gradient",
+            ));
+        }
         if own.is_none() {
             own = self.check_input(embeddings, labels);
         }
@@ -118,10 +165,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
             None => Vec::new(),
         };
-        let call = if given.is_some() {
-            Call::Given
-        } else {
-            Call::Drawn
+        let call = match (given.is_some(), accumulate) {
+            (true, _) => Call::Given,
+            (false, true) => Call::Accumulate,
+            (false, false) => Call::Drawn,
         };
         let real_rows = self.agree_on_input(own, labels.len(), call)?;
         if real_rows == 0 {
@@ -133,6 +180,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // Every rank runs this pass now: a failure from here on breaks the group and drops the
         // last pass's gradient (`end_pass`), in the all-gather too.
         self.mid_pass = true;
+        if accumulate {
+            self.fold_pending_grad()?;
+        }
 
         // Ranks may pass fewer rows than `batch_per_rank` (a last, smaller batch; a batch that
         // does not split evenly). Every rank pads to N: padding rows are zero embeddings with
@@ -229,6 +279,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.step += 1;
         self.grad_pending = false;
         self.last_sampled = None;
+        if !accumulate {
+            self.accumulated = Accumulated::None;
+        }
         let (b, x) = (&self.backend, &mut self.bufs);
 
         // 4. Sampled, normalized centers and the cosine logits, each logits row padded to
@@ -372,6 +425,37 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         })
     }
 
+    /// Adds the pending pass's gradient into the dense buffer before an accumulating pass
+    /// overwrites the sampled rows: the buffer then holds every pass of the sum so far.
+    fn fold_pending_grad(&mut self) -> Result<()> {
+        let pending = match (self.grad_pending, self.last_sampled) {
+            (true, Some(sampled)) => sampled,
+            _ => {
+                // Nothing pending (a fresh sum after a step or a dropped gradient).
+                self.accumulated = Accumulated::None;
+                return Ok(());
+            }
+        };
+        let (b, x) = (&self.backend, &mut self.bufs);
+        let Some(dense) = x.weight_grad.as_mut() else {
+            // forward_backward_inner refused a layer without UpdateMode::Dense.
+            return Err(PfcError::Order(
+                "gradient accumulation without a dense gradient buffer".into(),
+            ));
+        };
+        let (d, shard_len) = (self.config.dim, self.shard.len as usize);
+        let (rows, index) = (&x.sampled_weights_grad, &x.sampled_index);
+        match self.accumulated {
+            Accumulated::Earlier => {
+                b.scatter_add_rows(rows, index, pending, d, dense, shard_len)?
+            }
+            _ => b.scatter_rows(rows, index, pending, d, dense, shard_len)?,
+        }
+        self.accumulated = Accumulated::Earlier;
+        self.grad_pending = false;
+        Ok(())
+    }
+
     /// The sorted global class ids this rank sampled in the last forward pass (also after
     /// [`PartialFc::step`]; empty before the first pass and after the weights were replaced).
     pub fn sampled_classes(&self) -> Result<Vec<i64>> {
@@ -384,21 +468,29 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .collect())
     }
 
-    /// d loss / d shard weights from the last backward pass, dense (`shard × d`, zero outside the
-    /// sample; also after [`PartialFc::step`]; all zero before the first pass and after the
-    /// weights were replaced).
+    /// d loss / d shard weights, dense (`shard × d`): the gradient [`PartialFc::step`] applies,
+    /// or applied when called after it: the last pass's (zero outside its sample), or with
+    /// [`PartialFc::forward_backward_accumulate`] the sum of the passes since the step before.
+    /// All zero before the first pass and after the weights were replaced.
     pub fn weight_grad_dense(&self) -> Result<Vec<f32>> {
         let d = self.config.dim;
-        let mut dense = vec![0.0f32; self.shard.len as usize * d];
+        let len = self.shard.len as usize * d;
+        let mut dense = match (self.accumulated, &self.bufs.weight_grad) {
+            (Accumulated::Earlier | Accumulated::Applied, Some(sum)) => {
+                self.backend.download(sum, len)?
+            }
+            _ => vec![0.0f32; len],
+        };
+        if self.accumulated == Accumulated::Applied {
+            return Ok(dense);
+        }
         if let Some(sampled) = self.last_sampled {
             let rows = self
                 .backend
                 .download(&self.bufs.sampled_weights_grad, sampled * d)?;
             let index = self.backend.download(&self.bufs.sampled_index, sampled)?;
-            for (i, &c) in index.iter().enumerate() {
-                let c = c as usize;
-                dense[c * d..(c + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
-            }
+            let dense = &mut dense[..];
+            crate::cpu::optimizer::scatter_add_rows(&rows, &index, d, dense);
         }
         Ok(dense)
     }

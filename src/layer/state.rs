@@ -28,8 +28,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         check_finite("weight", weight, self.config.dim)?;
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
-        self.grad_pending = false;
-        self.last_sampled = None;
+        self.drop_grad();
         Ok(())
     }
 
@@ -48,8 +47,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// A checkpoint load starts overwriting weights and optimizer state block by block.
     pub(crate) fn begin_replacing_state(&mut self) {
         self.incomplete = true;
-        self.grad_pending = false;
-        self.last_sampled = None;
+        self.drop_grad();
     }
 
     /// Uploads a block of tensor `name` (`weight` or one of the optimizer's

@@ -1,7 +1,7 @@
 //! The update: the optimizer (SGD with momentum, or AdamW) applied to the shard from the last
 //! pass's gradient (`step`).
 
-use super::PartialFc;
+use super::{Accumulated, PartialFc};
 use crate::backend::AdamWStep;
 use crate::backend::{Backend, Collective};
 use crate::config::{Optimizer, UpdateMode};
@@ -9,7 +9,8 @@ use crate::error::{PfcError, Result};
 
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Applies the optimizer (SGD with momentum, or AdamW) to the shard with learning rate `lr`,
-    /// from the gradient of the last [`PartialFc::forward_backward`]. Each call that runs an
+    /// from the gradient of the last [`PartialFc::forward_backward`] (or the sum of the passes
+    /// of [`PartialFc::forward_backward_accumulate`] since the last step). Each call that runs an
     /// update counts one in [`optimizer_steps`](Self::optimizer_steps), AdamW's t.
     ///
     /// # Errors
@@ -58,6 +59,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
         };
         self.grad_pending = false;
+        let accumulated = self.accumulated == Accumulated::Earlier;
         // Counted before the update runs, as the gradient is consumed: an update stopped part-way
         // by a device error is not retried.
         self.optimizer_step = self.optimizer_step.saturating_add(1);
@@ -67,14 +69,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let len = self.shard.len as usize * d;
         let dense = match (self.config.update, x.weight_grad.as_mut()) {
             (UpdateMode::Dense, Some(grad)) => {
-                b.scatter_rows(
+                let (rows, index, shard_len) = (
                     &x.sampled_weights_grad,
                     &x.sampled_index,
-                    sampled,
-                    d,
-                    grad,
                     self.shard.len as usize,
-                )?;
+                );
+                if accumulated {
+                    // The earlier passes' sum is there; the last pass adds to it.
+                    self.accumulated = Accumulated::Applied;
+                    b.scatter_add_rows(rows, index, sampled, d, grad, shard_len)?;
+                } else {
+                    b.scatter_rows(rows, index, sampled, d, grad, shard_len)?;
+                }
                 Some(&*grad)
             }
             _ => None,

@@ -531,6 +531,18 @@ impl Backend for CudaBackend {
         self.launch_scatter_rows(rows, index, count, dim, dense, shard_len)
     }
 
+    fn scatter_add_rows(
+        &self,
+        rows: &CudaSlice<f32>,
+        index: &CudaSlice<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut CudaSlice<f32>,
+        shard_len: usize,
+    ) -> Result<()> {
+        self.launch_scatter_add_rows(rows, index, count, dim, dense, shard_len)
+    }
+
     fn sgd_momentum_sparse(
         &self,
         weight: &mut CudaSlice<f32>,

@@ -1,6 +1,6 @@
-//! Launches cuda/optimizer.cu: `scatter_rows` (the sampled rows' gradient into a dense buffer) and
-//! the SGD-momentum and AdamW updates, sparse (a block per updated row) or dense (grid-stride);
-//! CPU references: src/cpu/optimizer.rs. The optimizer state is f32 or bf16 ([`StateBuf`]), a
+//! Launches cuda/optimizer.cu: `scatter_rows` and `scatter_add_rows` (the sampled rows' gradient
+//! into a dense buffer, or added to one) and the SGD-momentum and AdamW updates, sparse (a block
+//! per updated row) or dense (grid-stride); CPU references: src/cpu/optimizer.rs. The optimizer state is f32 or bf16 ([`StateBuf`]), a
 //! kernel for each; the launches of one update differ only in the kernel's name and the state
 //! buffers' type, so each update names its kernels through a local macro.
 
@@ -31,6 +31,35 @@ impl CudaBackend {
         launch!(
             self,
             "scatter_rows",
+            per_row(count),
+            rows,
+            index,
+            &count_i,
+            &dim_i,
+            dense
+        );
+        Ok(())
+    }
+
+    pub(super) fn launch_scatter_add_rows(
+        &self,
+        rows: &CudaSlice<f32>,
+        index: &CudaSlice<i32>,
+        count: usize,
+        dim: usize,
+        dense: &mut CudaSlice<f32>,
+        shard_len: usize,
+    ) -> Result<()> {
+        need_product(rows, [count, dim], "scatter_add_rows rows")?;
+        need(index, count, "scatter_add_rows index")?;
+        need_product(dense, [shard_len, dim], "scatter_add_rows dense")?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
+        launch!(
+            self,
+            "scatter_add_rows",
             per_row(count),
             rows,
             index,
