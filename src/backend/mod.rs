@@ -3,7 +3,7 @@
 //! Each method is one kernel (or one GEMM). The CPU backend's implementation of each method is a
 //! small reference function in `src/cpu/`, and the CUDA backend's kernel in `cuda/` carries the
 //! same name, so the pair can be read side by side and tested against each other. The training
-//! step itself (`crate::step`) is written once, generic over this trait.
+//! step itself ([`crate::PartialFc`], in `crate::layer`) is written once, generic over this trait.
 
 use crate::config::{GemmPrecision, MarginParams};
 use crate::error::{PfcError, Result};
