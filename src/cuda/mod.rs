@@ -195,6 +195,39 @@ fn check_toolchain(nvrtc: (i32, i32), driver: i32, cc: (i32, i32)) -> Result<()>
     Ok(())
 }
 
+/// cuBLAS's (major, minor) version: whichever `libcublas` cudarc loaded.
+fn cublas_version() -> Result<(i32, i32)> {
+    use cudarc::cublas::sys::{cublasGetProperty, libraryPropertyType};
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: out-pointers to live integers; the library is loaded (check_available).
+    let status = unsafe {
+        (
+            cublasGetProperty(libraryPropertyType::MAJOR_VERSION, &mut major),
+            cublasGetProperty(libraryPropertyType::MINOR_VERSION, &mut minor),
+        )
+    };
+    for s in [status.0, status.1] {
+        s.result().map_err(dev("cublasGetProperty"))?;
+    }
+    Ok((major, minor))
+}
+
+/// Refuses a cuBLAS newer than the driver: its CUDA runtime needs a driver of its own major, and
+/// `cublasCreate` would otherwise fail with a bare `NOT_INITIALIZED`. cudarc loads the first
+/// `libcublas` it finds, so a CUDA 13 toolkit's can shadow the CUDA 12 one a driver needs.
+fn check_cublas(cublas: (i32, i32), driver: i32) -> Result<()> {
+    let (driver_major, driver_minor) = (driver / 1000, driver % 1000 / 10);
+    if cublas.0 > driver_major {
+        return Err(PfcError::BackendUnavailable(format!(
+            "cuBLAS {}.{} is newer than the driver (CUDA {driver_major}.{driver_minor}), which \
+             cannot run it: put a libcublas of CUDA {driver_major} first on LD_LIBRARY_PATH \
+             (`pip install nvidia-cublas-cu{driver_major}`), or update the NVIDIA driver",
+            cublas.0, cublas.1
+        )));
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels for its architecture (once per process) and
     /// creates the cuBLAS handle.
@@ -214,11 +247,9 @@ impl CudaBackend {
         // (virtual ranks, several NCCL ranks per GPU) must not serialize behind each other.
         let stream = ctx.new_stream().map_err(dev("creating a stream"))?;
         let arch = format!("sm_{}{}", compute_capability.0, compute_capability.1);
-        check_toolchain(
-            compile::nvrtc_version()?,
-            driver_version()?,
-            compute_capability,
-        )?;
+        let driver = driver_version()?;
+        check_toolchain(compile::nvrtc_version()?, driver, compute_capability)?;
+        check_cublas(cublas_version()?, driver)?;
         let mut kernels = HashMap::new();
         for (family, image) in compile::compiled_families(&arch)? {
             let module = ctx
@@ -318,7 +349,20 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::check_toolchain;
+    use super::{check_cublas, check_toolchain};
+
+    #[test]
+    fn a_cublas_newer_than_the_driver_is_refused_by_name() {
+        check_cublas((12, 9), 12_020).unwrap();
+        check_cublas((12, 9), 13_000).unwrap();
+        check_cublas((13, 1), 13_000).unwrap();
+        let newer = check_cublas((13, 0), 12_080).unwrap_err().to_string();
+        assert!(
+            newer.contains("cuBLAS 13.0 is newer than the driver (CUDA 12.8)")
+                && newer.contains("nvidia-cublas-cu12"),
+            "{newer}"
+        );
+    }
 
     #[test]
     fn an_nvrtc_that_cannot_serve_the_driver_or_device_is_refused_by_name() {

@@ -144,6 +144,12 @@ API cublasStatus_t cublasGetStream_v2(cublasHandle_t h, void** stream) {
     *stream = static_cast<Handle*>(h)->stream;
     return OK;
 }
+// The library's version: CUDA 13.0's, as the emulated driver's (cuDriverGetVersion: 13000).
+API cublasStatus_t cublasGetProperty(int type, int* value) {
+    if (!value || type < 0 || type > 2) return INVALID_VALUE;
+    *value = type == 0 ? 13 : 0;
+    return OK;
+}
 API cublasStatus_t cublasSetMathMode(cublasHandle_t h, int mode) {
     if (!h) return NOT_INITIALIZED;
     static_cast<Handle*>(h)->math_mode = mode;
