@@ -144,6 +144,10 @@ pub struct RefOut {
     pub grad_x: Vec<f64>,
     /// [C, d], zero outside the sampled columns.
     pub grad_w: Vec<f64>,
+    /// [C, d]: per element of a sampled center, the sum over the rows of the magnitudes of
+    /// their terms of d loss / d ŵ (the gradient before the normalization's backward): a bound
+    /// on that gradient however its terms are summed.
+    pub grad_w_hat_abs: Vec<f64>,
 }
 
 fn normalize(v: &[f64]) -> (Vec<f64>, f64) {
@@ -210,6 +214,7 @@ fn ref_eval(
     let mut grad_x = vec![0.0; b * dim];
     let mut grad_w = vec![0.0; w.len()];
     let mut gw_hat = vec![vec![0.0; dim]; cols.len()];
+    let mut gw_hat_abs = vec![0.0; w.len()];
     for (i, (x_hat, x_norm)) in xs.iter().enumerate() {
         let target = cols
             .iter()
@@ -256,6 +261,7 @@ fn ref_eval(
             for k in 0..dim {
                 gx_hat[k] += g * w_hat[k];
                 gw_hat[j][k] += g * x_hat[k];
+                gw_hat_abs[cols[j] * dim + k] += (g * x_hat[k]).abs();
             }
         }
         let gx = normalize_backward(&gx_hat, x_hat, *x_norm);
@@ -272,6 +278,7 @@ fn ref_eval(
         loss: loss / b as f64,
         grad_x,
         grad_w,
+        grad_w_hat_abs: gw_hat_abs,
     }
 }
 
