@@ -710,3 +710,140 @@ fn checkpoint_files_of_a_diverged_run_refuse_to_predict() {
     let out = set.predict_top_k(&x, 2, &|_| {});
     assert!(matches!(out, Err(PfcError::Diverged { .. })), "{out:?}");
 }
+
+/// `pfc predict` with a `[rows, width]` label tensor (a set per row, padded with -1) prints
+/// P@j, nDCG@j and recall@j, the values `Prediction::ranking_metrics` gives for the prediction
+/// it wrote; a row with no label is noted.
+#[test]
+fn pfc_predict_scores_label_sets() {
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("rank0.safetensors");
+    let layer = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
+    layer.save(&ckpt).unwrap();
+    let weight = layer.weight().unwrap();
+    let x = embeddings(&weight, BATCH);
+    // Row r's set: the class its embedding was built from (every fifth row), two others, a
+    // repeat and padding; the last row has no label at all.
+    let width = 5;
+    let mut labels = Vec::with_capacity(BATCH * width);
+    for r in 0..BATCH {
+        let own = ((r * 131 + 7) % CLASSES as usize) as i64;
+        let row = if r == BATCH - 1 {
+            [-1; 5]
+        } else {
+            [own, (own + 1) % CLASSES as i64, 3, 3, -1]
+        };
+        labels.extend(row);
+    }
+    let input = dir.path().join("x.safetensors");
+    let tensors = [
+        OutTensor::F32("embeddings", vec![BATCH, DIM], &x),
+        OutTensor::I64("labels", vec![BATCH, width], &labels),
+    ];
+    write_atomic(&input, &tensors, Default::default()).unwrap();
+    let out = dir.path().join("top.safetensors");
+    let done = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--k", "3", "--quiet", "--embeddings"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let file = TensorFile::read(&out).unwrap();
+    let (classes, _) = file.i64("classes").unwrap().unwrap();
+    let (scores, _) = file.f32("scores").unwrap().unwrap();
+    let p = Prediction {
+        k: 3,
+        classes,
+        scores,
+    };
+    let sets: Vec<&[i64]> = labels.chunks(width).collect();
+    let m = p.ranking_metrics(&sets).unwrap();
+    assert_eq!(m.rows_with_labels, BATCH - 1);
+    assert!(
+        m.precision[0] > 0.0,
+        "rows built from a center find it first"
+    );
+    for j in 0..3 {
+        let line = format!(
+            "P@{0}: {1:.2}%  nDCG@{0}: {2:.2}%  recall@{0}: {3:.2}%",
+            j + 1,
+            100.0 * m.precision[j],
+            100.0 * m.ndcg[j],
+            100.0 * m.recall[j]
+        );
+        assert!(stdout.contains(&line), "{line} not in {stdout}");
+    }
+    assert!(
+        stdout.contains("note: 1 row of 30 without a label (all -1) score 0"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("top-1 accuracy"), "{stdout}");
+    // A label tensor of another shape is refused, naming both accepted shapes.
+    let bad = dir.path().join("bad.safetensors");
+    let tensors = [
+        OutTensor::F32("embeddings", vec![BATCH, DIM], &x),
+        OutTensor::I64("labels", vec![BATCH * width], &labels),
+    ];
+    write_atomic(&bad, &tensors, Default::default()).unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--quiet", "--embeddings"])
+        .arg(&bad)
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("[30] (one class per row) or [30, width]"),
+        "{stderr}"
+    );
+}
+
+/// `predict_top_k_all` on one rank and another call on the other is refused on both by name,
+/// and the group stays whole (its chunk counts went through an agreement of its own; before,
+/// a bare all-reduce paired with the other call's collectives and broke the group).
+#[test]
+fn predict_top_k_all_against_another_call_is_refused_by_name() {
+    for other in ["forward_backward", "predict_top_k"] {
+        let results = ThreadGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let mut layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+            let x = embeddings(&layer.weight().unwrap(), 3);
+            let labels = vec![1i64, 2, 3];
+            let refused = if rank == 0 {
+                layer.predict_top_k_all(&x, 2).map(|_| ())
+            } else if other == "forward_backward" {
+                layer.forward_backward(&x, &labels).map(|_| ())
+            } else {
+                layer.predict_top_k(&x, 2).map(|_| ())
+            };
+            // The group still works: the same call on both ranks now succeeds.
+            let after = layer.forward_backward(&x, &labels).map(|_| ());
+            (refused, after)
+        });
+        for (rank, (refused, after)) in results.into_iter().enumerate() {
+            let e = refused.unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, PfcError::Collective(_)),
+                "{other}, rank {rank}: {msg}"
+            );
+            assert!(
+                msg.contains("called predict_top_k_all")
+                    && (msg.contains(&format!("called {other} while"))
+                        || msg.contains(&format!("called {other}:"))),
+                "{other}, rank {rank}: {msg}"
+            );
+            after.unwrap_or_else(|e| panic!("{other}, rank {rank}: the group broke: {e}"));
+        }
+    }
+}

@@ -42,7 +42,9 @@ fn call_fingerprint(folded: u32, call: Call) -> u32 {
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
         // k refuses it anyway); 12 bits of hash remain.
-        Call::Predict { k } => (folded & !0xff) | ((k.wrapping_sub(1) & 0xff) as u32),
+        Call::Predict { k } | Call::PredictAll { k } => {
+            (folded & !0xff) | ((k.wrapping_sub(1) & 0xff) as u32)
+        }
         _ => folded,
     }
 }
@@ -68,6 +70,9 @@ pub(crate) enum Call {
     Load,
     /// `forward_backward_accumulate`: drawn, its gradient added to the pending one.
     Accumulate,
+    /// `predict_top_k_all` with this k: the ranks exchange their chunk counts, then each chunk
+    /// is a `Predict`.
+    PredictAll { k: usize },
 }
 
 impl Call {
@@ -78,6 +83,7 @@ impl Call {
             Call::Predict { .. } => 2,
             Call::Load => 3,
             Call::Accumulate => 4,
+            Call::PredictAll { .. } => 5,
         }
     }
 
@@ -87,7 +93,8 @@ impl Call {
             1 => "forward_backward_with_sample",
             2 => "predict_top_k",
             3 => "load_resharded",
-            _ => "forward_backward_accumulate",
+            4 => "forward_backward_accumulate",
+            _ => "predict_top_k_all",
         }
     }
 }
@@ -177,7 +184,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
                  batch_per_rank, wire, grad_wire, margin, sampler, optimizer and update mode must \
                  agree{}); no rank took the step",
-                if matches!(call, Call::Predict { .. }) {
+                if matches!(call, Call::Predict { .. } | Call::PredictAll { .. }) {
                     ", and predict_top_k's k"
                 } else {
                     ""

@@ -8,12 +8,14 @@ mod gather;
 mod memory;
 mod pass;
 mod predict;
+mod ranking;
 mod state;
 mod update;
 
 pub(crate) use agreement::{fnv1a_bits, Call};
 pub(crate) use checks::{row_error, storable};
 pub use predict::Prediction;
+pub use ranking::RankingMetrics;
 
 use crate::backend::{Backend, Collective, StateBuf};
 use crate::config::{LayerConfig, NegativeSampler, Optimizer, UpdateMode};

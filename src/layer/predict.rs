@@ -9,7 +9,7 @@
 //! its own rows.
 
 use super::{row_error, Call, PartialFc};
-use crate::backend::{Backend, Collective, ReduceOp};
+use crate::backend::{Backend, Collective};
 use crate::cpu::top_k::{refuse_diverged, TOP_K_MAX};
 use crate::error::{PfcError, Result};
 use rayon::prelude::*;
@@ -162,24 +162,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let d = self.config.dim.max(1);
         let n = self.config.batch_per_rank.max(1);
         let rows = embeddings.len() / d;
-        // f32 counts chunks exactly up to 2^24; beyond, +inf makes every rank refuse below.
+        // The ranks learn each other's chunk count through an agreement of its own, so that a
+        // rank making another call (a pass, a single predict_top_k) is refused by name with
+        // the group kept, instead of pairing this exchange with that call's collectives.
         let chunks = rows.div_ceil(n);
-        let mine = if chunks <= 1 << 24 {
-            chunks as f32
-        } else {
-            f32::INFINITY
-        };
-        let b = &self.backend;
-        let mut count = b.alloc::<f32>(1)?;
-        b.upload(&[mine], &mut count)?;
-        self.comm.all_reduce_f32(b, &mut count, 1, ReduceOp::Max)?;
-        let most = b.download(&count, 1)?[0];
-        // (NaN, which no rank sends, is refused too)
-        if most.is_nan() || most > (1 << 24) as f32 {
-            return Err(PfcError::Shape(format!(
-                "predict_top_k_all: a rank passed more than 2^24 chunks of {n} rows"
-            )));
-        }
+        let own = (chunks > 1 << 24).then(|| {
+            PfcError::Shape(format!(
+                "predict_top_k_all: {chunks} chunks of {n} rows, more than 2^24"
+            ))
+        });
+        let counts = self.agree(own, chunks as u32, Call::PredictAll { k })?;
+        let most = counts.iter().copied().max().unwrap_or(0);
         if !embeddings.len().is_multiple_of(d) {
             // every rank makes its first call; this rank's is refused, and so all of them
             return self.predict_top_k(embeddings, k);

@@ -19,14 +19,16 @@ pub struct PredictArgs {
     #[arg(required = true)]
     checkpoints: Vec<PathBuf>,
     /// Safetensors file of the embeddings: an F32 tensor `[rows, dim]`, and optionally an I64
-    /// tensor `[rows]` of true classes.
+    /// tensor of true classes: `[rows]` (one per row) or `[rows, width]` (a set per row, padded
+    /// with -1: multi-label, as extreme classification's).
     #[arg(long)]
     embeddings: PathBuf,
     /// Name of the embeddings tensor in that file.
     #[arg(long, default_value = "embeddings")]
     tensor: String,
-    /// Name of the labels tensor: the top-j accuracies are printed. Without this option a
-    /// tensor `labels` is used when the file has one; with it, the tensor must be there.
+    /// Name of the labels tensor: the top-j accuracies are printed (precision@j, nDCG@j and
+    /// recall@j for label sets). Without this option a tensor `labels` is used when the file has
+    /// one; with it, the tensor must be there.
     #[arg(long)]
     labels: Option<String>,
     /// Classes per row, 1 to 256 (TOP_K_MAX) and at most the classifier's classes.
@@ -94,11 +96,14 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
             args.embeddings.display()
         ));
     }
+    // Labels: one class per row, or a set per row (`width` columns padded with -1).
     let labels = match found {
-        Some((labels, s)) if s == [rows] => Some(labels),
+        Some((labels, s)) if s == [rows] => Some((labels, None)),
+        Some((labels, s)) if s.len() == 2 && s[0] == rows && s[1] > 0 => Some((labels, Some(s[1]))),
         Some((_, s)) => {
             return Err(format!(
-                "{}: tensor {} has shape {s:?}; [{rows}] expected (one class per row)",
+                "{}: tensor {} has shape {s:?}; [{rows}] (one class per row) or [{rows}, width] \
+                 (a set per row, padded with -1) expected",
                 args.embeddings.display(),
                 labels_name
             ))
@@ -131,7 +136,41 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     let prediction = prediction.map_err(|e| e.to_string())?;
     match &labels {
         Some(_) if rows == 0 => println!("no rows: no accuracy to report"),
-        Some(labels) => {
+        Some((labels, Some(width))) => {
+            let sets: Vec<&[i64]> = labels.chunks(*width).collect();
+            let m = prediction
+                .ranking_metrics(&sets)
+                .map_err(|e| e.to_string())?;
+            let outside = labels
+                .iter()
+                .filter(|&&c| c >= 0 && c as u64 >= set.num_classes())
+                .count();
+            if outside > 0 {
+                println!(
+                    "note: {} not classes of this classifier (0 .. {}): true classes no \
+                     prediction can find",
+                    plural(outside as u64, "label is", "labels are"),
+                    set.num_classes()
+                );
+            }
+            if m.rows_with_labels < rows {
+                println!(
+                    "note: {} of {} without a label (all -1) score 0 and count in the means",
+                    plural((rows - m.rows_with_labels) as u64, "row", "rows"),
+                    rows
+                );
+            }
+            for j in 0..args.k {
+                println!(
+                    "P@{0}: {1:.2}%  nDCG@{0}: {2:.2}%  recall@{0}: {3:.2}%",
+                    j + 1,
+                    100.0 * m.precision[j],
+                    100.0 * m.ndcg[j],
+                    100.0 * m.recall[j]
+                );
+            }
+        }
+        Some((labels, None)) => {
             let outside = labels
                 .iter()
                 .filter(|&&c| c < 0 || c as u64 >= set.num_classes())

@@ -1,0 +1,95 @@
+//! Multi-label ranking metrics of a [`Prediction`]: precision@k, nDCG@k and recall@k against a
+//! set of true classes per row, as extreme classification reports them (the Extreme
+//! Classification Repository's P@k and nDCG@k, with binary relevance).
+
+use super::Prediction;
+use crate::error::{PfcError, Result};
+
+/// Ranking metrics for j = 1 ..= k (element j − 1 of each), averaged over the rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankingMetrics {
+    /// precision@j: the fraction of the first j predictions that are true classes of the row.
+    pub precision: Vec<f64>,
+    /// nDCG@j: Σ over the first j predictions of 1/log₂(rank + 1) for each true class, divided
+    /// by its best possible value, Σ over ranks 1 ..= min(j, true classes of the row).
+    pub ndcg: Vec<f64>,
+    /// recall@j: the fraction of the row's true classes among its first j predictions.
+    pub recall: Vec<f64>,
+    /// Rows with at least one true class. Rows without one score 0 on every metric and still
+    /// count in the mean (the repository's convention for P@k).
+    pub rows_with_labels: usize,
+}
+
+impl Prediction {
+    /// precision@j, nDCG@j and recall@j for j = 1 ..= k against a set of true classes per row
+    /// (`label_sets[row]`), the metrics extreme classification reports. Negative entries are
+    /// ignored, so a padded `rows × width` label matrix with −1 for "no label" can be passed as
+    /// `labels.chunks(width)`; a class listed twice counts once; classes outside the classifier
+    /// count as true classes no prediction can find. With one class per row, precision@1 and
+    /// recall@k equal [`top_accuracy`](Self::top_accuracy)'s first and last values.
+    ///
+    /// ```
+    /// use partial_fc::Prediction;
+    /// let p = Prediction { k: 2, classes: vec![3, 1, 5, 0], scores: vec![0.9, 0.2, 0.8, 0.1] };
+    /// // Row 0's true classes are {1, 3}, row 1's {0, 7} (padded with -1: width 3).
+    /// let labels = [1, 3, -1, 0, 7, -1];
+    /// let rows: Vec<&[i64]> = labels.chunks(3).collect();
+    /// let m = p.ranking_metrics(&rows).unwrap();
+    /// assert_eq!(m.precision, vec![0.5, 0.75]); // P@1: row 0 hits; P@2: (2/2 + 1/2) / 2
+    /// assert_eq!(m.recall, vec![0.25, 0.75]); // row 0 finds 1 of 2, then 2 of 2; row 1 0, then 1
+    /// assert_eq!(m.ndcg[0], 0.5);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when `label_sets` does not hold one set per row.
+    pub fn ranking_metrics<L: AsRef<[i64]>>(&self, label_sets: &[L]) -> Result<RankingMetrics> {
+        let rows = self.rows();
+        if label_sets.len() != rows {
+            return Err(PfcError::Shape(format!(
+                "{} label sets for a prediction of {rows} rows",
+                label_sets.len()
+            )));
+        }
+        let k = self.k;
+        // 1/log₂(rank + 1) for ranks 1 ..= k, and its running sums (the ideal DCG).
+        let gain: Vec<f64> = (1..=k).map(|r| 1.0 / ((r + 1) as f64).log2()).collect();
+        let ideal: Vec<f64> = gain
+            .iter()
+            .scan(0.0, |sum, g| {
+                *sum += g;
+                Some(*sum)
+            })
+            .collect();
+        let (mut precision, mut ndcg, mut recall) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+        let mut rows_with_labels = 0;
+        for (row, set) in label_sets.iter().enumerate() {
+            let mut truth: Vec<i64> = set.as_ref().iter().copied().filter(|&c| c >= 0).collect();
+            truth.sort_unstable();
+            truth.dedup();
+            if truth.is_empty() {
+                continue;
+            }
+            rows_with_labels += 1;
+            let (mut hits, mut dcg) = (0usize, 0.0);
+            for (j, class) in self.row(row).iter().enumerate() {
+                // A prediction repeats no class, so each hit is a new true class.
+                if truth.binary_search(class).is_ok() {
+                    hits += 1;
+                    dcg += gain[j];
+                }
+                precision[j] += hits as f64 / (j + 1) as f64;
+                recall[j] += hits as f64 / truth.len() as f64;
+                ndcg[j] += dcg / ideal[j.min(truth.len() - 1)];
+            }
+        }
+        let mean =
+            |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|s| s / rows.max(1) as f64).collect() };
+        Ok(RankingMetrics {
+            precision: mean(precision),
+            ndcg: mean(ndcg),
+            recall: mean(recall),
+            rows_with_labels,
+        })
+    }
+}

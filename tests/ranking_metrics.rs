@@ -1,0 +1,161 @@
+//! `Prediction::ranking_metrics` (precision@k, nDCG@k, recall@k against label sets) against a
+//! from-the-definition computation for every row and j, against `top_accuracy` with one label
+//! per row, and on hand-checked cases.
+
+mod common;
+
+use common::Rng;
+use partial_fc::{PfcError, Prediction};
+
+/// A prediction of `rows` rows of `k` distinct classes out of `classes`.
+fn random_prediction(rng: &mut Rng, rows: usize, k: usize, classes: u64) -> Prediction {
+    let mut out = Vec::with_capacity(rows * k);
+    for _ in 0..rows {
+        let mut row: Vec<i64> = Vec::new();
+        while row.len() < k {
+            let c = rng.below(classes) as i64;
+            if !row.contains(&c) {
+                row.push(c);
+            }
+        }
+        out.extend(row);
+    }
+    Prediction {
+        k,
+        scores: vec![0.0; out.len()],
+        classes: out,
+    }
+}
+
+/// The metrics from their definitions, one row and one j at a time.
+fn by_definition(p: &Prediction, sets: &[Vec<i64>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (k, rows) = (p.k, sets.len());
+    let (mut prec, mut ndcg, mut rec) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+    for (row, set) in sets.iter().enumerate() {
+        let truth: std::collections::BTreeSet<i64> =
+            set.iter().copied().filter(|&c| c >= 0).collect();
+        if truth.is_empty() {
+            continue;
+        }
+        for j in 1..=k {
+            let top = &p.row(row)[..j];
+            let hits = top.iter().filter(|c| truth.contains(c)).count() as f64;
+            prec[j - 1] += hits / j as f64;
+            rec[j - 1] += hits / truth.len() as f64;
+            let dcg: f64 = top
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| truth.contains(c))
+                .map(|(i, _)| 1.0 / ((i + 2) as f64).log2())
+                .sum();
+            let idcg: f64 = (0..j.min(truth.len()))
+                .map(|i| 1.0 / ((i + 2) as f64).log2())
+                .sum();
+            ndcg[j - 1] += dcg / idcg;
+        }
+    }
+    let mean = |v: Vec<f64>| v.into_iter().map(|s| s / rows as f64).collect::<Vec<_>>();
+    (mean(prec), mean(ndcg), mean(rec))
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (j, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-12, "{what}@{}: {g} != {w}", j + 1);
+    }
+}
+
+#[test]
+fn metrics_match_their_definitions_on_random_label_sets() {
+    let mut rng = Rng::new(5);
+    for case in 0..50 {
+        let (rows, k, classes) = (1 + case % 7, 1 + case % 6, 12u64);
+        let p = random_prediction(&mut rng, rows, k, classes);
+        let sets: Vec<Vec<i64>> = (0..rows)
+            .map(|_| {
+                // 0..5 labels, some repeated, some padding (-1), some outside the classifier.
+                (0..rng.below(6))
+                    .map(|_| rng.below(classes + 3) as i64 - 1)
+                    .collect()
+            })
+            .collect();
+        let m = p.ranking_metrics(&sets).unwrap();
+        let (prec, ndcg, rec) = by_definition(&p, &sets);
+        let what = format!("case {case}");
+        assert_close(&format!("{what} precision"), &m.precision, &prec);
+        assert_close(&format!("{what} ndcg"), &m.ndcg, &ndcg);
+        assert_close(&format!("{what} recall"), &m.recall, &rec);
+        let labelled = sets.iter().filter(|s| s.iter().any(|&c| c >= 0)).count();
+        assert_eq!(m.rows_with_labels, labelled, "{what}");
+        for v in m.precision.iter().chain(&m.ndcg).chain(&m.recall) {
+            assert!((0.0..=1.0).contains(v), "{what}: {v} outside [0, 1]");
+        }
+    }
+}
+
+#[test]
+fn one_label_per_row_gives_top_accuracy() {
+    let mut rng = Rng::new(9);
+    let p = random_prediction(&mut rng, 200, 5, 20);
+    let labels: Vec<i64> = (0..200).map(|_| rng.below(20) as i64).collect();
+    let sets: Vec<[i64; 1]> = labels.iter().map(|&l| [l]).collect();
+    let m = p.ranking_metrics(&sets).unwrap();
+    let top = p.top_accuracy(&labels).unwrap();
+    // recall@j is top-j accuracy; precision@1 and nDCG@1 are top-1 accuracy.
+    assert_close("recall", &m.recall, &top);
+    assert!((m.precision[0] - top[0]).abs() < 1e-12);
+    assert!((m.ndcg[0] - top[0]).abs() < 1e-12);
+    assert!(top[4] > top[0], "the case must have hits past rank 1");
+}
+
+#[test]
+fn a_perfect_ranking_scores_one_and_padding_duplicates_are_ignored() {
+    let p = Prediction {
+        k: 3,
+        classes: vec![4, 2, 9, 1, 0, 3],
+        scores: vec![0.0; 6],
+    };
+    // Row 0: exactly its three classes, in some order, padded and with a repeat.
+    // Row 1: one true class, predicted first.
+    let padded = [9, 2, 4, 4, -1, 1, -1, -1, -1, -1];
+    let sets: Vec<&[i64]> = padded.chunks(5).collect();
+    let m = p.ranking_metrics(&sets).unwrap();
+    assert_eq!(m.ndcg, vec![1.0, 1.0, 1.0]);
+    assert_eq!(
+        m.recall,
+        vec![(1.0 / 3.0 + 1.0) / 2.0, (2.0 / 3.0 + 1.0) / 2.0, 1.0]
+    );
+    assert_eq!(
+        m.precision,
+        vec![1.0, (1.0 + 0.5) / 2.0, (1.0 + 1.0 / 3.0) / 2.0]
+    );
+    assert_eq!(m.rows_with_labels, 2);
+}
+
+#[test]
+fn a_row_without_labels_scores_zero_and_counts() {
+    let p = Prediction {
+        k: 1,
+        classes: vec![7, 7],
+        scores: vec![0.0; 2],
+    };
+    let m = p.ranking_metrics(&[vec![7], vec![]]).unwrap();
+    assert_eq!((m.precision[0], m.ndcg[0], m.recall[0]), (0.5, 0.5, 0.5));
+    assert_eq!(m.rows_with_labels, 1);
+}
+
+#[test]
+fn a_label_set_per_row_is_required() {
+    let p = Prediction {
+        k: 2,
+        classes: vec![1, 2, 3, 4],
+        scores: vec![0.0; 4],
+    };
+    let e = p.ranking_metrics(&[vec![1]]).unwrap_err();
+    assert!(matches!(e, PfcError::Shape(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("1 label sets for a prediction of 2 rows"),
+        "{e}"
+    );
+}
