@@ -192,3 +192,126 @@ fn ranks_that_do_not_all_accumulate_are_refused_together() {
         assert_eq!(steps, 0, "rank {rank} drew a sample");
     }
 }
+
+#[test]
+fn pending_passes_counts_and_discard_grad_drops_the_sum() {
+    let mut layer = PartialFc::new(config(UpdateMode::Dense), CpuBackend, SingleRank).unwrap();
+    assert_eq!(layer.pending_passes(), 0);
+    let (x, labels) = batch(0, 0);
+    layer.forward_backward(&x, &labels).unwrap();
+    assert_eq!(layer.pending_passes(), 1);
+    for want in 2..=3 {
+        layer.forward_backward_accumulate(&x, &labels).unwrap();
+        assert_eq!(layer.pending_passes(), want);
+    }
+    let (before, steps) = (layer.weight().unwrap(), layer.optimizer_steps());
+    layer.discard_grad();
+    assert_eq!(layer.pending_passes(), 0);
+    assert!(layer.weight_grad_dense().unwrap().iter().all(|g| *g == 0.0));
+    let e = layer.step(0.1).unwrap_err();
+    assert!(matches!(e, PfcError::Order(_)), "{e}");
+    assert!(e.to_string().contains("discard_grad"), "{e}");
+    assert_eq!(
+        layer.weight().unwrap(),
+        before,
+        "discard_grad moved the weights"
+    );
+    assert_eq!(layer.optimizer_steps(), steps);
+    // The next accumulating pass starts a new sum: its gradient alone.
+    let mut fresh = PartialFc::new(config(UpdateMode::Dense), CpuBackend, SingleRank).unwrap();
+    fresh.set_steps(layer.steps());
+    let (x, labels) = batch(1, 0);
+    layer.forward_backward_accumulate(&x, &labels).unwrap();
+    fresh.forward_backward(&x, &labels).unwrap();
+    assert_eq!(layer.pending_passes(), 1);
+    assert_eq!(
+        layer.weight_grad_dense().unwrap(),
+        fresh.weight_grad_dense().unwrap()
+    );
+    layer.step(0.1).unwrap();
+    assert_eq!(layer.pending_passes(), 0);
+    // New weights drop a sum too.
+    layer.forward_backward_accumulate(&x, &labels).unwrap();
+    let w = layer.weight().unwrap();
+    layer.set_weight(&w).unwrap();
+    assert_eq!(layer.pending_passes(), 0);
+    assert!(matches!(layer.step(0.1), Err(PfcError::Order(_))));
+}
+
+/// The sum of K passes with SGD built with weight decay K·λ and stepped with lr / K is the
+/// update of their mean (PyTorch's `loss / K`) with λ and lr: the momentum then holds K times
+/// the mean's, and lr / K scales it back. AdamW with ε·K is likewise the mean's update (m and
+/// v hold K and K² times theirs). docs/design.md states both; two windows, so the momentum
+/// carried between them counts.
+#[test]
+fn sum_with_scaled_hyperparameters_is_the_mean_update() {
+    use partial_fc::AdamW;
+    const K: u64 = 3;
+    let k = K as f32;
+    for adam in [false, true] {
+        let (lr, wd, mu, (b1, b2, eps)) = (0.3f32, 5e-3f32, 0.9f32, (0.9f32, 0.999f32, 1e-3f32));
+        let mut cfg = config(UpdateMode::Dense);
+        cfg.optimizer = Some(if adam {
+            AdamW {
+                beta1: b1,
+                beta2: b2,
+                eps: eps * k,
+                weight_decay: wd,
+                ..AdamW::default()
+            }
+            .into()
+        } else {
+            Sgd {
+                momentum: mu,
+                weight_decay: wd * k,
+                ..Sgd::default()
+            }
+            .into()
+        });
+        let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+        // The mean's update, from the definitions, in f64.
+        let mut w: Vec<f64> = layer.weight().unwrap().iter().map(|&v| v as f64).collect();
+        let (mut m, mut v) = (vec![0f64; w.len()], vec![0f64; w.len()]);
+        for window in 0..2u64 {
+            for pass in 0..K {
+                let (x, labels) = batch(10 * window + pass, 0);
+                layer.forward_backward_accumulate(&x, &labels).unwrap();
+            }
+            let mean: Vec<f64> = layer
+                .weight_grad_dense()
+                .unwrap()
+                .iter()
+                .map(|&g| g as f64 / K as f64)
+                .collect();
+            let t = (window + 1) as i32;
+            for i in 0..w.len() {
+                if adam {
+                    m[i] = b1 as f64 * m[i] + (1.0 - b1 as f64) * mean[i];
+                    v[i] = b2 as f64 * v[i] + (1.0 - b2 as f64) * mean[i] * mean[i];
+                    let m_hat = m[i] / (1.0 - (b1 as f64).powi(t));
+                    let v_hat = v[i] / (1.0 - (b2 as f64).powi(t));
+                    w[i] = w[i] * (1.0 - (lr * wd) as f64)
+                        - lr as f64 * m_hat / (v_hat.sqrt() + eps as f64);
+                } else {
+                    m[i] = mu as f64 * m[i] + mean[i] + wd as f64 * w[i];
+                    w[i] -= lr as f64 * m[i];
+                }
+            }
+            let step_lr = if adam { lr } else { lr / k };
+            layer.step(step_lr).unwrap();
+            let got = layer.weight().unwrap();
+            let worst = got
+                .iter()
+                .zip(&w)
+                .map(|(g, r)| (*g as f64 - r).abs())
+                .fold(0.0, f64::max);
+            // f32 arithmetic against f64 over two updates of size ~lr: 1e-5 of lr is far
+            // above its rounding and far below a wrong scaling (which moves weights by ~lr).
+            assert!(
+                worst <= 1e-5 * lr as f64,
+                "{} window {window}: weights off the mean's update by {worst:e}",
+                if adam { "AdamW" } else { "SGD" }
+            );
+        }
+    }
+}

@@ -763,19 +763,8 @@ impl Backend for Emulated16 {
             .scatter_rows(rows, index, count, dim, dense, shard_len)
     }
 
-    fn scatter_add_rows(
-        &self,
-        rows: &Vec<f32>,
-        index: &Vec<i32>,
-        count: usize,
-        dim: usize,
-        dense: &mut Vec<f32>,
-        shard_len: usize,
-    ) -> Result<()> {
-        self.kernel("scatter_add_rows");
-        self.cpu
-            .scatter_add_rows(rows, index, count, dim, dense, shard_len)
-    }
+    // scatter_add_rows: the trait's default (on the host), which
+    // `accumulation_through_the_default_scatter_add_rows` exercises.
 
     fn sgd_momentum_sparse(
         &self,
@@ -1558,6 +1547,38 @@ fn wrapper_at_f32_is_the_cpu_backend() {
             .iter()
             .any(|c| matches!(c, Call::GemmNt16 { .. } | Call::GemmBackward16 { .. })));
     }
+}
+
+/// Gradient accumulation on a backend without its own `scatter_add_rows` (the wrapper leaves it
+/// to `Backend`'s host default): the sums, and the weights after the update, are the CPU
+/// backend's, bit for bit.
+#[test]
+fn accumulation_through_the_default_scatter_add_rows() {
+    use partial_fc::collective::SingleRank;
+    let d = data(4);
+    let cfg = config(1, GemmPrecision::F32, Margin::arcface(), UpdateMode::Dense);
+    let mut cpu = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    let mut wrapped = PartialFc::new(cfg, Emulated16::new(Fault::None), SingleRank).unwrap();
+    let n = d.labels.len() / 2;
+    let dim = d.x.len() / d.labels.len();
+    for pass in 0..3 {
+        // Halves of the batch in turn: three passes, three samples.
+        let half = pass % 2;
+        let (x, labels) = (
+            &d.x[half * n * dim..(half + 1) * n * dim],
+            &d.labels[half * n..(half + 1) * n],
+        );
+        cpu.forward_backward_accumulate(x, labels).unwrap();
+        wrapped.forward_backward_accumulate(x, labels).unwrap();
+        assert_eq!(
+            cpu.weight_grad_dense().unwrap(),
+            wrapped.weight_grad_dense().unwrap(),
+            "pass {pass}"
+        );
+    }
+    cpu.step(0.1).unwrap();
+    wrapped.step(0.1).unwrap();
+    assert_eq!(cpu.weight().unwrap(), wrapped.weight().unwrap());
 }
 
 #[test]

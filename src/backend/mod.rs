@@ -682,6 +682,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `dense[index[i]] += rows[i]` for the sampled rows (each index at most once): a pass's
     /// gradient added to those accumulated before it (`forward_backward_accumulate`).
+    ///
+    /// The default runs on the host (downloads the rows, the index and `dense`, adds with the
+    /// CPU reference, uploads `dense`), so that a backend written before this method still
+    /// accumulates (slowly); the CPU and CUDA backends override it.
     fn scatter_add_rows(
         &self,
         rows: &Self::Buf<f32>,
@@ -690,7 +694,20 @@ pub trait Backend: Send + Sync + 'static {
         dim: usize,
         dense: &mut Self::Buf<f32>,
         shard_len: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let (Some(rows_len), Some(dense_len)) =
+            (count.checked_mul(dim), shard_len.checked_mul(dim))
+        else {
+            return Err(PfcError::Shape(format!(
+                "scatter_add_rows: {count} rows or a shard of {shard_len} × dim {dim} overflows"
+            )));
+        };
+        let rows = self.download(rows, rows_len)?;
+        let index = self.download(index, count)?;
+        let mut host = self.download(dense, dense_len)?;
+        crate::CpuBackend.scatter_add_rows(&rows, &index, count, dim, &mut host, shard_len)?;
+        self.upload(&host, dense)
+    }
 
     /// Sparse SGD with momentum on the sampled rows only:
     /// `v ← μ v + (g + λ w); w ← w − lr v` for `w = weight[index[i]]`, `g = grad[i]`, in f32;

@@ -116,7 +116,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// tensors go through the host a block (64 MiB) at a time, read twice: once to check them,
     /// once to upload them. Should the second read fail (the file changed or became unreadable
     /// in between), the layer is left part old, part new and says so: it refuses to train or
-    /// save until a load succeeds.
+    /// save until a load succeeds. A load that changes the layer drops its pending gradient
+    /// (also a sum of accumulated passes: checkpoints do not hold one); one refused before it
+    /// changed anything keeps it.
     ///
     /// `load` reads this rank's file alone and talks to no other rank: it cannot tell that the
     /// ranks' files come from different steps (a crash between two ranks' saves) or seeds. To

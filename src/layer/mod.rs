@@ -88,6 +88,8 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     grad_pending: bool,
     /// What the dense gradient buffer holds of a gradient accumulation.
     accumulated: Accumulated,
+    /// Passes in the pending gradient (0 when none; more than 1 with accumulation).
+    pending_passes: u64,
     /// Set once every rank has agreed to run the current pass: a failure after that point
     /// (a device or collective error on this rank) breaks the group (`Collective::abort`), since
     /// the peers are in, or about to enter, collectives this rank will not join.
@@ -251,6 +253,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             optimizer_step: 0,
             grad_pending: false,
             accumulated: Accumulated::None,
+            pending_passes: 0,
             mid_pass: false,
             last_sampled: None,
             sampled_rows_written: 0,
@@ -323,5 +326,25 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.grad_pending = false;
         self.last_sampled = None;
         self.accumulated = Accumulated::None;
+        self.pending_passes = 0;
+    }
+
+    /// Discards the pending gradient, a single pass's or an accumulated sum, without an update:
+    /// PyTorch's `optimizer.zero_grad()` where no `optimizer.step()` came before it (a skipped
+    /// step: a loss scaler that found an overflow, a window cut short). Afterwards the layer is
+    /// as after new weights: [`step`](Self::step) needs a new pass, [`weight_grad_dense`]
+    /// (Self::weight_grad_dense) is zero and [`sampled_classes`](Self::sampled_classes) empty.
+    /// Weights, optimizer state and counters are untouched. Local to this rank, like
+    /// [`set_steps`](Self::set_steps): call it on every rank.
+    pub fn discard_grad(&mut self) {
+        self.drop_grad();
+    }
+
+    /// Passes whose gradient [`step`](Self::step) would apply now: 0 when none is pending, 1
+    /// after a [`forward_backward`](Self::forward_backward), and one more for each
+    /// [`forward_backward_accumulate`](Self::forward_backward_accumulate) since (the number to
+    /// divide by for a mean; see docs/design.md).
+    pub fn pending_passes(&self) -> u64 {
+        self.pending_passes
     }
 }

@@ -281,6 +281,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.last_sampled = None;
         if !accumulate {
             self.accumulated = Accumulated::None;
+            self.pending_passes = 0;
         }
         let (b, x) = (&self.backend, &mut self.bufs);
 
@@ -418,6 +419,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let grad_embeddings = b.download(&x.staging, labels.len() * d)?;
         self.grad_pending = true;
         self.last_sampled = Some(s);
+        self.pending_passes = if accumulate {
+            self.pending_passes.saturating_add(1)
+        } else {
+            1
+        };
         Ok(StepOutput {
             loss: loss as f32,
             grad_embeddings,

@@ -14,7 +14,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             .download(&self.bufs.weight, self.shard.len as usize * self.config.dim)
     }
 
-    /// Replaces the shard's weights.
+    /// Replaces the shard's weights. The pending gradient (a pass's, or a sum of accumulated
+    /// passes) was taken at the old weights and is dropped: `step` then needs a new pass.
     pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
         let want = self.shard.len as usize * self.config.dim;
         if weight.len() != want {

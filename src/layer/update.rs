@@ -9,8 +9,9 @@ use crate::error::{PfcError, Result};
 
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Applies the optimizer (SGD with momentum, or AdamW) to the shard with learning rate `lr`,
-    /// from the gradient of the last [`PartialFc::forward_backward`] (or the sum of the passes
-    /// of [`PartialFc::forward_backward_accumulate`] since the last step). Each call that runs an
+    /// from the pending gradient: the last [`PartialFc::forward_backward`]'s, plus those of the
+    /// [`PartialFc::forward_backward_accumulate`] passes after it ([`PartialFc::pending_passes`]
+    /// in all). Each call that runs an
     /// update counts one in [`optimizer_steps`](Self::optimizer_steps), AdamW's t.
     ///
     /// # Errors
@@ -18,8 +19,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// [`PfcError::Param`] for a NaN, infinite or negative `lr` (with AdamW also `lr ×
     /// weight_decay ≥ 1`), a layer without an optimizer, or one left incomplete by a load that
     /// failed midway;
-    /// [`PfcError::Order`] when no gradient is pending (no pass since the last `step`, or the
-    /// last pass failed). The gradient is consumed before the update runs: should a device error
+    /// [`PfcError::Order`] when no gradient is pending (no pass since the last `step`, the
+    /// last pass failed, or the gradient was dropped: [`PartialFc::discard_grad`], new weights
+    /// from [`PartialFc::set_weight`] or a load). The gradient is consumed before the update runs: should a device error
     /// stop the update part-way, the gradient is gone (applying it again after a partial update
     /// would count it twice), so the next `step` needs a new pass.
     pub fn step(&mut self, lr: f32) -> Result<()> {
@@ -48,17 +50,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 ));
             }
         }
-        let sampled = match (self.grad_pending, self.last_sampled) {
-            (true, Some(sampled)) => sampled,
-            _ => {
-                return Err(PfcError::Order(
-                    "step() needs a forward_backward() first (none since the last step, or it \
-                     failed)"
+        let sampled =
+            match (self.grad_pending, self.last_sampled) {
+                (true, Some(sampled)) => sampled,
+                _ => return Err(PfcError::Order(
+                    "step() needs a forward_backward() first (none since the last step, or the \
+                     pending gradient was dropped: a failed pass, discard_grad, or new weights \
+                     from set_weight or a load)"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         self.grad_pending = false;
+        self.pending_passes = 0;
         let accumulated = self.accumulated == Accumulated::Earlier;
         // Counted before the update runs, as the gradient is consumed: an update stopped part-way
         // by a device error is not retried.
