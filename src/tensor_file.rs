@@ -106,6 +106,12 @@ impl TensorFile {
             |reason: String| format_err(path, format!("not a valid safetensors file ({reason})"));
         let mut file = File::open(path).map_err(io_err(path))?;
         let meta = file.metadata().map_err(io_err(path))?;
+        if meta.is_dir() {
+            return Err(io_err(path)(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, not a safetensors file",
+            )));
+        }
         let identity = Identity::of(&meta);
         let len = meta.len();
         let mut n = [0u8; 8];

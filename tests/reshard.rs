@@ -536,6 +536,36 @@ fn crafted_metadata_is_refused_at_once() {
         e.contains("no file is given for ranks 1, 2, 3, 4, 5, 6, 7, 8, ..."),
         "{e}"
     );
+    // A classifier whose values cannot be addressed (class × dim overflows): refused at open,
+    // not a multiplication overflow when a shard is written (a panic hunt found it).
+    let mut huge = base(u64::MAX, u64::MAX, 8);
+    huge[3].1 = (u64::MAX - 1).to_string(); // the last rank's one class
+    huge[4].1 = (u64::MAX - 1).to_string();
+    crafted(&path, &huge, 1, 8);
+    let e = refusal(CheckpointSet::open(&[&path]).err().unwrap());
+    assert!(e.contains("cannot be addressed"), "{e}");
+    // `load` and the set read the metadata alike: "010" is 10 to both, a seed of -1 neither.
+    let mut padded = base(10, 1, 4);
+    padded[1].1 = "010".to_string();
+    padded[5].1 = "10".to_string();
+    crafted(&path, &padded, 10, 4);
+    assert!(CheckpointSet::open(&[&path]).is_ok());
+    let mut weights_only = LayerConfig::new(10, 4, 2);
+    weights_only.optimizer = None;
+    let mut layer = PartialFc::zeroed(weights_only, CpuBackend, SingleRank).unwrap();
+    layer.load(&path).unwrap();
+    padded.push(("seed", "-1".to_string()));
+    crafted(&path, &padded, 10, 4);
+    let e = CheckpointSet::open(&[&path]).err().unwrap().to_string();
+    assert!(e.contains("seed = \"-1\" does not parse"), "{e}");
+    let e = layer.load(&path).unwrap_err().to_string();
+    assert!(e.contains("seed = \"-1\" does not parse"), "{e}");
+    // A step counter `load` refuses is refused by the set too (reshard would copy it out).
+    let mut stuck = base(1 << 26, 1 << 26, 4);
+    stuck[7].1 = u64::MAX.to_string();
+    crafted(&path, &stuck, 1, 4);
+    let e = refusal(CheckpointSet::open(&[&path]).err().unwrap());
+    assert!(e.contains("step is u64::MAX"), "{e}");
 }
 
 #[test]

@@ -415,3 +415,83 @@ fn a_prediction_that_fails_in_the_all_gather_aborts_and_keeps_the_gradient() {
     assert!(l.collective().hook.aborted.load(Relaxed));
     l.step(0.1).unwrap();
 }
+
+/// From a panic hunt: `predict_top_k_all` sized its result by `k` before any check (a huge `k`
+/// aborted the process on the allocation), and with no rows on any rank took any `k`.
+#[test]
+fn predict_top_k_all_checks_k_first() {
+    let mut l = layer(100, 4, 4);
+    let x = vec![0.5f32; 8 * 4];
+    for k in [0, 101, 257, 1 << 40, usize::MAX] {
+        for rows in [&x[..], &[][..]] {
+            match l.predict_top_k_all(rows, k) {
+                Err(PfcError::Param { name, .. }) => assert_eq!(name, "k"),
+                other => panic!("k = {k}, {} values: {other:?}", rows.len()),
+            }
+        }
+    }
+    assert_eq!(l.predict_top_k_all(&x, 3).unwrap().rows(), 8);
+}
+
+/// From a panic hunt: a `Prediction` built by hand with a huge or zero `k`, or classes that are
+/// not rows × k, made `top_accuracy` panic (capacity overflow) or answer for a made-up row
+/// count; a -1 label hit a -1 slot.
+#[test]
+fn malformed_predictions_are_refused_by_the_metrics() {
+    use partial_fc::Prediction;
+    let bad = [
+        Prediction {
+            k: usize::MAX,
+            classes: vec![],
+            scores: vec![],
+        },
+        Prediction {
+            k: 0,
+            classes: vec![],
+            scores: vec![],
+        },
+        Prediction {
+            k: 2,
+            classes: vec![1, 2, 3],
+            scores: vec![],
+        },
+        Prediction {
+            k: 1,
+            classes: vec![1, 2],
+            scores: vec![0.5],
+        },
+    ];
+    for p in &bad {
+        let labels = vec![1i64; p.rows()];
+        assert!(
+            matches!(p.top_accuracy(&labels), Err(PfcError::Shape(_))),
+            "{p:?}"
+        );
+        let sets: Vec<[i64; 1]> = labels.iter().map(|&l| [l]).collect();
+        assert!(
+            matches!(p.ranking_metrics(&sets), Err(PfcError::Shape(_))),
+            "{p:?}"
+        );
+    }
+    let padded = Prediction {
+        k: 2,
+        classes: vec![3, -1],
+        scores: vec![],
+    };
+    assert_eq!(padded.top_accuracy(&[-1]).unwrap(), vec![0.0, 0.0]);
+}
+
+/// From a panic hunt: a directory given as a checkpoint was "not a valid safetensors file
+/// (shorter than its 8-byte header length)"; it is an I/O error saying what it is.
+#[test]
+fn a_directory_given_as_a_checkpoint_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = partial_fc::checkpoint::CheckpointSet::open(&[dir.path()])
+        .err()
+        .unwrap();
+    assert!(matches!(e, PfcError::Io { .. }), "{e:?}");
+    assert!(e.to_string().contains("is a directory"), "{e}");
+    let mut l = layer(10, 4, 2);
+    let e = l.load(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("is a directory"), "{e}");
+}

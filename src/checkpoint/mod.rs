@@ -141,7 +141,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             "dim",
         ] {
             let got = file.metadata().get(key);
-            if got != want.get(key) {
+            // Numbers compare as numbers, parsed as CheckpointSet::open parses them (so "010"
+            // is 10 to both, and text that is no number is refused the same way).
+            let same = match key {
+                "format" => got == want.get(key),
+                _ => file.meta::<u64>(key)? == want[key].parse().ok(),
+            };
+            if !same {
                 let hint = if key == "world_size" || key == "rank" {
                     " (to resume on another world size, use load_resharded with every rank's file)"
                 } else {
@@ -160,6 +166,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // Files from before the count was recorded: builds that took AdamW's t from the pass
         // counter, and SGD runs of one update per pass.
         let optimizer_steps: u64 = file.meta("optimizer_steps")?.unwrap_or(step);
+        // Not compared with this layer's (a run may resume with another seed), but parsed as
+        // CheckpointSet::open parses it, so that a file one reader refuses the other does too.
+        let _seed: Option<u64> = file.meta("seed")?;
         if step == u64::MAX {
             return Err(mismatch(
                 "step is u64::MAX: the step counter could not advance".into(),

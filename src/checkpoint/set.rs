@@ -183,6 +183,25 @@ impl CheckpointSet {
             if dim == 0 {
                 return Err(refuse(path, "dim is 0"));
             }
+            // Every class's values are addressed by class × dim: the whole classifier must be
+            // addressable, on this machine too (no shard of it could be read otherwise).
+            if num_classes
+                .checked_mul(dim as u64)
+                .is_none_or(|values| usize::try_from(values).is_err())
+            {
+                return Err(refuse(
+                    path,
+                    format!("{num_classes} classes × dim {dim} values cannot be addressed"),
+                ));
+            }
+            // `load` refuses such a file (the counter could not advance): so do the set's readers,
+            // rather than reshard or predict from it.
+            if step == u64::MAX {
+                return Err(refuse(
+                    path,
+                    "step is u64::MAX: the step counter could not advance",
+                ));
+            }
             if shard != Shard::of(num_classes, world_size, rank) {
                 return Err(refuse(
                     path,

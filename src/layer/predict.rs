@@ -57,6 +57,37 @@ impl Prediction {
         self.classes.len() / self.k.max(1)
     }
 
+    /// Checks what the metrics rely on (the fields are public, so a prediction may come from
+    /// elsewhere): `k` between 1 and [`TOP_K_MAX`], as every prediction of this crate, and
+    /// `classes` (and `scores`, when not empty) holding `rows × k` values. Returns the rows.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] naming what does not fit.
+    pub fn check_shape(&self) -> Result<usize> {
+        if self.k == 0 || self.k > TOP_K_MAX {
+            return Err(PfcError::Shape(format!(
+                "a prediction of k = {} classes per row; 1 to {TOP_K_MAX} expected",
+                self.k
+            )));
+        }
+        if !self.classes.len().is_multiple_of(self.k) {
+            return Err(PfcError::Shape(format!(
+                "a prediction of {} classes is not rows × k = {}",
+                self.classes.len(),
+                self.k
+            )));
+        }
+        if !self.scores.is_empty() && self.scores.len() != self.classes.len() {
+            return Err(PfcError::Shape(format!(
+                "a prediction of {} classes and {} scores",
+                self.classes.len(),
+                self.scores.len()
+            )));
+        }
+        Ok(self.rows())
+    }
+
     /// Top-j accuracy for j = 1 ..= k against one true class per row (element j − 1): the
     /// fraction of rows whose class is among their first j predictions. With one label per
     /// row, top-1 accuracy is precision@1 and top-k accuracy is recall@k. In a job of k ranks
@@ -73,9 +104,10 @@ impl Prediction {
     ///
     /// # Errors
     ///
-    /// [`PfcError::Shape`] when `labels` does not hold one class per row.
+    /// [`PfcError::Shape`] when `labels` does not hold one class per row, or the prediction is
+    /// malformed (see [`check_shape`](Self::check_shape)).
     pub fn top_accuracy(&self, labels: &[i64]) -> Result<Vec<f64>> {
-        let rows = self.rows();
+        let rows = self.check_shape()?;
         if labels.len() != rows {
             return Err(PfcError::Shape(format!(
                 "{} labels for a prediction of {rows} rows",
@@ -83,7 +115,7 @@ impl Prediction {
             )));
         }
         let mut hits = vec![0u64; self.k];
-        for (row, &label) in labels.iter().enumerate() {
+        for (row, &label) in labels.iter().enumerate().filter(|(_, &l)| l >= 0) {
             if let Some(j) = self.row(row).iter().position(|&c| c == label) {
                 hits[j] += 1;
             }
@@ -166,10 +198,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // rank making another call (a pass, a single predict_top_k) is refused by name with
         // the group kept, instead of pairing this exchange with that call's collectives.
         let chunks = rows.div_ceil(n);
-        let own = (chunks > 1 << 24).then(|| {
-            PfcError::Shape(format!(
-                "predict_top_k_all: {chunks} chunks of {n} rows, more than 2^24"
-            ))
+        // k is checked here too: with no rows on any rank no chunk would check it, and the
+        // result is sized by it.
+        let own = self.check_k(k).or_else(|| {
+            (chunks > 1 << 24).then(|| {
+                PfcError::Shape(format!(
+                    "predict_top_k_all: {chunks} chunks of {n} rows, more than 2^24"
+                ))
+            })
         });
         let counts = self.agree(own, chunks as u32, Call::PredictAll { k })?;
         let most = counts.iter().copied().max().unwrap_or(0);
@@ -314,6 +350,21 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// This rank's reason to refuse a prediction, if any (before any rank does anything).
+    /// `k` lies in 1 ..= min(num_classes, [`TOP_K_MAX`]).
+    fn check_k(&self, k: usize) -> Option<PfcError> {
+        let limit = self.config.num_classes.min(TOP_K_MAX as u64) as usize;
+        (k == 0 || k > limit).then(|| {
+            PfcError::param(
+                "k",
+                k,
+                format!(
+                    "must be between 1 and {limit} (the smaller of the number of classes and \
+                     TOP_K_MAX = {TOP_K_MAX})"
+                ),
+            )
+        })
+    }
+
     fn check_prediction_input(
         &self,
         embeddings: &[f32],
@@ -321,16 +372,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         k: usize,
     ) -> Option<PfcError> {
         let d = self.config.dim;
-        let limit = self.config.num_classes.min(TOP_K_MAX as u64) as usize;
-        if k == 0 || k > limit {
-            return Some(PfcError::param(
-                "k",
-                k,
-                format!(
-                    "must be between 1 and {limit} (the smaller of the number of classes and \
-                     TOP_K_MAX = {TOP_K_MAX})"
-                ),
-            ));
+        if let Some(e) = self.check_k(k) {
+            return Some(e);
         }
         if embeddings.len() != rows * d {
             return Some(PfcError::Shape(format!(

@@ -42,9 +42,10 @@ impl Prediction {
     ///
     /// # Errors
     ///
-    /// [`PfcError::Shape`] when `label_sets` does not hold one set per row.
+    /// [`PfcError::Shape`] when `label_sets` does not hold one set per row, or the prediction is
+    /// malformed ([`check_shape`](Self::check_shape)).
     pub fn ranking_metrics<L: AsRef<[i64]>>(&self, label_sets: &[L]) -> Result<RankingMetrics> {
-        let rows = self.rows();
+        let rows = self.check_shape()?;
         if label_sets.len() != rows {
             return Err(PfcError::Shape(format!(
                 "{} label sets for a prediction of {rows} rows",

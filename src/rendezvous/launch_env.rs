@@ -107,6 +107,14 @@ impl LaunchEnv {
                     format!("must lie in [0, LOCAL_WORLD_SIZE = {n})"),
                 ))
             }
+            // No node holds more processes than the whole job.
+            (Some(l), None) if l >= world_size => {
+                return Err(PfcError::param(
+                    "LOCAL_RANK",
+                    l,
+                    format!("must lie in [0, WORLD_SIZE = {world_size})"),
+                ))
+            }
             (Some(l), _) => l,
             (None, Some(n)) => rank % n,
             (None, None) => rank,

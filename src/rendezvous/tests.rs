@@ -114,6 +114,8 @@ fn launch_env_blames_the_variable_that_is_wrong() {
     let mut v = with(("LOCAL_WORLD_SIZE", "2"));
     v.push(("LOCAL_RANK", "2"));
     assert_eq!(blamed(&v), "LOCAL_RANK");
+    // without LOCAL_WORLD_SIZE, a node index past the whole job's size
+    assert_eq!(blamed(&with(("LOCAL_RANK", "5"))), "LOCAL_RANK");
     // without LOCAL_RANK, the node-local index comes from LOCAL_WORLD_SIZE
     let mut v = vec![
         ("RANK", "9"),
