@@ -70,6 +70,27 @@ fn check_index(index: &[i32], bound: usize, what: &str) -> Result<()> {
     }
 }
 
+/// The lengths and index a scatter of `count` rows into a `shard_len × dim` buffer reads and
+/// writes: the index's first `count` entries (each in `[0, shard_len)`) and the dense length.
+fn scatter_checks<'a>(
+    rows: &[f32],
+    index: &'a [i32],
+    count: usize,
+    dim: usize,
+    dense: &[f32],
+    shard_len: usize,
+    what: &str,
+) -> Result<(&'a [i32], usize)> {
+    let (rows_what, dense_what) = (format!("{what} rows"), format!("{what} dense"));
+    need(rows, elems(count, dim, &rows_what)?, &rows_what)?;
+    need(index, count, &format!("{what} index"))?;
+    let len = elems(shard_len, dim, &dense_what)?;
+    need(dense, len, &dense_what)?;
+    let index = &index[..count];
+    check_index(index, shard_len, what)?;
+    Ok((index, len))
+}
+
 /// Every label lies below `cols` (a column of its row, or a class of the shard) or is negative
 /// (the target lives on another rank).
 fn check_labels(labels: &[i32], cols: usize, what: &str) -> Result<()> {
@@ -679,16 +700,8 @@ impl Backend for CpuBackend {
         dense: &mut Vec<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        need(
-            rows,
-            elems(count, dim, "scatter_rows rows")?,
-            "scatter_rows rows",
-        )?;
-        need(index, count, "scatter_rows index")?;
-        let len = elems(shard_len, dim, "scatter_rows dense")?;
-        need(dense, len, "scatter_rows dense")?;
-        let index = &index[..count];
-        check_index(index, shard_len, "scatter_rows")?;
+        let (index, len) =
+            scatter_checks(rows, index, count, dim, dense, shard_len, "scatter_rows")?;
         optimizer::scatter_rows(rows, index, dim, &mut dense[..len]);
         Ok(())
     }
@@ -702,16 +715,15 @@ impl Backend for CpuBackend {
         dense: &mut Vec<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        need(
+        let (index, len) = scatter_checks(
             rows,
-            elems(count, dim, "scatter_add_rows rows")?,
-            "scatter_add_rows rows",
+            index,
+            count,
+            dim,
+            dense,
+            shard_len,
+            "scatter_add_rows",
         )?;
-        need(index, count, "scatter_add_rows index")?;
-        let len = elems(shard_len, dim, "scatter_add_rows dense")?;
-        need(dense, len, "scatter_add_rows dense")?;
-        let index = &index[..count];
-        check_index(index, shard_len, "scatter_add_rows")?;
         optimizer::scatter_add_rows(rows, index, dim, &mut dense[..len]);
         Ok(())
     }

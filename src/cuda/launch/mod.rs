@@ -528,7 +528,7 @@ impl Backend for CudaBackend {
         dense: &mut CudaSlice<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        self.launch_scatter_rows(rows, index, count, dim, dense, shard_len)
+        self.launch_scatter_rows(rows, index, count, dim, dense, shard_len, false)
     }
 
     fn scatter_add_rows(
@@ -540,7 +540,7 @@ impl Backend for CudaBackend {
         dense: &mut CudaSlice<f32>,
         shard_len: usize,
     ) -> Result<()> {
-        self.launch_scatter_add_rows(rows, index, count, dim, dense, shard_len)
+        self.launch_scatter_rows(rows, index, count, dim, dense, shard_len, true)
     }
 
     fn sgd_momentum_sparse(

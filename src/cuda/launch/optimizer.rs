@@ -11,6 +11,9 @@ use crate::error::Result;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 impl CudaBackend {
+    /// `scatter_rows` (`add` false: `dense` zeroed, then the rows written) or `scatter_add_rows`
+    /// (`add` true: the rows added to what `dense` holds).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_scatter_rows(
         &self,
         rows: &CudaSlice<f32>,
@@ -19,54 +22,47 @@ impl CudaBackend {
         dim: usize,
         dense: &mut CudaSlice<f32>,
         shard_len: usize,
+        add: bool,
     ) -> Result<()> {
-        need_product(rows, [count, dim], "scatter_rows rows")?;
-        need(index, count, "scatter_rows index")?;
-        need_product(dense, [shard_len, dim], "scatter_rows dense")?;
-        self.zero(dense, shard_len * dim)?;
+        let what = if add {
+            "scatter_add_rows"
+        } else {
+            "scatter_rows"
+        };
+        need_product(rows, [count, dim], &format!("{what} rows"))?;
+        need(index, count, &format!("{what} index"))?;
+        need_product(dense, [shard_len, dim], &format!("{what} dense"))?;
+        if !add {
+            self.zero(dense, shard_len * dim)?;
+        }
         if count == 0 {
             return Ok(());
         }
         let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
-        launch!(
-            self,
-            "scatter_rows",
-            per_row(count),
-            rows,
-            index,
-            &count_i,
-            &dim_i,
-            dense
-        );
-        Ok(())
-    }
-
-    pub(super) fn launch_scatter_add_rows(
-        &self,
-        rows: &CudaSlice<f32>,
-        index: &CudaSlice<i32>,
-        count: usize,
-        dim: usize,
-        dense: &mut CudaSlice<f32>,
-        shard_len: usize,
-    ) -> Result<()> {
-        need_product(rows, [count, dim], "scatter_add_rows rows")?;
-        need(index, count, "scatter_add_rows index")?;
-        need_product(dense, [shard_len, dim], "scatter_add_rows dense")?;
-        if count == 0 {
-            return Ok(());
+        let cfg = per_row(count);
+        if add {
+            launch!(
+                self,
+                "scatter_add_rows",
+                cfg,
+                rows,
+                index,
+                &count_i,
+                &dim_i,
+                dense
+            );
+        } else {
+            launch!(
+                self,
+                "scatter_rows",
+                cfg,
+                rows,
+                index,
+                &count_i,
+                &dim_i,
+                dense
+            );
         }
-        let (count_i, dim_i) = (i32_of(count, "count")?, i32_of(dim, "dim")?);
-        launch!(
-            self,
-            "scatter_add_rows",
-            per_row(count),
-            rows,
-            index,
-            &count_i,
-            &dim_i,
-            dense
-        );
         Ok(())
     }
 
