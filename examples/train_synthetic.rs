@@ -15,7 +15,7 @@ use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
 use partial_fc::synthetic::{train, TrainConfig, TrainReport};
-use partial_fc::{AdamW, Margin, NegativeSampler, PfcError, Sgd, StateDtype};
+use partial_fc::{AdamW, Margin, NegativeSampler, PfcError, Sgd, StateDtype, UpdateMode};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -41,6 +41,12 @@ impl WireArg {
 enum FcOptimizerArg {
     Sgd,
     Adamw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum UpdateArg {
+    Sparse,
+    Dense,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -115,9 +121,18 @@ struct Args {
     /// Ranks (threads) the classifier is sharded over.
     #[arg(long, default_value_t = TrainConfig::default().ranks)]
     ranks: usize,
-    /// Samples per rank per step.
+    /// Samples per rank per micro-batch (a step is --accumulate micro-batches).
     #[arg(long, default_value_t = TrainConfig::default().batch_per_rank)]
     batch_per_rank: usize,
+    /// Micro-batches per optimizer step (gradient accumulation): both models sum their gradients
+    /// of loss / ACCUMULATE over them and update once, as one batch of all their samples would.
+    /// Needs --fc-update dense.
+    #[arg(long, default_value_t = TrainConfig::default().accumulate)]
+    accumulate: usize,
+    /// The classifier's update: the sampled rows (sparse, the paper's) or every row (dense,
+    /// PartialFC_V2's with torch's SGD).
+    #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
+    fc_update: UpdateArg,
     /// Partial FC sample rate r (fraction of class centers per step).
     #[arg(long, default_value_t = TrainConfig::default().sample_rate)]
     sample_rate: f64,
@@ -217,6 +232,11 @@ impl Args {
             embedding_dim: self.embedding_dim,
             ranks: self.ranks,
             batch_per_rank: self.batch_per_rank,
+            accumulate: self.accumulate,
+            fc_update: match self.fc_update {
+                UpdateArg::Sparse => UpdateMode::Sparse,
+                UpdateArg::Dense => UpdateMode::Dense,
+            },
             sample_rate: self.sample_rate,
             steps: self.steps,
             lr: self.lr,

@@ -238,24 +238,27 @@ fn pending_passes_counts_and_discard_grad_drops_the_sum() {
     assert!(matches!(layer.step(0.1), Err(PfcError::Order(_))));
 }
 
-/// The sum of K passes with SGD built with weight decay K·λ and stepped with lr / K is the
-/// update of their mean (PyTorch's `loss / K`) with λ and lr: the momentum then holds K times
-/// the mean's, and lr / K scales it back. AdamW with ε·K is likewise the mean's update (m and
-/// v hold K and K² times theirs). docs/design.md states both; two windows, so the momentum
-/// carried between them counts.
+/// The mean's update (PyTorch's `loss / K`) from K accumulated passes, two ways: with
+/// `set_grad_scale(1 / K)` and the hyperparameters as they are; or from the plain sum, with SGD
+/// built with weight decay K·λ and stepped with lr / K (the momentum then holds K times the
+/// mean's, and lr / K scales it back), AdamW with ε·K (m and v hold K and K² times theirs).
+/// docs/design.md states both; two windows, so the momentum carried between them counts.
 #[test]
 fn sum_with_scaled_hyperparameters_is_the_mean_update() {
     use partial_fc::AdamW;
     const K: u64 = 3;
     let k = K as f32;
-    for adam in [false, true] {
+    // (AdamW?, with set_grad_scale(1 / K) instead of the scaled hyperparameters?)
+    for (adam, scaled) in [(false, false), (true, false), (false, true), (true, true)] {
         let (lr, wd, mu, (b1, b2, eps)) = (0.3f32, 5e-3f32, 0.9f32, (0.9f32, 0.999f32, 1e-3f32));
+        // Without the gradient scale, the hyperparameters absorb K.
+        let h = if scaled { 1.0 } else { k };
         let mut cfg = config(UpdateMode::Dense);
         cfg.optimizer = Some(if adam {
             AdamW {
                 beta1: b1,
                 beta2: b2,
-                eps: eps * k,
+                eps: eps * h,
                 weight_decay: wd,
                 ..AdamW::default()
             }
@@ -263,12 +266,15 @@ fn sum_with_scaled_hyperparameters_is_the_mean_update() {
         } else {
             Sgd {
                 momentum: mu,
-                weight_decay: wd * k,
+                weight_decay: wd * h,
                 ..Sgd::default()
             }
             .into()
         });
         let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+        if scaled {
+            layer.set_grad_scale(1.0 / k).unwrap();
+        }
         // The mean's update, from the definitions, in f64.
         let mut w: Vec<f64> = layer.weight().unwrap().iter().map(|&v| v as f64).collect();
         let (mut m, mut v) = (vec![0f64; w.len()], vec![0f64; w.len()]);
@@ -281,7 +287,7 @@ fn sum_with_scaled_hyperparameters_is_the_mean_update() {
                 .weight_grad_dense()
                 .unwrap()
                 .iter()
-                .map(|&g| g as f64 / K as f64)
+                .map(|&g| g as f64 / h as f64)
                 .collect();
             let t = (window + 1) as i32;
             for i in 0..w.len() {
@@ -297,7 +303,7 @@ fn sum_with_scaled_hyperparameters_is_the_mean_update() {
                     w[i] -= lr as f64 * m[i];
                 }
             }
-            let step_lr = if adam { lr } else { lr / k };
+            let step_lr = if adam { lr } else { lr / h };
             layer.step(step_lr).unwrap();
             let got = layer.weight().unwrap();
             let worst = got
@@ -309,9 +315,57 @@ fn sum_with_scaled_hyperparameters_is_the_mean_update() {
             // above its rounding and far below a wrong scaling (which moves weights by ~lr).
             assert!(
                 worst <= 1e-5 * lr as f64,
-                "{} window {window}: weights off the mean's update by {worst:e}",
-                if adam { "AdamW" } else { "SGD" }
+                "{}{} window {window}: weights off the mean's update by {worst:e}",
+                if adam { "AdamW" } else { "SGD" },
+                if scaled { " with set_grad_scale" } else { "" }
             );
         }
+    }
+}
+
+#[test]
+fn the_gradient_scale_scales_both_gradients_and_must_agree() {
+    let mut layer = PartialFc::new(config(UpdateMode::Dense), CpuBackend, SingleRank).unwrap();
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        assert!(matches!(
+            layer.set_grad_scale(bad),
+            Err(PfcError::Param {
+                name: "grad_scale",
+                ..
+            })
+        ));
+    }
+    assert_eq!(layer.grad_scale(), 1.0);
+    let (x, labels) = batch(0, 0);
+    let mut twin = PartialFc::new(config(UpdateMode::Dense), CpuBackend, SingleRank).unwrap();
+    let full = twin.forward_backward(&x, &labels).unwrap();
+    layer.set_grad_scale(0.125).unwrap();
+    let scaled = layer.forward_backward(&x, &labels).unwrap();
+    assert_eq!(scaled.loss, full.loss, "the reported loss is not scaled");
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(s, f)| (s - f / 8.0).abs() <= 1e-6 * (f.abs() + 1e-6))
+    };
+    assert!(close(&scaled.grad_embeddings, &full.grad_embeddings));
+    assert!(close(
+        &layer.weight_grad_dense().unwrap(),
+        &twin.weight_grad_dense().unwrap()
+    ));
+    // Ranks with different scales are refused together, naming it.
+    let errors = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(UpdateMode::Dense), CpuBackend, comm).unwrap();
+        layer
+            .set_grad_scale(if rank == 0 { 0.5 } else { 1.0 })
+            .unwrap();
+        let (x, labels) = batch(0, rank);
+        layer.forward_backward_accumulate(&x, &labels).unwrap_err()
+    });
+    for e in errors {
+        assert!(
+            e.to_string().contains("gradient scale of set_grad_scale"),
+            "{e}"
+        );
     }
 }

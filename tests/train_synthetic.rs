@@ -161,3 +161,39 @@ fn tiny_run_with_an_adamw_classifier_learns() {
         after.tar_far_1e3
     );
 }
+
+/// Gradient accumulation end to end: two micro-batches of 16 rows per rank, summed with
+/// gradients of loss / 2, train as one batch of 32 (the same samples: the data order is the
+/// same, and r = 1 takes every class either way), step for step up to float rounding.
+#[test]
+fn two_accumulated_micro_batches_train_as_one_batch_of_both() {
+    use partial_fc::UpdateMode;
+    let base = TrainConfig {
+        steps: 6,
+        sample_rate: 1.0,
+        fc_update: UpdateMode::Dense,
+        ..tiny()
+    };
+    let whole = train(&base, &mut |_| {}).unwrap();
+    let halves = TrainConfig {
+        batch_per_rank: 16,
+        accumulate: 2,
+        ..base.clone()
+    };
+    let mut samples = Vec::new();
+    let accumulated = train(&halves, &mut |e| samples.push(e.samples)).unwrap();
+    assert_eq!(samples.last(), Some(&(6 * 4 * 32)), "a step is both micro-batches");
+    for (step, (a, w)) in accumulated.losses.iter().zip(&whole.losses).enumerate() {
+        assert!(
+            (a - w).abs() <= 1e-4 * w.abs(),
+            "step {step}: loss {a} accumulated, {w} in one batch"
+        );
+    }
+    // Accumulation needs the dense update.
+    let sparse = TrainConfig {
+        fc_update: UpdateMode::Sparse,
+        ..halves
+    };
+    let e = train(&sparse, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("--fc-update dense"), "{e}");
+}

@@ -36,9 +36,14 @@ pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
     fnv1a_bits(&shared, 20)
 }
 
-/// The configuration's fingerprint as a call compares it.
-fn call_fingerprint(folded: u32, call: Call) -> u32 {
+/// The configuration's fingerprint as a call compares it; a training pass also compares the
+/// gradient scale (`set_grad_scale`), hashed in only when it is not 1, so that the default
+/// leaves the fingerprint as it is.
+fn call_fingerprint(folded: u32, call: Call, grad_scale: f32) -> u32 {
     match call {
+        Call::Drawn | Call::Given | Call::Accumulate if grad_scale != 1.0 => {
+            folded ^ fnv1a_bits(&format!("grad_scale {:08x}", grad_scale.to_bits()), 20)
+        }
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
         // k refuses it anyway); 12 bits of hash remain.
@@ -135,7 +140,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
         // and a sum with zeros leaves it exact): ranks built with different configurations
         // would pair collectives of different sizes.
-        let fingerprint = call_fingerprint(self.fingerprint, call);
+        let fingerprint = call_fingerprint(self.fingerprint, call, self.grad_scale);
         let mut flags = vec![0.0f32; 2 * world];
         flags[rank] = (fingerprint * 16 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
@@ -184,10 +189,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \
                  batch_per_rank, wire, grad_wire, margin, sampler, optimizer and update mode must \
                  agree{}); no rank took the step",
-                if matches!(call, Call::Predict { .. } | Call::PredictAll { .. }) {
-                    ", and predict_top_k's k"
-                } else {
-                    ""
+                match call {
+                    Call::Predict { .. } | Call::PredictAll { .. } => ", and predict_top_k's k",
+                    Call::Load => "",
+                    _ => ", and the gradient scale of set_grad_scale",
                 }
             )));
         }

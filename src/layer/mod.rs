@@ -90,6 +90,8 @@ pub struct PartialFc<B: Backend, C: Collective<B>> {
     accumulated: Accumulated,
     /// Passes in the pending gradient (0 when none; more than 1 with accumulation).
     pending_passes: u64,
+    /// Every pass's gradients are those of `grad_scale × loss` (`set_grad_scale`; 1 by default).
+    grad_scale: f32,
     /// Set once every rank has agreed to run the current pass: a failure after that point
     /// (a device or collective error on this rank) breaks the group (`Collective::abort`), since
     /// the peers are in, or about to enter, collectives this rank will not join.
@@ -254,6 +256,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             grad_pending: false,
             accumulated: Accumulated::None,
             pending_passes: 0,
+            grad_scale: 1.0,
             mid_pass: false,
             last_sampled: None,
             sampled_rows_written: 0,
@@ -332,12 +335,53 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Discards the pending gradient, a single pass's or an accumulated sum, without an update:
     /// PyTorch's `optimizer.zero_grad()` where no `optimizer.step()` came before it (a skipped
     /// step: a loss scaler that found an overflow, a window cut short). Afterwards the layer is
-    /// as after new weights: [`step`](Self::step) needs a new pass, [`weight_grad_dense`]
-    /// (Self::weight_grad_dense) is zero and [`sampled_classes`](Self::sampled_classes) empty.
+    /// as after new weights: [`step`](Self::step) needs a new pass,
+    /// [`weight_grad_dense`](Self::weight_grad_dense) is zero and
+    /// [`sampled_classes`](Self::sampled_classes) empty.
     /// Weights, optimizer state and counters are untouched. Local to this rank, like
     /// [`set_steps`](Self::set_steps): call it on every rank.
     pub fn discard_grad(&mut self) {
         self.drop_grad();
+    }
+
+    /// Makes every later pass's gradients (the class centers' and the embeddings') those of
+    /// `scale × loss`: PyTorch's `(loss / K).backward()` with `scale = 1 / K`, which turns the
+    /// sum of K [`forward_backward_accumulate`](Self::forward_backward_accumulate) passes into
+    /// their mean, with the optimizer's hyperparameters and state as PyTorch's (docs/design.md).
+    /// The reported loss stays the unscaled mean. Every rank must use the same scale: a pass
+    /// where they differ is refused on every rank.
+    ///
+    /// ```
+    /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
+    /// let mut layer = PartialFc::new(LayerConfig::new(1000, 16, 8), CpuBackend, SingleRank).unwrap();
+    /// let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    /// let labels: Vec<i64> = (0..8).map(|i| i * 100).collect();
+    /// let full = layer.forward_backward(&x, &labels).unwrap();
+    /// layer.set_grad_scale(0.25).unwrap();
+    /// let quarter = layer.forward_backward(&x, &labels).unwrap();
+    /// assert_eq!(quarter.loss, full.loss);
+    /// let (a, b) = (full.grad_embeddings[0], quarter.grad_embeddings[0]);
+    /// assert!((b - a / 4.0).abs() <= 1e-6 * a.abs());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] unless `scale` is finite and positive.
+    pub fn set_grad_scale(&mut self, scale: f32) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(PfcError::param(
+                "grad_scale",
+                scale,
+                "must be finite and > 0",
+            ));
+        }
+        self.grad_scale = scale;
+        Ok(())
+    }
+
+    /// The gradient scale of [`set_grad_scale`](Self::set_grad_scale) (1 by default).
+    pub fn grad_scale(&self) -> f32 {
+        self.grad_scale
     }
 
     /// Passes whose gradient [`step`](Self::step) would apply now: 0 when none is pending, 1

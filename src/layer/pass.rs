@@ -34,8 +34,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// `gradient_acc`). Each pass draws its own sample; the sum is over the union of samples, so
     /// it needs [`UpdateMode::Dense`], whose dense gradient buffer holds it (no memory beyond
     /// what that mode has). The sum is not divided by the number of passes (nor is PyTorch's):
-    /// scale the learning rate as you would there. The first pass after a `step` starts a new
-    /// sum; the embedding gradient each pass returns is its own, as with `forward_backward`.
+    /// for the mean, as PyTorch's `(loss / K).backward()` gives, set
+    /// [`set_grad_scale`](Self::set_grad_scale)`(1.0 / K)` (docs/design.md). The first pass
+    /// after a `step` starts a new sum; the embedding gradient each pass returns is its own, as
+    /// with `forward_backward`.
     ///
     /// ```
     /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc, UpdateMode};
@@ -315,7 +317,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
         //      one has nothing to all-reduce, so it runs the three passes as one kernel.
         let margin = self.config.margin.params();
-        let mean = 1.0 / real_rows as f32;
+        // The mean over the gathered rows, times the user's gradient scale (`set_grad_scale`).
+        let mean = self.grad_scale / real_rows as f32;
         let grad_scale = logits.softmax_grad_scale(mean);
         if self.comm.world_size() == 1 {
             logits.fused(

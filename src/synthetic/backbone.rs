@@ -154,6 +154,30 @@ impl Mlp {
         grad_output: &[f32],
         lr: f32,
     ) -> Result<()> {
+        let grads = self.backward(x, fwd, grad_output)?;
+        self.apply_sgd(&grads, lr)
+    }
+
+    /// One plain SGD step `θ ← θ − lr·g` with gradients from [`Mlp::backward`] (a sum of
+    /// several, for gradient accumulation).
+    pub fn apply_sgd(&mut self, grads: &MlpGrads, lr: f32) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
+        }
+        let sgd = |w: &mut [f32], g: &[f32]| {
+            w.par_iter_mut().zip(g.par_iter()).for_each(|(w, g)| {
+                *w -= lr * g;
+            })
+        };
+        sgd(&mut self.w1, &grads.w1);
+        sgd(&mut self.b1, &grads.b1);
+        sgd(&mut self.w2, &grads.w2);
+        sgd(&mut self.b2, &grads.b2);
+        Ok(())
+    }
+
+    /// The parameters' gradients for `grad_output` (d loss / d embeddings, `rows × output`).
+    pub fn backward(&self, x: &[f32], fwd: &Forward, grad_output: &[f32]) -> Result<MlpGrads> {
         let (n, d, h, o) = (fwd.rows, self.input, self.hidden, self.output);
         if n.checked_mul(d) != Some(x.len())
             || n.checked_mul(o) != Some(grad_output.len())
@@ -164,9 +188,6 @@ impl Mlp {
                 x.len(),
                 grad_output.len()
             )));
-        }
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
         }
         // Layer 2: dW2 = Hᵀ·dY, db2 = Σ dY, dH = dY·W2ᵀ masked by ReLU.
         let mut grad_w2 = vec![0.0f32; h * o];
@@ -186,17 +207,35 @@ impl Mlp {
         let mut grad_w1 = vec![0.0f32; d * h];
         gemm_tn(d, h, n, x, &grad_hidden, &mut grad_w1)?;
         let grad_b1 = column_sums(&grad_hidden, h);
+        Ok(MlpGrads {
+            w1: grad_w1,
+            b1: grad_b1,
+            w2: grad_w2,
+            b2: grad_b2,
+        })
+    }
+}
 
-        let sgd = |w: &mut [f32], g: &[f32]| {
-            w.par_iter_mut().zip(g.par_iter()).for_each(|(w, g)| {
-                *w -= lr * g;
-            })
-        };
-        sgd(&mut self.w1, &grad_w1);
-        sgd(&mut self.b1, &grad_b1);
-        sgd(&mut self.w2, &grad_w2);
-        sgd(&mut self.b2, &grad_b2);
-        Ok(())
+/// The MLP's parameter gradients ([`Mlp::backward`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlpGrads {
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+impl MlpGrads {
+    /// Adds `other` (gradients of the same MLP) to these: a sum over micro-batches.
+    pub fn add(&mut self, other: &MlpGrads) {
+        for (sum, g) in [
+            (&mut self.w1, &other.w1),
+            (&mut self.b1, &other.b1),
+            (&mut self.w2, &other.w2),
+            (&mut self.b2, &other.b2),
+        ] {
+            sum.iter_mut().zip(g).for_each(|(s, g)| *s += g);
+        }
     }
 }
 

@@ -18,12 +18,12 @@
 //!    compensates DDP's averaging, which a single shared backbone does not do);
 //! 4. the main thread backpropagates once through the backbone and takes a plain SGD step.
 
-use super::backbone::Mlp;
+use super::backbone::{Mlp, MlpGrads};
 use super::data::{all_views, permutation, GeneratorConfig, SampleId, SyntheticIdentities};
 use super::metrics::{evaluate, EvalMetrics};
 use crate::backend::{Backend, Collective};
 use crate::collective::{HostStaged, ThreadGroup};
-use crate::config::{LayerConfig, Margin, NegativeSampler, Optimizer, Sgd, StateDtype};
+use crate::config::{LayerConfig, Margin, NegativeSampler, Optimizer, Sgd, StateDtype, UpdateMode};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, StepOutput};
@@ -57,8 +57,17 @@ pub struct TrainConfig {
     pub embedding_dim: usize,
     /// Ranks the classifier is sharded over (threads).
     pub ranks: usize,
-    /// Samples per rank per step (the global batch is `ranks × batch_per_rank`).
+    /// Samples per rank per micro-batch (a micro-batch is `ranks × batch_per_rank` samples; a
+    /// step is [`TrainConfig::accumulate`] of them).
     pub batch_per_rank: usize,
+    /// Micro-batches per optimizer step (gradient accumulation, 1 for none): both models sum
+    /// their gradients of `loss / accumulate` over them ([`PartialFc::set_grad_scale`]) and
+    /// update once, as one batch of all their samples would. More than 1 needs
+    /// [`TrainConfig::fc_update`] = `UpdateMode::Dense`.
+    pub accumulate: usize,
+    /// The classifier's update: sparse (the sampled rows, the paper's, the default) or dense
+    /// (every row, PartialFC_V2's with torch's SGD).
+    pub fc_update: UpdateMode,
     /// Partial FC sample rate r.
     pub sample_rate: f64,
     /// Optimizer steps.
@@ -105,6 +114,8 @@ impl Default for TrainConfig {
             embedding_dim: 128,
             ranks: 4,
             batch_per_rank: 128,
+            accumulate: 1,
+            fc_update: UpdateMode::Sparse,
             sample_rate: 0.1,
             steps: 1200,
             lr: 0.1,
@@ -130,7 +141,8 @@ impl TrainConfig {
             return Err(PfcError::param("epochs", epochs, "must be finite and > 0"));
         }
         let per_epoch = self.identities as f64 * f64::from(self.samples_per_identity);
-        let steps = (epochs * per_epoch / self.global_batch().max(1) as f64).ceil();
+        let per_step = self.global_batch().max(1) as f64 * self.accumulate.max(1) as f64;
+        let steps = (epochs * per_epoch / per_step).ceil();
         if steps > MAX_STEPS as f64 {
             return Err(PfcError::param(
                 "epochs",
@@ -141,7 +153,7 @@ impl TrainConfig {
         Ok(steps as usize)
     }
 
-    /// Global batch size.
+    /// Samples of one micro-batch over all ranks (a step takes [`TrainConfig::accumulate`]).
     pub fn global_batch(&self) -> usize {
         self.ranks * self.batch_per_rank
     }
@@ -217,6 +229,21 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.accumulate == 0 || self.accumulate > 1024 {
+            return Err(PfcError::param(
+                "accumulate",
+                self.accumulate,
+                "must lie in [1, 1024]",
+            ));
+        }
+        if self.accumulate > 1 && self.fc_update != UpdateMode::Dense {
+            return Err(PfcError::param(
+                "accumulate",
+                self.accumulate,
+                "gradient accumulation needs the dense update (--fc-update dense): each \
+                 micro-batch samples other classes",
+            ));
+        }
         for (name, lr) in [("lr", self.lr), ("fc_lr", self.fc_lr)] {
             if !(lr.is_finite() && lr >= 0.0) {
                 return Err(PfcError::param(name, lr, "must be finite and >= 0"));
@@ -242,6 +269,7 @@ impl TrainConfig {
         cfg.margin = self.margin;
         cfg.sampler = self.fc_sampler;
         cfg.seed = self.seed;
+        cfg.update = self.fc_update;
         cfg.optimizer = Some(self.fc_optimizer);
         if let Some(o) = cfg.optimizer.as_mut() {
             o.set_state_dtype(self.momentum_dtype);
@@ -368,6 +396,14 @@ fn train_layers<B: Backend, C: Collective<B>>(
     mut layers: Vec<PartialFc<B, C>>,
     on_step: &mut dyn FnMut(&StepEvent),
 ) -> Result<TrainReport> {
+    // Each micro-batch's gradients are those of loss / accumulate, so that their sum is the
+    // mean's; the backbone gets them through the embedding gradients.
+    let micro = cfg.accumulate.max(1);
+    if micro > 1 {
+        for layer in &mut layers {
+            layer.set_grad_scale(1.0 / micro as f32)?;
+        }
+    }
     let gen = SyntheticIdentities::new(cfg.generator.clone(), cfg.seed)?;
     let mut mlp = Mlp::new(
         cfg.generator.input_dim,
@@ -399,41 +435,59 @@ fn train_layers<B: Backend, C: Collective<B>>(
     let mut sampled_classes = 0;
     let start = Instant::now();
     for step in 0..cfg.steps {
-        let t0 = Instant::now();
-        let mut ids = Vec::with_capacity(batch);
-        while ids.len() < batch {
-            if cursor == dataset {
-                epoch += 1;
-                cursor = 0;
-                order = permutation(dataset, cfg.seed, epoch);
+        let mut grads: Option<MlpGrads> = None;
+        let mut loss_sum = 0.0f32;
+        for m in 0..micro {
+            let t0 = Instant::now();
+            let mut ids = Vec::with_capacity(batch);
+            while ids.len() < batch {
+                if cursor == dataset {
+                    epoch += 1;
+                    cursor = 0;
+                    order = permutation(dataset, cfg.seed, epoch);
+                }
+                let i = order[cursor] as usize;
+                cursor += 1;
+                ids.push(SampleId {
+                    identity: (i / spi) as u64,
+                    view: (i % spi) as u32,
+                });
             }
-            let i = order[cursor] as usize;
-            cursor += 1;
-            ids.push(SampleId {
-                identity: (i / spi) as u64,
-                view: (i % spi) as u32,
-            });
+            let labels: Vec<i64> = ids.iter().map(|s| s.identity as i64).collect();
+            let x = gen.generate(&ids)?;
+            let fwd = mlp.forward(&x, batch)?;
+            let t1 = Instant::now();
+
+            // The first micro-batch starts the classifier's sum, the others add to it.
+            let outputs = rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0)?;
+            let t2 = Instant::now();
+
+            let grad: Vec<f32> = outputs
+                .iter()
+                .flat_map(|o| o.grad_embeddings.iter().copied())
+                .collect();
+            let g = mlp.backward(&x, &fwd, &grad)?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(sum) => sum.add(&g),
+            }
+            let t3 = Instant::now();
+            backbone_time += (t1 - t0) + (t3 - t2);
+            layer_time += t2 - t1;
+            sampled_classes = outputs.iter().map(|o| o.sampled).sum();
+            loss_sum += outputs[0].loss;
         }
-        let labels: Vec<i64> = ids.iter().map(|s| s.identity as i64).collect();
-        let x = gen.generate(&ids)?;
-        let fwd = mlp.forward(&x, batch)?;
-        let t1 = Instant::now();
-
+        // One update from the sums (of loss / accumulate: the mean's).
         let factor = cfg.lr_factor(step);
-        let outputs = rank_steps(&mut layers, &fwd.output, &labels, n, e, cfg.fc_lr * factor)?;
-        let t2 = Instant::now();
-
-        let grad: Vec<f32> = outputs
-            .iter()
-            .flat_map(|o| o.grad_embeddings.iter().copied())
-            .collect();
-        mlp.backward_sgd(&x, &fwd, &grad, cfg.lr * factor)?;
         let t3 = Instant::now();
-
-        backbone_time += (t1 - t0) + (t3 - t2);
-        layer_time += t2 - t1;
-        sampled_classes = outputs.iter().map(|o| o.sampled).sum();
-        let loss = outputs[0].loss;
+        rank_updates(&mut layers, cfg.fc_lr * factor)?;
+        let t4 = Instant::now();
+        if let Some(g) = &grads {
+            mlp.apply_sgd(g, cfg.lr * factor)?;
+        }
+        backbone_time += t4.elapsed();
+        layer_time += t4 - t3;
+        let loss = loss_sum / micro as f32;
         if !loss.is_finite() {
             return Err(PfcError::param(
                 "lr",
@@ -449,7 +503,7 @@ fn train_layers<B: Backend, C: Collective<B>>(
             step: step + 1,
             total: cfg.steps,
             loss,
-            samples: (step + 1) * batch,
+            samples: (step + 1) * batch * micro,
             elapsed: start.elapsed(),
         });
     }
@@ -551,45 +605,54 @@ fn rank_predict<B: Backend, C: Collective<B>>(
     k: usize,
 ) -> Result<Vec<i64>> {
     let rows = embeddings.len() / e;
-    let results: Vec<Result<Vec<i64>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = layers
-            .iter_mut()
-            .enumerate()
-            .map(|(r, layer)| {
-                let (a, b) = ((r * n).min(rows), ((r + 1) * n).min(rows));
-                let x = &embeddings[a * e..b * e];
-                scope.spawn(move || Ok(layer.predict_top_k(x, k)?.classes))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    Ok(results.into_iter().collect::<Result<Vec<_>>>()?.concat())
+    let classes = on_every_rank(layers, |r, layer| {
+        let (a, b) = ((r * n).min(rows), ((r + 1) * n).min(rows));
+        Ok(layer.predict_top_k(&embeddings[a * e..b * e], k)?.classes)
+    })?;
+    Ok(classes.concat())
 }
 
-/// Every rank's forward/backward and optimizer step on its own thread; outputs in rank order.
-fn rank_steps<B: Backend, C: Collective<B>>(
+/// Every rank's forward/backward pass on its own thread (accumulating onto the pending gradient
+/// when `accumulate`); outputs in rank order.
+fn rank_passes<B: Backend, C: Collective<B>>(
     layers: &mut [PartialFc<B, C>],
     embeddings: &[f32],
     labels: &[i64],
     n: usize,
     e: usize,
-    fc_lr: f32,
+    accumulate: bool,
 ) -> Result<Vec<StepOutput>> {
-    let results: Vec<Result<StepOutput>> = std::thread::scope(|scope| {
+    on_every_rank(layers, |r, layer| {
+        let x = &embeddings[r * n * e..(r + 1) * n * e];
+        let y = &labels[r * n..(r + 1) * n];
+        if accumulate {
+            layer.forward_backward_accumulate(x, y)
+        } else {
+            layer.forward_backward(x, y)
+        }
+    })
+}
+
+/// Every rank's optimizer step on its own thread.
+fn rank_updates<B: Backend, C: Collective<B>>(
+    layers: &mut [PartialFc<B, C>],
+    fc_lr: f32,
+) -> Result<()> {
+    on_every_rank(layers, |_, layer| layer.step(fc_lr)).map(|_| ())
+}
+
+/// `f(rank, layer)` for every rank, each on its own thread; the results in rank order.
+fn on_every_rank<B: Backend, C: Collective<B>, T: Send>(
+    layers: &mut [PartialFc<B, C>],
+    f: impl Fn(usize, &mut PartialFc<B, C>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = layers
             .iter_mut()
             .enumerate()
             .map(|(r, layer)| {
-                let x = &embeddings[r * n * e..(r + 1) * n * e];
-                let y = &labels[r * n..(r + 1) * n];
-                scope.spawn(move || {
-                    let out = layer.forward_backward(x, y)?;
-                    layer.step(fc_lr)?;
-                    Ok(out)
-                })
+                let f = &f;
+                scope.spawn(move || f(r, layer))
             })
             .collect();
         handles
@@ -689,7 +752,7 @@ mod tests {
             .map(|c| PartialFc::new(cfg.clone(), CpuBackend, c))
             .collect::<Result<Vec<_>>>()
             .unwrap();
-        let outs = rank_steps(&mut layers, &x, &labels, n, d, 0.0).unwrap();
+        let outs = rank_passes(&mut layers, &x, &labels, n, d, false).unwrap();
         let sharded: Vec<f32> = outs
             .iter()
             .flat_map(|o| o.grad_embeddings.clone())
