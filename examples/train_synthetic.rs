@@ -372,14 +372,29 @@ fn install_emulator() -> Result<(), PfcError> {
 
 fn summary(cfg: &TrainConfig, r: &TrainReport) {
     let (first, last) = r.loss_drop(20);
+    let per_step = cfg.global_batch() * cfg.accumulate;
+    let micro = if cfg.accumulate > 1 {
+        format!(
+            " ({} micro-batches of {})",
+            cfg.accumulate,
+            cfg.global_batch()
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "r = {}: {} steps × {} samples ({:.2} epochs), {} classes sampled per step of {}",
+        "r = {}: {} steps × {per_step} samples{micro} ({:.2} epochs), {} classes sampled per {} \
+         of {}",
         r.sample_rate,
         r.losses.len(),
-        cfg.global_batch(),
-        (r.losses.len() * cfg.global_batch()) as f64
+        (r.losses.len() * per_step) as f64
             / (cfg.identities * u64::from(cfg.samples_per_identity)) as f64,
         r.sampled_classes,
+        if cfg.accumulate > 1 {
+            "micro-batch"
+        } else {
+            "step"
+        },
         cfg.identities
     );
     println!(

@@ -369,3 +369,36 @@ fn the_gradient_scale_scales_both_gradients_and_must_agree() {
         );
     }
 }
+
+/// A rank that discarded its sum while the others stepped leaves shards of different update
+/// counts: the run's checkpoint files say so (one run whose ranks did not update together),
+/// not that they are of two runs (a user trial found the misleading message).
+#[test]
+fn ranks_that_did_not_all_update_are_named_at_checkpoint_time() {
+    use partial_fc::checkpoint::CheckpointSet;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(UpdateMode::Dense), CpuBackend, comm).unwrap();
+        let (x, labels) = batch(0, rank);
+        layer.forward_backward_accumulate(&x, &labels).unwrap();
+        if rank == 1 {
+            layer.discard_grad();
+        } else {
+            layer.step(0.1).unwrap();
+        }
+        layer
+            .save(&root.join(format!("rank{rank}.safetensors")))
+            .unwrap();
+    });
+    let files = [
+        root.join("rank0.safetensors"),
+        root.join("rank1.safetensors"),
+    ];
+    let e = CheckpointSet::open(&files).err().unwrap().to_string();
+    assert!(
+        e.contains("applied 0 optimizer updates") && e.contains("did not all update together"),
+        "{e}"
+    );
+}

@@ -783,7 +783,7 @@ fn pfc_predict_scores_label_sets() {
         assert!(stdout.contains(&line), "{line} not in {stdout}");
     }
     assert!(
-        stdout.contains("note: 1 row of 30 without a label (all -1) score 0"),
+        stdout.contains("note: 1 row of 30 without a label (all negative: padding) score 0"),
         "{stdout}"
     );
     assert!(!stdout.contains("top-1 accuracy"), "{stdout}");

@@ -158,4 +158,11 @@ fn a_label_set_per_row_is_required() {
             .contains("1 label sets for a prediction of 2 rows"),
         "{e}"
     );
+    // Too many, from an iterator (a padded matrix's chunks).
+    let e = p.ranking_metrics([1i64, 2, 3].chunks(1)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("3 label sets for a prediction of 2 rows"),
+        "{e}"
+    );
 }

@@ -182,7 +182,11 @@ fn two_accumulated_micro_batches_train_as_one_batch_of_both() {
     };
     let mut samples = Vec::new();
     let accumulated = train(&halves, &mut |e| samples.push(e.samples)).unwrap();
-    assert_eq!(samples.last(), Some(&(6 * 4 * 32)), "a step is both micro-batches");
+    assert_eq!(
+        samples.last(),
+        Some(&(6 * 4 * 32)),
+        "a step is both micro-batches"
+    );
     for (step, (a, w)) in accumulated.losses.iter().zip(&whole.losses).enumerate() {
         assert!(
             (a - w).abs() <= 1e-4 * w.abs(),

@@ -271,6 +271,25 @@ impl CheckpointSet {
                                 seed.map_or("not recorded".into(), |s| s.to_string())
                             )
                         };
+                        // Only the update counts differ: one run whose ranks did not all update
+                        // (a `step` or `discard_grad` on some ranks only), not two runs.
+                        let (mut ours_same, mut theirs_same) = (ours, theirs);
+                        ours_same.3 .1 = 0;
+                        theirs_same.3 .1 = 0;
+                        if ours_same == theirs_same {
+                            return Err(refuse(
+                                path,
+                                format!(
+                                    "its rank applied {} optimizer updates, {}'s {}: the ranks \
+                                     of this run did not all update together (a step or \
+                                     discard_grad on some ranks only), so their shards no \
+                                     longer make one classifier",
+                                    optimizer_steps,
+                                    first.as_ref().display(),
+                                    s.optimizer_steps
+                                ),
+                            ));
+                        }
                         return Err(refuse(
                             path,
                             format!(

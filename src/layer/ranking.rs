@@ -26,15 +26,17 @@ impl Prediction {
     /// ignored, so a padded `rows × width` label matrix with −1 for "no label" can be passed as
     /// `labels.chunks(width)`; a class listed twice counts once; classes outside the classifier
     /// count as true classes no prediction can find. With one class per row, precision@1 and
-    /// recall@k equal [`top_accuracy`](Self::top_accuracy)'s first and last values.
+    /// recall@k equal [`top_accuracy`](Self::top_accuracy)'s first and last values. In a job
+    /// of several ranks each rank's `Prediction` holds its own rows: for the job's metrics,
+    /// weigh each rank's values by its [`rows`](Self::rows) (an all-reduce of the sums and the
+    /// row counts).
     ///
     /// ```
     /// use partial_fc::Prediction;
     /// let p = Prediction { k: 2, classes: vec![3, 1, 5, 0], scores: vec![0.9, 0.2, 0.8, 0.1] };
     /// // Row 0's true classes are {1, 3}, row 1's {0, 7} (padded with -1: width 3).
     /// let labels = [1, 3, -1, 0, 7, -1];
-    /// let rows: Vec<&[i64]> = labels.chunks(3).collect();
-    /// let m = p.ranking_metrics(&rows).unwrap();
+    /// let m = p.ranking_metrics(labels.chunks(3)).unwrap();
     /// assert_eq!(m.precision, vec![0.5, 0.75]); // P@1: row 0 hits; P@2: (2/2 + 1/2) / 2
     /// assert_eq!(m.recall, vec![0.25, 0.75]); // row 0 finds 1 of 2, then 2 of 2; row 1 0, then 1
     /// assert_eq!(m.ndcg[0], 0.5);
@@ -44,14 +46,19 @@ impl Prediction {
     ///
     /// [`PfcError::Shape`] when `label_sets` does not hold one set per row, or the prediction is
     /// malformed ([`check_shape`](Self::check_shape)).
-    pub fn ranking_metrics<L: AsRef<[i64]>>(&self, label_sets: &[L]) -> Result<RankingMetrics> {
+    pub fn ranking_metrics<I, L>(&self, label_sets: I) -> Result<RankingMetrics>
+    where
+        I: IntoIterator<Item = L>,
+        L: AsRef<[i64]>,
+    {
         let rows = self.check_shape()?;
-        if label_sets.len() != rows {
-            return Err(PfcError::Shape(format!(
-                "{} label sets for a prediction of {rows} rows",
-                label_sets.len()
-            )));
-        }
+        // One set per row, counted as they come (an iterator need not know its length).
+        let mut sets = label_sets.into_iter();
+        let miscount = |given: usize| {
+            PfcError::Shape(format!(
+                "{given} label sets for a prediction of {rows} rows"
+            ))
+        };
         let k = self.k;
         // 1/log₂(rank + 1) for ranks 1 ..= k, and its running sums (the ideal DCG).
         let gain: Vec<f64> = (1..=k).map(|r| 1.0 / ((r + 1) as f64).log2()).collect();
@@ -64,7 +71,8 @@ impl Prediction {
             .collect();
         let (mut precision, mut ndcg, mut recall) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut rows_with_labels = 0;
-        for (row, set) in label_sets.iter().enumerate() {
+        for row in 0..rows {
+            let set = sets.next().ok_or_else(|| miscount(row))?;
             let mut truth: Vec<i64> = set.as_ref().iter().copied().filter(|&c| c >= 0).collect();
             truth.sort_unstable();
             truth.dedup();
@@ -83,6 +91,10 @@ impl Prediction {
                 recall[j] += hits as f64 / truth.len() as f64;
                 ndcg[j] += dcg / ideal[j.min(truth.len() - 1)];
             }
+        }
+        let extra = sets.count();
+        if extra > 0 {
+            return Err(miscount(rows + extra));
         }
         let mean =
             |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|s| s / rows.max(1) as f64).collect() };

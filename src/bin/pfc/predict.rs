@@ -137,25 +137,29 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     match &labels {
         Some(_) if rows == 0 => println!("no rows: no accuracy to report"),
         Some((labels, Some(width))) => {
-            let sets: Vec<&[i64]> = labels.chunks(*width).collect();
             let m = prediction
-                .ranking_metrics(&sets)
+                .ranking_metrics(labels.chunks(*width))
                 .map_err(|e| e.to_string())?;
             let outside = labels
                 .iter()
                 .filter(|&&c| c >= 0 && c as u64 >= set.num_classes())
                 .count();
             if outside > 0 {
+                let (are, what) = if outside == 1 {
+                    ("is", "a class")
+                } else {
+                    ("are", "classes")
+                };
                 println!(
-                    "note: {} not classes of this classifier (0 .. {}): true classes no \
-                     prediction can find",
-                    plural(outside as u64, "label is", "labels are"),
+                    "note: {outside} of the labels {are} not {what} of this classifier (0 .. {}): \
+                     true classes no prediction can find",
                     set.num_classes()
                 );
             }
             if m.rows_with_labels < rows {
                 println!(
-                    "note: {} of {} without a label (all -1) score 0 and count in the means",
+                    "note: {} of {} without a label (all negative: padding) score 0 and count in \
+                     the means",
                     plural((rows - m.rows_with_labels) as u64, "row", "rows"),
                     rows
                 );
