@@ -375,7 +375,7 @@ fn summary(cfg: &TrainConfig, r: &TrainReport) {
     let per_step = cfg.global_batch() * cfg.accumulate;
     let micro = if cfg.accumulate > 1 {
         format!(
-            " ({} micro-batches of {})",
+            " in {} micro-batches of {}",
             cfg.accumulate,
             cfg.global_batch()
         )
