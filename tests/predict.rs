@@ -847,3 +847,30 @@ fn predict_top_k_all_against_another_call_is_refused_by_name() {
         }
     }
 }
+
+/// A partial row on one rank and nothing on the others: every rank refuses together (a review
+/// found the ragged rank falling back to predict_top_k alone while its peers returned, leaving
+/// its agreement to pair with their next call).
+#[test]
+fn predict_top_k_all_with_a_partial_row_is_refused_on_every_rank() {
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(config(2, CLASSES), CpuBackend, comm).unwrap();
+        let x = if rank == 0 {
+            vec![0.5f32; DIM / 2]
+        } else {
+            Vec::new()
+        };
+        let refused = layer.predict_top_k_all(&x, 2).map(|p| p.rows());
+        let after = layer.predict_top_k_all(&[], 2).map(|p| p.rows());
+        (refused, after)
+    });
+    for (rank, (refused, after)) in results.into_iter().enumerate() {
+        let e = refused.unwrap_err();
+        assert!(
+            matches!(e, PfcError::Shape(_) | PfcError::Collective(_)),
+            "rank {rank}: {e}"
+        );
+        assert_eq!(after.unwrap(), 0, "rank {rank}: the group broke");
+    }
+}

@@ -162,7 +162,23 @@ fn a_label_set_per_row_is_required() {
     let e = p.ranking_metrics([1i64, 2, 3].chunks(1)).unwrap_err();
     assert!(
         e.to_string()
-            .contains("3 label sets for a prediction of 2 rows"),
+            .contains("more than 2 label sets for a prediction of 2 rows"),
         "{e}"
     );
+}
+
+#[test]
+fn a_repeated_predicted_class_counts_once_and_an_endless_iterator_is_refused() {
+    // Fields are public: a prediction from elsewhere may repeat a class.
+    let p = Prediction {
+        k: 3,
+        classes: vec![5, 5, 5],
+        scores: vec![],
+    };
+    let m = p.ranking_metrics([[5i64, 6]]).unwrap();
+    assert_eq!(m.precision, vec![1.0, 0.5, 1.0 / 3.0]);
+    assert_eq!(m.recall, vec![0.5, 0.5, 0.5]);
+    assert!(m.ndcg.iter().all(|v| *v <= 1.0), "{:?}", m.ndcg);
+    let e = p.ranking_metrics(std::iter::repeat([5i64])).unwrap_err();
+    assert!(e.to_string().contains("more than 1 label sets"), "{e}");
 }

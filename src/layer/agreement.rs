@@ -36,13 +36,29 @@ pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
     fnv1a_bits(&shared, 20)
 }
 
-/// The configuration's fingerprint as a call compares it; a training pass also compares the
-/// gradient scale (`set_grad_scale`), hashed in only when it is not 1, so that the default
-/// leaves the fingerprint as it is.
-fn call_fingerprint(folded: u32, call: Call, grad_scale: f32) -> u32 {
+/// What a training pass compares besides the configuration: the gradient scale
+/// (`set_grad_scale`), the optimizer's update count and the passes pending since the last step.
+/// Ranks that step, `discard_grad` or drop a sum (new weights) together keep these equal; a rank
+/// that did so alone would otherwise train on from another state without an error.
+#[derive(Clone, Copy)]
+pub(super) struct TrainingState {
+    pub grad_scale: f32,
+    pub optimizer_steps: u64,
+    pub pending_passes: u64,
+}
+
+/// The configuration's fingerprint as a call compares it; a training pass also hashes in the
+/// [`TrainingState`].
+fn call_fingerprint(folded: u32, call: Call, state: TrainingState) -> u32 {
     match call {
-        Call::Drawn | Call::Given | Call::Accumulate if grad_scale != 1.0 => {
-            folded ^ fnv1a_bits(&format!("grad_scale {:08x}", grad_scale.to_bits()), 20)
+        Call::Drawn | Call::Given | Call::Accumulate => {
+            let text = format!(
+                "grad_scale {:08x} updates {} pending {}",
+                state.grad_scale.to_bits(),
+                state.optimizer_steps,
+                state.pending_passes
+            );
+            folded ^ fnv1a_bits(&text, 20)
         }
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
@@ -140,7 +156,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
         // and a sum with zeros leaves it exact): ranks built with different configurations
         // would pair collectives of different sizes.
-        let fingerprint = call_fingerprint(self.fingerprint, call, self.grad_scale);
+        let state = TrainingState {
+            grad_scale: self.grad_scale,
+            optimizer_steps: self.optimizer_step,
+            pending_passes: self.pending_passes,
+        };
+        let fingerprint = call_fingerprint(self.fingerprint, call, state);
         let mut flags = vec![0.0f32; 2 * world];
         flags[rank] = (fingerprint * 16 + call.code() * 2 + u32::from(own.is_some())) as f32;
         flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
@@ -192,7 +213,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 match call {
                     Call::Predict { .. } | Call::PredictAll { .. } => ", and predict_top_k's k",
                     Call::Load => "",
-                    _ => ", and the gradient scale of set_grad_scale",
+                    _ => {
+                        "; so must the gradient scale of set_grad_scale, the optimizer's update \
+                         count and the passes pending since the last step: did a rank step, \
+                         discard_grad or replace its weights alone?"
+                    }
                 }
             )));
         }

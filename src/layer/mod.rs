@@ -349,11 +349,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// sum of K [`forward_backward_accumulate`](Self::forward_backward_accumulate) passes into
     /// their mean, with the optimizer's hyperparameters and state as PyTorch's (docs/design.md).
     /// The reported loss stays the unscaled mean. Every rank must use the same scale: a pass
-    /// where they differ is refused on every rank.
+    /// where they differ is refused on every rank. The embedding gradient crosses a 16-bit
+    /// `grad_wire` scaled: with f16 (whose range ends near 6·10⁻⁸) a small scale sends more of
+    /// its values into f16's subnormals; bf16 has f32's range.
     ///
     /// ```
     /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
-    /// let mut layer = PartialFc::new(LayerConfig::new(1000, 16, 8), CpuBackend, SingleRank).unwrap();
+    /// let mut cfg = LayerConfig::new(1000, 16, 8);
+    /// cfg.sample_rate = 1.0; // the same sample in both passes
+    /// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
     /// let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
     /// let labels: Vec<i64> = (0..8).map(|i| i * 100).collect();
     /// let full = layer.forward_backward(&x, &labels).unwrap();

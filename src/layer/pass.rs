@@ -44,12 +44,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// let mut cfg = LayerConfig::new(1000, 16, 8);
     /// cfg.update = UpdateMode::Dense;
     /// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    /// layer.set_grad_scale(1.0 / 4.0).unwrap(); // each pass's gradient is loss / 4's
     /// let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
     /// for micro_batch in 0..4i64 {
     ///     let labels: Vec<i64> = (0..8).map(|i| i * 100 + micro_batch).collect();
     ///     layer.forward_backward_accumulate(&x, &labels).unwrap();
     /// }
-    /// layer.step(0.1).unwrap(); // one update from the four passes' summed gradient
+    /// assert_eq!(layer.pending_passes(), 4);
+    /// layer.step(0.1).unwrap(); // one update from the mean of the four passes' gradients
     /// ```
     ///
     /// # Errors

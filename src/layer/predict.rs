@@ -169,6 +169,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// assert_eq!(top.row(0)[0], 42);
     /// assert!((top.scores[0] - 1.0).abs() < 1e-5);
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// On every rank alike, with nothing changed: [`PfcError::Param`] for a `k` outside
+    /// 1 ..= min(num_classes, `TOP_K_MAX`), [`PfcError::Shape`] for embeddings that are not
+    /// whole rows or more rows than `batch_per_rank`, a NaN/Inf or zero row (as
+    /// `forward_backward`), [`PfcError::Collective`] when a rank refused or made another call;
+    /// [`PfcError::Diverged`] for a class center that is not finite. A collective or device
+    /// error after the ranks agreed breaks the group.
     pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
         let out = self.predict_top_k_inner(embeddings, k);
         // As for a training pass, but the pending gradient, which prediction does not touch,
@@ -178,9 +187,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 
     /// [`PartialFc::predict_top_k`] for any number of rows: this rank's rows go through in
-    /// chunks of `batch_per_rank`, and the ranks first agree on the number of chunks (one
-    /// all-reduce), so each rank may pass a different number of rows, none included; a rank
-    /// with fewer chunks passes empty ones. Every rank calls it together, with the same `k`.
+    /// chunks of `batch_per_rank`, and the ranks first agree on the number of chunks (an
+    /// agreement of its own, as a pass's), so each rank may pass a different number of rows,
+    /// none included; a rank with fewer chunks passes empty ones. Every rank calls it together,
+    /// with the same `k`.
     ///
     /// ```
     /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
@@ -190,6 +200,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// let top = layer.predict_top_k_all(&w[..10 * 16], 1).unwrap();
     /// assert_eq!(top.classes, (0..10).collect::<Vec<i64>>());
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`predict_top_k`](Self::predict_top_k), and [`PfcError::Shape`] on every rank
+    /// for more than 2^24 chunks on a rank. `k` and whole rows are checked before the ranks
+    /// agree, also where no rank passes a row.
     pub fn predict_top_k_all(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
         let d = self.config.dim.max(1);
         let n = self.config.batch_per_rank.max(1);
@@ -201,18 +217,23 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // k is checked here too: with no rows on any rank no chunk would check it, and the
         // result is sized by it.
         let own = self.check_k(k).or_else(|| {
-            (chunks > 1 << 24).then(|| {
-                PfcError::Shape(format!(
-                    "predict_top_k_all: {chunks} chunks of {n} rows, more than 2^24"
-                ))
-            })
+            if !embeddings.len().is_multiple_of(d) {
+                // Refused here, with the others: a partial row is no chunk, so with no rows
+                // elsewhere no chunk's own check would ever run on every rank.
+                Some(PfcError::Shape(format!(
+                    "embeddings hold {} values, not a multiple of dim {d}",
+                    embeddings.len()
+                )))
+            } else {
+                (chunks > 1 << 24).then(|| {
+                    PfcError::Shape(format!(
+                        "predict_top_k_all: {chunks} chunks of {n} rows, more than 2^24"
+                    ))
+                })
+            }
         });
         let counts = self.agree(own, chunks as u32, Call::PredictAll { k })?;
         let most = counts.iter().copied().max().unwrap_or(0);
-        if !embeddings.len().is_multiple_of(d) {
-            // every rank makes its first call; this rank's is refused, and so all of them
-            return self.predict_top_k(embeddings, k);
-        }
         let mut all = Prediction {
             k,
             classes: Vec::with_capacity(rows * k),

@@ -81,20 +81,26 @@ impl Prediction {
             }
             rows_with_labels += 1;
             let (mut hits, mut dcg) = (0usize, 0.0);
+            let mut found = vec![false; truth.len()];
             for (j, class) in self.row(row).iter().enumerate() {
-                // A prediction repeats no class, so each hit is a new true class.
-                if truth.binary_search(class).is_ok() {
-                    hits += 1;
-                    dcg += gain[j];
+                // A true class counts once, should a prediction from elsewhere repeat it (the
+                // crate's predictions never do).
+                if let Ok(t) = truth.binary_search(class) {
+                    if !std::mem::replace(&mut found[t], true) {
+                        hits += 1;
+                        dcg += gain[j];
+                    }
                 }
                 precision[j] += hits as f64 / (j + 1) as f64;
                 recall[j] += hits as f64 / truth.len() as f64;
                 ndcg[j] += dcg / ideal[j.min(truth.len() - 1)];
             }
         }
-        let extra = sets.count();
-        if extra > 0 {
-            return Err(miscount(rows + extra));
+        if sets.next().is_some() {
+            // (not counted: the iterator need not end)
+            return Err(PfcError::Shape(format!(
+                "more than {rows} label sets for a prediction of {rows} rows"
+            )));
         }
         let mean =
             |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|s| s / rows.max(1) as f64).collect() };

@@ -160,6 +160,10 @@ impl Mlp {
 
     /// One plain SGD step `θ ← θ − lr·g` with gradients from [`Mlp::backward`] (a sum of
     /// several, for gradient accumulation).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] for a NaN, infinite or negative `lr`.
     pub fn apply_sgd(&mut self, grads: &MlpGrads, lr: f32) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(PfcError::param("lr", lr, "must be finite and >= 0"));
@@ -177,6 +181,11 @@ impl Mlp {
     }
 
     /// The parameters' gradients for `grad_output` (d loss / d embeddings, `rows × output`).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] when `x`, `fwd` or `grad_output` do not hold `rows` rows of this
+    /// MLP's widths.
     pub fn backward(&self, x: &[f32], fwd: &Forward, grad_output: &[f32]) -> Result<MlpGrads> {
         let (n, d, h, o) = (fwd.rows, self.input, self.hidden, self.output);
         if n.checked_mul(d) != Some(x.len())
@@ -216,7 +225,9 @@ impl Mlp {
     }
 }
 
-/// The MLP's parameter gradients ([`Mlp::backward`]).
+/// The MLP's parameter gradients ([`Mlp::backward`]): summed over micro-batches with
+/// [`MlpGrads::add`], applied with [`Mlp::apply_sgd`]. Opaque: the demo's backbone is a means to
+/// train the classifier, not an API.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MlpGrads {
     w1: Vec<f32>,
