@@ -581,3 +581,52 @@ fn counts_scale_to_k_m_b_with_the_exact_count_beside() {
     );
     assert!(text.contains("fewest GPUs for 100001 classes: 1"), "{text}");
 }
+
+/// `--accumulate K`: the step's batch in K passes, each sized like a plain step of batch / K
+/// with the dense update; the JSON says K, the text both batches; a batch that does not split
+/// into whole passes is refused.
+#[test]
+fn accumulate_plans_passes_of_batch_over_k_with_the_dense_update() {
+    let json_of = |extra: &[&str]| {
+        let mut args = PAPER.to_vec();
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let out = pfc(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut accumulated = json_of(&["--batch", "128", "--accumulate", "4"]);
+    let mut plain = json_of(&["--batch", "32", "--update", "dense"]);
+    assert_eq!(accumulated["accumulate"], 4);
+    assert_eq!(plain["accumulate"], 1);
+    for j in [&mut accumulated, &mut plain] {
+        j.as_object_mut().unwrap().remove("accumulate");
+    }
+    assert_eq!(accumulated, plain);
+    // The dense gradient is what the sparse default would not hold.
+    let sparse = json_of(&["--batch", "32"]);
+    assert!(
+        accumulated["total_bytes"].as_u64() > sparse["total_bytes"].as_u64(),
+        "{accumulated} against {sparse}"
+    );
+    let mut args = PAPER.to_vec();
+    args.extend_from_slice(&["--batch", "128", "--accumulate", "4"]);
+    let text = String::from_utf8(pfc(&args).stdout).unwrap();
+    assert!(
+        text.contains("128 images/GPU in 4 passes of 32 (gradient accumulation: dense update)")
+            && text.contains("per pass"),
+        "{text}"
+    );
+    for (bad, why) in [("3", "must be a multiple of it"), ("0", "at least 1")] {
+        let mut args = PAPER.to_vec();
+        args.extend_from_slice(&["--batch", "128", "--accumulate", bad]);
+        let out = pfc(&args);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--accumulate") && err.contains(why), "{err}");
+    }
+}

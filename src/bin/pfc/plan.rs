@@ -42,6 +42,17 @@ pub struct PlanArgs {
         default_value = "128"
     )]
     batch: Box<str>,
+    /// Passes per step (gradient accumulation, `forward_backward_accumulate`): the step's
+    /// --batch images per GPU go through in this many passes of batch / ACCUMULATE each, which
+    /// is what the step's buffers are sized by. It needs the dense update (the passes draw
+    /// different samples), which is planned.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "ACCUMULATE",
+        default_value = "1"
+    )]
+    accumulate: Box<str>,
     /// Embedding dimension d.
     #[arg(
         long,
@@ -194,10 +205,18 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
             "not a number (expected e.g. 0.1)",
         )
     })?;
+    let (batch, passes) = (parse_count("batch", &args.batch)?, accumulate_of(args)?);
+    if batch % passes != 0 {
+        return Err(PfcError::param(
+            "accumulate",
+            passes,
+            format!("--batch {batch} must be a multiple of it (whole passes)"),
+        ));
+    }
     let config = PlanConfig {
         classes: parse_count("classes", &args.classes)?,
         gpus: parse_count("gpus", &args.gpus)?,
-        batch_per_gpu: parse_count("batch", &args.batch)?,
+        batch_per_gpu: batch / passes,
         dim: parse_count("dim", &args.dim)?,
         sample_rate,
         gpu_memory: parse_gpu_memory(&args.gpu_memory)?,
@@ -213,6 +232,8 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
             StateArg::Bf16 => Dtype::Bf16,
         },
         update: match args.update {
+            // The passes' sum is a dense gradient (see `--accumulate`).
+            _ if passes > 1 => UpdateMode::Dense,
             UpdateArg::Sparse => UpdateMode::Sparse,
             UpdateArg::Dense => UpdateMode::Dense,
         },
@@ -227,6 +248,14 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// `--accumulate`: passes per step, at least 1.
+fn accumulate_of(args: &PlanArgs) -> Result<u64, PfcError> {
+    match parse_count("accumulate", &args.accumulate)? {
+        0 => Err(PfcError::param("accumulate", 0, "must be at least 1")),
+        passes => Ok(passes),
+    }
 }
 
 /// `--gpu-memory`: a size, where a bare number under 1 MiB is refused as a forgotten unit
@@ -278,6 +307,7 @@ fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcEr
 /// fit.
 pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
     let config = config_of(&args).map_err(message)?;
+    let passes = accumulate_of(&args).map_err(message)?;
     let plan = Plan::new(config).map_err(message)?;
     let what_ifs = what_ifs(&config);
     let unit_note = decimal_unit_note(&args.gpu_memory, config.gpu_memory);
@@ -291,6 +321,8 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
     if args.json {
         let mut json = plan.to_json();
         json["what_ifs"] = what_ifs.iter().map(|w| w.flag).collect();
+        // `batch_per_gpu` above is a pass's; the step's is that times the passes.
+        json["accumulate"] = passes.into();
         if let Some(points) = &points {
             json["sweep"] = sweep_json(points);
         }
@@ -300,7 +332,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
             eprintln!("{note}");
         }
     } else {
-        print_table(&plan, unit_note.as_deref());
+        print_table(&plan, unit_note.as_deref(), passes);
         if let Some(points) = &points {
             print_sweep(&config, points);
         }
@@ -421,14 +453,22 @@ fn found_count(count: u64) -> (String, String) {
     }
 }
 
-fn print_table(plan: &Plan, unit_note: Option<&str>) {
+fn print_table(plan: &Plan, unit_note: Option<&str>, passes: u64) {
     let c = &plan.config;
+    let batch = if passes > 1 {
+        format!(
+            "{} images/GPU in {passes} passes of {} (gradient accumulation: dense update)",
+            c.batch_per_gpu * passes,
+            c.batch_per_gpu
+        )
+    } else {
+        format!("{} images/GPU", c.batch_per_gpu)
+    };
     println!(
-        "{} on {} of {}, {} images/GPU, d = {}, r = {}",
+        "{} on {} of {}, {batch}, d = {}, r = {}",
         given_classes(c.classes),
         plural(c.gpus, "GPU", "GPUs"),
         format_bytes(c.gpu_memory),
-        c.batch_per_gpu,
         c.dim,
         c.sample_rate
     );
@@ -462,9 +502,10 @@ fn print_table(plan: &Plan, unit_note: Option<&str>) {
         name(c.grad_wire_dtype),
     );
     println!(
-        "rank 0 holds {} and samples up to {} per step",
+        "rank 0 holds {} and samples up to {} per {}",
         plural(plan.shard_classes, "class", "classes"),
-        plan.sampled_classes
+        plan.sampled_classes,
+        if passes > 1 { "pass" } else { "step" }
     );
     println!();
     println!("{:<24} {:>12} {:>8}", "component", "bytes", "device");
