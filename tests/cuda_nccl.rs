@@ -605,3 +605,39 @@ fn cpu_run_grad_wire(world: usize, grad_wire: Dtype) -> RankRun {
         two_steps(&mut layer, world, rank)
     }))
 }
+
+/// A rank that refuses its own part (here a receive buffer too short) aborts its communicator:
+/// it gets its own `Shape` error, and any later call is refused as aborted, instead of leaving
+/// the communicator live for a next call that would pair with its peer's pending collective (a
+/// concurrency review found the refusal left it usable). The peer, waiting in the collective,
+/// fails through its timeout.
+#[test]
+fn a_rank_that_refuses_its_part_aborts_its_communicator() {
+    if !several_ranks_fit_on_one_gpu() {
+        return;
+    }
+    let id = new_unique_id().unwrap();
+    std::thread::scope(|s| {
+        let peer = s.spawn(move || {
+            let g = CudaBackend::new(0).unwrap();
+            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_millis(500))).unwrap();
+            let mut buf = g.alloc::<f32>(8).unwrap();
+            comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum)
+        });
+        let g = CudaBackend::new(0).unwrap();
+        let comm = NcclCollective::new(&g, 0, 2, id, Some(Duration::from_secs(60))).unwrap();
+        let mut short = g.alloc::<f32>(4).unwrap();
+        let own = comm.all_reduce_f32(&g, &mut short, 8, partial_fc::ReduceOp::Sum);
+        assert!(
+            matches!(own, Err(partial_fc::PfcError::Shape(_))),
+            "its own error: {own:?}"
+        );
+        let mut buf = g.alloc::<f32>(8).unwrap();
+        match comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum) {
+            Err(partial_fc::PfcError::Collective(msg)) => assert!(msg.contains("aborted"), "{msg}"),
+            other => panic!("the communicator must be aborted, got {other:?}"),
+        }
+        let peer = peer.join().unwrap();
+        assert!(peer.is_err(), "the peer must fail, not complete: {peer:?}");
+    });
+}

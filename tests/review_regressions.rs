@@ -495,3 +495,27 @@ fn a_directory_given_as_a_checkpoint_says_so() {
     let e = l.load(dir.path()).unwrap_err();
     assert!(e.to_string().contains("is a directory"), "{e}");
 }
+
+/// From a concurrency review: `HostStaged` checked a short receive buffer only when uploading
+/// after the host collective, so that rank failed after its peers had succeeded and the group
+/// stayed whole with the ranks out of step. The buffer is checked first, and the refusal breaks
+/// the group for every rank (as `ThreadCollective` does).
+#[test]
+fn host_staged_refuses_a_short_receive_buffer_before_the_collective() {
+    use partial_fc::collective::HostStaged;
+    let results = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let staged = HostStaged::new(comm);
+        let send = vec![1.0f32; 2];
+        let mut recv = vec![0.0f32; if rank == 0 { 3 } else { 4 }];
+        let gathered = staged.all_gather(&CpuBackend, &send, 2, &mut recv);
+        let after = Collective::<CpuBackend>::barrier(&staged);
+        (gathered, after)
+    });
+    let (own, _) = &results[0];
+    let e = own.as_ref().unwrap_err().to_string();
+    assert!(e.contains("receive buffer of 3 elements, 4 needed"), "{e}");
+    for (rank, (_, after)) in results.iter().enumerate() {
+        assert!(after.is_err(), "rank {rank}: the group stayed whole");
+    }
+}

@@ -54,6 +54,25 @@ impl<C: Collective<CpuBackend>> HostStaged<C> {
     fn staged<T>(&self, what: &str, prepare: impl FnOnce() -> Result<T>) -> Result<T> {
         prepare().inspect_err(|e| self.inner.abort(&format!("{what}: {e}")))
     }
+
+    /// This rank's part after the host collective (the upload of its result): the peers may
+    /// already have returned, so a failure here breaks the group too rather than leaving it
+    /// whole with this rank out of step.
+    fn unstaged(&self, what: &str, result: Result<()>) -> Result<()> {
+        result.inspect_err(|e| self.inner.abort(&format!("{what}: {e}")))
+    }
+}
+
+/// `recv` holds `len` elements: checked before the collective, so that a short buffer is this
+/// rank's refusal (the group broken at once) rather than a failure after its peers succeeded.
+fn need_recv<B: Backend, T: Elem>(b: &B, recv: &B::Buf<T>, len: usize, what: &str) -> Result<()> {
+    if b.len(recv) < len {
+        return Err(PfcError::Shape(format!(
+            "{what}: receive buffer of {} elements, {len} needed",
+            b.len(recv)
+        )));
+    }
+    Ok(())
 }
 
 impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
@@ -74,11 +93,12 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     ) -> Result<()> {
         let (len, host) = self.staged("all_gather", || {
             let len = group_len(count, self.inner.world_size(), "all_gather")?;
+            need_recv(b, recv, len, "all_gather")?;
             Ok((len, b.download(send, count)?))
         })?;
         let mut out = vec![T::default(); len];
         self.inner.all_gather(&CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
+        self.unstaged("all_gather", b.upload(&out, recv))
     }
 
     fn all_reduce_f32(
@@ -91,7 +111,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         let mut host = self.staged("all_reduce_f32", || b.download(buf, count))?;
         self.inner
             .all_reduce_f32(&CpuBackend, &mut host, count, op)?;
-        b.upload(&host, buf)
+        self.unstaged("all_reduce_f32", b.upload(&host, buf))
     }
 
     fn reduce_scatter_f32(
@@ -102,6 +122,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
         let host = self.staged("reduce_scatter_f32", || {
+            need_recv(b, recv, count, "reduce_scatter_f32")?;
             b.download(
                 send,
                 group_len(count, self.inner.world_size(), "reduce_scatter_f32")?,
@@ -110,7 +131,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         let mut out = vec![0.0; count];
         self.inner
             .reduce_scatter_f32(&CpuBackend, &host, count, &mut out)?;
-        b.upload(&out, recv)
+        self.unstaged("reduce_scatter_f32", b.upload(&out, recv))
     }
 
     fn reduce_scatter_16(
@@ -123,6 +144,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     ) -> Result<()> {
         let host = self.staged("reduce_scatter_16", || {
             super::check_16_bit(dtype)?;
+            need_recv(b, recv, count, "reduce_scatter_16")?;
             b.download(
                 send,
                 group_len(count, self.inner.world_size(), "reduce_scatter_16")?,
@@ -131,7 +153,7 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         let mut out = vec![0u16; count];
         self.inner
             .reduce_scatter_16(&CpuBackend, &host, count, &mut out, dtype)?;
-        b.upload(&out, recv)
+        self.unstaged("reduce_scatter_16", b.upload(&out, recv))
     }
 
     fn barrier(&self) -> Result<()> {

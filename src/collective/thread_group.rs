@@ -105,6 +105,7 @@ impl ThreadGroup {
             .map(|rank| ThreadCollective {
                 rank,
                 shared: shared.clone(),
+                _not_sync: std::marker::PhantomData,
             })
             .collect()
     }
@@ -143,10 +144,19 @@ impl Drop for Reading<'_> {
     }
 }
 
-/// One rank's handle on a [`ThreadGroup`].
+/// One rank's handle on a [`ThreadGroup`]. `Send` (move it into the rank's thread) but not
+/// `Sync`: a collective counts arrivals, so two threads calling through one rank's handle would
+/// complete it without a peer, reading that peer's stale buffer (a review found it).
+///
+/// ```compile_fail
+/// fn shared<T: Sync>(_: &T) {}
+/// let handles = partial_fc::collective::ThreadGroup::handles(2);
+/// shared(&handles[0]);
+/// ```
 pub struct ThreadCollective {
     rank: usize,
     shared: Arc<Shared>,
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
 impl std::fmt::Debug for ThreadCollective {
@@ -510,12 +520,14 @@ mod tests {
         let (h1, h0) = (handles.pop().unwrap(), handles.pop().unwrap());
         let done_reading = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let slow = scope.spawn(|| {
+            let done = &done_reading;
+            // h0 moves into its thread: a handle is not Sync.
+            let slow = scope.spawn(move || {
                 let send = vec![1u32; 4];
                 let (reading, peers) = h0.exchange::<u32>(Slot::of("all_gather", &send, 4))?;
                 assert_eq!(peers.len(), 2);
                 std::thread::sleep(Duration::from_millis(1500)); // still reading rank 1's buffer
-                done_reading.store(true, SeqCst);
+                done.store(true, SeqCst);
                 h0.release(reading, Ok(()))
             });
             let (send, mut recv) = (vec![2u32; 4], vec![0u32; 8]);

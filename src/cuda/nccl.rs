@@ -314,10 +314,11 @@ impl NcclCollective {
         if self.timeout.is_none() {
             return Ok(None);
         }
-        self.stream
-            .record_event(None)
-            .map(Some)
-            .map_err(|e| PfcError::Collective(format!("{what}: recording an event: {e:?}")))
+        self.stream.record_event(None).map(Some).map_err(|e| {
+            self.refuse_locally(PfcError::Collective(format!(
+                "{what}: recording an event: {e:?}"
+            )))
+        })
     }
 
     /// Waits for the stream with the timeout, checking NCCL's asynchronous errors; aborts the
@@ -332,7 +333,12 @@ impl NcclCollective {
             // SAFETY: the stream and communicator are alive for the duration of `self`.
             let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
             if status == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-                return Ok(());
+                // Done, but an asynchronous error may have been raised meanwhile (NCCL makes
+                // no promise about the results after one).
+                return match self.async_error() {
+                    None => Ok(()),
+                    Some(e) => Err(self.abort(format!("{what}: {e}"))),
+                };
             }
             if status != cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY {
                 return Err(self.abort(format!("{what}: the stream failed ({status:?})")));
@@ -349,13 +355,8 @@ impl NcclCollective {
                     deadline = Some(crate::deadline::deadline_after(timeout));
                 }
             }
-            let mut async_err = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: as above.
-            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
-            if async_err != sys::ncclResult_t::ncclSuccess
-                && async_err != sys::ncclResult_t::ncclInProgress
-            {
-                return Err(self.abort(format!("{what}: NCCL reported {async_err:?}")));
+            if let Some(e) = self.async_error() {
+                return Err(self.abort(format!("{what}: {e}")));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(self.abort(format!(
@@ -372,6 +373,29 @@ impl NcclCollective {
             let _ = unsafe { nccl::comm_abort(self.comm) };
         }
         PfcError::Collective(format!("rank {}: {msg}; communicator aborted", self.rank))
+    }
+
+    /// This rank's own failure before it enqueued its part (a short buffer, an event it could
+    /// not record): the peers are in, or about to enter, the collective it will not join, so
+    /// the communicator is aborted (they fail through their timeout or NCCL's error rather than
+    /// pairing this rank's next call with it), and the error itself is returned, as
+    /// `ThreadCollective` does (see `Collective::abort`).
+    fn refuse_locally(&self, err: PfcError) -> PfcError {
+        let _ = self.abort(format!("refused its part: {err}"));
+        err
+    }
+
+    /// NCCL's asynchronous error on the communicator (a failed query counts as one).
+    fn async_error(&self) -> Option<String> {
+        let mut async_err = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is alive for the duration of `self`.
+        let query = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
+        if query != sys::ncclResult_t::ncclSuccess {
+            return Some(format!("ncclCommGetAsyncError failed ({query:?})"));
+        }
+        (async_err != sys::ncclResult_t::ncclSuccess
+            && async_err != sys::ncclResult_t::ncclInProgress)
+            .then(|| format!("NCCL reported {async_err:?}"))
     }
 
     fn enqueue(
@@ -394,11 +418,10 @@ impl Drop for NcclCollective {
         }
         // A communicator with a pending asynchronous error (a peer that died unnoticed, which
         // is possible without a timeout) is aborted: destroying it could wait on that peer.
-        let mut async_err = sys::ncclResult_t::ncclSuccess;
+        let healthy = self.async_error().is_none();
         // SAFETY: the communicator is live and dropped once.
         unsafe {
-            sys::ncclCommGetAsyncError(self.comm, &mut async_err);
-            if async_err == sys::ncclResult_t::ncclSuccess {
+            if healthy {
                 let _ = nccl::comm_destroy(self.comm);
             } else {
                 let _ = nccl::comm_abort(self.comm);
@@ -432,8 +455,9 @@ impl NcclCollective {
         count: usize,
         recv: &mut CudaSlice<T>,
     ) -> Result<()> {
-        need(send, count, "all_gather send")?;
-        need(recv, count * self.world_size, "all_gather recv")?;
+        need(send, count, "all_gather send").map_err(|e| self.refuse_locally(e))?;
+        let len = count.saturating_mul(self.world_size);
+        need(recv, len, "all_gather recv").map_err(|e| self.refuse_locally(e))?;
         let bytes = count * std::mem::size_of::<T>();
         let (src, _s) = send.device_ptr(&self.stream);
         let (dst, _d) = recv.device_ptr_mut(&self.stream);
@@ -463,8 +487,9 @@ impl NcclCollective {
         recv: &mut CudaSlice<T>,
         dtype: sys::ncclDataType_t,
     ) -> Result<()> {
-        need(send, count * self.world_size, "reduce_scatter send")?;
-        need(recv, count, "reduce_scatter recv")?;
+        let len = count.saturating_mul(self.world_size);
+        need(send, len, "reduce_scatter send").map_err(|e| self.refuse_locally(e))?;
+        need(recv, count, "reduce_scatter recv").map_err(|e| self.refuse_locally(e))?;
         let (src, _s) = send.device_ptr(&self.stream);
         let (dst, _d) = recv.device_ptr_mut(&self.stream);
         // SAFETY: both pointers cover the counts checked above, in elements of `dtype`'s size
@@ -526,7 +551,8 @@ impl Collective<CudaBackend> for NcclCollective {
         count: usize,
         op: ReduceOp,
     ) -> Result<()> {
-        need(buf, count, "all_reduce")?;
+        self.check_usable()?;
+        need(buf, count, "all_reduce").map_err(|e| self.refuse_locally(e))?;
         let (ptr, _d) = buf.device_ptr_mut(&self.stream);
         // SAFETY: in place over `count` checked elements.
         self.enqueue("ncclAllReduce", |s| unsafe {
@@ -562,7 +588,8 @@ impl Collective<CudaBackend> for NcclCollective {
     ) -> Result<()> {
         // NCCL sums these types itself (in the type, hop by hop along its ring), so the u16
         // buffers are handed over under the dtype they hold.
-        crate::collective::check_16_bit(dtype)?;
+        self.check_usable()?;
+        crate::collective::check_16_bit(dtype).map_err(|e| self.refuse_locally(e))?;
         let nccl_type = if dtype == Dtype::F16 {
             sys::ncclDataType_t::ncclFloat16
         } else {
@@ -579,7 +606,7 @@ impl Collective<CudaBackend> for NcclCollective {
         let mut dummy = self
             .stream
             .alloc_zeros::<f32>(1)
-            .map_err(|e| PfcError::Device(format!("barrier: {e:?}")))?;
+            .map_err(|e| self.refuse_locally(PfcError::Device(format!("barrier: {e:?}"))))?;
         let (ptr, _d) = dummy.device_ptr_mut(&self.stream);
         // SAFETY: in place over one valid element, alive until this function returns.
         self.enqueue("barrier", |s| unsafe {
