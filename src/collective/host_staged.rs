@@ -122,11 +122,9 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
         recv: &mut B::Buf<f32>,
     ) -> Result<()> {
         let host = self.staged("reduce_scatter_f32", || {
+            let len = group_len(count, self.inner.world_size(), "reduce_scatter_f32")?;
             need_recv(b, recv, count, "reduce_scatter_f32")?;
-            b.download(
-                send,
-                group_len(count, self.inner.world_size(), "reduce_scatter_f32")?,
-            )
+            b.download(send, len)
         })?;
         let mut out = vec![0.0; count];
         self.inner
@@ -144,11 +142,9 @@ impl<B: Backend, C: Collective<CpuBackend>> Collective<B> for HostStaged<C> {
     ) -> Result<()> {
         let host = self.staged("reduce_scatter_16", || {
             super::check_16_bit(dtype)?;
+            let len = group_len(count, self.inner.world_size(), "reduce_scatter_16")?;
             need_recv(b, recv, count, "reduce_scatter_16")?;
-            b.download(
-                send,
-                group_len(count, self.inner.world_size(), "reduce_scatter_16")?,
-            )
+            b.download(send, len)
         })?;
         let mut out = vec![0u16; count];
         self.inner
