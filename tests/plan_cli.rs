@@ -630,3 +630,64 @@ fn accumulate_plans_passes_of_batch_over_k_with_the_dense_update() {
         assert!(err.contains("--accumulate") && err.contains(why), "{err}");
     }
 }
+
+/// From a cluster-sizing user trial: `--check` fails a what-if the layer cannot run; a miss says
+/// by how much; a unitless `--reserved` is refused as a forgotten unit; `--accumulate` with an
+/// explicit sparse update is refused; a closed pipe ends `pfc` without a panic.
+#[test]
+fn check_what_ifs_misses_units_and_closed_pipes() {
+    let run = |extra: &[&str]| {
+        let mut args = PAPER.to_vec();
+        args.extend_from_slice(extra);
+        pfc(&args)
+    };
+    assert_eq!(
+        run(&["--weight-dtype", "f16", "--check"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(run(&["--check"]).status.code(), Some(0));
+    let model_parallel = [
+        "plan",
+        "--classes",
+        "29M",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "32GiB",
+        "--sample-rate",
+        "1",
+    ];
+    let miss = String::from_utf8(pfc(&model_parallel).stdout).unwrap();
+    assert!(
+        miss.contains("DOES NOT FIT") && miss.contains(" over"),
+        "{miss}"
+    );
+    for (extra, why) in [
+        (&["--reserved", "20"][..], "20 bytes is no reserve"),
+        (
+            &["--accumulate", "2", "--update", "sparse"][..],
+            "needs the dense update",
+        ),
+    ] {
+        let out = run(extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{extra:?}: {err}");
+    }
+    assert_eq!(run(&["--reserved", "0", "--check"]).status.code(), Some(0));
+    // `pfc plan ... | head -1`: the reader goes away before pfc writes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(PAPER)
+        .args(["--sweep", "1M..100M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && out.status.code() != Some(101),
+        "{err}"
+    );
+}

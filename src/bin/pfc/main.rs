@@ -46,6 +46,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`pfc plan ... | head -1`) ends the process as it ends other Unix tools,
+    // instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: at the start of main, before any thread: resets one signal's disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),

@@ -89,8 +89,9 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value_t = StateArg::F32)]
     state_dtype: StateArg,
     /// Sparse: only sampled rows get a gradient; dense: a full-shard gradient (published PyTorch).
-    #[arg(long, value_enum, default_value_t = UpdateArg::Sparse)]
-    update: UpdateArg,
+    /// [default: sparse; dense with --accumulate above 1]
+    #[arg(long, value_enum)]
+    update: Option<UpdateArg>,
     /// Whether the N·k × S logits are materialized or fused away (fused is a what-if: the layer
     /// does not implement it yet, so it cannot run it; the verdict says so).
     #[arg(long, value_enum, default_value_t = LogitsArg::Materialized)]
@@ -112,8 +113,9 @@ pub struct PlanArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Exit status 1 when the configuration does not fit (the table or JSON is printed as
-    /// usual). Without --check the status is 0 whatever the verdict; bad input is 2 either way.
+    /// Exit status 1 when the configuration does not fit, or when it is a what-if the layer
+    /// cannot run (--weight-dtype f16/bf16, --logits fused); the table or JSON is printed as
+    /// usual. Without --check the status is 0 whatever the verdict; bad input is 2 either way.
     #[arg(long)]
     check: bool,
     /// Sweep class counts FROM..TO (e.g. 100K..100M): per-GPU memory for model parallel,
@@ -220,7 +222,7 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         dim: parse_count("dim", &args.dim)?,
         sample_rate,
         gpu_memory: parse_gpu_memory(&args.gpu_memory)?,
-        reserved: parse_size("reserved", &args.reserved)?,
+        reserved: parse_reserved(&args.reserved)?,
         weight_dtype: args.weight_dtype.dtype(),
         optimizer: match args.optimizer {
             OptimizerArg::None => Optimizer::None,
@@ -233,9 +235,18 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         },
         update: match args.update {
             // The passes' sum is a dense gradient (see `--accumulate`).
-            _ if passes > 1 => UpdateMode::Dense,
-            UpdateArg::Sparse => UpdateMode::Sparse,
-            UpdateArg::Dense => UpdateMode::Dense,
+            Some(UpdateArg::Sparse) if passes > 1 => {
+                return Err(PfcError::param(
+                    "update",
+                    "sparse",
+                    format!(
+                        "--accumulate {passes} needs the dense update (the passes draw different \
+                         samples)"
+                    ),
+                ))
+            }
+            None | Some(UpdateArg::Sparse) if passes == 1 => UpdateMode::Sparse,
+            _ => UpdateMode::Dense,
         },
         logits: match args.logits {
             LogitsArg::Materialized => LogitsMode::Materialized,
@@ -248,6 +259,27 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// `--reserved`: a size, where a bare number other than 0 under 1 MiB is refused as a forgotten
+/// unit (as `--gpu-memory`'s).
+fn parse_reserved(text: &str) -> Result<u64, PfcError> {
+    let bytes = parse_size("reserved", text)?;
+    let unitless = text
+        .trim()
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '_' || c == '.');
+    if unitless && bytes > 0 && bytes < 1 << 20 {
+        return Err(PfcError::param(
+            "reserved",
+            text,
+            format!(
+                "{bytes} bytes is no reserve: a number without a unit is bytes (did you mean {}GiB?)",
+                text.trim()
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// `--accumulate`: passes per step, at least 1.
@@ -346,7 +378,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
             println!("plot written to {}", path.display());
         }
     }
-    Ok(if args.check && !plan.fits {
+    Ok(if args.check && (!plan.fits || !what_ifs.is_empty()) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -576,7 +608,9 @@ fn verdict(plan: &Plan) -> String {
     if plan.fits {
         format!("verdict: FITS, {used}")
     } else {
-        format!("verdict: DOES NOT FIT, {used}")
+        // The rounded figures may read 100.0%: say by how much it misses.
+        let over = plan.total_bytes.saturating_sub(c.gpu_memory);
+        format!("verdict: DOES NOT FIT, {used}, {} over", format_bytes(over))
     }
 }
 
