@@ -603,6 +603,24 @@ fn accumulate_plans_passes_of_batch_over_k_with_the_dense_update() {
     let mut plain = json_of(&["--batch", "32", "--update", "dense"]);
     assert_eq!(accumulated["accumulate"], 4);
     assert_eq!(plain["accumulate"], 1);
+    // The question as planned is in the answer, spelled as the options are.
+    assert_eq!(accumulated["update"], "dense");
+    assert_eq!(accumulated["batch_per_gpu"], 32);
+    let sparse_default = json_of(&[]);
+    for (key, want) in [
+        ("update", "sparse"),
+        ("optimizer", "sgd-momentum"),
+        ("state_dtype", "f32"),
+        ("weight_dtype", "f32"),
+        ("logits", "materialized"),
+        ("gemm_precision", "f32"),
+        ("wire_dtype", "f32"),
+        ("grad_wire_dtype", "f32"),
+    ] {
+        assert_eq!(sparse_default[key], want, "{key}");
+    }
+    assert_eq!(sparse_default["hard_negatives"], false);
+    assert_eq!(sparse_default["reserved_bytes"], 0);
     for j in [&mut accumulated, &mut plain] {
         j.as_object_mut().unwrap().remove("accumulate");
     }

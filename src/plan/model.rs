@@ -338,7 +338,38 @@ impl Plan {
             "sampled_classes": self.sampled_classes,
             "min_gpus": self.min_gpus,
             "max_sample_rate": self.max_sample_rate,
+            // What was planned, spelled as `pfc plan` takes it, so that a script reading the
+            // answer also reads the question.
+            "reserved_bytes": c.reserved,
+            "weight_dtype": dtype_name(c.weight_dtype),
+            "optimizer": match c.optimizer {
+                super::Optimizer::None => "none",
+                super::Optimizer::SgdMomentum => "sgd-momentum",
+                super::Optimizer::AdamW => "adamw",
+            },
+            "state_dtype": dtype_name(c.state_dtype),
+            "update": match c.update {
+                crate::config::UpdateMode::Sparse => "sparse",
+                crate::config::UpdateMode::Dense => "dense",
+            },
+            "logits": match c.logits {
+                super::LogitsMode::Materialized => "materialized",
+                super::LogitsMode::Fused => "fused",
+            },
+            "wire_dtype": dtype_name(c.wire_dtype),
+            "grad_wire_dtype": dtype_name(c.grad_wire_dtype),
+            "hard_negatives": c.hard_negatives,
+            "gemm_precision": c.gemm_precision.name(),
         })
+    }
+}
+
+/// A dtype as `pfc plan`'s options spell it.
+fn dtype_name(d: super::Dtype) -> &'static str {
+    match d {
+        super::Dtype::F32 => "f32",
+        super::Dtype::F16 => "f16",
+        super::Dtype::Bf16 => "bf16",
     }
 }
 
