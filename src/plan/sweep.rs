@@ -154,8 +154,15 @@ pub fn plot_svg(path: &std::path::Path, base: &PlanConfig, points: &[SweepPoint]
     {
         let root = SVGBackend::with_string(&mut svg, (960, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| io(e.to_string()))?;
+        // The curves include the reserve when one is given: say so, or the title reads as the
+        // FC layer's alone.
+        let what = if base.reserved > 0 {
+            format!("FC memory + {:.1} GiB reserve", gib(base.reserved))
+        } else {
+            "FC memory".to_string()
+        };
         let title = format!(
-            "FC memory per GPU: {} GPUs, {} images/GPU, d = {}",
+            "{what} per GPU: {} GPUs, {} images/GPU, d = {}",
             base.gpus, base.batch_per_gpu, base.dim
         );
         let mut chart = ChartBuilder::on(&root)

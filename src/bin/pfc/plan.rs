@@ -631,6 +631,9 @@ fn print_sweep(config: &PlanConfig, points: &[SweepPoint]) {
             cell(p.bytes[2])
         );
     }
+    if points.iter().any(|p| p.bytes.iter().any(Option::is_none)) {
+        println!("(-: no plan: fewer classes than GPUs, or more per GPU than the planner's limit)");
+    }
     println!();
 }
 
