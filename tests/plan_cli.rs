@@ -21,6 +21,20 @@ const PAPER: [&str; 9] = [
     "0.1",
 ];
 
+/// `pfc plan` of the paper's configuration with `extra` options, as JSON.
+fn json_of(extra: &[&str]) -> serde_json::Value {
+    let mut args = PAPER.to_vec();
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let out = pfc(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+}
+
 #[test]
 fn json_is_one_object_with_the_documented_keys() {
     let mut args = PAPER.to_vec();
@@ -198,18 +212,6 @@ fn gemm_precision_flag_adds_the_operand_copies_and_halves_the_logits() {
 /// answers 100M classes on 64 × 11 GiB RTX 2080 Ti, which f32 momentum does not fit.
 #[test]
 fn state_dtype_bf16_halves_the_momentum() {
-    let json_of = |extra: &[&str]| {
-        let mut args = PAPER.to_vec();
-        args.extend_from_slice(extra);
-        args.push("--json");
-        let out = pfc(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
     let (f32_plan, bf16_plan) = (json_of(&[]), json_of(&["--state-dtype", "bf16"]));
     let state = |j: &serde_json::Value| j["components"]["optimizer_state"].as_u64().unwrap();
     assert_eq!(state(&f32_plan), 3_625_000u64 * 512 * 4);
@@ -587,18 +589,6 @@ fn counts_scale_to_k_m_b_with_the_exact_count_beside() {
 /// into whole passes is refused.
 #[test]
 fn accumulate_plans_passes_of_batch_over_k_with_the_dense_update() {
-    let json_of = |extra: &[&str]| {
-        let mut args = PAPER.to_vec();
-        args.extend_from_slice(extra);
-        args.push("--json");
-        let out = pfc(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
     let mut accumulated = json_of(&["--batch", "128", "--accumulate", "4"]);
     let mut plain = json_of(&["--batch", "32", "--update", "dense"]);
     assert_eq!(accumulated["accumulate"], 4);
