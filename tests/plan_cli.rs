@@ -699,3 +699,51 @@ fn check_what_ifs_misses_units_and_closed_pipes() {
         "{err}"
     );
 }
+
+/// `--gpus-per-node G`: the fewest whole nodes, found among multiples of G (not the fewest GPUs
+/// rounded up). At 1,137,266,238 classes on 80 GiB GPUs with a 20 GiB reserve (the upper bound) only 942
+/// GPUs fit (941 and 943 do not: memory is not monotone in k): no whole number of 8-GPU nodes does.
+#[test]
+fn gpus_per_node_answers_in_whole_nodes() {
+    let paper = json_of(&["--gpus-per-node", "8"]);
+    assert_eq!(paper["gpus_per_node"], 8);
+    assert_eq!(paper["min_nodes"], 1);
+    assert!(paper["min_gpus"].as_u64().unwrap() <= 8);
+    let edge = [
+        "plan",
+        "--classes",
+        "1137266238",
+        "--gpus",
+        "942",
+        "--gpu-memory",
+        "80GiB",
+        "--reserved",
+        "20GiB",
+        "--gpus-per-node",
+        "8",
+    ];
+    let out = pfc(&edge);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("fewest GPUs for 1137266238 classes: 942"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fewest nodes of 8 GPUs for 1137266238 classes: none"),
+        "{text}"
+    );
+    let mut json_args = edge.to_vec();
+    json_args.push("--json");
+    let json: serde_json::Value = serde_json::from_slice(&pfc(&json_args).stdout).unwrap();
+    assert!(json["min_nodes"].is_null(), "{json}");
+    let single = json_of(&["--gpus-per-node", "1"]);
+    assert_eq!(
+        single["min_nodes"], single["min_gpus"],
+        "one GPU a node is the GPU count"
+    );
+    let mut bad = PAPER.to_vec();
+    bad.extend_from_slice(&["--gpus-per-node", "0"]);
+    let out = pfc(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gpus-per-node"));
+}

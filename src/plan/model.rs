@@ -154,6 +154,32 @@ impl PlanConfig {
     /// configuration held fixed; `None` when no cluster size does (the target is above the
     /// upper bound). A cluster never has more GPUs than classes.
     pub fn min_gpus_for(&self, classes: u64) -> Option<u64> {
+        self.min_gpus_in_steps(classes, 1)
+    }
+
+    /// The fewest whole nodes of `gpus_per_node` GPUs on which `classes` classes fit, everything
+    /// else held fixed; `None` when no number of nodes does (or `gpus_per_node` is 0). Not
+    /// [`min_gpus_for`](Self::min_gpus_for) rounded up: memory is not monotone in the GPU count
+    /// (the gathered batch grows with it), so the next multiple of the node size above the
+    /// fewest GPUs may not fit while a later one does, or none does.
+    ///
+    /// ```
+    /// use partial_fc::plan::PlanConfig;
+    /// let cfg = PlanConfig::new(29_000_000, 8, 32 << 30);
+    /// let gpus = cfg.min_gpus_for(cfg.classes).unwrap();
+    /// let nodes = cfg.min_nodes_for(cfg.classes, 8).unwrap();
+    /// assert!(nodes * 8 >= gpus);
+    /// ```
+    pub fn min_nodes_for(&self, classes: u64, gpus_per_node: u64) -> Option<u64> {
+        if gpus_per_node == 0 {
+            return None;
+        }
+        self.min_gpus_in_steps(classes, gpus_per_node)
+            .map(|k| k / gpus_per_node)
+    }
+
+    /// The smallest multiple of `step` GPUs on which `classes` classes fit.
+    fn min_gpus_in_steps(&self, classes: u64, step: u64) -> Option<u64> {
         if classes == 0 {
             return None;
         }
@@ -161,19 +187,22 @@ impl PlanConfig {
             Some(k_none) => (k_none - 1).min(classes),
             None => MAX_GPUS.min(classes),
         };
-        if k_max == 0 {
+        let n_max = k_max / step;
+        if n_max == 0 {
             return None;
         }
         let mut s_star = ShardCache::new(self);
         let target = u128::from(classes);
-        // depth-first, left half first: the first leaf found is the smallest k
-        let mut stack = vec![(1u64, k_max)];
+        // Over node counts n (k = n·step GPUs), depth-first, left half first: the first leaf
+        // found is the smallest. The largest shard that fits falls as k grows, so no k in
+        // [lo, hi] holds more than hi·s*(lo) classes: a range below the target is skipped.
+        let mut stack = vec![(1u64, n_max)];
         while let Some((lo, hi)) = stack.pop() {
-            if u128::from(hi) * u128::from(s_star.get(lo)) < target {
+            if u128::from(hi * step) * u128::from(s_star.get(lo * step)) < target {
                 continue;
             }
             if lo == hi {
-                return Some(lo);
+                return Some(lo * step);
             }
             let mid = lo + (hi - lo) / 2;
             stack.push((mid + 1, hi));
@@ -451,10 +480,21 @@ mod tests {
                 }
             }
             assert_eq!(cfg.upper_bound(), Some(best), "r {r} {logits:?}");
-            // min_gpus_for agrees with the scan too
+            // min_gpus_for agrees with the scan too, and so does min_nodes_for in whole nodes
             for target in [1, best.classes / 3, best.classes, best.classes + 1] {
                 let want = (1..k_none).find(|&k| k <= target && cfg.max_classes_on(k) >= target);
                 assert_eq!(cfg.min_gpus_for(target), want, "target {target}");
+                for per_node in [3u64, 8] {
+                    let want = (1..k_none)
+                        .filter(|k| k % per_node == 0)
+                        .find(|&k| k <= target && cfg.max_classes_on(k) >= target)
+                        .map(|k| k / per_node);
+                    assert_eq!(
+                        cfg.min_nodes_for(target, per_node),
+                        want,
+                        "target {target}, {per_node} GPUs a node"
+                    );
+                }
             }
         }
     }

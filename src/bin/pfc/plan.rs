@@ -110,6 +110,11 @@ pub struct PlanArgs {
     /// Operand precision of the step's GEMMs (bf16/f16 add the 16-bit operand copies).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     gemm_precision: DtypeArg,
+    /// GPUs per node: also answer the fewest whole nodes on which the classes fit (not the
+    /// fewest GPUs rounded up: memory is not monotone in the GPU count, so that multiple may
+    /// not fit while a larger one does).
+    #[arg(long, allow_negative_numbers = true, value_name = "G")]
+    gpus_per_node: Option<Box<str>>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -340,6 +345,21 @@ fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcEr
 pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
     let config = config_of(&args).map_err(message)?;
     let passes = accumulate_of(&args).map_err(message)?;
+    let per_node = match &args.gpus_per_node {
+        None => None,
+        Some(text) => match parse_count("gpus_per_node", text).map_err(message)? {
+            0 => {
+                return Err(message(PfcError::param(
+                    "gpus_per_node",
+                    0,
+                    "must be at least 1",
+                )))
+            }
+            g => Some(g),
+        },
+    };
+    // (fewest nodes, GPUs a node)
+    let nodes = per_node.map(|g| (config.min_nodes_for(config.classes, g), g));
     let plan = Plan::new(config).map_err(message)?;
     let what_ifs = what_ifs(&config);
     let unit_note = decimal_unit_note(&args.gpu_memory, config.gpu_memory);
@@ -355,6 +375,10 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
         json["what_ifs"] = what_ifs.iter().map(|w| w.flag).collect();
         // `batch_per_gpu` above is a pass's; the step's is that times the passes.
         json["accumulate"] = passes.into();
+        if let Some((n, g)) = nodes {
+            json["gpus_per_node"] = g.into();
+            json["min_nodes"] = n.into();
+        }
         if let Some(points) = &points {
             json["sweep"] = sweep_json(points);
         }
@@ -367,6 +391,21 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
         print_table(&plan, unit_note.as_deref(), passes);
         if let Some(points) = &points {
             print_sweep(&config, points);
+        }
+        if let Some((n, g)) = nodes {
+            let node_size = plural(g, "GPU", "GPUs");
+            match n {
+                Some(n) => println!(
+                    "fewest nodes of {node_size} for {}: {} ({})",
+                    given_classes(plan.config.classes),
+                    n,
+                    plural(n * g, "GPU", "GPUs")
+                ),
+                None => println!(
+                    "fewest nodes of {node_size} for {}: none (no whole number of nodes fits)",
+                    given_classes(plan.config.classes)
+                ),
+            }
         }
         println!("{}", verdict(&plan));
         for note in verdict_notes(&plan, &what_ifs) {
