@@ -701,8 +701,9 @@ fn check_what_ifs_misses_units_and_closed_pipes() {
 }
 
 /// `--gpus-per-node G`: the fewest whole nodes, found among multiples of G (not the fewest GPUs
-/// rounded up). At 1,137,266,238 classes on 80 GiB GPUs with a 20 GiB reserve (the upper bound) only 942
-/// GPUs fit (941 and 943 do not: memory is not monotone in k): no whole number of 8-GPU nodes does.
+/// rounded up). At 1,137,266,238 classes on 80 GiB GPUs with a 20 GiB reserve (the upper bound)
+/// only 942 GPUs fit (941 and 943 do not: memory is not monotone in k), so no whole number of
+/// 8-GPU nodes does.
 #[test]
 fn gpus_per_node_answers_in_whole_nodes() {
     let paper = json_of(&["--gpus-per-node", "8"]);
