@@ -500,8 +500,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 .backend
                 .download(&self.bufs.sampled_weights_grad, sampled * d)?;
             let index = self.backend.download(&self.bufs.sampled_index, sampled)?;
-            let dense = &mut dense[..];
-            crate::cpu::optimizer::scatter_add_rows(&rows, &index, d, dense);
+            crate::cpu::optimizer::scatter_add_rows(&rows, &index, d, &mut dense);
         }
         Ok(dense)
     }

@@ -204,7 +204,8 @@ fn message(err: PfcError) -> String {
     }
 }
 
-fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
+/// The configuration to plan, and the passes per step (`--accumulate`) it was sized for.
+fn config_of(args: &PlanArgs) -> Result<(PlanConfig, u64), PfcError> {
     let sample_rate: f64 = args.sample_rate.trim().parse().map_err(|_| {
         PfcError::param(
             "sample_rate",
@@ -263,23 +264,37 @@ fn config_of(args: &PlanArgs) -> Result<PlanConfig, PfcError> {
         gemm_precision: args.gemm_precision.gemm_precision(),
     };
     config.validate()?;
-    Ok(config)
+    Ok((config, passes))
 }
 
 /// `--reserved`: a size, where a bare number other than 0 under 1 MiB is refused as a forgotten
 /// unit (as `--gpu-memory`'s).
 fn parse_reserved(text: &str) -> Result<u64, PfcError> {
     let bytes = parse_size("reserved", text)?;
+    if bytes == 0 {
+        return Ok(0);
+    }
+    refuse_forgotten_unit("reserved", text, bytes, "no reserve")
+}
+
+/// A size typed as a bare number under 1 MiB is refused as a forgotten unit: `20` is 20 bytes,
+/// which no one means for a GPU or a reserve (`what` says which, e.g. "no GPU").
+fn refuse_forgotten_unit(
+    name: &'static str,
+    text: &str,
+    bytes: u64,
+    what: &str,
+) -> Result<u64, PfcError> {
     let unitless = text
         .trim()
         .chars()
         .all(|c| c.is_ascii_digit() || c == '_' || c == '.');
-    if unitless && bytes > 0 && bytes < 1 << 20 {
+    if unitless && bytes < 1 << 20 {
         return Err(PfcError::param(
-            "reserved",
+            name,
             text,
             format!(
-                "{bytes} bytes is no reserve: a number without a unit is bytes (did you mean {}GiB?)",
+                "{bytes} bytes is {what}: a number without a unit is bytes (did you mean {}GiB?)",
                 text.trim()
             ),
         ));
@@ -299,21 +314,7 @@ fn accumulate_of(args: &PlanArgs) -> Result<u64, PfcError> {
 /// (`--gpu-memory 32` is 32 bytes, which no one means).
 fn parse_gpu_memory(text: &str) -> Result<u64, PfcError> {
     let bytes = parse_size("gpu_memory", text)?;
-    let unitless = text
-        .trim()
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '_' || c == '.');
-    if unitless && bytes < 1 << 20 {
-        return Err(PfcError::param(
-            "gpu_memory",
-            text,
-            format!(
-                "{bytes} bytes is no GPU: a number without a unit is bytes (did you mean {}GiB?)",
-                text.trim()
-            ),
-        ));
-    }
-    Ok(bytes)
+    refuse_forgotten_unit("gpu_memory", text, bytes, "no GPU")
 }
 
 /// The class range of the sweep: the user's, or from the GPU count up to twice the largest of
@@ -343,8 +344,7 @@ fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcEr
 /// Runs `pfc plan`: success, or with `--check` exit status 1 when the configuration does not
 /// fit.
 pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
-    let config = config_of(&args).map_err(message)?;
-    let passes = accumulate_of(&args).map_err(message)?;
+    let (config, passes) = config_of(&args).map_err(message)?;
     let per_node = match &args.gpus_per_node {
         None => None,
         Some(text) => match parse_count("gpus_per_node", text).map_err(message)? {
