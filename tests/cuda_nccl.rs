@@ -183,6 +183,16 @@ fn virtual_ranks_on_one_gpu_match_cpu() {
 /// Runs `world` NCCL ranks as threads on device 0, each with the layer `config(world)`; `None`
 /// (with the reason printed) where the installed NCCL cannot put several ranks on one GPU.
 fn nccl_ranks(world: usize, config: impl Fn(usize) -> LayerConfig + Sync) -> Option<RankRun> {
+    nccl_ranks_with(world, config, Some(Duration::from_secs(60)))
+}
+
+/// [`nccl_ranks`] with the communicators' timeout: `None` makes them blocking ones (a
+/// communicator with a timeout is non-blocking from NCCL 2.14 on, and the emulator's is 2.30).
+fn nccl_ranks_with(
+    world: usize,
+    config: impl Fn(usize) -> LayerConfig + Sync,
+    timeout: Option<Duration>,
+) -> Option<RankRun> {
     if !several_ranks_fit_on_one_gpu() {
         return None;
     }
@@ -193,8 +203,8 @@ fn nccl_ranks(world: usize, config: impl Fn(usize) -> LayerConfig + Sync) -> Opt
             .map(|rank| {
                 s.spawn(move || {
                     let g = CudaBackend::new(0).unwrap();
-                    let comm =
-                        NcclCollective::new(&g, rank, world, id, Some(Duration::from_secs(60)))?;
+                    let comm = NcclCollective::new(&g, rank, world, id, timeout)?;
+                    assert_eq!(comm.is_nonblocking(), timeout.is_some());
                     let mut layer = PartialFc::new(config(world), g, comm)?;
                     Ok::<_, partial_fc::PfcError>(two_steps(&mut layer, world, rank))
                 })
@@ -235,6 +245,16 @@ fn nccl_ranks_on_one_gpu() {
         };
         assert_close(
             &format!("{world} NCCL ranks on one GPU"),
+            &got,
+            &cpu_run(world, 0.1),
+        );
+        // Blocking communicators (no timeout): the calls that make the connections wait inside
+        // NCCL for every peer, instead of returning to be polled.
+        let Some(got) = nccl_ranks_with(world, |w| config(w, 0.1), None) else {
+            return;
+        };
+        assert_close(
+            &format!("{world} blocking NCCL ranks on one GPU"),
             &got,
             &cpu_run(world, 0.1),
         );
@@ -291,6 +311,14 @@ fn silent_peer_times_out(
         let g = CudaBackend::new(0).unwrap();
         let timeout = Duration::from_millis(300);
         let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
+        // A blocking communicator would wait inside NCCL's first collective for the silent
+        // peer's connections, where no timeout reaches (the emulator models NCCL's lazy
+        // connections); a non-blocking one returns to be polled.
+        assert!(
+            comm.is_nonblocking(),
+            "NCCL {} with a timeout: non-blocking",
+            nccl_version().unwrap()
+        );
         let start = std::time::Instant::now();
         let first = call(&g, &comm);
         let waited = start.elapsed();
@@ -332,8 +360,9 @@ fn a_missing_peer_times_out_and_aborts() {
 }
 
 /// Creating the communicator is bounded too: a rank whose peer never starts gets an error
-/// instead of waiting in `ncclCommInitRank` forever. The peer joins afterwards, which releases
-/// the init thread (whose late communicator is then aborted) and gets a communicator of its own.
+/// instead of waiting in its creation forever, and its half-made communicator is aborted. The
+/// peer that starts afterwards finds no one to join and gets the same error, within its own
+/// bound.
 #[test]
 fn an_init_without_its_peer_times_out() {
     if !several_ranks_fit_on_one_gpu() {
@@ -345,22 +374,70 @@ fn an_init_without_its_peer_times_out() {
     let start = std::time::Instant::now();
     let result = NcclCollective::with_init_timeout(&g, 0, 2, id, Some(timeout), None);
     let waited = start.elapsed();
-    match result {
-        Err(partial_fc::PfcError::Collective(msg)) => {
-            assert!(msg.contains("did not complete"), "{msg}")
+    let gave_up = |result: partial_fc::Result<NcclCollective>, waited: Duration| {
+        match result {
+            Err(partial_fc::PfcError::Collective(msg)) => {
+                assert!(msg.contains("did not complete"), "{msg}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
         }
-        other => panic!("expected a timeout, got {other:?}"),
-    }
-    assert!(
-        waited >= timeout && waited < Duration::from_secs(30),
-        "gave up after {waited:?}"
-    );
-    let late = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_secs(60)));
-    assert!(
-        late.is_ok(),
-        "the late rank joins the communicator: {late:?}"
-    );
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(30),
+            "gave up after {waited:?}"
+        );
+    };
+    gave_up(result, waited);
+    let start = std::time::Instant::now();
+    let late = NcclCollective::with_init_timeout(&g, 1, 2, id, Some(timeout), None);
+    gave_up(late, start.elapsed());
     println!("init without its peer: timed out after {waited:?}");
+}
+
+/// Dropping a non-blocking communicator finalizes it under a bound: one with a collective its
+/// peer never joined is aborted when the finalize has not finished within the limit, instead of
+/// the drop waiting on that peer (as `ncclCommDestroy` of a blocking communicator can). The peer
+/// learns of the abort at its next call.
+#[test]
+fn a_drop_with_a_collective_its_peer_never_joined_is_bounded() {
+    if !several_ranks_fit_on_one_gpu() {
+        return;
+    }
+    let id = new_unique_id().unwrap();
+    let limit = Duration::from_millis(300);
+    let sum = partial_fc::ReduceOp::Sum;
+    let (dropped, wait_for_drop) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let peer = s.spawn(move || {
+            let g = CudaBackend::new(0).unwrap();
+            let long = Some(Duration::from_secs(60));
+            let comm = NcclCollective::with_init_timeout(&g, 1, 2, id, long, None).unwrap();
+            let mut buf = g.alloc::<f32>(8).unwrap();
+            comm.all_reduce_f32(&g, &mut buf, 8, sum).unwrap();
+            wait_for_drop.recv().unwrap();
+            comm.all_reduce_f32(&g, &mut buf, 8, sum)
+        });
+        let g = CudaBackend::new(0).unwrap();
+        let comm = NcclCollective::with_init_timeout(&g, 0, 2, id, Some(limit), None).unwrap();
+        assert!(comm.is_nonblocking());
+        let mut buf = g.alloc::<f32>(8).unwrap();
+        comm.all_reduce_f32(&g, &mut buf, 8, sum).unwrap();
+        // No collective timeout: this one is enqueued and not waited for; the peer never joins.
+        comm.all_reduce_f32(&g, &mut buf, 8, sum).unwrap();
+        let start = std::time::Instant::now();
+        drop(comm);
+        let waited = start.elapsed();
+        dropped.send(()).unwrap();
+        assert!(
+            waited >= limit && waited < Duration::from_secs(30),
+            "the drop took {waited:?}: the finalize is bounded by {limit:?}"
+        );
+        let peer = peer.join().unwrap();
+        match peer {
+            Err(partial_fc::PfcError::Collective(_)) => {}
+            other => panic!("the peer's next call must find the communicator aborted: {other:?}"),
+        }
+        println!("drop with an unjoined collective: aborted after {waited:?}");
+    });
 }
 
 /// The barrier too: it used to wait for its all-reduce with a plain stream synchronize, with no

@@ -5,11 +5,20 @@
 // last rank calls, which moves the data for all; ncclCommAbort releases a rank's pending calls.
 // So the crate's timeout (poll the stream, abort the communicator) can be tested: a missing peer
 // leaves the stream pending.
+// Connections are made lazily, as NCCL does (2.22+): a communicator's first collective waits
+// until every rank has made its first one. A blocking communicator waits inside that call (so a
+// peer that dies before its first collective hangs the caller, as in NCCL); a non-blocking one
+// (ncclCommInitRankConfig with blocking = 0) returns ncclInProgress from its init, its first
+// collective and ncclCommFinalize, and the caller polls ncclCommGetAsyncError until ncclSuccess.
+// Any other call on a communicator whose last call is still in progress is refused (NCCL forbids
+// it), so the crate's polling protocol is checked.
 // Sums run in rank order from rank 0 in f32 and are rounded once, like the crate's ThreadGroup,
 // so k emulated NCCL ranks give the CPU collectives' bits. What it checks: the crate's NCCL
 // wrapper (ids, counts per rank, offsets, dtypes, reduce ops, async-error polling, abort); not
 // NCCL itself, its transports or its ring order.
 #include <dlfcn.h>
+
+#include <cstdio>
 
 #include <chrono>
 #include <condition_variable>
@@ -26,7 +35,7 @@
 
 typedef int ncclResult_t;
 enum : ncclResult_t { SUCCESS = 0, UNHANDLED_CUDA = 1, SYSTEM = 2, INTERNAL = 3, INVALID_ARGUMENT = 4,
-                      INVALID_USAGE = 5 };
+                      INVALID_USAGE = 5, IN_PROGRESS = 7 };
 enum { INT8 = 0, UINT8 = 1, INT32 = 2, UINT32 = 3, INT64 = 4, UINT64 = 5, FLOAT16 = 6, FLOAT32 = 7,
        FLOAT64 = 8, BFLOAT16 = 9 };
 enum { SUM = 0, PROD = 1, MAX = 2, MIN = 3, AVG = 4 };
@@ -34,6 +43,13 @@ enum Kind { ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER };
 
 struct ncclUniqueId {
     char internal[128];
+};
+
+// The head of every ncclConfig_t since NCCL 2.14 (later versions append fields).
+struct ConfigHead {
+    size_t size;
+    unsigned magic, version;
+    int blocking;
 };
 
 namespace {
@@ -60,6 +76,7 @@ struct Pending {
 struct Clique {
     int nranks;
     int joined = 0;
+    int connected = 0;  // ranks that have made their first collective
     std::mutex lock;
     std::condition_variable changed;
     std::map<uint64_t, Pending> pending;  // by sequence number
@@ -67,11 +84,22 @@ struct Clique {
     ncclResult_t async_error = SUCCESS;
 };
 
+// What a non-blocking communicator's last call is still doing.
+enum Stage { READY, JOINING, CONNECTING, FINALIZING };
+
 struct Comm {
     std::shared_ptr<Clique> clique;
     int rank;
     uint64_t seq = 0;
+    bool blocking = true;
+    bool connected = false;
+    Stage stage = READY;
+    std::chrono::steady_clock::time_point since{};
+    Call deferred{};  // the first collective, waiting for the connections
+    void* deferred_stream = nullptr;
 };
+
+using Clock = std::chrono::steady_clock;
 
 // The emulated driver's pending-operation count of a stream (driver.cpp).
 using StreamFn = void (*)(void*);
@@ -173,11 +201,10 @@ ncclResult_t execute(std::vector<Call>& calls) {
     return SUCCESS;
 }
 
-ncclResult_t collective(void* handle, Call call, void* stream) {
-    Comm* comm = static_cast<Comm*>(handle);
-    if (!comm) return INVALID_ARGUMENT;
+// Adds `call` to the collective of its sequence number; the last rank to arrive runs it. The
+// clique's lock is held.
+ncclResult_t submit(Comm* comm, Call call, void* stream) {
     Clique& q = *comm->clique;
-    std::lock_guard<std::mutex> g(q.lock);
     if (q.aborted) return INVALID_USAGE;
     uint64_t seq = comm->seq++;
     Pending& p = q.pending[seq];
@@ -199,7 +226,56 @@ ncclResult_t collective(void* handle, Call call, void* stream) {
     for (int k = 0; k < q.nranks; k++)
         if (k != comm->rank) stream_pending(p.streams[k], false);
     q.pending.erase(seq);
+    q.changed.notify_all();  // a blocking ncclCommFinalize may be waiting for it
     return r;
+}
+
+// NCCL forbids any call but ncclCommGetAsyncError and ncclCommAbort on a non-blocking
+// communicator whose last call returned ncclInProgress, until the poll says ncclSuccess.
+bool busy(Comm* comm, const char* what) {
+    if (comm->stage == READY) return false;
+    std::fprintf(stderr, "emulated NCCL: %s called on rank %d while its last call is in progress "
+                 "(poll ncclCommGetAsyncError until ncclSuccess first)\n", what, comm->rank);
+    return true;
+}
+
+const char* kind_name(Kind k) {
+    return k == ALL_GATHER ? "ncclAllGather" : k == ALL_REDUCE ? "ncclAllReduce" : "ncclReduceScatter";
+}
+
+ncclResult_t collective(void* handle, Call call, void* stream) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (!comm) return INVALID_ARGUMENT;
+    Clique& q = *comm->clique;
+    std::unique_lock<std::mutex> g(q.lock);
+    if (busy(comm, kind_name(call.kind))) return INVALID_USAGE;
+    if (q.aborted) return INVALID_USAGE;
+    if (!comm->connected) {
+        // The first collective makes this rank's connections, which needs every peer's first.
+        comm->connected = true;
+        q.connected++;
+        q.changed.notify_all();
+        if (q.connected < q.nranks) {
+            if (!comm->blocking) {
+                comm->stage = CONNECTING;
+                comm->deferred = call;
+                comm->deferred_stream = stream;
+                return IN_PROGRESS;
+            }
+            if (!q.changed.wait_for(g, PEER_WAIT,
+                                    [&] { return q.connected >= q.nranks || q.aborted; }))
+                return SYSTEM;
+            if (q.aborted) return INVALID_USAGE;
+        }
+    }
+    return submit(comm, call, stream);
+}
+
+// Whether `rank` has calls the other ranks have not all joined yet.
+bool has_pending(Clique& q, int rank) {
+    for (auto& [seq, p] : q.pending)
+        if (p.arrived[rank]) return true;
+    return false;
 }
 
 // Releases the calls `rank` left pending (its streams stop waiting; the data never comes).
@@ -231,7 +307,9 @@ API ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
     return SUCCESS;
 }
 
-API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int rank) {
+// Joins the clique of `id`: a blocking join waits for every rank; a non-blocking one returns a
+// communicator at once, in progress until they have.
+ncclResult_t join(void** out, int nranks, ncclUniqueId id, int rank, bool blocking) {
     if (!out || nranks < 1 || rank < 0 || rank >= nranks) return INVALID_ARGUMENT;
     std::string key(id.internal, sizeof id.internal);
     std::shared_ptr<Clique> clique;
@@ -248,10 +326,41 @@ API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int r
     if (clique->nranks != nranks) return INVALID_USAGE;
     clique->joined++;
     clique->changed.notify_all();
+    if (!blocking) {
+        Comm* comm = new Comm{clique, rank};
+        comm->blocking = false;
+        if (clique->joined >= nranks) return *out = comm, SUCCESS;
+        comm->stage = JOINING;
+        comm->since = Clock::now();
+        *out = comm;
+        return IN_PROGRESS;
+    }
     if (!clique->changed.wait_for(g, PEER_WAIT, [&] { return clique->joined >= nranks; }))
         return SYSTEM;
     *out = new Comm{clique, rank};
     return SUCCESS;
+}
+
+API ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int rank) {
+    return join(out, nranks, id, rank, true);
+}
+
+// Reads the head of the config as NCCL does: it must come from NCCL_CONFIG_INITIALIZER (magic,
+// a size and version of 2.14 or later); an unset `blocking` (INT_MIN) means blocking.
+API ncclResult_t ncclCommInitRankConfig(void** out, int nranks, ncclUniqueId id, int rank,
+                                        ConfigHead* config) {
+    bool blocking = true;
+    if (config) {
+        if (config->magic != 0xcafebeef || config->size < sizeof(ConfigHead) ||
+            config->version < 21400) {
+            std::fprintf(stderr, "emulated NCCL: ncclConfig_t not from NCCL_CONFIG_INITIALIZER "
+                         "(magic %x, size %zu, version %u)\n", config->magic, config->size,
+                         config->version);
+            return INVALID_ARGUMENT;
+        }
+        blocking = config->blocking != 0;
+    }
+    return join(out, nranks, id, rank, blocking);
 }
 
 // A rank leaves: its pending calls are released; an abort also makes the clique refuse calls.
@@ -259,7 +368,9 @@ ncclResult_t leave(void* handle, bool abort) {
     Comm* comm = static_cast<Comm*>(handle);
     if (comm) {
         std::lock_guard<std::mutex> g(comm->clique->lock);
+        if (!abort && busy(comm, "ncclCommDestroy")) return INVALID_USAGE;
         if (abort) comm->clique->aborted = true;
+        comm->clique->changed.notify_all();
         release_pending(*comm->clique, comm->rank);
     }
     delete comm;
@@ -269,11 +380,53 @@ ncclResult_t leave(void* handle, bool abort) {
 API ncclResult_t ncclCommDestroy(void* handle) { return leave(handle, false); }
 API ncclResult_t ncclCommAbort(void* handle) { return leave(handle, true); }
 
+// The communicator's state: an asynchronous error, or whether its last non-blocking call is done
+// (finishing it here, as NCCL's own threads would meanwhile).
 API ncclResult_t ncclCommGetAsyncError(void* handle, ncclResult_t* error) {
     Comm* comm = static_cast<Comm*>(handle);
     if (!comm || !error) return INVALID_ARGUMENT;
-    std::lock_guard<std::mutex> g(comm->clique->lock);
-    *error = comm->clique->async_error;
+    Clique& q = *comm->clique;
+    std::lock_guard<std::mutex> g(q.lock);
+    *error = q.async_error;
+    if (*error != SUCCESS) return SUCCESS;
+    switch (comm->stage) {
+        case READY: break;
+        case JOINING:
+            if (q.joined >= q.nranks) comm->stage = READY;
+            else if (Clock::now() - comm->since > PEER_WAIT) *error = SYSTEM;
+            else *error = IN_PROGRESS;
+            break;
+        case CONNECTING:
+            if (q.aborted) *error = INVALID_USAGE;
+            else if (q.connected < q.nranks) *error = IN_PROGRESS;
+            else {
+                comm->stage = READY;
+                *error = submit(comm, comm->deferred, comm->deferred_stream);
+            }
+            break;
+        case FINALIZING:
+            if (has_pending(q, comm->rank)) *error = IN_PROGRESS;
+            else comm->stage = READY;
+            break;
+    }
+    return SUCCESS;
+}
+
+// Flushes the rank's calls: done when none of them waits for a peer any more. A blocking
+// communicator waits here (bounded by PEER_WAIT), a non-blocking one returns ncclInProgress.
+API ncclResult_t ncclCommFinalize(void* handle) {
+    Comm* comm = static_cast<Comm*>(handle);
+    if (!comm) return INVALID_ARGUMENT;
+    Clique& q = *comm->clique;
+    std::unique_lock<std::mutex> g(q.lock);
+    if (busy(comm, "ncclCommFinalize")) return INVALID_USAGE;
+    if (!has_pending(q, comm->rank)) return SUCCESS;
+    if (!comm->blocking) {
+        comm->stage = FINALIZING;
+        return IN_PROGRESS;
+    }
+    if (!q.changed.wait_for(g, PEER_WAIT, [&] { return !has_pending(q, comm->rank); }))
+        return SYSTEM;
     return SUCCESS;
 }
 

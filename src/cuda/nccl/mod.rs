@@ -13,11 +13,23 @@
 //! The communicator's creation, which waits for every rank to join, is bounded as well (by the
 //! longer of that timeout and [`NcclCollective::DEFAULT_INIT_TIMEOUT`], or as chosen).
 //!
-//! **Finding libnccl.** cudarc opens `libnccl.so` (or `.so.12`/`.so.13`), but runtime installs
-//! (Debian's `libnccl2`, the `nvidia-nccl-cu12`/`cu13` wheels) ship only `libnccl.so.2`. A process
-//! cannot change its own library search path, so [`nccl_available`] says how to fix it, and
-//! [`link_nccl`] creates the `libnccl.so` link in a folder the launcher puts on `LD_LIBRARY_PATH`
-//! of the processes it starts (examples/multi_gpu.rs does this).
+//! **Non-blocking communicators.** Some NCCL calls block the calling thread where no poll can
+//! reach them: the creation, and a communicator's first collectives, which make its connections
+//! and wait for every peer to make theirs. With a timeout and NCCL 2.14 or later the communicator
+//! is created non-blocking (`ncclCommInitRankConfig`, `blocking = 0`): those calls return at
+//! once, and each is polled to its end under the timeout (the creation under the init timeout),
+//! so a peer that dies between the creation and the first collective is an error, not a hang.
+//! Dropping it finalizes it first (`ncclCommFinalize`, polled under the timeout) and aborts it
+//! when that does not finish, so a drop does not wait on a dead peer either. NCCL's
+//! `NCCL_COMM_BLOCKING=1` makes it blocking again (the polls then find every call done). Without
+//! a timeout, or with an older NCCL, the communicator is a blocking one.
+//!
+//! **Finding libnccl**: see [`library`]; its functions are re-exported here.
+
+mod init;
+pub mod library;
+
+pub use library::{find_nccl_so2, link_nccl, nccl_available, nccl_version, new_unique_id};
 
 use super::CudaBackend;
 use crate::backend::{Collective, Elem, ReduceOp};
@@ -26,119 +38,9 @@ use crate::plan::Dtype;
 use crate::rendezvous::{UniqueId, UNIQUE_ID_BYTES};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
-use std::path::{Path, PathBuf};
+use init::{settle, Unsettled};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Checks that NCCL can be loaded, with instructions when it cannot.
-pub fn nccl_available() -> Result<()> {
-    // SAFETY: only tries to open the library.
-    if unsafe { sys::is_culib_present() } {
-        return Ok(());
-    }
-    let hint = find_nccl_so2()
-        .map(|p| format!(" Found {}: run `partial_fc::cuda::nccl::link_nccl(so2, dir)` or `ln -s {} DIR/libnccl.so`, then start the process with DIR on LD_LIBRARY_PATH.", p.display(), p.display()))
-        .unwrap_or_else(|| " Install NCCL (apt install libnccl2, or pip install nvidia-nccl-cu12) and put its lib folder on LD_LIBRARY_PATH.".into());
-    Err(PfcError::BackendUnavailable(format!(
-        "NCCL was not found: cudarc opens libnccl.so, libnccl.so.13 or libnccl.so.12, and runtime packages ship only libnccl.so.2.{hint}"
-    )))
-}
-
-/// Looks for `libnccl.so.2` on `LD_LIBRARY_PATH`, in the usual system folders and in Python's
-/// `nvidia/nccl/lib` wheels under the given site-packages roots of `PFC_NCCL_SEARCH` (colon-separated).
-pub fn find_nccl_so2() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(
-            std::env::var("PFC_NCCL_SEARCH")
-                .unwrap_or_default()
-                .split(':'),
-        )
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .collect();
-    dirs.extend(
-        [
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/local/cuda/lib64",
-            "/usr/lib64",
-            "/usr/lib",
-        ]
-        .map(PathBuf::from),
-    );
-    for d in dirs {
-        for candidate in [
-            d.join("libnccl.so.2"),
-            d.join("nvidia/nccl/lib/libnccl.so.2"),
-        ] {
-            if candidate.exists() {
-                return Some(candidate);
-            }
-        }
-    }
-    None
-}
-
-/// Creates `dir/libnccl.so` pointing at `so2` (a `libnccl.so.2`), so that a process started with
-/// `dir` on `LD_LIBRARY_PATH` finds NCCL through cudarc. Returns the link's path.
-///
-/// `dir` should be private to the user, best a fresh temporary directory (examples/multi_gpu.rs
-/// uses one per launch): every library in it will be loaded by the processes started with it on
-/// their search path. A link already there is kept if it points at `so2` and replaced if it
-/// points anywhere else or nowhere (NCCL moved or upgraded); a file that is not a link is an
-/// error, never overwritten.
-pub fn link_nccl(so2: &Path, dir: &Path) -> Result<PathBuf> {
-    let io = |source| PfcError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let link = dir.join("libnccl.so");
-    match std::fs::symlink_metadata(&link) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-        Ok(meta) if !meta.file_type().is_symlink() => {
-            return Err(PfcError::Io {
-                path: link.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "exists and is not a link: remove it or choose another folder",
-                ),
-            })
-        }
-        Ok(_) if std::fs::read_link(&link).is_ok_and(|t| t == so2) => return Ok(link),
-        Ok(_) => {} // a stale or foreign link: replaced below
-    }
-    // A new link under a temporary name, renamed over the old one: never a moment without one.
-    let temp = dir.join(format!("libnccl.so.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&temp);
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(so2, &temp).map_err(io)?;
-    std::fs::rename(&temp, &link).map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        io(e)
-    })?;
-    Ok(link)
-}
-
-/// A new NCCL unique id (rank 0 calls this and shares it through [`crate::rendezvous`]).
-pub fn new_unique_id() -> Result<UniqueId> {
-    nccl_available()?;
-    let id = nccl::get_uniqueid()
-        .map_err(|e| PfcError::Collective(format!("ncclGetUniqueId: {e:?}")))?;
-    let mut bytes = [0u8; UNIQUE_ID_BYTES];
-    for (b, c) in bytes.iter_mut().zip(id.internal.iter()) {
-        *b = *c as u8;
-    }
-    Ok(UniqueId(bytes))
-}
-
-/// NCCL's version as an integer (e.g. 22703 for 2.27.3).
-pub fn nccl_version() -> Result<i32> {
-    nccl_available()?;
-    nccl::get_nccl_version().map_err(|e| PfcError::Collective(format!("ncclGetVersion: {e:?}")))
-}
 
 /// One rank's NCCL communicator on a [`CudaBackend`]'s stream.
 pub struct NcclCollective {
@@ -147,6 +49,10 @@ pub struct NcclCollective {
     rank: usize,
     world_size: usize,
     timeout: Option<Duration>,
+    /// Created with `blocking = 0`: a call that returns `ncclInProgress` is polled to its end.
+    nonblocking: bool,
+    /// Bounds the poll of a non-blocking call's set-up part, and of the finalize at drop.
+    settle_limit: Option<Duration>,
     broken: std::sync::atomic::AtomicBool,
 }
 
@@ -201,7 +107,8 @@ impl NcclCollective {
     /// finished (`None`: they never time out). Waiting for the
     /// other ranks to join is bounded by the longer of `timeout` and
     /// [`NcclCollective::DEFAULT_INIT_TIMEOUT`] (no bound when `timeout` is `None`); use
-    /// [`NcclCollective::with_init_timeout`] to choose it.
+    /// [`NcclCollective::with_init_timeout`] to choose it. With a timeout and NCCL 2.14+, the
+    /// communicator is a non-blocking one (see the [module](self) documentation).
     pub fn new(
         backend: &CudaBackend,
         rank: usize,
@@ -213,12 +120,16 @@ impl NcclCollective {
         Self::with_init_timeout(backend, rank, world_size, id, init, timeout)
     }
 
-    /// Like [`NcclCollective::new`], with the wait for every rank to join (`ncclCommInitRank`)
-    /// bounded by `init_timeout`. Past it the call returns [`PfcError::Collective`]: a rank that
-    /// never starts (a node that failed to come up) then ends the job with an error instead of
-    /// leaving every other rank waiting. The init runs on a thread of its own, which a blocking
-    /// `ncclCommInitRank` keeps until the missing rank joins or the process exits; if it
-    /// completes after the caller gave up, the communicator it made is aborted there.
+    /// Like [`NcclCollective::new`], with the wait for every rank to join bounded by
+    /// `init_timeout`. Past it the call returns [`PfcError::Collective`]: a rank that never
+    /// starts (a node that failed to come up) then ends the job with an error instead of leaving
+    /// every other rank waiting. When either timeout is given and NCCL is 2.14 or later, the
+    /// communicator is created non-blocking and nothing is left behind on a timeout (it is
+    /// aborted); the set-up a collective does (its connections, at a communicator's first use) is
+    /// bounded by `timeout`, and the finalize at drop by `timeout`, else `init_timeout`. With an
+    /// older NCCL, the blocking `ncclCommInitRank` runs on a thread of its own, which stays
+    /// blocked in NCCL until the missing rank joins or the process exits (a communicator it makes
+    /// after the caller gave up is aborted there).
     pub fn with_init_timeout(
         backend: &CudaBackend,
         rank: usize,
@@ -227,75 +138,42 @@ impl NcclCollective {
         init_timeout: Option<Duration>,
         timeout: Option<Duration>,
     ) -> Result<Self> {
-        let (rank_i, world_i) = nccl_rank_args(rank, world_size)?;
+        nccl_rank_args(rank, world_size)?;
         nccl_available()?;
-        let bind = |ctx: &Arc<cudarc::driver::CudaContext>| {
-            ctx.bind_to_thread()
-                .map_err(|e| PfcError::Device(format!("binding the context: {e:?}")))
-        };
-        bind(backend.context())?;
         let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
         for (c, b) in internal.iter_mut().zip(id.0.iter()) {
             *c = *b as std::ffi::c_char;
         }
-        let nccl_id = sys::ncclUniqueId { internal };
-        /// A communicator handed from the init thread (NCCL communicators may move threads).
-        struct Joined(sys::ncclComm_t);
-        // SAFETY: see the type's comment; nothing else holds the handle.
-        unsafe impl Send for Joined {}
-        let (done, joined) = std::sync::mpsc::channel::<Result<Joined>>();
-        let ctx = backend.context().clone();
-        std::thread::Builder::new()
-            .name(format!("pfc-nccl-init-{rank}"))
-            // NCCL's topology search recurses; the main thread's usual 8 MiB, not a spawned
-            // thread's 2 MiB, is what it is known to run in.
-            .stack_size(16 << 20)
-            .spawn(move || {
-                let result = bind(&ctx).and_then(|()| {
-                    let mut comm = std::mem::MaybeUninit::uninit();
-                    // SAFETY: `comm` is written by NCCL on success; the id is 128 valid bytes.
-                    unsafe {
-                        nccl::comm_init_rank(comm.as_mut_ptr(), world_i, nccl_id, rank_i)
-                            .map_err(nccl_err("ncclCommInitRank"))?;
-                        Ok(Joined(comm.assume_init()))
-                    }
-                });
-                if let Err(std::sync::mpsc::SendError(Ok(Joined(late)))) = done.send(result) {
-                    // The caller timed out and is gone: nobody will use or free this one.
-                    // SAFETY: a live communicator no one else holds, aborted once.
-                    let _ = unsafe { nccl::comm_abort(late) };
-                }
-            })
-            .map_err(|e| PfcError::Collective(format!("starting the NCCL init thread: {e}")))?;
-        let comm = match init_timeout {
-            None => joined.recv().map_err(|_| {
-                PfcError::Collective("the NCCL init thread ended without an answer".into())
-            })??,
-            Some(limit) => match joined.recv_timeout(limit) {
-                Ok(result) => result?,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(PfcError::Collective(format!(
-                        "rank {rank}: ncclCommInitRank did not complete within {limit:?}: a peer \
-                         rank of {world_size} never joined (or is stuck); the init thread stays \
-                         blocked in NCCL"
-                    )))
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(PfcError::Collective(
-                        "the NCCL init thread ended without an answer".into(),
-                    ))
-                }
-            },
-        }
-        .0;
+        let join = init::Join {
+            ctx: backend.context().clone(),
+            rank,
+            world_size,
+            id: sys::ncclUniqueId { internal },
+        };
+        let nonblocking = (init_timeout.is_some() || timeout.is_some())
+            && nccl_version()? >= init::NONBLOCKING_SINCE;
+        let comm = if nonblocking {
+            join.nonblocking(init_timeout)?
+        } else {
+            join.blocking(init_timeout)?
+        };
+        // The creation bound the calling thread to the device's context (NCCL needs it current).
         Ok(NcclCollective {
             comm,
             stream: backend.stream().clone(),
             rank,
             world_size,
             timeout,
+            nonblocking,
+            settle_limit: timeout.or(init_timeout),
             broken: false.into(),
         })
+    }
+
+    /// Whether the communicator was created non-blocking (see the [module](self) documentation):
+    /// with a timeout and NCCL 2.14 or later.
+    pub fn is_nonblocking(&self) -> bool {
+        self.nonblocking
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -405,9 +283,32 @@ impl NcclCollective {
     ) -> Result<()> {
         self.check_usable()?;
         let queued = self.mark(what)?;
+        self.call(what, call)?;
+        self.wait(what, queued)
+    }
+
+    /// Makes one NCCL call on the stream: an error aborts the communicator; a non-blocking
+    /// call is polled until NCCL has it on the stream (a first collective makes its
+    /// connections meanwhile, waiting for every peer), under the collective timeout.
+    fn call(
+        &self,
+        what: &str,
+        call: impl FnOnce(sys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<()> {
         call(self.stream.cu_stream() as sys::cudaStream_t)
             .map_err(|e| self.abort(format!("{what}: {e:?}")))?;
-        self.wait(what, queued)
+        if self.nonblocking {
+            settle(self.comm, self.timeout).map_err(|why| {
+                self.abort(match why {
+                    Unsettled::Failed(e) => format!("{what}: {e}"),
+                    Unsettled::TimedOut(t) => format!(
+                        "{what}: no progress within {t:?} (a peer rank is missing or stuck: \
+                         NCCL was still setting the call up)"
+                    ),
+                })
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -417,8 +318,15 @@ impl Drop for NcclCollective {
             return;
         }
         // A communicator with a pending asynchronous error (a peer that died unnoticed, which
-        // is possible without a timeout) is aborted: destroying it could wait on that peer.
-        let healthy = self.async_error().is_none();
+        // is possible without a timeout) is aborted: destroying it could wait on that peer. A
+        // non-blocking one is finalized first, which completes its calls (and can wait on a
+        // peer that never joined one) under the limit; one that does not finalize is aborted.
+        let healthy = self.async_error().is_none()
+            && (!self.nonblocking || {
+                // SAFETY: the communicator is live; nothing else is called on it meanwhile.
+                let started = unsafe { sys::ncclCommFinalize(self.comm) };
+                started.result().is_ok() && settle(self.comm, self.settle_limit).is_ok()
+            });
         // SAFETY: the communicator is live and dropped once.
         unsafe {
             if healthy {
@@ -462,18 +370,16 @@ impl NcclCollective {
         let (src, _s) = send.device_ptr(&self.stream);
         let (dst, _d) = recv.device_ptr_mut(&self.stream);
         // SAFETY: both pointers cover the counts checked above; the stream orders their use.
-        unsafe {
+        self.call("ncclAllGather", |s| unsafe {
             nccl::all_gather(
                 src as _,
                 dst as _,
                 bytes,
                 sys::ncclDataType_t::ncclUint8,
                 self.comm,
-                self.stream.cu_stream() as sys::cudaStream_t,
+                s,
             )
-        }
-        .map(|_| ())
-        .map_err(|e| self.abort(format!("ncclAllGather: {e:?}")))
+        })
     }
 }
 
@@ -637,41 +543,6 @@ impl Collective<CudaBackend> for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A dangling link (NCCL moved) used to make every later launch fail, and a link to another
-    /// library was kept as it was (found by a review).
-    #[test]
-    fn link_nccl_keeps_a_right_link_and_replaces_a_wrong_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let so2 = dir.path().join("libnccl.so.2");
-        std::fs::write(&so2, b"nccl").unwrap();
-        let folder = dir.path().join("links");
-        let link = link_nccl(&so2, &folder).unwrap();
-        assert_eq!(std::fs::read_link(&link).unwrap(), so2);
-        assert_eq!(link_nccl(&so2, &folder).unwrap(), link, "kept");
-        for wrong in [
-            dir.path().join("gone/libnccl.so.2"),
-            dir.path().join("other.so"),
-        ] {
-            std::fs::write(dir.path().join("other.so"), b"other").unwrap();
-            std::fs::remove_file(&link).unwrap();
-            std::os::unix::fs::symlink(&wrong, &link).unwrap();
-            assert_eq!(link_nccl(&so2, &folder).unwrap(), link);
-            assert_eq!(
-                std::fs::read_link(&link).unwrap(),
-                so2,
-                "{wrong:?} replaced"
-            );
-        }
-        std::fs::remove_file(&link).unwrap();
-        std::fs::write(&link, b"a real file").unwrap();
-        assert!(matches!(link_nccl(&so2, &folder), Err(PfcError::Io { .. })));
-        assert_eq!(
-            std::fs::read(&link).unwrap(),
-            b"a real file",
-            "never overwritten"
-        );
-    }
 
     #[test]
     fn rank_args_refuse_what_an_i32_cannot_hold() {
