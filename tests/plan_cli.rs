@@ -167,6 +167,87 @@ fn sweep_and_plot_write_an_svg() {
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
 
+/// The tick labels of an SVG's class axis, left to right: the `<text>` elements that sit on one
+/// row (same `y`, centred) and read as class counts ("10", "2.5M"); the axis title and the caption
+/// are on rows of their own.
+fn class_axis_labels(svg: &str) -> Vec<String> {
+    use partial_fc::plan::units::parse_count;
+    let mut rows: Vec<(String, Vec<(i64, String)>)> = Vec::new();
+    for element in svg.split("<text").skip(1) {
+        let (attributes, rest) = element.split_once('>').unwrap();
+        let text = rest.split_once("</text>").unwrap().0.trim().to_string();
+        let attribute = |name: &str| {
+            let (_, value) = attributes.split_once(&format!(" {name}=\"")).unwrap();
+            value.split_once('"').unwrap().0.to_string()
+        };
+        if attribute("text-anchor") != "middle" || parse_count("label", &text).is_err() {
+            continue;
+        }
+        let (y, x) = (attribute("y"), attribute("x").parse::<i64>().unwrap());
+        match rows.iter_mut().find(|(row, _)| *row == y) {
+            Some((_, labels)) => labels.push((x, text)),
+            None => rows.push((y, vec![(x, text)])),
+        }
+    }
+    assert_eq!(rows.len(), 1, "one row of class labels: {rows:?}");
+    let mut labels = rows.pop().unwrap().1;
+    labels.sort();
+    labels.into_iter().map(|(_, text)| text).collect()
+}
+
+/// plotters' own log-scale ticks repeated a label: over one decade and a bit it marks 10^k, then
+/// 2·10^k … 10·10^k, and 10^(k+1) once more ("1M … 9M, 10M, 10M", "10 … 100, 100, 200"); within
+/// a decade and short of its power of ten (2M..5M) it marked nothing. Every range gets at least two
+/// labels, in order, none repeated, each the count its tick stands at.
+#[test]
+fn plot_class_axis_labels_are_distinct() {
+    use partial_fc::plan::units::parse_count;
+    let dir = tempfile::tempdir().unwrap();
+    for range in [
+        "1M..10M",
+        "100K..1M",
+        "1M..20M",
+        "8..200",
+        "10..100",
+        "2M..5M",
+        "1M..1.5M",
+        "12.3M..12.4M",
+        "3M..30M",
+        "1M..100M",
+        "10K..10M",
+        "8..1000B",
+    ] {
+        let svg = dir.path().join(format!("{range}.svg"));
+        let svg_arg = svg.to_str().unwrap().to_string();
+        let mut args = PAPER.to_vec();
+        args.extend(["--sweep", range, "--plot", &svg_arg]);
+        let out = pfc(&args);
+        assert!(
+            out.status.success(),
+            "{range}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let labels = class_axis_labels(&std::fs::read_to_string(&svg).unwrap());
+        let (from, to) = range.split_once("..").unwrap();
+        let (from, to) = (
+            parse_count("from", from).unwrap(),
+            parse_count("to", to).unwrap(),
+        );
+        let counts: Vec<u64> = labels
+            .iter()
+            .map(|l| parse_count("label", l).unwrap())
+            .collect();
+        assert!(
+            counts.len() >= 2 && counts.windows(2).all(|w| w[0] < w[1]),
+            "{range}: labels {labels:?} are not distinct and in order"
+        );
+        assert!(
+            counts.iter().all(|c| (from..=to).contains(c)),
+            "{range}: labels {labels:?} outside the sweep"
+        );
+    }
+}
+
 /// `--gemm-precision bf16` adds the 16-bit operand copies of x̂ and ŵ: M = 1024, S = 362 500
 /// padded to 362 504 rows (a multiple of 8), d = 512, so 2·(M·d + S·d) bytes, and halves the
 /// logits (2·M·S instead of 4·M·S); f32 (the default) adds no copies.

@@ -123,6 +123,89 @@ pub fn sweep(base: &PlanConfig, from: u64, to: u64, points: usize) -> Result<Vec
         .collect())
 }
 
+/// At most `max` class counts in `first..=last` to mark on a log-scale class axis, in order.
+///
+/// plotters' own log-scale ticks repeat one (over a decade and a bit it marks 10^k, 2·10^k …
+/// 10·10^k and 10^(k+1) again: two "10M" labels) and mark nothing in a range within a decade that
+/// holds no power of ten (2M..5M). Here, a range of a decade or more is marked at the same places
+/// in every decade, the finest that fits: tenths, 1 to 9, 1-2-5, powers of ten, every k-th power
+/// of ten; a shorter one at the multiples of a 1-2-5 step, as a linear axis would be. Only counts
+/// that [`format_count`](super::units::format_count) shows exactly are kept (four significant
+/// digits at most), so distinct ticks have distinct labels.
+#[cfg(feature = "plot")]
+fn class_ticks(first: u64, last: u64, max: usize) -> Vec<u64> {
+    use super::units::{format_count, parse_count};
+    let shown_exactly =
+        |t: u64| (t as f64) as u64 == t && parse_count("tick", &format_count(t)).ok() == Some(t);
+    let keep = |ticks: Vec<u128>| -> Vec<u64> {
+        ticks
+            .into_iter()
+            .filter_map(|t| u64::try_from(t).ok())
+            .filter(|&t| shown_exactly(t))
+            .collect()
+    };
+    let (lo, hi) = (u128::from(first.max(1)), u128::from(last));
+    if hi < lo {
+        return Vec::new();
+    }
+    let decades = || (0..=20u32).map(|d| 10u128.pow(d));
+    if hi >= lo * 10 {
+        // Mantissas in tenths of the decade's power of ten.
+        let mantissas: [Vec<u128>; 4] = [
+            (10..100).collect(),
+            (1..10).map(|m| m * 10).collect(),
+            vec![10, 20, 50],
+            vec![10],
+        ];
+        for set in &mantissas {
+            let ticks = keep(
+                decades()
+                    .flat_map(|p| set.iter().map(move |m| m * p))
+                    .filter(|t| t % 10 == 0 && (lo..=hi).contains(&(t / 10)))
+                    .map(|t| t / 10)
+                    .collect(),
+            );
+            if ticks.len() <= max {
+                return ticks;
+            }
+        }
+        for k in 2..=20 {
+            let ticks = keep(
+                decades()
+                    .step_by(k)
+                    .filter(|t| (lo..=hi).contains(t))
+                    .collect(),
+            );
+            if ticks.len() <= max {
+                return ticks;
+            }
+        }
+        return Vec::new();
+    }
+    let mut best = Vec::new();
+    for step in decades().flat_map(|p| [p, 2 * p, 5 * p]) {
+        if step > hi - lo {
+            break;
+        }
+        if hi / step - (lo - 1) / step > max as u128 {
+            continue;
+        }
+        let start = lo.div_ceil(step) * step;
+        let ticks = keep(
+            std::iter::successors(Some(start), |t| Some(t + step))
+                .take_while(|&t| t <= hi)
+                .collect(),
+        );
+        if ticks.len() >= 2 {
+            return ticks;
+        }
+        if ticks.len() > best.len() {
+            best = ticks;
+        }
+    }
+    best
+}
+
 /// Draws a sweep as an SVG: GiB per GPU against classes (log scale), one line per regime, the
 /// device capacity as a horizontal line. Lines stop where they leave the chart (at 4× the
 /// capacity) so that model parallel does not flatten the others.
@@ -148,6 +231,14 @@ pub fn plot_svg(path: &std::path::Path, base: &PlanConfig, points: &[SweepPoint]
         .flat_map(|p| p.bytes.iter().flatten().map(|&b| gib(b)))
         .fold(0.0, f64::max);
     let y_max = highest.clamp(capacity * 1.25, capacity * 4.0);
+    // plotters' defaults: 10 labels to an axis, 10 light grid lines to a label
+    const LABELS: usize = 10;
+    let ticks = |max| {
+        class_ticks(first, last, max)
+            .into_iter()
+            .map(|t| t as f64)
+            .collect::<Vec<_>>()
+    };
     // Drawn into memory, then written atomically: a failure midway (or plotters writing what it
     // has when its backend drops) never truncates an existing file at `path`.
     let mut svg = String::new();
@@ -170,7 +261,13 @@ pub fn plot_svg(path: &std::path::Path, base: &PlanConfig, points: &[SweepPoint]
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            .build_cartesian_2d((first as f64..last as f64).log_scale(), 0.0..y_max)
+            .build_cartesian_2d(
+                (first as f64..last as f64)
+                    .log_scale()
+                    .with_key_points(ticks(LABELS))
+                    .with_light_points(ticks(LABELS * 10)),
+                0.0..y_max,
+            )
             .map_err(|e| io(e.to_string()))?;
         chart
             .configure_mesh()
@@ -262,6 +359,38 @@ mod tests {
         // The base's own class count does not matter: the sweep replaces it.
         let few = PlanConfig { classes: 1, ..ok };
         assert_eq!(sweep(&few, 10, 1000, 5).unwrap().len(), 5);
+    }
+
+    #[cfg(feature = "plot")]
+    #[test]
+    fn class_ticks_are_in_range_in_order_and_labelled_apart() {
+        use crate::plan::units::format_count;
+        let mut ranges = vec![
+            (1, u64::MAX),
+            (8, 1_000_000_000_000),
+            (1_000_000, 1_000_001),
+        ];
+        for first in [1, 2, 8, 99, 1_000, 2_000_000, 12_345_678, 999_999_999_999] {
+            for ratio in [1.001, 1.1, 1.5, 2.5, 9.9, 10.0, 11.0, 20.0, 100.0, 1e4, 1e9] {
+                ranges.push((first, (first as f64 * ratio).round() as u64));
+            }
+        }
+        for (first, last) in ranges {
+            for max in [10, 100] {
+                let ticks = class_ticks(first, last, max);
+                let labels: Vec<String> = ticks.iter().map(|&t| format_count(t)).collect();
+                let what = format!("{first}..{last} (at most {max}): {labels:?}");
+                assert!(ticks.len() <= max, "{what}");
+                assert!(ticks.iter().all(|t| (first..=last).contains(t)), "{what}");
+                assert!(ticks.windows(2).all(|w| w[0] < w[1]), "{what}");
+                let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
+                assert_eq!(distinct.len(), labels.len(), "{what}");
+                // a range 1% wide holds two counts that four significant digits show exactly
+                if last as f64 >= first as f64 * 1.01 {
+                    assert!(ticks.len() >= 2, "{what}");
+                }
+            }
+        }
     }
 
     #[cfg(feature = "plot")]
