@@ -182,3 +182,71 @@ fn a_repeated_predicted_class_counts_once_and_an_endless_iterator_is_refused() {
     let e = p.ranking_metrics(std::iter::repeat([5i64])).unwrap_err();
     assert!(e.to_string().contains("more than 1 label sets"), "{e}");
 }
+
+/// Each rank (or chunk) holds its own rows: merging their metrics, weighted by rows, gives the
+/// metrics of all the rows at once, for any split, including empty parts.
+#[test]
+fn merged_parts_give_the_whole() {
+    let mut rng = Rng::new(13);
+    for case in 0..30 {
+        let (rows, k) = (1 + case % 9, 1 + case % 4);
+        let p = random_prediction(&mut rng, rows, k, 10);
+        let sets: Vec<Vec<i64>> = (0..rows)
+            .map(|_| (0..rng.below(4)).map(|_| rng.below(10) as i64).collect())
+            .collect();
+        let whole = p.ranking_metrics(&sets).unwrap();
+        assert_eq!(whole.rows, rows);
+        // Cut the rows at random points (an empty part where two cuts meet).
+        let mut cuts: Vec<usize> = (0..3)
+            .map(|_| rng.below(rows as u64 + 1) as usize)
+            .collect();
+        cuts.push(0);
+        cuts.push(rows);
+        cuts.sort_unstable();
+        let parts: Vec<_> = cuts
+            .windows(2)
+            .map(|w| {
+                let part = Prediction {
+                    k,
+                    classes: p.classes[w[0] * k..w[1] * k].to_vec(),
+                    scores: p.scores[w[0] * k..w[1] * k].to_vec(),
+                };
+                part.ranking_metrics(&sets[w[0]..w[1]]).unwrap()
+            })
+            .collect();
+        let merged = partial_fc::RankingMetrics::merge(&parts).unwrap();
+        let what = format!("case {case}, cuts {cuts:?}");
+        assert_eq!(merged.rows, rows, "{what}");
+        assert_eq!(merged.rows_with_labels, whole.rows_with_labels, "{what}");
+        for (name, got, want) in [
+            ("precision", &merged.precision, &whole.precision),
+            ("ndcg", &merged.ndcg, &whole.ndcg),
+            ("recall", &merged.recall, &whole.recall),
+        ] {
+            assert_eq!(got.len(), want.len(), "{what} {name}");
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-12, "{what} {name}: {g} != {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn merging_nothing_or_different_k_is_refused() {
+    assert!(matches!(
+        partial_fc::RankingMetrics::merge(&[]),
+        Err(PfcError::Shape(_))
+    ));
+    let mut rng = Rng::new(2);
+    let sets = vec![vec![1i64]; 3];
+    let two = random_prediction(&mut rng, 3, 2, 5)
+        .ranking_metrics(&sets)
+        .unwrap();
+    let three = random_prediction(&mut rng, 3, 3, 5)
+        .ranking_metrics(&sets)
+        .unwrap();
+    match partial_fc::RankingMetrics::merge(&[two, three]) {
+        Err(PfcError::Shape(msg)) => assert!(msg.contains("k = 3 and k = 2"), "{msg}"),
+        other => panic!("different k must be refused: {other:?}"),
+    }
+}

@@ -18,6 +18,67 @@ pub struct RankingMetrics {
     /// Rows with at least one true class. Rows without one score 0 on every metric and still
     /// count in the mean (the repository's convention for P@k).
     pub rows_with_labels: usize,
+    /// Rows the means are over (all of them, with labels or not): the weight of these metrics
+    /// in [`merge`](Self::merge).
+    pub rows: usize,
+}
+
+impl RankingMetrics {
+    /// The metrics of the union of several parts' rows: each part's means weighted by its
+    /// [`rows`](Self::rows), as the job's metrics come from its ranks' (each rank's
+    /// [`Prediction`] holds its own rows) or an evaluation's from its chunks.
+    ///
+    /// ```
+    /// use partial_fc::Prediction;
+    /// let p = Prediction { k: 1, classes: vec![3, 1, 5], scores: vec![0.9, 0.8, 0.7] };
+    /// let labels = [[3], [0], [5]];
+    /// let whole = p.ranking_metrics(labels.iter()).unwrap();
+    /// // The same rows split as two ranks would hold them.
+    /// let first = Prediction { k: 1, classes: vec![3], scores: vec![0.9] };
+    /// let rest = Prediction { k: 1, classes: vec![1, 5], scores: vec![0.8, 0.7] };
+    /// let parts = [
+    ///     first.ranking_metrics(labels[..1].iter()).unwrap(),
+    ///     rest.ranking_metrics(labels[1..].iter()).unwrap(),
+    /// ];
+    /// let merged = partial_fc::RankingMetrics::merge(&parts).unwrap();
+    /// assert_eq!(merged.rows, 3);
+    /// assert!((merged.precision[0] - whole.precision[0]).abs() < 1e-12); // 2/3, not (1 + 1/2) / 2
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] for no parts, or parts of different `k`.
+    pub fn merge(parts: &[RankingMetrics]) -> Result<RankingMetrics> {
+        let first = parts
+            .first()
+            .ok_or_else(|| PfcError::Shape("no ranking metrics to merge".into()))?;
+        let k = first.precision.len();
+        if let Some(other) = parts
+            .iter()
+            .find(|m| m.precision.len() != k || m.ndcg.len() != k || m.recall.len() != k)
+        {
+            return Err(PfcError::Shape(format!(
+                "ranking metrics of k = {} and k = {k} cannot be merged",
+                other.precision.len()
+            )));
+        }
+        let rows: usize = parts.iter().map(|m| m.rows).sum();
+        let mean = |field: fn(&RankingMetrics) -> &Vec<f64>| -> Vec<f64> {
+            (0..k)
+                .map(|j| {
+                    let sum: f64 = parts.iter().map(|m| field(m)[j] * m.rows as f64).sum();
+                    sum / rows.max(1) as f64
+                })
+                .collect()
+        };
+        Ok(RankingMetrics {
+            precision: mean(|m| &m.precision),
+            ndcg: mean(|m| &m.ndcg),
+            recall: mean(|m| &m.recall),
+            rows_with_labels: parts.iter().map(|m| m.rows_with_labels).sum(),
+            rows,
+        })
+    }
 }
 
 impl Prediction {
@@ -27,9 +88,8 @@ impl Prediction {
     /// `labels.chunks(width)`; a class listed twice counts once; classes outside the classifier
     /// count as true classes no prediction can find. With one class per row, precision@1 and
     /// recall@k equal [`top_accuracy`](Self::top_accuracy)'s first and last values. In a job
-    /// of several ranks each rank's `Prediction` holds its own rows: for the job's metrics,
-    /// weigh each rank's values by its [`rows`](Self::rows) (an all-reduce of the sums and the
-    /// row counts).
+    /// of several ranks each rank's `Prediction` holds its own rows: gather the ranks'
+    /// metrics and [`RankingMetrics::merge`] them for the job's.
     ///
     /// ```
     /// use partial_fc::Prediction;
@@ -109,6 +169,7 @@ impl Prediction {
             ndcg: mean(ndcg),
             recall: mean(recall),
             rows_with_labels,
+            rows,
         })
     }
 }

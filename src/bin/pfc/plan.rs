@@ -34,7 +34,8 @@ pub struct PlanArgs {
     /// (the output says so when a decimal unit is given).
     #[arg(long, allow_negative_numbers = true, value_name = "SIZE")]
     gpu_memory: Box<str>,
-    /// Images per GPU per step, N.
+    /// Images per GPU per step, N: the rows the layer sees (for multi-label data repeated once
+    /// per label, the (sample, label) pairs, not the samples).
     #[arg(
         long,
         allow_negative_numbers = true,
