@@ -2,6 +2,10 @@
 
 use crate::rng::philox4x32_10;
 
+/// The class centers' initial standard deviation: `torch.normal(0, 0.01, (C, d))`, as the
+/// published implementation draws them.
+pub(crate) const INIT_STD: f32 = 0.01;
+
 /// `rows × dim` values from N(0, std²), keyed by (seed, global row, column): the full matrix is
 /// the same whatever the world size, so sharded and unsharded runs start from the same weights.
 pub fn normal_rows(seed: u64, first_row: u64, rows: usize, dim: usize, std: f32) -> Vec<f32> {

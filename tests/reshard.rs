@@ -343,6 +343,41 @@ fn pfc_reshard_merges_a_run_and_refuses_an_incomplete_one() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no file is given for rank 2"), "{stderr}");
+    // --num-classes grows it (a count as `pfc plan` takes them); shrinking is refused.
+    let grow = |classes: &str, out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args([
+                "reshard",
+                "--world-size",
+                "2",
+                "--quiet",
+                "--num-classes",
+                classes,
+            ])
+            .arg("--out")
+            .arg(out)
+            .args(&paths)
+            .output()
+            .unwrap()
+    };
+    let grown = grow("1.1k", &dir.path().join("grown"));
+    let stdout = String::from_utf8_lossy(&grown.stdout);
+    assert!(grown.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("growing the classifier to 1100 classes: 97 new, from class 1003 on"),
+        "{stdout}"
+    );
+    let set = CheckpointSet::open(&[
+        dir.path().join("grown").join(shard_file_name(2, 0)),
+        dir.path().join("grown").join(shard_file_name(2, 1)),
+    ])
+    .unwrap();
+    assert_eq!((set.world_size(), set.num_classes()), (2, 1100));
+    let shrunk = grow("1000", &dir.path().join("shrunk"));
+    let stderr = String::from_utf8_lossy(&shrunk.stderr);
+    assert_eq!(shrunk.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("can grow, not shrink"), "{stderr}");
+    assert!(!dir.path().join("shrunk").exists());
 }
 
 /// `pfc reshard --out DIR` refuses a DIR that holds files of the names it would write (the
@@ -695,4 +730,126 @@ fn a_run_saved_at_one_sample_rate_resumes_at_another() {
         assert_eq!(loaded, saved, "rank {rank}: weights and step carried over");
         assert!(all, "rank {rank}: r = 1 samples the whole shard");
     }
+}
+
+/// A classifier grown by `reshard_grown` (a dataset added identities after the old ids): the
+/// run's classes keep their trained weights and momentum exactly, each new class starts with
+/// the weights a fresh layer of the grown size gives it (same seed) and zero momentum, and the
+/// grown layer trains on labels of the new classes.
+#[test]
+fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, trained) = train(3, &[], 2, Some(dir.path()));
+    let grown_classes = CLASSES + 50;
+    let out = dir.path().join("grown");
+    let grown = partial_fc::checkpoint::reshard_grown(
+        &files(dir.path(), 3),
+        2,
+        Some(grown_classes),
+        &out,
+        &|_| {},
+    )
+    .unwrap();
+    let set = CheckpointSet::open(&grown).unwrap();
+    assert_eq!((set.num_classes(), set.world_size()), (grown_classes, 2));
+    let grown_config = |world| {
+        let mut c = config(world);
+        c.num_classes = grown_classes;
+        c
+    };
+    let fresh = ThreadGroup::run(2, |comm| {
+        let layer = PartialFc::new(grown_config(2), CpuBackend, comm).unwrap();
+        layer.weight().unwrap()
+    })
+    .concat();
+    let loaded = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(grown_config(2), CpuBackend, comm).unwrap();
+        layer.load_resharded(&grown).unwrap();
+        let state = (layer.weight().unwrap(), layer.momentum().unwrap().unwrap());
+        // Train on: half the batch's labels are new classes.
+        let rows = Shard::of(BATCH as u64, 2, rank);
+        let (x, mut labels) = batch(layer.steps());
+        for (i, l) in labels.iter_mut().enumerate().filter(|(i, _)| i % 2 == 0) {
+            *l = (CLASSES + (i as u64 % 50)) as i64;
+        }
+        let (r0, r1) = (rows.start as usize, rows.end() as usize);
+        let out = layer
+            .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
+            .unwrap();
+        layer.step(0.5).unwrap();
+        (state, out.loss)
+    });
+    let weight: Vec<f32> = loaded.iter().flat_map(|p| p.0 .0.clone()).collect();
+    let momentum: Vec<f32> = loaded.iter().flat_map(|p| p.0 .1.clone()).collect();
+    let old = CLASSES as usize * DIM;
+    assert_eq!(weight.len(), grown_classes as usize * DIM);
+    assert_eq!(
+        &weight[..old],
+        &trained[..],
+        "the trained classes, bit for bit"
+    );
+    assert_eq!(
+        &weight[old..],
+        &fresh[old..],
+        "the new classes, as a fresh layer's"
+    );
+    assert!(
+        momentum[..old].iter().any(|&m| m != 0.0),
+        "the trained classes' momentum is kept"
+    );
+    assert!(
+        momentum[old..].iter().all(|&m| m == 0.0),
+        "new classes start without momentum"
+    );
+    assert!(loaded[0].1.is_finite());
+}
+
+/// Growing refuses to shrink, a world size the grown classifier cannot be split over, and files
+/// that do not record the seed the new weights come from; nothing is written.
+#[test]
+fn growth_that_cannot_be_done_is_refused_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    train(1, &[], 1, Some(dir.path()));
+    let paths = files(dir.path(), 1);
+    let out = dir.path().join("out");
+    let grow = |classes, world| {
+        partial_fc::checkpoint::reshard_grown(&paths, world, Some(classes), &out, &|_| {})
+    };
+    match grow(CLASSES - 1, 1) {
+        Err(PfcError::Param { name, .. }) => assert_eq!(name, "num_classes"),
+        other => panic!("shrinking must be refused: {other:?}"),
+    }
+    match grow(CLASSES + 1, CLASSES as usize + 2) {
+        Err(PfcError::Param { name, .. }) => assert_eq!(name, "world_size"),
+        other => panic!("more ranks than classes must be refused: {other:?}"),
+    }
+    match grow(u64::MAX / 2, 1) {
+        Err(PfcError::Param { name, reason, .. }) => {
+            assert_eq!(name, "num_classes");
+            assert!(reason.contains("cannot be addressed"), "{reason}");
+        }
+        other => panic!("an unaddressable classifier must be refused: {other:?}"),
+    }
+    assert!(!out.exists(), "nothing written");
+    // Files without a recorded seed (an older build's) can be resharded, not grown.
+    let old = dir.path().join("old.safetensors");
+    let meta = vec![
+        ("format", partial_fc::checkpoint::FORMAT.to_string()),
+        ("num_classes", "10".to_string()),
+        ("world_size", "1".to_string()),
+        ("rank", "0".to_string()),
+        ("shard_start", "0".to_string()),
+        ("shard_len", "10".to_string()),
+        ("dim", "4".to_string()),
+        ("step", "0".to_string()),
+    ];
+    crafted(&old, &meta, 10, 4);
+    let e = partial_fc::checkpoint::reshard_grown(&[&old], 1, Some(12), &out, &|_| {});
+    match e {
+        Err(PfcError::Param { reason, .. }) => assert!(reason.contains("seed"), "{reason}"),
+        other => panic!("growth without a seed must be refused: {other:?}"),
+    }
+    assert!(!out.exists(), "nothing written");
+    partial_fc::checkpoint::reshard_grown(&[&old], 1, None, &out, &|_| {}).unwrap();
 }

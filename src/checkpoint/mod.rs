@@ -15,7 +15,7 @@ use std::path::Path;
 mod predict;
 mod set;
 pub(crate) use set::recorded_config;
-pub use set::{reshard, shard_file_name, CheckpointSet};
+pub use set::{reshard, reshard_grown, shard_file_name, CheckpointSet};
 
 /// Reads values `offset .. offset + len` of a tensor (`weight` or an optimizer state) of a shard.
 type ReadBlock<'a> = dyn Fn(&str, usize, usize) -> Result<Vec<f32>> + 'a;

@@ -519,7 +519,32 @@ impl CheckpointSet {
         path: &Path,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
-        self.check_world_size(world_size)?;
+        self.write_grown_shard(world_size, self.num_classes, rank, path, progress)
+    }
+
+    /// Like [`write_shard`](Self::write_shard), for a classifier of `num_classes` classes, at
+    /// least the run's: the run's classes keep their weights and optimizer state, and each new
+    /// class `c` (ids from the run's class count on) gets the weights a fresh layer of the
+    /// run's seed gives class `c` (N(0, 0.01) keyed by seed and class id, as
+    /// [`PartialFc::new`](crate::PartialFc::new) draws them) and zero optimizer state, as if
+    /// it had never been sampled. So a classifier grows when a dataset adds identities or
+    /// labels (appended after the old ids), without losing what was trained.
+    ///
+    /// # Errors
+    ///
+    /// Those of `write_shard`; [`PfcError::Param`] for `num_classes` below the run's, one whose
+    /// values cannot be addressed, or files that do not record the run's seed (written before
+    /// it was recorded) when classes are added.
+    pub fn write_grown_shard(
+        &self,
+        world_size: usize,
+        num_classes: u64,
+        rank: usize,
+        path: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<()> {
+        let seed = self.check_growth(num_classes)?;
+        check_world_size(num_classes, world_size)?;
         if rank >= world_size {
             return Err(PfcError::param(
                 "rank",
@@ -527,31 +552,33 @@ impl CheckpointSet {
                 format!("must be < world size {world_size}"),
             ));
         }
-        let shard = Shard::of(self.num_classes, world_size, rank);
-        self.require(shard)?;
+        let shard = Shard::of(num_classes, world_size, rank);
+        // The run's classes in this shard come from the files; the rest are new.
+        let old_end = shard.end().min(self.num_classes);
+        if old_end > shard.start {
+            self.require(Shard {
+                start: shard.start,
+                len: old_end - shard.start,
+            })?;
+        }
         let shape = vec![shard.len as usize, self.dim];
-        let weight = |offset, len| {
-            let v = self.read("weight", shard.start, offset, len)?;
+        let values = |name: &'static str, offset: usize, len: usize| -> Result<Vec<f32>> {
+            let v = self.read_or_new(name, seed, shard.start, offset, len)?;
             progress(len as u64);
             Ok(v)
         };
+        let weight = |offset, len| values("weight", offset, len);
         let states: Vec<_> = self
             .states
             .iter()
-            .map(|&name| {
-                move |offset, len| {
-                    let v = self.read(name, shard.start, offset, len)?;
-                    progress(len as u64);
-                    Ok(v)
-                }
-            })
+            .map(|&name| move |offset, len| values(name, offset, len))
             .collect();
         let mut tensors = vec![OutTensor::F32Blocks("weight", shape.clone(), &weight)];
         for (name, read) in self.states.iter().zip(&states) {
             tensors.push(OutTensor::F32Blocks(name, shape.clone(), read));
         }
         let meta = metadata(
-            self.num_classes,
+            num_classes,
             world_size,
             rank,
             shard,
@@ -567,32 +594,121 @@ impl CheckpointSet {
     /// Values a whole rewrite for any world size reads: weights and optimizer state of every
     /// class.
     pub fn total_values(&self) -> u64 {
+        self.total_values_grown(self.num_classes)
+    }
+
+    /// Values a whole rewrite for a classifier grown to `num_classes` classes reads or draws
+    /// ([`reshard_grown`]).
+    pub fn total_values_grown(&self, num_classes: u64) -> u64 {
         let tensors = 1 + self.states.len() as u64;
         tensors
-            .saturating_mul(self.num_classes)
+            .saturating_mul(num_classes)
             .saturating_mul(self.dim as u64)
     }
 
-    fn check_world_size(&self, world_size: usize) -> Result<()> {
-        if world_size == 0 || world_size as u64 > self.num_classes {
+    /// Checks a class count to grow the run's classifier to, and returns the seed the new
+    /// classes' weights are drawn from (`None` when no class is added).
+    fn check_growth(&self, num_classes: u64) -> Result<Option<u64>> {
+        if num_classes < self.num_classes {
             return Err(PfcError::param(
-                "world_size",
-                world_size,
+                "num_classes",
+                num_classes,
                 format!(
-                    "must be between 1 and the number of classes ({})",
+                    "the files hold {} classes: a classifier can grow, not shrink (dropping \
+                     classes would renumber the labels after them)",
                     self.num_classes
                 ),
             ));
         }
-        if self.num_classes.div_ceil(world_size as u64) > i32::MAX as u64 {
+        if num_classes
+            .checked_mul(self.dim as u64)
+            .is_none_or(|values| usize::try_from(values).is_err())
+        {
             return Err(PfcError::param(
-                "world_size",
-                world_size,
-                "a shard may hold at most 2^31 - 1 classes: use more ranks",
+                "num_classes",
+                num_classes,
+                format!(
+                    "{num_classes} classes × dim {} values cannot be addressed",
+                    self.dim
+                ),
             ));
         }
-        Ok(())
+        if num_classes == self.num_classes {
+            return Ok(None);
+        }
+        self.seed.map(Some).ok_or_else(|| {
+            PfcError::param(
+                "num_classes",
+                num_classes,
+                "the files do not record the run's seed (written by an older build), which the \
+                 new classes' weights are drawn from",
+            )
+        })
     }
+
+    /// Like [`read`](Self::read), for a classifier grown past the run's classes: values of
+    /// classes from `num_classes` on are a fresh layer's (the weights drawn from `seed` as
+    /// `PartialFc::new` draws them, optimizer state zero).
+    fn read_or_new(
+        &self,
+        name: &str,
+        seed: Option<u64>,
+        first_class: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let dim = self.dim as u64;
+        let start = first_class * dim + offset as u64;
+        let old_values = self.num_classes * dim;
+        let from_files = old_values.saturating_sub(start).min(len as u64) as usize;
+        let mut values = if from_files > 0 {
+            self.read(name, first_class, offset, from_files)?
+        } else {
+            Vec::with_capacity(len)
+        };
+        let fresh = len - from_files;
+        if fresh > 0 {
+            let at = start + from_files as u64;
+            match (name, seed) {
+                ("weight", Some(seed)) => {
+                    // Whole rows are drawn; the block may begin and end inside one.
+                    let (row, skip) = (at / dim, (at % dim) as usize);
+                    let rows = (skip + fresh).div_ceil(self.dim);
+                    let drawn =
+                        crate::init::normal_rows(seed, row, rows, self.dim, crate::init::INIT_STD);
+                    values.extend_from_slice(&drawn[skip..skip + fresh]);
+                }
+                ("weight", None) => {
+                    return Err(PfcError::Shape(format!(
+                        "class {} is past the run's {} classes and no seed was given",
+                        at / dim,
+                        self.num_classes
+                    )))
+                }
+                _ => values.resize(len, 0.0),
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// Checks that `num_classes` can be split over `world_size` ranks as the layer splits them.
+fn check_world_size(num_classes: u64, world_size: usize) -> Result<()> {
+    if world_size == 0 || world_size as u64 > num_classes {
+        return Err(PfcError::param(
+            "world_size",
+            world_size,
+            format!("must be between 1 and the number of classes ({num_classes})"),
+        ));
+    }
+    if num_classes.div_ceil(world_size as u64) > i32::MAX as u64 {
+        return Err(PfcError::param(
+            "world_size",
+            world_size,
+            "a shard may hold at most 2^31 - 1 classes: use more ranks",
+        ));
+    }
+    Ok(())
 }
 
 /// The metadata a checkpoint of `shard` carries (what [`PartialFc::load`] checks).
@@ -696,8 +812,42 @@ pub fn reshard<P: AsRef<Path>>(
     out_dir: &Path,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<PathBuf>> {
+    reshard_grown(paths, world_size, None, out_dir, progress)
+}
+
+/// Like [`reshard`], for a classifier grown to `num_classes` classes (`None`: the run's):
+/// each new class, with an id from the run's class count on, starts as a fresh layer's
+/// (see [`CheckpointSet::write_grown_shard`]), the run's classes keep their weights and
+/// optimizer state. `progress` then counts the new classes' values too (of
+/// [`CheckpointSet::total_values_grown`] in all). The new files load with
+/// [`PartialFc::load_resharded`](crate::PartialFc::load_resharded) into a layer of
+/// `num_classes` classes.
+///
+/// ```
+/// use partial_fc::checkpoint::{reshard_grown, CheckpointSet};
+/// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
+/// let dir = tempfile::tempdir().unwrap();
+/// let old = dir.path().join("old.safetensors");
+/// PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, SingleRank).unwrap().save(&old).unwrap();
+/// let grown = reshard_grown(&[&old], 2, Some(15), &dir.path().join("grown"), &|_| {}).unwrap();
+/// let mut layer = PartialFc::new(LayerConfig::new(15, 4, 2), CpuBackend, SingleRank).unwrap();
+/// layer.load_resharded(&grown).unwrap(); // classes 0..10 trained, 10..15 new
+/// ```
+///
+/// # Errors
+///
+/// Those of [`reshard`] and of [`CheckpointSet::write_grown_shard`].
+pub fn reshard_grown<P: AsRef<Path>>(
+    paths: &[P],
+    world_size: usize,
+    num_classes: Option<u64>,
+    out_dir: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<Vec<PathBuf>> {
     let set = CheckpointSet::open(paths)?;
-    set.check_world_size(world_size)?;
+    let num_classes = num_classes.unwrap_or(set.num_classes);
+    set.check_growth(num_classes)?;
+    check_world_size(num_classes, world_size)?;
     set.require_complete()?;
     prepare_out_dir(out_dir)?;
     let outputs: Vec<PathBuf> = (0..world_size)
@@ -723,7 +873,7 @@ pub fn reshard<P: AsRef<Path>>(
         }
     }
     for (rank, path) in outputs.iter().enumerate() {
-        set.write_shard(world_size, rank, path, progress)
+        set.write_grown_shard(world_size, num_classes, rank, path, progress)
             .map_err(|e| match e {
                 PfcError::Io { .. } | PfcError::Format { .. } | PfcError::Checkpoint { .. } => {
                     refuse(path, format!("writing rank {rank} of {world_size}: {e}"))

@@ -130,7 +130,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 layer.shard.start + row as u64,
                 rows,
                 d,
-                0.01,
+                crate::init::INIT_STD,
             );
             layer
                 .backend

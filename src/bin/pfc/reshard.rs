@@ -2,7 +2,7 @@
 
 use crate::text::plural;
 use indicatif::{ProgressBar, ProgressStyle};
-use partial_fc::checkpoint::{reshard, shard_file_name, CheckpointSet};
+use partial_fc::checkpoint::{reshard_grown, shard_file_name, CheckpointSet};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `pfc reshard`.
@@ -14,6 +14,12 @@ pub struct ReshardArgs {
     /// World size to write the files for; 1 merges the classifier into one file.
     #[arg(long)]
     world_size: usize,
+    /// Grow the classifier to this many classes (e.g. 120000 or 1.2M): the run's classes keep
+    /// their weights and optimizer state; the new ones, with ids from the run's class count on,
+    /// start as a fresh layer's (drawn from the run's seed; zero optimizer state). Default:
+    /// the run's classes.
+    #[arg(long, value_name = "C")]
+    num_classes: Option<Box<str>>,
     /// Folder for the new files (created if missing; its parent must exist), named
     /// rank{r}-of-{k}.safetensors. A file of one of those names already there is refused
     /// unless --force is given; other files there are left alone.
@@ -32,6 +38,11 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
     let set = CheckpointSet::open(&args.files).map_err(|e| e.to_string())?;
     // What is wrong with the input is said first (reshard checks it again).
     set.require_complete().map_err(|e| e.to_string())?;
+    let num_classes = match &args.num_classes {
+        Some(text) => partial_fc::plan::units::parse_count("--num-classes", text)
+            .map_err(|e| e.to_string())?,
+        None => set.num_classes(),
+    };
     if !args.force {
         refuse_existing_outputs(&args.out, args.world_size)?;
     }
@@ -48,10 +59,18 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
             _ => "weights and AdamW moments",
         }
     );
+    if num_classes > set.num_classes() {
+        println!(
+            "growing the classifier to {}: {} new, from class {} on",
+            plural(num_classes, "class", "classes"),
+            num_classes - set.num_classes(),
+            set.num_classes()
+        );
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(set.total_values() * 4)
+        ProgressBar::new(set.total_values_grown(num_classes).saturating_mul(4))
     };
     bar.set_style(
         ProgressStyle::with_template(
@@ -60,9 +79,13 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
         .expect("a valid template")
         .progress_chars("=> "),
     );
-    let written = reshard(&args.files, args.world_size, &args.out, &|values| {
-        bar.inc(values * 4)
-    });
+    let written = reshard_grown(
+        &args.files,
+        args.world_size,
+        Some(num_classes),
+        &args.out,
+        &|values| bar.inc(values * 4),
+    );
     bar.finish_and_clear();
     let written = written.map_err(|e| e.to_string())?;
     println!(
