@@ -290,8 +290,10 @@ fn several_ranks_fit_on_one_gpu() -> bool {
 }
 
 /// Rank 0 of two makes `call` while rank 1 has joined but stays silent: the call must end with
-/// a timeout error (not hang) after about its 300 ms, and the next call be refused because the
-/// communicator was aborted. Rank 1 then makes as many calls as went through on rank 0 (none,
+/// a timeout error (not hang), and the next call be refused because the communicator was
+/// aborted. The call is rank 0's first, whose set-up (connections, waiting for the peer's) is
+/// bounded by the longer of its two timeouts (3 s, the init bound; a running collective by its
+/// 300 ms). Rank 1 then makes as many calls as went through on rank 0 (none,
 /// if the timeout works), so that a broken timeout fails the test instead of hanging it.
 fn silent_peer_times_out(
     what: &str,
@@ -310,7 +312,8 @@ fn silent_peer_times_out(
         });
         let g = CudaBackend::new(0).unwrap();
         let timeout = Duration::from_millis(300);
-        let comm = NcclCollective::new(&g, 0, 2, id, Some(timeout)).unwrap();
+        let init = Some(Duration::from_secs(3));
+        let comm = NcclCollective::with_init_timeout(&g, 0, 2, id, init, Some(timeout)).unwrap();
         // A blocking communicator would wait inside NCCL's first collective for the silent
         // peer's connections, where no timeout reaches (the emulator models NCCL's lazy
         // connections); a non-blocking one returns to be polled.
@@ -395,22 +398,25 @@ fn an_init_without_its_peer_times_out() {
 
 /// Dropping a non-blocking communicator finalizes it under a bound: one with a collective its
 /// peer never joined is aborted when the finalize has not finished within the limit, instead of
-/// the drop waiting on that peer (as `ncclCommDestroy` of a blocking communicator can). The peer
-/// learns of the abort at its next call.
+/// the drop waiting on that peer (as `ncclCommDestroy` of a blocking communicator can). The
+/// peer's next call then has no partner and fails.
 #[test]
 fn a_drop_with_a_collective_its_peer_never_joined_is_bounded() {
     if !several_ranks_fit_on_one_gpu() {
         return;
     }
     let id = new_unique_id().unwrap();
-    let limit = Duration::from_millis(300);
+    let limit = Duration::from_secs(3);
     let sum = partial_fc::ReduceOp::Sum;
     let (dropped, wait_for_drop) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
         let peer = s.spawn(move || {
             let g = CudaBackend::new(0).unwrap();
+            // A collective timeout, so that its last call fails through it where the abort
+            // does not reach it (NCCL's abort is local; the emulator's reaches every rank).
             let long = Some(Duration::from_secs(60));
-            let comm = NcclCollective::with_init_timeout(&g, 1, 2, id, long, None).unwrap();
+            let short = Some(Duration::from_millis(500));
+            let comm = NcclCollective::with_init_timeout(&g, 1, 2, id, long, short).unwrap();
             let mut buf = g.alloc::<f32>(8).unwrap();
             comm.all_reduce_f32(&g, &mut buf, 8, sum).unwrap();
             wait_for_drop.recv().unwrap();
@@ -434,7 +440,7 @@ fn a_drop_with_a_collective_its_peer_never_joined_is_bounded() {
         let peer = peer.join().unwrap();
         match peer {
             Err(partial_fc::PfcError::Collective(_)) => {}
-            other => panic!("the peer's next call must find the communicator aborted: {other:?}"),
+            other => panic!("the peer's next call has no partner and must fail: {other:?}"),
         }
         println!("drop with an unjoined collective: aborted after {waited:?}");
     });
@@ -697,7 +703,10 @@ fn a_rank_that_refuses_its_part_aborts_its_communicator() {
     std::thread::scope(|s| {
         let peer = s.spawn(move || {
             let g = CudaBackend::new(0).unwrap();
-            let comm = NcclCollective::new(&g, 1, 2, id, Some(Duration::from_millis(500))).unwrap();
+            // Its first collective's set-up is bounded by the longer timeout: keep both short.
+            let (init, timeout) = (Duration::from_secs(3), Duration::from_millis(500));
+            let comm =
+                NcclCollective::with_init_timeout(&g, 1, 2, id, Some(init), Some(timeout)).unwrap();
             let mut buf = g.alloc::<f32>(8).unwrap();
             comm.all_reduce_f32(&g, &mut buf, 8, partial_fc::ReduceOp::Sum)
         });

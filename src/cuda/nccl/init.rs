@@ -29,33 +29,100 @@ pub(super) const NONBLOCKING_SINCE: i32 = 21400;
 const CONFIG_LAYOUT_VERSION: u32 = 23000;
 
 /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: every other field left unset, so that NCCL
-/// (and its environment variables) choose them as for `ncclCommInitRank`.
-fn nonblocking_config() -> sys::ncclConfig_t {
+/// (and its environment variables) choose them as for `ncclCommInitRank`. NCCL copies `size`
+/// bytes, padding included, so the config is built in zeroed memory field by field and kept in
+/// a `MaybeUninit`, whose moves keep every byte (a typed move need not keep padding).
+fn nonblocking_config() -> std::mem::MaybeUninit<sys::ncclConfig_t> {
     // NCCL_CONFIG_UNDEF_INT and NCCL_CONFIG_UNDEF_PTR.
     const UNSET: c_int = c_int::MIN;
-    let null = std::ptr::null();
-    sys::ncclConfig_t {
-        size: std::mem::size_of::<sys::ncclConfig_t>(),
-        magic: 0xcafe_beef,
-        version: CONFIG_LAYOUT_VERSION,
-        blocking: 0,
-        cgaClusterSize: UNSET,
-        minCTAs: UNSET,
-        maxCTAs: UNSET,
-        netName: null,
-        splitShare: UNSET,
-        trafficClass: UNSET,
-        commName: null,
-        collnetEnable: UNSET,
-        CTAPolicy: UNSET,
-        shrinkShare: UNSET,
-        nvlsCTAs: UNSET,
-        nChannelsPerNetPeer: UNSET,
-        nvlinkCentricSched: UNSET,
-        graphUsageMode: UNSET,
-        numRmaCtx: UNSET,
-        maxP2pPeers: UNSET,
+    let mut config = std::mem::MaybeUninit::<sys::ncclConfig_t>::zeroed();
+    let c = config.as_mut_ptr();
+    // SAFETY: field writes into zeroed memory of the config's layout (integers and raw
+    // pointers, for which all-zero bytes are valid values), through a pointer to it.
+    unsafe {
+        (*c).size = std::mem::size_of::<sys::ncclConfig_t>();
+        (*c).magic = 0xcafe_beef;
+        (*c).version = CONFIG_LAYOUT_VERSION;
+        (*c).blocking = 0;
+        (*c).cgaClusterSize = UNSET;
+        (*c).minCTAs = UNSET;
+        (*c).maxCTAs = UNSET;
+        (*c).netName = std::ptr::null();
+        (*c).splitShare = UNSET;
+        (*c).trafficClass = UNSET;
+        (*c).commName = std::ptr::null();
+        (*c).collnetEnable = UNSET;
+        (*c).CTAPolicy = UNSET;
+        (*c).shrinkShare = UNSET;
+        (*c).nvlsCTAs = UNSET;
+        (*c).nChannelsPerNetPeer = UNSET;
+        (*c).nvlinkCentricSched = UNSET;
+        (*c).graphUsageMode = UNSET;
+        (*c).numRmaCtx = UNSET;
+        (*c).maxP2pPeers = UNSET;
     }
+    config
+}
+
+/// `NCCL_COMM_BLOCKING` as NCCL reads it: `Some(true)` for 1, `Some(false)` for 0, which
+/// override the config's `blocking` (and `ncclCommInitRank`'s default); `None` otherwise.
+pub(super) fn blocking_from_env() -> Option<bool> {
+    blocking_from(std::env::var("NCCL_COMM_BLOCKING").ok().as_deref())
+}
+
+fn blocking_from(value: Option<&str>) -> Option<bool> {
+    match value?.trim() {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// A communicator's state as `ncclCommGetAsyncError` reports it.
+#[derive(Debug, PartialEq)]
+pub(super) enum State {
+    Ready,
+    InProgress,
+    /// An asynchronous error, or a failed query, described.
+    Failed(String),
+}
+
+/// Queries a communicator's state. The code is read as an integer: cudarc's `ncclResult_t` is
+/// a Rust enum, and a code a later NCCL adds would not be a valid value of it.
+pub(super) fn comm_state(comm: sys::ncclComm_t) -> State {
+    let mut code: u32 = 0;
+    // SAFETY: a live communicator; NCCL writes one `ncclResult_t` (a C enum: 32 bits).
+    let query = unsafe {
+        sys::ncclCommGetAsyncError(comm, (&mut code as *mut u32).cast::<sys::ncclResult_t>())
+    };
+    if query != sys::ncclResult_t::ncclSuccess {
+        return State::Failed(format!("ncclCommGetAsyncError failed ({query:?})"));
+    }
+    const SUCCESS: u32 = sys::ncclResult_t::ncclSuccess as u32;
+    const IN_PROGRESS: u32 = sys::ncclResult_t::ncclInProgress as u32;
+    match code {
+        SUCCESS => State::Ready,
+        IN_PROGRESS => State::InProgress,
+        code => State::Failed(format!("NCCL reported {}", result_name(code))),
+    }
+}
+
+/// An NCCL result code's name (NCCL 2.30's list), or its number.
+fn result_name(code: u32) -> String {
+    const NAMES: [&str; 9] = [
+        "ncclSuccess",
+        "ncclUnhandledCudaError",
+        "ncclSystemError",
+        "ncclInternalError",
+        "ncclInvalidArgument",
+        "ncclInvalidUsage",
+        "ncclRemoteError",
+        "ncclInProgress",
+        "ncclTimeout",
+    ];
+    NAMES
+        .get(code as usize)
+        .map_or_else(|| format!("NCCL error {code}"), |n| n.to_string())
 }
 
 /// Why a non-blocking call did not settle.
@@ -76,29 +143,28 @@ pub(super) fn settle(
 ) -> std::result::Result<(), Unsettled> {
     let deadline = limit.map(crate::deadline::deadline_after);
     let mut pause = Duration::from_micros(20);
-    loop {
-        let mut state = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: a live communicator, polled from one thread at a time (the caller's).
-        let query = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
-        if query != sys::ncclResult_t::ncclSuccess {
-            return Err(Unsettled::Failed(format!(
-                "ncclCommGetAsyncError failed ({query:?})"
-            )));
-        }
-        match state {
-            sys::ncclResult_t::ncclSuccess => return Ok(()),
-            sys::ncclResult_t::ncclInProgress => {}
-            e => return Err(Unsettled::Failed(format!("NCCL reported {e:?}"))),
+    for poll in 0u32.. {
+        match comm_state(comm) {
+            State::Ready => return Ok(()),
+            State::InProgress => {}
+            State::Failed(e) => return Err(Unsettled::Failed(e)),
         }
         if let (Some(d), Some(limit)) = (deadline, limit) {
             if Instant::now() >= d {
                 return Err(Unsettled::TimedOut(limit));
             }
         }
-        std::thread::sleep(pause);
-        // A call in progress is waiting for peers (milliseconds to seconds): back off to 1 ms.
-        pause = (pause * 2).min(Duration::from_millis(1));
+        // NCCL may finish an ordinary collective's enqueue on a thread of its own (microseconds):
+        // yield first, as a sleep costs tens of microseconds; a call still in progress after
+        // that waits for peers (milliseconds to seconds): sleep, backing off to 1 ms.
+        if poll < 200 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
     }
+    unreachable!("the poll loop ends by returning")
 }
 
 /// Where the message for a creation that did not finish says what happened.
@@ -132,8 +198,9 @@ impl Join {
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is written by NCCL; the id is 128 valid bytes; the config is a whole
         // `ncclConfig_t` of the layout its `size` and `version` name, alive for the call.
-        let started =
-            unsafe { sys::ncclCommInitRankConfig(&mut comm, world, self.id, rank, &mut config) };
+        let started = unsafe {
+            sys::ncclCommInitRankConfig(&mut comm, world, self.id, rank, config.as_mut_ptr())
+        };
         let abort = |comm: sys::ncclComm_t| {
             if !comm.is_null() {
                 // SAFETY: a communicator this function made and nobody else holds.
@@ -228,11 +295,36 @@ pub(super) fn bind(ctx: &Arc<CudaContext>) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn nccl_comm_blocking_is_read_as_nccl_reads_it() {
+        assert_eq!(blocking_from(Some("1")), Some(true));
+        assert_eq!(blocking_from(Some("0")), Some(false));
+        for other in [None, Some(""), Some("yes"), Some("2")] {
+            assert_eq!(blocking_from(other), None, "{other:?}");
+        }
+    }
+
     /// The config NCCL_CONFIG_INITIALIZER would give, but non-blocking: NCCL refuses one whose
     /// magic or size is wrong, and reads `blocking` from the fourth field of every layout.
     #[test]
     fn the_config_is_an_initialized_nonblocking_one() {
-        let c = nonblocking_config();
+        let config = nonblocking_config();
+        // Every byte is defined, padding included (zero there).
+        // SAFETY: the MaybeUninit was zeroed whole, then fields were written.
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts(
+                config.as_ptr().cast::<u8>(),
+                std::mem::size_of::<sys::ncclConfig_t>(),
+            )
+        };
+        let last_field_end = std::mem::offset_of!(sys::ncclConfig_t, maxP2pPeers) + 4;
+        assert!(
+            bytes[last_field_end..].iter().all(|&b| b == 0),
+            "the tail padding NCCL copies is zero: {:?}",
+            &bytes[last_field_end..]
+        );
+        // SAFETY: as above; every field holds a valid value.
+        let c = unsafe { config.assume_init_ref() };
         assert_eq!(c.magic, 0xcafe_beef);
         assert_eq!(c.size, std::mem::size_of::<sys::ncclConfig_t>());
         assert_eq!(c.blocking, 0);

@@ -14,15 +14,17 @@
 //! longer of that timeout and [`NcclCollective::DEFAULT_INIT_TIMEOUT`], or as chosen).
 //!
 //! **Non-blocking communicators.** Some NCCL calls block the calling thread where no poll can
-//! reach them: the creation, and a communicator's first collectives, which make its connections
-//! and wait for every peer to make theirs. With a timeout and NCCL 2.14 or later the communicator
-//! is created non-blocking (`ncclCommInitRankConfig`, `blocking = 0`): those calls return at
-//! once, and each is polled to its end under the timeout (the creation under the init timeout),
-//! so a peer that dies between the creation and the first collective is an error, not a hang.
-//! Dropping it finalizes it first (`ncclCommFinalize`, polled under the timeout) and aborts it
-//! when that does not finish, so a drop does not wait on a dead peer either. NCCL's
-//! `NCCL_COMM_BLOCKING=1` makes it blocking again (the polls then find every call done). Without
-//! a timeout, or with an older NCCL, the communicator is a blocking one.
+//! reach them: the creation, and the calls that make connections (NCCL connects lazily, at the
+//! first use of each algorithm) and wait for every peer to make theirs. With a timeout and NCCL
+//! 2.14 or later the communicator is created non-blocking (`ncclCommInitRankConfig`,
+//! `blocking = 0`): those calls return at once and each is polled to its end, the creation under
+//! the init bound, a call's host-side set-up under the longer of the two timeouts (it waits for
+//! the slowest peer and takes seconds at scale), so a peer that dies between the creation and a
+//! first collective is an error, not a hang. Dropping it finalizes it first (`ncclCommFinalize`,
+//! which meets the node's other ranks, polled under that longer bound) and aborts it when that
+//! does not finish. `NCCL_COMM_BLOCKING` (0 or 1), which NCCL applies over any config, is read
+//! here too and chooses the kind. Without a timeout, or with an older NCCL, the communicator is
+//! a blocking one.
 //!
 //! **Finding libnccl**: see [`library`]; its functions are re-exported here.
 
@@ -51,7 +53,8 @@ pub struct NcclCollective {
     timeout: Option<Duration>,
     /// Created with `blocking = 0`: a call that returns `ncclInProgress` is polled to its end.
     nonblocking: bool,
-    /// Bounds the poll of a non-blocking call's set-up part, and of the finalize at drop.
+    /// Bounds the poll of a non-blocking call's host-side set-up, and of the finalize at drop:
+    /// the longer of the two timeouts (see `set_up_limit`).
     settle_limit: Option<Duration>,
     broken: std::sync::atomic::AtomicBool,
 }
@@ -150,8 +153,13 @@ impl NcclCollective {
             world_size,
             id: sys::ncclUniqueId { internal },
         };
-        let nonblocking = (init_timeout.is_some() || timeout.is_some())
-            && nccl_version()? >= init::NONBLOCKING_SINCE;
+        let nonblocking = match init::blocking_from_env() {
+            // NCCL_COMM_BLOCKING overrides the config in NCCL itself: a communicator made by
+            // ncclCommInitRankConfig would block in this thread without any bound, and one made
+            // by ncclCommInitRank would not block, unpolled.
+            Some(blocking) => !blocking,
+            None => init_timeout.is_some() || timeout.is_some(),
+        } && nccl_version()? >= init::NONBLOCKING_SINCE;
         let comm = if nonblocking {
             join.nonblocking(init_timeout)?
         } else {
@@ -165,7 +173,7 @@ impl NcclCollective {
             world_size,
             timeout,
             nonblocking,
-            settle_limit: timeout.or(init_timeout),
+            settle_limit: set_up_limit(init_timeout, timeout),
             broken: false.into(),
         })
     }
@@ -265,15 +273,10 @@ impl NcclCollective {
 
     /// NCCL's asynchronous error on the communicator (a failed query counts as one).
     fn async_error(&self) -> Option<String> {
-        let mut async_err = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: the communicator is alive for the duration of `self`.
-        let query = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
-        if query != sys::ncclResult_t::ncclSuccess {
-            return Some(format!("ncclCommGetAsyncError failed ({query:?})"));
+        match init::comm_state(self.comm) {
+            init::State::Failed(e) => Some(e),
+            init::State::Ready | init::State::InProgress => None,
         }
-        (async_err != sys::ncclResult_t::ncclSuccess
-            && async_err != sys::ncclResult_t::ncclInProgress)
-            .then(|| format!("NCCL reported {async_err:?}"))
     }
 
     fn enqueue(
@@ -288,8 +291,8 @@ impl NcclCollective {
     }
 
     /// Makes one NCCL call on the stream: an error aborts the communicator; a non-blocking
-    /// call is polled until NCCL has it on the stream (a first collective makes its
-    /// connections meanwhile, waiting for every peer), under the collective timeout.
+    /// call is polled until NCCL has it on the stream (a first use of an algorithm makes its
+    /// connections meanwhile, waiting for every peer), under the longer of the two timeouts.
     fn call(
         &self,
         what: &str,
@@ -298,12 +301,12 @@ impl NcclCollective {
         call(self.stream.cu_stream() as sys::cudaStream_t)
             .map_err(|e| self.abort(format!("{what}: {e:?}")))?;
         if self.nonblocking {
-            settle(self.comm, self.timeout).map_err(|why| {
+            settle(self.comm, self.settle_limit).map_err(|why| {
                 self.abort(match why {
                     Unsettled::Failed(e) => format!("{what}: {e}"),
                     Unsettled::TimedOut(t) => format!(
                         "{what}: no progress within {t:?} (a peer rank is missing or stuck: \
-                         NCCL was still setting the call up)"
+                         NCCL was still setting the call up, e.g. its connections)"
                     ),
                 })
             })?;
@@ -393,6 +396,7 @@ impl NcclCollective {
         recv: &mut CudaSlice<T>,
         dtype: sys::ncclDataType_t,
     ) -> Result<()> {
+        self.check_usable()?;
         let len = count.saturating_mul(self.world_size);
         need(send, len, "reduce_scatter send").map_err(|e| self.refuse_locally(e))?;
         need(recv, count, "reduce_scatter recv").map_err(|e| self.refuse_locally(e))?;
@@ -411,6 +415,18 @@ impl NcclCollective {
                 s,
             )
         })
+    }
+}
+
+/// What bounds the host-side set-up of a non-blocking call and the finalize at drop: the
+/// longer of the init bound and the collective timeout (either, when only one is given). The
+/// set-up waits for the slowest peer to reach the call and makes connections (seconds at
+/// scale), and the finalize meets the node's other ranks, so the short collective timeout, which
+/// is meant for a running collective, is not theirs.
+fn set_up_limit(init_timeout: Option<Duration>, timeout: Option<Duration>) -> Option<Duration> {
+    match (init_timeout, timeout) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
     }
 }
 
