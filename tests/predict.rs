@@ -874,3 +874,51 @@ fn predict_top_k_all_with_a_partial_row_is_refused_on_every_rank() {
         assert_eq!(after.unwrap(), 0, "rank {rank}: the group broke");
     }
 }
+
+/// A row of zeros (an empty document's embedding) has no direction: its prediction is empty
+/// (classes −1, scores −∞), the other rows' are what they would be without it, and the
+/// metrics count it as a miss, instead of the whole evaluation failing (an XMC user trial).
+/// The layer over ranks and the checkpoint files agree.
+#[test]
+fn a_zero_row_gets_an_empty_prediction_and_counts_as_a_miss() {
+    let weight = whole_weight(CLASSES);
+    let x = embeddings(&weight, BATCH);
+    let mut zeroed = x.clone();
+    zeroed[7 * DIM..8 * DIM].fill(0.0);
+    zeroed[7 * DIM] = -0.0;
+    let rows = [10, 10, 10];
+    let got = predict(3, CLASSES, &zeroed, 4, &rows);
+    let want = predict(3, CLASSES, &x, 4, &rows);
+    for r in 0..BATCH {
+        if r == 7 {
+            assert_eq!(got.row(r), &[-1; 4]);
+            assert!(got.scores[r * 4..(r + 1) * 4]
+                .iter()
+                .all(|&s| s == f32::NEG_INFINITY));
+        } else {
+            assert_eq!(got.row(r), want.row(r), "row {r}");
+        }
+    }
+    let truth: Vec<i64> = (0..BATCH).map(|r| want.row(r)[0]).collect();
+    let accuracy = got.top_accuracy(&truth).unwrap();
+    assert!((accuracy[0] - (BATCH - 1) as f64 / BATCH as f64).abs() < 1e-12);
+    let sets: Vec<[i64; 1]> = truth.iter().map(|&c| [c]).collect();
+    let metrics = got.ranking_metrics(&sets).unwrap();
+    assert!((metrics.precision[0] - accuracy[0]).abs() < 1e-12);
+    // The same from the checkpoint files, and over predict_top_k_all's chunks.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.safetensors");
+    let mut one = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
+    one.save(&path).unwrap();
+    let set = partial_fc::checkpoint::CheckpointSet::open(&[&path]).unwrap();
+    let from_files = set.predict_top_k(&zeroed, 4, &|_| {}).unwrap();
+    assert_eq!(from_files.classes, got.classes);
+    let chunked = one.predict_top_k_all(&zeroed, 4).unwrap();
+    assert_eq!(chunked.classes, got.classes);
+    // Training still refuses a zero row: it has no gradient direction.
+    let labels = vec![1i64; 10];
+    assert!(matches!(
+        one.forward_backward(&zeroed[..10 * DIM], &labels),
+        Err(PfcError::ZeroRow { row: 7 })
+    ));
+}

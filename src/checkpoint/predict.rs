@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::cpu::normalize::normalize_rows;
 use crate::cpu::top_k::{refuse_diverged, TOP_K_MAX};
 use crate::error::{PfcError, Result};
-use crate::layer::{row_error, Prediction};
+use crate::layer::{prediction_row_error, zero_rows, Prediction};
 use crate::plan::Dtype;
 use crate::CpuBackend;
 use rayon::prelude::*;
@@ -64,9 +64,10 @@ impl CheckpointSet {
     /// [`PfcError::Checkpoint`] when a rank's file is missing from the set or a stored value is
     /// not finite; [`PfcError::Param`] for `k` outside 1 ..= min([`TOP_K_MAX`], classes);
     /// [`PfcError::Shape`] when `embeddings` is not whole rows of `dim`;
-    /// [`PfcError::NonFinite`] for a NaN or infinite embedding value, [`PfcError::ZeroRow`] for
-    /// a row of zeros and [`PfcError::OutOfRange`] for a row whose sum of squares overflows f32
-    /// (each names its row); [`PfcError::Diverged`] for a stored center whose sum of squares
+    /// [`PfcError::NonFinite`] for a NaN or infinite embedding value and
+    /// [`PfcError::OutOfRange`] for a row whose sum of squares overflows f32 (each names its
+    /// row; a row of zeros is no error: it has no direction, so its prediction is empty,
+    /// classes −1 and scores −∞, a miss for the metrics); [`PfcError::Diverged`] for a stored center whose sum of squares
     /// overflows f32 (a diverged run: finite values, no direction).
     pub fn predict_top_k(
         &self,
@@ -125,12 +126,14 @@ impl CheckpointSet {
             )));
         }
         let rows = embeddings.len() / dim;
-        // The layer's own row check (with no wire rounding: the rows stay f32 here): a zero
-        // row has no direction, and a sum of squares that overflows would score NaN.
+        // The layer's own row check for prediction (with no wire rounding: the rows stay f32
+        // here): a sum of squares that overflows would score NaN. A row of zeros has no
+        // direction: it normalizes to zeros, scores 0 everywhere, and its prediction is emptied
+        // at the end.
         if let Some(err) = embeddings
             .par_chunks(dim)
             .enumerate()
-            .find_map_first(|(row, x)| row_error(row, x, Dtype::F32))
+            .find_map_first(|(row, x)| prediction_row_error(row, x, Dtype::F32))
         {
             return Err(err);
         }
@@ -206,6 +209,7 @@ impl CheckpointSet {
         // A stored center whose norm overflows f32 (finite values, a diverged run) scores NaN,
         // which the merge ranks first as NOT_FINITE_SCORE.
         refuse_diverged(&best.scores, &best.classes)?;
+        best.clear_rows(&zero_rows(embeddings, dim));
         Ok(best)
     }
 }
@@ -314,14 +318,15 @@ mod tests {
             set.predict_top_k(&bad, 1, &|_| {}),
             Err(PfcError::NonFinite { row: 1, .. })
         ));
-        // The layer's row checks: a zero row has no direction, and a row whose sum of squares
-        // overflows f32 would score NaN.
+        // The layer's row checks: a row whose sum of squares overflows f32 would score NaN; a
+        // zero row has no direction, so its prediction is empty, the other rows' unchanged.
         let mut zero = x.clone();
         zero[12..].fill(0.0);
-        assert!(matches!(
-            set.predict_top_k(&zero, 1, &|_| {}),
-            Err(PfcError::ZeroRow { row: 1 })
-        ));
+        let got = set.predict_top_k(&zero, 2, &|_| {}).unwrap();
+        let want = set.predict_top_k(&x, 2, &|_| {}).unwrap();
+        assert_eq!(got.row(0), want.row(0));
+        assert_eq!(got.row(1), &[-1, -1]);
+        assert_eq!(&got.scores[2..], &[f32::NEG_INFINITY; 2]);
         let mut huge = x.clone();
         huge[..12].fill(f32::MAX / 4.0);
         assert!(matches!(

@@ -89,6 +89,22 @@ pub(crate) fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> 
     None
 }
 
+/// [`row_error`] for a row to predict from: a row of zeros is no error there (it has no
+/// direction, so no class is nearest to it: its prediction is empty, see [`zero_rows`]).
+pub(crate) fn prediction_row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> {
+    row_error(row, x, wire).filter(|e| !matches!(e, PfcError::ZeroRow { .. }))
+}
+
+/// The rows of `embeddings` (`dim` values each) that are all zeros (−0.0 included).
+pub(crate) fn zero_rows(embeddings: &[f32], dim: usize) -> Vec<usize> {
+    embeddings
+        .par_chunks(dim.max(1))
+        .enumerate()
+        .filter(|(_, x)| x.iter().all(|&v| v == 0.0))
+        .map(|(row, _)| row)
+        .collect()
+}
+
 /// A NaN or infinite weight or optimizer state would reach every logit of its class and,
 /// through the softmax's normalizer, every row's gradient: refuse it where it enters.
 pub(super) fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Result<()> {

@@ -13,7 +13,7 @@ mod state;
 mod update;
 
 pub(crate) use agreement::{fnv1a_bits, Call};
-pub(crate) use checks::{row_error, storable};
+pub(crate) use checks::{prediction_row_error, storable, zero_rows};
 pub use predict::Prediction;
 pub use ranking::RankingMetrics;
 

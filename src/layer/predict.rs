@@ -8,7 +8,8 @@
 //! never held), then the ranks all-gather their k candidates per row and each merges those of
 //! its own rows.
 
-use super::{row_error, Call, PartialFc};
+use super::checks::{prediction_row_error, zero_rows};
+use super::{Call, PartialFc};
 use crate::backend::{Backend, Collective};
 use crate::cpu::top_k::{refuse_diverged, TOP_K_MAX};
 use crate::error::{PfcError, Result};
@@ -39,7 +40,9 @@ struct Scratch<B: Backend> {
 pub struct Prediction {
     /// Classes per row.
     pub k: usize,
-    /// `rows × k` global class ids, best first; ties go to the smaller id.
+    /// `rows × k` global class ids, best first; ties go to the smaller id. −1 in an empty slot:
+    /// every slot of a row of zeros (no direction, so no class is nearest to it), which the
+    /// metrics count as misses.
     pub classes: Vec<i64>,
     /// `rows × k` cosines between the normalized embedding and the normalized class centers
     /// (the training's scale and margins do not apply).
@@ -55,6 +58,16 @@ impl Prediction {
     /// Rows predicted.
     pub fn rows(&self) -> usize {
         self.classes.len() / self.k.max(1)
+    }
+
+    /// Empties the given rows' predictions (class −1, score −∞ in every slot): rows of zeros,
+    /// which have no direction and so no nearest class.
+    pub(crate) fn clear_rows(&mut self, rows: &[usize]) {
+        let k = self.k;
+        for &row in rows {
+            self.classes[row * k..(row + 1) * k].fill(-1);
+            self.scores[row * k..(row + 1) * k].fill(f32::NEG_INFINITY);
+        }
     }
 
     /// Checks what the metrics rely on (the fields are public, so a prediction may come from
@@ -174,8 +187,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// On every rank alike, with nothing changed: [`PfcError::Param`] for a `k` outside
     /// 1 ..= min(num_classes, `TOP_K_MAX`), [`PfcError::Shape`] for embeddings that are not
-    /// whole rows or more rows than `batch_per_rank`, a NaN/Inf or zero row (as
-    /// `forward_backward`), [`PfcError::Collective`] when a rank refused or made another call;
+    /// whole rows or more rows than `batch_per_rank`, a NaN/Inf row (as `forward_backward`; a
+    /// row of zeros, which training refuses, gets an empty prediction here: classes −1, scores
+    /// −∞), [`PfcError::Collective`] when a rank refused or made another call;
     /// [`PfcError::Diverged`] for a class center that is not finite. A collective or device
     /// error after the ranks agreed breaks the group.
     pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {
@@ -346,7 +360,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.mid_pass = false;
             return Err(diverged);
         }
-        Ok(Prediction { k, classes, scores })
+        let mut prediction = Prediction { k, classes, scores };
+        prediction.clear_rows(&zero_rows(embeddings, d));
+        Ok(prediction)
     }
 
     /// Every device buffer a prediction of `k` classes per row needs (called after
@@ -412,6 +428,6 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         embeddings
             .par_chunks(d.max(1))
             .enumerate()
-            .find_map_first(|(row, x)| row_error(row, x, wire))
+            .find_map_first(|(row, x)| prediction_row_error(row, x, wire))
     }
 }
