@@ -37,7 +37,7 @@ pub use config::{
 };
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
-pub use layer::{PartialFc, Prediction, RankingMetrics, StepOutput};
+pub use layer::{PartialFc, Prediction, PropensityMetrics, RankingMetrics, StepOutput};
 pub use shard::Shard;
 
 /// The README's Rust example, compiled and run as a doctest.

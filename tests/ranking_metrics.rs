@@ -250,3 +250,171 @@ fn merging_nothing_or_different_k_is_refused() {
         other => panic!("different k must be refused: {other:?}"),
     }
 }
+
+/// PSP@j and PSnDCG@j from their definitions: per row, the weighted hits (and their DCG) of the
+/// prediction and of the best ranking of the true classes (by weight, largest first, found by
+/// trying every order of a row's few labels), summed over rows, then divided.
+fn propensity_by_definition(
+    p: &Prediction,
+    sets: &[Vec<i64>],
+    inv: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let k = p.k;
+    let (mut num, mut den, mut nnum, mut nden) =
+        (vec![0.0; k], vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+    let gain = |i: usize| 1.0 / ((i + 2) as f64).log2();
+    for (row, set) in sets.iter().enumerate() {
+        let truth: std::collections::BTreeSet<i64> =
+            set.iter().copied().filter(|&c| c >= 0).collect();
+        if truth.is_empty() {
+            continue;
+        }
+        let truth: Vec<i64> = truth.into_iter().collect();
+        // Every order of the true classes: the best one's sums for each j.
+        let mut orders = vec![vec![]];
+        for &c in &truth {
+            orders = orders
+                .into_iter()
+                .flat_map(|o: Vec<i64>| {
+                    (0..=o.len()).map(move |at| {
+                        let mut o = o.clone();
+                        o.insert(at, c);
+                        o
+                    })
+                })
+                .collect();
+        }
+        for j in 1..=k {
+            let top = &p.row(row)[..j];
+            let hits: Vec<(usize, i64)> = top
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, c)| truth.contains(c))
+                .collect();
+            let idcg: f64 = (0..j.min(truth.len())).map(gain).sum();
+            num[j - 1] += hits.iter().map(|&(_, c)| inv[c as usize]).sum::<f64>() / j as f64;
+            nnum[j - 1] += hits
+                .iter()
+                .map(|&(i, c)| inv[c as usize] * gain(i))
+                .sum::<f64>()
+                / idcg;
+            let best = |score: &dyn Fn(&[i64]) -> f64| {
+                orders
+                    .iter()
+                    .map(|o| score(&o[..j.min(o.len())]))
+                    .fold(0.0f64, f64::max)
+            };
+            den[j - 1] += best(&|o| o.iter().map(|&c| inv[c as usize]).sum::<f64>()) / j as f64;
+            nden[j - 1] += best(&|o| {
+                o.iter()
+                    .enumerate()
+                    .map(|(i, &c)| inv[c as usize] * gain(i))
+                    .sum::<f64>()
+            }) / idcg;
+        }
+    }
+    let div = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| if *y > 0.0 { x / y } else { 0.0 })
+            .collect()
+    };
+    (div(num, den), div(nnum, nden))
+}
+
+#[test]
+fn propensity_scored_metrics_match_their_definitions() {
+    let mut rng = Rng::new(17);
+    let classes = 12u64;
+    for case in 0..40 {
+        let (rows, k) = (1 + case % 6, 1 + case % 5);
+        let p = random_prediction(&mut rng, rows, k, classes);
+        let inv: Vec<f64> = (0..classes)
+            .map(|_| 1.0 + rng.below(1000) as f64 / 100.0)
+            .collect();
+        let sets: Vec<Vec<i64>> = (0..rows)
+            .map(|_| {
+                // 0..4 labels, some repeated, some padding.
+                (0..rng.below(5))
+                    .map(|_| rng.below(classes + 1) as i64 - 1)
+                    .collect()
+            })
+            .collect();
+        let m = p.propensity_scored_metrics(&sets, &inv).unwrap();
+        let (psp, psndcg) = propensity_by_definition(&p, &sets, &inv);
+        let what = format!("case {case}");
+        assert_close(&format!("{what} psp"), &m.psp, &psp);
+        assert_close(&format!("{what} psndcg"), &m.psndcg, &psndcg);
+        for v in m.psp.iter().chain(&m.psndcg) {
+            assert!(
+                (0.0..=1.0 + 1e-12).contains(v),
+                "{what}: {v} outside [0, 1]"
+            );
+        }
+        // Unit weights: PSP@j is P@j over the best P@j a ranking could reach.
+        let ones = vec![1.0; classes as usize];
+        let unit = p.propensity_scored_metrics(&sets, &ones).unwrap();
+        let plain = p.ranking_metrics(&sets).unwrap();
+        for j in 0..k {
+            let reachable = unit.psp_ideal[j];
+            let want = if reachable > 0.0 {
+                plain.precision[j] / reachable
+            } else {
+                0.0
+            };
+            assert!((unit.psp[j] - want).abs() < 1e-12, "{what} j {j}");
+        }
+        // Merging any split gives the whole.
+        let cut = rng.below(rows as u64 + 1) as usize;
+        let part = |from: usize, to: usize| {
+            Prediction {
+                k,
+                classes: p.classes[from * k..to * k].to_vec(),
+                scores: p.scores[from * k..to * k].to_vec(),
+            }
+            .propensity_scored_metrics(&sets[from..to], &inv)
+            .unwrap()
+        };
+        let merged =
+            partial_fc::PropensityMetrics::merge(&[part(0, cut), part(cut, rows)]).unwrap();
+        assert_close(&format!("{what} merged psp"), &merged.psp, &m.psp);
+        assert_close(&format!("{what} merged psndcg"), &merged.psndcg, &m.psndcg);
+        assert_eq!(merged.rows, rows);
+    }
+}
+
+#[test]
+fn inverse_propensities_follow_the_published_model_and_bad_input_is_refused() {
+    use partial_fc::layer::inverse_propensities;
+    let (n, a, b) = (10_000u64, 0.55, 1.5);
+    let inv = inverse_propensities(&[0, 1, 10, 1000], n, a, b).unwrap();
+    let c = ((n as f64).ln() - 1.0) * (b + 1.0f64).powf(a);
+    for (count, got) in [0u64, 1, 10, 1000].iter().zip(&inv) {
+        // p = 1 / (1 + C e^(-A ln(N_l + B)))
+        let p = 1.0 / (1.0 + c * (-a * (*count as f64 + b).ln()).exp());
+        assert!(
+            (got - 1.0 / p).abs() < 1e-9,
+            "{count}: {got} vs {}",
+            1.0 / p
+        );
+    }
+    assert!(
+        inv.windows(2).all(|w| w[0] > w[1]),
+        "rarer is heavier: {inv:?}"
+    );
+    assert!(inverse_propensities(&[1], 2, a, b).is_err());
+    assert!(inverse_propensities(&[1], n, f64::NAN, b).is_err());
+    assert!(inverse_propensities(&[1], n, a, 0.0).is_err());
+    // A true class beyond the weights, or a weight below 1, is refused by the metrics.
+    let p = Prediction {
+        k: 1,
+        classes: vec![0],
+        scores: vec![0.5],
+    };
+    match p.propensity_scored_metrics([[3]], &[1.0, 1.0]) {
+        Err(PfcError::Shape(msg)) => assert!(msg.contains("true class 3"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(p.propensity_scored_metrics([[0]], &[0.5]).is_err());
+}

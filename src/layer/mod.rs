@@ -8,6 +8,7 @@ mod gather;
 mod memory;
 mod pass;
 mod predict;
+mod propensity;
 mod ranking;
 mod state;
 mod update;
@@ -15,6 +16,7 @@ mod update;
 pub(crate) use agreement::{fnv1a_bits, Call};
 pub(crate) use checks::{prediction_row_error, storable, zero_rows};
 pub use predict::Prediction;
+pub use propensity::{inverse_propensities, PropensityMetrics};
 pub use ranking::RankingMetrics;
 
 use crate::backend::{Backend, Collective, StateBuf};
