@@ -8,6 +8,8 @@
 //!   [`Collective`] (single rank, threads, NCCL).
 //! - [`plan`]: the per-GPU memory model and the upper bound on classes over cluster sizes.
 //! - [`cpu`]: the CPU backend, whose small kernels are the reference for the CUDA ones.
+//! - [`multi_label`]: several true classes per row (extreme multi-label classification):
+//!   [`PairBatch`] trains every (row, label) pair and sums the gradient back to the rows.
 #![warn(missing_docs)]
 
 mod atomic_file;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod golden;
 pub mod init;
 pub mod layer;
+pub mod multi_label;
 pub mod plan;
 pub mod rendezvous;
 pub mod rng;
@@ -38,6 +41,7 @@ pub use config::{
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
 pub use layer::{PartialFc, Prediction, PropensityMetrics, RankingMetrics, StepOutput};
+pub use multi_label::PairBatch;
 pub use shard::Shard;
 
 /// The README's Rust example, compiled and run as a doctest.

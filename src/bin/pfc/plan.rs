@@ -34,8 +34,8 @@ pub struct PlanArgs {
     /// (the output says so when a decimal unit is given).
     #[arg(long, allow_negative_numbers = true, value_name = "SIZE")]
     gpu_memory: Box<str>,
-    /// Images per GPU per step, N: the rows the layer sees (for multi-label data repeated once
-    /// per label, the (sample, label) pairs, not the samples).
+    /// Images per GPU per step, N: the layer's rows, so for multi-label data expanded one copy
+    /// per label (`multi_label::PairBatch`) count (row, label) pairs, not rows.
     #[arg(
         long,
         allow_negative_numbers = true,
