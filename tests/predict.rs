@@ -922,3 +922,144 @@ fn a_zero_row_gets_an_empty_prediction_and_counts_as_a_miss() {
         Err(PfcError::ZeroRow { row: 7 })
     ));
 }
+
+/// `pfc predict --train-labels FILE` prints PSP@j and PSnDCG@j with propensities from the
+/// training labels' counts: the same as the library's from those counts; a row of zeros is
+/// reported as an empty prediction; bad `--propensity` and missing test labels are refused.
+#[test]
+fn pfc_predict_prints_propensity_scored_metrics() {
+    use partial_fc::layer::inverse_propensities;
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("rank0.safetensors");
+    let layer = PartialFc::new(config(1, CLASSES), CpuBackend, SingleRank).unwrap();
+    layer.save(&ckpt).unwrap();
+    let mut x = embeddings(&layer.weight().unwrap(), BATCH);
+    x[..DIM].fill(0.0); // an empty document
+    let width = 3;
+    let labels: Vec<i64> = (0..BATCH)
+        .flat_map(|r| {
+            let own = ((r * 131 + 7) % CLASSES as usize) as i64;
+            // Its own class, a frequent one, and one beyond the classifier.
+            [own, 5, if r % 4 == 0 { CLASSES as i64 + 9 } else { -1 }]
+        })
+        .collect();
+    let input = dir.path().join("x.safetensors");
+    write_atomic(
+        &input,
+        &[
+            OutTensor::F32("embeddings", vec![BATCH, DIM], &x),
+            OutTensor::I64("labels", vec![BATCH, width], &labels),
+        ],
+        Default::default(),
+    )
+    .unwrap();
+    // Training labels: class 5 in every row (a repeat too), class r mod C in row r, padding.
+    let train_rows = 200usize;
+    let train: Vec<i64> = (0..train_rows)
+        .flat_map(|r| [5, (r % CLASSES as usize) as i64, 5, -1])
+        .collect();
+    let train_path = dir.path().join("train.safetensors");
+    write_atomic(
+        &train_path,
+        &[OutTensor::I64("labels", vec![train_rows, 4], &train)],
+        Default::default(),
+    )
+    .unwrap();
+    let out = dir.path().join("top.safetensors");
+    let pfc = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args(["predict", "--k", "3", "--quiet", "--force", "--embeddings"])
+            .arg(&input)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .arg(&ckpt)
+            .output()
+            .unwrap()
+    };
+    let train_arg = train_path.to_str().unwrap();
+    let done = pfc(&["--train-labels", train_arg, "--propensity", "0.6,2.6"]);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        stdout.contains("note: 1 row of zeros has no direction: no prediction, counted as a miss"),
+        "{stdout}"
+    );
+    // The library's numbers from the same counts (the class beyond the classifier: count 0).
+    let mut counts = vec![0u64; CLASSES as usize + 1];
+    for row in train.chunks(4) {
+        let mut set: Vec<i64> = row.iter().copied().filter(|&c| c >= 0).collect();
+        set.sort_unstable();
+        set.dedup();
+        for c in set {
+            counts[c as usize] += 1;
+        }
+    }
+    let inv = inverse_propensities(&counts, train_rows as u64, 0.6, 2.6).unwrap();
+    let remapped: Vec<i64> = labels
+        .iter()
+        .map(|&c| {
+            if c >= CLASSES as i64 {
+                CLASSES as i64
+            } else {
+                c
+            }
+        })
+        .collect();
+    let file = TensorFile::read(&out).unwrap();
+    let (classes, _) = file.i64("classes").unwrap().unwrap();
+    let p = Prediction {
+        k: 3,
+        scores: vec![0.0; classes.len()],
+        classes,
+    };
+    assert_eq!(p.row(0), &[-1, -1, -1], "the zero row");
+    let m = p
+        .propensity_scored_metrics(remapped.chunks(width), &inv)
+        .unwrap();
+    assert!(m.psp[0] > 0.0 && m.psp[0] < 1.0, "{m:?}");
+    for j in 0..3 {
+        let line = format!(
+            "PSP@{0}: {1:.2}%  PSnDCG@{0}: {2:.2}%",
+            j + 1,
+            100.0 * m.psp[j],
+            100.0 * m.psndcg[j]
+        );
+        assert!(stdout.contains(&line), "{line} not in {stdout}");
+    }
+    assert!(
+        stdout.contains("propensities from 200 training rows"),
+        "{stdout}"
+    );
+    // Refusals: a malformed --propensity, and --train-labels without test labels.
+    let bad = pfc(&["--train-labels", train_arg, "--propensity", "0.6"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("A,B expected"));
+    let unlabelled = dir.path().join("u.safetensors");
+    write_atomic(
+        &unlabelled,
+        &[OutTensor::F32("embeddings", vec![BATCH, DIM], &x)],
+        Default::default(),
+    )
+    .unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args([
+            "predict",
+            "--quiet",
+            "--train-labels",
+            train_arg,
+            "--embeddings",
+        ])
+        .arg(&unlabelled)
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("has no labels to score"), "{stderr}");
+}

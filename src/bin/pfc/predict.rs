@@ -31,6 +31,21 @@ pub struct PredictArgs {
     /// one; with it, the tensor must be there.
     #[arg(long)]
     labels: Option<String>,
+    /// Safetensors file of the training set's labels (an I64 tensor `labels`, `[rows]` or
+    /// `[rows, width]` padded with -1): their counts give each class's propensity, and the
+    /// propensity-scored PSP@j and PSnDCG@j are printed beside the other metrics (extreme
+    /// classification's measure of the rare labels).
+    #[arg(long, value_name = "FILE")]
+    train_labels: Option<PathBuf>,
+    /// The propensity model's A,B (Jain et al. 2016): 0.55,1.5 in general; 0.5,0.4 for
+    /// Wikipedia-LSHTC; 0.6,2.6 for Amazon.
+    #[arg(
+        long,
+        value_name = "A,B",
+        default_value = "0.55,1.5",
+        requires = "train_labels"
+    )]
+    propensity: String,
     /// Classes per row, 1 to 256 (TOP_K_MAX) and at most the classifier's classes.
     #[arg(long, default_value_t = 5)]
     k: usize,
@@ -72,6 +87,14 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     if let Some(out) = &args.out {
         refuse_out(out, &args)?;
     }
+    let train = match &args.train_labels {
+        Some(path) => Some(TrainCounts::read(
+            path,
+            &args.propensity,
+            set.num_classes(),
+        )?),
+        None => None,
+    };
     let scorer = Scorer::new(args.backend).map_err(|e| e.to_string())?;
     let file = TensorFile::read(&args.embeddings).map_err(|e| e.to_string())?;
     let (x, shape) = file
@@ -110,6 +133,12 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         }
         None => None,
     };
+    if train.is_some() && labels.is_none() {
+        return Err(format!(
+            "--train-labels: {} has no labels to score (a tensor `labels`, or --labels NAME)",
+            args.embeddings.display()
+        ));
+    }
     println!(
         "{} against {} (d = {dim}, step {}, {}), k = {}",
         plural(rows as u64, "row", "rows"),
@@ -134,6 +163,15 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
     let prediction = scorer.predict(&set, &x, args.k, &progress);
     bar.finish_and_clear();
     let prediction = prediction.map_err(|e| e.to_string())?;
+    let empty = (0..rows).filter(|&r| prediction.row(r)[0] < 0).count();
+    if empty > 0 {
+        println!(
+            "note: {} of zeros {} no direction: no prediction, counted as {}",
+            plural(empty as u64, "row", "rows"),
+            if empty == 1 { "has" } else { "have" },
+            if empty == 1 { "a miss" } else { "misses" }
+        );
+    }
     match &labels {
         Some(_) if rows == 0 => println!("no rows: no accuracy to report"),
         Some((labels, Some(width))) => {
@@ -173,6 +211,9 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
                     100.0 * m.recall[j]
                 );
             }
+            if let Some(train) = &train {
+                train.print(&prediction, labels.chunks(*width), set.num_classes())?;
+            }
         }
         Some((labels, None)) => {
             let outside = labels
@@ -195,6 +236,9 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
             let accuracy = prediction.top_accuracy(labels).map_err(|e| e.to_string())?;
             for (j, a) in accuracy.iter().enumerate() {
                 println!("top-{} accuracy: {:.2}%", j + 1, 100.0 * a);
+            }
+            if let Some(train) = &train {
+                train.print(&prediction, labels.chunks(1), set.num_classes())?;
             }
         }
         None => {}
@@ -285,5 +329,136 @@ impl Scorer {
             #[cfg(feature = "cuda")]
             Scorer::Cuda(cuda) => set.predict_top_k_on(cuda.as_ref(), x, k, progress),
         }
+    }
+}
+
+/// The training set's label counts, for the propensity-scored metrics (`--train-labels`).
+struct TrainCounts {
+    /// Training rows with each class, indexed by class (a class listed twice in a row once).
+    counts: Vec<u64>,
+    rows: u64,
+    a: f64,
+    b: f64,
+    path: PathBuf,
+}
+
+impl TrainCounts {
+    /// Reads `labels` (I64, `[rows]` or `[rows, width]`, -1 padding) from `path`, counting the
+    /// classes of the classifier (`num_classes`; others cannot be predicted and are counted
+    /// as unseen when a test row has them), and parses `--propensity A,B`.
+    fn read(path: &Path, propensity: &str, num_classes: u64) -> Result<TrainCounts, String> {
+        let parse = |t: &str| t.trim().parse::<f64>().ok().filter(|v| v.is_finite());
+        let (a, b) = match propensity.split_once(',') {
+            Some((a, b)) => match (parse(a), parse(b)) {
+                (Some(a), Some(b)) => (a, b),
+                _ => {
+                    return Err(format!(
+                        "--propensity {propensity}: A,B must be two numbers"
+                    ))
+                }
+            },
+            None => {
+                return Err(format!(
+                    "--propensity {propensity}: A,B expected (e.g. 0.55,1.5)"
+                ))
+            }
+        };
+        let file = TensorFile::read(path).map_err(|e| e.to_string())?;
+        let (labels, shape) = file
+            .require("labels", file.i64("labels"))
+            .map_err(|e| e.to_string())?;
+        let width = match shape[..] {
+            [_] => 1,
+            [_, w] if w > 0 => w,
+            _ => {
+                return Err(format!(
+                    "{}: tensor labels has shape {shape:?}; [rows] or [rows, width] expected",
+                    path.display()
+                ))
+            }
+        };
+        let classes = usize::try_from(num_classes)
+            .map_err(|_| "too many classes for a propensity table".to_string())?;
+        let mut counts: Vec<u64> = Vec::new();
+        counts
+            .try_reserve_exact(classes)
+            .map_err(|_| format!("no memory for a propensity table of {classes} classes"))?;
+        counts.resize(classes, 0);
+        for row in labels.chunks(width) {
+            let mut set: Vec<i64> = row
+                .iter()
+                .copied()
+                .filter(|&c| c >= 0 && (c as u64) < num_classes)
+                .collect();
+            set.sort_unstable();
+            set.dedup();
+            for c in set {
+                counts[c as usize] += 1;
+            }
+        }
+        let rows = (labels.len() / width) as u64;
+        // The parameters are checked now, not after the scoring.
+        partial_fc::layer::inverse_propensities(&[], rows, a, b)
+            .map_err(|e| format!("--train-labels {} / --propensity: {e}", path.display()))?;
+        Ok(TrainCounts {
+            counts,
+            rows,
+            a,
+            b,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Prints PSP@j and PSnDCG@j of `prediction` against `label_sets`. A true class beyond
+    /// the classifier (which no prediction can find) still weighs in the best ranking: each
+    /// such class gets an id of its own after the classifier's, with the propensity of a class
+    /// the training set never had.
+    fn print<'a>(
+        &self,
+        prediction: &partial_fc::Prediction,
+        label_sets: impl Iterator<Item = &'a [i64]> + Clone,
+        num_classes: u64,
+    ) -> Result<(), String> {
+        let mut beyond: Vec<i64> = label_sets
+            .clone()
+            .flatten()
+            .copied()
+            .filter(|&c| c >= 0 && c as u64 >= num_classes)
+            .collect();
+        beyond.sort_unstable();
+        beyond.dedup();
+        let remapped: Vec<Vec<i64>> = label_sets
+            .map(|set| {
+                set.iter()
+                    .map(|&c| match beyond.binary_search(&c) {
+                        Ok(i) => (self.counts.len() + i) as i64,
+                        Err(_) => c,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut counts = self.counts.clone();
+        counts.resize(self.counts.len() + beyond.len(), 0);
+        let inv = partial_fc::layer::inverse_propensities(&counts, self.rows, self.a, self.b)
+            .map_err(|e| e.to_string())?;
+        let m = prediction
+            .propensity_scored_metrics(&remapped, &inv)
+            .map_err(|e| e.to_string())?;
+        println!(
+            "propensities from {} training rows of {} (A = {}, B = {})",
+            self.rows,
+            self.path.display(),
+            self.a,
+            self.b
+        );
+        for j in 0..prediction.k {
+            println!(
+                "PSP@{0}: {1:.2}%  PSnDCG@{0}: {2:.2}%",
+                j + 1,
+                100.0 * m.psp[j],
+                100.0 * m.psndcg[j]
+            );
+        }
+        Ok(())
     }
 }
