@@ -40,7 +40,9 @@ pub use config::{
 };
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
-pub use layer::{PartialFc, Prediction, PropensityMetrics, RankingMetrics, StepOutput};
+pub use layer::{
+    inverse_propensities, PartialFc, Prediction, PropensityMetrics, RankingMetrics, StepOutput,
+};
 pub use multi_label::PairBatch;
 pub use shard::Shard;
 

@@ -118,7 +118,9 @@ fn bad_shapes_are_typed_errors() {
 #[test]
 fn an_expanded_batch_too_large_to_allocate_is_an_error_not_an_abort() {
     // One row of 2^24 values and 2^22 distinct labels: 2^46 values, 256 TiB, more than a
-    // 47-bit address space holds (inputs: 64 MiB + 32 MiB).
+    // 47-bit address space holds (inputs: 64 MiB + 32 MiB), and more than Linux's default
+    // (heuristic) overcommit grants in one allocation on any machine with less memory and swap
+    // than that; only `vm.overcommit_memory = 1` on a 57-bit machine would let it through.
     let dim = 1usize << 24;
     let x = vec![1.0f32; dim];
     let labels: Vec<i64> = (0..1i64 << 22).collect();
@@ -346,4 +348,48 @@ fn multi_label_training_ranks_held_out_labels_above_chance() {
         after.precision[0]
     );
     assert!(after.ndcg[4] > before.ndcg[4] + 0.05);
+}
+
+/// Two ranks with uneven numbers of copies (one rank's rows have labels only on one side, and
+/// two rows none at all) train as one rank with all the rows: the same loss (the mean over
+/// every rank's copies) and the same folded gradients, to rounding.
+#[test]
+fn ranks_with_uneven_copies_train_as_one_rank() {
+    use partial_fc::collective::ThreadGroup;
+    use partial_fc::Collective;
+    let d = 4;
+    let config = || {
+        let mut c = LayerConfig::new(10, d, 8);
+        c.sample_rate = 1.0;
+        c.margin = Margin::combined(30.0, 1.0, 0.0, 0.0);
+        c
+    };
+    let x: Vec<f32> = (0..4 * d)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
+    let sets: Vec<Vec<i64>> = vec![vec![1, 2, 3], vec![4], vec![-1], vec![-1]];
+    let whole = PairBatch::new(&x, d, &sets).unwrap();
+    let mut one = PartialFc::new(config(), CpuBackend, SingleRank).unwrap();
+    let want = whole.forward_backward(&mut one).unwrap();
+    let got = ThreadGroup::run(2, |comm| {
+        let r = comm.rank();
+        let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
+        let mine =
+            PairBatch::new(&x[r * 2 * d..(r + 1) * 2 * d], d, &sets[r * 2..(r + 1) * 2]).unwrap();
+        assert_eq!(mine.len(), if r == 0 { 4 } else { 0 });
+        let out = mine.forward_backward(&mut layer).unwrap();
+        (out.loss, out.grad_embeddings)
+    });
+    let grads: Vec<f32> = got.iter().flat_map(|g| g.1.clone()).collect();
+    assert_eq!(grads.len(), want.grad_embeddings.len());
+    for (a, b) in grads.iter().zip(&want.grad_embeddings) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert!(
+        grads[2 * d..].iter().all(|&g| g == 0.0),
+        "rows without labels: zero"
+    );
+    for (loss, _) in &got {
+        assert!((loss - want.loss).abs() < 1e-5, "{loss} vs {}", want.loss);
+    }
 }

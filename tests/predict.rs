@@ -1063,3 +1063,50 @@ fn pfc_predict_prints_propensity_scored_metrics() {
     assert!(!refused.status.success());
     assert!(stderr.contains("has no labels to score"), "{stderr}");
 }
+
+/// Every row zero, one rank's rows all zero, and a row a 16-bit wire rounds to zeros: all get
+/// empty predictions (the last reaches the layer as zeros, as an exact zero row does), from the
+/// layer and from the checkpoint files; the other rank's rows are predicted as usual.
+#[test]
+fn rows_that_arrive_as_zeros_get_empty_predictions_everywhere() {
+    let d = 8;
+    let mut cfg = LayerConfig::new(20, d, 4);
+    cfg.wire = partial_fc::plan::Dtype::F16;
+    let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    let zeros = vec![0.0f32; 4 * d];
+    let p = layer.predict_top_k(&zeros, 20).unwrap();
+    assert!(p.classes.iter().all(|&c| c == -1));
+    assert!((0..4).all(|r| p.is_empty_row(r)));
+    let p = layer.predict_top_k_all(&vec![0.0f32; 9 * d], 3).unwrap();
+    assert_eq!(p.classes.len(), 27);
+    assert!(p.classes.iter().all(|&c| c == -1));
+    let m = p.ranking_metrics(vec![vec![1i64, 2]; 9]).unwrap();
+    assert_eq!(m.precision, vec![0.0; 3]);
+    // 1e-30 is zero in f16: the row reaches the layer as zeros.
+    let mut tiny: Vec<f32> = (0..4 * d).map(|i| 1.0 + i as f32).collect();
+    tiny[..d].fill(1e-30);
+    let p = layer.predict_top_k(&tiny, 2).unwrap();
+    assert!(p.is_empty_row(0) && !p.is_empty_row(1), "{:?}", p.classes);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.safetensors");
+    layer.save(&path).unwrap();
+    let set = partial_fc::checkpoint::CheckpointSet::open(&[&path]).unwrap();
+    let p = set.predict_top_k(&zeros, 5, &|_| {}).unwrap();
+    assert!(p.classes.iter().all(|&c| c == -1));
+    assert!(p.scores.iter().all(|&s| s == f32::NEG_INFINITY));
+    // From the files the rows stay f32: 1e-30 has a direction there.
+    let p = set.predict_top_k(&tiny, 2, &|_| {}).unwrap();
+    assert!(!p.is_empty_row(0));
+    let got = ThreadGroup::run(2, move |comm| {
+        let rank = comm.rank();
+        let mut layer = PartialFc::new(LayerConfig::new(20, d, 4), CpuBackend, comm).unwrap();
+        let x: Vec<f32> = if rank == 0 {
+            vec![0.0; 3 * d]
+        } else {
+            (0..3 * d).map(|i| i as f32 + 1.0).collect()
+        };
+        layer.predict_top_k(&x, 4).unwrap()
+    });
+    assert!(got[0].classes.iter().all(|&c| c == -1));
+    assert!(got[1].classes.iter().all(|&c| c >= 0));
+}

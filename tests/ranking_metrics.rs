@@ -246,7 +246,10 @@ fn merging_nothing_or_different_k_is_refused() {
         .ranking_metrics(&sets)
         .unwrap();
     match partial_fc::RankingMetrics::merge(&[two, three]) {
-        Err(PfcError::Shape(msg)) => assert!(msg.contains("k = 3 and k = 2"), "{msg}"),
+        Err(PfcError::Shape(msg)) => assert!(
+            msg.contains("3, 3 and 3 values (precision, nDCG, recall) and of k = 2"),
+            "{msg}"
+        ),
         other => panic!("different k must be refused: {other:?}"),
     }
 }
@@ -403,6 +406,18 @@ fn inverse_propensities_follow_the_published_model_and_bad_input_is_refused() {
         inv.windows(2).all(|w| w[0] > w[1]),
         "rarer is heavier: {inv:?}"
     );
+    // Pinned, from an independent computation (Python's math module): with B = 1.5 a class
+    // seen once weighs exactly ln N, whatever A.
+    let pinned = [
+        11.873715704849316,
+        9.210340371976185,
+        4.546862514240743,
+        1.3039975909986996,
+    ];
+    for (got, want) in inv.iter().zip(pinned) {
+        assert!((got - want).abs() < 1e-12 * want, "{got} vs {want}");
+    }
+    assert!((inv[1] - (n as f64).ln()).abs() < 1e-12);
     assert!(inverse_propensities(&[1], 2, a, b).is_err());
     assert!(inverse_propensities(&[1], n, f64::NAN, b).is_err());
     assert!(inverse_propensities(&[1], n, a, 0.0).is_err());
@@ -416,5 +431,8 @@ fn inverse_propensities_follow_the_published_model_and_bad_input_is_refused() {
         Err(PfcError::Shape(msg)) => assert!(msg.contains("true class 3"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    assert!(p.propensity_scored_metrics([[0]], &[0.5]).is_err());
+    assert!(matches!(
+        p.propensity_scored_metrics([[0]], &[0.5]),
+        Err(PfcError::Param { .. })
+    ));
 }

@@ -364,7 +364,7 @@ fn pfc_reshard_merges_a_run_and_refuses_an_incomplete_one() {
     let stdout = String::from_utf8_lossy(&grown.stdout);
     assert!(grown.status.success(), "{stdout}");
     assert!(
-        stdout.contains("growing the classifier to 1100 classes: 97 new, from class 1003 on"),
+        stdout.contains("grew the classifier to 1100 classes: 97 new, from class 1003 on"),
         "{stdout}"
     );
     let set = CheckpointSet::open(&[
@@ -778,7 +778,7 @@ fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() 
             .forward_backward(&x[r0 * DIM..r1 * DIM], &labels[r0..r1])
             .unwrap();
         layer.step(0.5).unwrap();
-        (state, out.loss)
+        (state, out.loss, layer.weight().unwrap())
     });
     let weight: Vec<f32> = loaded.iter().flat_map(|p| p.0 .0.clone()).collect();
     let momentum: Vec<f32> = loaded.iter().flat_map(|p| p.0 .1.clone()).collect();
@@ -803,6 +803,15 @@ fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() 
         "new classes start without momentum"
     );
     assert!(loaded[0].1.is_finite());
+    // The new classes trained on: the rows of the new labels moved.
+    let after: Vec<f32> = loaded.iter().flat_map(|p| p.2.clone()).collect();
+    let moved = (0..50)
+        .filter(|i| {
+            let row = (CLASSES as usize + i) * DIM;
+            after[row..row + DIM] != weight[row..row + DIM]
+        })
+        .count();
+    assert!(moved > 0, "no new class moved");
 }
 
 /// Growing refuses to shrink, a world size the grown classifier cannot be split over, and files
@@ -852,4 +861,78 @@ fn growth_that_cannot_be_done_is_refused_before_any_write() {
     }
     assert!(!out.exists(), "nothing written");
     partial_fc::checkpoint::reshard_grown(&[&old], 1, None, &out, &|_| {}).unwrap();
+}
+
+/// Growth where a rank's shard holds only new classes (10 to 40 classes over 4 ranks), grown
+/// again at another world size (40 to 41 over 3), and where a 2^24-value read block starts in
+/// the middle of a new row (d = 3): the result equals a fresh layer of the grown size wherever
+/// the classes are new, and the old rows are exact.
+#[test]
+fn growth_with_ranks_of_only_new_classes_and_blocks_starting_mid_row_is_exact() {
+    let weights_only = |classes: u64, d: usize| {
+        let mut c = LayerConfig::new(classes, d, 2);
+        c.optimizer = None;
+        c
+    };
+    let fresh = |classes: u64, d: usize| {
+        PartialFc::new(weights_only(classes, d), CpuBackend, SingleRank)
+            .unwrap()
+            .weight()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = 5;
+    let old = dir.path().join("old.safetensors");
+    PartialFc::new(weights_only(10, d), CpuBackend, SingleRank)
+        .unwrap()
+        .save(&old)
+        .unwrap();
+    let grown =
+        partial_fc::checkpoint::reshard_grown(&[&old], 4, Some(40), &dir.path().join("g"), &|_| {})
+            .unwrap();
+    let got = ThreadGroup::run(4, |comm| {
+        let mut layer = PartialFc::zeroed(weights_only(40, d), CpuBackend, comm).unwrap();
+        layer.load_resharded(&grown).unwrap();
+        layer.weight().unwrap()
+    })
+    .concat();
+    assert_eq!(got, fresh(40, d), "old rows are the fresh layer's too here");
+    let again =
+        partial_fc::checkpoint::reshard_grown(&grown, 3, Some(41), &dir.path().join("h"), &|_| {})
+            .unwrap();
+    let mut layer = PartialFc::zeroed(weights_only(41, d), CpuBackend, SingleRank).unwrap();
+    layer.load_resharded(&again).unwrap();
+    assert_eq!(layer.weight().unwrap(), fresh(41, d));
+
+    // d = 3: 5,592,000 classes hold 16,776,000 values, just under 2^24; the block after it
+    // starts at value 2^24, row 5,592,405, column 1, among the new classes.
+    let (d, old_classes, new_classes) = (3, 5_592_000u64, 5_593_000u64);
+    let mut layer =
+        PartialFc::zeroed(weights_only(old_classes, d), CpuBackend, SingleRank).unwrap();
+    let trained: Vec<f32> = (0..old_classes as usize * d)
+        .map(|i| 1.0 + (i % 1000) as f32 * 1e-3)
+        .collect();
+    layer.set_weight(&trained).unwrap();
+    let big = dir.path().join("big.safetensors");
+    layer.save(&big).unwrap();
+    drop(layer);
+    let grown = partial_fc::checkpoint::reshard_grown(
+        &[&big],
+        1,
+        Some(new_classes),
+        &dir.path().join("big-grown"),
+        &|_| {},
+    )
+    .unwrap();
+    let mut layer =
+        PartialFc::zeroed(weights_only(new_classes, d), CpuBackend, SingleRank).unwrap();
+    layer.load_resharded(&grown).unwrap();
+    let got = layer.weight().unwrap();
+    drop(layer);
+    assert!(got[..trained.len()] == trained[..], "old rows exact");
+    let fresh = fresh(new_classes, d);
+    assert!(
+        got[trained.len()..] == fresh[trained.len()..],
+        "new rows fresh"
+    );
 }

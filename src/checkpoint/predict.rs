@@ -209,7 +209,7 @@ impl CheckpointSet {
         // A stored center whose norm overflows f32 (finite values, a diverged run) scores NaN,
         // which the merge ranks first as NOT_FINITE_SCORE.
         refuse_diverged(&best.scores, &best.classes)?;
-        best.clear_rows(&zero_rows(embeddings, dim));
+        best.clear_rows(&zero_rows(embeddings, dim, Dtype::F32));
         Ok(best)
     }
 }

@@ -526,9 +526,11 @@ impl CheckpointSet {
     /// least the run's: the run's classes keep their weights and optimizer state, and each new
     /// class `c` (ids from the run's class count on) gets the weights a fresh layer of the
     /// run's seed gives class `c` (N(0, 0.01) keyed by seed and class id, as
-    /// [`PartialFc::new`](crate::PartialFc::new) draws them) and zero optimizer state, as if
-    /// it had never been sampled. So a classifier grows when a dataset adds identities or
-    /// labels (appended after the old ids), without losing what was trained.
+    /// [`PartialFc::new`](crate::PartialFc::new) draws them) and zero optimizer state. So a
+    /// classifier grows when a dataset adds identities or labels (appended after the old ids),
+    /// without losing what was trained. Under AdamW the bias correction counts the run's
+    /// updates, so a new class's first steps are not damped as a fresh run's are: see
+    /// docs/distributed.md ("Growing the classifier") for a lower first learning rate.
     ///
     /// # Errors
     ///

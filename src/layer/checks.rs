@@ -89,18 +89,37 @@ pub(crate) fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> 
     None
 }
 
-/// [`row_error`] for a row to predict from: a row of zeros is no error there (it has no
-/// direction, so no class is nearest to it: its prediction is empty, see [`zero_rows`]).
+/// [`row_error`] for a row to predict from: a row that arrives as zeros (all zeros, or all
+/// rounded to zero by a 16-bit wire) is no error there: it has no direction, so no class is
+/// nearest to it and its prediction is empty (see [`zero_rows`]).
 pub(crate) fn prediction_row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> {
-    row_error(row, x, wire).filter(|e| !matches!(e, PfcError::ZeroRow { .. }))
+    if arrives_as_zeros(x, wire) {
+        return None;
+    }
+    row_error(row, x, wire)
 }
 
-/// The rows of `embeddings` (`dim` values each) that are all zeros (−0.0 included).
-pub(crate) fn zero_rows(embeddings: &[f32], dim: usize) -> Vec<usize> {
+/// Whether a row reaches the layer as zeros: all its values are zero (−0.0 included), or the
+/// wire rounds every one of them to zero (rounding is monotonic in magnitude, so the largest
+/// decides).
+fn arrives_as_zeros(x: &[f32], wire: Dtype) -> bool {
+    // (`f32::max` skips a NaN: such a row is not zeros, and `row_error` names it.)
+    if x.iter().any(|v| v.is_nan()) {
+        return false;
+    }
+    let largest = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    largest == 0.0
+        || (wire != Dtype::F32
+            && crate::cpu::wire::from_wire(crate::cpu::wire::to_wire(largest, wire), wire) == 0.0)
+}
+
+/// The rows of `embeddings` (`dim` values each) that reach the layer as zeros over `wire`
+/// (every value zero, or rounded to zero by a 16-bit wire): their predictions are emptied.
+pub(crate) fn zero_rows(embeddings: &[f32], dim: usize, wire: Dtype) -> Vec<usize> {
     embeddings
         .par_chunks(dim.max(1))
         .enumerate()
-        .filter(|(_, x)| x.iter().all(|&v| v == 0.0))
+        .filter(|(_, x)| arrives_as_zeros(x, wire))
         .map(|(row, _)| row)
         .collect()
 }

@@ -41,8 +41,9 @@ pub struct Prediction {
     /// Classes per row.
     pub k: usize,
     /// `rows × k` global class ids, best first; ties go to the smaller id. −1 in an empty slot:
-    /// every slot of a row of zeros (no direction, so no class is nearest to it), which the
-    /// metrics count as misses.
+    /// every slot of a row of zeros (no direction, so no class is nearest to it; also a row a
+    /// 16-bit wire rounds to zeros), which the metrics count as misses
+    /// ([`is_empty_row`](Self::is_empty_row)).
     pub classes: Vec<i64>,
     /// `rows × k` cosines between the normalized embedding and the normalized class centers
     /// (the training's scale and margins do not apply).
@@ -58,6 +59,13 @@ impl Prediction {
     /// Rows predicted.
     pub fn rows(&self) -> usize {
         self.classes.len() / self.k.max(1)
+    }
+
+    /// Whether row `row`'s prediction is empty (class −1 in its first slot): a row of zeros,
+    /// which has no direction and so no nearest class. Check it before using a row's classes as
+    /// indices (an index of −1 would panic, or in NumPy wrap to the last class).
+    pub fn is_empty_row(&self, row: usize) -> bool {
+        self.row(row).first().is_some_and(|&c| c < 0)
     }
 
     /// Empties the given rows' predictions (class −1, score −∞ in every slot): rows of zeros,
@@ -361,7 +369,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             return Err(diverged);
         }
         let mut prediction = Prediction { k, classes, scores };
-        prediction.clear_rows(&zero_rows(embeddings, d));
+        prediction.clear_rows(&zero_rows(embeddings, d, self.config.wire));
         Ok(prediction)
     }
 

@@ -25,8 +25,9 @@ use crate::error::{PfcError, Result};
 ///
 /// # Errors
 ///
-/// [`PfcError::Param`] for fewer than 3 training rows (ln N − 1 would not be positive), `a` or
-/// `b` not finite or `b` ≤ 0 (with `b` > 0 a class of no training rows has a finite weight).
+/// [`PfcError::Param`] for fewer than 3 training rows (ln N − 1 would not be positive), `a`
+/// negative or not finite, `b` not finite or ≤ 0 (with `b` > 0 a class of no training rows has
+/// a finite weight).
 pub fn inverse_propensities(
     label_counts: &[u64],
     train_rows: u64,
@@ -55,6 +56,7 @@ pub fn inverse_propensities(
 
 /// Propensity-scored metrics for j = 1 ..= k (element j − 1 of each).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PropensityMetrics {
     /// PSP@j: the rows' mean of Σ over the first j predictions of `1/p` for each true class,
     /// over j, divided by the same mean for the best ranking of each row's true classes (those
@@ -67,6 +69,8 @@ pub struct PropensityMetrics {
     pub psp_ideal: Vec<f64>,
     /// The rows' mean PSnDCG@j of the best ranking.
     pub psndcg_ideal: Vec<f64>,
+    /// Rows with at least one true class (the others add 0 to numerator and ideal alike).
+    pub rows_with_labels: usize,
     /// Rows the means are over (with labels or not): the weight in [`merge`](Self::merge).
     pub rows: usize,
 }
@@ -93,8 +97,9 @@ impl PropensityMetrics {
         };
         if let Some(other) = parts.iter().find(|m| fields(m) != [k; 4]) {
             return Err(PfcError::Shape(format!(
-                "propensity metrics of k = {} and k = {k} cannot be merged",
-                other.psp.len()
+                "propensity metrics of {:?} values (psp, psndcg and their ideals) and of k = {k} \
+                 cannot be merged",
+                fields(other)
             )));
         }
         let rows: usize = parts.iter().map(|m| m.rows).sum();
@@ -113,6 +118,7 @@ impl PropensityMetrics {
             psndcg: ratio(&psndcg_num, &psndcg_ideal),
             psp_ideal: mean(psp_ideal),
             psndcg_ideal: mean(psndcg_ideal),
+            rows_with_labels: parts.iter().map(|m| m.rows_with_labels).sum(),
             rows,
         })
     }
@@ -145,9 +151,9 @@ impl Prediction {
     ///
     /// # Errors
     ///
-    /// Those of [`ranking_metrics`](Self::ranking_metrics), and [`PfcError::Shape`] for a true
-    /// class without an inverse propensity (`>= inv_propensity.len()`), or one that is not
-    /// finite or below 1 (a propensity is a probability).
+    /// Those of [`ranking_metrics`](Self::ranking_metrics); [`PfcError::Shape`] for a true
+    /// class without an inverse propensity (`>= inv_propensity.len()`); [`PfcError::Param`] for
+    /// an inverse propensity that is not finite or below 1 (a propensity is a probability).
     pub fn propensity_scored_metrics<I, L>(
         &self,
         label_sets: I,
@@ -162,9 +168,11 @@ impl Prediction {
             .enumerate()
             .find(|(_, w)| !(w.is_finite() && **w >= 1.0))
         {
-            return Err(PfcError::Shape(format!(
-                "inverse propensity {w} of class {class}: 1/p must be finite and >= 1"
-            )));
+            return Err(PfcError::param(
+                "inv_propensity",
+                format!("{w} (class {class})"),
+                "1/p must be finite and >= 1",
+            ));
         }
         let rows = self.check_shape()?;
         let k = self.k;
@@ -172,6 +180,7 @@ impl Prediction {
         let mut sets = label_sets.into_iter();
         let (mut psp, mut psp_ideal) = (vec![0.0; k], vec![0.0; k]);
         let (mut psndcg, mut psndcg_ideal) = (vec![0.0; k], vec![0.0; k]);
+        let mut rows_with_labels = 0;
         for row in 0..rows {
             let set = sets.next().ok_or_else(|| {
                 PfcError::Shape(format!("{row} label sets for a prediction of {rows} rows"))
@@ -182,6 +191,7 @@ impl Prediction {
             if truth.is_empty() {
                 continue;
             }
+            rows_with_labels += 1;
             let weight_of = |class: i64| -> Result<f64> {
                 inv_propensity.get(class as usize).copied().ok_or_else(|| {
                     PfcError::Shape(format!(
@@ -230,6 +240,7 @@ impl Prediction {
             psndcg: ratio(&psndcg, &psndcg_ideal),
             psp_ideal: mean(psp_ideal),
             psndcg_ideal: mean(psndcg_ideal),
+            rows_with_labels,
             rows,
         })
     }

@@ -7,6 +7,7 @@ use crate::error::{PfcError, Result};
 
 /// Ranking metrics for j = 1 ..= k (element j − 1 of each), averaged over the rows.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RankingMetrics {
     /// precision@j: the fraction of the first j predictions that are true classes of the row.
     pub precision: Vec<f64>,
@@ -53,13 +54,12 @@ impl RankingMetrics {
             .first()
             .ok_or_else(|| PfcError::Shape("no ranking metrics to merge".into()))?;
         let k = first.precision.len();
-        if let Some(other) = parts
-            .iter()
-            .find(|m| m.precision.len() != k || m.ndcg.len() != k || m.recall.len() != k)
-        {
+        let lengths = |m: &RankingMetrics| [m.precision.len(), m.ndcg.len(), m.recall.len()];
+        if let Some(other) = parts.iter().find(|m| lengths(m) != [k; 3]) {
+            let [p, n, r] = lengths(other);
             return Err(PfcError::Shape(format!(
-                "ranking metrics of k = {} and k = {k} cannot be merged",
-                other.precision.len()
+                "ranking metrics of {p}, {n} and {r} values (precision, nDCG, recall) and of \
+                 k = {k} cannot be merged"
             )));
         }
         let rows: usize = parts.iter().map(|m| m.rows).sum();

@@ -49,8 +49,8 @@ pub struct PredictArgs {
     /// Classes per row, 1 to 256 (TOP_K_MAX) and at most the classifier's classes.
     #[arg(long, default_value_t = 5)]
     k: usize,
-    /// Where to write `classes` (I64 `[rows, k]`, best first) and `scores` (F32 cosines),
-    /// atomically. An existing file is refused unless --force is given; an input file, or a
+    /// Where to write `classes` (I64 `[rows, k]`, best first; -1 for a row of zeros, which has
+    /// no nearest class) and `scores` (F32 cosines; -inf there), atomically. An existing file is refused unless --force is given; an input file, or a
     /// partial-fc checkpoint shard (of any run), is refused even with --force.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -271,7 +271,10 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
             OutTensor::I64("classes", shape.clone(), &prediction.classes),
             OutTensor::F32("scores", shape, &prediction.scores),
         ];
-        let meta = HashMap::from([("k".to_string(), args.k.to_string())]);
+        let meta = HashMap::from([
+            ("k".to_string(), args.k.to_string()),
+            ("empty_rows".to_string(), empty.to_string()),
+        ]);
         write_atomic(out, &tensors, meta).map_err(|e| e.to_string())?;
         println!("wrote classes and scores to {}", out.display());
     }

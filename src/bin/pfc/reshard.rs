@@ -59,14 +59,6 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
             _ => "weights and AdamW moments",
         }
     );
-    if num_classes > set.num_classes() {
-        println!(
-            "growing the classifier to {}: {} new, from class {} on",
-            plural(num_classes, "class", "classes"),
-            num_classes - set.num_classes(),
-            set.num_classes()
-        );
-    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -88,6 +80,15 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
     );
     bar.finish_and_clear();
     let written = written.map_err(|e| e.to_string())?;
+    if num_classes > set.num_classes() {
+        println!(
+            "grew the classifier to {}: {} new, from class {} on (a fresh layer's weights, no \
+             optimizer state)",
+            plural(num_classes, "class", "classes"),
+            num_classes - set.num_classes(),
+            set.num_classes()
+        );
+    }
     println!(
         "wrote {} for {} to {}",
         plural(written.len() as u64, "file", "files"),
