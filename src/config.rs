@@ -500,7 +500,8 @@ impl LayerConfig {
     /// ([`UpdateMode::Sparse`]). Two differ from insightface's `PartialFC_V2` with
     /// `torch.optim.SGD`: its `sample_rate` defaults to 1.0, and its optimizer moves every row
     /// (decay and momentum on rows not sampled): set `update = UpdateMode::Dense` for that,
-    /// which matches torch's SGD bit for bit.
+    /// which is torch's SGD formula (each product rounded on its own; torch may fuse a
+    /// multiply-add, so the two can differ in the last bit).
     pub fn new(num_classes: u64, dim: usize, batch_per_rank: usize) -> LayerConfig {
         LayerConfig {
             num_classes,

@@ -642,8 +642,10 @@ impl CheckpointSet {
             PfcError::param(
                 "num_classes",
                 num_classes,
-                "the files do not record the run's seed (written by an older build), which the \
-                 new classes' weights are drawn from",
+                "the files do not record the run's `seed` metadata (written by hand, e.g. \
+                 imported from PyTorch, or by an older build), which the new classes' weights \
+                 are drawn from: add a `seed` entry (a u64, e.g. LayerConfig's default 24301) to \
+                 every file's metadata",
             )
         })
     }

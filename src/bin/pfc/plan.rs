@@ -46,7 +46,8 @@ pub struct PlanArgs {
     /// Passes per step (gradient accumulation, `forward_backward_accumulate`): the step's
     /// --batch images per GPU go through in this many passes of batch / ACCUMULATE each, which
     /// is what the step's buffers are sized by. It needs the dense update (the passes draw
-    /// different samples), which is planned.
+    /// different samples), which is planned. (arcface_torch's `batch_size` with `gradient_acc`
+    /// is a pass's: give --batch batch_size × gradient_acc.)
     #[arg(
         long,
         allow_negative_numbers = true,
