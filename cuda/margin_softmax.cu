@@ -512,3 +512,37 @@ extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, 
         row_loss[i] = loss;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// scale_rows: per-row weights of the loss (PartialFc::forward_backward_weighted). After the
+// softmax has written the logits' gradient, row i times weights[i]; the backward GEMMs and the
+// normalizations' backward are linear in it, so the embeddings' and the centers' gradients are
+// weighted alike (CPU reference: src/cpu/row_scale.rs). A block per row, vectorized where ld is
+// a multiple of 4; the 16-bit form widens, multiplies in f32 and rounds back as the softmax
+// stores its gradient (f16 saturating).
+extern "C" __global__ void scale_rows(float* g, int rows, int ld, const float* weights) {
+    size_t i = blockIdx.x;
+    float* row = g + i * ld;
+    float w = weights[i];
+    if ((ld & 3) == 0) {
+        float4* row4 = (float4*)row;
+        for (int q = threadIdx.x; q < ld / 4; q += blockDim.x) {
+            float4 v = row4[q];
+            v.x *= w;
+            v.y *= w;
+            v.z *= w;
+            v.w *= w;
+            row4[q] = v;
+        }
+    } else {
+        for (int j = threadIdx.x; j < ld; j += blockDim.x) row[j] *= w;
+    }
+}
+
+extern "C" __global__ void scale_rows16(u16* g, int rows, int ld, int kind, const float* weights) {
+    size_t i = blockIdx.x;
+    u16* row = g + i * ld;
+    float w = weights[i];
+    for (int j = threadIdx.x; j < ld; j += blockDim.x)
+        row[j] = f32_to_half(half_to_f32(row[j], kind) * w, kind);
+}

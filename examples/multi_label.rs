@@ -79,6 +79,10 @@ struct Args {
     /// 0.3 to 0.5 help here, docs/training.md).
     #[arg(long)]
     interclass_filter: Option<f64>,
+    /// Weigh each row alike (PAL-N: each copy by 1/labels of its row, `PairBatch::row_weights`
+    /// through `forward_backward_weighted`) instead of each (row, label) pair alike (PAL).
+    #[arg(long)]
+    per_row: bool,
     /// Optimizer of the class centers.
     #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     optimizer: OptimizerArg,
@@ -313,7 +317,11 @@ fn run(args: &Args) -> Result<(), PfcError> {
             }
             // Its grad_embeddings (rows × d, summed over each row's copies) is what an encoder
             // under the classifier would backpropagate; the embeddings here are fixed inputs.
-            let out = batch.forward_backward(&mut layer)?;
+            let out = if args.per_row {
+                batch.forward_backward_per_row(&mut layer)?
+            } else {
+                batch.forward_backward(&mut layer)?
+            };
             let lr = args.lr * (1.0 - step as f32 / total_steps as f32);
             layer.step(lr)?;
             loss_sum += f64::from(out.loss);

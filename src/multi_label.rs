@@ -275,6 +275,42 @@ impl PairBatch {
         Ok(())
     }
 
+    /// Each copy's weight 1/|Y_i| (one over its row's labels), for
+    /// [`PartialFc::forward_backward_weighted`]: every row then weighs the same however many
+    /// labels it has, the "normalized" pick-all-labels reduction (PAL-N; Menon et al., 2019)
+    /// instead of PAL's weight per pair. The layer divides by the copies, not the rows: the loss
+    /// is PAL-N's times rows-with-labels / copies (a constant for batches of equal shape; for
+    /// PAL-N's exact value, multiply the weights by the job's copies / rows with labels).
+    pub fn row_weights(&self) -> Vec<f32> {
+        self.offsets
+            .windows(2)
+            .flat_map(|w| {
+                let copies = w[1] - w[0];
+                std::iter::repeat_n(1.0 / copies as f32, copies)
+            })
+            .collect()
+    }
+
+    /// [`forward_backward`](Self::forward_backward) with each copy weighted by
+    /// [`row_weights`](Self::row_weights): every row counts alike (PAL-N).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`forward_backward`](Self::forward_backward) and of
+    /// [`PartialFc::forward_backward_weighted`].
+    pub fn forward_backward_per_row<B: Backend, C: Collective<B>>(
+        &self,
+        layer: &mut PartialFc<B, C>,
+    ) -> Result<StepOutput> {
+        let out = layer
+            .forward_backward_weighted(&self.embeddings, &self.labels, &self.row_weights())
+            .map_err(|e| self.map_row(e))?;
+        Ok(StepOutput {
+            grad_embeddings: self.fold_grad(&out.grad_embeddings)?,
+            ..out
+        })
+    }
+
     /// One pass of `layer` over the expanded batch, with the gradient folded back:
     /// `layer.forward_backward(self.embeddings(), self.labels())` followed by
     /// [`fold_grad`](Self::fold_grad), so `grad_embeddings` is `rows() × dim` (the gradient of

@@ -659,6 +659,42 @@ pub trait Backend: Send + Sync + 'static {
         Err(unsupported(self.name(), "margin_softmax_fused16"))
     }
 
+    /// `g[i][j] *= weights[i]` for `shape.rows` rows of `shape.ld` f32 values: the logits'
+    /// gradient of each row times its weight (`PartialFc::forward_backward_weighted`).
+    ///
+    /// The default runs on the host (downloads, scales with the CPU reference, uploads), so that
+    /// a backend written before this method still weighs rows (slowly); the CPU and CUDA
+    /// backends override it.
+    fn scale_rows(
+        &self,
+        g: &mut Self::Buf<f32>,
+        shape: LogitsShape,
+        weights: &Self::Buf<f32>,
+    ) -> Result<()> {
+        let len = shape.len()?;
+        let mut host = self.download(g, len)?;
+        let w = self.download(weights, shape.rows)?;
+        crate::cpu::row_scale::scale_rows(&mut host, shape.rows, shape.ld, &w);
+        self.upload(&host, g)
+    }
+
+    /// [`Self::scale_rows`] on 16-bit logits (`dtype` bf16 or f16), each value rounded back to
+    /// `dtype`. The default runs on the host, as `scale_rows`'s.
+    fn scale_rows16(
+        &self,
+        g: &mut Self::Buf<u16>,
+        shape: LogitsShape,
+        dtype: Dtype,
+        weights: &Self::Buf<f32>,
+    ) -> Result<()> {
+        crate::collective::check_16_bit(dtype)?;
+        let len = shape.len()?;
+        let mut host = self.download(g, len)?;
+        let w = self.download(weights, shape.rows)?;
+        crate::cpu::row_scale::scale_rows16(&mut host, shape.rows, shape.ld, dtype, &w);
+        self.upload(&host, g)
+    }
+
     /// Backward of `x̂ = x / ‖x‖`, in place: `g ← (g − x̂ (g · x̂)) / ‖x‖`.
     fn normalize_backward(
         &self,

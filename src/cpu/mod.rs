@@ -8,6 +8,7 @@ pub mod margin_softmax;
 pub mod margin_softmax16;
 pub mod normalize;
 pub mod optimizer;
+pub mod row_scale;
 pub mod sampling;
 pub mod simd;
 pub mod top_k;
@@ -668,6 +669,27 @@ impl Backend for CpuBackend {
         margin_softmax16::margin_softmax_fused16(
             cos, shape, dtype, labels, margin, grad_scale, row_loss,
         );
+        Ok(())
+    }
+
+    fn scale_rows(&self, g: &mut Vec<f32>, shape: LogitsShape, weights: &Vec<f32>) -> Result<()> {
+        check_softmax(g, shape, None, "scale_rows")?;
+        need(weights, shape.rows, "scale_rows weights")?;
+        row_scale::scale_rows(g, shape.rows, shape.ld, weights);
+        Ok(())
+    }
+
+    fn scale_rows16(
+        &self,
+        g: &mut Vec<u16>,
+        shape: LogitsShape,
+        dtype: Dtype,
+        weights: &Vec<f32>,
+    ) -> Result<()> {
+        need_16_bit(dtype)?;
+        need(g, shape.len()?, "scale_rows16")?;
+        need(weights, shape.rows, "scale_rows16 weights")?;
+        row_scale::scale_rows16(g, shape.rows, shape.ld, dtype, weights);
         Ok(())
     }
 

@@ -87,6 +87,8 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "exp_rowsum16",
             "softmax_loss_grad16",
             "margin_softmax_fused16",
+            "scale_rows",
+            "scale_rows16",
         ],
     ),
     (

@@ -51,7 +51,11 @@ pub(super) struct TrainingState {
 /// [`TrainingState`].
 fn call_fingerprint(folded: u32, call: Call, state: TrainingState) -> u32 {
     match call {
-        Call::Drawn | Call::Given | Call::Accumulate => {
+        Call::Drawn
+        | Call::Given
+        | Call::Accumulate
+        | Call::Weighted
+        | Call::AccumulateWeighted => {
             let text = format!(
                 "grad_scale {:08x} updates {} pending {}",
                 state.grad_scale.to_bits(),
@@ -94,6 +98,10 @@ pub(crate) enum Call {
     /// `predict_top_k_all` with this k: the ranks exchange their chunk counts, then each chunk
     /// is a `Predict`.
     PredictAll { k: usize },
+    /// `forward_backward_weighted`: drawn, with an all-gather of the rows' weights.
+    Weighted,
+    /// `forward_backward_accumulate_weighted`: an `Accumulate` with the rows' weights.
+    AccumulateWeighted,
 }
 
 impl Call {
@@ -105,6 +113,8 @@ impl Call {
             Call::Load => 3,
             Call::Accumulate => 4,
             Call::PredictAll { .. } => 5,
+            Call::Weighted => 6,
+            Call::AccumulateWeighted => 7,
         }
     }
 
@@ -115,7 +125,9 @@ impl Call {
             2 => "predict_top_k",
             3 => "load_resharded",
             4 => "forward_backward_accumulate",
-            _ => "predict_top_k_all",
+            5 => "predict_top_k_all",
+            6 => "forward_backward_weighted",
+            _ => "forward_backward_accumulate_weighted",
         }
     }
 }

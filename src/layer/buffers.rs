@@ -77,6 +77,19 @@ impl<B: Backend> Logits<B> {
         }
     }
 
+    /// Each row of the logits' gradient times its weight (`forward_backward_weighted`).
+    pub(super) fn scale_rows(
+        &mut self,
+        b: &B,
+        shape: LogitsShape,
+        weights: &B::Buf<f32>,
+    ) -> Result<()> {
+        match self {
+            Logits::F32(g) => b.scale_rows(g, shape, weights),
+            Logits::Half(g, dt) => b.scale_rows16(g, shape, *dt, weights),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fused(
         &mut self,

@@ -23,7 +23,68 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// A second pass before [`PartialFc::step`] replaces the pending gradient (also one summed
     /// by [`forward_backward_accumulate`](Self::forward_backward_accumulate)).
     pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, false);
+        let out = self.forward_backward_inner(embeddings, labels, None, false, None);
+        self.end_pass(out)
+    }
+
+    /// Like [`forward_backward`](Self::forward_backward), with a weight per row: the loss is
+    /// `Σ_i w_i ℓ_i / rows` over the gathered batch (the mean of the weighted terms; the weights
+    /// are not normalized), and so are both gradients. Uses: each row of a multi-label batch
+    /// weighted by 1/labels of its sample ([`PairBatch::row_weights`](crate::PairBatch::row_weights):
+    /// every sample counts alike), class-balanced or importance weights, a row excluded (0).
+    /// Weights of 1 give `forward_backward`'s result bit for bit. Every rank calls it with its
+    /// own rows' weights (all ranks weighted or none: a mix is refused by name).
+    ///
+    /// The weights reach the other ranks through one extra all-gather of `batch_per_rank`
+    /// floats, and each row of the logits' gradient is multiplied by its weight after the
+    /// softmax (`Backend::scale_rows`): one more pass over the logits. With 16-bit logits the
+    /// product is rounded to 16 bits again, and a tiny weight can take an f16 gradient below its
+    /// range: keep weights of order 1 (e.g. averaging 1) there.
+    ///
+    /// ```
+    /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};
+    /// let mut cfg = LayerConfig::new(1000, 16, 4);
+    /// cfg.sample_rate = 1.0;
+    /// let x: Vec<f32> = (0..4 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    /// let labels = [3, 300, 600, 900];
+    /// let mut plain = PartialFc::new(cfg.clone(), CpuBackend, SingleRank).unwrap();
+    /// let mut weighted = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
+    /// let a = plain.forward_backward(&x, &labels).unwrap();
+    /// // Row 1 counts twice, row 3 not at all.
+    /// let b = weighted.forward_backward_weighted(&x, &labels, &[1.0, 2.0, 1.0, 0.0]).unwrap();
+    /// assert!(b.grad_embeddings[3 * 16..].iter().all(|&g| g == 0.0));
+    /// assert_eq!(a.grad_embeddings[..16], b.grad_embeddings[..16]); // row 0: weight 1
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`forward_backward`](Self::forward_backward), and on every rank alike:
+    /// [`PfcError::Shape`] for a `weights` not of one value per row, [`PfcError::Param`] for a
+    /// weight that is negative or not finite, [`PfcError::Collective`] when some ranks pass
+    /// weights and others do not.
+    pub fn forward_backward_weighted(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        weights: &[f32],
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, None, false, Some(weights));
+        self.end_pass(out)
+    }
+
+    /// [`forward_backward_accumulate`](Self::forward_backward_accumulate) with a weight per row,
+    /// as [`forward_backward_weighted`](Self::forward_backward_weighted) takes them.
+    ///
+    /// # Errors
+    ///
+    /// Those of `forward_backward_accumulate` and of `forward_backward_weighted`.
+    pub fn forward_backward_accumulate_weighted(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        weights: &[f32],
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, None, true, Some(weights));
         self.end_pass(out)
     }
 
@@ -66,7 +127,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         embeddings: &[f32],
         labels: &[i64],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, true);
+        let out = self.forward_backward_inner(embeddings, labels, None, true, None);
         self.end_pass(out)
     }
 
@@ -112,7 +173,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         sampled: &[i64],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, Some(sampled), false);
+        let out = self.forward_backward_inner(embeddings, labels, Some(sampled), false, None);
         self.end_pass(out)
     }
 
@@ -122,6 +183,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         given: Option<&[i64]>,
         accumulate: bool,
+        weights: Option<&[f32]>,
     ) -> Result<StepOutput> {
         let mut own = self.check_complete().err();
         if own.is_none() && accumulate && self.config.update != UpdateMode::Dense {
@@ -134,6 +196,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
         if own.is_none() {
             own = self.check_input(embeddings, labels);
+        }
+        if let (None, Some(w)) = (&own, weights) {
+            own = check_weights(w, labels.len());
         }
         let local_sample: Vec<i32> = match given {
             Some(ids) => {
@@ -169,10 +234,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             }
             None => Vec::new(),
         };
-        let call = match (given.is_some(), accumulate) {
-            (true, _) => Call::Given,
-            (false, true) => Call::Accumulate,
-            (false, false) => Call::Drawn,
+        let call = match (given.is_some(), accumulate, weights.is_some()) {
+            (true, ..) => Call::Given,
+            (false, true, true) => Call::AccumulateWeighted,
+            (false, true, false) => Call::Accumulate,
+            (false, false, true) => Call::Weighted,
+            (false, false, false) => Call::Drawn,
         };
         let real_rows = self.agree_on_input(own, labels.len(), call)?;
         if real_rows == 0 {
@@ -365,12 +432,26 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             self.comm
                 .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
         }
-        let loss = b
-            .download(&x.row_loss, m)?
-            .iter()
-            .map(|&l| f64::from(l))
-            .sum::<f64>()
-            / real_rows as f64;
+        let row_loss = b.download(&x.row_loss, m)?;
+        let loss = match weights {
+            None => row_loss.iter().map(|&l| f64::from(l)).sum::<f64>(),
+            Some(w) => {
+                // Every rank's weights, in gathered-row order, into row_max (free once the
+                // softmax is done) through staging (free until the reduce-scatter); padding
+                // rows weigh 0. Then each row of the logits' gradient times its weight.
+                let mut mine = vec![0.0f32; n];
+                mine[..w.len()].copy_from_slice(w);
+                b.upload(&mine, &mut x.staging)?;
+                self.comm.all_gather(b, &x.staging, n, &mut x.row_max)?;
+                logits.scale_rows(b, shape, &x.row_max)?;
+                let gathered = b.download(&x.row_max, m)?;
+                row_loss
+                    .iter()
+                    .zip(&gathered)
+                    .map(|(&l, &w)| f64::from(l) * f64::from(w))
+                    .sum::<f64>()
+            }
+        } / real_rows as f64;
 
         // 7. Back through the GEMMs and both normalizations; the embedding gradient is summed
         //    over ranks and each rank keeps its own rows.
@@ -504,4 +585,24 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         }
         Ok(dense)
     }
+}
+
+/// What is wrong with a pass's row weights, if anything: one per row, each finite and >= 0.
+fn check_weights(weights: &[f32], rows: usize) -> Option<PfcError> {
+    if weights.len() != rows {
+        return Some(PfcError::Shape(format!(
+            "{} weights for {rows} rows: one weight per row expected",
+            weights.len()
+        )));
+    }
+    weights
+        .iter()
+        .position(|w| !(w.is_finite() && *w >= 0.0))
+        .map(|row| {
+            PfcError::param(
+                "weights",
+                format!("{} at row {row}", weights[row]),
+                "a row's weight must be finite and >= 0",
+            )
+        })
 }

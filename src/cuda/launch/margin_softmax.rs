@@ -380,4 +380,57 @@ impl CudaBackend {
         );
         Ok(())
     }
+
+    /// Per-row weights on the f32 logits' gradient (`scale_rows` in margin_softmax.cu).
+    pub(super) fn launch_scale_rows(
+        &self,
+        g: &mut CudaSlice<f32>,
+        shape: LogitsShape,
+        weights: &CudaSlice<f32>,
+    ) -> Result<()> {
+        need(g, shape.len()?, "scale_rows logits")?;
+        need(weights, shape.rows, "scale_rows weights")?;
+        if shape.rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, _, ld_i) = shape_args(shape)?;
+        launch!(
+            self,
+            "scale_rows",
+            per_row(shape.rows),
+            g,
+            &rows_i,
+            &ld_i,
+            weights
+        );
+        Ok(())
+    }
+
+    /// Per-row weights on 16-bit logits (`scale_rows16`).
+    pub(super) fn launch_scale_rows16(
+        &self,
+        g: &mut CudaSlice<u16>,
+        shape: LogitsShape,
+        dtype: Dtype,
+        weights: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let kind = half_kind(dtype, "scale_rows16")?;
+        need(g, shape.len()?, "scale_rows16 logits")?;
+        need(weights, shape.rows, "scale_rows16 weights")?;
+        if shape.rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, _, ld_i) = shape_args(shape)?;
+        launch!(
+            self,
+            "scale_rows16",
+            per_row(shape.rows),
+            g,
+            &rows_i,
+            &ld_i,
+            &kind,
+            weights
+        );
+        Ok(())
+    }
 }

@@ -519,6 +519,25 @@ impl Backend for CudaBackend {
         self.launch_normalize_backward(grad, x_hat, norms, rows, dim)
     }
 
+    fn scale_rows(
+        &self,
+        g: &mut CudaSlice<f32>,
+        shape: LogitsShape,
+        weights: &CudaSlice<f32>,
+    ) -> Result<()> {
+        self.launch_scale_rows(g, shape, weights)
+    }
+
+    fn scale_rows16(
+        &self,
+        g: &mut CudaSlice<u16>,
+        shape: LogitsShape,
+        dtype: Dtype,
+        weights: &CudaSlice<f32>,
+    ) -> Result<()> {
+        self.launch_scale_rows16(g, shape, dtype, weights)
+    }
+
     fn scatter_rows(
         &self,
         rows: &CudaSlice<f32>,
