@@ -280,7 +280,10 @@ impl PairBatch {
     /// labels it has, the "normalized" pick-all-labels reduction (PAL-N; Menon et al., 2019)
     /// instead of PAL's weight per pair. The layer divides by the copies, not the rows: the loss
     /// is PAL-N's times rows-with-labels / copies (a constant for batches of equal shape; for
-    /// PAL-N's exact value, multiply the weights by the job's copies / rows with labels).
+    /// PAL-N's exact value, multiply the weights by the job's copies / rows with labels). The
+    /// weights average below 1 (1/labels); with 16-bit logits, where tiny products lose
+    /// precision, scaling them to average 1 (and the learning rate down alike) keeps more of it
+    /// (see [`PartialFc::forward_backward_weighted`]).
     pub fn row_weights(&self) -> Vec<f32> {
         self.offsets
             .windows(2)

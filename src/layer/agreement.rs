@@ -114,9 +114,13 @@ impl Call {
             Call::Accumulate => 4,
             Call::PredictAll { .. } => 5,
             Call::Weighted => 6,
-            Call::AccumulateWeighted => 7,
+            Call::AccumulateWeighted => Self::LAST_CODE,
         }
     }
+
+    /// Every call's code fits the agreement's 3 bits (`flags >> 1 & 7`): an eighth call needs a
+    /// wider field there.
+    const LAST_CODE: u32 = 7;
 
     fn name(code: u32) -> &'static str {
         match code {

@@ -31,15 +31,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// `Σ_i w_i ℓ_i / rows` over the gathered batch (the mean of the weighted terms; the weights
     /// are not normalized), and so are both gradients. Uses: each row of a multi-label batch
     /// weighted by 1/labels of its sample ([`PairBatch::row_weights`](crate::PairBatch::row_weights):
-    /// every sample counts alike), class-balanced or importance weights, a row excluded (0).
-    /// Weights of 1 give `forward_backward`'s result bit for bit. Every rank calls it with its
-    /// own rows' weights (all ranks weighted or none: a mix is refused by name).
+    /// every sample counts alike), class-balanced or importance weights. A row of weight 0 adds
+    /// no loss and no gradient, but still counts in the mean's `rows`, still brings its class
+    /// into the sample (and so, under the sparse update, into the optimizer's update of the
+    /// sampled rows) and still steers hard negatives. Weights of 1 give `forward_backward`'s
+    /// result bit for bit. Every rank calls it with its own rows' weights (all ranks weighted
+    /// or none: a mix is refused by name).
     ///
     /// The weights reach the other ranks through one extra all-gather of `batch_per_rank`
     /// floats, and each row of the logits' gradient is multiplied by its weight after the
-    /// softmax (`Backend::scale_rows`): one more pass over the logits. With 16-bit logits the
-    /// product is rounded to 16 bits again, and a tiny weight can take an f16 gradient below its
-    /// range: keep weights of order 1 (e.g. averaging 1) there.
+    /// softmax (`Backend::scale_rows`): one more pass over the logits. The weights multiply the
+    /// gradients, so large ones overflow them (f32 beyond ~1e38; an f16 gradient saturates at
+    /// 65504, an f16 `grad_wire` rounds to infinity past it) and tiny ones lose them in 16 bits:
+    /// with 16-bit logits the product is rounded to 16 bits again (an f16 gradient can sink
+    /// below its range), so keep weights of order 1 there (e.g. normalized to average 1).
     ///
     /// ```
     /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, PartialFc};

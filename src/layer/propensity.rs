@@ -177,17 +177,11 @@ impl Prediction {
         let rows = self.check_shape()?;
         let k = self.k;
         let gain: Vec<f64> = (1..=k).map(|r| 1.0 / ((r + 1) as f64).log2()).collect();
-        let mut sets = label_sets.into_iter();
+        let sets = super::ranking::true_class_sets(label_sets, rows)?;
         let (mut psp, mut psp_ideal) = (vec![0.0; k], vec![0.0; k]);
         let (mut psndcg, mut psndcg_ideal) = (vec![0.0; k], vec![0.0; k]);
         let mut rows_with_labels = 0;
-        for row in 0..rows {
-            let set = sets.next().ok_or_else(|| {
-                PfcError::Shape(format!("{row} label sets for a prediction of {rows} rows"))
-            })?;
-            let mut truth: Vec<i64> = set.as_ref().iter().copied().filter(|&c| c >= 0).collect();
-            truth.sort_unstable();
-            truth.dedup();
+        for (row, truth) in sets.iter().enumerate() {
             if truth.is_empty() {
                 continue;
             }
@@ -228,11 +222,6 @@ impl Prediction {
                 psndcg[j] += hit_dcg / idcg;
                 psndcg_ideal[j] += best_dcg / idcg;
             }
-        }
-        if sets.next().is_some() {
-            return Err(PfcError::Shape(format!(
-                "more than {rows} label sets for a prediction of {rows} rows"
-            )));
         }
         let mean = |v: Vec<f64>| -> Vec<f64> { v.iter().map(|s| s / rows.max(1) as f64).collect() };
         Ok(PropensityMetrics {

@@ -112,13 +112,7 @@ impl Prediction {
         L: AsRef<[i64]>,
     {
         let rows = self.check_shape()?;
-        // One set per row, counted as they come (an iterator need not know its length).
-        let mut sets = label_sets.into_iter();
-        let miscount = |given: usize| {
-            PfcError::Shape(format!(
-                "{given} label sets for a prediction of {rows} rows"
-            ))
-        };
+        let sets = true_class_sets(label_sets, rows)?;
         let k = self.k;
         // 1/log₂(rank + 1) for ranks 1 ..= k, and its running sums (the ideal DCG).
         let gain: Vec<f64> = (1..=k).map(|r| 1.0 / ((r + 1) as f64).log2()).collect();
@@ -131,11 +125,7 @@ impl Prediction {
             .collect();
         let (mut precision, mut ndcg, mut recall) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut rows_with_labels = 0;
-        for row in 0..rows {
-            let set = sets.next().ok_or_else(|| miscount(row))?;
-            let mut truth: Vec<i64> = set.as_ref().iter().copied().filter(|&c| c >= 0).collect();
-            truth.sort_unstable();
-            truth.dedup();
+        for (row, truth) in sets.iter().enumerate() {
             if truth.is_empty() {
                 continue;
             }
@@ -156,12 +146,6 @@ impl Prediction {
                 ndcg[j] += dcg / ideal[j.min(truth.len() - 1)];
             }
         }
-        if sets.next().is_some() {
-            // (not counted: the iterator need not end)
-            return Err(PfcError::Shape(format!(
-                "more than {rows} label sets for a prediction of {rows} rows"
-            )));
-        }
         let mean =
             |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|s| s / rows.max(1) as f64).collect() };
         Ok(RankingMetrics {
@@ -172,4 +156,32 @@ impl Prediction {
             rows,
         })
     }
+}
+
+/// Each row's true classes as the metrics read a label set: negative entries are padding, a
+/// class listed twice counts once (sorted, for binary search). Exactly one set per row: the sets
+/// are counted as they come (an iterator need not know its length, nor end: one past `rows` is
+/// enough to refuse it).
+pub(super) fn true_class_sets<I, L>(label_sets: I, rows: usize) -> Result<Vec<Vec<i64>>>
+where
+    I: IntoIterator<Item = L>,
+    L: AsRef<[i64]>,
+{
+    let mut sets = label_sets.into_iter();
+    let mut out = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let set = sets.next().ok_or_else(|| {
+            PfcError::Shape(format!("{row} label sets for a prediction of {rows} rows"))
+        })?;
+        let mut truth: Vec<i64> = set.as_ref().iter().copied().filter(|&c| c >= 0).collect();
+        truth.sort_unstable();
+        truth.dedup();
+        out.push(truth);
+    }
+    if sets.next().is_some() {
+        return Err(PfcError::Shape(format!(
+            "more than {rows} label sets for a prediction of {rows} rows"
+        )));
+    }
+    Ok(out)
 }
