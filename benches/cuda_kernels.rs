@@ -118,6 +118,17 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
             g.synchronize().unwrap();
         })
     });
+    // What a weighted pass adds (`forward_backward_weighted`): one read and write of the
+    // logits, against the copy above. Weights of 1, so repeated runs keep the values.
+    let mut weights = g.alloc::<f32>(rows).unwrap();
+    g.upload(&vec![1.0f32; rows], &mut weights).unwrap();
+    group.throughput(Throughput::Bytes((rows * ld * 8) as u64));
+    group.bench_function("scale_rows", |b| {
+        b.iter(|| {
+            g.scale_rows(&mut logits, shape, &weights).unwrap();
+            g.synchronize().unwrap();
+        })
+    });
     group.finish();
 }
 
@@ -225,10 +236,12 @@ fn whole_step(c: &mut Criterion) {
     let labels: Vec<i64> = (0..1024).map(|i| (i * 1021) as i64).collect();
     let mut group = c.benchmark_group("step_1M_b1024_d512_r0.1");
     group.sample_size(10);
-    for (name, precision, adamw) in [
-        ("cuda_f32_sparse", Precision::F32, false),
-        ("cuda_bf16_sparse", Precision::Bf16, false),
-        ("cuda_bf16_sparse_adamw", Precision::Bf16, true),
+    let weights = vec![1.0f32; 1024];
+    for (name, precision, adamw, weighted) in [
+        ("cuda_f32_sparse", Precision::F32, false, false),
+        ("cuda_bf16_sparse", Precision::Bf16, false, false),
+        ("cuda_bf16_sparse_adamw", Precision::Bf16, true, false),
+        ("cuda_bf16_sparse_weighted", Precision::Bf16, false, true),
     ] {
         let mut cfg = LayerConfig::new(1 << 20, 512, 1024);
         cfg.sample_rate = 0.1;
@@ -240,7 +253,13 @@ fn whole_step(c: &mut Criterion) {
         let mut layer = PartialFc::zeroed(cfg, gpu, SingleRank).unwrap();
         group.bench_function(name, |b| {
             b.iter(|| {
-                layer.forward_backward(&x, &labels).unwrap();
+                if weighted {
+                    layer
+                        .forward_backward_weighted(&x, &labels, &weights)
+                        .unwrap();
+                } else {
+                    layer.forward_backward(&x, &labels).unwrap();
+                }
                 layer.step(0.1).unwrap();
                 layer.backend().synchronize().unwrap();
             })
