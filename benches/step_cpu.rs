@@ -45,6 +45,19 @@ fn bench_step(c: &mut Criterion) {
     group.bench_function("forward_backward", |b| {
         b.iter(|| black_box(fwd_bwd.forward_backward(&x, &labels).unwrap().loss))
     });
+    // The same pass with a weight per row (`forward_backward_weighted`): what scaling the
+    // logits' gradient rows adds.
+    let weights: Vec<f32> = (0..BATCH).map(|i| 0.5 + (i % 3) as f32 * 0.5).collect();
+    group.bench_function("forward_backward_weighted", |b| {
+        b.iter(|| {
+            black_box(
+                fwd_bwd
+                    .forward_backward_weighted(&x, &labels, &weights)
+                    .unwrap()
+                    .loss,
+            )
+        })
+    });
 
     // Baseline: the three GEMMs of the step at the same shapes, nothing else.
     let s = (RATE * CLASSES as f64) as usize;
