@@ -247,7 +247,7 @@ fn merging_nothing_or_different_k_is_refused() {
         .unwrap();
     match partial_fc::RankingMetrics::merge(&[two, three]) {
         Err(PfcError::Shape(msg)) => assert!(
-            msg.contains("3, 3 and 3 values (precision, nDCG, recall) and of k = 2"),
+            msg.contains("ranking metrics of k = 2 and of k = 3 cannot be merged"),
             "{msg}"
         ),
         other => panic!("different k must be refused: {other:?}"),
@@ -435,4 +435,52 @@ fn inverse_propensities_follow_the_published_model_and_bad_input_is_refused() {
         p.propensity_scored_metrics([[0]], &[0.5]),
         Err(PfcError::Param { .. })
     ));
+}
+
+/// Metrics rebuilt from their fields (as another process sends them) merge like the originals;
+/// malformed fields are refused; `is_empty_row` past the end is false, not a panic.
+#[test]
+fn metrics_rebuilt_from_their_fields_merge_and_bad_fields_are_refused() {
+    use partial_fc::{PropensityMetrics, RankingMetrics};
+    let mut rng = Rng::new(23);
+    let p = random_prediction(&mut rng, 6, 3, 9);
+    let sets: Vec<Vec<i64>> = (0..6).map(|r| vec![r % 9, (r * 4) % 9]).collect();
+    let m = p.ranking_metrics(&sets).unwrap();
+    let rebuilt = RankingMetrics::new(
+        m.precision.clone(),
+        m.ndcg.clone(),
+        m.recall.clone(),
+        m.rows_with_labels,
+        m.rows,
+    )
+    .unwrap();
+    assert_eq!(rebuilt, m);
+    assert_eq!(
+        RankingMetrics::merge(&[rebuilt, m.clone()]).unwrap().rows,
+        12
+    );
+    let bad = [
+        RankingMetrics::new(vec![], vec![], vec![], 0, 0),
+        RankingMetrics::new(vec![0.5], vec![0.5, 0.5], vec![0.5], 1, 1),
+        RankingMetrics::new(vec![1.5], vec![0.5], vec![0.5], 1, 1),
+        RankingMetrics::new(vec![f64::NAN], vec![0.5], vec![0.5], 1, 1),
+        RankingMetrics::new(vec![0.5], vec![0.5], vec![0.5], 2, 1),
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        assert!(matches!(b, Err(PfcError::Shape(_))), "case {i}: {b:?}");
+    }
+    let inv = vec![2.0; 9];
+    let q = p.propensity_scored_metrics(&sets, &inv).unwrap();
+    let rebuilt = PropensityMetrics::new(
+        q.psp.clone(),
+        q.psndcg.clone(),
+        q.psp_ideal.clone(),
+        q.psndcg_ideal.clone(),
+        q.rows_with_labels,
+        q.rows,
+    )
+    .unwrap();
+    assert_eq!(rebuilt, q);
+    assert!(PropensityMetrics::new(vec![0.1], vec![0.1], vec![-1.0], vec![0.1], 1, 1).is_err());
+    assert!(!p.is_empty_row(6) && !p.is_empty_row(usize::MAX));
 }

@@ -171,7 +171,7 @@ fn bad_weights_and_mixed_calls_are_refused_on_every_rank() {
         Err(PfcError::Shape(msg)) => assert!(msg.contains("one weight per row"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+    for bad in [-1.0, f32::NAN, f32::INFINITY, 1e30, 1.5e6] {
         let mut w = vec![1.0; ROWS];
         w[4] = bad;
         match one.forward_backward_weighted(&x, &labels, &w) {

@@ -148,10 +148,16 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 _ => file.meta::<u64>(key)? == want[key].parse().ok(),
             };
             if !same {
-                let hint = if key == "world_size" || key == "rank" {
-                    " (to resume on another world size, use load_resharded with every rank's file)"
-                } else {
-                    ""
+                let hint = match key {
+                    "world_size" | "rank" => {
+                        " (to resume on another world size, use load_resharded with every rank's \
+                         file)"
+                    }
+                    "num_classes" => {
+                        " (to grow a classifier for new classes, rewrite the files first: \
+                         checkpoint::reshard_grown, or pfc reshard --num-classes)"
+                    }
+                    _ => "",
                 };
                 return Err(mismatch(format!(
                     "{key} is {} but this layer has {}{hint}",
@@ -320,8 +326,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         let (classes, dim) = (self.config().num_classes, self.config().dim);
         if (set.num_classes(), set.dim()) != (classes, dim) {
+            let hint = if set.dim() == dim && set.num_classes() < classes {
+                " (to grow a classifier for new classes, rewrite the files first: \
+                 checkpoint::reshard_grown, or pfc reshard --num-classes)"
+            } else {
+                ""
+            };
             return Err(mismatch(format!(
-                "the files hold {} classes of d = {}, this layer {classes} of d = {dim}",
+                "the files hold {} classes of d = {}, this layer {classes} of d = {dim}{hint}",
                 set.num_classes(),
                 set.dim()
             )));

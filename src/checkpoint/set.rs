@@ -644,8 +644,8 @@ impl CheckpointSet {
                 num_classes,
                 "the files do not record the run's `seed` metadata (written by hand, e.g. \
                  imported from PyTorch, or by an older build), which the new classes' weights \
-                 are drawn from: add a `seed` entry (a u64, e.g. LayerConfig's default 24301) to \
-                 every file's metadata",
+                 are drawn from: add a `seed` entry to every file's metadata (the run's \
+                 LayerConfig::seed; 24301 unless the run chose another)",
             )
         })
     }

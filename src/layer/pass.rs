@@ -65,8 +65,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// Those of [`forward_backward`](Self::forward_backward), and on every rank alike:
     /// [`PfcError::Shape`] for a `weights` not of one value per row, [`PfcError::Param`] for a
-    /// weight that is negative or not finite, [`PfcError::Collective`] when some ranks pass
-    /// weights and others do not.
+    /// weight outside [0, 1e6] (NaN included: normalize larger ones), [`PfcError::Collective`]
+    /// when some ranks pass weights and others do not.
     pub fn forward_backward_weighted(
         &mut self,
         embeddings: &[f32],
@@ -592,7 +592,15 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 }
 
-/// What is wrong with a pass's row weights, if anything: one per row, each finite and >= 0.
+/// The largest row weight a pass takes. A row's gradient grows with its weight: far above 1 it
+/// leaves 16-bit logits' range (an f16 gradient saturates once s · w passes 65504) and drives
+/// the update's scale; a weight of 1e30 gave a finite pass whose step left the weights too
+/// large for the next pass (NaN loss). Weights meant as relative importances can always be
+/// normalized (e.g. to average 1), which keeps them far below this.
+pub(crate) const ROW_WEIGHT_MAX: f32 = 1e6;
+
+/// What is wrong with a pass's row weights, if anything: one per row, each finite and in
+/// [0, [`ROW_WEIGHT_MAX`]].
 fn check_weights(weights: &[f32], rows: usize) -> Option<PfcError> {
     if weights.len() != rows {
         return Some(PfcError::Shape(format!(
@@ -602,12 +610,12 @@ fn check_weights(weights: &[f32], rows: usize) -> Option<PfcError> {
     }
     weights
         .iter()
-        .position(|w| !(w.is_finite() && *w >= 0.0))
+        .position(|w| !(0.0..=ROW_WEIGHT_MAX).contains(w))
         .map(|row| {
             PfcError::param(
                 "weights",
                 format!("{} at row {row}", weights[row]),
-                "a row's weight must be finite and >= 0",
+                "a row's weight must lie in [0, 1e6]: normalize the weights (e.g. to average 1)",
             )
         })
 }

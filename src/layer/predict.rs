@@ -63,9 +63,12 @@ impl Prediction {
 
     /// Whether row `row`'s prediction is empty (class −1 in its first slot): a row of zeros,
     /// which has no direction and so no nearest class. Check it before using a row's classes as
-    /// indices (an index of −1 would panic, or in NumPy wrap to the last class).
+    /// indices (an index of −1 would panic, or in NumPy wrap to the last class). False for a row
+    /// past the end (there is no prediction to use).
     pub fn is_empty_row(&self, row: usize) -> bool {
-        self.row(row).first().is_some_and(|&c| c < 0)
+        row.checked_mul(self.k)
+            .and_then(|at| self.classes.get(at))
+            .is_some_and(|&c| c < 0)
     }
 
     /// Empties the given rows' predictions (class −1, score −∞ in every slot): rows of zeros,

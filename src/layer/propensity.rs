@@ -76,6 +76,56 @@ pub struct PropensityMetrics {
 }
 
 impl PropensityMetrics {
+    /// Metrics from their values, as another process sent them, to
+    /// [`merge`](Self::merge) on one rank (see [`RankingMetrics::new`](crate::RankingMetrics::new)).
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] for fields of different lengths or none, a value that is negative or
+    /// not finite, or more rows with labels than rows.
+    pub fn new(
+        psp: Vec<f64>,
+        psndcg: Vec<f64>,
+        psp_ideal: Vec<f64>,
+        psndcg_ideal: Vec<f64>,
+        rows_with_labels: usize,
+        rows: usize,
+    ) -> Result<PropensityMetrics> {
+        let k = psp.len();
+        let lengths = [psndcg.len(), psp_ideal.len(), psndcg_ideal.len()];
+        if k == 0 || lengths != [k; 3] {
+            return Err(PfcError::Shape(format!(
+                "propensity metrics of {k}, {}, {} and {} values of psp, psndcg and their ideals: \
+                 one per j = 1 ..= k expected",
+                lengths[0], lengths[1], lengths[2]
+            )));
+        }
+        if let Some(v) = psp
+            .iter()
+            .chain(&psndcg)
+            .chain(&psp_ideal)
+            .chain(&psndcg_ideal)
+            .find(|v| !(v.is_finite() && **v >= 0.0))
+        {
+            return Err(PfcError::Shape(format!(
+                "a propensity metric of {v}: each is finite and >= 0"
+            )));
+        }
+        if rows_with_labels > rows {
+            return Err(PfcError::Shape(format!(
+                "{rows_with_labels} rows with labels of {rows} rows"
+            )));
+        }
+        Ok(PropensityMetrics {
+            psp,
+            psndcg,
+            psp_ideal,
+            psndcg_ideal,
+            rows_with_labels,
+            rows,
+        })
+    }
+
     /// The metrics of the union of several parts' rows (ranks, chunks): each part's numerator
     /// and ideal means weighted by its rows, then divided.
     ///

@@ -25,6 +25,63 @@ pub struct RankingMetrics {
 }
 
 impl RankingMetrics {
+    /// Metrics from their values, as another process sent them: a job of several processes
+    /// (NCCL ranks) sends each rank's fields (all-gathered as floats, or over its own channel),
+    /// rebuilds them here on one rank and [`merge`](Self::merge)s them.
+    ///
+    /// ```
+    /// use partial_fc::RankingMetrics;
+    /// // What two ranks sent: k = 2, rows 3 and 1.
+    /// let a = RankingMetrics::new(vec![1.0, 0.5], vec![1.0, 0.8], vec![0.5, 0.5], 3, 3).unwrap();
+    /// let b = RankingMetrics::new(vec![0.0, 0.5], vec![0.0, 0.4], vec![0.0, 1.0], 1, 1).unwrap();
+    /// let job = RankingMetrics::merge(&[a, b]).unwrap();
+    /// assert_eq!(job.precision, vec![0.75, 0.5]);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] for fields of different lengths or none, a value that is not a
+    /// fraction in [0, 1], or more rows with labels than rows.
+    pub fn new(
+        precision: Vec<f64>,
+        ndcg: Vec<f64>,
+        recall: Vec<f64>,
+        rows_with_labels: usize,
+        rows: usize,
+    ) -> Result<RankingMetrics> {
+        let k = precision.len();
+        if k == 0 || ndcg.len() != k || recall.len() != k {
+            return Err(PfcError::Shape(format!(
+                "ranking metrics of {k}, {} and {} values of precision, nDCG and recall: one per \
+                 j = 1 ..= k expected",
+                ndcg.len(),
+                recall.len()
+            )));
+        }
+        if let Some(v) = precision
+            .iter()
+            .chain(&ndcg)
+            .chain(&recall)
+            .find(|v| !(0.0..=1.0).contains(*v))
+        {
+            return Err(PfcError::Shape(format!(
+                "a ranking metric of {v}: each is a fraction in [0, 1]"
+            )));
+        }
+        if rows_with_labels > rows {
+            return Err(PfcError::Shape(format!(
+                "{rows_with_labels} rows with labels of {rows} rows"
+            )));
+        }
+        Ok(RankingMetrics {
+            precision,
+            ndcg,
+            recall,
+            rows_with_labels,
+            rows,
+        })
+    }
+
     /// The metrics of the union of several parts' rows: each part's means weighted by its
     /// [`rows`](Self::rows), as the job's metrics come from its ranks' (each rank's
     /// [`Prediction`] holds its own rows) or an evaluation's from its chunks.
@@ -56,11 +113,15 @@ impl RankingMetrics {
         let k = first.precision.len();
         let lengths = |m: &RankingMetrics| [m.precision.len(), m.ndcg.len(), m.recall.len()];
         if let Some(other) = parts.iter().find(|m| lengths(m) != [k; 3]) {
-            let [p, n, r] = lengths(other);
-            return Err(PfcError::Shape(format!(
-                "ranking metrics of {p}, {n} and {r} values (precision, nDCG, recall) and of \
-                 k = {k} cannot be merged"
-            )));
+            return Err(PfcError::Shape(match lengths(other) {
+                [p, n, r] if p == n && n == r => {
+                    format!("ranking metrics of k = {k} and of k = {p} cannot be merged")
+                }
+                [p, n, r] => format!(
+                    "malformed ranking metrics: {p}, {n} and {r} values of precision, nDCG and \
+                     recall"
+                ),
+            }));
         }
         let rows: usize = parts.iter().map(|m| m.rows).sum();
         let mean = |field: fn(&RankingMetrics) -> &Vec<f64>| -> Vec<f64> {
