@@ -264,6 +264,8 @@ fn a_layer_that_does_not_match_the_files_is_refused_and_unchanged() {
         let before = layer.weight().unwrap();
         let e = refusal(layer.load_resharded(&paths).unwrap_err());
         assert!(e.contains(why), "{e}");
+        // A layer with more classes is told how to grow the files; one of another d is not.
+        assert_eq!(e.contains("reshard_grown"), why.contains("1004"), "{e}");
         assert_eq!(layer.weight().unwrap(), before);
     }
     // Files without momentum (saved by a layer with no optimizer) into a layer with one.
