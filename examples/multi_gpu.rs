@@ -191,11 +191,22 @@ fn run() -> Result<(), String> {
             }
         });
     }
+    // Which kind of communicator NCCL gave (a timeout asks for a non-blocking one from 2.14 on;
+    // NCCL_COMM_BLOCKING overrides it): the log of a run says which path ran.
+    let nccl = format!(
+        "NCCL {}, {} communicator",
+        partial_fc::cuda::nccl::nccl_version().map_err(|e| e.to_string())?,
+        if comm.is_nonblocking() {
+            "non-blocking"
+        } else {
+            "blocking"
+        }
+    );
     let mut layer = partial_fc::PartialFc::new(cfg, gpu, comm).map_err(|e| e.to_string())?;
     let bytes: u64 = layer.memory_report().iter().map(|(_, b)| b).sum();
     let shard = layer.shard();
     println!(
-        "rank {} of {} on GPU {} ({}): classes [{}, {}), layer buffers {:.1} MiB",
+        "rank {} of {} on GPU {} ({}): classes [{}, {}), layer buffers {:.1} MiB; {nccl}",
         env.rank,
         env.world_size,
         env.local_rank,
