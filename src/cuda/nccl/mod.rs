@@ -128,11 +128,12 @@ impl NcclCollective {
     /// starts (a node that failed to come up) then ends the job with an error instead of leaving
     /// every other rank waiting. When either timeout is given and NCCL is 2.14 or later, the
     /// communicator is created non-blocking and nothing is left behind on a timeout (it is
-    /// aborted); the set-up a collective does (its connections, at a communicator's first use) is
-    /// bounded by `timeout`, and the finalize at drop by `timeout`, else `init_timeout`. With an
-    /// older NCCL, the blocking `ncclCommInitRank` runs on a thread of its own, which stays
-    /// blocked in NCCL until the missing rank joins or the process exits (a communicator it makes
-    /// after the caller gave up is aborted there).
+    /// aborted); the host-side set-up a collective does (its connections, at the first use of
+    /// each algorithm) and the finalize at drop are bounded by the longer of the two timeouts.
+    /// `NCCL_COMM_BLOCKING` (0 or 1), which NCCL applies over any config, chooses the kind
+    /// instead. A blocking communicator's `ncclCommInitRank` runs on a thread of its own when
+    /// `init_timeout` is given, which stays blocked in NCCL until the missing rank joins or the
+    /// process exits (a communicator it makes after the caller gave up is aborted there).
     pub fn with_init_timeout(
         backend: &CudaBackend,
         rank: usize,
@@ -179,7 +180,7 @@ impl NcclCollective {
     }
 
     /// Whether the communicator was created non-blocking (see the [module](self) documentation):
-    /// with a timeout and NCCL 2.14 or later.
+    /// with a timeout and NCCL 2.14 or later, unless `NCCL_COMM_BLOCKING` chose otherwise.
     pub fn is_nonblocking(&self) -> bool {
         self.nonblocking
     }
