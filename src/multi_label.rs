@@ -30,8 +30,9 @@ use std::ops::Range;
 /// classification literature (Menon et al., *Multilabel reductions: what is my loss
 /// optimising?*, NeurIPS 2019; as used by e.g. Reddi et al., *Stochastic negative mining for
 /// learning with large output spaces*, AISTATS 2019), up to its weights: each pair weighs 1/P, so
-/// a row with 8 labels counts 8 times one with 1 (PAL-N, which divides each row by `|Y_i|`, would
-/// need per-copy weights, which the layer has not). The layer's `grad_embeddings` is then the
+/// a row with 8 labels counts 8 times one with 1 (PAL-N, which divides each row by `|Y_i|`, is
+/// [`forward_backward_per_row`](Self::forward_backward_per_row), through the layer's per-row
+/// weights). The layer's `grad_embeddings` is then the
 /// gradient for each copy; [`fold_grad`](Self::fold_grad) sums it over a row's copies, which by
 /// the chain rule is d L / d x_i, since every copy is the same function of x_i.
 ///

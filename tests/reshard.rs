@@ -768,6 +768,11 @@ fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() 
         let rank = comm.rank();
         let mut layer = PartialFc::new(grown_config(2), CpuBackend, comm).unwrap();
         layer.load_resharded(&grown).unwrap();
+        assert_eq!(
+            (layer.steps(), layer.optimizer_steps()),
+            (2, 2),
+            "counters carried over"
+        );
         let state = (layer.weight().unwrap(), layer.momentum().unwrap().unwrap());
         // Train on: half the batch's labels are new classes.
         let rows = Shard::of(BATCH as u64, 2, rank);
@@ -785,6 +790,13 @@ fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() 
     let weight: Vec<f32> = loaded.iter().flat_map(|p| p.0 .0.clone()).collect();
     let momentum: Vec<f32> = loaded.iter().flat_map(|p| p.0 .1.clone()).collect();
     let old = CLASSES as usize * DIM;
+    // The run's momentum, read back from its own files by one rank.
+    let mut original = PartialFc::new(config(1), CpuBackend, SingleRank).unwrap();
+    original.load_resharded(&files(dir.path(), 3)).unwrap();
+    assert!(
+        momentum[..old] == original.momentum().unwrap().unwrap()[..],
+        "the trained classes' momentum, bit for bit"
+    );
     assert_eq!(weight.len(), grown_classes as usize * DIM);
     assert_eq!(
         &weight[..old],

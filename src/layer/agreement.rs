@@ -118,8 +118,8 @@ impl Call {
         }
     }
 
-    /// Every call's code fits the agreement's 3 bits (`flags >> 1 & 7`): an eighth call needs a
-    /// wider field there.
+    /// Every call's code fits the agreement's 3 bits (`flags >> 1 & 7`): codes 0 to 7 name
+    /// eight calls, and a ninth needs a wider field there.
     const LAST_CODE: u32 = 7;
 
     fn name(code: u32) -> &'static str {

@@ -198,9 +198,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     ///
     /// On every rank alike, with nothing changed: [`PfcError::Param`] for a `k` outside
     /// 1 ..= min(num_classes, `TOP_K_MAX`), [`PfcError::Shape`] for embeddings that are not
-    /// whole rows or more rows than `batch_per_rank`, a NaN/Inf row (as `forward_backward`; a
-    /// row of zeros, which training refuses, gets an empty prediction here: classes −1, scores
-    /// −∞), [`PfcError::Collective`] when a rank refused or made another call;
+    /// whole rows or more rows than `batch_per_rank`, [`PfcError::NonFinite`] for a NaN or
+    /// infinite value and [`PfcError::OutOfRange`] for a row whose sum of squares overflows or
+    /// that the wire cannot carry (as `forward_backward`; a row of zeros, which training refuses,
+    /// gets an empty prediction here: classes −1, scores −∞), [`PfcError::Collective`] when a
+    /// rank refused or made another call;
     /// [`PfcError::Diverged`] for a class center that is not finite. A collective or device
     /// error after the ranks agreed breaks the group.
     pub fn predict_top_k(&mut self, embeddings: &[f32], k: usize) -> Result<Prediction> {

@@ -15,8 +15,8 @@
 //!
 //! **Non-blocking communicators.** Some NCCL calls block the calling thread where no poll can
 //! reach them: the creation, and the calls that make connections (NCCL connects lazily, at the
-//! first use of each algorithm) and wait for every peer to make theirs. With a timeout and NCCL
-//! 2.14 or later the communicator is created non-blocking (`ncclCommInitRankConfig`,
+//! first use of each algorithm) and wait for every peer to make theirs. With a timeout (the
+//! collective's or the init's) and NCCL 2.14 or later the communicator is created non-blocking (`ncclCommInitRankConfig`,
 //! `blocking = 0`): those calls return at once and each is polled to its end, the creation under
 //! the init bound, a call's host-side set-up under the longer of the two timeouts (it waits for
 //! the slowest peer and takes seconds at scale), so a peer that dies between the creation and a
@@ -180,7 +180,8 @@ impl NcclCollective {
     }
 
     /// Whether the communicator was created non-blocking (see the [module](self) documentation):
-    /// with a timeout and NCCL 2.14 or later, unless `NCCL_COMM_BLOCKING` chose otherwise.
+    /// with either timeout (the collective's or the init's) and NCCL 2.14 or later, unless
+    /// `NCCL_COMM_BLOCKING` chose otherwise.
     pub fn is_nonblocking(&self) -> bool {
         self.nonblocking
     }
