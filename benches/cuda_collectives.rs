@@ -76,22 +76,40 @@ fn all_gather(c: &mut Criterion) {
     });
     // What the layer runs on the device: rows packed with their labels on the host (uploaded
     // before, as the embeddings always are), one all-gather, one unpack + normalize kernel.
-    group.bench_function("f32_packed_all_gather_unpack_normalize", |b| {
-        b.iter(|| {
-            comm.all_gather(&g, &send_f32, rows * row_f32, &mut recv_f32)
-                .unwrap();
-            g.unpack_normalize_f32(
-                &recv_f32,
-                rows,
-                dim,
-                &mut gathered_labels,
-                &mut xh,
-                &mut norms,
-            )
+    let mut packed_all_gather = |comm: &NcclCollective| {
+        comm.all_gather(&g, &send_f32, rows * row_f32, &mut recv_f32)
             .unwrap();
-            g.synchronize().unwrap();
-        })
+        g.unpack_normalize_f32(
+            &recv_f32,
+            rows,
+            dim,
+            &mut gathered_labels,
+            &mut xh,
+            &mut norms,
+        )
+        .unwrap();
+        g.synchronize().unwrap();
+    };
+    group.bench_function("f32_packed_all_gather_unpack_normalize", |b| {
+        b.iter(|| packed_all_gather(&comm))
     });
+    // The same all-gather through a communicator with a timeout, as a job should run: non-
+    // blocking from NCCL 2.14 on, each call polled until NCCL has it on the stream, then the
+    // stream polled under the timeout (src/cuda/nccl). Against the blocking one above, this is
+    // what the bounded waits cost per collective.
+    if let Ok(timed) = new_unique_id()
+        .and_then(|id| NcclCollective::new(&g, 0, 1, id, Some(std::time::Duration::from_secs(60))))
+    {
+        let kind = if timed.is_nonblocking() {
+            "nonblocking"
+        } else {
+            "blocking"
+        };
+        group.bench_function(
+            format!("f32_packed_all_gather_unpack_normalize_timeout_{kind}"),
+            |b| b.iter(|| packed_all_gather(&timed)),
+        );
+    }
     group.bench_function("bf16_wire_all_gather_unpack_normalize", |b| {
         b.iter(|| {
             comm.all_gather(&g, &send, rows * row, &mut recv).unwrap();
@@ -136,39 +154,6 @@ fn all_gather(c: &mut Criterion) {
             g.synchronize().unwrap();
         })
     });
-    // The same all-gather through a communicator with a timeout, as a job should run: non-
-    // blocking from NCCL 2.14 on, each call polled until NCCL has it on the stream, then the
-    // stream polled under the timeout (src/cuda/nccl). Against the blocking one above, this is
-    // what the bounded waits cost per collective.
-    if let Ok(timed) = new_unique_id()
-        .and_then(|id| NcclCollective::new(&g, 0, 1, id, Some(std::time::Duration::from_secs(60))))
-    {
-        let kind = if timed.is_nonblocking() {
-            "nonblocking"
-        } else {
-            "blocking"
-        };
-        group.bench_function(
-            format!("f32_packed_all_gather_unpack_normalize_timeout_{kind}"),
-            |b| {
-                b.iter(|| {
-                    timed
-                        .all_gather(&g, &send_f32, rows * row_f32, &mut recv_f32)
-                        .unwrap();
-                    g.unpack_normalize_f32(
-                        &recv_f32,
-                        rows,
-                        dim,
-                        &mut gathered_labels,
-                        &mut xh,
-                        &mut norms,
-                    )
-                    .unwrap();
-                    g.synchronize().unwrap();
-                })
-            },
-        );
-    }
     group.finish();
 }
 
