@@ -306,13 +306,8 @@ impl PairBatch {
         &self,
         layer: &mut PartialFc<B, C>,
     ) -> Result<StepOutput> {
-        let out = layer
-            .forward_backward_weighted(&self.embeddings, &self.labels, &self.row_weights())
-            .map_err(|e| self.map_row(e))?;
-        Ok(StepOutput {
-            grad_embeddings: self.fold_grad(&out.grad_embeddings)?,
-            ..out
-        })
+        let weights = self.row_weights();
+        self.fold_pass(layer.forward_backward_weighted(&self.embeddings, &self.labels, &weights))
     }
 
     /// One pass of `layer` over the expanded batch, with the gradient folded back:
@@ -330,9 +325,13 @@ impl PairBatch {
         &self,
         layer: &mut PartialFc<B, C>,
     ) -> Result<StepOutput> {
-        let out = layer
-            .forward_backward(&self.embeddings, &self.labels)
-            .map_err(|e| self.map_row(e))?;
+        self.fold_pass(layer.forward_backward(&self.embeddings, &self.labels))
+    }
+
+    /// A pass over the copies as the rows see it: its gradient folded back to them, an error
+    /// that names a copy renamed to its row.
+    fn fold_pass(&self, pass: Result<StepOutput>) -> Result<StepOutput> {
+        let out = pass.map_err(|e| self.map_row(e))?;
         Ok(StepOutput {
             grad_embeddings: self.fold_grad(&out.grad_embeddings)?,
             ..out

@@ -183,12 +183,7 @@ impl CheckpointSet {
             if dim == 0 {
                 return Err(refuse(path, "dim is 0"));
             }
-            // Every class's values are addressed by class × dim: the whole classifier must be
-            // addressable, on this machine too (no shard of it could be read otherwise).
-            if num_classes
-                .checked_mul(dim as u64)
-                .is_none_or(|values| usize::try_from(values).is_err())
-            {
+            if !addressable(num_classes, dim) {
                 return Err(refuse(
                     path,
                     format!("{num_classes} classes × dim {dim} values cannot be addressed"),
@@ -535,8 +530,8 @@ impl CheckpointSet {
     /// # Errors
     ///
     /// Those of `write_shard`; [`PfcError::Param`] for `num_classes` below the run's, one whose
-    /// values cannot be addressed, or files that do not record the run's seed (written before
-    /// it was recorded) when classes are added.
+    /// values cannot be addressed, or files that do not record the run's seed (an older build's,
+    /// or written by hand) when classes are added.
     pub fn write_grown_shard(
         &self,
         world_size: usize,
@@ -622,10 +617,7 @@ impl CheckpointSet {
                 ),
             ));
         }
-        if num_classes
-            .checked_mul(self.dim as u64)
-            .is_none_or(|values| usize::try_from(values).is_err())
-        {
+        if !addressable(num_classes, self.dim) {
             return Err(PfcError::param(
                 "num_classes",
                 num_classes,
@@ -694,6 +686,14 @@ impl CheckpointSet {
         }
         Ok(values)
     }
+}
+
+/// Whether `num_classes × dim` values can be addressed, on this machine too: every class's values
+/// are addressed by class × dim, so no shard of a classifier beyond it could be read.
+fn addressable(num_classes: u64, dim: usize) -> bool {
+    num_classes
+        .checked_mul(dim as u64)
+        .is_some_and(|values| usize::try_from(values).is_ok())
 }
 
 /// Checks that `num_classes` can be split over `world_size` ranks as the layer splits them.
