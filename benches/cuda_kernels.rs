@@ -82,7 +82,7 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
     group.throughput(Throughput::Bytes(5 * bytes));
     group.bench_function("three_passes", |b| {
         b.iter(|| {
-            g.margin_rowmax(&mut logits, shape, &dl, &p, &mut mx, &mut tc)
+            g.margin_rowmax(&mut logits, shape, &dl, &p, None, &mut mx, &mut tc)
                 .unwrap();
             g.exp_rowsum(&logits, shape, &mx, &mut sum).unwrap();
             g.softmax_loss_grad(
@@ -90,6 +90,7 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
                 shape,
                 &dl,
                 &p,
+                None,
                 &mx,
                 &sum,
                 &tc,
@@ -106,8 +107,16 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
     group.throughput(Throughput::Bytes(3 * bytes + 8 * rows as u64));
     group.bench_function("fused_one_kernel", |b| {
         b.iter(|| {
-            g.margin_softmax_fused(&mut logits, shape, &dl, &p, 1.0 / rows as f32, &mut loss)
-                .unwrap();
+            g.margin_softmax_fused(
+                &mut logits,
+                shape,
+                &dl,
+                &p,
+                None,
+                1.0 / rows as f32,
+                &mut loss,
+            )
+            .unwrap();
             g.synchronize().unwrap();
         })
     });

@@ -35,17 +35,40 @@ __device__ __forceinline__ float clamp1(float v) { return v < -1.0f ? -1.0f : (v
 
 __device__ __forceinline__ bool is_filtered(float z) { return __float_as_uint(z) == 0x80000000u; }
 
+// Per-row margins (PartialFc::forward_backward_with, PassOptions::margins): 4 floats per row,
+// the row's m2, m3 and its fallback constants, built on the host as MarginParams::for_row reads
+// them; NULL when the pass has none. Only the target logit uses them, so only the thread that
+// computes it (thread 0) calls this.
+__device__ __forceinline__ Margin row_margin(Margin p, const float* rows, size_t i) {
+    if (rows) {
+        const float* r = rows + 4 * i;
+        p.m2 = r[0];
+        p.m3 = r[1];
+        p.fallback_cos = r[2];
+        p.fallback_mm = r[3];
+    }
+    return p;
+}
+
+// The angle m1 theta + m2, held at 0 from below: a negative per-row m2 (AdaFace) would
+// otherwise fold cos back down near theta = 0. A NaN stays NaN. Never below 0 for m2 >= 0.
+__device__ __forceinline__ float margin_angle(float c, const Margin& p) {
+    float a = p.m1 * acosf(c) + p.m2;
+    return a < 0.0f ? 0.0f : a;
+}
+
 // cos(m1 theta + m2) - m3 of a clamped cosine c, with the optional monotonic fallback.
 __device__ float target_logit(float c, const Margin& p) {
     if (p.fallback && c <= p.fallback_cos) return c - p.fallback_mm - p.m3;
     if (p.m1 == 1.0f && p.m2 == 0.0f) return c - p.m3;
-    return cosf(p.m1 * acosf(c) + p.m2) - p.m3;
+    return cosf(margin_angle(c, p)) - p.m3;
 }
 
 // d target_logit / d c (GradMode::Exact).
 __device__ float target_logit_slope(float c, const Margin& p) {
     if ((p.fallback && c <= p.fallback_cos) || (p.m1 == 1.0f && p.m2 == 0.0f)) return 1.0f;
     float theta = acosf(c);
+    if (p.m1 * theta + p.m2 < 0.0f) return 0.0f;  // held at 0 (margin_angle): flat
     // (1 - c)(1 + c), not 1 - c*c: ptxas would fuse the latter into one FMA (the CPU rounds c*c
     // first), and near c = 1 that cancellation moves sin θ by far more than an ulp. 1 - c is
     // exact for c >= 0.5 (Sterbenz), so this form is also the more accurate one near c = 1, and
@@ -74,7 +97,8 @@ __device__ __forceinline__ float margin_entry(float v, int j, int t, int cols, c
 }
 
 extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, int ld,
-                                         const int* labels, Margin p, float* row_max,
+                                         const int* labels, Margin p,
+                                         const float* row_margins, float* row_max,
                                          float* target_cos) {
     size_t i = blockIdx.x;
     float* row = logits + i * ld;
@@ -104,7 +128,7 @@ extern "C" __global__ void margin_rowmax(float* logits, int rows, int cols, int 
         float tc = 0.0f;
         if (t >= 0) {
             float raw = row[t];
-            float z = p.scale * target_logit(clamp1(raw), p);
+            float z = p.scale * target_logit(clamp1(raw), row_margin(p, row_margins, i));
             row[t] = z;
             m = fmaxf(m, z);
             tc = raw;
@@ -172,7 +196,8 @@ __device__ __forceinline__ float grad_entry(float z, int j, int t, int cols, flo
 }
 
 extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, int ld,
-                                             const int* labels, Margin p, const float* row_max,
+                                             const int* labels, Margin p,
+                                             const float* row_margins, const float* row_max,
                                              const float* row_sum, const float* target_cos,
                                              float grad_scale, float* row_loss) {
     size_t i = blockIdx.x;
@@ -199,7 +224,10 @@ extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, 
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;
-        if (t >= 0) row[t] = target_loss_grad(row[t], target_cos[i], max, inv_sum, p, grad_scale, &loss);
+        if (t >= 0) {
+            Margin q = row_margin(p, row_margins, i);
+            row[t] = target_loss_grad(row[t], target_cos[i], max, inv_sum, q, grad_scale, &loss);
+        }
         row_loss[i] = loss;
     }
 }
@@ -284,7 +312,8 @@ __device__ __forceinline__ float fused_grad_entry(float v, int j, int t, int col
 }
 
 extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int cols, int ld,
-                                                const int* labels, Margin p, float grad_scale,
+                                                const int* labels, Margin p,
+                                                const float* row_margins, float grad_scale,
                                                 float* row_loss) {
     size_t i = blockIdx.x;
     float* row = logits + i * ld;
@@ -310,7 +339,7 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
     float raw = 0.0f, zt = 0.0f;
     if (threadIdx.x == 0 && t >= 0) {
         raw = row[t];
-        zt = p.scale * target_logit(clamp1(raw), p);
+        zt = p.scale * target_logit(clamp1(raw), row_margin(p, row_margins, i));
         online_push(m, s, zt);
     }
     block_online(m, s);  // its barriers also order every sweep-1 read before any sweep-2 write
@@ -336,7 +365,10 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;
-        if (t >= 0) row[t] = target_loss_grad(zt, raw, m, inv_sum, p, grad_scale, &loss);
+        if (t >= 0) {
+            Margin q = row_margin(p, row_margins, i);
+            row[t] = target_loss_grad(zt, raw, m, inv_sum, q, grad_scale, &loss);
+        }
         row_loss[i] = loss;
     }
 }
@@ -379,7 +411,8 @@ __device__ __forceinline__ float target_z16(const u16* row, int t, int kind, con
 }
 
 extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, int ld, int kind,
-                                           const int* labels, Margin p, float* row_max,
+                                           const int* labels, Margin p,
+                                           const float* row_margins, float* row_max,
                                            float* target_cos) {
     size_t i = blockIdx.x;
     const u16* row = cos + i * ld;
@@ -398,7 +431,7 @@ extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, i
     }
     if (threadIdx.x == 0) {
         float raw = 0.0f;
-        if (t >= 0) m = fmaxf(m, target_z16(row, t, kind, p, &raw));
+        if (t >= 0) m = fmaxf(m, target_z16(row, t, kind, row_margin(p, row_margins, i), &raw));
         target_cos[i] = raw;
     }
     m = block_max(m);
@@ -406,7 +439,8 @@ extern "C" __global__ void margin_rowmax16(const u16* cos, int rows, int cols, i
 }
 
 extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int ld, int kind,
-                                        const int* labels, Margin p, const float* row_max,
+                                        const int* labels, Margin p,
+                                        const float* row_margins, const float* row_max,
                                         float* row_sum) {
     size_t i = blockIdx.x;
     const u16* row = cos + i * ld;
@@ -426,7 +460,7 @@ extern "C" __global__ void exp_rowsum16(const u16* cos, int rows, int cols, int 
     }
     if (threadIdx.x == 0 && t >= 0) {
         float raw;
-        s += expf(target_z16(row, t, kind, p, &raw) - max);
+        s += expf(target_z16(row, t, kind, row_margin(p, row_margins, i), &raw) - max);
     }
     s = block_sum(s);
     if (threadIdx.x == 0) row_sum[i] = s;
@@ -458,7 +492,8 @@ __device__ __forceinline__ void grad_sweep16(u16* row, int cols, int ld, int kin
 }
 
 extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int ld, int kind,
-                                               const int* labels, Margin p, const float* row_max,
+                                               const int* labels, Margin p,
+                                               const float* row_margins, const float* row_max,
                                                const float* row_sum, const float* target_cos,
                                                float grad_scale, float* row_loss) {
     size_t i = blockIdx.x;
@@ -472,15 +507,17 @@ extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int
         float loss = 0.0f;
         if (t >= 0) {
             float raw = target_cos[i];  // pass 1 read it from this entry, before any write
-            float z = p.scale * target_logit(clamp1(raw), p);
-            row[t] = f32_to_half(target_loss_grad(z, raw, max, inv_sum, p, grad_scale, &loss), kind);
+            Margin q = row_margin(p, row_margins, i);
+            float z = q.scale * target_logit(clamp1(raw), q);
+            row[t] = f32_to_half(target_loss_grad(z, raw, max, inv_sum, q, grad_scale, &loss), kind);
         }
         row_loss[i] = loss;
     }
 }
 
 extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, int ld, int kind,
-                                                  const int* labels, Margin p, float grad_scale,
+                                                  const int* labels, Margin p,
+                                                  const float* row_margins, float grad_scale,
                                                   float* row_loss) {
     size_t i = blockIdx.x;
     u16* row = cos + i * ld;
@@ -499,7 +536,7 @@ extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, 
     }
     float raw = 0.0f, zt = 0.0f;
     if (threadIdx.x == 0 && t >= 0) {
-        zt = target_z16(row, t, kind, p, &raw);
+        zt = target_z16(row, t, kind, row_margin(p, row_margins, i), &raw);
         online_push(m, s, zt);
     }
     block_online(m, s);  // its barriers also order every sweep-1 read before any sweep-2 write
@@ -508,7 +545,10 @@ extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, 
     __syncthreads();
     if (threadIdx.x == 0) {
         float loss = 0.0f;
-        if (t >= 0) row[t] = f32_to_half(target_loss_grad(zt, raw, m, inv_sum, p, grad_scale, &loss), kind);
+        if (t >= 0) {
+            Margin q = row_margin(p, row_margins, i);
+            row[t] = f32_to_half(target_loss_grad(zt, raw, m, inv_sum, q, grad_scale, &loss), kind);
+        }
         row_loss[i] = loss;
     }
 }

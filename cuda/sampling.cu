@@ -112,7 +112,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) random_keys(u64* ke
     __shared__ u32 local[BINS];
     for (int b = threadIdx.x; b < BINS; b += blockDim.x) local[b] = 0;
     __syncthreads();
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < shard_len; c += gridDim.x * blockDim.x) {
+    // An unsigned counter: an int one would wrap past INT_MAX - grid (shard_len < 2^31).
+    for (u32 c = blockIdx.x * blockDim.x + threadIdx.x; c < (u32)shard_len; c += gridDim.x * blockDim.x) {
         u32 high = class_random_bits(seed, step, shard_start + (u64)c) >> 1;
         u64 key = make_key(high, c);
         keys[c] = key;
@@ -210,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) radix_pass(const u6
     u64 prefix = state[ST_PREFIX];
     u64 high_mask = shift + bits >= 64 ? 0ull : (~0ull << (shift + bits));
     u32 digit_mask = (1u << bits) - 1u;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < n; c += gridDim.x * blockDim.x) {
+    for (u32 c = blockIdx.x * blockDim.x + threadIdx.x; c < (u32)n; c += gridDim.x * blockDim.x) {
         u64 key = keys[c];
         if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
     }
@@ -219,9 +220,10 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) radix_pass(const u6
     select_digit(state, hist, shift, __ldcg(&state[ST_RANK]));
 }
 
-// src/cpu/sampling.rs score_key_high: orders like the score, NaN as -inf, below POSITIVE_KEY.
+// src/cpu/sampling.rs score_key_high: orders like the score, NaN as -inf, -0 as +0 (a GEMM or
+// fmaxf may give a zero either sign on either device), below POSITIVE_KEY.
 __device__ __forceinline__ u32 score_key_high(float score) {
-    float s = score != score ? -INFINITY : score;  // NaN as -inf
+    float s = score != score ? -INFINITY : (score == 0.0f ? 0.0f : score);  // NaN as -inf
     u32 bits = __float_as_uint(s);
     u32 ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
     return min(ordered, POSITIVE_KEY - 1);
@@ -385,7 +387,7 @@ __device__ __forceinline__ void remap_label(int* labels, int i, const int* sampl
     if (l < 0) return;
     int lo = 0, hi = count;
     while (lo < hi) {
-        int mid = (lo + hi) / 2;
+        int mid = lo + (hi - lo) / 2;
         if (sampled[mid] < l) lo = mid + 1; else hi = mid;
     }
     labels[i] = (lo < count && sampled[lo] == l) ? lo : -1;

@@ -52,7 +52,7 @@ fn main() {
             *l = (*l).min(s as i32 - 1);
         }
         t("margin_rowmax", || {
-            margin_softmax::margin_rowmax(&mut logits, shape, &labels, &p, &mut mx, &mut tc)
+            margin_softmax::margin_rowmax(&mut logits, shape, &labels, &p, None, &mut mx, &mut tc)
         });
         t("exp_rowsum", || {
             margin_softmax::exp_rowsum(&logits, shape, &mx, &mut sm)
@@ -63,6 +63,7 @@ fn main() {
                 shape,
                 &labels,
                 &p,
+                None,
                 &mx,
                 &sm,
                 &tc,

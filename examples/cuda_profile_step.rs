@@ -68,7 +68,7 @@ fn alignment_probe(
             });
             g.gemm_nt16(m, cols, d, xh, &wpad, &mut cos16).unwrap();
             time(g, &format!("margin_rowmax16, {cols} cols"), 10, || {
-                g.margin_rowmax16(&cos16, shape, Dtype::Bf16, local, p, &mut mx, &mut tc)
+                g.margin_rowmax16(&cos16, shape, Dtype::Bf16, local, p, None, &mut mx, &mut tc)
                     .unwrap()
             });
             continue;
@@ -84,7 +84,7 @@ fn alignment_probe(
         });
         g.gemm_nt(m, cols, d, xh, &wpad, &mut logits).unwrap();
         time(g, &format!("margin_rowmax, {cols} cols"), 10, || {
-            g.margin_rowmax(&mut logits, shape, local, p, &mut mx, &mut tc)
+            g.margin_rowmax(&mut logits, shape, local, p, None, &mut mx, &mut tc)
                 .unwrap()
         });
     }
@@ -185,7 +185,7 @@ fn main() {
             g.gemm_nt(m, ld, d, &xh, &wh, &mut logits).unwrap()
         });
         total += time(&g, "margin_rowmax", 10, || {
-            g.margin_rowmax(&mut logits, shape, &local, &p, &mut mx, &mut tc)
+            g.margin_rowmax(&mut logits, shape, &local, &p, None, &mut mx, &mut tc)
                 .unwrap()
         });
         total += time(&g, "exp_rowsum", 10, || {
@@ -197,6 +197,7 @@ fn main() {
                 shape,
                 &local,
                 &p,
+                None,
                 &mx,
                 &sum,
                 &tc,

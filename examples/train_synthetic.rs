@@ -14,7 +14,7 @@ use partial_fc::plan::Dtype;
 use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
-use partial_fc::synthetic::{train, TrainConfig, TrainReport};
+use partial_fc::synthetic::{train, RowMarginMode, TrainConfig, TrainReport};
 use partial_fc::{AdamW, Margin, NegativeSampler, PfcError, Sgd, StateDtype, UpdateMode};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +72,13 @@ enum MarginArg {
     Arcface,
     /// Additive cosine margin: s·(cos θ − m).
     Cosface,
+    /// ElasticFace-Arc: ArcFace with each row's m drawn from N(m, std²) every step.
+    ElasticArc,
+    /// ElasticFace-Cos: CosFace with each row's m drawn from N(m, std²) every step.
+    ElasticCos,
+    /// AdaFace: s·(cos(θ − m·ĝ) − m − m·ĝ), ĝ from each embedding's norm against the running
+    /// statistics of the batches' norms.
+    Adaface,
 }
 
 /// Train an embedding model on synthetic identities with Partial FC (sharded over thread ranks)
@@ -169,9 +176,13 @@ struct Args {
     /// Margin type.
     #[arg(long, value_enum, default_value_t = MarginArg::Arcface)]
     margin: MarginArg,
-    /// Margin value (ArcFace m2, default 0.5; CosFace m3, default 0.4).
+    /// Margin value (ArcFace m2, default 0.5; CosFace m3, default 0.4; the mean of
+    /// ElasticFace's, default 0.5 for Arc and 0.35 for Cos; AdaFace's m, default 0.4).
     #[arg(long)]
     margin_value: Option<f64>,
+    /// Standard deviation of ElasticFace's margins.
+    #[arg(long, default_value_t = 0.05)]
+    margin_std: f64,
     /// Logit scale s.
     #[arg(long, default_value_t = 64.0)]
     scale: f64,
@@ -213,8 +224,25 @@ impl Args {
             MarginArg::Cosface => {
                 Margin::combined(self.scale, 1.0, 0.0, self.margin_value.unwrap_or(0.4))
             }
+            MarginArg::ElasticArc => {
+                Margin::combined(self.scale, 1.0, self.margin_value.unwrap_or(0.5), 0.0)
+            }
+            MarginArg::ElasticCos => {
+                Margin::combined(self.scale, 1.0, 0.0, self.margin_value.unwrap_or(0.35))
+            }
+            MarginArg::Adaface => Margin::combined(self.scale, 1.0, 0.0, 0.0),
+        };
+        let row_margins = match self.margin {
+            MarginArg::Arcface | MarginArg::Cosface => RowMarginMode::None,
+            MarginArg::ElasticArc | MarginArg::ElasticCos => RowMarginMode::Elastic {
+                std: self.margin_std,
+            },
+            MarginArg::Adaface => RowMarginMode::AdaFace {
+                m: self.margin_value.unwrap_or(0.4),
+            },
         };
         let mut cfg = TrainConfig {
+            row_margins,
             identities: self.identities,
             samples_per_identity: self.samples_per_identity,
             eval_identities: self.eval_identities,

@@ -36,7 +36,7 @@ build() {
     cd "$root"
     local json
     json="$(mktemp)"
-    cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl --test cuda_memory --test cuda_step_fuzz --test cuda_checkpoint --test cuda_row_weights > "$json"
+    cargo test --release --features cuda --no-run --message-format=json --test cuda_kernels --test cuda_compile --test cuda_nccl --test cuda_memory --test cuda_step_fuzz --test cuda_checkpoint --test cuda_row_weights --test cuda_row_margins > "$json"
     cargo bench --features cuda --no-run --message-format=json --bench cuda_kernels --bench cuda_collectives >> "$json"
     cargo build --release --features cuda --message-format=json --example cuda_step_memory \
         --example cuda_profile_step --example multi_gpu --example train_synthetic >> "$json"
@@ -183,6 +183,8 @@ run() {
         echo "== compute-sanitizer --tool $tool (row weights)"
         sanitize "$tool" 120 "$bin/test-cuda_row_weights" scale_rows
     done
+    echo "== compute-sanitizer --tool memcheck (per-row margin tables)"
+    sanitize memcheck 120 "$bin/test-cuda_row_margins" margins_on_the_device_match_the_cpu
     echo "== multi_gpu example: launcher, TCP rendezvous, NCCL (one process per GPU)"
     ngpu="$(timeout 20 nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)"
     ((ngpu >= 1)) || ngpu=1

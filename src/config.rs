@@ -153,6 +153,43 @@ impl Default for Margin {
     }
 }
 
+/// Floats per row of a per-row margin table: the row's m2, m3, and its monotonic fallback's
+/// `fallback_cos` and `fallback_mm` ([`MarginParams`]), as [`Margin::row_entry`] writes them
+/// and [`MarginParams::for_row`] reads them.
+pub const ROW_MARGIN_FLOATS: usize = 4;
+
+impl Margin {
+    /// One row's entry of a per-row margin table: this margin with the row's own m2 and m3
+    /// (the scale, m1, gradient mode, fallback mode and filter stay the layer's). The fallback's
+    /// constants are computed from the row's m2 in f64, as [`Margin::params`] computes the
+    /// layer's, so a row whose m2 and m3 equal the layer's gets its exact parameters.
+    pub fn row_entry(&self, m2: f64, m3: f64) -> [f32; ROW_MARGIN_FLOATS] {
+        let p = Margin { m2, m3, ..*self }.params();
+        [p.m2, p.m3, p.fallback_cos, p.fallback_mm]
+    }
+}
+
+impl MarginParams {
+    /// The parameters of row `row`: `self` with the row's m2, m3 and fallback constants from a
+    /// per-row table of [`ROW_MARGIN_FLOATS`] floats per row ([`Margin::row_entry`]), or `self`
+    /// when there is no table. The CPU reference of the kernels' `row_margin`.
+    pub fn for_row(&self, table: Option<&[f32]>, row: usize) -> MarginParams {
+        match table {
+            None => *self,
+            Some(t) => {
+                let r = &t[ROW_MARGIN_FLOATS * row..ROW_MARGIN_FLOATS * (row + 1)];
+                MarginParams {
+                    m2: r[0],
+                    m3: r[1],
+                    fallback_cos: r[2],
+                    fallback_mm: r[3],
+                    ..*self
+                }
+            }
+        }
+    }
+}
+
 /// Margin parameters in the form kernels consume them (f32, precomputed constants).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MarginParams {

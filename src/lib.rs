@@ -29,6 +29,7 @@ pub mod multi_label;
 pub mod plan;
 pub mod rendezvous;
 pub mod rng;
+pub mod row_margins;
 pub mod shard;
 pub mod synthetic;
 pub mod tensor_file;
@@ -41,9 +42,11 @@ pub use config::{
 pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
 pub use layer::{
-    inverse_propensities, PartialFc, Prediction, PropensityMetrics, RankingMetrics, StepOutput,
+    inverse_propensities, PartialFc, PassOptions, Prediction, PropensityMetrics, RankingMetrics,
+    StepOutput, ROW_ADDITIVE_MARGIN, ROW_ANGULAR_MARGIN,
 };
 pub use multi_label::PairBatch;
+pub use row_margins::{elastic_margins, AdaFace, AdaFaceMargins, MarginKind};
 pub use shard::Shard;
 
 /// The README's Rust example, compiled and run as a doctest.

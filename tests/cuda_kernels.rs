@@ -367,6 +367,7 @@ fn margin_softmax_passes_match_cpu() {
                 LogitsShape::dense(rows, cols),
                 &labels,
                 &p,
+                None,
                 &mut mx,
                 &mut tc,
             )
@@ -378,6 +379,7 @@ fn margin_softmax_passes_match_cpu() {
                 LogitsShape::dense(rows, cols),
                 &dl,
                 &p,
+                None,
                 &mut gmx,
                 &mut gtc,
             )
@@ -430,6 +432,7 @@ fn margin_softmax_passes_match_cpu() {
                 LogitsShape::dense(rows, cols),
                 &labels,
                 &p,
+                None,
                 &mx,
                 &sum,
                 &tc,
@@ -443,6 +446,7 @@ fn margin_softmax_passes_match_cpu() {
                 LogitsShape::dense(rows, cols),
                 &dl,
                 &p,
+                None,
                 &gmx,
                 &gsum,
                 &gtc,
@@ -548,6 +552,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &mut mx,
                     &mut tc,
                 )
@@ -558,6 +563,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &mx,
                     &mut sum,
                 )
@@ -568,6 +574,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &mx,
                     &sum,
                     &tc,
@@ -584,6 +591,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &dl,
                     &p,
+                    None,
                     &mut gmx,
                     &mut gtc,
                 )
@@ -599,6 +607,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &dl,
                     &p,
+                    None,
                     &gmx,
                     &mut gsum,
                 )
@@ -609,6 +618,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &dl,
                     &p,
+                    None,
                     &gmx,
                     &gsum,
                     &gtc,
@@ -640,6 +650,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     1.0,
                     &mut loss,
                 )
@@ -651,6 +662,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     dtype,
                     &dl,
                     &p,
+                    None,
                     1.0,
                     &mut gloss,
                 )
@@ -703,6 +715,7 @@ fn margin_softmax_fused_matches_cpu() {
                 LogitsShape::dense(rows, cols),
                 &labels,
                 &p,
+                None,
                 gs,
                 &mut loss,
             )
@@ -714,6 +727,7 @@ fn margin_softmax_fused_matches_cpu() {
                 LogitsShape::dense(rows, cols),
                 &dl,
                 &p,
+                None,
                 gs,
                 &mut gloss,
             )
@@ -814,12 +828,12 @@ fn padded_logits_rows_match_cpu() {
             // f32: the three passes.
             let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
             let (mut sum, mut loss) = (vec![0f32; rows], vec![0f32; rows]);
-            cpu.margin_rowmax(&mut lc, shape, &labels, &p, &mut mx, &mut tc)
+            cpu.margin_rowmax(&mut lc, shape, &labels, &p, None, &mut mx, &mut tc)
                 .unwrap();
             let mut lg = up(&g, &logits);
             let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
             let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
-            g.margin_rowmax(&mut lg, shape, &dl, &p, &mut gmx, &mut gtc)
+            g.margin_rowmax(&mut lg, shape, &dl, &p, None, &mut gmx, &mut gtc)
                 .unwrap();
             let ((gv, gp), (cv, cp)) = (
                 split_padded(&down(&lg, rows * ld), shape),
@@ -831,18 +845,22 @@ fn padded_logits_rows_match_cpu() {
             cpu.exp_rowsum(&lc, shape, &mx, &mut sum).unwrap();
             g.exp_rowsum(&lg, shape, &gmx, &mut gsum).unwrap();
             rows_close(format!("{what}: row sum"), &gsum, &sum);
-            cpu.softmax_loss_grad(&mut lc, shape, &labels, &p, &mx, &sum, &tc, gs, &mut loss)
-                .unwrap();
-            g.softmax_loss_grad(&mut lg, shape, &dl, &p, &gmx, &gsum, &gtc, gs, &mut gloss)
-                .unwrap();
+            cpu.softmax_loss_grad(
+                &mut lc, shape, &labels, &p, None, &mx, &sum, &tc, gs, &mut loss,
+            )
+            .unwrap();
+            g.softmax_loss_grad(
+                &mut lg, shape, &dl, &p, None, &gmx, &gsum, &gtc, gs, &mut gloss,
+            )
+            .unwrap();
             check_f32("pass 3", &lg, &lc, &gloss, &loss);
 
             // f32: the one kernel.
             let mut lc = logits.clone();
-            cpu.margin_softmax_fused(&mut lc, shape, &labels, &p, gs, &mut loss)
+            cpu.margin_softmax_fused(&mut lc, shape, &labels, &p, None, gs, &mut loss)
                 .unwrap();
             let mut lg = up(&g, &logits);
-            g.margin_softmax_fused(&mut lg, shape, &dl, &p, gs, &mut gloss)
+            g.margin_softmax_fused(&mut lg, shape, &dl, &p, None, gs, &mut gloss)
                 .unwrap();
             check_f32("fused", &lg, &lc, &gloss, &loss);
 
@@ -868,32 +886,32 @@ fn padded_logits_rows_match_cpu() {
                         rows_close(format!("{what} loss"), gloss, loss);
                     };
                 let mut c = cos.clone();
-                cpu.margin_rowmax16(&c, shape, dtype, &labels, &p, &mut mx, &mut tc)
+                cpu.margin_rowmax16(&c, shape, dtype, &labels, &p, None, &mut mx, &mut tc)
                     .unwrap();
-                cpu.exp_rowsum16(&c, shape, dtype, &labels, &p, &mx, &mut sum)
+                cpu.exp_rowsum16(&c, shape, dtype, &labels, &p, None, &mx, &mut sum)
                     .unwrap();
                 cpu.softmax_loss_grad16(
-                    &mut c, shape, dtype, &labels, &p, &mx, &sum, &tc, 1.0, &mut loss,
+                    &mut c, shape, dtype, &labels, &p, None, &mx, &sum, &tc, 1.0, &mut loss,
                 )
                 .unwrap();
                 let mut gc = up(&g, &cos);
-                g.margin_rowmax16(&gc, shape, dtype, &dl, &p, &mut gmx, &mut gtc)
+                g.margin_rowmax16(&gc, shape, dtype, &dl, &p, None, &mut gmx, &mut gtc)
                     .unwrap();
-                g.exp_rowsum16(&gc, shape, dtype, &dl, &p, &gmx, &mut gsum)
+                g.exp_rowsum16(&gc, shape, dtype, &dl, &p, None, &gmx, &mut gsum)
                     .unwrap();
                 rows_close(format!("{what}: row max"), &gmx, &mx);
                 rows_close(format!("{what}: row sum"), &gsum, &sum);
                 g.softmax_loss_grad16(
-                    &mut gc, shape, dtype, &dl, &p, &gmx, &gsum, &gtc, 1.0, &mut gloss,
+                    &mut gc, shape, dtype, &dl, &p, None, &gmx, &gsum, &gtc, 1.0, &mut gloss,
                 )
                 .unwrap();
                 check16("pass 3", &gc, &c, &gloss, &loss);
 
                 let mut c = cos.clone();
-                cpu.margin_softmax_fused16(&mut c, shape, dtype, &labels, &p, 1.0, &mut loss)
+                cpu.margin_softmax_fused16(&mut c, shape, dtype, &labels, &p, None, 1.0, &mut loss)
                     .unwrap();
                 let mut gc = up(&g, &cos);
-                g.margin_softmax_fused16(&mut gc, shape, dtype, &dl, &p, 1.0, &mut gloss)
+                g.margin_softmax_fused16(&mut gc, shape, dtype, &dl, &p, None, 1.0, &mut gloss)
                     .unwrap();
                 check16("fused", &gc, &c, &gloss, &loss);
             }
@@ -2107,6 +2125,7 @@ fn short_row_statistics_are_errors() {
                 shape,
                 &labels,
                 &p,
+                None,
                 stat(0),
                 stat(1),
                 stat(2),

@@ -489,12 +489,20 @@ impl Backend for Emulated16 {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("margin_rowmax");
-        self.cpu
-            .margin_rowmax(logits, shape, labels, margin, row_max, target_cos)
+        self.cpu.margin_rowmax(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            target_cos,
+        )
     }
 
     fn exp_rowsum(
@@ -514,6 +522,7 @@ impl Backend for Emulated16 {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &Vec<f32>,
         target_cos: &Vec<f32>,
@@ -522,7 +531,16 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("softmax_loss_grad");
         self.cpu.softmax_loss_grad(
-            logits, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         )
     }
 
@@ -532,12 +550,20 @@ impl Backend for Emulated16 {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("margin_softmax_fused");
-        self.cpu
-            .margin_softmax_fused(logits, shape, labels, margin, grad_scale, row_loss)
+        self.cpu.margin_softmax_fused(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            grad_scale,
+            row_loss,
+        )
     }
 
     fn logits_dtype(&self) -> Dtype {
@@ -680,12 +706,21 @@ impl Backend for Emulated16 {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("margin_rowmax16");
-        self.cpu
-            .margin_rowmax16(cos, shape, dtype, labels, margin, row_max, target_cos)
+        self.cpu.margin_rowmax16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            target_cos,
+        )
     }
 
     fn exp_rowsum16(
@@ -695,12 +730,21 @@ impl Backend for Emulated16 {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("exp_rowsum16");
-        self.cpu
-            .exp_rowsum16(cos, shape, dtype, labels, margin, row_max, row_sum)
+        self.cpu.exp_rowsum16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+        )
     }
 
     fn softmax_loss_grad16(
@@ -710,6 +754,7 @@ impl Backend for Emulated16 {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &Vec<f32>,
         target_cos: &Vec<f32>,
@@ -718,7 +763,17 @@ impl Backend for Emulated16 {
     ) -> Result<()> {
         self.kernel("softmax_loss_grad16");
         self.cpu.softmax_loss_grad16(
-            cos, shape, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         )
     }
 
@@ -729,12 +784,21 @@ impl Backend for Emulated16 {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         self.kernel("margin_softmax_fused16");
-        self.cpu
-            .margin_softmax_fused16(cos, shape, dtype, labels, margin, grad_scale, row_loss)
+        self.cpu.margin_softmax_fused16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            grad_scale,
+            row_loss,
+        )
     }
 
     fn normalize_backward(

@@ -128,9 +128,9 @@ fn f32_passes_on_padded_rows_equal_dense_rows() {
                 let ((mut mx, mut tc, mut sum), (mut gmx, mut gtc, mut gsum)) = (stats(), stats());
                 let (mut loss, mut gloss) = (vec![0f32; rows], vec![0f32; rows]);
                 let l = &case.labels;
-                cpu.margin_rowmax(&mut want, dense_shape, l, &p, &mut mx, &mut tc)
+                cpu.margin_rowmax(&mut want, dense_shape, l, &p, None, &mut mx, &mut tc)
                     .unwrap();
-                cpu.margin_rowmax(&mut got, case.shape(), l, &p, &mut gmx, &mut gtc)
+                cpu.margin_rowmax(&mut got, case.shape(), l, &p, None, &mut gmx, &mut gtc)
                     .unwrap();
                 let (values, padding) = case.split(&got);
                 assert_eq!(bits(&values), bits(&want), "{what}: pass 1 logits");
@@ -148,6 +148,7 @@ fn f32_passes_on_padded_rows_equal_dense_rows() {
                     dense_shape,
                     l,
                     &p,
+                    None,
                     st.0,
                     st.1,
                     st.2,
@@ -160,6 +161,7 @@ fn f32_passes_on_padded_rows_equal_dense_rows() {
                     case.shape(),
                     l,
                     &p,
+                    None,
                     gst.0,
                     gst.1,
                     gst.2,
@@ -174,9 +176,9 @@ fn f32_passes_on_padded_rows_equal_dense_rows() {
                 assert!(loss.iter().all(|l| l.is_finite()), "{what}: loss {loss:?}");
 
                 let (mut want, mut got) = (case.dense.clone(), case.padded(&case.dense, pad));
-                cpu.margin_softmax_fused(&mut want, dense_shape, l, &p, 0.5, &mut loss)
+                cpu.margin_softmax_fused(&mut want, dense_shape, l, &p, None, 0.5, &mut loss)
                     .unwrap();
-                cpu.margin_softmax_fused(&mut got, case.shape(), l, &p, 0.5, &mut gloss)
+                cpu.margin_softmax_fused(&mut got, case.shape(), l, &p, None, 0.5, &mut gloss)
                     .unwrap();
                 let (values, padding) = case.split(&got);
                 assert_eq!(bits(&values), bits(&want), "{what}: fused gradient");
@@ -204,15 +206,15 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                         (stats(), stats());
                     let (mut loss, mut gloss) = (vec![0f32; rows], vec![0f32; rows]);
                     let (mut want, mut got) = (cos.clone(), case.padded(&cos, pad16));
-                    cpu.margin_rowmax16(&want, dense_shape, dtype, l, &p, &mut mx, &mut tc)
+                    cpu.margin_rowmax16(&want, dense_shape, dtype, l, &p, None, &mut mx, &mut tc)
                         .unwrap();
-                    cpu.margin_rowmax16(&got, case.shape(), dtype, l, &p, &mut gmx, &mut gtc)
+                    cpu.margin_rowmax16(&got, case.shape(), dtype, l, &p, None, &mut gmx, &mut gtc)
                         .unwrap();
                     assert_eq!(bits(&gmx), bits(&mx), "{what}: row max");
                     assert_eq!(bits(&gtc), bits(&tc), "{what}: target cos");
-                    cpu.exp_rowsum16(&want, dense_shape, dtype, l, &p, &mx, &mut sum)
+                    cpu.exp_rowsum16(&want, dense_shape, dtype, l, &p, None, &mx, &mut sum)
                         .unwrap();
-                    cpu.exp_rowsum16(&got, case.shape(), dtype, l, &p, &gmx, &mut gsum)
+                    cpu.exp_rowsum16(&got, case.shape(), dtype, l, &p, None, &gmx, &mut gsum)
                         .unwrap();
                     assert_eq!(bits(&gsum), bits(&sum), "{what}: row sum");
                     cpu.softmax_loss_grad16(
@@ -221,6 +223,7 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                         dtype,
                         l,
                         &p,
+                        None,
                         &mx,
                         &sum,
                         &tc,
@@ -234,6 +237,7 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                         dtype,
                         l,
                         &p,
+                        None,
                         &gmx,
                         &gsum,
                         &gtc,
@@ -253,6 +257,7 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                         dtype,
                         l,
                         &p,
+                        None,
                         1.0,
                         &mut loss,
                     )
@@ -263,6 +268,7 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                         dtype,
                         l,
                         &p,
+                        None,
                         1.0,
                         &mut gloss,
                     )
@@ -289,13 +295,21 @@ fn a_stride_shorter_than_the_row_or_a_short_buffer_is_an_error() {
     };
     let mut logits = vec![0f32; 10];
     assert!(cpu
-        .margin_rowmax(&mut logits, overlapping, &vec![0, 1], &p, &mut mx, &mut tc)
+        .margin_rowmax(
+            &mut logits,
+            overlapping,
+            &vec![0, 1],
+            &p,
+            None,
+            &mut mx,
+            &mut tc
+        )
         .is_err());
     // Two rows of 5 padded to 8 need 16 elements; 13 hold the classes but not the stride.
     let padded = LogitsShape::aligned(2, 5).unwrap();
     let mut short = vec![0f32; 13];
     assert!(cpu
-        .margin_rowmax(&mut short, padded, &vec![0, 1], &p, &mut mx, &mut tc)
+        .margin_rowmax(&mut short, padded, &vec![0, 1], &p, None, &mut mx, &mut tc)
         .is_err());
     assert!(
         short.iter().all(|&v| v == 0.0),

@@ -83,6 +83,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     LogitsShape::dense(rows, cols),
                     &labels,
                     &p,
+                    None,
                     &mut max,
                     &mut tcos,
                 )
@@ -94,6 +95,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     LogitsShape::dense(rows, cols),
                     &labels,
                     &p,
+                    None,
                     &max,
                     &sum,
                     &tcos,
@@ -115,6 +117,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &mut max16,
                     &mut tcos16,
                 )
@@ -125,6 +128,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &max16,
                     &mut sum16,
                 )
@@ -135,6 +139,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     &max16,
                     &sum16,
                     &tcos16,
@@ -176,6 +181,7 @@ fn fused_on_16_bit_cosines_equals_the_f32_fused() {
                     LogitsShape::dense(rows, cols),
                     &labels,
                     &p,
+                    None,
                     1.0,
                     &mut loss,
                 )
@@ -188,6 +194,7 @@ fn fused_on_16_bit_cosines_equals_the_f32_fused() {
                     dtype,
                     &labels,
                     &p,
+                    None,
                     1.0,
                     &mut loss16,
                 )
@@ -223,6 +230,7 @@ fn f16_gradients_stay_in_range() {
         dtype,
         &labels,
         &p,
+        None,
         1.0,
         &mut loss,
     )
@@ -247,6 +255,7 @@ fn f16_gradients_stay_in_range() {
         dtype,
         &vec![0],
         &p,
+        None,
         1e4,
         &mut loss,
     )
@@ -267,6 +276,7 @@ fn bad_input_is_a_typed_error() {
             Dtype::F32,
             &vec![0, 1],
             &p,
+            None,
             &mut max,
             &mut tcos
         )
@@ -278,6 +288,7 @@ fn bad_input_is_a_typed_error() {
             Dtype::Bf16,
             &vec![0, 1, 2],
             &p,
+            None,
             &mut max,
             &mut tcos
         )

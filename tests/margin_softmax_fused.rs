@@ -97,6 +97,7 @@ fn three_passes(
         LogitsShape::dense(rows, cols),
         &labels,
         &p,
+        None,
         &mut max,
         &mut tcos,
     )
@@ -108,6 +109,7 @@ fn three_passes(
         LogitsShape::dense(rows, cols),
         &labels,
         &p,
+        None,
         &max,
         &sum,
         &tcos,
@@ -134,6 +136,7 @@ fn fused(
             LogitsShape::dense(rows, cols),
             &labels.to_vec(),
             &margin.params(),
+            None,
             grad_scale,
             &mut loss,
         )

@@ -230,6 +230,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &bad,
         &p,
+        None,
         &mut max,
         &mut tcos
     ));
@@ -238,6 +239,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &bad,
         &p,
+        None,
         &max,
         &sum,
         &tcos,
@@ -249,6 +251,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &bad,
         &p,
+        None,
         1.0,
         &mut loss
     ));
@@ -260,6 +263,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(3, cols),
         &good,
         &p,
+        None,
         &mut max,
         &mut tcos
     ));
@@ -268,6 +272,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &good,
         &p,
+        None,
         &mut vec![0.0],
         &mut tcos
     ));
@@ -288,6 +293,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &good,
         &p,
+        None,
         &max,
         &vec![1.0],
         &tcos,
@@ -299,6 +305,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &good,
         &p,
+        None,
         1.0,
         &mut vec![]
     ));
@@ -307,6 +314,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         LogitsShape::dense(rows, cols),
         &good,
         &p,
+        None,
         1.0,
         &mut loss,
     )
@@ -321,6 +329,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         Dtype::F16,
         &bad,
         &p,
+        None,
         &mut max,
         &mut tcos
     ));
@@ -330,6 +339,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         Dtype::F16,
         &bad,
         &p,
+        None,
         1.0,
         &mut loss
     ));

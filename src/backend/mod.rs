@@ -489,6 +489,7 @@ pub trait Backend: Send + Sync + 'static {
         shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         row_max: &mut Self::Buf<f32>,
         target_cos: &mut Self::Buf<f32>,
     ) -> Result<()>;
@@ -512,6 +513,7 @@ pub trait Backend: Send + Sync + 'static {
         shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         row_max: &Self::Buf<f32>,
         row_sum: &Self::Buf<f32>,
         target_cos: &Self::Buf<f32>,
@@ -531,6 +533,7 @@ pub trait Backend: Send + Sync + 'static {
         shape: LogitsShape,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()>;
@@ -600,6 +603,7 @@ pub trait Backend: Send + Sync + 'static {
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         row_max: &mut Self::Buf<f32>,
         target_cos: &mut Self::Buf<f32>,
     ) -> Result<()> {
@@ -617,6 +621,7 @@ pub trait Backend: Send + Sync + 'static {
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         row_max: &Self::Buf<f32>,
         row_sum: &mut Self::Buf<f32>,
     ) -> Result<()> {
@@ -634,6 +639,7 @@ pub trait Backend: Send + Sync + 'static {
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         row_max: &Self::Buf<f32>,
         row_sum: &Self::Buf<f32>,
         target_cos: &Self::Buf<f32>,
@@ -653,6 +659,7 @@ pub trait Backend: Send + Sync + 'static {
         dtype: Dtype,
         labels: &Self::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Self::Buf<f32>>,
         grad_scale: f32,
         row_loss: &mut Self::Buf<f32>,
     ) -> Result<()> {

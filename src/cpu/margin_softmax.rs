@@ -28,7 +28,19 @@ pub fn target_logit(c: f32, p: &MarginParams) -> f32 {
     if p.m1 == 1.0 && p.m2 == 0.0 {
         return c - p.m3;
     }
-    (p.m1 * c.acos() + p.m2).cos() - p.m3
+    margin_angle(c, p).cos() - p.m3
+}
+
+/// The angle `m1·θ + m2`, held at 0 from below: a negative per-row m2 (AdaFace) would otherwise
+/// fold the cosine back down near θ = 0 (AdaFace clips the angle there too). A NaN stays NaN;
+/// never below 0 for m2 >= 0.
+fn margin_angle(c: f32, p: &MarginParams) -> f32 {
+    let a = p.m1 * c.acos() + p.m2;
+    if a < 0.0 {
+        0.0
+    } else {
+        a
+    }
 }
 
 /// d target_logit / d c for [`crate::GradMode::Exact`].
@@ -37,6 +49,9 @@ pub fn target_logit_slope(c: f32, p: &MarginParams) -> f32 {
         return 1.0;
     }
     let theta = c.acos();
+    if p.m1 * theta + p.m2 < 0.0 {
+        return 0.0; // held at 0 (margin_angle): flat
+    }
     // (1 − c)(1 + c) as in cuda/margin_softmax.cu: 1 − c is exact near c = 1, and nothing in it
     // can be fused into an FMA by a GPU compiler, so both devices round it alike.
     let sin_theta = ((1.0 - c) * (1.0 + c)).max(0.0).sqrt().max(1e-6);
@@ -122,11 +137,16 @@ pub(super) fn class_columns<T: Copy + Default>(row: &mut [T], cols: usize) -> Op
 
 /// Pass 1: clamp, filter, margin on the target, scale; local row max and raw target cosine.
 /// The padding columns (`shape.cols..shape.ld`) are neither read nor written.
+///
+/// `row_margins`, in every softmax function here: a per-row margin table
+/// ([`ROW_MARGIN_FLOATS`](crate::config::ROW_MARGIN_FLOATS) floats per row, [`MarginParams::for_row`])
+/// whose m2 and m3 replace `p`'s on each row's target, or `None`.
 pub fn margin_rowmax(
     logits: &mut [f32],
     shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     row_max: &mut [f32],
     target_cos: &mut [f32],
 ) {
@@ -141,8 +161,10 @@ pub fn margin_rowmax(
         .zip(row_max[..rows].par_iter_mut())
         .zip(target_cos[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
-        .for_each(|(((row, max), tcos), &label)| {
-            (*max, *tcos) = margin_row_fast(&mut row[..cols], usize::try_from(label).ok(), p);
+        .enumerate()
+        .for_each(|(i, (((row, max), tcos), &label))| {
+            let target = usize::try_from(label).ok();
+            (*max, *tcos) = margin_row_fast(&mut row[..cols], target, &p.for_row(row_margins, i));
         });
 }
 
@@ -218,6 +240,7 @@ pub fn softmax_loss_grad(
     shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     row_max: &[f32],
     row_sum: &[f32],
     target_cos: &[f32],
@@ -243,7 +266,7 @@ pub fn softmax_loss_grad(
                 sum: row_sum[i],
                 target_cos: target_cos[i],
             };
-            *loss = loss_grad_row(row, target, stats, p, grad_scale);
+            *loss = loss_grad_row(row, target, stats, &p.for_row(row_margins, i), grad_scale);
         });
 }
 
@@ -428,11 +451,13 @@ with_avx2!(pub(super) fn fused_row_fast = fused_row(row: &mut [f32], target: Opt
 /// encodings, loss and gradient as [`margin_rowmax`], [`exp_rowsum`] and [`softmax_loss_grad`]
 /// with nothing all-reduced between them; only the sum's rounding differs. Zeros in the padding
 /// columns.
+#[allow(clippy::too_many_arguments)]
 pub fn margin_softmax_fused(
     logits: &mut [f32],
     shape: LogitsShape,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
@@ -445,9 +470,11 @@ pub fn margin_softmax_fused(
         .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
-        .for_each(|((row, loss), &label)| {
+        .enumerate()
+        .for_each(|(i, ((row, loss), &label))| {
             if let Some(row) = class_columns(row, cols) {
-                *loss = fused_row_fast(row, usize::try_from(label).ok(), p, grad_scale);
+                let target = usize::try_from(label).ok();
+                *loss = fused_row_fast(row, target, &p.for_row(row_margins, i), grad_scale);
             }
         });
 }
@@ -489,15 +516,15 @@ mod tests {
         let labels = [0];
         let (mut max, mut sum, mut tcos) = ([0.0f32], [0.0f32], [0.0f32]);
         let mut three = raw.to_vec();
-        margin_rowmax(&mut three, shape, &labels, &p, &mut max, &mut tcos);
+        margin_rowmax(&mut three, shape, &labels, &p, None, &mut max, &mut tcos);
         exp_rowsum(&three, shape, &max, &mut sum);
         let mut loss3 = [0.0f32];
         softmax_loss_grad(
-            &mut three, shape, &labels, &p, &max, &sum, &tcos, 1.0, &mut loss3,
+            &mut three, shape, &labels, &p, None, &max, &sum, &tcos, 1.0, &mut loss3,
         );
         let mut fused = raw.to_vec();
         let mut loss1 = [0.0f32];
-        margin_softmax_fused(&mut fused, shape, &labels, &p, 1.0, &mut loss1);
+        margin_softmax_fused(&mut fused, shape, &labels, &p, None, 1.0, &mut loss1);
         for g in [&three, &fused] {
             // the probability of a logit of s among these is about 1/2
             assert!(g[1] > 0.4 * p.scale && g[1] < 0.6 * p.scale, "{g:?}");
@@ -527,6 +554,7 @@ mod tests {
             Dtype::Bf16,
             &[0],
             &p,
+            None,
             1.0,
             &mut loss,
         );

@@ -59,6 +59,7 @@ pub fn margin_rowmax16(
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     row_max: &mut [f32],
     target_cos: &mut [f32],
 ) {
@@ -73,9 +74,11 @@ pub fn margin_rowmax16(
         .zip(row_max[..rows].par_iter_mut())
         .zip(target_cos[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
-        .for_each_init(Vec::new, |z, (((row, max), tcos), &label)| {
+        .enumerate()
+        .for_each_init(Vec::new, |z, (i, (((row, max), tcos), &label))| {
             widen_row(&row[..cols], dtype, z);
-            (*max, *tcos) = margin_row_fast(z, usize::try_from(label).ok(), p);
+            let target = usize::try_from(label).ok();
+            (*max, *tcos) = margin_row_fast(z, target, &p.for_row(row_margins, i));
         });
 }
 
@@ -87,6 +90,7 @@ pub fn exp_rowsum16(
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     row_max: &[f32],
     row_sum: &mut [f32],
 ) {
@@ -100,9 +104,11 @@ pub fn exp_rowsum16(
         .zip(row_sum[..rows].par_iter_mut())
         .zip(row_max[..rows].par_iter())
         .zip(labels[..rows].par_iter())
-        .for_each_init(Vec::new, |z, (((row, sum), &max), &label)| {
+        .enumerate()
+        .for_each_init(Vec::new, |z, (i, (((row, sum), &max), &label))| {
             widen_row(&row[..cols], dtype, z);
-            margin_row_fast(z, usize::try_from(label).ok(), p);
+            let target = usize::try_from(label).ok();
+            margin_row_fast(z, target, &p.for_row(row_margins, i));
             *sum = exp_sum_row_fast(z, max);
         });
 }
@@ -116,6 +122,7 @@ pub fn softmax_loss_grad16(
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     row_max: &[f32],
     row_sum: &[f32],
     target_cos: &[f32],
@@ -137,13 +144,14 @@ pub fn softmax_loss_grad16(
             };
             widen_row(row, dtype, z);
             let target = usize::try_from(labels[i]).ok();
-            margin_row_fast(z, target, p);
+            let p = p.for_row(row_margins, i);
+            margin_row_fast(z, target, &p);
             let stats = RowStats {
                 max: row_max[i],
                 sum: row_sum[i],
                 target_cos: target_cos[i],
             };
-            *loss = loss_grad_row(z, target, stats, p, grad_scale);
+            *loss = loss_grad_row(z, target, stats, &p, grad_scale);
             for (out, &g) in row.iter_mut().zip(z.iter()) {
                 *out = narrow(g, dtype);
             }
@@ -159,6 +167,7 @@ pub fn margin_softmax_fused16(
     dtype: Dtype,
     labels: &[i32],
     p: &MarginParams,
+    row_margins: Option<&[f32]>,
     grad_scale: f32,
     row_loss: &mut [f32],
 ) {
@@ -171,12 +180,14 @@ pub fn margin_softmax_fused16(
         .par_chunks_mut(ld)
         .zip(row_loss[..rows].par_iter_mut())
         .zip(labels[..rows].par_iter())
-        .for_each_init(Vec::new, |z, ((row, loss), &label)| {
+        .enumerate()
+        .for_each_init(Vec::new, |z, (i, ((row, loss), &label))| {
             let Some(row) = class_columns(row, cols) else {
                 return;
             };
             widen_row(row, dtype, z);
-            *loss = fused_row_fast(z, usize::try_from(label).ok(), p, grad_scale);
+            let target = usize::try_from(label).ok();
+            *loss = fused_row_fast(z, target, &p.for_row(row_margins, i), grad_scale);
             for (out, &g) in row.iter_mut().zip(z.iter()) {
                 *out = narrow(g, dtype);
             }

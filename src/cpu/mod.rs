@@ -15,7 +15,7 @@ pub mod top_k;
 pub mod wire;
 
 use crate::backend::{AdamWStep, Backend, Elem, LogitsShape, SampleArgs, StateBuf};
-use crate::config::MarginParams;
+use crate::config::{MarginParams, ROW_MARGIN_FLOATS};
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 
@@ -31,6 +31,18 @@ fn need<T>(buf: &[T], len: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A per-row margin table, if any, holds [`ROW_MARGIN_FLOATS`] floats for each of `rows`.
+fn need_row_margins(table: Option<&Vec<f32>>, rows: usize, what: &str) -> Result<()> {
+    match table {
+        Some(t) => need(
+            t,
+            elems(rows, ROW_MARGIN_FLOATS, what)?,
+            &format!("{what} row_margins"),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// `a × b` elements, or a typed error when the product overflows `usize`.
@@ -526,13 +538,23 @@ impl Backend for CpuBackend {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
         check_softmax(logits, shape, Some(labels), "margin_rowmax")?;
+        need_row_margins(row_margins, shape.rows, "margin_rowmax")?;
         need(row_max, shape.rows, "margin_rowmax row_max")?;
         need(target_cos, shape.rows, "margin_rowmax target_cos")?;
-        margin_softmax::margin_rowmax(logits, shape, labels, margin, row_max, target_cos);
+        margin_softmax::margin_rowmax(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            row_max,
+            target_cos,
+        );
         Ok(())
     }
 
@@ -556,6 +578,7 @@ impl Backend for CpuBackend {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &Vec<f32>,
         target_cos: &Vec<f32>,
@@ -563,6 +586,7 @@ impl Backend for CpuBackend {
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         check_softmax(logits, shape, Some(labels), "softmax_loss_grad")?;
+        need_row_margins(row_margins, shape.rows, "softmax_loss_grad")?;
         for (buf, what) in [
             (row_max, "softmax_loss_grad row_max"),
             (row_sum, "softmax_loss_grad row_sum"),
@@ -572,7 +596,16 @@ impl Backend for CpuBackend {
         }
         need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
         margin_softmax::softmax_loss_grad(
-            logits, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         );
         Ok(())
     }
@@ -583,12 +616,22 @@ impl Backend for CpuBackend {
         shape: LogitsShape,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         check_softmax(logits, shape, Some(labels), "margin_softmax_fused")?;
+        need_row_margins(row_margins, shape.rows, "margin_softmax_fused")?;
         need(row_loss, shape.rows, "margin_softmax_fused row_loss")?;
-        margin_softmax::margin_softmax_fused(logits, shape, labels, margin, grad_scale, row_loss);
+        margin_softmax::margin_softmax_fused(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            grad_scale,
+            row_loss,
+        );
         Ok(())
     }
 
@@ -599,13 +642,24 @@ impl Backend for CpuBackend {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &mut Vec<f32>,
         target_cos: &mut Vec<f32>,
     ) -> Result<()> {
         check16(cos, shape, dtype, labels, "margin_rowmax16")?;
+        need_row_margins(row_margins, shape.rows, "margin_rowmax16")?;
         need(row_max, shape.rows, "margin_rowmax16 row_max")?;
         need(target_cos, shape.rows, "margin_rowmax16 target_cos")?;
-        margin_softmax16::margin_rowmax16(cos, shape, dtype, labels, margin, row_max, target_cos);
+        margin_softmax16::margin_rowmax16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            row_max,
+            target_cos,
+        );
         Ok(())
     }
 
@@ -616,13 +670,24 @@ impl Backend for CpuBackend {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &mut Vec<f32>,
     ) -> Result<()> {
         check16(cos, shape, dtype, labels, "exp_rowsum16")?;
+        need_row_margins(row_margins, shape.rows, "exp_rowsum16")?;
         need(row_max, shape.rows, "exp_rowsum16 row_max")?;
         need(row_sum, shape.rows, "exp_rowsum16 row_sum")?;
-        margin_softmax16::exp_rowsum16(cos, shape, dtype, labels, margin, row_max, row_sum);
+        margin_softmax16::exp_rowsum16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            row_max,
+            row_sum,
+        );
         Ok(())
     }
 
@@ -633,6 +698,7 @@ impl Backend for CpuBackend {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         row_max: &Vec<f32>,
         row_sum: &Vec<f32>,
         target_cos: &Vec<f32>,
@@ -640,6 +706,7 @@ impl Backend for CpuBackend {
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         check16(cos, shape, dtype, labels, "softmax_loss_grad16")?;
+        need_row_margins(row_margins, shape.rows, "softmax_loss_grad16")?;
         for (buf, what) in [
             (row_max, "row_max"),
             (row_sum, "row_sum"),
@@ -649,7 +716,17 @@ impl Backend for CpuBackend {
         }
         need(row_loss, shape.rows, "softmax_loss_grad16 row_loss")?;
         margin_softmax16::softmax_loss_grad16(
-            cos, shape, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         );
         Ok(())
     }
@@ -661,13 +738,22 @@ impl Backend for CpuBackend {
         dtype: Dtype,
         labels: &Vec<i32>,
         margin: &MarginParams,
+        row_margins: Option<&Vec<f32>>,
         grad_scale: f32,
         row_loss: &mut Vec<f32>,
     ) -> Result<()> {
         check16(cos, shape, dtype, labels, "margin_softmax_fused16")?;
+        need_row_margins(row_margins, shape.rows, "margin_softmax_fused16")?;
         need(row_loss, shape.rows, "margin_softmax_fused16 row_loss")?;
         margin_softmax16::margin_softmax_fused16(
-            cos, shape, dtype, labels, margin, grad_scale, row_loss,
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins.map(Vec::as_slice),
+            grad_scale,
+            row_loss,
         );
         Ok(())
     }

@@ -22,10 +22,13 @@ pub fn random_key_high(seed: u64, step: u64, global_class: u64) -> u32 {
     class_random_bits(seed, step, global_class) >> 1
 }
 
-/// Maps a score to a high word that orders like the score (NaN as −∞), below [`POSITIVE_KEY`].
+/// Maps a score to a high word that orders like the score (NaN as −∞, −0 as +0), below
+/// [`POSITIVE_KEY`].
 pub fn score_key_high(score: f32) -> u32 {
     let s = if score.is_nan() {
         f32::NEG_INFINITY
+    } else if score == 0.0 {
+        0.0 // −0 as +0: a GEMM or a max may give a zero either sign, on either device
     } else {
         score
     };
@@ -215,5 +218,6 @@ mod tests {
             assert!(score_key_high(w[0]) <= score_key_high(w[1]), "{w:?}");
         }
         assert!(score_key_high(f32::INFINITY) < POSITIVE_KEY);
+        assert_eq!(score_key_high(-0.0), score_key_high(0.0));
     }
 }

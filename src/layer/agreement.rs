@@ -19,8 +19,8 @@ pub(crate) fn fnv1a_bits(text: &str, bits: u32) -> u32 {
 /// FNV-1a of the fields the ranks must share: those that size a rank's collectives (the batch
 /// and embedding shapes, the shard split, the wire dtypes; for a prediction also its k) and
 /// those that define the loss and the update (margin, sampler, optimizer, update mode: ranks
-/// that differed there would train a classifier no configuration describes), folded to 20 bits
-/// (an f32 holds it exactly, times sixteen plus four flag bits: `agree_on_input`). The sample
+/// that differed there would train a classifier no configuration describes), folded to
+/// [`FINGERPRINT_BITS`] (an f32 holds it exactly, times 32 plus five flag bits: `agree`). The sample
 /// rate, the seed and the GEMM precision may differ between ranks. Computed once, at
 /// construction; [`call_fingerprint`] adds the call's k.
 pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
@@ -33,8 +33,12 @@ pub(super) fn config_fingerprint(c: &LayerConfig) -> u32 {
         c.grad_wire,
         crate::checkpoint::recorded_config(c)
     );
-    fnv1a_bits(&shared, 20)
+    fnv1a_bits(&shared, FINGERPRINT_BITS)
 }
+
+/// Bits of a configuration's fingerprint in an agreement slot: with the call's code
+/// ([`Call::CODE_BITS`]) and the refusal bit, 24 bits, every integer an f32 holds exactly.
+const FINGERPRINT_BITS: u32 = 24 - Call::CODE_BITS - 1;
 
 /// What a training pass compares besides the configuration: the gradient scale
 /// (`set_grad_scale`), the optimizer's update count and the passes pending since the last step.
@@ -55,18 +59,19 @@ fn call_fingerprint(folded: u32, call: Call, state: TrainingState) -> u32 {
         | Call::Given
         | Call::Accumulate
         | Call::Weighted
-        | Call::AccumulateWeighted => {
+        | Call::AccumulateWeighted
+        | Call::Margined { .. } => {
             let text = format!(
                 "grad_scale {:08x} updates {} pending {}",
                 state.grad_scale.to_bits(),
                 state.optimizer_steps,
                 state.pending_passes
             );
-            folded ^ fnv1a_bits(&text, 20)
+            folded ^ fnv1a_bits(&text, FINGERPRINT_BITS)
         }
         // k sizes the prediction's all-gathers: compared exactly (its low 8 bits, k - 1 for k in
         // 1..=TOP_K_MAX = 256), not hashed, so two valid k can never collide (a rank with another
-        // k refuses it anyway); 12 bits of hash remain.
+        // k refuses it anyway); 11 bits of hash remain.
         Call::Predict { k } | Call::PredictAll { k } => {
             (folded & !0xff) | ((k.wrapping_sub(1) & 0xff) as u32)
         }
@@ -102,10 +107,13 @@ pub(crate) enum Call {
     Weighted,
     /// `forward_backward_accumulate_weighted`: an `Accumulate` with the rows' weights.
     AccumulateWeighted,
+    /// `forward_backward_with` with per-row margins: drawn, with an all-gather of the rows'
+    /// margin table before the softmax; accumulated and weighted as the flags say.
+    Margined { accumulate: bool, weighted: bool },
 }
 
 impl Call {
-    fn code(self) -> u32 {
+    const fn code(self) -> u32 {
         match self {
             Call::Drawn => 0,
             Call::Given => 1,
@@ -114,13 +122,18 @@ impl Call {
             Call::Accumulate => 4,
             Call::PredictAll { .. } => 5,
             Call::Weighted => 6,
-            Call::AccumulateWeighted => Self::LAST_CODE,
+            Call::AccumulateWeighted => 7,
+            Call::Margined {
+                accumulate,
+                weighted,
+            } => 8 + 2 * accumulate as u32 + weighted as u32,
         }
     }
 
-    /// Every call's code fits the agreement's 3 bits (`flags >> 1 & 7`): codes 0 to 7 name
-    /// eight calls, and a ninth needs a wider field there.
-    const LAST_CODE: u32 = 7;
+    /// Bits of a call's code in an agreement slot (`flags >> 1 & CODE_MASK`): codes 0 to 11
+    /// name the calls, up to 15 fit.
+    const CODE_BITS: u32 = 4;
+    const CODE_MASK: u32 = (1 << Self::CODE_BITS) - 1;
 
     fn name(code: u32) -> &'static str {
         match code {
@@ -131,10 +144,25 @@ impl Call {
             4 => "forward_backward_accumulate",
             5 => "predict_top_k_all",
             6 => "forward_backward_weighted",
-            _ => "forward_backward_accumulate_weighted",
+            7 => "forward_backward_accumulate_weighted",
+            8 => "forward_backward_with (per-row margins)",
+            9 => "forward_backward_with (per-row margins, weights)",
+            10 => "forward_backward_with (per-row margins, accumulate)",
+            11 => "forward_backward_with (per-row margins, weights, accumulate)",
+            _ => "an unknown call",
         }
     }
 }
+
+// Every code fits its field.
+const _: () = assert!(
+    Call::Margined {
+        accumulate: true,
+        weighted: true
+    }
+    .code()
+        <= Call::CODE_MASK
+);
 
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Every rank learns whether any rank's input was bad, so that all of them stop together
@@ -168,10 +196,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let rank = self.comm.rank();
         // Slots [0, k): "rank r rejected its input"; [k, 2k): rank r's row count. row_loss holds
         // N·k >= 2k floats whenever N >= 2; a single-row layer exchanges through row_max too.
-        // Each rank's slot also carries a 20-bit fingerprint of the configuration its buffers
-        // and collectives were sized by, and which call it made (24 bits in all: exact in f32,
-        // and a sum with zeros leaves it exact): ranks built with different configurations
-        // would pair collectives of different sizes.
+        // Each rank's slot also carries a 19-bit fingerprint of the configuration its buffers
+        // and collectives were sized by, and which call it made (4 bits; 24 bits in all: exact
+        // in f32, and a sum with zeros leaves it exact): ranks built with different
+        // configurations would pair collectives of different sizes.
         let state = TrainingState {
             grad_scale: self.grad_scale,
             optimizer_steps: self.optimizer_step,
@@ -179,7 +207,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         let fingerprint = call_fingerprint(self.fingerprint, call, state);
         let mut flags = vec![0.0f32; 2 * world];
-        flags[rank] = (fingerprint * 16 + call.code() * 2 + u32::from(own.is_some())) as f32;
+        flags[rank] = ((fingerprint << (Call::CODE_BITS + 1))
+            + (call.code() << 1)
+            + u32::from(own.is_some())) as f32;
         flags[world + rank] = value.min(AGREED_VALUE_MAX) as f32;
         let (first, second) = flags.split_at(world);
         let exchanged = (|| {
@@ -209,18 +239,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         if let Some(r) = rejected
             .iter()
-            .position(|&f| ((f as u32) >> 1) & 7 != call.code())
+            .position(|&f| ((f as u32) >> 1) & Call::CODE_MASK != call.code())
         {
             return Err(PfcError::Collective(format!(
                 "rank {r} called {} while rank {rank} called {}: every rank must make the same \
                  call; no rank took the step",
-                Call::name(((rejected[r] as u32) >> 1) & 7),
+                Call::name(((rejected[r] as u32) >> 1) & Call::CODE_MASK),
                 Call::name(call.code())
             )));
         }
         if let Some(r) = rejected
             .iter()
-            .position(|&f| (f as u32) >> 4 != fingerprint)
+            .position(|&f| (f as u32) >> (Call::CODE_BITS + 1) != fingerprint)
         {
             return Err(PfcError::Collective(format!(
                 "rank {r}'s layer configuration differs from rank {rank}'s (num_classes, dim, \

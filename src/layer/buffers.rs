@@ -40,6 +40,9 @@ pub(super) struct Buffers<B: Backend> {
     /// Send (N·k × d) and receive (N × d) buffers of the gradient's 16-bit reduce-scatter
     /// (`None` when `grad_wire` is f32).
     pub(super) grad_wire: U16Pair<B>,
+    /// This rank's rows (N) and every rank's (N·k) of the per-row margin table
+    /// ([`PassOptions`](super::PassOptions)), allocated at the first pass that has one.
+    pub(super) margin_table: Option<(B::Buf<f32>, B::Buf<f32>)>,
 }
 
 /// Send and receive buffers of the embedding all-gather in the wire format: each row's values
@@ -97,16 +100,24 @@ impl<B: Backend> Logits<B> {
         shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&B::Buf<f32>>,
         grad_scale: f32,
         row_loss: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
             Logits::F32(l) => {
-                b.margin_softmax_fused(l, shape, labels, margin, grad_scale, row_loss)
+                b.margin_softmax_fused(l, shape, labels, margin, row_margins, grad_scale, row_loss)
             }
-            Logits::Half(l, dt) => {
-                b.margin_softmax_fused16(l, shape, *dt, labels, margin, grad_scale, row_loss)
-            }
+            Logits::Half(l, dt) => b.margin_softmax_fused16(
+                l,
+                shape,
+                *dt,
+                labels,
+                margin,
+                row_margins,
+                grad_scale,
+                row_loss,
+            ),
         }
     }
 
@@ -117,14 +128,24 @@ impl<B: Backend> Logits<B> {
         shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&B::Buf<f32>>,
         row_max: &mut B::Buf<f32>,
         target_cos: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
-            Logits::F32(l) => b.margin_rowmax(l, shape, labels, margin, row_max, target_cos),
-            Logits::Half(l, dt) => {
-                b.margin_rowmax16(l, shape, *dt, labels, margin, row_max, target_cos)
+            Logits::F32(l) => {
+                b.margin_rowmax(l, shape, labels, margin, row_margins, row_max, target_cos)
             }
+            Logits::Half(l, dt) => b.margin_rowmax16(
+                l,
+                shape,
+                *dt,
+                labels,
+                margin,
+                row_margins,
+                row_max,
+                target_cos,
+            ),
         }
     }
 
@@ -135,12 +156,15 @@ impl<B: Backend> Logits<B> {
         shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&B::Buf<f32>>,
         row_max: &B::Buf<f32>,
         row_sum: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
             Logits::F32(l) => b.exp_rowsum(l, shape, row_max, row_sum),
-            Logits::Half(l, dt) => b.exp_rowsum16(l, shape, *dt, labels, margin, row_max, row_sum),
+            Logits::Half(l, dt) => {
+                b.exp_rowsum16(l, shape, *dt, labels, margin, row_margins, row_max, row_sum)
+            }
         }
     }
 
@@ -152,16 +176,36 @@ impl<B: Backend> Logits<B> {
         shape: LogitsShape,
         labels: &B::Buf<i32>,
         margin: &MarginParams,
+        row_margins: Option<&B::Buf<f32>>,
         (row_max, row_sum, target_cos): RowStatBufs<'_, B>,
         grad_scale: f32,
         row_loss: &mut B::Buf<f32>,
     ) -> Result<()> {
         match self {
             Logits::F32(l) => b.softmax_loss_grad(
-                l, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+                l,
+                shape,
+                labels,
+                margin,
+                row_margins,
+                row_max,
+                row_sum,
+                target_cos,
+                grad_scale,
+                row_loss,
             ),
             Logits::Half(l, dt) => b.softmax_loss_grad16(
-                l, shape, *dt, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+                l,
+                shape,
+                *dt,
+                labels,
+                margin,
+                row_margins,
+                row_max,
+                row_sum,
+                target_cos,
+                grad_scale,
+                row_loss,
             ),
         }
     }

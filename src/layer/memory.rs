@@ -88,7 +88,13 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ),
             (
                 Component::RowStats,
-                f(&x.row_max) + f(&x.row_sum) + f(&x.target_cos) + f(&x.row_loss),
+                f(&x.row_max)
+                    + f(&x.row_sum)
+                    + f(&x.target_cos)
+                    + f(&x.row_loss)
+                    + x.margin_table
+                        .as_ref()
+                        .map_or(0, |(own, all)| f(own) + f(all)),
             ),
             (Component::GemmOperands, b.gemm_operand_bytes()),
             (

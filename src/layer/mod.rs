@@ -6,6 +6,7 @@ mod buffers;
 mod checks;
 mod gather;
 mod memory;
+mod options;
 mod pass;
 mod predict;
 mod propensity;
@@ -15,6 +16,7 @@ mod update;
 
 pub(crate) use agreement::{fnv1a_bits, Call};
 pub(crate) use checks::{prediction_row_error, storable, zero_rows};
+pub use options::{PassOptions, ROW_ADDITIVE_MARGIN, ROW_ANGULAR_MARGIN};
 pub use predict::Prediction;
 pub use propensity::{inverse_propensities, PropensityMetrics};
 pub use ranking::RankingMetrics;
@@ -245,6 +247,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             } else {
                 None
             },
+            margin_table: None,
         };
         Ok(PartialFc {
             backend,

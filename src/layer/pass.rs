@@ -2,9 +2,9 @@
 //! and the backward GEMMs, and what the last pass left to inspect (its sample and gradient).
 
 use super::buffers::Logits;
-use super::{Accumulated, Call, PartialFc, StepOutput};
+use super::{Accumulated, Call, PartialFc, PassOptions, StepOutput};
 use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs};
-use crate::config::{NegativeSampler, UpdateMode};
+use crate::config::{NegativeSampler, UpdateMode, ROW_MARGIN_FLOATS};
 use crate::error::{PfcError, Result};
 use crate::plan::buffers::sampled_count;
 
@@ -23,7 +23,38 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// A second pass before [`PartialFc::step`] replaces the pending gradient (also one summed
     /// by [`forward_backward_accumulate`](Self::forward_backward_accumulate)).
     pub fn forward_backward(&mut self, embeddings: &[f32], labels: &[i64]) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, false, None);
+        let out = self.forward_backward_inner(embeddings, labels, None, PassOptions::new());
+        self.end_pass(out)
+    }
+
+    /// [`forward_backward`](Self::forward_backward) with options: gradient accumulation, a
+    /// loss weight per row, per-row margins (ElasticFace, AdaFace), alone or together
+    /// ([`PassOptions`], whose doc has an example). `PassOptions::new()` gives
+    /// `forward_backward`'s result bit for bit, and so do per-row margins equal to the
+    /// layer's own m2 and m3.
+    ///
+    /// Per-row margins reach the other ranks through one extra all-gather of
+    /// [`ROW_MARGIN_FLOATS`] floats per row before the softmax, into a table the layer allocates
+    /// at its first such pass (16 bytes per gathered row and per row of this rank: in
+    /// [`memory_report`](Self::memory_report)'s row statistics, beyond the planner's figure).
+    /// Only each row's target logit reads it, so the softmax's cost does not change.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`forward_backward`](Self::forward_backward), of
+    /// [`forward_backward_accumulate`](Self::forward_backward_accumulate) when accumulating and
+    /// of [`forward_backward_weighted`](Self::forward_backward_weighted) with weights, and on
+    /// every rank alike: [`PfcError::Shape`] for margins not of one value per row,
+    /// [`PfcError::Param`] for an angular margin outside (−π/2, π/2) or a cosine margin outside
+    /// (−1, 1) (NaN included), [`PfcError::Collective`] when the ranks' options differ in
+    /// having margins, weights or accumulation.
+    pub fn forward_backward_with(
+        &mut self,
+        embeddings: &[f32],
+        labels: &[i64],
+        options: PassOptions<'_>,
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_inner(embeddings, labels, None, options);
         self.end_pass(out)
     }
 
@@ -73,7 +104,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         weights: &[f32],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, false, Some(weights));
+        let options = PassOptions::new().weights(weights);
+        let out = self.forward_backward_inner(embeddings, labels, None, options);
         self.end_pass(out)
     }
 
@@ -89,7 +121,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         weights: &[f32],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, true, Some(weights));
+        let options = PassOptions::new().weights(weights).accumulate(true);
+        let out = self.forward_backward_inner(embeddings, labels, None, options);
         self.end_pass(out)
     }
 
@@ -132,7 +165,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         embeddings: &[f32],
         labels: &[i64],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, None, true, None);
+        let options = PassOptions::new().accumulate(true);
+        let out = self.forward_backward_inner(embeddings, labels, None, options);
         self.end_pass(out)
     }
 
@@ -178,7 +212,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         labels: &[i64],
         sampled: &[i64],
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_inner(embeddings, labels, Some(sampled), false, None);
+        let options = PassOptions::new();
+        let out = self.forward_backward_inner(embeddings, labels, Some(sampled), options);
         self.end_pass(out)
     }
 
@@ -187,9 +222,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         embeddings: &[f32],
         labels: &[i64],
         given: Option<&[i64]>,
-        accumulate: bool,
-        weights: Option<&[f32]>,
+        options: PassOptions<'_>,
     ) -> Result<StepOutput> {
+        let (accumulate, weights) = (options.accumulate, options.weights);
         let mut own = self.check_complete().err();
         if own.is_none() && accumulate && self.config.update != UpdateMode::Dense {
             own = Some(PfcError::param(
@@ -202,8 +237,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         if own.is_none() {
             own = self.check_input(embeddings, labels);
         }
-        if let (None, Some(w)) = (&own, weights) {
-            own = check_weights(w, labels.len());
+        if own.is_none() {
+            own = options.check(labels.len());
         }
         let local_sample: Vec<i32> = match given {
             Some(ids) => {
@@ -241,6 +276,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         };
         let call = match (given.is_some(), accumulate, weights.is_some()) {
             (true, ..) => Call::Given,
+            (false, accumulate, weighted) if options.has_margins() => Call::Margined {
+                accumulate,
+                weighted,
+            },
             (false, true, true) => Call::AccumulateWeighted,
             (false, true, false) => Call::Accumulate,
             (false, false, true) => Call::Weighted,
@@ -391,6 +430,25 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // 5–6. Margin, distributed softmax, loss and the logits' gradient in place. A world of
         //      one has nothing to all-reduce, so it runs the three passes as one kernel.
         let margin = self.config.margin.params();
+        // Per-row margins (`PassOptions`): every rank's rows of the margin table, gathered in
+        // row order (padding rows carry the layer's margin and own no target).
+        let row_margins = if options.has_margins() {
+            let table = options.margin_table(&self.config.margin, n);
+            if x.margin_table.is_none() {
+                let send = b.alloc(n * ROW_MARGIN_FLOATS)?;
+                x.margin_table = Some((send, b.alloc(m * ROW_MARGIN_FLOATS)?));
+            }
+            match &mut x.margin_table {
+                Some((send, all)) => {
+                    b.upload(&table, send)?;
+                    self.comm.all_gather(b, send, n * ROW_MARGIN_FLOATS, all)?;
+                    Some(&*all)
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
         // The mean over the gathered rows, times the user's gradient scale (`set_grad_scale`).
         let mean = self.grad_scale / real_rows as f32;
         let grad_scale = logits.softmax_grad_scale(mean);
@@ -400,6 +458,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 shape,
                 &x.local_labels,
                 &margin,
+                row_margins,
                 grad_scale,
                 &mut x.row_loss,
             )?;
@@ -409,6 +468,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 shape,
                 &x.local_labels,
                 &margin,
+                row_margins,
                 &mut x.row_max,
                 &mut x.target_cos,
             )?;
@@ -419,6 +479,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 shape,
                 &x.local_labels,
                 &margin,
+                row_margins,
                 &x.row_max,
                 &mut x.row_sum,
             )?;
@@ -430,6 +491,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 shape,
                 &x.local_labels,
                 &margin,
+                row_margins,
                 stats,
                 grad_scale,
                 &mut x.row_loss,
@@ -601,7 +663,7 @@ pub(crate) const ROW_WEIGHT_MAX: f32 = 1e6;
 
 /// What is wrong with a pass's row weights, if anything: one per row, each finite and in
 /// [0, [`ROW_WEIGHT_MAX`]].
-fn check_weights(weights: &[f32], rows: usize) -> Option<PfcError> {
+pub(super) fn check_weights(weights: &[f32], rows: usize) -> Option<PfcError> {
     if weights.len() != rows {
         return Some(PfcError::Shape(format!(
             "{} weights for {rows} rows: one weight per row expected",

@@ -14,4 +14,4 @@ pub mod metrics;
 pub mod plot;
 pub mod train;
 
-pub use train::{train, train_on, StepEvent, TrainConfig, TrainReport};
+pub use train::{train, train_on, RowMarginMode, StepEvent, TrainConfig, TrainReport};

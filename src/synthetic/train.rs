@@ -26,12 +26,33 @@ use crate::collective::{HostStaged, ThreadGroup};
 use crate::config::{LayerConfig, Margin, NegativeSampler, Optimizer, Sgd, StateDtype, UpdateMode};
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
-use crate::layer::{PartialFc, StepOutput};
+use crate::layer::{PartialFc, PassOptions, StepOutput};
 use crate::plan::Dtype;
+use crate::row_margins::{elastic_margins, AdaFace, MarginKind};
 use crate::tensor_file::{write_atomic, OutTensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// Per-row margins of a training run ([`TrainConfig::row_margins`], [`PassOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RowMarginMode {
+    /// The layer's margin on every row.
+    #[default]
+    None,
+    /// ElasticFace: each row's margin drawn from N(m, std²) every step, m the layer's m2 when
+    /// it is above 0 (ElasticFace-Arc), else its m3 (ElasticFace-Cos) ([`elastic_margins`]).
+    Elastic {
+        /// Standard deviation of the margins (0.05 in the paper).
+        std: f64,
+    },
+    /// AdaFace with margin `m` (0.4 in the paper), each rank keeping its own norm statistics
+    /// ([`AdaFace`]); the layer's margin should then be `Margin::combined(s, 1, 0, 0)`.
+    AdaFace {
+        /// The margin m.
+        m: f64,
+    },
+}
 
 /// Most steps a run may ask for (the loss history is kept in memory).
 pub const MAX_STEPS: usize = 100_000_000;
@@ -84,6 +105,8 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// Margin of the softmax.
     pub margin: Margin,
+    /// Margins per row on top of [`TrainConfig::margin`] (ElasticFace, AdaFace), or none.
+    pub row_margins: RowMarginMode,
     /// Negative sampler of the classifier: random (the paper's, the default) or the hardest
     /// negatives, which score the whole shard every step (docs/training.md has both).
     pub fc_sampler: NegativeSampler,
@@ -123,6 +146,7 @@ impl Default for TrainConfig {
             fc_optimizer: Optimizer::Sgd(Sgd::default()),
             warmup_steps: 20,
             margin: Margin::arcface(),
+            row_margins: RowMarginMode::None,
             fc_sampler: NegativeSampler::Random,
             seed: 42,
             momentum_dtype: StateDtype::F32,
@@ -257,6 +281,23 @@ impl TrainConfig {
                     dir.display(),
                     "is a file; give a folder (created if missing)",
                 ));
+            }
+        }
+        match self.row_margins {
+            RowMarginMode::None => {}
+            RowMarginMode::Elastic { std } => {
+                if !(std.is_finite() && (0.0..=0.5).contains(&std)) {
+                    return Err(PfcError::param(
+                        "row_margins std",
+                        std,
+                        "must lie in [0, 0.5]",
+                    ));
+                }
+            }
+            RowMarginMode::AdaFace { m } => {
+                if !(0.0..0.75).contains(&m) {
+                    return Err(PfcError::param("row_margins m", m, "must lie in [0, 0.75)"));
+                }
             }
         }
         self.generator.validate()?;
@@ -431,6 +472,16 @@ fn train_layers<B: Backend, C: Collective<B>>(
     let mut order = permutation(dataset, cfg.seed, epoch);
 
     let mut losses = Vec::with_capacity(cfg.steps);
+    let mut adaface = match cfg.row_margins {
+        RowMarginMode::AdaFace { m } => vec![
+            AdaFace {
+                m,
+                ..AdaFace::new()
+            };
+            cfg.ranks
+        ],
+        _ => Vec::new(),
+    };
     let (mut backbone_time, mut layer_time) = (Duration::ZERO, Duration::ZERO);
     let mut sampled_classes = 0;
     let start = Instant::now();
@@ -458,8 +509,10 @@ fn train_layers<B: Backend, C: Collective<B>>(
             let fwd = mlp.forward(&x, batch)?;
             let t1 = Instant::now();
 
+            // Each rank's rows' margins, when the run has per-row margins.
+            let margins = rank_margins(cfg, &mut adaface, &fwd.output, step * micro + m)?;
             // The first micro-batch starts the classifier's sum, the others add to it.
-            let outputs = rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0)?;
+            let outputs = rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0, &margins)?;
             let t2 = Instant::now();
 
             let grad: Vec<f32> = outputs
@@ -612,8 +665,62 @@ fn rank_predict<B: Backend, C: Collective<B>>(
     Ok(classes.concat())
 }
 
+/// Each rank's per-row margins for micro-batch `draw` (angular, additive), or none.
+type RankMargins = Vec<(Option<Vec<f32>>, Option<Vec<f32>>)>;
+
+/// The per-row margins of every rank's rows of this micro-batch ([`TrainConfig::row_margins`]):
+/// ElasticFace draws them for (seed, `draw`, global row), AdaFace from each rank's rows' norms.
+fn rank_margins(
+    cfg: &TrainConfig,
+    adaface: &mut [AdaFace],
+    embeddings: &[f32],
+    draw: usize,
+) -> Result<RankMargins> {
+    let (n, e) = (cfg.batch_per_rank, cfg.embedding_dim);
+    let (seed, draw) = (cfg.seed ^ 0x3a5f_0e1a, draw as u64);
+    match cfg.row_margins {
+        RowMarginMode::None => Ok(Vec::new()),
+        RowMarginMode::Elastic { std } => Ok((0..cfg.ranks)
+            .map(|r| {
+                let first = (r * n) as u64;
+                if cfg.margin.m2 > 0.0 {
+                    let m = elastic_margins(
+                        MarginKind::Angular,
+                        cfg.margin.m2,
+                        std,
+                        seed,
+                        draw,
+                        first,
+                        n,
+                    );
+                    (Some(m), None)
+                } else {
+                    let m = elastic_margins(
+                        MarginKind::Additive,
+                        cfg.margin.m3,
+                        std,
+                        seed,
+                        draw,
+                        first,
+                        n,
+                    );
+                    (None, Some(m))
+                }
+            })
+            .collect()),
+        RowMarginMode::AdaFace { .. } => adaface
+            .iter_mut()
+            .enumerate()
+            .map(|(r, a)| {
+                let m = a.margins(&embeddings[r * n * e..(r + 1) * n * e], e)?;
+                Ok((Some(m.angular), Some(m.additive)))
+            })
+            .collect(),
+    }
+}
+
 /// Every rank's forward/backward pass on its own thread (accumulating onto the pending gradient
-/// when `accumulate`); outputs in rank order.
+/// when `accumulate`, with the rank's per-row margins when there are); outputs in rank order.
 fn rank_passes<B: Backend, C: Collective<B>>(
     layers: &mut [PartialFc<B, C>],
     embeddings: &[f32],
@@ -621,15 +728,21 @@ fn rank_passes<B: Backend, C: Collective<B>>(
     n: usize,
     e: usize,
     accumulate: bool,
+    margins: &RankMargins,
 ) -> Result<Vec<StepOutput>> {
     on_every_rank(layers, |r, layer| {
         let x = &embeddings[r * n * e..(r + 1) * n * e];
         let y = &labels[r * n..(r + 1) * n];
-        if accumulate {
-            layer.forward_backward_accumulate(x, y)
-        } else {
-            layer.forward_backward(x, y)
+        let mut options = PassOptions::new().accumulate(accumulate);
+        if let Some((angular, additive)) = margins.get(r) {
+            if let Some(m2) = angular {
+                options = options.angular_margins(m2);
+            }
+            if let Some(m3) = additive {
+                options = options.additive_margins(m3);
+            }
         }
+        layer.forward_backward_with(x, y, options)
     })
 }
 
@@ -752,7 +865,7 @@ mod tests {
             .map(|c| PartialFc::new(cfg.clone(), CpuBackend, c))
             .collect::<Result<Vec<_>>>()
             .unwrap();
-        let outs = rank_passes(&mut layers, &x, &labels, n, d, false).unwrap();
+        let outs = rank_passes(&mut layers, &x, &labels, n, d, false, &Vec::new()).unwrap();
         let sharded: Vec<f32> = outs
             .iter()
             .flat_map(|o| o.grad_embeddings.clone())

@@ -7,11 +7,11 @@
 
 use super::common::{half_code, i32_of, launch, need, per_row};
 use crate::backend::LogitsShape;
-use crate::config::MarginParams;
+use crate::config::{MarginParams, ROW_MARGIN_FLOATS};
 use crate::cuda::{dev, CudaBackend};
 use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg, SyncOnDrop};
 
 /// `MarginParams` as the kernels take it (struct Margin in margin_softmax.cu).
 #[repr(C)]
@@ -97,12 +97,31 @@ fn half_kind(dtype: Dtype, what: &str) -> Result<i32> {
 }
 
 impl CudaBackend {
+    /// A per-row margin table as the kernels' `const float* row_margins`: its device address
+    /// (checked to hold [`ROW_MARGIN_FLOATS`] floats for each of `rows`), or 0 for none. The
+    /// guard orders the table's use on this stream, as cudarc's launch arguments do.
+    fn row_margins_arg<'a>(
+        &'a self,
+        table: Option<&'a CudaSlice<f32>>,
+        rows: usize,
+        what: &str,
+    ) -> Result<(u64, Option<SyncOnDrop<'a>>)> {
+        let Some(t) = table else {
+            return Ok((0, None));
+        };
+        need(t, rows * ROW_MARGIN_FLOATS, &format!("{what} row_margins"))?;
+        let (ptr, guard) = t.device_ptr(&self.stream);
+        Ok((ptr, Some(guard)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_margin_rowmax(
         &self,
         logits: &mut CudaSlice<f32>,
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -114,6 +133,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "margin_rowmax")?;
         launch!(
             self,
             "margin_rowmax",
@@ -124,6 +144,7 @@ impl CudaBackend {
             &ld_i,
             labels,
             &p,
+            &rm,
             row_max,
             target_cos
         );
@@ -165,6 +186,7 @@ impl CudaBackend {
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &CudaSlice<f32>,
         target_cos: &CudaSlice<f32>,
@@ -178,6 +200,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "softmax_loss_grad")?;
         launch!(
             self,
             "softmax_loss_grad",
@@ -188,6 +211,7 @@ impl CudaBackend {
             &ld_i,
             labels,
             &p,
+            &rm,
             row_max,
             row_sum,
             target_cos,
@@ -197,12 +221,14 @@ impl CudaBackend {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_margin_softmax_fused(
         &self,
         logits: &mut CudaSlice<f32>,
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -213,6 +239,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "margin_softmax_fused")?;
         launch!(
             self,
             "margin_softmax_fused",
@@ -223,6 +250,7 @@ impl CudaBackend {
             &ld_i,
             labels,
             &p,
+            &rm,
             &grad_scale,
             row_loss
         );
@@ -237,6 +265,7 @@ impl CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -249,6 +278,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "margin_rowmax16")?;
         launch!(
             self,
             "margin_rowmax16",
@@ -260,6 +290,7 @@ impl CudaBackend {
             &kind,
             labels,
             &p,
+            &rm,
             row_max,
             target_cos
         );
@@ -274,6 +305,7 @@ impl CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -286,6 +318,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "exp_rowsum16")?;
         launch!(
             self,
             "exp_rowsum16",
@@ -297,6 +330,7 @@ impl CudaBackend {
             &kind,
             labels,
             &p,
+            &rm,
             row_max,
             row_sum
         );
@@ -311,6 +345,7 @@ impl CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &CudaSlice<f32>,
         target_cos: &CudaSlice<f32>,
@@ -325,6 +360,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "softmax_loss_grad16")?;
         launch!(
             self,
             "softmax_loss_grad16",
@@ -336,6 +372,7 @@ impl CudaBackend {
             &kind,
             labels,
             &p,
+            &rm,
             row_max,
             row_sum,
             target_cos,
@@ -353,6 +390,7 @@ impl CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -364,6 +402,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (rows_i, cols_i, ld_i, p) = softmax_args(shape, margin)?;
+        let (rm, _rm) = self.row_margins_arg(row_margins, shape.rows, "margin_softmax_fused16")?;
         launch!(
             self,
             "margin_softmax_fused16",
@@ -375,6 +414,7 @@ impl CudaBackend {
             &kind,
             labels,
             &p,
+            &rm,
             &grad_scale,
             row_loss
         );

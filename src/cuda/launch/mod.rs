@@ -359,10 +359,19 @@ impl Backend for CudaBackend {
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_margin_rowmax(logits, shape, labels, margin, row_max, target_cos)
+        self.launch_margin_rowmax(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            target_cos,
+        )
     }
 
     fn exp_rowsum(
@@ -381,6 +390,7 @@ impl Backend for CudaBackend {
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &CudaSlice<f32>,
         target_cos: &CudaSlice<f32>,
@@ -388,7 +398,16 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.launch_softmax_loss_grad(
-            logits, shape, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         )
     }
 
@@ -398,10 +417,19 @@ impl Backend for CudaBackend {
         shape: LogitsShape,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_margin_softmax_fused(logits, shape, labels, margin, grad_scale, row_loss)
+        self.launch_margin_softmax_fused(
+            logits,
+            shape,
+            labels,
+            margin,
+            row_margins,
+            grad_scale,
+            row_loss,
+        )
     }
 
     fn logits_dtype(&self) -> Dtype {
@@ -458,10 +486,20 @@ impl Backend for CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &mut CudaSlice<f32>,
         target_cos: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_margin_rowmax16(cos, shape, dtype, labels, margin, row_max, target_cos)
+        self.launch_margin_rowmax16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            target_cos,
+        )
     }
 
     fn exp_rowsum16(
@@ -471,10 +509,20 @@ impl Backend for CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_exp_rowsum16(cos, shape, dtype, labels, margin, row_max, row_sum)
+        self.launch_exp_rowsum16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+        )
     }
 
     fn softmax_loss_grad16(
@@ -484,6 +532,7 @@ impl Backend for CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         row_max: &CudaSlice<f32>,
         row_sum: &CudaSlice<f32>,
         target_cos: &CudaSlice<f32>,
@@ -491,7 +540,17 @@ impl Backend for CudaBackend {
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.launch_softmax_loss_grad16(
-            cos, shape, dtype, labels, margin, row_max, row_sum, target_cos, grad_scale, row_loss,
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            row_max,
+            row_sum,
+            target_cos,
+            grad_scale,
+            row_loss,
         )
     }
 
@@ -502,10 +561,20 @@ impl Backend for CudaBackend {
         dtype: Dtype,
         labels: &CudaSlice<i32>,
         margin: &MarginParams,
+        row_margins: Option<&CudaSlice<f32>>,
         grad_scale: f32,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_margin_softmax_fused16(cos, shape, dtype, labels, margin, grad_scale, row_loss)
+        self.launch_margin_softmax_fused16(
+            cos,
+            shape,
+            dtype,
+            labels,
+            margin,
+            row_margins,
+            grad_scale,
+            row_loss,
+        )
     }
 
     fn normalize_backward(
