@@ -748,6 +748,7 @@ fn a_grown_classifier_keeps_the_trained_classes_and_starts_the_new_ones_fresh() 
         &files(dir.path(), 3),
         2,
         Some(grown_classes),
+        None,
         &out,
         &|_| {},
     )
@@ -837,7 +838,7 @@ fn growth_that_cannot_be_done_is_refused_before_any_write() {
     let paths = files(dir.path(), 1);
     let out = dir.path().join("out");
     let grow = |classes, world| {
-        partial_fc::checkpoint::reshard_grown(&paths, world, Some(classes), &out, &|_| {})
+        partial_fc::checkpoint::reshard_grown(&paths, world, Some(classes), None, &out, &|_| {})
     };
     match grow(CLASSES - 1, 1) {
         Err(PfcError::Param { name, .. }) => assert_eq!(name, "num_classes"),
@@ -868,13 +869,52 @@ fn growth_that_cannot_be_done_is_refused_before_any_write() {
         ("step", "0".to_string()),
     ];
     crafted(&old, &meta, 10, 4);
-    let e = partial_fc::checkpoint::reshard_grown(&[&old], 1, Some(12), &out, &|_| {});
+    let e = partial_fc::checkpoint::reshard_grown(&[&old], 1, Some(12), None, &out, &|_| {});
     match e {
         Err(PfcError::Param { reason, .. }) => assert!(reason.contains("seed"), "{reason}"),
         other => panic!("growth without a seed must be refused: {other:?}"),
     }
     assert!(!out.exists(), "nothing written");
-    partial_fc::checkpoint::reshard_grown(&[&old], 1, None, &out, &|_| {}).unwrap();
+    partial_fc::checkpoint::reshard_grown(&[&old], 1, None, None, &out, &|_| {}).unwrap();
+    // Given the run's seed, they grow as files that record it do, and the new files record it.
+    let with_seed = dir.path().join("with_seed.safetensors");
+    let mut meta_seed = meta.clone();
+    meta_seed.push(("seed", "77".to_string()));
+    crafted(&with_seed, &meta_seed, 10, 4);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let given =
+        partial_fc::checkpoint::reshard_grown(&[&old], 1, Some(12), Some(77), &a, &|_| {}).unwrap();
+    let recorded =
+        partial_fc::checkpoint::reshard_grown(&[&with_seed], 1, Some(12), None, &b, &|_| {})
+            .unwrap();
+    assert_eq!(CheckpointSet::open(&given).unwrap().seed(), Some(77));
+    let weights = |files: &[std::path::PathBuf]| {
+        let mut cfg = LayerConfig::new(12, 4, 2);
+        cfg.optimizer = None;
+        let mut layer = PartialFc::zeroed(cfg, CpuBackend, SingleRank).unwrap();
+        layer.load_resharded(files).unwrap();
+        layer.weight().unwrap()
+    };
+    let grown = weights(&given);
+    assert_eq!(grown, weights(&recorded));
+    assert!(
+        grown[..40].iter().all(|&v| v == 0.5),
+        "the run's classes kept"
+    );
+    assert!(
+        grown[40..].iter().all(|&v| v != 0.5 && v.abs() < 0.1),
+        "new ones drawn"
+    );
+    // Another seed than the files' is refused, with nothing written.
+    let c = dir.path().join("c");
+    match partial_fc::checkpoint::reshard_grown(&[&with_seed], 1, Some(12), Some(78), &c, &|_| {}) {
+        Err(PfcError::Param { name, reason, .. }) => {
+            assert_eq!(name, "seed");
+            assert!(reason.contains("77"), "{reason}");
+        }
+        other => panic!("a seed other than the files' must be refused: {other:?}"),
+    }
+    assert!(!c.exists(), "nothing written");
 }
 
 /// Growth where a rank's shard holds only new classes (10 to 40 classes over 4 ranks), grown
@@ -901,9 +941,15 @@ fn growth_with_ranks_of_only_new_classes_and_blocks_starting_mid_row_is_exact() 
         .unwrap()
         .save(&old)
         .unwrap();
-    let grown =
-        partial_fc::checkpoint::reshard_grown(&[&old], 4, Some(40), &dir.path().join("g"), &|_| {})
-            .unwrap();
+    let grown = partial_fc::checkpoint::reshard_grown(
+        &[&old],
+        4,
+        Some(40),
+        None,
+        &dir.path().join("g"),
+        &|_| {},
+    )
+    .unwrap();
     let got = ThreadGroup::run(4, |comm| {
         let mut layer = PartialFc::zeroed(weights_only(40, d), CpuBackend, comm).unwrap();
         layer.load_resharded(&grown).unwrap();
@@ -911,9 +957,15 @@ fn growth_with_ranks_of_only_new_classes_and_blocks_starting_mid_row_is_exact() 
     })
     .concat();
     assert_eq!(got, fresh(40, d), "old rows are the fresh layer's too here");
-    let again =
-        partial_fc::checkpoint::reshard_grown(&grown, 3, Some(41), &dir.path().join("h"), &|_| {})
-            .unwrap();
+    let again = partial_fc::checkpoint::reshard_grown(
+        &grown,
+        3,
+        Some(41),
+        None,
+        &dir.path().join("h"),
+        &|_| {},
+    )
+    .unwrap();
     let mut layer = PartialFc::zeroed(weights_only(41, d), CpuBackend, SingleRank).unwrap();
     layer.load_resharded(&again).unwrap();
     assert_eq!(layer.weight().unwrap(), fresh(41, d));
@@ -934,6 +986,7 @@ fn growth_with_ranks_of_only_new_classes_and_blocks_starting_mid_row_is_exact() 
         &[&big],
         1,
         Some(new_classes),
+        None,
         &dir.path().join("big-grown"),
         &|_| {},
     )

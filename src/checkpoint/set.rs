@@ -603,6 +603,29 @@ impl CheckpointSet {
             .saturating_mul(self.dim as u64)
     }
 
+    /// Gives files that do not record the run's seed (hand-written, imported from PyTorch, or
+    /// an older build's) the one it used (`LayerConfig::seed`), so that the classifier can be
+    /// grown ([`write_grown_shard`](Self::write_grown_shard)): the new classes' weights are
+    /// drawn from it, and the written files record it. Files that record a seed keep theirs.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Param`] when the files record another seed: growing with a seed other than
+    /// the run's would give the new classes other weights than a layer of that run draws.
+    pub fn assume_seed(&mut self, seed: u64) -> Result<()> {
+        match self.seed {
+            Some(recorded) if recorded != seed => Err(PfcError::param(
+                "seed",
+                seed,
+                format!("the files record the run's seed {recorded}: leave the seed out"),
+            )),
+            _ => {
+                self.seed = Some(seed);
+                Ok(())
+            }
+        }
+    }
+
     /// Checks a class count to grow the run's classifier to, and returns the seed the new
     /// classes' weights are drawn from (`None` when no class is added).
     fn check_growth(&self, num_classes: u64) -> Result<Option<u64>> {
@@ -636,8 +659,9 @@ impl CheckpointSet {
                 num_classes,
                 "the files do not record the run's `seed` metadata (written by hand, e.g. \
                  imported from PyTorch, or by an older build), which the new classes' weights \
-                 are drawn from: add a `seed` entry to every file's metadata (the run's \
-                 LayerConfig::seed; 24301 unless the run chose another)",
+                 are drawn from: give it (CheckpointSet::assume_seed, `pfc reshard --seed`; \
+                 the run's LayerConfig::seed, 24301 unless the run chose another) or add a \
+                 `seed` entry to every file's metadata",
             )
         })
     }
@@ -816,13 +840,15 @@ pub fn reshard<P: AsRef<Path>>(
     out_dir: &Path,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<PathBuf>> {
-    reshard_grown(paths, world_size, None, out_dir, progress)
+    reshard_grown(paths, world_size, None, None, out_dir, progress)
 }
 
 /// Like [`reshard`], for a classifier grown to `num_classes` classes (`None`: the run's):
 /// each new class, with an id from the run's class count on, starts as a fresh layer's
 /// (see [`CheckpointSet::write_grown_shard`]), the run's classes keep their weights and
-/// optimizer state. `progress` then counts the new classes' values too (of
+/// optimizer state. `seed`: the run's `LayerConfig::seed`, which the new classes' weights are
+/// drawn from, for files that do not record it (hand-written or imported ones,
+/// [`CheckpointSet::assume_seed`]); `None` takes the files' own. `progress` then counts the new classes' values too (of
 /// [`CheckpointSet::total_values_grown`] in all). The new files load with
 /// [`PartialFc::load_resharded`](crate::PartialFc::load_resharded) into a layer of
 /// `num_classes` classes.
@@ -833,22 +859,28 @@ pub fn reshard<P: AsRef<Path>>(
 /// let dir = tempfile::tempdir().unwrap();
 /// let old = dir.path().join("old.safetensors");
 /// PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, SingleRank).unwrap().save(&old).unwrap();
-/// let grown = reshard_grown(&[&old], 2, Some(15), &dir.path().join("grown"), &|_| {}).unwrap();
+/// let grown =
+///     reshard_grown(&[&old], 2, Some(15), None, &dir.path().join("grown"), &|_| {}).unwrap();
 /// let mut layer = PartialFc::new(LayerConfig::new(15, 4, 2), CpuBackend, SingleRank).unwrap();
 /// layer.load_resharded(&grown).unwrap(); // classes 0..10 trained, 10..15 new
 /// ```
 ///
 /// # Errors
 ///
-/// Those of [`reshard`] and of [`CheckpointSet::write_grown_shard`].
+/// Those of [`reshard`], of [`CheckpointSet::assume_seed`] and of
+/// [`CheckpointSet::write_grown_shard`].
 pub fn reshard_grown<P: AsRef<Path>>(
     paths: &[P],
     world_size: usize,
     num_classes: Option<u64>,
+    seed: Option<u64>,
     out_dir: &Path,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<PathBuf>> {
-    let set = CheckpointSet::open(paths)?;
+    let mut set = CheckpointSet::open(paths)?;
+    if let Some(seed) = seed {
+        set.assume_seed(seed)?;
+    }
     let num_classes = num_classes.unwrap_or(set.num_classes);
     set.check_growth(num_classes)?;
     check_world_size(num_classes, world_size)?;

@@ -20,6 +20,11 @@ pub struct ReshardArgs {
     /// the run's classes.
     #[arg(long, value_name = "C")]
     num_classes: Option<Box<str>>,
+    /// The run's seed (`LayerConfig::seed`), which the new classes' weights are drawn from, for
+    /// files that do not record it (hand-written or imported from PyTorch). Files that record
+    /// a seed keep theirs (another value is refused).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Folder for the new files (created if missing; its parent must exist), named
     /// rank{r}-of-{k}.safetensors. A file of one of those names already there is refused
     /// unless --force is given; other files there are left alone.
@@ -75,6 +80,7 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
         &args.files,
         args.world_size,
         Some(num_classes),
+        args.seed,
         &args.out,
         &|values| bar.inc(values * 4),
     );
