@@ -25,6 +25,23 @@ pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Refuses a destination that exists and is neither a regular file nor a link: the rename would
+/// replace a device (`/dev/null` for a root user), a pipe or a socket with a regular file, and a
+/// folder is not a file's place.
+fn refuse_special(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_symlink() => Err(PfcError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a folder, a device, a pipe or a socket): the output would \
+                 replace it",
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The crate's I/O error for the destination `path` (the temporary file's name means nothing
 /// to the user).
 pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
@@ -50,6 +67,7 @@ fn write_atomic_impl(
     private: bool,
     write: impl FnOnce(std::fs::File) -> Result<()>,
 ) -> Result<()> {
+    refuse_special(path)?;
     let tmp = temp_path_beside(path);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -64,8 +82,10 @@ fn write_atomic_impl(
     let written = write(file).and_then(|()| {
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(io_error(path))
+            .map_err(io_error(path))?;
+        // Again: something may have been put there while the file was written.
+        refuse_special(path)?;
+        std::fs::rename(&tmp, path).map_err(io_error(path))
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -96,6 +116,35 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != keep)
             .collect()
+    }
+
+    /// A pipe (or a device, or a folder) under the destination's name is refused and stays.
+    #[cfg(unix)]
+    #[test]
+    fn never_replaces_a_pipe_or_a_folder() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("folder");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(write_bytes_atomic(&folder, b"x").is_err());
+        assert!(folder.is_dir());
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "mkfifo (coreutils) is needed"
+        );
+        let e = write_bytes_atomic(&fifo, b"x").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert_eq!(
+            others(dir.path(), "fifo"),
+            ["folder"],
+            "no temporary file left"
+        );
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub enum PfcError {
     /// A class center holds a non-finite value: training diverged (a learning rate too high),
     /// and a prediction over it would be the nearest of the classes that are left.
     #[error(
-        "class {class}'s center is not finite: the classifier diverged (lower the learning rate \
-         and resume from a checkpoint); no prediction"
+        "class {class}'s center is not finite, or its sum of squares overflows f32: the \
+         classifier diverged (lower the learning rate and resume from a checkpoint); no \
+         prediction"
     )]
     Diverged {
         /// A class whose center is not finite.

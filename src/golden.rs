@@ -204,6 +204,7 @@ impl StepCase {
 
     /// Runs the step on the CPU with `world_size` ranks as threads and gathers the outputs.
     pub fn run_threads(&self, world_size: usize) -> Result<StepResult> {
+        check_thread_ranks(world_size)?;
         self.layer_config(world_size)?;
         gather(ThreadGroup::run(world_size, |comm| {
             self.run_rank(CpuBackend, comm)
@@ -218,11 +219,28 @@ impl StepCase {
         world_size: usize,
         make: impl Fn() -> Result<B> + Sync,
     ) -> Result<StepResult> {
+        check_thread_ranks(world_size)?;
         self.layer_config(world_size)?;
         gather(ThreadGroup::run(world_size, |comm| {
             self.run_rank(make()?, HostStaged::new(comm))
         }))
     }
+}
+
+/// Most ranks [`StepCase::run_threads`] and [`StepCase::run_virtual_ranks`] run, a thread
+/// each: thousands of threads, each with its buffers and all of them in every collective, take
+/// minutes for one step (a typo more likely than a plan; real world sizes run one process each).
+pub const MAX_THREAD_RANKS: usize = 256;
+
+fn check_thread_ranks(world_size: usize) -> Result<()> {
+    if world_size > MAX_THREAD_RANKS {
+        return Err(PfcError::param(
+            "world_size",
+            world_size,
+            format!("at most {MAX_THREAD_RANKS} ranks run as threads of one process"),
+        ));
+    }
+    Ok(())
 }
 
 /// Concatenates the ranks' parts in rank order; reports the rank whose input was at fault rather

@@ -13,21 +13,26 @@ use crate::rng::philox4x32_10;
 /// (ElasticFace-Cos: mean 0.35, std 0.05).
 ///
 /// Keyed by `(seed, step, first_row + i)`, so each step draws afresh, a rank that passes its
-/// first global row (`rank · rows`) draws other margins than its peers, and a rerun draws the
-/// same. Each value is held inside the bounds [`PassOptions`] accepts for `kind` (a draw 30
-/// standard deviations out never reaches them with the paper's settings).
+/// first global row (`rank · batch_per_rank`) draws other margins than its peers, and a rerun
+/// draws the same. For `step`, the layer's pass counter [`PartialFc::steps`](crate::PartialFc::steps)
+/// serves: it counts every pass (each micro-batch of an accumulated step draws afresh) and a
+/// checkpoint restores it, so a resumed run draws what the uninterrupted one would have. Each
+/// value is held inside the bounds [`PassOptions`] accepts for `kind` (a draw 30 standard
+/// deviations out never reaches them with the paper's settings).
 ///
 /// ```
 /// use partial_fc::{elastic_margins, MarginKind};
-/// let m = elastic_margins(MarginKind::Angular, 0.5, 0.05, 7, 0, 0, 4096);
+/// let m = elastic_margins(MarginKind::Angular, 0.5, 0.05, 7, 0, 0, 4096).unwrap();
 /// let mean = m.iter().map(|&v| f64::from(v)).sum::<f64>() / 4096.0;
 /// assert!((mean - 0.5).abs() < 0.005);
-/// assert_ne!(m, elastic_margins(MarginKind::Angular, 0.5, 0.05, 7, 1, 0, 4096)); // next step
+/// let next_step = elastic_margins(MarginKind::Angular, 0.5, 0.05, 7, 1, 0, 4096).unwrap();
+/// assert_ne!(m, next_step);
 /// ```
 ///
-/// # Panics
+/// # Errors
 ///
-/// Never; a NaN or infinite mean or std gives values held at the bounds (check them first).
+/// [`PfcError::Param`] for a mean outside `kind`'s bounds ((−π/2, π/2) for `Angular`, (−1, 1)
+/// for `Additive`) or a standard deviation that is not finite and >= 0.
 pub fn elastic_margins(
     kind: MarginKind,
     mean: f64,
@@ -36,11 +41,25 @@ pub fn elastic_margins(
     step: u64,
     first_row: u64,
     rows: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let (lo, hi) = kind.bounds();
+    if !(mean > lo && mean < hi) {
+        return Err(PfcError::param(
+            "elastic_margins mean",
+            mean,
+            format!("must lie in ({lo:.4}, {hi:.4})"),
+        ));
+    }
+    if !(std.is_finite() && std >= 0.0) {
+        return Err(PfcError::param(
+            "elastic_margins std",
+            std,
+            "must be finite and >= 0",
+        ));
+    }
     // One ulp inside the open interval, in f32.
     let (lo, hi) = (next_up(lo as f32), next_down(hi as f32));
-    (0..rows as u64)
+    Ok((0..rows as u64)
         .map(|i| {
             let row = first_row + i;
             let bits = philox4x32_10(
@@ -54,14 +73,9 @@ pub fn elastic_margins(
             let u1 = (f64::from(bits[0]) + 1.0) / 4_294_967_296.0;
             let u2 = f64::from(bits[1]) / 4_294_967_296.0;
             let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            let v = (mean + std * z) as f32;
-            if v.is_nan() {
-                lo
-            } else {
-                v.clamp(lo, hi)
-            }
+            ((mean + std * z) as f32).clamp(lo, hi)
         })
-        .collect()
+        .collect())
 }
 
 fn next_up(v: f32) -> f32 {
@@ -106,18 +120,32 @@ impl MarginKind {
 /// Norms are clipped to [10⁻³, 100] and carry no gradient, as in the paper. Each rank keeps its
 /// own statistics over its own rows (as each GPU of a data-parallel AdaFace run does). μ and σ
 /// start at 20 and 100 and follow each batch's mean and (unbiased) standard deviation with
-/// weight `t_alpha` = 0.01; they are public so a checkpoint can keep them.
+/// weight `t_alpha` = 0.01, once per call of [`update`](Self::update) (once per micro-batch under
+/// gradient accumulation, as the paper's code updates them once per forward); they are public
+/// fields, so a checkpoint can keep them.
+///
+/// Two steps, so that a refused pass leaves the statistics as they were:
+/// [`margins`](Self::margins) computes the batch's margins from the statistics this batch would
+/// give, without changing `self`; [`update`](Self::update) keeps those statistics once the pass
+/// has run.
+///
+/// Both of the row's margins replace the layer's m2 and m3, so the layer's own m2 and m3 do not
+/// change the result; its scale, m1, gradient mode, fallback and filter do. The paper's code
+/// differentiates through the margin (`GradMode::Exact` here; the default, `StraightThrough`,
+/// is PartialFC_V2's for ArcFace) and clips the angle to [ε, π − ε], where here an angle below
+/// 0 is held at 0 and the layer's `TargetFallback` decides past π.
 ///
 /// ```
 /// use partial_fc::{collective::SingleRank, AdaFace, CpuBackend, LayerConfig, Margin, PartialFc};
 /// let mut cfg = LayerConfig::new(1000, 16, 4);
-/// cfg.margin = Margin::combined(64.0, 1.0, 0.0, 0.0);
+/// cfg.margin = Margin::combined(64.0, 1.0, 0.0, 0.0); // what the checkpoint records as the base
 /// let mut layer = PartialFc::new(cfg, CpuBackend, SingleRank).unwrap();
 /// let mut adaface = AdaFace::new();
 /// let x: Vec<f32> = (0..4 * 16).map(|i| ((i * 7 % 13) as f32 - 6.0) / 2.0).collect();
 /// let margins = adaface.margins(&x, 16).unwrap();
 /// let out = layer.forward_backward_with(&x, &[1, 2, 3, 4], margins.options()).unwrap();
-/// assert!(out.loss.is_finite());
+/// adaface.update(&margins); // the pass ran: keep this batch in the statistics
+/// assert!(out.loss.is_finite() && adaface.batch_mean != AdaFace::new().batch_mean);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaFace {
@@ -139,13 +167,16 @@ impl Default for AdaFace {
     }
 }
 
-/// One batch's AdaFace margins, per row of this rank ([`AdaFace::margins`]).
+/// One batch's AdaFace margins, per row of this rank, and the statistics they were computed
+/// with ([`AdaFace::margins`]; [`AdaFace::update`] keeps them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaFaceMargins {
     /// m2ᵢ = −m·ĝᵢ.
     pub angular: Vec<f32>,
     /// m3ᵢ = m + m·ĝᵢ.
     pub additive: Vec<f32>,
+    /// The running mean and standard deviation of the norms with this batch in them.
+    pub statistics: (f64, f64),
 }
 
 impl AdaFaceMargins {
@@ -169,18 +200,20 @@ impl AdaFace {
         }
     }
 
-    /// Updates the running statistics with this batch's norms and returns each row's margins.
+    /// Each row's margins, from the running statistics with this batch's norms in them (which
+    /// the result carries; `self` is unchanged: [`update`](Self::update) keeps them).
     /// `embeddings`: this rank's rows, un-normalized, row-major with `dim` columns (what the
-    /// layer's pass takes). A batch of one row updates the mean only (its standard deviation is
-    /// undefined).
+    /// layer's pass takes). A batch of one row moves the mean only (its standard deviation is
+    /// undefined); an empty one, neither.
     ///
     /// # Errors
     ///
-    /// [`PfcError::Shape`] for a length that is not a multiple of `dim` (or `dim` = 0), and
-    /// [`PfcError::Param`] for a row with a NaN or infinite value, or for `m`, `h` or `t_alpha`
-    /// outside their ranges (m in [0, 0.75), h > 0, t_alpha in [0, 1]); the statistics are left
-    /// unchanged.
-    pub fn margins(&mut self, embeddings: &[f32], dim: usize) -> Result<AdaFaceMargins> {
+    /// [`PfcError::Shape`] for a length that is not a multiple of `dim` (or `dim` = 0),
+    /// [`PfcError::NonFinite`] for a row with a NaN or infinite value (as the layer's pass
+    /// reports it), [`PfcError::Param`] for a row whose norm is past f64's range, or for `m`,
+    /// `h`, `t_alpha` or the statistics outside their ranges (m in [0, 0.75), h > 0, t_alpha in
+    /// [0, 1], finite statistics, σ >= 0).
+    pub fn margins(&self, embeddings: &[f32], dim: usize) -> Result<AdaFaceMargins> {
         self.validate()?;
         if dim == 0 || !embeddings.len().is_multiple_of(dim) {
             return Err(PfcError::Shape(format!(
@@ -190,31 +223,44 @@ impl AdaFace {
         }
         let mut norms = Vec::with_capacity(embeddings.len() / dim);
         for (row, x) in embeddings.chunks_exact(dim).enumerate() {
+            if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
+                return Err(PfcError::NonFinite { row, value });
+            }
             let sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             if !sq.is_finite() {
                 return Err(PfcError::param(
                     "embeddings",
                     format!("row {row}"),
-                    "AdaFace needs finite embeddings (a NaN or infinite value, or a norm past \
-                     f64's range)",
+                    "AdaFace: the row's norm is past f64's range",
                 ));
             }
             norms.push(sq.sqrt().clamp(1e-3, 100.0));
         }
-        if let Some((mean, std)) = mean_std(&norms) {
+        let (mut mean, mut std) = (self.batch_mean, self.batch_std);
+        if let Some((batch_mean, batch_std)) = mean_std(&norms) {
             let a = self.t_alpha;
-            self.batch_mean = mean * a + (1.0 - a) * self.batch_mean;
-            if let Some(std) = std {
-                self.batch_std = std * a + (1.0 - a) * self.batch_std;
+            mean = batch_mean * a + (1.0 - a) * mean;
+            if let Some(batch_std) = batch_std {
+                std = batch_std * a + (1.0 - a) * std;
             }
         }
         let (mut angular, mut additive) = (Vec::new(), Vec::new());
         for &norm in &norms {
-            let g = (self.h * (norm - self.batch_mean) / (self.batch_std + 1e-3)).clamp(-1.0, 1.0);
+            let g = (self.h * (norm - mean) / (std + 1e-3)).clamp(-1.0, 1.0);
             angular.push((-self.m * g) as f32);
             additive.push((self.m + self.m * g) as f32);
         }
-        Ok(AdaFaceMargins { angular, additive })
+        Ok(AdaFaceMargins {
+            angular,
+            additive,
+            statistics: (mean, std),
+        })
+    }
+
+    /// Keeps the statistics a batch's [`margins`](Self::margins) were computed with: call it
+    /// once the pass that used them has run.
+    pub fn update(&mut self, margins: &AdaFaceMargins) {
+        (self.batch_mean, self.batch_std) = margins.statistics;
     }
 
     fn validate(&self) -> Result<()> {
@@ -272,6 +318,8 @@ mod tests {
         let mut a = AdaFace::new();
         // Two rows of norms 10 and 30 (dim 1).
         let m = a.margins(&[10.0, -30.0], 1).unwrap();
+        assert_eq!(a, AdaFace::new(), "margins leaves the statistics");
+        a.update(&m);
         let mean = 20.0 * 0.01 + 0.99 * 20.0;
         let std = (200.0f64).sqrt() * 0.01 + 0.99 * 100.0;
         for (i, norm) in [10.0, 30.0].into_iter().enumerate() {
@@ -287,12 +335,17 @@ mod tests {
     #[test]
     fn adaface_refuses_nonfinite_rows_without_moving_its_statistics() {
         let mut a = AdaFace::new();
-        assert!(a.margins(&[1.0, f32::NAN, 2.0, 3.0], 2).is_err());
+        assert!(matches!(
+            a.margins(&[1.0, f32::NAN, 2.0, 3.0], 2),
+            Err(PfcError::NonFinite { row: 0, .. })
+        ));
         assert!(a.margins(&[1.0, 2.0, 3.0], 2).is_err());
         assert_eq!(a, AdaFace::new());
         let one = a.margins(&[3.0, 4.0], 2).unwrap();
+        a.update(&one);
         assert_eq!(one.angular.len(), 1);
         assert_eq!(a.batch_std, 100.0); // one row: the std is undefined, kept
+        assert_ne!(a.batch_mean, 20.0);
         assert!(AdaFace {
             m: 0.8,
             ..AdaFace::new()
@@ -303,7 +356,7 @@ mod tests {
 
     #[test]
     fn elastic_margins_are_normal_per_row_and_step_and_stay_in_bounds() {
-        let m = elastic_margins(MarginKind::Additive, 0.35, 0.05, 3, 10, 0, 20_000);
+        let m = elastic_margins(MarginKind::Additive, 0.35, 0.05, 3, 10, 0, 20_000).unwrap();
         let n = m.len() as f64;
         let mean = m.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
         let var = m
@@ -314,15 +367,18 @@ mod tests {
         assert!((mean - 0.35).abs() < 0.002, "{mean}");
         assert!((var.sqrt() - 0.05).abs() < 0.002, "{}", var.sqrt());
         // Rows 100.. of one call are rows 0.. of a call that starts there (another rank's).
-        let rest = elastic_margins(MarginKind::Additive, 0.35, 0.05, 3, 10, 100, 50);
+        let rest = elastic_margins(MarginKind::Additive, 0.35, 0.05, 3, 10, 100, 50).unwrap();
         assert_eq!(rest[..], m[100..150]);
-        let wild = elastic_margins(MarginKind::Angular, 0.0, 100.0, 3, 10, 0, 1000);
+        let wild = elastic_margins(MarginKind::Angular, 0.0, 100.0, 3, 10, 0, 1000).unwrap();
         let half_pi = std::f64::consts::FRAC_PI_2;
         assert!(wild
             .iter()
             .all(|&v| f64::from(v) > -half_pi && f64::from(v) < half_pi));
         assert!(wild.iter().any(|&v| v > 1.57));
-        let nan = elastic_margins(MarginKind::Angular, f64::NAN, 0.1, 3, 10, 0, 3);
-        assert!(nan.iter().all(|v| v.is_finite()));
+        for (mean, std) in [(f64::NAN, 0.1), (1.6, 0.1), (0.5, f64::NAN), (0.5, -0.1)] {
+            let e = elastic_margins(MarginKind::Angular, mean, std, 3, 10, 0, 3).unwrap_err();
+            assert!(matches!(e, PfcError::Param { .. }), "{e}");
+        }
+        assert!(elastic_margins(MarginKind::Additive, 0.5, f64::INFINITY, 3, 10, 0, 3).is_err());
     }
 }

@@ -167,6 +167,55 @@ fn sweep_and_plot_write_an_svg() {
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
 
+/// `--plot` replaces an old plot, but never a checkpoint shard, a folder or a pipe: refused before
+/// any work, the file kept.
+#[test]
+fn plot_never_replaces_a_shard_a_folder_or_a_pipe() {
+    use partial_fc::collective::SingleRank;
+    use partial_fc::{CpuBackend, LayerConfig, PartialFc};
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("rank0.safetensors");
+    PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, SingleRank)
+        .unwrap()
+        .save(&shard)
+        .unwrap();
+    let before = std::fs::read(&shard).unwrap();
+    let plot = |path: &std::path::Path| {
+        let mut args = PAPER.to_vec();
+        let path = path.to_str().unwrap().to_string();
+        args.extend(["--plot", &path]);
+        pfc(&args)
+    };
+    let out = plot(&shard);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is a partial-fc checkpoint shard"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), before);
+    let out = plot(dir.path());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a folder"));
+    #[cfg(unix)]
+    {
+        let fifo = dir.path().join("fifo");
+        let made = Command::new("mkfifo").arg(&fifo).status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "mkfifo (coreutils) is needed"
+        );
+        let out = plot(&fifo);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+    }
+    // An old plot is replaced.
+    let svg = dir.path().join("old.svg");
+    std::fs::write(&svg, "old").unwrap();
+    assert!(plot(&svg).status.success());
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+}
+
 /// The tick labels of an SVG's class axis, left to right: the `<text>` elements that sit on one
 /// row (same `y`, centred) and read as class counts ("10", "2.5M"); the axis title and the caption
 /// are on rows of their own.

@@ -1040,6 +1040,34 @@ fn pfc_predict_prints_propensity_scored_metrics() {
     let bad = pfc(&["--train-labels", train_arg, "--propensity", "0.6"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("A,B expected"));
+    // Parameters that give no finite propensity are refused before the scoring, by name, and
+    // nothing is written.
+    std::fs::remove_file(&out).unwrap();
+    let wild = pfc(&["--train-labels", train_arg, "--propensity", "1e308,1e308"]);
+    let stderr = String::from_utf8_lossy(&wild.stderr);
+    assert_eq!(wild.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--propensity"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&wild.stdout).is_empty(),
+        "no scoring printed"
+    );
+    assert!(!out.exists());
+    // The output never replaces an input, --force or not: the training labels neither.
+    let before = std::fs::read(&train_path).unwrap();
+    let onto_train = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["predict", "--quiet", "--force", "--embeddings"])
+        .arg(&input)
+        .arg("--train-labels")
+        .arg(&train_path)
+        .arg("--out")
+        .arg(&train_path)
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&onto_train.stderr);
+    assert_eq!(onto_train.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is one of the input files"), "{stderr}");
+    assert_eq!(std::fs::read(&train_path).unwrap(), before);
     let unlabelled = dir.path().join("u.safetensors");
     write_atomic(
         &unlabelled,

@@ -302,6 +302,7 @@ fn adaface_trains() {
                 .unwrap()
                 .loss,
         );
+        adaface.update(&m);
         layer.step(0.5).unwrap();
     }
     assert!(losses[19] < 0.8 * losses[0], "{losses:?}");

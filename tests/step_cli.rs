@@ -92,6 +92,37 @@ fn bad_arguments_are_refused_and_the_input_is_kept() {
 
 /// `--output` replaces an existing file (a step's result is rewritten run after run), but
 /// never a partial-fc checkpoint shard: a typo must not cost a run its file.
+/// Class centers whose sum of squares overflows f32 are refused (the step would normalize them to
+/// NaN and write NaN results), and so is a world of more thread ranks than one process runs.
+#[test]
+fn centers_that_overflow_and_thousands_of_ranks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("huge.st");
+    let x = partial_fc::init::normal_rows(1, 0, B, D, 1.0);
+    let w = vec![3e38f32; C * D];
+    let labels: Vec<i64> = (0..B as i64).collect();
+    let tensors = [
+        OutTensor::F32("embeddings", vec![B, D], &x),
+        OutTensor::I64("labels", vec![B], &labels),
+        OutTensor::F32("weight", vec![C, D], &w),
+    ];
+    write_atomic(&input, &tensors, HashMap::new()).unwrap();
+    let out = dir.path().join("out.st");
+    let done = pfc(&[], &input, &out);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("sum of squares overflows f32"), "{stderr}");
+    assert!(!out.exists());
+    let ok = dir.path().join("ok.st");
+    write_case(&ok);
+    // B = 6 rows allow at most 6 ranks anyway; the thread cap is checked in the library.
+    let case = partial_fc::golden::StepCase::read(&ok).unwrap();
+    let e = case
+        .run_threads(partial_fc::golden::MAX_THREAD_RANKS + 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("threads of one process"), "{e}");
+}
+
 #[test]
 fn a_checkpoint_shard_is_never_the_output() {
     use partial_fc::collective::SingleRank;

@@ -136,6 +136,29 @@ pub(super) fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Re
     )
 }
 
+/// Refuses class centers whose sum of squares overflows f32 (each value finite): the step
+/// normalizes every sampled center, and such a row would normalize to NaN and turn the loss and
+/// every gradient NaN. Summed in f64, against half of f32::MAX as `row_error` does (the kernels
+/// add in another order).
+pub(super) fn check_center_norms(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
+    let Some(class) = values.par_chunks(dim.max(1)).position_first(|row| {
+        row.iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            >= f64::from(f32::MAX / 2.0)
+    }) else {
+        return Ok(());
+    };
+    let row = &values[class * dim..(class + 1) * dim];
+    let largest = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    Err(PfcError::param(
+        name,
+        format!("class {class} (largest |value| {largest:e})"),
+        "its sum of squares overflows f32, so the step could not normalize it: scale the \
+         centers down (only their directions count)",
+    ))
+}
+
 /// Whether `value` may enter tensor `name` (weight or optimizer state): finite, and not negative
 /// in a second moment. What `check_finite` and `check_state_range` refuse, with their
 /// messages; checkpoint reads test it value by value.

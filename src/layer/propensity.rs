@@ -27,7 +27,7 @@ use crate::error::{PfcError, Result};
 ///
 /// [`PfcError::Param`] for fewer than 3 training rows (ln N − 1 would not be positive), `a`
 /// negative or not finite, `b` not finite or ≤ 0 (with `b` > 0 a class of no training rows has
-/// a finite weight).
+/// a finite weight), or `a` and `b` so large that a propensity overflows.
 pub fn inverse_propensities(
     label_counts: &[u64],
     train_rows: u64,
@@ -48,10 +48,28 @@ pub fn inverse_propensities(
         return Err(PfcError::param("b", b, "must be finite and > 0"));
     }
     let c = ((train_rows as f64).ln() - 1.0) * (b + 1.0).powf(a);
-    Ok(label_counts
+    let inv: Vec<f64> = label_counts
         .iter()
         .map(|&n| 1.0 + c * (n as f64 + b).powf(-a))
-        .collect())
+        .collect();
+    // Finite inputs can still overflow: (b + 1)^a is infinite for a = b = 1e308.
+    let bad = if c.is_finite() {
+        inv.iter().position(|v| !v.is_finite())
+    } else {
+        Some(0)
+    };
+    if let Some(class) = bad {
+        return Err(PfcError::param(
+            "a, b",
+            format!("{a}, {b}"),
+            format!(
+                "the propensity of class {class} ({} training rows) is not finite: choose \
+                 smaller A and B (the usual are 0.55, 1.5)",
+                label_counts.get(class).copied().unwrap_or(0)
+            ),
+        ));
+    }
+    Ok(inv)
 }
 
 /// Propensity-scored metrics for j = 1 ..= k (element j − 1 of each).

@@ -1,7 +1,7 @@
 //! The shard's weights and optimizer state: reading and replacing them, and the hooks a
 //! checkpoint load replaces them through (src/checkpoint).
 
-use super::checks::{check_finite, check_state_range};
+use super::checks::{check_center_norms, check_finite, check_state_range};
 use super::PartialFc;
 use crate::backend::{Backend, Collective};
 use crate::config::Optimizer;
@@ -16,6 +16,12 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
     /// Replaces the shard's weights. The pending gradient (a pass's, or a sum of accumulated
     /// passes) was taken at the old weights and is dropped: `step` then needs a new pass.
+    ///
+    /// # Errors
+    ///
+    /// [`PfcError::Shape`] for a length other than the shard's, [`PfcError::Param`] for a
+    /// non-finite value or a center whose sum of squares overflows f32 (the step could not
+    /// normalize it); the weights are then unchanged.
     pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
         let want = self.shard.len as usize * self.config.dim;
         if weight.len() != want {
@@ -27,6 +33,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         check_finite("weight", weight, self.config.dim)?;
+        check_center_norms("weight", weight, self.config.dim)?;
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
         self.drop_grad();

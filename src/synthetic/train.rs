@@ -28,7 +28,7 @@ use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, PassOptions, StepOutput};
 use crate::plan::Dtype;
-use crate::row_margins::{elastic_margins, AdaFace, MarginKind};
+use crate::row_margins::{elastic_margins, AdaFace, AdaFaceMargins, MarginKind};
 use crate::tensor_file::{write_atomic, OutTensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -510,9 +510,13 @@ fn train_layers<B: Backend, C: Collective<B>>(
             let t1 = Instant::now();
 
             // Each rank's rows' margins, when the run has per-row margins.
-            let margins = rank_margins(cfg, &mut adaface, &fwd.output, step * micro + m)?;
+            let (margins, adaface_next) =
+                rank_margins(cfg, &adaface, &fwd.output, step * micro + m)?;
             // The first micro-batch starts the classifier's sum, the others add to it.
             let outputs = rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0, &margins)?;
+            for (a, next) in adaface.iter_mut().zip(&adaface_next) {
+                a.update(next);
+            }
             let t2 = Instant::now();
 
             let grad: Vec<f32> = outputs
@@ -670,52 +674,60 @@ type RankMargins = Vec<(Option<Vec<f32>>, Option<Vec<f32>>)>;
 
 /// The per-row margins of every rank's rows of this micro-batch ([`TrainConfig::row_margins`]):
 /// ElasticFace draws them for (seed, `draw`, global row), AdaFace from each rank's rows' norms.
+/// AdaFace's margins also carry the statistics to keep ([`AdaFace::update`]) once the passes ran.
 fn rank_margins(
     cfg: &TrainConfig,
-    adaface: &mut [AdaFace],
+    adaface: &[AdaFace],
     embeddings: &[f32],
     draw: usize,
-) -> Result<RankMargins> {
+) -> Result<(RankMargins, Vec<AdaFaceMargins>)> {
     let (n, e) = (cfg.batch_per_rank, cfg.embedding_dim);
     let (seed, draw) = (cfg.seed ^ 0x3a5f_0e1a, draw as u64);
     match cfg.row_margins {
-        RowMarginMode::None => Ok(Vec::new()),
-        RowMarginMode::Elastic { std } => Ok((0..cfg.ranks)
-            .map(|r| {
-                let first = (r * n) as u64;
-                if cfg.margin.m2 > 0.0 {
-                    let m = elastic_margins(
-                        MarginKind::Angular,
-                        cfg.margin.m2,
-                        std,
-                        seed,
-                        draw,
-                        first,
-                        n,
-                    );
-                    (Some(m), None)
-                } else {
-                    let m = elastic_margins(
-                        MarginKind::Additive,
-                        cfg.margin.m3,
-                        std,
-                        seed,
-                        draw,
-                        first,
-                        n,
-                    );
-                    (None, Some(m))
-                }
-            })
-            .collect()),
-        RowMarginMode::AdaFace { .. } => adaface
-            .iter_mut()
-            .enumerate()
-            .map(|(r, a)| {
-                let m = a.margins(&embeddings[r * n * e..(r + 1) * n * e], e)?;
-                Ok((Some(m.angular), Some(m.additive)))
-            })
-            .collect(),
+        RowMarginMode::None => Ok((Vec::new(), Vec::new())),
+        RowMarginMode::Elastic { std } => Ok((
+            (0..cfg.ranks)
+                .map(|r| {
+                    let first = (r * n) as u64;
+                    if cfg.margin.m2 > 0.0 {
+                        let m = elastic_margins(
+                            MarginKind::Angular,
+                            cfg.margin.m2,
+                            std,
+                            seed,
+                            draw,
+                            first,
+                            n,
+                        )?;
+                        Ok((Some(m), None))
+                    } else {
+                        let m = elastic_margins(
+                            MarginKind::Additive,
+                            cfg.margin.m3,
+                            std,
+                            seed,
+                            draw,
+                            first,
+                            n,
+                        )?;
+                        Ok((None, Some(m)))
+                    }
+                })
+                .collect::<Result<_>>()?,
+            Vec::new(),
+        )),
+        RowMarginMode::AdaFace { .. } => {
+            let margins = adaface
+                .iter()
+                .enumerate()
+                .map(|(r, a)| a.margins(&embeddings[r * n * e..(r + 1) * n * e], e))
+                .collect::<Result<Vec<_>>>()?;
+            let per_rank = margins
+                .iter()
+                .map(|m| (Some(m.angular.clone()), Some(m.additive.clone())))
+                .collect();
+            Ok((per_rank, margins))
+        }
     }
 }
 

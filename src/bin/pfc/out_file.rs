@@ -20,9 +20,9 @@ pub enum Existing {
     Replace,
 }
 
-/// Refuses `out` (given as `flag`) when it is a folder, its folder does not exist, it is one of
-/// `inputs`, it is a partial-fc checkpoint shard (never, `--force` or not), or it exists and
-/// `existing` does not allow replacing it.
+/// Refuses `out` (given as `flag`) when it is a folder, its folder does not exist, it is a
+/// device, a pipe or a socket, it is one of `inputs`, it is a partial-fc checkpoint shard
+/// (never, `--force` or not), or it exists and `existing` does not allow replacing it.
 pub fn refuse_unsafe_output(
     flag: &str,
     out: &Path,
@@ -44,8 +44,14 @@ pub fn refuse_unsafe_output(
         ));
     }
     // A link counts as there (even one to nothing): the rename would replace it.
-    if std::fs::symlink_metadata(out).is_err() {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
         return Ok(());
+    };
+    if !meta.is_file() && !meta.is_symlink() {
+        return Err(format!(
+            "{flag} {shown} is not a regular file (a device, a pipe or a socket): the output \
+             would replace it; write it elsewhere"
+        ));
     }
     if let Ok(out_canonical) = std::fs::canonicalize(out) {
         for input in inputs {

@@ -4,6 +4,7 @@
 //! Numbers and sizes are read as text and parsed by the library (`29M`, `32GiB`), so that a bad
 //! value is one line naming its flag, exit status 2.
 
+use crate::out_file::{refuse_unsafe_output, Existing};
 use clap::ValueEnum;
 use partial_fc::plan::sweep::{plot_svg, sweep, Regime, SweepPoint};
 use partial_fc::plan::units::{format_bytes, format_count, parse_count, parse_size};
@@ -346,6 +347,11 @@ fn sweep_range(args: &PlanArgs, plan: &Plan) -> Result<Option<(u64, u64)>, PfcEr
 /// Runs `pfc plan`: success, or with `--check` exit status 1 when the configuration does not
 /// fit.
 pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
+    if let Some(path) = &args.plot {
+        // A plot is rewritten run after run, but never over a checkpoint shard, a folder or a
+        // device: checked before any work.
+        refuse_unsafe_output("--plot", path, &[], Existing::Replace)?;
+    }
     let (config, passes) = config_of(&args).map_err(message)?;
     let per_node = match &args.gpus_per_node {
         None => None,

@@ -288,6 +288,7 @@ fn refuse_out(out: &Path, args: &PredictArgs) -> Result<(), String> {
         .checkpoints
         .iter()
         .chain([&args.embeddings])
+        .chain(&args.train_labels)
         .map(PathBuf::as_path)
         .collect();
     let existing = Existing::RefuseUnlessForced { force: args.force };
@@ -400,8 +401,9 @@ impl TrainCounts {
             }
         }
         let rows = (labels.len() / width) as u64;
-        // The parameters are checked now, not after the scoring.
-        partial_fc::layer::inverse_propensities(&[], rows, a, b)
+        // The parameters are checked now, on every class's count, not after the scoring (a
+        // table with no counts computed no propensity, and so passed any A and B).
+        partial_fc::layer::inverse_propensities(&counts, rows, a, b)
             .map_err(|e| format!("--train-labels {} / --propensity: {e}", path.display()))?;
         Ok(TrainCounts {
             counts,
