@@ -167,6 +167,15 @@ fn sweep_and_plot_write_an_svg() {
     assert!(text.contains("<svg") && text.contains("device capacity"));
 }
 
+/// Whether this process runs as root (who may write in a read-only folder).
+#[cfg(unix)]
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// `--plot` replaces an old plot, but never a checkpoint shard, a folder or a pipe: refused before
 /// any work, the file kept.
 #[test]
@@ -196,6 +205,22 @@ fn plot_never_replaces_a_shard_a_folder_or_a_pipe() {
     assert_eq!(std::fs::read(&shard).unwrap(), before);
     let out = plot(dir.path());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is a folder"));
+    // A name that ends in a separator is a folder's, and a folder that takes no file is found
+    // before the work.
+    let out = plot(&dir.path().join("new/"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a folder"));
+    #[cfg(unix)]
+    if !is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let out = plot(&locked.join("p.svg"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot write in the folder"), "{stderr}");
+    } else {
+        eprintln!("skipped the read-only folder case: root writes anywhere");
+    }
     #[cfg(unix)]
     {
         let fifo = dir.path().join("fifo");

@@ -30,7 +30,11 @@ pub fn refuse_unsafe_output(
     existing: Existing,
 ) -> Result<(), String> {
     let shown = out.display();
-    if out.is_dir() {
+    let ends_with_separator = out
+        .as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::is_separator);
+    if out.is_dir() || ends_with_separator {
         return Err(format!("{flag} {shown} is a folder: give a file name"));
     }
     let parent = match out.parent() {
@@ -42,6 +46,24 @@ pub fn refuse_unsafe_output(
             "{flag} {shown}: the folder {} does not exist",
             parent.display()
         ));
+    }
+    // The output is written after the work: a folder that takes no new file (read-only, full
+    // of inodes) is found now, by making and removing a file there.
+    let probe = parent.join(format!(".pfc-write-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            return Err(format!(
+                "{flag} {shown}: cannot write in the folder {}: {e}",
+                parent.display()
+            ))
+        }
     }
     // A link counts as there (even one to nothing): the rename would replace it.
     let Ok(meta) = std::fs::symlink_metadata(out) else {
