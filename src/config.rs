@@ -133,8 +133,11 @@ impl Margin {
             m3: self.m3 as f32,
             exact_grad: self.grad_mode == GradMode::Exact,
             fallback: self.fallback == TargetFallback::Monotonic,
+            // The angle never passes π (m1·θ + m2 <= π for every θ in [0, π]): no cosine
+            // takes the fallback. (−1 here took it at c = −1, where a negative per-row m2
+            // leaves the angle short of π; for m2 = 0 both give the same bits.)
             fallback_cos: if threshold_theta >= PI {
-                -1.0
+                f32::NEG_INFINITY
             } else {
                 threshold_theta.cos() as f32
             },
@@ -205,7 +208,8 @@ pub struct MarginParams {
     pub exact_grad: bool,
     /// Use the monotonic fallback ([`TargetFallback::Monotonic`]).
     pub fallback: bool,
-    /// cos((π − m2) / m1): at or below it the fallback applies.
+    /// cos((π − m2) / m1): at or below it the fallback applies (−∞ where the angle cannot
+    /// pass π).
     pub fallback_cos: f32,
     /// m2 · sin(π − m2): the fallback's offset.
     pub fallback_mm: f32,

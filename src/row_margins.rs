@@ -61,7 +61,7 @@ pub fn elastic_margins(
     let (lo, hi) = (next_up(lo as f32), next_down(hi as f32));
     Ok((0..rows as u64)
         .map(|i| {
-            let row = first_row + i;
+            let row = first_row.wrapping_add(i);
             let bits = philox4x32_10(
                 [row as u32, (row >> 32) as u32, step as u32, 0xe1a5],
                 [
@@ -118,7 +118,9 @@ impl MarginKind {
 /// this type supplies m2ᵢ = −m·ĝᵢ and m3ᵢ = m + m·ĝᵢ per row.
 ///
 /// Norms are clipped to [10⁻³, 100] and carry no gradient, as in the paper. Each rank keeps its
-/// own statistics over its own rows (as each GPU of a data-parallel AdaFace run does). μ and σ
+/// own statistics over its own rows (the paper's code computes them from each GPU's own batch;
+/// under PyTorch's DDP, which broadcasts buffers from rank 0 by default, its ranks would share
+/// rank 0's). μ and σ
 /// start at 20 and 100 and follow each batch's mean and (unbiased) standard deviation with
 /// weight `t_alpha` = 0.01, once per call of [`update`](Self::update) (once per micro-batch under
 /// gradient accumulation, as the paper's code updates them once per forward); they are public
@@ -133,7 +135,10 @@ impl MarginKind {
 /// change the result; its scale, m1, gradient mode, fallback and filter do. The paper's code
 /// differentiates through the margin (`GradMode::Exact` here; the default, `StraightThrough`,
 /// is PartialFC_V2's for ArcFace) and clips the angle to [ε, π − ε], where here an angle below
-/// 0 is held at 0 and the layer's `TargetFallback` decides past π.
+/// 0 is held at 0 and the layer's `TargetFallback` decides past π: with `None` the logit of a
+/// row whose θ − m·ĝ passes π folds back up (as PartialFC_V2's ArcFace does), `Monotonic` keeps
+/// it falling. Neither is the paper's flat −1 there; such rows (positive cosine below
+/// −cos(m·ĝ)) are rare once training starts.
 ///
 /// ```
 /// use partial_fc::{collective::SingleRank, AdaFace, CpuBackend, LayerConfig, Margin, PartialFc};
@@ -211,7 +216,7 @@ impl AdaFace {
     /// [`PfcError::Shape`] for a length that is not a multiple of `dim` (or `dim` = 0),
     /// [`PfcError::NonFinite`] for a row with a NaN or infinite value (as the layer's pass
     /// reports it), [`PfcError::Param`] for a row whose norm is past f64's range, or for `m`,
-    /// `h`, `t_alpha` or the statistics outside their ranges (m in [0, 0.75), h > 0, t_alpha in
+    /// `h`, `t_alpha` or the statistics outside their ranges (m in [0, 0.5), h > 0, t_alpha in
     /// [0, 1], finite statistics, σ >= 0).
     pub fn margins(&self, embeddings: &[f32], dim: usize) -> Result<AdaFaceMargins> {
         self.validate()?;
@@ -264,12 +269,12 @@ impl AdaFace {
     }
 
     fn validate(&self) -> Result<()> {
-        // m + m·ĝ reaches 2m: below 1.5 keeps it inside the cosine margin's (−1, 1) with room.
-        if !(self.m >= 0.0 && self.m < 0.75) {
+        // m + m·ĝ reaches 2m, which must stay inside the cosine margin's (−1, 1).
+        if !(self.m >= 0.0 && self.m < 0.5) {
             return Err(PfcError::param(
                 "AdaFace.m",
                 self.m,
-                "must lie in [0, 0.75)",
+                "must lie in [0, 0.5) (its cosine margin m + m·ĝ reaches 2m, below 1)",
             ));
         }
         if !(self.h > 0.0 && self.h.is_finite()) {
@@ -288,7 +293,7 @@ impl AdaFace {
         }
         if !(self.batch_mean.is_finite() && self.batch_std.is_finite() && self.batch_std >= 0.0) {
             return Err(PfcError::param(
-                "AdaFace.batch_std",
+                "AdaFace.batch_mean, batch_std",
                 format!("mean {}, std {}", self.batch_mean, self.batch_std),
                 "the running statistics must be finite, the std >= 0",
             ));

@@ -8,12 +8,16 @@
 use partial_fc::collective::{SingleRank, ThreadGroup};
 use partial_fc::{
     AdaFace, Collective, CpuBackend, GradMode, LayerConfig, Margin, PartialFc, PassOptions,
-    PfcError, Shard, StepOutput,
+    PfcError, Shard, StepOutput, TargetFallback,
 };
 
 const CLASSES: u64 = 300;
 const DIM: usize = 16;
 const ROWS: usize = 12;
+/// Which of two margins row i gets: the ranks' slices (6 rows at two ranks, 4 at three) differ,
+/// and so do rows i and i ^ 1, i ^ 2 for most i, so a row read at the wrong index, or a rank
+/// seeing its own table in every slot, shows.
+const PATTERN: [usize; ROWS] = [0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1];
 
 fn config(world: usize, margin: Margin) -> LayerConfig {
     let mut c = LayerConfig::new(CLASSES, DIM, ROWS.div_ceil(world));
@@ -50,14 +54,20 @@ fn run(world: usize, margin: Margin, m2: Option<&[f32]>, m3: Option<&[f32]>) -> 
     })
 }
 
-fn margins() -> [Margin; 3] {
+fn margins() -> [Margin; 4] {
     let exact = Margin {
         grad_mode: GradMode::Exact,
         ..Margin::arcface()
     };
+    // The fallback's constants come from m2 in f64: a row's table must carry the layer's.
+    let monotonic = Margin {
+        fallback: TargetFallback::Monotonic,
+        ..Margin::combined(64.0, 1.0, 0.3, 0.0)
+    };
     [
         Margin::arcface(),
         exact,
+        monotonic,
         Margin::combined(64.0, 1.0, 0.3, 0.2),
     ]
 }
@@ -85,13 +95,14 @@ fn margins_equal_to_the_layers_are_the_plain_pass_bit_for_bit() {
 }
 
 /// Each row's embedding gradient depends on its own softmax only: with margins a and b on
-/// alternate rows it is, bit for bit, the gradient of a layer whose own margin is that row's.
+/// rows in a pattern that differs between ranks and between neighbouring rows it is, bit for
+/// bit, the gradient of a layer whose own margin is that row's.
 /// Scale 8, not 64: at 64 an untrained row's target probability is ~0 whatever its margin, and
 /// the gradients of both margins would be the same bits.
 #[test]
 fn each_row_gets_its_own_margin() {
     let (a, b) = (0.2f32, 0.6f32);
-    let alternate: Vec<f32> = (0..ROWS).map(|i| if i % 2 == 0 { a } else { b }).collect();
+    let alternate: Vec<f32> = PATTERN.iter().map(|&k| [a, b][k]).collect();
     for world in [1, 2] {
         for base in margins() {
             let base = Margin { scale: 8.0, ..base };
@@ -109,11 +120,7 @@ fn each_row_gets_its_own_margin() {
                 let rows = mixed[rank].grad_embeddings.len() / DIM;
                 for r in 0..rows {
                     let global = Shard::of(ROWS as u64, world, rank).start as usize + r;
-                    let want = if global.is_multiple_of(2) {
-                        &all_a
-                    } else {
-                        &all_b
-                    };
+                    let want = if PATTERN[global] == 0 { &all_a } else { &all_b };
                     let span = r * DIM..(r + 1) * DIM;
                     assert_eq!(
                         mixed[rank].grad_embeddings[span.clone()],
@@ -281,6 +288,17 @@ fn a_negative_angle_is_held_at_zero() {
     let want = ((c.acos() - 0.4).cos() - 0.3) as f64;
     assert!((f64::from(target_logit(c, &p)) - want).abs() < 1e-6);
     assert!(target_logit_slope(c, &p) > 0.0);
+    // At θ = π the angle π − 0.4 has not passed π: no fallback, even where the layer asks for
+    // the monotonic one (its constant for such an m2 is −∞: no cosine reaches it).
+    let monotonic = Margin {
+        fallback: TargetFallback::Monotonic,
+        ..margin
+    };
+    let entry = monotonic.row_entry(-0.4, 0.3);
+    let p = monotonic.params().for_row(Some(&entry), 0);
+    let want = ((std::f32::consts::PI - 0.4).cos() - 0.3) as f64;
+    assert!((f64::from(target_logit(-1.0, &p)) - want).abs() < 1e-6);
+    assert_eq!(monotonic.params().fallback_cos, f32::NEG_INFINITY); // m1 = 1, m2 = 0
 }
 
 /// AdaFace end to end on one rank: its margins are in bounds, the pass takes them, and a few

@@ -127,14 +127,13 @@ impl<'a> PassOptions<'a> {
     pub(super) fn margin_table(&self, margin: &Margin, batch: usize) -> Vec<f32> {
         let mut table = Vec::with_capacity(batch * ROW_MARGIN_FLOATS);
         for row in 0..batch {
-            let m2 = self
-                .angular
-                .and_then(|v| v.get(row))
-                .map_or(margin.m2, |&v| v.into());
-            let m3 = self
-                .additive
-                .and_then(|v| v.get(row))
-                .map_or(margin.m3, |&v| v.into());
+            // A row's f32 margin equal to the layer's (rounded) takes the layer's f64 value,
+            // so the fallback's constants, computed from it in f64, are the layer's bits too.
+            let own = |v: Option<&[f32]>, layer: f64| match v.and_then(|v| v.get(row)) {
+                Some(&v) if v != layer as f32 => f64::from(v),
+                _ => layer,
+            };
+            let (m2, m3) = (own(self.angular, margin.m2), own(self.additive, margin.m3));
             table.extend(margin.row_entry(m2, m3));
         }
         table

@@ -295,8 +295,8 @@ impl TrainConfig {
                 }
             }
             RowMarginMode::AdaFace { m } => {
-                if !(0.0..0.75).contains(&m) {
-                    return Err(PfcError::param("row_margins m", m, "must lie in [0, 0.75)"));
+                if !(0.0..0.5).contains(&m) {
+                    return Err(PfcError::param("row_margins m", m, "must lie in [0, 0.5)"));
                 }
             }
         }
