@@ -2,12 +2,15 @@
 //! bytes go to a temporary file beside it, are flushed to the disk, and are renamed over it, and
 //! the folder is flushed so that the rename itself survives a power loss. On any failure the
 //! temporary file is removed and an existing file is left as it was. The temporary file is
-//! created new (never opened through a link someone put under its name).
+//! created new (never opened through a link someone put under its name). Files that must
+//! appear together or not at all are written in two steps: each to its temporary file
+//! ([`write_pending_with`]), then, once all are, each renamed into place
+//! ([`PendingFile::commit`]).
 
 use crate::error::{PfcError, Result};
 use crate::tensor_file::temp_path_beside;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically (see the module docs); errors name `path`.
 #[cfg_attr(not(feature = "plot"), allow(dead_code))] // the plots' writer
@@ -51,23 +54,35 @@ pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ 
     }
 }
 
-/// Atomically replaces `path` with what `write` puts into the temporary file it is given (open
-/// for writing); the file is flushed to the disk before the rename. An error from `write` (an
-/// I/O error, or one of the data it writes, such as a failed device download) is returned as it
-/// is, after the temporary file is removed.
-pub(crate) fn write_atomic_with(
-    path: &Path,
-    write: impl FnOnce(std::fs::File) -> Result<()>,
-) -> Result<()> {
-    write_atomic_impl(path, false, write)
-}
-
 fn write_atomic_impl(
     path: &Path,
     private: bool,
     write: impl FnOnce(std::fs::File) -> Result<()>,
 ) -> Result<()> {
+    write_pending_impl(path, private, write)?.commit()
+}
+
+/// Writes what `write` puts into the temporary file it is given (open for writing), beside
+/// `path`, and flushes it to the disk, but does not rename it: that is left to
+/// [`PendingFile::commit`], and dropping the [`PendingFile`] instead removes the file. So a set
+/// of files that must appear together or not at all (`checkpoint::reshard`'s ranks) is written
+/// each pending, and only when all are does any take its final name: a failure on a later file
+/// leaves no earlier one beside the old files of the set. An error from `write` (an I/O error,
+/// or one of the data it writes, such as a failed device download) is returned as it is, after
+/// the temporary file is removed.
+pub(crate) fn write_pending_with(
+    path: &Path,
+    write: impl FnOnce(std::fs::File) -> Result<()>,
+) -> Result<PendingFile> {
     refuse_special(path)?;
+    write_pending_impl(path, false, write)
+}
+
+fn write_pending_impl(
+    path: &Path,
+    private: bool,
+    write: impl FnOnce(std::fs::File) -> Result<()>,
+) -> Result<PendingFile> {
     let tmp = temp_path_beside(path);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -79,30 +94,63 @@ fn write_atomic_impl(
     #[cfg(not(unix))]
     let _ = private;
     let file = options.open(&tmp).map_err(io_error(path))?;
-    let written = write(file).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error(path))?;
+    // From here on, dropping `pending` (an error below) removes the temporary file.
+    let pending = PendingFile {
+        tmp,
+        path: path.to_path_buf(),
+        renamed: false,
+    };
+    write(file)?;
+    std::fs::File::open(&pending.tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(path))?;
+    Ok(pending)
+}
+
+/// A complete file, flushed to the disk under a temporary name beside its destination, that
+/// has not yet been renamed over it ([`write_pending_with`]). [`commit`](Self::commit) renames
+/// it into place; dropping it uncommitted removes the temporary file, leaving the destination
+/// as it was. (A process killed before either leaves the temporary file, a hidden name beside
+/// the destination, as an interrupted atomic write does.)
+#[derive(Debug)]
+#[must_use = "a pending file is removed when dropped: commit it"]
+pub(crate) struct PendingFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    /// Set once the rename is done: nothing is left under the temporary name to remove (and
+    /// another file may come to have it).
+    renamed: bool,
+}
+
+impl PendingFile {
+    /// Renames the file over its destination and flushes the folder so that the rename
+    /// survives a power loss (a file system that cannot flush a folder, as some network ones,
+    /// still has the complete file under its name). On an error the temporary file is removed
+    /// and the destination is as it was; errors name the destination.
+    pub(crate) fn commit(mut self) -> Result<()> {
         // Again: something may have been put there while the file was written.
-        refuse_special(path)?;
-        std::fs::rename(&tmp, path).map_err(io_error(path))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return written;
+        refuse_special(&self.path)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_error(&self.path))?;
+        self.renamed = true;
+        #[cfg(unix)]
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
     }
-    // The rename is durable once the folder is flushed; a file system that cannot flush a
-    // folder (some network ones) still has the complete file under its name.
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -171,6 +219,38 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn a_pending_file_takes_its_name_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &'static str| {
+            move |mut file: std::fs::File| {
+                file.write_all(text.as_bytes())
+                    .map_err(io_error(Path::new("x")))
+            }
+        };
+        let path = dir.path().join("out.txt");
+        std::fs::write(&path, "old").unwrap();
+        let dropped = write_pending_with(&path, write("dropped")).unwrap();
+        let kept = write_pending_with(&path, write("new")).unwrap();
+        assert_eq!(
+            others(dir.path(), "out.txt").len(),
+            2,
+            "two temporary files"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
+        drop(dropped);
+        assert_eq!(others(dir.path(), "out.txt").len(), 1, "one removed");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
+        kept.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert!(others(dir.path(), "out.txt").is_empty());
+        // A failed write leaves nothing either.
+        let failed = write_pending_with(&path, |_| Err(PfcError::Shape("no".into())));
+        assert!(matches!(failed, Err(PfcError::Shape(_))), "{failed:?}");
+        assert!(others(dir.path(), "out.txt").is_empty());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
     }
 
     #[test]

@@ -389,6 +389,19 @@ pub fn write_atomic(
     tensors: &[OutTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    write_pending(path, tensors, metadata)?.commit()
+}
+
+/// The first half of [`write_atomic`]: the file is written and flushed to the disk under a
+/// temporary name beside `path`, and renamed over it only by
+/// [`PendingFile::commit`](crate::atomic_file::PendingFile::commit) (dropped uncommitted, it is
+/// removed). For files that must appear together or not at all, such as the ranks of
+/// `checkpoint::reshard`: none takes its final name before every one is written.
+pub(crate) fn write_pending(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: HashMap<String, String>,
+) -> Result<crate::atomic_file::PendingFile> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
     header.insert(
@@ -432,7 +445,7 @@ pub fn write_atomic(
     // Padded with spaces to a multiple of 8, as safetensors writes it, so that the data that
     // follows is aligned for readers that map the file.
     header.resize(header.len().div_ceil(8) * 8, b' ');
-    crate::atomic_file::write_atomic_with(path, |file| {
+    crate::atomic_file::write_pending_with(path, |file| {
         let io = crate::atomic_file::io_error(path);
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())

@@ -293,15 +293,8 @@ fn a_non_finite_value_in_any_file_is_refused_before_the_layer_changes() {
     let dir = tempfile::tempdir().unwrap();
     train(3, &[], 1, Some(dir.path()));
     let paths = files(dir.path(), 3);
-    // Poison one weight of rank 1's file (class 335 + 2, column 5): a NaN's bytes at its offset.
-    let bytes = std::fs::read(&paths[1]).unwrap();
-    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let head: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
-    let start = head["weight"]["data_offsets"][0].as_u64().unwrap() as usize;
-    let at = 8 + header + start + 4 * (2 * DIM + 5);
-    let mut poisoned = bytes.clone();
-    poisoned[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    std::fs::write(&paths[1], poisoned).unwrap();
+    // Poison one weight of rank 1's file (class 335 + 2, column 5).
+    poison(&paths[1], 2, 5, f32::NAN);
     let mut layer = PartialFc::new(config(1), CpuBackend, SingleRank).unwrap();
     let before = layer.weight().unwrap();
     let e = refusal(layer.load_resharded(&paths).unwrap_err());
@@ -314,6 +307,193 @@ fn a_non_finite_value_in_any_file_is_refused_before_the_layer_changes() {
         !out.join(shard_file_name(2, 0)).exists(),
         "rank 0 of 2 holds class 337: its file is not written"
     );
+    assert!(!out.exists(), "the folder made for the files is removed");
+}
+
+/// Puts `value`'s bytes at row `row`, column `column` of the `weight` of the checkpoint file at
+/// `path` (rewritten in place).
+fn poison(path: &Path, row: usize, column: usize, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let head: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let start = head["weight"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + header + start + 4 * (row * DIM + column);
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every entry of `dir` by name, with a file's bytes (a folder's: none), temporary files too.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Option<Vec<u8>>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = e
+                .file_type()
+                .unwrap()
+                .is_file()
+                .then(|| std::fs::read(e.path()).unwrap());
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect()
+}
+
+/// A run of 3 ranks, saved in `dir`, whose old rank 2 holds -inf at class 669 + 2 = 671,
+/// column 5: rewritten for 2 ranks, rank 0 (classes 0..502) is written, rank 1 (502..1003)
+/// fails.
+fn run_failing_on_rank_1_of_2(dir: &Path) -> Vec<PathBuf> {
+    train(3, &[], 1, Some(dir));
+    let paths = files(dir, 3);
+    poison(&paths[2], 2, 5, f32::NEG_INFINITY);
+    paths
+}
+
+/// The output set is all or none: a reshard whose second rank fails leaves no new file and no
+/// temporary file, removes the folder it made, and leaves an old complete set of the same names
+/// (a --force over it) byte for byte as it was, not the new rank 0 beside the old rank 1.
+#[test]
+fn a_rank_that_fails_leaves_the_output_folder_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    let paths = run_failing_on_rank_1_of_2(&inputs);
+    let check = |e: PfcError, out: &Path| {
+        match &e {
+            PfcError::Checkpoint { path, .. } => {
+                assert_eq!(path, &out.join(shard_file_name(2, 1)), "{e}")
+            }
+            other => panic!("not a checkpoint error: {other}"),
+        }
+        let e = e.to_string();
+        assert!(
+            e.contains("writing rank 1 of 2")
+                && e.contains("weight holds -inf at class 671, column 5"),
+            "{e}"
+        );
+    };
+    // A folder this call makes: removed.
+    let fresh = dir.path().join("fresh");
+    check(reshard(&paths, 2, &fresh, &|_| {}).unwrap_err(), &fresh);
+    assert!(
+        !fresh.exists(),
+        "{:?}",
+        fresh.exists().then(|| snapshot(&fresh))
+    );
+    // A folder that was there, empty: kept, empty.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    check(reshard(&paths, 2, &empty, &|_| {}).unwrap_err(), &empty);
+    assert!(snapshot(&empty).is_empty(), "{:?}", snapshot(&empty));
+    // A folder holding another run's complete set for 2 ranks (other weights than the new
+    // rank 0's), and another file.
+    let old = dir.path().join("old");
+    let other_run = dir.path().join("other");
+    std::fs::create_dir(&other_run).unwrap();
+    train(3, &[], 2, Some(&other_run));
+    reshard(&files(&other_run, 3), 2, &old, &|_| {}).unwrap();
+    std::fs::write(old.join("notes.txt"), "keep me").unwrap();
+    let before = snapshot(&old);
+    assert_eq!(before.len(), 3);
+    check(reshard(&paths, 2, &old, &|_| {}).unwrap_err(), &old);
+    assert!(snapshot(&old) == before, "{:?}", snapshot(&old).keys());
+    CheckpointSet::open(&[
+        old.join(shard_file_name(2, 0)),
+        old.join(shard_file_name(2, 1)),
+    ])
+    .unwrap()
+    .require_complete()
+    .unwrap();
+    // The same inputs without the -inf write the whole set over it.
+    poison(&paths[2], 2, 5, 0.5);
+    let written = reshard(&paths, 2, &old, &|_| {}).unwrap();
+    let after = snapshot(&old);
+    assert_eq!(after.len(), 3, "{:?}", after.keys());
+    for path in &written {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(after[name] != before[name], "{name} replaced");
+    }
+}
+
+/// An output name that is a folder (or a device, a pipe) is refused while its rank is written,
+/// before any rank takes its name: nothing is replaced, no temporary file is left, the folder
+/// is kept. (The renames themselves are one per file, not a transaction; with this refusal a
+/// rename can fail only through what the file system does in between.)
+#[test]
+fn an_output_name_that_is_a_folder_is_refused_before_any_rename() {
+    let dir = tempfile::tempdir().unwrap();
+    train(3, &[], 1, Some(dir.path()));
+    let out = dir.path().join("out");
+    let blocked = out.join(shard_file_name(2, 1));
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("inside"), "x").unwrap();
+    let e = reshard(&files(dir.path(), 3), 2, &out, &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("writing rank 1 of 2") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let left = snapshot(&out);
+    assert_eq!(
+        left.keys().collect::<Vec<_>>(),
+        [&shard_file_name(2, 1)],
+        "no rank 0 and no temporary file"
+    );
+    assert!(left[&shard_file_name(2, 1)].is_none(), "the folder is kept");
+}
+
+/// `pfc reshard --force` over a complete set, with an input that fails rank 1 of 2: the old
+/// set is left as it was, and the error names the rank.
+#[test]
+fn pfc_reshard_that_fails_on_a_rank_names_it_and_keeps_the_old_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    // Another run's set for 2 ranks (two steps: other bytes than the new files').
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    train(2, &[], 2, Some(&out));
+    std::fs::rename(
+        out.join("rank0.safetensors"),
+        out.join(shard_file_name(2, 0)),
+    )
+    .unwrap();
+    std::fs::rename(
+        out.join("rank1.safetensors"),
+        out.join(shard_file_name(2, 1)),
+    )
+    .unwrap();
+    let before = snapshot(&out);
+    let paths = run_failing_on_rank_1_of_2(&inputs);
+    let run = |out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+            .args([
+                "reshard",
+                "--world-size",
+                "2",
+                "--quiet",
+                "--force",
+                "--out",
+            ])
+            .arg(out)
+            .args(&paths)
+            .output()
+            .unwrap()
+    };
+    let done = run(&out);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("rank1-of-2.safetensors")
+            && stderr.contains("writing rank 1 of 2")
+            && stderr.contains("-inf at class 671"),
+        "{stderr}"
+    );
+    assert!(snapshot(&out) == before, "{:?}", snapshot(&out).keys());
+    let fresh = dir.path().join("fresh");
+    let done = run(&fresh);
+    assert_eq!(done.status.code(), Some(2));
+    assert!(!fresh.exists(), "the folder made for the files is removed");
 }
 
 #[test]

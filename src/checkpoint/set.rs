@@ -9,9 +9,10 @@
 //! resharding a classifier of tens of gigabytes needs no host copy of it.
 
 use super::FORMAT;
+use crate::atomic_file::PendingFile;
 use crate::error::{PfcError, Result};
 use crate::shard::Shard;
-use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
+use crate::tensor_file::{write_pending, OutTensor, TensorFile};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -540,6 +541,20 @@ impl CheckpointSet {
         path: &Path,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
+        self.pending_grown_shard(world_size, num_classes, rank, path, progress)?
+            .commit()
+    }
+
+    /// [`write_grown_shard`](Self::write_grown_shard) up to the rename: the file is written
+    /// under a temporary name beside `path`, and takes its name when committed.
+    fn pending_grown_shard(
+        &self,
+        world_size: usize,
+        num_classes: u64,
+        rank: usize,
+        path: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<PendingFile> {
         let seed = self.check_growth(num_classes)?;
         check_world_size(num_classes, world_size)?;
         if rank >= world_size {
@@ -585,7 +600,7 @@ impl CheckpointSet {
             self.seed,
             self.config.as_deref(),
         );
-        write_atomic(path, &tensors, meta)
+        write_pending(path, &tensors, meta)
     }
 
     /// Values a whole rewrite for any world size reads: weights and optimizer state of every
@@ -783,11 +798,12 @@ pub fn shard_file_name(world_size: usize, rank: usize) -> String {
 }
 
 /// Makes `out_dir` if missing, refusing a path that is a file and a folder whose parent does
-/// not exist (a mistyped path should fail, not grow a tree of folders).
-fn prepare_out_dir(out_dir: &Path) -> Result<()> {
+/// not exist (a mistyped path should fail, not grow a tree of folders). Returns whether it made
+/// the folder.
+fn prepare_out_dir(out_dir: &Path) -> Result<bool> {
     let refuse_dir = |reason: String| PfcError::param("out_dir", out_dir.display(), reason);
     if out_dir.is_dir() {
-        return Ok(());
+        return Ok(false);
     }
     if out_dir.exists() {
         return Err(refuse_dir("is a file; the new files need a folder".into()));
@@ -805,16 +821,77 @@ fn prepare_out_dir(out_dir: &Path) -> Result<()> {
     std::fs::create_dir(out_dir).map_err(|source| PfcError::Io {
         path: out_dir.to_path_buf(),
         source,
-    })
+    })?;
+    Ok(true)
+}
+
+/// An error in writing or renaming one rank's file, as a checkpoint error that names the output
+/// and says `reason` (which rank, and what of it failed).
+fn of_rank(path: &Path, e: PfcError, reason: impl FnOnce(&PfcError) -> String) -> PfcError {
+    match e {
+        PfcError::Io { .. } | PfcError::Format { .. } | PfcError::Checkpoint { .. } => {
+            refuse(path, reason(&e))
+        }
+        other => other,
+    }
+}
+
+/// Writes rank `r`'s file of `world_size` to `outputs[r]`, for every rank, all or none: each
+/// file is written and flushed to the disk under a temporary name beside its output first, and
+/// only once every rank's is do they take their names, one rename each. An error while writing
+/// (a value that is not finite in an input, a full disk) removes the temporary files written so
+/// far and leaves every output name as it was. The renames are not one transaction: should one
+/// fail (an output name that is a folder, say), the ranks before it already have their new
+/// files, and the error says so; the temporary files of it and the ranks after it are removed.
+fn write_all_ranks(
+    set: &CheckpointSet,
+    world_size: usize,
+    num_classes: u64,
+    outputs: &[PathBuf],
+    progress: &dyn Fn(u64),
+) -> Result<()> {
+    // Dropped on an error, the files written so far are removed.
+    let mut pending = Vec::with_capacity(outputs.len());
+    for (rank, path) in outputs.iter().enumerate() {
+        let file = set
+            .pending_grown_shard(world_size, num_classes, rank, path, progress)
+            .map_err(|e| {
+                of_rank(path, e, |e| {
+                    format!("writing rank {rank} of {world_size}: {e}")
+                })
+            })?;
+        pending.push(file);
+    }
+    for (rank, (file, path)) in pending.into_iter().zip(outputs).enumerate() {
+        file.commit().map_err(|e| {
+            of_rank(path, e, |e| {
+                let before = match rank {
+                    0 => "no output was replaced".to_string(),
+                    1 => "rank 0's output is already the new file".to_string(),
+                    _ => format!(
+                        "ranks 0 to {}'s outputs are already the new files",
+                        rank - 1
+                    ),
+                };
+                format!("renaming rank {rank} of {world_size} into place: {e} ({before})")
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// Rewrites a run's checkpoint files (`paths`: every rank's) for `world_size` ranks, into
 /// `out_dir` as [`shard_file_name`]s, and returns their paths in rank order. World size 1
-/// merges the classifier into one file. Each file is written atomically (a temporary file, then
-/// a rename); should one fail, the files of the ranks before it are complete and the error says
-/// which rank failed. An output path that is one of the inputs is refused before anything is
-/// written; another file of an output's name is replaced (`pfc reshard` refuses that unless
-/// given `--force`). `progress` gets the number of values after each block (of
+/// merges the classifier into one file. The files are written as a set, all or none: each to a
+/// temporary file beside its name, and only once every rank's is complete and flushed to the
+/// disk are they renamed into place. Should a rank fail (a value that is not finite in the
+/// inputs, a full disk), the error says which, and `out_dir` is left as it was: no new file
+/// (a folder made for them is removed), every old file of an output's name intact. The renames
+/// are one per file, not a transaction: should one fail, the ranks before it have their new
+/// files, as the error says. The temporary files of all ranks are on the disk at once, beside
+/// the old files they replace. An output path that is one of the inputs is refused before
+/// anything is written; another file of an output's name is replaced (`pfc reshard` refuses
+/// that unless given `--force`). `progress` gets the number of values after each block (of
 /// [`CheckpointSet::total_values`] in all). `out_dir` is created if missing; its parent must
 /// exist.
 ///
@@ -885,12 +962,10 @@ pub fn reshard_grown<P: AsRef<Path>>(
     set.check_growth(num_classes)?;
     check_world_size(num_classes, world_size)?;
     set.require_complete()?;
-    prepare_out_dir(out_dir)?;
     let outputs: Vec<PathBuf> = (0..world_size)
         .map(|r| out_dir.join(shard_file_name(world_size, r)))
         .collect();
-    // The files are read again block by block while the outputs are written: an output that
-    // replaced an input would be read half old, half new.
+    // An output never replaces an input: the run's own files would be gone once renamed over.
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
     for input in paths {
         let input = canonical(input.as_ref());
@@ -908,14 +983,11 @@ pub fn reshard_grown<P: AsRef<Path>>(
             ));
         }
     }
-    for (rank, path) in outputs.iter().enumerate() {
-        set.write_grown_shard(world_size, num_classes, rank, path, progress)
-            .map_err(|e| match e {
-                PfcError::Io { .. } | PfcError::Format { .. } | PfcError::Checkpoint { .. } => {
-                    refuse(path, format!("writing rank {rank} of {world_size}: {e}"))
-                }
-                other => other,
-            })?;
+    let created = prepare_out_dir(out_dir)?;
+    let written = write_all_ranks(&set, world_size, num_classes, &outputs, progress);
+    if written.is_err() && created {
+        // Removed only if empty (a rename that failed midway leaves the ranks before it).
+        let _ = std::fs::remove_dir(out_dir);
     }
-    Ok(outputs)
+    written.map(|()| outputs)
 }

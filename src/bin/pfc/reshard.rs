@@ -104,9 +104,9 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The library's `reshard` writes each file atomically over whatever has its name: refuse,
-/// before anything is read, the files of `out` that would be replaced. (A missing folder is
-/// made, one that is a file is refused by `reshard`.)
+/// The library's `reshard` renames its files over whatever has their names (once every one is
+/// written): refuse, before anything is read, the files of `out` that would be replaced. (A
+/// missing folder is made, one that is a file is refused by `reshard`.)
 fn refuse_existing_outputs(out: &Path, world_size: usize) -> Result<(), String> {
     if !out.is_dir() {
         return Ok(());
