@@ -124,7 +124,10 @@ impl MarginKind {
 /// start at 20 and 100 and follow each batch's mean and (unbiased) standard deviation with
 /// weight `t_alpha` = 0.01, once per call of [`update`](Self::update) (once per micro-batch under
 /// gradient accumulation, as the paper's code updates them once per forward); they are public
-/// fields, so a checkpoint can keep them.
+/// fields, which a checkpoint keeps through
+/// [`PartialFc::save_with_metadata`](crate::PartialFc::save_with_metadata) (`format!("{} {}",
+/// batch_mean, batch_std)` round-trips exactly: Rust prints the shortest text that reads back as
+/// the same f64) and [`checkpoint::user_metadata`](crate::checkpoint::user_metadata).
 ///
 /// Two steps, so that a refused pass leaves the statistics as they were:
 /// [`margins`](Self::margins) computes the batch's margins from the statistics this batch would

@@ -1183,3 +1183,44 @@ fn growth_with_ranks_of_only_new_classes_and_blocks_starting_mid_row_is_exact() 
         "new rows fresh"
     );
 }
+
+/// `save_with_metadata`: each rank's own entries under `user.`, read back by `user_metadata`,
+/// ignored by `load_resharded` and not carried over by a reshard; bad keys are refused with
+/// nothing written.
+#[test]
+fn user_metadata_rides_with_each_ranks_file() {
+    use partial_fc::checkpoint::user_metadata;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = ThreadGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let layer = PartialFc::new(LayerConfig::new(20, 4, 2), CpuBackend, comm).unwrap();
+        let path = dir.path().join(shard_file_name(2, rank));
+        let stats = format!("{} 7.5", 20 + rank);
+        layer
+            .save_with_metadata(&path, &[("adaface", &stats), ("epoch", "3")])
+            .unwrap();
+        path
+    });
+    let meta = user_metadata(&paths[1]).unwrap();
+    assert_eq!(meta.len(), 2);
+    assert_eq!(
+        (meta["adaface"].as_str(), meta["epoch"].as_str()),
+        ("21 7.5", "3")
+    );
+    assert_eq!(user_metadata(&paths[0]).unwrap()["adaface"], "20 7.5");
+    let mut one = PartialFc::zeroed(LayerConfig::new(20, 4, 2), CpuBackend, SingleRank).unwrap();
+    one.load_resharded(&paths).unwrap();
+    let merged = reshard(&paths, 1, &dir.path().join("one"), &|_| {}).unwrap();
+    assert!(user_metadata(&merged[0]).unwrap().is_empty());
+    let layer = PartialFc::new(LayerConfig::new(20, 4, 2), CpuBackend, SingleRank).unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    for extra in [
+        vec![("", "x")],
+        vec![("a b", "x")],
+        vec![("k", "1"), ("k", "2")],
+    ] {
+        let e = layer.save_with_metadata(&bad, &extra).unwrap_err();
+        assert!(matches!(e, PfcError::Param { .. }), "{e}");
+        assert!(!bad.exists());
+    }
+}

@@ -23,6 +23,26 @@ type ReadBlock<'a> = dyn Fn(&str, usize, usize) -> Result<Vec<f32>> + 'a;
 /// Format tag written into every checkpoint.
 pub const FORMAT: &str = "partial-fc-shard/1";
 
+/// Prefix of the metadata keys a caller adds to a checkpoint
+/// ([`PartialFc::save_with_metadata`]): they can never collide with the crate's own.
+pub const USER_PREFIX: &str = "user.";
+
+/// The metadata a caller saved with [`PartialFc::save_with_metadata`], keys without
+/// [`USER_PREFIX`]: the trainer's own state beside the layer's (an epoch, a schedule, AdaFace's
+/// running statistics). Only the file's header is read.
+///
+/// # Errors
+///
+/// Those of reading a safetensors file ([`TensorFile::read`]).
+pub fn user_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let file = TensorFile::read(path)?;
+    Ok(file
+        .metadata()
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(USER_PREFIX)?.to_string(), v.clone())))
+        .collect())
+}
+
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// Writes this rank's shard (and its optimizer state, if any: `momentum` for SGD, `exp_avg`
     /// and `exp_avg_sq` for AdamW) to `path`, atomically.
@@ -47,6 +67,54 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// run: `load` would refuse the file, so none is written and an existing file at `path` is
     /// kept), or when the step counter is `u64::MAX` (likewise); I/O errors as [`PfcError::Io`]; the layer's refusal after a failed load.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with_metadata(path, &[])
+    }
+
+    /// [`save`](Self::save), with entries of the caller's own in the file's metadata, read back
+    /// with [`user_metadata`]: what a trainer must resume besides the layer (AdaFace's running
+    /// statistics, an epoch, a learning-rate schedule), in the same file and written in the
+    /// same atomic step. Keys are stored under [`USER_PREFIX`]; each rank saves its own
+    /// (`load`, `load_resharded` and `pfc reshard` ignore them, and a reshard does not carry
+    /// them over: per-rank state has no meaning at another world size).
+    ///
+    /// ```
+    /// use partial_fc::checkpoint::user_metadata;
+    /// use partial_fc::{collective::SingleRank, AdaFace, CpuBackend, LayerConfig, PartialFc};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("rank0.safetensors");
+    /// let layer = PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, SingleRank).unwrap();
+    /// let adaface = AdaFace::new();
+    /// let stats = format!("{} {}", adaface.batch_mean, adaface.batch_std);
+    /// layer.save_with_metadata(&path, &[("adaface", stats.as_str())]).unwrap();
+    /// assert_eq!(user_metadata(&path).unwrap()["adaface"], "20 100");
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of `save`, and [`PfcError::Param`] for an empty key, a key of characters other
+    /// than ASCII letters, digits, `.`, `_` and `-`, or the same key twice (nothing written).
+    pub fn save_with_metadata(&self, path: &Path, extra: &[(&str, &str)]) -> Result<()> {
+        let mut user = HashMap::new();
+        for &(key, value) in extra {
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if key.is_empty() || !key.chars().all(plain) {
+                return Err(PfcError::param(
+                    "metadata key",
+                    format!("{key:?}"),
+                    "must be non-empty ASCII letters, digits, '.', '_' or '-'",
+                ));
+            }
+            if user
+                .insert(format!("{USER_PREFIX}{key}"), value.to_string())
+                .is_some()
+            {
+                return Err(PfcError::param(
+                    "metadata key",
+                    format!("{key:?}"),
+                    "given twice",
+                ));
+            }
+        }
         self.check_complete()?;
         if self.steps() == u64::MAX {
             // `load` refuses such a file (the counter could not advance): do not write it.
@@ -91,7 +159,9 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         for (name, read) in self.state_names().iter().zip(&states) {
             tensors.push(OutTensor::F32Blocks(name, shape.clone(), read));
         }
-        write_atomic(path, &tensors, self.checkpoint_metadata())
+        let mut meta = self.checkpoint_metadata();
+        meta.extend(user);
+        write_atomic(path, &tensors, meta)
     }
 
     fn checkpoint_metadata(&self) -> HashMap<String, String> {
