@@ -104,6 +104,18 @@ impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
         let bad =
             |reason: String| format_err(path, format!("not a valid safetensors file ({reason})"));
+        // A pipe (a FIFO, `<(cat file)`) would block the open until a writer comes, and could
+        // not be read twice anyway (the tensors are read after the header, some twice): looked
+        // at before the open. A link is followed, as the open follows it.
+        if let Ok(m) = std::fs::metadata(path) {
+            if !m.is_file() && !m.is_dir() {
+                return Err(io_err(path)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file (a pipe, a device or a socket): give a file, which is \
+                     read in several passes",
+                )));
+            }
+        }
         let mut file = File::open(path).map_err(io_err(path))?;
         let meta = file.metadata().map_err(io_err(path))?;
         if meta.is_dir() {

@@ -113,3 +113,21 @@ fn offsets_that_overflow_are_refused() {
         }
     }
 }
+
+/// A pipe given as a tensor file is refused at once (its open would block until a writer came,
+/// and the file is read in several passes), naming it.
+#[cfg(unix)]
+#[test]
+fn a_pipe_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "mkfifo (coreutils) is needed"
+    );
+    let e = partial_fc::tensor_file::TensorFile::read(&fifo)
+        .err()
+        .expect("a pipe must be refused");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}

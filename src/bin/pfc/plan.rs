@@ -24,16 +24,16 @@ const SWEEP_POINTS: usize = 48;
 #[derive(clap::Args)]
 pub struct PlanArgs {
     /// Total number of classes C (e.g. 29M, 1.5B, 100000).
-    #[arg(long, allow_negative_numbers = true, value_name = "COUNT")]
+    #[arg(long, allow_hyphen_values = true, value_name = "COUNT")]
     classes: Box<str>,
     /// Number of GPUs k.
-    #[arg(long, allow_negative_numbers = true, value_name = "K")]
+    #[arg(long, allow_hyphen_values = true, value_name = "K")]
     gpus: Box<str>,
     /// Memory of one GPU: e.g. 80GiB for a card sold as "H100 80GB", 11GiB for an
     /// "RTX 2080 Ti 11GB". Units K, M, G, T (with or without B) are powers of 1000, KiB, MiB,
     /// GiB, TiB powers of 1024: 80GB is 80·10⁹ bytes = 74.5 GiB, 7% less than that card holds
     /// (the output says so when a decimal unit is given).
-    #[arg(long, allow_negative_numbers = true, value_name = "SIZE")]
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
     gpu_memory: Box<str>,
     /// Images per GPU per step, N: the layer's rows, so for multi-label data expanded one copy
     /// per label (`multi_label::PairBatch`) count (row, label) pairs, not rows.
@@ -116,7 +116,7 @@ pub struct PlanArgs {
     /// GPUs per node: also answer the fewest whole nodes on which the classes fit (not the
     /// fewest GPUs rounded up: memory is not monotone in the GPU count, so that multiple may
     /// not fit while a larger one does).
-    #[arg(long, allow_negative_numbers = true, value_name = "G")]
+    #[arg(long, allow_hyphen_values = true, value_name = "G")]
     gpus_per_node: Option<Box<str>>,
     /// Print one JSON object instead of the table.
     #[arg(long)]

@@ -47,7 +47,7 @@ pub struct PredictArgs {
     )]
     propensity: String,
     /// Classes per row, 1 to 256 (TOP_K_MAX) and at most the classifier's classes.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5)]
     k: usize,
     /// Where to write `classes` (I64 `[rows, k]`, best first; -1 for a row of zeros, which has
     /// no nearest class) and `scores` (F32 cosines; -inf there), atomically. An existing file is refused unless --force is given; an input file, or a

@@ -12,7 +12,7 @@ pub struct ReshardArgs {
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// World size to write the files for; 1 merges the classifier into one file.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     world_size: usize,
     /// Grow the classifier to this many classes (e.g. 120000 or 1.2M): the run's classes keep
     /// their weights and optimizer state; the new ones, with ids from the run's class count on,
@@ -23,7 +23,7 @@ pub struct ReshardArgs {
     /// The run's seed (`LayerConfig::seed`), which the new classes' weights are drawn from, for
     /// files that do not record it (hand-written or imported from PyTorch). Files that record
     /// a seed keep theirs (another value is refused).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Folder for the new files (created if missing; its parent must exist), named
     /// rank{r}-of-{k}.safetensors. A file of one of those names already there is refused

@@ -20,7 +20,7 @@ pub struct StepArgs {
     #[arg(long)]
     output: PathBuf,
     /// Number of ranks (threads on the CPU); the batch and the classes are split over them.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     world_size: usize,
     /// Backend that runs the step.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
@@ -49,7 +49,7 @@ pub struct StepArgs {
     grad_mode: Option<GradModeArg>,
     /// Seed of the sampler; a new sample is drawn (the file's `sampled_index`, if any, is not
     /// used).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
 }
 
