@@ -15,7 +15,9 @@ use partial_fc::synthetic::data::GeneratorConfig;
 use partial_fc::synthetic::metrics::EvalMetrics;
 use partial_fc::synthetic::plot::plot_losses;
 use partial_fc::synthetic::{train, RowMarginMode, TrainConfig, TrainReport};
-use partial_fc::{AdamW, Margin, NegativeSampler, PfcError, Sgd, StateDtype, UpdateMode};
+use partial_fc::{
+    AdamW, Margin, MarginKind, NegativeSampler, PfcError, Sgd, StateDtype, UpdateMode,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -234,7 +236,12 @@ impl Args {
         };
         let row_margins = match self.margin {
             MarginArg::Arcface | MarginArg::Cosface => RowMarginMode::None,
-            MarginArg::ElasticArc | MarginArg::ElasticCos => RowMarginMode::Elastic {
+            MarginArg::ElasticArc => RowMarginMode::Elastic {
+                kind: MarginKind::Angular,
+                std: self.margin_std,
+            },
+            MarginArg::ElasticCos => RowMarginMode::Elastic {
+                kind: MarginKind::Additive,
                 std: self.margin_std,
             },
             MarginArg::Adaface => RowMarginMode::AdaFace {

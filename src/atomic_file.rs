@@ -101,7 +101,11 @@ fn write_pending_impl(
         renamed: false,
     };
     write(file)?;
-    std::fs::File::open(&pending.tmp)
+    // Opened for writing: Windows flushes (FlushFileBuffers) only through a handle that may
+    // write.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pending.tmp)
         .and_then(|f| f.sync_all())
         .map_err(io_error(path))?;
     Ok(pending)

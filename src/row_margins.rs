@@ -256,7 +256,8 @@ impl AdaFace {
         for &norm in &norms {
             let g = (self.h * (norm - mean) / (std + 1e-3)).clamp(-1.0, 1.0);
             angular.push((-self.m * g) as f32);
-            additive.push((self.m + self.m * g) as f32);
+            // m < 0.5, but m + m·ĝ may round to 1.0 in f32 just below it: held inside (−1, 1).
+            additive.push(((self.m + self.m * g) as f32).min(next_down(1.0)));
         }
         Ok(AdaFaceMargins {
             angular,

@@ -204,11 +204,11 @@ fn plot_never_replaces_a_shard_a_folder_or_a_pipe() {
     );
     assert_eq!(std::fs::read(&shard).unwrap(), before);
     let out = plot(dir.path());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is a folder"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names a folder"));
     // A name that ends in a separator is a folder's, and a folder that takes no file is found
     // before the work.
     let out = plot(&dir.path().join("new/"));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is a folder"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names a folder"));
     #[cfg(unix)]
     if !is_root() {
         use std::os::unix::fs::PermissionsExt;
@@ -233,7 +233,26 @@ fn plot_never_replaces_a_shard_a_folder_or_a_pipe() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("not a regular file"), "{stderr}");
+        // A link to the pipe is replaced by the plot (the rename replaces the link), without
+        // opening the pipe (which would block); the pipe stays.
+        let link = dir.path().join("link.svg");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        let out = plot(&link);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
     }
+    // `dir/.` names a folder too.
+    let out = plot(&dir.path().join("new").join("."));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names a folder"));
     // An old plot is replaced.
     let svg = dir.path().join("old.svg");
     std::fs::write(&svg, "old").unwrap();

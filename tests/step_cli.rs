@@ -90,8 +90,6 @@ fn bad_arguments_are_refused_and_the_input_is_kept() {
     assert!(!out.exists());
 }
 
-/// `--output` replaces an existing file (a step's result is rewritten run after run), but
-/// never a partial-fc checkpoint shard: a typo must not cost a run its file.
 /// Class centers whose sum of squares overflows f32 are refused (the step would normalize them to
 /// NaN and write NaN results), and so is a world of more thread ranks than one process runs.
 #[test]
@@ -112,6 +110,7 @@ fn centers_that_overflow_and_thousands_of_ranks_are_refused() {
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert_eq!(done.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("sum of squares overflows f32"), "{stderr}");
+    assert!(stderr.contains("row 0, class 0"), "{stderr}");
     assert!(!out.exists());
     let ok = dir.path().join("ok.st");
     write_case(&ok);
@@ -123,6 +122,8 @@ fn centers_that_overflow_and_thousands_of_ranks_are_refused() {
     assert!(e.to_string().contains("threads of one process"), "{e}");
 }
 
+/// `--output` replaces an existing file (a step's result is rewritten run after run), but
+/// never a partial-fc checkpoint shard: a typo must not cost a run its file.
 #[test]
 fn a_checkpoint_shard_is_never_the_output() {
     use partial_fc::collective::SingleRank;

@@ -841,7 +841,7 @@ fn of_rank(path: &Path, e: PfcError, reason: impl FnOnce(&PfcError) -> String) -
 /// only once every rank's is do they take their names, one rename each. An error while writing
 /// (a value that is not finite in an input, a full disk) removes the temporary files written so
 /// far and leaves every output name as it was. The renames are not one transaction: should one
-/// fail (an output name that is a folder, say), the ranks before it already have their new
+/// fail (an error of the file system between two renames; an output name that is not a regular file is refused while writing, before any), the ranks before it already have their new
 /// files, and the error says so; the temporary files of it and the ranks after it are removed.
 fn write_all_ranks(
     set: &CheckpointSet,

@@ -140,8 +140,13 @@ pub(super) fn check_finite(name: &'static str, values: &[f32], dim: usize) -> Re
 /// normalizes every sampled center, and such a row would normalize to NaN and turn the loss and
 /// every gradient NaN. Summed in f64, against half of f32::MAX as `row_error` does (the kernels
 /// add in another order).
-pub(super) fn check_center_norms(name: &'static str, values: &[f32], dim: usize) -> Result<()> {
-    let Some(class) = values.par_chunks(dim.max(1)).position_first(|row| {
+pub(super) fn check_center_norms(
+    name: &'static str,
+    values: &[f32],
+    dim: usize,
+    first_class: u64,
+) -> Result<()> {
+    let Some(row) = values.par_chunks(dim.max(1)).position_first(|row| {
         row.iter()
             .map(|&v| f64::from(v) * f64::from(v))
             .sum::<f64>()
@@ -149,13 +154,17 @@ pub(super) fn check_center_norms(name: &'static str, values: &[f32], dim: usize)
     }) else {
         return Ok(());
     };
-    let row = &values[class * dim..(class + 1) * dim];
-    let largest = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let values_of_row = &values[row * dim..(row + 1) * dim];
+    let largest = values_of_row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     Err(PfcError::param(
         name,
-        format!("class {class} (largest |value| {largest:e})"),
-        "its sum of squares overflows f32, so the step could not normalize it: scale the \
-         centers down (only their directions count)",
+        format!(
+            "row {row}, class {} (largest |value| {largest:e})",
+            first_class + row as u64
+        ),
+        "its sum of squares overflows f32 (reaches half of its largest value, the step's \
+         margin), so the step could not normalize it: scale the centers down (only their \
+         directions count)",
     ))
 }
 

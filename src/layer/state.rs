@@ -33,7 +33,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             )));
         }
         check_finite("weight", weight, self.config.dim)?;
-        check_center_norms("weight", weight, self.config.dim)?;
+        check_center_norms("weight", weight, self.config.dim, self.shard.start)?;
         self.backend.upload(weight, &mut self.bufs.weight)?;
         // A gradient of the old weights must not be applied to (or reported for) the new ones.
         self.drop_grad();

@@ -40,9 +40,12 @@ pub enum RowMarginMode {
     /// The layer's margin on every row.
     #[default]
     None,
-    /// ElasticFace: each row's margin drawn from N(m, std²) every step, m the layer's m2 when
-    /// it is above 0 (ElasticFace-Arc), else its m3 (ElasticFace-Cos) ([`elastic_margins`]).
+    /// ElasticFace: each row's margin drawn from N(m, std²) every step ([`elastic_margins`]):
+    /// the angular one around the layer's m2 (ElasticFace-Arc) or the cosine one around its m3
+    /// (ElasticFace-Cos).
     Elastic {
+        /// Which margin is drawn.
+        kind: MarginKind,
         /// Standard deviation of the margins (0.05 in the paper).
         std: f64,
     },
@@ -285,7 +288,7 @@ impl TrainConfig {
         }
         match self.row_margins {
             RowMarginMode::None => {}
-            RowMarginMode::Elastic { std } => {
+            RowMarginMode::Elastic { kind, std } => {
                 if !(std.is_finite() && (0.0..=0.5).contains(&std)) {
                     return Err(PfcError::param(
                         "row_margins std",
@@ -293,6 +296,8 @@ impl TrainConfig {
                         "must lie in [0, 0.5]",
                     ));
                 }
+                // The mean is checked now, not at the first step.
+                elastic_margins(kind, self.elastic_mean(kind), std, 0, 0, 0, 0)?;
             }
             RowMarginMode::AdaFace { m } => {
                 if !(0.0..0.5).contains(&m) {
@@ -302,6 +307,14 @@ impl TrainConfig {
         }
         self.generator.validate()?;
         self.layer_config().validate(self.ranks)
+    }
+
+    /// ElasticFace's mean: the layer's margin of that kind.
+    fn elastic_mean(&self, kind: MarginKind) -> f64 {
+        match kind {
+            MarginKind::Angular => self.margin.m2,
+            MarginKind::Additive => self.margin.m3,
+        }
     }
 
     fn layer_config(&self) -> LayerConfig {
@@ -685,33 +698,16 @@ fn rank_margins(
     let (seed, draw) = (cfg.seed ^ 0x3a5f_0e1a, draw as u64);
     match cfg.row_margins {
         RowMarginMode::None => Ok((Vec::new(), Vec::new())),
-        RowMarginMode::Elastic { std } => Ok((
+        RowMarginMode::Elastic { kind, std } => Ok((
             (0..cfg.ranks)
                 .map(|r| {
                     let first = (r * n) as u64;
-                    if cfg.margin.m2 > 0.0 {
-                        let m = elastic_margins(
-                            MarginKind::Angular,
-                            cfg.margin.m2,
-                            std,
-                            seed,
-                            draw,
-                            first,
-                            n,
-                        )?;
-                        Ok((Some(m), None))
-                    } else {
-                        let m = elastic_margins(
-                            MarginKind::Additive,
-                            cfg.margin.m3,
-                            std,
-                            seed,
-                            draw,
-                            first,
-                            n,
-                        )?;
-                        Ok((None, Some(m)))
-                    }
+                    let mean = cfg.elastic_mean(kind);
+                    let m = elastic_margins(kind, mean, std, seed, draw, first, n)?;
+                    Ok(match kind {
+                        MarginKind::Angular => (Some(m), None),
+                        MarginKind::Additive => (None, Some(m)),
+                    })
                 })
                 .collect::<Result<_>>()?,
             Vec::new(),

@@ -30,12 +30,12 @@ pub fn refuse_unsafe_output(
     existing: Existing,
 ) -> Result<(), String> {
     let shown = out.display();
-    let ends_with_separator = out
-        .as_os_str()
-        .to_string_lossy()
-        .ends_with(std::path::is_separator);
-    if out.is_dir() || ends_with_separator {
-        return Err(format!("{flag} {shown} is a folder: give a file name"));
+    // `dir/`, `dir/.`, `..`: a folder's name, whether the folder exists or not (read from the
+    // text: `Path::components` drops a trailing `.`).
+    let text = out.as_os_str().to_string_lossy();
+    let last = text.rsplit(std::path::is_separator).next().unwrap_or("");
+    if out.is_dir() || matches!(last, "" | "." | "..") {
+        return Err(format!("{flag} {shown} names a folder: give a file name"));
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -49,20 +49,28 @@ pub fn refuse_unsafe_output(
     }
     // The output is written after the work: a folder that takes no new file (read-only, full
     // of inodes) is found now, by making and removing a file there.
-    let probe = parent.join(format!(".pfc-write-check-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-        }
-        Err(e) => {
-            return Err(format!(
-                "{flag} {shown}: cannot write in the folder {}: {e}",
-                parent.display()
-            ))
+    // A name taken (a probe a killed run left, another process's) moves on to the next.
+    let mut attempt = 0u32;
+    loop {
+        let probe = parent.join(format!(".pfc-write-check-{}-{attempt}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{flag} {shown}: cannot write in the folder {}: {e}",
+                    parent.display()
+                ))
+            }
         }
     }
     // A link counts as there (even one to nothing): the rename would replace it.
@@ -107,6 +115,10 @@ pub fn refuse_unsafe_output(
 /// checkpoint format, this version's or a later one's), which one: `rank 0 of 2, step 10`.
 /// Only the header is read, so a truncated shard is still recognized.
 fn checkpoint_shard(path: &Path) -> Option<String> {
+    // Only a regular file (through a link too) can be a shard; opening a pipe would block.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let mut file = std::fs::File::open(path).ok()?;
     let mut n = [0u8; 8];
     file.read_exact(&mut n).ok()?;
