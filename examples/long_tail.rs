@@ -23,6 +23,7 @@
 
 use clap::{Parser, ValueEnum};
 use partial_fc::collective::{SingleRank, ThreadGroup};
+use partial_fc::synthetic::SplitMix64;
 use partial_fc::{
     Collective, CpuBackend, LayerConfig, Margin, PartialFc, PfcError, Prediction, UpdateMode,
 };
@@ -105,36 +106,8 @@ struct Args {
     seed: u64,
 }
 
-/// SplitMix64: the example's own small generator (the data only).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-
-    /// Fisher–Yates.
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
-        }
-    }
-}
+/// The data's generator (`SplitMix64`, shared by the examples).
+type Rng = SplitMix64;
 
 fn normalize(v: &mut [f32]) {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -161,10 +134,10 @@ struct Task {
 impl Task {
     fn new(args: &Args) -> Task {
         let (d, classes) = (args.dim, args.classes());
-        let mut rng = Rng(args.seed);
+        let mut rng = Rng::new(args.seed);
         let prototypes: Vec<Vec<f32>> = (0..classes)
             .map(|_| {
-                let mut p: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+                let mut p: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
                 normalize(&mut p);
                 p
             })
@@ -175,7 +148,7 @@ impl Task {
                 let start = split.x.len();
                 let noisy = prototypes[class]
                     .iter()
-                    .map(|p| p + args.noise * rng.normal() / sqrt_d);
+                    .map(|p| p + args.noise * rng.normal() as f32 / sqrt_d);
                 split.x.extend(noisy);
                 normalize(&mut split.x[start..]);
                 split.y.push(class as i64);
@@ -204,7 +177,7 @@ impl Task {
             train,
             test,
             class_weights,
-            shuffles: rng.0,
+            shuffles: rng.state(),
         }
     }
 }
@@ -288,7 +261,7 @@ fn train<C: Collective<CpuBackend>>(
     let steps = task.train.y.len() / args.batch;
     let total = args.epochs as f32 * steps as f32;
     let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
-    let mut rng = Rng(task.shuffles);
+    let mut rng = Rng::new(task.shuffles);
     let mut order: Vec<usize> = (0..task.train.y.len()).collect();
     let mut loss = f32::NAN;
     for epoch in 0..args.epochs {

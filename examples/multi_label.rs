@@ -17,6 +17,7 @@
 use clap::{Parser, ValueEnum};
 use partial_fc::collective::SingleRank;
 use partial_fc::multi_label::PairBatch;
+use partial_fc::synthetic::SplitMix64;
 use partial_fc::{
     AdamW, CpuBackend, LayerConfig, Margin, Optimizer, PartialFc, PfcError, RankingMetrics, Sgd,
 };
@@ -94,33 +95,15 @@ struct Args {
     seed: u64,
 }
 
-/// SplitMix64: the example's own small generator (the data only).
-struct Rng(u64);
+/// The data's generator (`SplitMix64`, shared by the examples).
+type Rng = SplitMix64;
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [0, n).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
+/// Standard normal by Box–Muller with u1 = 1 − uniform (this example's draw since its numbers
+/// were measured; `SplitMix64::normal` holds u1 above 1e−300 instead).
+fn normal(rng: &mut Rng) -> f64 {
+    let u1 = 1.0 - rng.uniform();
+    let u2 = rng.uniform();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Rows of embeddings and their label sets, padded with −1 to `width`.
@@ -177,7 +160,7 @@ impl Task {
     }
 
     fn split(&self, args: &Args, rows: usize, stream: u64) -> Split {
-        let mut rng = Rng(args.seed.wrapping_mul(0x1000_0000_01B3) ^ stream);
+        let mut rng = Rng::new(args.seed.wrapping_mul(0x1000_0000_01B3) ^ stream);
         let (d, width) = (self.dim, args.max_labels);
         let mut x = Vec::with_capacity(rows * d);
         let mut labels = Vec::with_capacity(rows * width);
@@ -197,7 +180,10 @@ impl Task {
                 sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
             }
             let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt();
-            x.extend(sum.iter().map(|v| v / norm + (sigma * rng.normal()) as f32));
+            x.extend(
+                sum.iter()
+                    .map(|v| v / norm + (sigma * normal(&mut rng)) as f32),
+            );
             set.resize(width, -1);
             labels.extend(set);
         }
@@ -294,7 +280,7 @@ fn run(args: &Args) -> Result<(), PfcError> {
     let steps_per_epoch = train.rows().div_ceil(args.batch_rows);
     let total_steps = steps_per_epoch * args.epochs;
     let mut order: Vec<usize> = (0..train.rows()).collect();
-    let mut rng = Rng(args.seed ^ 0x5417);
+    let mut rng = Rng::new(args.seed ^ 0x5417);
     let (mut step, train_start) = (0usize, Instant::now());
     let (mut x, mut sets) = (Vec::new(), Vec::new());
     for epoch in 0..args.epochs {

@@ -32,6 +32,7 @@
 
 use clap::{Parser, ValueEnum};
 use partial_fc::collective::ThreadGroup;
+use partial_fc::synthetic::SplitMix64;
 use partial_fc::{
     elastic_margins, AdaFace, Collective, CpuBackend, GradMode, LayerConfig, Margin, MarginKind,
     PartialFc, PassOptions, PfcError, UpdateMode,
@@ -194,48 +195,20 @@ impl Args {
     }
 }
 
-/// SplitMix64: the example's own small generator (the data and its order).
-struct Rng(u64);
+/// The data's generator (`SplitMix64`, shared by the examples).
+type Rng = SplitMix64;
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-
-    /// A bucket by the shares.
-    fn bucket(&mut self) -> usize {
-        let u = self.uniform();
-        let mut acc = 0.0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            acc += b.share;
-            if u < acc {
-                return i;
-            }
-        }
-        BUCKETS.len() - 1
-    }
-
-    /// Fisher–Yates.
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
+/// A bucket by the shares.
+fn bucket(rng: &mut Rng) -> usize {
+    let u = rng.uniform();
+    let mut acc = 0.0;
+    for (i, b) in BUCKETS.iter().enumerate() {
+        acc += b.share;
+        if u < acc {
+            return i;
         }
     }
+    BUCKETS.len() - 1
 }
 
 /// Samples (row-major, `dim` wide, un-normalized), their classes and quality buckets.
@@ -258,7 +231,7 @@ struct Task {
 impl Task {
     fn new(args: &Args) -> Task {
         let d = args.dim;
-        let mut rng = Rng(args.seed);
+        let mut rng = Rng::new(args.seed);
         let mut prototypes = Vec::with_capacity(args.classes * d);
         for _ in 0..args.classes {
             let p: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
@@ -267,7 +240,7 @@ impl Task {
         }
         let sqrt_d = (d as f64).sqrt();
         let mut sample = |split: &mut Split, class: usize| {
-            let b = rng.bucket();
+            let b = bucket(&mut rng);
             let p = &prototypes[class * d..(class + 1) * d];
             let e: Vec<f64> = p
                 .iter()
@@ -294,7 +267,7 @@ impl Task {
             prototypes,
             train,
             test,
-            shuffles: rng.0,
+            shuffles: rng.state(),
         }
     }
 }
@@ -336,7 +309,7 @@ fn train<C: Collective<CpuBackend>>(
     let steps = task.train.y.len() / (WORLD * n);
     let total = args.epochs * steps;
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut rng = Rng(task.shuffles);
+    let mut rng = Rng::new(task.shuffles);
     let mut order: Vec<usize> = (0..task.train.y.len()).collect();
     let mut epoch_loss = 0.0;
     for epoch in 0..args.epochs {
