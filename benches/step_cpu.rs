@@ -8,7 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use partial_fc::backend::AdamWStep;
 use partial_fc::collective::SingleRank;
 use partial_fc::cpu::gemm::{gemm_nn, gemm_nt, gemm_tn};
-use partial_fc::{AdamW, Backend, CpuBackend, LayerConfig, PartialFc, StateBuf, StateDtype};
+use partial_fc::{
+    AdamW, Backend, CpuBackend, LayerConfig, PartialFc, PassOptions, StateBuf, StateDtype,
+};
 use std::hint::black_box;
 
 const CLASSES: u64 = 200_000;
@@ -53,6 +55,25 @@ fn bench_step(c: &mut Criterion) {
             black_box(
                 fwd_bwd
                     .forward_backward_weighted(&x, &labels, &weights)
+                    .unwrap()
+                    .loss,
+            )
+        })
+    });
+    // The same pass with both margins per row (AdaFace's shape: `forward_backward_with`): what
+    // the table's all-gather and its reads on the target logits add.
+    let m2: Vec<f32> = (0..BATCH)
+        .map(|i| 0.4 - 0.8 * (i % 7) as f32 / 6.0)
+        .collect();
+    let m3: Vec<f32> = m2.iter().map(|&a| 0.4 - a).collect();
+    group.bench_function("forward_backward_row_margins", |b| {
+        b.iter(|| {
+            let options = PassOptions::new()
+                .angular_margins(&m2)
+                .additive_margins(&m3);
+            black_box(
+                fwd_bwd
+                    .forward_backward_with(&x, &labels, options)
                     .unwrap()
                     .loss,
             )
