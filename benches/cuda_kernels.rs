@@ -120,6 +120,29 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
             g.synchronize().unwrap();
         })
     });
+    // The same kernel with a per-row margin table (`forward_backward_with`): thread 0 of each
+    // row reads its 16 bytes; the loops over the logits do not change.
+    let margin = Margin::arcface();
+    let table: Vec<f32> = (0..rows)
+        .flat_map(|i| margin.row_entry(0.4 + 0.2 * (i % 5) as f64 / 4.0, 0.0))
+        .collect();
+    let mut dt = g.alloc::<f32>(table.len()).unwrap();
+    g.upload(&table, &mut dt).unwrap();
+    group.bench_function("fused_one_kernel_row_margins", |b| {
+        b.iter(|| {
+            g.margin_softmax_fused(
+                &mut logits,
+                shape,
+                &dl,
+                &p,
+                Some(&dt),
+                1.0 / rows as f32,
+                &mut loss,
+            )
+            .unwrap();
+            g.synchronize().unwrap();
+        })
+    });
     group.throughput(Throughput::Bytes(2 * bytes));
     group.bench_function("dtod_copy_same_bytes", |b| {
         b.iter(|| {

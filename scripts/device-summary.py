@@ -94,7 +94,7 @@ def summary(text):
     groups = sorted({k.split("/")[0] for k in bench if k.startswith("margin_softmax")})
     for g in groups:
         copy = bench.get(f"{g}/dtod_copy_same_bytes")
-        for f in ("three_passes", "fused_one_kernel"):
+        for f in ("three_passes", "fused_one_kernel", "fused_one_kernel_row_margins"):
             ours = bench.get(f"{g}/{f}")
             if ours and copy and ours[1] and copy[1]:
                 share = ours[1] / copy[1]
