@@ -10,27 +10,25 @@
 pub mod full_softmax;
 pub mod hooked;
 
+use partial_fc::synthetic::SplitMix64;
 use partial_fc::{GradMode, Margin, TargetFallback};
 
-/// SplitMix64: enough randomness for test inputs, fully determined by its seed.
-pub struct Rng(u64);
+/// The tests' inputs: the crate's `SplitMix64`, fully determined by its seed, with this file's
+/// own normal draw (u1 = 1 − uniform), which the tests' data were made with.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
 
     /// Standard normal (Box–Muller).
