@@ -72,7 +72,7 @@ fn margin_softmax_at(c: &mut Criterion, g: &CudaBackend, name: &str, shape: Logi
         g.alloc(rows).unwrap(),
         g.alloc(rows).unwrap(),
         g.alloc(rows).unwrap(),
-        g.alloc(rows).unwrap(),
+        g.alloc(2 * rows).unwrap(),
     );
     let p = Margin::arcface().params();
     let bytes = (rows * cols * 4) as u64;

@@ -13,6 +13,11 @@
 // same softmax in one kernel with an online max and sum, the logits read twice and written once
 // instead of read three times and written twice.
 //
+// row_loss holds 2 x rows floats: pass 3 (and the fused kernels) write each row's loss into the
+// first half and its raw target cosine into the second (0 where the target lives on another
+// rank), so that one all-reduce gives every rank both; the host derives each row's margin
+// gradient from them (PartialFc's RowResults), which MagFace needs.
+//
 // Encodings shared with the CPU: a filtered non-target logit is stored as -0.0 (a kept zero as
 // +0.0); a non-target cosine clipped to +-1 (|cos| > 1) is stored one ulp beyond +-s and passes
 // no gradient, while a cosine of exactly +-1.0 (common in bf16) is inside the clamp and passes
@@ -229,6 +234,7 @@ extern "C" __global__ void softmax_loss_grad(float* logits, int rows, int cols, 
             row[t] = target_loss_grad(row[t], target_cos[i], max, inv_sum, q, grad_scale, &loss);
         }
         row_loss[i] = loss;
+        row_loss[(size_t)rows + i] = t >= 0 ? target_cos[i] : 0.0f;
     }
 }
 
@@ -370,6 +376,7 @@ extern "C" __global__ void margin_softmax_fused(float* logits, int rows, int col
             row[t] = target_loss_grad(zt, raw, m, inv_sum, q, grad_scale, &loss);
         }
         row_loss[i] = loss;
+        row_loss[(size_t)rows + i] = raw;  // 0 where t < 0
     }
 }
 
@@ -512,6 +519,7 @@ extern "C" __global__ void softmax_loss_grad16(u16* cos, int rows, int cols, int
             row[t] = f32_to_half(target_loss_grad(z, raw, max, inv_sum, q, grad_scale, &loss), kind);
         }
         row_loss[i] = loss;
+        row_loss[(size_t)rows + i] = t >= 0 ? target_cos[i] : 0.0f;
     }
 }
 
@@ -550,6 +558,7 @@ extern "C" __global__ void margin_softmax_fused16(u16* cos, int rows, int cols, 
             row[t] = f32_to_half(target_loss_grad(zt, raw, m, inv_sum, q, grad_scale, &loss), kind);
         }
         row_loss[i] = loss;
+        row_loss[(size_t)rows + i] = raw;  // 0 where t < 0
     }
 }
 

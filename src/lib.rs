@@ -25,6 +25,7 @@ pub mod error;
 pub mod golden;
 pub mod init;
 pub mod layer;
+pub mod mag_face;
 pub mod multi_label;
 pub mod plan;
 pub mod rendezvous;
@@ -43,8 +44,9 @@ pub use cpu::CpuBackend;
 pub use error::{PfcError, Result};
 pub use layer::{
     inverse_propensities, PartialFc, PassOptions, Prediction, PropensityMetrics, RankingMetrics,
-    StepOutput, ROW_ADDITIVE_MARGIN, ROW_ANGULAR_MARGIN,
+    RowResults, StepOutput, ROW_ADDITIVE_MARGIN, ROW_ANGULAR_MARGIN,
 };
+pub use mag_face::{MagFace, MagFaceMargins};
 pub use multi_label::PairBatch;
 pub use row_margins::{elastic_margins, AdaFace, AdaFaceMargins, MarginKind};
 pub use shard::Shard;

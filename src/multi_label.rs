@@ -313,8 +313,8 @@ impl PairBatch {
     /// One pass of `layer` over the expanded batch, with the gradient folded back:
     /// `layer.forward_backward(self.embeddings(), self.labels())` followed by
     /// [`fold_grad`](Self::fold_grad), so `grad_embeddings` is `rows() × dim` (the gradient of
-    /// the mean over every rank's copies with respect to this rank's rows). `loss` and `sampled`
-    /// are the pass's. Call [`PartialFc::step`] after it as after any pass.
+    /// the mean over every rank's copies with respect to this rank's rows). `loss`, `sampled`
+    /// and `rows` (one entry per copy) are the pass's. Call [`PartialFc::step`] after it as after any pass.
     ///
     /// # Errors
     ///

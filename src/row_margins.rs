@@ -223,27 +223,10 @@ impl AdaFace {
     /// [0, 1], finite statistics, σ >= 0).
     pub fn margins(&self, embeddings: &[f32], dim: usize) -> Result<AdaFaceMargins> {
         self.validate()?;
-        if dim == 0 || !embeddings.len().is_multiple_of(dim) {
-            return Err(PfcError::Shape(format!(
-                "AdaFace: {} values are not rows of dim {dim}",
-                embeddings.len()
-            )));
-        }
-        let mut norms = Vec::with_capacity(embeddings.len() / dim);
-        for (row, x) in embeddings.chunks_exact(dim).enumerate() {
-            if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
-                return Err(PfcError::NonFinite { row, value });
-            }
-            let sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            if !sq.is_finite() {
-                return Err(PfcError::param(
-                    "embeddings",
-                    format!("row {row}"),
-                    "AdaFace: the row's norm is past f64's range",
-                ));
-            }
-            norms.push(sq.sqrt().clamp(1e-3, 100.0));
-        }
+        let norms: Vec<f64> = row_norms("AdaFace", embeddings, dim)?
+            .into_iter()
+            .map(|a| a.clamp(1e-3, 100.0))
+            .collect();
         let (mut mean, mut std) = (self.batch_mean, self.batch_std);
         if let Some((batch_mean, batch_std)) = mean_std(&norms) {
             let a = self.t_alpha;
@@ -304,6 +287,39 @@ impl AdaFace {
         }
         Ok(())
     }
+}
+
+/// The L2 norm of each row of `embeddings` (`dim` columns), in f64, for a margin that follows
+/// it (AdaFace, MagFace; `who` names it in errors).
+///
+/// # Errors
+///
+/// [`PfcError::Shape`] for a length that is not a multiple of `dim` (or `dim` = 0),
+/// [`PfcError::NonFinite`] for a row with a NaN or infinite value (as the layer's pass reports
+/// it), [`PfcError::Param`] for a row whose norm is past f64's range.
+pub(crate) fn row_norms(who: &str, embeddings: &[f32], dim: usize) -> Result<Vec<f64>> {
+    if dim == 0 || !embeddings.len().is_multiple_of(dim) {
+        return Err(PfcError::Shape(format!(
+            "{who}: {} values are not rows of dim {dim}",
+            embeddings.len()
+        )));
+    }
+    let mut norms = Vec::with_capacity(embeddings.len() / dim);
+    for (row, x) in embeddings.chunks_exact(dim).enumerate() {
+        if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
+            return Err(PfcError::NonFinite { row, value });
+        }
+        let sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        if !sq.is_finite() {
+            return Err(PfcError::param(
+                "embeddings",
+                format!("row {row}"),
+                format!("{who}: the row's norm is past f64's range"),
+            ));
+        }
+        norms.push(sq.sqrt());
+    }
+    Ok(norms)
 }
 
 /// Mean, and unbiased standard deviation when there are two values or more (torch's `std`).

@@ -68,8 +68,31 @@ impl Identity {
 fn format_err(path: &Path, reason: impl Into<String>) -> PfcError {
     PfcError::Format {
         path: path.to_path_buf(),
-        reason: reason.into(),
+        reason: printable(&reason.into()),
     }
+}
+
+/// At most this many characters of an error that quotes a file's own text.
+const MAX_QUOTED: usize = 2000;
+
+/// `text` as an error line may show it: control characters (a newline, an ANSI escape) escaped
+/// and at most [`MAX_QUOTED`] characters kept. The reasons quote what a file holds (tensor
+/// names, dtypes, metadata), and a hostile file could otherwise forge lines of a command's
+/// output or fill the terminal with megabytes of one error.
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_QUOTED {
+            out.push_str("… (cut)");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {

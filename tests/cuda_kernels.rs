@@ -425,7 +425,7 @@ fn margin_softmax_passes_match_cpu() {
                 1e-6,
             );
 
-            let mut loss = vec![0f32; rows];
+            let mut loss = vec![0f32; 2 * rows];
             let gs = 1.0 / rows as f32;
             cpu.softmax_loss_grad(
                 &mut lc,
@@ -440,7 +440,7 @@ fn margin_softmax_passes_match_cpu() {
                 &mut loss,
             )
             .unwrap();
-            let mut gloss = g.alloc(rows).unwrap();
+            let mut gloss = g.alloc(2 * rows).unwrap();
             g.softmax_loss_grad(
                 &mut lg,
                 LogitsShape::dense(rows, cols),
@@ -456,7 +456,7 @@ fn margin_softmax_passes_match_cpu() {
             .unwrap();
             assert_close(
                 "pass3 loss",
-                &g.download(&gloss, rows).unwrap(),
+                &g.download(&gloss, 2 * rows).unwrap(),
                 &loss,
                 1e-4,
                 1e-6,
@@ -543,7 +543,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     vec![0f32; rows],
                     vec![0f32; rows],
                     vec![0f32; rows],
-                    vec![0f32; rows],
+                    vec![0f32; 2 * rows],
                 );
                 let mut c = cos.clone();
                 cpu.margin_rowmax16(
@@ -584,7 +584,7 @@ fn margin_softmax16_kernels_match_cpu() {
                 .unwrap();
                 let mut gc = up(&g, &cos);
                 let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
-                let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
+                let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(2 * rows).unwrap());
                 g.margin_rowmax16(
                     &gc,
                     LogitsShape::dense(rows, cols),
@@ -630,7 +630,13 @@ fn margin_softmax16_kernels_match_cpu() {
                 assert_close(&format!("{what}: row_max"), &down(&gmx), &mx, 1e-4, 1e-6);
                 assert_close(&format!("{what}: target_cos"), &down(&gtc), &tc, 0.0, 0.0);
                 assert_close(&format!("{what}: row_sum"), &down(&gsum), &sum, 1e-4, 1e-6);
-                assert_close(&format!("{what}: loss"), &down(&gloss), &loss, 1e-4, 1e-6);
+                assert_close(
+                    &format!("{what}: loss"),
+                    &g.download(&gloss, 2 * rows).unwrap(),
+                    &loss,
+                    1e-4,
+                    1e-6,
+                );
                 let wide = |v: &[u16]| v.iter().map(|&b| widen(b, dtype)).collect::<Vec<_>>();
                 let grad = wide(&g.download(&gc, rows * cols).unwrap());
                 assert_grad16(
@@ -643,7 +649,7 @@ fn margin_softmax16_kernels_match_cpu() {
                     &p,
                 );
 
-                let (mut c, mut loss) = (cos.clone(), vec![0f32; rows]);
+                let (mut c, mut loss) = (cos.clone(), vec![0f32; 2 * rows]);
                 cpu.margin_softmax_fused16(
                     &mut c,
                     LogitsShape::dense(rows, cols),
@@ -669,7 +675,7 @@ fn margin_softmax16_kernels_match_cpu() {
                 .unwrap();
                 assert_close(
                     &format!("{what}: fused loss"),
-                    &down(&gloss),
+                    &g.download(&gloss, 2 * rows).unwrap(),
                     &loss,
                     1e-4,
                     1e-6,
@@ -709,7 +715,7 @@ fn margin_softmax_fused_matches_cpu() {
             }
             let labels = row_labels(&mut rng, rows, cols);
             let gs = 1.0 / rows as f32;
-            let (mut lc, mut loss) = (logits.clone(), vec![0f32; rows]);
+            let (mut lc, mut loss) = (logits.clone(), vec![0f32; 2 * rows]);
             cpu.margin_softmax_fused(
                 &mut lc,
                 LogitsShape::dense(rows, cols),
@@ -721,7 +727,7 @@ fn margin_softmax_fused_matches_cpu() {
             )
             .unwrap();
             let (mut lg, dl) = (up(&g, &logits), up(&g, &labels));
-            let mut gloss = up(&g, &vec![f32::NAN; rows]);
+            let mut gloss = up(&g, &vec![f32::NAN; 2 * rows]);
             g.margin_softmax_fused(
                 &mut lg,
                 LogitsShape::dense(rows, cols),
@@ -735,7 +741,7 @@ fn margin_softmax_fused_matches_cpu() {
             let glc = g.download(&lg, rows * cols).unwrap();
             assert_close(
                 "fused loss",
-                &g.download(&gloss, rows).unwrap(),
+                &g.download(&gloss, 2 * rows).unwrap(),
                 &loss,
                 1e-4,
                 1e-6,
@@ -810,7 +816,7 @@ fn padded_logits_rows_match_cpu() {
             let down = |b: &cudarc::driver::CudaSlice<f32>, n| g.download(b, n).unwrap();
             // A per-row statistic (max, sum, loss) against the CPU's.
             let rows_close = |what: String, gb: &Slice<f32>, want: &[f32]| {
-                assert_close(&what, &down(gb, rows), want, 1e-4, 1e-6)
+                assert_close(&what, &down(gb, want.len()), want, 1e-4, 1e-6)
             };
             // A gradient-writing pass: class columns and loss as the CPU's, +0.0 in the padding.
             let check_f32 =
@@ -827,12 +833,12 @@ fn padded_logits_rows_match_cpu() {
 
             // f32: the three passes.
             let (mut lc, mut mx, mut tc) = (logits.clone(), vec![0f32; rows], vec![0f32; rows]);
-            let (mut sum, mut loss) = (vec![0f32; rows], vec![0f32; rows]);
+            let (mut sum, mut loss) = (vec![0f32; rows], vec![0f32; 2 * rows]);
             cpu.margin_rowmax(&mut lc, shape, &labels, &p, None, &mut mx, &mut tc)
                 .unwrap();
             let mut lg = up(&g, &logits);
             let (mut gmx, mut gtc) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
-            let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(rows).unwrap());
+            let (mut gsum, mut gloss) = (g.alloc(rows).unwrap(), g.alloc(2 * rows).unwrap());
             g.margin_rowmax(&mut lg, shape, &dl, &p, None, &mut gmx, &mut gtc)
                 .unwrap();
             let ((gv, gp), (cv, cp)) = (
@@ -2115,7 +2121,7 @@ fn short_row_statistics_are_errors() {
     let labels = g.alloc::<i32>(rows).unwrap();
     let full = g.alloc::<f32>(rows).unwrap();
     let short = g.alloc::<f32>(1).unwrap();
-    let mut row_loss = g.alloc::<f32>(rows).unwrap();
+    let mut row_loss = g.alloc::<f32>(2 * rows).unwrap();
     let p = Margin::arcface().params();
     for which in 0..3 {
         let stat = |k| if k == which { &short } else { &full };

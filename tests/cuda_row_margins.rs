@@ -119,7 +119,7 @@ fn kernels<B: Backend>(
         up(&vec![0.0; rows]),
         up(&vec![0.0; rows]),
     );
-    let (mut loss3, mut loss1) = (up(&vec![0.0; rows]), up(&vec![0.0; rows]));
+    let (mut loss3, mut loss1) = (up(&vec![0.0; 2 * rows]), up(&vec![0.0; 2 * rows]));
     let len = rows * shape.ld;
     if dtype == Dtype::F32 {
         let (mut three, mut one) = (up(cos), up(cos));

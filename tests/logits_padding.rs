@@ -126,7 +126,7 @@ fn f32_passes_on_padded_rows_equal_dense_rows() {
                 let stats = || (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
                 let (mut want, mut got) = (case.dense.clone(), case.padded(&case.dense, pad));
                 let ((mut mx, mut tc, mut sum), (mut gmx, mut gtc, mut gsum)) = (stats(), stats());
-                let (mut loss, mut gloss) = (vec![0f32; rows], vec![0f32; rows]);
+                let (mut loss, mut gloss) = (vec![0f32; 2 * rows], vec![0f32; 2 * rows]);
                 let l = &case.labels;
                 cpu.margin_rowmax(&mut want, dense_shape, l, &p, None, &mut mx, &mut tc)
                     .unwrap();
@@ -204,7 +204,7 @@ fn sixteen_bit_passes_on_padded_rows_equal_dense_rows() {
                     let stats = || (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
                     let ((mut mx, mut tc, mut sum), (mut gmx, mut gtc, mut gsum)) =
                         (stats(), stats());
-                    let (mut loss, mut gloss) = (vec![0f32; rows], vec![0f32; rows]);
+                    let (mut loss, mut gloss) = (vec![0f32; 2 * rows], vec![0f32; 2 * rows]);
                     let (mut want, mut got) = (cos.clone(), case.padded(&cos, pad16));
                     cpu.margin_rowmax16(&want, dense_shape, dtype, l, &p, None, &mut mx, &mut tc)
                         .unwrap();

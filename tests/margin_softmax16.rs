@@ -76,7 +76,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     vec![0f32; rows],
                     vec![0f32; rows],
                     vec![0f32; rows],
-                    vec![0f32; rows],
+                    vec![0f32; 2 * rows],
                 );
                 cpu.margin_rowmax(
                     &mut z,
@@ -109,7 +109,7 @@ fn three_passes_on_16_bit_cosines_equal_the_f32_passes() {
                     vec![0f32; rows],
                     vec![0f32; rows],
                     vec![0f32; rows],
-                    vec![0f32; rows],
+                    vec![0f32; 2 * rows],
                 );
                 cpu.margin_rowmax16(
                     &c16,
@@ -175,7 +175,7 @@ fn fused_on_16_bit_cosines_equals_the_f32_fused() {
                 let rows = 10;
                 let (cos, labels) = inputs(&mut rng, rows, cols, dtype);
                 let mut z: Vec<f32> = cos.iter().map(|&b| widen(b, dtype)).collect();
-                let mut loss = vec![0f32; rows];
+                let mut loss = vec![0f32; 2 * rows];
                 cpu.margin_softmax_fused(
                     &mut z,
                     LogitsShape::dense(rows, cols),
@@ -187,7 +187,7 @@ fn fused_on_16_bit_cosines_equals_the_f32_fused() {
                 )
                 .unwrap();
                 let mut c16 = cos.clone();
-                let mut loss16 = vec![0f32; rows];
+                let mut loss16 = vec![0f32; 2 * rows];
                 cpu.margin_softmax_fused16(
                     &mut c16,
                     LogitsShape::dense(rows, cols),
@@ -223,7 +223,7 @@ fn f16_gradients_stay_in_range() {
         .map(|_| narrow(-0.05 + 0.1 * rng.uniform() as f32, dtype))
         .collect();
     let labels = vec![5i32, 9];
-    let mut loss = vec![0f32; rows];
+    let mut loss = vec![0f32; 2 * rows];
     cpu.margin_softmax_fused16(
         &mut cos,
         LogitsShape::dense(rows, cols),
@@ -248,7 +248,7 @@ fn f16_gradients_stay_in_range() {
     assert!(nontarget.iter().any(|&g| g / 1024.0 < smallest_normal));
 
     let mut huge = vec![narrow(0.0, dtype); 8];
-    let mut loss = vec![0f32; 1];
+    let mut loss = vec![0f32; 2];
     cpu.margin_softmax_fused16(
         &mut huge,
         LogitsShape::dense(1, 8),

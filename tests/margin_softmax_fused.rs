@@ -89,7 +89,7 @@ fn three_passes(
         vec![0f32; rows],
         vec![0f32; rows],
         vec![0f32; rows],
-        vec![0f32; rows],
+        vec![0f32; 2 * rows],
     );
     let labels = labels.to_vec();
     b.margin_rowmax(
@@ -129,7 +129,7 @@ fn fused(
     grad_scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut z = logits.to_vec();
-    let mut loss = vec![f32::NAN; rows];
+    let mut loss = vec![f32::NAN; 2 * rows];
     CpuBackend
         .margin_softmax_fused(
             &mut z,
@@ -141,6 +141,12 @@ fn fused(
             &mut loss,
         )
         .unwrap();
+    // The second half holds each row's raw target cosine (0 for a row without a target).
+    let target_cos = loss.split_off(rows);
+    for (i, (&c, &t)) in target_cos.iter().zip(labels).enumerate() {
+        let want = usize::try_from(t).map_or(0.0, |t| logits[i * cols + t]);
+        assert_eq!(c.to_bits(), want.to_bits(), "row {i}: target cosine");
+    }
     (z, loss)
 }
 

@@ -734,7 +734,7 @@ fn counts_scale_to_k_m_b_with_the_exact_count_beside() {
     let out = pfc(&PAPER);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("largest class count on 8 GPUs: 55.81M (55812928)\n"),
+        text.contains("largest class count on 8 GPUs: 55.81M (55812920)\n"),
         "{text}"
     );
     assert!(

@@ -195,7 +195,7 @@ fn files_that_do_not_make_one_run_are_refused_naming_why() {
     assert!(
         results[0]
             .0
-            .contains("rank 1's file of the run's 3 is not among the given files")
+            .contains("rank 1's file of the run's 3 is not among the 2 given files")
             && results[0].0.contains("class 335"),
         "{}",
         results[0].0
@@ -1223,4 +1223,36 @@ fn user_metadata_rides_with_each_ranks_file() {
         assert!(matches!(e, PfcError::Param { .. }), "{e}");
         assert!(!bad.exists());
     }
+}
+
+/// A checkpoint review: `pfc reshard --world-size 1000000000` tried to allocate its list of
+/// output names (24 GB) and aborted. A world past `MAX_RESHARD_WORLD` is a typed error before
+/// anything is written.
+#[test]
+fn a_world_past_the_reshard_limit_is_refused_before_any_allocation() {
+    use partial_fc::checkpoint::{reshard_grown, MAX_RESHARD_WORLD};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("rank0.safetensors");
+    let mut cfg = partial_fc::LayerConfig::new(20, 4, 2);
+    cfg.optimizer = None;
+    partial_fc::PartialFc::new(
+        cfg,
+        partial_fc::CpuBackend,
+        partial_fc::collective::SingleRank,
+    )
+    .unwrap()
+    .save(&src)
+    .unwrap();
+    let out = dir.path().join("out");
+    let err = reshard_grown(
+        &[&src],
+        MAX_RESHARD_WORLD + 1,
+        Some(1 << 40),
+        None,
+        &out,
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    assert!(!out.exists(), "a refused reshard made its folder");
 }

@@ -519,3 +519,128 @@ fn host_staged_refuses_a_short_receive_buffer_before_the_collective() {
         assert!(after.is_err(), "rank {rank}: the group stayed whole");
     }
 }
+
+/// A copy of checkpoint `src` at `dst` with `edit` applied to each of its f32 tensors (weight,
+/// momentum), metadata kept: a file `save` would not write, as another tool might.
+fn rewrite_checkpoint(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl Fn(&str, &mut [f32]),
+) {
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let file = TensorFile::read(src).unwrap();
+    let names = ["weight", "momentum"];
+    let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|&name| {
+            let shape = file.shape(name).unwrap().to_vec();
+            let mut values = file.f32_block(name, 0, shape.iter().product()).unwrap();
+            edit(name, &mut values);
+            (name, shape, values)
+        })
+        .collect();
+    let out: Vec<OutTensor<'_>> = tensors
+        .iter()
+        .map(|(n, s, v)| OutTensor::F32(n, s.clone(), v))
+        .collect();
+    write_atomic(dst, &out, file.metadata().clone()).unwrap();
+}
+
+/// A checkpoint review found `load` and `load_resharded` taking a class center whose sum of
+/// squares overflows f32 (`set_weight` refuses it): the next pass returned a NaN loss and the
+/// step spread NaN to every rank. Both now refuse the file, naming the class, and change nothing.
+#[test]
+fn a_checkpoint_center_whose_norm_overflows_is_refused_by_both_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+    let l = layer(20, 4, 4);
+    l.save(&good).unwrap();
+    rewrite_checkpoint(&good, &bad, |name, v| {
+        if name == "weight" {
+            v[5 * 4..6 * 4].fill(1e20); // row 5: each value finite, its sum of squares not
+        }
+    });
+    let mut fresh = layer(20, 4, 4);
+    let before = fresh.weight().unwrap();
+    for err in [
+        fresh.load(&bad).unwrap_err(),
+        fresh.load_resharded(&[&bad]).unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(matches!(err, PfcError::Checkpoint { .. }), "{text}");
+        assert!(
+            text.contains("class 5") && text.contains("sum of squares"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        fresh.weight().unwrap(),
+        before,
+        "a refused load changed the layer"
+    );
+    fresh.load(&good).unwrap();
+}
+
+/// The same review: a layer whose momentum is kept in bf16 loaded a finite f32 momentum of
+/// 3.4e38, which rounds to +inf in bf16, and the next step put inf into the weights.
+/// `load`, `load_resharded` and `set_optimizer_state` now refuse values past bf16's range.
+#[test]
+fn bf16_state_refuses_values_that_would_round_to_infinity() {
+    use partial_fc::{Optimizer, Sgd, StateDtype};
+    let bf16_layer = || {
+        let mut cfg = LayerConfig::new(20, 4, 4);
+        cfg.optimizer = Some(Optimizer::Sgd(Sgd {
+            state_dtype: StateDtype::Bf16,
+            ..Sgd::default()
+        }));
+        PartialFc::new(cfg, CpuBackend, SingleRank).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+    bf16_layer().save(&good).unwrap();
+    rewrite_checkpoint(&good, &bad, |name, v| {
+        if name == "momentum" {
+            v[9] = 3.4e38; // finite in f32, +inf in bf16
+        }
+    });
+    let mut l = bf16_layer();
+    for err in [
+        l.load(&bad).unwrap_err(),
+        l.load_resharded(&[&bad]).unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(
+            text.contains("bf16") && text.contains("row 2, column 1"),
+            "{text}"
+        );
+    }
+    let mut momentum = l.optimizer_state("momentum").unwrap();
+    momentum[9] = 3.4e38;
+    let err = l.set_optimizer_state("momentum", &momentum).unwrap_err();
+    assert!(matches!(err, PfcError::Param { .. }), "{err}");
+    // An f32 layer takes the same file: the value is in f32's range.
+    layer(20, 4, 4).load(&bad).unwrap();
+}
+
+/// The checkpoint review: a file's own text (a tensor name with a newline, a dtype with an ANSI
+/// escape, a megabyte-long format) reached stderr raw, so a file could forge a line of `pfc`'s
+/// output. Errors now escape control characters and cut what they quote.
+#[test]
+fn errors_quote_a_files_text_escaped_and_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hostile.safetensors");
+    let long = "x".repeat(100_000);
+    let header = format!(
+        r#"{{"__metadata__":{{"format":"{long}"}},"a\npfc: wrote":{{"dtype":"F3\u001b[2J","shape":[1],"data_offsets":[0,4]}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 4]);
+    std::fs::write(&path, bytes).unwrap();
+    let err = partial_fc::tensor_file::TensorFile::read(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err:?}");
+    assert!(err.len() < 2_000, "{} bytes", err.len());
+}

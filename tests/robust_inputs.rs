@@ -221,7 +221,7 @@ fn softmax_passes_with_labels_beyond_the_columns_or_short_buffers() {
         vec![0.0f32; 2],
         vec![1.0f32; 2],
         vec![0.0f32; 2],
-        vec![0.0f32; 2],
+        vec![0.0f32; 4],
     );
     // Label 3 of 3 columns indexed past the row (a slice panic) before.
     let bad = vec![0, 3];

@@ -504,8 +504,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
 
     /// Pass 3: per-row loss `−log p(target)` (0 where the target lives elsewhere) into
-    /// `row_loss`, and the gradient with respect to the clamped cosine written over the logits:
-    /// `(p − onehot) · (d logit / d cos) · grad_scale`.
+    /// `row_loss[..rows]`, the raw target cosine of pass 1 (`target_cos`; 0 where the target
+    /// lives elsewhere) into `row_loss[rows..2·rows]`, so that one all-reduce of `2·rows` sums
+    /// both over ranks, and the gradient with respect to the clamped cosine written over the
+    /// logits: `(p − onehot) · (d logit / d cos) · grad_scale`.
     #[allow(clippy::too_many_arguments)]
     fn softmax_loss_grad(
         &self,
@@ -525,7 +527,8 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Self::exp_rowsum`] and [`Self::softmax_loss_grad`] compute with nothing all-reduced
     /// between them (same encodings, loss and gradient; only the sum's rounding differs), but
     /// reading the logits twice and writing them once. Used when the world size is 1; the
-    /// three passes stay for k > 1 ranks, whose softmax needs the all-reduces.
+    /// three passes stay for k > 1 ranks, whose softmax needs the all-reduces. `row_loss` holds
+    /// `2·rows` as in [`Self::softmax_loss_grad`]: the losses, then the raw target cosines.
     #[allow(clippy::too_many_arguments)]
     fn margin_softmax_fused(
         &self,
@@ -628,8 +631,8 @@ pub trait Backend: Send + Sync + 'static {
         Err(unsupported(self.name(), "exp_rowsum16"))
     }
 
-    /// Pass 3 on 16-bit cosines: [`Self::softmax_loss_grad`]'s loss and gradient, the gradient
-    /// rounded to `dtype` over the cosines (f16 saturating at ±65504).
+    /// Pass 3 on 16-bit cosines: [`Self::softmax_loss_grad`]'s loss, target cosines and
+    /// gradient, the gradient rounded to `dtype` over the cosines (f16 saturating at ±65504).
     #[allow(clippy::too_many_arguments)]
     #[allow(unused_variables)] // the default answers without looking at the arguments
     fn softmax_loss_grad16(
@@ -649,7 +652,8 @@ pub trait Backend: Send + Sync + 'static {
         Err(unsupported(self.name(), "softmax_loss_grad16"))
     }
 
-    /// [`Self::margin_softmax_fused`] on 16-bit cosines, the gradient rounded to `dtype`.
+    /// [`Self::margin_softmax_fused`] on 16-bit cosines (`row_loss` as there), the gradient
+    /// rounded to `dtype`.
     #[allow(clippy::too_many_arguments)]
     #[allow(unused_variables)] // the default answers without looking at the arguments
     fn margin_softmax_fused16(

@@ -6,7 +6,7 @@
 
 use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
-use crate::layer::PartialFc;
+use crate::layer::{center_norm_reason, storable_as, CenterNorms, PartialFc};
 use crate::tensor_file::{write_atomic, OutTensor, TensorFile, STREAM_BLOCK};
 use crate::Shard;
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ use std::path::Path;
 mod predict;
 mod set;
 pub(crate) use set::recorded_config;
-pub use set::{reshard, reshard_grown, shard_file_name, CheckpointSet};
+pub use set::{reshard, reshard_grown, shard_file_name, CheckpointSet, MAX_RESHARD_WORLD};
 
 /// Reads values `offset .. offset + len` of a tensor (`weight` or an optimizer state) of a shard.
 type ReadBlock<'a> = dyn Fn(&str, usize, usize) -> Result<Vec<f32>> + 'a;
@@ -181,7 +181,8 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
 
     /// Loads this rank's shard from `path`: weights, optimizer state and both counters (so that,
     /// with the saved run's `LayerConfig::seed`, the sampler draws what it would have drawn next;
-    /// no `set_steps` is needed). Every
+    /// no `set_steps` is needed). Not the gradient scale, which the run's schedule sets
+    /// ([`PartialFc::set_grad_scale`]: call it again after the load, as after construction). Every
     /// field, and every value (a NaN, a read error), is checked before the layer changes. The
     /// tensors go through the host a block (64 MiB) at a time, read twice: once to check them,
     /// once to upload them. Should the second read fail (the file changed or became unreadable
@@ -289,7 +290,14 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 None => Ok(block),
             }
         };
-        self.replace_state(&names, shape[0] * shape[1], &read)?;
+        let checks = LoadChecks {
+            dim: self.config().dim,
+            first_class: self.shard().start,
+            bf16_state: self.state_in_bf16(),
+            path,
+        };
+        check_state(&names, shape[0] * shape[1], &read, &checks)?;
+        self.write_state(&names, shape[0] * shape[1], &read)?;
         self.set_steps(step);
         self.set_optimizer_steps(optimizer_steps);
         Ok(())
@@ -352,12 +360,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         // that a peer in another call is refused as such rather than paired with this one; each
         // rank adds which checkpoint it found, so that ranks given different runs' files (or
         // the same run's at different steps) are refused instead of training on a mix.
-        let identity = set.as_ref().map_or(0, set_identity);
+        let (identity, second) = set.as_ref().map_or((0, 0), set_identity);
         let found = self.agree(own, identity, crate::layer::Call::Load)?;
         let set = set.ok_or_else(|| {
             PfcError::Collective("internal: the ranks agreed on a check that failed".into())
         })?;
-        if let Some(r) = found.iter().position(|&f| f != identity) {
+        // A second 24 bits of the identity, so that two checkpoints must collide in 48 bits to
+        // pass (a review found a step that matched another's 24 bits in a search of 10⁷).
+        let mismatch = found.iter().position(|&f| f != identity);
+        let found_second = match mismatch {
+            Some(_) => found,
+            None => self.agree(None, second, crate::layer::Call::Load)?,
+        };
+        let mismatch = mismatch.or_else(|| found_second.iter().position(|&f| f != second));
+        if let Some(r) = mismatch {
             return Err(PfcError::Collective(format!(
                 "rank {r} loaded another checkpoint than rank {} (step {}, optimizer step {}, \
                  seed {}, written by {} ranks): every rank must load the same run's files of one \
@@ -424,19 +440,18 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let shard: Shard = self.shard();
         set.require(shard)?;
         let read = |name: &str, offset, len| set.read(name, shard.start, offset, len);
-        check_state(&names, shard.len as usize * dim, &read)?;
+        let checks = LoadChecks {
+            dim,
+            first_class: shard.start,
+            bf16_state: self.state_in_bf16(),
+            path: first,
+        };
+        check_state(&names, shard.len as usize * dim, &read, &checks)?;
         Ok(set)
     }
 
-    /// Replaces the weights (and optimizer state) with `read(name, offset, len)`'s blocks: first every
-    /// block is read and checked (a NaN or a read error changes nothing), then read again and
-    /// uploaded ([`write_state`](Self::write_state)).
-    fn replace_state(&mut self, names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
-        check_state(names, len, read)?;
-        self.write_state(names, len, read)
-    }
-
-    /// Uploads `read`'s blocks, already checked. A failure here (the files changed or became
+    /// Uploads `read`'s blocks, already checked ([`check_state`]: a NaN or a read error there
+    /// changes nothing). A failure here (the files changed or became
     /// unreadable since the check) leaves the layer part old, part new: it is marked so, and
     /// refuses to train or save until a load succeeds.
     fn write_state(&mut self, names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
@@ -452,12 +467,48 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 }
 
+/// What a loaded shard must hold beyond finite values, and whom to blame: the layer's first
+/// class (to name a class), whether its optimizer state is bf16, and the file (or the set's
+/// first file) an error names.
+struct LoadChecks<'a> {
+    dim: usize,
+    first_class: u64,
+    bf16_state: bool,
+    path: &'a Path,
+}
+
 /// Reads every block of every tensor once: a NaN, a bad value or a read error is an error
-/// before anything changes.
-fn check_state(names: &[&str], len: usize, read: &ReadBlock<'_>) -> Result<()> {
+/// before anything changes. So is a class center whose sum of squares overflows f32 (the step
+/// could not normalize it: `set_weight` refuses it too) and, for bf16 optimizer state, a value
+/// that would round to infinity there.
+fn check_state(names: &[&str], len: usize, read: &ReadBlock<'_>, c: &LoadChecks<'_>) -> Result<()> {
+    let refuse = |reason: String| PfcError::Checkpoint {
+        path: c.path.to_path_buf(),
+        reason,
+    };
+    let dim = c.dim.max(1);
     for name in names {
+        let mut norms = CenterNorms::new(dim);
         for offset in (0..len).step_by(STREAM_BLOCK) {
-            read(name, offset, STREAM_BLOCK.min(len - offset))?;
+            let block = read(name, offset, STREAM_BLOCK.min(len - offset))?;
+            if *name == "weight" {
+                if let Some((row, largest)) = norms.push(offset, &block) {
+                    let class = c.first_class + row as u64;
+                    return Err(refuse(center_norm_reason(row, class, largest)));
+                }
+            } else if let Some(i) = block
+                .iter()
+                .position(|&v| !storable_as(name, v, c.bf16_state))
+            {
+                let at = offset + i;
+                return Err(refuse(format!(
+                    "{name} holds {:e} at row {}, column {}: past bf16's range, in which this \
+                     layer keeps its optimizer state (StateDtype::Bf16)",
+                    block[i],
+                    at / dim,
+                    at % dim
+                )));
+            }
         }
     }
     Ok(())
@@ -479,8 +530,9 @@ fn describe_states(file: &TensorFile) -> String {
 }
 
 /// Which checkpoint a set is, as `load_resharded`'s ranks compare it: FNV-1a of what the files
-/// record about their run and step, folded to 24 bits (exact in an agreement's f32 slot).
-fn set_identity(set: &CheckpointSet) -> u32 {
+/// record about their run and step, twice (the second salted), each folded to 24 bits (exact
+/// in an agreement's f32 slot).
+fn set_identity(set: &CheckpointSet) -> (u32, u32) {
     let recorded = format!(
         "{} {} {:?} {} {:?} {:?}",
         set.step(),
@@ -490,7 +542,10 @@ fn set_identity(set: &CheckpointSet) -> u32 {
         set.state_names(),
         set.config()
     );
-    crate::layer::fnv1a_bits(&recorded, 24)
+    (
+        crate::layer::fnv1a_bits(&recorded, 24),
+        crate::layer::fnv1a_bits(&format!("second {recorded}"), 24),
+    )
 }
 
 #[cfg(test)]

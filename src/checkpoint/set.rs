@@ -125,7 +125,41 @@ fn state_group(file: &TensorFile, rows: [usize; 2]) -> Result<&'static [&'static
 fn refuse(path: &Path, reason: impl Into<String>) -> PfcError {
     PfcError::Checkpoint {
         path: path.to_path_buf(),
-        reason: reason.into(),
+        reason: crate::tensor_file::printable(&reason.into()),
+    }
+}
+
+/// How two recorded configurations (`recorded_config`: "margin …; sampler …; …") differ, naming
+/// only the parts that do: "has sampler Hard { … } against Random".
+fn config_difference(this: Option<&str>, first: Option<&str>) -> String {
+    match (this, first) {
+        (Some(a), Some(b)) => {
+            let (pa, pb): (Vec<&str>, Vec<&str>) =
+                (a.split("; ").collect(), b.split("; ").collect());
+            if pa.len() != pb.len() {
+                return format!("is {a} against {b}");
+            }
+            let differing: Vec<String> = pa
+                .iter()
+                .zip(&pb)
+                .filter(|(x, y)| x != y)
+                .map(|(x, y)| {
+                    // "sampler Hard { .. }" against "sampler Random": the field named once.
+                    match (x.split_once(' '), y.split_once(' ')) {
+                        (Some((field, xv)), Some((f2, yv))) if field == f2 => {
+                            format!("{field} {xv} against {yv}")
+                        }
+                        _ => format!("{x} against {y}"),
+                    }
+                })
+                .collect();
+            format!("has {}", differing.join("; "))
+        }
+        (a, b) => format!(
+            "is {} against {}",
+            a.unwrap_or("not recorded (an older build)"),
+            b.unwrap_or("not recorded (an older build)")
+        ),
     }
 }
 
@@ -297,19 +331,12 @@ impl CheckpointSet {
                         ));
                     }
                     if config != s.config {
-                        let shown = |c: &Option<String>| {
-                            c.as_deref()
-                                .unwrap_or("not recorded (an older build)")
-                                .to_string()
-                        };
                         return Err(refuse(
                             path,
                             format!(
-                                "it is not of the same run as {}: its configuration is {} \
-                                 against {}",
+                                "it is not of the same run as {}: its configuration {}",
                                 first.as_ref().display(),
-                                shown(&config),
-                                shown(&s.config)
+                                config_difference(config.as_deref(), s.config.as_deref())
                             ),
                         ));
                     }
@@ -444,9 +471,10 @@ impl CheckpointSet {
             return Err(refuse(
                 self.parts[0].file.path(),
                 format!(
-                    "rank {rank}'s file of the run's {} is not among the given files; it holds \
-                     class {next}, needed for classes {}..{}",
+                    "rank {rank}'s file of the run's {} is not among the {} given files (this \
+                     is one of them); it holds class {next}, needed for classes {}..{}",
                     self.world_size,
+                    self.parts.len(),
                     range.start,
                     range.end()
                 ),
@@ -736,7 +764,19 @@ fn addressable(num_classes: u64, dim: usize) -> bool {
 }
 
 /// Checks that `num_classes` can be split over `world_size` ranks as the layer splits them.
+/// The most files one reshard writes: a set of a million ranks is past any cluster this crate
+/// knows of, and a larger `world_size` (a typo: `--world-size 1000000000`) would first try to
+/// allocate the list of its output names (24 bytes each) and abort the process.
+pub const MAX_RESHARD_WORLD: usize = 1 << 20;
+
 fn check_world_size(num_classes: u64, world_size: usize) -> Result<()> {
+    if world_size > MAX_RESHARD_WORLD {
+        return Err(PfcError::param(
+            "world_size",
+            world_size,
+            format!("a reshard writes at most {MAX_RESHARD_WORLD} files"),
+        ));
+    }
     if world_size == 0 || world_size as u64 > num_classes {
         return Err(PfcError::param(
             "world_size",

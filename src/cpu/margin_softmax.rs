@@ -248,13 +248,20 @@ pub fn softmax_loss_grad(
     row_loss: &mut [f32],
 ) {
     let LogitsShape { rows, cols, ld } = shape;
-    row_loss[..rows].fill(0.0);
+    let (row_loss, row_target_cos) = row_loss[..2 * rows].split_at_mut(rows);
+    row_loss.fill(0.0);
+    for (out, (&label, &c)) in row_target_cos
+        .iter_mut()
+        .zip(labels[..rows].iter().zip(target_cos))
+    {
+        *out = if label >= 0 { c } else { 0.0 };
+    }
     if ld == 0 {
         return;
     }
     logits[..rows * ld]
         .par_chunks_mut(ld)
-        .zip(row_loss[..rows].par_iter_mut())
+        .zip(row_loss.par_iter_mut())
         .enumerate()
         .for_each(|(i, (row, loss))| {
             let Some(row) = class_columns(row, cols) else {
@@ -462,18 +469,23 @@ pub fn margin_softmax_fused(
     row_loss: &mut [f32],
 ) {
     let LogitsShape { rows, cols, ld } = shape;
-    row_loss[..rows].fill(0.0);
+    let (row_loss, row_target_cos) = row_loss[..2 * rows].split_at_mut(rows);
+    row_loss.fill(0.0);
+    row_target_cos.fill(0.0);
     if ld == 0 {
         return;
     }
     logits[..rows * ld]
         .par_chunks_mut(ld)
-        .zip(row_loss[..rows].par_iter_mut())
+        .zip(row_loss.par_iter_mut().zip(row_target_cos.par_iter_mut()))
         .zip(labels[..rows].par_iter())
         .enumerate()
-        .for_each(|(i, ((row, loss), &label))| {
+        .for_each(|(i, ((row, (loss, cos)), &label))| {
             if let Some(row) = class_columns(row, cols) {
                 let target = usize::try_from(label).ok();
+                if let Some(t) = target {
+                    *cos = row[t];
+                }
                 *loss = fused_row_fast(row, target, &p.for_row(row_margins, i), grad_scale);
             }
         });
@@ -518,12 +530,12 @@ mod tests {
         let mut three = raw.to_vec();
         margin_rowmax(&mut three, shape, &labels, &p, None, &mut max, &mut tcos);
         exp_rowsum(&three, shape, &max, &mut sum);
-        let mut loss3 = [0.0f32];
+        let mut loss3 = [0.0f32; 2];
         softmax_loss_grad(
             &mut three, shape, &labels, &p, None, &max, &sum, &tcos, 1.0, &mut loss3,
         );
         let mut fused = raw.to_vec();
-        let mut loss1 = [0.0f32];
+        let mut loss1 = [0.0f32; 2];
         margin_softmax_fused(&mut fused, shape, &labels, &p, None, 1.0, &mut loss1);
         for g in [&three, &fused] {
             // the probability of a logit of s among these is about 1/2
@@ -547,7 +559,7 @@ mod tests {
         assert_eq!(bits(0.999), bits(1.0));
         let mut cos = vec![bits(0.2), bits(0.999), bits(0.5), bits(0.1)];
         let shape = LogitsShape::dense(1, 4);
-        let mut loss = [0.0f32];
+        let mut loss = [0.0f32; 2];
         crate::cpu::margin_softmax16::margin_softmax_fused16(
             &mut cos,
             shape,

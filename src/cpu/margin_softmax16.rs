@@ -130,13 +130,20 @@ pub fn softmax_loss_grad16(
     row_loss: &mut [f32],
 ) {
     let LogitsShape { rows, cols, ld } = shape;
-    row_loss[..rows].fill(0.0);
+    let (row_loss, row_target_cos) = row_loss[..2 * rows].split_at_mut(rows);
+    row_loss.fill(0.0);
+    for (out, (&label, &c)) in row_target_cos
+        .iter_mut()
+        .zip(labels[..rows].iter().zip(target_cos))
+    {
+        *out = if label >= 0 { c } else { 0.0 };
+    }
     if ld == 0 {
         return;
     }
     cos[..rows * ld]
         .par_chunks_mut(ld)
-        .zip(row_loss[..rows].par_iter_mut())
+        .zip(row_loss.par_iter_mut())
         .enumerate()
         .for_each_init(Vec::new, |z, (i, (row, loss))| {
             let Some(row) = class_columns(row, cols) else {
@@ -172,21 +179,26 @@ pub fn margin_softmax_fused16(
     row_loss: &mut [f32],
 ) {
     let LogitsShape { rows, cols, ld } = shape;
-    row_loss[..rows].fill(0.0);
+    let (row_loss, row_target_cos) = row_loss[..2 * rows].split_at_mut(rows);
+    row_loss.fill(0.0);
+    row_target_cos.fill(0.0);
     if ld == 0 {
         return;
     }
     cos[..rows * ld]
         .par_chunks_mut(ld)
-        .zip(row_loss[..rows].par_iter_mut())
+        .zip(row_loss.par_iter_mut().zip(row_target_cos.par_iter_mut()))
         .zip(labels[..rows].par_iter())
         .enumerate()
-        .for_each_init(Vec::new, |z, (i, ((row, loss), &label))| {
+        .for_each_init(Vec::new, |z, (i, ((row, (loss, cos)), &label))| {
             let Some(row) = class_columns(row, cols) else {
                 return;
             };
             widen_row(row, dtype, z);
             let target = usize::try_from(label).ok();
+            if let Some(t) = target {
+                *cos = z[t];
+            }
             *loss = fused_row_fast(z, target, &p.for_row(row_margins, i), grad_scale);
             for (out, &g) in row.iter_mut().zip(z.iter()) {
                 *out = narrow(g, dtype);

@@ -594,7 +594,7 @@ impl Backend for CpuBackend {
         ] {
             need(buf, shape.rows, what)?;
         }
-        need(row_loss, shape.rows, "softmax_loss_grad row_loss")?;
+        need(row_loss, 2 * shape.rows, "softmax_loss_grad row_loss")?;
         margin_softmax::softmax_loss_grad(
             logits,
             shape,
@@ -622,7 +622,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_softmax(logits, shape, Some(labels), "margin_softmax_fused")?;
         need_row_margins(row_margins, shape.rows, "margin_softmax_fused")?;
-        need(row_loss, shape.rows, "margin_softmax_fused row_loss")?;
+        need(row_loss, 2 * shape.rows, "margin_softmax_fused row_loss")?;
         margin_softmax::margin_softmax_fused(
             logits,
             shape,
@@ -714,7 +714,7 @@ impl Backend for CpuBackend {
         ] {
             need(buf, shape.rows, what)?;
         }
-        need(row_loss, shape.rows, "softmax_loss_grad16 row_loss")?;
+        need(row_loss, 2 * shape.rows, "softmax_loss_grad16 row_loss")?;
         margin_softmax16::softmax_loss_grad16(
             cos,
             shape,
@@ -744,7 +744,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check16(cos, shape, dtype, labels, "margin_softmax_fused16")?;
         need_row_margins(row_margins, shape.rows, "margin_softmax_fused16")?;
-        need(row_loss, shape.rows, "margin_softmax_fused16 row_loss")?;
+        need(row_loss, 2 * shape.rows, "margin_softmax_fused16 row_loss")?;
         margin_softmax16::margin_softmax_fused16(
             cos,
             shape,

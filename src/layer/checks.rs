@@ -175,6 +175,61 @@ pub(crate) fn storable(name: &str, value: f32) -> bool {
     value.is_finite() && !(name == "exp_avg_sq" && value < 0.0)
 }
 
+/// [`storable`], and for optimizer state kept in bf16 (`StateDtype::Bf16`) finite once rounded
+/// to it: f32 values from about 3.3961·10³⁸ up round to +inf in bf16, which would put inf into
+/// the weights at the next update.
+pub(crate) fn storable_as(name: &str, value: f32, bf16_state: bool) -> bool {
+    storable(name, value)
+        && (name == "weight" || !bf16_state || half::bf16::from_f32(value).is_finite())
+}
+
+/// The first row of a row-major f32 stream of class centers whose sum of squares overflows
+/// f32 (as [`check_center_norms`] judges it), fed a block at a time: blocks need not end on a
+/// row's end, so the running sum carries over.
+pub(crate) struct CenterNorms {
+    dim: usize,
+    row: usize,
+    sum: f64,
+    largest: f32,
+}
+
+impl CenterNorms {
+    pub(crate) fn new(dim: usize) -> Self {
+        CenterNorms {
+            dim: dim.max(1),
+            row: 0,
+            sum: 0.0,
+            largest: 0.0,
+        }
+    }
+
+    /// Adds values `offset..offset + block.len()` of the stream (in order, no gaps); the first
+    /// overflowing row and its largest |value|, once its sum reaches the bound.
+    pub(crate) fn push(&mut self, offset: usize, block: &[f32]) -> Option<(usize, f32)> {
+        for (i, &v) in block.iter().enumerate() {
+            let row = (offset + i) / self.dim;
+            if row != self.row {
+                (self.row, self.sum, self.largest) = (row, 0.0, 0.0);
+            }
+            self.sum += f64::from(v) * f64::from(v);
+            self.largest = self.largest.max(v.abs());
+            if self.sum >= f64::from(f32::MAX / 2.0) {
+                // The rest of the row only adds to it: report its largest value so far.
+                return Some((row, self.largest));
+            }
+        }
+        None
+    }
+}
+
+/// The reason [`check_center_norms`] gives, for a checkpoint's error.
+pub(crate) fn center_norm_reason(row: usize, class: u64, largest: f32) -> String {
+    format!(
+        "weight row {row} (class {class}, largest |value| {largest:e}): its sum of squares \
+         overflows f32, so the step could not normalize it"
+    )
+}
+
 /// A second moment (`exp_avg_sq`) is an average of squares: a negative one would put NaN into
 /// the weights through its square root at the next update, so it is refused where it enters.
 pub(super) fn check_state_range(name: &'static str, values: &[f32], dim: usize) -> Result<()> {

@@ -11,15 +11,19 @@ mod pass;
 mod predict;
 mod propensity;
 mod ranking;
+mod row_results;
 mod state;
 mod update;
 
 pub(crate) use agreement::{fnv1a_bits, Call};
-pub(crate) use checks::{prediction_row_error, storable, zero_rows};
+pub(crate) use checks::{
+    center_norm_reason, prediction_row_error, storable, storable_as, zero_rows, CenterNorms,
+};
 pub use options::{PassOptions, ROW_ADDITIVE_MARGIN, ROW_ANGULAR_MARGIN};
 pub use predict::Prediction;
 pub use propensity::{inverse_propensities, PropensityMetrics};
 pub use ranking::RankingMetrics;
+pub use row_results::RowResults;
 
 use crate::backend::{Backend, Collective, StateBuf};
 use crate::config::{LayerConfig, NegativeSampler, Optimizer, UpdateMode};
@@ -41,6 +45,9 @@ pub struct StepOutput {
     pub grad_embeddings: Vec<f32>,
     /// Number of classes this rank sampled.
     pub sampled: usize,
+    /// Per-row results for this rank's rows: loss, target cosine, and the gradient with respect
+    /// to each row's margins (what a margin that depends on the embedding, MagFace's, needs).
+    pub rows: RowResults,
 }
 
 /// What the dense gradient buffer (`UpdateMode::Dense`) holds of a gradient accumulated over
@@ -230,7 +237,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             row_max: b.alloc(m)?,
             row_sum: b.alloc(m)?,
             target_cos: b.alloc(m)?,
-            row_loss: b.alloc(m)?,
+            row_loss: b.alloc(2 * m)?,
             staging: b.alloc(n * d)?,
             packed: match config.wire {
                 Dtype::F32 => {
@@ -354,7 +361,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// sum of K [`forward_backward_accumulate`](Self::forward_backward_accumulate) passes into
     /// their mean, with the optimizer's hyperparameters and state as PyTorch's (docs/design.md).
     /// The reported loss stays the unscaled mean. Every rank must use the same scale: a pass
-    /// where they differ is refused on every rank. The embedding gradient crosses a 16-bit
+    /// where they differ is refused on every rank. A checkpoint does not record it (it belongs
+    /// to the run's schedule, like the learning rate): set it again after a resume
+    /// ([`load`](Self::load), [`load_resharded`](Self::load_resharded)), or the resumed run
+    /// steps with the sum of its passes instead of their mean. The embedding gradient crosses a 16-bit
     /// `grad_wire` scaled: with f16 (whose range ends near 6·10⁻⁸) a small scale sends more of
     /// its values into f16's subnormals; bf16 has f32's range.
     ///

@@ -2,6 +2,7 @@
 //! and the backward GEMMs, and what the last pass left to inspect (its sample and gradient).
 
 use super::buffers::Logits;
+use super::row_results::{row_results, RowInputs};
 use super::{Accumulated, Call, PartialFc, PassOptions, StepOutput};
 use crate::backend::{Backend, Collective, LogitsShape, ReduceOp, SampleArgs};
 use crate::config::{NegativeSampler, UpdateMode, ROW_MARGIN_FLOATS};
@@ -432,15 +433,17 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let margin = self.config.margin.params();
         // Per-row margins (`PassOptions`): every rank's rows of the margin table, gathered in
         // row order (padding rows carry the layer's margin and own no target).
-        let row_margins = if options.has_margins() {
-            let table = options.margin_table(&self.config.margin, n);
+        let host_table = options
+            .has_margins()
+            .then(|| options.margin_table(&self.config.margin, n));
+        let row_margins = if let Some(table) = &host_table {
             if x.margin_table.is_none() {
                 let send = b.alloc(n * ROW_MARGIN_FLOATS)?;
                 x.margin_table = Some((send, b.alloc(m * ROW_MARGIN_FLOATS)?));
             }
             match &mut x.margin_table {
                 Some((send, all)) => {
-                    b.upload(&table, send)?;
+                    b.upload(table, send)?;
                     self.comm.all_gather(b, send, n * ROW_MARGIN_FLOATS, all)?;
                     Some(&*all)
                 }
@@ -496,10 +499,25 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                 grad_scale,
                 &mut x.row_loss,
             )?;
+            // The losses and the target cosines (pass 3 put them side by side) in one call.
             self.comm
-                .all_reduce_f32(b, &mut x.row_loss, m, ReduceOp::Sum)?;
+                .all_reduce_f32(b, &mut x.row_loss, 2 * m, ReduceOp::Sum)?;
         }
-        let row_loss = b.download(&x.row_loss, m)?;
+        let row_stats = b.download(&x.row_loss, 2 * m)?;
+        let (row_loss, target_cos) = row_stats.split_at(m);
+        let mine = self.comm.rank() * n..self.comm.rank() * n + labels.len();
+        let rows = row_results(
+            RowInputs {
+                loss: &row_loss[mine.clone()],
+                target_cos: &target_cos[mine],
+                labels,
+                table: host_table.as_deref(),
+                weights,
+            },
+            &margin,
+            mean,
+            real_rows,
+        );
         let loss = match weights {
             None => row_loss.iter().map(|&l| f64::from(l)).sum::<f64>(),
             Some(w) => {
@@ -581,6 +599,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             loss: loss as f32,
             grad_embeddings,
             sampled: s,
+            rows,
         })
     }
 

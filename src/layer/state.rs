@@ -3,11 +3,21 @@
 
 use super::checks::{check_center_norms, check_finite, check_state_range};
 use super::PartialFc;
+use crate::backend::StateBuf;
 use crate::backend::{Backend, Collective};
 use crate::config::Optimizer;
 use crate::error::{PfcError, Result};
 
 impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
+    /// Whether the optimizer state is kept in bf16 (`StateDtype::Bf16`): values past bf16's
+    /// range must be refused where they enter, before they round to infinity.
+    pub(crate) fn state_in_bf16(&self) -> bool {
+        self.bufs
+            .states
+            .iter()
+            .any(|s| matches!(s, StateBuf::Bf16(_)))
+    }
+
     /// The shard's weights, `shard × d`, row-major.
     pub fn weight(&self) -> Result<Vec<f32>> {
         self.backend
@@ -155,6 +165,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let name = self.state_names()[i];
         check_finite(name, values, self.config.dim)?;
         check_state_range(name, values, self.config.dim)?;
+        if self.state_in_bf16() {
+            if let Some(at) = values
+                .iter()
+                .position(|&v| !half::bf16::from_f32(v).is_finite())
+            {
+                let dim = self.config.dim.max(1);
+                return Err(PfcError::param(
+                    name,
+                    format!("row {}, column {}: {:e}", at / dim, at % dim, values[at]),
+                    "past bf16's range: the state is kept in bf16 (StateDtype::Bf16), where it \
+                     would round to infinity",
+                ));
+            }
+        }
         self.bufs.states[i].upload(&self.backend, values)
     }
 }

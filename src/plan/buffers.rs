@@ -173,7 +173,8 @@ pub enum Component {
     SamplerKeys,
     /// Hard-negative scoring: per-class score and one chunk of normalized weights and cosines.
     HardNegativeScratch,
-    /// Per-row softmax statistics: max, sum, target cosine, loss (f32 each), `N·k × 4`.
+    /// Per-row softmax statistics: max, sum, target cosine, and the all-reduced loss and target
+    /// cosine (f32 each), `N·k × 5`.
     RowStats,
     /// The 16-bit copies of the GEMM operands (bf16/f16 precision only, 0 in f32), kept for the
     /// layer's life: `N·k·d` (x̂) and `S·d` (ŵ) elements of 2 bytes.
@@ -342,7 +343,7 @@ pub(crate) fn step_buffers_wide(shape: &StepShape) -> Vec<(Component, u128)> {
         (Component::SampledIndex, mul(&[s, 4])),
         (Component::SamplerKeys, mul(&[shard, 8])),
         (Component::HardNegativeScratch, hard),
-        (Component::RowStats, mul(&[m, 4, f32b])),
+        (Component::RowStats, mul(&[m, 5, f32b])),
         (Component::GemmOperands, gemm_operands),
         (
             Component::CollectiveStaging,

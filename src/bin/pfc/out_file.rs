@@ -3,6 +3,7 @@
 //! that keeps an existing file: it is checked before any work, and again just before the write
 //! (a long prediction leaves time for another program to put a file there).
 
+use crate::text::progress;
 use partial_fc::checkpoint::FORMAT;
 use std::io::Read;
 use std::path::Path;
@@ -138,7 +139,12 @@ fn checkpoint_shard(path: &Path) -> Option<String> {
     }
     Some(match (field("rank"), field("world_size"), field("step")) {
         (Some(rank), Some(world), Some(step)) => {
-            format!("rank {rank} of {world}, step {step}")
+            // Files from before the update count was recorded stepped once per pass.
+            let updates = field("optimizer_steps").unwrap_or(step);
+            match (step.parse(), updates.parse()) {
+                (Ok(p), Ok(u)) => format!("rank {rank} of {world}, {}", progress(p, u)),
+                _ => format!("rank {rank} of {world}, step {step}"),
+            }
         }
         _ => format!("format {format}"),
     })

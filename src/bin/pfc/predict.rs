@@ -3,7 +3,7 @@
 //! the file has labels.
 
 use crate::out_file::{refuse_unsafe_output, Existing};
-use crate::text::plural;
+use crate::text::{plural, progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use partial_fc::checkpoint::CheckpointSet;
 use partial_fc::cpu::top_k::TOP_K_MAX;
@@ -140,10 +140,10 @@ pub fn run(args: PredictArgs) -> Result<(), String> {
         ));
     }
     println!(
-        "{} against {} (d = {dim}, step {}, {}), k = {}",
+        "{} against {} (d = {dim}, {}, {}), k = {}",
         plural(rows as u64, "row", "rows"),
         plural(set.num_classes(), "class", "classes"),
-        set.step(),
+        progress(set.step(), set.optimizer_steps()),
         plural(args.checkpoints.len() as u64, "file", "files"),
         args.k
     );

@@ -1,6 +1,6 @@
 //! `pfc reshard`: a run's checkpoint files rewritten for another world size (1 merges them).
 
-use crate::text::plural;
+use crate::text::{plural, progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use partial_fc::checkpoint::{reshard_grown, shard_file_name, CheckpointSet};
 use std::path::{Path, PathBuf};
@@ -52,12 +52,12 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
         refuse_existing_outputs(&args.out, args.world_size)?;
     }
     println!(
-        "{} of a run of {}: {}, d = {}, step {}, {}",
+        "{} of a run of {}: {}, d = {}, {}, {}",
         plural(args.files.len() as u64, "file", "files"),
         plural(set.world_size() as u64, "rank", "ranks"),
         plural(set.num_classes(), "class", "classes"),
         set.dim(),
-        set.step(),
+        progress(set.step(), set.optimizer_steps()),
         match set.state_names() {
             [] => "weights only",
             ["momentum"] => "weights and momentum",

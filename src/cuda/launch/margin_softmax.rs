@@ -49,7 +49,7 @@ impl From<&MarginParams> for MarginArgs {
 }
 
 /// The per-row buffers pass 3 reads or writes (f32 and 16-bit alike): labels, then row_max,
-/// row_sum, target_cos and row_loss. One list, so that no variant forgets one (the f32 pass
+/// row_sum, target_cos and row_loss (2 x rows: the losses, then the target cosines). One list, so that no variant forgets one (the f32 pass
 /// once checked only labels and row_loss).
 fn need_pass3_rows(
     what: &str,
@@ -61,12 +61,14 @@ fn need_pass3_rows(
     if labels.len() < rows {
         return need(labels, rows, &format!("{what} labels"));
     }
-    for (buf, name) in stats
+    // row_loss takes each row's loss and then its target cosine: 2 x rows.
+    for ((buf, name), len) in stats
         .into_iter()
         .zip(["row_max", "row_sum", "target_cos", "row_loss"])
+        .zip([rows, rows, rows, 2 * rows])
     {
-        if buf.len() < rows {
-            return need(buf, rows, &format!("{what} {name}"));
+        if buf.len() < len {
+            return need(buf, len, &format!("{what} {name}"));
         }
     }
     Ok(())
@@ -234,7 +236,7 @@ impl CudaBackend {
     ) -> Result<()> {
         need(logits, shape.len()?, "margin_softmax_fused logits")?;
         need(labels, shape.rows, "margin_softmax_fused labels")?;
-        need(row_loss, shape.rows, "margin_softmax_fused row_loss")?;
+        need(row_loss, 2 * shape.rows, "margin_softmax_fused row_loss")?;
         if shape.rows == 0 {
             return Ok(());
         }
@@ -397,7 +399,7 @@ impl CudaBackend {
         let kind = half_kind(dtype, "margin_softmax_fused16")?;
         need(cos, shape.len()?, "margin_softmax_fused16 cos")?;
         need(labels, shape.rows, "margin_softmax_fused16 labels")?;
-        need(row_loss, shape.rows, "margin_softmax_fused16 row_loss")?;
+        need(row_loss, 2 * shape.rows, "margin_softmax_fused16 row_loss")?;
         if shape.rows == 0 {
             return Ok(());
         }
