@@ -46,8 +46,12 @@ fn main() {
         let mut logits = vec![0f32; m * ld];
         t("gemm_nt", || gemm::gemm_nt(m, ld, d, &xh, &wh, &mut logits)).unwrap();
         let p = partial_fc::Margin::arcface().params();
-        let (mut mx, mut sm, mut tc, mut ls) =
-            (vec![0f32; m], vec![0f32; m], vec![0f32; m], vec![0f32; m]);
+        let (mut mx, mut sm, mut tc, mut ls) = (
+            vec![0f32; m],
+            vec![0f32; m],
+            vec![0f32; m],
+            vec![0f32; 2 * m],
+        );
         for l in labels.iter_mut() {
             *l = (*l).min(s as i32 - 1);
         }

@@ -148,7 +148,7 @@ fn main() {
             g.alloc::<f32>(m).unwrap(),
             g.alloc::<f32>(m).unwrap(),
             g.alloc::<f32>(m).unwrap(),
-            g.alloc::<f32>(m).unwrap(),
+            g.alloc::<f32>(2 * m).unwrap(),
         );
         let mut gx = g.alloc::<f32>(m * d).unwrap();
         let mut gw = g.alloc::<f32>(ld * d).unwrap();

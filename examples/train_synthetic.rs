@@ -81,6 +81,9 @@ enum MarginArg {
     /// AdaFace: s·(cos(θ − m·ĝ) − m − m·ĝ), ĝ from each embedding's norm against the running
     /// statistics of the batches' norms.
     Adaface,
+    /// MagFace: ArcFace whose m grows with the embedding's norm (0.45 to 0.8 over norms of
+    /// --magface-norms), plus a regularizer that pulls the norm up; the norm learns quality.
+    Magface,
 }
 
 /// Train an embedding model on synthetic identities with Partial FC (sharded over thread ranks)
@@ -185,6 +188,14 @@ struct Args {
     /// Standard deviation of ElasticFace's margins.
     #[arg(long, default_value_t = 0.05)]
     margin_std: f64,
+    /// MagFace's norm range l_a,u_a (the paper's 10,110 suit a ResNet's features; the synthetic
+    /// MLP's embeddings are shorter).
+    #[arg(long, value_delimiter = ',', default_values_t = [10.0, 110.0])]
+    magface_norms: Vec<f64>,
+    /// MagFace's λ_g (the paper's 35 holds its norms at its range; a narrower range needs more:
+    /// at least `MagFace::min_lambda(s)`, or the norms fall below l_a).
+    #[arg(long, default_value_t = 35.0)]
+    magface_lambda: f64,
     /// Logit scale s.
     #[arg(long, default_value_t = 64.0)]
     scale: f64,
@@ -233,6 +244,12 @@ impl Args {
                 Margin::combined(self.scale, 1.0, 0.0, self.margin_value.unwrap_or(0.35))
             }
             MarginArg::Adaface => Margin::combined(self.scale, 1.0, 0.0, 0.0),
+            // The row's margin replaces m2; the paper differentiates through the margin.
+            MarginArg::Magface => Margin {
+                grad_mode: partial_fc::GradMode::Exact,
+                fallback: partial_fc::TargetFallback::Monotonic,
+                ..Margin::combined(self.scale, 1.0, 0.45, 0.0)
+            },
         };
         let row_margins = match self.margin {
             MarginArg::Arcface | MarginArg::Cosface => RowMarginMode::None,
@@ -247,6 +264,21 @@ impl Args {
             MarginArg::Adaface => RowMarginMode::AdaFace {
                 m: self.margin_value.unwrap_or(0.4),
             },
+            MarginArg::Magface => {
+                let [lower_norm, upper_norm] = self.magface_norms[..] else {
+                    return Err(PfcError::param(
+                        "--magface-norms",
+                        format!("{:?}", self.magface_norms),
+                        "give two norms, L,U",
+                    ));
+                };
+                RowMarginMode::MagFace(partial_fc::MagFace {
+                    lower_norm,
+                    upper_norm,
+                    lambda: self.magface_lambda,
+                    ..partial_fc::MagFace::default()
+                })
+            }
         };
         let mut cfg = TrainConfig {
             row_margins,
@@ -457,6 +489,8 @@ fn summary(cfg: &TrainConfig, r: &TrainReport) {
         pct(r.classifier_top1).trim(),
         pct(r.classifier_top5).trim()
     );
+    let (mean, lo, hi) = r.embedding_norms;
+    println!("  held-out embedding norms: mean {mean:.2}, from {lo:.2} to {hi:.2}");
 }
 
 fn run(args: Args) -> Result<(), PfcError> {

@@ -153,6 +153,24 @@ impl MagFace {
         Ok(self.lambda * regularizer / rows.gathered_rows.max(1) as f64)
     }
 
+    /// The least λ for which the regularizer's pull at `l_a` outweighs the margin's largest
+    /// push there, at scale `s`: `s·m'·l_a²·u_a²/(u_a² − l_a²)`, `m'` the margin's slope
+    /// `(u_m − l_m)/(u_a − l_a)`. The margin's gradient in the norm is at most `s·m'` per row
+    /// (weight 1: `|d z/d m| ≤ s`, `1 − p ≤ 1`), the regularizer's `λ·(1/a² − 1/u_a²)`, smallest
+    /// inside the range at `u_a` and largest at `l_a`; below this λ the margin can push a row's
+    /// norm out through `l_a`, where the clamp stops both gradients and the norm says nothing.
+    /// The paper's settings give 22.6 against its λ = 35 (its condition on λ_g has this form).
+    ///
+    /// ```
+    /// let need = partial_fc::MagFace::default().min_lambda(64.0);
+    /// assert!((need - 22.58).abs() < 0.01);
+    /// ```
+    pub fn min_lambda(&self, scale: f64) -> f64 {
+        let (l, u) = (self.lower_norm, self.upper_norm);
+        let slope = (self.upper_margin - self.lower_margin) / (u - l);
+        scale * slope * l * l * u * u / (u * u - l * l)
+    }
+
     fn clamp(&self, a: f64) -> f64 {
         a.clamp(self.lower_norm, self.upper_norm)
     }

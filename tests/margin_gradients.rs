@@ -262,3 +262,49 @@ fn magface_pulls_a_confident_row_outward_and_the_regularizer_alone_pulls_every_n
         "{regularizer_only:?}"
     );
 }
+
+/// At a target cosine of 1 (the embedding equal to its class center; in f32 it may come out
+/// just past 1, clamped: a review found the margin gradient reported as 0 there, which
+/// src/layer/row_results.rs's unit test pins down) the margin applies after the clamp, so the
+/// loss still moves with m2, by `dL/dm3 · sin(m2)`.
+#[test]
+fn a_target_cosine_past_one_still_has_its_margin_gradient() {
+    let dim = 16;
+    let cfg = |m2: f64| {
+        let mut c = LayerConfig::new(10, dim, 1);
+        c.sample_rate = 1.0;
+        c.margin = Margin { m2, ..margin() };
+        c
+    };
+    let mut layer = PartialFc::new(cfg(0.5), CpuBackend, SingleRank).unwrap();
+    // Find an embedding whose f32 cosine with itself (as the target center) exceeds 1.
+    let mut clipped = None;
+    for seed in 0..200 {
+        let x = partial_fc::init::normal_rows(seed, 0, 1, dim, 1.0);
+        let mut w = layer.weight().unwrap();
+        w[..dim].copy_from_slice(&x);
+        layer.set_weight(&w).unwrap();
+        let out = layer.forward_backward(&x, &[0]).unwrap();
+        layer.discard_grad();
+        let cos = out.rows.target_cos[0];
+        if cos == 1.0 {
+            // Exactly 1 or clamped to it: either way the slope is −dL/dm3 · (−sin m2).
+            clipped = Some((x, w, out));
+            break;
+        }
+    }
+    let (x, w, out) = clipped.expect("no embedding with a target cosine of 1 in 200 draws");
+    let want = -f64::from(out.rows.grad_additive_margin[0]) * -(0.5f64.sin());
+    let got = f64::from(out.rows.grad_angular_margin[0]);
+    assert_near("dL/dm2 at cos = 1", got, want, 1e-4);
+    assert!(got > 0.0);
+    // And the loss moves with m2 by that slope (central difference).
+    let loss_at = |m2: f64| {
+        let mut l = PartialFc::new(cfg(m2), CpuBackend, SingleRank).unwrap();
+        l.set_weight(&w).unwrap();
+        f64::from(l.forward_backward(&x, &[0]).unwrap().loss)
+    };
+    let h = 1e-3;
+    let fd = (loss_at(0.5 + h) - loss_at(0.5 - h)) / (2.0 * h);
+    assert_near("central difference", got, fd, 0.02);
+}

@@ -201,3 +201,60 @@ fn two_accumulated_micro_batches_train_as_one_batch_of_both() {
     let e = train(&sparse, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("--fc-update dense"), "{e}");
 }
+
+/// The trainer's MagFace mode: margins from the backbone's norms, the norm's gradient added to
+/// the backbone's. It learns, reports the regularizer in its loss (so the loss differs from an
+/// ArcFace run's from the first step), and keeps the held-out norms where MagFace's gradients
+/// live: with λ above `min_lambda` their mean stays above l_a, where a λ of 0 lets the margin's
+/// push (a larger norm, a larger margin) shrink them (this run: means 5.8 and 3.6 against
+/// l_a = 4.4; ArcFace's backbone ends at 8.8).
+#[test]
+fn magface_mode_learns_and_its_regularizer_holds_the_norms() {
+    use partial_fc::synthetic::RowMarginMode;
+    use partial_fc::MagFace;
+    let base = TrainConfig {
+        steps: 120,
+        ..tiny()
+    };
+    let arcface = train(&base, &mut |_| {}).unwrap();
+    let (mean, _, _) = arcface.embedding_norms;
+    // A range around the backbone's norms, and λ well above what it needs there.
+    let range = MagFace {
+        lower_norm: 0.5 * mean,
+        upper_norm: 1.5 * mean,
+        ..MagFace::default()
+    };
+    let need = range.min_lambda(base.margin.scale);
+    let run = |lambda: f64| {
+        let cfg = TrainConfig {
+            row_margins: RowMarginMode::MagFace(MagFace { lambda, ..range }),
+            ..base.clone()
+        };
+        train(&cfg, &mut |_| {}).unwrap()
+    };
+    let held = run(2.0 * need);
+    assert!(held.losses.iter().all(|l| l.is_finite()));
+    assert_ne!(
+        held.losses[0], arcface.losses[0],
+        "the regularizer is in the loss"
+    );
+    assert!(
+        held.after.tar_far_1e3 > held.before.tar_far_1e3 + 0.2,
+        "{:?}",
+        held.after
+    );
+    let free = run(0.0);
+    eprintln!(
+        "norms: arcface {:?}, λ = 2·min {:?}, λ = 0 {:?} (l_a {})",
+        arcface.embedding_norms, held.embedding_norms, free.embedding_norms, range.lower_norm
+    );
+    assert!(
+        held.embedding_norms.0 > free.embedding_norms.0,
+        "λ pulls the norms up"
+    );
+    assert!(
+        held.embedding_norms.0 > range.lower_norm,
+        "{:?}",
+        held.embedding_norms
+    );
+}

@@ -197,9 +197,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// they make one run (same step, seed and classifier) and works for any world size.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let file = TensorFile::read(path)?;
+        // The reasons quote the file's own metadata: escaped and cut (`printable`).
         let mismatch = |reason: String| PfcError::Checkpoint {
             path: path.to_path_buf(),
-            reason,
+            reason: crate::tensor_file::printable(&reason),
         };
         let want = self.checkpoint_metadata();
         for key in [
@@ -408,7 +409,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         let first = paths[0].as_ref();
         let mismatch = |reason: String| PfcError::Checkpoint {
             path: first.to_path_buf(),
-            reason,
+            reason: crate::tensor_file::printable(&reason),
         };
         let (classes, dim) = (self.config().num_classes, self.config().dim);
         if (set.num_classes(), set.dim()) != (classes, dim) {

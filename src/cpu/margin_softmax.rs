@@ -233,7 +233,8 @@ fn nontarget_grad_row(
 with_avx2!(fn nontarget_grad_row_fast = nontarget_grad_row(row: &mut [f32], max: f32, inv_sum: f32, slope: f32, scale: f32, filter: bool) -> ());
 
 /// Pass 3: loss per row and the gradient with respect to the clamped cosine, in place; zeros in
-/// the padding columns.
+/// the padding columns. `row_loss` holds `2·rows`: the losses, then each row's raw target
+/// cosine (0 for a row whose target is not here); shorter panics (the backend checks it).
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_loss_grad(
     logits: &mut [f32],
@@ -457,7 +458,7 @@ with_avx2!(pub(super) fn fused_row_fast = fused_row(row: &mut [f32], target: Opt
 /// `exp`, a second recomputes each logit from its cosine and writes the gradient over it. Same
 /// encodings, loss and gradient as [`margin_rowmax`], [`exp_rowsum`] and [`softmax_loss_grad`]
 /// with nothing all-reduced between them; only the sum's rounding differs. Zeros in the padding
-/// columns.
+/// columns; `row_loss` of `2·rows` as in [`softmax_loss_grad`].
 #[allow(clippy::too_many_arguments)]
 pub fn margin_softmax_fused(
     logits: &mut [f32],

@@ -114,7 +114,8 @@ pub fn exp_rowsum16(
 }
 
 /// Pass 3 on 16-bit cosines: loss per row and the gradient with respect to the clamped cosine,
-/// rounded to 16 bits, in place; zeros (+0.0) in the padding columns.
+/// rounded to 16 bits, in place; zeros (+0.0) in the padding columns. `row_loss` of `2·rows`:
+/// the losses, then the raw target cosines (as the f32 pass 3).
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_loss_grad16(
     cos: &mut [u16],
@@ -166,7 +167,8 @@ pub fn softmax_loss_grad16(
 }
 
 /// The one-kernel margin softmax (world of one) on 16-bit cosines: loss per row and the 16-bit
-/// gradient in place; zeros (+0.0) in the padding columns.
+/// gradient in place; zeros (+0.0) in the padding columns; `row_loss` of `2·rows`, as in
+/// [`softmax_loss_grad16`].
 #[allow(clippy::too_many_arguments)]
 pub fn margin_softmax_fused16(
     cos: &mut [u16],

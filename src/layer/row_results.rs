@@ -22,7 +22,9 @@ pub struct RowResults {
     pub target_cos: Vec<f32>,
     /// `d L / d m2ᵢ`: the gradient of the pass's loss (as the embedding gradient sees it:
     /// weights and [`crate::PartialFc::set_grad_scale`] included) with respect to the row's
-    /// angular margin. 0 where the angle is held at 0 or the target cosine was clipped.
+    /// angular margin. 0 where the angle is held at 0. A target cosine the GEMM put past ±1 is
+    /// clamped before the margin applies, so the clamp stops its gradient to the cosine, not
+    /// to the margin: such a row (a well-fit one, in f32) has its full margin gradient.
     pub grad_angular_margin: Vec<f32>,
     /// `d L / d m3ᵢ`: the same with respect to the row's cosine margin (`−s · d L / d zᵢ`).
     pub grad_additive_margin: Vec<f32>,
@@ -75,14 +77,9 @@ pub(super) fn row_results(
         out.loss[i] = loss;
         out.target_cos[i] = c;
         out.grad_additive_margin[i] = (-s * dz) as f32;
-        // A cosine the GEMM put beyond ±1 is clipped: the clamp passes no gradient there, to the
-        // cosine or to the margin (torch's clamp backward), so nothing here either.
-        let clipped = raw.abs() > 1.0;
-        out.grad_angular_margin[i] = if clipped {
-            0.0
-        } else {
-            (s * dz * target_logit_angular_slope(c, &p)) as f32
-        };
+        // At the clamped cosine: the margin applies after the clamp (cos(m1·acos(clamp(c)) +
+        // m2)), so a clipped cosine still passes its gradient to m2 (a review found 0 here).
+        out.grad_angular_margin[i] = (s * dz * target_logit_angular_slope(c, &p)) as f32;
     }
     out
 }
@@ -128,6 +125,27 @@ mod tests {
                 "c {c} m2 {m2}: numeric {numeric} analytic {analytic}"
             );
         }
+    }
+
+    /// A review: a target cosine the GEMM put just past 1 reported no margin gradient, though
+    /// the margin applies after the clamp; it must equal the one at exactly 1.
+    #[test]
+    fn a_clipped_target_cosine_keeps_its_margin_gradient() {
+        let p = Margin::arcface().params();
+        let past_one = f32::from_bits(1.0f32.to_bits() + 1);
+        let results = |c: &[f32]| {
+            let rows = RowInputs {
+                loss: &[2.0],
+                target_cos: c,
+                labels: &[0],
+                table: None,
+                weights: None,
+            };
+            row_results(rows, &p, 1.0, 1)
+        };
+        let (at_one, clipped) = (results(&[1.0]), results(&[past_one]));
+        assert!(at_one.grad_angular_margin[0] > 0.0);
+        assert_eq!(clipped, at_one);
     }
 
     #[test]

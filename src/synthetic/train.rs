@@ -27,6 +27,7 @@ use crate::config::{LayerConfig, Margin, NegativeSampler, Optimizer, Sgd, StateD
 use crate::cpu::CpuBackend;
 use crate::error::{PfcError, Result};
 use crate::layer::{PartialFc, PassOptions, StepOutput};
+use crate::mag_face::MagFace;
 use crate::plan::Dtype;
 use crate::row_margins::{elastic_margins, AdaFace, AdaFaceMargins, MarginKind};
 use crate::tensor_file::{write_atomic, OutTensor};
@@ -55,6 +56,9 @@ pub enum RowMarginMode {
         /// The margin m.
         m: f64,
     },
+    /// MagFace: each row's angular margin from its embedding's norm, and the norm's gradient
+    /// (through the margin and MagFace's regularizer) added to the backbone's ([`MagFace`]).
+    MagFace(MagFace),
 }
 
 /// Most steps a run may ask for (the loss history is kept in memory).
@@ -304,6 +308,10 @@ impl TrainConfig {
                     return Err(PfcError::param("row_margins m", m, "must lie in [0, 0.5)"));
                 }
             }
+            // Its settings are checked now, not at the first step (no rows: nothing else).
+            RowMarginMode::MagFace(magface) => {
+                magface.margins(&[], 1)?;
+            }
         }
         self.generator.validate()?;
         self.layer_config().validate(self.ranks)
@@ -367,6 +375,9 @@ pub struct TrainReport {
     pub classifier_top1: f64,
     /// See `classifier_top1`.
     pub classifier_top5: f64,
+    /// The trained backbone's held-out embeddings' norms: mean, smallest, largest (what the
+    /// norm-aware margins, AdaFace's and MagFace's, read; the loss sees only the directions).
+    pub embedding_norms: (f64, f64, f64),
     /// Classes sampled per step, summed over ranks (last step).
     pub sampled_classes: usize,
     /// Wall time of the training steps.
@@ -392,6 +403,23 @@ impl TrainReport {
             mean(&self.losses[self.losses.len().saturating_sub(w)..]),
         )
     }
+}
+
+/// Mean, smallest and largest L2 norm of the rows of `x` (`dim` columns).
+fn norm_range(x: &[f32], dim: usize) -> (f64, f64, f64) {
+    let norms: Vec<f64> = x
+        .chunks(dim.max(1))
+        .map(|r| {
+            r.iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let mean = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+    let lo = norms.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = norms.iter().copied().fold(0.0, f64::max);
+    (mean, lo, hi)
 }
 
 fn embed_and_evaluate(mlp: &Mlp, x: &[f32], labels: &[u64]) -> Result<EvalMetrics> {
@@ -526,9 +554,19 @@ fn train_layers<B: Backend, C: Collective<B>>(
             let (margins, adaface_next) =
                 rank_margins(cfg, &adaface, &fwd.output, step * micro + m)?;
             // The first micro-batch starts the classifier's sum, the others add to it.
-            let outputs = rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0, &margins)?;
+            let mut outputs =
+                rank_passes(&mut layers, &fwd.output, &labels, n, e, m > 0, &margins)?;
             for (a, next) in adaface.iter_mut().zip(&adaface_next) {
                 a.update(next);
+            }
+            // MagFace's margin depends on the norm: its gradient, and the regularizer's, join
+            // the layer's before the backbone's backward; its loss term joins the reported loss.
+            if let RowMarginMode::MagFace(magface) = cfg.row_margins {
+                for (r, out) in outputs.iter_mut().enumerate() {
+                    let x = &fwd.output[r * n * e..(r + 1) * n * e];
+                    let share = magface.backward(x, e, &out.rows, &mut out.grad_embeddings)?;
+                    loss_sum += share as f32;
+                }
             }
             let t2 = Instant::now();
 
@@ -579,6 +617,10 @@ fn train_layers<B: Backend, C: Collective<B>>(
     }
     let train_time = start.elapsed();
     let after = embed_and_evaluate(&mlp, &eval_x, &eval_labels)?;
+    let embedding_norms = norm_range(
+        &mlp.forward(&eval_x, eval_labels.len())?.output,
+        cfg.embedding_dim,
+    );
     let (classifier_top1, classifier_top5, probes) =
         classifier_accuracy(cfg, &gen, &mlp, &mut layers)?;
     if let Some(dir) = &cfg.save_to {
@@ -592,6 +634,7 @@ fn train_layers<B: Backend, C: Collective<B>>(
         after,
         classifier_top1,
         classifier_top5,
+        embedding_norms,
         sampled_classes,
         train_time,
         backbone_time,
@@ -724,6 +767,15 @@ fn rank_margins(
                 .collect();
             Ok((per_rank, margins))
         }
+        RowMarginMode::MagFace(magface) => Ok((
+            (0..cfg.ranks)
+                .map(|r| {
+                    let x = &embeddings[r * n * e..(r + 1) * n * e];
+                    Ok((Some(magface.margins(x, e)?.angular), None))
+                })
+                .collect::<Result<_>>()?,
+            Vec::new(),
+        )),
     }
 }
 

@@ -137,7 +137,7 @@ fn checkpoint_shard(path: &Path) -> Option<String> {
     if format != FORMAT && format.split('/').next() != Some(family) {
         return None;
     }
-    Some(match (field("rank"), field("world_size"), field("step")) {
+    let described = match (field("rank"), field("world_size"), field("step")) {
         (Some(rank), Some(world), Some(step)) => {
             // Files from before the update count was recorded stepped once per pass.
             let updates = field("optimizer_steps").unwrap_or(step);
@@ -147,5 +147,13 @@ fn checkpoint_shard(path: &Path) -> Option<String> {
             }
         }
         _ => format!("format {format}"),
-    })
+    };
+    // The file's own text, in an error line: control characters escaped, at most 200 kept.
+    Some(
+        described
+            .chars()
+            .take(200)
+            .flat_map(|c| c.escape_debug())
+            .collect(),
+    )
 }
