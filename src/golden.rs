@@ -76,7 +76,16 @@ impl StepCase {
                 format!("shapes embeddings {eshape:?}, labels {lshape:?}, weight {wshape:?} do not agree"),
             ));
         }
-        let sampled_index = file.i64("sampled_index")?.map(|(v, _)| v);
+        let sampled_index = match file.i64("sampled_index")? {
+            Some((v, shape)) if shape.len() == 1 => Some(v),
+            Some((_, shape)) => {
+                return Err(bad(
+                    &file,
+                    format!("sampled_index has shape {shape:?}: a list of class ids is expected"),
+                ))
+            }
+            None => None,
+        };
         let classes: u64 = file.meta("classes")?.unwrap_or(wshape[0] as u64);
         if classes != wshape[0] as u64 {
             return Err(bad(
@@ -99,7 +108,16 @@ impl StepCase {
             file.meta("m3")?.unwrap_or(0.0),
         );
         margin.grad_mode = grad_mode;
-        margin.interclass_filter = file.meta::<f64>("interclass_filter")?.filter(|t| *t > 0.0);
+        // As the flag: a threshold <= 0 disables the filter, one that is not a number is refused
+        // (NaN compared false with everything and disabled it silently).
+        let filter = file.meta::<f64>("interclass_filter")?;
+        if let Some(t) = filter.filter(|t| !t.is_finite()) {
+            return Err(bad(
+                &file,
+                format!("interclass_filter = {t} is not a finite number"),
+            ));
+        }
+        margin.interclass_filter = filter.filter(|t| *t > 0.0);
         Ok(StepCase {
             dim: eshape[1],
             embeddings,

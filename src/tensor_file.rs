@@ -16,6 +16,15 @@ use std::path::{Path, PathBuf};
 /// anything is allocated for it.
 const MAX_HEADER: u64 = 100_000_000;
 
+/// Largest `__metadata__` accepted, in bytes of header text: a checkpoint's own entries take a
+/// few hundred bytes and a trainer's (`save_with_metadata`) a few more; millions of tiny entries
+/// in a 100 MB header made a load hold gigabytes for the file's life.
+const MAX_METADATA_BYTES: usize = 16 << 20;
+
+/// Longest shape accepted, in bytes of text: 64 dimensions of 20 digits. No tensor here has more
+/// than 2; a shape of millions of dimensions was gigabytes to parse.
+const MAX_SHAPE_TEXT: usize = 64 * 22;
+
 /// Where one tensor lies in the file.
 struct Entry {
     dtype: String,
@@ -158,7 +167,11 @@ impl TensorFile {
         }
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io_err(path))?;
-        let header: HashMap<String, serde_json::Value> =
+        // Parsed in two levels over the raw text, never into a tree of JSON values: a tree costs
+        // tens of bytes per number, so a 100 MB header of one long shape took 3.5 GB (a review's
+        // hostile file). Each field is parsed into its type once its size is checked.
+        type Raw = Box<serde_json::value::RawValue>;
+        let header: HashMap<String, Raw> =
             serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
         let data_start = 8 + n;
         let mut metadata = HashMap::new();
@@ -166,19 +179,36 @@ impl TensorFile {
         let mut ranges = Vec::new();
         for (name, info) in header {
             if name == "__metadata__" {
-                metadata =
-                    serde_json::from_value(info).map_err(|e| bad(format!("__metadata__: {e}")))?;
+                if info.get().len() > MAX_METADATA_BYTES {
+                    return Err(bad(format!(
+                        "__metadata__ of {} bytes (at most {MAX_METADATA_BYTES})",
+                        info.get().len()
+                    )));
+                }
+                metadata = serde_json::from_str(info.get())
+                    .map_err(|e| bad(format!("__metadata__: {e}")))?;
                 continue;
             }
+            let info: HashMap<String, Raw> =
+                serde_json::from_str(info.get()).map_err(|e| bad(format!("tensor {name}: {e}")))?;
             let field = |key: &str| {
                 info.get(key)
+                    .map(|v| v.get())
                     .ok_or_else(|| bad(format!("tensor {name} has no {key}")))
             };
-            let dtype: String = serde_json::from_value(field("dtype")?.clone())
+            let dtype: String = serde_json::from_str(field("dtype")?)
                 .map_err(|e| bad(format!("tensor {name}: dtype: {e}")))?;
-            let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
+            let shape_text = field("shape")?;
+            if shape_text.len() > MAX_SHAPE_TEXT {
+                return Err(bad(format!(
+                    "tensor {name}: a shape of {} bytes of text (more dimensions than a tensor \
+                     here has)",
+                    shape_text.len()
+                )));
+            }
+            let shape: Vec<usize> = serde_json::from_str(shape_text)
                 .map_err(|e| bad(format!("tensor {name}: shape: {e}")))?;
-            let [b, e]: [u64; 2] = serde_json::from_value(field("data_offsets")?.clone())
+            let [b, e]: [u64; 2] = serde_json::from_str(field("data_offsets")?)
                 .map_err(|e| bad(format!("tensor {name}: data_offsets: {e}")))?;
             let elem =
                 dtype_bytes(&dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype}")))?;

@@ -644,3 +644,89 @@ fn errors_quote_a_files_text_escaped_and_cut() {
     assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err:?}");
     assert!(err.len() < 2_000, "{} bytes", err.len());
 }
+
+/// The checkpoint review: a header of one shape with millions of dimensions (98 MB) made a read
+/// hold 3.5 GB while it parsed (a tree of JSON values), and millions of tiny metadata entries
+/// were kept for the file's life. The header is now parsed field by field from its raw text,
+/// a long shape and an oversized `__metadata__` refused before they are parsed.
+#[test]
+fn a_header_of_a_huge_shape_or_metadata_is_refused_before_parsing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, header: String| {
+        let path = dir.path().join(name);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 4]);
+        std::fs::write(&path, bytes).unwrap();
+        partial_fc::tensor_file::TensorFile::read(&path)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let ones = vec!["1"; 1_000_000].join(",");
+    let err = write(
+        "shape",
+        format!(r#"{{"x":{{"dtype":"F32","shape":[{ones}],"data_offsets":[0,4]}}}}"#),
+    );
+    assert!(err.contains("shape of 2000001 bytes"), "{err}");
+    let entries: Vec<String> = (0..1_500_000).map(|i| format!(r#""k{i}":"v""#)).collect();
+    let err = write(
+        "metadata",
+        format!(
+            r#"{{"__metadata__":{{{}}},"x":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#,
+            entries.join(",")
+        ),
+    );
+    assert!(
+        err.contains("__metadata__ of") && err.contains("at most"),
+        "{err}"
+    );
+}
+
+/// The checkpoint review: `load` took files `CheckpointSet::open` refuses (both SGD's and
+/// AdamW's state in one file), and `pfc step` files with `interclass_filter = "nan"` (the
+/// filter silently off, where the flag refuses NaN) or a two-dimensional `sampled_index`.
+#[test]
+fn load_and_step_files_refuse_what_their_other_readers_refuse() {
+    use partial_fc::golden::StepCase;
+    use partial_fc::tensor_file::{write_atomic, OutTensor, TensorFile};
+    let dir = tempfile::tempdir().unwrap();
+    let (good, mixed) = (dir.path().join("good"), dir.path().join("mixed"));
+    layer(20, 4, 4).save(&good).unwrap();
+    let file = TensorFile::read(&good).unwrap();
+    let w = file.f32_block("weight", 0, 80).unwrap();
+    let zeros = vec![0.0f32; 80];
+    let tensors = [
+        OutTensor::F32("weight", vec![20, 4], &w),
+        OutTensor::F32("momentum", vec![20, 4], &zeros),
+        OutTensor::F32("exp_avg", vec![20, 4], &zeros),
+    ];
+    write_atomic(&mixed, &tensors, file.metadata().clone()).unwrap();
+    let err = layer(20, 4, 4).load(&mixed).unwrap_err().to_string();
+    assert!(err.contains("none of SGD's"), "{err}");
+
+    let step = |name: &str, meta: &[(&str, &str)], index: Option<Vec<usize>>| {
+        let path = dir.path().join(name);
+        let (x, y, w) = (vec![0.5f32; 8], vec![0i64, 1], vec![0.25f32; 16]);
+        let ids = vec![0i64, 1];
+        let mut t = vec![
+            OutTensor::F32("embeddings", vec![2, 4], &x),
+            OutTensor::I64("labels", vec![2], &y),
+            OutTensor::F32("weight", vec![4, 4], &w),
+        ];
+        if let Some(shape) = index {
+            t.push(OutTensor::I64("sampled_index", shape, &ids));
+        }
+        let meta = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        write_atomic(&path, &t, meta).unwrap();
+        StepCase::read(&path).map(|_| ())
+    };
+    step("plain", &[], Some(vec![2])).unwrap();
+    let err = step("nan", &[("interclass_filter", "nan")], None).unwrap_err();
+    assert!(err.to_string().contains("not a finite number"), "{err}");
+    let err = step("flat", &[], Some(vec![1, 2])).unwrap_err();
+    assert!(err.to_string().contains("sampled_index has shape"), "{err}");
+}

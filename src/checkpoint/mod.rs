@@ -253,6 +253,11 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ));
         }
         let shape = [self.shard().len as usize, self.config().dim];
+        // The file's tensors as `CheckpointSet::open` judges them (all f32 of the shard's
+        // shape, no mix of two optimizers' state), whichever this layer reads: a file one
+        // reader refuses, the other does too (a review found `load` taking a file with both
+        // SGD's and AdamW's state, or a bf16 momentum beside a layer that reads none).
+        set::state_group(&file, shape)?;
         let names = self.tensor_names();
         for name in &names {
             match file.shape(name) {

@@ -85,7 +85,7 @@ pub(crate) const STATE_GROUPS: [&[&str]; 2] = [&["momentum"], &["exp_avg", "exp_
 
 /// The state group `file` holds: none, or exactly one of [`STATE_GROUPS`], each tensor an f32
 /// of shape `rows`.
-fn state_group(file: &TensorFile, rows: [usize; 2]) -> Result<&'static [&'static str]> {
+pub(crate) fn state_group(file: &TensorFile, rows: [usize; 2]) -> Result<&'static [&'static str]> {
     let path = file.path();
     let all = STATE_GROUPS.iter().flat_map(|g| g.iter()).copied();
     for name in std::iter::once("weight").chain(all.clone()) {

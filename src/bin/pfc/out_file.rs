@@ -129,9 +129,16 @@ fn checkpoint_shard(path: &Path) -> Option<String> {
     }
     let mut header = Vec::new();
     file.take(n).read_to_end(&mut header).ok()?;
-    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    let meta = header.get("__metadata__")?;
-    let field = |key: &str| meta.get(key).and_then(|v| v.as_str());
+    // The raw text of each entry, not a tree of JSON values (tens of bytes per number), and the
+    // metadata parsed only when it is of a checkpoint's size.
+    type Raw = Box<serde_json::value::RawValue>;
+    let header: std::collections::HashMap<String, Raw> = serde_json::from_slice(&header).ok()?;
+    let meta = header.get("__metadata__")?.get();
+    if meta.len() > 1 << 20 {
+        return None;
+    }
+    let meta: std::collections::HashMap<String, String> = serde_json::from_str(meta).ok()?;
+    let field = |key: &str| meta.get(key).map(String::as_str);
     let family = FORMAT.split('/').next().unwrap_or(FORMAT);
     let format = field("format")?;
     if format != FORMAT && format.split('/').next() != Some(family) {
