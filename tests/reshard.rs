@@ -1256,3 +1256,30 @@ fn a_world_past_the_reshard_limit_is_refused_before_any_allocation() {
     assert!(err.to_string().contains("at most"), "{err}");
     assert!(!out.exists(), "a refused reshard made its folder");
 }
+
+/// A user trial: a killed save or reshard leaves hidden temporary files that nothing ever
+/// removes or mentions. `pfc reshard` now says when its output folder holds some (and leaves
+/// them: only the user knows whether another job is writing there).
+#[test]
+fn pfc_reshard_mentions_an_interrupted_writes_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    train(1, &[], 1, Some(dir.path()));
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let stale = out.join(".rank0-of-2.safetensors.tmp4242.0");
+    std::fs::write(&stale, [0u8; 1000]).unwrap();
+    let done = std::process::Command::new(env!("CARGO_BIN_EXE_pfc"))
+        .args(["reshard", "--world-size", "2", "--quiet", "--out"])
+        .arg(&out)
+        .args(files(dir.path(), 1))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 temporary file of an interrupted write")
+            && stderr.contains(".rank0-of-2.safetensors.tmp4242.0"),
+        "{stderr}"
+    );
+    assert!(stale.exists(), "the note removed a file");
+}

@@ -101,7 +101,37 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
         plural(args.world_size as u64, "rank", "ranks"),
         args.out.display()
     );
+    note_stale_temporaries(&args.out);
     Ok(())
+}
+
+/// Says so when `out` holds temporary files of an earlier write that was killed (a reshard or a
+/// save interrupted by Ctrl-C leaves `.NAME.safetensors.tmp<pid>.<n>`, a shard's size each):
+/// nothing reads them, and only the user can tell that no other job is writing them now.
+fn note_stale_temporaries(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let ours = format!(".tmp{}.", std::process::id());
+    let (mut count, mut bytes, mut example) = (0u64, 0u64, None);
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".safetensors.tmp") && !name.contains(&ours) {
+            count += 1;
+            bytes += entry.metadata().map_or(0, |m| m.len());
+            example.get_or_insert(name);
+        }
+    }
+    if let Some(example) = example {
+        eprintln!(
+            "note: {} also holds {} of an interrupted write ({example}{}; {:.1} MB): nothing \
+             reads them; remove them once no other job is writing there",
+            out.display(),
+            plural(count, "temporary file", "temporary files"),
+            if count > 1 { ", …" } else { "" },
+            bytes as f64 / 1e6
+        );
+    }
 }
 
 /// The library's `reshard` renames its files over whatever has their names (once every one is
