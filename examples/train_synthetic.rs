@@ -188,14 +188,14 @@ struct Args {
     /// Standard deviation of ElasticFace's margins.
     #[arg(long, default_value_t = 0.05)]
     margin_std: f64,
-    /// MagFace's norm range l_a,u_a (the paper's 10,110 suit a ResNet's features; the synthetic
-    /// MLP's embeddings are shorter).
-    #[arg(long, value_delimiter = ',', default_values_t = [10.0, 110.0])]
-    magface_norms: Vec<f64>,
-    /// MagFace's λ_g (the paper's 35 holds its norms at its range; a narrower range needs more:
-    /// at least `MagFace::min_lambda(s)`, or the norms fall below l_a).
-    #[arg(long, default_value_t = 35.0)]
-    magface_lambda: f64,
+    /// MagFace's norm range l_a,u_a [default: 10,110, the paper's, which suit a ResNet's
+    /// features; the synthetic MLP's embeddings are shorter].
+    #[arg(long, value_delimiter = ',')]
+    magface_norms: Option<Vec<f64>>,
+    /// MagFace's λ_g [default: 35, the paper's; a narrower range needs more: at least
+    /// `MagFace::min_lambda(s)`, or the norms fall below l_a].
+    #[arg(long)]
+    magface_lambda: Option<f64>,
     /// Logit scale s.
     #[arg(long, default_value_t = 64.0)]
     scale: f64,
@@ -244,7 +244,8 @@ impl Args {
                 Margin::combined(self.scale, 1.0, 0.0, self.margin_value.unwrap_or(0.35))
             }
             MarginArg::Adaface => Margin::combined(self.scale, 1.0, 0.0, 0.0),
-            // The row's margin replaces m2; the paper differentiates through the margin.
+            // The row's margin replaces m2; the paper differentiates through the margin (its code
+            // uses ArcFace's easy margin, which the crate lacks: the monotonic fallback instead).
             MarginArg::Magface => Margin {
                 grad_mode: partial_fc::GradMode::Exact,
                 fallback: partial_fc::TargetFallback::Monotonic,
@@ -252,6 +253,15 @@ impl Args {
             },
         };
         let row_margins = match self.margin {
+            m if m != MarginArg::Magface
+                && (self.magface_norms.is_some() || self.magface_lambda.is_some()) =>
+            {
+                return Err(PfcError::param(
+                    "--magface-norms, --magface-lambda",
+                    format!("--margin {m:?}").to_lowercase(),
+                    "apply to --margin magface only",
+                ))
+            }
             MarginArg::Arcface | MarginArg::Cosface => RowMarginMode::None,
             MarginArg::ElasticArc => RowMarginMode::Elastic {
                 kind: MarginKind::Angular,
@@ -265,17 +275,18 @@ impl Args {
                 m: self.margin_value.unwrap_or(0.4),
             },
             MarginArg::Magface => {
-                let [lower_norm, upper_norm] = self.magface_norms[..] else {
+                let norms = self.magface_norms.clone().unwrap_or(vec![10.0, 110.0]);
+                let [lower_norm, upper_norm] = norms[..] else {
                     return Err(PfcError::param(
                         "--magface-norms",
-                        format!("{:?}", self.magface_norms),
+                        format!("{norms:?}"),
                         "give two norms, L,U",
                     ));
                 };
                 RowMarginMode::MagFace(partial_fc::MagFace {
                     lower_norm,
                     upper_norm,
-                    lambda: self.magface_lambda,
+                    lambda: self.magface_lambda.unwrap_or(35.0),
                     ..partial_fc::MagFace::default()
                 })
             }

@@ -58,7 +58,8 @@ pub struct StepResult {
 fn bad(file: &TensorFile, reason: String) -> PfcError {
     PfcError::Format {
         path: file.path().to_path_buf(),
-        reason,
+        // The reasons quote the file's metadata (a grad_mode of any length).
+        reason: crate::tensor_file::printable(&reason),
     }
 }
 
@@ -108,13 +109,13 @@ impl StepCase {
             file.meta("m3")?.unwrap_or(0.0),
         );
         margin.grad_mode = grad_mode;
-        // As the flag: a threshold <= 0 disables the filter, one that is not a number is refused
-        // (NaN compared false with everything and disabled it silently).
+        // As the flag: a threshold <= 0 disables the filter, NaN is refused (it compared false
+        // with everything and disabled the filter silently).
         let filter = file.meta::<f64>("interclass_filter")?;
-        if let Some(t) = filter.filter(|t| !t.is_finite()) {
+        if filter.is_some_and(f64::is_nan) {
             return Err(bad(
                 &file,
-                format!("interclass_filter = {t} is not a finite number"),
+                "interclass_filter = NaN is not a threshold (give 0 to disable the filter)".into(),
             ));
         }
         margin.interclass_filter = filter.filter(|t| *t > 0.0);

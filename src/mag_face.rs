@@ -25,11 +25,13 @@ use crate::row_margins::row_norms;
 /// the gathered batch like the loss (and weighed by the layer's gradient scale), so the paper's
 /// λ keeps its meaning for any number of ranks.
 ///
-/// The paper trains with s = 64 and the monotonic fallback past θ + m = π, and differentiates
-/// through the margin: a layer `Margin::arcface()` with `scale` 64,
-/// `fallback = TargetFallback::Monotonic` and `grad = GradMode::Exact` is its setting (its own m2
-/// is replaced per row). Defaults: the paper's l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8,
-/// λ = 35.
+/// The paper trains with s = 64 and differentiates through the margin: a layer
+/// `Margin::arcface()` (s = 64) with `grad_mode = GradMode::Exact` (its own m2 is replaced per
+/// row). The official code applies the margin with ArcFace's "easy margin" (the target logit is
+/// plain cos θ where cos θ <= 0), which this crate does not have; `TargetFallback::None` (the
+/// published PartialFC_V2's) or `Monotonic` (a logit that keeps falling past θ + m = π) are the
+/// choices here, and they differ from it only on rows whose target cosine is negative, rare once
+/// training starts. Defaults: the paper's l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ = 35.
 ///
 /// ```
 /// use partial_fc::{collective::SingleRank, CpuBackend, LayerConfig, MagFace, PartialFc};
@@ -154,12 +156,15 @@ impl MagFace {
     }
 
     /// The least λ for which the regularizer's pull at `l_a` outweighs the margin's largest
-    /// push there, at scale `s`: `s·m'·l_a²·u_a²/(u_a² − l_a²)`, `m'` the margin's slope
-    /// `(u_m − l_m)/(u_a − l_a)`. The margin's gradient in the norm is at most `s·m'` per row
-    /// (weight 1: `|d z/d m| ≤ s`, `1 − p ≤ 1`), the regularizer's `λ·(1/a² − 1/u_a²)`, smallest
-    /// inside the range at `u_a` and largest at `l_a`; below this λ the margin can push a row's
-    /// norm out through `l_a`, where the clamp stops both gradients and the norm says nothing.
-    /// The paper's settings give 22.6 against its λ = 35 (its condition on λ_g has this form).
+    /// push there, at scale `s`: `s·m'·l_a²·u_a²/(u_a² − l_a²)·f`, `m'` the margin's slope
+    /// `(u_m − l_m)/(u_a − l_a)`. The margin's gradient in the norm is at most `s·m'·f` per row
+    /// (weight 1, `1 − p ≤ 1`; `|d z/d m| ≤ s·f` with `f = max(1, sin l_m + l_m·cos l_m)`, the
+    /// monotonic fallback's slope at the margin `l_m` a row has at `l_a`, above 1 only for
+    /// `l_m > 0.556`), the regularizer's `λ·(1/a² − 1/u_a²)`, smallest inside the range at `u_a`
+    /// and largest at `l_a`; below this λ the margin can push a row's norm out through `l_a`,
+    /// where the clamp stops both gradients and the norm says nothing. The paper's settings give
+    /// 22.6 against its λ = 35; the official code computes the same bound (without `f`) and
+    /// warns below it.
     ///
     /// ```
     /// let need = partial_fc::MagFace::default().min_lambda(64.0);
@@ -168,7 +173,9 @@ impl MagFace {
     pub fn min_lambda(&self, scale: f64) -> f64 {
         let (l, u) = (self.lower_norm, self.upper_norm);
         let slope = (self.upper_margin - self.lower_margin) / (u - l);
-        scale * slope * l * l * u * u / (u * u - l * l)
+        let m = self.lower_margin;
+        let fallback = (m.sin() + m * m.cos()).max(1.0);
+        scale * slope * l * l * u * u / (u * u - l * l) * fallback
     }
 
     fn clamp(&self, a: f64) -> f64 {
@@ -246,6 +253,26 @@ mod tests {
         assert!((f64::from(grad[3]) - d * 0.8).abs() < 1e-6, "{grad:?}");
         let g = |a: f64| a / 12100.0 + 1.0 / a;
         assert!((reg - 35.0 * (g(10.0) + g(60.0)) / 2.0).abs() < 1e-9);
+    }
+
+    /// A review: the monotonic fallback's slope in the margin, sin m + m·cos m, passes 1 for
+    /// m > 0.556, so with a lower margin past that the bound must grow by it.
+    #[test]
+    fn min_lambda_covers_the_fallbacks_steeper_slope() {
+        let paper = MagFace::default().min_lambda(64.0);
+        let steep = MagFace {
+            lower_margin: 0.8,
+            upper_margin: 1.0,
+            ..MagFace::default()
+        };
+        let plain = 64.0 * (0.2 / 100.0) * 100.0 * 12100.0 / 12000.0;
+        let factor = 0.8f64.sin() + 0.8 * 0.8f64.cos();
+        assert!(factor > 1.2);
+        assert!((steep.min_lambda(64.0) - plain * factor).abs() < 1e-9);
+        assert!(
+            (paper - 22.58).abs() < 0.01,
+            "the paper's settings are below 0.556: {paper}"
+        );
     }
 
     #[test]

@@ -12,14 +12,16 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// Largest header accepted (safetensors' own limit): a file claiming more is refused before
-/// anything is allocated for it.
-const MAX_HEADER: u64 = 100_000_000;
+/// Largest header accepted: a file claiming more is refused before anything is allocated for
+/// it. 32 MiB, below safetensors' own 100 MB: room for the largest metadata accepted (16 MiB)
+/// and about 150,000 tensor entries, while a hostile header of millions of tiny entries (which
+/// a JSON map holds at about 14 bytes per byte of text) stays under half a gigabyte.
+pub(crate) const MAX_HEADER: u64 = 32 << 20;
 
 /// Largest `__metadata__` accepted, in bytes of header text: a checkpoint's own entries take a
 /// few hundred bytes and a trainer's (`save_with_metadata`) a few more; millions of tiny entries
 /// in a 100 MB header made a load hold gigabytes for the file's life.
-const MAX_METADATA_BYTES: usize = 16 << 20;
+pub(crate) const MAX_METADATA_BYTES: usize = 16 << 20;
 
 /// Longest shape accepted, in bytes of text: 64 dimensions of 20 digits. No tensor here has more
 /// than 2; a shape of millions of dimensions was gigabytes to parse.
@@ -95,7 +97,10 @@ pub(crate) fn printable(text: &str) -> String {
             out.push_str("… (cut)");
             break;
         }
-        if c.is_control() {
+        // Control characters, and the invisible ones that reorder or hide text (bidirectional
+        // overrides and isolates, marks): shown as escapes.
+        let hidden = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+        if c.is_control() || hidden {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -208,8 +213,14 @@ impl TensorFile {
             }
             let shape: Vec<usize> = serde_json::from_str(shape_text)
                 .map_err(|e| bad(format!("tensor {name}: shape: {e}")))?;
-            let [b, e]: [u64; 2] = serde_json::from_str(field("data_offsets")?)
+            let offsets: Vec<u64> = serde_json::from_str(field("data_offsets")?)
                 .map_err(|e| bad(format!("tensor {name}: data_offsets: {e}")))?;
+            let [b, e] = offsets[..] else {
+                return Err(bad(format!(
+                    "tensor {name}: data_offsets holds {} numbers, 2 (begin, end) expected",
+                    offsets.len()
+                )));
+            };
             let elem =
                 dtype_bytes(&dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype}")))?;
             let bytes = shape
@@ -468,6 +479,18 @@ pub(crate) fn write_pending(
     metadata: HashMap<String, String>,
 ) -> Result<crate::atomic_file::PendingFile> {
     use std::io::Write;
+    // A file `read` would refuse is not written (a review found `save_with_metadata` writing
+    // 17 MB of metadata that every reader then refused).
+    let metadata_bytes = serde_json::to_string(&metadata).map_or(0, |m| m.len());
+    if metadata_bytes > MAX_METADATA_BYTES {
+        return Err(format_err(
+            path,
+            format!(
+                "not written: {metadata_bytes} bytes of metadata, more than the {MAX_METADATA_BYTES} \
+                 a reader accepts"
+            ),
+        ));
+    }
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),

@@ -643,6 +643,25 @@ fn errors_quote_a_files_text_escaped_and_cut() {
         .to_string();
     assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err:?}");
     assert!(err.len() < 2_000, "{} bytes", err.len());
+    // Invisible reordering characters (a right-to-left override) are shown as escapes too, and
+    // data_offsets of three numbers say what is expected.
+    let header = r#"{"x\u202e":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 4]);
+    std::fs::write(&path, bytes).unwrap();
+    let err = partial_fc::tensor_file::TensorFile::read(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        !err.contains('\u{202e}') && err.contains("\\u{202e}"),
+        "{err:?}"
+    );
+    assert!(
+        err.contains("holds 3 numbers, 2 (begin, end) expected"),
+        "{err}"
+    );
 }
 
 /// The checkpoint review: a header of one shape with millions of dimensions (98 MB) made a read
@@ -726,7 +745,7 @@ fn load_and_step_files_refuse_what_their_other_readers_refuse() {
     };
     step("plain", &[], Some(vec![2])).unwrap();
     let err = step("nan", &[("interclass_filter", "nan")], None).unwrap_err();
-    assert!(err.to_string().contains("not a finite number"), "{err}");
+    assert!(err.to_string().contains("NaN is not a threshold"), "{err}");
     let err = step("flat", &[], Some(vec![1, 2])).unwrap_err();
     assert!(err.to_string().contains("sampled_index has shape"), "{err}");
 }

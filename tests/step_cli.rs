@@ -152,3 +152,38 @@ fn a_checkpoint_shard_is_never_the_output() {
     assert!(done.status.success(), "{done:?}");
     assert_eq!(sampled(&out).len(), 10);
 }
+
+/// A review: after the header parser learned to skip large metadata, a shard saved with 2 MiB
+/// of a trainer's metadata was no longer recognized and `pfc step --output` replaced it. A
+/// shard with any metadata the readers accept is still refused.
+#[test]
+fn a_shard_with_large_user_metadata_is_never_replaced() {
+    use partial_fc::collective::SingleRank;
+    use partial_fc::{CpuBackend, LayerConfig, PartialFc};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.st");
+    write_case(&input);
+    let shard = dir.path().join("rank0.safetensors");
+    let layer = PartialFc::new(LayerConfig::new(10, 4, 2), CpuBackend, SingleRank).unwrap();
+    let note = "x".repeat(2 << 20);
+    layer
+        .save_with_metadata(&shard, &[("note", &note)])
+        .unwrap();
+    let before = std::fs::read(&shard).unwrap();
+    let done = pfc(&[], &input, &shard);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is a partial-fc checkpoint shard"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), before);
+    // And metadata past what a reader accepts is refused before anything is written.
+    let huge = "x".repeat(17 << 20);
+    let other = dir.path().join("rank0-huge.safetensors");
+    let err = layer
+        .save_with_metadata(&other, &[("note", &huge)])
+        .unwrap_err();
+    assert!(err.to_string().contains("bytes of metadata"), "{err}");
+    assert!(!other.exists());
+}
