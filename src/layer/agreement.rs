@@ -110,6 +110,8 @@ pub(crate) enum Call {
     /// `forward_backward_with` with per-row margins: drawn, with an all-gather of the rows'
     /// margin table before the softmax; accumulated and weighted as the flags say.
     Margined { accumulate: bool, weighted: bool },
+    /// `save_set`: the ranks agree that every rank's file is written before any is renamed.
+    Save,
 }
 
 impl Call {
@@ -127,10 +129,11 @@ impl Call {
                 accumulate,
                 weighted,
             } => 8 + 2 * accumulate as u32 + weighted as u32,
+            Call::Save => 12,
         }
     }
 
-    /// Bits of a call's code in an agreement slot (`flags >> 1 & CODE_MASK`): codes 0 to 11
+    /// Bits of a call's code in an agreement slot (`flags >> 1 & CODE_MASK`): codes 0 to 12
     /// name the calls, up to 15 fit.
     const CODE_BITS: u32 = 4;
     const CODE_MASK: u32 = (1 << Self::CODE_BITS) - 1;
@@ -149,6 +152,7 @@ impl Call {
             9 => "forward_backward_with (per-row margins, weights)",
             10 => "forward_backward_with (per-row margins, accumulate)",
             11 => "forward_backward_with (per-row margins, weights, accumulate)",
+            12 => "save_set",
             _ => "an unknown call",
         }
     }
@@ -274,6 +278,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             Some(r) if call == Call::Load => Err(PfcError::Collective(format!(
                 "rank {r} could not load the checkpoint files (its own error says why); no \
                  rank's layer changed"
+            ))),
+            Some(r) if call == Call::Save => Err(PfcError::Collective(format!(
+                "rank {r} could not write its checkpoint file (its own error says why); no rank \
+                 renamed its file into place, and each removed its temporary one"
             ))),
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
