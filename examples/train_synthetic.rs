@@ -258,7 +258,11 @@ impl Args {
             {
                 return Err(PfcError::param(
                     "--magface-norms, --magface-lambda",
-                    format!("--margin {m:?}").to_lowercase(),
+                    format!(
+                        "--margin {}",
+                        m.to_possible_value()
+                            .map_or(String::new(), |v| v.get_name().to_string())
+                    ),
                     "apply to --margin magface only",
                 ))
             }

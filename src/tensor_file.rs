@@ -99,7 +99,13 @@ pub(crate) fn printable(text: &str) -> String {
         }
         // Control characters, and the invisible ones that reorder or hide text (bidirectional
         // overrides and isolates, marks): shown as escapes.
-        let hidden = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+        // Unicode's format characters (Cf) and line and paragraph separators (Zl, Zp), as
+        // ranges: the standard library has no general category.
+        let hidden = matches!(c,
+            '\u{ad}' | '\u{600}'..='\u{605}' | '\u{61c}' | '\u{6dd}' | '\u{70f}' | '\u{180e}'
+            | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
+            | '\u{feff}' | '\u{fff9}'..='\u{fffb}' | '\u{110bd}' | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}' | '\u{e0001}' | '\u{e0020}'..='\u{e007f}');
         if c.is_control() || hidden {
             out.extend(c.escape_default());
         } else {

@@ -10,9 +10,10 @@ use crate::layer::{center_norm_reason, storable_as, CenterNorms, PartialFc};
 use crate::tensor_file::{write_pending, OutTensor, TensorFile, STREAM_BLOCK};
 use crate::Shard;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod predict;
+mod save_set;
 mod set;
 pub(crate) use set::recorded_config;
 pub use set::{reshard, reshard_grown, shard_file_name, CheckpointSet, MAX_RESHARD_WORLD};
@@ -97,61 +98,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
         self.pending_save(path, extra)?.commit()
     }
 
-    /// Every rank's checkpoint, written as a set: each rank writes its file
-    /// (`dir/rank{r}-of-{k}.safetensors`, [`shard_file_name`]) under a temporary name, the ranks
-    /// agree that all of them succeeded, and only then does each rename its file into place. A
-    /// rank that fails (a diverged value, a full disk) stops every rank: none renames, each
-    /// removes its temporary file, so `dir` keeps the set it held (a run that checkpoints into
-    /// one folder never has ranks of two steps there, as it could with `save` on each rank when
-    /// one of them fails or the job is killed between them). `dir` is made if missing. The
-    /// renames are one per rank, not a transaction: a job killed between them leaves the ranks
-    /// before it renamed, which [`CheckpointSet::open`] then refuses as a mix of steps. A
-    /// collective call: every rank calls it; `extra` as in
-    /// [`save_with_metadata`](Self::save_with_metadata). Returns this rank's file.
-    ///
-    /// ```
-    /// use partial_fc::checkpoint::CheckpointSet;
-    /// use partial_fc::{collective::ThreadGroup, Collective, CpuBackend, LayerConfig, PartialFc};
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let files = ThreadGroup::run(2, |comm| {
-    ///     let mut layer = PartialFc::new(LayerConfig::new(100, 8, 4), CpuBackend, comm).unwrap();
-    ///     layer.save_set(dir.path(), &[]).unwrap()
-    /// });
-    /// assert!(CheckpointSet::open(&files).unwrap().is_complete());
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// Those of [`save_with_metadata`](Self::save_with_metadata) (this rank's, or
-    /// [`PfcError::Collective`] naming the rank that failed), and [`PfcError::Io`] when `dir`
-    /// cannot be made or a rename fails.
-    pub fn save_set(&mut self, dir: &Path, extra: &[(&str, &str)]) -> Result<PathBuf> {
-        let (world, rank) = (self.collective().world_size(), self.collective().rank());
-        let path = dir.join(shard_file_name(world, rank));
-        let prepared = std::fs::create_dir_all(dir)
-            .map_err(|e| PfcError::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })
-            .and_then(|()| self.pending_save(&path, extra));
-        let (pending, own) = match prepared {
-            Ok(p) => (Some(p), None),
-            Err(e) => (None, Some(e)),
-        };
-        // A refusal anywhere returns here on every rank; `pending` is dropped, which removes
-        // this rank's temporary file.
-        self.agree(own, 0, crate::layer::Call::Save)?;
-        let pending = pending.ok_or_else(|| {
-            PfcError::Collective("internal: the ranks agreed on a save that failed".into())
-        })?;
-        pending.commit()?;
-        Ok(path)
-    }
-
     /// `save_with_metadata`'s checks and write, up to a flushed temporary file beside `path`
     /// that [`PendingFile::commit`](crate::atomic_file::PendingFile::commit) renames into place
     /// (dropped uncommitted, it is removed).
-    fn pending_save(
+    pub(crate) fn pending_save(
         &self,
         path: &Path,
         extra: &[(&str, &str)],

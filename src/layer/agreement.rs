@@ -110,8 +110,11 @@ pub(crate) enum Call {
     /// `forward_backward_with` with per-row margins: drawn, with an all-gather of the rows'
     /// margin table before the softmax; accumulated and weighted as the flags say.
     Margined { accumulate: bool, weighted: bool },
-    /// `save_set`: the ranks agree that every rank's file is written before any is renamed.
+    /// `save_set`: the ranks agree that every rank's file is written (and which set it is)
+    /// before any is renamed.
     Save,
+    /// `save_set`'s second agreement: every rank renamed its file, so the backups may go.
+    SaveCommit,
 }
 
 impl Call {
@@ -130,10 +133,11 @@ impl Call {
                 weighted,
             } => 8 + 2 * accumulate as u32 + weighted as u32,
             Call::Save => 12,
+            Call::SaveCommit => 13,
         }
     }
 
-    /// Bits of a call's code in an agreement slot (`flags >> 1 & CODE_MASK`): codes 0 to 12
+    /// Bits of a call's code in an agreement slot (`flags >> 1 & CODE_MASK`): codes 0 to 13
     /// name the calls, up to 15 fit.
     const CODE_BITS: u32 = 4;
     const CODE_MASK: u32 = (1 << Self::CODE_BITS) - 1;
@@ -153,6 +157,7 @@ impl Call {
             10 => "forward_backward_with (per-row margins, accumulate)",
             11 => "forward_backward_with (per-row margins, weights, accumulate)",
             12 => "save_set",
+            13 => "save_set (renames)",
             _ => "an unknown call",
         }
     }
@@ -262,7 +267,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
                  agree{}); no rank took the step",
                 match call {
                     Call::Predict { .. } | Call::PredictAll { .. } => ", and predict_top_k's k",
-                    Call::Load => "",
+                    Call::Load | Call::Save | Call::SaveCommit => "",
                     _ => {
                         "; so must the gradient scale of set_grad_scale, the optimizer's update \
                          count and the passes pending since the last step: did a rank step, \
@@ -282,6 +287,10 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             Some(r) if call == Call::Save => Err(PfcError::Collective(format!(
                 "rank {r} could not write its checkpoint file (its own error says why); no rank \
                  renamed its file into place, and each removed its temporary one"
+            ))),
+            Some(r) if call == Call::SaveCommit => Err(PfcError::Collective(format!(
+                "rank {r} could not rename its checkpoint file into place (its own error says \
+                 why); every rank put back the file it had replaced"
             ))),
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"
