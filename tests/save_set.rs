@@ -4,9 +4,15 @@
 //! folder keeps the set it held, with no temporary or backup file left.
 
 use partial_fc::checkpoint::CheckpointSet;
-use partial_fc::collective::ThreadGroup;
-use partial_fc::{Collective, CpuBackend, LayerConfig, PartialFc, PfcError};
+use partial_fc::collective::{ThreadCollective, ThreadGroup};
+use partial_fc::{Backend, Collective, CpuBackend, LayerConfig, PartialFc, PfcError};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+mod common;
+
+use common::hooked::{Hook, Hooked, Op};
 
 const CLASSES: u64 = 90;
 
@@ -26,16 +32,20 @@ enum Rank1 {
     AtAnotherStep,
 }
 
+fn train_one_step<B: Backend, C: Collective<B>>(layer: &mut PartialFc<B, C>, rank: usize) {
+    let x = partial_fc::init::normal_rows(5, rank as u64 * 4, 4, 8, 1.0);
+    let labels: Vec<i64> = (0..4).map(|i| (rank as i64 * 29 + i * 7) % 90).collect();
+    layer.forward_backward(&x, &labels).unwrap();
+    layer.step(0.1).unwrap();
+}
+
 /// One training step on each of 3 ranks, then `save_set` into `dir` with `epoch` in the
 /// metadata (so that two saves' files differ).
 fn train_and_save(dir: &Path, rank1: Rank1, epoch: &str) -> Vec<Result<PathBuf, PfcError>> {
     ThreadGroup::run(3, |comm| {
         let rank = comm.rank();
         let mut layer = PartialFc::new(config(), CpuBackend, comm).unwrap();
-        let x = partial_fc::init::normal_rows(5, rank as u64 * 4, 4, 8, 1.0);
-        let labels: Vec<i64> = (0..4).map(|i| (rank as i64 * 29 + i * 7) % 90).collect();
-        layer.forward_backward(&x, &labels).unwrap();
-        layer.step(0.1).unwrap();
+        train_one_step(&mut layer, rank);
         match (rank, rank1) {
             (1, Rank1::CannotWrite) => layer.set_steps(u64::MAX),
             (1, Rank1::AtAnotherStep) => layer.set_steps(7),
@@ -143,51 +153,67 @@ fn ranks_at_different_steps_save_nothing() {
     assert_eq!(listing(&out), before);
 }
 
-/// The same review: a rename failing on one rank after the others had renamed theirs left a
-/// mixed set while they returned Ok. Every rank now puts back the file it replaced.
+/// The same review: a rank failing after the others renamed their files left a mixed set while
+/// they returned Ok. Here rank 1's part of the second agreement (the renames' check) fails
+/// before it sends, after every rank renamed: every rank puts back the file it replaced.
 #[test]
-fn a_rename_that_fails_on_one_rank_is_undone_on_every_rank() {
+fn a_failure_after_the_renames_is_undone_on_every_rank() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latest");
     train_and_save(&out, Rank1::Same, "3")
         .into_iter()
         .for_each(|r| drop(r.unwrap()));
-    // A folder (not empty) where rank 1 would keep its old file's backup: its file is written,
-    // the first agreement passes, and its step before the rename fails, after the other ranks
-    // renamed theirs.
-    let blocker = out.join(format!(
-        ".rank1-of-3.safetensors.prev{}",
-        std::process::id()
-    ));
-    std::fs::create_dir(&blocker).unwrap();
-    std::fs::write(blocker.join("x"), b"x").unwrap();
-    let before = listing_files(&out);
-    let results = train_and_save(&out, Rank1::Same, "4");
-    assert!(results[1].is_err(), "{results:?}");
-    for r in [0, 2] {
-        let err = results[r].as_ref().unwrap_err().to_string();
-        assert!(err.contains("rank 1 could not rename"), "{err}");
-    }
+    let before = listing(&out);
+    let results = std::thread::scope(|s| {
+        let joins: Vec<_> = ThreadGroup::with_timeout(3, Duration::from_secs(5))
+            .into_iter()
+            .map(|inner| {
+                let out = &out;
+                s.spawn(move || {
+                    let rank = inner.rank();
+                    let hook = FailsBefore {
+                        rank1: rank == 1,
+                        armed: AtomicBool::new(false),
+                        calls: AtomicUsize::new(0),
+                    };
+                    let mut layer =
+                        PartialFc::new(config(), CpuBackend, Hooked::new(inner, hook)).unwrap();
+                    train_one_step(&mut layer, rank);
+                    layer.collective().hook.armed.store(true, Ordering::SeqCst);
+                    layer.save_set(out, &[("epoch", "4")])
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(results.iter().all(Result::is_err), "{results:?}");
     assert_eq!(
-        listing_files(&out),
+        listing(&out),
         before,
-        "ranks 0 and 2 kept the new files"
+        "a rank kept its new file or a backup"
     );
 }
 
-/// The regular files of `dir` and their bytes (a folder in it is left out).
-fn listing_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.path().is_file())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
+/// Rank 1's third all-reduce once armed (a save's first agreement makes two), failed before it
+/// is made.
+struct FailsBefore {
+    rank1: bool,
+    armed: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl Hook<ThreadCollective> for FailsBefore {
+    fn before(&self, op: &Op<'_>, _: &ThreadCollective) -> partial_fc::Result<()> {
+        if self.rank1
+            && self.armed.load(Ordering::SeqCst)
+            && matches!(op, Op::AllReduce)
+            && self.calls.fetch_add(1, Ordering::SeqCst) == 2
+        {
+            return Err(PfcError::Collective("injected: rank 1 fails".into()));
+        }
+        Ok(())
+    }
 }

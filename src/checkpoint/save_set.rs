@@ -18,11 +18,20 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     /// the file it replaces under a backup name; a second agreement checks every rename, and
     /// only then are the backups removed. A rank that fails anywhere (a diverged value, a full
     /// disk, a rename, its part of an agreement) makes every rank restore what it had: the
-    /// folder keeps the set it held. Left uncovered: a job killed during the renames, and a
-    /// group that breaks inside the second agreement after some ranks had its answer (the
-    /// others then restore): both leave a mix, which [`CheckpointSet::open`] refuses as such.
-    /// Files of another world size in `dir` are not touched (a folder per world size, or per
-    /// checkpoint, keeps `open`'s globbing simple), and two jobs must not save into one folder
+    /// folder keeps the set it held. Its peers learn of a rank whose part of an agreement broke
+    /// through the collective itself: at once with threads, and under NCCL only through the
+    /// communicator's timeout (`NcclCollective`'s), so a job without one waits there, and one
+    /// killed before it fires keeps the new files beside the backups. Left uncovered: a job
+    /// killed between the first rename and the backups' removal (which spans the second
+    /// agreement), and a group that breaks inside the second agreement after some ranks had its
+    /// answer (those keep the new files, the others restore): both leave a mix of two saves,
+    /// which [`CheckpointSet::open`] refuses when they differ in pass, update count or seed,
+    /// but not two saves of the same step (a run resumed from an older folder), and the hidden
+    /// backups `.NAME.prev<pid>.<n>`. The ranks must see `dir` under one canonical path (a
+    /// folder mounted at different places on different machines is refused as another folder)
+    /// and it must be one shared folder (node-local folders of the same path pass the check and
+    /// split the set). Files of another world size in `dir` are not touched (a folder per
+    /// checkpoint keeps `open`'s globbing simple), and two jobs must not save into one folder
     /// at once. `dir` is made if missing. A collective call: every rank calls it; `extra` as in
     /// [`save_with_metadata`](Self::save_with_metadata). Returns this rank's file.
     ///
@@ -113,27 +122,36 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
     }
 }
 
-/// Renames `pending` over `path`, first keeping the file it replaces (if any) under a hidden
-/// backup name beside it, as a hard link (or, where the file system has none, a copy). Returns
-/// the backup's name, `None` when there was no file to keep. On an error nothing changed.
+/// Renames `pending` over `path`, first moving the file it replaces (if any: a link too, even
+/// a dangling one) aside to a hidden backup name of its own beside it (`.NAME.prev<pid>.<n>`):
+/// two renames, constant time and no space, and a restore is one rename back. Returns the
+/// backup's name, `None` when there was nothing to keep. On an error nothing changed (the old
+/// file is moved back).
 fn replace_keeping_backup(pending: PendingFile, path: &Path) -> Result<Option<PathBuf>> {
-    let backup = if path.exists() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let backup = if std::fs::symlink_metadata(path).is_ok() {
         let name = path
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let backup = path.with_file_name(format!(".{name}.prev{}", std::process::id()));
-        let _ = std::fs::remove_file(&backup);
-        std::fs::hard_link(path, &backup)
-            .or_else(|_| std::fs::copy(path, &backup).map(|_| ()))
-            .map_err(io(&backup))?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let backup = path.with_file_name(format!(".{name}.prev{}.{n}", std::process::id()));
+        if std::fs::symlink_metadata(&backup).is_ok() {
+            // Never replace a file of that name: it may be a killed save's only old copy.
+            return Err(PfcError::Io {
+                path: backup,
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        std::fs::rename(path, &backup).map_err(io(&backup))?;
         Some(backup)
     } else {
         None
     };
     if let Err(e) = pending.commit() {
         if let Some(b) = &backup {
-            let _ = std::fs::remove_file(b);
+            let _ = std::fs::rename(b, path);
         }
         return Err(e);
     }

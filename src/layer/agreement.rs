@@ -290,7 +290,7 @@ impl<B: Backend, C: Collective<B>> PartialFc<B, C> {
             ))),
             Some(r) if call == Call::SaveCommit => Err(PfcError::Collective(format!(
                 "rank {r} could not rename its checkpoint file into place (its own error says \
-                 why); every rank put back the file it had replaced"
+                 why); every rank puts back the file it had replaced"
             ))),
             Some(r) => Err(PfcError::Collective(format!(
                 "rank {r} rejected its input; no rank took the step"

@@ -106,7 +106,8 @@ pub fn run(args: ReshardArgs) -> Result<(), String> {
 }
 
 /// Says so when `out` holds temporary files of an earlier write that was killed (a reshard or a
-/// save interrupted by Ctrl-C leaves `.NAME.safetensors.tmp<pid>.<n>`, a shard's size each):
+/// save interrupted by Ctrl-C leaves `.NAME.safetensors.tmp<pid>.<n>`, a killed `save_set` its
+/// backups `.NAME.safetensors.prev<pid>.<n>`, a shard's size each):
 /// nothing reads them, and only the user can tell that no other job is writing them now.
 fn note_stale_temporaries(out: &Path) {
     let Ok(entries) = std::fs::read_dir(out) else {
@@ -116,7 +117,8 @@ fn note_stale_temporaries(out: &Path) {
     let (mut count, mut bytes, mut example) = (0u64, 0u64, None);
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".safetensors.tmp") && !name.contains(&ours) {
+        let leftover = name.contains(".safetensors.tmp") || name.contains(".safetensors.prev");
+        if name.starts_with('.') && leftover && !name.contains(&ours) {
             count += 1;
             bytes += entry.metadata().map_or(0, |m| m.len());
             example.get_or_insert(name);
