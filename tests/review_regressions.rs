@@ -633,27 +633,13 @@ fn errors_quote_a_files_text_escaped_and_cut() {
     let header = format!(
         r#"{{"__metadata__":{{"format":"{long}"}},"a\npfc: wrote":{{"dtype":"F3\u001b[2J","shape":[1],"data_offsets":[0,4]}}}}"#
     );
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(header.as_bytes());
-    bytes.extend([0u8; 4]);
-    std::fs::write(&path, bytes).unwrap();
-    let err = partial_fc::tensor_file::TensorFile::read(&path)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = header_error(&path, &header);
     assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err:?}");
     assert!(err.len() < 2_000, "{} bytes", err.len());
     // Invisible reordering characters (a right-to-left override) are shown as escapes too, and
     // data_offsets of three numbers say what is expected.
     let header = r#"{"x\u202e":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}}"#;
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(header.as_bytes());
-    bytes.extend([0u8; 4]);
-    std::fs::write(&path, bytes).unwrap();
-    let err = partial_fc::tensor_file::TensorFile::read(&path)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = header_error(&path, header);
     assert!(
         !err.contains('\u{202e}') && err.contains("\\u{202e}"),
         "{err:?}"
@@ -671,17 +657,7 @@ fn errors_quote_a_files_text_escaped_and_cut() {
 #[test]
 fn a_header_of_a_huge_shape_or_metadata_is_refused_before_parsing_it() {
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, header: String| {
-        let path = dir.path().join(name);
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend(header.as_bytes());
-        bytes.extend([0u8; 4]);
-        std::fs::write(&path, bytes).unwrap();
-        partial_fc::tensor_file::TensorFile::read(&path)
-            .err()
-            .unwrap()
-            .to_string()
-    };
+    let write = |name: &str, header: String| header_error(&dir.path().join(name), &header);
     let ones = vec!["1"; 1_000_000].join(",");
     let err = write(
         "shape",
@@ -748,4 +724,16 @@ fn load_and_step_files_refuse_what_their_other_readers_refuse() {
     assert!(err.to_string().contains("NaN is not a threshold"), "{err}");
     let err = step("flat", &[], Some(vec![1, 2])).unwrap_err();
     assert!(err.to_string().contains("sampled_index has shape"), "{err}");
+}
+
+/// Writes a safetensors file of `header` and 4 data bytes at `path`; the error reading it.
+fn header_error(path: &std::path::Path, header: &str) -> String {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 4]);
+    std::fs::write(path, bytes).unwrap();
+    partial_fc::tensor_file::TensorFile::read(path)
+        .err()
+        .unwrap()
+        .to_string()
 }

@@ -115,10 +115,7 @@ fn a_saved_set_is_complete_and_loads_on_another_world_size() {
 fn one_rank_that_cannot_write_stops_every_rank_and_the_old_set_stays() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latest");
-    train_and_save(&out, Rank1::Same, "3")
-        .into_iter()
-        .for_each(|r| drop(r.unwrap()));
-    let before = listing(&out);
+    let before = saved_once(&out);
     let results = train_and_save(&out, Rank1::CannotWrite, "4");
     assert!(
         matches!(&results[1], Err(PfcError::Checkpoint { .. })),
@@ -141,10 +138,7 @@ fn one_rank_that_cannot_write_stops_every_rank_and_the_old_set_stays() {
 fn ranks_at_different_steps_save_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latest");
-    train_and_save(&out, Rank1::Same, "3")
-        .into_iter()
-        .for_each(|r| drop(r.unwrap()));
-    let before = listing(&out);
+    let before = saved_once(&out);
     let results = train_and_save(&out, Rank1::AtAnotherStep, "4");
     for r in &results {
         let err = r.as_ref().unwrap_err().to_string();
@@ -160,10 +154,7 @@ fn ranks_at_different_steps_save_nothing() {
 fn a_failure_after_the_renames_is_undone_on_every_rank() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latest");
-    train_and_save(&out, Rank1::Same, "3")
-        .into_iter()
-        .for_each(|r| drop(r.unwrap()));
-    let before = listing(&out);
+    let before = saved_once(&out);
     let results = std::thread::scope(|s| {
         let joins: Vec<_> = ThreadGroup::with_timeout(3, Duration::from_secs(5))
             .into_iter()
@@ -216,4 +207,12 @@ impl Hook<ThreadCollective> for FailsBefore {
         }
         Ok(())
     }
+}
+
+/// A first, good save of the 3 ranks into `out` (epoch 3); the folder's files after it.
+fn saved_once(out: &Path) -> Vec<(String, Vec<u8>)> {
+    train_and_save(out, Rank1::Same, "3")
+        .into_iter()
+        .for_each(|r| drop(r.unwrap()));
+    listing(out)
 }
