@@ -6,6 +6,7 @@
 //! files and tensors in memory, which a shard of tens of gigabytes cannot afford; that crate
 //! checks this code in tests/tensor_format.rs.
 
+use crate::atomic_file::io_error as io_err;
 use crate::error::{PfcError, Result};
 use std::collections::HashMap;
 use std::fs::File;
@@ -113,13 +114,6 @@ pub(crate) fn printable(text: &str) -> String {
         }
     }
     out
-}
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
-    move |source| PfcError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn f32_from_le(v: f32) -> f32 {

@@ -4,7 +4,7 @@
 //! backups go.
 
 use super::shard_file_name;
-use crate::atomic_file::PendingFile;
+use crate::atomic_file::{io_error as io, PendingFile};
 use crate::backend::{Backend, Collective};
 use crate::error::{PfcError, Result};
 use crate::layer::{Call, PartialFc};
@@ -156,11 +156,4 @@ fn replace_keeping_backup(pending: PendingFile, path: &Path) -> Result<Option<Pa
         return Err(e);
     }
     Ok(backup)
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> PfcError + '_ {
-    move |source| PfcError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }

@@ -7,6 +7,11 @@ use crate::error::{PfcError, Result};
 use crate::plan::Dtype;
 use rayon::prelude::*;
 
+/// Largest sum of squares a row (an embedding, a class center) may reach: half of f32::MAX, since
+/// the kernels add in another order and may overflow a little earlier. One bound for every check
+/// that a row can be normalized.
+const SQUARES_BOUND: f32 = f32::MAX / 2.0;
+
 /// What is wrong with embedding row `row`, if anything: a NaN or infinite value, all zeros,
 /// or a finite row the step still cannot carry: its sum of squares overflows f32, or the
 /// 16-bit wire rounds a value to infinity or the whole row to zeros. Every rank normalizes
@@ -46,8 +51,7 @@ pub(crate) fn row_error(row: usize, x: &[f32], wire: Dtype) -> Option<PfcError> 
     if largest == 0.0 {
         return Some(PfcError::ZeroRow { row });
     }
-    // Half of f32::MAX: the kernels add in another order and may overflow a little earlier.
-    if squares >= f32::MAX / 2.0 {
+    if squares >= SQUARES_BOUND {
         return Some(PfcError::OutOfRange {
             row,
             value: largest,
@@ -150,7 +154,7 @@ pub(super) fn check_center_norms(
         row.iter()
             .map(|&v| f64::from(v) * f64::from(v))
             .sum::<f64>()
-            >= f64::from(f32::MAX / 2.0)
+            >= f64::from(SQUARES_BOUND)
     }) else {
         return Ok(());
     };
@@ -213,7 +217,7 @@ impl CenterNorms {
             }
             self.sum += f64::from(v) * f64::from(v);
             self.largest = self.largest.max(v.abs());
-            if self.sum >= f64::from(f32::MAX / 2.0) {
+            if self.sum >= f64::from(SQUARES_BOUND) {
                 // The rest of the row only adds to it: report its largest value so far.
                 return Some((row, self.largest));
             }
